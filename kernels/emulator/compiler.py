@@ -1,0 +1,140 @@
+"""Compiling emulated kernels: a C++ compiler, a disk cache keyed by everything that affects the
+binary, and compile errors mapped back to the kernel's MSL lines."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+from metalforge.errors import MetalforgeError
+
+from .source import compat_header
+
+
+class CompileError(MetalforgeError):
+    """The kernel's MSL did not compile; the message points at lines of the generated MSL."""
+
+
+@lru_cache(maxsize=1)
+def compiler() -> tuple[str, str]:
+    """(path, version line) of the C++ compiler: $CXX, else g++, else clang++."""
+    for cand in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if cand and shutil.which(cand):
+            path = shutil.which(cand)
+            version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.splitlines()
+            return path, (version[0] if version else "")
+    raise MetalforgeError(
+        "emulator: no C++ compiler found; install one (Debian/Ubuntu: apt-get install g++, "
+        "Fedora: dnf install gcc-c++, macOS: xcode-select --install) or set CXX"
+    )
+
+
+def _cpu_flags() -> list[str]:
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            info = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+        return ["-mf16c"] if re.search(r"\bf16c\b", info) else []
+    return []
+
+
+def flags(checked: bool) -> list[str]:
+    opt = ["-O1", "-g"] if checked else ["-O2"]
+    # Metal has no double: unsuffixed literals are float, as -fsingle-precision-constant makes them.
+    return ["-std=c++17", *opt, "-fPIC", "-shared", "-pthread", "-Wno-attributes",
+            "-fsingle-precision-constant", "-fno-strict-aliasing", *_cpu_flags()]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("METALFORGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "metalforge")
+    path = Path(root) / "emulator"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_loaded: dict[str, ctypes.CDLL] = {}
+_lock = threading.Lock()
+
+
+def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDLL, Path]:
+    """Compile (or fetch from the cache) and load the shared library for one translation unit.
+
+    The cache key hashes the full source, the compat header, the compiler and its flags, so a
+    changed source never runs a stale binary. Writes go to a temporary file renamed into place,
+    so concurrent processes share the cache safely.
+    """
+    cxx, version = compiler()
+    header = compat_header(checked)
+    fl = flags(checked)
+    key = hashlib.sha256("\0".join([unit_source, header, cxx, version, " ".join(fl)]).encode()).hexdigest()[:24]
+    with _lock:
+        if key in _loaded:
+            return _loaded[key], cache_dir() / f"{key}.so"
+        target = cache_dir() / f"{key}.so"
+        if not target.exists():
+            _compile(unit_source, header, kernel_name, cxx, fl, target)
+        lib = ctypes.CDLL(str(target), mode=os.RTLD_LOCAL)
+        lib.mf_launch.restype = ctypes.c_int
+        lib.mf_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_int]
+        lib.mf_threadgroup_bytes.restype = ctypes.c_size_t
+        lib.mf_error_count.restype = ctypes.c_int
+        lib.mf_error.restype = ctypes.c_char_p
+        lib.mf_error.argtypes = [ctypes.c_int]
+        _loaded[key] = lib
+        return lib, target
+
+
+def _compile(unit_source: str, header: str, kernel_name: str, cxx: str, fl: list[str], target: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
+        (Path(tmp) / "metal_compat.h").write_text(header)
+        src = Path(tmp) / "unit.cpp"
+        src.write_text('#include "metal_compat.h"\n' + unit_source)
+        out = Path(tmp) / "unit.so"
+        proc = subprocess.run([cxx, *fl, "-I", tmp, str(src), "-o", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CompileError(format_compile_errors(proc.stderr, kernel_name, unit_source))
+        os.replace(out, target)
+
+
+def format_compile_errors(stderr: str, kernel_name: str, unit_source: str) -> str:
+    """Keep the diagnostics that point into the kernel's MSL, with the offending source line."""
+    msl_file = f"{kernel_name}.metal"
+    msl_lines = unit_source.split(f'#line 1 "{msl_file}"\n', 1)[-1].splitlines()
+    picked = []
+    for line in stderr.splitlines():
+        m = re.match(rf".*{re.escape(msl_file)}:(\d+):(?:\d+:)?\s*(error|note|warning)?:?\s*(.*)", line)
+        if m and m.group(2) == "error":
+            n = int(m.group(1))
+            text = msl_lines[n - 1].strip() if 0 < n <= len(msl_lines) else ""
+            picked.append(f"  line {n}: {m.group(3)}\n      {text}")
+    if not picked:
+        errors = [ln for ln in stderr.splitlines() if "error" in ln][:5]
+        picked = ["  " + ln for ln in errors] or ["  " + stderr.strip()[-2000:]]
+    return f"emulator: kernel `{kernel_name}` failed to compile (lines of its generated MSL; verbose=True prints it):\n" + "\n".join(picked[:10])
+
+
+def addr2line(library: Path, offsets: list[int], msl_file: str) -> dict[int, int]:
+    """Map code offsets in a checked-mode library (built with -g) to lines of the kernel's MSL."""
+    tool = shutil.which("addr2line")
+    if not tool or not offsets:
+        return {}
+    # With -i each address prints its inline chain, innermost first: take the frame in the MSL.
+    result = {}
+    for off in offsets:
+        out = subprocess.run([tool, "-i", "-e", str(library), hex(off)], capture_output=True, text=True).stdout
+        for frame in out.splitlines():
+            m = re.match(rf".*{re.escape(msl_file)}:(\d+)", frame)
+            if m:
+                result[off] = int(m.group(1))
+                break
+    return result

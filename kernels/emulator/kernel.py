@@ -1,0 +1,246 @@
+"""`metal_kernel`: a drop-in for `mx.fast.metal_kernel` that runs the kernel on the CPU."""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+
+import mlx.core as mx
+import numpy as np
+
+from metalforge.errors import MetalforgeError
+
+from . import compiler
+from .source import (ATTRIBUTE_VALUES, InputInfo, attributes_in, mlx_kernel_name, mlx_source, rewrite,
+                     template_value, type_name)
+
+
+class EmulatorError(MetalforgeError):
+    """A kernel failed at dispatch or while running (limits, divergent barriers, checked-mode reports)."""
+
+
+# Limits used when no device profile is given: every Apple GPU (M1 to M5) shares them.
+DEFAULT_LIMITS = {"threadgroup_memory_bytes": 32768, "max_threads_per_threadgroup": 1024}
+
+
+def checked_default() -> bool:
+    return os.environ.get("METALFORGE_EMULATOR_CHECKED", "0").lower() in ("1", "true", "yes", "on")
+
+
+def worker_count() -> int:
+    env = os.environ.get("METALFORGE_EMULATOR_THREADS")
+    return max(1, int(env)) if env else max(1, os.cpu_count() or 1)
+
+
+def metal_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                 atomic_outputs=False, compile_options=None, *, device=None, checked=None):
+    """Same arguments as `mx.fast.metal_kernel` (plus `device`, a profile whose limits dispatch
+    enforces, and `checked`, bounds and race checking); returns a callable with MLX's call."""
+    if not output_names:
+        raise ValueError("[metal_kernel] Must specify at least one output.")
+    return EmulatedKernel(name, list(input_names), list(output_names), source, header,
+                          ensure_row_contiguous, atomic_outputs, device, checked)
+
+
+class EmulatedKernel:
+    def __init__(self, name, input_names, output_names, source, header, ensure_row_contiguous,
+                 atomic_outputs, device, checked):
+        self.name = name
+        self.input_names = input_names
+        self.output_names = output_names
+        self.source = source
+        self.header = header
+        self.ensure_row_contiguous = ensure_row_contiguous
+        self.atomic_outputs = atomic_outputs
+        self.device = device
+        self.checked = checked
+
+    def _limits(self) -> dict:
+        if self.device is None:
+            return DEFAULT_LIMITS
+        from metalforge.kernels import devices
+        p = devices.get(self.device)
+        return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
+                "max_threads_per_threadgroup": p.max_threads_per_threadgroup}
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
+                 init_value=None, verbose=False, stream=None):
+        inputs = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+        for what, got in (("inputs", len(inputs)),):
+            if got != len(self.input_names):
+                raise ValueError(f"[metal_kernel] Expected `{what}` to have size {len(self.input_names)} but got size {got}.")
+        output_shapes = list(output_shapes.values()) if isinstance(output_shapes, dict) else list(output_shapes)
+        output_dtypes = list(output_dtypes.values()) if isinstance(output_dtypes, dict) else list(output_dtypes)
+        for what, got in (("output_shapes", len(output_shapes)), ("output_dtypes", len(output_dtypes))):
+            if got != len(self.output_names):
+                raise ValueError(f"[metal_kernel] Expected `{what}` to have size {len(self.output_names)} but got size {got}.")
+        template = list(template.items()) if isinstance(template, dict) else list(template or [])
+        checked = checked_default() if self.checked is None else bool(self.checked)
+
+        arrays = [_as_array(x) for x in inputs]
+        if self.ensure_row_contiguous:
+            arrays = [mx.contiguous(a) if a.ndim else a for a in arrays]
+        mx.eval(*arrays)
+        infos = [InputInfo(n, a.dtype, a.ndim, a.size, f"{n}_shape" in self.source, f"{n}_strides" in self.source,
+                           f"{n}_ndim" in self.source) for n, a in zip(self.input_names, arrays)]
+        kname = mlx_kernel_name(self.name, template, infos, output_dtypes)
+        msl = mlx_source(kname, self.header, self.source, infos, self.output_names, output_dtypes, template,
+                         self.atomic_outputs)
+        if verbose:
+            print(f"Generated source code for `{self.name}`:\n```\n{msl}\n```")
+
+        grid = tuple(int(g) for g in grid)
+        tg = tuple(int(t) for t in threadgroup)
+        if len(grid) != 3 or len(tg) != 3 or min(grid) < 1 or min(tg) < 1:
+            raise ValueError(f"[metal_kernel] grid and threadgroup must be three positive integers, got {grid} and {tg}")
+        limits = self._limits()
+        tg_size = tg[0] * tg[1] * tg[2]
+        if tg_size > limits["max_threads_per_threadgroup"]:
+            raise EmulatorError(f"Thread group size ({tg_size}) is greater than  the maximum allowed threads per "
+                                f"threadgroup ({limits['max_threads_per_threadgroup']}).")
+
+        unit = _translation_unit(kname, msl, infos, self.output_names, output_dtypes, template,
+                                 self.atomic_outputs, checked, attributes_in(self.source))
+        lib, path = compiler.build(unit, kname, checked)
+        tg_bytes = lib.mf_threadgroup_bytes()
+        if tg_bytes > limits["threadgroup_memory_bytes"]:
+            raise EmulatorError(f"Threadgroup memory size ({tg_bytes}) exceeds the maximum threadgroup memory "
+                                f"allowed ({limits['threadgroup_memory_bytes']}) in kernel {kname}")
+
+        keep, pointers, counts = [], [], []
+        for a, info in zip(arrays, infos):
+            view = _numpy_view(a)
+            keep.append(view)
+            pointers.append(view.ctypes.data)
+            counts.append(_extent(view))
+            if a.ndim > 0:
+                for used, values, dtype in ((info.shape, a.shape, np.int32),
+                                            (info.strides, [s // view.itemsize for s in view.strides], np.int64),
+                                            (info.ndim_used, [a.ndim], np.int32)):
+                    if used:
+                        buf = np.ascontiguousarray(values, dtype=dtype)
+                        keep.append(buf)
+                        pointers.append(buf.ctypes.data)
+                        counts.append(buf.size)
+        outs = []
+        for shape, dtype in zip(output_shapes, output_dtypes):
+            out = _new_output(tuple(int(s) for s in shape), dtype, init_value)
+            outs.append(out)
+            pointers.append(out.ctypes.data)
+            counts.append(out.size)
+        groups = [-(-g // min(t, g)) for g, t in zip(grid, tg)]
+        nominal = [min(t, g) for g, t in zip(grid, tg)]   # MLX clamps each threadgroup dim to the grid
+        meta = (ctypes.c_longlong * (9 + len(counts)))(*grid, *nominal, *groups, *counts)
+        ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
+        rc = lib.mf_launch(ptrs, meta, worker_count(), int(checked))
+        if rc != 0:
+            messages = [lib.mf_error(i).decode() for i in range(lib.mf_error_count())]
+            raise EmulatorError(_with_lines(messages, path, kname))
+        return [_to_mlx(o, d) for o, d in zip(outs, output_dtypes)]
+
+
+def _as_array(x) -> mx.array:
+    if isinstance(x, mx.array):
+        return x
+    if isinstance(x, bool):
+        return mx.array(x, dtype=mx.bool_)
+    if isinstance(x, int):
+        return mx.array(x, dtype=mx.int32)
+    if isinstance(x, float):
+        return mx.array(x, dtype=mx.float32)
+    return mx.array(x)
+
+
+def _numpy_view(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:
+        return np.asarray(mx.contiguous(a).view(mx.uint16))
+    return np.asarray(a)
+
+
+def _extent(view: np.ndarray) -> int:
+    """Elements reachable from the first one (the bound checked mode enforces)."""
+    if view.size == 0:
+        return 0
+    if any(s < 0 for s in view.strides):
+        return 1 << 62
+    return 1 + sum((n - 1) * s for n, s in zip(view.shape, view.strides)) // view.itemsize
+
+
+NUMPY_DTYPES = {
+    mx.bool_: np.bool_, mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32, mx.uint64: np.uint64,
+    mx.int8: np.int8, mx.int16: np.int16, mx.int32: np.int32, mx.int64: np.int64,
+    mx.float16: np.float16, mx.bfloat16: np.uint16, mx.float32: np.float32,
+}
+
+
+def _new_output(shape, dtype, init_value) -> np.ndarray:
+    type_name(dtype)  # rejects dtypes kernels cannot use, with a clear message
+    if init_value is None:
+        return np.empty(shape, dtype=NUMPY_DTYPES[dtype])
+    filled = mx.full(shape, init_value, dtype=dtype)
+    return np.array(filled.view(mx.uint16) if dtype == mx.bfloat16 else filled)
+
+
+def _to_mlx(out: np.ndarray, dtype) -> mx.array:
+    arr = mx.array(out)
+    return arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr
+
+
+def _with_lines(messages: list[str], path, kname: str) -> str:
+    """Replace '@pc:0x..' markers (checked-mode reports) with lines of the kernel's MSL."""
+    offsets = sorted({int(m, 16) for msg in messages for m in re.findall(r"@pc:0x([0-9a-f]+)", msg)})
+    lines = compiler.addr2line(path, offsets, f"{kname}.metal")
+    def sub(m):
+        n = lines.get(int(m.group(1), 16))
+        return f"line {n}" if n else "unknown line"
+    return "\n".join(re.sub(r"@pc:0x([0-9a-f]+)", sub, msg) for msg in messages)
+
+
+def _translation_unit(kname, msl, infos, output_names, output_dtypes, template, atomic_outputs, checked,
+                      attributes) -> str:
+    """The kernel's MSL (rewritten line for line) followed by the extern "C" launcher."""
+    args, b = [], 0
+    def pointer(ctype, name, count_index, const=True):
+        q = "const " if const else ""
+        raw = f"reinterpret_cast<{q}{ctype}*>(buffers[{count_index}])"
+        if checked:
+            return f'mf::DevPtr<{q}{ctype}>({raw}, meta[9 + {count_index}], "{name}")'
+        return raw
+    for info in infos:
+        t = type_name(info.dtype)
+        if info.ndim == 0:
+            args.append(f"*reinterpret_cast<const {t}*>(buffers[{b}])")
+        else:
+            args.append(pointer(t, info.name, b))
+        b += 1
+        if info.ndim > 0:
+            if info.shape:
+                args.append(pointer("int", f"{info.name}_shape", b)); b += 1
+            if info.strides:
+                args.append(pointer("int64_t", f"{info.name}_strides", b)); b += 1
+            if info.ndim_used:
+                args.append(f"*reinterpret_cast<const int*>(buffers[{b}])"); b += 1
+    for name, dtype in zip(output_names, output_dtypes):
+        t = type_name(dtype)
+        args.append(pointer(f"atomic<{t}>" if atomic_outputs else t, name, b, const=False))
+        b += 1
+    args += [ATTRIBUTE_VALUES[a] for a in attributes]
+    call = kname
+    if template:
+        call += "<" + ", ".join(template_value(v)[1] for _, v in template) + ">"
+    launcher = f'''
+#line 1 "mf_launcher.cpp"
+extern "C" int mf_launch(void** buffers, const long long* meta, int workers, int checked) {{
+  mf::Launch L;
+  L.grid = {{unsigned(meta[0]), unsigned(meta[1]), unsigned(meta[2])}};
+  L.nominal_tg = {{unsigned(meta[3]), unsigned(meta[4]), unsigned(meta[5])}};
+  L.tg = L.nominal_tg;
+  L.groups = {{unsigned(meta[6]), unsigned(meta[7]), unsigned(meta[8])}};
+  L.checked = checked;
+  L.kernel = "{kname}";
+  return mf::dispatch(L, workers, [&](mf::Fiber& f) {{
+    {call}({", ".join(args)});
+  }});
+}}
+'''
+    return f'#line 1 "{kname}.metal"\n' + rewrite(msl, checked) + launcher

@@ -1,0 +1,767 @@
+// metalforge emulator: the Metal Shading Language subset LLM kernels use, as C++17 for the CPU.
+// Scalar and vector types, swizzles, the metal:: math library, SIMD-group functions, atomics,
+// 8x8 SIMD-group matrices and what MLX's utils.h gives custom kernels. Execution (fibers,
+// barriers, SIMD exchange) lives in mf_runtime.h. Metal's address-space keywords become macros
+// at the very end, after every system header has been read.
+#pragma once
+#include "mf_runtime.h"
+#include <cfloat>
+
+typedef unsigned int uint;
+typedef unsigned short ushort;
+typedef unsigned char uchar;
+typedef unsigned long ulong;
+typedef _Float16 half;
+
+namespace metal {
+
+// ---- bfloat: storage of the top 16 bits of a float, arithmetic in float, round to nearest even --
+struct bfloat {
+  uint16_t bits;
+  static uint16_t from_float(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+  }
+  bfloat() = default;
+  template <class T, class = std::enable_if_t<std::is_arithmetic<T>::value || std::is_same<T, _Float16>::value>>
+  constexpr bfloat(T v) : bits(from_float(float(v))) {}
+  operator float() const {
+    uint32_t u = uint32_t(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  template <class T>
+  bfloat& operator+=(T o) { return *this = bfloat(float(*this) + float(o)); }
+  template <class T>
+  bfloat& operator-=(T o) { return *this = bfloat(float(*this) - float(o)); }
+  template <class T>
+  bfloat& operator*=(T o) { return *this = bfloat(float(*this) * float(o)); }
+  template <class T>
+  bfloat& operator/=(T o) { return *this = bfloat(float(*this) / float(o)); }
+  bfloat operator-() const { return bfloat(-float(*this)); }
+};
+
+template <class T> struct is_scalar : std::integral_constant<bool, std::is_arithmetic<T>::value> {};
+template <> struct is_scalar<_Float16> : std::true_type {};
+template <> struct is_scalar<bfloat> : std::true_type {};
+
+// bfloat op bfloat and bfloat op integer stay bfloat; with float or half the result is float.
+template <class T> using bf_result = std::conditional_t<std::is_integral<T>::value || std::is_same<T, bfloat>::value, bfloat, float>;
+#define MF_BF_OP(op)                                                                                   \
+  template <class T, class = std::enable_if_t<is_scalar<T>::value>>                                    \
+  inline bf_result<T> operator op(bfloat a, T b) { return bf_result<T>(float(a) op float(b)); }        \
+  template <class T, class = std::enable_if_t<is_scalar<T>::value && !std::is_same<T, bfloat>::value>> \
+  inline bf_result<T> operator op(T a, bfloat b) { return bf_result<T>(float(a) op float(b)); }
+MF_BF_OP(+)
+MF_BF_OP(-)
+MF_BF_OP(*)
+MF_BF_OP(/)
+#undef MF_BF_OP
+#define MF_BF_CMP(op)                                                                                  \
+  template <class T, class = std::enable_if_t<is_scalar<T>::value>>                                    \
+  inline bool operator op(bfloat a, T b) { return float(a) op float(b); }                              \
+  template <class T, class = std::enable_if_t<is_scalar<T>::value && !std::is_same<T, bfloat>::value>> \
+  inline bool operator op(T a, bfloat b) { return float(a) op float(b); }
+MF_BF_CMP(<)
+MF_BF_CMP(>)
+MF_BF_CMP(<=)
+MF_BF_CMP(>=)
+MF_BF_CMP(==)
+MF_BF_CMP(!=)
+#undef MF_BF_CMP
+
+// ---- vectors --------------------------------------------------------------------------------
+template <class T, int N> struct vec;
+
+// A swizzle such as v.zyx: a view of the parent's storage that reads as, and assigns from, a vec.
+template <class T, int N, int... I>
+struct swz {
+  T d[N];
+  using V = vec<T, int(sizeof...(I))>;
+  operator V() const { return V(d[I]...); }
+  swz& operator=(const V& v) {
+    V t = v;
+    int k = 0;
+    ((d[I] = t[k++]), ...);
+    return *this;
+  }
+  swz& operator=(const swz& o) { return *this = V(o); }
+  template <class B> swz& operator+=(const B& b) { return *this = V(*this) + b; }
+  template <class B> swz& operator-=(const B& b) { return *this = V(*this) - b; }
+  template <class B> swz& operator*=(const B& b) { return *this = V(*this) * b; }
+  template <class B> swz& operator/=(const B& b) { return *this = V(*this) / b; }
+};
+
+template <class A> struct vec_traits { static constexpr bool is = false; static constexpr int n = 1; using elem = A; };
+template <class T, int N> struct vec_traits<vec<T, N>> { static constexpr bool is = true; static constexpr int n = N; using elem = T; };
+template <class T, int N, int... I> struct vec_traits<swz<T, N, I...>> {
+  static constexpr bool is = true; static constexpr int n = int(sizeof...(I)); using elem = T;
+};
+template <class A> inline constexpr bool is_vec_v = vec_traits<std::decay_t<A>>::is;
+
+template <class A> inline auto as_vec(const A& a) {
+  if constexpr (is_vec_v<A>) return vec<typename vec_traits<A>::elem, vec_traits<A>::n>(a);
+  else return a;
+}
+
+template <class T, int N> struct vec_base {
+  template <class U> static void put(T* v, int& i, const U& u) {
+    if constexpr (vec_traits<U>::is) {
+      auto w = as_vec(u);
+      for (int k = 0; k < vec_traits<U>::n; k++) v[i++] = T(w[k]);
+    } else {
+      v[i++] = T(u);
+    }
+  }
+};
+
+#define MF_VEC_COMMON(N)                                                                                    \
+  vec() = default;                                                                                          \
+  vec(const vec& o) { for (int i = 0; i < N; i++) v[i] = o.v[i]; }                                          \
+  vec& operator=(const vec& o) { for (int i = 0; i < N; i++) v[i] = o.v[i]; return *this; }                 \
+  template <class U, class = std::enable_if_t<is_scalar<U>::value>>                                          \
+  vec(U s) { for (int i = 0; i < N; i++) v[i] = T(s); }                                                     \
+  template <class U>                                                                                        \
+  vec(const vec<U, N>& o) { for (int i = 0; i < N; i++) v[i] = T(o[i]); }                                    \
+  template <class U, int M, int... I, class = std::enable_if_t<sizeof...(I) == N>>                           \
+  vec(const swz<U, M, I...>& s) : vec(vec<U, N>(s)) {}                                                       \
+  template <class A0, class A1, class... A,                                                                 \
+            class = std::enable_if_t<vec_traits<A0>::n + vec_traits<A1>::n + (0 + ... + vec_traits<A>::n) == N>> \
+  vec(const A0& a0, const A1& a1, const A&... a) {                                                          \
+    int i = 0;                                                                                              \
+    vec_base<T, N>::put(v, i, a0);                                                                          \
+    vec_base<T, N>::put(v, i, a1);                                                                          \
+    (vec_base<T, N>::put(v, i, a), ...);                                                                    \
+  }                                                                                                         \
+  T& operator[](int i) { return v[i]; }                                                                     \
+  const T& operator[](int i) const { return v[i]; }                                                         \
+  template <class B> vec& operator+=(const B& b) { return *this = vec(*this + b); }                          \
+  template <class B> vec& operator-=(const B& b) { return *this = vec(*this - b); }                          \
+  template <class B> vec& operator*=(const B& b) { return *this = vec(*this * b); }                          \
+  template <class B> vec& operator/=(const B& b) { return *this = vec(*this / b); }                          \
+  template <class B> vec& operator%=(const B& b) { return *this = vec(*this % b); }                          \
+  template <class B> vec& operator&=(const B& b) { return *this = vec(*this & b); }                          \
+  template <class B> vec& operator|=(const B& b) { return *this = vec(*this | b); }                          \
+  template <class B> vec& operator^=(const B& b) { return *this = vec(*this ^ b); }                          \
+  template <class B> vec& operator<<=(const B& b) { return *this = vec(*this << b); }                        \
+  template <class B> vec& operator>>=(const B& b) { return *this = vec(*this >> b); }
+
+template <class T> struct alignas(2 * sizeof(T)) vec<T, 2> {
+  union {
+    T v[2];
+    struct { T x, y; };
+    struct { T r, g; };
+    // @SWIZZLES2@
+  };
+  MF_VEC_COMMON(2)
+};
+template <class T> struct alignas(4 * sizeof(T)) vec<T, 3> {
+  union {
+    T v[3];
+    struct { T x, y, z; };
+    struct { T r, g, b; };
+    // @SWIZZLES3@
+  };
+  MF_VEC_COMMON(3)
+};
+template <class T> struct alignas(4 * sizeof(T)) vec<T, 4> {
+  union {
+    T v[4];
+    struct { T x, y, z, w; };
+    struct { T r, g, b, a; };
+    // @SWIZZLES4@
+  };
+  MF_VEC_COMMON(4)
+};
+#undef MF_VEC_COMMON
+
+// packed_ types: no padding (a packed_float3 is 12 bytes), convert to and from vec.
+template <class T, int N> struct packed_vec {
+  T v[N];
+  packed_vec() = default;
+  template <class... A> packed_vec(const A&... a) { vec<T, N> t(a...); for (int i = 0; i < N; i++) v[i] = t[i]; }
+  operator vec<T, N>() const { vec<T, N> t; for (int i = 0; i < N; i++) t[i] = v[i]; return t; }
+  T& operator[](int i) { return v[i]; }
+  const T& operator[](int i) const { return v[i]; }
+};
+template <class T, int N> struct vec_traits<packed_vec<T, N>> { static constexpr bool is = true; static constexpr int n = N; using elem = T; };
+
+template <class A, class B>
+using elem_result_t = std::conditional_t<std::is_same<A, B>::value, A, std::common_type_t<A, B>>;
+
+template <bool Cmp, class A, class B, class F>
+inline auto vec_binop(const A& a, const B& b, F f) {
+  constexpr int N = is_vec_v<A> ? vec_traits<A>::n : vec_traits<B>::n;
+  using EA = typename vec_traits<A>::elem;
+  using EB = typename vec_traits<B>::elem;
+  // A scalar operand takes the vector's element type; two vectors use their common type.
+  using E = std::conditional_t<is_vec_v<A> && is_vec_v<B>, elem_result_t<EA, EB>, std::conditional_t<is_vec_v<A>, EA, EB>>;
+  using R = std::conditional_t<Cmp, bool, E>;
+  vec<R, N> out;
+  const auto va = as_vec(a);
+  const auto vb = as_vec(b);
+  for (int i = 0; i < N; i++) {
+    E x, y;
+    if constexpr (is_vec_v<A>) x = E(va[i]); else x = E(va);
+    if constexpr (is_vec_v<B>) y = E(vb[i]); else y = E(vb);
+    out[i] = R(f(x, y));
+  }
+  return out;
+}
+
+#define MF_VEC_OP(op, cmp)                                                                    \
+  template <class A, class B, class = std::enable_if_t<is_vec_v<A> || is_vec_v<B>>>            \
+  inline auto operator op(const A& a, const B& b) {                                            \
+    return vec_binop<cmp>(a, b, [](const auto& x, const auto& y) { return x op y; });          \
+  }
+MF_VEC_OP(+, false)
+MF_VEC_OP(-, false)
+MF_VEC_OP(*, false)
+MF_VEC_OP(/, false)
+MF_VEC_OP(%, false)
+MF_VEC_OP(&, false)
+MF_VEC_OP(|, false)
+MF_VEC_OP(^, false)
+MF_VEC_OP(<<, false)
+MF_VEC_OP(>>, false)
+MF_VEC_OP(<, true)
+MF_VEC_OP(>, true)
+MF_VEC_OP(<=, true)
+MF_VEC_OP(>=, true)
+MF_VEC_OP(==, true)
+MF_VEC_OP(!=, true)
+MF_VEC_OP(&&, true)
+MF_VEC_OP(||, true)
+#undef MF_VEC_OP
+
+template <class A, class = std::enable_if_t<is_vec_v<A>>>
+inline auto operator-(const A& a) { auto v = as_vec(a); for (int i = 0; i < vec_traits<A>::n; i++) v[i] = -v[i]; return v; }
+template <class A, class = std::enable_if_t<is_vec_v<A>>>
+inline auto operator+(const A& a) { return as_vec(a); }
+template <class A, class = std::enable_if_t<is_vec_v<A>>>
+inline auto operator~(const A& a) { auto v = as_vec(a); for (int i = 0; i < vec_traits<A>::n; i++) v[i] = ~v[i]; return v; }
+template <class A, class = std::enable_if_t<is_vec_v<A>>>
+inline auto operator!(const A& a) {
+  vec<bool, vec_traits<A>::n> out;
+  auto v = as_vec(a);
+  for (int i = 0; i < vec_traits<A>::n; i++) out[i] = !v[i];
+  return out;
+}
+
+#define MF_VEC_TYPES(T, name)                                                                       \
+  typedef vec<T, 2> name##2; typedef vec<T, 3> name##3; typedef vec<T, 4> name##4;                   \
+  typedef packed_vec<T, 2> packed_##name##2; typedef packed_vec<T, 3> packed_##name##3;              \
+  typedef packed_vec<T, 4> packed_##name##4;
+MF_VEC_TYPES(float, float)
+MF_VEC_TYPES(half, half)
+MF_VEC_TYPES(bfloat, bfloat)
+MF_VEC_TYPES(int, int)
+MF_VEC_TYPES(uint, uint)
+MF_VEC_TYPES(short, short)
+MF_VEC_TYPES(ushort, ushort)
+MF_VEC_TYPES(char, char)
+MF_VEC_TYPES(uchar, uchar)
+MF_VEC_TYPES(long, long)
+MF_VEC_TYPES(ulong, ulong)
+MF_VEC_TYPES(bool, bool)
+#undef MF_VEC_TYPES
+
+// ---- math ---------------------------------------------------------------------------------
+// Half and bfloat functions are evaluated in float and rounded back (Metal's own half functions
+// are no more precise than that); integer arguments compute in float.
+template <class T> using fresult_t = std::conditional_t<std::is_integral<T>::value, float, T>;
+
+#define MF_VEC_MAP1(name)                                                                           \
+  template <class T, int N> inline auto name(const vec<T, N>& x) {                                 \
+    vec<decltype(name(x[0])), N> r; for (int i = 0; i < N; i++) r[i] = name(x[i]); return r; }      \
+  template <class T, int N, int... I> inline auto name(const swz<T, N, I...>& x) { return name(as_vec(x)); }
+
+#define MF_MATH1(name, expr)                                                                        \
+  template <class T, class = std::enable_if_t<is_scalar<T>::value>>                                 \
+  inline fresult_t<T> name(T x_) { const float x = float(x_); return fresult_t<T>(expr); }          \
+  MF_VEC_MAP1(name)
+
+MF_MATH1(exp, std::exp(x))
+MF_MATH1(exp2, std::exp2(x))
+MF_MATH1(exp10, std::pow(10.0f, x))
+MF_MATH1(log, std::log(x))
+MF_MATH1(log2, std::log2(x))
+MF_MATH1(log10, std::log10(x))
+MF_MATH1(sqrt, std::sqrt(x))
+MF_MATH1(rsqrt, 1.0f / std::sqrt(x))
+MF_MATH1(sin, std::sin(x))
+MF_MATH1(cos, std::cos(x))
+MF_MATH1(tan, std::tan(x))
+MF_MATH1(asin, std::asin(x))
+MF_MATH1(acos, std::acos(x))
+MF_MATH1(atan, std::atan(x))
+MF_MATH1(sinh, std::sinh(x))
+MF_MATH1(cosh, std::cosh(x))
+MF_MATH1(tanh, std::tanh(x))
+MF_MATH1(asinh, std::asinh(x))
+MF_MATH1(acosh, std::acosh(x))
+MF_MATH1(atanh, std::atanh(x))
+MF_MATH1(floor, std::floor(x))
+MF_MATH1(ceil, std::ceil(x))
+MF_MATH1(round, std::round(x))
+MF_MATH1(rint, std::nearbyint(x))
+MF_MATH1(trunc, std::trunc(x))
+MF_MATH1(fract, x - std::floor(x))
+MF_MATH1(fabs, std::fabs(x))
+MF_MATH1(erf, std::erf(x))
+MF_MATH1(saturate, std::fmin(std::fmax(x, 0.0f), 1.0f))
+MF_MATH1(sign, x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f))
+#undef MF_MATH1
+
+#define MF_PRED1(name, expr)                                                                        \
+  template <class T, class = std::enable_if_t<is_scalar<T>::value>>                                 \
+  inline bool name(T x_) { const float x = float(x_); return expr; }                                \
+  MF_VEC_MAP1(name)
+MF_PRED1(isnan, std::isnan(x))
+MF_PRED1(isinf, std::isinf(x))
+MF_PRED1(isfinite, std::isfinite(x))
+MF_PRED1(signbit, std::signbit(x))
+#undef MF_PRED1
+
+template <class T, class = std::enable_if_t<is_scalar<T>::value>>
+inline T abs(T x) { return x < T(0) ? T(-x) : x; }
+MF_VEC_MAP1(abs)
+
+template <class T, class = std::enable_if_t<std::is_integral<T>::value>>
+inline T popcount(T x) { return T(__builtin_popcountll((unsigned long long)(std::make_unsigned_t<T>)x)); }
+template <class T, class = std::enable_if_t<std::is_integral<T>::value>>
+inline T clz(T x) { return x ? T(__builtin_clzll((unsigned long long)(std::make_unsigned_t<T>)x) - (64 - 8 * int(sizeof(T)))) : T(8 * sizeof(T)); }
+template <class T, class = std::enable_if_t<std::is_integral<T>::value>>
+inline T ctz(T x) { return x ? T(__builtin_ctzll((unsigned long long)(std::make_unsigned_t<T>)x)) : T(8 * sizeof(T)); }
+MF_VEC_MAP1(popcount)
+MF_VEC_MAP1(clz)
+MF_VEC_MAP1(ctz)
+#undef MF_VEC_MAP1
+
+template <class A, class B> using scalar_pair_t = std::conditional_t<std::is_same<A, B>::value, A, std::common_type_t<
+    std::conditional_t<std::is_same<A, bfloat>::value, float, A>, std::conditional_t<std::is_same<B, bfloat>::value, float, B>>>;
+
+#define MF_MATH2(name, expr)                                                                          \
+  template <class A, class B, class = std::enable_if_t<is_scalar<A>::value && is_scalar<B>::value>>   \
+  inline auto name(A a_, B b_) {                                                                      \
+    using R = scalar_pair_t<A, B>;                                                                    \
+    if constexpr (std::is_integral<R>::value) { const R x = R(a_), y = R(b_); return R(expr); }      \
+    else { const float x = float(a_), y = float(b_); return R(expr); }                                \
+  }                                                                                                   \
+  template <class A, class B, class = std::enable_if_t<is_vec_v<A> || is_vec_v<B>>, class = void>     \
+  inline auto name(const A& a, const B& b) {                                                          \
+    return vec_binop<false>(a, b, [](const auto& x, const auto& y) { return name(x, y); });           \
+  }
+MF_MATH2(min, y < x ? y : x)
+MF_MATH2(max, x < y ? y : x)
+MF_MATH2(fmin, std::fmin(x, y))
+MF_MATH2(fmax, std::fmax(x, y))
+MF_MATH2(pow, std::pow(x, y))
+MF_MATH2(powr, std::pow(x, y))
+MF_MATH2(atan2, std::atan2(x, y))
+MF_MATH2(fmod, std::fmod(x, y))
+MF_MATH2(copysign, std::copysign(x, y))
+MF_MATH2(step, y < x ? 0 : 1)
+MF_MATH2(fdim, std::fdim(x, y))
+#undef MF_MATH2
+
+template <class T, class L, class H>
+inline auto clamp(const T& x, const L& lo, const H& hi) { return min(max(x, lo), hi); }
+template <class A, class B, class C>
+inline auto fma(const A& a, const B& b, const C& c) { return a * b + c; }
+template <class A, class B, class C>
+inline auto mad(const A& a, const B& b, const C& c) { return a * b + c; }
+template <class A, class B, class T>
+inline auto mix(const A& x, const B& y, const T& a) { return x + (y - x) * a; }
+template <class A, class B, class T>
+inline auto smoothstep(const A& e0, const B& e1, const T& x) {
+  auto t = clamp((x - e0) / (e1 - e0), 0.0f, 1.0f);
+  return t * t * (3.0f - 2.0f * t);
+}
+
+template <class A, class B, class C>
+inline auto select(const A& a, const B& b, const C& c) {
+  if constexpr (is_vec_v<C>) {
+    using E = typename vec_traits<A>::elem;
+    constexpr int N = vec_traits<C>::n;
+    vec<E, N> out, va = as_vec(a), vb = as_vec(b);
+    auto vc = as_vec(c);
+    for (int i = 0; i < N; i++) out[i] = vc[i] ? vb[i] : va[i];
+    return out;
+  } else {
+    return c ? as_vec(b) : as_vec(a);
+  }
+}
+template <class A, class = std::enable_if_t<is_vec_v<A>>>
+inline bool all(const A& a) { auto v = as_vec(a); for (int i = 0; i < vec_traits<A>::n; i++) if (!v[i]) return false; return true; }
+template <class A, class = std::enable_if_t<is_vec_v<A>>>
+inline bool any(const A& a) { auto v = as_vec(a); for (int i = 0; i < vec_traits<A>::n; i++) if (v[i]) return true; return false; }
+inline bool all(bool b) { return b; }
+inline bool any(bool b) { return b; }
+
+template <class A, class B>
+inline auto dot(const A& a, const B& b) {
+  auto va = as_vec(a), vb = as_vec(b);
+  auto s = va[0] * vb[0];
+  for (int i = 1; i < vec_traits<A>::n; i++) s += va[i] * vb[i];
+  return s;
+}
+template <class A> inline auto length(const A& a) { return sqrt(dot(a, a)); }
+template <class A> inline auto normalize(const A& a) { return as_vec(a) * rsqrt(dot(a, a)); }
+template <class A, class B> inline auto distance(const A& a, const B& b) { return length(as_vec(a) - as_vec(b)); }
+template <class A, class B> inline auto cross(const A& a_, const B& b_) {
+  auto a = as_vec(a_), b = as_vec(b_);
+  return decltype(a)(a.y * b.z - a.z * b.y, a.z * b.x - a.x * b.z, a.x * b.y - a.y * b.x);
+}
+
+template <class To, class From>
+inline To as_type(const From& f) {
+  static_assert(sizeof(To) == sizeof(From), "as_type: sizes differ");
+  To t;
+  std::memcpy(static_cast<void*>(&t), &f, sizeof(To));
+  return t;
+}
+
+template <class A, class B> inline auto divide(const A& a, const B& b) { return a / b; }
+
+// precise:: and fast:: variants: on the CPU both are the functions above.
+#define MF_MATH_ALIASES                                                                              \
+  using metal::exp; using metal::exp2; using metal::exp10; using metal::log; using metal::log2;        \
+  using metal::log10; using metal::sqrt; using metal::rsqrt; using metal::sin; using metal::cos;       \
+  using metal::tan; using metal::tanh; using metal::pow; using metal::powr; using metal::divide;       \
+  using metal::fmin; using metal::fmax; using metal::floor; using metal::ceil; using metal::fabs;      \
+  using metal::atan; using metal::atan2; using metal::asin; using metal::acos; using metal::sinh;      \
+  using metal::cosh; using metal::fmod; using metal::round; using metal::trunc; using metal::fract;
+namespace precise { MF_MATH_ALIASES }
+namespace fast { MF_MATH_ALIASES }
+#undef MF_MATH_ALIASES
+
+// ---- numeric limits (MLX's utils.h Limits<T>) -----------------------------------------------------
+template <class T> struct Limits {
+  static constexpr T max = std::numeric_limits<T>::max();
+  static constexpr T min = std::numeric_limits<T>::lowest();
+  static constexpr T finite_max = std::numeric_limits<T>::max();
+  static constexpr T finite_min = std::numeric_limits<T>::lowest();
+};
+template <> struct Limits<float> {
+  static constexpr float max = __builtin_inff();
+  static constexpr float min = -__builtin_inff();
+  static constexpr float finite_max = FLT_MAX;
+  static constexpr float finite_min = -FLT_MAX;
+};
+template <> struct Limits<half> {
+  static constexpr half max = half(__builtin_inff());
+  static constexpr half min = half(-__builtin_inff());
+  static constexpr half finite_max = half(65504.0f);
+  static constexpr half finite_min = half(-65504.0f);
+};
+template <> struct Limits<bool> {
+  static constexpr bool max = true;
+  static constexpr bool min = false;
+};
+template <> struct Limits<bfloat> {
+  static inline const bfloat max = bfloat(__builtin_inff());
+  static inline const bfloat min = bfloat(-__builtin_inff());
+  static inline const bfloat finite_max = bfloat(3.38953139e38f);
+  static inline const bfloat finite_min = bfloat(-3.38953139e38f);
+};
+
+// ---- barriers ----------------------------------------------------------------------------------
+enum class mem_flags : unsigned { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4, mem_threadgroup_imageblock = 8 };
+inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(unsigned(a) | unsigned(b)); }
+inline void mf_threadgroup_barrier(mem_flags, int line) { mf::barrier_at(line); }
+
+// ---- SIMD-group functions ------------------------------------------------------------------------
+// Each call parks the lane; when every live lane of the SIMD-group is parked, the lanes at the
+// same operation and line run it together (mf::resolve_simd) and carry on.
+template <class T> inline T mf_load(const mf::Fiber* f) { T v; std::memcpy(static_cast<void*>(&v), f->simd_in, sizeof(T)); return v; }
+template <class T> inline void mf_store(mf::Fiber* f, const T& v) { std::memcpy(f->simd_out, static_cast<const void*>(&v), sizeof(T)); }
+
+template <class T, class Op> inline void mf_reduce(mf::Fiber** lanes, int n, Op op) {
+  T acc = mf_load<T>(lanes[0]);
+  for (int i = 1; i < n; i++) acc = T(op(acc, mf_load<T>(lanes[i])));
+  for (int i = 0; i < n; i++) mf_store(lanes[i], acc);
+}
+template <class T> void mf_sum(mf::Fiber** l, int n) { mf_reduce<T>(l, n, [](const T& a, const T& b) { return a + b; }); }
+template <class T> void mf_prod(mf::Fiber** l, int n) { mf_reduce<T>(l, n, [](const T& a, const T& b) { return a * b; }); }
+template <class T> void mf_max(mf::Fiber** l, int n) { mf_reduce<T>(l, n, [](const T& a, const T& b) { return max(a, b); }); }
+template <class T> void mf_min(mf::Fiber** l, int n) { mf_reduce<T>(l, n, [](const T& a, const T& b) { return min(a, b); }); }
+template <class T> void mf_and(mf::Fiber** l, int n) { mf_reduce<T>(l, n, [](const T& a, const T& b) { return a & b; }); }
+template <class T> void mf_or(mf::Fiber** l, int n) { mf_reduce<T>(l, n, [](const T& a, const T& b) { return a | b; }); }
+template <class T> void mf_xor(mf::Fiber** l, int n) { mf_reduce<T>(l, n, [](const T& a, const T& b) { return a ^ b; }); }
+template <bool Inclusive, class T> void mf_prefix(mf::Fiber** l, int n) {
+  T acc = T(0);
+  for (int i = 0; i < n; i++) {
+    T v = mf_load<T>(l[i]);
+    if (Inclusive) { acc = T(acc + v); mf_store(l[i], acc); }
+    else { mf_store(l[i], acc); acc = T(acc + v); }
+  }
+}
+template <class T> struct mf_indexed { T value; int index; };
+// kind 0: absolute lane, 1: xor, 2: up (lane - d), 3: down (lane + d). Out-of-range sources keep their own value.
+template <int Kind, class T> void mf_shuffle(mf::Fiber** l, int n) {
+  mf::Fiber* by_lane[32] = {};
+  for (int i = 0; i < n; i++) by_lane[l[i]->lane] = l[i];
+  for (int i = 0; i < n; i++) {
+    auto me = mf_load<mf_indexed<T>>(l[i]);
+    int lane = int(l[i]->lane), src = -1;
+    if (Kind == 0) src = me.index;
+    if (Kind == 1) src = lane ^ me.index;
+    if (Kind == 2) src = lane - me.index;
+    if (Kind == 3) src = lane + me.index;
+    T out = me.value;
+    if (src >= 0 && src < 32 && by_lane[src]) out = mf_load<mf_indexed<T>>(by_lane[src]).value;
+    mf_store(l[i], out);
+  }
+}
+template <class T> void mf_first(mf::Fiber** l, int n) { T v = mf_load<T>(l[0]); for (int i = 0; i < n; i++) mf_store(l[i], v); }
+inline void mf_is_first(mf::Fiber** l, int n) { for (int i = 0; i < n; i++) mf_store(l[i], i == 0); }
+inline void mf_ballot(mf::Fiber** l, int n) {
+  uint64_t bits = 0;
+  for (int i = 0; i < n; i++) if (mf_load<bool>(l[i])) bits |= uint64_t(1) << l[i]->lane;
+  for (int i = 0; i < n; i++) mf_store(l[i], bits);
+}
+inline void mf_nothing(mf::Fiber**, int) {}
+
+struct simd_vote {
+  using vote_t = uint64_t;
+  vote_t v;
+  explicit operator vote_t() const { return v; }
+  bool all() const { return v == 0xffffffffu; }
+  bool any() const { return v != 0; }
+};
+
+template <class T> inline T mf_simd_sum(T x, int line) { return mf::simd_exchange(x, &mf_sum<T>, line); }
+template <class T> inline T mf_simd_product(T x, int line) { return mf::simd_exchange(x, &mf_prod<T>, line); }
+template <class T> inline T mf_simd_max(T x, int line) { return mf::simd_exchange(x, &mf_max<T>, line); }
+template <class T> inline T mf_simd_min(T x, int line) { return mf::simd_exchange(x, &mf_min<T>, line); }
+template <class T> inline T mf_simd_and(T x, int line) { return mf::simd_exchange(x, &mf_and<T>, line); }
+template <class T> inline T mf_simd_or(T x, int line) { return mf::simd_exchange(x, &mf_or<T>, line); }
+template <class T> inline T mf_simd_xor(T x, int line) { return mf::simd_exchange(x, &mf_xor<T>, line); }
+template <class T> inline T mf_simd_prefix_inclusive_sum(T x, int line) { return mf::simd_exchange(x, &mf_prefix<true, T>, line); }
+template <class T> inline T mf_simd_prefix_exclusive_sum(T x, int line) { return mf::simd_exchange(x, &mf_prefix<false, T>, line); }
+template <int Kind, class T> inline T mf_shuffle_call(T x, int index, int line) {
+  mf_indexed<T> in{x, index};
+  mf::Fiber& f = mf::self();
+  std::memcpy(f.simd_in, static_cast<const void*>(&in), sizeof in);
+  f.simd_fn = &mf_shuffle<Kind, T>;
+  f.line = line;
+  f.state = mf::State::AtSimd;
+  mf::to_scheduler();
+  T out;
+  std::memcpy(static_cast<void*>(&out), f.simd_out, sizeof(T));
+  return out;
+}
+template <class T, class I> inline T mf_simd_shuffle(T x, I lane, int line) { return mf_shuffle_call<0>(x, int(lane), line); }
+template <class T, class I> inline T mf_simd_shuffle_xor(T x, I mask, int line) { return mf_shuffle_call<1>(x, int(mask), line); }
+template <class T, class I> inline T mf_simd_shuffle_up(T x, I delta, int line) { return mf_shuffle_call<2>(x, int(delta), line); }
+template <class T, class I> inline T mf_simd_shuffle_down(T x, I delta, int line) { return mf_shuffle_call<3>(x, int(delta), line); }
+template <class T, class I> inline T mf_simd_broadcast(T x, I lane, int line) { return mf_shuffle_call<0>(x, int(lane), line); }
+template <class T> inline T mf_simd_broadcast_first(T x, int line) { return mf::simd_exchange(x, &mf_first<T>, line); }
+inline bool mf_simd_all(bool b, int line) { return mf::simd_exchange(b, &mf_and<bool>, line); }
+inline bool mf_simd_any(bool b, int line) { return mf::simd_exchange(b, &mf_or<bool>, line); }
+inline simd_vote mf_simd_ballot(bool b, int line) {
+  return simd_vote{mf::simd_exchange(uint64_t(b), &mf_ballot, line)};
+}
+inline bool mf_simd_is_first(int line) { return mf::simd_exchange(false, &mf_is_first, line); }
+inline void mf_simdgroup_barrier(mem_flags, int line) {
+  mf::simd_exchange(0, &mf_nothing, line);
+  mf::worker().sg_epoch[mf::self().simdgroup]++;
+}
+
+// ---- atomics ---------------------------------------------------------------------------------
+enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
+template <class T> struct atomic { T v; };
+typedef atomic<int> atomic_int;
+typedef atomic<uint> atomic_uint;
+typedef atomic<float> atomic_float;
+typedef atomic<bool> atomic_bool;
+
+template <class T> inline T mf_atomic_rmw(atomic<T>* o, T operand, int op) {
+  if constexpr (std::is_integral<T>::value) {
+    switch (op) {
+      case 0: return __atomic_fetch_add(&o->v, operand, __ATOMIC_RELAXED);
+      case 1: return __atomic_fetch_sub(&o->v, operand, __ATOMIC_RELAXED);
+      case 2: return __atomic_fetch_and(&o->v, operand, __ATOMIC_RELAXED);
+      case 3: return __atomic_fetch_or(&o->v, operand, __ATOMIC_RELAXED);
+      case 4: return __atomic_fetch_xor(&o->v, operand, __ATOMIC_RELAXED);
+      default: break;
+    }
+  }
+  // min/max, and every floating-point operation: compare-and-swap loop
+  T cur = __atomic_load_n(&o->v, __ATOMIC_RELAXED);
+  for (;;) {
+    T next = op == 0 ? T(cur + operand) : op == 1 ? T(cur - operand) : op == 5 ? min(cur, operand) : max(cur, operand);
+    if (__atomic_compare_exchange(&o->v, &cur, &next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return cur;
+  }
+}
+#define MF_ATOMIC_FN(name, op)                                                                   \
+  template <class T, class U> inline T name(atomic<T>* o, U operand, memory_order) { return mf_atomic_rmw<T>(o, T(operand), op); } \
+  template <class T, class U> inline T name(volatile atomic<T>* o, U operand, memory_order) { return mf_atomic_rmw<T>(const_cast<atomic<T>*>(o), T(operand), op); }
+MF_ATOMIC_FN(atomic_fetch_add_explicit, 0)
+MF_ATOMIC_FN(atomic_fetch_sub_explicit, 1)
+MF_ATOMIC_FN(atomic_fetch_and_explicit, 2)
+MF_ATOMIC_FN(atomic_fetch_or_explicit, 3)
+MF_ATOMIC_FN(atomic_fetch_xor_explicit, 4)
+MF_ATOMIC_FN(atomic_fetch_min_explicit, 5)
+MF_ATOMIC_FN(atomic_fetch_max_explicit, 6)
+#undef MF_ATOMIC_FN
+template <class T, class U> inline void atomic_store_explicit(atomic<T>* o, U v, memory_order) { T t = T(v); __atomic_store(&o->v, &t, __ATOMIC_RELAXED); }
+template <class T> inline T atomic_load_explicit(const atomic<T>* o, memory_order) { T t; __atomic_load(&o->v, &t, __ATOMIC_RELAXED); return t; }
+template <class T, class U> inline T atomic_exchange_explicit(atomic<T>* o, U v, memory_order) { T t = T(v), old; __atomic_exchange(&o->v, &t, &old, __ATOMIC_RELAXED); return old; }
+template <class T, class U>
+inline bool atomic_compare_exchange_weak_explicit(atomic<T>* o, T* expected, U desired, memory_order, memory_order) {
+  T d = T(desired);
+  return __atomic_compare_exchange(&o->v, expected, &d, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+
+// ---- 8x8 SIMD-group matrices ------------------------------------------------------------------
+// Every lane keeps a full copy; a lane owns the two elements Apple's layout gives it, which is
+// what thread_elements() exposes and what simdgroup_store writes. Products gather each element
+// from its owner, so per-lane edits through thread_elements() are honoured as on the GPU.
+inline void mf_owned(unsigned lane, int& row, int& col) {
+  const unsigned q = lane / 4;
+  row = int((q & 4) + (lane / 2) % 4);
+  col = int((q & 2) * 2 + (lane % 2) * 2);
+}
+template <class T, int R, int C> struct simdgroup_matrix {
+  T d[R * C];
+  simdgroup_matrix() = default;
+  explicit simdgroup_matrix(T fill) { for (auto& e : d) e = fill; }
+  vec<T, 2>& thread_elements() {
+    int r, c;
+    mf_owned(mf::self().lane, r, c);
+    return *reinterpret_cast<vec<T, 2>*>(&d[r * C + c]);
+  }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+template <class T, int R, int C> inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) { return simdgroup_matrix<T, R, C>(v); }
+
+template <class T, class P>
+inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P src, ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0, 0), bool transpose = false) {
+  for (int r = 0; r < 8; r++)
+    for (int c = 0; c < 8; c++) {
+      const ulong row = transpose ? origin.y + c : origin.y + r;
+      const ulong col = transpose ? origin.x + r : origin.x + c;
+      m.d[r * 8 + c] = T(src[row * elements_per_row + col]);
+    }
+}
+template <class T, class P>
+inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, P dst, ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0, 0), bool transpose = false) {
+  int r0, c0;
+  mf_owned(mf::self().lane, r0, c0);
+  for (int c = c0; c < c0 + 2; c++) {
+    const ulong row = transpose ? origin.y + c : origin.y + r0;
+    const ulong col = transpose ? origin.x + r0 : origin.x + c;
+    dst[row * elements_per_row + col] = m.d[r0 * 8 + c];
+  }
+}
+template <class TD, class TA, class TB, class TC> struct mf_mma_args {
+  simdgroup_matrix<TD, 8, 8>* d; const simdgroup_matrix<TA, 8, 8>* a; const simdgroup_matrix<TB, 8, 8>* b; const simdgroup_matrix<TC, 8, 8>* c;
+};
+template <class TD, class TA, class TB, class TC> void mf_mma(mf::Fiber** l, int n) {
+  using Args = mf_mma_args<TD, TA, TB, TC>;
+  const Args* by_lane[32] = {};
+  Args first = mf_load<Args>(l[0]);
+  Args all[32];
+  for (int i = 0; i < n; i++) { all[i] = mf_load<Args>(l[i]); by_lane[l[i]->lane] = &all[i]; }
+  float A[64], B[64], Cm[64];
+  for (unsigned lane = 0; lane < 32; lane++) {
+    int r, c;
+    mf_owned(lane, r, c);
+    const Args& src = by_lane[lane] ? *by_lane[lane] : first;
+    for (int k = c; k < c + 2; k++) {
+      A[r * 8 + k] = float(src.a->d[r * 8 + k]);
+      B[r * 8 + k] = float(src.b->d[r * 8 + k]);
+      Cm[r * 8 + k] = src.c ? float(src.c->d[r * 8 + k]) : 0.0f;
+    }
+  }
+  for (int r = 0; r < 8; r++)
+    for (int c = 0; c < 8; c++) {
+      float s = Cm[r * 8 + c];
+      for (int k = 0; k < 8; k++) s += A[r * 8 + k] * B[k * 8 + c];
+      for (int i = 0; i < n; i++) all[i].d->d[r * 8 + c] = TD(s);
+    }
+}
+template <class TD, class TA, class TB, class TC>
+inline void mf_simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+                                             const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c, int line) {
+  // operands may alias d (d = a*b + d), so every lane's inputs are gathered before any is written
+  simdgroup_matrix<TA, 8, 8> ca = a;
+  simdgroup_matrix<TB, 8, 8> cb = b;
+  simdgroup_matrix<TC, 8, 8> cc = c;
+  mf::simd_exchange(mf_mma_args<TD, TA, TB, TC>{&d, &ca, &cb, &cc}, &mf_mma<TD, TA, TB, TC>, line);
+}
+template <class TD, class TA, class TB>
+inline void mf_simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a, const simdgroup_matrix<TB, 8, 8>& b, int line) {
+  simdgroup_matrix<TA, 8, 8> ca = a;
+  simdgroup_matrix<TB, 8, 8> cb = b;
+  mf::simd_exchange(mf_mma_args<TD, TA, TB, TD>{&d, &ca, &cb, nullptr}, &mf_mma<TD, TA, TB, TD>, line);
+}
+
+// ---- what MLX's utils.h gives a custom kernel ---------------------------------------------------
+template <class T> inline T ceildiv(T a, T b) { return (a + b - 1) / b; }
+template <class E, class PS, class PT>
+inline int64_t elem_to_loc(E elem, PS shape, PT strides, int ndim) {
+  int64_t loc = 0;
+  int64_t e = int64_t(elem);
+  for (int i = ndim - 1; i >= 0 && e > 0; --i) {
+    loc += (e % shape[i]) * int64_t(strides[i]);
+    e /= shape[i];
+  }
+  return loc;
+}
+
+}  // namespace metal
+
+typedef metal::bfloat bfloat;
+typedef half float16_t;
+typedef metal::bfloat bfloat16_t;
+using namespace metal;
+
+#define M_PI_F 3.14159265358979323846f
+#define M_LN2_F 0.69314718055994530942f
+#define M_LOG2E_F 1.44269504088896340736f
+#define MAXFLOAT FLT_MAX
+#define HUGE_VALH half(__builtin_inff())
+#define METAL_FUNC inline
+#define STEEL_CONST static constexpr constant
+
+// ---- Metal keywords: macros from here on (every system header is above) ----------------------------
+#define device
+#define constant
+#define thread
+#define threadgroup
+#define threadgroup_barrier(flags) mf_threadgroup_barrier(flags, __LINE__)
+#define simdgroup_barrier(flags) mf_simdgroup_barrier(flags, __LINE__)
+#define simd_sum(x) mf_simd_sum((x), __LINE__)
+#define simd_product(x) mf_simd_product((x), __LINE__)
+#define simd_prod(x) mf_simd_product((x), __LINE__)
+#define simd_max(x) mf_simd_max((x), __LINE__)
+#define simd_min(x) mf_simd_min((x), __LINE__)
+#define simd_and(x) mf_simd_and((x), __LINE__)
+#define simd_or(x) mf_simd_or((x), __LINE__)
+#define simd_xor(x) mf_simd_xor((x), __LINE__)
+#define simd_prefix_inclusive_sum(x) mf_simd_prefix_inclusive_sum((x), __LINE__)
+#define simd_prefix_exclusive_sum(x) mf_simd_prefix_exclusive_sum((x), __LINE__)
+#define simd_shuffle(x, i) mf_simd_shuffle((x), (i), __LINE__)
+#define simd_shuffle_xor(x, i) mf_simd_shuffle_xor((x), (i), __LINE__)
+#define simd_shuffle_up(x, i) mf_simd_shuffle_up((x), (i), __LINE__)
+#define simd_shuffle_down(x, i) mf_simd_shuffle_down((x), (i), __LINE__)
+#define simd_broadcast(x, i) mf_simd_broadcast((x), (i), __LINE__)
+#define simd_broadcast_first(x) mf_simd_broadcast_first((x), __LINE__)
+#define simd_all(x) mf_simd_all((x), __LINE__)
+#define simd_any(x) mf_simd_any((x), __LINE__)
+#define simd_ballot(x) mf_simd_ballot((x), __LINE__)
+#define simd_is_first() mf_simd_is_first(__LINE__)
+#define simdgroup_multiply_accumulate(d, a, b, c) mf_simdgroup_multiply_accumulate(d, a, b, c, __LINE__)
+#define simdgroup_multiply(d, a, b) mf_simdgroup_multiply(d, a, b, __LINE__)
+#ifndef MF_CHECKED
+#define MF_TG(T, name, dims, id) T(&name) dims = mf::tg_array<T dims, id>()
+#endif

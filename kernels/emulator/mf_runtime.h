@@ -1,0 +1,449 @@
+// metalforge emulator runtime: fibers, threadgroup scheduling, barriers, SIMD-group exchange,
+// threadgroup memory arenas and error reporting. Included by metal_compat.h before any Metal
+// keyword macro is defined (glibc headers use `constant` and `device` as identifiers).
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+#include <sys/mman.h>
+#include <dlfcn.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace mf {
+
+struct u3 { unsigned x, y, z; };
+
+enum class State : int { Runnable, AtBarrier, AtSimd, Done };
+
+struct Fiber;
+using SimdFn = void (*)(Fiber** lanes, int count);
+
+struct Fiber {
+  void* sp = nullptr;           // saved stack pointer (x86-64 switch)
+#if !defined(__x86_64__)
+  ucontext_t uc;
+#endif
+  char* stack = nullptr;
+  State state = State::Runnable;
+  int line = 0;                 // barrier / SIMD call site (MSL line)
+  SimdFn simd_fn = nullptr;
+  alignas(16) unsigned char simd_in[256];
+  alignas(16) unsigned char simd_out[256];
+  // thread attributes
+  u3 pos_in_tg, tg_pos, tg_size;
+  unsigned index = 0, lane = 0, simdgroup = 0;
+};
+
+struct Launch {
+  u3 grid, tg, nominal_tg, groups;
+  int checked = 0;
+  const char* kernel = "";
+};
+
+// ---- errors -------------------------------------------------------------------------------
+struct Errors {
+  std::mutex mu;
+  std::vector<std::string> messages;
+  std::atomic<int> abort{0};
+  void add(const std::string& m, bool fatal) {
+    std::lock_guard<std::mutex> g(mu);
+    if (messages.size() < 16) messages.push_back(m);
+    if (fatal) abort.store(1);
+  }
+};
+inline Errors& errors() { static Errors e; return e; }
+
+// ---- per OS thread scheduler state --------------------------------------------------------
+struct Worker {
+  std::vector<Fiber> fibers;
+  int count = 0;
+  void* sched_sp = nullptr;
+#if !defined(__x86_64__)
+  ucontext_t sched_uc;
+#endif
+  Fiber* current = nullptr;
+  std::function<void(Fiber&)>* body = nullptr;
+  unsigned char* tg_memory = nullptr;
+  size_t tg_capacity = 0;
+  unsigned tg_epoch = 0;
+  std::vector<unsigned> sg_epoch;
+  const Launch* launch = nullptr;
+  bool failed = false;
+  // checked mode: shadow of threadgroup memory, one record per byte offset
+  struct Access { int writer, reader; unsigned wepoch, repoch, wsg, rsg; const void* wpc; const void* rpc; };
+  std::vector<Access> shadow;
+};
+inline thread_local Worker* tls_worker = nullptr;
+inline Worker& worker() { return *tls_worker; }
+inline Fiber& self() { return *tls_worker->current; }
+
+constexpr size_t kStackBytes = 64 * 1024;
+
+// ---- context switch ---------------------------------------------------------------------
+#if defined(__x86_64__)
+extern "C" void mf_ctx_switch(void** save_sp, void* load_sp);
+extern "C" void mf_fiber_trampoline();
+asm(R"(
+.text
+.p2align 4
+.hidden mf_ctx_switch
+.globl mf_ctx_switch
+.type mf_ctx_switch,@function
+mf_ctx_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size mf_ctx_switch,.-mf_ctx_switch
+.p2align 4
+.hidden mf_fiber_trampoline
+.globl mf_fiber_trampoline
+.type mf_fiber_trampoline,@function
+mf_fiber_trampoline:
+  movq %r12, %rdi
+  call mf_fiber_main
+  ud2
+.size mf_fiber_trampoline,.-mf_fiber_trampoline
+)");
+#endif
+
+extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(Fiber* f);
+
+inline void to_scheduler() {
+  Worker& w = worker();
+  Fiber* f = w.current;
+#if defined(__x86_64__)
+  mf_ctx_switch(&f->sp, w.sched_sp);
+#else
+  swapcontext(&f->uc, &w.sched_uc);
+#endif
+}
+
+inline void resume(Fiber& f) {
+  Worker& w = worker();
+  w.current = &f;
+#if defined(__x86_64__)
+  mf_ctx_switch(&w.sched_sp, f.sp);
+#else
+  swapcontext(&w.sched_uc, &f.uc);
+#endif
+  w.current = nullptr;
+}
+
+#if !defined(__x86_64__)
+inline void ucontext_entry(unsigned hi, unsigned lo) {
+  mf_fiber_main(reinterpret_cast<Fiber*>((uintptr_t(hi) << 32) | uintptr_t(lo)));
+}
+#endif
+
+inline void start_fiber(Fiber& f) {
+#if defined(__x86_64__)
+  uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStackBytes) & ~uintptr_t(15);
+  uint64_t* sp = reinterpret_cast<uint64_t*>(top) - 8;
+  uint32_t csr[2] = {0x1F80u, 0x037Fu};
+  std::memcpy(&sp[0], csr, 8);   // mxcsr, x87 control word
+  sp[1] = 0;                     // r15
+  sp[2] = 0;                     // r14
+  sp[3] = 0;                     // r13
+  sp[4] = reinterpret_cast<uint64_t>(&f);  // r12 -> first argument of mf_fiber_main
+  sp[5] = 0;                     // rbx
+  sp[6] = 0;                     // rbp
+  sp[7] = reinterpret_cast<uint64_t>(&mf_fiber_trampoline);
+  f.sp = sp;
+#else
+  getcontext(&f.uc);
+  f.uc.uc_stack.ss_sp = f.stack;
+  f.uc.uc_stack.ss_size = kStackBytes;
+  f.uc.uc_link = nullptr;
+  uintptr_t p = reinterpret_cast<uintptr_t>(&f);
+  makecontext(&f.uc, (void (*)())ucontext_entry, 2, unsigned(p >> 32), unsigned(p & 0xffffffffu));
+#endif
+}
+
+// ---- reporting helpers --------------------------------------------------------------------
+inline std::string pos_str(const Fiber& f) {
+  const Launch& L = *worker().launch;
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "thread (%u,%u,%u) of threadgroup (%u,%u,%u)",
+                f.tg_pos.x * L.nominal_tg.x + f.pos_in_tg.x, f.tg_pos.y * L.nominal_tg.y + f.pos_in_tg.y,
+                f.tg_pos.z * L.nominal_tg.z + f.pos_in_tg.z, f.tg_pos.x, f.tg_pos.y, f.tg_pos.z);
+  return buf;
+}
+
+// A program counter turned into text "@pc:0x..."; Python maps it to an MSL line with addr2line.
+inline std::string pc_str(const void* pc) {
+  Dl_info info;
+  char buf[64];
+  if (pc && dladdr(pc, &info) && info.dli_fbase) {
+    std::snprintf(buf, sizeof buf, "@pc:0x%lx", (unsigned long)((const char*)pc - (const char*)info.dli_fbase - 1));
+    return buf;
+  }
+  return "@pc:?";
+}
+
+[[noreturn]] inline void fail(const std::string& message) {
+  errors().add(message, true);
+  Worker& w = worker();
+  w.failed = true;
+  self().state = State::Done;
+  to_scheduler();
+  __builtin_unreachable();
+}
+
+// ---- blocking points -----------------------------------------------------------------------
+inline void barrier_at(int line) {
+  Fiber& f = self();
+  f.line = line;
+  f.state = State::AtBarrier;
+  to_scheduler();
+}
+
+template <class T>
+inline T simd_exchange(const T& value, SimdFn fn, int line) {
+  static_assert(sizeof(T) <= sizeof(Fiber::simd_in), "SIMD operand too large");
+  Fiber& f = self();
+  std::memcpy(f.simd_in, &value, sizeof(T));
+  f.simd_fn = fn;
+  f.line = line;
+  f.state = State::AtSimd;
+  to_scheduler();
+  T out;
+  std::memcpy(&out, f.simd_out, sizeof(T));
+  return out;
+}
+
+// ---- the scheduler for one threadgroup ------------------------------------------------------
+inline void resolve_simd(Worker& w, bool& progressed) {
+  const int n = w.count;
+  Fiber* lanes[32];
+  for (int base = 0; base < n; base += 32) {
+    const int end = std::min(n, base + 32);
+    bool any_running = false, any_simd = false;
+    for (int i = base; i < end; i++) {
+      State s = w.fibers[i].state;
+      any_running |= s == State::Runnable;
+      any_simd |= s == State::AtSimd;
+    }
+    if (any_running || !any_simd) continue;
+    // Lanes waiting at the same operation and call site execute it together (the active set).
+    for (int i = base; i < end; i++) {
+      Fiber& lead = w.fibers[i];
+      if (lead.state != State::AtSimd) continue;
+      int count = 0;
+      for (int j = i; j < end; j++) {
+        Fiber& o = w.fibers[j];
+        if (o.state == State::AtSimd && o.simd_fn == lead.simd_fn && o.line == lead.line) lanes[count++] = &o;
+      }
+      lead.simd_fn(lanes, count);
+      for (int k = 0; k < count; k++) lanes[k]->state = State::Runnable;
+      progressed = true;
+    }
+  }
+}
+
+inline std::string thread_list(Worker& w, State state, int line, bool match_line) {
+  std::string out;
+  int shown = 0, total = 0;
+  for (int i = 0; i < w.count; i++) {
+    Fiber& f = w.fibers[i];
+    if (f.state != state || (match_line && f.line != line)) continue;
+    total++;
+    if (shown < 4) {
+      char buf[48];
+      std::snprintf(buf, sizeof buf, "%s(%u,%u,%u)", shown ? ", " : "", f.pos_in_tg.x, f.pos_in_tg.y, f.pos_in_tg.z);
+      out += buf;
+      shown++;
+    }
+  }
+  if (total > shown) out += ", ... (" + std::to_string(total) + " threads)";
+  return out;
+}
+
+inline void run_threadgroup(Worker& w) {
+  const int n = w.count;
+  for (int i = 0; i < n; i++) {
+    w.fibers[i].state = State::Runnable;
+    start_fiber(w.fibers[i]);
+  }
+  w.tg_epoch = 0;
+  std::fill(w.sg_epoch.begin(), w.sg_epoch.end(), 0u);
+  if (w.launch->checked) {
+    for (auto& a : w.shadow) a = Worker::Access{-1, -1, ~0u, ~0u, 0, 0, nullptr, nullptr};
+  }
+  for (;;) {
+    bool progressed = false;
+    for (int i = 0; i < n; i++) {
+      if (w.fibers[i].state == State::Runnable) {
+        resume(w.fibers[i]);
+        progressed = true;
+        if (w.failed || errors().abort.load(std::memory_order_relaxed)) return;
+      }
+    }
+    resolve_simd(w, progressed);
+    if (progressed) continue;
+    int done = 0, at_barrier = 0, at_simd = 0;
+    for (int i = 0; i < n; i++) {
+      State s = w.fibers[i].state;
+      done += s == State::Done;
+      at_barrier += s == State::AtBarrier;
+      at_simd += s == State::AtSimd;
+    }
+    if (done == n) return;
+    const Launch& L = *w.launch;
+    char head[200];
+    Fiber& f0 = *std::find_if(w.fibers.begin(), w.fibers.begin() + n,
+                              [](const Fiber& f) { return f.state == State::AtBarrier || f.state == State::AtSimd; });
+    std::snprintf(head, sizeof head, "%s: threadgroup (%u,%u,%u): ", L.kernel, f0.tg_pos.x, f0.tg_pos.y, f0.tg_pos.z);
+    if (at_barrier && !at_simd && done == 0) {
+      // Everyone is at a barrier: they must all be at the same one.
+      int line = f0.line;
+      bool same = true;
+      for (int i = 0; i < n; i++) same &= w.fibers[i].line == line;
+      if (same) {
+        for (int i = 0; i < n; i++) w.fibers[i].state = State::Runnable;
+        w.tg_epoch++;
+        continue;
+      }
+      int other = 0;
+      for (int i = 0; i < n; i++) if (w.fibers[i].line != line) { other = w.fibers[i].line; break; }
+      errors().add(std::string(head) + "divergent barrier: threads " + thread_list(w, State::AtBarrier, line, true) +
+                   " wait at the barrier on line " + std::to_string(line) + " while threads " +
+                   thread_list(w, State::AtBarrier, other, true) + " wait at the barrier on line " + std::to_string(other),
+                   true);
+      w.failed = true;
+      return;
+    }
+    std::string msg = std::string(head) + "barrier on line " + std::to_string(f0.line) + " is not reached by every live thread: threads " +
+                      thread_list(w, f0.state, f0.line, true) + " wait there";
+    if (done) msg += ", while threads " + thread_list(w, State::Done, 0, false) + " already returned";
+    errors().add(msg, true);
+    w.failed = true;
+    return;
+  }
+}
+
+// ---- threadgroup memory ------------------------------------------------------------------
+struct TgRegistry {
+  size_t total = 0;     // sum of declared sizes (what Metal compares with its limit)
+  size_t arena = 0;     // with 16-byte alignment of each declaration
+};
+inline TgRegistry& tg_registry() { static TgRegistry r; return r; }
+inline size_t tg_register(size_t size) {
+  TgRegistry& r = tg_registry();
+  size_t off = r.arena;
+  r.total += size;
+  r.arena += (size + 15) & ~size_t(15);
+  return off;
+}
+template <class A, int ID>
+struct TgSlot { static const size_t offset; };
+template <class A, int ID>
+const size_t TgSlot<A, ID>::offset = tg_register(sizeof(A));
+
+template <class A, int ID>
+inline A& tg_array() {
+  return *reinterpret_cast<A*>(worker().tg_memory + TgSlot<A, ID>::offset);
+}
+
+// ---- dispatch -----------------------------------------------------------------------------
+inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> body) {
+  errors().messages.clear();
+  errors().abort.store(0);
+  const unsigned long total_groups = (unsigned long)L.groups.x * L.groups.y * L.groups.z;
+  std::atomic<unsigned long> next{0};
+  const int nominal = int(L.nominal_tg.x * L.nominal_tg.y * L.nominal_tg.z);
+  auto work = [&]() {
+    Worker w;
+    tls_worker = &w;
+    w.launch = &L;
+    w.body = &body;
+    w.fibers.resize(nominal);
+    char* stacks = static_cast<char*>(mmap(nullptr, kStackBytes * nominal, PROT_READ | PROT_WRITE,
+                                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    for (int i = 0; i < nominal; i++) w.fibers[i].stack = stacks + kStackBytes * i;
+    w.tg_capacity = tg_registry().arena + 16;
+    std::vector<unsigned char> arena(w.tg_capacity);
+    w.tg_memory = arena.data();
+    w.sg_epoch.assign((nominal + 31) / 32, 0u);
+    if (L.checked) w.shadow.resize(w.tg_capacity);
+    for (;;) {
+      unsigned long g = next.fetch_add(1);
+      if (g >= total_groups || errors().abort.load()) break;
+      u3 tp{unsigned(g % L.groups.x), unsigned((g / L.groups.x) % L.groups.y), unsigned(g / ((unsigned long)L.groups.x * L.groups.y))};
+      u3 sz{std::min(L.nominal_tg.x, L.grid.x - tp.x * L.nominal_tg.x), std::min(L.nominal_tg.y, L.grid.y - tp.y * L.nominal_tg.y),
+            std::min(L.nominal_tg.z, L.grid.z - tp.z * L.nominal_tg.z)};
+      int n = 0;
+      for (unsigned z = 0; z < sz.z; z++)
+        for (unsigned y = 0; y < sz.y; y++)
+          for (unsigned x = 0; x < sz.x; x++, n++) {
+            Fiber& f = w.fibers[n];
+            f.pos_in_tg = {x, y, z};
+            f.tg_pos = tp;
+            f.tg_size = sz;
+            f.index = unsigned(n);
+            f.lane = unsigned(n) % 32u;
+            f.simdgroup = unsigned(n) / 32u;
+          }
+      w.count = n;
+      if (L.checked) std::memset(w.tg_memory, 0xA5, w.tg_capacity);  // poison: uninitialised reads look wrong
+      run_threadgroup(w);
+      if (w.failed) break;
+    }
+    munmap(stacks, kStackBytes * nominal);
+    tls_worker = nullptr;
+  };
+  const int nthreads = int(std::max<unsigned long>(1, std::min<unsigned long>(workers, total_groups)));
+  std::vector<std::thread> pool;
+  for (int i = 1; i < nthreads; i++) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  return errors().messages.empty() ? 0 : -1;
+}
+
+}  // namespace mf
+
+extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(mf::Fiber* f) {
+  mf::Worker& w = mf::worker();
+  (*w.body)(*f);
+  f->state = mf::State::Done;
+  mf::to_scheduler();
+  __builtin_unreachable();
+}
+
+extern "C" {
+size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
+int mf_error_count() { return int(mf::errors().messages.size()); }
+const char* mf_error(int i) { return mf::errors().messages[i].c_str(); }
+}

@@ -1,0 +1,216 @@
+"""The text the emulator compiles: MLX's generated MSL (same signature rules as
+`mx.fast.metal_kernel`), rewritten line for line into C++ that metal_compat.h can compile."""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+import mlx.core as mx
+
+from metalforge.errors import MetalforgeError
+
+# Attributes MLX adds when their name appears in the source, in MLX's order, with their types.
+ATTRIBUTES = (
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+)
+
+# The C++ expression (over mf::Fiber f and mf::Launch L) that gives each attribute's value.
+ATTRIBUTE_VALUES = {
+    "dispatch_quadgroups_per_threadgroup": "uint((L.nominal_tg.x * L.nominal_tg.y * L.nominal_tg.z + 3) / 4)",
+    "dispatch_simdgroups_per_threadgroup": "uint((L.nominal_tg.x * L.nominal_tg.y * L.nominal_tg.z + 31) / 32)",
+    "dispatch_threads_per_threadgroup": "uint3(L.nominal_tg.x, L.nominal_tg.y, L.nominal_tg.z)",
+    "grid_origin": "uint3(0u, 0u, 0u)",
+    "grid_size": "uint3(L.grid.x, L.grid.y, L.grid.z)",
+    "quadgroup_index_in_threadgroup": "uint(f.index / 4)",
+    "quadgroups_per_threadgroup": "uint((f.tg_size.x * f.tg_size.y * f.tg_size.z + 3) / 4)",
+    "simdgroup_index_in_threadgroup": "uint(f.simdgroup)",
+    "simdgroups_per_threadgroup": "uint((f.tg_size.x * f.tg_size.y * f.tg_size.z + 31) / 32)",
+    "thread_execution_width": "uint(32)",
+    "thread_index_in_quadgroup": "uint(f.index % 4)",
+    "thread_index_in_simdgroup": "uint(f.lane)",
+    "thread_index_in_threadgroup": "uint(f.index)",
+    "thread_position_in_grid": "uint3(f.tg_pos.x * L.nominal_tg.x + f.pos_in_tg.x, f.tg_pos.y * L.nominal_tg.y + f.pos_in_tg.y, f.tg_pos.z * L.nominal_tg.z + f.pos_in_tg.z)",
+    "thread_position_in_threadgroup": "uint3(f.pos_in_tg.x, f.pos_in_tg.y, f.pos_in_tg.z)",
+    "threadgroup_position_in_grid": "uint3(f.tg_pos.x, f.tg_pos.y, f.tg_pos.z)",
+    "threadgroups_per_grid": "uint3(L.groups.x, L.groups.y, L.groups.z)",
+    "threads_per_grid": "uint3(L.grid.x, L.grid.y, L.grid.z)",
+    "threads_per_simdgroup": "uint(32)",
+    "threads_per_threadgroup": "uint3(f.tg_size.x, f.tg_size.y, f.tg_size.z)",
+}
+
+MAX_CONSTANT_ARRAY_SIZE = 8  # inputs with fewer elements go to the constant address space
+
+TYPE_NAMES = {
+    mx.bool_: "bool", mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t",
+    mx.uint64: "uint64_t", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
+    mx.int64: "int64_t", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t", mx.float32: "float",
+}
+
+
+def type_name(dtype) -> str:
+    try:
+        return TYPE_NAMES[dtype]
+    except KeyError:
+        raise MetalforgeError(f"emulator: dtype {dtype} is not supported in kernels") from None
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    name: str
+    dtype: object
+    ndim: int
+    size: int
+    shape: bool
+    strides: bool
+    ndim_used: bool
+
+    @property
+    def location(self) -> str:
+        return "constant" if self.size < MAX_CONSTANT_ARRAY_SIZE else "device"
+
+
+def template_value(value) -> tuple[str, str]:
+    """(parameter kind, C++ spelling) of one template argument, as MLX writes them."""
+    if isinstance(value, bool):
+        return "bool", "1" if value else "0"
+    if isinstance(value, int):
+        return "int", str(value)
+    if isinstance(value, mx.Dtype):
+        return "typename", type_name(value)
+    raise MetalforgeError(f"emulator: template values must be mx.Dtype, int or bool, got {type(value).__name__}")
+
+
+def mlx_kernel_name(name: str, template: list, inputs: list[InputInfo], output_dtypes) -> str:
+    """MLX 0.32's name: template values and each input's and output's dtype are appended."""
+    out = "custom_kernel_" + name
+    if template:
+        spelled = "<" + ", ".join(template_value(v)[1] for _, v in template) + ">"
+        out += "_" + re.sub(r"<|>|(, )", "_", spelled)[:-1]
+    for i in inputs:
+        out += "_" + type_name(i.dtype) + ("s" if i.ndim == 0 else "c" if i.size < MAX_CONSTANT_ARRAY_SIZE else "")
+    for d in output_dtypes:
+        out += "_" + type_name(d)
+    return out
+
+
+def attributes_in(source: str) -> list[str]:
+    return [a for a, _ in ATTRIBUTES if a in source]
+
+
+def mlx_source(kernel_name: str, header: str, source: str, inputs: list[InputInfo], output_names,
+               output_dtypes, template: list, atomic_outputs: bool) -> str:
+    """The full MSL text MLX generates for a call (what verbose=True prints)."""
+    lines = [header]
+    if template:
+        lines.append("template <" + ", ".join(f"{template_value(v)[0]} {n}" for n, v in template) + ">\n")
+    sig = f"[[kernel]] void {kernel_name}(\n"
+    params = []
+    index = 0
+    for i in inputs:
+        ref = "&" if i.ndim == 0 else "*"
+        params.append(f"  const {i.location} {type_name(i.dtype)}{ref} {i.name} [[buffer({index})]]")
+        index += 1
+        if i.ndim > 0:
+            for used, decl in ((i.shape, f"const constant int* {i.name}_shape"),
+                               (i.strides, f"const constant int64_t* {i.name}_strides"),
+                               (i.ndim_used, f"const constant int& {i.name}_ndim")):
+                if used:
+                    params.append(f"  {decl} [[buffer({index})]]")
+                    index += 1
+    for name, dtype in zip(output_names, output_dtypes):
+        t = type_name(dtype)
+        t = f"atomic<{t}>" if atomic_outputs else t
+        params.append(f"  device {t}* {name} [[buffer({index})]]")
+        index += 1
+    attr_types = dict(ATTRIBUTES)
+    for a in attributes_in(source):
+        params.append(f"  {attr_types[a]} {a} [[{a}]]")
+    sig += ",\n".join(params) + ") {\n"
+    text = "".join(lines) + sig + source + "\n}\n"
+    if template:
+        args = "<" + ", ".join(template_value(v)[1] for _, v in template) + ">"
+        text += (f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({kernel_name}{args}) '
+                 f"{kernel_name}{args};\n")
+    return text
+
+
+# ---- rewriting MSL into C++ (line-preserving) ----------------------------------------------------
+_TG_DECL = re.compile(
+    r"\bthreadgroup\s+((?:const\s+)?[A-Za-z_][\w:]*(?:\s*<[^;<>]*>)?)\s+([A-Za-z_]\w*)\s*((?:\[[^\]\n]+\]\s*)*);"
+)
+_PTR_DECL = re.compile(
+    r"\b(const\s+)?(device|constant)\s+(const\s+)?([A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?)\s*\*"
+)
+
+
+def rewrite(msl: str, checked: bool) -> str:
+    """Threadgroup declarations become slots of the threadgroup's shared arena; in checked mode
+    device/constant pointers become bounds-checked pointers and threadgroup arrays race-checked views."""
+    def tg(m):
+        t, name, dims = m.group(1), m.group(2), m.group(3).replace(" ", "")
+        return f"MF_TG({t}, {name}, {dims}, __COUNTER__);"
+
+    out = _TG_DECL.sub(tg, msl)
+    if checked:
+        def ptr(m):
+            const = "const " if (m.group(1) or m.group(3)) else ""
+            return f"mf::DevPtr<{const}{m.group(4)}> "
+        out = _PTR_DECL.sub(ptr, out)
+    return out
+
+
+# ---- swizzles --------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def swizzle_members() -> dict[int, str]:
+    """Swizzle members for 2-, 3- and 4-vectors: every pair, triples and quads without repeats."""
+    out = {}
+    for n in (2, 3, 4):
+        letters = "xyzw"[:n]
+        names = ["".join(p) for p in itertools.product(letters, repeat=2)]
+        names += ["".join(p) for p in itertools.permutations(letters, 3)]
+        names += ["".join(p) for p in itertools.permutations(letters, 4)] if n == 4 else []
+        rgba = {"x": "r", "y": "g", "z": "b", "w": "a"}
+        members = []
+        for name in names:
+            idx = ", ".join(str("xyzw".index(c)) for c in name)
+            members.append(f"swz<T, {n}, {idx}> {name};")
+            members.append(f"swz<T, {n}, {idx}> {''.join(rgba[c] for c in name)};")
+        out[n] = " ".join(members)
+    return out
+
+
+@lru_cache(maxsize=2)
+def compat_header(checked: bool) -> str:
+    """metal_compat.h with its swizzles filled in, and the checked-mode layer when asked."""
+    folder = resources.files(__package__)
+    runtime = folder.joinpath("mf_runtime.h").read_text()
+    compat = folder.joinpath("metal_compat.h").read_text()
+    for n, members in swizzle_members().items():
+        compat = compat.replace(f"// @SWIZZLES{n}@", members)
+    compat = compat.replace('#include "mf_runtime.h"', runtime)
+    if checked:
+        checks = folder.joinpath("mf_checked.h").read_text()
+        compat = "#define MF_CHECKED 1\n" + compat.replace("using namespace metal;", checks + "\nusing namespace metal;", 1)
+    return compat

@@ -1,0 +1,254 @@
+"""What every kernel family declares, and the machinery they share.
+
+A family is a template plus the facts the rest of metalforge needs without compiling anything:
+its tunable parameters and their domains, the shape it is specialised to, its exact threadgroup
+memory and thread counts, its launch geometry, and a reference implementation in MLX ops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import mlx.core as mx
+
+from metalforge.errors import MetalforgeError, choices
+from metalforge.kernels import dtypes as _dtypes
+from metalforge.kernels.render import kernel_name, render
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    domain: tuple
+    default: Any
+    doc: str
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """Everything `mx.fast.metal_kernel` needs to build one kernel."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    source: str
+    header: str = ""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One dispatch: which kernel, its geometry (grid counts threads) and its outputs."""
+
+    kernel: KernelSource
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    output_shapes: tuple
+    output_dtypes: tuple
+    init_value: float | None = None
+
+
+Config = dict
+
+
+class Family:
+    """Base class; subclasses fill in the class attributes and the abstract methods."""
+
+    name: str = ""
+    template: str = ""
+    params: tuple[Param, ...] = ()
+    shape_type: type = object
+    summary: str = ""
+
+    # ---- configs ---------------------------------------------------------------------------
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise MetalforgeError(
+            f"{self.name}: unknown parameter '{name}'; valid parameters: "
+            f"{choices(p.name for p in self.params)}"
+        )
+
+    def default_config(self) -> Config:
+        return {p.name: p.default for p in self.params}
+
+    def config(self, values: dict | None = None) -> Config:
+        """Defaults overlaid with `values`, each checked against its domain (strings are parsed)."""
+        out = self.default_config()
+        for key, raw in (values or {}).items():
+            p = self.param(key)
+            value = _coerce(raw, p)
+            if value not in p.domain:
+                raise MetalforgeError(
+                    f"{self.name}: {key}={raw!r} is outside its domain; valid values: {choices(p.domain)}"
+                )
+            out[key] = value
+        return out
+
+    def space(self) -> Iterator[Config]:
+        """Every config of the family's search space (the cartesian product of the domains)."""
+        names = [p.name for p in self.params]
+        for values in itertools.product(*(p.domain for p in self.params)):
+            yield dict(zip(names, values))
+
+    def space_size(self) -> int:
+        n = 1
+        for p in self.params:
+            n *= len(p.domain)
+        return n
+
+    # ---- shapes ----------------------------------------------------------------------------
+    def shape(self, values) -> Any:
+        """A validated shape from a dict, a 'k=v,k=v' string or a shape object."""
+        if isinstance(values, self.shape_type):
+            return values
+        if isinstance(values, str):
+            values = parse_assignments(values, what="shape")
+        fields = {f.name: f for f in dataclasses.fields(self.shape_type)}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise MetalforgeError(
+                f"{self.name}: unknown shape field(s) {choices(sorted(unknown))}; "
+                f"valid fields: {choices(fields)}"
+            )
+        kwargs = {}
+        for k, v in values.items():
+            try:
+                kwargs[k] = int(v)
+            except (TypeError, ValueError):
+                raise MetalforgeError(f"{self.name}: shape field {k}={v!r} is not an integer") from None
+        missing = [f.name for f in fields.values() if f.name not in kwargs
+                   and f.default is dataclasses.MISSING]
+        if missing:
+            raise MetalforgeError(f"{self.name}: shape is missing {choices(missing)}")
+        shape = self.shape_type(**kwargs)
+        problems = self.shape_problems(shape)
+        if problems:
+            raise MetalforgeError(f"{self.name}: unsupported shape {shape_str(shape)}: {'; '.join(problems)}")
+        return shape
+
+    def shape_problems(self, shape) -> list[str]:
+        """Reasons the family cannot handle the shape at all, whatever the config."""
+        return []
+
+    # ---- resources (overridden) --------------------------------------------------------------
+    def threadgroup_memory_bytes(self, config: Config, shape, dtype) -> int:
+        raise NotImplementedError
+
+    def threads_per_threadgroup(self, config: Config) -> int:
+        raise NotImplementedError
+
+    def config_problems(self, config: Config, shape, dtype) -> list[str]:
+        """Family-specific reasons a config cannot serve a shape (divisibility, precision)."""
+        return []
+
+    # ---- code --------------------------------------------------------------------------------
+    def launches(self, config: Config, shape, dtype) -> list[Launch]:
+        raise NotImplementedError
+
+    def _kernel(self, template: str, inputs, outputs, **values) -> KernelSource:
+        src = render(template, **values)
+        return KernelSource(kernel_name(self.name, src), tuple(inputs), tuple(outputs), src)
+
+    def render(self, config: Config, shape, dtype) -> str:
+        """All kernels of a config as one MSL text (what `metalforge render` prints)."""
+        parts = []
+        for launch in self.launches(config, shape, dtype):
+            k = launch.kernel
+            parts.append(
+                f"// kernel {k.name}: inputs {', '.join(k.input_names)} -> {', '.join(k.output_names)}\n"
+                f"// grid {launch.grid} threads, threadgroup {launch.threadgroup}\n"
+                + (k.header + "\n" if k.header else "") + k.source
+            )
+        return "\n".join(parts)
+
+    # ---- execution ---------------------------------------------------------------------------
+    def make_inputs(self, shape, dtype, seed: int = 0) -> dict[str, mx.array]:
+        raise NotImplementedError
+
+    def reference(self, shape, dtype, inputs: dict[str, mx.array]) -> mx.array:
+        raise NotImplementedError
+
+    def baseline(self, shape, dtype, inputs: dict[str, mx.array]) -> mx.array:
+        """MLX's own fastest op for the same job (what a tuned kernel must beat)."""
+        return self.reference(shape, dtype, inputs)
+
+    def run(self, config: Config, shape, dtype, inputs: dict[str, mx.array], backend=None,
+            device=None) -> mx.array:
+        """Execute the config's launches; intermediate outputs feed later launches by name."""
+        from metalforge.kernels import backends
+
+        dtype = _dtypes.get(dtype)
+        env = dict(inputs)
+        out = None
+        for launch in self.launches(config, shape, dtype):
+            kernel = backends.kernel(launch.kernel, backend, device)
+            missing = [n for n in launch.kernel.input_names if n not in env]
+            if missing:
+                raise MetalforgeError(f"{self.name}: missing input(s) {choices(missing)}")
+            results = kernel(
+                inputs=[env[n] for n in launch.kernel.input_names],
+                output_shapes=list(launch.output_shapes),
+                output_dtypes=list(launch.output_dtypes),
+                grid=launch.grid,
+                threadgroup=launch.threadgroup,
+                init_value=launch.init_value,
+            )
+            env.update(zip(launch.kernel.output_names, results))
+            out = results[0]
+        return out
+
+    def tolerance(self, config: Config, dtype) -> tuple[float, float]:
+        d = _dtypes.get(dtype)
+        return d.atol, d.rtol
+
+    # ---- cost model inputs -------------------------------------------------------------------
+    def bytes_moved(self, shape, dtype) -> int:
+        raise NotImplementedError
+
+    def flops(self, shape) -> int:
+        raise NotImplementedError
+
+
+def _coerce(raw, p: Param):
+    if not isinstance(raw, str):
+        return raw
+    sample = p.domain[0]
+    if isinstance(sample, bool):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        return raw
+    if isinstance(sample, int):
+        try:
+            return int(raw)
+        except ValueError:
+            return raw
+    return raw
+
+
+def parse_assignments(text: str, what: str) -> dict[str, str]:
+    """'a=1,b=2' (or several such strings) -> {'a': '1', 'b': '2'}."""
+    out = {}
+    for part in text.replace(" ", ",").split(","):
+        if not part:
+            continue
+        if "=" not in part:
+            raise MetalforgeError(f"bad {what} item '{part}': expected NAME=VALUE")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def shape_str(shape) -> str:
+    return ",".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+

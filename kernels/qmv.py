@@ -1,0 +1,107 @@
+"""qmv: quantized matrix-vector (and small-batch) product in MLX's affine `mx.quantize` layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from metalforge.kernels import dtypes
+from metalforge.kernels.family import Family, Launch, Param, cdiv
+
+
+@dataclass(frozen=True)
+class QmvShape:
+    M: int
+    N: int
+    K: int
+    bits: int = 4
+    group_size: int = 64
+
+
+class Qmv(Family):
+    name = "qmv"
+    template = "qmv.metal.j2"
+    summary = "y = x @ dequant(w_q).T, 4/8-bit MLX affine layout, M in 1..8"
+    shape_type = QmvShape
+    params = (
+        Param("simdgroups", (1, 2, 4, 8), 2, "SIMD-groups per threadgroup"),
+        Param("rows_per_simdgroup", (1, 2, 4, 8), 4, "output rows each SIMD-group computes"),
+        Param("values_per_lane", (8, 16, 32), 16, "K values each lane consumes per step"),
+        Param("stage_x", (False, True), False, "stage x through threadgroup memory once per step"),
+    )
+
+    def shape_problems(self, s: QmvShape) -> list[str]:
+        out = []
+        if s.bits not in (4, 8):
+            out.append(f"bits={s.bits} is not supported (valid: 4, 8)")
+        if s.group_size not in (32, 64, 128):
+            out.append(f"group_size={s.group_size} is not supported (valid: 32, 64, 128)")
+        if not 1 <= s.M <= 8:
+            out.append(f"M={s.M} is outside 1..8 (qmv is the decode / small-batch kernel)")
+        if s.N < 1 or s.K < 1:
+            out.append("N and K must be positive")
+        elif s.group_size in (32, 64, 128) and s.K % s.group_size:
+            out.append(f"K={s.K} is not a multiple of group_size={s.group_size}")
+        return out
+
+    def threads_per_threadgroup(self, c) -> int:
+        return 32 * c["simdgroups"]
+
+    def threadgroup_memory_bytes(self, c, s: QmvShape, dtype) -> int:
+        return 4 * s.M * 32 * c["values_per_lane"] if c["stage_x"] else 0
+
+    def launches(self, c, s: QmvShape, dtype) -> list[Launch]:
+        d = dtypes.get(dtype)
+        sg, r = c["simdgroups"], c["rows_per_simdgroup"]
+        kernel = self._kernel(
+            self.template, ("x", "w", "scales", "biases"), ("y",),
+            M=s.M, N=s.N, K=s.K, bits=s.bits, group_size=s.group_size, T=d.metal,
+            SG=sg, R=r, V=c["values_per_lane"], stage_x=c["stage_x"],
+        )
+        groups = cdiv(s.N, sg * r)
+        return [Launch(kernel, (groups * 32 * sg, 1, 1), (32 * sg, 1, 1), ((s.M, s.N),), (d.mlx,))]
+
+    def make_inputs(self, s: QmvShape, dtype, seed=0):
+        d = dtypes.get(dtype)
+        key = mx.random.key(seed)
+        k1, k2 = mx.random.split(key)
+        w = (mx.random.normal((s.N, s.K), key=k1) * 0.05).astype(d.mlx)
+        wq, scales, biases = mx.quantize(w, group_size=s.group_size, bits=s.bits)
+        x = mx.random.normal((s.M, s.K), key=k2).astype(d.mlx)
+        return {"x": x, "w": wq, "scales": scales, "biases": biases}
+
+    def reference(self, s: QmvShape, dtype, inp):
+        """Dequantise with plain MLX ops (independent of MLX's quantized kernels) and multiply in fp32."""
+        w = dequantize_reference(inp["w"], inp["scales"], inp["biases"], s.bits, s.group_size)
+        return (inp["x"].astype(mx.float32) @ w.T).astype(dtypes.get(dtype).mlx)
+
+    def baseline(self, s: QmvShape, dtype, inp):
+        return mx.quantized_matmul(inp["x"], inp["w"], inp["scales"], inp["biases"],
+                                   transpose=True, group_size=s.group_size, bits=s.bits)
+
+    def tolerance(self, c, dtype):
+        d = dtypes.get(dtype)
+        # Each output sums K products; rounding grows with sqrt(K) but is bounded for our inputs.
+        return d.atol * 4, d.rtol
+
+    def bytes_moved(self, s: QmvShape, dtype) -> int:
+        d = dtypes.get(dtype)
+        weights = s.N * s.K * s.bits // 8
+        params = 2 * s.N * (s.K // s.group_size) * d.size
+        return weights + params + (s.M * s.K + s.M * s.N) * d.size
+
+    def flops(self, s: QmvShape) -> int:
+        return 2 * s.M * s.N * s.K
+
+
+def dequantize_reference(wq, scales, biases, bits: int, group_size: int) -> mx.array:
+    """Unpack MLX's layout (low bits first) with shifts and masks: w = scale * q + bias."""
+    n = wq.shape[0]
+    per_word = 32 // bits
+    shifts = mx.arange(per_word, dtype=mx.uint32) * bits
+    q = (wq[:, :, None] >> shifts) & ((1 << bits) - 1)
+    q = q.reshape(n, -1).astype(mx.float32)
+    k = q.shape[1]
+    s = mx.repeat(scales.astype(mx.float32), group_size, axis=1)[:, :k]
+    b = mx.repeat(biases.astype(mx.float32), group_size, axis=1)[:, :k]
+    return q * s + b
