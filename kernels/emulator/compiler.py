@@ -50,7 +50,9 @@ def _cpu_flags() -> list[str]:
 def flags(checked: bool) -> list[str]:
     opt = ["-O1", "-g"] if checked else ["-O2"]
     # Metal has no double: unsuffixed literals are float, as -fsingle-precision-constant makes them.
-    return ["-std=c++17", *opt, "-fPIC", "-shared", "-pthread", "-Wno-attributes",
+    # Hidden visibility keeps each kernel's runtime state (registries, errors) private to its
+    # library: GCC would otherwise unify inline functions' statics across loaded libraries.
+    return ["-std=c++17", *opt, "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-Wno-attributes",
             "-fsingle-precision-constant", "-fno-strict-aliasing", *_cpu_flags()]
 
 

@@ -230,7 +230,7 @@ def _translation_unit(kname, msl, infos, output_names, output_dtypes, template, 
         call += "<" + ", ".join(template_value(v)[1] for _, v in template) + ">"
     launcher = f'''
 #line 1 "mf_launcher.cpp"
-extern "C" int mf_launch(void** buffers, const long long* meta, int workers, int checked) {{
+extern "C" MF_EXPORT int mf_launch(void** buffers, const long long* meta, int workers, int checked) {{
   mf::Launch L;
   L.grid = {{unsigned(meta[0]), unsigned(meta[1]), unsigned(meta[2])}};
   L.nominal_tg = {{unsigned(meta[3]), unsigned(meta[4]), unsigned(meta[5])}};

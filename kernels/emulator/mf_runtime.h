@@ -442,8 +442,9 @@ extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(mf::Fiber* f) {
   __builtin_unreachable();
 }
 
+#define MF_EXPORT __attribute__((visibility("default")))
 extern "C" {
-size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
-int mf_error_count() { return int(mf::errors().messages.size()); }
-const char* mf_error(int i) { return mf::errors().messages[i].c_str(); }
+MF_EXPORT size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
+MF_EXPORT int mf_error_count() { return int(mf::errors().messages.size()); }
+MF_EXPORT const char* mf_error(int i) { return mf::errors().messages[i].c_str(); }
 }

@@ -1,0 +1,17 @@
+"""The registry of kernel families."""
+from __future__ import annotations
+
+from metalforge.errors import MetalforgeError, choices
+from metalforge.kernels.decode_attention import DecodeAttention
+from metalforge.kernels.family import Family
+from metalforge.kernels.prefill_attention import PrefillAttention
+from metalforge.kernels.qmv import Qmv
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (Qmv(), DecodeAttention(), PrefillAttention())}
+
+
+def get(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise MetalforgeError(f"unknown kernel family '{name}'; valid families: {choices(FAMILIES)}") from None
