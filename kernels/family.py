@@ -82,7 +82,7 @@ class Family:
             value = _coerce(raw, p)
             if value not in p.domain:
                 raise MetalforgeError(
-                    f"{self.name}: {key}={raw!r} is outside its domain; valid values: {choices(p.domain)}"
+                    f"{self.name}: {key}={raw} is outside its domain; valid values: {choices(p.domain)}"
                 )
             out[key] = value
         return out

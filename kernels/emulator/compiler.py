@@ -96,13 +96,36 @@ def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDL
         return lib, target
 
 
+def _header_dir(header: str, cxx: str, version: str, fl: list[str]) -> Path:
+    """A folder holding metal_compat.h and, with GCC, its precompiled form (parsing the header
+    is most of a small kernel's compile time). Built in a temporary folder renamed into place."""
+    key = hashlib.sha256("\0".join([header, cxx, version, " ".join(fl)]).encode()).hexdigest()[:16]
+    folder = cache_dir() / f"header-{key}"
+    if folder.exists():
+        return folder
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix="header-build-"))
+    (tmp / "metal_compat.h").write_text(header)
+    if "g++" in Path(cxx).name or "gcc" in version.lower() or "(GCC)" in version or "Debian" in version:
+        pch = subprocess.run([cxx, *[f for f in fl if f != "-shared"], "-x", "c++-header", "-w",
+                              str(tmp / "metal_compat.h"), "-o", str(tmp / "metal_compat.h.gch")],
+                             capture_output=True, text=True)
+        if pch.returncode != 0:
+            (tmp / "metal_compat.h.gch").unlink(missing_ok=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def _compile(unit_source: str, header: str, kernel_name: str, cxx: str, fl: list[str], target: Path) -> None:
+    version = compiler()[1]
+    include = _header_dir(header, cxx, version, fl)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
-        (Path(tmp) / "metal_compat.h").write_text(header)
         src = Path(tmp) / "unit.cpp"
         src.write_text('#include "metal_compat.h"\n' + unit_source)
         out = Path(tmp) / "unit.so"
-        proc = subprocess.run([cxx, *fl, "-I", tmp, str(src), "-o", str(out)], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *fl, "-I", str(include), str(src), "-o", str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise CompileError(format_compile_errors(proc.stderr, kernel_name, unit_source))
         os.replace(out, target)

@@ -728,7 +728,9 @@ using namespace metal;
 #define M_PI_F 3.14159265358979323846f
 #define M_LN2_F 0.69314718055994530942f
 #define M_LOG2E_F 1.44269504088896340736f
+#ifndef MAXFLOAT
 #define MAXFLOAT FLT_MAX
+#endif
 #define HUGE_VALH half(__builtin_inff())
 #define METAL_FUNC inline
 #define STEEL_CONST static constexpr constant

@@ -1,0 +1,85 @@
+"""Resource checks: is a config valid for a shape on a device, decided before anything compiles.
+
+Every violation carries its numbers, worded as Metal words it where Metal has a message, so a
+user sees the same sentence here that a Mac would print at dispatch.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from metalforge.kernels import devices, dtypes
+from metalforge.kernels.families import get as get_family
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str       # threadgroup_memory | threads | simd_width | shape
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check(family, config: dict, shape, dtype, device) -> list[Violation]:
+    """Every reason `config` cannot run `shape` in `dtype` on `device` (empty when valid)."""
+    fam = get_family(family) if isinstance(family, str) else family
+    dev = devices.get(device)
+    dt = dtypes.get(dtype)
+    shape = fam.shape(shape)
+    config = fam.config(config)
+    out = []
+    tg_bytes = fam.threadgroup_memory_bytes(config, shape, dt)
+    if tg_bytes > dev.threadgroup_memory_bytes:
+        out.append(Violation("threadgroup_memory",
+                             f"Threadgroup memory size ({tg_bytes}) exceeds the maximum threadgroup memory "
+                             f"allowed ({dev.threadgroup_memory_bytes})"))
+    threads = fam.threads_per_threadgroup(config)
+    if threads > dev.max_threads_per_threadgroup:
+        out.append(Violation("threads",
+                             f"Thread group size ({threads}) is greater than the maximum allowed threads per "
+                             f"threadgroup ({dev.max_threads_per_threadgroup})"))
+    if threads % dev.simd_width:
+        out.append(Violation("simd_width",
+                             f"threads per threadgroup ({threads}) is not a multiple of the SIMD width "
+                             f"({dev.simd_width})"))
+    out += [Violation("shape", m) for m in fam.config_problems(config, shape, dt)]
+    return out
+
+
+@dataclass
+class SpaceReport:
+    total: int
+    valid: int
+    reasons: Counter   # distinct reason (numbers folded) -> count of configs
+
+    def lines(self) -> list[str]:
+        out = [f"{self.valid} of {self.total} configs are valid"]
+        for reason, n in self.reasons.most_common():
+            out.append(f"  {n:6d} invalid: {reason}")
+        return out
+
+
+def check_space(family, shape, dtype, device) -> tuple[list[dict], SpaceReport]:
+    """Check every config of the family's space; returns the valid ones and a summary."""
+    fam = get_family(family) if isinstance(family, str) else family
+    shape = fam.shape(shape)
+    valid, reasons, total = [], Counter(), 0
+    for config in fam.space():
+        total += 1
+        problems = check(fam, config, shape, dtype, device)
+        if problems:
+            for p in problems:
+                reasons[_fold(p)] += 1
+        else:
+            valid.append(config)
+    return valid, SpaceReport(total, len(valid), reasons)
+
+
+def _fold(v: Violation) -> str:
+    """One line per distinct reason: byte counts vary per config, so group by kind and limit."""
+    if v.kind == "threadgroup_memory":
+        return "threadgroup memory exceeds the maximum threadgroup memory allowed (" + v.message.rsplit("(", 1)[1]
+    if v.kind == "threads":
+        return "thread group size exceeds the maximum allowed threads per threadgroup (" + v.message.rsplit("(", 1)[1]
+    return v.message

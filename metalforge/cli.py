@@ -1,0 +1,112 @@
+"""The `metalforge` command. Every user-facing problem is one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from metalforge.errors import MetalforgeError
+
+
+def _families():
+    from metalforge.kernels.families import FAMILIES
+    return FAMILIES
+
+
+def cmd_devices(args) -> int:
+    from metalforge.kernels import devices
+    detected = devices.detect()
+    print(f"{'':2}{'name':12} {'GPU':34} {'arch':15} {'cores':>5} {'GB/s':>7} {'TFLOPS':>7} {'tg mem':>7} {'threads':>7}")
+    for p in devices.profiles().values():
+        mark = "* " if detected and detected.name == p.name else "  "
+        print(f"{mark}{p.name:12} {p.display_name:34} {p.architecture:15} {p.gpu_cores:5d} "
+              f"{p.memory_bandwidth_gbs:7.1f} {p.peak_fp32_tflops:7.2f} {p.threadgroup_memory_bytes:7d} "
+              f"{p.max_threads_per_threadgroup:7d}")
+    if detected is None:
+        print("\nno Apple GPU detected here: commands take --device NAME")
+    elif detected.name not in devices.profiles():
+        print(f"\n* detected: {detected.display_name} (no shipped profile; limits from MLX)")
+    return 0
+
+
+def _family_shape_dtype(args):
+    from metalforge.kernels.families import get
+    from metalforge.kernels import dtypes
+    fam = get(args.family)
+    if not args.shape:
+        fields = ", ".join(f"{f}=..." for f in fam.shape_type.__dataclass_fields__)
+        raise MetalforgeError(f"{fam.name}: --shape is required ({fields})")
+    return fam, fam.shape(",".join(args.shape)), dtypes.get(args.dtype)
+
+
+def _config(fam, items):
+    from metalforge.kernels.family import parse_assignments
+    return fam.config(parse_assignments(",".join(items or []), what="config"))
+
+
+def cmd_render(args) -> int:
+    from metalforge.kernels import checks, devices
+    fam, shape, dtype = _family_shape_dtype(args)
+    config = _config(fam, args.config)
+    device = devices.resolve(args.device)
+    problems = checks.check(fam, config, shape, dtype, device)
+    if problems and not args.force:
+        raise MetalforgeError(f"{fam.name}: config is invalid on {device.name}: "
+                              + "; ".join(map(str, problems)) + " (--force renders it anyway)")
+    print(fam.render(config, shape, dtype))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from metalforge.kernels import checks, devices
+    fam, shape, dtype = _family_shape_dtype(args)
+    device = devices.resolve(args.device)
+    if args.config:
+        config = _config(fam, args.config)
+        problems = checks.check(fam, config, shape, dtype, device)
+        print(f"{fam.name} {config} on {device.name}: " + ("valid" if not problems else "INVALID"))
+        for p in problems:
+            print(f"  {p}")
+        return 1 if problems else 0
+    valid, report = checks.check_space(fam, shape, dtype, device)
+    print(f"{fam.name} on {device.display_name}, {dtype.name}:")
+    print("\n".join(report.lines()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metalforge", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("devices", help="list Apple GPU profiles, marking the detected one")
+    d.set_defaults(fn=cmd_devices)
+
+    for name, fn, helptext in (("render", cmd_render, "print the MSL of one config"),
+                               ("check", cmd_check, "check one config, or count the valid configs of the space")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("family", help="kernel family: " + ", ".join(_families()))
+        c.add_argument("--device", default="auto", help="device profile name, or auto (detect)")
+        c.add_argument("--shape", nargs="+", help="shape fields, e.g. M=1,N=4096,K=4096,bits=4,group_size=64")
+        c.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32")
+        c.add_argument("--config", nargs="*", help="parameters, e.g. simdgroups=2 rows_per_simdgroup=4")
+        if name == "render":
+            c.add_argument("--force", action="store_true", help="render even if the config is invalid")
+        c.set_defaults(fn=fn)
+
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except MetalforgeError as e:
+        print(f"metalforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metalforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

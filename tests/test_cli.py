@@ -1,0 +1,52 @@
+"""The command line: real subprocess runs of the installed `metalforge` entry point."""
+import subprocess
+import sys
+
+import pytest
+
+
+def metalforge(*args):
+    return subprocess.run([sys.executable, "-m", "metalforge.cli", *args], capture_output=True, text=True)
+
+
+def test_devices_lists_every_profile():
+    out = metalforge("devices")
+    assert out.returncode == 0
+    assert "m3-max-40" in out.stdout and "Apple M4 Max (40-core GPU)" in out.stdout
+
+
+def test_render_prints_msl():
+    out = metalforge("render", "qmv", "--device", "m2", "--shape", "M=1,N=256,K=512", "--config", "simdgroups=4")
+    assert out.returncode == 0, out.stderr
+    assert "constexpr int SG = 4;" in out.stdout and "simd_sum" in out.stdout
+
+
+def test_check_reports_valid_count_and_reasons():
+    out = metalforge("check", "prefill_attention", "--device", "m1", "--shape", "B=1,Hq=32,Hkv=8,L=512,D=128")
+    assert out.returncode == 0, out.stderr
+    assert "72 of 128 configs are valid" in out.stdout
+    assert "56 invalid: threadgroup memory exceeds the maximum threadgroup memory allowed (32768)" in out.stdout
+
+
+def test_check_single_invalid_config_exits_1_with_both_numbers():
+    out = metalforge("check", "prefill_attention", "--device", "m1", "--shape", "B=1,Hq=32,Hkv=8,L=512,D=128",
+                     "--dtype", "float32", "--config", "BQ=32", "BK=32", "stage=float")
+    assert out.returncode == 1
+    assert "Threadgroup memory size (49152) exceeds the maximum threadgroup memory allowed (32768)" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["render", "gemm", "--device", "m1", "--shape", "M=1"], "unknown kernel family 'gemm'"),
+    (["render", "qmv", "--device", "m1", "--shape", "M=1,N=8,K=64", "--config", "foo=1"], "unknown parameter 'foo'"),
+    (["render", "qmv", "--device", "m1", "--shape", "M=1,N=8,K=64", "--config", "simdgroups=5"], "outside its domain"),
+    (["check", "qmv", "--device", "m0", "--shape", "M=1,N=8,K=64"], "unknown device 'm0'"),
+    (["check", "qmv", "--device", "m1", "--shape", "M=1,N=8"], "shape is missing K"),
+    (["check", "qmv", "--device", "m1", "--shape", "M=1,N=8,K=64,bits=5"], "bits=5 is not supported"),
+    (["render", "prefill_attention", "--device", "m1", "--shape", "B=1,Hq=8,Hkv=8,L=64,D=128", "--dtype",
+      "float32", "--config", "BQ=64", "BK=64", "stage=float"], "exceeds the maximum threadgroup memory"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message):
+    out = metalforge(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

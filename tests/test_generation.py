@@ -1,0 +1,114 @@
+"""Rendering of every family, the byte formula against the rendered source, and the checks."""
+import re
+
+import pytest
+
+from metalforge.errors import MetalforgeError
+from metalforge.kernels import check, check_space, family
+from metalforge.kernels.families import FAMILIES
+from metalforge.kernels.render import render
+
+SHAPES = {
+    "qmv": [dict(M=1, N=4096, K=4096, bits=4, group_size=64), dict(M=8, N=1000, K=1536, bits=8, group_size=128)],
+    "decode_attention": [dict(B=1, Hq=32, Hkv=8, S=4096, D=128), dict(B=2, Hq=14, Hkv=2, S=300, D=64, block_size=16)],
+    "prefill_attention": [dict(B=1, Hq=32, Hkv=8, L=512, D=128), dict(B=1, Hq=12, Hkv=4, L=100, D=80, prefix=64)],
+}
+TYPE_BYTES = {"float": 4, "half": 2, "bfloat16_t": 2, "int": 4, "uint": 4}
+DECL = re.compile(r"threadgroup\s+(\w+)\s+\w+\s*\[(\d+)\]\s*;")
+
+
+def declared_threadgroup_bytes(source: str) -> int:
+    """Sum of the threadgroup arrays declared in rendered MSL, read from the text alone."""
+    return sum(TYPE_BYTES[t] * int(n) for t, n in DECL.findall(source))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_byte_formula_matches_rendered_source_for_every_config(name, dtype):
+    fam = family(name)
+    for shape_values in SHAPES[name]:
+        shape = fam.shape(shape_values)
+        seen = set()
+        for config in fam.space():
+            text = fam.render(config, shape, dtype)
+            assert declared_threadgroup_bytes(text) == fam.threadgroup_memory_bytes(config, shape, dtype), config
+            seen.add(text)
+        assert len(seen) == fam.space_size(), "every config must render distinct code"
+
+
+def test_rendered_source_is_specialised_and_named_by_content():
+    fam = family("qmv")
+    shape = fam.shape(SHAPES["qmv"][0])
+    launch = fam.launches(fam.default_config(), shape, "bfloat16")[0]
+    src = launch.kernel.source
+    assert "constexpr int K = 4096;" in src and "static_cast<bfloat16_t>" in src
+    assert launch.kernel.name.startswith("mf_qmv_")
+    other = fam.launches(fam.config({"values_per_lane": 32}), shape, "bfloat16")[0]
+    assert other.kernel.name != launch.kernel.name
+    # grid counts threads: ceil(4096 / (2 SIMD-groups * 4 rows)) threadgroups of 64 threads
+    assert launch.grid == (512 * 64, 1, 1) and launch.threadgroup == (64, 1, 1)
+
+
+def test_split_k_adds_a_reduce_launch():
+    fam = family("decode_attention")
+    shape = fam.shape(SHAPES["decode_attention"][0])
+    one = fam.launches(fam.config({"splits": 1}), shape, "float16")
+    four = fam.launches(fam.config({"splits": 4}), shape, "float16")
+    assert len(one) == 1 and len(four) == 2
+    assert four[0].kernel.output_names == ("partial_out", "partial_max", "partial_sum")
+    assert four[1].kernel.input_names == ("partial_out", "partial_max", "partial_sum")
+
+
+def test_templates_are_strict():
+    with pytest.raises(Exception, match="undefined"):
+        render("qmv.metal.j2", M=1)
+
+
+def test_prefill_example_from_the_issue_is_rejected_with_both_numbers():
+    problems = check("prefill_attention", {"BQ": 32, "BK": 32, "simdgroups": 4, "stage": "float"},
+                     SHAPES["prefill_attention"][0], "float32", "m3-max-40")
+    assert [p.kind for p in problems] == ["threadgroup_memory"]
+    assert str(problems[0]) == ("Threadgroup memory size (49152) exceeds the maximum threadgroup memory "
+                                "allowed (32768)")
+
+
+def test_decode_share_kv_on_wide_threadgroups_exceeds_memory():
+    # 32 SIMD-groups x 4 query heads per KV head x (2 + 128) floats = 66,560 bytes
+    problems = check("decode_attention", {"threads": 1024, "share_kv": True}, SHAPES["decode_attention"][0],
+                     "float16", "m1")
+    assert "Threadgroup memory size (66560)" in str(problems[0])
+    assert check("decode_attention", {"threads": 1024, "share_kv": False}, SHAPES["decode_attention"][0],
+                 "float16", "m1") == []
+
+
+def test_space_counts_hand_checked():
+    # prefill D=128 half staging: (BQ + 2 BK) * 128 * 2 <= 32768 holds for 12 (BQ, BK) pairs;
+    # float staging needs (BQ + 2 BK) <= 64: 6 pairs; each with all 4 SIMD-group counts.
+    valid, report = check_space("prefill_attention", SHAPES["prefill_attention"][0], "float16", "m1")
+    assert (report.valid, report.total) == (72, 128)
+    assert len(valid) == 72
+    assert report.reasons.most_common(1)[0][1] == 56
+
+
+def test_config_problems_beyond_memory():
+    problems = check("prefill_attention", {"BQ": 8, "simdgroups": 8, "stage": "half"},
+                     SHAPES["prefill_attention"][0], "float32", "m1")
+    assert {p.kind for p in problems} == {"shape"}
+    assert any("precision" in str(p) for p in problems)
+    problems = check("decode_attention", {"splits": 32}, dict(B=1, Hq=4, Hkv=4, S=16, D=64), "float16", "m1")
+    assert "splits=32 exceeds the sequence length S=16" in str(problems[0])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: family("gemm"), "unknown kernel family 'gemm'; valid families: qmv, decode_attention, prefill_attention"),
+    (lambda: family("qmv").config({"tile": 4}), "unknown parameter 'tile'; valid parameters: simdgroups"),
+    (lambda: family("qmv").config({"simdgroups": 3}), "simdgroups=3 is outside its domain; valid values: 1, 2, 4, 8"),
+    (lambda: family("qmv").shape(dict(M=1, N=64, K=100, bits=4, group_size=64)), "K=100 is not a multiple of group_size=64"),
+    (lambda: family("qmv").shape(dict(M=1, N=64, K=128, bits=3)), "bits=3 is not supported"),
+    (lambda: family("decode_attention").shape(dict(B=1, Hq=6, Hkv=4, S=8, D=64)), "Hq=6 is not a multiple of Hkv=4"),
+    (lambda: check("qmv", {}, dict(M=1, N=8, K=64), "float16", "m7"), "unknown device 'm7'"),
+    (lambda: check("qmv", {}, dict(M=1, N=8, K=64), "float64", "m1"), "unsupported dtype 'float64'"),
+])
+def test_bad_input_is_a_clear_error(call, message):
+    with pytest.raises(MetalforgeError, match=re.escape(message)):
+        call()
