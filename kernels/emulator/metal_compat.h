@@ -525,7 +525,7 @@ inline void mf_ballot(mf::Fiber** l, int n) {
   for (int i = 0; i < n; i++) if (mf_load<bool>(l[i])) bits |= uint64_t(1) << l[i]->lane;
   for (int i = 0; i < n; i++) mf_store(l[i], bits);
 }
-inline void mf_nothing(mf::Fiber**, int) {}
+inline void mf_simd_sync(mf::Fiber** l, int) { mf::worker().sg_epoch[l[0]->simdgroup]++; }
 
 struct simd_vote {
   using vote_t = uint64_t;
@@ -568,10 +568,7 @@ inline simd_vote mf_simd_ballot(bool b, int line) {
   return simd_vote{mf::simd_exchange(uint64_t(b), &mf_ballot, line)};
 }
 inline bool mf_simd_is_first(int line) { return mf::simd_exchange(false, &mf_is_first, line); }
-inline void mf_simdgroup_barrier(mem_flags, int line) {
-  mf::simd_exchange(0, &mf_nothing, line);
-  mf::worker().sg_epoch[mf::self().simdgroup]++;
-}
+inline void mf_simdgroup_barrier(mem_flags, int line) { mf::simd_exchange(0, &mf_simd_sync, line); }
 
 // ---- atomics ---------------------------------------------------------------------------------
 enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };

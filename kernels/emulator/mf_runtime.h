@@ -44,6 +44,9 @@ struct Fiber {
   SimdFn simd_fn = nullptr;
   alignas(16) unsigned char simd_in[256];
   alignas(16) unsigned char simd_out[256];
+  // checked mode: threadgroup-memory accesses since the last scheduling point
+  struct Access { unsigned char* p; unsigned size; unsigned char snap[16]; const void* pc; const char* name; long long index; };
+  std::vector<Access> log;
   // thread attributes
   u3 pos_in_tg, tg_pos, tg_size;
   unsigned index = 0, lane = 0, simdgroup = 0;
@@ -85,8 +88,9 @@ struct Worker {
   const Launch* launch = nullptr;
   bool failed = false;
   // checked mode: shadow of threadgroup memory, one record per byte offset
-  struct Access { int writer, reader; unsigned wepoch, repoch, wsg, rsg; const void* wpc; const void* rpc; };
-  std::vector<Access> shadow;
+  struct Shadow { int writer, reader; unsigned wepoch, repoch, wsg, rsg; const void* wpc; const void* rpc; };
+  std::vector<Shadow> shadow;
+  int races = 0;
 };
 inline thread_local Worker* tls_worker = nullptr;
 inline Worker& worker() { return *tls_worker; }
@@ -141,9 +145,12 @@ mf_fiber_trampoline:
 
 extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(Fiber* f);
 
+inline void flush_accesses(Worker& w, Fiber& f);
+
 inline void to_scheduler() {
   Worker& w = worker();
   Fiber* f = w.current;
+  if (w.launch->checked && !f->log.empty()) flush_accesses(w, *f);
 #if defined(__x86_64__)
   mf_ctx_switch(&f->sp, w.sched_sp);
 #else
@@ -244,6 +251,52 @@ inline T simd_exchange(const T& value, SimdFn fn, int line) {
   return out;
 }
 
+// ---- checked mode: threadgroup-memory data races ---------------------------------------------
+// A fiber runs alone between scheduling points, so an element whose value changed since the
+// access was logged was written by this thread; otherwise it was read. Two accesses by different
+// threads in the same barrier interval, at least one a write, are a race (threads of one
+// SIMD-group are ordered by simdgroup_barrier as well).
+inline std::string race_report(Worker& w, const Fiber::Access& a, const char* mine, int other, const char* theirs,
+                               const void* their_pc) {
+  const Launch& L = *w.launch;
+  Fiber& me = *w.current;
+  Fiber& o = w.fibers[other];
+  char buf[400];
+  std::snprintf(buf, sizeof buf,
+                "%s: threadgroup memory race on %s[%lld] in threadgroup (%u,%u,%u): thread (%u,%u,%u) %s it at %s and "
+                "thread (%u,%u,%u) %s it at %s with no barrier in between",
+                L.kernel, a.name, a.index, me.tg_pos.x, me.tg_pos.y, me.tg_pos.z, o.pos_in_tg.x, o.pos_in_tg.y,
+                o.pos_in_tg.z, theirs, pc_str(their_pc).c_str(), me.pos_in_tg.x, me.pos_in_tg.y, me.pos_in_tg.z, mine,
+                pc_str(a.pc).c_str());
+  return buf;
+}
+
+inline bool ordered(Worker& w, int other, unsigned epoch, unsigned sg_epoch) {
+  Fiber& me = *w.current;
+  if (epoch != w.tg_epoch) return true;
+  return w.fibers[other].simdgroup == me.simdgroup && sg_epoch != w.sg_epoch[me.simdgroup];
+}
+
+inline void flush_accesses(Worker& w, Fiber& f) {
+  const int me = int(f.index);
+  const unsigned sgep = w.sg_epoch[f.simdgroup];
+  for (const auto& a : f.log) {
+    size_t off = size_t(a.p - w.tg_memory);
+    if (off >= w.shadow.size()) continue;
+    Worker::Shadow& s = w.shadow[off];
+    const bool wrote = std::memcmp(a.p, a.snap, std::min<unsigned>(a.size, 16)) != 0;
+    std::string report;
+    if (s.writer >= 0 && s.writer != me && !ordered(w, s.writer, s.wepoch, s.wsg))
+      report = race_report(w, a, wrote ? "wrote" : "read", s.writer, "wrote", s.wpc);
+    else if (wrote && s.reader >= 0 && s.reader != me && !ordered(w, s.reader, s.repoch, s.rsg))
+      report = race_report(w, a, "wrote", s.reader, "read", s.rpc);
+    if (!report.empty() && w.races++ < 8) errors().add(report, false);
+    if (wrote) { s.writer = me; s.wepoch = w.tg_epoch; s.wsg = sgep; s.wpc = a.pc; }
+    else { s.reader = me; s.repoch = w.tg_epoch; s.rsg = sgep; s.rpc = a.pc; }
+  }
+  f.log.clear();
+}
+
 // ---- the scheduler for one threadgroup ------------------------------------------------------
 inline void resolve_simd(Worker& w, bool& progressed) {
   const int n = w.count;
@@ -300,7 +353,7 @@ inline void run_threadgroup(Worker& w) {
   w.tg_epoch = 0;
   std::fill(w.sg_epoch.begin(), w.sg_epoch.end(), 0u);
   if (w.launch->checked) {
-    for (auto& a : w.shadow) a = Worker::Access{-1, -1, ~0u, ~0u, 0, 0, nullptr, nullptr};
+    for (auto& a : w.shadow) a = Worker::Shadow{-1, -1, ~0u, ~0u, 0, 0, nullptr, nullptr};
   }
   for (;;) {
     bool progressed = false;
