@@ -128,7 +128,10 @@ template <class T, int N> struct vec_base {
   template <class U>                                                                                        \
   vec(const vec<U, N>& o) { for (int i = 0; i < N; i++) v[i] = T(o[i]); }                                    \
   template <class U, int M, int... I, class = std::enable_if_t<sizeof...(I) == N>>                           \
-  vec(const swz<U, M, I...>& s) : vec(vec<U, N>(s)) {}                                                       \
+  vec(const swz<U, M, I...>& s) {                                                                           \
+    const U src[N] = {s.d[I]...};                                                                           \
+    for (int i = 0; i < N; i++) v[i] = T(src[i]);                                                           \
+  }                                                                                                         \
   template <class A0, class A1, class... A,                                                                 \
             class = std::enable_if_t<vec_traits<A0>::n + vec_traits<A1>::n + (0 + ... + vec_traits<A>::n) == N>> \
   vec(const A0& a0, const A1& a1, const A&... a) {                                                          \
@@ -590,7 +593,8 @@ template <class T> inline T mf_atomic_rmw(atomic<T>* o, T operand, int op) {
     }
   }
   // min/max, and every floating-point operation: compare-and-swap loop
-  T cur = __atomic_load_n(&o->v, __ATOMIC_RELAXED);
+  T cur;
+  __atomic_load(&o->v, &cur, __ATOMIC_RELAXED);
   for (;;) {
     T next = op == 0 ? T(cur + operand) : op == 1 ? T(cur - operand) : op == 5 ? min(cur, operand) : max(cur, operand);
     if (__atomic_compare_exchange(&o->v, &cur, &next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return cur;
