@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -50,6 +51,15 @@ class Launch:
 
 
 Config = dict
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What compiling a kernel needs to know of an input: its dtype, rank and size."""
+
+    dtype: Any
+    ndim: int
+    size: int
 
 
 class Family:
@@ -199,6 +209,20 @@ class Family:
             env.update(zip(launch.kernel.output_names, results))
             out = results[0]
         return out
+
+    def prepare(self, config: Config, shape, dtype, inputs: dict, backend=None, device=None) -> None:
+        """Compile every launch without running it (emulator only). Thread-safe and free of MLX
+        computation, so many configs can be compiled in parallel before they are run."""
+        from metalforge.kernels import backends
+
+        if backends.resolve(backend) != "emulator":
+            return
+        env = dict(inputs)
+        for launch in self.launches(config, shape, _dtypes.get(dtype)):
+            kernel = backends.kernel(launch.kernel, backend, device)
+            kernel.prepare(inputs=[env[n] for n in launch.kernel.input_names], output_dtypes=launch.output_dtypes)
+            for name, shp, dt in zip(launch.kernel.output_names, launch.output_shapes, launch.output_dtypes):
+                env[name] = ArraySpec(dt, len(shp), math.prod(shp))
 
     def tolerance(self, config: Config, dtype) -> tuple[float, float]:
         d = _dtypes.get(dtype)

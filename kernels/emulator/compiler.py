@@ -79,21 +79,27 @@ def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDL
     header = compat_header(checked)
     fl = flags(checked)
     key = hashlib.sha256("\0".join([unit_source, header, cxx, version, " ".join(fl)]).encode()).hexdigest()[:24]
+    target = cache_dir() / f"{key}.so"
     with _lock:
         if key in _loaded:
-            return _loaded[key], cache_dir() / f"{key}.so"
-        target = cache_dir() / f"{key}.so"
-        if not target.exists():
-            _compile(unit_source, header, kernel_name, cxx, fl, target)
-        lib = ctypes.CDLL(str(target), mode=os.RTLD_LOCAL)
-        lib.mf_launch.restype = ctypes.c_int
-        lib.mf_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_int]
-        lib.mf_threadgroup_bytes.restype = ctypes.c_size_t
-        lib.mf_error_count.restype = ctypes.c_int
-        lib.mf_error.restype = ctypes.c_char_p
-        lib.mf_error.argtypes = [ctypes.c_int]
-        _loaded[key] = lib
-        return lib, target
+            return _loaded[key], target
+    if not target.exists():   # compiled outside the lock: threads may precompile in parallel
+        _compile(unit_source, header, kernel_name, cxx, fl, target)
+    with _lock:
+        if key not in _loaded:
+            _loaded[key] = _load(target)
+        return _loaded[key], target
+
+
+def _load(target: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(target), mode=os.RTLD_LOCAL)
+    lib.mf_launch.restype = ctypes.c_int
+    lib.mf_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_int]
+    lib.mf_threadgroup_bytes.restype = ctypes.c_size_t
+    lib.mf_error_count.restype = ctypes.c_int
+    lib.mf_error.restype = ctypes.c_char_p
+    lib.mf_error.argtypes = [ctypes.c_int]
+    return lib
 
 
 def _header_dir(header: str, cxx: str, version: str, fl: list[str]) -> Path:

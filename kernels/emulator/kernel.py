@@ -63,24 +63,8 @@ class EmulatedKernel:
         return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
                 "max_threads_per_threadgroup": p.max_threads_per_threadgroup}
 
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
-                 init_value=None, verbose=False, stream=None):
-        inputs = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
-        for what, got in (("inputs", len(inputs)),):
-            if got != len(self.input_names):
-                raise ValueError(f"[metal_kernel] Expected `{what}` to have size {len(self.input_names)} but got size {got}.")
-        output_shapes = list(output_shapes.values()) if isinstance(output_shapes, dict) else list(output_shapes)
-        output_dtypes = list(output_dtypes.values()) if isinstance(output_dtypes, dict) else list(output_dtypes)
-        for what, got in (("output_shapes", len(output_shapes)), ("output_dtypes", len(output_dtypes))):
-            if got != len(self.output_names):
-                raise ValueError(f"[metal_kernel] Expected `{what}` to have size {len(self.output_names)} but got size {got}.")
-        template = list(template.items()) if isinstance(template, dict) else list(template or [])
-        checked = checked_default() if self.checked is None else bool(self.checked)
-
-        arrays = [_as_array(x) for x in inputs]
-        if self.ensure_row_contiguous:
-            arrays = [mx.contiguous(a) if a.ndim else a for a in arrays]
-        mx.eval(*arrays)
+    def _program(self, arrays, output_dtypes, template, checked, verbose=False):
+        """Generate and compile (or fetch) the kernel for these input kinds; arrays need not be evaluated."""
         infos = [InputInfo(n, a.dtype, a.ndim, a.size, f"{n}_shape" in self.source, f"{n}_strides" in self.source,
                            f"{n}_ndim" in self.source) for n, a in zip(self.input_names, arrays)]
         kname = mlx_kernel_name(self.name, template, infos, output_dtypes)
@@ -88,7 +72,34 @@ class EmulatedKernel:
                          self.atomic_outputs)
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{msl}\n```")
+        unit = _translation_unit(kname, msl, infos, self.output_names, output_dtypes, template,
+                                 self.atomic_outputs, checked, attributes_in(self.source))
+        lib, path = compiler.build(unit, kname, checked)
+        return lib, path, kname, infos
 
+    def prepare(self, *, inputs, output_dtypes, template=None):
+        """Compile ahead of a call (thread-safe, no MLX computation): for parallel precompilation."""
+        template = list(template.items()) if isinstance(template, dict) else list(template or [])
+        checked = checked_default() if self.checked is None else bool(self.checked)
+        specs = [x if hasattr(x, "dtype") and hasattr(x, "ndim") else _as_array(x) for x in inputs]
+        self._program(specs, list(output_dtypes), template, checked)
+
+    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
+                 init_value=None, verbose=False, stream=None):
+        inputs = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)} but got size {len(inputs)}.")
+        output_shapes = list(output_shapes.values()) if isinstance(output_shapes, dict) else list(output_shapes)
+        output_dtypes = list(output_dtypes.values()) if isinstance(output_dtypes, dict) else list(output_dtypes)
+        for what, got in (("output_shapes", len(output_shapes)), ("output_dtypes", len(output_dtypes))):
+            if got != len(self.output_names):
+                raise ValueError(f"[metal_kernel] Expected `{what}` to have size {len(self.output_names)} but got size {got}.")
+        template = list(template.items()) if isinstance(template, dict) else list(template or [])
+        checked = checked_default() if self.checked is None else bool(self.checked)
+        arrays = [_as_array(x) for x in inputs]
+        if self.ensure_row_contiguous:
+            arrays = [mx.contiguous(a) if a.ndim else a for a in arrays]
+        mx.eval(*arrays)
         grid = tuple(int(g) for g in grid)
         tg = tuple(int(t) for t in threadgroup)
         if len(grid) != 3 or len(tg) != 3 or min(grid) < 1 or min(tg) < 1:
@@ -98,10 +109,7 @@ class EmulatedKernel:
         if tg_size > limits["max_threads_per_threadgroup"]:
             raise EmulatorError(f"Thread group size ({tg_size}) is greater than  the maximum allowed threads per "
                                 f"threadgroup ({limits['max_threads_per_threadgroup']}).")
-
-        unit = _translation_unit(kname, msl, infos, self.output_names, output_dtypes, template,
-                                 self.atomic_outputs, checked, attributes_in(self.source))
-        lib, path = compiler.build(unit, kname, checked)
+        lib, path, kname, infos = self._program(arrays, output_dtypes, template, checked, verbose)
         tg_bytes = lib.mf_threadgroup_bytes()
         if tg_bytes > limits["threadgroup_memory_bytes"]:
             raise EmulatorError(f"Threadgroup memory size ({tg_bytes}) exceeds the maximum threadgroup memory "

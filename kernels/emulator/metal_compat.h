@@ -707,7 +707,7 @@ inline void mf_simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup
 }
 
 // ---- what MLX's utils.h gives a custom kernel ---------------------------------------------------
-template <class T> inline T ceildiv(T a, T b) { return (a + b - 1) / b; }
+template <class T, class U> inline T ceildiv(T a, U b) { return T((a + b - 1) / b); }
 template <class E, class PS, class PT>
 inline int64_t elem_to_loc(E elem, PS shape, PT strides, int ndim) {
   int64_t loc = 0;
