@@ -99,6 +99,7 @@ def _load(target: Path) -> ctypes.CDLL:
     lib.mf_error_count.restype = ctypes.c_int
     lib.mf_error.restype = ctypes.c_char_p
     lib.mf_error.argtypes = [ctypes.c_int]
+    lib.mf_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
     return lib
 
 

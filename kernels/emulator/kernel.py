@@ -54,6 +54,7 @@ class EmulatedKernel:
         self.atomic_outputs = atomic_outputs
         self.device = device
         self.checked = checked
+        self.last_stats: dict = {}   # counts of the last call: threads, barrier crossings, SIMD lanes
 
     def _limits(self) -> dict:
         if self.device is None:
@@ -141,6 +142,9 @@ class EmulatedKernel:
         meta = (ctypes.c_longlong * (9 + len(counts)))(*grid, *nominal, *groups, *counts)
         ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
         rc = lib.mf_launch(ptrs, meta, worker_count(), int(checked))
+        counts_out = (ctypes.c_longlong * 3)()
+        lib.mf_stats(counts_out)
+        self.last_stats = dict(zip(("threads", "barrier_crossings", "simd_lanes"), counts_out))
         if rc != 0:
             messages = [lib.mf_error(i).decode() for i in range(lib.mf_error_count())]
             raise EmulatorError(_with_lines(messages, path, kname))

@@ -59,6 +59,11 @@ struct Launch {
 };
 
 // ---- errors -------------------------------------------------------------------------------
+// Counts of the last dispatch: threads run, barrier crossings (per thread) and SIMD-group
+// exchanges (per lane), for the benchmark and for curious users.
+struct Stats { std::atomic<long long> threads{0}, barrier_crossings{0}, simd_lanes{0}; };
+inline Stats& stats() { static Stats s; return s; }
+
 struct Errors {
   std::mutex mu;
   std::vector<std::string> messages;
@@ -321,6 +326,7 @@ inline void resolve_simd(Worker& w, bool& progressed) {
       }
       lead.simd_fn(lanes, count);
       for (int k = 0; k < count; k++) lanes[k]->state = State::Runnable;
+      stats().simd_lanes.fetch_add(count, std::memory_order_relaxed);
       progressed = true;
     }
   }
@@ -386,6 +392,7 @@ inline void run_threadgroup(Worker& w) {
       for (int i = 0; i < n; i++) same &= w.fibers[i].line == line;
       if (same) {
         for (int i = 0; i < n; i++) w.fibers[i].state = State::Runnable;
+        stats().barrier_crossings.fetch_add(n, std::memory_order_relaxed);
         w.tg_epoch++;
         continue;
       }
@@ -434,6 +441,9 @@ inline A& tg_array() {
 inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> body) {
   errors().messages.clear();
   errors().abort.store(0);
+  stats().threads = 0;
+  stats().barrier_crossings = 0;
+  stats().simd_lanes = 0;
   const unsigned long total_groups = (unsigned long)L.groups.x * L.groups.y * L.groups.z;
   std::atomic<unsigned long> next{0};
   const int nominal = int(L.nominal_tg.x * L.nominal_tg.y * L.nominal_tg.z);
@@ -470,6 +480,7 @@ inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> bo
             f.simdgroup = unsigned(n) / 32u;
           }
       w.count = n;
+      stats().threads.fetch_add(n, std::memory_order_relaxed);
       if (L.checked) std::memset(w.tg_memory, 0xA5, w.tg_capacity);  // poison: uninitialised reads look wrong
       run_threadgroup(w);
       if (w.failed) break;
@@ -500,4 +511,9 @@ extern "C" {
 MF_EXPORT size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
 MF_EXPORT int mf_error_count() { return int(mf::errors().messages.size()); }
 MF_EXPORT const char* mf_error(int i) { return mf::errors().messages[i].c_str(); }
+MF_EXPORT void mf_stats(long long* out) {
+  out[0] = mf::stats().threads;
+  out[1] = mf::stats().barrier_crossings;
+  out[2] = mf::stats().simd_lanes;
+}
 }

@@ -1,0 +1,103 @@
+"""Emulator speed: simulated threads per second and barrier crossings per second for a tree
+reduction (barrier-bound) and for our decode attention (SIMD-exchange-bound), with MLX's own CPU
+op for the same job timed side by side. Writes JSON and a PNG next to --out.
+
+    python benchmarks/emulator_speed.py --out benchmarks/results/emulator_speed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from metalforge.kernels import emulator, family
+
+REDUCE = """
+    uint i = thread_index_in_threadgroup;
+    threadgroup float buf[TG];
+    buf[i] = x[thread_position_in_grid.x];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint stride = TG / 2; stride > 0; stride /= 2) {
+        if (i < stride) buf[i] += buf[i + stride];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (i == 0) out[threadgroup_position_in_grid.x] = buf[0];
+"""
+
+
+def timed(fn, repeats=3):
+    fn()  # warm-up (compiles)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def summary(name, seconds, stats, mlx_seconds):
+    """Rates from the emulator's own counts of the last dispatch(es)."""
+    return {"kernel": name, "seconds": seconds, **stats,
+            "threads_per_s": stats["threads"] / seconds,
+            "barrier_crossings_per_s": stats["barrier_crossings"] / seconds,
+            "simd_lane_exchanges_per_s": stats["simd_lanes"] / seconds,
+            "mlx_cpu_seconds": mlx_seconds, "slowdown_vs_mlx_cpu": seconds / mlx_seconds}
+
+
+def bench_reduction(n=1 << 20, tg=256):
+    x = mx.random.normal((n,))
+    k = emulator.metal_kernel(name="bench_reduce", input_names=["x"], output_names=["out"], source=REDUCE)
+    run = lambda: k(inputs=[x], template=[("TG", tg)], output_shapes=[(n // tg,)], output_dtypes=[mx.float32],
+                    grid=(n, 1, 1), threadgroup=(tg, 1, 1))[0]
+    seconds = timed(run)
+    mlx_seconds = timed(lambda: mx.sum(x.reshape(-1, tg), axis=1))
+    return summary(f"tree reduction, {n} elements, threadgroups of {tg}", seconds, k.last_stats, mlx_seconds)
+
+
+def bench_decode(S=2048):
+    from metalforge.kernels import backends
+    fam = family("decode_attention")
+    shape = fam.shape(dict(B=1, Hq=32, Hkv=8, S=S, D=128))
+    config = fam.config({"threads": 256, "splits": 4, "share_kv": True, "keys_per_step": 2})
+    inputs = fam.make_inputs(shape, "float16")
+    mx.eval(inputs)
+    seconds = timed(lambda: fam.run(config, shape, "float16", inputs, backend="emulator"))
+    stats = {"threads": 0, "barrier_crossings": 0, "simd_lanes": 0}
+    for launch in fam.launches(config, shape, "float16"):
+        for key, value in backends.kernel(launch.kernel, "emulator").last_stats.items():
+            stats[key] += value
+    mlx_seconds = timed(lambda: fam.baseline(shape, "float16", inputs))
+    return summary(f"decode_attention B=1 Hq=32 Hkv=8 S={S} D=128 fp16, split-K 4", seconds, stats, mlx_seconds)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/emulator_speed")
+    args = ap.parse_args()
+    results = [bench_reduction(), bench_decode()]
+    for r in results:
+        print(f"{r['kernel']}\n  {r['seconds'] * 1e3:9.1f} ms  {r['threads_per_s'] / 1e6:7.2f} M threads/s  "
+              f"{r['barrier_crossings_per_s'] / 1e6:7.2f} M barrier crossings/s  "
+              f"{r['simd_lane_exchanges_per_s'] / 1e6:7.2f} M SIMD lane exchanges/s  "
+              f"MLX CPU op {r['mlx_cpu_seconds'] * 1e3:.2f} ms (emulator is {r['slowdown_vs_mlx_cpu']:.0f}x slower)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3))
+    names = ["tree reduction", "decode attention"]
+    ax.barh(names, [r["threads_per_s"] / 1e6 for r in results], color=["#4c72b0", "#dd8452"])
+    ax.set_xlabel("simulated GPU threads per second (millions), this CPU")
+    ax.set_title("metalforge emulator speed (CPU emulation, not Metal timings)")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
