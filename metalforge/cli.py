@@ -73,6 +73,11 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from metalforge.tuner.cli import run
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metalforge", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--force", action="store_true", help="render even if the config is invalid")
         c.set_defaults(fn=fn)
 
+    from metalforge.tuner.cli import add_arguments as tune_arguments
+    t = sub.add_parser("tune", help="autotune kernel configs for a device (Optuna)")
+    tune_arguments(t)
+    t.set_defaults(fn=cmd_tune)
     return p
 
 

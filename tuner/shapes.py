@@ -1,0 +1,129 @@
+"""The shapes to tune: from an mlx-lm model folder's config.json, a YAML file, or the built-in
+small model; attention contexts bucketed by powers of two so one study serves a range."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from metalforge.errors import MetalforgeError, choices
+from metalforge.kernels.families import FAMILIES, get as get_family
+from metalforge.kernels.family import shape_str
+
+# A Qwen2.5-0.5B-sized model (4-bit): small enough to tune on a laptop in minutes.
+BUILTIN_MODEL = {
+    "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
+    "num_key_value_heads": 2, "num_hidden_layers": 24, "vocab_size": 151936,
+    "quantization": {"group_size": 64, "bits": 4},
+}
+DEFAULT_CONTEXTS = (512, 4096)
+DEFAULT_PREFILL = (128, 512)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One study's subject: a family, a bucket-representative shape and a dtype."""
+
+    family: str
+    shape: object
+    dtype: str
+
+    @property
+    def bucket(self) -> str:
+        return bucket_key(self.family, self.shape, self.dtype)
+
+
+def pow2_bucket(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def representative(family: str, shape):
+    """The shape a bucket is tuned at: contexts, prompt lengths and batch rounded up to a power of two."""
+    fam = get_family(family)
+    shape = fam.shape(shape)
+    fields = dict(shape.__dict__)
+    if family == "decode_attention":
+        fields.update(S=pow2_bucket(shape.S), num_blocks=0)
+    elif family == "prefill_attention":
+        fields.update(L=pow2_bucket(shape.L), prefix=pow2_bucket(shape.prefix) if shape.prefix else 0)
+    elif family == "qmv":
+        fields.update(M=pow2_bucket(shape.M))
+    return fam.shape(fields)
+
+
+def bucket_key(family: str, shape, dtype: str) -> str:
+    """The results key: shapes that share a bucket share a tuned config."""
+    return f"{shape_str(representative(family, shape))}|{dtype}"
+
+
+def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_PREFILL, batch: int = 1) -> dict[str, list[dict]]:
+    """Every distinct qmv shape of the model, decode attention at each context, prefill at a few lengths."""
+    try:
+        hidden = int(config["hidden_size"])
+        inter = int(config["intermediate_size"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads", heads))
+    except (KeyError, TypeError, ValueError) as e:
+        raise MetalforgeError(f"model config.json lacks a usable {e}; need hidden_size, intermediate_size, "
+                              "num_attention_heads (and num_key_value_heads for GQA)") from None
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    out: dict[str, list[dict]] = {"qmv": [], "decode_attention": [], "prefill_attention": []}
+    if quant:
+        bits, gs = int(quant.get("bits", 4)), int(quant.get("group_size", 64))
+        projections = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim),
+                       (inter, hidden), (hidden, inter)]
+        if config.get("vocab_size"):
+            projections.append((int(config["vocab_size"]), hidden))
+        seen = set()
+        for n, k in projections:
+            if (n, k) not in seen:
+                seen.add((n, k))
+                out["qmv"].append(dict(M=batch, N=n, K=k, bits=bits, group_size=gs))
+    for s in sorted({pow2_bucket(c) for c in contexts}):
+        out["decode_attention"].append(dict(B=batch, Hq=heads, Hkv=kv_heads, S=s, D=head_dim))
+    for n in sorted({pow2_bucket(p) for p in prefill}):
+        out["prefill_attention"].append(dict(B=1, Hq=heads, Hkv=kv_heads, L=n, D=head_dim))
+    return out
+
+
+def from_model_folder(path, **kw) -> dict[str, list[dict]]:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise MetalforgeError(f"{path}: not an mlx-lm model folder (no config.json)")
+    try:
+        config = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise MetalforgeError(f"{cfg}: corrupt JSON ({e.msg} at line {e.lineno})") from None
+    return from_model_config(config, **kw)
+
+
+def from_yaml(path) -> dict[str, list[dict]]:
+    """A shapes file: {family: [{field: value, ...}, ...]}."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MetalforgeError(f"{path}: cannot read shapes file ({e})") from None
+    if not isinstance(data, dict):
+        raise MetalforgeError(f"{path}: expected a mapping of family name to a list of shapes")
+    for fam, shapes in data.items():
+        if fam not in FAMILIES:
+            raise MetalforgeError(f"{path}: unknown family '{fam}'; valid families: {choices(FAMILIES)}")
+        if not isinstance(shapes, list) or not all(isinstance(s, dict) for s in shapes):
+            raise MetalforgeError(f"{path}: '{fam}' must be a list of shape mappings")
+    return data
+
+
+def targets(shapes: dict[str, list[dict]], families=None, dtype: str = "float16") -> list[Target]:
+    """Validated, de-duplicated study targets (one per bucket)."""
+    out, seen = [], set()
+    for fam_name in families or list(shapes):
+        fam = get_family(fam_name)
+        for values in shapes.get(fam_name, []):
+            t = Target(fam_name, representative(fam_name, fam.shape(values)), dtype)
+            if t.bucket not in seen:
+                seen.add(t.bucket)
+                out.append(t)
+    return out

@@ -1,0 +1,285 @@
+"""One Optuna study per (device, family, shape bucket, dtype): the trial loop, storage, resume,
+parallel workers, drift handling, and the results entry a finished study yields."""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from metalforge.errors import MetalforgeError
+from metalforge.kernels import devices
+from metalforge.kernels.checks import check
+from metalforge.kernels.families import get as get_family
+from metalforge.tuner.results import user_results_dir
+from metalforge.tuner.shapes import Target
+from metalforge.tuner.timers import ModelTimer, default_timer
+from metalforge.tuner.verify import Verifier
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# Heartbeats (stale trials of killed workers are retried) are marked experimental by Optuna.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class CandidateFailed(Exception):
+    """A candidate did not compile or gave a wrong answer: its trial fails, the run goes on."""
+
+
+@dataclass
+class Settings:
+    device: object
+    trials: int = 24
+    timeout: float | None = None
+    storage: str | None = None
+    timer: object = field(default_factory=default_timer)
+    backend: str | None = None        # kernel backend used to verify candidates (auto: metal or emulator)
+    sampler: str = "auto"             # auto, tpe, random, grid
+    seed: int | None = None
+    drift_every: int = 8              # re-time the reference config every this many timings
+    drift_threshold: float = 0.10     # relative change that counts as drift
+    cooldown_s: float = 5.0           # wait after drift before re-measuring
+    verify: bool = True
+
+
+def storage_for(device, storage: str | None):
+    """Default: a SQLite file per device in the user's results folder. Any SQLAlchemy URL works
+    (PostgreSQL for several machines); a path ending in .log / .journal is an Optuna journal file.
+    RDB storages get heartbeats, so trials of a killed worker are failed and retried."""
+    if storage is None:
+        folder = user_results_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{folder / (devices.get(device).name + '.db')}"
+    if storage.endswith((".log", ".journal")) or storage.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+        path = storage.removeprefix("journal:")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(
+            storage, engine_kwargs=engine, heartbeat_interval=10, grace_period=30,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except Exception as e:  # sqlalchemy errors: bad URL, missing driver, unreachable server
+        raise MetalforgeError(f"cannot open tuning storage '{storage}': {str(e).splitlines()[0]}") from None
+
+
+def study_name(device, target: Target) -> str:
+    return f"{devices.get(device).name}/{target.family}/{target.bucket}"
+
+
+def make_sampler(kind: str, family, trials: int, seed):
+    if kind == "auto":
+        kind = "grid" if family.space_size() <= trials else "tpe"
+    if kind == "grid":
+        return optuna.samplers.GridSampler({p.name: list(p.domain) for p in family.params}, seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(2, trials // 4)))
+    raise MetalforgeError(f"unknown sampler '{kind}'; valid samplers: auto, tpe, random, grid")
+
+
+def open_study(target: Target, settings: Settings) -> optuna.Study:
+    family = get_family(target.family)
+    return optuna.create_study(
+        study_name=study_name(settings.device, target), storage=storage_for(settings.device, settings.storage),
+        sampler=make_sampler(settings.sampler, family, settings.trials, settings.seed),
+        direction="minimize", load_if_exists=True)
+
+
+def config_key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+class Objective:
+    """Propose, check, verify, time. Invalid configs never reach the renderer; broken ones fail."""
+
+    def __init__(self, target: Target, settings: Settings, study: optuna.Study):
+        self.target = target
+        self.settings = settings
+        self.study = study
+        self.family = get_family(target.family)
+        self.device = devices.get(settings.device)
+        self.timer = settings.timer
+        self._verifier: Verifier | None = None
+        self._since_check: list[int] = []   # trials timed since the last good drift check
+        self._reference: float | None = None
+
+    @property
+    def verifier(self) -> Verifier:
+        if self._verifier is None:
+            self._verifier = Verifier(self.family, self.target.shape, self.target.dtype,
+                                      backend=self.settings.backend, device=self.device)
+        return self._verifier
+
+    def suggest(self, trial: optuna.Trial) -> dict:
+        return {p.name: trial.suggest_categorical(p.name, list(p.domain)) for p in self.family.params}
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        config = self.suggest(trial)
+        earlier = self._earlier_same_config(trial, config)
+        if earlier is not None:
+            trial.set_user_attr("duplicate_of", earlier)
+            raise optuna.TrialPruned(f"same config as trial {earlier}")
+        problems = check(self.family, config, self.target.shape, self.target.dtype, self.device)
+        if problems:
+            trial.set_user_attr("invalid", "; ".join(map(str, problems)))
+            trial.set_constraint("resources", float(len(problems)))
+            raise optuna.TrialPruned("; ".join(map(str, problems)))
+        trial.set_constraint("resources", 0.0)
+        if self.settings.verify:
+            try:
+                self.verifier(config)
+            except MetalforgeError as e:
+                trial.set_user_attr("error", str(e)[:4000])
+                raise CandidateFailed(str(e)) from None
+        self._check_drift()
+        timing = self.timer.time(self._runner(config), family=self.family, config=config, shape=self.target.shape,
+                                 dtype=self.target.dtype, device=self.device)
+        trial.set_user_attr("timer", timing.kind)
+        trial.set_user_attr("spread", timing.spread)
+        self._since_check.append(trial.number)
+        return timing.seconds
+
+    def _runner(self, config) -> Callable | None:
+        if not self.timer.needs_device:
+            return None
+        inputs = self.family.make_inputs(self.target.shape, self.target.dtype)
+        return lambda: self.family.run(config, self.target.shape, self.target.dtype, inputs, backend="metal")
+
+    def _earlier_same_config(self, trial, config) -> int | None:
+        """The lowest-numbered other trial with this config (any state but a discarded or failed
+        one): two workers that drew the same config agree on which of them runs it."""
+        discarded = set(self.study.user_attrs.get("discarded", []))
+        key = config_key(config)
+        for t in self.study.get_trials(deepcopy=False):
+            if (t.number < trial.number and t.number not in discarded and t.state != TrialState.FAIL
+                    and t.params and config_key(t.params) == key):
+                return t.number
+        return None
+
+    # ---- thermal drift (timers that measure; a model never drifts) -------------------------------
+    def _reference_time(self) -> float:
+        config = self.family.default_config()
+        return self.timer.time(self._runner(config), family=self.family, config=config, shape=self.target.shape,
+                               dtype=self.target.dtype, device=self.device).seconds
+
+    def _check_drift(self) -> None:
+        if isinstance(self.timer, ModelTimer):
+            return
+        if self._reference is None:
+            self._reference = self._reference_time()
+            return
+        if len(self._since_check) < self.settings.drift_every:
+            return
+        now = self._reference_time()
+        if abs(now / self._reference - 1) <= self.settings.drift_threshold:
+            self._since_check = []
+            return
+        # Drifted: the trials since the last good check were timed on a changed machine.
+        discarded = sorted(set(self.study.user_attrs.get("discarded", [])) | set(self._since_check))
+        self.study.set_user_attr("discarded", discarded)
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for n in self._since_check:
+            self.study.enqueue_trial(by_number[n].params, user_attrs={"retime_of": n})
+        self._since_check = []
+        for _ in range(3):
+            time.sleep(self.settings.cooldown_s)
+            now = self._reference_time()
+            if abs(now / self._reference - 1) <= self.settings.drift_threshold:
+                return
+        self._reference = now   # the machine settled at a new speed: compare against that from now on
+
+
+def counts(study: optuna.Study) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+        "invalid": sum(t.state == TrialState.PRUNED and "invalid" in t.user_attrs for t in trials),
+        "duplicate": sum(t.state == TrialState.PRUNED and "duplicate_of" in t.user_attrs for t in trials),
+        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "discarded": len(study.user_attrs.get("discarded", [])),
+    }
+
+
+def best_trial(study: optuna.Study):
+    discarded = set(study.user_attrs.get("discarded", []))
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number not in discarded]
+    return min(done, key=lambda t: t.value) if done else None
+
+
+class _StopWhenCovered:
+    """Stop once every config of the space has a finished trial (nothing left to learn)."""
+
+    def __init__(self, family):
+        self.size = family.space_size()
+
+    def __call__(self, study, trial):
+        keys = {config_key(t.params) for t in study.get_trials(deepcopy=False, states=FINISHED) if t.params}
+        if len(keys) >= self.size:
+            study.stop()
+
+
+def warm_start(study: optuna.Study, target: Target, settings: Settings) -> None:
+    """Enqueue the family default and the best known config (results files) before sampling."""
+    from metalforge.tuner.results import lookup
+
+    family = get_family(target.family)
+    if study.get_trials(deepcopy=False):
+        return
+    seeds = [family.default_config()]
+    known = lookup(settings.device, target.family, target.shape, target.dtype)
+    if known.entry is not None:
+        seeds.append(known.config)
+    for config in seeds:
+        study.enqueue_trial(config, skip_if_exists=True)
+
+
+def run_study(target: Target, settings: Settings, progress: Callable | None = None) -> optuna.Study:
+    """Run (or resume) the study until it holds `settings.trials` finished trials or times out."""
+    study = open_study(target, settings)
+    warm_start(study, target, settings)
+    objective = Objective(target, settings, study)
+    family = get_family(target.family)
+    callbacks = [optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED), _StopWhenCovered(family)]
+    if progress:
+        callbacks.append(lambda s, t: progress(s, t))
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if done < settings.trials:
+        study.optimize(objective, n_trials=settings.trials - done, timeout=settings.timeout,
+                       callbacks=callbacks, catch=(CandidateFailed,), gc_after_trial=False)
+    if "baseline_s" not in study.user_attrs:
+        study.set_user_attr("baseline_s", baseline(target, settings).seconds)
+    return study
+
+
+def baseline(target: Target, settings: Settings):
+    family = get_family(target.family)
+    runner = None
+    if settings.timer.needs_device:
+        inputs = family.make_inputs(target.shape, target.dtype)
+        runner = lambda: family.baseline(target.shape, target.dtype, inputs)
+    return settings.timer.baseline(runner, family=family, shape=target.shape, dtype=target.dtype,
+                                   device=devices.get(settings.device))
+
+
+def entry(study: optuna.Study, target: Target) -> dict | None:
+    """The results entry for a finished study (None when no trial completed)."""
+    best = best_trial(study)
+    if best is None:
+        return None
+    base = study.user_attrs.get("baseline_s")
+    return {
+        "shape": dict(target.shape.__dict__),
+        "dtype": target.dtype,
+        "config": dict(best.params),
+        "time_s": float(best.value),
+        "timer": best.user_attrs.get("timer", "model"),
+        "baseline_s": base,
+        "speedup": (base / best.value) if base else None,
+        "trials": counts(study),
+    }

@@ -1,0 +1,73 @@
+"""Timers: `MetalTimer` measures on a Mac; `ModelTimer` estimates anywhere and says so.
+
+A measured result always beats a modelled one (see results.merge); every Timing carries its kind.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+
+from metalforge.tuner import cost_model
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: float      # median
+    spread: float       # (p90 - p10) / median over the repeats; 0 for a model
+    kind: str           # "metal" or "model"
+    repeats: int = 1
+
+
+class ModelTimer:
+    """Analytic estimate for the target profile (bytes over bandwidth, FLOPs over peak, occupancy)."""
+
+    kind = "model"
+    needs_device = False
+
+    def time(self, run: Callable | None, *, family, config, shape, dtype, device) -> Timing:
+        return Timing(cost_model.estimate(family, config, shape, dtype, device), 0.0, self.kind)
+
+    def baseline(self, run: Callable | None, *, family, shape, dtype, device) -> Timing:
+        return Timing(cost_model.baseline_estimate(family, shape, dtype, device), 0.0, self.kind)
+
+
+class MetalTimer:
+    """Wall-clock timing on the GPU: warm-up, then synchronised repeats until a time budget."""
+
+    kind = "metal"
+    needs_device = True
+
+    def __init__(self, warmup: int = 3, budget_s: float = 0.25, min_repeats: int = 5, max_repeats: int = 200):
+        self.warmup, self.budget_s, self.min_repeats, self.max_repeats = warmup, budget_s, min_repeats, max_repeats
+
+    def _measure(self, run: Callable) -> Timing:
+        for _ in range(self.warmup):
+            mx.eval(run())
+        mx.synchronize()
+        samples = []
+        start = time.perf_counter()
+        while len(samples) < self.min_repeats or (time.perf_counter() - start < self.budget_s
+                                                  and len(samples) < self.max_repeats):
+            t = time.perf_counter()
+            mx.eval(run())
+            mx.synchronize()
+            samples.append(time.perf_counter() - t)
+        samples.sort()
+        median = statistics.median(samples)
+        lo, hi = samples[len(samples) // 10], samples[(len(samples) * 9) // 10]
+        return Timing(median, (hi - lo) / median if median else 0.0, self.kind, len(samples))
+
+    def time(self, run: Callable, *, family, config, shape, dtype, device) -> Timing:
+        return self._measure(run)
+
+    def baseline(self, run: Callable, *, family, shape, dtype, device) -> Timing:
+        return self._measure(run)
+
+
+def default_timer():
+    """MetalTimer on a Mac, ModelTimer elsewhere."""
+    return MetalTimer() if mx.metal.is_available() else ModelTimer()
