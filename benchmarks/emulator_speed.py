@@ -13,7 +13,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from metalforge.kernels import emulator, family
+from metalforge.kernels import emulator
+from metalforge.kernels import get_family as family
 
 REDUCE = """
     uint i = thread_index_in_threadgroup;

@@ -11,7 +11,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metalforge.kernels import check, family
+from metalforge.kernels import check
+from metalforge.kernels import get_family as family
 from metalforge.kernels.emulator import EmulatorError
 
 DEVICE = "m3-max-40"

@@ -4,7 +4,8 @@ import re
 import pytest
 
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import check, check_space, family
+from metalforge.kernels import check, check_space
+from metalforge.kernels import get_family as family
 from metalforge.kernels.families import FAMILIES
 from metalforge.kernels.render import render
 

@@ -2,6 +2,8 @@
 parallel workers, drift handling, and the results entry a finished study yields."""
 from __future__ import annotations
 
+import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -47,8 +49,11 @@ class Settings:
 
 def storage_for(device, storage: str | None):
     """Default: a SQLite file per device in the user's results folder. Any SQLAlchemy URL works
-    (PostgreSQL for several machines); a path ending in .log / .journal is an Optuna journal file.
+    (PostgreSQL for several machines); a path ending in .log / .journal is an Optuna journal file;
+    "memory" keeps the study in this process only.
     RDB storages get heartbeats, so trials of a killed worker are failed and retried."""
+    if storage == "memory":
+        return optuna.storages.InMemoryStorage()
     if storage is None:
         folder = user_results_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,6 +146,7 @@ class Objective:
         timing = self.timer.time(self._runner(config), family=self.family, config=config, shape=self.target.shape,
                                  dtype=self.target.dtype, device=self.device)
         trial.set_user_attr("timer", timing.kind)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("spread", timing.spread)
         self._since_check.append(trial.number)
         return timing.seconds

@@ -1,0 +1,288 @@
+"""The autotuner with real Optuna storage on disk, ModelTimer and emulator verification."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from metalforge.kernels import check
+from metalforge.kernels import get_family as family
+from metalforge.kernels.families import FAMILIES
+from metalforge.kernels.qmv import Qmv
+from metalforge.tuner import results, shapes, study as st
+from metalforge.tuner.timers import ModelTimer, Timing
+
+SMALL = {"qmv": [dict(M=1, N=96, K=256, bits=4, group_size=64)],
+         "decode_attention": [dict(B=1, Hq=4, Hkv=2, S=100, D=64)],
+         "prefill_attention": [dict(B=1, Hq=2, Hkv=1, L=40, D=64)]}
+
+
+@pytest.fixture(autouse=True)
+def _results_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "results"))
+
+
+def tune_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "metalforge.cli", "tune", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+
+
+def test_end_to_end_tune_writes_a_valid_results_file(tmp_path):
+    spec = tmp_path / "shapes.yaml"
+    spec.write_text(yaml.safe_dump(SMALL))
+    out_file = tmp_path / "m2.yaml"
+    run = tune_cli("--device", "m2", "--shapes", str(spec), "--trials", "6", "--seed", "1", "--results", str(out_file),
+                   "--storage", f"sqlite:///{tmp_path / 'tune.db'}", "--plot")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "timer: model" in run.stdout and "MODELLED" in run.stdout
+    data = results.load(out_file)
+    assert set(data["entries"]) == {"qmv", "decode_attention", "prefill_attention"}
+    for fam_name, buckets in data["entries"].items():
+        (key, entry), = buckets.items()
+        assert entry["timer"] == "model" and entry["time_s"] > 0 and entry["baseline_s"] > 0
+        assert not check(fam_name, entry["config"], entry["shape"], "float16", "m2")
+        assert entry["trials"]["complete"] >= 1
+        choice = results.lookup("m2", fam_name, entry["shape"], "float16", results=out_file)
+        assert choice.source == "exact" and choice.config == entry["config"]
+    pngs = list((tmp_path / "results" / "plots").glob("*.png"))
+    assert len(pngs) == 3 and all(p.stat().st_size > 5000 for p in pngs)
+
+
+def test_invalid_configs_never_reach_the_renderer_or_compiler(tmp_path, monkeypatch):
+    from metalforge.kernels import render as render_module
+    from metalforge.kernels.emulator import compiler
+    rendered, built = [], []
+    real_render, real_build = render_module.render, compiler.build
+    monkeypatch.setattr(render_module, "render", lambda t, **v: rendered.append(v) or real_render(t, **v))
+    monkeypatch.setattr("metalforge.kernels.family.render", render_module.render)
+    monkeypatch.setattr(compiler, "build", lambda *a, **k: built.append(a[1]) or real_build(*a, **k))
+    target = shapes.Target("prefill_attention", family("prefill_attention").shape(dict(B=1, Hq=2, Hkv=1, L=40, D=128)),
+                           "float32")
+    settings = st.Settings(device="m1", trials=16, storage=f"sqlite:///{tmp_path / 'p.db'}", sampler="random", seed=3,
+                           timer=ModelTimer())
+    study = st.run_study(target, settings)
+    trials = study.get_trials(deepcopy=False)
+    invalid = [t for t in trials if "invalid" in t.user_attrs]
+    assert invalid and all(t.state == TrialState.PRUNED for t in invalid)
+    assert all(t.constraints["resources"] > 0 for t in invalid)
+    assert any("Threadgroup memory size" in t.user_attrs["invalid"] for t in invalid)
+    rendered_configs = {(v["BQ"], v["BK"], v["SG"], v["ST"]) for v in rendered}
+    invalid_configs = {(t.params["BQ"], t.params["BK"], t.params["simdgroups"], t.params["stage"]) for t in invalid}
+    assert rendered_configs and not (rendered_configs & invalid_configs)
+    verified = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    assert len(rendered) == len(built) == len(verified), "one render and one compile per verified config only"
+
+
+class BrokenQmv(Qmv):
+    """A qmv variant written for this test: rows_per_simdgroup=2 drops the bias term (a wrong
+    answer) and rows_per_simdgroup=1 does not compile."""
+
+    def launches(self, c, s, dtype):
+        out = super().launches(c, s, dtype)
+        if c["rows_per_simdgroup"] in (1, 2):
+            k = out[0].kernel
+            bad = ("acc[m][r] += s * dot;" if c["rows_per_simdgroup"] == 2 else "acc[m][r] += s * dot + undefined_bias;")
+            src = k.source.replace("acc[m][r] += s * dot + b * xsum[m];", bad)
+            out[0] = type(out[0])(type(k)(k.name + f"_broken{c['rows_per_simdgroup']}", k.input_names, k.output_names, src),
+                                  *[getattr(out[0], f) for f in ("grid", "threadgroup", "output_shapes", "output_dtypes")])
+        return out
+
+
+def test_a_wrong_kernel_variant_fails_its_trials_and_tuning_continues(tmp_path, monkeypatch):
+    monkeypatch.setitem(FAMILIES, "qmv", BrokenQmv())
+    target = shapes.Target("qmv", family("qmv").shape(dict(M=1, N=64, K=256)), "float16")
+    settings = st.Settings(device="m3", trials=20, storage=f"sqlite:///{tmp_path / 'b.db'}", sampler="grid", seed=0,
+                           timer=ModelTimer())
+    study = st.run_study(target, settings)
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    wrong = [t for t in failed if t.params["rows_per_simdgroup"] == 2]
+    uncompilable = [t for t in failed if t.params["rows_per_simdgroup"] == 1]
+    assert wrong and all("differ from the reference" in t.user_attrs["error"] for t in wrong)
+    assert uncompilable and all("failed to compile" in t.user_attrs["error"] for t in uncompilable)
+    assert {t.params["rows_per_simdgroup"] for t in failed} <= {1, 2}
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert completed and all(t.params["rows_per_simdgroup"] in (4, 8) for t in completed)
+    assert len([t for t in trials if t.state in st.FINISHED]) == 20
+    assert st.entry(study, target)["config"]["rows_per_simdgroup"] in (4, 8)
+
+
+def _finished(storage_url, name):
+    try:
+        s = optuna.load_study(study_name=name, storage=storage_url)
+    except KeyError:
+        return []
+    return [t for t in s.get_trials(deepcopy=False) if t.state in st.FINISHED]
+
+
+def test_resume_after_kill_loses_no_trials(tmp_path):
+    spec = tmp_path / "shapes.yaml"
+    spec.write_text(yaml.safe_dump({"decode_attention": SMALL["decode_attention"]}))
+    url = f"sqlite:///{tmp_path / 'resume.db'}"
+    target = shapes.targets(shapes.from_yaml(spec), None, "float16")[0]
+    name = st.study_name("m4", target)
+    args = ["--device", "m4", "--shapes", str(spec), "--trials", "14", "--storage", url, "--seed", "5",
+            "--sampler", "random", "--results", str(tmp_path / "r.yaml")]
+    proc = subprocess.Popen([sys.executable, "-m", "metalforge.cli", "tune", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(_finished(url, name)) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.state, t.params, t.value) for t in _finished(url, name)}
+    assert 4 <= len(before) < 14, "the run must be killed midway"
+    again = tune_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    after = {t.number: (t.state, t.params, t.value) for t in _finished(url, name)}
+    assert all(after[n] == v for n, v in before.items()), "finished trials survive the kill unchanged"
+    assert len(after) == 14
+    assert results.load(tmp_path / "r.yaml")["entries"]["decode_attention"]
+
+
+def test_two_workers_share_a_study_without_running_a_config_twice(tmp_path):
+    spec = tmp_path / "shapes.yaml"
+    spec.write_text(yaml.safe_dump({"qmv": SMALL["qmv"]}))
+    url = f"sqlite:///{tmp_path / 'workers.db'}"
+    run = tune_cli("--device", "m1-max", "--shapes", str(spec), "--trials", "24", "--storage", url, "--workers", "2",
+                   "--sampler", "tpe", "--seed", "2", "--results", str(tmp_path / "w.yaml"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    target = shapes.targets(shapes.from_yaml(spec), None, "float16")[0]
+    trials = optuna.load_study(study_name=st.study_name("m1-max", target), storage=url).get_trials()
+    ran = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    keys = [st.config_key(t.params) for t in ran]
+    assert len(keys) == len(set(keys)), "no config was run twice"
+    assert len({t.user_attrs["worker"] for t in ran if "worker" in t.user_attrs}) == 2, "both workers ran trials"
+    assert len([t for t in trials if t.state in st.FINISHED]) >= 24
+
+
+class DriftingTimer:
+    """A measuring timer whose machine slows down by half after its 8th call and recovers after
+    one cooldown, like a laptop that throttles and cools."""
+
+    kind = "metal"
+    needs_device = False
+
+    def __init__(self):
+        self.calls = 0
+        self.model = ModelTimer()
+
+    def factor(self):
+        return 1.5 if 8 <= self.calls < 14 else 1.0
+
+    def time(self, run, **kw):
+        self.calls += 1
+        return Timing(self.model.time(run, **kw).seconds * self.factor(), 0.01, self.kind, 5)
+
+    def baseline(self, run, **kw):
+        return Timing(self.model.baseline(run, **kw).seconds, 0.01, self.kind, 5)
+
+
+def test_drift_discards_and_retimes_the_affected_trials(tmp_path):
+    target = shapes.Target("decode_attention", family("decode_attention").shape(SMALL["decode_attention"][0]), "float16")
+    timer = DriftingTimer()
+    settings = st.Settings(device="m3-pro", trials=14, storage=f"sqlite:///{tmp_path / 'd.db'}", sampler="random",
+                           seed=4, timer=timer, drift_every=3, drift_threshold=0.1, cooldown_s=0.0)
+    study = st.run_study(target, settings)
+    discarded = study.user_attrs.get("discarded", [])
+    assert discarded, "the drift was noticed"
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    retimed = [t for t in trials.values() if "retime_of" in t.user_attrs]
+    assert {t.user_attrs["retime_of"] for t in retimed} <= set(discarded)
+    assert any(t.state == TrialState.COMPLETE for t in retimed), "discarded configs were measured again"
+    for t in retimed:
+        if t.state == TrialState.COMPLETE:
+            assert t.params == trials[t.user_attrs["retime_of"]].params
+    best = st.best_trial(study)
+    assert best.number not in discarded
+    model = ModelTimer()
+    assert best.value == pytest.approx(model.time(None, family=family("decode_attention"), config=best.params,
+                                                  shape=target.shape, dtype="float16", device="m3-pro").seconds)
+
+
+def test_merge_rules_and_atomic_writes(tmp_path):
+    path = tmp_path / "m1.yaml"
+    shape = dict(M=1, N=64, K=256, bits=4, group_size=64)
+    key = shapes.bucket_key("qmv", shape, "float16")
+    base = {"shape": shape, "dtype": "float16", "baseline_s": 2e-5, "speedup": 1.0, "trials": {}}
+    modelled_fast = {**base, "config": {"simdgroups": 2}, "time_s": 1e-5, "timer": "model"}
+    measured_slow = {**base, "config": {"simdgroups": 4}, "time_s": 3e-5, "timer": "metal"}
+    measured_slower = {**base, "config": {"simdgroups": 8}, "time_s": 4e-5, "timer": "metal"}
+    measured_fast = {**base, "config": {"simdgroups": 1}, "time_s": 2.5e-5, "timer": "metal"}
+    pick = lambda: results.load(path)["entries"]["qmv"][key]["config"]
+    results.save_entries(path, "m1", [("qmv", key, modelled_fast)])
+    assert pick() == {"simdgroups": 2}
+    results.save_entries(path, "m1", [("qmv", key, measured_slow)])
+    assert pick() == {"simdgroups": 4}, "a measured entry beats a modelled one, even a faster one"
+    results.save_entries(path, "m1", [("qmv", key, modelled_fast)])
+    assert pick() == {"simdgroups": 4}, "a modelled entry never replaces a measured one"
+    results.save_entries(path, "m1", [("qmv", key, measured_slower)])
+    assert pick() == {"simdgroups": 4}, "a slower entry never replaces a faster one"
+    results.save_entries(path, "m1", [("qmv", key, measured_fast)])
+    assert pick() == {"simdgroups": 1}
+    saved = path.read_text()
+    with pytest.raises(Exception):
+        results.save_entries(path, "m1", [("qmv", key, {**measured_fast, "time_s": 1e-6, "config": object()})])
+    assert path.read_text() == saved, "a failed write leaves the file as it was"
+    assert [p.name for p in tmp_path.iterdir()] == ["m1.yaml"], "no temporary files left behind"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(schema_version=99), "schema_version 99"),
+    (lambda d: d["entries"]["qmv"][next(iter(d["entries"]["qmv"]))].update(timer="guess"), "timer must be one of"),
+    (lambda d: d["entries"]["qmv"][next(iter(d["entries"]["qmv"]))].update(time_s=-1), "time_s must be a positive"),
+    (lambda d: d["entries"]["qmv"][next(iter(d["entries"]["qmv"]))]["config"].update(tile=3), "unknown parameter 'tile'"),
+    (lambda d: d["entries"]["qmv"][next(iter(d["entries"]["qmv"]))].pop("config"), "missing 'config'"),
+])
+def test_results_are_validated_on_load_with_the_bad_entry_named(tmp_path, mutate, message):
+    from metalforge.errors import MetalforgeError
+    path = tmp_path / "m1.yaml"
+    shape = dict(M=1, N=64, K=256, bits=4, group_size=64)
+    key = shapes.bucket_key("qmv", shape, "float16")
+    results.save_entries(path, "m1", [("qmv", key, {"shape": shape, "dtype": "float16", "config": {"simdgroups": 2},
+                                                    "time_s": 1e-5, "timer": "model"})])
+    data = yaml.safe_load(path.read_text())
+    mutate(data)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(MetalforgeError, match=message) as e:
+        results.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_corrupt_results_file_is_a_clear_error(tmp_path):
+    from metalforge.errors import MetalforgeError
+    path = tmp_path / "m1.yaml"
+    path.write_text("entries: [unclosed")
+    with pytest.raises(MetalforgeError, match="corrupt results file"):
+        results.load(path)
+
+
+def test_lookup_exact_nearest_default_and_validity(tmp_path):
+    path = tmp_path / "r.yaml"
+    decode = dict(B=1, Hq=8, Hkv=2, S=2048, D=128)
+    entry = {"shape": decode, "dtype": "float16", "config": {"threads": 128, "splits": 16, "keys_per_step": 4,
+                                                             "share_kv": True}, "time_s": 1e-5, "timer": "model"}
+    results.save_entries(path, "m2", [("decode_attention", shapes.bucket_key("decode_attention", decode, "float16"), entry)])
+    exact = results.lookup("m2", "decode_attention", dict(decode, S=1500), "float16", results=path)
+    assert exact.source == "exact" and exact.config["splits"] == 16       # 1500 shares the 2048 bucket
+    near = results.lookup("m2", "decode_attention", dict(decode, S=8192), "float16", results=path)
+    assert near.source == "nearest" and near.config["splits"] == 16
+    short = results.lookup("m2", "decode_attention", dict(decode, S=8), "float16", results=path)
+    assert short.source == "default", "16 splits cannot serve 8 keys: the stored config is skipped"
+    other = results.lookup("m2", "decode_attention", dict(decode, D=64), "float16", results=path)
+    assert other.source == "default" and other.config == family("decode_attention").default_config()
+
+
+def test_shapes_from_a_model_config():
+    sets = shapes.from_model_config({"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                                     "num_key_value_heads": 8, "vocab_size": 128256,
+                                     "quantization": {"bits": 4, "group_size": 64}}, contexts=(3000, 4096, 100))
+    assert {(s["N"], s["K"]) for s in sets["qmv"]} == {(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),
+                                                      (128256, 4096)}
+    assert [s["S"] for s in sets["decode_attention"]] == [128, 4096]
+    assert all(s["D"] == 128 and s["Hkv"] == 8 for s in sets["decode_attention"])
