@@ -106,7 +106,8 @@ def _run_with_progress(target, settings):
     label = f"{target.family} {target.bucket.split('|')[0]}"
     with tqdm(total=settings.trials, desc=label[:60], unit="trial", leave=True) as bar:
         def progress(study, trial):
-            bar.update(1)
+            if "duplicate_of" not in trial.user_attrs:
+                bar.update(1)
             try:
                 bar.set_postfix(best=f"{study.best_value * 1e6:.1f}us")
             except ValueError:

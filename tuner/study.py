@@ -128,8 +128,18 @@ class Objective:
         config = self.suggest(trial)
         earlier = self._earlier_same_config(trial, config)
         if earlier is not None:
-            trial.set_user_attr("duplicate_of", earlier)
-            raise optuna.TrialPruned(f"same config as trial {earlier}")
+            # Never run a config twice; a repeat proposal gets the earlier outcome, so the
+            # sampler's model stays true (pruning it would tell TPE a good config is bad).
+            trial.set_user_attr("duplicate_of", earlier.number)
+            if earlier.state == TrialState.COMPLETE:
+                trial.set_user_attr("timer", earlier.user_attrs.get("timer", self.timer.kind))
+                trial.set_constraint("resources", 0.0)
+                return earlier.value
+            if earlier.state == TrialState.FAIL:
+                trial.set_user_attr("error", earlier.user_attrs.get("error", ""))
+                raise CandidateFailed(f"same config as failed trial {earlier.number}")
+            if "invalid" not in earlier.user_attrs:
+                raise optuna.TrialPruned(f"same config as trial {earlier.number}, still running")
         problems = check(self.family, config, self.target.shape, self.target.dtype, self.device)
         if problems:
             trial.set_user_attr("invalid", "; ".join(map(str, problems)))
@@ -157,15 +167,20 @@ class Objective:
         inputs = self.family.make_inputs(self.target.shape, self.target.dtype)
         return lambda: self.family.run(config, self.target.shape, self.target.dtype, inputs, backend="metal")
 
-    def _earlier_same_config(self, trial, config) -> int | None:
-        """The lowest-numbered other trial with this config (any state but a discarded or failed
-        one): two workers that drew the same config agree on which of them runs it."""
+    def _earlier_same_config(self, trial, config):
+        """The lowest-numbered earlier trial with this config, so two workers that drew the same
+        config agree on which of them runs it. Discarded (drifted) trials and trials of killed
+        workers (failed without an error) do not count: those are measured again."""
         discarded = set(self.study.user_attrs.get("discarded", []))
         key = config_key(config)
         for t in self.study.get_trials(deepcopy=False):
-            if (t.number < trial.number and t.number not in discarded and t.state != TrialState.FAIL
-                    and t.params and config_key(t.params) == key):
-                return t.number
+            if t.number >= trial.number or t.number in discarded or not t.params or config_key(t.params) != key:
+                continue
+            if t.state == TrialState.FAIL and "error" not in t.user_attrs:
+                continue
+            if t.state in (TrialState.WAITING,):
+                continue
+            return t
         return None
 
     # ---- thermal drift (timers that measure; a model never drifts) -------------------------------
@@ -202,14 +217,20 @@ class Objective:
 
 
 def counts(study: optuna.Study) -> dict:
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
+    fresh = [t for t in trials if "duplicate_of" not in t.user_attrs]
     return {
-        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
-        "invalid": sum(t.state == TrialState.PRUNED and "invalid" in t.user_attrs for t in trials),
-        "duplicate": sum(t.state == TrialState.PRUNED and "duplicate_of" in t.user_attrs for t in trials),
-        "failed": sum(t.state == TrialState.FAIL for t in trials),
+        "complete": sum(t.state == TrialState.COMPLETE for t in fresh),
+        "invalid": sum(t.state == TrialState.PRUNED and "invalid" in t.user_attrs for t in fresh),
+        "failed": sum(t.state == TrialState.FAIL for t in fresh),
+        "duplicate": len(trials) - len(fresh),
         "discarded": len(study.user_attrs.get("discarded", [])),
     }
+
+
+def evaluated(study: optuna.Study) -> int:
+    """Finished trials that were not repeats: the budget `--trials` counts these."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if "duplicate_of" not in t.user_attrs)
 
 
 def best_trial(study: optuna.Study):
@@ -218,13 +239,18 @@ def best_trial(study: optuna.Study):
     return min(done, key=lambda t: t.value) if done else None
 
 
-class _StopWhenCovered:
-    """Stop once every config of the space has a finished trial (nothing left to learn)."""
+class _Budget:
+    """Stop at `trials` evaluated configs (repeats are free), or when every config of the space
+    has been tried (nothing left to learn)."""
 
-    def __init__(self, family):
+    def __init__(self, family, trials: int):
         self.size = family.space_size()
+        self.trials = trials
 
     def __call__(self, study, trial):
+        if evaluated(study) >= self.trials:
+            study.stop()
+            return
         keys = {config_key(t.params) for t in study.get_trials(deepcopy=False, states=FINISHED) if t.params}
         if len(keys) >= self.size:
             study.stop()
@@ -251,12 +277,13 @@ def run_study(target: Target, settings: Settings, progress: Callable | None = No
     warm_start(study, target, settings)
     objective = Objective(target, settings, study)
     family = get_family(target.family)
-    callbacks = [optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED), _StopWhenCovered(family)]
+    callbacks = [_Budget(family, settings.trials)]
     if progress:
         callbacks.append(lambda s, t: progress(s, t))
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    if done < settings.trials:
-        study.optimize(objective, n_trials=settings.trials - done, timeout=settings.timeout,
+    if evaluated(study) < settings.trials:
+        # repeats are cheap but not free: cap the loop so a sampler stuck on them still ends
+        cap = 4 * settings.trials + family.space_size()
+        study.optimize(objective, n_trials=cap, timeout=settings.timeout,
                        callbacks=callbacks, catch=(CandidateFailed,), gc_after_trial=False)
     if "baseline_s" not in study.user_attrs:
         study.set_user_attr("baseline_s", baseline(target, settings).seconds)
