@@ -269,14 +269,29 @@ def test_lookup_exact_nearest_default_and_validity(tmp_path):
     entry = {"shape": decode, "dtype": "float16", "config": {"threads": 128, "splits": 16, "keys_per_step": 4,
                                                              "share_kv": True}, "time_s": 1e-5, "timer": "model"}
     results.save_entries(path, "m2", [("decode_attention", shapes.bucket_key("decode_attention", decode, "float16"), entry)])
-    exact = results.lookup("m2", "decode_attention", dict(decode, S=1500), "float16", results=path)
+    look = lambda **kw: results.lookup("m2", "decode_attention", dict(decode, **kw), "float16", results=path,
+                                       shipped=False)
+    exact = look(S=1500)
     assert exact.source == "exact" and exact.config["splits"] == 16       # 1500 shares the 2048 bucket
-    near = results.lookup("m2", "decode_attention", dict(decode, S=8192), "float16", results=path)
+    near = look(S=8192)
     assert near.source == "nearest" and near.config["splits"] == 16
-    short = results.lookup("m2", "decode_attention", dict(decode, S=8), "float16", results=path)
+    short = look(S=8)
     assert short.source == "default", "16 splits cannot serve 8 keys: the stored config is skipped"
-    other = results.lookup("m2", "decode_attention", dict(decode, D=64), "float16", results=path)
+    other = look(D=64)
     assert other.source == "default" and other.config == family("decode_attention").default_config()
+
+
+def test_shipped_modelled_defaults_exist_for_every_device():
+    from metalforge.kernels import devices
+    for name in devices.profiles():
+        data = results.load(results.shipped_path(name))
+        assert data["device"]["name"] == name
+        entries = [e for buckets in data["entries"].values() for e in buckets.values()]
+        assert entries and all(e["timer"] == "model" for e in entries)
+        assert set(data["entries"]) == {"qmv", "decode_attention", "prefill_attention"}
+    # a Llama-3-8B decode at 3000 tokens on an M1 finds its shipped bucket
+    choice = results.lookup("m1", "decode_attention", dict(B=1, Hq=32, Hkv=8, S=3000, D=128), "float16")
+    assert choice.source == "exact" and choice.entry["timer"] == "model"
 
 
 def test_shapes_from_a_model_config():

@@ -147,10 +147,10 @@ class Choice:
         return f"{self.source} match {self.entry['shape']} ({self.entry['timer']}-timed)"
 
 
-def _entries_for(device: str, results=None) -> dict:
+def _entries_for(device: str, results=None, shipped: bool = True) -> dict:
     """Shipped entries overlaid with the user's (and an explicit file's) by the merge rules."""
     merged = {"entries": {}}
-    paths = [shipped_path(device), user_results_dir() / f"{device}.yaml"]
+    paths = ([shipped_path(device)] if shipped else []) + [user_results_dir() / f"{device}.yaml"]
     if results:
         paths.append(Path(results))
     for p in paths:
@@ -161,15 +161,17 @@ def _entries_for(device: str, results=None) -> dict:
     return merged["entries"]
 
 
-def lookup(device, family: str, shape, dtype: str, results=None) -> Choice:
+def lookup(device, family: str, shape, dtype: str, results=None, shipped: bool = True) -> Choice:
     """The config to use: the exact bucket, else the nearest bucket of the same structure (head
-    dim, GQA ratio, bits and group size), else the family default; always valid for `shape`."""
+    dim, GQA ratio, bits and group size), else the family default; always valid for `shape`.
+    Sources: the shipped modelled defaults (unless shipped=False), the user's results folder and
+    an explicit `results` file, merged so measured and faster entries win."""
     from metalforge.kernels.checks import check
 
     dev = devices.get(device)
     fam = get_family(family)
     shape = fam.shape(shape)
-    buckets = _entries_for(dev.name, results).get(family, {})
+    buckets = _entries_for(dev.name, results, shipped).get(family, {})
     key = bucket_key(family, shape, dtype)
     candidates = []
     if key in buckets:
