@@ -27,9 +27,15 @@ def _results_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "results"))
 
 
-def tune_cli(*args, **kw):
+def tune_cli(*args, env=None, **kw):
     return subprocess.run([sys.executable, "-m", "metalforge.cli", "tune", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kw)
+
+
+def cold_cache(tmp_path) -> dict:
+    """An empty emulator cache: every trial compiles (about a second), so runs that must be
+    interrupted, or shared by workers, cannot finish before that happens."""
+    return {"METALFORGE_CACHE": str(tmp_path / "cold-cache")}
 
 
 def test_end_to_end_tune_writes_a_valid_results_file(tmp_path):
@@ -128,8 +134,9 @@ def test_resume_after_kill_loses_no_trials(tmp_path):
     name = st.study_name("m4", target)
     args = ["--device", "m4", "--shapes", str(spec), "--trials", "14", "--storage", url, "--seed", "5",
             "--sampler", "random", "--results", str(tmp_path / "r.yaml")]
+    env = cold_cache(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "metalforge.cli", "tune", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env={**os.environ, **env})
     deadline = time.time() + 240
     while len(_finished(url, name)) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.3)
@@ -137,7 +144,7 @@ def test_resume_after_kill_loses_no_trials(tmp_path):
     proc.wait()
     before = {t.number: (t.state, t.params, t.value) for t in _finished(url, name)}
     assert 4 <= len(before) and proc.returncode == -signal.SIGKILL, "the run must be killed midway"
-    again = tune_cli(*args)
+    again = tune_cli(*args, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     finished = _finished(url, name)
     after = {t.number: (t.state, t.params, t.value) for t in finished}
@@ -151,7 +158,7 @@ def test_two_workers_share_a_study_without_running_a_config_twice(tmp_path):
     spec.write_text(yaml.safe_dump({"qmv": SMALL["qmv"]}))
     url = f"sqlite:///{tmp_path / 'workers.db'}"
     run = tune_cli("--device", "m1-max", "--shapes", str(spec), "--trials", "24", "--storage", url, "--workers", "2",
-                   "--sampler", "tpe", "--seed", "2", "--results", str(tmp_path / "w.yaml"))
+                   "--sampler", "tpe", "--seed", "2", "--results", str(tmp_path / "w.yaml"), env=cold_cache(tmp_path))
     assert run.returncode == 0, run.stderr[-2000:]
     target = shapes.targets(shapes.from_yaml(spec), None, "float16")[0]
     trials = optuna.load_study(study_name=st.study_name("m1-max", target), storage=url).get_trials()
