@@ -1,0 +1,15 @@
+"""The metalforge decoding engine: mlx-lm model folders, tuned kernels, a block KV pool,
+prompt caches on disk and memory limits.
+
+    from metalforge import engine
+    with engine.load("path/to/model", backend="auto", kv_tokens=8192) as e:
+        gen = e.generate("Hello", max_tokens=32)
+        for token in gen:
+            print(token.text, end="")
+        print(gen.stats)
+"""
+from metalforge.engine.engine import Engine, Generation, Stats, Token, load
+from metalforge.engine.kv_pool import PoolExhausted
+from metalforge.engine.prompt_cache import PromptCacheError
+
+__all__ = ["load", "Engine", "Generation", "Stats", "Token", "PoolExhausted", "PromptCacheError"]

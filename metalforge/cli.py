@@ -78,6 +78,16 @@ def cmd_tune(args) -> int:
     return run(args)
 
 
+def cmd_generate(args) -> int:
+    from metalforge.engine.cli import generate
+    return generate(args)
+
+
+def cmd_cache(args) -> int:
+    from metalforge.engine.cli import cache
+    return cache(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metalforge", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="autotune kernel configs for a device (Optuna)")
     tune_arguments(t)
     t.set_defaults(fn=cmd_tune)
+
+    from metalforge.engine.cli import add_cache_arguments, add_generate_arguments
+    g = sub.add_parser("generate", help="generate tokens with an mlx-lm style model folder")
+    add_generate_arguments(g)
+    g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("cache", help="save, inspect or clear prompt caches")
+    add_cache_arguments(c)
+    c.set_defaults(fn=cmd_cache)
     return p
 
 

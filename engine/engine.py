@@ -1,0 +1,254 @@
+"""The decoding engine users import: load a model folder, generate, manage sequences and caches."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from metalforge.engine import config as model_config
+from metalforge.engine import prompt_cache, tokenizer as tokenizers
+from metalforge.engine.kv_pool import KVPool
+from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
+from metalforge.engine.model import Model, load_weights
+from metalforge.engine.ops import Kernels
+from metalforge.engine.sampling import Sampler
+from metalforge.errors import MetalforgeError
+from metalforge.kernels import devices
+
+OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory")
+
+
+@dataclass
+class Token:
+    id: int
+    text: str | None
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    stop_reason: str = ""
+
+
+@dataclass
+class Generation:
+    """Iterate for tokens as they are produced; `stats` is complete once iteration ends."""
+
+    _tokens: object
+    stats: Stats = field(default_factory=Stats)
+    sequence: int | None = None
+
+    def __iter__(self):
+        return self._tokens
+
+
+def load(path, device=None, backend: str = "auto", results=None, **options) -> "Engine":
+    """Load an mlx-lm style model folder. Options: kv_tokens (default 4096) or kv_memory (bytes
+    or '10%'), block_size (16), max_seq_len, memory={'wired_limit', 'cache_limit', 'memory_limit'}."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise MetalforgeError(f"unknown engine option(s) {sorted(unknown)}; valid options: {', '.join(OPTIONS)}")
+    return Engine(Path(path), device, backend, results, **options)
+
+
+class Engine:
+    def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=16,
+                 max_seq_len=None, memory=None):
+        self.path = path
+        self.args = model_config.load(path)
+        if device is not None:
+            self.device = devices.resolve(device)
+        else:
+            self.device = devices.detect()
+        self.limits = MemoryLimits(memory)
+        weights = load_weights(path)
+        self.kernels = Kernels(backend, self.device, results)
+        self.model = Model(self.args, weights, self.kernels)
+        self.tokenizer = tokenizers.load(path)
+        self.fingerprint = prompt_cache.fingerprint(self.args, weights)
+        a = self.args
+        per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * self.model.dtype.size
+        if kv_memory is not None:
+            kv_tokens = parse_bytes(kv_memory, self.limits.total, "kv_memory") // per_token
+        kv_tokens = int(kv_tokens or 4096)
+        if kv_tokens < block_size:
+            raise MetalforgeError(f"kv_tokens={kv_tokens} is smaller than one block of {block_size} tokens")
+        self.weights_bytes = sum(w.nbytes for w in weights.values())
+        num_blocks = -(-kv_tokens // block_size)
+        check_fit(self.weights_bytes, num_blocks * block_size * per_token, self.limits.total, self.limits.total_source)
+        self.limits.apply()
+        self.pool = KVPool(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
+                           int(max_seq_len or min(kv_tokens, a.max_position_embeddings)), self.model.dtype)
+        self.prefixes: dict[int, str] = {}   # sequences kept as reusable prompt prefixes -> where from
+        self._closed = False
+
+    # ---- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Restore MLX's memory limits as they were before load."""
+        if not self._closed:
+            self.limits.restore()
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- sequences ------------------------------------------------------------------------------
+    def add_sequence(self) -> int:
+        return self.pool.add_sequence()
+
+    def remove(self, seq: int, start: int = 0, end: int | None = None) -> None:
+        self.pool.remove(seq, start, end)
+        if seq not in self.pool.seqs:
+            self.prefixes.pop(seq, None)
+
+    def fork(self, seq: int) -> int:
+        return self.pool.fork(seq)
+
+    def clear(self) -> None:
+        self.pool.clear()
+        self.prefixes.clear()
+
+    def tokens(self, seq: int) -> list[int]:
+        return list(self.pool.seq(seq).tokens)
+
+    def step(self, seqs: list[int], tokens: list[list[int]]) -> mx.array:
+        """Append tokens to sequences and return their next-token logits (B, vocab). One sequence
+        may take any number of tokens (prefill); several take one token each (batched decode)."""
+        logits = self.model.forward(self.pool, seqs, tokens)
+        mx.eval(logits, self.pool.k, self.pool.v)
+        return logits
+
+    # ---- generation -----------------------------------------------------------------------------
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MetalforgeError(f"{self.path} has no tokenizer.json: pass the prompt as a list of token ids")
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise MetalforgeError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
+        return ids
+
+    def _longest_cached_prefix(self, ids: list[int]) -> tuple[int | None, int]:
+        best, best_len = None, 0
+        for sid in self.prefixes:
+            cached = self.pool.seq(sid).tokens
+            n = len(cached)
+            if best_len < n < len(ids) + 1 and ids[:n] == cached:
+                best, best_len = sid, n
+        return best, best_len
+
+    def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop=None, keep: bool = False) -> Generation:
+        """Stream tokens for a prompt (text or token ids). A cached prefix (see load_prompt_cache
+        and keep_prefix) is reused so only new tokens are prefilled. With keep=True the sequence
+        stays in the pool afterwards (its id is `generation.sequence`)."""
+        ids = self.encode(prompt)
+        if not ids:
+            raise MetalforgeError("the prompt is empty")
+        sampler = Sampler(temperature, top_p, top_k, seed)
+        stop_ids, stop_texts = set(self.args.eos_token_id), []
+        if self.tokenizer:
+            stop_ids |= self.tokenizer.eos_ids
+        for s in stop or []:
+            (stop_ids.add(s) if isinstance(s, int) else stop_texts.append(s))
+        gen = Generation(None)
+        gen._tokens = self._stream(ids, max_tokens, sampler, stop_ids, stop_texts, keep, gen)
+        return gen
+
+    def _stream(self, ids, max_tokens, sampler, stop_ids, stop_texts, keep, gen):
+        stats = gen.stats
+        parent, cached = self._longest_cached_prefix(ids)
+        if cached == len(ids):        # the whole prompt is cached: recompute its last token's logits
+            cached -= 1
+        sid = self.pool.fork(parent) if parent is not None else self.pool.add_sequence()
+        if parent is not None and self.pool.seq(sid).length > cached:
+            self.pool.remove(sid, cached)
+        gen.sequence = sid
+        stats.prompt_tokens, stats.cached_tokens = len(ids), cached
+        try:
+            start = time.perf_counter()
+            logits = self.step([sid], [ids[cached:]])
+            first = time.perf_counter()
+            stats.time_to_first_token_s = first - start
+            stats.prefill_tokens_per_s = (len(ids) - cached) / max(stats.time_to_first_token_s, 1e-9)
+            text_so_far, generated = "", []
+            stats.stop_reason = "max_tokens"
+            while stats.generated_tokens < max_tokens:
+                token = sampler(logits[0])
+                generated.append(token)
+                stats.generated_tokens += 1
+                text = None
+                if self.tokenizer:
+                    full = self.tokenizer.decode(generated)
+                    text, text_so_far = full[len(text_so_far):], full
+                yield Token(token, text)
+                if token in stop_ids:
+                    stats.stop_reason = "stop token"
+                    break
+                if stop_texts and any(s in text_so_far for s in stop_texts):
+                    stats.stop_reason = "stop string"
+                    break
+                if stats.generated_tokens >= max_tokens:
+                    break
+                logits = self.step([sid], [[token]])
+            elapsed = time.perf_counter() - first
+            if stats.generated_tokens > 1:
+                stats.decode_tokens_per_s = (stats.generated_tokens - 1) / max(elapsed, 1e-9)
+        finally:
+            if not keep and sid in self.pool.seqs:
+                self.pool.remove(sid)
+
+    # ---- prompt caches ---------------------------------------------------------------------------
+    def keep_prefix(self, seq: int) -> None:
+        """Offer a sequence's tokens as a prefix later prompts may start from."""
+        self.pool.seq(seq)
+        self.prefixes[seq] = "kept"
+
+    def save_prompt_cache(self, path, seq: int) -> Path:
+        return prompt_cache.save(path, self.pool, seq, self.fingerprint)
+
+    def load_prompt_cache(self, path) -> int:
+        """Load a saved cache into a new sequence (a reusable prefix) and return its id. Another
+        model's cache, or a corrupt or truncated file, is an error and changes nothing."""
+        meta, arrays = prompt_cache.read(path, self.fingerprint)
+        tokens = meta["tokens"]
+        sid = self.pool.add_sequence()
+        try:
+            self.pool.reserve(sid, len(tokens))
+            rows = self.pool.rows(sid, 0, len(tokens))
+            for layer in range(self.pool.layers):
+                self.pool.write(layer, rows, arrays[f"k.{layer}"], arrays[f"v.{layer}"])
+        except BaseException:
+            self.pool.remove(sid)
+            raise
+        self.pool.seq(sid).tokens.extend(tokens)
+        mx.eval(self.pool.k, self.pool.v)
+        self.prefixes[sid] = str(path)
+        return sid
+
+    # ---- reporting --------------------------------------------------------------------------------
+    def memory_breakdown(self) -> dict:
+        active = mx.get_active_memory()
+        return {
+            "weights": self.weights_bytes,
+            "kv_reserved": self.pool.reserved_bytes,
+            "kv_used": self.pool.used_blocks * self.pool.block_bytes,
+            "scratch": max(0, active - self.weights_bytes - self.pool.reserved_bytes),
+            "active": active,
+        }
+
+    def kernel_report(self) -> dict:
+        """Which kernel (and config, and where the config came from) each kind of op used."""
+        return dict(self.kernels.report)

@@ -1,0 +1,150 @@
+"""Llama-family decoder (llama, mistral, qwen2, qwen3) over an mlx-lm weight dictionary.
+
+Every linear layer and attention call goes through `ops.Kernels`; the KV cache is the block pool.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlx.core as mx
+
+from metalforge.engine.config import ModelArgs
+from metalforge.engine.kv_pool import KVPool
+from metalforge.engine.ops import Kernels
+from metalforge.engine.rope import Rope
+from metalforge.errors import MetalforgeError
+
+
+def load_weights(folder) -> dict[str, mx.array]:
+    """All tensors of the folder's safetensors files (sharded or not, with or without an index)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise MetalforgeError(f"{index}: corrupt index ({e})") from None
+        paths = [folder / f for f in files]
+    else:
+        paths = sorted(folder.glob("*.safetensors"))
+    if not paths:
+        raise MetalforgeError(f"{folder}: no *.safetensors weight files")
+    weights = {}
+    for p in paths:
+        if not p.is_file():
+            raise MetalforgeError(f"{p}: listed in the index but missing")
+        try:
+            weights.update(mx.load(str(p)))
+        except Exception as e:  # MLX raises RuntimeError/ValueError on truncated or corrupt files
+            raise MetalforgeError(f"{p}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+    return weights
+
+
+class Model:
+    def __init__(self, args: ModelArgs, weights: dict[str, mx.array], kernels: Kernels):
+        self.args = args
+        self.kernels = kernels
+        self.w = weights
+        self.dtype = self._activation_dtype()
+        self.rope = Rope(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+        self.scale = 1 / math.sqrt(args.head_dim)   # yarn's magnitude factor is applied inside the rotation
+        self._check()
+
+    def _activation_dtype(self):
+        for name in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):
+            if name in self.w:
+                return self.w[name].dtype
+        return mx.float16
+
+    def _check(self) -> None:
+        a = self.args
+        required = ["model.embed_tokens.weight", "model.norm.weight"]
+        for i in range(a.num_hidden_layers):
+            p = f"model.layers.{i}."
+            required += [p + n + ".weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                                     "input_layernorm", "post_attention_layernorm")]
+            if a.qk_norm:
+                required += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+        if not a.tie_word_embeddings:
+            required.append("lm_head.weight")
+        missing = [n for n in required if n not in self.w]
+        if missing:
+            raise MetalforgeError(f"weights are missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+        q = self.w["model.layers.0.self_attn.q_proj.weight"]
+        out_dim = q.shape[0]
+        if out_dim != a.num_attention_heads * a.head_dim:
+            raise MetalforgeError(f"q_proj has {out_dim} outputs, config says {a.num_attention_heads} heads x "
+                                  f"{a.head_dim}")
+
+    def linear(self, name: str, x: mx.array) -> mx.array:
+        w = {k: self.w[f"{name}.{k}"] for k in ("weight", "scales", "biases", "bias") if f"{name}.{k}" in self.w}
+        return self.kernels.linear(x, w, self.args.bits, self.args.group_size)
+
+    def norm(self, name: str, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.w[f"{name}.weight"], self.args.rms_norm_eps)
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        w = self.w["model.embed_tokens.weight"]
+        if "model.embed_tokens.scales" in self.w:
+            return mx.dequantize(w[tokens], self.w["model.embed_tokens.scales"][tokens],
+                                 self.w["model.embed_tokens.biases"][tokens], group_size=self.args.group_size,
+                                 bits=self.args.bits).astype(self.dtype)
+        return w[tokens]
+
+    def logits(self, h: mx.array) -> mx.array:
+        name = "model.embed_tokens" if self.args.tie_word_embeddings else "lm_head"
+        return self.linear(name, h).astype(mx.float32)
+
+    def forward(self, pool: KVPool, sids: list[int], tokens: list[list[int]]) -> mx.array:
+        """Append `tokens[b]` to sequence `sids[b]` and return the last position's logits (B, vocab).
+        Either one sequence with any number of tokens (prefill) or several with one token each
+        (batched decode)."""
+        a = self.args
+        if len(sids) > 1 and any(len(t) != 1 for t in tokens):
+            raise MetalforgeError("a batched step takes exactly one new token per sequence")
+        B, L = len(sids), len(tokens[0])
+        starts = [pool.seq(s).length for s in sids]
+        for sid, t in zip(sids, tokens):
+            pool.reserve(sid, len(t))
+        ids = mx.array([t for seq in tokens for t in seq], dtype=mx.int32)
+        positions = mx.array([[s + i for i in range(L)] for s in starts], dtype=mx.int32)
+        rows = [pool.rows(sid, start, L) for sid, start in zip(sids, starts)]
+        lengths = [s + L for s in starts]
+        h = self.embed(ids)                                             # (B*L, hidden)
+        for i in range(a.num_hidden_layers):
+            p = f"model.layers.{i}."
+            x = self.norm(p + "input_layernorm", h)
+            q = self.linear(p + "self_attn.q_proj", x).reshape(B, L, a.num_attention_heads, a.head_dim)
+            k = self.linear(p + "self_attn.k_proj", x).reshape(B, L, a.num_key_value_heads, a.head_dim)
+            v = self.linear(p + "self_attn.v_proj", x).reshape(B, L, a.num_key_value_heads, a.head_dim)
+            if a.qk_norm:
+                q = self.norm(p + "self_attn.q_norm", q)
+                k = self.norm(p + "self_attn.k_norm", k)
+            q = self.rope(q.transpose(0, 2, 1, 3), positions)
+            k = self.rope(k.transpose(0, 2, 1, 3), positions)
+            v = v.transpose(0, 2, 1, 3)
+            for b in range(B):
+                pool.write(i, rows[b], k[b], v[b])
+            if L == 1:
+                o = self.kernels.decode_attention(q, pool, i, sids, lengths, self.scale)
+            else:
+                kk, vv = pool.gather(i, sids[0], lengths[0])
+                o = self.kernels.prefill_attention(q, kk, vv, starts[0], self.scale)
+            o = o.astype(self.dtype).transpose(0, 2, 1, 3).reshape(B * L, a.num_attention_heads * a.head_dim)
+            h = h + self.linear(p + "self_attn.o_proj", o)
+            x = self.norm(p + "post_attention_layernorm", h)
+            gate = self.linear(p + "mlp.gate_proj", x)
+            up = self.linear(p + "mlp.up_proj", x)
+            h = h + self.linear(p + "mlp.down_proj", (silu(gate) * up).astype(self.dtype))
+        last = h.reshape(B, L, -1)[:, -1, :]
+        out = self.logits(self.norm("model.norm", last))
+        for sid, t in zip(sids, tokens):
+            pool.seq(sid).tokens.extend(t)
+        return out
+
+
+def silu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(x)

@@ -1,0 +1,121 @@
+"""The engine's kernel dispatch: every quantized linear layer and attention call goes through here.
+
+Backends: `metal` (our generated kernels through mx.fast.metal_kernel, configs from
+tuner.lookup), `emulator` (the same kernels on the CPU; slow, for verification), and `mlx`
+(MLX's built-ins). The report says which kernel and config each kind of op used.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+
+from metalforge.errors import MetalforgeError, choices
+from metalforge.kernels import devices
+from metalforge.kernels.checks import check
+from metalforge.kernels.families import get as get_family
+
+ENGINE_BACKENDS = ("auto", "metal", "mlx", "emulator")
+QMV_MAX_ROWS = 8
+
+
+def resolve_backend(name: str) -> str:
+    if name not in ENGINE_BACKENDS:
+        raise MetalforgeError(f"unknown engine backend '{name}'; valid backends: {choices(ENGINE_BACKENDS)}")
+    if name == "auto":
+        return "metal" if mx.metal.is_available() else "mlx"
+    if name == "metal" and not mx.metal.is_available():
+        raise MetalforgeError("backend 'metal' needs a Mac with Metal; use 'mlx' or 'emulator' here")
+    return name
+
+
+class Kernels:
+    def __init__(self, backend: str, device, results=None):
+        self.backend = resolve_backend(backend)
+        self.device = device            # a DeviceProfile or None (no tuned configs: family defaults)
+        self.results = results
+        self.report: dict[str, dict] = {}
+        self._choices: dict = {}
+
+    def _config(self, family: str, shape, dtype: str) -> tuple[dict, str]:
+        key = (family, shape, dtype)
+        if key not in self._choices:
+            fam = get_family(family)
+            if self.device is not None:
+                from metalforge.tuner import lookup
+                choice = lookup(self.device, family, shape, dtype, results=self.results)
+                self._choices[key] = (choice.config, choice.describe())
+            else:
+                config = fam.default_config()
+                if check(fam, config, shape, dtype, devices.get("m1")):
+                    raise MetalforgeError(f"{family}: the default config cannot serve {shape}; pass device=")
+                self._choices[key] = (config, "family default (no device profile)")
+        return self._choices[key]
+
+    def _record(self, op: str, **what) -> None:
+        self.report.setdefault(op, what)
+
+    def _run(self, family: str, shape_values: dict, dtype: str, inputs: dict) -> mx.array:
+        fam = get_family(family)
+        shape = fam.shape(shape_values)
+        config, source = self._config(family, shape, dtype)
+        self._record(f"{family} {_short(shape_values)}", kernel=f"metalforge {family} ({self.backend})",
+                     config=config, config_source=source)
+        return fam.run(config, shape, dtype, inputs, backend=self.backend, device=self.device)
+
+    # ---- linear layers ------------------------------------------------------------------------
+    def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:
+        """x: (T, K) -> (T, N). `w` holds weight (and scales, biases when quantized) and bias."""
+        if "scales" not in w:
+            self._record(f"linear {tuple(w['weight'].shape)}", kernel="mx matmul (unquantized weights)")
+            y = x @ w["weight"].T
+        elif self.backend == "mlx" or x.shape[0] > QMV_MAX_ROWS:
+            self._record(f"quantized linear M>{QMV_MAX_ROWS}" if self.backend != "mlx" else "quantized linear",
+                         kernel="mx.quantized_matmul")
+            y = mx.quantized_matmul(x, w["weight"], w["scales"], w["biases"], transpose=True,
+                                    group_size=group_size, bits=bits)
+        else:
+            n, k = w["weight"].shape[0], x.shape[1]
+            dtype = _dtype_name(x.dtype)
+            y = self._run("qmv", dict(M=x.shape[0], N=n, K=k, bits=bits, group_size=group_size), dtype,
+                          {"x": x, "w": w["weight"], "scales": w["scales"], "biases": w["biases"]})
+        if "bias" in w:
+            y = y + w["bias"]
+        return y
+
+    # ---- attention ----------------------------------------------------------------------------
+    def decode_attention(self, q: mx.array, pool, layer: int, sids: list[int], lengths: list[int],
+                         scale: float) -> mx.array:
+        """q: (B, Hq, 1, D) -> (B, Hq, 1, D) over each sequence's first `lengths[b]` tokens."""
+        if self.backend == "mlx":
+            self._record("decode attention", kernel="mx.fast.scaled_dot_product_attention (gathered K/V)")
+            outs = []
+            for b, (sid, n) in enumerate(zip(sids, lengths)):
+                k, v = pool.gather(layer, sid, n)
+                outs.append(mx.fast.scaled_dot_product_attention(q[b:b + 1], k, v, scale=scale))
+            return mx.concatenate(outs, axis=0)
+        table, lens = pool.block_table(sids, lengths)
+        keys, values = pool.paged(layer)
+        B, Hq, _, D = q.shape
+        shape = dict(B=B, Hq=Hq, Hkv=pool.kv_heads, S=pool.max_blocks * pool.block_size, D=D,
+                     block_size=pool.block_size, num_blocks=pool.num_blocks)
+        return self._run("decode_attention", shape, _dtype_name(q.dtype),
+                         {"queries": q, "keys": keys, "values": values, "scale": mx.array(scale, dtype=mx.float32),
+                          "block_table": table, "seq_lens": lens})
+
+    def prefill_attention(self, q: mx.array, k: mx.array, v: mx.array, prefix: int, scale: float) -> mx.array:
+        """q: (1, Hq, L, D); k, v: (1, Hkv, prefix + L, D); causal, queries at the end."""
+        L, LK = q.shape[2], k.shape[2]
+        if self.backend == "mlx":
+            self._record("prefill attention", kernel="mx.fast.scaled_dot_product_attention (causal)")
+            mask = mx.arange(LK)[None, :] <= (mx.arange(L)[:, None] + prefix)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        shape = dict(B=1, Hq=q.shape[1], Hkv=k.shape[1], L=L, D=q.shape[3], prefix=prefix)
+        return self._run("prefill_attention", shape, _dtype_name(q.dtype),
+                         {"queries": q, "keys": k, "values": v, "scale": mx.array(scale, dtype=mx.float32)})
+
+
+def _dtype_name(dtype) -> str:
+    return {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[dtype]
+
+
+def _short(shape_values: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in shape_values.items() if k not in ("num_blocks",))

@@ -1,0 +1,34 @@
+"""The model folder's tokenizer (tokenizer.json, through Hugging Face `tokenizers`), if it has one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from metalforge.errors import MetalforgeError
+
+
+class Tokenizer:
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            self.inner = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise MetalforgeError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+        self.eos_ids: set[int] = set()
+        config = path.parent / "tokenizer_config.json"
+        if config.is_file():
+            eos = json.loads(config.read_text()).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if eos and self.inner.token_to_id(eos) is not None:
+                self.eos_ids.add(self.inner.token_to_id(eos))
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.inner.decode(ids)
+
+
+def load(folder) -> Tokenizer | None:
+    path = Path(folder) / "tokenizer.json"
+    return Tokenizer(path) if path.is_file() else None
