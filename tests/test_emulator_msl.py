@@ -41,7 +41,7 @@ def test_half_and_bfloat_round_like_their_formats():
         out[2 * i] = float(half(x[i]));
         out[2 * i + 1] = float(bfloat16_t(x[i]));
     """
-    out = kernel(src, [x], (8,), names=["x"], tg=(4, 1, 1)).reshape(4, 2)
+    out = kernel(src, [x], (8,), names=["x"], grid=(4, 1, 1), tg=(4, 1, 1)).reshape(4, 2)
     np.testing.assert_array_equal(out[:, 0], np.array(x.astype(mx.float16).astype(mx.float32)))
     np.testing.assert_array_equal(out[:, 1], np.array(x.astype(mx.bfloat16).astype(mx.float32)))
 

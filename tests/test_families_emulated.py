@@ -114,3 +114,17 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     out = good(inputs=[inputs[n] for n in launch.kernel.input_names], output_shapes=list(launch.output_shapes),
                output_dtypes=list(launch.output_dtypes), grid=launch.grid, threadgroup=launch.threadgroup)[0]
     np.testing.assert_allclose(np.array(out), np.array(fam.reference(shape, "float32", inputs)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, shape, dtype", [
+    ("qmv", dict(M=3, N=37, K=384, bits=8, group_size=128), "float16"),
+    ("qmv", dict(M=1, N=70, K=640, bits=4, group_size=32), "bfloat16"),
+    ("decode_attention", dict(B=2, Hq=4, Hkv=2, S=45, D=80, block_size=8), "float16"),
+    ("decode_attention", dict(B=1, Hq=6, Hkv=3, S=70, D=64), "float32"),
+    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=21, D=96, prefix=9), "float16"),
+])
+def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatch):
+    """No out-of-bounds access and no threadgroup-memory race in a sample of configs, tails and
+    paged layouts included (the checked mode would raise)."""
+    monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
+    assert verify(name, shape, dtype, sample=4, seed=11) == 4
