@@ -80,7 +80,7 @@ class Engine:
         kv_tokens = int(kv_tokens or 4096)
         if kv_tokens < block_size:
             raise MetalforgeError(f"kv_tokens={kv_tokens} is smaller than one block of {block_size} tokens")
-        self.weights_bytes = sum(w.nbytes for w in weights.values())
+        self.weights_bytes = sum(w.nbytes for w in self.model.w.values())
         num_blocks = -(-kv_tokens // block_size)
         check_fit(self.weights_bytes, num_blocks * block_size * per_token, self.limits.total, self.limits.total_source)
         self.limits.apply()

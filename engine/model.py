@@ -46,8 +46,13 @@ class Model:
     def __init__(self, args: ModelArgs, weights: dict[str, mx.array], kernels: Kernels):
         self.args = args
         self.kernels = kernels
-        self.w = weights
+        self.w = dict(weights)
         self.dtype = self._activation_dtype()
+        if kernels.cpu_float32 and args.quantization and self.dtype != mx.float32:
+            # MLX's CPU quantized matmul is tens of times slower in half precision than in
+            # float32: on the CPU, quantized layers compute in float32 (scales converted once).
+            for name in [n for n in self.w if n.endswith((".scales", ".biases"))]:
+                self.w[name] = self.w[name].astype(mx.float32)
         self.rope = Rope(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
         self.scale = 1 / math.sqrt(args.head_dim)   # yarn's magnitude factor is applied inside the rotation
         self._check()

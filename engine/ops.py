@@ -34,6 +34,7 @@ class Kernels:
         self.results = results
         self.report: dict[str, dict] = {}
         self._choices: dict = {}
+        self.cpu_float32 = self.backend == "mlx" and not mx.metal.is_available()
 
     def _config(self, family: str, shape, dtype: str) -> tuple[dict, str]:
         key = (family, shape, dtype)
@@ -70,8 +71,9 @@ class Kernels:
         elif self.backend == "mlx" or x.shape[0] > QMV_MAX_ROWS:
             self._record(f"quantized linear M>{QMV_MAX_ROWS}" if self.backend != "mlx" else "quantized linear",
                          kernel="mx.quantized_matmul")
-            y = mx.quantized_matmul(x, w["weight"], w["scales"], w["biases"], transpose=True,
-                                    group_size=group_size, bits=bits)
+            xs = x.astype(w["scales"].dtype)   # float32 on the CPU (see Model), else x unchanged
+            y = mx.quantized_matmul(xs, w["weight"], w["scales"], w["biases"], transpose=True,
+                                    group_size=group_size, bits=bits).astype(x.dtype)
         else:
             n, k = w["weight"].shape[0], x.shape[1]
             dtype = _dtype_name(x.dtype)
