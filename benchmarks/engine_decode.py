@@ -73,7 +73,8 @@ def main():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from modelgen import write_model
         folder = write_model(Path(tmp.name) / "model", arch="llama", quantized=(4, 64), dtype=mx.float16,
-                             layers=6, hidden=768, heads=12, kv_heads=4, inter=2048, vocab=32000, shards=2)
+                             layers=6, hidden=768, heads=12, kv_heads=4, inter=2048, vocab=32000, shards=2,
+                             tokenizer=True)
     prompt = [(7 * i) % 1000 + 2 for i in range(args.prompt_tokens)]
     ours = engine_figures(folder, prompt, args.decode_tokens, Path(tmp.name) / "prompt.safetensors")
     theirs = mlx_lm_figures(folder, prompt, args.decode_tokens)

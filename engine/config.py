@@ -71,12 +71,16 @@ def parse(config: dict, where: str = "config.json") -> ModelArgs:
         raise MetalforgeError(f"{where}: bad value ({e})") from None
 
 
-def load(folder) -> ModelArgs:
+def read(folder) -> dict:
+    """The folder's config.json as a dict, or a clear error."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise MetalforgeError(f"{folder}: not an mlx-lm model folder (no config.json)")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise MetalforgeError(f"{path}: corrupt JSON ({e.msg} at line {e.lineno})") from None
-    return parse(data, str(path))
+
+
+def load(folder) -> ModelArgs:
+    return parse(read(folder), str(Path(folder) / "config.json"))

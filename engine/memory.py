@@ -61,7 +61,7 @@ class MemoryLimits:
                 continue
             value = parse_bytes(self.limits[name], self.total, name)
             if name == "wired_limit" and not mx.metal.is_available():
-                print(f"metalforge: notice: wired_limit applies to Metal only; skipped on this machine", file=sys.stderr)
+                print("metalforge: notice: wired_limit applies to Metal only; skipped on this machine", file=sys.stderr)
                 continue
             setter = getattr(mx, f"set_{name}")
             self.previous[name] = setter(value)

@@ -1,5 +1,4 @@
 """Device profiles and detection from recorded `mx.device_info()` dictionaries."""
-import warnings
 
 import mlx.core as mx
 import pytest

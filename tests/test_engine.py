@@ -1,5 +1,4 @@
 """The decoding engine on real mlx-lm style folders, against an independent reference forward pass."""
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -11,7 +11,6 @@ memory, and about 1024 threads in flight per core to saturate memory bandwidth.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from metalforge.kernels import devices, dtypes

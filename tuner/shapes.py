@@ -2,7 +2,6 @@
 small model; attention contexts bucketed by powers of two so one study serves a range."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,14 +89,8 @@ def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_P
 
 
 def from_model_folder(path, **kw) -> dict[str, list[dict]]:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        raise MetalforgeError(f"{path}: not an mlx-lm model folder (no config.json)")
-    try:
-        config = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise MetalforgeError(f"{cfg}: corrupt JSON ({e.msg} at line {e.lineno})") from None
-    return from_model_config(config, **kw)
+    from metalforge.engine.config import read
+    return from_model_config(read(path), **kw)
 
 
 def from_yaml(path) -> dict[str, list[dict]]:
