@@ -141,6 +141,7 @@ def lanes(src, x, tg=64, dtype=mx.float32):
     ("simd_max", lambda g: np.full_like(g, g.max())),
     ("simd_min", lambda g: np.full_like(g, g.min())),
     ("simd_product", lambda g: np.full_like(g, np.prod(g))),
+    ("simd_prod", lambda g: np.full_like(g, np.prod(g))),
     ("simd_prefix_inclusive_sum", np.cumsum),
     ("simd_prefix_exclusive_sum", lambda g: np.cumsum(g) - g),
     ("simd_broadcast_first", lambda g: np.full_like(g, g[0])),

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from modelgen import reference_greedy, reference_logits, write_model  # noqa: E402
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11]
-CASES = [("llama", None), ("mistral", (4, 64)), ("qwen2", (4, 32)), ("qwen3", (8, 64)), ("llama", (8, 32)),
-         ("qwen3", None)]
+CASES = [("llama", None), ("llama", (8, 32)), ("mistral", None), ("mistral", (4, 64)), ("qwen2", None),
+         ("qwen2", (4, 32)), ("qwen3", None), ("qwen3", (8, 64))]
 
 
 @pytest.fixture(scope="module")
