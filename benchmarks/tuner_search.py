@@ -33,8 +33,9 @@ def trials_to_reach(values: list[float], goal: float) -> int | None:
 
 def search(family_name, shape, device, sampler, seed, budget):
     target = shapes.Target(family_name, shape, "float16")
+    # no warm start: the shipped results already hold these shapes' optima
     settings = st.Settings(device=device, trials=budget, storage="memory", timer=ModelTimer(), sampler=sampler,
-                           seed=seed, verify=False)
+                           seed=seed, verify=False, warm_start=False)
     study = st.run_study(target, settings)
     best, curve = float("inf"), []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):

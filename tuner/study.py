@@ -45,6 +45,7 @@ class Settings:
     drift_threshold: float = 0.10     # relative change that counts as drift
     cooldown_s: float = 5.0           # wait after drift before re-measuring
     verify: bool = True
+    warm_start: bool = True           # enqueue the default and best known configs first
 
 
 def storage_for(device, storage: str | None):
@@ -84,7 +85,9 @@ def make_sampler(kind: str, family, trials: int, seed):
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(2, trials // 4)))
+        # few random startup trials and more EI candidates: measured best on the modelled
+        # objectives (benchmarks/tuner_search.py)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(2, trials // 4)), n_ei_candidates=64)
     raise MetalforgeError(f"unknown sampler '{kind}'; valid samplers: auto, tpe, random, grid")
 
 
@@ -274,7 +277,8 @@ def warm_start(study: optuna.Study, target: Target, settings: Settings) -> None:
 def run_study(target: Target, settings: Settings, progress: Callable | None = None) -> optuna.Study:
     """Run (or resume) the study until it holds `settings.trials` finished trials or times out."""
     study = open_study(target, settings)
-    warm_start(study, target, settings)
+    if settings.warm_start:
+        warm_start(study, target, settings)
     objective = Objective(target, settings, study)
     family = get_family(target.family)
     callbacks = [_Budget(family, settings.trials)]
