@@ -171,6 +171,23 @@ def test_simd_shuffles(expr, src_lane):
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("expr, ref", [
+    ("quad_sum(v)", lambda q, i: q.sum()),
+    ("quad_max(v)", lambda q, i: q.max()),
+    ("quad_min(v)", lambda q, i: q.min()),
+    ("quad_shuffle(v, 3 - thread_index_in_quadgroup)", lambda q, i: q[3 - i]),
+    ("quad_shuffle_xor(v, 1)", lambda q, i: q[i ^ 1]),
+    ("quad_shuffle_down(v, 1)", lambda q, i: q[i + 1] if i < 3 else q[i]),
+    ("quad_broadcast(v, 2)", lambda q, i: q[2]),
+])
+def test_quad_group_functions(expr, ref):
+    x = mx.array(np.random.default_rng(5).uniform(-1, 1, 64).astype(np.float32))
+    out = lanes(f"float v = x[thread_position_in_grid.x]; out[thread_position_in_grid.x] = {expr};", x)
+    xs = np.array(x)
+    expected = [ref(xs[4 * (k // 4):4 * (k // 4) + 4], k % 4) for k in range(64)]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
 def test_simd_votes_and_vector_operands():
     x = mx.arange(64, dtype=mx.float32)
     src = """

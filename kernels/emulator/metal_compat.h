@@ -521,6 +521,33 @@ template <int Kind, class T> void mf_shuffle(mf::Fiber** l, int n) {
     mf_store(l[i], out);
   }
 }
+// Quad-group functions: the same operations within each group of four consecutive lanes.
+template <class T, class Op> inline void mf_quad_reduce(mf::Fiber** lanes, int n, Op op) {
+  for (int i = 0; i < n;) {
+    int j = i;
+    T acc = mf_load<T>(lanes[i]);
+    while (++j < n && lanes[j]->lane / 4 == lanes[i]->lane / 4) acc = T(op(acc, mf_load<T>(lanes[j])));
+    for (int k = i; k < j; k++) mf_store(lanes[k], acc);
+    i = j;
+  }
+}
+template <class T> void mf_quad_sum(mf::Fiber** l, int n) { mf_quad_reduce<T>(l, n, [](const T& a, const T& b) { return a + b; }); }
+template <class T> void mf_quad_max(mf::Fiber** l, int n) { mf_quad_reduce<T>(l, n, [](const T& a, const T& b) { return max(a, b); }); }
+template <class T> void mf_quad_min(mf::Fiber** l, int n) { mf_quad_reduce<T>(l, n, [](const T& a, const T& b) { return min(a, b); }); }
+// kind 0: lane within the quad, 1: xor, 2: up, 3: down; sources outside the quad keep their own value.
+template <int Kind, class T> void mf_quad_shuffle(mf::Fiber** l, int n) {
+  mf::Fiber* by_lane[32] = {};
+  for (int i = 0; i < n; i++) by_lane[l[i]->lane] = l[i];
+  for (int i = 0; i < n; i++) {
+    auto me = mf_load<mf_indexed<T>>(l[i]);
+    const int lane = int(l[i]->lane), q = lane % 4, base = lane - q;
+    int src = Kind == 0 ? me.index : Kind == 1 ? q ^ me.index : Kind == 2 ? q - me.index : q + me.index;
+    T out = me.value;
+    if (src >= 0 && src < 4 && by_lane[base + src]) out = mf_load<mf_indexed<T>>(by_lane[base + src]).value;
+    mf_store(l[i], out);
+  }
+}
+
 template <class T> void mf_first(mf::Fiber** l, int n) { T v = mf_load<T>(l[0]); for (int i = 0; i < n; i++) mf_store(l[i], v); }
 inline void mf_is_first(mf::Fiber** l, int n) { for (int i = 0; i < n; i++) mf_store(l[i], i == 0); }
 inline void mf_ballot(mf::Fiber** l, int n) {
@@ -547,11 +574,11 @@ template <class T> inline T mf_simd_or(T x, int line) { return mf::simd_exchange
 template <class T> inline T mf_simd_xor(T x, int line) { return mf::simd_exchange(x, &mf_xor<T>, line); }
 template <class T> inline T mf_simd_prefix_inclusive_sum(T x, int line) { return mf::simd_exchange(x, &mf_prefix<true, T>, line); }
 template <class T> inline T mf_simd_prefix_exclusive_sum(T x, int line) { return mf::simd_exchange(x, &mf_prefix<false, T>, line); }
-template <int Kind, class T> inline T mf_shuffle_call(T x, int index, int line) {
+template <int Kind, class T, bool Quad = false> inline T mf_shuffle_call(T x, int index, int line) {
   mf_indexed<T> in{x, index};
   mf::Fiber& f = mf::self();
   std::memcpy(f.simd_in, static_cast<const void*>(&in), sizeof in);
-  f.simd_fn = &mf_shuffle<Kind, T>;
+  f.simd_fn = Quad ? &mf_quad_shuffle<Kind, T> : &mf_shuffle<Kind, T>;
   f.line = line;
   f.state = mf::State::AtSimd;
   mf::to_scheduler();
@@ -565,6 +592,13 @@ template <class T, class I> inline T mf_simd_shuffle_up(T x, I delta, int line) 
 template <class T, class I> inline T mf_simd_shuffle_down(T x, I delta, int line) { return mf_shuffle_call<3>(x, int(delta), line); }
 template <class T, class I> inline T mf_simd_broadcast(T x, I lane, int line) { return mf_shuffle_call<0>(x, int(lane), line); }
 template <class T> inline T mf_simd_broadcast_first(T x, int line) { return mf::simd_exchange(x, &mf_first<T>, line); }
+template <class T> inline T mf_quad_sum_(T x, int line) { return mf::simd_exchange(x, &mf_quad_sum<T>, line); }
+template <class T> inline T mf_quad_max_(T x, int line) { return mf::simd_exchange(x, &mf_quad_max<T>, line); }
+template <class T> inline T mf_quad_min_(T x, int line) { return mf::simd_exchange(x, &mf_quad_min<T>, line); }
+template <class T, class I> inline T mf_quad_shuffle_(T x, I lane, int line) { return mf_shuffle_call<0, T, true>(x, int(lane), line); }
+template <class T, class I> inline T mf_quad_shuffle_xor_(T x, I mask, int line) { return mf_shuffle_call<1, T, true>(x, int(mask), line); }
+template <class T, class I> inline T mf_quad_shuffle_up_(T x, I delta, int line) { return mf_shuffle_call<2, T, true>(x, int(delta), line); }
+template <class T, class I> inline T mf_quad_shuffle_down_(T x, I delta, int line) { return mf_shuffle_call<3, T, true>(x, int(delta), line); }
 inline bool mf_simd_all(bool b, int line) { return mf::simd_exchange(b, &mf_and<bool>, line); }
 inline bool mf_simd_any(bool b, int line) { return mf::simd_exchange(b, &mf_or<bool>, line); }
 inline simd_vote mf_simd_ballot(bool b, int line) {
@@ -760,6 +794,14 @@ using namespace metal;
 #define simd_broadcast(x, i) mf_simd_broadcast((x), (i), __LINE__)
 #define simd_broadcast_first(x) mf_simd_broadcast_first((x), __LINE__)
 #define simd_all(x) mf_simd_all((x), __LINE__)
+#define quad_sum(x) mf_quad_sum_((x), __LINE__)
+#define quad_max(x) mf_quad_max_((x), __LINE__)
+#define quad_min(x) mf_quad_min_((x), __LINE__)
+#define quad_shuffle(x, i) mf_quad_shuffle_((x), (i), __LINE__)
+#define quad_shuffle_xor(x, i) mf_quad_shuffle_xor_((x), (i), __LINE__)
+#define quad_shuffle_up(x, i) mf_quad_shuffle_up_((x), (i), __LINE__)
+#define quad_shuffle_down(x, i) mf_quad_shuffle_down_((x), (i), __LINE__)
+#define quad_broadcast(x, i) mf_quad_shuffle_((x), (i), __LINE__)
 #define simd_any(x) mf_simd_any((x), __LINE__)
 #define simd_ballot(x) mf_simd_ballot((x), __LINE__)
 #define simd_is_first() mf_simd_is_first(__LINE__)
