@@ -68,16 +68,15 @@ class Kernels:
         if "scales" not in w:
             self._record(f"linear {tuple(w['weight'].shape)}", kernel="mx matmul (unquantized weights)")
             y = x @ w["weight"].T
-        elif self.backend == "mlx" or x.shape[0] > QMV_MAX_ROWS:
-            self._record(f"quantized linear M>{QMV_MAX_ROWS}" if self.backend != "mlx" else "quantized linear",
-                         kernel="mx.quantized_matmul")
+        elif self.backend == "mlx":
+            self._record("quantized linear", kernel="mx.quantized_matmul")
             xs = x.astype(w["scales"].dtype)   # float32 on the CPU (see Model), else x unchanged
             y = mx.quantized_matmul(xs, w["weight"], w["scales"], w["biases"], transpose=True,
                                     group_size=group_size, bits=bits).astype(x.dtype)
         else:
-            n, k = w["weight"].shape[0], x.shape[1]
-            dtype = _dtype_name(x.dtype)
-            y = self._run("qmv", dict(M=x.shape[0], N=n, K=k, bits=bits, group_size=group_size), dtype,
+            family = "qmv" if x.shape[0] <= QMV_MAX_ROWS else "qmm"
+            y = self._run(family, dict(M=x.shape[0], N=w["weight"].shape[0], K=x.shape[1], bits=bits,
+                                       group_size=group_size), _dtype_name(x.dtype),
                           {"x": x, "w": w["weight"], "scales": w["scales"], "biases": w["biases"]})
         if "bias" in w:
             y = y + w["bias"]

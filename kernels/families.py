@@ -5,9 +5,10 @@ from metalforge.errors import MetalforgeError, choices
 from metalforge.kernels.decode_attention import DecodeAttention
 from metalforge.kernels.family import Family
 from metalforge.kernels.prefill_attention import PrefillAttention
+from metalforge.kernels.qmm import Qmm
 from metalforge.kernels.qmv import Qmv
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Qmv(), DecodeAttention(), PrefillAttention())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Qmv(), Qmm(), DecodeAttention(), PrefillAttention())}
 
 
 def get(name: str) -> Family:

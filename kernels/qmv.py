@@ -31,17 +31,9 @@ class Qmv(Family):
     )
 
     def shape_problems(self, s: QmvShape) -> list[str]:
-        out = []
-        if s.bits not in (4, 8):
-            out.append(f"bits={s.bits} is not supported (valid: 4, 8)")
-        if s.group_size not in (32, 64, 128):
-            out.append(f"group_size={s.group_size} is not supported (valid: 32, 64, 128)")
+        out = quantization_problems(s)
         if not 1 <= s.M <= 8:
-            out.append(f"M={s.M} is outside 1..8 (qmv is the decode / small-batch kernel)")
-        if s.N < 1 or s.K < 1:
-            out.append("N and K must be positive")
-        elif s.group_size in (32, 64, 128) and s.K % s.group_size:
-            out.append(f"K={s.K} is not a multiple of group_size={s.group_size}")
+            out.append(f"M={s.M} is outside 1..8 (qmv is the decode / small-batch kernel; qmm takes more rows)")
         return out
 
     def threads_per_threadgroup(self, c) -> int:
@@ -92,6 +84,20 @@ class Qmv(Family):
 
     def flops(self, s: QmvShape) -> int:
         return 2 * s.M * s.N * s.K
+
+
+def quantization_problems(s) -> list[str]:
+    """Shape problems shared by the quantized families (bits, group size, K divisibility)."""
+    out = []
+    if s.bits not in (4, 8):
+        out.append(f"bits={s.bits} is not supported (valid: 4, 8)")
+    if s.group_size not in (32, 64, 128):
+        out.append(f"group_size={s.group_size} is not supported (valid: 32, 64, 128)")
+    if s.N < 1 or s.K < 1:
+        out.append("N and K must be positive")
+    elif s.group_size in (32, 64, 128) and s.K % s.group_size:
+        out.append(f"K={s.K} is not a multiple of group_size={s.group_size}")
+    return out
 
 
 def dequantize_reference(wq, scales, biases, bits: int, group_size: int) -> mx.array:

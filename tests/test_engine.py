@@ -55,12 +55,13 @@ def test_greedy_tokens_and_logits_match_the_reference(models, arch, quant):
         assert streamed == ref_tokens
 
 
-@pytest.mark.parametrize("arch, quant", [("qwen2", (4, 32)), ("qwen3", (8, 64)), ("llama", None)])
-def test_emulator_backend_runs_our_kernels_and_agrees(models, arch, quant):
+@pytest.mark.parametrize("arch, quant, prompt", [("qwen2", (4, 32), PROMPT), ("qwen3", (8, 64), PROMPT + [7] * 5),
+                                                ("llama", None, PROMPT)])
+def test_emulator_backend_runs_our_kernels_and_agrees(models, arch, quant, prompt):
     folder = models[(arch, quant)]
-    ref_tokens, ref_logits = reference_greedy(folder, PROMPT, 4)
+    ref_tokens, ref_logits = reference_greedy(folder, prompt, 4)
     with engine.load(folder, backend="emulator", device="m2", kv_tokens=128) as e:
-        _, tokens, logits = drive(e, PROMPT, 4)
+        _, tokens, logits = drive(e, prompt, 4)
         report = e.kernel_report()
     assert tokens == ref_tokens
     for got, want in zip(logits, ref_logits):
@@ -69,6 +70,7 @@ def test_emulator_backend_runs_our_kernels_and_agrees(models, arch, quant):
     assert "metalforge decode_attention (emulator)" in kernels and "metalforge prefill_attention (emulator)" in kernels
     if quant:
         assert "metalforge qmv (emulator)" in kernels
+        assert ("metalforge qmm (emulator)" in kernels) == (len(prompt) > 8), "prompts over 8 tokens use qmm"
         assert all("config" in v for v in report.values() if v["kernel"].startswith("metalforge"))
 
 

@@ -54,6 +54,19 @@ def test_qmv_sample_across_shapes_and_dtypes(shape, dtype):
     assert verify("qmv", shape, dtype, sample=6) == 6
 
 
+def test_qmm_every_config_small_shape():
+    # 81 configs minus the 64-wide K tiles a K of 96 cannot divide (27) = 54
+    assert verify("qmm", dict(M=20, N=40, K=96, bits=4, group_size=32), "float16") == 54
+
+
+@pytest.mark.parametrize("shape, dtype", [
+    (dict(M=70, N=100, K=512, bits=8, group_size=128), "bfloat16"),
+    (dict(M=9, N=33, K=192, bits=4, group_size=64), "float32"),
+])
+def test_qmm_sample_across_shapes_and_dtypes(shape, dtype):
+    assert verify("qmm", shape, dtype, sample=5) == 5
+
+
 def test_decode_attention_every_config_small_shape():
     n = verify("decode_attention", dict(B=1, Hq=4, Hkv=2, S=40, D=64), "float16")
     assert n == 288
@@ -119,6 +132,7 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
 @pytest.mark.parametrize("name, shape, dtype", [
     ("qmv", dict(M=3, N=37, K=384, bits=8, group_size=128), "float16"),
     ("qmv", dict(M=1, N=70, K=640, bits=4, group_size=32), "bfloat16"),
+    ("qmm", dict(M=19, N=50, K=128, bits=4, group_size=64), "float16"),
     ("decode_attention", dict(B=2, Hq=4, Hkv=2, S=45, D=80, block_size=8), "float16"),
     ("decode_attention", dict(B=1, Hq=6, Hkv=3, S=70, D=64), "float32"),
     ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=21, D=96, prefix=9), "float16"),

@@ -11,6 +11,7 @@ from metalforge.kernels.render import render
 
 SHAPES = {
     "qmv": [dict(M=1, N=4096, K=4096, bits=4, group_size=64), dict(M=8, N=1000, K=1536, bits=8, group_size=128)],
+    "qmm": [dict(M=512, N=4096, K=4096, bits=4, group_size=64), dict(M=100, N=1000, K=96, bits=8, group_size=32)],
     "decode_attention": [dict(B=1, Hq=32, Hkv=8, S=4096, D=128), dict(B=2, Hq=14, Hkv=2, S=300, D=64, block_size=16)],
     "prefill_attention": [dict(B=1, Hq=32, Hkv=8, L=512, D=128), dict(B=1, Hq=12, Hkv=4, L=100, D=80, prefix=64)],
 }
@@ -91,6 +92,13 @@ def test_space_counts_hand_checked():
     assert report.reasons.most_common(1)[0][1] == 56
 
 
+def test_qmm_tiles_fit_exactly_at_the_limit_and_k_must_divide():
+    # 4 bytes x BK 64 x (BM 64 + BN 64) = 32,768: exactly the limit, so valid
+    assert check("qmm", {"BM": 64, "BN": 64, "BK": 64}, SHAPES["qmm"][0], "float16", "m1") == []
+    problems = check("qmm", {"BK": 64}, SHAPES["qmm"][1], "float16", "m1")
+    assert [str(p) for p in problems] == ["K=96 is not a multiple of BK=64"]
+
+
 def test_config_problems_beyond_memory():
     problems = check("prefill_attention", {"BQ": 8, "simdgroups": 8, "stage": "half"},
                      SHAPES["prefill_attention"][0], "float32", "m1")
@@ -101,7 +109,7 @@ def test_config_problems_beyond_memory():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: family("gemm"), "unknown kernel family 'gemm'; valid families: qmv, decode_attention, prefill_attention"),
+    (lambda: family("gemm"), "unknown kernel family 'gemm'; valid families: qmv, qmm, decode_attention, prefill_attention"),
     (lambda: family("qmv").config({"tile": 4}), "unknown parameter 'tile'; valid parameters: simdgroups"),
     (lambda: family("qmv").config({"simdgroups": 3}), "simdgroups=3 is outside its domain; valid values: 1, 2, 4, 8"),
     (lambda: family("qmv").shape(dict(M=1, N=64, K=100, bits=4, group_size=64)), "K=100 is not a multiple of group_size=64"),

@@ -309,3 +309,17 @@ def test_shapes_from_a_model_config():
                                                       (128256, 4096)}
     assert [s["S"] for s in sets["decode_attention"]] == [128, 4096]
     assert all(s["D"] == 128 and s["Hkv"] == 8 for s in sets["decode_attention"])
+    # prompts: M at each prefill length, every projection but the vocabulary one
+    assert {(s["M"], s["N"], s["K"]) for s in sets["qmm"]} == {(m, n, k) for m in (128, 512) for n, k in
+                                                              [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]}
+
+
+def test_tune_a_model_folder_with_qmm_on_request(tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from modelgen import write_model
+    folder = write_model(tmp_path / "model", arch="qwen2", quantized=(4, 64))
+    run = tune_cli("--device", "m4", "--model", str(folder), "--families", "qmm", "--trials", "3", "--seed", "0",
+                   "--storage", f"sqlite:///{tmp_path / 'q.db'}", "--results", str(tmp_path / "r.yaml"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    buckets = results.load(tmp_path / "r.yaml")["entries"]["qmm"]
+    assert {b.split("|")[0].split(",")[0] for b in buckets} == {"M=128", "M=512"}

@@ -61,7 +61,8 @@ def run(args) -> int:
         shape_sets = shapes.from_yaml(args.shapes)
     else:
         shape_sets = shapes.from_model_config(shapes.BUILTIN_MODEL, contexts=contexts)
-    families = args.families.split(",") if args.families else None
+    default_families = None if args.shapes else shapes.MODEL_FAMILIES
+    families = args.families.split(",") if args.families else default_families
     for f in families or []:
         if f not in FAMILIES:
             raise MetalforgeError(f"unknown family '{f}' in --families; valid families: {', '.join(FAMILIES)}")

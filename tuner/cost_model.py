@@ -49,7 +49,7 @@ def estimate(family, config: dict, shape, dtype, device) -> float:
     """Modelled seconds for one call of `config` on `shape`."""
     dev = devices.get(device)
     d = dtypes.get(dtype)
-    return {"qmv": _qmv, "decode_attention": _decode, "prefill_attention": _prefill}[family.name](
+    return {"qmv": _qmv, "qmm": _qmm, "decode_attention": _decode, "prefill_attention": _prefill}[family.name](
         family, config, shape, d, dev)
 
 
@@ -81,6 +81,20 @@ def _qmv(fam, c, s, d, dev) -> float:
         t += 2 * steps * BARRIER_S * occ.waves(dev)
     t += s.M * c["rows_per_simdgroup"] * SIMD_REDUCE_S * occ.waves(dev)
     return t + LAUNCH_S
+
+
+def _qmm(fam, c, s, d, dev) -> float:
+    tiles_n, tiles_m = cdiv(s.N, c["BN"]), cdiv(s.M, c["BM"])
+    occ = occupancy(c["threads"], fam.threadgroup_memory_bytes(c, s, d), tiles_n * tiles_m)
+    weights = s.N * s.K * s.bits / 8 + 2 * s.N * (s.K / s.group_size) * d.size
+    # each row of tiles re-streams the weights and each column of tiles re-streams x (cache helps)
+    moved = weights * (1 + 0.3 * (tiles_m - 1)) + s.M * s.K * d.size * (1 + 0.3 * (tiles_n - 1))
+    flops = 2 * tiles_m * c["BM"] * tiles_n * c["BN"] * s.K + 4 * tiles_m * tiles_n * c["BN"] * s.K
+    # threadgroup-memory reads per FMA: small tiles per thread re-read more (1/BK amortises loads)
+    per_thread = c["BM"] * c["BN"] / c["threads"]
+    parallel = occ.parallel_fraction(dev, ilp=min(2.0, per_thread / 8)) * min(1.0, c["BK"] / 32) ** 0.25
+    t = _roofline(moved, flops * 1.5, dev, parallel)
+    return t + 2 * cdiv(s.K, c["BK"]) * BARRIER_S * occ.waves(dev) + LAUNCH_S
 
 
 def _decode(fam, c, s, d, dev) -> float:
@@ -132,19 +146,21 @@ MLX_BASELINES = {
     # qmv_fast: 2 SIMD-groups x 4 rows, 16 4-bit values (or 8 8-bit values) per lane per step
     "qmv": lambda s: {"simdgroups": 2, "rows_per_simdgroup": 4, "values_per_lane": 16 if s.bits == 4 else 8,
                       "stage_x": False},
+    # steel qmm: 32 x 32 tiles, BK 32, 128 threads, SIMD-group matrix MMA
+    "qmm": lambda s: {"BM": 32, "BN": 32, "BK": 32, "threads": 128},
     # sdpa_vector: one 1024-thread threadgroup per query head; two-pass over 32 blocks at 4k+ keys
     "decode_attention": lambda s: {"threads": 1024, "keys_per_step": 1, "share_kv": False,
                                    "splits": 32 if s.S >= 4096 and s.S >= 32 else 1},
     # steel attention: 32 x 16 tiles, 4 SIMD-groups, half staging, with SIMD-group matrix MMA
     "prefill_attention": lambda s: {"BQ": 32, "BK": 16, "simdgroups": 4, "stage": "half"},
 }
-MLX_MMA_SPEEDUP = 4.0  # steel's simdgroup_matrix products against our scalar simd_sum loop
+MLX_MMA_SPEEDUP = 4.0  # steel's simdgroup_matrix products against our scalar loops
 
 
 def baseline_estimate(family, shape, dtype, device) -> float:
     """Modelled seconds for MLX's own kernel for the job."""
     config = family.config(MLX_BASELINES[family.name](shape))
     t = estimate(family, config, shape, dtype, device)
-    if family.name == "prefill_attention":
+    if family.name in ("prefill_attention", "qmm"):
         t = LAUNCH_S + (t - LAUNCH_S) / MLX_MMA_SPEEDUP
     return t

@@ -37,7 +37,8 @@ def main():
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     targets = []
     for model in MODELS:
-        targets += shapes.targets(shapes.from_model_config(model, contexts=(512, 4096)), None, "float16")
+        targets += shapes.targets(shapes.from_model_config(model, contexts=(512, 4096)), shapes.MODEL_FAMILIES,
+                                  "float16")
     verified: dict[tuple, bool] = {}
     names = args.devices.split(",") if args.devices else list(devices.profiles())
     for name in names:

@@ -195,7 +195,7 @@ def lookup(device, family: str, shape, dtype: str, results=None, shipped: bool =
 
 def _distance(family: str, a, b) -> float | None:
     """Log-distance between two shapes of the same structure, or None when they differ in kind."""
-    if family == "qmv":
+    if family in ("qmv", "qmm"):
         if (a.bits, a.group_size) != (b.bits, b.group_size):
             return None
         return abs(math.log2(a.N / b.N)) + abs(math.log2(a.K / b.K)) + abs(math.log2(a.M / b.M))

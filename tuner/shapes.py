@@ -19,6 +19,8 @@ BUILTIN_MODEL = {
 }
 DEFAULT_CONTEXTS = (512, 4096)
 DEFAULT_PREFILL = (128, 512)
+# What a model tunes unless --families says otherwise (qmm, the prompt-side product, on request).
+MODEL_FAMILIES = ("qmv", "decode_attention", "prefill_attention")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def representative(family: str, shape):
         fields.update(S=pow2_bucket(shape.S), num_blocks=0)
     elif family == "prefill_attention":
         fields.update(L=pow2_bucket(shape.L), prefix=pow2_bucket(shape.prefix) if shape.prefix else 0)
-    elif family == "qmv":
+    elif family in ("qmv", "qmm"):
         fields.update(M=pow2_bucket(shape.M))
     return fam.shape(fields)
 
@@ -69,7 +71,7 @@ def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_P
                               "num_attention_heads (and num_key_value_heads for GQA)") from None
     head_dim = int(config.get("head_dim") or hidden // heads)
     quant = config.get("quantization") or config.get("quantization_config") or {}
-    out: dict[str, list[dict]] = {"qmv": [], "decode_attention": [], "prefill_attention": []}
+    out: dict[str, list[dict]] = {"qmv": [], "qmm": [], "decode_attention": [], "prefill_attention": []}
     if quant:
         bits, gs = int(quant.get("bits", 4)), int(quant.get("group_size", 64))
         projections = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim),
@@ -81,6 +83,10 @@ def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_P
             if (n, k) not in seen:
                 seen.add((n, k))
                 out["qmv"].append(dict(M=batch, N=n, K=k, bits=bits, group_size=gs))
+        # prompts: every projection but the vocabulary one (only the last position needs logits)
+        for m in sorted({pow2_bucket(p) for p in prefill}):
+            for n, k in sorted(seen - ({projections[-1]} if config.get("vocab_size") else set())):
+                out["qmm"].append(dict(M=m, N=n, K=k, bits=bits, group_size=gs))
     for s in sorted({pow2_bucket(c) for c in contexts}):
         out["decode_attention"].append(dict(B=batch, Hq=heads, Hkv=kv_heads, S=s, D=head_dim))
     for n in sorted({pow2_bucket(p) for p in prefill}):
