@@ -246,7 +246,6 @@ extern "C" MF_EXPORT int mf_launch(void** buffers, const long long* meta, int wo
   mf::Launch L;
   L.grid = {{unsigned(meta[0]), unsigned(meta[1]), unsigned(meta[2])}};
   L.nominal_tg = {{unsigned(meta[3]), unsigned(meta[4]), unsigned(meta[5])}};
-  L.tg = L.nominal_tg;
   L.groups = {{unsigned(meta[6]), unsigned(meta[7]), unsigned(meta[8])}};
   L.checked = checked;
   L.kernel = "{kname}";

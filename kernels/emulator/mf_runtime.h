@@ -53,7 +53,7 @@ struct Fiber {
 };
 
 struct Launch {
-  u3 grid, tg, nominal_tg, groups;
+  u3 grid, nominal_tg, groups;
   int checked = 0;
   const char* kernel = "";
 };
