@@ -1,21 +1,9 @@
 """qmm: quantized matrix-matrix product for prompts (M > 8), MLX's affine `mx.quantize` layout."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Launch, Param, cdiv
-from metalforge.kernels.qmv import Qmv, quantization_problems
-
-
-@dataclass(frozen=True)
-class QmmShape:
-    M: int
-    N: int
-    K: int
-    bits: int = 4
-    group_size: int = 64
+from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
 
 
 class Qmm(Qmv):
@@ -24,7 +12,7 @@ class Qmm(Qmv):
     name = "qmm"
     template = "qmm.metal.j2"
     summary = "y = x @ dequant(w_q).T for prompts: BM x BN output tiles, x and w staged per K step"
-    shape_type = QmmShape
+    shape_type = QmvShape   # the same fields: M, N, K, bits, group_size
     params = (
         Param("BM", (16, 32, 64), 32, "output rows per threadgroup"),
         Param("BN", (16, 32, 64), 32, "output columns per threadgroup"),
