@@ -78,25 +78,25 @@ class EmulatedKernel:
         lib, path = compiler.build(unit, kname, checked)
         return lib, path, kname, infos
 
+    def _checked(self) -> bool:
+        return checked_default() if self.checked is None else bool(self.checked)
+
     def prepare(self, *, inputs, output_dtypes, template=None):
         """Compile ahead of a call (thread-safe, no MLX computation): for parallel precompilation."""
-        template = list(template.items()) if isinstance(template, dict) else list(template or [])
-        checked = checked_default() if self.checked is None else bool(self.checked)
         specs = [x if hasattr(x, "dtype") and hasattr(x, "ndim") else _as_array(x) for x in inputs]
-        self._program(specs, list(output_dtypes), template, checked)
+        self._program(specs, _listed(output_dtypes), _pairs(template), self._checked())
 
     def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
                  init_value=None, verbose=False, stream=None):
-        inputs = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+        inputs = _listed(inputs)
         if len(inputs) != len(self.input_names):
             raise ValueError(f"[metal_kernel] Expected `inputs` to have size {len(self.input_names)} but got size {len(inputs)}.")
-        output_shapes = list(output_shapes.values()) if isinstance(output_shapes, dict) else list(output_shapes)
-        output_dtypes = list(output_dtypes.values()) if isinstance(output_dtypes, dict) else list(output_dtypes)
+        output_shapes, output_dtypes = _listed(output_shapes), _listed(output_dtypes)
         for what, got in (("output_shapes", len(output_shapes)), ("output_dtypes", len(output_dtypes))):
             if got != len(self.output_names):
                 raise ValueError(f"[metal_kernel] Expected `{what}` to have size {len(self.output_names)} but got size {got}.")
-        template = list(template.items()) if isinstance(template, dict) else list(template or [])
-        checked = checked_default() if self.checked is None else bool(self.checked)
+        template = _pairs(template)
+        checked = self._checked()
         arrays = [_as_array(x) for x in inputs]
         if self.ensure_row_contiguous:
             arrays = [mx.contiguous(a) if a.ndim else a for a in arrays]
@@ -149,6 +149,16 @@ class EmulatedKernel:
             messages = [lib.mf_error(i).decode() for i in range(lib.mf_error_count())]
             raise EmulatorError(_with_lines(messages, path, kname))
         return [_to_mlx(o, d) for o, d in zip(outs, output_dtypes)]
+
+
+def _listed(values) -> list:
+    """MLX takes lists, and dicts in name order (older documentation passes dicts)."""
+    return list(values.values()) if isinstance(values, dict) else list(values)
+
+
+def _pairs(template) -> list:
+    """Template arguments as (name, value) pairs, from a list of pairs or a dict."""
+    return list(template.items()) if isinstance(template, dict) else list(template or [])
 
 
 def _as_array(x) -> mx.array:
