@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,36 +40,91 @@ class ModelArgs:
         return int(self.quantization["group_size"]) if self.quantization else None
 
 
-def parse(config: dict, where: str = "config.json") -> ModelArgs:
-    mt = config.get("model_type")
-    if mt not in ARCHITECTURES:
-        raise MetalforgeError(f"{where}: model_type {mt!r} is not supported; supported: {choices(ARCHITECTURES)}")
+# Sane ranges for a decoder's sizes, checked before anything is allocated: a typo such as
+# `num_hidden_layers: 1e9` must be an error, not a machine filling its memory. The largest
+# published models sit well inside these (hidden 16384, 128 heads, 126 layers, 256k vocabularies).
+LIMITS = {
+    "hidden_size": 131072, "intermediate_size": 1 << 20, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "head_dim": 1024, "vocab_size": 1 << 22, "max_position_embeddings": 2**31 - 1,
+}
+
+
+def _size(config: dict, name: str, where: str, default=None) -> int:
+    value = config.get(name, default)
+    if value is None:
+        raise KeyError(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
+        raise MetalforgeError(f"{where}: {name} must be an integer, got {value!r}")
+    if not 1 <= value <= LIMITS[name]:
+        raise MetalforgeError(f"{where}: {name}={value} is outside 1..{LIMITS[name]}")
+    return int(value)
+
+
+def _positive(config: dict, name: str, where: str, default: float) -> float:
+    value = config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MetalforgeError(f"{where}: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The shapes a model's kernels see: what the tuner needs of any decoder, whatever its
+    architecture, and the part of ModelArgs both read the same way."""
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    quantization: dict | None
+
+
+def sizes(config: dict, where: str = "config.json") -> Sizes:
+    if not isinstance(config, dict):
+        raise MetalforgeError(f"{where}: expected a JSON object, got a {type(config).__name__}")
     try:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
+        heads = _size(config, "num_attention_heads", where)
+        hidden = _size(config, "hidden_size", where)
+        kv_heads = _size(config, "num_key_value_heads", where, config.get("num_key_value_heads") or heads)
+        if heads % kv_heads:
+            raise MetalforgeError(f"{where}: num_attention_heads={heads} is not a multiple of "
+                                  f"num_key_value_heads={kv_heads}")
+        head_dim = _size(config, "head_dim", where, config.get("head_dim") or max(1, hidden // heads))
         quant = config.get("quantization") or config.get("quantization_config")
         if quant is not None:
             quant = {"bits": int(quant["bits"]), "group_size": int(quant["group_size"])}
             if quant["bits"] not in (4, 8) or quant["group_size"] not in (32, 64, 128):
                 raise MetalforgeError(f"{where}: quantization {quant} is not supported (bits 4 or 8, "
                                       "group_size 32, 64 or 128)")
+        return Sizes(hidden, _size(config, "intermediate_size", where), heads, kv_heads, head_dim,
+                     _size(config, "vocab_size", where), quant)
+    except KeyError as e:
+        raise MetalforgeError(f"{where}: missing required field {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise MetalforgeError(f"{where}: bad value ({e})") from None
+
+
+def parse(config: dict, where: str = "config.json") -> ModelArgs:
+    mt = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(config, dict) and mt not in ARCHITECTURES:
+        raise MetalforgeError(f"{where}: model_type {mt!r} is not supported; supported: {choices(ARCHITECTURES)}")
+    size = sizes(config, where)
+    try:
         eos = config.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return ModelArgs(
-            model_type=mt, hidden_size=hidden, intermediate_size=int(config["intermediate_size"]),
-            num_hidden_layers=int(config["num_hidden_layers"]), num_attention_heads=heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads), vocab_size=int(config["vocab_size"]),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=float(config.get("rope_theta", 10000.0)),
+            model_type=mt, **size.__dict__, num_hidden_layers=_size(config, "num_hidden_layers", where),
+            rms_norm_eps=_positive(config, "rms_norm_eps", where, 1e-6),
+            rope_theta=_positive(config, "rope_theta", where, 10000.0),
             rope_scaling=config.get("rope_scaling"),
-            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_size(config, "max_position_embeddings", where, 4096),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", mt == "qwen2")),
-            qk_norm=mt == "qwen3", quantization=quant, eos_token_id=eos)
+            qk_norm=mt == "qwen3", eos_token_id=eos)
     except KeyError as e:
         raise MetalforgeError(f"{where}: missing required field {e}") from None
-    except (TypeError, ValueError) as e:
-        raise MetalforgeError(f"{where}: bad value ({e})") from None
 
 
 def read(folder) -> dict:
@@ -77,9 +133,13 @@ def read(folder) -> dict:
     if not path.is_file():
         raise MetalforgeError(f"{folder}: not an mlx-lm model folder (no config.json)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MetalforgeError(f"{path}: not UTF-8 text (a corrupt or binary file?)") from None
     except json.JSONDecodeError as e:
         raise MetalforgeError(f"{path}: corrupt JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise MetalforgeError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def load(folder) -> ModelArgs:

@@ -1,12 +1,14 @@
 """The decoding engine users import: load a model folder, generate, manage sequences and caches."""
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
+from metalforge import arguments
 from metalforge.engine import config as model_config
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
 from metalforge.engine.kv_pool import KVPool
@@ -16,6 +18,7 @@ from metalforge.engine.ops import Kernels
 from metalforge.engine.sampling import Sampler
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import devices
+from metalforge.kernels.family import cdiv
 
 OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory")
 
@@ -62,6 +65,9 @@ class Engine:
     def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=16,
                  max_seq_len=None, memory=None):
         self.path = path
+        for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len)):
+            if value is not None:
+                arguments.positive_int(name, value)
         self.args = model_config.load(path)
         if device is not None:
             self.device = devices.resolve(device)
@@ -77,11 +83,11 @@ class Engine:
         per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * self.model.dtype.size
         if kv_memory is not None:
             kv_tokens = parse_bytes(kv_memory, self.limits.total, "kv_memory") // per_token
-        kv_tokens = int(kv_tokens or 4096)
+        kv_tokens = 4096 if kv_tokens is None else kv_tokens
         if kv_tokens < block_size:
             raise MetalforgeError(f"kv_tokens={kv_tokens} is smaller than one block of {block_size} tokens")
         self.weights_bytes = sum(w.nbytes for w in self.model.w.values())
-        num_blocks = -(-kv_tokens // block_size)
+        num_blocks = cdiv(kv_tokens, block_size)
         check_fit(self.weights_bytes, num_blocks * block_size * per_token, self.limits.total, self.limits.total_source)
         self.limits.apply()
         self.pool = KVPool(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
@@ -123,22 +129,47 @@ class Engine:
 
     def step(self, seqs: list[int], tokens: list[list[int]]) -> mx.array:
         """Append tokens to sequences and return their next-token logits (B, vocab). One sequence
-        may take any number of tokens (prefill); several take one token each (batched decode)."""
+        may take any number of tokens (prefill); several take one token each (batched decode).
+        Bad ids or sequences are refused before anything changes."""
+        self._check_step(seqs, tokens)
         logits = self.model.forward(self.pool, seqs, tokens)
         mx.eval(logits, self.pool.k, self.pool.v)
         return logits
 
     # ---- generation -----------------------------------------------------------------------------
+    def _check_step(self, seqs, tokens) -> None:
+        if len(seqs) != len(tokens) or not seqs:
+            raise MetalforgeError(f"step: {len(seqs)} sequence(s) but {len(tokens)} token list(s); give one list per sequence")
+        if len(set(seqs)) != len(seqs):
+            raise MetalforgeError(f"step: sequence ids {seqs} repeat; each sequence may appear once per step")
+        for sid, ids in zip(seqs, tokens):
+            self.pool.seq(sid)
+            if not ids:
+                raise MetalforgeError(f"step: no tokens for sequence {sid}")
+            self._check_ids(ids)
+
+    def _check_ids(self, ids) -> list[int]:
+        """The ids as Python ints, each inside the vocabulary (an id past the embedding table
+        would read outside it)."""
+        out, bad = [], []
+        for t in ids:
+            try:
+                n = operator.index(t)
+            except TypeError:
+                n = None
+            if n is None or isinstance(t, bool) or not 0 <= n < self.args.vocab_size:
+                bad.append(t)
+            out.append(n)
+        if bad:
+            raise MetalforgeError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
+        return out
+
     def encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise MetalforgeError(f"{self.path} has no tokenizer.json: pass the prompt as a list of token ids")
             return self.tokenizer.encode(prompt)
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise MetalforgeError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
-        return ids
+        return self._check_ids(prompt)
 
     def _longest_cached_prefix(self, ids: list[int]) -> tuple[int | None, int]:
         best, best_len = None, 0
@@ -154,6 +185,7 @@ class Engine:
         """Stream tokens for a prompt (text or token ids). A cached prefix (see load_prompt_cache
         and keep_prefix) is reused so only new tokens are prefilled. With keep=True the sequence
         stays in the pool afterwards (its id is `generation.sequence`)."""
+        arguments.positive_int("max_tokens", max_tokens)
         ids = self.encode(prompt)
         if not ids:
             raise MetalforgeError("the prompt is empty")
@@ -223,7 +255,13 @@ class Engine:
         """Load a saved cache into a new sequence (a reusable prefix) and return its id. Another
         model's cache, or a corrupt or truncated file, is an error and changes nothing."""
         meta, arrays = prompt_cache.read(path, self.fingerprint)
-        tokens = meta["tokens"]
+        tokens = self._check_ids(meta["tokens"])
+        want = (self.args.num_key_value_heads, len(tokens), self.args.head_dim)
+        bad = [n for n in (f"{kind}.{layer}" for layer in range(self.pool.layers) for kind in "kv")
+               if n not in arrays or tuple(arrays[n].shape) != want]
+        if meta["layers"] != self.pool.layers or bad:
+            raise prompt_cache.PromptCacheError(f"{path}: does not fit this model's KV cache (layers "
+                                                f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} not {want})")
         sid = self.pool.add_sequence()
         try:
             self.pool.reserve(sid, len(tokens))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError
+from metalforge.kernels.family import cdiv
 
 
 class PoolExhausted(MetalforgeError):
@@ -35,7 +36,7 @@ class KVPool:
             raise MetalforgeError("the KV pool needs a positive block size and at least one block")
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
-        self.max_blocks = -(-max_seq_len // block_size)
+        self.max_blocks = cdiv(max_seq_len, block_size)
         rows = num_blocks * kv_heads * block_size
         self.k = [mx.zeros((rows, head_dim), dtype=dtype) for _ in range(layers)]
         self.v = [mx.zeros((rows, head_dim), dtype=dtype) for _ in range(layers)]
@@ -94,7 +95,7 @@ class KVPool:
         if end != s.length:
             raise MetalforgeError(f"remove({sid}, {start}, {end}): only a suffix (end={s.length}) or the whole "
                                   "sequence can be removed; RoPE positions of later tokens would be wrong")
-        keep = -(-start // self.block_size)
+        keep = cdiv(start, self.block_size)
         for b in s.blocks[keep:]:
             self._release(b)
         del s.blocks[keep:]
@@ -120,30 +121,43 @@ class KVPool:
     def reserve(self, sid: int, new_tokens: int) -> None:
         """Make room for `new_tokens` more tokens: new blocks, and a private copy of a shared
         partial block about to be written. All or nothing: on exhaustion nothing changes."""
-        s = self.seq(sid)
-        total = s.length + new_tokens
-        if -(-total // self.block_size) > self.max_blocks:
-            raise PoolExhausted(f"sequence {sid} would hold {total} tokens, over the engine's maximum sequence "
-                                f"length of {self.max_blocks * self.block_size}")
-        need = -(-total // self.block_size) - len(s.blocks)
-        partial = s.length % self.block_size
-        cow = bool(new_tokens) and partial and self.refcount[s.blocks[-1]] > 1
-        if need + cow > len(self.free):
+        self.reserve_all([sid], [new_tokens])
+
+    def reserve_all(self, sids: list[int], new_tokens: list[int]) -> None:
+        """`reserve` for several sequences at once (a batched step), all or nothing: the blocks of
+        every sequence are counted before any is taken, so a failure changes no sequence."""
+        plans = [(sid, *self._needed(sid, n)) for sid, n in zip(sids, new_tokens)]
+        total = sum(need + cow for _, need, cow in plans)
+        if total > len(self.free):
+            who = f"sequence {sids[0]}" if len(sids) == 1 else f"sequences {sids}"
             raise PoolExhausted(
-                f"KV pool exhausted: {need + cow} more blocks of {self.block_size} tokens needed for sequence {sid}, "
+                f"KV pool exhausted: {total} more blocks of {self.block_size} tokens needed for {who}, "
                 f"{len(self.free)} free of {self.num_blocks} (budget {self.capacity_tokens} tokens, "
                 f"{self.reserved_bytes / 2**20:.1f} MiB); remove sequences or load with a larger kv_tokens")
-        if cow:
-            old = s.blocks[-1]
-            new = self._take()
-            for layer in range(self.layers):
-                src, dst = self._block_rows(old), self._block_rows(new)
-                self.k[layer][dst] = self.k[layer][src]
-                self.v[layer][dst] = self.v[layer][src]
-            self._release(old)
-            s.blocks[-1] = new
-        for _ in range(need):
-            s.blocks.append(self._take())
+        for sid, need, cow in plans:
+            s = self.seqs[sid]
+            if cow:
+                old = s.blocks[-1]
+                new = self._take()
+                for layer in range(self.layers):
+                    src, dst = self._block_rows(old), self._block_rows(new)
+                    self.k[layer][dst] = self.k[layer][src]
+                    self.v[layer][dst] = self.v[layer][src]
+                self._release(old)
+                s.blocks[-1] = new
+            for _ in range(need):
+                s.blocks.append(self._take())
+
+    def _needed(self, sid: int, new_tokens: int) -> tuple[int, bool]:
+        """(new blocks, whether the last block must be copied first) to append `new_tokens`."""
+        s = self.seq(sid)
+        total = s.length + new_tokens
+        if cdiv(total, self.block_size) > self.max_blocks:
+            raise PoolExhausted(f"sequence {sid} would hold {total} tokens, over the engine's maximum sequence "
+                                f"length of {self.max_blocks * self.block_size}")
+        need = cdiv(total, self.block_size) - len(s.blocks)
+        cow = bool(new_tokens) and bool(s.length % self.block_size) and self.refcount[s.blocks[-1]] > 1
+        return need, cow
 
     def _block_rows(self, block: int) -> mx.array:
         n = self.kv_heads * self.block_size

@@ -64,25 +64,40 @@ class Model:
         return mx.float16
 
     def _check(self) -> None:
+        """Every tensor the forward pass reads is present with the shape the config implies, so
+        a mismatched checkpoint is one clear error at load instead of a failure mid-generation."""
         a = self.args
-        required = ["model.embed_tokens.weight", "model.norm.weight"]
+        heads, kv, hd = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim, a.head_dim
+        linears = {"model.embed_tokens": (a.vocab_size, a.hidden_size)}
+        vectors = {"model.norm": a.hidden_size}
+        if not a.tie_word_embeddings:
+            linears["lm_head"] = (a.vocab_size, a.hidden_size)
         for i in range(a.num_hidden_layers):
             p = f"model.layers.{i}."
-            required += [p + n + ".weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-                                                     "input_layernorm", "post_attention_layernorm")]
+            linears.update({p + "self_attn.q_proj": (heads, a.hidden_size), p + "self_attn.k_proj": (kv, a.hidden_size),
+                            p + "self_attn.v_proj": (kv, a.hidden_size), p + "self_attn.o_proj": (a.hidden_size, heads),
+                            p + "mlp.gate_proj": (a.intermediate_size, a.hidden_size),
+                            p + "mlp.up_proj": (a.intermediate_size, a.hidden_size),
+                            p + "mlp.down_proj": (a.hidden_size, a.intermediate_size)})
+            vectors.update({p + "input_layernorm": a.hidden_size, p + "post_attention_layernorm": a.hidden_size})
             if a.qk_norm:
-                required += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
-        if not a.tie_word_embeddings:
-            required.append("lm_head.weight")
-        missing = [n for n in required if n not in self.w]
+                vectors.update({p + "self_attn.q_norm": hd, p + "self_attn.k_norm": hd})
+        missing = [n + ".weight" for n in [*linears, *vectors] if n + ".weight" not in self.w]
         if missing:
             raise MetalforgeError(f"weights are missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-        q = self.w["model.layers.0.self_attn.q_proj.weight"]
-        out_dim = q.shape[0]
-        if out_dim != a.num_attention_heads * a.head_dim:
-            raise MetalforgeError(f"q_proj has {out_dim} outputs, config says {a.num_attention_heads} heads x "
-                                  f"{a.head_dim}")
+        expected = {n + ".weight": (size,) for n, size in vectors.items()}
+        for name, (out, inp) in linears.items():
+            if name + ".scales" in self.w:
+                if a.quantization is None:
+                    raise MetalforgeError(f"weight {name} is quantized but config.json has no 'quantization'")
+                expected[name + ".weight"] = (out, inp * a.bits // 32)
+                expected[name + ".scales"] = expected[name + ".biases"] = (out, inp // a.group_size)
+            else:
+                expected[name + ".weight"] = (out, inp)
+        for name, shape in expected.items():
+            if name in self.w and tuple(self.w[name].shape) != shape:
+                raise MetalforgeError(f"weight {name} has shape {tuple(self.w[name].shape)}, but config.json "
+                                      f"implies {shape}")
 
     def linear(self, name: str, x: mx.array) -> mx.array:
         w = {k: self.w[f"{name}.{k}"] for k in ("weight", "scales", "biases", "bias") if f"{name}.{k}" in self.w}
@@ -112,8 +127,7 @@ class Model:
             raise MetalforgeError("a batched step takes exactly one new token per sequence")
         B, L = len(sids), len(tokens[0])
         starts = [pool.seq(s).length for s in sids]
-        for sid, t in zip(sids, tokens):
-            pool.reserve(sid, len(t))
+        pool.reserve_all(sids, [len(t) for t in tokens])
         ids = mx.array([t for seq in tokens for t in seq], dtype=mx.int32)
         positions = mx.array([[s + i for i in range(L)] for s in starts], dtype=mx.int32)
         rows = [pool.rows(sid, start, L) for sid, start in zip(sids, starts)]

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
+from metalforge import files
 from metalforge.errors import MetalforgeError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"   # 2: a checksum of the tensors
 
 
 class PromptCacheError(MetalforgeError):
@@ -35,6 +34,17 @@ def fingerprint(args, weights: dict[str, mx.array]) -> str:
     return h.hexdigest()[:32]
 
 
+def checksum(arrays: dict[str, mx.array]) -> str:
+    """SHA-256 of every tensor's name, shape, dtype and bytes: one flipped bit in the K/V data
+    would otherwise load and silently change what the model generates."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(f"{name}:{tuple(a.shape)}:{a.dtype}".encode())
+        h.update(memoryview(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).tobytes())
+    return h.hexdigest()
+
+
 def save(path, pool, sid: int, model_fingerprint: str) -> Path:
     """Write atomically: a temporary file beside the target, renamed into place."""
     path = Path(path)
@@ -50,15 +60,10 @@ def save(path, pool, sid: int, model_fingerprint: str) -> Path:
     metadata = {"format": "metalforge-prompt-cache", "format_version": FORMAT_VERSION,
                 "fingerprint": model_fingerprint, "tokens": json.dumps(seq.tokens), "dtype": str(pool.dtype),
                 "layers": str(pool.layers)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
-    os.close(fd)
-    try:
+    mx.eval(arrays)
+    metadata["checksum"] = checksum(arrays)
+    with files.replacing(path, suffix=".safetensors") as tmp:
         mx.save_safetensors(tmp, arrays, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -82,8 +87,13 @@ def read(path, model_fingerprint: str | None = None) -> tuple[dict, dict[str, mx
     try:
         tokens = json.loads(meta["tokens"])
         layers = int(meta["layers"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise PromptCacheError(f"{path}: bad metadata ({e})") from None
+    if not isinstance(tokens, list) or not tokens or not all(type(t) is int for t in tokens) or layers < 1:
+        raise PromptCacheError(f"{path}: bad metadata (tokens must be a non-empty list of ids, layers positive)")
+    if meta.get("checksum") != checksum(arrays):
+        raise PromptCacheError(f"{path}: checksum mismatch: the tensors changed after the cache was written "
+                               "(a corrupt or edited file)")
     for layer in range(layers):
         for kind in "kv":
             a = arrays.get(f"{kind}.{layer}")

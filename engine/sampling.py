@@ -1,21 +1,25 @@
 """Choosing the next token from logits: greedy, or temperature with top-k and top-p."""
 from __future__ import annotations
 
+import math
+import os
+
 import mlx.core as mx
 
+from metalforge import arguments
 from metalforge.errors import MetalforgeError
 
 
 class Sampler:
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
-        if temperature < 0:
-            raise MetalforgeError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
+        # `not x >= 0` rather than `x < 0`: NaN fails every comparison and must be refused too
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise MetalforgeError(f"temperature must be a finite number >= 0, got {temperature}")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise MetalforgeError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise MetalforgeError(f"top_k must be >= 0, got {top_k}")
+        arguments.positive_int("top_k", top_k, minimum=0)
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.key = mx.random.key(seed if seed is not None else int.from_bytes(__import__("os").urandom(4), "little"))
+        self.key = mx.random.key(arguments.seed(seed) if seed is not None else int.from_bytes(os.urandom(4), "little"))
 
     def __call__(self, logits: mx.array) -> int:
         """logits: (vocab,) float32."""

@@ -59,6 +59,10 @@ class DecodeAttention(Family):
             out.append("the block pool is too small for one sequence of S tokens")
         return out
 
+    def buffer_elements(self, s: DecodeShape) -> dict[str, int]:
+        cache = s.pool_blocks * s.Hkv * s.block_size * s.D if s.block_size else s.B * s.Hkv * s.S * s.D
+        return {"queries": s.B * s.Hq * s.D, "keys": cache, "values": cache}
+
     def heads_per_group(self, c, s: DecodeShape) -> int:
         return s.Hq // s.Hkv if c["share_kv"] else 1
 

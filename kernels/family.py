@@ -123,18 +123,18 @@ class Family:
                 f"{self.name}: unknown shape field(s) {choices(sorted(unknown))}; "
                 f"valid fields: {choices(fields)}"
             )
-        kwargs = {}
-        for k, v in values.items():
-            try:
-                kwargs[k] = int(v)
-            except (TypeError, ValueError):
-                raise MetalforgeError(f"{self.name}: shape field {k}={v!r} is not an integer") from None
+        kwargs = {k: _shape_int(self.name, k, v) for k, v in values.items()}
         missing = [f.name for f in fields.values() if f.name not in kwargs
                    and f.default is dataclasses.MISSING]
         if missing:
             raise MetalforgeError(f"{self.name}: shape is missing {choices(missing)}")
         shape = self.shape_type(**kwargs)
         problems = self.shape_problems(shape)
+        if not problems:
+            largest = max(self.buffer_elements(shape).items(), key=lambda kv: kv[1])
+            if largest[1] > MAX_BUFFER_ELEMENTS:
+                problems.append(f"buffer '{largest[0]}' would hold {largest[1]} elements, more than the "
+                                f"{MAX_BUFFER_ELEMENTS} that 32-bit indexing on the GPU can address")
         if problems:
             raise MetalforgeError(f"{self.name}: unsupported shape {shape_str(shape)}: {'; '.join(problems)}")
         return shape
@@ -142,6 +142,11 @@ class Family:
     def shape_problems(self, shape) -> list[str]:
         """Reasons the family cannot handle the shape at all, whatever the config."""
         return []
+
+    def buffer_elements(self, shape) -> dict[str, int]:
+        """Elements of each buffer a launch indexes (logical values for packed weights): the
+        kernels index with 32-bit integers, so none may exceed MAX_BUFFER_ELEMENTS."""
+        raise NotImplementedError
 
     # ---- resources (overridden) --------------------------------------------------------------
     def threadgroup_memory_bytes(self, config: Config, shape, dtype) -> int:
@@ -234,6 +239,29 @@ class Family:
 
     def flops(self, shape) -> int:
         raise NotImplementedError
+
+
+# Kernels compute element offsets in 32-bit `int`/`uint`: a buffer larger than this would wrap.
+MAX_BUFFER_ELEMENTS = 2**31 - 1
+
+
+def _shape_int(family: str, field: str, value) -> int:
+    """A shape field as an int: ints, integral strings and integral finite floats; nothing else
+    (a bool, 1.5, inf and nan are mistakes, not sizes)."""
+    if isinstance(value, bool):
+        raise MetalforgeError(f"{family}: shape field {field}={value!r} is not an integer")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise MetalforgeError(f"{family}: shape field {field}={value!r} is not an integer")
+        value = int(value)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise MetalforgeError(f"{family}: shape field {field}={value!r} is not an integer") from None
+    if not -MAX_BUFFER_ELEMENTS <= n <= MAX_BUFFER_ELEMENTS:
+        raise MetalforgeError(f"{family}: shape field {field}={n} is beyond what 32-bit indexing on the GPU "
+                              f"can address ({MAX_BUFFER_ELEMENTS})")
+    return n
 
 
 def _coerce(raw, p: Param):

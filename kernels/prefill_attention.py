@@ -53,6 +53,9 @@ class PrefillAttention(Family):
             out.append(f"Hq={s.Hq} is not a multiple of Hkv={s.Hkv}")
         return out
 
+    def buffer_elements(self, s: PrefillShape) -> dict[str, int]:
+        return {"queries": s.B * s.Hq * s.L * s.D, "keys": s.B * s.Hkv * s.LK * s.D, "values": s.B * s.Hkv * s.LK * s.D}
+
     def threads_per_threadgroup(self, c) -> int:
         return 32 * c["simdgroups"]
 

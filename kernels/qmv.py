@@ -36,6 +36,9 @@ class Qmv(Family):
             out.append(f"M={s.M} is outside 1..8 (qmv is the decode / small-batch kernel; qmm takes more rows)")
         return out
 
+    def buffer_elements(self, s: QmvShape) -> dict[str, int]:
+        return quantized_buffer_elements(s)
+
     def threads_per_threadgroup(self, c) -> int:
         return 32 * c["simdgroups"]
 
@@ -84,6 +87,11 @@ class Qmv(Family):
 
     def flops(self, s: QmvShape) -> int:
         return 2 * s.M * s.N * s.K
+
+
+def quantized_buffer_elements(s) -> dict[str, int]:
+    """x, the weight matrix (in values, as the kernels index it) and y, for qmv and qmm alike."""
+    return {"x": s.M * s.K, "w": s.N * s.K, "y": s.M * s.N}
 
 
 def quantization_problems(s) -> list[str]:

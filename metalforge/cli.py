@@ -88,6 +88,14 @@ def cmd_cache(args) -> int:
     return cache(args)
 
 
+def cmd_results(args) -> int:
+    from metalforge.tuner import results
+    data, taken = results.merge_files(args.files, args.out)
+    total = sum(len(b) for b in data["entries"].values())
+    print(f"{args.out}: {total} entries for {data['device']['name']} ({taken} taken from {len(args.files)} file(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metalforge", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune_arguments(t)
     t.set_defaults(fn=cmd_tune)
 
+    r = sub.add_parser("results", help="combine results files from several machines")
+    rsub = r.add_subparsers(dest="results_command", required=True)
+    m = rsub.add_parser("merge", help="merge results files (measured beats modelled, faster beats slower)")
+    m.add_argument("files", nargs="+", help="results YAML files of one device")
+    m.add_argument("--out", required=True, help="file to write (merged into, if it exists), atomically")
+    m.set_defaults(fn=cmd_results)
+
     from metalforge.engine.cli import add_cache_arguments, add_generate_arguments
     g = sub.add_parser("generate", help="generate tokens with an mlx-lm style model folder")
     add_generate_arguments(g)
@@ -133,6 +148,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("metalforge: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:   # the machine's word on a path: unwritable, missing, full, a folder
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"metalforge: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

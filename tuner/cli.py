@@ -1,16 +1,19 @@
 """`metalforge tune`: tune a model's (or a shapes file's) kernels for a device and save the results."""
 from __future__ import annotations
 
-import multiprocessing
+import logging
 import re
+import tempfile
+from pathlib import Path
 
 import optuna
 
+from metalforge import arguments
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import devices, dtypes
 from metalforge.kernels.families import FAMILIES
-from metalforge.tuner import results, shapes
-from metalforge.tuner.study import Settings, entry, run_study, study_name
+from metalforge.tuner import results, shapes, worker
+from metalforge.tuner.study import Settings, entry, open_study, run_study, study_name
 
 
 def add_arguments(p) -> None:
@@ -33,28 +36,53 @@ def add_arguments(p) -> None:
 
 
 def _settings(args, device) -> Settings:
-    if args.trials < 1:
-        raise MetalforgeError("--trials must be at least 1")
+    arguments.positive_int("--trials", args.trials)
+    if args.timeout is not None:
+        arguments.positive_number("--timeout", args.timeout)
+    if args.seed is not None:
+        arguments.seed(args.seed)
     return Settings(device=device.name, trials=args.trials, timeout=args.timeout, storage=args.storage,
                     sampler=args.sampler, seed=args.seed)
 
 
-def _worker(target, args_dict) -> None:
-    """An extra process on the same study (spawned: nothing is shared but the storage)."""
-    import argparse
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    args = argparse.Namespace(**args_dict)
-    run_study(target, _settings(args, devices.get(args.device)))
+def _contexts(text) -> list[int]:
+    try:
+        contexts = [int(c) for c in str(text).split(",") if c.strip()]
+    except ValueError:
+        raise MetalforgeError(f"--contexts must be comma-separated integers, got '{text}'") from None
+    if not contexts or min(contexts) < 1:
+        raise MetalforgeError(f"--contexts must be positive integers, got '{text}'")
+    return contexts
+
+
+def _results_path(args, device) -> Path:
+    """Where results go, checked before any tuning: an unreadable or corrupt file, or a folder
+    that cannot be written, is found now rather than after an hour of trials."""
+    path = Path(args.results) if args.results else results.user_results_dir() / f"{device.name}.yaml"
+    if path.is_dir():
+        raise MetalforgeError(f"--results {path}: is a folder, not a results file")
+    if path.exists():
+        results.load(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=path.parent)
+    except OSError as e:
+        raise MetalforgeError(f"cannot write results to {path}: {path.parent} is not a writable folder "
+                              f"({e.strerror or e})") from None
+    probe.close()
+    return path
 
 
 def run(args) -> int:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR, not WARNING: Optuna logs an interrupted trial with its traceback, and Ctrl-C is no bug
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # a Ctrl-C inside a database call makes SQLAlchemy log the aborted cursor with a traceback
+    logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)
     device = devices.resolve(args.device)
     dtype = dtypes.get(args.dtype).name
-    try:
-        contexts = [int(c) for c in str(args.contexts).split(",") if c]
-    except ValueError:
-        raise MetalforgeError(f"--contexts must be comma-separated integers, got '{args.contexts}'") from None
+    contexts = _contexts(args.contexts)
+    arguments.positive_int("--workers", args.workers)
+    settings = _settings(args, device)
     if args.model:
         shape_sets = shapes.from_model_folder(args.model, contexts=contexts)
     elif args.shapes:
@@ -69,22 +97,15 @@ def run(args) -> int:
     targets = shapes.targets(shape_sets, families, dtype)
     if not targets:
         raise MetalforgeError("nothing to tune: no shapes for the chosen families")
-    settings = _settings(args, device)
+    out_path = _results_path(args, device)
+    open_study(targets[0], settings)   # a corrupt journal or unreachable server: an error before any progress bar
     timer_kind = settings.timer.kind
     print(f"tuning {len(targets)} studies for {device.display_name} ({dtype}); timer: {timer_kind}"
           + ("  [MODELLED: analytic estimates, not Metal measurements]" if timer_kind == "model" else ""))
     rows, new_entries = [], []
     for target in targets:
-        extra = []
-        if args.workers > 1:
-            ctx = multiprocessing.get_context("spawn")
-            extra = [ctx.Process(target=_worker, args=(target, dict(vars(args), fn=None, device=device.name)))
-                     for _ in range(args.workers - 1)]
-            for proc in extra:
-                proc.start()
-        study = _run_with_progress(target, settings)
-        for proc in extra:
-            proc.join()
+        with worker.Pool(target, settings, args.workers - 1):
+            study = _run_with_progress(target, settings)
         e = entry(study, target)
         rows.append((target, e))
         if e:
@@ -95,10 +116,9 @@ def run(args) -> int:
             path = results.user_results_dir() / "plots" / f"{name}.png"
             plot_history(study, path, study_name(device, target) + f"  [{timer_kind}]")
             print(f"  plot: {path}")
-    path = args.results or results.user_results_dir() / f"{device.name}.yaml"
-    results.save_entries(path, device.name, new_entries)
+    results.save_entries(out_path, device.name, new_entries)
     _summary(rows, timer_kind)
-    print(f"results: {path}")
+    print(f"results: {out_path}")
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import yaml
 
 import metalforge
+from metalforge import files
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import devices
 from metalforge.kernels.families import FAMILIES, get as get_family
@@ -48,9 +48,15 @@ def load(path) -> dict:
     """Read and validate a results file; every problem names the file and the bad entry."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MetalforgeError(f"{path}: corrupt results file (not UTF-8 text)") from None
     except yaml.YAMLError as e:
         raise MetalforgeError(f"{path}: corrupt results file ({str(e).splitlines()[0]})") from None
+    except IsADirectoryError:
+        raise MetalforgeError(f"{path}: is a folder, not a results file") from None
+    except OSError as e:
+        raise MetalforgeError(f"{path}: cannot read results file ({e.strerror})") from None
     validate(data, str(path))
     return data
 
@@ -107,31 +113,49 @@ def merge(data: dict, family: str, key: str, entry: dict) -> bool:
 
 
 def write_atomic(path, data: dict) -> None:
-    """Write to a temporary file beside the target and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def save_entries(path, device, new_entries: list[tuple[str, str, dict]]) -> dict:
-    """Merge entries into the file at `path` (creating it) and write it back atomically."""
+    """Merge entries into the file at `path` (creating it) and write it back atomically, under
+    the file's lock so that concurrent writers each keep their entries."""
     path = Path(path)
-    data = load(path) if path.exists() else empty(device)
-    for family, key, entry in new_entries:
-        merge(data, family, key, entry)
+    with files.locked(path):
+        data = load(path) if path.exists() else empty(device)
+        for family, key, entry in new_entries:
+            merge(data, family, key, entry)
+        _stamp(data)
+        write_atomic(path, data)
+    return data
+
+
+def _stamp(data: dict) -> None:
     import mlx.core as mx
     data.update(updated=_now(), metalforge_version=metalforge.__version__, mlx_version=mx.__version__)
-    write_atomic(path, data)
-    return data
+
+
+def merge_files(paths, out) -> tuple[dict, int]:
+    """Combine results files (from several machines) into `out` by the merge rules: measured
+    beats modelled, faster beats slower. Every input is validated first and all must describe one
+    device; an existing `out` takes part in the merge. Returns (data, entries taken from inputs)."""
+    out = Path(out)
+    loaded = [(Path(p), load(p)) for p in paths]
+    if not loaded:
+        raise MetalforgeError("results merge: no input files")
+    names = {data["device"]["name"] for _, data in loaded}
+    if len(names) > 1:
+        raise MetalforgeError(f"results merge: the files describe different devices ({', '.join(sorted(names))}); "
+                              "merge the files of one device at a time")
+    device = names.pop()
+    with files.locked(out):
+        data = load(out) if out.exists() else empty(device)
+        if data["device"]["name"] != device:
+            raise MetalforgeError(f"results merge: {out} is for {data['device']['name']}, the inputs for {device}")
+        taken = sum(merge(data, fam, key, entry) for _, d in loaded
+                    for fam, buckets in d["entries"].items() for key, entry in buckets.items())
+        _stamp(data)
+        write_atomic(out, data)
+    return data, taken
 
 
 # ---- lookup -------------------------------------------------------------------------------------

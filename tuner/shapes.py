@@ -59,25 +59,21 @@ def bucket_key(family: str, shape, dtype: str) -> str:
     return f"{shape_str(representative(family, shape))}|{dtype}"
 
 
-def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_PREFILL, batch: int = 1) -> dict[str, list[dict]]:
-    """Every distinct qmv shape of the model, decode attention at each context, prefill at a few lengths."""
-    try:
-        hidden = int(config["hidden_size"])
-        inter = int(config["intermediate_size"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads", heads))
-    except (KeyError, TypeError, ValueError) as e:
-        raise MetalforgeError(f"model config.json lacks a usable {e}; need hidden_size, intermediate_size, "
-                              "num_attention_heads (and num_key_value_heads for GQA)") from None
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    quant = config.get("quantization") or config.get("quantization_config") or {}
+def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_PREFILL, batch: int = 1,
+                      where: str = "config.json") -> dict[str, list[dict]]:
+    """Every distinct qmv shape of the model, decode attention at each context, prefill at a few
+    lengths. The sizes are read as the engine reads them (any decoder architecture), so the
+    tuner and the engine agree on a model's shapes and refuse the same nonsense."""
+    from metalforge.engine.config import sizes
+    a = sizes(config, where)
+    hidden, inter, heads, kv_heads, head_dim = (a.hidden_size, a.intermediate_size, a.num_attention_heads,
+                                                a.num_key_value_heads, a.head_dim)
     out: dict[str, list[dict]] = {"qmv": [], "qmm": [], "decode_attention": [], "prefill_attention": []}
-    if quant:
-        bits, gs = int(quant.get("bits", 4)), int(quant.get("group_size", 64))
+    if a.quantization:
+        bits, gs = a.quantization["bits"], a.quantization["group_size"]
+        vocab = (a.vocab_size, hidden)
         projections = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim),
-                       (inter, hidden), (hidden, inter)]
-        if config.get("vocab_size"):
-            projections.append((int(config["vocab_size"]), hidden))
+                       (inter, hidden), (hidden, inter), vocab]
         seen = set()
         for n, k in projections:
             if (n, k) not in seen:
@@ -85,7 +81,7 @@ def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_P
                 out["qmv"].append(dict(M=batch, N=n, K=k, bits=bits, group_size=gs))
         # prompts: every projection but the vocabulary one (only the last position needs logits)
         for m in sorted({pow2_bucket(p) for p in prefill}):
-            for n, k in sorted(seen - ({projections[-1]} if config.get("vocab_size") else set())):
+            for n, k in sorted(seen - {vocab}):
                 out["qmm"].append(dict(M=m, N=n, K=k, bits=bits, group_size=gs))
     for s in sorted({pow2_bucket(c) for c in contexts}):
         out["decode_attention"].append(dict(B=batch, Hq=heads, Hkv=kv_heads, S=s, D=head_dim))
@@ -96,15 +92,19 @@ def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_P
 
 def from_model_folder(path, **kw) -> dict[str, list[dict]]:
     from metalforge.engine.config import read
-    return from_model_config(read(path), **kw)
+    return from_model_config(read(path), where=str(Path(path) / "config.json"), **kw)
 
 
 def from_yaml(path) -> dict[str, list[dict]]:
     """A shapes file: {family: [{field: value, ...}, ...]}."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MetalforgeError(f"{path}: cannot read shapes file ({e})") from None
+        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise MetalforgeError(f"{path}: cannot read shapes file (not UTF-8 text)") from None
+    except OSError as e:
+        raise MetalforgeError(f"{path}: cannot read shapes file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise MetalforgeError(f"{path}: cannot read shapes file ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise MetalforgeError(f"{path}: expected a mapping of family name to a list of shapes")
     for fam, shapes in data.items():

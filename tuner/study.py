@@ -2,6 +2,9 @@
 parallel workers, drift handling, and the results entry a finished study yields."""
 from __future__ import annotations
 
+import copy
+import json
+import math
 import os
 import socket
 import time
@@ -27,6 +30,35 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+class _Retry(optuna.storages.RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry, minus what belonged to the dead attempt: its worker (the copy would look
+    like a trial of a dead worker and be failed again) and its constraint (set anew)."""
+
+    def __call__(self, study, trial) -> None:
+        trial = copy.deepcopy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != "constraints"}
+        super().__call__(study, trial)
+
+
+# A trial whose worker died is run again (twice at most): by the heartbeat when the worker was on
+# another machine, at once on resume when it was a process of this machine (see recover_interrupted).
+RETRY = _Retry(max_retry=2)
+
+
+def default_heartbeat_s() -> float:
+    """Seconds between a worker's heartbeats; a trial is stale after three missed ones.
+    $METALFORGE_HEARTBEAT_S shortens it (tests; a lab on a fast network)."""
+    raw = os.environ.get("METALFORGE_HEARTBEAT_S", "10")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 1:
+        raise MetalforgeError(f"METALFORGE_HEARTBEAT_S must be a number of seconds >= 1, got {raw!r}")
+    return value
+
+
 class CandidateFailed(Exception):
     """A candidate did not compile or gave a wrong answer: its trial fails, the run goes on."""
 
@@ -46,9 +78,29 @@ class Settings:
     cooldown_s: float = 5.0           # wait after drift before re-measuring
     verify: bool = True
     warm_start: bool = True           # enqueue the default and best known configs first
+    heartbeat_s: float = field(default_factory=default_heartbeat_s)
 
 
-def storage_for(device, storage: str | None):
+def _check_journal(path) -> None:
+    """Refuse a file that is not an Optuna journal before Optuna appends to it: every line JSON.
+    (A half-written last line, left by a kill during a write, is Optuna's to skip.)"""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise MetalforgeError(f"cannot open journal '{path}': {e.strerror or e}") from None
+    lines = data.split(b"\n")
+    try:
+        for line in lines[:-1]:
+            if line.strip():
+                json.loads(line.decode("utf-8"))
+        lines[-1].decode("utf-8")
+    except ValueError as e:   # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        raise MetalforgeError(f"cannot read journal '{path}': not an Optuna journal ({type(e).__name__})") from None
+
+
+def storage_for(device, storage: str | None, heartbeat_s: float = 10.0):
     """Default: a SQLite file per device in the user's results folder. Any SQLAlchemy URL works
     (PostgreSQL for several machines); a path ending in .log / .journal is an Optuna journal file;
     "memory" keeps the study in this process only.
@@ -57,18 +109,25 @@ def storage_for(device, storage: str | None):
         return optuna.storages.InMemoryStorage()
     if storage is None:
         folder = user_results_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MetalforgeError(f"cannot create the results folder {folder}: {e.strerror or e}") from None
         storage = f"sqlite:///{folder / (devices.get(device).name + '.db')}"
     if storage.endswith((".log", ".journal")) or storage.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
         path = storage.removeprefix("journal:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(path))
+        _check_journal(path)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(path))
+        except OSError as e:
+            raise MetalforgeError(f"cannot open journal '{path}': {e.strerror or e}") from None
     engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
     try:
         return optuna.storages.RDBStorage(
-            storage, engine_kwargs=engine, heartbeat_interval=10, grace_period=30,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+            storage, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+            heartbeat_stale_trial_callback=RETRY)
     except Exception as e:  # sqlalchemy errors: bad URL, missing driver, unreachable server
         raise MetalforgeError(f"cannot open tuning storage '{storage}': {str(e).splitlines()[0]}") from None
 
@@ -94,7 +153,8 @@ def make_sampler(kind: str, family, trials: int, seed):
 def open_study(target: Target, settings: Settings) -> optuna.Study:
     family = get_family(target.family)
     return optuna.create_study(
-        study_name=study_name(settings.device, target), storage=storage_for(settings.device, settings.storage),
+        study_name=study_name(settings.device, target),
+        storage=storage_for(settings.device, settings.storage, settings.heartbeat_s),
         sampler=make_sampler(settings.sampler, family, settings.trials, settings.seed),
         direction="minimize", load_if_exists=True)
 
@@ -129,6 +189,7 @@ class Objective:
         return {p.name: trial.suggest_categorical(p.name, list(p.domain)) for p in self.family.params}
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", WORKER)
         config = self.suggest(trial)
         earlier = self._earlier_same_config(trial, config)
         if earlier is not None:
@@ -160,7 +221,6 @@ class Objective:
         timing = self.timer.time(self._runner(config), family=self.family, config=config, shape=self.target.shape,
                                  dtype=self.target.dtype, device=self.device)
         trial.set_user_attr("timer", timing.kind)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("spread", timing.spread)
         self._since_check.append(trial.number)
         return timing.seconds
@@ -182,7 +242,7 @@ class Objective:
         for t in self.study.get_trials(deepcopy=False):
             if t.number >= trial.number or t.number in discarded or not t.params or config_key(t.params) != key:
                 continue
-            if t.state == TrialState.FAIL and "error" not in t.user_attrs:
+            if interrupted(t):
                 continue
             if t.state in (TrialState.WAITING,):
                 continue
@@ -222,21 +282,81 @@ class Objective:
         self._reference = now   # the machine settled at a new speed: compare against that from now on
 
 
+def interrupted(t) -> bool:
+    """A trial whose worker was killed or interrupted (failed without an error of its config):
+    it says nothing about its config, which is run again, and it never counts as evaluated."""
+    return t.state == TrialState.FAIL and "error" not in t.user_attrs
+
+
 def counts(study: optuna.Study) -> dict:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
     fresh = [t for t in trials if "duplicate_of" not in t.user_attrs]
     return {
         "complete": sum(t.state == TrialState.COMPLETE for t in fresh),
         "invalid": sum(t.state == TrialState.PRUNED and "invalid" in t.user_attrs for t in fresh),
-        "failed": sum(t.state == TrialState.FAIL for t in fresh),
+        "failed": sum(t.state == TrialState.FAIL and not interrupted(t) for t in fresh),
+        "interrupted": sum(interrupted(t) for t in fresh),
         "duplicate": len(trials) - len(fresh),
         "discarded": len(study.user_attrs.get("discarded", [])),
     }
 
 
 def evaluated(study: optuna.Study) -> int:
-    """Finished trials that were not repeats: the budget `--trials` counts these."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if "duplicate_of" not in t.user_attrs)
+    """Finished trials that were neither repeats nor interrupted: the budget `--trials` counts these."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
+               if "duplicate_of" not in t.user_attrs and not interrupted(t))
+
+
+# ---- workers that died ---------------------------------------------------------------------------
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken
+    for the worker that died; '' where /proc is absent (macOS: the pid alone is checked)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def _worker_alive(worker: str) -> bool | None:
+    """Whether the process that ran a trial still runs; None when it ran on another machine
+    (only the heartbeat can tell) or the record is unreadable."""
+    host, _, rest = worker.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return not start or _start_time(int(pid)) == start
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Queue again the configs of interrupted trials: RUNNING trials of this machine's dead
+    workers (killed before Optuna could record anything; failed here at once rather than after
+    the heartbeat's grace period) and trials failed by Ctrl-C, each once. Two resuming workers
+    cannot both fail a trial (a finished trial refuses a second state change); should both queue
+    one Ctrl-C'd config, the second copy is a repeat and gets the first one's outcome."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    recovered = 0
+    for t in trials:
+        if t.state == TrialState.RUNNING and _worker_alive(t.user_attrs.get("worker", "")) is False:
+            try:
+                if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        elif not (interrupted(t) and t.params and t.number not in retried):
+            continue
+        RETRY(study, study._storage.get_trial(t._trial_id))
+        recovered += 1
+    return recovered
 
 
 def best_trial(study: optuna.Study):
@@ -257,7 +377,8 @@ class _Budget:
         if evaluated(study) >= self.trials:
             study.stop()
             return
-        keys = {config_key(t.params) for t in study.get_trials(deepcopy=False, states=FINISHED) if t.params}
+        keys = {config_key(t.params) for t in study.get_trials(deepcopy=False, states=FINISHED)
+                if t.params and not interrupted(t)}
         if len(keys) >= self.size:
             study.stop()
 
@@ -280,6 +401,7 @@ def warm_start(study: optuna.Study, target: Target, settings: Settings) -> None:
 def run_study(target: Target, settings: Settings, progress: Callable | None = None) -> optuna.Study:
     """Run (or resume) the study until it holds `settings.trials` finished trials or times out."""
     study = open_study(target, settings)
+    recover_interrupted(study)
     if settings.warm_start:
         warm_start(study, target, settings)
     objective = Objective(target, settings, study)

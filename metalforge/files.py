@@ -1,0 +1,66 @@
+"""Files that users keep: written atomically with the user's umask, and updated under a lock so
+that concurrent writers (tuning workers, several `metalforge tune` runs) lose nothing."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from metalforge.errors import MetalforgeError
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def replacing(path, suffix: str = ".tmp"):
+    """Yield a temporary path beside `path`; when the block ends without error, rename it into
+    place, so a reader sees the old file or the new one, never half of one. The file gets the
+    permissions a plain `open` would give it (mkstemp's are always 0600)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MetalforgeError(f"{path}: is a folder, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as e:
+        raise MetalforgeError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path, text: str) -> None:
+    with replacing(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def locked(path, timeout_s: float = 120.0):
+    """Hold `<path>.lock` while reading, merging and writing `path` back: without it, two
+    writers that read the same old file each write their own entry and the later rename wins."""
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_path), timeout=timeout_s, mode=0o666 & ~current_umask()):
+            yield
+    except Timeout:
+        raise MetalforgeError(f"{path}: another process has held its lock for over {timeout_s:.0f} s") from None
+    except PermissionError as e:
+        raise MetalforgeError(f"cannot lock {path}: {e.strerror or e}") from None
