@@ -48,10 +48,11 @@ def grid_sample_ref(x, grid):
     ne = (ix - ix_sw) * (iy_sw - iy)
     sw = (ix_ne - ix) * (iy - iy_ne)
     se = (ix - ix_nw) * (iy - iy_nw)
-    I_nw = x[mx.arange(N)[:, None, None], iy_nw, ix_nw, :]
-    I_ne = x[mx.arange(N)[:, None, None], iy_ne, ix_ne, :]
-    I_sw = x[mx.arange(N)[:, None, None], iy_sw, ix_sw, :]
-    I_se = x[mx.arange(N)[:, None, None], iy_se, ix_se, :]
+    # gathered at clamped indices (the masks below zero the outside ones): MLX's CPU gather does
+    # not check bounds, so the docs' unclamped gather read garbage (sometimes NaN) past the array
+    def at(iy, ix):
+        return x[mx.arange(N)[:, None, None], mx.clip(iy, 0, H_in - 1), mx.clip(ix, 0, W_in - 1), :]
+    I_nw, I_ne, I_sw, I_se = at(iy_nw, ix_nw), at(iy_ne, ix_ne), at(iy_sw, ix_sw), at(iy_se, ix_se)
     mask_nw = (iy_nw >= 0) & (iy_nw <= H_in - 1) & (ix_nw >= 0) & (ix_nw <= W_in - 1)
     mask_ne = (iy_ne >= 0) & (iy_ne <= H_in - 1) & (ix_ne >= 0) & (ix_ne <= W_in - 1)
     mask_sw = (iy_sw >= 0) & (iy_sw <= H_in - 1) & (ix_sw >= 0) & (ix_sw <= W_in - 1)

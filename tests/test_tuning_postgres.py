@@ -59,7 +59,7 @@ def test_three_workers_on_one_postgres_study_reach_the_budget_once(tmp_path, pos
 
 def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_its_config_retried(tmp_path, postgres_url):
     target, args = _setup(tmp_path, postgres_url, trials=14)
-    env = _env(tmp_path, METALFORGE_HEARTBEAT_S="1")
+    env = _env(tmp_path, METALFORGE_HEARTBEAT_S="2")
     name = st.study_name("m2-max", target)
     procs = [_tune(args, env, seed, tmp_path / f"r{seed}.yaml") for seed in (1, 2, 3)]
     victim, killed = procs[0], None

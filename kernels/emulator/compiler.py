@@ -48,12 +48,15 @@ def _cpu_flags() -> list[str]:
 
 
 def flags(checked: bool) -> list[str]:
-    opt = ["-O1", "-g"] if checked else ["-O2"]
+    # -g1: line tables only, so a fault's report names the kernel's MSL line in either mode
+    opt = ["-O1", "-g"] if checked else ["-O2", "-g1"]
     # Metal has no double: unsuffixed literals are float, as -fsingle-precision-constant makes them.
     # Hidden visibility keeps each kernel's runtime state (registries, errors) private to its
     # library: GCC would otherwise unify inline functions' statics across loaded libraries.
+    # Stack-clash protection probes every page of a large frame, so a private array bigger than a
+    # thread's stack hits the guard page below it (an error) instead of another thread's stack.
     return ["-std=c++17", *opt, "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-Wno-attributes",
-            "-fsingle-precision-constant", "-fno-strict-aliasing", *_cpu_flags()]
+            "-fsingle-precision-constant", "-fno-strict-aliasing", "-fstack-clash-protection", *_cpu_flags()]
 
 
 def cache_dir() -> Path:
@@ -94,12 +97,14 @@ def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDL
 def _load(target: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target), mode=os.RTLD_LOCAL)
     lib.mf_launch.restype = ctypes.c_int
-    lib.mf_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_int]
+    lib.mf_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong),
+                              ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_int]
     lib.mf_threadgroup_bytes.restype = ctypes.c_size_t
     lib.mf_error_count.restype = ctypes.c_int
     lib.mf_error.restype = ctypes.c_char_p
     lib.mf_error.argtypes = [ctypes.c_int]
     lib.mf_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
+    lib.mf_cancel.restype = None
     return lib
 
 

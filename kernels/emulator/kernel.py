@@ -4,6 +4,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import threading
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -33,18 +35,20 @@ def worker_count() -> int:
 
 
 def metal_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True,
-                 atomic_outputs=False, compile_options=None, *, device=None, checked=None):
+                 atomic_outputs=False, compile_options=None, *, device=None, checked=None, timeout=None):
     """Same arguments as `mx.fast.metal_kernel` (plus `device`, a profile whose limits dispatch
-    enforces, and `checked`, bounds and race checking); returns a callable with MLX's call."""
+    enforces, `checked`, bounds and race checking, and `timeout`, seconds a call may run before it
+    is stopped with an error; default $METALFORGE_EMULATOR_TIMEOUT_S, else none); returns a
+    callable with MLX's call."""
     if not output_names:
         raise ValueError("[metal_kernel] Must specify at least one output.")
     return EmulatedKernel(name, list(input_names), list(output_names), source, header,
-                          ensure_row_contiguous, atomic_outputs, device, checked)
+                          ensure_row_contiguous, atomic_outputs, device, checked, timeout)
 
 
 class EmulatedKernel:
     def __init__(self, name, input_names, output_names, source, header, ensure_row_contiguous,
-                 atomic_outputs, device, checked):
+                 atomic_outputs, device, checked, timeout=None):
         self.name = name
         self.input_names = input_names
         self.output_names = output_names
@@ -54,7 +58,11 @@ class EmulatedKernel:
         self.atomic_outputs = atomic_outputs
         self.device = device
         self.checked = checked
+        self.timeout = timeout
         self.last_stats: dict = {}   # counts of the last call: threads, barrier crossings, SIMD lanes
+
+    def _timeout(self) -> float | None:
+        return self.timeout if self.timeout is not None else timeout_default()
 
     def _limits(self) -> dict:
         if self.device is None:
@@ -116,39 +124,80 @@ class EmulatedKernel:
             raise EmulatorError(f"Threadgroup memory size ({tg_bytes}) exceeds the maximum threadgroup memory "
                                 f"allowed ({limits['threadgroup_memory_bytes']}) in kernel {kname}")
 
-        keep, pointers, counts = [], [], []
+        keep, pointers, counts, sizes = [], [], [], []
+        def buffer(arr: np.ndarray, count: int) -> None:
+            keep.append(arr)
+            pointers.append(arr.ctypes.data)
+            counts.append(count)
+            sizes.append(count * arr.itemsize if count < (1 << 62) else 0)   # 0: not guarded (negative strides)
         for a, info in zip(arrays, infos):
             view = _numpy_view(a)
-            keep.append(view)
-            pointers.append(view.ctypes.data)
-            counts.append(_extent(view))
+            buffer(view, _extent(view))
             if a.ndim > 0:
                 for used, values, dtype in ((info.shape, a.shape, np.int32),
                                             (info.strides, [s // view.itemsize for s in view.strides], np.int64),
                                             (info.ndim_used, [a.ndim], np.int32)):
                     if used:
                         buf = np.ascontiguousarray(values, dtype=dtype)
-                        keep.append(buf)
-                        pointers.append(buf.ctypes.data)
-                        counts.append(buf.size)
+                        buffer(buf, buf.size)
         outs = []
         for shape, dtype in zip(output_shapes, output_dtypes):
             out = _new_output(tuple(int(s) for s in shape), dtype, init_value)
             outs.append(out)
-            pointers.append(out.ctypes.data)
-            counts.append(out.size)
+            buffer(out, out.size)
         groups = [-(-g // min(t, g)) for g, t in zip(grid, tg)]
         nominal = [min(t, g) for g, t in zip(grid, tg)]   # MLX clamps each threadgroup dim to the grid
         meta = (ctypes.c_longlong * (9 + len(counts)))(*grid, *nominal, *groups, *counts)
         ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
-        rc = lib.mf_launch(ptrs, meta, worker_count(), int(checked))
+        byte_sizes = (ctypes.c_longlong * max(1, len(sizes)))(*sizes)
+        rc = _run_interruptibly(lambda: lib.mf_launch(ptrs, meta, byte_sizes, worker_count(), int(checked)),
+                                lib.mf_cancel, kname, self._timeout())
         counts_out = (ctypes.c_longlong * 3)()
         lib.mf_stats(counts_out)
         self.last_stats = dict(zip(("threads", "barrier_crossings", "simd_lanes"), counts_out))
-        if rc != 0:
+        if rc != 0:   # -1: errors reported; -2: cancelled (handled above)
             messages = [lib.mf_error(i).decode() for i in range(lib.mf_error_count())]
             raise EmulatorError(_with_lines(messages, path, kname))
         return [_to_mlx(o, d) for o, d in zip(outs, output_dtypes)]
+
+
+def _run_interruptibly(launch, cancel, kname: str, timeout_s: float | None) -> int:
+    """Run a dispatch on a helper thread while this one waits, so Ctrl-C (delivered to the main
+    thread) and the time limit can end a kernel that never returns: `cancel` makes the runtime
+    jump out of every running kernel thread within milliseconds."""
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(launch()), name=f"emulator:{kname}", daemon=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    interrupted = timed_out = False
+    worker.start()
+    while worker.is_alive():
+        try:
+            worker.join(0.05)
+        except KeyboardInterrupt:
+            interrupted = True
+        if deadline is not None and time.monotonic() > deadline:
+            timed_out = True
+        if interrupted or timed_out:
+            cancel()
+    if interrupted:
+        raise KeyboardInterrupt(f"emulated kernel {kname} interrupted")
+    if timed_out:
+        raise EmulatorError(f"{kname}: the kernel ran past its time limit of {timeout_s:g} s and was stopped "
+                            "(an endless loop? raise the limit with timeout= or METALFORGE_EMULATOR_TIMEOUT_S)")
+    return result[0]
+
+
+def timeout_default() -> float | None:
+    raw = os.environ.get("METALFORGE_EMULATOR_TIMEOUT_S")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise EmulatorError(f"METALFORGE_EMULATOR_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
+    return value
 
 
 def _listed(values) -> list:
@@ -221,7 +270,7 @@ def _with_lines(messages: list[str], path, kname: str) -> str:
 def _translation_unit(kname, msl, infos, output_names, output_dtypes, template, atomic_outputs, checked,
                       attributes) -> str:
     """The kernel's MSL (rewritten line for line) followed by the extern "C" launcher."""
-    args, b = [], 0
+    args, b, buffer_names = [], 0, []
     def pointer(ctype, name, count_index, const=True):
         q = "const " if const else ""
         raw = f"reinterpret_cast<{q}{ctype}*>(buffers[{count_index}])"
@@ -230,29 +279,41 @@ def _translation_unit(kname, msl, infos, output_names, output_dtypes, template, 
         return raw
     for info in infos:
         t = type_name(info.dtype)
+        buffer_names.append(info.name)
         if info.ndim == 0:
             args.append(f"*reinterpret_cast<const {t}*>(buffers[{b}])")
         else:
             args.append(pointer(t, info.name, b))
         b += 1
         if info.ndim > 0:
-            if info.shape:
-                args.append(pointer("int", f"{info.name}_shape", b)); b += 1
-            if info.strides:
-                args.append(pointer("int64_t", f"{info.name}_strides", b)); b += 1
+            for used, suffix, ctype in ((info.shape, "shape", "int"), (info.strides, "strides", "int64_t")):
+                if used:
+                    args.append(pointer(ctype, f"{info.name}_{suffix}", b))
+                    buffer_names.append(f"{info.name}_{suffix}")
+                    b += 1
             if info.ndim_used:
-                args.append(f"*reinterpret_cast<const int*>(buffers[{b}])"); b += 1
+                args.append(f"*reinterpret_cast<const int*>(buffers[{b}])")
+                buffer_names.append(f"{info.name}_ndim")
+                b += 1
+    first_output = b
     for name, dtype in zip(output_names, output_dtypes):
         t = type_name(dtype)
+        buffer_names.append(name)
         args.append(pointer(f"atomic<{t}>" if atomic_outputs else t, name, b, const=False))
         b += 1
     args += [ATTRIBUTE_VALUES[a] for a in attributes]
     call = kname
     if template:
         call += "<" + ", ".join(template_value(v)[1] for _, v in template) + ">"
+    names = ", ".join(f'"{n}"' for n in buffer_names) or '""'
     launcher = f'''
 #line 1 "mf_launcher.cpp"
-extern "C" MF_EXPORT int mf_launch(void** buffers, const long long* meta, int workers, int checked) {{
+extern "C" MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* bytes, int workers,
+                                   int checked) {{
+  static const char* const names[] = {{{names}}};
+  // outside checked mode (which checks every index itself) buffers get guard pages
+  mf::GuardedBuffers guarded(host, bytes, names, {b}, {first_output}, !checked);
+  void** buffers = guarded.ptrs.data();
   mf::Launch L;
   L.grid = {{unsigned(meta[0]), unsigned(meta[1]), unsigned(meta[2])}};
   L.nominal_tg = {{unsigned(meta[3]), unsigned(meta[4]), unsigned(meta[5])}};

@@ -55,6 +55,7 @@ template <class T> [[gnu::noinline]] inline T& tg_log(T* p, const char* name, lo
   a.pc = __builtin_return_address(0);
   a.name = name;
   a.index = index;
+  Critical c;
   f.log.push_back(a);
   return *p;
 }

@@ -20,9 +20,11 @@
 #include <vector>
 #include <sys/mman.h>
 #include <dlfcn.h>
-#if !defined(__x86_64__)
+#include <csetjmp>
+#include <csignal>
+#include <pthread.h>
 #include <ucontext.h>
-#endif
+#include <unistd.h>
 
 namespace mf {
 
@@ -64,11 +66,21 @@ struct Launch {
 struct Stats { std::atomic<long long> threads{0}, barrier_crossings{0}, simd_lanes{0}; };
 inline Stats& stats() { static Stats s; return s; }
 
+// A signal that ends a kernel (timeout, Ctrl-C, a fault) jumps out of the fiber that runs it;
+// code that holds a lock or is growing a vector must not be left halfway, so it counts itself
+// critical and the cancel signal waits for the next scheduling point instead.
+inline thread_local int tls_critical = 0;
+struct Critical {
+  Critical() { tls_critical++; }
+  ~Critical() { tls_critical--; }
+};
+
 struct Errors {
   std::mutex mu;
   std::vector<std::string> messages;
   std::atomic<int> abort{0};
   void add(const std::string& m, bool fatal) {
+    Critical c;
     std::lock_guard<std::mutex> g(mu);
     if (messages.size() < 16) messages.push_back(m);
     if (fatal) abort.store(1);
@@ -96,12 +108,17 @@ struct Worker {
   struct Shadow { int writer, reader; unsigned wepoch, repoch, wsg, rsg; const void* wpc; const void* rpc; };
   std::vector<Shadow> shadow;
   int races = 0;
+  // faults: where a fatal signal in a fiber jumps to, and the fiber stacks' guard pages
+  sigjmp_buf escape;
+  char* stacks = nullptr;
+  size_t stacks_bytes = 0;
 };
 inline thread_local Worker* tls_worker = nullptr;
 inline Worker& worker() { return *tls_worker; }
 inline Fiber& self() { return *tls_worker->current; }
 
-constexpr size_t kStackBytes = 64 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;   // each emulated thread's private memory (its fiber stack)
+constexpr size_t kGuardBytes = 4096;        // a PROT_NONE page below each stack: an overflow faults there
 
 // ---- context switch ---------------------------------------------------------------------
 #if defined(__x86_64__)
@@ -283,6 +300,7 @@ inline bool ordered(Worker& w, int other, unsigned epoch, unsigned sg_epoch) {
 }
 
 inline void flush_accesses(Worker& w, Fiber& f) {
+  Critical c;
   const int me = int(f.index);
   const unsigned sgep = w.sg_epoch[f.simdgroup];
   for (const auto& a : f.log) {
@@ -437,6 +455,204 @@ inline A& tg_array() {
   return *reinterpret_cast<A*>(worker().tg_memory + TgSlot<A, ID>::offset);
 }
 
+// ---- faults: errors, never a dead process ----------------------------------------------------
+// A kernel runs on worker threads in fibers. While one does, SIGFPE, SIGSEGV, SIGBUS and the
+// cancel signal are ours: integer division by zero gives 0 (a GPU gives a value, not a trap; checked
+// mode reports it), a fault in a guard page or anywhere else ends the dispatch with an error, and
+// cancel (timeout, Ctrl-C) jumps out of the kernel. A signal on any other thread goes to the
+// handler that was installed before the dispatch. x86-64 Linux only (where the emulator is for).
+constexpr int kCancelSignal = SIGUSR2;
+
+struct GuardRange { const char* lo; const char* hi; const char* buffer; const char* data_end; };
+struct FaultState {
+  std::mutex mu;
+  std::vector<pthread_t> threads;                 // workers of the running dispatch
+  std::vector<GuardRange> guards;                 // device buffers' guard pages
+  struct sigaction previous[4];
+  int installed = 0;
+  std::atomic<int> cancelled{0};
+};
+inline FaultState& faults() { static FaultState s; return s; }
+constexpr int kSignals[4] = {SIGFPE, SIGSEGV, SIGBUS, kCancelSignal};
+
+inline std::string here_str(const Fiber& f, const void* pc) {
+  return std::string(worker().launch->kernel) + ": " + pos_str(f) + " at " + pc_str(pc);
+}
+
+[[noreturn]] inline void escape_with(const std::string& message) {
+  Worker& w = worker();
+  if (!message.empty()) errors().add(message, true);
+  errors().abort.store(1);
+  w.failed = true;
+  siglongjmp(w.escape, 1);
+}
+
+#if defined(__x86_64__) && defined(__linux__)
+// Length of a DIV/IDIV instruction (F6/F7 with ModRM reg 6 or 7) at pc, or 0 if it is none.
+inline int div_length(const unsigned char* pc, bool* byte_form) {
+  int n = 0;
+  while (pc[n] == 0x66 || pc[n] == 0x67 || pc[n] == 0xF2 || pc[n] == 0xF3 || pc[n] == 0x2E || pc[n] == 0x3E) n++;
+  if ((pc[n] & 0xF0) == 0x40) n++;                               // REX
+  if (pc[n] != 0xF6 && pc[n] != 0xF7) return 0;
+  *byte_form = pc[n] == 0xF6;
+  const unsigned char modrm = pc[n + 1];
+  const int mod = modrm >> 6, reg = (modrm >> 3) & 7, rm = modrm & 7;
+  if (reg != 6 && reg != 7) return 0;
+  n += 2;
+  if (mod != 3 && rm == 4) {                                     // SIB
+    const int base = pc[n] & 7;
+    n += 1;
+    if (mod == 0 && base == 5) n += 4;
+  }
+  if (mod == 0 && rm == 5) n += 4;                               // RIP-relative
+  if (mod == 1) n += 1;
+  if (mod == 2) n += 4;
+  return n;
+}
+
+inline void on_signal(int sig, siginfo_t* info, void* raw) {
+  Worker* w = tls_worker;
+  auto* uc = static_cast<ucontext_t*>(raw);
+  const bool in_kernel = w && w->current;
+  if (sig == kCancelSignal) {
+    if (in_kernel && !tls_critical) escape_with("");   // the caller words the reason
+    return;                                             // not in a kernel: the abort flag stops it
+  }
+  if (!in_kernel) {
+    // not ours: hand the signal to whoever had it before the dispatch, as if we were not here
+    FaultState& s = faults();
+    for (int i = 0; i < 4; i++)
+      if (kSignals[i] == sig) sigaction(sig, &s.previous[i], nullptr);
+    return;   // the instruction faults again, now under the previous handler
+  }
+  Fiber& f = *w->current;
+  const unsigned char* pc = reinterpret_cast<const unsigned char*>(uc->uc_mcontext.gregs[REG_RIP]);
+  if (sig == SIGFPE) {
+    bool byte_form = false;
+    const int len = div_length(pc, &byte_form);
+    if (len == 0) escape_with(here_str(f, pc + 1) + ": arithmetic fault");
+    if (byte_form) uc->uc_mcontext.gregs[REG_RAX] &= ~0xFFFFll;   // AL quotient, AH remainder
+    else uc->uc_mcontext.gregs[REG_RAX] = uc->uc_mcontext.gregs[REG_RDX] = 0;
+    uc->uc_mcontext.gregs[REG_RIP] += len;
+    if (w->launch->checked) errors().add(here_str(f, pc + 1) + ": integer division by zero (or overflow); "
+                                         "a GPU gives an undefined value, the emulator gives 0", false);
+    return;
+  }
+  const char* addr = static_cast<const char*>(info->si_addr);
+  const bool write = uc->uc_mcontext.gregs[REG_ERR] & 2;
+  if (addr >= w->stacks && addr < w->stacks + w->stacks_bytes)
+    escape_with(here_str(f, pc + 1) + ": private memory overflow: the thread used more than the " +
+                std::to_string(kStackBytes / 1024) + " KiB of private memory (stack) the emulator gives each "
+                "thread (a large private array, or recursion)");
+  for (const GuardRange& g : faults().guards) {
+    if (addr < g.lo || addr >= g.hi) continue;
+    if (!write) {
+      // an out-of-bounds read returns zeros, as Apple GPUs' bounds-checked loads do; checked mode reports it
+      mprotect(const_cast<char*>(g.lo), size_t(g.hi - g.lo), PROT_READ);
+      return;
+    }
+    escape_with(here_str(f, pc + 1) + ": out-of-bounds write to device buffer '" + g.buffer + "' (" +
+                std::to_string(addr - g.data_end) + " bytes past its end, or before its start; "
+                "run with checked=True for the exact index)");
+  }
+  escape_with(here_str(f, pc + 1) + ": invalid " + (write ? "write to" : "read of") + " memory address " +
+              std::to_string(reinterpret_cast<uintptr_t>(addr)) + " (a pointer outside every buffer)");
+}
+
+// Installed for one dispatch on the calling thread; each worker thread registers itself and an
+// alternate signal stack (a fault on an overflowed fiber stack needs somewhere else to run).
+struct FaultScope {
+  Worker& w;
+  stack_t alt{}, old_alt{};
+  bool owner = false;
+  explicit FaultScope(Worker& worker) : w(worker) {
+    FaultState& s = faults();
+    std::lock_guard<std::mutex> g(s.mu);
+    alt.ss_size = 64 * 1024;
+    alt.ss_sp = std::malloc(alt.ss_size);
+    sigaltstack(&alt, &old_alt);
+    s.threads.push_back(pthread_self());
+  }
+  ~FaultScope() {
+    FaultState& s = faults();
+    std::lock_guard<std::mutex> g(s.mu);
+    s.threads.erase(std::find(s.threads.begin(), s.threads.end(), pthread_self()));
+    sigaltstack(&old_alt, nullptr);
+    std::free(alt.ss_sp);
+  }
+};
+
+inline void install_handlers() {
+  FaultState& s = faults();
+  s.cancelled.store(0);
+  struct sigaction sa {};
+  sa.sa_sigaction = on_signal;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  for (int i = 0; i < 4; i++) sigaction(kSignals[i], &sa, &s.previous[i]);
+}
+
+inline void restore_handlers() {
+  FaultState& s = faults();
+  for (int i = 0; i < 4; i++) sigaction(kSignals[i], &s.previous[i], nullptr);
+}
+
+inline void cancel_dispatch() {
+  FaultState& s = faults();
+  errors().abort.store(1);
+  s.cancelled.store(1);
+  std::lock_guard<std::mutex> g(s.mu);
+  for (pthread_t t : s.threads) pthread_kill(t, kCancelSignal);
+}
+
+// Device buffers, copied into their own mappings with a guard page before and after: a write
+// past either end faults there and becomes an error naming the buffer (instead of corrupting
+// the host's heap); a read there returns zeros.
+struct GuardedBuffers {
+  std::vector<void*> ptrs;
+  struct Region { char* base; size_t bytes; char* data; size_t size; void* host; bool output; };
+  std::vector<Region> regions;
+  GuardedBuffers(void** host, const long long* sizes, const char* const* names, int n, int first_output, bool guard) {
+    ptrs.assign(host, host + n);
+    if (!guard) return;
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    for (int i = 0; i < n; i++) {
+      const size_t size = size_t(sizes[i]);
+      if (size == 0) continue;
+      const size_t padded = (size + 15) & ~size_t(15);
+      const size_t data_pages = (padded + page - 1) / page * page;
+      const size_t bytes = data_pages + 2 * page;
+      char* base = static_cast<char*>(mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+      if (base == MAP_FAILED) continue;   // out of address space: run this buffer unguarded
+      mprotect(base, page, PROT_NONE);
+      mprotect(base + page + data_pages, page, PROT_NONE);
+      char* data = base + page + (data_pages - padded);
+      std::memcpy(data, host[i], size);
+      ptrs[i] = data;
+      regions.push_back({base, bytes, data, size, host[i], i >= first_output});
+      faults().guards.push_back({base, base + page, names[i], data + size});
+      faults().guards.push_back({base + page + data_pages, base + bytes, names[i], data + size});
+    }
+  }
+  ~GuardedBuffers() {
+    for (const Region& r : regions) {
+      if (r.output) std::memcpy(r.host, r.data, r.size);
+      munmap(r.base, r.bytes);
+    }
+    faults().guards.clear();
+  }
+};
+#else
+struct FaultScope { explicit FaultScope(Worker&) {} };
+inline void install_handlers() {}
+inline void restore_handlers() {}
+inline void cancel_dispatch() { errors().abort.store(1); }
+struct GuardedBuffers {
+  std::vector<void*> ptrs;
+  GuardedBuffers(void** host, const long long*, const char* const*, int n, int, bool) : ptrs(host, host + n) {}
+};
+#endif
+
 // ---- dispatch -----------------------------------------------------------------------------
 inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> body) {
   errors().messages.clear();
@@ -453,15 +669,21 @@ inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> bo
     w.launch = &L;
     w.body = &body;
     w.fibers.resize(nominal);
-    char* stacks = static_cast<char*>(mmap(nullptr, kStackBytes * nominal, PROT_READ | PROT_WRITE,
-                                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-    for (int i = 0; i < nominal; i++) w.fibers[i].stack = stacks + kStackBytes * i;
+    const size_t slot = kGuardBytes + kStackBytes;
+    w.stacks_bytes = slot * nominal;
+    w.stacks = static_cast<char*>(mmap(nullptr, w.stacks_bytes, PROT_READ | PROT_WRITE,
+                                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+    for (int i = 0; i < nominal; i++) {
+      mprotect(w.stacks + slot * i, kGuardBytes, PROT_NONE);
+      w.fibers[i].stack = w.stacks + slot * i + kGuardBytes;
+    }
+    FaultScope fault_scope(w);
     w.tg_capacity = tg_registry().arena + 16;
     std::vector<unsigned char> arena(w.tg_capacity);
     w.tg_memory = arena.data();
     w.sg_epoch.assign((nominal + 31) / 32, 0u);
     if (L.checked) w.shadow.resize(w.tg_capacity);
-    for (;;) {
+    if (sigsetjmp(w.escape, 1) == 0) for (;;) {
       unsigned long g = next.fetch_add(1);
       if (g >= total_groups || errors().abort.load()) break;
       u3 tp{unsigned(g % L.groups.x), unsigned((g / L.groups.x) % L.groups.y), unsigned(g / ((unsigned long)L.groups.x * L.groups.y))};
@@ -485,14 +707,18 @@ inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> bo
       run_threadgroup(w);
       if (w.failed) break;
     }
-    munmap(stacks, kStackBytes * nominal);
+    w.current = nullptr;
+    munmap(w.stacks, w.stacks_bytes);
     tls_worker = nullptr;
   };
   const int nthreads = int(std::max<unsigned long>(1, std::min<unsigned long>(workers, total_groups)));
   std::vector<std::thread> pool;
+  install_handlers();
   for (int i = 1; i < nthreads; i++) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
+  restore_handlers();
+  if (faults().cancelled.load()) return -2;
   return errors().messages.empty() ? 0 : -1;
 }
 
@@ -509,6 +735,7 @@ extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(mf::Fiber* f) {
 #define MF_EXPORT __attribute__((visibility("default")))
 extern "C" {
 MF_EXPORT size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
+MF_EXPORT void mf_cancel() { mf::cancel_dispatch(); }
 MF_EXPORT int mf_error_count() { return int(mf::errors().messages.size()); }
 MF_EXPORT const char* mf_error(int i) { return mf::errors().messages[i].c_str(); }
 MF_EXPORT void mf_stats(long long* out) {
