@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from metalforge.kernels import emulator
+from metalforge import emulator
 from metalforge.kernels import get_family as family
 
 REDUCE = """

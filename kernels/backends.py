@@ -32,7 +32,7 @@ def kernel(src, backend: str | None = None, device=None):
             factory = mx.fast.metal_kernel
             extra = {}
         else:
-            from metalforge.kernels import emulator
+            from metalforge import emulator
             factory = emulator.metal_kernel
             extra = {"device": device}
         _cache[key] = factory(name=src.name, input_names=list(src.input_names),

@@ -5,8 +5,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metalforge.kernels import emulator
-from metalforge.kernels.emulator import EmulatorError
+from metalforge import emulator
+from metalforge.emulator import EmulatorError
 
 
 def run(source, inputs, output_shapes, output_dtypes, grid, threadgroup, names=None, outputs=("out",), **kw):
@@ -174,3 +174,15 @@ def test_device_profile_limits_apply(tmp_path):
     with pytest.raises(EmulatorError, match=r"Thread group size \(1024\).*\(896\)"):
         k(inputs=[mx.zeros(1)], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1024, 1, 1),
           threadgroup=(1024, 1, 1))
+
+
+def test_the_old_import_path_still_works_for_a_release_with_a_deprecation_warning():
+    import importlib
+    import sys
+    for name in [m for m in sys.modules if m.startswith("metalforge.kernels.emulator")]:
+        del sys.modules[name]
+    with pytest.warns(DeprecationWarning, match="import metalforge.emulator"):
+        old = importlib.import_module("metalforge.kernels.emulator")
+    assert old.metal_kernel is emulator.metal_kernel
+    from metalforge.kernels.emulator.kernel import EmulatorError as Old
+    assert Old is EmulatorError

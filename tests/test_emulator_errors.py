@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import emulator
-from metalforge.kernels.emulator import CompileError, EmulatorError
-from metalforge.kernels.emulator import compiler
+from metalforge import emulator
+from metalforge.emulator import CompileError, EmulatorError
+from metalforge.emulator import compiler
 
 
 def launch(source, checked=None, n=64, tg=64, name="k"):

@@ -11,8 +11,8 @@ import pytest
 
 PRELUDE = textwrap.dedent("""
     import mlx.core as mx
-    from metalforge.kernels import emulator
-    from metalforge.kernels.emulator.kernel import EmulatorError
+    from metalforge import emulator
+    from metalforge.emulator.kernel import EmulatorError
 
     def run(src, inp, dtype, checked=None, timeout=None):
         k = emulator.metal_kernel(name="fault", input_names=["inp"], output_names=["out"], source=src,
@@ -119,6 +119,8 @@ def test_an_endless_kernel_is_stopped_by_its_time_limit_argument_and_environment
 def test_ctrl_c_interrupts_a_running_kernel_within_a_second():
     proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(f"""
         import sys, time
+        emulator.metal_kernel(name="fault", input_names=["inp"], output_names=["out"], source={ENDLESS!r}).prepare(
+            inputs=[floats], output_dtypes=[mx.float32])   # compiled before the signal can come
         print("running", flush=True)
         try:
             run({ENDLESS!r}, floats, mx.float32)
@@ -126,7 +128,7 @@ def test_ctrl_c_interrupts_a_running_kernel_within_a_second():
             print("interrupted", flush=True)
     """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "running"
-    time.sleep(2.0)     # compiled and running
+    time.sleep(1.0)     # compiled above, so running by now
     sent = time.time()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metalforge.kernels import emulator
+from metalforge import emulator
 
 
 def exp_elementwise(a: mx.array):

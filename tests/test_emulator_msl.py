@@ -3,7 +3,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metalforge.kernels import emulator
+from metalforge import emulator
 
 
 def kernel(source, inputs, shape, dtype=mx.float32, grid=None, tg=(32, 1, 1), names=None, header="", **kw):

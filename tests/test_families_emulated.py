@@ -13,7 +13,7 @@ import pytest
 
 from metalforge.kernels import check
 from metalforge.kernels import get_family as family
-from metalforge.kernels.emulator import EmulatorError
+from metalforge.emulator import EmulatorError
 
 DEVICE = "m3-max-40"
 
@@ -108,7 +108,7 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     first_barrier = "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int i = tid; i < BK * D"
     assert first_barrier in source
     broken = source.replace(first_barrier, "  for (int i = tid; i < BK * D")
-    from metalforge.kernels import emulator
+    from metalforge import emulator
     kernel = emulator.metal_kernel(name="broken_prefill", input_names=list(launch.kernel.input_names),
                                    output_names=["out"], source=broken, checked=True)
     inputs = fam.make_inputs(shape, "float32")

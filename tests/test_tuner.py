@@ -61,7 +61,7 @@ def test_end_to_end_tune_writes_a_valid_results_file(tmp_path):
 
 def test_invalid_configs_never_reach_the_renderer_or_compiler(tmp_path, monkeypatch):
     from metalforge.kernels import render as render_module
-    from metalforge.kernels.emulator import compiler
+    from metalforge.emulator import compiler
     rendered, built = [], []
     real_render, real_build = render_module.render, compiler.build
     monkeypatch.setattr(render_module, "render", lambda t, **v: rendered.append(v) or real_render(t, **v))

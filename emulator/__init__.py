@@ -1,6 +1,6 @@
 """An MSL-on-CPU emulator: a drop-in for `mx.fast.metal_kernel` so Metal kernels run on Linux.
 
-    from metalforge.kernels import emulator
+    from metalforge import emulator
     kernel = emulator.metal_kernel(name=..., input_names=..., output_names=..., source=...)
     with emulator.patch():          # or: mx.fast.metal_kernel itself becomes the emulator
         run_third_party_code()
