@@ -16,7 +16,7 @@ from pathlib import Path
 
 from metalforge.errors import MetalforgeError
 
-from .source import compat_header
+from .source import METAL_HEADERS, compat_header, kernel_interface, runtime_source
 
 
 class CompileError(MetalforgeError):
@@ -48,15 +48,21 @@ def _cpu_flags() -> list[str]:
 
 
 def flags(checked: bool) -> list[str]:
+    """Flags of both objects of a kernel's library: the runtime and the kernel."""
     # -g1: line tables only, so a fault's report names the kernel's MSL line in either mode
     opt = ["-O1", "-g"] if checked else ["-O2", "-g1"]
-    # Metal has no double: unsuffixed literals are float, as -fsingle-precision-constant makes them.
     # Hidden visibility keeps each kernel's runtime state (registries, errors) private to its
     # library: GCC would otherwise unify inline functions' statics across loaded libraries.
     # Stack-clash protection probes every page of a large frame, so a private array bigger than a
     # thread's stack hits the guard page below it (an error) instead of another thread's stack.
-    return ["-std=c++17", *opt, "-fPIC", "-shared", "-pthread", "-fvisibility=hidden", "-Wno-attributes",
-            "-fsingle-precision-constant", "-fno-strict-aliasing", "-fstack-clash-protection", *_cpu_flags()]
+    return ["-std=c++17", *opt, "-fPIC", "-pthread", "-fvisibility=hidden", "-Wno-attributes",
+            "-fno-strict-aliasing", "-fstack-clash-protection", *_cpu_flags()]
+
+
+# The kernel's own object: no system include folder at all (it sees MSL's names only, from
+# metal_compat.h), no exceptions or RTTI (Metal has neither). Metal has no double: unsuffixed
+# literals are float, as -fsingle-precision-constant makes them.
+KERNEL_FLAGS = ["-nostdinc", "-nostdinc++", "-fno-exceptions", "-fno-rtti", "-fsingle-precision-constant"]
 
 
 def cache_dir() -> Path:
@@ -74,14 +80,15 @@ _lock = threading.Lock()
 def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDLL, Path]:
     """Compile (or fetch from the cache) and load the shared library for one translation unit.
 
-    The cache key hashes the full source, the compat header, the compiler and its flags, so a
-    changed source never runs a stale binary. Writes go to a temporary file renamed into place,
-    so concurrent processes share the cache safely.
+    The cache key hashes the full source, the headers, the runtime, the compiler and its flags,
+    so a changed source never runs a stale binary. Writes go to a temporary file renamed into
+    place, so concurrent processes share the cache safely.
     """
     cxx, version = compiler()
     header = compat_header(checked)
     fl = flags(checked)
-    key = hashlib.sha256("\0".join([unit_source, header, cxx, version, " ".join(fl)]).encode()).hexdigest()[:24]
+    key = hashlib.sha256("\0".join([unit_source, header, runtime_source(), cxx, version, " ".join(fl + KERNEL_FLAGS)])
+                         .encode()).hexdigest()[:24]
     target = cache_dir() / f"{key}.so"
     with _lock:
         if key in _loaded:
@@ -108,21 +115,39 @@ def _load(target: Path) -> ctypes.CDLL:
     return lib
 
 
+def _is_gcc(cxx: str, version: str) -> bool:
+    return "g++" in Path(cxx).name or "gcc" in version.lower() or "(GCC)" in version or "Debian" in version
+
+
 def _header_dir(header: str, cxx: str, version: str, fl: list[str]) -> Path:
-    """A folder holding metal_compat.h and, with GCC, its precompiled form (parsing the header
-    is most of a small kernel's compile time). Built in a temporary folder renamed into place."""
-    key = hashlib.sha256("\0".join([header, cxx, version, " ".join(fl)]).encode()).hexdigest()[:16]
+    """A folder with what every kernel of these flags shares: metal_compat.h (with GCC also its
+    precompiled form: parsing it is most of a small kernel's compile time), Metal's header names
+    and the runtime's object. Built in a temporary folder renamed into place."""
+    runtime = runtime_source()
+    key = hashlib.sha256("\0".join([header, runtime, cxx, version, " ".join(fl + KERNEL_FLAGS)]).encode()).hexdigest()[:16]
     folder = cache_dir() / f"header-{key}"
     if folder.exists():
         return folder
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix="header-build-"))
-    (tmp / "metal_compat.h").write_text(header)
-    if "g++" in Path(cxx).name or "gcc" in version.lower() or "(GCC)" in version or "Debian" in version:
-        pch = subprocess.run([cxx, *[f for f in fl if f != "-shared"], "-x", "c++-header", "-w",
-                              str(tmp / "metal_compat.h"), "-o", str(tmp / "metal_compat.h.gch")],
-                             capture_output=True, text=True)
-        if pch.returncode != 0:
-            (tmp / "metal_compat.h.gch").unlink(missing_ok=True)
+    try:
+        (tmp / "metal_compat.h").write_text(header)
+        for name in METAL_HEADERS:   # `#include <metal_stdlib>`: already there, metal_compat.h comes first
+            (tmp / name).parent.mkdir(exist_ok=True)
+            (tmp / name).write_text(f"// Metal's <{name}>: the emulator declares all of it in metal_compat.h\n")
+        (tmp / "mf_kernel.h").write_text(kernel_interface())
+        (tmp / "mf_runtime.cpp").write_text(runtime)
+        proc = subprocess.run([cxx, *fl, "-c", str(tmp / "mf_runtime.cpp"), "-o", str(tmp / "mf_runtime.o")],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CompileError(f"emulator: its runtime failed to compile with {cxx} ({version}):\n{proc.stderr[-2000:]}")
+        if _is_gcc(cxx, version):
+            pch = subprocess.run([cxx, *fl, *KERNEL_FLAGS, "-x", "c++-header", "-w", str(tmp / "metal_compat.h"),
+                                  "-o", str(tmp / "metal_compat.h.gch")], capture_output=True, text=True)
+            if pch.returncode != 0:
+                (tmp / "metal_compat.h.gch").unlink(missing_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, folder)
     except OSError:  # another process got there first
@@ -131,16 +156,61 @@ def _header_dir(header: str, cxx: str, version: str, fl: list[str]) -> Path:
 
 
 def _compile(unit_source: str, header: str, kernel_name: str, cxx: str, fl: list[str], target: Path) -> None:
+    """The kernel's object, compiled against MSL's names only, checked for what it links
+    against, then linked with the runtime's object into one shared library."""
     version = compiler()[1]
     include = _header_dir(header, cxx, version, fl)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
         src = Path(tmp) / "unit.cpp"
         src.write_text('#include "metal_compat.h"\n' + unit_source)
-        out = Path(tmp) / "unit.so"
-        proc = subprocess.run([cxx, *fl, "-I", str(include), str(src), "-o", str(out)], capture_output=True, text=True)
+        obj, out = Path(tmp) / "unit.o", Path(tmp) / "unit.so"
+        proc = subprocess.run([cxx, *fl, *KERNEL_FLAGS, "-I", str(include), "-c", str(src), "-o", str(obj)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise CompileError(format_compile_errors(proc.stderr, kernel_name, unit_source))
+        outside = [name for name in undefined_symbols(obj) if not _may_link(name, header)]
+        if outside:
+            raise CompileError(
+                f"emulator: kernel `{kernel_name}` refers to {', '.join(f'`{n}`' for n in outside[:5])}, outside Metal's "
+                "standard library: a kernel can call only Metal's functions and its own, and the emulator links it "
+                "with nothing else")
+        proc = subprocess.run([cxx, *fl, "-shared", str(obj), str(include / "mf_runtime.o"), "-o", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CompileError(f"emulator: kernel `{kernel_name}` failed to link:\n{proc.stderr[-2000:]}")
         os.replace(out, target)
+
+
+# ---- what a kernel's object may refer to ----------------------------------------------------------
+# The functions of mf_kernel.h; the C library's memory copies (the compiler emits them for struct
+# copies); thread-local and static-initialisation plumbing; libgcc's arithmetic helpers
+# (__extendhfsf2, __popcountdi2, ...); and the math functions metal_compat.h calls as builtins.
+_RUNTIME_API = re.compile(r"mf::(self|to_scheduler|tg_memory|tg_register|simd_sync|out_of_bounds|tg_log)\(")
+_PLUMBING = {"memcpy", "memmove", "memset", "__tls_get_addr", "_GLOBAL_OFFSET_TABLE_", "__dso_handle",
+             "__cxa_atexit", "__cxa_guard_acquire", "__cxa_guard_release", "__cxa_guard_abort"}
+_LIBGCC_HELPER = re.compile(r"__[a-z]+[0-9]")
+
+
+def _may_link(name: str, header: str) -> bool:
+    return (name in _PLUMBING or bool(_RUNTIME_API.match(name)) or bool(_LIBGCC_HELPER.fullmatch(name))
+            or name in _builtin_functions(header))
+
+
+@lru_cache(maxsize=4)
+def _builtin_functions(header: str) -> frozenset[str]:
+    return frozenset(re.findall(r"__builtin_(\w+)", header))
+
+
+def undefined_symbols(obj: Path) -> list[str]:
+    """The names an object file needs from elsewhere, demangled."""
+    nm = shutil.which("nm")
+    if not nm:
+        raise MetalforgeError("emulator: `nm` (binutils) is needed to check what a kernel links against; "
+                              "install binutils (Debian/Ubuntu: apt-get install binutils)")
+    proc = subprocess.run([nm, "-u", "-C", str(obj)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MetalforgeError(f"emulator: nm failed on a kernel's object: {proc.stderr.strip()[:500]}")
+    return [line.split(None, 1)[1].strip() for line in proc.stdout.splitlines() if line.strip().startswith(("U ", "w "))]
 
 
 def format_compile_errors(stderr: str, kernel_name: str, unit_source: str) -> str:
@@ -149,7 +219,7 @@ def format_compile_errors(stderr: str, kernel_name: str, unit_source: str) -> st
     msl_lines = unit_source.split(f'#line 1 "{msl_file}"\n', 1)[-1].splitlines()
     picked = []
     for line in stderr.splitlines():
-        m = re.match(rf".*{re.escape(msl_file)}:(\d+):(?:\d+:)?\s*(error|note|warning)?:?\s*(.*)", line)
+        m = re.match(rf".*{re.escape(msl_file)}:(\d+):(?:\d+:)?\s*(?:fatal )?(error|note|warning)?:?\s*(.*)", line)
         if m and m.group(2) == "error":
             n = int(m.group(1))
             text = msl_lines[n - 1].strip() if 0 < n <= len(msl_lines) else ""

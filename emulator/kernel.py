@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import threading
@@ -12,7 +13,7 @@ import numpy as np
 
 from metalforge.errors import MetalforgeError
 
-from . import compiler
+from . import compiler, conformance
 from .source import (ATTRIBUTE_VALUES, InputInfo, attributes_in, mlx_kernel_name, mlx_source, rewrite,
                      template_value, type_name)
 
@@ -81,7 +82,8 @@ class EmulatedKernel:
                          self.atomic_outputs)
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{msl}\n```")
-        unit = _translation_unit(kname, msl, infos, self.output_names, output_dtypes, template,
+        facts = conformance_facts(msl, kname)
+        unit = _translation_unit(kname, msl, facts, infos, self.output_names, output_dtypes, template,
                                  self.atomic_outputs, checked, attributes_in(self.source))
         lib, path = compiler.build(unit, kname, checked)
         return lib, path, kname, infos
@@ -267,7 +269,13 @@ def _with_lines(messages: list[str], path, kname: str) -> str:
     return "\n".join(re.sub(r"@pc:0x([0-9a-f]+)", sub, msg) for msg in messages)
 
 
-def _translation_unit(kname, msl, infos, output_names, output_dtypes, template, atomic_outputs, checked,
+@functools.lru_cache(maxsize=256)
+def conformance_facts(msl: str, kname: str) -> conformance.Facts:
+    """The front end's verdict on one generated source, parsed once per process."""
+    return conformance.check(msl, kname)
+
+
+def _translation_unit(kname, msl, facts, infos, output_names, output_dtypes, template, atomic_outputs, checked,
                       attributes) -> str:
     """The kernel's MSL (rewritten line for line) followed by the extern "C" launcher."""
     args, b, buffer_names = [], 0, []
@@ -308,21 +316,10 @@ def _translation_unit(kname, msl, infos, output_names, output_dtypes, template, 
     names = ", ".join(f'"{n}"' for n in buffer_names) or '""'
     launcher = f'''
 #line 1 "mf_launcher.cpp"
-extern "C" MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* bytes, int workers,
-                                   int checked) {{
-  static const char* const names[] = {{{names}}};
-  // outside checked mode (which checks every index itself) buffers get guard pages
-  mf::GuardedBuffers guarded(host, bytes, names, {b}, {first_output}, !checked);
-  void** buffers = guarded.ptrs.data();
-  mf::Launch L;
-  L.grid = {{unsigned(meta[0]), unsigned(meta[1]), unsigned(meta[2])}};
-  L.nominal_tg = {{unsigned(meta[3]), unsigned(meta[4]), unsigned(meta[5])}};
-  L.groups = {{unsigned(meta[6]), unsigned(meta[7]), unsigned(meta[8])}};
-  L.checked = checked;
-  L.kernel = "{kname}";
-  return mf::dispatch(L, workers, [&](mf::Fiber& f) {{
-    {call}({", ".join(args)});
-  }});
+static const char* const mf_buffer_names[] = {{{names}}};
+extern "C" const mf::KernelInfo mf_kernel_info = {{"{kname}", mf_buffer_names, {b}, {first_output}}};
+extern "C" void mf_kernel_body(void* const* buffers, const long long* meta, const mf::Launch& L, mf::Fiber& f) {{
+  {call}({", ".join(args)});
 }}
 '''
-    return f'#line 1 "{kname}.metal"\n' + rewrite(msl, checked) + launcher
+    return f'#line 1 "{kname}.metal"\n' + rewrite(msl, checked, facts) + launcher

@@ -1,37 +1,144 @@
 // metalforge emulator: the Metal Shading Language subset LLM kernels use, as C++17 for the CPU.
-// Scalar and vector types, swizzles, the metal:: math library, SIMD-group functions, atomics,
-// 8x8 SIMD-group matrices and what MLX's utils.h gives custom kernels. Execution (fibers,
-// barriers, SIMD exchange) lives in mf_runtime.h. Metal's address-space keywords become macros
-// at the very end, after every system header has been read.
+// Scalar and vector types, swizzles, type traits, the metal:: math library, SIMD-group functions,
+// atomics, 8x8 SIMD-group matrices and what MLX's utils.h gives custom kernels. Freestanding: it
+// includes no system header (math is the compiler's builtins), so a kernel sees MSL's names and
+// nothing of the host's C or C++ library. Execution lives in the runtime, behind mf_kernel.h.
 #pragma once
-#include "mf_runtime.h"
-#include <cfloat>
+#include "mf_kernel.h"
 
 typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef unsigned char uchar;
 typedef unsigned long ulong;
 typedef _Float16 half;
+typedef __INT8_TYPE__ int8_t;
+typedef __INT16_TYPE__ int16_t;
+typedef __INT32_TYPE__ int32_t;
+typedef __INT64_TYPE__ int64_t;
+typedef __UINT8_TYPE__ uint8_t;
+typedef __UINT16_TYPE__ uint16_t;
+typedef __UINT32_TYPE__ uint32_t;
+typedef __UINT64_TYPE__ uint64_t;
+typedef __SIZE_TYPE__ size_t;
+typedef __PTRDIFF_TYPE__ ptrdiff_t;
 
 namespace metal {
+
+// ---- type traits (MSL's metal_type_traits, the subset kernels use) ------------------------------
+template <class T, T v> struct integral_constant { static constexpr T value = v; constexpr operator T() const { return v; } };
+typedef integral_constant<bool, true> true_type;
+typedef integral_constant<bool, false> false_type;
+template <bool B, class T = void> struct enable_if {};
+template <class T> struct enable_if<true, T> { typedef T type; };
+template <bool B, class T = void> using enable_if_t = typename enable_if<B, T>::type;
+template <bool B, class T, class F> struct conditional { typedef T type; };
+template <class T, class F> struct conditional<false, T, F> { typedef F type; };
+template <bool B, class T, class F> using conditional_t = typename conditional<B, T, F>::type;
+template <class A, class B> struct is_same : false_type {};
+template <class A> struct is_same<A, A> : true_type {};
+template <class A, class B> inline constexpr bool is_same_v = is_same<A, B>::value;
+template <class T> struct remove_const { typedef T type; };
+template <class T> struct remove_const<const T> { typedef T type; };
+template <class T> struct remove_volatile { typedef T type; };
+template <class T> struct remove_volatile<volatile T> { typedef T type; };
+template <class T> struct remove_cv { typedef typename remove_volatile<typename remove_const<T>::type>::type type; };
+template <class T> using remove_cv_t = typename remove_cv<T>::type;
+template <class T> struct remove_reference { typedef T type; };
+template <class T> struct remove_reference<T&> { typedef T type; };
+template <class T> struct remove_reference<T&&> { typedef T type; };
+template <class T> using remove_reference_t = typename remove_reference<T>::type;
+template <class T> using decay_t = remove_cv_t<remove_reference_t<T>>;
+template <class T> struct mf_integral : false_type {};
+#define MF_INTEGRAL(T) template <> struct mf_integral<T> : true_type {};
+MF_INTEGRAL(bool) MF_INTEGRAL(char) MF_INTEGRAL(signed char) MF_INTEGRAL(unsigned char) MF_INTEGRAL(short)
+MF_INTEGRAL(unsigned short) MF_INTEGRAL(int) MF_INTEGRAL(unsigned int) MF_INTEGRAL(long) MF_INTEGRAL(unsigned long)
+MF_INTEGRAL(long long) MF_INTEGRAL(unsigned long long)
+#undef MF_INTEGRAL
+template <class T> struct is_integral : mf_integral<remove_cv_t<T>> {};
+template <class T> inline constexpr bool is_integral_v = is_integral<T>::value;
+template <class T> struct mf_floating : false_type {};
+template <> struct mf_floating<float> : true_type {};
+template <> struct mf_floating<_Float16> : true_type {};
+template <class T> struct is_floating_point : mf_floating<remove_cv_t<T>> {};
+template <class T> inline constexpr bool is_floating_point_v = is_floating_point<T>::value;
+template <class T> struct is_arithmetic : integral_constant<bool, is_integral<T>::value || is_floating_point<T>::value> {};
+template <class T> inline constexpr bool is_arithmetic_v = is_arithmetic<T>::value;
+template <class T> struct is_signed : integral_constant<bool, is_arithmetic<T>::value && T(-1) < T(0)> {};
+template <class T> inline constexpr bool is_signed_v = is_signed<T>::value;
+template <class T> struct is_unsigned : integral_constant<bool, is_integral<T>::value && T(0) < T(-1)> {};
+template <class T> inline constexpr bool is_unsigned_v = is_unsigned<T>::value;
+template <class T> struct make_unsigned { typedef T type; };
+template <> struct make_unsigned<char> { typedef unsigned char type; };
+template <> struct make_unsigned<signed char> { typedef unsigned char type; };
+template <> struct make_unsigned<short> { typedef unsigned short type; };
+template <> struct make_unsigned<int> { typedef unsigned int type; };
+template <> struct make_unsigned<long> { typedef unsigned long type; };
+template <> struct make_unsigned<long long> { typedef unsigned long long type; };
+template <class T> using make_unsigned_t = typename make_unsigned<T>::type;
+template <class T> struct is_array : false_type {};
+template <class T, size_t N> struct is_array<T[N]> : true_type {};
+template <class T> struct extent : integral_constant<size_t, 0> {};
+template <class T, size_t N> struct extent<T[N]> : integral_constant<size_t, N> {};
+template <class T> struct remove_extent { typedef T type; };
+template <class T, size_t N> struct remove_extent<T[N]> { typedef T type; };
+template <class T> using remove_extent_t = typename remove_extent<T>::type;
+template <class T> struct remove_all_extents { typedef T type; };
+template <class T, size_t N> struct remove_all_extents<T[N]> { typedef typename remove_all_extents<T>::type type; };
+template <class T> using remove_all_extents_t = typename remove_all_extents<T>::type;
+template <class T> T&& declval() noexcept;
+template <class From, class To> struct is_convertible {
+  static true_type test(To);
+  static false_type test(...);
+  static constexpr bool value = decltype(test(declval<From>()))::value;
+};
+// the usual arithmetic conversions of two types (the rule of std::common_type)
+template <class A, class B> using mf_common_t = decay_t<decltype(false ? declval<A>() : declval<B>())>;
+
+// numeric_limits: the integer types' from their width and sign, float's and half's from IEEE 754
+template <class T> struct numeric_limits {
+  static constexpr T max() { return is_signed<T>::value ? T(~(make_unsigned_t<T>(1) << (8 * sizeof(T) - 1))) : T(~T(0)); }
+  static constexpr T min() { return is_signed<T>::value ? T(-max() - 1) : T(0); }
+  static constexpr T lowest() { return min(); }
+};
+template <> struct numeric_limits<bool> {
+  static constexpr bool max() { return true; }
+  static constexpr bool min() { return false; }
+  static constexpr bool lowest() { return false; }
+};
+template <> struct numeric_limits<float> {
+  static constexpr float max() { return __FLT_MAX__; }
+  static constexpr float min() { return __FLT_MIN__; }
+  static constexpr float lowest() { return -__FLT_MAX__; }
+  static constexpr float infinity() { return __builtin_inff(); }
+  static constexpr float quiet_NaN() { return __builtin_nanf(""); }
+  static constexpr float epsilon() { return __FLT_EPSILON__; }
+};
+template <> struct numeric_limits<_Float16> {
+  static constexpr _Float16 max() { return _Float16(65504.0f); }
+  static constexpr _Float16 min() { return _Float16(6.103515625e-05f); }
+  static constexpr _Float16 lowest() { return _Float16(-65504.0f); }
+  static constexpr _Float16 infinity() { return _Float16(__builtin_inff()); }
+  static constexpr _Float16 quiet_NaN() { return _Float16(__builtin_nanf("")); }
+  static constexpr _Float16 epsilon() { return _Float16(0.0009765625f); }
+};
 
 // ---- bfloat: storage of the top 16 bits of a float, arithmetic in float, round to nearest even --
 struct bfloat {
   uint16_t bits;
   static uint16_t from_float(float f) {
     uint32_t u;
-    std::memcpy(&u, &f, 4);
+    __builtin_memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
     u += 0x7fffu + ((u >> 16) & 1u);
     return uint16_t(u >> 16);
   }
   bfloat() = default;
-  template <class T, class = std::enable_if_t<std::is_arithmetic<T>::value || std::is_same<T, _Float16>::value>>
+  template <class T, class = enable_if_t<is_arithmetic<T>::value || is_same<T, _Float16>::value>>
   constexpr bfloat(T v) : bits(from_float(float(v))) {}
   operator float() const {
     uint32_t u = uint32_t(bits) << 16;
     float f;
-    std::memcpy(&f, &u, 4);
+    __builtin_memcpy(&f, &u, 4);
     return f;
   }
   template <class T>
@@ -45,16 +152,16 @@ struct bfloat {
   bfloat operator-() const { return bfloat(-float(*this)); }
 };
 
-template <class T> struct is_scalar : std::integral_constant<bool, std::is_arithmetic<T>::value> {};
-template <> struct is_scalar<_Float16> : std::true_type {};
-template <> struct is_scalar<bfloat> : std::true_type {};
+template <class T> struct is_scalar : integral_constant<bool, is_arithmetic<T>::value> {};
+template <> struct is_scalar<_Float16> : true_type {};
+template <> struct is_scalar<bfloat> : true_type {};
 
 // bfloat op bfloat and bfloat op integer stay bfloat; with float or half the result is float.
-template <class T> using bf_result = std::conditional_t<std::is_integral<T>::value || std::is_same<T, bfloat>::value, bfloat, float>;
+template <class T> using bf_result = conditional_t<is_integral<T>::value || is_same<T, bfloat>::value, bfloat, float>;
 #define MF_BF_OP(op)                                                                                   \
-  template <class T, class = std::enable_if_t<is_scalar<T>::value>>                                    \
+  template <class T, class = enable_if_t<is_scalar<T>::value>>                                    \
   inline bf_result<T> operator op(bfloat a, T b) { return bf_result<T>(float(a) op float(b)); }        \
-  template <class T, class = std::enable_if_t<is_scalar<T>::value && !std::is_same<T, bfloat>::value>> \
+  template <class T, class = enable_if_t<is_scalar<T>::value && !is_same<T, bfloat>::value>> \
   inline bf_result<T> operator op(T a, bfloat b) { return bf_result<T>(float(a) op float(b)); }
 MF_BF_OP(+)
 MF_BF_OP(-)
@@ -62,9 +169,9 @@ MF_BF_OP(*)
 MF_BF_OP(/)
 #undef MF_BF_OP
 #define MF_BF_CMP(op)                                                                                  \
-  template <class T, class = std::enable_if_t<is_scalar<T>::value>>                                    \
+  template <class T, class = enable_if_t<is_scalar<T>::value>>                                    \
   inline bool operator op(bfloat a, T b) { return float(a) op float(b); }                              \
-  template <class T, class = std::enable_if_t<is_scalar<T>::value && !std::is_same<T, bfloat>::value>> \
+  template <class T, class = enable_if_t<is_scalar<T>::value && !is_same<T, bfloat>::value>> \
   inline bool operator op(T a, bfloat b) { return float(a) op float(b); }
 MF_BF_CMP(<)
 MF_BF_CMP(>)
@@ -101,7 +208,7 @@ template <class T, int N> struct vec_traits<vec<T, N>> { static constexpr bool i
 template <class T, int N, int... I> struct vec_traits<swz<T, N, I...>> {
   static constexpr bool is = true; static constexpr int n = int(sizeof...(I)); using elem = T;
 };
-template <class A> inline constexpr bool is_vec_v = vec_traits<std::decay_t<A>>::is;
+template <class A> inline constexpr bool is_vec_v = vec_traits<decay_t<A>>::is;
 
 template <class A> inline auto as_vec(const A& a) {
   if constexpr (is_vec_v<A>) return vec<typename vec_traits<A>::elem, vec_traits<A>::n>(a);
@@ -123,17 +230,17 @@ template <class T, int N> struct vec_base {
   vec() = default;                                                                                          \
   vec(const vec& o) { for (int i = 0; i < N; i++) v[i] = o.v[i]; }                                          \
   vec& operator=(const vec& o) { for (int i = 0; i < N; i++) v[i] = o.v[i]; return *this; }                 \
-  template <class U, class = std::enable_if_t<is_scalar<U>::value>>                                          \
+  template <class U, class = enable_if_t<is_scalar<U>::value>>                                          \
   vec(U s) { for (int i = 0; i < N; i++) v[i] = T(s); }                                                     \
   template <class U>                                                                                        \
   vec(const vec<U, N>& o) { for (int i = 0; i < N; i++) v[i] = T(o[i]); }                                    \
-  template <class U, int M, int... I, class = std::enable_if_t<sizeof...(I) == N>>                           \
+  template <class U, int M, int... I, class = enable_if_t<sizeof...(I) == N>>                           \
   vec(const swz<U, M, I...>& s) {                                                                           \
     const U src[N] = {s.d[I]...};                                                                           \
     for (int i = 0; i < N; i++) v[i] = T(src[i]);                                                           \
   }                                                                                                         \
   template <class A0, class A1, class... A,                                                                 \
-            class = std::enable_if_t<vec_traits<A0>::n + vec_traits<A1>::n + (0 + ... + vec_traits<A>::n) == N>> \
+            class = enable_if_t<vec_traits<A0>::n + vec_traits<A1>::n + (0 + ... + vec_traits<A>::n) == N>> \
   vec(const A0& a0, const A1& a1, const A&... a) {                                                          \
     int i = 0;                                                                                              \
     vec_base<T, N>::put(v, i, a0);                                                                          \
@@ -194,7 +301,7 @@ template <class T, int N> struct packed_vec {
 template <class T, int N> struct vec_traits<packed_vec<T, N>> { static constexpr bool is = true; static constexpr int n = N; using elem = T; };
 
 template <class A, class B>
-using elem_result_t = std::conditional_t<std::is_same<A, B>::value, A, std::common_type_t<A, B>>;
+using elem_result_t = conditional_t<is_same<A, B>::value, A, mf_common_t<A, B>>;
 
 template <bool Cmp, class A, class B, class F>
 inline auto vec_binop(const A& a, const B& b, F f) {
@@ -202,8 +309,8 @@ inline auto vec_binop(const A& a, const B& b, F f) {
   using EA = typename vec_traits<A>::elem;
   using EB = typename vec_traits<B>::elem;
   // A scalar operand takes the vector's element type; two vectors use their common type.
-  using E = std::conditional_t<is_vec_v<A> && is_vec_v<B>, elem_result_t<EA, EB>, std::conditional_t<is_vec_v<A>, EA, EB>>;
-  using R = std::conditional_t<Cmp, bool, E>;
+  using E = conditional_t<is_vec_v<A> && is_vec_v<B>, elem_result_t<EA, EB>, conditional_t<is_vec_v<A>, EA, EB>>;
+  using R = conditional_t<Cmp, bool, E>;
   vec<R, N> out;
   const auto va = as_vec(a);
   const auto vb = as_vec(b);
@@ -217,7 +324,7 @@ inline auto vec_binop(const A& a, const B& b, F f) {
 }
 
 #define MF_VEC_OP(op, cmp)                                                                    \
-  template <class A, class B, class = std::enable_if_t<is_vec_v<A> || is_vec_v<B>>>            \
+  template <class A, class B, class = enable_if_t<is_vec_v<A> || is_vec_v<B>>>            \
   inline auto operator op(const A& a, const B& b) {                                            \
     return vec_binop<cmp>(a, b, [](const auto& x, const auto& y) { return x op y; });          \
   }
@@ -241,13 +348,13 @@ MF_VEC_OP(&&, true)
 MF_VEC_OP(||, true)
 #undef MF_VEC_OP
 
-template <class A, class = std::enable_if_t<is_vec_v<A>>>
+template <class A, class = enable_if_t<is_vec_v<A>>>
 inline auto operator-(const A& a) { auto v = as_vec(a); for (int i = 0; i < vec_traits<A>::n; i++) v[i] = -v[i]; return v; }
-template <class A, class = std::enable_if_t<is_vec_v<A>>>
+template <class A, class = enable_if_t<is_vec_v<A>>>
 inline auto operator+(const A& a) { return as_vec(a); }
-template <class A, class = std::enable_if_t<is_vec_v<A>>>
+template <class A, class = enable_if_t<is_vec_v<A>>>
 inline auto operator~(const A& a) { auto v = as_vec(a); for (int i = 0; i < vec_traits<A>::n; i++) v[i] = ~v[i]; return v; }
-template <class A, class = std::enable_if_t<is_vec_v<A>>>
+template <class A, class = enable_if_t<is_vec_v<A>>>
 inline auto operator!(const A& a) {
   vec<bool, vec_traits<A>::n> out;
   auto v = as_vec(a);
@@ -276,7 +383,7 @@ MF_VEC_TYPES(bool, bool)
 // ---- math ---------------------------------------------------------------------------------
 // Half and bfloat functions are evaluated in float and rounded back (Metal's own half functions
 // are no more precise than that); integer arguments compute in float.
-template <class T> using fresult_t = std::conditional_t<std::is_integral<T>::value, float, T>;
+template <class T> using fresult_t = conditional_t<is_integral<T>::value, float, T>;
 
 #define MF_VEC_MAP1(name)                                                                           \
   template <class T, int N> inline auto name(const vec<T, N>& x) {                                 \
@@ -284,92 +391,92 @@ template <class T> using fresult_t = std::conditional_t<std::is_integral<T>::val
   template <class T, int N, int... I> inline auto name(const swz<T, N, I...>& x) { return name(as_vec(x)); }
 
 #define MF_MATH1(name, expr)                                                                        \
-  template <class T, class = std::enable_if_t<is_scalar<T>::value>>                                 \
+  template <class T, class = enable_if_t<is_scalar<T>::value>>                                 \
   inline fresult_t<T> name(T x_) { const float x = float(x_); return fresult_t<T>(expr); }          \
   MF_VEC_MAP1(name)
 
-MF_MATH1(exp, std::exp(x))
-MF_MATH1(exp2, std::exp2(x))
-MF_MATH1(exp10, std::pow(10.0f, x))
-MF_MATH1(log, std::log(x))
-MF_MATH1(log2, std::log2(x))
-MF_MATH1(log10, std::log10(x))
-MF_MATH1(sqrt, std::sqrt(x))
-MF_MATH1(rsqrt, 1.0f / std::sqrt(x))
-MF_MATH1(sin, std::sin(x))
-MF_MATH1(cos, std::cos(x))
-MF_MATH1(tan, std::tan(x))
-MF_MATH1(asin, std::asin(x))
-MF_MATH1(acos, std::acos(x))
-MF_MATH1(atan, std::atan(x))
-MF_MATH1(sinh, std::sinh(x))
-MF_MATH1(cosh, std::cosh(x))
-MF_MATH1(tanh, std::tanh(x))
-MF_MATH1(asinh, std::asinh(x))
-MF_MATH1(acosh, std::acosh(x))
-MF_MATH1(atanh, std::atanh(x))
-MF_MATH1(floor, std::floor(x))
-MF_MATH1(ceil, std::ceil(x))
-MF_MATH1(round, std::round(x))
-MF_MATH1(rint, std::nearbyint(x))
-MF_MATH1(trunc, std::trunc(x))
-MF_MATH1(fract, x - std::floor(x))
-MF_MATH1(fabs, std::fabs(x))
-MF_MATH1(erf, std::erf(x))
-MF_MATH1(saturate, std::fmin(std::fmax(x, 0.0f), 1.0f))
+MF_MATH1(exp, __builtin_expf(x))
+MF_MATH1(exp2, __builtin_exp2f(x))
+MF_MATH1(exp10, __builtin_powf(10.0f, x))
+MF_MATH1(log, __builtin_logf(x))
+MF_MATH1(log2, __builtin_log2f(x))
+MF_MATH1(log10, __builtin_log10f(x))
+MF_MATH1(sqrt, __builtin_sqrtf(x))
+MF_MATH1(rsqrt, 1.0f / __builtin_sqrtf(x))
+MF_MATH1(sin, __builtin_sinf(x))
+MF_MATH1(cos, __builtin_cosf(x))
+MF_MATH1(tan, __builtin_tanf(x))
+MF_MATH1(asin, __builtin_asinf(x))
+MF_MATH1(acos, __builtin_acosf(x))
+MF_MATH1(atan, __builtin_atanf(x))
+MF_MATH1(sinh, __builtin_sinhf(x))
+MF_MATH1(cosh, __builtin_coshf(x))
+MF_MATH1(tanh, __builtin_tanhf(x))
+MF_MATH1(asinh, __builtin_asinhf(x))
+MF_MATH1(acosh, __builtin_acoshf(x))
+MF_MATH1(atanh, __builtin_atanhf(x))
+MF_MATH1(floor, __builtin_floorf(x))
+MF_MATH1(ceil, __builtin_ceilf(x))
+MF_MATH1(round, __builtin_roundf(x))
+MF_MATH1(rint, __builtin_nearbyintf(x))
+MF_MATH1(trunc, __builtin_truncf(x))
+MF_MATH1(fract, x - __builtin_floorf(x))
+MF_MATH1(fabs, __builtin_fabsf(x))
+MF_MATH1(erf, __builtin_erff(x))
+MF_MATH1(saturate, __builtin_fminf(__builtin_fmaxf(x, 0.0f), 1.0f))
 MF_MATH1(sign, x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f))
 #undef MF_MATH1
 
 #define MF_PRED1(name, expr)                                                                        \
-  template <class T, class = std::enable_if_t<is_scalar<T>::value>>                                 \
+  template <class T, class = enable_if_t<is_scalar<T>::value>>                                 \
   inline bool name(T x_) { const float x = float(x_); return expr; }                                \
   MF_VEC_MAP1(name)
-MF_PRED1(isnan, std::isnan(x))
-MF_PRED1(isinf, std::isinf(x))
-MF_PRED1(isfinite, std::isfinite(x))
-MF_PRED1(signbit, std::signbit(x))
+MF_PRED1(isnan, __builtin_isnan(x))
+MF_PRED1(isinf, __builtin_isinf(x))
+MF_PRED1(isfinite, __builtin_isfinite(x))
+MF_PRED1(signbit, __builtin_signbit(x))
 #undef MF_PRED1
 
-template <class T, class = std::enable_if_t<is_scalar<T>::value>>
+template <class T, class = enable_if_t<is_scalar<T>::value>>
 inline T abs(T x) { return x < T(0) ? T(-x) : x; }
 MF_VEC_MAP1(abs)
 
-template <class T, class = std::enable_if_t<std::is_integral<T>::value>>
-inline T popcount(T x) { return T(__builtin_popcountll((unsigned long long)(std::make_unsigned_t<T>)x)); }
-template <class T, class = std::enable_if_t<std::is_integral<T>::value>>
-inline T clz(T x) { return x ? T(__builtin_clzll((unsigned long long)(std::make_unsigned_t<T>)x) - (64 - 8 * int(sizeof(T)))) : T(8 * sizeof(T)); }
-template <class T, class = std::enable_if_t<std::is_integral<T>::value>>
-inline T ctz(T x) { return x ? T(__builtin_ctzll((unsigned long long)(std::make_unsigned_t<T>)x)) : T(8 * sizeof(T)); }
+template <class T, class = enable_if_t<is_integral<T>::value>>
+inline T popcount(T x) { return T(__builtin_popcountll((unsigned long long)(make_unsigned_t<T>)x)); }
+template <class T, class = enable_if_t<is_integral<T>::value>>
+inline T clz(T x) { return x ? T(__builtin_clzll((unsigned long long)(make_unsigned_t<T>)x) - (64 - 8 * int(sizeof(T)))) : T(8 * sizeof(T)); }
+template <class T, class = enable_if_t<is_integral<T>::value>>
+inline T ctz(T x) { return x ? T(__builtin_ctzll((unsigned long long)(make_unsigned_t<T>)x)) : T(8 * sizeof(T)); }
 MF_VEC_MAP1(popcount)
 MF_VEC_MAP1(clz)
 MF_VEC_MAP1(ctz)
 #undef MF_VEC_MAP1
 
-template <class A, class B> using scalar_pair_t = std::conditional_t<std::is_same<A, B>::value, A, std::common_type_t<
-    std::conditional_t<std::is_same<A, bfloat>::value, float, A>, std::conditional_t<std::is_same<B, bfloat>::value, float, B>>>;
+template <class A, class B> using scalar_pair_t = conditional_t<is_same<A, B>::value, A, mf_common_t<
+    conditional_t<is_same<A, bfloat>::value, float, A>, conditional_t<is_same<B, bfloat>::value, float, B>>>;
 
 #define MF_MATH2(name, expr)                                                                          \
-  template <class A, class B, class = std::enable_if_t<is_scalar<A>::value && is_scalar<B>::value>>   \
+  template <class A, class B, class = enable_if_t<is_scalar<A>::value && is_scalar<B>::value>>   \
   inline auto name(A a_, B b_) {                                                                      \
     using R = scalar_pair_t<A, B>;                                                                    \
-    if constexpr (std::is_integral<R>::value) { const R x = R(a_), y = R(b_); return R(expr); }      \
+    if constexpr (is_integral<R>::value) { const R x = R(a_), y = R(b_); return R(expr); }      \
     else { const float x = float(a_), y = float(b_); return R(expr); }                                \
   }                                                                                                   \
-  template <class A, class B, class = std::enable_if_t<is_vec_v<A> || is_vec_v<B>>, class = void>     \
+  template <class A, class B, class = enable_if_t<is_vec_v<A> || is_vec_v<B>>, class = void>     \
   inline auto name(const A& a, const B& b) {                                                          \
     return vec_binop<false>(a, b, [](const auto& x, const auto& y) { return name(x, y); });           \
   }
 MF_MATH2(min, y < x ? y : x)
 MF_MATH2(max, x < y ? y : x)
-MF_MATH2(fmin, std::fmin(x, y))
-MF_MATH2(fmax, std::fmax(x, y))
-MF_MATH2(pow, std::pow(x, y))
-MF_MATH2(powr, std::pow(x, y))
-MF_MATH2(atan2, std::atan2(x, y))
-MF_MATH2(fmod, std::fmod(x, y))
-MF_MATH2(copysign, std::copysign(x, y))
+MF_MATH2(fmin, __builtin_fminf(x, y))
+MF_MATH2(fmax, __builtin_fmaxf(x, y))
+MF_MATH2(pow, __builtin_powf(x, y))
+MF_MATH2(powr, __builtin_powf(x, y))
+MF_MATH2(atan2, __builtin_atan2f(x, y))
+MF_MATH2(fmod, __builtin_fmodf(x, y))
+MF_MATH2(copysign, __builtin_copysignf(x, y))
 MF_MATH2(step, y < x ? 0 : 1)
-MF_MATH2(fdim, std::fdim(x, y))
+MF_MATH2(fdim, __builtin_fdimf(x, y))
 #undef MF_MATH2
 
 template <class T, class L, class H>
@@ -399,9 +506,9 @@ inline auto select(const A& a, const B& b, const C& c) {
     return c ? as_vec(b) : as_vec(a);
   }
 }
-template <class A, class = std::enable_if_t<is_vec_v<A>>>
+template <class A, class = enable_if_t<is_vec_v<A>>>
 inline bool all(const A& a) { auto v = as_vec(a); for (int i = 0; i < vec_traits<A>::n; i++) if (!v[i]) return false; return true; }
-template <class A, class = std::enable_if_t<is_vec_v<A>>>
+template <class A, class = enable_if_t<is_vec_v<A>>>
 inline bool any(const A& a) { auto v = as_vec(a); for (int i = 0; i < vec_traits<A>::n; i++) if (v[i]) return true; return false; }
 inline bool all(bool b) { return b; }
 inline bool any(bool b) { return b; }
@@ -425,7 +532,7 @@ template <class To, class From>
 inline To as_type(const From& f) {
   static_assert(sizeof(To) == sizeof(From), "as_type: sizes differ");
   To t;
-  std::memcpy(static_cast<void*>(&t), &f, sizeof(To));
+  __builtin_memcpy(static_cast<void*>(&t), &f, sizeof(To));
   return t;
 }
 
@@ -445,16 +552,16 @@ namespace fast { MF_MATH_ALIASES }
 
 // ---- numeric limits (MLX's utils.h Limits<T>) -----------------------------------------------------
 template <class T> struct Limits {
-  static constexpr T max = std::numeric_limits<T>::max();
-  static constexpr T min = std::numeric_limits<T>::lowest();
-  static constexpr T finite_max = std::numeric_limits<T>::max();
-  static constexpr T finite_min = std::numeric_limits<T>::lowest();
+  static constexpr T max = numeric_limits<T>::max();
+  static constexpr T min = numeric_limits<T>::lowest();
+  static constexpr T finite_max = numeric_limits<T>::max();
+  static constexpr T finite_min = numeric_limits<T>::lowest();
 };
 template <> struct Limits<float> {
   static constexpr float max = __builtin_inff();
   static constexpr float min = -__builtin_inff();
-  static constexpr float finite_max = FLT_MAX;
-  static constexpr float finite_min = -FLT_MAX;
+  static constexpr float finite_max = __FLT_MAX__;
+  static constexpr float finite_min = -__FLT_MAX__;
 };
 template <> struct Limits<half> {
   static constexpr half max = half(__builtin_inff());
@@ -481,8 +588,8 @@ inline void mf_threadgroup_barrier(mem_flags, int line) { mf::barrier_at(line); 
 // ---- SIMD-group functions ------------------------------------------------------------------------
 // Each call parks the lane; when every live lane of the SIMD-group is parked, the lanes at the
 // same operation and line run it together (mf::resolve_simd) and carry on.
-template <class T> inline T mf_load(const mf::Fiber* f) { T v; std::memcpy(static_cast<void*>(&v), f->simd_in, sizeof(T)); return v; }
-template <class T> inline void mf_store(mf::Fiber* f, const T& v) { std::memcpy(f->simd_out, static_cast<const void*>(&v), sizeof(T)); }
+template <class T> inline T mf_load(const mf::Fiber* f) { T v; __builtin_memcpy(static_cast<void*>(&v), f->simd_in, sizeof(T)); return v; }
+template <class T> inline void mf_store(mf::Fiber* f, const T& v) { __builtin_memcpy(f->simd_out, static_cast<const void*>(&v), sizeof(T)); }
 
 template <class T, class Op> inline void mf_reduce(mf::Fiber** lanes, int n, Op op) {
   T acc = mf_load<T>(lanes[0]);
@@ -555,7 +662,6 @@ inline void mf_ballot(mf::Fiber** l, int n) {
   for (int i = 0; i < n; i++) if (mf_load<bool>(l[i])) bits |= uint64_t(1) << l[i]->lane;
   for (int i = 0; i < n; i++) mf_store(l[i], bits);
 }
-inline void mf_simd_sync(mf::Fiber** l, int) { mf::worker().sg_epoch[l[0]->simdgroup]++; }
 
 struct simd_vote {
   using vote_t = uint64_t;
@@ -577,13 +683,13 @@ template <class T> inline T mf_simd_prefix_exclusive_sum(T x, int line) { return
 template <int Kind, class T, bool Quad = false> inline T mf_shuffle_call(T x, int index, int line) {
   mf_indexed<T> in{x, index};
   mf::Fiber& f = mf::self();
-  std::memcpy(f.simd_in, static_cast<const void*>(&in), sizeof in);
+  __builtin_memcpy(f.simd_in, static_cast<const void*>(&in), sizeof in);
   f.simd_fn = Quad ? &mf_quad_shuffle<Kind, T> : &mf_shuffle<Kind, T>;
   f.line = line;
   f.state = mf::State::AtSimd;
   mf::to_scheduler();
   T out;
-  std::memcpy(static_cast<void*>(&out), f.simd_out, sizeof(T));
+  __builtin_memcpy(static_cast<void*>(&out), f.simd_out, sizeof(T));
   return out;
 }
 template <class T, class I> inline T mf_simd_shuffle(T x, I lane, int line) { return mf_shuffle_call<0>(x, int(lane), line); }
@@ -605,7 +711,7 @@ inline simd_vote mf_simd_ballot(bool b, int line) {
   return simd_vote{mf::simd_exchange(uint64_t(b), &mf_ballot, line)};
 }
 inline bool mf_simd_is_first(int line) { return mf::simd_exchange(false, &mf_is_first, line); }
-inline void mf_simdgroup_barrier(mem_flags, int line) { mf::simd_exchange(0, &mf_simd_sync, line); }
+inline void mf_simdgroup_barrier(mem_flags, int line) { mf::simd_exchange(0, &mf::simd_sync, line); }
 
 // ---- atomics ---------------------------------------------------------------------------------
 enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
@@ -616,7 +722,7 @@ typedef atomic<float> atomic_float;
 typedef atomic<bool> atomic_bool;
 
 template <class T> inline T mf_atomic_rmw(atomic<T>* o, T operand, int op) {
-  if constexpr (std::is_integral<T>::value) {
+  if constexpr (is_integral<T>::value) {
     switch (op) {
       case 0: return __atomic_fetch_add(&o->v, operand, __ATOMIC_RELAXED);
       case 1: return __atomic_fetch_sub(&o->v, operand, __ATOMIC_RELAXED);
@@ -763,18 +869,50 @@ using namespace metal;
 #define M_PI_F 3.14159265358979323846f
 #define M_LN2_F 0.69314718055994530942f
 #define M_LOG2E_F 1.44269504088896340736f
-#ifndef MAXFLOAT
-#define MAXFLOAT FLT_MAX
-#endif
+// MSL's numeric constants (the C library's, which a kernel does not see, are not these)
+#define MAXFLOAT __FLT_MAX__
+#define INFINITY __builtin_inff()
+#define NAN __builtin_nanf("")
+#define HUGE_VALF __builtin_inff()
+#define FLT_MAX __FLT_MAX__
+#define FLT_MIN __FLT_MIN__
+#define FLT_EPSILON __FLT_EPSILON__
+#define FLT_DIG __FLT_DIG__
+#define FLT_MANT_DIG __FLT_MANT_DIG__
+#define HALF_MAX half(65504.0f)
+#define HALF_MIN half(6.103515625e-05f)
+#define HALF_EPSILON half(0.0009765625f)
+#define CHAR_BIT 8
+#define SCHAR_MAX 127
+#define SCHAR_MIN (-128)
+#define UCHAR_MAX 255
+#define SHRT_MAX 32767
+#define SHRT_MIN (-32768)
+#define USHRT_MAX 65535
+#define INT_MAX 2147483647
+#define INT_MIN (-2147483647 - 1)
+#define UINT_MAX 0xffffffffu
+#define LONG_MAX 0x7fffffffffffffffL
+#define LONG_MIN (-0x7fffffffffffffffL - 1)
+#define ULONG_MAX 0xffffffffffffffffUL
 #define HUGE_VALH half(__builtin_inff())
 #define METAL_FUNC inline
 #define STEEL_CONST static constexpr constant
 
-// ---- Metal keywords: macros from here on (every system header is above) ----------------------------
+// ---- Metal keywords: macros from here on -------------------------------------------------------------
+#ifdef MF_FRONTEND
+// The conformance front end (conformance.py) parses with clang: address spaces become type tags
+// it can read back from every declaration, and constant memory is read-only, as in Metal.
+#define device __attribute__((btf_type_tag("device")))
+#define constant __attribute__((btf_type_tag("constant"))) const
+#define thread __attribute__((btf_type_tag("thread")))
+#define threadgroup __attribute__((btf_type_tag("threadgroup")))
+#else
 #define device
 #define constant
 #define thread
 #define threadgroup
+#endif
 #define threadgroup_barrier(flags) mf_threadgroup_barrier(flags, __LINE__)
 #define simdgroup_barrier(flags) mf_simdgroup_barrier(flags, __LINE__)
 #define simd_sum(x) mf_simd_sum((x), __LINE__)
@@ -810,3 +948,7 @@ using namespace metal;
 #ifndef MF_CHECKED
 #define MF_TG(T, name, dims, id) T(&name) dims = mf::tg_array<T dims, id>()
 #endif
+
+// Native code a kernel must not write, whatever the front end misses: no inline assembly (a
+// system call needs none of the C library), no reaching into its caller's frames.
+#pragma GCC poison asm __asm__ __asm __builtin_frame_address __builtin_return_address __builtin_setjmp __builtin_longjmp __builtin_apply __builtin_apply_args __builtin_eh_return

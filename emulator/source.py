@@ -157,22 +157,46 @@ def mlx_source(kernel_name: str, header: str, source: str, inputs: list[InputInf
 
 
 # ---- rewriting MSL into C++ (line-preserving) ----------------------------------------------------
+_DECLARATOR = r"[A-Za-z_]\w*\s*(?:\[[^\]\n]+\]\s*)*"
 _TG_DECL = re.compile(
-    r"\bthreadgroup\s+((?:const\s+)?[A-Za-z_][\w:]*(?:\s*<[^;<>]*>)?)\s+([A-Za-z_]\w*)\s*((?:\[[^\]\n]+\]\s*)*);"
+    r"\bthreadgroup\s+((?:const\s+)?[A-Za-z_][\w:]*(?:\s*<[^;<>]*>)?)\s+(" + _DECLARATOR + r"(?:,\s*" + _DECLARATOR + r")*);"
 )
 _PTR_DECL = re.compile(
     r"\b(const\s+)?(device|constant)\s+(const\s+)?([A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?)\s*\*"
 )
 
 
-def rewrite(msl: str, checked: bool) -> str:
-    """Threadgroup declarations become slots of the threadgroup's shared arena; in checked mode
-    device/constant pointers become bounds-checked pointers and threadgroup arrays race-checked views."""
+def rewrite(msl: str, checked: bool, facts=None) -> str:
+    """Threadgroup declarations become slots of the threadgroup's shared arena (one per declarator:
+    `threadgroup float a[N], b[N];` is two arrays); program-scope `constant` variables become const
+    (the C++ compiler then takes them as array bounds); in checked mode device/constant pointers
+    become bounds-checked pointers and threadgroup arrays race-checked views. `facts` come from the
+    conformance front end, which parsed the same text: the rewrite must find every threadgroup
+    variable clang found, or it refuses to run the kernel rather than run it wrong."""
+    if facts is not None and facts.constant_declarations:
+        lines = msl.split("\n")
+        for line, column in sorted(facts.constant_declarations, reverse=True):
+            text = lines[line - 1]
+            lines[line - 1] = text[:column - 1] + "const   " + text[column - 1 + len("constant"):]
+        msl = "\n".join(lines)
+    found = 0
+
     def tg(m):
-        t, name, dims = m.group(1), m.group(2), m.group(3).replace(" ", "")
-        return f"MF_TG({t}, {name}, {dims}, __COUNTER__);"
+        nonlocal found
+        t = m.group(1)
+        slots = []
+        for decl in re.findall(_DECLARATOR, m.group(2)):
+            name, dims = re.match(r"([A-Za-z_]\w*)\s*(.*)", decl.strip()).groups()
+            slots.append(f"MF_TG({t}, {name}, {dims.replace(' ', '')}, __COUNTER__)")
+        found += len(slots)
+        return "; ".join(slots) + ";"
 
     out = _TG_DECL.sub(tg, msl)
+    if facts is not None and found != facts.threadgroup_declarations:
+        raise MetalforgeError(
+            f"emulator: this kernel declares {facts.threadgroup_declarations} threadgroup variables and the emulator "
+            f"recognised {found}; it runs `threadgroup T name[N]...;` declarations in the kernel function's scope "
+            "(several per line are fine), so write the others that way")
     if checked:
         def ptr(m):
             const = "const " if (m.group(1) or m.group(3)) else ""
@@ -201,16 +225,34 @@ def swizzle_members() -> dict[int, str]:
     return out
 
 
+# Metal's own headers: a kernel may include them (many published kernels start so); the
+# emulator's metal_compat.h, included first, declares everything they do.
+METAL_HEADERS = ("metal_stdlib", "metal_atomic", "metal_common", "metal_compute", "metal_geometric",
+                 "metal_integer", "metal_math", "metal_matrix", "metal_relational", "metal_simdgroup",
+                 "metal_simdgroup_matrix", "metal_type_traits", "metal_types", "simd/simd.h")
+
+
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text()
+
+
+def kernel_interface() -> str:
+    """mf_kernel.h: the runtime as a kernel's translation unit sees it."""
+    return _read("mf_kernel.h")
+
+
+def runtime_source() -> str:
+    """mf_runtime.cpp: fibers, scheduling, faults; an object of its own linked with each kernel."""
+    return _read("mf_runtime.cpp")
+
+
 @lru_cache(maxsize=2)
 def compat_header(checked: bool) -> str:
-    """metal_compat.h with its swizzles filled in, and the checked-mode layer when asked."""
-    folder = resources.files(__package__)
-    runtime = folder.joinpath("mf_runtime.h").read_text()
-    compat = folder.joinpath("metal_compat.h").read_text()
+    """metal_compat.h with the runtime interface and its swizzles filled in, and the
+    checked-mode layer when asked."""
+    compat = _read("metal_compat.h").replace('#include "mf_kernel.h"', kernel_interface())
     for n, members in swizzle_members().items():
         compat = compat.replace(f"// @SWIZZLES{n}@", members)
-    compat = compat.replace('#include "mf_runtime.h"', runtime)
     if checked:
-        checks = folder.joinpath("mf_checked.h").read_text()
-        compat = "#define MF_CHECKED 1\n" + compat.replace("using namespace metal;", checks + "\nusing namespace metal;", 1)
+        compat = "#define MF_CHECKED 1\n" + compat.replace("using namespace metal;", _read("mf_checked.h") + "\nusing namespace metal;", 1)
     return compat

@@ -1,22 +1,17 @@
 // metalforge emulator runtime: fibers, threadgroup scheduling, barriers, SIMD-group exchange,
-// threadgroup memory arenas and error reporting. Included by metal_compat.h before any Metal
-// keyword macro is defined (glibc headers use `constant` and `device` as identifiers).
-#pragma once
+// threadgroup memory arenas, faults and error reporting. Compiled once into an object that every
+// kernel's library is linked with; the kernel's own translation unit sees only mf_kernel.h, so
+// nothing here (the C and C++ libraries included) can be named by a kernel.
+#include "mf_kernel.h"
+
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <limits>
 #include <mutex>
 #include <string>
 #include <thread>
-#include <type_traits>
-#include <utility>
 #include <vector>
 #include <sys/mman.h>
 #include <dlfcn.h>
@@ -27,38 +22,6 @@
 #include <unistd.h>
 
 namespace mf {
-
-struct u3 { unsigned x, y, z; };
-
-enum class State : int { Runnable, AtBarrier, AtSimd, Done };
-
-struct Fiber;
-using SimdFn = void (*)(Fiber** lanes, int count);
-
-struct Fiber {
-  void* sp = nullptr;           // saved stack pointer (x86-64 switch)
-#if !defined(__x86_64__)
-  ucontext_t uc;
-#endif
-  char* stack = nullptr;
-  State state = State::Runnable;
-  int line = 0;                 // barrier / SIMD call site (MSL line)
-  SimdFn simd_fn = nullptr;
-  alignas(16) unsigned char simd_in[256];
-  alignas(16) unsigned char simd_out[256];
-  // checked mode: threadgroup-memory accesses since the last scheduling point
-  struct Access { unsigned char* p; unsigned size; unsigned char snap[16]; const void* pc; const char* name; long long index; };
-  std::vector<Access> log;
-  // thread attributes
-  u3 pos_in_tg, tg_pos, tg_size;
-  unsigned index = 0, lane = 0, simdgroup = 0;
-};
-
-struct Launch {
-  u3 grid, nominal_tg, groups;
-  int checked = 0;
-  const char* kernel = "";
-};
 
 // ---- errors -------------------------------------------------------------------------------
 // Counts of the last dispatch: threads run, barrier crossings (per thread) and SIMD-group
@@ -89,15 +52,21 @@ struct Errors {
 inline Errors& errors() { static Errors e; return e; }
 
 // ---- per OS thread scheduler state --------------------------------------------------------
+// checked mode: a threadgroup-memory access since the fiber's last scheduling point
+struct Access { unsigned char* p; unsigned size; unsigned char snap[16]; const void* pc; const char* name; long long index; };
+
 struct Worker {
   std::vector<Fiber> fibers;
-  int count = 0;
-  void* sched_sp = nullptr;
+  std::vector<std::vector<Access>> logs;   // per fiber (checked mode)
 #if !defined(__x86_64__)
+  std::vector<ucontext_t> ucs;             // per fiber
   ucontext_t sched_uc;
 #endif
+  int count = 0;
+  void* sched_sp = nullptr;
   Fiber* current = nullptr;
-  std::function<void(Fiber&)>* body = nullptr;
+  void* const* buffers = nullptr;
+  const long long* meta = nullptr;
   unsigned char* tg_memory = nullptr;
   size_t tg_capacity = 0;
   unsigned tg_epoch = 0;
@@ -115,7 +84,8 @@ struct Worker {
 };
 inline thread_local Worker* tls_worker = nullptr;
 inline Worker& worker() { return *tls_worker; }
-inline Fiber& self() { return *tls_worker->current; }
+Fiber& self() { return *tls_worker->current; }
+unsigned char* tg_memory() { return tls_worker->tg_memory; }
 
 constexpr size_t kStackBytes = 64 * 1024;   // each emulated thread's private memory (its fiber stack)
 constexpr size_t kGuardBytes = 4096;        // a PROT_NONE page below each stack: an overflow faults there
@@ -169,14 +139,14 @@ extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(Fiber* f);
 
 inline void flush_accesses(Worker& w, Fiber& f);
 
-inline void to_scheduler() {
+void to_scheduler() {
   Worker& w = worker();
   Fiber* f = w.current;
-  if (w.launch->checked && !f->log.empty()) flush_accesses(w, *f);
+  if (w.launch->checked && !w.logs[f->index].empty()) flush_accesses(w, *f);
 #if defined(__x86_64__)
   mf_ctx_switch(&f->sp, w.sched_sp);
 #else
-  swapcontext(&f->uc, &w.sched_uc);
+  swapcontext(&w.ucs[f->index], &w.sched_uc);
 #endif
 }
 
@@ -186,7 +156,7 @@ inline void resume(Fiber& f) {
 #if defined(__x86_64__)
   mf_ctx_switch(&w.sched_sp, f.sp);
 #else
-  swapcontext(&w.sched_uc, &f.uc);
+  swapcontext(&w.sched_uc, &w.ucs[f.index]);
 #endif
   w.current = nullptr;
 }
@@ -212,12 +182,13 @@ inline void start_fiber(Fiber& f) {
   sp[7] = reinterpret_cast<uint64_t>(&mf_fiber_trampoline);
   f.sp = sp;
 #else
-  getcontext(&f.uc);
-  f.uc.uc_stack.ss_sp = f.stack;
-  f.uc.uc_stack.ss_size = kStackBytes;
-  f.uc.uc_link = nullptr;
+  ucontext_t& uc = worker().ucs[f.index];
+  getcontext(&uc);
+  uc.uc_stack.ss_sp = f.stack;
+  uc.uc_stack.ss_size = kStackBytes;
+  uc.uc_link = nullptr;
   uintptr_t p = reinterpret_cast<uintptr_t>(&f);
-  makecontext(&f.uc, (void (*)())ucontext_entry, 2, unsigned(p >> 32), unsigned(p & 0xffffffffu));
+  makecontext(&uc, (void (*)())ucontext_entry, 2, unsigned(p >> 32), unsigned(p & 0xffffffffu));
 #endif
 }
 
@@ -251,34 +222,12 @@ inline std::string pc_str(const void* pc) {
   __builtin_unreachable();
 }
 
-// ---- blocking points -----------------------------------------------------------------------
-inline void barrier_at(int line) {
-  Fiber& f = self();
-  f.line = line;
-  f.state = State::AtBarrier;
-  to_scheduler();
-}
-
-template <class T>
-inline T simd_exchange(const T& value, SimdFn fn, int line) {
-  static_assert(sizeof(T) <= sizeof(Fiber::simd_in), "SIMD operand too large");
-  Fiber& f = self();
-  std::memcpy(f.simd_in, &value, sizeof(T));
-  f.simd_fn = fn;
-  f.line = line;
-  f.state = State::AtSimd;
-  to_scheduler();
-  T out;
-  std::memcpy(&out, f.simd_out, sizeof(T));
-  return out;
-}
-
 // ---- checked mode: threadgroup-memory data races ---------------------------------------------
 // A fiber runs alone between scheduling points, so an element whose value changed since the
 // access was logged was written by this thread; otherwise it was read. Two accesses by different
 // threads in the same barrier interval, at least one a write, are a race (threads of one
 // SIMD-group are ordered by simdgroup_barrier as well).
-inline std::string race_report(Worker& w, const Fiber::Access& a, const char* mine, int other, const char* theirs,
+inline std::string race_report(Worker& w, const Access& a, const char* mine, int other, const char* theirs,
                                const void* their_pc) {
   const Launch& L = *w.launch;
   Fiber& me = *w.current;
@@ -303,7 +252,8 @@ inline void flush_accesses(Worker& w, Fiber& f) {
   Critical c;
   const int me = int(f.index);
   const unsigned sgep = w.sg_epoch[f.simdgroup];
-  for (const auto& a : f.log) {
+  std::vector<Access>& log = w.logs[f.index];
+  for (const auto& a : log) {
     size_t off = size_t(a.p - w.tg_memory);
     if (off >= w.shadow.size()) continue;
     Worker::Shadow& s = w.shadow[off];
@@ -317,7 +267,7 @@ inline void flush_accesses(Worker& w, Fiber& f) {
     if (wrote) { s.writer = me; s.wepoch = w.tg_epoch; s.wsg = sgep; s.wpc = a.pc; }
     else { s.reader = me; s.repoch = w.tg_epoch; s.rsg = sgep; s.rpc = a.pc; }
   }
-  f.log.clear();
+  log.clear();
 }
 
 // ---- the scheduler for one threadgroup ------------------------------------------------------
@@ -438,21 +388,34 @@ struct TgRegistry {
   size_t arena = 0;     // with 16-byte alignment of each declaration
 };
 inline TgRegistry& tg_registry() { static TgRegistry r; return r; }
-inline size_t tg_register(size_t size) {
+size_t tg_register(size_t size) {
   TgRegistry& r = tg_registry();
   size_t off = r.arena;
   r.total += size;
   r.arena += (size + 15) & ~size_t(15);
   return off;
 }
-template <class A, int ID>
-struct TgSlot { static const size_t offset; };
-template <class A, int ID>
-const size_t TgSlot<A, ID>::offset = tg_register(sizeof(A));
 
-template <class A, int ID>
-inline A& tg_array() {
-  return *reinterpret_cast<A*>(worker().tg_memory + TgSlot<A, ID>::offset);
+void simd_sync(Fiber** lanes, int) { worker().sg_epoch[lanes[0]->simdgroup]++; }
+
+// ---- checked mode: reports and the access log ------------------------------------------------
+void out_of_bounds(const char* what, const char* name, long long index, long long size, const void* pc) {
+  char buf[320];
+  std::snprintf(buf, sizeof buf, "%s: out-of-bounds access to %s '%s' at element %lld (it has %lld elements) by %s at %s",
+                worker().launch->kernel, what, name, index, size, pos_str(self()).c_str(), pc_str(pc).c_str());
+  fail(buf);
+}
+
+void tg_log(void* p, unsigned size, const char* name, long long index, const void* pc) {
+  Access a;
+  a.p = static_cast<unsigned char*>(p);
+  a.size = size;
+  std::memcpy(a.snap, p, std::min<unsigned>(size, 16));
+  a.pc = pc;
+  a.name = name;
+  a.index = index;
+  Critical c;
+  worker().logs[self().index].push_back(a);
 }
 
 // ---- faults: errors, never a dead process ----------------------------------------------------
@@ -654,7 +617,7 @@ struct GuardedBuffers {
 #endif
 
 // ---- dispatch -----------------------------------------------------------------------------
-inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> body) {
+inline int dispatch(const Launch& L, int workers, void* const* buffers, const long long* meta) {
   errors().messages.clear();
   errors().abort.store(0);
   stats().threads = 0;
@@ -667,8 +630,13 @@ inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> bo
     Worker w;
     tls_worker = &w;
     w.launch = &L;
-    w.body = &body;
+    w.buffers = buffers;
+    w.meta = meta;
     w.fibers.resize(nominal);
+    if (L.checked) w.logs.resize(nominal);
+#if !defined(__x86_64__)
+    w.ucs.resize(nominal);
+#endif
     const size_t slot = kGuardBytes + kStackBytes;
     w.stacks_bytes = slot * nominal;
     w.stacks = static_cast<char*>(mmap(nullptr, w.stacks_bytes, PROT_READ | PROT_WRITE,
@@ -726,7 +694,7 @@ inline int dispatch(const Launch& L, int workers, std::function<void(Fiber&)> bo
 
 extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(mf::Fiber* f) {
   mf::Worker& w = mf::worker();
-  (*w.body)(*f);
+  mf_kernel_body(w.buffers, w.meta, *w.launch, *f);
   f->state = mf::State::Done;
   mf::to_scheduler();
   __builtin_unreachable();
@@ -734,7 +702,20 @@ extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(mf::Fiber* f) {
 
 #define MF_EXPORT __attribute__((visibility("default")))
 extern "C" {
-MF_EXPORT size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
+// meta: grid, threadgroup size and threadgroup counts (3 each), then each buffer's element count
+MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* bytes, int workers, int checked) {
+  const mf::KernelInfo& k = mf_kernel_info;
+  // outside checked mode (which checks every index itself) buffers get guard pages
+  mf::GuardedBuffers guarded(host, bytes, k.buffer_names, k.buffers, k.first_output, !checked);
+  mf::Launch L;
+  L.grid = {unsigned(meta[0]), unsigned(meta[1]), unsigned(meta[2])};
+  L.nominal_tg = {unsigned(meta[3]), unsigned(meta[4]), unsigned(meta[5])};
+  L.groups = {unsigned(meta[6]), unsigned(meta[7]), unsigned(meta[8])};
+  L.checked = checked;
+  L.kernel = k.name;
+  return mf::dispatch(L, workers, guarded.ptrs.data(), meta);
+}
+MF_EXPORT mf::size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
 MF_EXPORT void mf_cancel() { mf::cancel_dispatch(); }
 MF_EXPORT int mf_error_count() { return int(mf::errors().messages.size()); }
 MF_EXPORT const char* mf_error(int i) { return mf::errors().messages[i].c_str(); }

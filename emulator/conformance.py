@@ -1,0 +1,398 @@
+"""The conformance front end: what Apple's Metal compiler refuses, the emulator refuses first.
+
+The emulator compiles MSL as C++, which accepts much that Metal does not. Before a kernel is
+compiled, clang (the `libclang` wheel) parses its full generated source (header, MLX's signature,
+body) against the emulator's own metal_compat.h, with Metal's address spaces turned into type tags
+it can read back, and the AST is checked against the MSL specification's restrictions. Each
+refusal names the kernel, the MSL line and the rule with its section of the specification
+(Metal Shading Language Specification 3.2). What it cannot see, the compile still cannot reach:
+the kernel's translation unit has no C or C++ library in it at all (see compiler.py).
+"""
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .compiler import CompileError
+from .source import compat_header
+
+SPEC = "MSL 3.2"
+
+
+@dataclass(frozen=True)
+class Rule:
+    what: str      # the construct, as a user would name it
+    reason: str    # the specification's reason
+    section: str   # where the specification says so
+
+
+RULES = {
+    "lambda": Rule("a lambda expression", "lambda expressions are not available in Metal", "§1.5.4 Restrictions"),
+    "recursion": Rule("a recursive call", "recursive function calls are not available in Metal (from MSL 2.4 only "
+                      "through [[visible]] functions in function tables, which a custom kernel cannot link)",
+                      "§1.5.4 Restrictions"),
+    "dynamic_cast": Rule("dynamic_cast", "the dynamic_cast operator is not available in Metal", "§1.5.4 Restrictions"),
+    "typeid": Rule("typeid", "type identification is not available in Metal", "§1.5.4 Restrictions"),
+    "new_delete": Rule("new or delete", "the new and delete operators are not available in Metal (a GPU thread has "
+                       "no heap)", "§1.5.4 Restrictions"),
+    "goto": Rule("goto", "the goto statement is not available in Metal", "§1.5.4 Restrictions"),
+    "storage": Rule("a register or thread_local variable", "the register and thread_local storage attributes are "
+                    "not available in Metal", "§1.5.4 Restrictions"),
+    "virtual": Rule("a virtual function", "the virtual function specifier is not available in Metal",
+                    "§1.5.4 Restrictions"),
+    "derived": Rule("a derived class", "derived classes are not available in Metal", "§1.5.4 Restrictions"),
+    "exceptions": Rule("exception handling", "exception handling (try, catch, throw) is not available in Metal",
+                       "§1.5.4 Restrictions"),
+    "std": Rule("the C++ standard library", "the C++ standard library must not be used in Metal; Metal has its own "
+                "standard library (metal::)", "§1.5.4 Restrictions"),
+    "libc": Rule("the C library", "the C library is not part of Metal: a kernel can call only the Metal standard "
+                 "library and functions defined in its own source", "§1.5.4 Restrictions"),
+    "undefined": Rule("a function declared but not defined", "Metal compiles a custom kernel's source on its own and "
+                      "links nothing with it, so every function it calls is Metal's or defined in the source",
+                      "§1.5.4 Restrictions"),
+    "double": Rule("double", "Metal has no double or long double type", "§2.1 Scalar Data Types"),
+    "asm": Rule("inline assembly", "inline assembly is not part of the Metal Shading Language", "§1.5 Metal and C++14"),
+    "builtin": Rule("a compiler builtin", "__builtin_ functions are the host compiler's, not Metal's", "§1.5.4 Restrictions"),
+    "include": Rule("an #include of a non-Metal header", "only Metal's own headers (metal_stdlib, ...) are available "
+                    "to a kernel; the C++ standard library must not be used", "§1.5.4 Restrictions"),
+    "read_only": Rule("a write to read-only memory", "the constant address space is read-only, and a const device "
+                      "pointer's pointee cannot be modified", "§4.2 Constant Address Space"),
+    "space_cast": Rule("a conversion between address spaces", "a pointer to one address space cannot be converted "
+                       "to a pointer to another", "§4 Address Spaces"),
+    "no_space": Rule("a pointer without an address space", "pointers must be declared with an address space "
+                     "attribute (device, constant, threadgroup or thread)", "§1.5.4 Restrictions and §4 Address Spaces"),
+    "function_pointer": Rule("a function pointer", "function pointers are not supported (from MSL 2.3 only to "
+                             "[[visible]] functions, which a custom kernel cannot link)", "§1.5.4 Restrictions"),
+    "threadgroup_scope": Rule("a threadgroup variable outside kernel function scope", "threadgroup variables can be "
+                              "declared only in the kernel function's own scope, not in nested blocks, other functions "
+                              "or at program scope", "§4.4 Threadgroup Address Space"),
+    "threadgroup_init": Rule("an initialised threadgroup variable", "threadgroup variables cannot be initialised "
+                             "where they are declared", "§4.4 Threadgroup Address Space"),
+    "program_scope": Rule("a program-scope variable outside the constant address space", "variables at program scope "
+                          "(and static variables) must be declared in the constant address space", "§4.2 Constant Address Space"),
+}
+
+# Names of the C library (and POSIX) a kernel might try; none of them exists in Metal.
+C_LIBRARY = frozenset("""printf fprintf sprintf snprintf vprintf puts putchar fputs fwrite fread fopen fclose fflush
+fseek ftell remove rename tmpfile malloc calloc realloc free aligned_alloc system exit _exit abort atexit getenv
+setenv popen pclose fork vfork execl execlp execle execv execvp execve kill raise signal open close read write
+unlink mkdir rmdir chdir dlopen dlsym mmap munmap mprotect syscall pthread_create time clock rand srand memcpy
+memmove memset memcmp strlen strcpy strncpy strcmp strcat sleep usleep socket connect""".split())
+
+METAL_HEADER_NAMES = {"metal_stdlib", "metal_atomic", "metal_common", "metal_compute", "metal_geometric",
+                      "metal_integer", "metal_math", "metal_matrix", "metal_relational", "metal_simdgroup",
+                      "metal_simdgroup_matrix", "metal_type_traits", "metal_types", "simd/simd.h"}
+
+_TOKEN_RULES = {"double": "double", "goto": "goto", "thread_local": "storage", "register": "storage",
+                "virtual": "virtual", "try": "exceptions", "catch": "exceptions", "throw": "exceptions",
+                "typeid": "typeid", "dynamic_cast": "dynamic_cast", "asm": "asm", "__asm__": "asm", "__asm": "asm"}
+
+
+class ConformanceError(CompileError):
+    """The kernel uses something Metal does not allow; the message cites the MSL specification."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    rule: str
+    line: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rewrite into C++ needs from the front end."""
+    threadgroup_declarations: int                  # threadgroup variables in kernel functions
+    constant_declarations: tuple[tuple[int, int], ...]   # (line, column) of program-scope `constant` to make const
+
+
+MSL_FILE = "/metalforge/kernel.metal"
+_MAIN = "/metalforge/main.cpp"
+_HEADER = "/metalforge/metal_compat.h"
+_ARGS = ["-x", "c++", "-std=c++17", "-nostdinc", "-nostdinc++", "-DMF_FRONTEND", "-fno-exceptions",
+         "-I/metalforge", "-Wno-ignored-attributes", "-Wno-unknown-attributes", "-Wno-duplicate-decl-specifier"]
+_lock = threading.Lock()   # libclang's Python binding is not documented as thread-safe
+
+
+@lru_cache(maxsize=1)
+def _index():
+    try:
+        from clang import cindex
+    except ImportError as e:   # a dependency; this only happens in a broken install
+        raise CompileError("emulator: the conformance front end needs the libclang wheel (pip install libclang)") from e
+    return cindex, cindex.Index.create()
+
+
+def check(msl: str, kernel_name: str) -> Facts:
+    """Refuse what Metal refuses (ConformanceError naming rule, section and line); otherwise return
+    the facts the C++ rewrite needs."""
+    cindex, index = _index()
+    files = [(_MAIN, f'#include "metal_compat.h"\n#include "{MSL_FILE}"\n'), (_HEADER, compat_header(False)),
+             (MSL_FILE, msl)]
+    with _lock:
+        tu = index.parse(_MAIN, args=_ARGS, unsaved_files=files,
+                         options=cindex.TranslationUnit.PARSE_DETAILED_PROCESSING_RECORD)
+        walker = _Walker(cindex, tu, kernel_name, msl)
+        refusals = walker.run()
+    if refusals:
+        raise ConformanceError(_message(kernel_name, msl, refusals))
+    return Facts(walker.threadgroup_declarations, tuple(walker.constant_tokens))
+
+
+def _message(kernel_name: str, msl: str, refusals: list[Refusal]) -> str:
+    lines = msl.splitlines()
+    out = [f"emulator: kernel `{kernel_name}` uses what Metal does not allow (lines of its generated MSL; "
+           "verbose=True prints it):"]
+    seen = set()
+    for r in sorted(refusals, key=lambda r: r.line):
+        if (r.rule, r.line) in seen:
+            continue
+        seen.add((r.rule, r.line))
+        rule = RULES[r.rule]
+        text = lines[r.line - 1].strip() if 0 < r.line <= len(lines) else ""
+        detail = f" ({r.detail})" if r.detail else ""
+        out.append(f"  line {r.line}: {rule.what}{detail}: {rule.reason} [{SPEC} {rule.section}]\n      {text}")
+        if len(seen) == 8:
+            break
+    return "\n".join(out)
+
+
+_SPACE = re.compile(r'btf_type_tag\("(\w+)"\)')
+
+
+class _Walker:
+    """One pass over the kernel file's AST, tokens and diagnostics."""
+
+    def __init__(self, cindex, tu, kernel_name: str, msl: str):
+        self.ci, self.tu, self.kernel_name, self.msl = cindex, tu, kernel_name, msl
+        self.K = cindex.CursorKind
+        self.refusals: list[Refusal] = []
+        self.threadgroup_declarations = 0
+        self.constant_tokens: list[tuple[int, int]] = []
+        self.calls: dict[str, set[str]] = {}
+        self.lines: dict[str, int] = {}
+
+    def refuse(self, rule: str, line: int, detail: str = "") -> None:
+        self.refusals.append(Refusal(rule, line, detail))
+
+    def run(self) -> list[Refusal]:
+        self._diagnostics()
+        self._includes()
+        mine = [c for c in self.tu.cursor.get_children() if _in_kernel(c)]
+        for c in mine:
+            self._visit(c, [])
+        self._tokens()
+        self._recursion()
+        return self.refusals
+
+    # ---- what clang itself reports ------------------------------------------------------------
+    def _diagnostics(self) -> None:
+        for d in self.tu.diagnostics:
+            if d.severity < 3 or not d.location.file or d.location.file.name != MSL_FILE:
+                continue
+            text, line = d.spelling, d.location.line
+            ident = re.search(r"undeclared identifier '(\w+)'|'(\w+)' is not a class, namespace", text)
+            name = ident and (ident.group(1) or ident.group(2))
+            if name == "std":
+                self.refuse("std", line, "std::")
+            elif name in C_LIBRARY:
+                self.refuse("libc", line, name)
+            elif "not assignable" in text or "const-qualified type" in text:
+                self.refuse("read_only", line)
+            elif "poisoned" in text:
+                self.refuse("asm" if "asm" in text else "builtin", line)
+            elif "file not found" in text:
+                self.refuse("include", line, text.split("'")[1] if "'" in text else "")
+
+    def _includes(self) -> None:
+        for inc in self.tu.get_includes():
+            if inc.source and inc.source.name == MSL_FILE and inc.depth == 1:
+                name = inc.include.name
+                if not any(name.endswith("/" + h) or name == h for h in METAL_HEADER_NAMES):
+                    self.refuse("include", inc.location.line, name.rsplit("/", 1)[-1])
+
+    # ---- tokens: keywords Metal does not have ---------------------------------------------------
+    def _tokens(self) -> None:
+        f = self.tu.get_file(MSL_FILE)
+        size = len(self.msl.encode())
+        extent = self.ci.SourceRange.from_locations(self.ci.SourceLocation.from_offset(self.tu, f, 0),
+                                                     self.ci.SourceLocation.from_offset(self.tu, f, size))
+        for tok in self.tu.get_tokens(extent=extent):
+            s = tok.spelling
+            if s in _TOKEN_RULES:
+                self.refuse(_TOKEN_RULES[s], tok.location.line)
+            elif s.startswith("__builtin_") or s.startswith("__sync_") or s.startswith("__atomic_"):
+                self.refuse("builtin", tok.location.line, s)
+
+    # ---- the AST --------------------------------------------------------------------------------
+    def _visit(self, c, parents: list) -> None:
+        K, kind, line = self.K, c.kind, c.location.line
+        if kind == K.LAMBDA_EXPR:
+            self.refuse("lambda", line)
+        elif kind in (K.CXX_NEW_EXPR, K.CXX_DELETE_EXPR):
+            self.refuse("new_delete", line)
+        elif kind == K.CXX_BASE_SPECIFIER:
+            self.refuse("derived", line)
+        elif kind == K.CXX_METHOD and c.is_virtual_method():
+            self.refuse("virtual", line)
+        elif kind == K.LINKAGE_SPEC:
+            self.refuse("undefined", line, 'extern "C"')
+        elif kind == K.NAMESPACE_REF and c.spelling == "std":
+            self.refuse("std", line, "std::")
+        elif kind in (K.FUNCTION_DECL, K.FUNCTION_TEMPLATE, K.CXX_METHOD):
+            self._function(c)
+        elif kind in (K.VAR_DECL, K.PARM_DECL, K.FIELD_DECL):
+            self._declaration(c, parents)
+        elif kind in (K.CSTYLE_CAST_EXPR, K.CXX_REINTERPRET_CAST_EXPR, K.CXX_STATIC_CAST_EXPR, K.CXX_CONST_CAST_EXPR):
+            kids = list(c.get_children())
+            if kids:
+                self._conversion(c.type, _source_type(self.K, kids[-1]), line)
+        elif kind == K.CALL_EXPR and parents:
+            ref = c.referenced
+            fn = next((p for p in reversed(parents) if p.kind in (K.FUNCTION_DECL, K.FUNCTION_TEMPLATE, K.CXX_METHOD)), None)
+            if ref is not None and fn is not None:
+                self.calls.setdefault(fn.get_usr(), set()).add(_usr(ref))
+        for child in c.get_children():
+            self._visit(child, parents + [c])
+
+    def _function(self, c) -> None:
+        self.lines[c.get_usr()] = c.location.line
+        self.calls.setdefault(c.get_usr(), set())
+        if c.kind == self.K.FUNCTION_DECL and not c.is_definition() and c.get_definition() is None \
+                and c.spelling != self.kernel_name:
+            self.refuse("libc" if c.spelling in C_LIBRARY else "undefined", c.location.line, c.spelling)
+
+    def _declaration(self, c, parents: list) -> None:
+        K, t, line = self.K, c.type, c.location.line
+        ptr = _resolve(self.ci, t)
+        if ptr is not None and _kind(ptr) == "POINTER":
+            pointee = ptr.get_pointee()
+            if _kind(pointee) in ("FUNCTIONPROTO", "FUNCTIONNOPROTO"):
+                self.refuse("function_pointer", line, c.spelling)
+            elif _pointee_space(ptr) is None and not _dependent(pointee):
+                self.refuse("no_space", line, c.spelling)
+        if c.kind != K.VAR_DECL:
+            return
+        kids = list(c.get_children())
+        init = next((k for k in kids if k.kind.is_expression()), None)
+        if init is not None and ptr is not None and _kind(ptr) == "POINTER":
+            self._conversion(t, _source_type(K, init), line)
+        space = None if ptr is not None else _space(t)   # a pointer's tag is its pointee's space
+        scope = c.semantic_parent.kind if c.semantic_parent is not None else None
+        at_program_scope = scope in (K.TRANSLATION_UNIT, K.NAMESPACE)
+        tokens = [tok.spelling for tok in c.get_tokens()]
+        if space == "threadgroup":
+            body = parents[-2] if len(parents) >= 2 else None
+            func = parents[-3] if len(parents) >= 3 else None
+            in_kernel_scope = (body is not None and body.kind == K.COMPOUND_STMT and func is not None
+                               and func.kind in (K.FUNCTION_DECL, K.FUNCTION_TEMPLATE)
+                               and func.spelling == self.kernel_name)
+            if not in_kernel_scope:
+                self.refuse("threadgroup_scope", line, c.spelling)
+            else:
+                self.threadgroup_declarations += 1
+            if init is not None and "=" in tokens:
+                self.refuse("threadgroup_init", line, c.spelling)
+        elif at_program_scope or c.storage_class == self.ci.StorageClass.STATIC and scope != K.STRUCT_DECL:
+            if space == "constant":
+                if "const" not in tokens and "constexpr" not in tokens and "constant" in tokens:
+                    tok = next(tok for tok in c.get_tokens() if tok.spelling == "constant")
+                    if at_program_scope:
+                        self.constant_tokens.append((tok.location.line, tok.location.column))
+            elif "constexpr" not in tokens:
+                self.refuse("program_scope", line, c.spelling)
+
+    def _conversion(self, to_type, from_type, line: int) -> None:
+        """A pointer converted to another address space. Only explicit tags count: clang drops
+        them through references, so an untagged source is unknown, never a mismatch."""
+        to_ptr, from_ptr = _resolve(self.ci, to_type), _resolve(self.ci, from_type)
+        if to_ptr is None or from_ptr is None or _kind(to_ptr) != "POINTER" or _kind(from_ptr) != "POINTER":
+            return
+        src, dst = _pointee_space(from_ptr), _pointee_space(to_ptr)
+        if src is not None and src != (dst or "thread") and not _dependent(to_ptr.get_pointee()):
+            self.refuse("space_cast", line, f"{src} to {dst or 'thread'}")
+
+    def _recursion(self) -> None:
+        """A cycle in the call graph of the kernel's own functions."""
+        state: dict[str, int] = {}
+
+        def visit(u: str) -> str | None:
+            state[u] = 1
+            for v in self.calls.get(u, ()):
+                if v not in self.calls:
+                    continue
+                if state.get(v) == 1:
+                    return v
+                if state.get(v) is None:
+                    found = visit(v)
+                    if found:
+                        return found
+            state[u] = 2
+            return None
+
+        for u in list(self.calls):
+            if state.get(u) is None:
+                found = visit(u)
+                if found:
+                    self.refuse("recursion", self.lines.get(found, 0))
+                    return
+
+
+def _in_kernel(c) -> bool:
+    return c.location.file is not None and c.location.file.name == MSL_FILE
+
+
+def _usr(ref) -> str:
+    """Calls to a template's specialisation name the template, so cycles through templates count."""
+    tmpl = ref.canonical
+    return tmpl.get_usr()
+
+
+def _kind(t) -> str:
+    """A type's kind by name; the wheel's binding lacks some of clang's newer kinds (_Float16)."""
+    try:
+        return t.kind.name
+    except ValueError:
+        return "UNKNOWN"
+
+
+def _space(t) -> str | None:
+    m = _SPACE.search(t.spelling)
+    return m.group(1) if m else None
+
+
+def _pointee_space(ptr) -> str | None:
+    """clang spells the tag on the pointer type (`float __attribute__((btf_type_tag("device")))*`):
+    the last tag before the outermost `*` is its pointee's address space."""
+    tags = _SPACE.findall(ptr.spelling)
+    return tags[-1] if tags else None
+
+
+def _dependent(t) -> bool:
+    """A type the template's arguments decide (T*, auto): Metal checks it per instantiation."""
+    s = t.spelling
+    return _kind(t) in ("UNEXPOSED", "DEPENDENT", "TEMPLATETYPEPARM", "AUTO") or "type-parameter" in s
+
+
+def _resolve(ci, t):
+    """The pointer or array type behind typedefs and elaborated names, keeping address-space tags."""
+    for _ in range(8):
+        if _kind(t) == "ELABORATED":
+            t = t.get_named_type()
+        elif _kind(t) == "TYPEDEF":
+            t = t.get_declaration().underlying_typedef_type
+        else:
+            break
+    return t if _kind(t) in ("POINTER", "LVALUEREFERENCE") else None
+
+
+def _source_type(K, expr):
+    """The type of an expression before clang's implicit conversions (which keep tags' sugar off)."""
+    while expr.kind in (K.UNEXPOSED_EXPR, K.PAREN_EXPR):
+        kids = list(expr.get_children())
+        if len(kids) != 1:
+            break
+        expr = kids[0]
+    return expr.type

@@ -1,0 +1,96 @@
+// metalforge emulator: what a kernel's translation unit knows of the runtime. Freestanding on
+// purpose: it includes nothing, so a kernel compiled against it sees no C or C++ library name.
+// Fibers, worker threads, signals and memory live in mf_runtime.cpp, a separate object the
+// kernel is linked with; the kernel reaches them only through the functions declared here.
+#pragma once
+
+namespace mf {
+
+using size_t = decltype(sizeof 0);
+struct u3 { unsigned x, y, z; };
+
+enum class State : int { Runnable, AtBarrier, AtSimd, Done };
+
+struct Fiber;
+using SimdFn = void (*)(Fiber** lanes, int count);
+
+// One emulated thread: its position (the attribute values) and what it is waiting for.
+struct Fiber {
+  void* sp = nullptr;           // saved stack pointer (x86-64 switch)
+  char* stack = nullptr;
+  State state = State::Runnable;
+  int line = 0;                 // barrier / SIMD call site (MSL line)
+  SimdFn simd_fn = nullptr;
+  alignas(16) unsigned char simd_in[256];
+  alignas(16) unsigned char simd_out[256];
+  u3 pos_in_tg, tg_pos, tg_size;
+  unsigned index = 0, lane = 0, simdgroup = 0;
+};
+
+struct Launch {
+  u3 grid, nominal_tg, groups;
+  int checked = 0;
+  const char* kernel = "";
+};
+
+// ---- the runtime, as the kernel sees it (mf_runtime.cpp) -----------------------------------
+Fiber& self();                                   // the emulated thread running now
+void to_scheduler();                             // park it (barrier, SIMD exchange, done)
+unsigned char* tg_memory();                      // this threadgroup's shared arena
+size_t tg_register(size_t bytes);                // a threadgroup declaration's offset in it
+void simd_sync(Fiber** lanes, int count);        // simdgroup_barrier: orders the lanes' accesses
+// checked mode: a bounds violation ends the thread with a report; threadgroup accesses are logged
+[[noreturn]] void out_of_bounds(const char* what, const char* name, long long index, long long size,
+                                const void* pc);
+void tg_log(void* p, unsigned size, const char* name, long long index, const void* pc);
+
+// ---- blocking points -----------------------------------------------------------------------
+inline void barrier_at(int line) {
+  Fiber& f = self();
+  f.line = line;
+  f.state = State::AtBarrier;
+  to_scheduler();
+}
+
+template <class T>
+inline T simd_exchange(const T& value, SimdFn fn, int line) {
+  static_assert(sizeof(T) <= sizeof(Fiber::simd_in), "SIMD operand too large");
+  Fiber& f = self();
+  __builtin_memcpy(f.simd_in, static_cast<const void*>(&value), sizeof(T));
+  f.simd_fn = fn;
+  f.line = line;
+  f.state = State::AtSimd;
+  to_scheduler();
+  T out;
+  __builtin_memcpy(static_cast<void*>(&out), f.simd_out, sizeof(T));
+  return out;
+}
+
+// ---- threadgroup memory --------------------------------------------------------------------
+// Each declaration is a slot of the arena, registered once when the library loads; the sum of
+// the declared sizes is what dispatch compares with the device's limit.
+template <class A, int ID>
+struct TgSlot { static const size_t offset; };
+template <class A, int ID>
+const size_t TgSlot<A, ID>::offset = tg_register(sizeof(A));
+
+template <class A, int ID>
+inline A& tg_array() {
+  return *reinterpret_cast<A*>(tg_memory() + TgSlot<A, ID>::offset);
+}
+
+// ---- what the launcher in the kernel's translation unit gives the runtime -------------------
+struct KernelInfo {
+  const char* name;
+  const char* const* buffer_names;
+  int buffers, first_output;
+};
+
+}  // namespace mf
+
+extern "C" {
+[[gnu::visibility("hidden")]] extern const mf::KernelInfo mf_kernel_info;
+// calls the kernel for one thread with its buffers and attribute values
+[[gnu::visibility("hidden")]] void mf_kernel_body(void* const* buffers, const long long* meta, const mf::Launch& L,
+                                                  mf::Fiber& f);
+}
