@@ -1,6 +1,7 @@
 """Emulator speed: simulated threads per second and barrier crossings per second for a tree
 reduction (barrier-bound) and for our decode attention (SIMD-exchange-bound), with MLX's own CPU
-op for the same job timed side by side. Writes JSON and a PNG next to --out.
+op for the same job timed side by side, and the conformance front end's cost per kernel next to a
+cold compile. Writes JSON and a PNG next to --out.
 
     python benchmarks/emulator_speed.py --out benchmarks/results/emulator_speed
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,10 +77,62 @@ def bench_decode(S=2048):
     return summary(f"decode_attention B=1 Hq=32 Hkv=8 S={S} D=128 fp16, split-K 4", seconds, stats, mlx_seconds)
 
 
+def bench_front_end():
+    """The conformance front end's cost per kernel next to a cold compile of the same kernels (a
+    fresh cache, the shared header and runtime object built beforehand: every kernel pays the rest)."""
+    from metalforge.emulator import conformance
+    from metalforge.emulator import kernel as emulated
+    spent = []
+    check = conformance.check
+
+    def timed_check(msl, kname):
+        t = time.perf_counter()
+        try:
+            return check(msl, kname)
+        finally:
+            spent.append(time.perf_counter() - t)
+
+    fam = family("decode_attention")
+    shape = fam.shape(dict(B=1, Hq=4, Hkv=2, S=64, D=64))
+    config = fam.config({"threads": 64, "splits": 2, "share_kv": True, "keys_per_step": 2})
+    inputs = fam.make_inputs(shape, "float16")
+    x = mx.random.normal((1024,))
+    reduce = emulator.metal_kernel(name="fe_reduce", input_names=["x"], output_names=["out"], source=REDUCE)
+    with tempfile.TemporaryDirectory() as cache:
+        previous = os.environ.get("METALFORGE_CACHE")
+        os.environ["METALFORGE_CACHE"] = cache
+        try:
+            warm = emulator.metal_kernel(name="fe_warm", input_names=["x"], output_names=["out"],
+                                         source="out[thread_position_in_grid.x] = x[thread_position_in_grid.x];")
+            mx.eval(warm(inputs=[x], output_shapes=[(1024,)], output_dtypes=[mx.float32], grid=(1024, 1, 1),
+                         threadgroup=(256, 1, 1))[0])
+            conformance.check = timed_check
+            emulated.conformance_facts.cache_clear()
+            spent.clear()
+            t = time.perf_counter()
+            mx.eval(reduce(inputs=[x], template=[("TG", 256)], output_shapes=[(4,)], output_dtypes=[mx.float32],
+                           grid=(1024, 1, 1), threadgroup=(256, 1, 1))[0])
+            mx.eval(fam.run(config, shape, "float16", inputs, backend="emulator"))
+            total = time.perf_counter() - t
+        finally:
+            conformance.check = check
+            if previous is None:
+                os.environ.pop("METALFORGE_CACHE", None)
+            else:
+                os.environ["METALFORGE_CACHE"] = previous
+    front = sum(spent)
+    return {"kernels": len(spent), "front_end_s_per_kernel": front / len(spent),
+            "compile_s_per_kernel": (total - front) / len(spent), "front_end_share_of_cold_compile": front / (total - front)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/emulator_speed")
     args = ap.parse_args()
+    fe = bench_front_end()
+    print(f"conformance front end: {fe['front_end_s_per_kernel'] * 1e3:.0f} ms per kernel, cold compile (and a small "
+          f"run) {fe['compile_s_per_kernel'] * 1e3:.0f} ms per kernel: {fe['front_end_share_of_cold_compile']:.0%} "
+          f"of it ({fe['kernels']} kernels, this CPU)")
     results = [bench_reduction(), bench_decode()]
     for r in results:
         print(f"{r['kernel']}\n  {r['seconds'] * 1e3:9.1f} ms  {r['threads_per_s'] / 1e6:7.2f} M threads/s  "
@@ -86,7 +141,7 @@ def main():
               f"MLX CPU op {r['mlx_cpu_seconds'] * 1e3:.2f} ms (emulator is {r['slowdown_vs_mlx_cpu']:.0f}x slower)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"front_end": fe, "kernels": results}, indent=2))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -10,13 +10,15 @@ the kernel's translation unit has no C or C++ library in it at all (see compiler
 """
 from __future__ import annotations
 
+import atexit
+import bisect
 import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
 from .compiler import CompileError
-from .source import compat_header
+from .source import METAL_HEADERS, compat_header
 
 SPEC = "MSL 3.2"
 
@@ -81,10 +83,6 @@ setenv popen pclose fork vfork execl execlp execle execv execvp execve kill rais
 unlink mkdir rmdir chdir dlopen dlsym mmap munmap mprotect syscall pthread_create time clock rand srand memcpy
 memmove memset memcmp strlen strcpy strncpy strcmp strcat sleep usleep socket connect""".split())
 
-METAL_HEADER_NAMES = {"metal_stdlib", "metal_atomic", "metal_common", "metal_compute", "metal_geometric",
-                      "metal_integer", "metal_math", "metal_matrix", "metal_relational", "metal_simdgroup",
-                      "metal_simdgroup_matrix", "metal_type_traits", "metal_types", "simd/simd.h"}
-
 _TOKEN_RULES = {"double": "double", "goto": "goto", "thread_local": "storage", "register": "storage",
                 "virtual": "virtual", "try": "exceptions", "catch": "exceptions", "throw": "exceptions",
                 "typeid": "typeid", "dynamic_cast": "dynamic_cast", "asm": "asm", "__asm__": "asm", "__asm": "asm"}
@@ -122,6 +120,7 @@ def _index():
         from clang import cindex
     except ImportError as e:   # a dependency; this only happens in a broken install
         raise CompileError("emulator: the conformance front end needs the libclang wheel (pip install libclang)") from e
+    atexit.register(_index.cache_clear)   # dispose of the index before the binding's library is torn down
     return cindex, cindex.Index.create()
 
 
@@ -129,8 +128,11 @@ def check(msl: str, kernel_name: str) -> Facts:
     """Refuse what Metal refuses (ConformanceError naming rule, section and line); otherwise return
     the facts the C++ rewrite needs."""
     cindex, index = _index()
-    files = [(_MAIN, f'#include "metal_compat.h"\n#include "{MSL_FILE}"\n'), (_HEADER, compat_header(False)),
-             (MSL_FILE, msl)]
+    # clang recurses without end on a type tag over an array whose size a template decides
+    # (threadgroup float buf[TG]): threadgroup arrays are marked by a same-length keyword instead
+    parsed = _TG_ARRAY.sub("mf_tg_array", msl)
+    files = [(_MAIN, f'#include "metal_compat.h"\n#define mf_tg_array\n#include "{MSL_FILE}"\n'),
+             (_HEADER, compat_header(False)), (MSL_FILE, parsed), *((f"/metalforge/{h}", "") for h in METAL_HEADERS)]
     with _lock:
         tu = index.parse(_MAIN, args=_ARGS, unsaved_files=files,
                          options=cindex.TranslationUnit.PARSE_DETAILED_PROCESSING_RECORD)
@@ -160,6 +162,7 @@ def _message(kernel_name: str, msl: str, refusals: list[Refusal]) -> str:
 
 
 _SPACE = re.compile(r'btf_type_tag\("(\w+)"\)')
+_TG_ARRAY = re.compile(r"\bthreadgroup\b(?=[^;(){}]*\[)")
 
 
 class _Walker:
@@ -178,6 +181,13 @@ class _Walker:
         self.refusals.append(Refusal(rule, line, detail))
 
     def run(self) -> list[Refusal]:
+        f = self.tu.get_file(MSL_FILE)
+        extent = self.ci.SourceRange.from_locations(self.ci.SourceLocation.from_offset(self.tu, f, 0),
+                                                     self.ci.SourceLocation.from_offset(self.tu, f, len(self.msl.encode())))
+        # (start offset, end offset, spelling, line, column), read once: each libclang call costs
+        self.file_tokens = [(t.extent.start.offset, t.extent.end.offset, t.spelling, t.location.line, t.location.column)
+                            for t in self.tu.get_tokens(extent=extent)]
+        self.token_starts = [t[0] for t in self.file_tokens]
         self._diagnostics()
         self._includes()
         mine = [c for c in self.tu.cursor.get_children() if _in_kernel(c)]
@@ -208,23 +218,30 @@ class _Walker:
 
     def _includes(self) -> None:
         for inc in self.tu.get_includes():
-            if inc.source and inc.source.name == MSL_FILE and inc.depth == 1:
+            if inc.source and inc.source.name == MSL_FILE:
                 name = inc.include.name
-                if not any(name.endswith("/" + h) or name == h for h in METAL_HEADER_NAMES):
+                if not any(name == f"/metalforge/{h}" for h in METAL_HEADERS):
                     self.refuse("include", inc.location.line, name.rsplit("/", 1)[-1])
 
     # ---- tokens: keywords Metal does not have ---------------------------------------------------
+    def _tokens_of(self, c) -> list:
+        """A cursor's source tokens (libclang's own get_tokens is empty when a macro starts the extent)."""
+        lo, hi = c.extent.start.offset, c.extent.end.offset
+        first = bisect.bisect_left(self.token_starts, lo)
+        last = bisect.bisect_right(self.token_starts, hi)
+        inside = [t for t in self.file_tokens[first:last] if t[1] <= hi]
+        # an empty macro (mf_tg_array) that starts a declaration is left out of its extent
+        before = self.file_tokens[first - 1:first] if first > 0 else []
+        return [t for t in before if t[2] == "mf_tg_array"] + inside
+
     def _tokens(self) -> None:
-        f = self.tu.get_file(MSL_FILE)
-        size = len(self.msl.encode())
-        extent = self.ci.SourceRange.from_locations(self.ci.SourceLocation.from_offset(self.tu, f, 0),
-                                                     self.ci.SourceLocation.from_offset(self.tu, f, size))
-        for tok in self.tu.get_tokens(extent=extent):
-            s = tok.spelling
+        for _, _, s, line, _ in self.file_tokens:
             if s in _TOKEN_RULES:
-                self.refuse(_TOKEN_RULES[s], tok.location.line)
+                self.refuse(_TOKEN_RULES[s], line)
             elif s.startswith("__builtin_") or s.startswith("__sync_") or s.startswith("__atomic_"):
-                self.refuse("builtin", tok.location.line, s)
+                self.refuse("builtin", line, s)
+            elif s == "std":
+                self.refuse("std", line, "std::")
 
     # ---- the AST --------------------------------------------------------------------------------
     def _visit(self, c, parents: list) -> None:
@@ -248,7 +265,7 @@ class _Walker:
         elif kind in (K.CSTYLE_CAST_EXPR, K.CXX_REINTERPRET_CAST_EXPR, K.CXX_STATIC_CAST_EXPR, K.CXX_CONST_CAST_EXPR):
             kids = list(c.get_children())
             if kids:
-                self._conversion(c.type, _source_type(self.K, kids[-1]), line)
+                self._conversion(c.type, _source_expr(self.K, kids[-1]), line)
         elif kind == K.CALL_EXPR and parents:
             ref = c.referenced
             fn = next((p for p in reversed(parents) if p.kind in (K.FUNCTION_DECL, K.FUNCTION_TEMPLATE, K.CXX_METHOD)), None)
@@ -278,11 +295,18 @@ class _Walker:
         kids = list(c.get_children())
         init = next((k for k in kids if k.kind.is_expression()), None)
         if init is not None and ptr is not None and _kind(ptr) == "POINTER":
-            self._conversion(t, _source_type(K, init), line)
-        space = None if ptr is not None else _space(t)   # a pointer's tag is its pointee's space
+            self._conversion(t, _source_expr(K, init), line)
+        own_tokens = self._tokens_of(c)
+        # the keywords of `threadgroup float a[N], b[N];` belong to the whole statement
+        statement = parents[-1] if parents and parents[-1].kind == K.DECL_STMT else c
+        tokens = [tok[2] for tok in self._tokens_of(statement)]
+        # the variable's own space: clang keeps the tag on arrays, the keyword is in the source otherwise
+        # (a pointer's tag is its pointee's space, so pointers are thread variables)
+        space = None if ptr is not None else _space(t) or next(
+            ("threadgroup" if tok == "mf_tg_array" else tok for tok in tokens
+             if tok in ("threadgroup", "mf_tg_array", "constant", "device")), None)
         scope = c.semantic_parent.kind if c.semantic_parent is not None else None
         at_program_scope = scope in (K.TRANSLATION_UNIT, K.NAMESPACE)
-        tokens = [tok.spelling for tok in c.get_tokens()]
         if space == "threadgroup":
             body = parents[-2] if len(parents) >= 2 else None
             func = parents[-3] if len(parents) >= 3 else None
@@ -298,19 +322,28 @@ class _Walker:
         elif at_program_scope or c.storage_class == self.ci.StorageClass.STATIC and scope != K.STRUCT_DECL:
             if space == "constant":
                 if "const" not in tokens and "constexpr" not in tokens and "constant" in tokens:
-                    tok = next(tok for tok in c.get_tokens() if tok.spelling == "constant")
+                    tok = next(tok for tok in own_tokens if tok[2] == "constant")
                     if at_program_scope:
-                        self.constant_tokens.append((tok.location.line, tok.location.column))
+                        self.constant_tokens.append((tok[3], tok[4]))
             elif "constexpr" not in tokens:
                 self.refuse("program_scope", line, c.spelling)
 
-    def _conversion(self, to_type, from_type, line: int) -> None:
+    def _conversion(self, to_type, source, line: int) -> None:
         """A pointer converted to another address space. Only explicit tags count: clang drops
         them through references, so an untagged source is unknown, never a mismatch."""
+        from_type = source.type
         to_ptr, from_ptr = _resolve(self.ci, to_type), _resolve(self.ci, from_type)
-        if to_ptr is None or from_ptr is None or _kind(to_ptr) != "POINTER" or _kind(from_ptr) != "POINTER":
+        if to_ptr is None or _kind(to_ptr) != "POINTER":
             return
-        src, dst = _pointee_space(from_ptr), _pointee_space(to_ptr)
+        if _kind(from_type) in ("CONSTANTARRAY", "INCOMPLETEARRAY"):   # an array decays to a pointer
+            decl = source.referenced
+            src = _space(from_type) or ("threadgroup" if decl is not None and any(
+                t[2] in ("mf_tg_array", "threadgroup") for t in self._tokens_of(decl)) else None)
+        elif from_ptr is not None and _kind(from_ptr) == "POINTER":
+            src = _pointee_space(from_ptr)
+        else:
+            return
+        dst = _pointee_space(to_ptr)
         if src is not None and src != (dst or "thread") and not _dependent(to_ptr.get_pointee()):
             self.refuse("space_cast", line, f"{src} to {dst or 'thread'}")
 
@@ -388,11 +421,11 @@ def _resolve(ci, t):
     return t if _kind(t) in ("POINTER", "LVALUEREFERENCE") else None
 
 
-def _source_type(K, expr):
-    """The type of an expression before clang's implicit conversions (which keep tags' sugar off)."""
+def _source_expr(K, expr):
+    """An expression before clang's implicit conversions (which keep tags' sugar off)."""
     while expr.kind in (K.UNEXPOSED_EXPR, K.PAREN_EXPR):
         kids = list(expr.get_children())
         if len(kids) != 1:
             break
         expr = kids[0]
-    return expr.type
+    return expr

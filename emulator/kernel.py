@@ -242,7 +242,7 @@ def _extent(view: np.ndarray) -> int:
 NUMPY_DTYPES = {
     mx.bool_: np.bool_, mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32, mx.uint64: np.uint64,
     mx.int8: np.int8, mx.int16: np.int16, mx.int32: np.int32, mx.int64: np.int64,
-    mx.float16: np.float16, mx.bfloat16: np.uint16, mx.float32: np.float32,
+    mx.float16: np.float16, mx.bfloat16: np.uint16, mx.float32: np.float32, mx.complex64: np.complex64,
 }
 
 

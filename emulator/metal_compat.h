@@ -846,6 +846,29 @@ inline void mf_simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup
   mf::simd_exchange(mf_mma_args<TD, TA, TB, TD>{&d, &ca, &cb, nullptr}, &mf_mma<TD, TA, TB, TD>, line);
 }
 
+// ---- complex64_t: how MLX's Metal backend passes complex64 arrays (two floats, real first) ---------
+struct complex64_t {
+  float real;
+  float imag;
+  complex64_t() = default;
+  constexpr complex64_t(float re, float im) : real(re), imag(im) {}
+  template <class T, class = enable_if_t<is_scalar<T>::value>>
+  constexpr complex64_t(T re) : real(float(re)), imag(0.0f) {}
+  complex64_t operator-() const { return {-real, -imag}; }
+  complex64_t& operator+=(complex64_t o) { real += o.real; imag += o.imag; return *this; }
+  complex64_t& operator-=(complex64_t o) { real -= o.real; imag -= o.imag; return *this; }
+  complex64_t& operator*=(complex64_t o) { return *this = complex64_t(real * o.real - imag * o.imag, real * o.imag + imag * o.real); }
+};
+inline complex64_t operator+(complex64_t a, complex64_t b) { return {a.real + b.real, a.imag + b.imag}; }
+inline complex64_t operator-(complex64_t a, complex64_t b) { return {a.real - b.real, a.imag - b.imag}; }
+inline complex64_t operator*(complex64_t a, complex64_t b) { return {a.real * b.real - a.imag * b.imag, a.real * b.imag + a.imag * b.real}; }
+inline complex64_t operator/(complex64_t a, complex64_t b) {
+  const float d = b.real * b.real + b.imag * b.imag;
+  return {(a.real * b.real + a.imag * b.imag) / d, (a.imag * b.real - a.real * b.imag) / d};
+}
+inline bool operator==(complex64_t a, complex64_t b) { return a.real == b.real && a.imag == b.imag; }
+inline bool operator!=(complex64_t a, complex64_t b) { return !(a == b); }
+
 // ---- what MLX's utils.h gives a custom kernel ---------------------------------------------------
 template <class T, class U> inline T ceildiv(T a, U b) { return T((a + b - 1) / b); }
 template <class E, class PS, class PT>
