@@ -184,10 +184,11 @@ def _compile(unit_source: str, header: str, kernel_name: str, cxx: str, fl: list
 # ---- what a kernel's object may refer to ----------------------------------------------------------
 # The functions of mf_kernel.h; the C library's memory copies (the compiler emits them for struct
 # copies); thread-local and static-initialisation plumbing; libgcc's arithmetic helpers
-# (__extendhfsf2, __popcountdi2, ...); and the math functions metal_compat.h calls as builtins.
+# (__extendhfsf2, __popcountdi2, ...); the math functions metal_compat.h calls as builtins, and
+# sincosf, which GCC makes of a sin and a cos of one value (mlx-lm's rope kernels do that).
 _RUNTIME_API = re.compile(r"mf::(self|to_scheduler|tg_memory|tg_register|simd_sync|out_of_bounds|tg_log)\(")
 _PLUMBING = {"memcpy", "memmove", "memset", "__tls_get_addr", "_GLOBAL_OFFSET_TABLE_", "__dso_handle",
-             "__cxa_atexit", "__cxa_guard_acquire", "__cxa_guard_release", "__cxa_guard_abort"}
+             "__cxa_atexit", "__cxa_guard_acquire", "__cxa_guard_release", "__cxa_guard_abort", "sincosf"}
 _LIBGCC_HELPER = re.compile(r"__[a-z]+[0-9]")
 
 

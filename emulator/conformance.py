@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import hashlib
+import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import metadata
 
-from .compiler import CompileError
+from metalforge import signals
+
+from .compiler import CompileError, cache_dir
 from .source import METAL_HEADERS, compat_header
 
 SPEC = "MSL 3.2"
@@ -124,6 +130,25 @@ def _index():
     return cindex, cindex.Index.create()
 
 
+@lru_cache(maxsize=1)
+def _precompiled_header() -> list[str]:
+    """metal_compat.h parsed once into a clang PCH in the cache (keyed by header, flags and
+    libclang version): parsing it is most of a small kernel's front-end time (24 ms of 30)."""
+    cindex, index = _index()
+    header = compat_header(False)
+    key = hashlib.sha256("\0".join([header, metadata.version("libclang"), *_ARGS]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"frontend-{key}.pch"
+    if not path.exists():
+        args = ["-x", "c++-header", *_ARGS[2:]]
+        tu = index.parse(_HEADER, args=args, unsaved_files=[(_HEADER, header)])
+        if any(d.severity >= 3 for d in tu.diagnostics):   # cannot happen with our own header; parse it each time
+            return []
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix="frontend-build-") as tmp:
+            tu.save(f"{tmp}/pch")   # renamed into place: a concurrent process never reads half a file
+            os.replace(f"{tmp}/pch", path)
+    return ["-include-pch", str(path)]
+
+
 def check(msl: str, kernel_name: str) -> Facts:
     """Refuse what Metal refuses (ConformanceError naming rule, section and line); otherwise return
     the facts the C++ rewrite needs."""
@@ -131,10 +156,13 @@ def check(msl: str, kernel_name: str) -> Facts:
     # clang recurses without end on a type tag over an array whose size a template decides
     # (threadgroup float buf[TG]): threadgroup arrays are marked by a same-length keyword instead
     parsed = _TG_ARRAY.sub("mf_tg_array", msl)
-    files = [(_MAIN, f'#include "metal_compat.h"\n#define mf_tg_array\n#include "{MSL_FILE}"\n'),
-             (_HEADER, compat_header(False)), (MSL_FILE, parsed), *((f"/metalforge/{h}", "") for h in METAL_HEADERS)]
-    with _lock:
-        tu = index.parse(_MAIN, args=_ARGS, unsaved_files=files,
+    with _lock, signals.held():   # the walk runs in ctypes callbacks, where an interrupt would be lost
+        pch = _precompiled_header()
+        include = "" if pch else '#include "metal_compat.h"\n'
+        files = [(_MAIN, f'{include}#define mf_tg_array\n#include "{MSL_FILE}"\n'),
+                 (_HEADER, compat_header(False)), (MSL_FILE, parsed),
+                 *((f"/metalforge/{h}", "") for h in METAL_HEADERS)]
+        tu = index.parse(_MAIN, args=_ARGS + pch, unsaved_files=files,
                          options=cindex.TranslationUnit.PARSE_DETAILED_PROCESSING_RECORD)
         walker = _Walker(cindex, tu, kernel_name, msl)
         refusals = walker.run()
@@ -184,9 +212,16 @@ class _Walker:
         f = self.tu.get_file(MSL_FILE)
         extent = self.ci.SourceRange.from_locations(self.ci.SourceLocation.from_offset(self.tu, f, 0),
                                                      self.ci.SourceLocation.from_offset(self.tu, f, len(self.msl.encode())))
-        # (start offset, end offset, spelling, line, column), read once: each libclang call costs
-        self.file_tokens = [(t.extent.start.offset, t.extent.end.offset, t.spelling, t.location.line, t.location.column)
-                            for t in self.tu.get_tokens(extent=extent)]
+        # (start offset, end offset, spelling, line, column), read once and with one libclang call
+        # per token (each costs): lines and columns come from the offset and the file's line starts
+        data = self.msl.encode()
+        line_starts = [0] + [i + 1 for i, b in enumerate(data) if b == 0x0A]
+        self.file_tokens = []
+        for t in self.tu.get_tokens(extent=extent):
+            start, spelling = t.location.offset, t.spelling
+            line = bisect.bisect_right(line_starts, start)
+            self.file_tokens.append((start, start + len(spelling.encode()), spelling, line,
+                                     start - line_starts[line - 1] + 1))
         self.token_starts = [t[0] for t in self.file_tokens]
         self._diagnostics()
         self._includes()

@@ -14,7 +14,7 @@ import numpy as np
 from metalforge.errors import MetalforgeError
 
 from . import compiler, conformance
-from .source import (ATTRIBUTE_VALUES, InputInfo, attributes_in, mlx_kernel_name, mlx_source, rewrite,
+from .source import (ATTRIBUTE_VALUES, InputInfo, attributes_in, buffer_plan, mlx_kernel_name, mlx_source, rewrite,
                      template_value, type_name)
 
 
@@ -78,15 +78,14 @@ class EmulatedKernel:
         infos = [InputInfo(n, a.dtype, a.ndim, a.size, f"{n}_shape" in self.source, f"{n}_strides" in self.source,
                            f"{n}_ndim" in self.source) for n, a in zip(self.input_names, arrays)]
         kname = mlx_kernel_name(self.name, template, infos, output_dtypes)
-        msl = mlx_source(kname, self.header, self.source, infos, self.output_names, output_dtypes, template,
-                         self.atomic_outputs)
+        plan = buffer_plan(infos, self.output_names, output_dtypes, self.atomic_outputs)
+        msl = mlx_source(kname, self.header, self.source, plan, template)
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{msl}\n```")
         facts = conformance_facts(msl, kname)
-        unit = _translation_unit(kname, msl, facts, infos, self.output_names, output_dtypes, template,
-                                 self.atomic_outputs, checked, attributes_in(self.source))
+        unit = _translation_unit(kname, msl, facts, plan, template, checked, attributes_in(self.source))
         lib, path = compiler.build(unit, kname, checked)
-        return lib, path, kname, infos
+        return lib, path, kname, plan
 
     def _checked(self) -> bool:
         return checked_default() if self.checked is None else bool(self.checked)
@@ -120,7 +119,7 @@ class EmulatedKernel:
         if tg_size > limits["max_threads_per_threadgroup"]:
             raise EmulatorError(f"Thread group size ({tg_size}) is greater than  the maximum allowed threads per "
                                 f"threadgroup ({limits['max_threads_per_threadgroup']}).")
-        lib, path, kname, infos = self._program(arrays, output_dtypes, template, checked, verbose)
+        lib, path, kname, plan = self._program(arrays, output_dtypes, template, checked, verbose)
         tg_bytes = lib.mf_threadgroup_bytes()
         if tg_bytes > limits["threadgroup_memory_bytes"]:
             raise EmulatorError(f"Threadgroup memory size ({tg_bytes}) exceeds the maximum threadgroup memory "
@@ -132,21 +131,21 @@ class EmulatedKernel:
             pointers.append(arr.ctypes.data)
             counts.append(count)
             sizes.append(count * arr.itemsize if count < (1 << 62) else 0)   # 0: not guarded (negative strides)
-        for a, info in zip(arrays, infos):
-            view = _numpy_view(a)
-            buffer(view, _extent(view))
-            if a.ndim > 0:
-                for used, values, dtype in ((info.shape, a.shape, np.int32),
-                                            (info.strides, [s // view.itemsize for s in view.strides], np.int64),
-                                            (info.ndim_used, [a.ndim], np.int32)):
-                    if used:
-                        buf = np.ascontiguousarray(values, dtype=dtype)
-                        buffer(buf, buf.size)
-        outs = []
-        for shape, dtype in zip(output_shapes, output_dtypes):
-            out = _new_output(tuple(int(s) for s in shape), dtype, init_value)
-            outs.append(out)
-            buffer(out, out.size)
+        views = {name: _numpy_view(a) for name, a in zip(self.input_names, arrays)}
+        outs = {name: _new_output(tuple(int(s) for s in shape), dtype, init_value)
+                for name, shape, dtype in zip(self.output_names, output_shapes, output_dtypes)}
+        for b in plan:
+            if b.role == "output":
+                buffer(outs[b.of], outs[b.of].size)
+                continue
+            view = views[b.of]
+            if b.role in ("input", "scalar"):
+                buffer(view, _extent(view))
+                continue
+            values = {"shape": view.shape, "ndim": [view.ndim],
+                      "strides": [s // view.itemsize for s in view.strides]}[b.role]
+            buf = np.ascontiguousarray(values, dtype=np.int64 if b.role == "strides" else np.int32)
+            buffer(buf, buf.size)
         groups = [-(-g // min(t, g)) for g, t in zip(grid, tg)]
         nominal = [min(t, g) for g, t in zip(grid, tg)]   # MLX clamps each threadgroup dim to the grid
         meta = (ctypes.c_longlong * (9 + len(counts)))(*grid, *nominal, *groups, *counts)
@@ -160,7 +159,7 @@ class EmulatedKernel:
         if rc != 0:   # -1: errors reported; -2: cancelled (handled above)
             messages = [lib.mf_error(i).decode() for i in range(lib.mf_error_count())]
             raise EmulatorError(_with_lines(messages, path, kname))
-        return [_to_mlx(o, d) for o, d in zip(outs, output_dtypes)]
+        return [_to_mlx(outs[n], d) for n, d in zip(self.output_names, output_dtypes)]
 
 
 def _run_interruptibly(launch, cancel, kname: str, timeout_s: float | None) -> int:
@@ -275,49 +274,28 @@ def conformance_facts(msl: str, kname: str) -> conformance.Facts:
     return conformance.check(msl, kname)
 
 
-def _translation_unit(kname, msl, facts, infos, output_names, output_dtypes, template, atomic_outputs, checked,
-                      attributes) -> str:
+def _translation_unit(kname, msl, facts, plan, template, checked, attributes) -> str:
     """The kernel's MSL (rewritten line for line) followed by the extern "C" launcher."""
-    args, b, buffer_names = [], 0, []
-    def pointer(ctype, name, count_index, const=True):
-        q = "const " if const else ""
-        raw = f"reinterpret_cast<{q}{ctype}*>(buffers[{count_index}])"
-        if checked:
-            return f'mf::DevPtr<{q}{ctype}>({raw}, meta[9 + {count_index}], "{name}")'
-        return raw
-    for info in infos:
-        t = type_name(info.dtype)
-        buffer_names.append(info.name)
-        if info.ndim == 0:
-            args.append(f"*reinterpret_cast<const {t}*>(buffers[{b}])")
+    args = []
+    for i, b in enumerate(plan):
+        q = "" if b.role == "output" else "const "
+        raw = f"reinterpret_cast<{q}{b.ctype}*>(buffers[{i}])"
+        if b.by_reference:
+            args.append(f"*{raw}")
+        elif checked:
+            args.append(f'mf::DevPtr<{q}{b.ctype}>({raw}, meta[9 + {i}], "{b.name}")')
         else:
-            args.append(pointer(t, info.name, b))
-        b += 1
-        if info.ndim > 0:
-            for used, suffix, ctype in ((info.shape, "shape", "int"), (info.strides, "strides", "int64_t")):
-                if used:
-                    args.append(pointer(ctype, f"{info.name}_{suffix}", b))
-                    buffer_names.append(f"{info.name}_{suffix}")
-                    b += 1
-            if info.ndim_used:
-                args.append(f"*reinterpret_cast<const int*>(buffers[{b}])")
-                buffer_names.append(f"{info.name}_ndim")
-                b += 1
-    first_output = b
-    for name, dtype in zip(output_names, output_dtypes):
-        t = type_name(dtype)
-        buffer_names.append(name)
-        args.append(pointer(f"atomic<{t}>" if atomic_outputs else t, name, b, const=False))
-        b += 1
+            args.append(raw)
+    first_output = next((i for i, b in enumerate(plan) if b.role == "output"), len(plan))
     args += [ATTRIBUTE_VALUES[a] for a in attributes]
     call = kname
     if template:
         call += "<" + ", ".join(template_value(v)[1] for _, v in template) + ">"
-    names = ", ".join(f'"{n}"' for n in buffer_names) or '""'
+    names = ", ".join(f'"{b.name}"' for b in plan) or '""'
     launcher = f'''
 #line 1 "mf_launcher.cpp"
 static const char* const mf_buffer_names[] = {{{names}}};
-extern "C" const mf::KernelInfo mf_kernel_info = {{"{kname}", mf_buffer_names, {b}, {first_output}}};
+extern "C" const mf::KernelInfo mf_kernel_info = {{"{kname}", mf_buffer_names, {len(plan)}, {first_output}}};
 extern "C" void mf_kernel_body(void* const* buffers, const long long* meta, const mf::Launch& L, mf::Fiber& f) {{
   {call}({", ".join(args)});
 }}

@@ -120,31 +120,50 @@ def attributes_in(source: str) -> list[str]:
     return [a for a, _ in ATTRIBUTES if a in source]
 
 
-def mlx_source(kernel_name: str, header: str, source: str, inputs: list[InputInfo], output_names,
-               output_dtypes, template: list, atomic_outputs: bool) -> str:
+@dataclass(frozen=True)
+class Buffer:
+    """One `[[buffer(i)]]` argument of a generated kernel. The signature (mlx_source), the launcher
+    (kernel._translation_unit) and the marshalling (EmulatedKernel.__call__) all walk one list of
+    these, so the order MLX gives the buffers is written down once."""
+    name: str           # the MSL parameter
+    of: str             # the input or output it carries or describes
+    role: str           # input | scalar | shape | strides | ndim | output
+    ctype: str          # element type as MSL spells it (atomic<T> for atomic outputs)
+    declaration: str    # the parameter as MLX declares it
+
+    @property
+    def by_reference(self) -> bool:   # `const constant T&`: the launcher passes the value, not a pointer
+        return self.role in ("scalar", "ndim")
+
+
+def buffer_plan(inputs: list[InputInfo], output_names, output_dtypes, atomic_outputs: bool) -> tuple[Buffer, ...]:
+    """MLX's order: each input, then the shape, strides and ndim buffers its source names, then
+    the outputs."""
+    plan = []
+    for i in inputs:
+        t = type_name(i.dtype)
+        if i.ndim == 0:
+            plan.append(Buffer(i.name, i.name, "scalar", t, f"const {i.location} {t}& {i.name}"))
+            continue
+        plan.append(Buffer(i.name, i.name, "input", t, f"const {i.location} {t}* {i.name}"))
+        for used, role, ctype, ref in ((i.shape, "shape", "int", "*"), (i.strides, "strides", "int64_t", "*"),
+                                       (i.ndim_used, "ndim", "int", "&")):
+            if used:
+                name = f"{i.name}_{role}"
+                plan.append(Buffer(name, i.name, role, ctype, f"const constant {ctype}{ref} {name}"))
+    for name, dtype in zip(output_names, output_dtypes):
+        t = f"atomic<{type_name(dtype)}>" if atomic_outputs else type_name(dtype)
+        plan.append(Buffer(name, name, "output", t, f"device {t}* {name}"))
+    return tuple(plan)
+
+
+def mlx_source(kernel_name: str, header: str, source: str, plan: tuple[Buffer, ...], template: list) -> str:
     """The full MSL text MLX generates for a call (what verbose=True prints)."""
     lines = [header]
     if template:
         lines.append("template <" + ", ".join(f"{template_value(v)[0]} {n}" for n, v in template) + ">\n")
     sig = f"[[kernel]] void {kernel_name}(\n"
-    params = []
-    index = 0
-    for i in inputs:
-        ref = "&" if i.ndim == 0 else "*"
-        params.append(f"  const {i.location} {type_name(i.dtype)}{ref} {i.name} [[buffer({index})]]")
-        index += 1
-        if i.ndim > 0:
-            for used, decl in ((i.shape, f"const constant int* {i.name}_shape"),
-                               (i.strides, f"const constant int64_t* {i.name}_strides"),
-                               (i.ndim_used, f"const constant int& {i.name}_ndim")):
-                if used:
-                    params.append(f"  {decl} [[buffer({index})]]")
-                    index += 1
-    for name, dtype in zip(output_names, output_dtypes):
-        t = type_name(dtype)
-        t = f"atomic<{t}>" if atomic_outputs else t
-        params.append(f"  device {t}* {name} [[buffer({index})]]")
-        index += 1
+    params = [f"  {b.declaration} [[buffer({index})]]" for index, b in enumerate(plan)]
     attr_types = dict(ATTRIBUTES)
     for a in attributes_in(source):
         params.append(f"  {attr_types[a]} {a} [[{a}]]")

@@ -17,7 +17,7 @@ from metalforge import emulator
 from metalforge.emulator import CompileError, compiler, conformance
 from metalforge.emulator.conformance import RULES, ConformanceError
 from metalforge.emulator.kernel import _translation_unit
-from metalforge.emulator.source import InputInfo, mlx_source
+from metalforge.emulator.source import InputInfo, buffer_plan, mlx_source
 
 X64 = mx.arange(64).astype(mx.float32)
 
@@ -141,10 +141,10 @@ def test_the_corpus_is_large_and_covers_every_rule():
 def _unit(body: str, header: str = "") -> tuple[str, str]:
     info = InputInfo("inp", mx.float32, 1, 64, False, False, False)
     kname = "custom_kernel_iso_float_float"
-    msl = mlx_source(kname, header, body, [info], ["out"], [mx.float32], [], False)
+    plan = buffer_plan([info], ["out"], [mx.float32], False)
+    msl = mlx_source(kname, header, body, plan, [])
     facts = conformance.Facts(0, ())
-    return _translation_unit(kname, msl, facts, [info], ["out"], [mx.float32], [], False, False,
-                             ["thread_position_in_grid"]), kname
+    return _translation_unit(kname, msl, facts, plan, [], False, ["thread_position_in_grid"]), kname
 
 
 @pytest.mark.parametrize("header,body,expected", [
@@ -263,6 +263,7 @@ def test_every_kernel_shipped_in_mlx_lm_passes_the_front_end():
         infos = [InputInfo(n, mx.float32, 1, 64, f"{n}_shape" in kw["source"], f"{n}_strides" in kw["source"],
                            f"{n}_ndim" in kw["source"]) for n in kw["input_names"]]
         kname = "custom_kernel_" + kw["name"]
-        msl = mlx_source(kname, kw.get("header", ""), kw["source"], infos, kw["output_names"],
-                         [mx.float32] * len(kw["output_names"]), [], kw.get("atomic_outputs", False))
+        plan = buffer_plan(infos, kw["output_names"], [mx.float32] * len(kw["output_names"]),
+                           kw.get("atomic_outputs", False))
+        msl = mlx_source(kname, kw.get("header", ""), kw["source"], plan, [])
         conformance.check(msl, kname)   # raises ConformanceError on a false refusal

@@ -1,6 +1,7 @@
 """A kernel's fault is an exception, never a dead Python process: each case runs in a subprocess,
 so a regression fails this test instead of killing pytest."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,7 +53,9 @@ def test_integer_division_by_zero_is_reported_in_checked_mode_with_thread_and_li
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ERROR" in run.stdout and "integer division by zero" in run.stdout
     # line 5 of the generated MSL (what verbose=True prints): MLX's signature takes the first four
-    assert "custom_kernel_fault" in run.stdout and "thread (0,0,0)" in run.stdout and "at line 5" in run.stdout
+    # (every thread divides by zero here: which one is reported first depends on the schedule)
+    assert "custom_kernel_fault" in run.stdout
+    assert re.search(r"thread \(\d+,0,0\) of threadgroup \(\d+,0,0\) at line 5", run.stdout), run.stdout
 
 
 @pytest.mark.parametrize("checked", [False, True])
@@ -78,12 +81,13 @@ def test_an_out_of_bounds_write_is_an_error_naming_the_buffer_not_heap_corruptio
             try:
                 run(src, floats, mx.float32)
             except EmulatorError as e:
-                print("ERROR", e)
+                print("ERROR", "out-of-bounds write to device buffer 'out'" in str(e))
         ok = run("uint i = thread_position_in_grid.x; out[i] = inp[i] * 2;", floats, mx.float32)
         print("after", ok.tolist() == [2.0 * i for i in range(64)])
     """)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("out-of-bounds write to device buffer 'out'") == 2
+    # one error per kernel (naming the buffer), however many of its threadgroups faulted
+    assert run.stdout.count("ERROR True") == 2, run.stdout
     assert "after True" in run.stdout, "the process and later kernels are intact"
 
 

@@ -96,7 +96,9 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_its_config_ret
         assert len(retries) == 1 and dead.params.items() <= retries[0].params.items(), f"its config was queued again, once: {history}"
         assert retries[0].state in st.FINISHED, "and evaluated by a surviving worker"
     _assert_no_config_evaluated_twice(trials)
-    assert 14 <= st.evaluated(study) <= 14 + 1, "the budget counts neither the killed trial nor its retry twice"
+    # the killed trial never counts, its retry once; the two survivors may each finish the trial
+    # they hold when the budget is met (one over), as with Optuna's own MaxTrialsCallback
+    assert 14 <= st.evaluated(study) <= 14 + 1 + 1, "the budget counts neither the killed trial nor its retry twice"
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 

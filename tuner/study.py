@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
+from metalforge import signals
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import devices
 from metalforge.kernels.checks import check
@@ -124,12 +126,27 @@ def storage_for(device, storage: str | None, heartbeat_s: float = 10.0):
         except OSError as e:
             raise MetalforgeError(f"cannot open journal '{path}': {e.strerror or e}") from None
     engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}
-    try:
-        return optuna.storages.RDBStorage(
-            storage, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
-            heartbeat_stale_trial_callback=RETRY)
-    except Exception as e:  # sqlalchemy errors: bad URL, missing driver, unreachable server
-        raise MetalforgeError(f"cannot open tuning storage '{storage}': {str(e).splitlines()[0]}") from None
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                storage, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=RETRY)
+        except Exception as e:  # sqlalchemy errors: bad URL, missing driver, unreachable server
+            # several workers opening a new database at once race to create its tables: the losers
+            # fail on a duplicate table or version row, and a moment later find the tables made
+            if _schema_race(e) and attempt + 1 < _SCHEMA_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise MetalforgeError(f"cannot open tuning storage '{storage}': {str(e).splitlines()[0]}") from None
+
+
+_SCHEMA_ATTEMPTS = 5
+
+
+def _schema_race(e: Exception) -> bool:
+    text = str(e).lower()
+    return ("already exists" in text or "unique constraint" in text or "duplicate" in text
+            or "database is locked" in text)
 
 
 def study_name(device, target: Target) -> str:
@@ -189,6 +206,10 @@ class Objective:
         return {p.name: trial.suggest_categorical(p.name, list(p.domain)) for p in self.family.params}
 
     def __call__(self, trial: optuna.Trial) -> float:
+        with signals.released():
+            return self._evaluate(trial)
+
+    def _evaluate(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", WORKER)
         config = self.suggest(trial)
         earlier = self._earlier_same_config(trial, config)
@@ -344,15 +365,25 @@ def recover_interrupted(study: optuna.Study) -> int:
     one Ctrl-C'd config, the second copy is a repeat and gets the first one's outcome."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials}
-    recovered = 0
+    recovered = fail_dead_local_workers(study, trials)
     for t in trials:
-        if t.state == TrialState.RUNNING and _worker_alive(t.user_attrs.get("worker", "")) is False:
-            try:
-                if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:
+        if t.state != TrialState.RUNNING and interrupted(t) and t.params and t.number not in retried:
+            RETRY(study, study._storage.get_trial(t._trial_id))
+            recovered += 1
+    return recovered
+
+
+def fail_dead_local_workers(study: optuna.Study, trials=None) -> int:
+    """Fail, and queue again, the RUNNING trials of this machine's workers that died; only the
+    worker whose state change lands queues the config."""
+    recovered = 0
+    for t in trials if trials is not None else study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.state != TrialState.RUNNING or _worker_alive(t.user_attrs.get("worker", "")) is not False:
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 continue
-        elif not (interrupted(t) and t.params and t.number not in retried):
+        except optuna.exceptions.UpdateFinishedTrialError:
             continue
         RETRY(study, study._storage.get_trial(t._trial_id))
         recovered += 1
@@ -406,17 +437,70 @@ def run_study(target: Target, settings: Settings, progress: Callable | None = No
         warm_start(study, target, settings)
     objective = Objective(target, settings, study)
     family = get_family(target.family)
-    callbacks = [_Budget(family, settings.trials)]
+    # an interrupt held over Optuna's bookkeeping lands between trials, not in the next one
+    callbacks = [_Budget(family, settings.trials), lambda s, t: signals.deliver()]
     if progress:
         callbacks.append(lambda s, t: progress(s, t))
-    if evaluated(study) < settings.trials:
+    started = time.monotonic()
+    while evaluated(study) < settings.trials:
         # repeats are cheap but not free: cap the loop so a sampler stuck on them still ends
         cap = 4 * settings.trials + family.space_size()
-        study.optimize(objective, n_trials=cap, timeout=settings.timeout,
-                       callbacks=callbacks, catch=(CandidateFailed,), gc_after_trial=False)
+        timeout = None if settings.timeout is None else settings.timeout - (time.monotonic() - started)
+        if timeout is not None and timeout <= 0:
+            break
+        try:
+            # an interrupt stops a trial's evaluation (Objective lets it through), never Optuna's
+            # creating or recording of a trial, which would leave it half made
+            with signals.held():
+                study.optimize(objective, n_trials=cap, timeout=timeout,
+                               callbacks=callbacks, catch=(CandidateFailed,), gc_after_trial=False)
+            break
+        except ValueError as e:
+            # SQLite cannot lock a row (no SELECT ... FOR UPDATE), so two workers can both take the
+            # same queued config; the second to finish finds its trial finished by the first, whose
+            # result stands. Nothing is lost: go on with the budget.
+            if not str(e).startswith("Cannot tell a COMPLETE trial"):
+                raise
+    with signals.held():
+        _finish_abandoned(study, objective, settings)
     if "baseline_s" not in study.user_attrs:
         study.set_user_attr("baseline_s", baseline(target, settings).seconds)
     return study
+
+
+def _finish_abandoned(study, objective, settings: Settings) -> None:
+    """With the budget met, trials other workers still hold may belong to a worker that died
+    (only its heartbeat can tell): wait until each one finishes or goes stale, and evaluate the
+    configs that stale ones queue again, so a study is never left with a trial running forever."""
+    if not is_heartbeat_enabled(study._storage):
+        return
+    deadline = time.monotonic() + 4 * settings.heartbeat_s   # stale after the grace period (3 beats)
+    while time.monotonic() < deadline:
+        fail_dead_local_workers(study)   # at once; remote ones by their heartbeat
+        optuna.storages.fail_stale_trials(study)
+        _run_queued(study, objective)
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            return
+        time.sleep(min(1.0, settings.heartbeat_s / 2))
+
+
+def _run_queued(study, objective) -> None:
+    """Evaluate the configs queued again (WAITING trials), each claimed by one worker: Optuna's
+    own loop would sample a new config when another worker got there first."""
+    for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not study._storage.set_trial_state_values(waiting._trial_id, TrialState.RUNNING):
+            continue   # claimed by another worker
+        trial = optuna.Trial(study, waiting._trial_id)
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except (CandidateFailed, KeyboardInterrupt) as e:
+            study.tell(trial, state=TrialState.FAIL)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+        else:
+            study.tell(trial, value)
 
 
 def baseline(target: Target, settings: Settings):

@@ -1,0 +1,37 @@
+"""Interrupts held over work that must not be cut, delivered when it ends or lets them through."""
+import os
+import signal
+
+import pytest
+
+from metalforge import signals
+
+
+def test_ctrl_c_inside_held_arrives_when_it_ends():
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after the signal")   # not cut here
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the real handler is back"
+
+
+def test_released_lets_a_held_interrupt_through_at_once():
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            with signals.released():
+                reached.append("inside released")
+            reached.append("after released")
+    assert reached == []
+
+
+def test_deliver_between_steps_and_nothing_pending_is_silent():
+    with signals.held():
+        signals.deliver()   # nothing arrived: no effect
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            signals.deliver()
+    # the arrival was delivered once, not again at the end of held()
