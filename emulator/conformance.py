@@ -306,6 +306,12 @@ class _Walker:
             fn = next((p for p in reversed(parents) if p.kind in (K.FUNCTION_DECL, K.FUNCTION_TEMPLATE, K.CXX_METHOD)), None)
             if ref is not None and fn is not None:
                 self.calls.setdefault(fn.get_usr(), set()).add(_usr(ref))
+            if ref is not None and ref.kind in (K.FUNCTION_DECL, K.CXX_METHOD) and _in_kernel(ref):
+                # a pointer passed to a parameter of another address space: Metal has no such
+                # implicit conversion (no overload matches). The kernel's own functions only: the
+                # emulator's header declares Metal's overloads once, without address spaces
+                for param, arg in zip(ref.get_arguments(), c.get_arguments()):
+                    self._conversion(param.type, _source_expr(K, arg), arg.location.line or line)
         for child in c.get_children():
             self._visit(child, parents + [c])
 

@@ -3,6 +3,7 @@ parallel workers, drift handling, and the results entry a finished study yields.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -206,10 +207,9 @@ class Objective:
         return {p.name: trial.suggest_categorical(p.name, list(p.domain)) for p in self.family.params}
 
     def __call__(self, trial: optuna.Trial) -> float:
-        with signals.released():
-            return self._evaluate(trial)
-
-    def _evaluate(self, trial: optuna.Trial) -> float:
+        """Runs with interrupts held (run_study): they land only in the verification and the
+        timing, never inside a write to the study, whose half-done transaction would hold the
+        database's lock against the write that records the interruption."""
         trial.set_user_attr("worker", WORKER)
         config = self.suggest(trial)
         earlier = self._earlier_same_config(trial, config)
@@ -234,13 +234,15 @@ class Objective:
         trial.set_constraint("resources", 0.0)
         if self.settings.verify:
             try:
-                self.verifier(config)
+                with signals.released():
+                    self.verifier(config)
             except MetalforgeError as e:
                 trial.set_user_attr("error", str(e)[:4000])
                 raise CandidateFailed(str(e)) from None
         self._check_drift()
-        timing = self.timer.time(self._runner(config), family=self.family, config=config, shape=self.target.shape,
-                                 dtype=self.target.dtype, device=self.device)
+        with signals.released():
+            timing = self.timer.time(self._runner(config), family=self.family, config=config,
+                                     shape=self.target.shape, dtype=self.target.dtype, device=self.device)
         trial.set_user_attr("timer", timing.kind)
         trial.set_user_attr("spread", timing.spread)
         self._since_check.append(trial.number)
@@ -373,12 +375,18 @@ def recover_interrupted(study: optuna.Study) -> int:
     return recovered
 
 
-def fail_dead_local_workers(study: optuna.Study, trials=None) -> int:
+def fail_dead_local_workers(study: optuna.Study, trials=None, grace_s: float = 30.0) -> int:
     """Fail, and queue again, the RUNNING trials of this machine's workers that died; only the
-    worker whose state change lands queues the config."""
+    worker whose state change lands queues the config. A trial that never got its owner (its
+    process died while Optuna created it, before any heartbeat) is failed after `grace_s`."""
     recovered = 0
+    now = datetime.datetime.now()
     for t in trials if trials is not None else study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.state != TrialState.RUNNING or _worker_alive(t.user_attrs.get("worker", "")) is not False:
+        if t.state != TrialState.RUNNING:
+            continue
+        orphan = "worker" not in t.user_attrs and t.datetime_start is not None and \
+            (now - t.datetime_start).total_seconds() > grace_s
+        if not orphan and _worker_alive(t.user_attrs.get("worker", "")) is not False:
             continue
         try:
             if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
@@ -461,25 +469,28 @@ def run_study(target: Target, settings: Settings, progress: Callable | None = No
             # result stands. Nothing is lost: go on with the budget.
             if not str(e).startswith("Cannot tell a COMPLETE trial"):
                 raise
-    with signals.held():
-        _finish_abandoned(study, objective, settings)
+    _finish_abandoned(study, objective, settings)
     if "baseline_s" not in study.user_attrs:
         study.set_user_attr("baseline_s", baseline(target, settings).seconds)
     return study
 
 
 def _finish_abandoned(study, objective, settings: Settings) -> None:
-    """With the budget met, trials other workers still hold may belong to a worker that died
-    (only its heartbeat can tell): wait until each one finishes or goes stale, and evaluate the
-    configs that stale ones queue again, so a study is never left with a trial running forever."""
+    """With the budget met, trials held by workers that died must not stay RUNNING for ever:
+    this machine's dead workers are seen at once; a trial of another machine's worker is waited
+    for until it finishes or its heartbeat goes stale. Configs queued again are evaluated here."""
     if not is_heartbeat_enabled(study._storage):
         return
     deadline = time.monotonic() + 4 * settings.heartbeat_s   # stale after the grace period (3 beats)
-    while time.monotonic() < deadline:
-        fail_dead_local_workers(study)   # at once; remote ones by their heartbeat
-        optuna.storages.fail_stale_trials(study)
-        _run_queued(study, objective)
-        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+    while True:
+        with signals.held():   # an interrupt lands in a trial's evaluation or in the sleep
+            fail_dead_local_workers(study, grace_s=3 * settings.heartbeat_s)
+            optuna.storages.fail_stale_trials(study)
+            _run_queued(study, objective)
+            # a live local worker finishes its own trials; only other machines' need watching
+            unsettled = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                         if _worker_alive(t.user_attrs.get("worker", "")) is not True]
+        if not unsettled or time.monotonic() > deadline:
             return
         time.sleep(min(1.0, settings.heartbeat_s / 2))
 

@@ -6,11 +6,13 @@ away from it: the parent decides, and stops its workers with SIGTERM, which a ru
 turns into an orderly stop (its trial is recorded as interrupted and run again later)."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
 import subprocess
 import sys
+import traceback
 
 
 class Pool:
@@ -35,6 +37,10 @@ class Pool:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
+            # the interrupted frames' locals may hold an unfinished database cursor, and with it
+            # SQLite's read lock, which the workers need to record their stop: let them go first
+            traceback.clear_frames(tb)
+            gc.collect()
             for p in self.procs:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
