@@ -8,16 +8,17 @@ cold compile. Writes JSON and a PNG next to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import mlx.core as mx
 
 from metalforge import emulator
-from metalforge.kernels import get_family as family
+from metalforge.emulator import conformance
+from metalforge.emulator import kernel as emulated
+from metalforge.kernels import backends, get_family as family
+from metalforge.plotting import figure, write_report
 
 REDUCE = """
     uint i = thread_index_in_threadgroup;
@@ -62,7 +63,6 @@ def bench_reduction(n=1 << 20, tg=256):
 
 
 def bench_decode(S=2048):
-    from metalforge.kernels import backends
     fam = family("decode_attention")
     shape = fam.shape(dict(B=1, Hq=32, Hkv=8, S=S, D=128))
     config = fam.config({"threads": 256, "splits": 4, "share_kv": True, "keys_per_step": 2})
@@ -80,8 +80,6 @@ def bench_decode(S=2048):
 def bench_front_end():
     """The conformance front end's cost per kernel next to a cold compile of the same kernels (a
     fresh cache, the shared header and runtime object built beforehand: every kernel pays the rest)."""
-    from metalforge.emulator import conformance
-    from metalforge.emulator import kernel as emulated
     spent = []
     check = conformance.check
 
@@ -139,20 +137,12 @@ def main():
               f"{r['barrier_crossings_per_s'] / 1e6:7.2f} M barrier crossings/s  "
               f"{r['simd_lane_exchanges_per_s'] / 1e6:7.2f} M SIMD lane exchanges/s  "
               f"MLX CPU op {r['mlx_cpu_seconds'] * 1e3:.2f} ms (emulator is {r['slowdown_vs_mlx_cpu']:.0f}x slower)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"front_end": fe, "kernels": results}, indent=2))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = figure(figsize=(7, 3))
     names = ["tree reduction", "decode attention"]
     ax.barh(names, [r["threads_per_s"] / 1e6 for r in results], color=["#4c72b0", "#dd8452"])
     ax.set_xlabel("simulated GPU threads per second (millions), this CPU")
     ax.set_title("metalforge emulator speed (CPU emulation, not Metal timings)")
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(args.out, {"front_end": fe, "kernels": results}, fig)
 
 
 if __name__ == "__main__":

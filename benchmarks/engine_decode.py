@@ -11,17 +11,18 @@ numbers, not Metal ones.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
+from metalforge import engine
+from metalforge.engine.random_model import write_model
+from metalforge.plotting import figure, write_report
+
 
 def engine_figures(folder, prompt, decode_tokens, cache_path):
-    from metalforge import engine
     out = {}
     with engine.load(folder, kv_tokens=len(prompt) + decode_tokens + 64) as e:
         out["backend"] = e.kernels.backend
@@ -44,7 +45,7 @@ def engine_figures(folder, prompt, decode_tokens, cache_path):
 
 
 def mlx_lm_figures(folder, prompt, decode_tokens):
-    try:
+    try:   # optional: the figures side by side when mlx-lm is installed
         from mlx_lm import load, stream_generate
     except ImportError:
         return None
@@ -70,8 +71,6 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     folder = args.model
     if folder is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from modelgen import write_model
         folder = write_model(Path(tmp.name) / "model", arch="llama", quantized=(4, 64), dtype=mx.float16,
                              layers=6, hidden=768, heads=12, kv_heads=4, inter=2048, vocab=32000, shards=2,
                              tokenizer=True)
@@ -89,15 +88,7 @@ def main():
         print(f"{label:22} {mine:>22} {other:>12}")
     print(f"{'TTFT from cache (ms)':22} {ours['ttft_from_cache_s'] * 1e3:>22.1f}   "
           f"({ours['cached_tokens']} cached tokens: {ours['ttft_cold_s'] / ours['ttft_from_cache_s']:.1f}x faster than cold)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"metalforge": ours, "mlx_lm": theirs, "device": str(mx.default_device()),
-                                                   "prompt_tokens": args.prompt_tokens,
-                                                   "decode_tokens": args.decode_tokens}, indent=2))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    fig, axes = figure(1, 3, figsize=(10, 3))
     axes[0].bar(["metalforge"] + (["mlx-lm"] if theirs else []),
                 [ours["decode_tokens_per_s"]] + ([theirs["decode_tokens_per_s"]] if theirs else []), color="#4c72b0")
     axes[0].set_title("decode tokens/s")
@@ -108,9 +99,9 @@ def main():
                 color="#dd8452")
     axes[2].set_title("peak memory (MiB)")
     fig.suptitle(f"engine on {mx.default_device()} (measured here; not Metal unless run on a Mac)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(args.out, {"metalforge": ours, "mlx_lm": theirs, "device": str(mx.default_device()),
+                                                   "prompt_tokens": args.prompt_tokens,
+                                                   "decode_tokens": args.decode_tokens}, fig)
 
 
 if __name__ == "__main__":

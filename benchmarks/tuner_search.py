@@ -6,9 +6,7 @@ model objective, against random search, for every family (side by side, same see
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import optuna
 
@@ -16,6 +14,7 @@ from metalforge.kernels import check_space
 from metalforge.kernels.families import get as get_family
 from metalforge.tuner import cost_model, shapes, study as st
 from metalforge.tuner.timers import ModelTimer
+from metalforge.plotting import figure, write_report
 
 SHAPES = {
     "qmv": dict(M=1, N=4096, K=4096, bits=4, group_size=64),
@@ -75,14 +74,7 @@ def main():
         print(f"{name:18} space {space.total:4d} (valid {space.valid:4d})   trials to within 5% of the optimum: "
               f"TPE median {row['tpe']['median_trials']} (reached on {row['tpe']['reached']} seeds)   "
               f"random median {row['random']['median_trials']} (reached on {row['random']['reached']} seeds)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"device": args.device, "objective": "model", "families": report},
-                                                   indent=2))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(report), figsize=(4 * len(report), 3.2))
+    fig, axes = figure(1, len(report), figsize=(4 * len(report), 3.2))
     for ax, (name, row) in zip(axes, report.items()):
         for sampler, color in (("tpe", "#4c72b0"), ("random", "#dd8452")):
             curve = [100 * g for g in row[sampler]["mean_gap_curve"]]
@@ -95,9 +87,7 @@ def main():
         ax.set_ylabel("mean gap to optimum (%)")
         ax.legend(fontsize=8)
     fig.suptitle(f"search efficiency on the MODELLED objective, {args.device}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_report(args.out, {"device": args.device, "objective": "model", "families": report}, fig)
 
 
 if __name__ == "__main__":

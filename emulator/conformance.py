@@ -131,16 +131,20 @@ def _index():
 
 
 @lru_cache(maxsize=1)
+def _pch_name() -> str:
+    key = hashlib.sha256("\0".join([compat_header(False), metadata.version("libclang"), *_ARGS]).encode())
+    return f"frontend-{key.hexdigest()[:16]}.pch"
+
+
 def _precompiled_header() -> list[str]:
     """metal_compat.h parsed once into a clang PCH in the cache (keyed by header, flags and
-    libclang version): parsing it is most of a small kernel's front-end time (24 ms of 30)."""
+    libclang version): parsing it is most of a small kernel's front-end time (24 ms of 30).
+    Looked for on every check: the cache folder may change or be cleared while we run."""
     cindex, index = _index()
-    header = compat_header(False)
-    key = hashlib.sha256("\0".join([header, metadata.version("libclang"), *_ARGS]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"frontend-{key}.pch"
+    path = cache_dir() / _pch_name()
     if not path.exists():
-        args = ["-x", "c++-header", *_ARGS[2:]]
-        tu = index.parse(_HEADER, args=args, unsaved_files=[(_HEADER, header)])
+        tu = index.parse(_HEADER, args=["-x", "c++-header", *_ARGS[2:]],
+                         unsaved_files=[(_HEADER, compat_header(False))])
         if any(d.severity >= 3 for d in tu.diagnostics):   # cannot happen with our own header; parse it each time
             return []
         with tempfile.TemporaryDirectory(dir=path.parent, prefix="frontend-build-") as tmp:

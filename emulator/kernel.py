@@ -11,6 +11,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from metalforge import devices
 from metalforge.errors import MetalforgeError
 
 from . import compiler, conformance
@@ -68,7 +69,6 @@ class EmulatedKernel:
     def _limits(self) -> dict:
         if self.device is None:
             return DEFAULT_LIMITS
-        from metalforge.kernels import devices
         p = devices.get(self.device)
         return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
                 "max_threads_per_threadgroup": p.max_threads_per_threadgroup}

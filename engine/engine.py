@@ -17,7 +17,7 @@ from metalforge.engine.model import Model, load_weights
 from metalforge.engine.ops import Kernels
 from metalforge.engine.sampling import Sampler
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import devices
+from metalforge import devices
 from metalforge.kernels.family import cdiv
 
 OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory")

@@ -8,7 +8,7 @@ import sys
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import devices
+from metalforge import devices
 
 LIMITS = ("wired_limit", "cache_limit", "memory_limit")
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from metalforge import devices
 from metalforge.errors import MetalforgeError, choices
-from metalforge.kernels import devices
 from metalforge.kernels.checks import check
 from metalforge.kernels.families import get as get_family
+from metalforge.results import lookup
 
 ENGINE_BACKENDS = ("auto", "metal", "mlx", "emulator")
 QMV_MAX_ROWS = 8
@@ -41,7 +42,6 @@ class Kernels:
         if key not in self._choices:
             fam = get_family(family)
             if self.device is not None:
-                from metalforge.tuner import lookup
                 choice = lookup(self.device, family, shape, dtype, results=self.results)
                 self._choices[key] = (choice.config, choice.describe())
             else:

@@ -6,6 +6,7 @@ import os
 
 import mlx.core as mx
 
+from metalforge import emulator
 from metalforge.errors import MetalforgeError, choices
 
 BACKENDS = ("metal", "emulator")
@@ -32,7 +33,6 @@ def kernel(src, backend: str | None = None, device=None):
             factory = mx.fast.metal_kernel
             extra = {}
         else:
-            from metalforge import emulator
             factory = emulator.metal_kernel
             extra = {"device": device}
         _cache[key] = factory(name=src.name, input_names=list(src.input_names),

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from metalforge.kernels import devices, dtypes
+from metalforge import devices
+from metalforge.kernels import dtypes
 from metalforge.kernels.families import get as get_family
 
 

@@ -36,9 +36,11 @@ class DecodeShape:
 
 
 class DecodeAttention(Family):
+    """softmax(q K^T * scale) V for one query token per sequence, GQA, split-K, paged KV."""
+
     name = "decode_attention"
     template = "decode_attention.metal.j2"
-    summary = "softmax(q K^T * scale) V for one query token per sequence, GQA, split-K, paged KV"
+    bucketed = ("S",)
     shape_type = DecodeShape
     params = (
         Param("threads", (32, 64, 128, 256, 512, 1024), 256, "threads per threadgroup (32 per SIMD-group)"),
@@ -46,6 +48,15 @@ class DecodeAttention(Family):
         Param("splits", (1, 2, 4, 8, 16, 32), 1, "split-K partitions of the sequence (>1 adds a reduce kernel)"),
         Param("share_kv", (False, True), True, "one threadgroup serves all query heads of a KV head"),
     )
+
+    def representative(self, shape):
+        """The pool's size (num_blocks) does not change the kernel: a bucket serves any pool."""
+        return self.shape({**super().representative(shape).__dict__, "num_blocks": 0})
+
+    def shape_distance(self, a, b) -> float | None:
+        if (a.D, a.Hq // a.Hkv, bool(a.block_size)) != (b.D, b.Hq // b.Hkv, bool(b.block_size)):
+            return None
+        return abs(math.log2(a.S / b.S)) + abs(math.log2(a.B / b.B)) + 0.1 * abs(math.log2(a.Hkv / b.Hkv))
 
     def shape_problems(self, s: DecodeShape) -> list[str]:
         out = []

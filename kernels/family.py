@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError, choices
-from metalforge.kernels import dtypes as _dtypes
+from metalforge.kernels import backends, dtypes as _dtypes
 from metalforge.kernels.render import kernel_name, render
 
 
@@ -69,7 +69,24 @@ class Family:
     template: str = ""
     params: tuple[Param, ...] = ()
     shape_type: type = object
-    summary: str = ""
+    # shape fields rounded up to a power of two for tuning: shapes that round alike share a config
+    bucketed: tuple[str, ...] = ()
+
+    # ---- buckets ---------------------------------------------------------------------------
+    def representative(self, shape):
+        """The shape its bucket is tuned at (a zero stays zero: no prefix is not a prefix of one)."""
+        fields = dict(self.shape(shape).__dict__)
+        fields.update({f: pow2_bucket(fields[f]) for f in self.bucketed if fields[f]})
+        return self.shape(fields)
+
+    def bucket_key(self, shape, dtype: str) -> str:
+        """The results key: shapes that share a bucket share a tuned config."""
+        return f"{shape_str(self.representative(shape))}|{dtype}"
+
+    def shape_distance(self, a, b) -> float | None:
+        """How far apart two shapes are for borrowing a tuned config (log scale), or None when
+        one's config says nothing about the other (a different structure)."""
+        raise NotImplementedError
 
     # ---- configs ---------------------------------------------------------------------------
     def param(self, name: str) -> Param:
@@ -193,7 +210,6 @@ class Family:
     def run(self, config: Config, shape, dtype, inputs: dict[str, mx.array], backend=None,
             device=None) -> mx.array:
         """Execute the config's launches; intermediate outputs feed later launches by name."""
-        from metalforge.kernels import backends
 
         dtype = _dtypes.get(dtype)
         env = dict(inputs)
@@ -218,7 +234,6 @@ class Family:
     def prepare(self, config: Config, shape, dtype, inputs: dict, backend=None, device=None) -> None:
         """Compile every launch without running it (emulator only). Thread-safe and free of MLX
         computation, so many configs can be compiled in parallel before they are run."""
-        from metalforge.kernels import backends
 
         if backends.resolve(backend) != "emulator":
             return
@@ -302,5 +317,9 @@ def shape_str(shape) -> str:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def pow2_bucket(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 

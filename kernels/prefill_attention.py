@@ -32,9 +32,11 @@ class PrefillShape:
 
 
 class PrefillAttention(Family):
+    """Causal flash-style attention over L prompt tokens (optionally after a cached prefix)."""
+
     name = "prefill_attention"
     template = "prefill_attention.metal.j2"
-    summary = "causal flash-style attention over L prompt tokens (optionally after a cached prefix)"
+    bucketed = ("L", "prefix")
     shape_type = PrefillShape
     params = (
         Param("BQ", (8, 16, 32, 64), 16, "query rows per threadgroup"),
@@ -42,6 +44,11 @@ class PrefillAttention(Family):
         Param("simdgroups", (1, 2, 4, 8), 4, "SIMD-groups per threadgroup"),
         Param("stage", ("float", "half"), "half", "element type of the staged tiles"),
     )
+
+    def shape_distance(self, a, b) -> float | None:
+        if (a.D, a.Hq // a.Hkv) != (b.D, b.Hq // b.Hkv):
+            return None
+        return abs(math.log2(a.L / b.L)) + 0.1 * abs(math.log2(a.Hkv / b.Hkv))
 
     def shape_problems(self, s: PrefillShape) -> list[str]:
         out = []

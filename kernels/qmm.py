@@ -7,11 +7,11 @@ from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
 
 
 class Qmm(Qmv):
-    """Shares qmv's inputs, reference, baseline and cost inputs; differs in tiling and shapes."""
+    """y = x @ dequant(w_q).T for prompts: BM x BN output tiles, x and w staged per K step.
+    Shares qmv's inputs, reference, baseline and cost inputs; differs in tiling and shapes."""
 
     name = "qmm"
     template = "qmm.metal.j2"
-    summary = "y = x @ dequant(w_q).T for prompts: BM x BN output tiles, x and w staged per K step"
     shape_type = QmvShape   # the same fields: M, N, K, bits, group_size
     params = (
         Param("BM", (16, 32, 64), 32, "output rows per threadgroup"),

@@ -1,6 +1,7 @@
 """qmv: quantized matrix-vector (and small-batch) product in MLX's affine `mx.quantize` layout."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -19,9 +20,11 @@ class QmvShape:
 
 
 class Qmv(Family):
+    """y = x @ dequant(w_q).T, 4/8-bit MLX affine layout, M in 1..8."""
+
     name = "qmv"
     template = "qmv.metal.j2"
-    summary = "y = x @ dequant(w_q).T, 4/8-bit MLX affine layout, M in 1..8"
+    bucketed = ("M",)
     shape_type = QmvShape
     params = (
         Param("simdgroups", (1, 2, 4, 8), 2, "SIMD-groups per threadgroup"),
@@ -29,6 +32,11 @@ class Qmv(Family):
         Param("values_per_lane", (8, 16, 32), 16, "K values each lane consumes per step"),
         Param("stage_x", (False, True), False, "stage x through threadgroup memory once per step"),
     )
+
+    def shape_distance(self, a, b) -> float | None:
+        if (a.bits, a.group_size) != (b.bits, b.group_size):
+            return None
+        return abs(math.log2(a.N / b.N)) + abs(math.log2(a.K / b.K)) + abs(math.log2(a.M / b.M))
 
     def shape_problems(self, s: QmvShape) -> list[str]:
         out = quantization_problems(s)

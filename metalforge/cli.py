@@ -13,7 +13,7 @@ def _families():
 
 
 def cmd_devices(args) -> int:
-    from metalforge.kernels import devices
+    from metalforge import devices
     detected = devices.detect()
     print(f"{'':2}{'name':12} {'GPU':34} {'arch':15} {'cores':>5} {'GB/s':>7} {'TFLOPS':>7} {'tg mem':>7} {'threads':>7}")
     for p in devices.profiles().values():
@@ -44,7 +44,8 @@ def _config(fam, items):
 
 
 def cmd_render(args) -> int:
-    from metalforge.kernels import checks, devices
+    from metalforge import devices
+    from metalforge.kernels import checks
     fam, shape, dtype = _family_shape_dtype(args)
     config = _config(fam, args.config)
     device = devices.resolve(args.device)
@@ -57,7 +58,8 @@ def cmd_render(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from metalforge.kernels import checks, devices
+    from metalforge import devices
+    from metalforge.kernels import checks
     fam, shape, dtype = _family_shape_dtype(args)
     device = devices.resolve(args.device)
     if args.config:
@@ -89,7 +91,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from metalforge.tuner import results
+    from metalforge import results
     data, taken = results.merge_files(args.files, args.out)
     total = sum(len(b) for b in data["entries"].values())
     print(f"{args.out}: {total} entries for {data['device']['name']} ({taken} taken from {len(args.files)} file(s))")

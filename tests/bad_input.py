@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).parent))
-from modelgen import write_model  # noqa: E402
+from metalforge.engine.random_model import write_model
 
 TIMEOUT_S = 180
 

@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import devices
+from metalforge import devices
 
 GB = 2**30
 

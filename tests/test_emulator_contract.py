@@ -167,7 +167,7 @@ def test_dispatch_limits_worded_as_metal():
 
 def test_device_profile_limits_apply(tmp_path):
     from dataclasses import replace
-    from metalforge.kernels import devices
+    from metalforge import devices
     small = replace(devices.get("m1"), name="m1-896", max_threads_per_threadgroup=896)
     k = emulator.metal_kernel(name="lim", input_names=["x"], output_names=["out"], source="out[0] = x[0];",
                               device=small)

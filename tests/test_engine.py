@@ -10,8 +10,8 @@ import pytest
 from metalforge import engine
 from metalforge.errors import MetalforgeError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from modelgen import reference_greedy, reference_logits, write_model  # noqa: E402
+from metalforge.engine.random_model import write_model
+from reference_model import reference_greedy, reference_logits
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11]
 CASES = [("llama", None), ("llama", (8, 32)), ("mistral", None), ("mistral", (4, 64)), ("qwen2", None),

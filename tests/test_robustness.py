@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -14,11 +13,10 @@ import yaml
 from optuna.trial import TrialState
 
 from metalforge import engine
+from metalforge.engine.random_model import write_model
 from metalforge.errors import MetalforgeError
-from metalforge.tuner import results, shapes, study as st
-
-sys.path.insert(0, str(Path(__file__).parent))
-from modelgen import write_model  # noqa: E402
+from metalforge import results
+from metalforge.tuner import shapes, study as st
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +55,13 @@ def test_a_failed_batched_step_reserves_nothing_for_any_sequence(model):
 
 _WRITER = """
 import sys
-from metalforge.tuner import results, shapes
+from metalforge import results
+from metalforge.kernels import get_family
 i = int(sys.argv[2])
 shape = dict(M=1, N=64 * (i + 1), K=256, bits=4, group_size=64)
 entry = {"shape": shape, "dtype": "float16", "config": {}, "time_s": 1e-5, "timer": "model",
          "baseline_s": None, "speedup": None, "trials": {}}
-results.save_entries(sys.argv[1], "m1", [("qmv", shapes.bucket_key("qmv", shape, "float16"), entry)])
+results.save_entries(sys.argv[1], "m1", [("qmv", get_family("qmv").bucket_key(shape, "float16"), entry)])
 """
 
 

@@ -14,7 +14,9 @@ from metalforge.kernels import check
 from metalforge.kernels import get_family as family
 from metalforge.kernels.families import FAMILIES
 from metalforge.kernels.qmv import Qmv
-from metalforge.tuner import results, shapes, study as st
+from metalforge import results
+from metalforge.engine.random_model import write_model
+from metalforge.tuner import shapes, study as st
 from metalforge.tuner.timers import ModelTimer, Timing
 
 SMALL = {"qmv": [dict(M=1, N=96, K=256, bits=4, group_size=64)],
@@ -222,7 +224,7 @@ def test_drift_discards_and_retimes_the_affected_trials(tmp_path):
 def test_merge_rules_and_atomic_writes(tmp_path):
     path = tmp_path / "m1.yaml"
     shape = dict(M=1, N=64, K=256, bits=4, group_size=64)
-    key = shapes.bucket_key("qmv", shape, "float16")
+    key = family("qmv").bucket_key(shape, "float16")
     base = {"shape": shape, "dtype": "float16", "baseline_s": 2e-5, "speedup": 1.0, "trials": {}}
     modelled_fast = {**base, "config": {"simdgroups": 2}, "time_s": 1e-5, "timer": "model"}
     measured_slow = {**base, "config": {"simdgroups": 4}, "time_s": 3e-5, "timer": "metal"}
@@ -257,7 +259,7 @@ def test_results_are_validated_on_load_with_the_bad_entry_named(tmp_path, mutate
     from metalforge.errors import MetalforgeError
     path = tmp_path / "m1.yaml"
     shape = dict(M=1, N=64, K=256, bits=4, group_size=64)
-    key = shapes.bucket_key("qmv", shape, "float16")
+    key = family("qmv").bucket_key(shape, "float16")
     results.save_entries(path, "m1", [("qmv", key, {"shape": shape, "dtype": "float16", "config": {"simdgroups": 2},
                                                     "time_s": 1e-5, "timer": "model"})])
     data = yaml.safe_load(path.read_text())
@@ -281,7 +283,7 @@ def test_lookup_exact_nearest_default_and_validity(tmp_path):
     decode = dict(B=1, Hq=8, Hkv=2, S=2048, D=128)
     entry = {"shape": decode, "dtype": "float16", "config": {"threads": 128, "splits": 16, "keys_per_step": 4,
                                                              "share_kv": True}, "time_s": 1e-5, "timer": "model"}
-    results.save_entries(path, "m2", [("decode_attention", shapes.bucket_key("decode_attention", decode, "float16"), entry)])
+    results.save_entries(path, "m2", [("decode_attention", family("decode_attention").bucket_key(decode, "float16"), entry)])
     look = lambda **kw: results.lookup("m2", "decode_attention", dict(decode, **kw), "float16", results=path,
                                        shipped=False)
     exact = look(S=1500)
@@ -295,7 +297,7 @@ def test_lookup_exact_nearest_default_and_validity(tmp_path):
 
 
 def test_shipped_modelled_defaults_exist_for_every_device():
-    from metalforge.kernels import devices
+    from metalforge import devices
     for name in devices.profiles():
         data = results.load(results.shipped_path(name))
         assert data["device"]["name"] == name
@@ -321,8 +323,6 @@ def test_shapes_from_a_model_config():
 
 
 def test_tune_a_model_folder_with_qmm_on_request(tmp_path):
-    sys.path.insert(0, os.path.dirname(__file__))
-    from modelgen import write_model
     folder = write_model(tmp_path / "model", arch="qwen2", quantized=(4, 64))
     run = tune_cli("--device", "m4", "--model", str(folder), "--families", "qmm", "--trials", "3", "--seed", "0",
                    "--storage", f"sqlite:///{tmp_path / 'q.db'}", "--results", str(tmp_path / "r.yaml"))

@@ -10,7 +10,9 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from metalforge.tuner import results, shapes, study as st
+from metalforge import results
+from metalforge.kernels import get_family
+from metalforge.tuner import shapes, study as st
 
 SHAPES = {"decode_attention": [dict(B=1, Hq=4, Hkv=2, S=100, D=64)]}
 
@@ -105,7 +107,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_its_config_ret
 def results_entry(family, time_s, timer):
     """A (family, bucket key, entry) triple for a small shape, as a finished study yields it."""
     shape = dict(M=1, N=64, K=256, bits=4, group_size=64) if family == "qmv" else SHAPES[family][0]
-    return (family, shapes.bucket_key(family, shape, "float16"),
+    return (family, get_family(family).bucket_key(shape, "float16"),
             {"shape": shape, "dtype": "float16", "config": {}, "time_s": time_s, "timer": timer,
              "baseline_s": None, "speedup": None, "trials": {}})
 

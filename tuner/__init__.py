@@ -3,7 +3,7 @@
     from metalforge import tuner
     choice = tuner.lookup("m3-max-40", "qmv", dict(M=1, N=4096, K=4096), "float16")
 """
-from metalforge.tuner.results import lookup
+from metalforge.results import lookup
 from metalforge.tuner.study import Settings, run_study
 from metalforge.tuner.timers import MetalTimer, ModelTimer, Timing
 

@@ -10,9 +10,11 @@ import optuna
 
 from metalforge import arguments
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import devices, dtypes
+from metalforge import devices
+from metalforge.kernels import dtypes
 from metalforge.kernels.families import FAMILIES
-from metalforge.tuner import results, shapes, worker
+from metalforge import results
+from metalforge.tuner import shapes, worker
 from metalforge.tuner.study import Settings, entry, open_study, run_study, study_name
 
 

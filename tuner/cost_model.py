@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from metalforge.kernels import devices, dtypes
+from metalforge import devices
+from metalforge.kernels import dtypes
 from metalforge.kernels.family import cdiv
 
 THREADS_PER_CORE = 2048

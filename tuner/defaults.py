@@ -13,9 +13,10 @@ from pathlib import Path
 
 import optuna
 
-from metalforge.kernels import devices
+from metalforge import devices
 from metalforge.kernels.families import get as get_family
-from metalforge.tuner import results, shapes
+from metalforge import results
+from metalforge.tuner import shapes
 from metalforge.tuner.study import Settings, entry, run_study
 from metalforge.tuner.timers import ModelTimer
 from metalforge.tuner.verify import Verifier

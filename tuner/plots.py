@@ -5,17 +5,15 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
+from metalforge.plotting import figure, save
+
 
 def plot_history(study, path, title: str) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     trials = study.get_trials(deepcopy=False)
     discarded = set(study.user_attrs.get("discarded", []))
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.number not in discarded]
     kind = done[0].user_attrs.get("timer", "model") if done else "model"
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = figure(figsize=(8, 4))
     if done:
         xs = [t.number for t in done]
         ys = [t.value * 1e6 for t in done]
@@ -40,9 +38,4 @@ def plot_history(study, path, title: str) -> Path:
     ax.set_ylabel(f"time per call (µs, {'MODELLED' if kind == 'model' else 'measured on Metal'})")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -9,7 +9,8 @@ import yaml
 
 from metalforge.errors import MetalforgeError, choices
 from metalforge.kernels.families import FAMILIES, get as get_family
-from metalforge.kernels.family import shape_str
+from metalforge.engine.config import read, sizes
+from metalforge.kernels.family import pow2_bucket
 
 # A Qwen2.5-0.5B-sized model (4-bit): small enough to tune on a laptop in minutes.
 BUILTIN_MODEL = {
@@ -33,30 +34,7 @@ class Target:
 
     @property
     def bucket(self) -> str:
-        return bucket_key(self.family, self.shape, self.dtype)
-
-
-def pow2_bucket(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def representative(family: str, shape):
-    """The shape a bucket is tuned at: contexts, prompt lengths and batch rounded up to a power of two."""
-    fam = get_family(family)
-    shape = fam.shape(shape)
-    fields = dict(shape.__dict__)
-    if family == "decode_attention":
-        fields.update(S=pow2_bucket(shape.S), num_blocks=0)
-    elif family == "prefill_attention":
-        fields.update(L=pow2_bucket(shape.L), prefix=pow2_bucket(shape.prefix) if shape.prefix else 0)
-    elif family in ("qmv", "qmm"):
-        fields.update(M=pow2_bucket(shape.M))
-    return fam.shape(fields)
-
-
-def bucket_key(family: str, shape, dtype: str) -> str:
-    """The results key: shapes that share a bucket share a tuned config."""
-    return f"{shape_str(representative(family, shape))}|{dtype}"
+        return get_family(self.family).bucket_key(self.shape, self.dtype)
 
 
 def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_PREFILL, batch: int = 1,
@@ -64,7 +42,6 @@ def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_P
     """Every distinct qmv shape of the model, decode attention at each context, prefill at a few
     lengths. The sizes are read as the engine reads them (any decoder architecture), so the
     tuner and the engine agree on a model's shapes and refuse the same nonsense."""
-    from metalforge.engine.config import sizes
     a = sizes(config, where)
     hidden, inter, heads, kv_heads, head_dim = (a.hidden_size, a.intermediate_size, a.num_attention_heads,
                                                 a.num_key_value_heads, a.head_dim)
@@ -91,7 +68,6 @@ def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_P
 
 
 def from_model_folder(path, **kw) -> dict[str, list[dict]]:
-    from metalforge.engine.config import read
     return from_model_config(read(path), where=str(Path(path) / "config.json"), **kw)
 
 
@@ -121,7 +97,7 @@ def targets(shapes: dict[str, list[dict]], families=None, dtype: str = "float16"
     for fam_name in families or list(shapes):
         fam = get_family(fam_name)
         for values in shapes.get(fam_name, []):
-            t = Target(fam_name, representative(fam_name, fam.shape(values)), dtype)
+            t = Target(fam_name, fam.representative(values), dtype)
             if t.bucket not in seen:
                 seen.add(t.bucket)
                 out.append(t)

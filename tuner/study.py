@@ -16,14 +16,14 @@ from typing import Callable
 
 import optuna
 from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from metalforge import signals
+from metalforge import devices, signals
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import devices
 from metalforge.kernels.checks import check
 from metalforge.kernels.families import get as get_family
-from metalforge.tuner.results import user_results_dir
+from metalforge.results import lookup, user_results_dir
 from metalforge.tuner.shapes import Target
 from metalforge.tuner.timers import ModelTimer, default_timer
 from metalforge.tuner.verify import Verifier
@@ -118,7 +118,6 @@ def storage_for(device, storage: str | None, heartbeat_s: float = 10.0):
             raise MetalforgeError(f"cannot create the results folder {folder}: {e.strerror or e}") from None
         storage = f"sqlite:///{folder / (devices.get(device).name + '.db')}"
     if storage.endswith((".log", ".journal")) or storage.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
         path = storage.removeprefix("journal:")
         _check_journal(path)
         try:
@@ -424,8 +423,6 @@ class _Budget:
 
 def warm_start(study: optuna.Study, target: Target, settings: Settings) -> None:
     """Enqueue the family default and the best known config (results files) before sampling."""
-    from metalforge.tuner.results import lookup
-
     family = get_family(target.family)
     if study.get_trials(deepcopy=False):
         return

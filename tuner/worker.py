@@ -14,6 +14,13 @@ import subprocess
 import sys
 import traceback
 
+import optuna
+
+from metalforge.errors import MetalforgeError
+from metalforge.kernels.families import get as get_family
+from metalforge.tuner.shapes import Target
+from metalforge.tuner.study import Settings, run_study
+
 
 class Pool:
     """`with Pool(target, settings, n):` runs n workers beside the caller and waits for them;
@@ -57,13 +64,6 @@ def _stop(signum, frame):
 
 
 def main(spec: str) -> int:
-    import optuna
-
-    from metalforge.errors import MetalforgeError
-    from metalforge.kernels.families import get as get_family
-    from metalforge.tuner.shapes import Target
-    from metalforge.tuner.study import Settings, run_study
-
     signal.signal(signal.SIGTERM, _stop)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)   # as in the parent (tuner/cli.py)

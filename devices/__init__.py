@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
 
+import mlx.core as mx
 import yaml
 
 from metalforge.errors import MetalforgeError, choices
@@ -133,8 +134,6 @@ def _with_working_set(p: DeviceProfile, working_set) -> DeviceProfile:
 
 def device_info() -> dict:
     """MLX's device description (`mx.device_info()` from 0.32, `mx.metal.device_info()` before)."""
-    import mlx.core as mx
-
     fn = getattr(mx, "device_info", None) or getattr(mx.metal, "device_info", None)
     try:
         return dict(fn()) if fn else {}
@@ -144,8 +143,6 @@ def device_info() -> dict:
 
 def detect() -> DeviceProfile | None:
     """The profile of this machine's Apple GPU, or None off a Mac (commands then ask for --device)."""
-    import mlx.core as mx
-
     if not mx.metal.is_available():
         return None
     return match(device_info())
