@@ -29,9 +29,7 @@ class DeviceProfile:
     threadgroup_memory_bytes: int = 32768
     max_threads_per_threadgroup: int = 1024
     simd_width: int = 32
-    max_buffer_arguments: int = 31
     memory_options_gb: tuple = field(default_factory=tuple)
-    recommended_working_set_bytes: int | None = None
 
     @property
     def peak_fp32_tflops(self) -> float:
@@ -97,15 +95,13 @@ def match(info: dict) -> DeviceProfile | None:
     if len(candidates) > 1 and mem_gb:
         by_mem = [p for p in candidates if mem_gb in p.memory_options_gb]
         candidates = by_mem or candidates
-    working_set = info.get("max_recommended_working_set_size")
     if candidates:
         if len(candidates) > 1:
             warnings.warn(
                 f"{name}: cannot tell {choices(p.name for p in candidates)} apart from device_info(); "
                 f"using {candidates[-1].name} (pass --device to choose)"
             )
-        chosen = candidates[-1]
-        return _with_working_set(chosen, working_set)
+        return candidates[-1]
     warnings.warn(
         f"no profile for GPU '{name or arch}'; using limits reported by MLX and Apple's "
         "family-wide limits (32 KB threadgroup memory, 1024 threads, SIMD width 32)"
@@ -122,14 +118,7 @@ def match(info: dict) -> DeviceProfile | None:
         gpu_clock_ghz=max((p.gpu_clock_ghz for p in same_gen), default=1.4),
         memory_bandwidth_gbs=bandwidth,
         threadgroup_memory_bytes=int(info.get("max_threadgroup_memory_length", 32768)),
-        recommended_working_set_bytes=working_set,
     )
-
-
-def _with_working_set(p: DeviceProfile, working_set) -> DeviceProfile:
-    if working_set:
-        return DeviceProfile(**{**asdict(p), "recommended_working_set_bytes": int(working_set)})
-    return p
 
 
 def device_info() -> dict:

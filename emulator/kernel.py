@@ -13,6 +13,7 @@ import numpy as np
 
 from metalforge import devices
 from metalforge.errors import MetalforgeError
+from metalforge.intmath import cdiv
 
 from . import compiler, conformance
 from .source import (ATTRIBUTE_VALUES, InputInfo, attributes_in, buffer_plan, mlx_kernel_name, mlx_source, rewrite,
@@ -146,7 +147,7 @@ class EmulatedKernel:
                       "strides": [s // view.itemsize for s in view.strides]}[b.role]
             buf = np.ascontiguousarray(values, dtype=np.int64 if b.role == "strides" else np.int32)
             buffer(buf, buf.size)
-        groups = [-(-g // min(t, g)) for g, t in zip(grid, tg)]
+        groups = [cdiv(g, min(t, g)) for g, t in zip(grid, tg)]
         nominal = [min(t, g) for g, t in zip(grid, tg)]   # MLX clamps each threadgroup dim to the grid
         meta = (ctypes.c_longlong * (9 + len(counts)))(*grid, *nominal, *groups, *counts)
         ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)

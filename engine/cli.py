@@ -10,7 +10,8 @@ from metalforge.errors import MetalforgeError
 def _engine_arguments(p) -> None:
     p.add_argument("--model", required=True, help="mlx-lm model folder")
     p.add_argument("--device", help="device profile for tuned configs (default: detect)")
-    p.add_argument("--backend", default="auto", help="auto (metal on a Mac, else mlx), metal, mlx, emulator")
+    p.add_argument("--backend", default=None,
+                   help="auto (metal on a Mac, else mlx), metal, mlx, emulator; default $METALFORGE_BACKEND, else auto")
     p.add_argument("--kv-tokens", type=int, default=4096, help="KV pool budget in tokens")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")

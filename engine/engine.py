@@ -18,7 +18,7 @@ from metalforge.engine.ops import Kernels
 from metalforge.engine.sampling import Sampler
 from metalforge.errors import MetalforgeError
 from metalforge import devices
-from metalforge.kernels.family import cdiv
+from metalforge.intmath import cdiv
 
 OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory")
 
@@ -52,7 +52,7 @@ class Generation:
         return self._tokens
 
 
-def load(path, device=None, backend: str = "auto", results=None, **options) -> "Engine":
+def load(path, device=None, backend: str | None = None, results=None, **options) -> "Engine":
     """Load an mlx-lm style model folder. Options: kv_tokens (default 4096) or kv_memory (bytes
     or '10%'), block_size (16), max_seq_len, memory={'wired_limit', 'cache_limit', 'memory_limit'}."""
     unknown = set(options) - set(OPTIONS)

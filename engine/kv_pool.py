@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError
-from metalforge.kernels.family import cdiv
+from metalforge.intmath import cdiv
 
 
 class PoolExhausted(MetalforgeError):

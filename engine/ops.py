@@ -9,28 +9,18 @@ from __future__ import annotations
 import mlx.core as mx
 
 from metalforge import devices
-from metalforge.errors import MetalforgeError, choices
+from metalforge.errors import MetalforgeError
+from metalforge.kernels import backends
 from metalforge.kernels.checks import check
 from metalforge.kernels.families import get as get_family
 from metalforge.results import lookup
 
-ENGINE_BACKENDS = ("auto", "metal", "mlx", "emulator")
 QMV_MAX_ROWS = 8
-
-
-def resolve_backend(name: str) -> str:
-    if name not in ENGINE_BACKENDS:
-        raise MetalforgeError(f"unknown engine backend '{name}'; valid backends: {choices(ENGINE_BACKENDS)}")
-    if name == "auto":
-        return "metal" if mx.metal.is_available() else "mlx"
-    if name == "metal" and not mx.metal.is_available():
-        raise MetalforgeError("backend 'metal' needs a Mac with Metal; use 'mlx' or 'emulator' here")
-    return name
 
 
 class Kernels:
     def __init__(self, backend: str, device, results=None):
-        self.backend = resolve_backend(backend)
+        self.backend = backends.resolve(backend, allow_mlx=True)
         self.device = device            # a DeviceProfile or None (no tuned configs: family defaults)
         self.results = results
         self.report: dict[str, dict] = {}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from metalforge.intmath import cdiv
+
 ARCHS = {
     "llama": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
@@ -67,7 +69,7 @@ def write_model(folder, arch="llama", quantized=None, dtype=mx.float32, layers=2
                 wq, scales, biases = mx.quantize(w[name], group_size=gs, bits=bits)
                 w[name], w[base + ".scales"], w[base + ".biases"] = wq, scales.astype(dtype), biases.astype(dtype)
     names = sorted(w)
-    per = -(-len(names) // shards)
+    per = cdiv(len(names), shards)
     weight_map = {}
     for s in range(shards):
         part = {n: w[n] for n in names[s * per:(s + 1) * per]}

@@ -1,5 +1,7 @@
-"""Which implementation of `mx.fast.metal_kernel` runs our kernels: Metal on a Mac, the emulator
-elsewhere; `METALFORGE_BACKEND` or an explicit argument overrides the choice."""
+"""Backends, one vocabulary for the whole project: `metal` (our kernels on the GPU), `emulator`
+(our kernels on the CPU, for verification) and `mlx` (MLX's built-in ops, where a caller can use
+them instead of ours: the engine). `auto` is metal on a Mac, else the emulator (or mlx where
+allowed); an explicit argument, else `METALFORGE_BACKEND`, overrides it."""
 from __future__ import annotations
 
 import os
@@ -9,25 +11,28 @@ import mlx.core as mx
 from metalforge import emulator
 from metalforge.errors import MetalforgeError, choices
 
-BACKENDS = ("metal", "emulator")
+KERNEL_BACKENDS = ("metal", "emulator")       # what can run a kernel of ours
+BACKENDS = KERNEL_BACKENDS + ("mlx",)           # and MLX's own ops, for callers that can use them
 _cache: dict = {}
 
 
-def resolve(backend: str | None = None) -> str:
+def resolve(backend: str | None = None, *, allow_mlx: bool = False) -> str:
     name = (backend or os.environ.get("METALFORGE_BACKEND") or "auto").lower()
+    valid = BACKENDS if allow_mlx else KERNEL_BACKENDS
     if name == "auto":
-        return "metal" if mx.metal.is_available() else "emulator"
-    if name not in BACKENDS:
-        raise MetalforgeError(f"unknown kernel backend '{name}'; valid backends: auto, {choices(BACKENDS)}")
+        return "metal" if mx.metal.is_available() else ("mlx" if allow_mlx else "emulator")
+    if name not in valid:
+        raise MetalforgeError(f"unknown backend '{name}'; valid backends: auto, {choices(valid)}")
     if name == "metal" and not mx.metal.is_available():
-        raise MetalforgeError("backend 'metal' needs a Mac with Metal; use 'emulator' (or 'auto') here")
+        others = " or ".join(f"'{b}'" for b in valid if b != "metal")
+        raise MetalforgeError(f"backend 'metal' needs a Mac with Metal; use {others} (or 'auto') here")
     return name
 
 
 def kernel(src, backend: str | None = None, device=None):
     """The callable kernel for a KernelSource, built once per backend (and device limits)."""
     name = resolve(backend)
-    key = (name, src.name, src.source, src.header, getattr(device, "name", device))
+    key = (name, src.name, src.source, getattr(device, "name", device))
     if key not in _cache:
         if name == "metal":
             factory = mx.fast.metal_kernel
@@ -37,5 +42,5 @@ def kernel(src, backend: str | None = None, device=None):
             extra = {"device": device}
         _cache[key] = factory(name=src.name, input_names=list(src.input_names),
                               output_names=list(src.output_names), source=src.source,
-                              header=src.header, **extra)
+                              **extra)
     return _cache[key]

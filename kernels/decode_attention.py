@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metalforge.kernels import dtypes
-from metalforge.kernels.family import Family, Launch, Param, cdiv
+from metalforge.intmath import cdiv
+from metalforge.kernels.family import Family, Launch, Param
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError, choices
+from metalforge.intmath import pow2_bucket
 from metalforge.kernels import backends, dtypes as _dtypes
 from metalforge.kernels.render import kernel_name, render
 
@@ -34,8 +35,7 @@ class KernelSource:
     name: str
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
-    source: str
-    header: str = ""
+    source: str   # the body: our templates need no header (helpers are inlined)
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ class Family:
             parts.append(
                 f"// kernel {k.name}: inputs {', '.join(k.input_names)} -> {', '.join(k.output_names)}\n"
                 f"// grid {launch.grid} threads, threadgroup {launch.threadgroup}\n"
-                + (k.header + "\n" if k.header else "") + k.source
+                + k.source
             )
         return "\n".join(parts)
 
@@ -313,13 +313,3 @@ def parse_assignments(text: str, what: str) -> dict[str, str]:
 
 def shape_str(shape) -> str:
     return ",".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape))
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def pow2_bucket(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-

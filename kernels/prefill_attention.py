@@ -12,7 +12,8 @@ import mlx.core as mx
 
 from metalforge.kernels import dtypes
 from metalforge.kernels.decode_attention import HEAD_DIMS
-from metalforge.kernels.family import Family, Launch, Param, cdiv
+from metalforge.intmath import cdiv
+from metalforge.kernels.family import Family, Launch, Param
 
 STAGE_SIZES = {"float": 4, "half": 2}
 

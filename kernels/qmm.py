@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from metalforge.kernels import dtypes
-from metalforge.kernels.family import Launch, Param, cdiv
+from metalforge.intmath import cdiv
+from metalforge.kernels.family import Launch, Param
 from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
 
 

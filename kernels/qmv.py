@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metalforge.kernels import dtypes
-from metalforge.kernels.family import Family, Launch, Param, cdiv
+from metalforge.intmath import cdiv
+from metalforge.kernels.family import Family, Launch, Param
 
 
 @dataclass(frozen=True)

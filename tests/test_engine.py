@@ -263,7 +263,7 @@ def test_memory_limits_are_applied_and_restored(models, capfd):
     ({"memory": {"cache_limit": "lots"}}, "cannot read 'lots'"),
     ({"memory": {"memory_limit": "150%"}}, "percentage must be in"),
     ({"kv_cache": 5}, "unknown engine option"),
-    ({"backend": "cuda"}, "unknown engine backend 'cuda'"),
+    ({"backend": "cuda"}, "unknown backend 'cuda'; valid backends: auto, metal, emulator, mlx"),
 ])
 def test_bad_engine_options_are_clear_errors(models, options, message):
     with pytest.raises(MetalforgeError, match=message):

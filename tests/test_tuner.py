@@ -182,7 +182,6 @@ class DriftingTimer:
     one cooldown, like a laptop that throttles and cools."""
 
     kind = "metal"
-    needs_device = False
 
     def __init__(self):
         self.calls = 0

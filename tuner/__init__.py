@@ -5,6 +5,6 @@
 """
 from metalforge.results import lookup
 from metalforge.tuner.study import Settings, run_study
-from metalforge.tuner.timers import MetalTimer, ModelTimer, Timing
+from metalforge.tuner.timers import MetalTimer, ModelTimer, Timer, Timing
 
-__all__ = ["lookup", "run_study", "Settings", "MetalTimer", "ModelTimer", "Timing"]
+__all__ = ["lookup", "run_study", "Settings", "MetalTimer", "ModelTimer", "Timer", "Timing"]

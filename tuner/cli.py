@@ -14,7 +14,7 @@ from metalforge import devices
 from metalforge.kernels import dtypes
 from metalforge.kernels.families import FAMILIES
 from metalforge import results
-from metalforge.tuner import shapes, worker
+from metalforge.tuner import protocol, shapes, worker
 from metalforge.tuner.study import Settings, entry, open_study, run_study, study_name
 
 
@@ -129,7 +129,7 @@ def _run_with_progress(target, settings):
     label = f"{target.family} {target.bucket.split('|')[0]}"
     with tqdm(total=settings.trials, desc=label[:60], unit="trial", leave=True) as bar:
         def progress(study, trial):
-            if "duplicate_of" not in trial.user_attrs:
+            if not protocol.repeat(trial):
                 bar.update(1)
             try:
                 bar.set_postfix(best=f"{study.best_value * 1e6:.1f}us")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from metalforge import devices
 from metalforge.kernels import dtypes
-from metalforge.kernels.family import cdiv
+from metalforge.intmath import cdiv
 
 THREADS_PER_CORE = 2048
 TG_MEMORY_PER_CORE = 65536

@@ -6,13 +6,13 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from metalforge.plotting import figure, save
+from metalforge.tuner.protocol import BASELINE_S, TIMER, standing
 
 
 def plot_history(study, path, title: str) -> Path:
     trials = study.get_trials(deepcopy=False)
-    discarded = set(study.user_attrs.get("discarded", []))
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.number not in discarded]
-    kind = done[0].user_attrs.get("timer", "model") if done else "model"
+    done = standing(study)
+    kind = done[0].user_attrs.get(TIMER, "model") if done else "model"
     fig, ax = figure(figsize=(8, 4))
     if done:
         xs = [t.number for t in done]
@@ -31,7 +31,7 @@ def plot_history(study, path, title: str) -> Path:
         xs = [t.number for t in trials if t.state == state]
         if xs:
             ax.scatter(xs, [floor * 0.9] * len(xs), marker=marker, color=color, label=label)
-    base = study.user_attrs.get("baseline_s")
+    base = study.user_attrs.get(BASELINE_S)
     if base:
         ax.axhline(base * 1e6, linestyle="--", color="#dd8452", label="MLX built-in")
     ax.set_xlabel("trial")

@@ -10,7 +10,7 @@ import yaml
 from metalforge.errors import MetalforgeError, choices
 from metalforge.kernels.families import FAMILIES, get as get_family
 from metalforge.engine.config import read, sizes
-from metalforge.kernels.family import pow2_bucket
+from metalforge.intmath import pow2_bucket
 
 # A Qwen2.5-0.5B-sized model (4-bit): small enough to tune on a laptop in minutes.
 BUILTIN_MODEL = {

@@ -24,11 +24,12 @@ from metalforge.errors import MetalforgeError
 from metalforge.kernels.checks import check
 from metalforge.kernels.families import get as get_family
 from metalforge.results import lookup, user_results_dir
+from metalforge.tuner.protocol import (BASELINE_S, DISCARDED, DUPLICATE_OF, ERROR, FINISHED, INVALID, REPEATS,
+                                       RETIME_OF, SPREAD, TIMER, WORKER, discarded, interrupted, standing)
 from metalforge.tuner.shapes import Target
-from metalforge.tuner.timers import ModelTimer, default_timer
+from metalforge.tuner.timers import Timer, default_timer
 from metalforge.tuner.verify import Verifier
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # Heartbeats (stale trials of killed workers are retried) are marked experimental by Optuna.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -39,7 +40,7 @@ class _Retry(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study, trial) -> None:
         trial = copy.deepcopy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != WORKER}
         trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != "constraints"}
         super().__call__(study, trial)
 
@@ -72,7 +73,7 @@ class Settings:
     trials: int = 24
     timeout: float | None = None
     storage: str | None = None
-    timer: object = field(default_factory=default_timer)
+    timer: Timer = field(default_factory=default_timer)
     backend: str | None = None        # kernel backend used to verify candidates (auto: metal or emulator)
     sampler: str = "auto"             # auto, tpe, random, grid
     seed: int | None = None
@@ -209,25 +210,25 @@ class Objective:
         """Runs with interrupts held (run_study): they land only in the verification and the
         timing, never inside a write to the study, whose half-done transaction would hold the
         database's lock against the write that records the interruption."""
-        trial.set_user_attr("worker", WORKER)
+        trial.set_user_attr(WORKER, THIS_WORKER)
         config = self.suggest(trial)
         earlier = self._earlier_same_config(trial, config)
         if earlier is not None:
             # Never run a config twice; a repeat proposal gets the earlier outcome, so the
             # sampler's model stays true (pruning it would tell TPE a good config is bad).
-            trial.set_user_attr("duplicate_of", earlier.number)
+            trial.set_user_attr(DUPLICATE_OF, earlier.number)
             if earlier.state == TrialState.COMPLETE:
-                trial.set_user_attr("timer", earlier.user_attrs.get("timer", self.timer.kind))
+                trial.set_user_attr(TIMER, earlier.user_attrs.get(TIMER, self.timer.kind))
                 trial.set_constraint("resources", 0.0)
                 return earlier.value
             if earlier.state == TrialState.FAIL:
-                trial.set_user_attr("error", earlier.user_attrs.get("error", ""))
+                trial.set_user_attr(ERROR, earlier.user_attrs.get(ERROR, ""))
                 raise CandidateFailed(f"same config as failed trial {earlier.number}")
-            if "invalid" not in earlier.user_attrs:
+            if INVALID not in earlier.user_attrs:
                 raise optuna.TrialPruned(f"same config as trial {earlier.number}, still running")
         problems = check(self.family, config, self.target.shape, self.target.dtype, self.device)
         if problems:
-            trial.set_user_attr("invalid", "; ".join(map(str, problems)))
+            trial.set_user_attr(INVALID, "; ".join(map(str, problems)))
             trial.set_constraint("resources", float(len(problems)))
             raise optuna.TrialPruned("; ".join(map(str, problems)))
         trial.set_constraint("resources", 0.0)
@@ -236,19 +237,20 @@ class Objective:
                 with signals.released():
                     self.verifier(config)
             except MetalforgeError as e:
-                trial.set_user_attr("error", str(e)[:4000])
+                trial.set_user_attr(ERROR, str(e)[:4000])
                 raise CandidateFailed(str(e)) from None
         self._check_drift()
         with signals.released():
             timing = self.timer.time(self._runner(config), family=self.family, config=config,
                                      shape=self.target.shape, dtype=self.target.dtype, device=self.device)
-        trial.set_user_attr("timer", timing.kind)
-        trial.set_user_attr("spread", timing.spread)
+        trial.set_user_attr(TIMER, timing.kind)
+        trial.set_user_attr(SPREAD, timing.spread)
+        trial.set_user_attr(REPEATS, timing.repeats)
         self._since_check.append(trial.number)
         return timing.seconds
 
     def _runner(self, config) -> Callable | None:
-        if not self.timer.needs_device:
+        if self.timer.kind == "model":
             return None
         if self._timing_inputs is None:
             self._timing_inputs = self.family.make_inputs(self.target.shape, self.target.dtype)
@@ -259,10 +261,10 @@ class Objective:
         """The lowest-numbered earlier trial with this config, so two workers that drew the same
         config agree on which of them runs it. Discarded (drifted) trials and trials of killed
         workers (failed without an error) do not count: those are measured again."""
-        discarded = set(self.study.user_attrs.get("discarded", []))
+        gone = discarded(self.study)
         key = config_key(config)
         for t in self.study.get_trials(deepcopy=False):
-            if t.number >= trial.number or t.number in discarded or not t.params or config_key(t.params) != key:
+            if t.number >= trial.number or t.number in gone or not t.params or config_key(t.params) != key:
                 continue
             if interrupted(t):
                 continue
@@ -278,7 +280,7 @@ class Objective:
                                dtype=self.target.dtype, device=self.device).seconds
 
     def _check_drift(self) -> None:
-        if isinstance(self.timer, ModelTimer):
+        if self.timer.kind == "model":   # a model does not drift
             return
         if self._reference is None:
             self._reference = self._reference_time()
@@ -290,11 +292,11 @@ class Objective:
             self._since_check = []
             return
         # Drifted: the trials since the last good check were timed on a changed machine.
-        discarded = sorted(set(self.study.user_attrs.get("discarded", [])) | set(self._since_check))
-        self.study.set_user_attr("discarded", discarded)
+        gone = sorted(discarded(self.study) | set(self._since_check))
+        self.study.set_user_attr(DISCARDED, gone)
         by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         for n in self._since_check:
-            self.study.enqueue_trial(by_number[n].params, user_attrs={"retime_of": n})
+            self.study.enqueue_trial(by_number[n].params, user_attrs={RETIME_OF: n})
         self._since_check = []
         for _ in range(3):
             time.sleep(self.settings.cooldown_s)
@@ -304,29 +306,23 @@ class Objective:
         self._reference = now   # the machine settled at a new speed: compare against that from now on
 
 
-def interrupted(t) -> bool:
-    """A trial whose worker was killed or interrupted (failed without an error of its config):
-    it says nothing about its config, which is run again, and it never counts as evaluated."""
-    return t.state == TrialState.FAIL and "error" not in t.user_attrs
-
-
 def counts(study: optuna.Study) -> dict:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
-    fresh = [t for t in trials if "duplicate_of" not in t.user_attrs]
+    fresh = [t for t in trials if DUPLICATE_OF not in t.user_attrs]
     return {
         "complete": sum(t.state == TrialState.COMPLETE for t in fresh),
-        "invalid": sum(t.state == TrialState.PRUNED and "invalid" in t.user_attrs for t in fresh),
+        "invalid": sum(t.state == TrialState.PRUNED and INVALID in t.user_attrs for t in fresh),
         "failed": sum(t.state == TrialState.FAIL and not interrupted(t) for t in fresh),
         "interrupted": sum(interrupted(t) for t in fresh),
         "duplicate": len(trials) - len(fresh),
-        "discarded": len(study.user_attrs.get("discarded", [])),
+        "discarded": len(discarded(study)),
     }
 
 
 def evaluated(study: optuna.Study) -> int:
     """Finished trials that were neither repeats nor interrupted: the budget `--trials` counts these."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
-               if "duplicate_of" not in t.user_attrs and not interrupted(t))
+               if DUPLICATE_OF not in t.user_attrs and not interrupted(t))
 
 
 # ---- workers that died ---------------------------------------------------------------------------
@@ -339,7 +335,7 @@ def _start_time(pid: int) -> str:
         return ""
 
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+THIS_WORKER = f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"   # this process, as trials name it
 
 
 def _worker_alive(worker: str) -> bool | None:
@@ -383,9 +379,9 @@ def fail_dead_local_workers(study: optuna.Study, trials=None, grace_s: float = 3
     for t in trials if trials is not None else study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.state != TrialState.RUNNING:
             continue
-        orphan = "worker" not in t.user_attrs and t.datetime_start is not None and \
+        orphan = WORKER not in t.user_attrs and t.datetime_start is not None and \
             (now - t.datetime_start).total_seconds() > grace_s
-        if not orphan and _worker_alive(t.user_attrs.get("worker", "")) is not False:
+        if not orphan and _worker_alive(t.user_attrs.get(WORKER, "")) is not False:
             continue
         try:
             if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
@@ -398,8 +394,7 @@ def fail_dead_local_workers(study: optuna.Study, trials=None, grace_s: float = 3
 
 
 def best_trial(study: optuna.Study):
-    discarded = set(study.user_attrs.get("discarded", []))
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number not in discarded]
+    done = standing(study)
     return min(done, key=lambda t: t.value) if done else None
 
 
@@ -467,8 +462,8 @@ def run_study(target: Target, settings: Settings, progress: Callable | None = No
             if not str(e).startswith("Cannot tell a COMPLETE trial"):
                 raise
     _finish_abandoned(study, objective, settings)
-    if "baseline_s" not in study.user_attrs:
-        study.set_user_attr("baseline_s", baseline(target, settings).seconds)
+    if BASELINE_S not in study.user_attrs:
+        study.set_user_attr(BASELINE_S, baseline(target, settings).seconds)
     return study
 
 
@@ -486,7 +481,7 @@ def _finish_abandoned(study, objective, settings: Settings) -> None:
             _run_queued(study, objective)
             # a live local worker finishes its own trials; only other machines' need watching
             unsettled = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                         if _worker_alive(t.user_attrs.get("worker", "")) is not True]
+                         if _worker_alive(t.user_attrs.get(WORKER, "")) is not True]
         if not unsettled or time.monotonic() > deadline:
             return
         time.sleep(min(1.0, settings.heartbeat_s / 2))
@@ -514,7 +509,7 @@ def _run_queued(study, objective) -> None:
 def baseline(target: Target, settings: Settings):
     family = get_family(target.family)
     runner = None
-    if settings.timer.needs_device:
+    if settings.timer.kind != "model":
         inputs = family.make_inputs(target.shape, target.dtype)
         runner = lambda: family.baseline(target.shape, target.dtype, inputs)
     return settings.timer.baseline(runner, family=family, shape=target.shape, dtype=target.dtype,
@@ -526,13 +521,13 @@ def entry(study: optuna.Study, target: Target) -> dict | None:
     best = best_trial(study)
     if best is None:
         return None
-    base = study.user_attrs.get("baseline_s")
+    base = study.user_attrs.get(BASELINE_S)
     return {
         "shape": dict(target.shape.__dict__),
         "dtype": target.dtype,
         "config": dict(best.params),
         "time_s": float(best.value),
-        "timer": best.user_attrs.get("timer", "model"),
+        "timer": best.user_attrs.get(TIMER, "model"),
         "baseline_s": base,
         "speedup": (base / best.value) if base else None,
         "trials": counts(study),

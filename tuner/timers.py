@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import mlx.core as mx
 
@@ -22,11 +22,22 @@ class Timing:
     repeats: int = 1
 
 
+class Timer(Protocol):
+    """What tuning needs of a timer: its `kind`, which every timing carries. "metal" measures
+    kernels run on the device (tuning makes inputs for them and watches for thermal drift);
+    "model" estimates without running anything."""
+
+    kind: str
+
+    def time(self, run: Callable | None, *, family, config, shape, dtype, device) -> Timing: ...
+
+    def baseline(self, run: Callable | None, *, family, shape, dtype, device) -> Timing: ...
+
+
 class ModelTimer:
     """Analytic estimate for the target profile (bytes over bandwidth, FLOPs over peak, occupancy)."""
 
     kind = "model"
-    needs_device = False
 
     def time(self, run: Callable | None, *, family, config, shape, dtype, device) -> Timing:
         return Timing(cost_model.estimate(family, config, shape, dtype, device), 0.0, self.kind)
@@ -39,7 +50,6 @@ class MetalTimer:
     """Wall-clock timing on the GPU: warm-up, then synchronised repeats until a time budget."""
 
     kind = "metal"
-    needs_device = True
 
     def __init__(self, warmup: int = 3, budget_s: float = 0.25, min_repeats: int = 5, max_repeats: int = 200):
         self.warmup, self.budget_s, self.min_repeats, self.max_repeats = warmup, budget_s, min_repeats, max_repeats
