@@ -40,7 +40,6 @@ class DecodeAttention(Family):
     """softmax(q K^T * scale) V for one query token per sequence, GQA, split-K, paged KV."""
 
     name = "decode_attention"
-    template = "decode_attention.metal.j2"
     bucketed = ("S",)
     shape_type = DecodeShape
     params = (
@@ -59,99 +58,102 @@ class DecodeAttention(Family):
             return None
         return abs(math.log2(a.S / b.S)) + abs(math.log2(a.B / b.B)) + 0.1 * abs(math.log2(a.Hkv / b.Hkv))
 
-    def shape_problems(self, s: DecodeShape) -> list[str]:
+    def shape_problems(self, shape: DecodeShape) -> list[str]:
         out = []
-        if s.D not in HEAD_DIMS:
-            out.append(f"D={s.D} is not supported (valid: {', '.join(map(str, HEAD_DIMS))})")
-        if min(s.B, s.Hq, s.Hkv, s.S) < 1:
+        if shape.D not in HEAD_DIMS:
+            out.append(f"D={shape.D} is not supported (valid: {', '.join(map(str, HEAD_DIMS))})")
+        if min(shape.B, shape.Hq, shape.Hkv, shape.S) < 1:
             out.append("B, Hq, Hkv and S must be positive")
-        elif s.Hq % s.Hkv:
-            out.append(f"Hq={s.Hq} is not a multiple of Hkv={s.Hkv}")
-        if s.block_size < 0 or (s.block_size and s.num_blocks and s.num_blocks < s.max_blocks):
+        elif shape.Hq % shape.Hkv:
+            out.append(f"Hq={shape.Hq} is not a multiple of Hkv={shape.Hkv}")
+        if shape.block_size < 0 or (shape.block_size and shape.num_blocks and shape.num_blocks < shape.max_blocks):
             out.append("the block pool is too small for one sequence of S tokens")
         return out
 
-    def buffer_elements(self, s: DecodeShape) -> dict[str, int]:
-        cache = s.pool_blocks * s.Hkv * s.block_size * s.D if s.block_size else s.B * s.Hkv * s.S * s.D
-        return {"queries": s.B * s.Hq * s.D, "keys": cache, "values": cache}
+    def buffer_elements(self, shape: DecodeShape) -> dict[str, int]:
+        rows = shape.pool_blocks * shape.block_size if shape.block_size else shape.B * shape.S
+        cache = rows * shape.Hkv * shape.D
+        return {"queries": shape.B * shape.Hq * shape.D, "keys": cache, "values": cache}
 
-    def heads_per_group(self, c, s: DecodeShape) -> int:
-        return s.Hq // s.Hkv if c["share_kv"] else 1
+    def heads_per_group(self, config, shape: DecodeShape) -> int:
+        return shape.Hq // shape.Hkv if config["share_kv"] else 1
 
-    def threads_per_threadgroup(self, c) -> int:
-        return c["threads"]
+    def threads_per_threadgroup(self, config) -> int:
+        return config["threads"]
 
-    def threadgroup_memory_bytes(self, c, s: DecodeShape, dtype) -> int:
-        rows = (c["threads"] // 32) * self.heads_per_group(c, s)
-        return 4 * rows * (2 + s.D)   # max, sum and the D-wide output of each (SIMD-group, head)
+    def threadgroup_memory_bytes(self, config, shape: DecodeShape, dtype) -> int:
+        rows = (config["threads"] // 32) * self.heads_per_group(config, shape)
+        return 4 * rows * (2 + shape.D)   # max, sum and the D-wide output of each (SIMD-group, head)
 
-    def config_problems(self, c, s: DecodeShape, dtype) -> list[str]:
-        if c["splits"] > s.S:
-            return [f"splits={c['splits']} exceeds the sequence length S={s.S}"]
+    def config_problems(self, config, shape: DecodeShape, dtype) -> list[str]:
+        if config["splits"] > shape.S:
+            return [f"splits={config['splits']} exceeds the sequence length S={shape.S}"]
         return []
 
-    def launches(self, c, s: DecodeShape, dtype) -> list[Launch]:
+    def launches(self, config, shape: DecodeShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
-        sg = c["threads"] // 32
-        heads = self.heads_per_group(c, s)
-        splits = c["splits"]
+        sg = config["threads"] // 32
+        heads = self.heads_per_group(config, shape)
+        splits = config["splits"]
         inputs = ["queries", "keys", "values", "scale"]
-        if s.block_size:
+        if shape.block_size:
             inputs += ["block_table", "seq_lens"]
         outputs = ["out"] if splits == 1 else ["partial_out", "partial_max", "partial_sum"]
         main = self._kernel(
             self.template, inputs, outputs,
-            B=s.B, Hq=s.Hq, Hkv=s.Hkv, S=s.S, D=s.D, block_size=s.block_size, max_blocks=s.max_blocks,
-            T=d.metal, SG=sg, KPS=c["keys_per_step"], SPLITS=splits, HEADS=heads, share_kv=c["share_kv"],
+            B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, S=shape.S, D=shape.D, block_size=shape.block_size,
+            max_blocks=shape.max_blocks,
+            T=d.metal, SG=sg, KPS=config["keys_per_step"], SPLITS=splits, HEADS=heads, share_kv=config["share_kv"],
         )
-        rows = s.B * (s.Hkv if c["share_kv"] else s.Hq)
+        rows = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
         grid, tg = (32 * sg * splits, rows, 1), (32 * sg, 1, 1)
         if splits == 1:
-            return [Launch(main, grid, tg, ((s.B, s.Hq, 1, s.D),), (d.mlx,))]
+            return [Launch(main, grid, tg, ((shape.B, shape.Hq, 1, shape.D),), (d.mlx,))]
+        rows_out = shape.B * shape.Hq   # one partial result per query head and split
         partial = Launch(main, grid, tg,
-                         ((s.B * s.Hq, splits, s.D), (s.B * s.Hq, splits), (s.B * s.Hq, splits)),
+                         ((rows_out, splits, shape.D), (rows_out, splits), (rows_out, splits)),
                          (mx.float32, mx.float32, mx.float32))
         reduce = self._kernel("decode_attention_reduce.metal.j2", outputs, ["out"],
-                              rows=s.B * s.Hq, D=s.D, SPLITS=splits, T=d.metal)
-        return [partial, Launch(reduce, (32, s.B * s.Hq, 1), (32, 1, 1), ((s.B, s.Hq, 1, s.D),), (d.mlx,))]
+                              rows=rows_out, D=shape.D, SPLITS=splits, T=d.metal)
+        return [partial, Launch(reduce, (32, rows_out, 1), (32, 1, 1), ((shape.B, shape.Hq, 1, shape.D),), (d.mlx,))]
 
-    def make_inputs(self, s: DecodeShape, dtype, seed=0):
+    def make_inputs(self, shape: DecodeShape, dtype, seed=0):
         d = dtypes.get(dtype)
         kq, kk, kv, kp, kl = mx.random.split(mx.random.key(seed), 5)
-        q = mx.random.normal((s.B, s.Hq, 1, s.D), key=kq).astype(d.mlx)
-        scale = mx.array(1.0 / math.sqrt(s.D), dtype=mx.float32)
-        if not s.block_size:
-            k = mx.random.normal((s.B, s.Hkv, s.S, s.D), key=kk).astype(d.mlx)
-            v = mx.random.normal((s.B, s.Hkv, s.S, s.D), key=kv).astype(d.mlx)
+        q = mx.random.normal((shape.B, shape.Hq, 1, shape.D), key=kq).astype(d.mlx)
+        scale = mx.array(1.0 / math.sqrt(shape.D), dtype=mx.float32)
+        if not shape.block_size:
+            k = mx.random.normal((shape.B, shape.Hkv, shape.S, shape.D), key=kk).astype(d.mlx)
+            v = mx.random.normal((shape.B, shape.Hkv, shape.S, shape.D), key=kv).astype(d.mlx)
             return {"queries": q, "keys": k, "values": v, "scale": scale}
         # A shuffled pool: sequence b's blocks are scattered, as after many adds and removals.
-        shape = (s.pool_blocks, s.Hkv, s.block_size, s.D)
-        k = mx.random.normal(shape, key=kk).astype(d.mlx)
-        v = mx.random.normal(shape, key=kv).astype(d.mlx)
-        order = mx.random.permutation(s.pool_blocks, key=kp)[: s.B * s.max_blocks]
-        table = order.reshape(s.B, s.max_blocks).astype(mx.int32)
-        lens = mx.random.randint(1, s.S + 1, (s.B,), key=kl).astype(mx.int32)
-        lens = mx.concatenate([mx.array([s.S], dtype=mx.int32), lens[1:]])  # one full-length sequence
+        pool = (shape.pool_blocks, shape.Hkv, shape.block_size, shape.D)
+        k = mx.random.normal(pool, key=kk).astype(d.mlx)
+        v = mx.random.normal(pool, key=kv).astype(d.mlx)
+        order = mx.random.permutation(shape.pool_blocks, key=kp)[: shape.B * shape.max_blocks]
+        table = order.reshape(shape.B, shape.max_blocks).astype(mx.int32)
+        lens = mx.random.randint(1, shape.S + 1, (shape.B,), key=kl).astype(mx.int32)
+        lens = mx.concatenate([mx.array([shape.S], dtype=mx.int32), lens[1:]])  # one full-length sequence
         return {"queries": q, "keys": k, "values": v, "scale": scale, "block_table": table, "seq_lens": lens}
 
-    def gather_kv(self, s: DecodeShape, inp, b: int):
+    def gather_kv(self, shape: DecodeShape, inp, b: int):
         """Sequence b's K and V as contiguous (Hkv, len, D) arrays."""
-        if not s.block_size:
-            return inp["keys"][b], inp["values"][b], s.S
+        if not shape.block_size:
+            return inp["keys"][b], inp["values"][b], shape.S
         n = int(inp["seq_lens"][b].item())
-        blocks = inp["block_table"][b, : cdiv(n, s.block_size)]
+        blocks = inp["block_table"][b, : cdiv(n, shape.block_size)]
         def gather(pool):
-            x = pool[blocks].transpose(1, 0, 2, 3).reshape(s.Hkv, -1, s.D)
+            x = pool[blocks].transpose(1, 0, 2, 3).reshape(shape.Hkv, -1, shape.D)
             return x[:, :n]
         return gather(inp["keys"]), gather(inp["values"]), n
 
-    def reference(self, s: DecodeShape, dtype, inp):
+    def reference(self, shape: DecodeShape, dtype, inp):
         """Plain fp32 softmax attention per sequence, with K/V heads repeated for GQA."""
         outs = []
-        g = s.Hq // s.Hkv
+        g = shape.Hq // shape.Hkv
         scale = inp["scale"].item()
-        for b in range(s.B):
-            k, v, _ = self.gather_kv(s, inp, b)
+        for b in range(shape.B):
+            k, v, _ = self.gather_kv(shape, inp, b)
             k = mx.repeat(k.astype(mx.float32), g, axis=0)
             v = mx.repeat(v.astype(mx.float32), g, axis=0)
             q = inp["queries"][b].astype(mx.float32)            # (Hq, 1, D)
@@ -159,15 +161,15 @@ class DecodeAttention(Family):
             outs.append(w @ v)
         return mx.stack(outs).astype(dtypes.get(dtype).mlx)
 
-    def baseline(self, s: DecodeShape, dtype, inp):
-        if s.block_size:
-            return self.reference(s, dtype, inp)
+    def baseline(self, shape: DecodeShape, dtype, inp):
+        if shape.block_size:
+            return self.reference(shape, dtype, inp)
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
                                                     scale=inp["scale"].item())
 
-    def bytes_moved(self, s: DecodeShape, dtype) -> int:
+    def bytes_moved(self, shape: DecodeShape, dtype) -> int:
         d = dtypes.get(dtype)
-        return (2 * s.B * s.Hkv * s.S * s.D + 2 * s.B * s.Hq * s.D) * d.size
+        return (2 * shape.B * shape.Hkv * shape.S * shape.D + 2 * shape.B * shape.Hq * shape.D) * d.size
 
-    def flops(self, s: DecodeShape) -> int:
-        return 4 * s.B * s.Hq * s.S * s.D
+    def flops(self, shape: DecodeShape) -> int:
+        return 4 * shape.B * shape.Hq * shape.S * shape.D

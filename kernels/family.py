@@ -66,11 +66,15 @@ class Family:
     """Base class; subclasses fill in the class attributes and the abstract methods."""
 
     name: str = ""
-    template: str = ""
     params: tuple[Param, ...] = ()
     shape_type: type = object
     # shape fields rounded up to a power of two for tuning: shapes that round alike share a config
     bucketed: tuple[str, ...] = ()
+
+    @property
+    def template(self) -> str:
+        """Its main kernel's template: templates/<name>.metal.j2."""
+        return f"{self.name}.metal.j2"
 
     # ---- buckets ---------------------------------------------------------------------------
     def representative(self, shape):

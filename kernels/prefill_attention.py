@@ -36,7 +36,6 @@ class PrefillAttention(Family):
     """Causal flash-style attention over L prompt tokens (optionally after a cached prefix)."""
 
     name = "prefill_attention"
-    template = "prefill_attention.metal.j2"
     bucketed = ("L", "prefix")
     shape_type = PrefillShape
     params = (
@@ -51,81 +50,82 @@ class PrefillAttention(Family):
             return None
         return abs(math.log2(a.L / b.L)) + 0.1 * abs(math.log2(a.Hkv / b.Hkv))
 
-    def shape_problems(self, s: PrefillShape) -> list[str]:
+    def shape_problems(self, shape: PrefillShape) -> list[str]:
         out = []
-        if s.D not in HEAD_DIMS:
-            out.append(f"D={s.D} is not supported (valid: {', '.join(map(str, HEAD_DIMS))})")
-        if min(s.B, s.Hq, s.Hkv, s.L) < 1 or s.prefix < 0:
+        if shape.D not in HEAD_DIMS:
+            out.append(f"D={shape.D} is not supported (valid: {', '.join(map(str, HEAD_DIMS))})")
+        if min(shape.B, shape.Hq, shape.Hkv, shape.L) < 1 or shape.prefix < 0:
             out.append("B, Hq, Hkv and L must be positive and prefix non-negative")
-        elif s.Hq % s.Hkv:
-            out.append(f"Hq={s.Hq} is not a multiple of Hkv={s.Hkv}")
+        elif shape.Hq % shape.Hkv:
+            out.append(f"Hq={shape.Hq} is not a multiple of Hkv={shape.Hkv}")
         return out
 
-    def buffer_elements(self, s: PrefillShape) -> dict[str, int]:
-        return {"queries": s.B * s.Hq * s.L * s.D, "keys": s.B * s.Hkv * s.LK * s.D, "values": s.B * s.Hkv * s.LK * s.D}
+    def buffer_elements(self, shape: PrefillShape) -> dict[str, int]:
+        cache = shape.B * shape.Hkv * shape.LK * shape.D
+        return {"queries": shape.B * shape.Hq * shape.L * shape.D, "keys": cache, "values": cache}
 
-    def threads_per_threadgroup(self, c) -> int:
-        return 32 * c["simdgroups"]
+    def threads_per_threadgroup(self, config) -> int:
+        return 32 * config["simdgroups"]
 
-    def threadgroup_memory_bytes(self, c, s: PrefillShape, dtype) -> int:
-        return (c["BQ"] + 2 * c["BK"]) * s.D * STAGE_SIZES[c["stage"]]
+    def threadgroup_memory_bytes(self, config, shape: PrefillShape, dtype) -> int:
+        return (config["BQ"] + 2 * config["BK"]) * shape.D * STAGE_SIZES[config["stage"]]
 
-    def config_problems(self, c, s: PrefillShape, dtype) -> list[str]:
+    def config_problems(self, config, shape: PrefillShape, dtype) -> list[str]:
         out = []
-        if c["BQ"] % c["simdgroups"]:
-            out.append(f"BQ={c['BQ']} is not a multiple of simdgroups={c['simdgroups']}")
-        if c["stage"] == "half" and dtypes.get(dtype).name == "float32":
+        if config["BQ"] % config["simdgroups"]:
+            out.append(f"BQ={config['BQ']} is not a multiple of simdgroups={config['simdgroups']}")
+        if config["stage"] == "half" and dtypes.get(dtype).name == "float32":
             out.append("half staging would lose float32 precision")
         return out
 
-    def tolerance(self, c, dtype):
+    def tolerance(self, config, dtype):
         d = dtypes.get(dtype)
-        if c["stage"] == "half":
+        if config["stage"] == "half":
             return max(d.atol, 2e-2), max(d.rtol, 2e-2)
         return d.atol, d.rtol
 
-    def launches(self, c, s: PrefillShape, dtype) -> list[Launch]:
+    def launches(self, config, shape: PrefillShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
-        sg = c["simdgroups"]
+        sg = config["simdgroups"]
         kernel = self._kernel(
             self.template, ("queries", "keys", "values", "scale"), ("out",),
-            B=s.B, Hq=s.Hq, Hkv=s.Hkv, LQ=s.L, LK=s.LK, D=s.D, T=d.metal,
-            BQ=c["BQ"], BK=c["BK"], SG=sg, ST=c["stage"],
+            B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, LQ=shape.L, LK=shape.LK, D=shape.D, T=d.metal,
+            BQ=config["BQ"], BK=config["BK"], SG=sg, ST=config["stage"],
         )
-        grid = (32 * sg * cdiv(s.L, c["BQ"]), s.B * s.Hq, 1)
-        return [Launch(kernel, grid, (32 * sg, 1, 1), ((s.B, s.Hq, s.L, s.D),), (d.mlx,))]
+        grid = (32 * sg * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1)
+        return [Launch(kernel, grid, (32 * sg, 1, 1), ((shape.B, shape.Hq, shape.L, shape.D),), (d.mlx,))]
 
-    def make_inputs(self, s: PrefillShape, dtype, seed=0):
+    def make_inputs(self, shape: PrefillShape, dtype, seed=0):
         d = dtypes.get(dtype)
         kq, kk, kv = mx.random.split(mx.random.key(seed), 3)
         return {
-            "queries": mx.random.normal((s.B, s.Hq, s.L, s.D), key=kq).astype(d.mlx),
-            "keys": mx.random.normal((s.B, s.Hkv, s.LK, s.D), key=kk).astype(d.mlx),
-            "values": mx.random.normal((s.B, s.Hkv, s.LK, s.D), key=kv).astype(d.mlx),
-            "scale": mx.array(1.0 / math.sqrt(s.D), dtype=mx.float32),
+            "queries": mx.random.normal((shape.B, shape.Hq, shape.L, shape.D), key=kq).astype(d.mlx),
+            "keys": mx.random.normal((shape.B, shape.Hkv, shape.LK, shape.D), key=kk).astype(d.mlx),
+            "values": mx.random.normal((shape.B, shape.Hkv, shape.LK, shape.D), key=kv).astype(d.mlx),
+            "scale": mx.array(1.0 / math.sqrt(shape.D), dtype=mx.float32),
         }
 
-    def reference(self, s: PrefillShape, dtype, inp):
-        g = s.Hq // s.Hkv
+    def reference(self, shape: PrefillShape, dtype, inp):
+        g = shape.Hq // shape.Hkv
         q = inp["queries"].astype(mx.float32)
         k = mx.repeat(inp["keys"].astype(mx.float32), g, axis=1)
         v = mx.repeat(inp["values"].astype(mx.float32), g, axis=1)
         scores = (q @ k.transpose(0, 1, 3, 2)) * inp["scale"].item()
-        qpos = mx.arange(s.L)[:, None] + s.prefix
-        kpos = mx.arange(s.LK)[None, :]
+        qpos = mx.arange(shape.L)[:, None] + shape.prefix
+        kpos = mx.arange(shape.LK)[None, :]
         scores = mx.where(kpos <= qpos, scores, -mx.inf)
         return (mx.softmax(scores, axis=-1) @ v).astype(dtypes.get(dtype).mlx)
 
-    def baseline(self, s: PrefillShape, dtype, inp):
-        mask = mx.arange(s.LK)[None, :] <= (mx.arange(s.L)[:, None] + s.prefix)
+    def baseline(self, shape: PrefillShape, dtype, inp):
+        mask = mx.arange(shape.LK)[None, :] <= (mx.arange(shape.L)[:, None] + shape.prefix)
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
                                                     scale=inp["scale"].item(), mask=mask)
 
-    def bytes_moved(self, s: PrefillShape, dtype) -> int:
+    def bytes_moved(self, shape: PrefillShape, dtype) -> int:
         d = dtypes.get(dtype)
-        return (2 * s.B * s.Hq * s.L * s.D + 2 * s.B * s.Hkv * s.LK * s.D) * d.size
+        return (2 * shape.B * shape.Hq * shape.L * shape.D + 2 * shape.B * shape.Hkv * shape.LK * shape.D) * d.size
 
-    def flops(self, s: PrefillShape) -> int:
+    def flops(self, shape: PrefillShape) -> int:
         # causal: about half of the L x LK score matrix, twice (QK^T and PV)
-        visible = s.L * s.prefix + s.L * (s.L + 1) // 2
-        return 4 * s.B * s.Hq * visible * s.D
+        visible = shape.L * shape.prefix + shape.L * (shape.L + 1) // 2
+        return 4 * shape.B * shape.Hq * visible * shape.D

@@ -12,7 +12,6 @@ class Qmm(Qmv):
     Shares qmv's inputs, reference, baseline and cost inputs; differs in tiling and shapes."""
 
     name = "qmm"
-    template = "qmm.metal.j2"
     shape_type = QmvShape   # the same fields: M, N, K, bits, group_size
     params = (
         Param("BM", (16, 32, 64), 32, "output rows per threadgroup"),
@@ -21,29 +20,29 @@ class Qmm(Qmv):
         Param("threads", (64, 128, 256), 128, "threads per threadgroup"),
     )
 
-    def shape_problems(self, s) -> list[str]:
-        return quantization_problems(s) + ([] if s.M >= 1 else [f"M={s.M} must be positive"])
+    def shape_problems(self, shape) -> list[str]:
+        return quantization_problems(shape) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])
 
-    def threads_per_threadgroup(self, c) -> int:
-        return c["threads"]
+    def threads_per_threadgroup(self, config) -> int:
+        return config["threads"]
 
-    def threadgroup_memory_bytes(self, c, s, dtype) -> int:
-        return 4 * c["BK"] * (c["BM"] + c["BN"])
+    def threadgroup_memory_bytes(self, config, shape, dtype) -> int:
+        return 4 * config["BK"] * (config["BM"] + config["BN"])
 
-    def config_problems(self, c, s, dtype) -> list[str]:
+    def config_problems(self, config, shape, dtype) -> list[str]:
         out = []
-        if c["BM"] * c["BN"] < c["threads"]:
-            out.append(f"a {c['BM']}x{c['BN']} tile has fewer outputs than threads={c['threads']}")
-        if s.K % c["BK"]:
-            out.append(f"K={s.K} is not a multiple of BK={c['BK']}")
+        if config["BM"] * config["BN"] < config["threads"]:
+            out.append(f"a {config['BM']}x{config['BN']} tile has fewer outputs than threads={config['threads']}")
+        if shape.K % config["BK"]:
+            out.append(f"K={shape.K} is not a multiple of BK={config['BK']}")
         return out
 
-    def launches(self, c, s, dtype) -> list[Launch]:
+    def launches(self, config, shape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
         kernel = self._kernel(
             self.template, ("x", "w", "scales", "biases"), ("y",),
-            M=s.M, N=s.N, K=s.K, bits=s.bits, group_size=s.group_size, T=d.metal,
-            BM=c["BM"], BN=c["BN"], BK=c["BK"], THREADS=c["threads"],
+            M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
+            BM=config["BM"], BN=config["BN"], BK=config["BK"], THREADS=config["threads"],
         )
-        grid = (c["threads"] * cdiv(s.N, c["BN"]), cdiv(s.M, c["BM"]), 1)
-        return [Launch(kernel, grid, (c["threads"], 1, 1), ((s.M, s.N),), (d.mlx,))]
+        grid = (config["threads"] * cdiv(shape.N, config["BN"]), cdiv(shape.M, config["BM"]), 1)
+        return [Launch(kernel, grid, (config["threads"], 1, 1), ((shape.M, shape.N),), (d.mlx,))]

@@ -24,7 +24,6 @@ class Qmv(Family):
     """y = x @ dequant(w_q).T, 4/8-bit MLX affine layout, M in 1..8."""
 
     name = "qmv"
-    template = "qmv.metal.j2"
     bucketed = ("M",)
     shape_type = QmvShape
     params = (
@@ -39,81 +38,81 @@ class Qmv(Family):
             return None
         return abs(math.log2(a.N / b.N)) + abs(math.log2(a.K / b.K)) + abs(math.log2(a.M / b.M))
 
-    def shape_problems(self, s: QmvShape) -> list[str]:
-        out = quantization_problems(s)
-        if not 1 <= s.M <= 8:
-            out.append(f"M={s.M} is outside 1..8 (qmv is the decode / small-batch kernel; qmm takes more rows)")
+    def shape_problems(self, shape: QmvShape) -> list[str]:
+        out = quantization_problems(shape)
+        if not 1 <= shape.M <= 8:
+            out.append(f"M={shape.M} is outside 1..8 (qmv is the decode / small-batch kernel; qmm takes more rows)")
         return out
 
-    def buffer_elements(self, s: QmvShape) -> dict[str, int]:
-        return quantized_buffer_elements(s)
+    def buffer_elements(self, shape: QmvShape) -> dict[str, int]:
+        return quantized_buffer_elements(shape)
 
-    def threads_per_threadgroup(self, c) -> int:
-        return 32 * c["simdgroups"]
+    def threads_per_threadgroup(self, config) -> int:
+        return 32 * config["simdgroups"]
 
-    def threadgroup_memory_bytes(self, c, s: QmvShape, dtype) -> int:
-        return 4 * s.M * 32 * c["values_per_lane"] if c["stage_x"] else 0
+    def threadgroup_memory_bytes(self, config, shape: QmvShape, dtype) -> int:
+        return 4 * shape.M * 32 * config["values_per_lane"] if config["stage_x"] else 0
 
-    def launches(self, c, s: QmvShape, dtype) -> list[Launch]:
+    def launches(self, config, shape: QmvShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
-        sg, r = c["simdgroups"], c["rows_per_simdgroup"]
+        sg, r = config["simdgroups"], config["rows_per_simdgroup"]
         kernel = self._kernel(
             self.template, ("x", "w", "scales", "biases"), ("y",),
-            M=s.M, N=s.N, K=s.K, bits=s.bits, group_size=s.group_size, T=d.metal,
-            SG=sg, R=r, V=c["values_per_lane"], stage_x=c["stage_x"],
+            M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
+            SG=sg, R=r, V=config["values_per_lane"], stage_x=config["stage_x"],
         )
-        groups = cdiv(s.N, sg * r)
-        return [Launch(kernel, (groups * 32 * sg, 1, 1), (32 * sg, 1, 1), ((s.M, s.N),), (d.mlx,))]
+        groups = cdiv(shape.N, sg * r)
+        return [Launch(kernel, (groups * 32 * sg, 1, 1), (32 * sg, 1, 1), ((shape.M, shape.N),), (d.mlx,))]
 
-    def make_inputs(self, s: QmvShape, dtype, seed=0):
+    def make_inputs(self, shape: QmvShape, dtype, seed=0):
         d = dtypes.get(dtype)
         key = mx.random.key(seed)
         k1, k2 = mx.random.split(key)
-        w = (mx.random.normal((s.N, s.K), key=k1) * 0.05).astype(d.mlx)
-        wq, scales, biases = mx.quantize(w, group_size=s.group_size, bits=s.bits)
-        x = mx.random.normal((s.M, s.K), key=k2).astype(d.mlx)
+        w = (mx.random.normal((shape.N, shape.K), key=k1) * 0.05).astype(d.mlx)
+        wq, scales, biases = mx.quantize(w, group_size=shape.group_size, bits=shape.bits)
+        x = mx.random.normal((shape.M, shape.K), key=k2).astype(d.mlx)
         return {"x": x, "w": wq, "scales": scales, "biases": biases}
 
-    def reference(self, s: QmvShape, dtype, inp):
+    def reference(self, shape: QmvShape, dtype, inp):
         """Dequantise with plain MLX ops (independent of MLX's quantized kernels) and multiply in fp32."""
-        w = dequantize_reference(inp["w"], inp["scales"], inp["biases"], s.bits, s.group_size)
+        w = dequantize_reference(inp["w"], inp["scales"], inp["biases"], shape.bits, shape.group_size)
         return (inp["x"].astype(mx.float32) @ w.T).astype(dtypes.get(dtype).mlx)
 
-    def baseline(self, s: QmvShape, dtype, inp):
+    def baseline(self, shape: QmvShape, dtype, inp):
         return mx.quantized_matmul(inp["x"], inp["w"], inp["scales"], inp["biases"],
-                                   transpose=True, group_size=s.group_size, bits=s.bits)
+                                   transpose=True, group_size=shape.group_size, bits=shape.bits)
 
-    def tolerance(self, c, dtype):
+    def tolerance(self, config, dtype):
         d = dtypes.get(dtype)
         # Each output sums K products; rounding grows with sqrt(K) but is bounded for our inputs.
         return d.atol * 4, d.rtol
 
-    def bytes_moved(self, s: QmvShape, dtype) -> int:
+    def bytes_moved(self, shape: QmvShape, dtype) -> int:
         d = dtypes.get(dtype)
-        weights = s.N * s.K * s.bits // 8
-        params = 2 * s.N * (s.K // s.group_size) * d.size
-        return weights + params + (s.M * s.K + s.M * s.N) * d.size
+        weights = shape.N * shape.K * shape.bits // 8
+        params = 2 * shape.N * (shape.K // shape.group_size) * d.size
+        return weights + params + (shape.M * shape.K + shape.M * shape.N) * d.size
 
-    def flops(self, s: QmvShape) -> int:
-        return 2 * s.M * s.N * s.K
+    def flops(self, shape: QmvShape) -> int:
+        return 2 * shape.M * shape.N * shape.K
 
 
-def quantized_buffer_elements(s) -> dict[str, int]:
+def quantized_buffer_elements(shape) -> dict[str, int]:
     """x, the weight matrix (in values, as the kernels index it) and y, for qmv and qmm alike."""
-    return {"x": s.M * s.K, "w": s.N * s.K, "y": s.M * s.N}
+    return {"x": shape.M * shape.K, "w": shape.N * shape.K, "y": shape.M * shape.N}
 
 
-def quantization_problems(s) -> list[str]:
+def quantization_problems(shape) -> list[str]:
     """Shape problems shared by the quantized families (bits, group size, K divisibility)."""
     out = []
-    if s.bits not in (4, 8):
-        out.append(f"bits={s.bits} is not supported (valid: 4, 8)")
-    if s.group_size not in (32, 64, 128):
-        out.append(f"group_size={s.group_size} is not supported (valid: 32, 64, 128)")
-    if s.N < 1 or s.K < 1:
+    if shape.bits not in (4, 8):
+        out.append(f"bits={shape.bits} is not supported (valid: 4, 8)")
+    if shape.group_size not in (32, 64, 128):
+        out.append(f"group_size={shape.group_size} is not supported (valid: 32, 64, 128)")
+    if shape.N < 1 or shape.K < 1:
         out.append("N and K must be positive")
-    elif s.group_size in (32, 64, 128) and s.K % s.group_size:
-        out.append(f"K={s.K} is not a multiple of group_size={s.group_size}")
+    elif shape.group_size in (32, 64, 128) and shape.K % shape.group_size:
+        out.append(f"K={shape.K} is not a multiple of group_size={shape.group_size}")
     return out
 
 

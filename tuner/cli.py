@@ -15,7 +15,7 @@ from metalforge.kernels import dtypes
 from metalforge.kernels.families import FAMILIES
 from metalforge import results
 from metalforge.tuner import protocol, shapes, worker
-from metalforge.tuner.study import Settings, entry, open_study, run_study, study_name
+from metalforge.tuner.study import Settings, entry, open_study, prepare_study, run_study, study_name
 
 
 def add_arguments(p) -> None:
@@ -106,6 +106,7 @@ def run(args) -> int:
           + ("  [MODELLED: analytic estimates, not Metal measurements]" if timer_kind == "model" else ""))
     rows, new_entries = [], []
     for target in targets:
+        prepare_study(target, settings)   # before the workers, which then only run trials
         with worker.Pool(target, settings, args.workers - 1):
             study = _run_with_progress(target, settings)
         e = entry(study, target)

@@ -60,84 +60,86 @@ def _roofline(bytes_moved: float, flops: float, dev, parallel: float) -> float:
     return max(memory, compute)
 
 
-def _qmv(fam, c, s, d, dev) -> float:
-    rows_per_tg = c["simdgroups"] * c["rows_per_simdgroup"]
-    groups = cdiv(s.N, rows_per_tg)
-    occ = occupancy(32 * c["simdgroups"], fam.threadgroup_memory_bytes(c, s, d), groups)
+def _qmv(fam, config, shape, dtype, dev) -> float:
+    rows_per_tg = config["simdgroups"] * config["rows_per_simdgroup"]
+    groups = cdiv(shape.N, rows_per_tg)
+    occ = occupancy(32 * config["simdgroups"], fam.threadgroup_memory_bytes(config, shape, dtype), groups)
     padded_rows = groups * rows_per_tg
-    weights = padded_rows * s.K * s.bits / 8 + 2 * padded_rows * (s.K / s.group_size) * d.size
+    weights = padded_rows * shape.K * shape.bits / 8 + 2 * padded_rows * (shape.K / shape.group_size) * dtype.size
     # x is re-read by every SIMD-group (mostly from cache) unless staged once per threadgroup
-    x_reads = s.M * s.K * d.size * groups * (1 if c["stage_x"] else c["simdgroups"]) * 0.05
+    x_reads = shape.M * shape.K * dtype.size * groups * (1 if config["stage_x"] else config["simdgroups"]) * 0.05
     # narrow per-lane loads waste memory transactions: 16 bytes per lane per load is full width
-    load_bytes = c["values_per_lane"] * s.bits / 8
+    load_bytes = config["values_per_lane"] * shape.bits / 8
     width = min(1.0, load_bytes / 16) ** 0.35
     # register pressure: M x R accumulators and M x V staged values per lane
-    registers = s.M * (c["rows_per_simdgroup"] + c["values_per_lane"])
+    registers = shape.M * (config["rows_per_simdgroup"] + config["values_per_lane"])
     pressure = 1.0 if registers <= 96 else 96 / registers
-    parallel = occ.parallel_fraction(dev, ilp=c["rows_per_simdgroup"] / 2) * width * pressure
-    flops = 2 * s.M * padded_rows * s.K + 3 * padded_rows * s.K   # FMAs plus unpacking
+    parallel = occ.parallel_fraction(dev, ilp=config["rows_per_simdgroup"] / 2) * width * pressure
+    flops = 2 * shape.M * padded_rows * shape.K + 3 * padded_rows * shape.K   # FMAs plus unpacking
     t = _roofline(weights + x_reads, flops, dev, parallel)
-    steps = cdiv(s.K, 32 * c["values_per_lane"])
-    if c["stage_x"]:
+    steps = cdiv(shape.K, 32 * config["values_per_lane"])
+    if config["stage_x"]:
         t += 2 * steps * BARRIER_S * occ.waves(dev)
-    t += s.M * c["rows_per_simdgroup"] * SIMD_REDUCE_S * occ.waves(dev)
+    t += shape.M * config["rows_per_simdgroup"] * SIMD_REDUCE_S * occ.waves(dev)
     return t + LAUNCH_S
 
 
-def _qmm(fam, c, s, d, dev) -> float:
-    tiles_n, tiles_m = cdiv(s.N, c["BN"]), cdiv(s.M, c["BM"])
-    occ = occupancy(c["threads"], fam.threadgroup_memory_bytes(c, s, d), tiles_n * tiles_m)
-    weights = s.N * s.K * s.bits / 8 + 2 * s.N * (s.K / s.group_size) * d.size
+def _qmm(fam, config, shape, dtype, dev) -> float:
+    tiles_n, tiles_m = cdiv(shape.N, config["BN"]), cdiv(shape.M, config["BM"])
+    occ = occupancy(config["threads"], fam.threadgroup_memory_bytes(config, shape, dtype), tiles_n * tiles_m)
+    weights = shape.N * shape.K * shape.bits / 8 + 2 * shape.N * (shape.K / shape.group_size) * dtype.size
     # each row of tiles re-streams the weights and each column of tiles re-streams x (cache helps)
-    moved = weights * (1 + 0.3 * (tiles_m - 1)) + s.M * s.K * d.size * (1 + 0.3 * (tiles_n - 1))
-    flops = 2 * tiles_m * c["BM"] * tiles_n * c["BN"] * s.K + 4 * tiles_m * tiles_n * c["BN"] * s.K
+    moved = weights * (1 + 0.3 * (tiles_m - 1)) + shape.M * shape.K * dtype.size * (1 + 0.3 * (tiles_n - 1))
+    outputs = tiles_m * config["BM"] * tiles_n * config["BN"]
+    flops = 2 * outputs * shape.K + 4 * tiles_m * tiles_n * config["BN"] * shape.K
     # threadgroup-memory reads per FMA: small tiles per thread re-read more (1/BK amortises loads)
-    per_thread = c["BM"] * c["BN"] / c["threads"]
-    parallel = occ.parallel_fraction(dev, ilp=min(2.0, per_thread / 8)) * min(1.0, c["BK"] / 32) ** 0.25
+    per_thread = config["BM"] * config["BN"] / config["threads"]
+    parallel = occ.parallel_fraction(dev, ilp=min(2.0, per_thread / 8)) * min(1.0, config["BK"] / 32) ** 0.25
     t = _roofline(moved, flops * 1.5, dev, parallel)
-    return t + 2 * cdiv(s.K, c["BK"]) * BARRIER_S * occ.waves(dev) + LAUNCH_S
+    return t + 2 * cdiv(shape.K, config["BK"]) * BARRIER_S * occ.waves(dev) + LAUNCH_S
 
 
-def _decode(fam, c, s, d, dev) -> float:
-    sg = c["threads"] // 32
-    g = s.Hq // s.Hkv
-    heads = g if c["share_kv"] else 1
-    tgs = s.B * (s.Hkv if c["share_kv"] else s.Hq) * c["splits"]
-    occ = occupancy(c["threads"], fam.threadgroup_memory_bytes(c, s, d), tgs)
-    kv = 2 * s.B * s.Hkv * s.S * s.D * d.size
+def _decode(fam, config, shape, dtype, dev) -> float:
+    sg = config["threads"] // 32
+    g = shape.Hq // shape.Hkv
+    heads = g if config["share_kv"] else 1
+    tgs = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq) * config["splits"]
+    occ = occupancy(config["threads"], fam.threadgroup_memory_bytes(config, shape, dtype), tgs)
+    kv = 2 * shape.B * shape.Hkv * shape.S * shape.D * dtype.size
     # without sharing, the G query heads of a KV head each stream it (partly from cache)
-    kv_reads = kv * (1 if c["share_kv"] else 1 + (g - 1) * 0.35)
-    partials = 2 * s.B * s.Hq * c["splits"] * (s.D + 2) * 4 if c["splits"] > 1 else 0
-    parallel = occ.parallel_fraction(dev, ilp=c["keys_per_step"] / 2)
+    kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)
+    partials = 2 * shape.B * shape.Hq * config["splits"] * (shape.D + 2) * 4 if config["splits"] > 1 else 0
+    parallel = occ.parallel_fraction(dev, ilp=config["keys_per_step"] / 2)
     # SIMD-groups left without keys (short slices) add nothing but still merge
-    keys_per_tg = cdiv(s.S, c["splits"])
-    busy = min(1.0, keys_per_tg / (sg * c["keys_per_step"]))
-    flops = 4 * s.B * s.Hq * s.S * s.D + 6 * s.B * s.Hq * s.S  # dot products, softmax
+    keys_per_tg = cdiv(shape.S, config["splits"])
+    busy = min(1.0, keys_per_tg / (sg * config["keys_per_step"]))
+    flops = 4 * shape.B * shape.Hq * shape.S * shape.D + 6 * shape.B * shape.Hq * shape.S  # dot products, softmax
     t = _roofline(kv_reads + partials, flops, dev, parallel * busy)
-    steps = cdiv(keys_per_tg, sg * c["keys_per_step"])
-    t += steps * heads * c["keys_per_step"] * SIMD_REDUCE_S * occ.waves(dev)
-    t += (BARRIER_S + sg * heads * s.D * 4 / (dev.memory_bandwidth_gbs * 1e9 / dev.gpu_cores) * 0.05) * occ.waves(dev)
-    return t + LAUNCH_S * (2 if c["splits"] > 1 else 1)
+    steps = cdiv(keys_per_tg, sg * config["keys_per_step"])
+    t += steps * heads * config["keys_per_step"] * SIMD_REDUCE_S * occ.waves(dev)
+    per_core_bandwidth = dev.memory_bandwidth_gbs * 1e9 / dev.gpu_cores
+    t += (BARRIER_S + sg * heads * shape.D * 4 / per_core_bandwidth * 0.05) * occ.waves(dev)
+    return t + LAUNCH_S * (2 if config["splits"] > 1 else 1)
 
 
-def _prefill(fam, c, s, d, dev) -> float:
-    sg = c["simdgroups"]
-    qtiles = cdiv(s.L, c["BQ"])
-    tgs = s.B * s.Hq * qtiles
-    occ = occupancy(32 * sg, fam.threadgroup_memory_bytes(c, s, d), tgs)
-    stage = 2 if c["stage"] == "half" else 4
-    q_bytes = s.B * s.Hq * s.L * s.D * d.size
+def _prefill(fam, config, shape, dtype, dev) -> float:
+    sg = config["simdgroups"]
+    qtiles = cdiv(shape.L, config["BQ"])
+    tgs = shape.B * shape.Hq * qtiles
+    occ = occupancy(32 * sg, fam.threadgroup_memory_bytes(config, shape, dtype), tgs)
+    stage = 2 if config["stage"] == "half" else 4
+    q_bytes = shape.B * shape.Hq * shape.L * shape.D * dtype.size
     # every query tile streams the keys it can see (causal: about half on average)
-    visible = s.prefix + (s.L + c["BQ"]) / 2
-    kv_bytes = 2 * s.B * s.Hq * qtiles * visible * s.D * d.size * 0.5  # half served by the cache
+    visible = shape.prefix + (shape.L + config["BQ"]) / 2
+    kv_bytes = 2 * shape.B * shape.Hq * qtiles * visible * shape.D * dtype.size * 0.5  # half served by the cache
     out_bytes = q_bytes
-    pairs = s.B * s.Hq * (s.L * s.prefix + s.L * (s.L + 1) / 2)
+    pairs = shape.B * shape.Hq * (shape.L * shape.prefix + shape.L * (shape.L + 1) / 2)
     # one simd_sum (5 shuffles) per (row, key) pair plus D/32 FMAs per lane; fp32 staging reads
     # twice the threadgroup-memory bytes of half staging
-    lane_ops = pairs * 32 * (2 * s.D / 32 * (1 + 0.25 * (stage == 4)) + 10)
-    parallel = occ.parallel_fraction(dev, ilp=min(2.0, c["BQ"] / sg / 2))
+    lane_ops = pairs * 32 * (2 * shape.D / 32 * (1 + 0.25 * (stage == 4)) + 10)
+    parallel = occ.parallel_fraction(dev, ilp=min(2.0, config["BQ"] / sg / 2))
     t = _roofline(q_bytes + kv_bytes + out_bytes, lane_ops, dev, parallel)
-    ktiles = cdiv(int(visible), c["BK"])
+    ktiles = cdiv(int(visible), config["BK"])
     t += 2 * ktiles * BARRIER_S * occ.waves(dev)
     return t + LAUNCH_S
 
@@ -145,15 +147,15 @@ def _prefill(fam, c, s, d, dev) -> float:
 # ---- MLX's built-ins, modelled the same way (the baseline a tuned kernel must beat) -----------
 MLX_BASELINES = {
     # qmv_fast: 2 SIMD-groups x 4 rows, 16 4-bit values (or 8 8-bit values) per lane per step
-    "qmv": lambda s: {"simdgroups": 2, "rows_per_simdgroup": 4, "values_per_lane": 16 if s.bits == 4 else 8,
-                      "stage_x": False},
+    "qmv": lambda shape: {"simdgroups": 2, "rows_per_simdgroup": 4, "stage_x": False,
+                          "values_per_lane": 16 if shape.bits == 4 else 8},
     # steel qmm: 32 x 32 tiles, BK 32, 128 threads, SIMD-group matrix MMA
-    "qmm": lambda s: {"BM": 32, "BN": 32, "BK": 32, "threads": 128},
+    "qmm": lambda shape: {"BM": 32, "BN": 32, "BK": 32, "threads": 128},
     # sdpa_vector: one 1024-thread threadgroup per query head; two-pass over 32 blocks at 4k+ keys
-    "decode_attention": lambda s: {"threads": 1024, "keys_per_step": 1, "share_kv": False,
-                                   "splits": 32 if s.S >= 4096 and s.S >= 32 else 1},
+    "decode_attention": lambda shape: {"threads": 1024, "keys_per_step": 1, "share_kv": False,
+                                       "splits": 32 if shape.S >= 4096 else 1},
     # steel attention: 32 x 16 tiles, 4 SIMD-groups, half staging, with SIMD-group matrix MMA
-    "prefill_attention": lambda s: {"BQ": 32, "BK": 16, "simdgroups": 4, "stage": "half"},
+    "prefill_attention": lambda shape: {"BQ": 32, "BK": 16, "simdgroups": 4, "stage": "half"},
 }
 MLX_MMA_SPEEDUP = 4.0  # steel's simdgroup_matrix products against our scalar loops
 

@@ -212,34 +212,52 @@ class Objective:
         database's lock against the write that records the interruption."""
         trial.set_user_attr(WORKER, THIS_WORKER)
         config = self.suggest(trial)
+        reused = self._reuse_earlier(trial, config)
+        if reused is not None:
+            return reused
+        self._check(trial, config)
+        self._verify(trial, config)
+        self._check_drift()
+        return self._time(trial, config)
+
+    def _reuse_earlier(self, trial, config) -> float | None:
+        """Never run a config twice; a repeat proposal gets the earlier outcome, so the sampler's
+        model stays true (pruning it would tell TPE a good config is bad)."""
         earlier = self._earlier_same_config(trial, config)
-        if earlier is not None:
-            # Never run a config twice; a repeat proposal gets the earlier outcome, so the
-            # sampler's model stays true (pruning it would tell TPE a good config is bad).
-            trial.set_user_attr(DUPLICATE_OF, earlier.number)
-            if earlier.state == TrialState.COMPLETE:
-                trial.set_user_attr(TIMER, earlier.user_attrs.get(TIMER, self.timer.kind))
-                trial.set_constraint("resources", 0.0)
-                return earlier.value
-            if earlier.state == TrialState.FAIL:
-                trial.set_user_attr(ERROR, earlier.user_attrs.get(ERROR, ""))
-                raise CandidateFailed(f"same config as failed trial {earlier.number}")
-            if INVALID not in earlier.user_attrs:
-                raise optuna.TrialPruned(f"same config as trial {earlier.number}, still running")
+        if earlier is None:
+            return None
+        trial.set_user_attr(DUPLICATE_OF, earlier.number)
+        if INVALID in earlier.user_attrs:
+            return None   # checked (and pruned) again below: cheap, and it says why
+        if earlier.state == TrialState.COMPLETE:
+            trial.set_user_attr(TIMER, earlier.user_attrs.get(TIMER, self.timer.kind))
+            trial.set_constraint("resources", 0.0)
+            return earlier.value
+        if earlier.state == TrialState.FAIL:
+            trial.set_user_attr(ERROR, earlier.user_attrs.get(ERROR, ""))
+            raise CandidateFailed(f"same config as failed trial {earlier.number}")
+        raise optuna.TrialPruned(f"same config as trial {earlier.number}, still running")
+
+    def _check(self, trial, config) -> None:
+        """The device's limits, before anything is rendered or compiled."""
         problems = check(self.family, config, self.target.shape, self.target.dtype, self.device)
+        trial.set_constraint("resources", float(len(problems)))
         if problems:
             trial.set_user_attr(INVALID, "; ".join(map(str, problems)))
-            trial.set_constraint("resources", float(len(problems)))
             raise optuna.TrialPruned("; ".join(map(str, problems)))
-        trial.set_constraint("resources", 0.0)
-        if self.settings.verify:
-            try:
-                with signals.released():
-                    self.verifier(config)
-            except MetalforgeError as e:
-                trial.set_user_attr(ERROR, str(e)[:4000])
-                raise CandidateFailed(str(e)) from None
-        self._check_drift()
+
+    def _verify(self, trial, config) -> None:
+        """The kernel's output against the reference, on proxy shapes (emulated off a Mac)."""
+        if not self.settings.verify:
+            return
+        try:
+            with signals.released():
+                self.verifier(config)
+        except MetalforgeError as e:
+            trial.set_user_attr(ERROR, str(e)[:4000])
+            raise CandidateFailed(str(e)) from None
+
+    def _time(self, trial, config) -> float:
         with signals.released():
             timing = self.timer.time(self._runner(config), family=self.family, config=config,
                                      shape=self.target.shape, dtype=self.target.dtype, device=self.device)
@@ -429,12 +447,20 @@ def warm_start(study: optuna.Study, target: Target, settings: Settings) -> None:
         study.enqueue_trial(config, skip_if_exists=True)
 
 
-def run_study(target: Target, settings: Settings, progress: Callable | None = None) -> optuna.Study:
-    """Run (or resume) the study until it holds `settings.trials` finished trials or times out."""
+def prepare_study(target: Target, settings: Settings) -> optuna.Study:
+    """Open the study, queue again what interrupted workers left, and seed a new study with the
+    known configs. Run once before starting local workers: two processes seeding one new study
+    at once would queue the same configs twice."""
     study = open_study(target, settings)
     recover_interrupted(study)
     if settings.warm_start:
         warm_start(study, target, settings)
+    return study
+
+
+def run_study(target: Target, settings: Settings, progress: Callable | None = None) -> optuna.Study:
+    """Run (or resume) the study until it holds `settings.trials` finished trials or times out."""
+    study = prepare_study(target, settings)
     objective = Objective(target, settings, study)
     family = get_family(target.family)
     # an interrupt held over Optuna's bookkeeping lands between trials, not in the next one

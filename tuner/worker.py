@@ -71,7 +71,7 @@ def main(spec: str) -> int:
     target = Target(s["family"], get_family(s["family"]).shape(s["shape"]), s["dtype"])
     try:
         run_study(target, Settings(device=s["device"], trials=s["trials"], timeout=s["timeout"], storage=s["storage"],
-                                   sampler=s["sampler"], seed=s["seed"]))
+                                   sampler=s["sampler"], seed=s["seed"], warm_start=False))
     except KeyboardInterrupt:
         return 130
     except MetalforgeError as e:
