@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from metalforge.kernels import dtypes
 from metalforge.intmath import cdiv
-from metalforge.kernels.family import Family, Launch, Param
+from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 
@@ -52,6 +52,11 @@ class DecodeAttention(Family):
     def representative(self, shape):
         """The pool's size (num_blocks) does not change the kernel: a bucket serves any pool."""
         return self.shape({**super().representative(shape).__dict__, "num_blocks": 0})
+
+    def proxy_shape(self, shape):
+        group, kv_heads = shape.Hq // shape.Hkv, min(shape.Hkv, 2)
+        return self.shape({**shape.__dict__, "B": min(shape.B, 2), "Hkv": kv_heads, "Hq": kv_heads * group,
+                           "S": cut_keeping_tail(shape.S, 256, 256), "num_blocks": 0})
 
     def shape_distance(self, a, b) -> float | None:
         if (a.D, a.Hq // a.Hkv, bool(a.block_size)) != (b.D, b.Hq // b.Hkv, bool(b.block_size)):

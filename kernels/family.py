@@ -87,6 +87,11 @@ class Family:
         """The results key: shapes that share a bucket share a tuned config."""
         return f"{shape_str(self.representative(shape))}|{dtype}"
 
+    def proxy_shape(self, shape):
+        """A shape of the same structure that the emulator checks in a moment (off a Mac a
+        candidate is verified there): counts cut by cut_keeping_tail, the rest as it is."""
+        return self.shape(shape)
+
     def shape_distance(self, a, b) -> float | None:
         """How far apart two shapes are for borrowing a tuned config (log scale), or None when
         one's config says nothing about the other (a different structure)."""
@@ -317,3 +322,8 @@ def parse_assignments(text: str, what: str) -> dict[str, str]:
 
 def shape_str(shape) -> str:
     return ",".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape))
+
+
+def cut_keeping_tail(n: int, keep: int, period: int) -> int:
+    """n itself when small, else keep + (n mod period): the remainder (the tail) survives."""
+    return n if n <= keep + period else keep + n % period

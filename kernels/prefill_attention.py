@@ -13,7 +13,7 @@ import mlx.core as mx
 from metalforge.kernels import dtypes
 from metalforge.kernels.decode_attention import HEAD_DIMS
 from metalforge.intmath import cdiv
-from metalforge.kernels.family import Family, Launch, Param
+from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
 
 STAGE_SIZES = {"float": 4, "half": 2}
 
@@ -44,6 +44,10 @@ class PrefillAttention(Family):
         Param("simdgroups", (1, 2, 4, 8), 4, "SIMD-groups per threadgroup"),
         Param("stage", ("float", "half"), "half", "element type of the staged tiles"),
     )
+
+    def proxy_shape(self, shape):
+        return self.shape({**shape.__dict__, "B": 1, "Hkv": 1, "Hq": shape.Hq // shape.Hkv,
+                           "L": cut_keeping_tail(shape.L, 64, 64), "prefix": cut_keeping_tail(shape.prefix, 32, 32)})
 
     def shape_distance(self, a, b) -> float | None:
         if (a.D, a.Hq // a.Hkv) != (b.D, b.Hq // b.Hkv):

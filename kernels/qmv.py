@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from metalforge.kernels import dtypes
 from metalforge.intmath import cdiv
-from metalforge.kernels.family import Family, Launch, Param
+from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class Qmv(Family):
         Param("values_per_lane", (8, 16, 32), 16, "K values each lane consumes per step"),
         Param("stage_x", (False, True), False, "stage x through threadgroup memory once per step"),
     )
+
+    def proxy_shape(self, shape):
+        return self.shape({**shape.__dict__, "N": cut_keeping_tail(shape.N, 256, 256),
+                           "K": cut_keeping_tail(shape.K, 1024, 1024)})
 
     def shape_distance(self, a, b) -> float | None:
         if (a.bits, a.group_size) != (b.bits, b.group_size):

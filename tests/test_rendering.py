@@ -1,6 +1,7 @@
 """Rendering of every family, the byte formula against the rendered source, and the checks."""
 import re
 
+import jinja2
 import pytest
 
 from metalforge.errors import MetalforgeError
@@ -62,7 +63,7 @@ def test_split_k_adds_a_reduce_launch():
 
 
 def test_templates_are_strict():
-    with pytest.raises(Exception, match="undefined"):
+    with pytest.raises(jinja2.exceptions.UndefinedError, match="undefined"):
         render("qmv.metal.j2", M=1)
 
 

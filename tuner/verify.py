@@ -18,32 +18,13 @@ class WrongAnswer(MetalforgeError):
     """A candidate kernel ran but its output differs from the reference."""
 
 
-def _cut(n: int, keep: int, period: int) -> int:
-    """n itself when small, else keep + (n mod period): the remainder (the tail) survives."""
-    return n if n <= keep + period else keep + n % period
-
-
-def proxy_shape(family, shape):
-    fields = dict(shape.__dict__)
-    if family.name == "qmv":
-        fields.update(N=_cut(shape.N, 256, 256), K=_cut(shape.K, 1024, 1024))
-    elif family.name == "decode_attention":
-        g = shape.Hq // shape.Hkv
-        hkv = min(shape.Hkv, 2)
-        fields.update(B=min(shape.B, 2), Hkv=hkv, Hq=hkv * g, S=_cut(shape.S, 256, 256), num_blocks=0)
-    elif family.name == "prefill_attention":
-        g = shape.Hq // shape.Hkv
-        fields.update(B=1, Hkv=1, Hq=g, L=_cut(shape.L, 64, 64), prefix=_cut(shape.prefix, 32, 32))
-    return family.shape(fields)
-
-
 class Verifier:
     """Holds one target's inputs and reference output, and checks configs against them."""
 
     def __init__(self, family, shape, dtype, backend=None, device=None, seed: int = 0):
         self.family = family
         self.backend = backends.resolve(backend)
-        self.shape = shape if self.backend == "metal" else proxy_shape(family, shape)
+        self.shape = shape if self.backend == "metal" else family.proxy_shape(shape)
         self.dtype = dtype
         self.device = device
         self.inputs = family.make_inputs(self.shape, dtype, seed=seed)

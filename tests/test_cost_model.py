@@ -1,0 +1,100 @@
+"""What ships the defaults: the cost model's orderings, the proxy shapes verification runs on, and
+the shipped results files themselves."""
+import dataclasses
+import pytest
+
+from metalforge import devices, results
+from metalforge.kernels import check
+from metalforge.kernels.families import get as family
+from metalforge.tuner import cost_model
+
+# Llama-3-8B-sized shapes (what most users decode with), and a bigger version of each
+SHAPES = {
+    "qmv": (dict(M=1, N=4096, K=4096, bits=4, group_size=64), {"N": 14336}),
+    "qmm": (dict(M=128, N=4096, K=4096, bits=4, group_size=64), {"M": 512}),
+    "decode_attention": (dict(B=1, Hq=32, Hkv=8, S=1024, D=128), {"S": 4096}),
+    "prefill_attention": (dict(B=1, Hq=32, Hkv=8, L=256, D=128), {"L": 1024}),
+}
+
+
+def valid_configs(name, shape, device):
+    fam = family(name)
+    return [c for c in fam.space() if not check(fam, c, shape, "float16", device)]
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_more_bandwidth_is_never_slower(name):
+    fam = family(name)
+    shape = fam.shape(SHAPES[name][0])
+    slow = devices.get("m3-pro")
+    fast = dataclasses.replace(slow, memory_bandwidth_gbs=2 * slow.memory_bandwidth_gbs)
+    for config in valid_configs(name, shape, slow)[::3]:
+        assert cost_model.estimate(fam, config, shape, "float16", fast) <= \
+            cost_model.estimate(fam, config, shape, "float16", slow), config
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_more_work_is_never_faster(name):
+    fam = family(name)
+    small, grow = SHAPES[name]
+    shape, bigger = fam.shape(small), fam.shape({**small, **grow})
+    device = devices.get("m2-max")
+    for config in valid_configs(name, shape, device)[::3]:
+        if check(fam, config, bigger, "float16", device):
+            continue
+        assert cost_model.estimate(fam, config, bigger, "float16", device) >= \
+            cost_model.estimate(fam, config, shape, "float16", device), config
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_the_modelled_best_config_is_valid_on_every_device(name):
+    fam = family(name)
+    shape = fam.shape(SHAPES[name][0])
+    for device in devices.profiles().values():
+        valid = valid_configs(name, shape, device)
+        assert valid
+        best = min(fam.space(), key=lambda c: (bool(check(fam, c, shape, "float16", device)),
+                                               cost_model.estimate(fam, c, shape, "float16", device)))
+        assert not check(fam, best, shape, "float16", device), "an invalid config is never the choice"
+
+
+@pytest.mark.parametrize("name", ["qmv", "qmm", "decode_attention", "prefill_attention"])
+def test_proxy_shapes_keep_the_structure_and_the_tails(name):
+    fam = family(name)
+    shape = fam.shape({**SHAPES[name][0], **({"S": 4100} if name == "decode_attention" else {}),
+                       **({"L": 1000, "prefix": 300} if name == "prefill_attention" else {})})
+    proxy = fam.proxy_shape(shape)
+    for field in dataclasses.fields(shape):
+        assert getattr(proxy, field.name) <= getattr(shape, field.name) or field.name == "num_blocks"
+    if name in ("qmv", "qmm"):
+        assert (proxy.bits, proxy.group_size, proxy.M) == (shape.bits, shape.group_size, shape.M)
+        assert proxy.K % shape.group_size == 0 and proxy.N * proxy.K < shape.N * shape.K
+    else:
+        assert (proxy.D, proxy.Hq // proxy.Hkv) == (shape.D, shape.Hq // shape.Hkv), "head dim and GQA ratio kept"
+    if name == "decode_attention":
+        assert proxy.S % 256 == shape.S % 256 and proxy.S < shape.S, "the tail of the sequence survives"
+    if name == "prefill_attention":
+        assert proxy.L % 64 == shape.L % 64 and proxy.prefix % 32 == shape.prefix % 32
+    small = fam.shape(_small(name))
+    assert fam.proxy_shape(small) == small, "a small shape is verified as it is"
+
+
+def _small(name):
+    return {"qmv": dict(M=1, N=96, K=256, bits=4, group_size=64), "qmm": dict(M=8, N=64, K=256, bits=4, group_size=64),
+            "decode_attention": dict(B=1, Hq=4, Hkv=2, S=100, D=64),
+            "prefill_attention": dict(B=1, Hq=2, Hkv=1, L=40, D=64)}[name]
+
+
+def test_shipped_defaults_are_valid_for_their_device_and_bucket():
+    checked = 0
+    for name in devices.profiles():
+        device = devices.get(name)
+        for fam_name, entries in results.load(results.shipped_path(name))["entries"].items():
+            fam = family(fam_name)
+            for key, e in entries.items():
+                shape = fam.shape(e["shape"])
+                assert fam.bucket_key(shape, e["dtype"]) == key
+                assert not check(fam, fam.config(e["config"]), shape, e["dtype"], device), (name, key)
+                assert e["timer"] == "model", "shipped defaults are modelled, and say so"
+                checked += 1
+    assert checked >= 17 * 4
