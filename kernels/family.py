@@ -113,6 +113,9 @@ class Family:
     def config(self, values: dict | None = None) -> Config:
         """Defaults overlaid with `values`, each checked against its domain (strings are parsed)."""
         out = self.default_config()
+        if values is not None and not isinstance(values, dict):
+            raise MetalforgeError(f"{self.name}: a config must be a mapping of parameter to value, "
+                                  f"not {type(values).__name__}")
         for key, raw in (values or {}).items():
             p = self.param(key)
             value = _coerce(raw, p)

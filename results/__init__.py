@@ -6,7 +6,8 @@ from __future__ import annotations
 import datetime
 import math
 import os
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -62,6 +63,58 @@ def load(path) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One bucket's winner in a results file: the config, its time and how that time was obtained
+    (`timer`: "metal" measured, "model" estimated), MLX's time for the same job and the study's
+    trial counts. Built from a file's mapping by `from_dict`, which checks every field."""
+
+    shape: dict
+    dtype: str
+    config: dict
+    time_s: float
+    timer: str
+    baseline_s: float | None = None
+    speedup: float | None = None
+    trials: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)   # fields this version does not know: kept, never dropped
+
+    @classmethod
+    def from_dict(cls, family: str, key: str, e, at: str) -> "Entry":
+        if not isinstance(e, dict):
+            raise MetalforgeError(f"{at}: must be a mapping")
+        for name in ("config", "time_s", "timer", "dtype", "shape"):
+            if name not in e:
+                raise MetalforgeError(f"{at}: missing '{name}'")
+        if e["timer"] not in TIMER_KINDS:
+            raise MetalforgeError(f"{at}: timer must be one of {', '.join(TIMER_KINDS)}, not {e['timer']!r}")
+        if not isinstance(e["time_s"], (int, float)) or not math.isfinite(e["time_s"]) or e["time_s"] <= 0:
+            raise MetalforgeError(f"{at}: time_s must be a positive number")
+        fam = get_family(family)
+        try:
+            fam.config(e["config"])
+            shape = fam.shape(e["shape"])
+        except MetalforgeError as err:
+            raise MetalforgeError(f"{at}: {err}") from None
+        if fam.bucket_key(shape, e["dtype"]) != key:
+            raise MetalforgeError(f"{at}: key does not match its shape and dtype")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in e.items() if k in known},
+                   extra={k: v for k, v in e.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        return {**{k: v for k, v in out.items() if k != "extra"}, **out["extra"]}
+
+    def beats(self, other: "Entry | None") -> bool:
+        """Merge rule: a measured entry beats a modelled one; otherwise the faster wins."""
+        if other is None:
+            return True
+        if self.timer != other.timer:
+            return self.timer == "metal"
+        return self.time_s < other.time_s
+
+
 def validate(data, where: str) -> None:
     if not isinstance(data, dict):
         raise MetalforgeError(f"{where}: a results file must be a mapping")
@@ -73,42 +126,19 @@ def validate(data, where: str) -> None:
     for fam_name, buckets in entries.items():
         if fam_name not in FAMILIES:
             raise MetalforgeError(f"{where}: entries.{fam_name}: unknown family")
-        fam = get_family(fam_name)
         if not isinstance(buckets, dict):
             raise MetalforgeError(f"{where}: entries.{fam_name} must be a mapping of buckets")
         for key, e in buckets.items():
-            at = f"{where}: entries.{fam_name}[{key!r}]"
-            if not isinstance(e, dict):
-                raise MetalforgeError(f"{at}: must be a mapping")
-            for field in ("config", "time_s", "timer", "dtype", "shape"):
-                if field not in e:
-                    raise MetalforgeError(f"{at}: missing '{field}'")
-            if e["timer"] not in TIMER_KINDS:
-                raise MetalforgeError(f"{at}: timer must be one of {', '.join(TIMER_KINDS)}, not {e['timer']!r}")
-            if not isinstance(e["time_s"], (int, float)) or not math.isfinite(e["time_s"]) or e["time_s"] <= 0:
-                raise MetalforgeError(f"{at}: time_s must be a positive number")
-            try:
-                fam.config(e["config"])
-                shape = fam.shape(e["shape"])
-            except MetalforgeError as err:
-                raise MetalforgeError(f"{at}: {err}") from None
-            if get_family(fam_name).bucket_key(shape, e["dtype"]) != key:
-                raise MetalforgeError(f"{at}: key does not match its shape and dtype")
+            Entry.from_dict(fam_name, key, e, f"{where}: entries.{fam_name}[{key!r}]")
 
 
-def better(new: dict, old: dict | None) -> bool:
-    """Merge rule: a measured entry beats a modelled one; otherwise the faster wins."""
-    if old is None:
-        return True
-    if new["timer"] != old["timer"]:
-        return new["timer"] == "metal"
-    return new["time_s"] < old["time_s"]
-
-
-def merge(data: dict, family: str, key: str, entry: dict) -> bool:
+def merge(data: dict, family: str, key: str, entry: "Entry | dict") -> bool:
+    """Put `entry` into a loaded file's data where it beats the bucket's entry (Entry.beats)."""
+    new = entry if isinstance(entry, Entry) else Entry.from_dict(family, key, entry, f"entries.{family}[{key!r}]")
     buckets = data["entries"].setdefault(family, {})
-    if better(entry, buckets.get(key)):
-        buckets[key] = entry
+    old = buckets.get(key)
+    if new.beats(None if old is None else Entry.from_dict(family, key, old, f"entries.{family}[{key!r}]")):
+        buckets[key] = new.to_dict()
         return True
     return False
 

@@ -16,6 +16,7 @@ from metalforge.kernels.families import FAMILIES
 from metalforge.kernels.qmv import Qmv
 from metalforge import results
 from metalforge.engine.random_model import write_model
+from metalforge.errors import MetalforgeError
 from metalforge.tuner import shapes, study as st
 from metalforge.tuner.timers import ModelTimer, Timing
 
@@ -242,7 +243,7 @@ def test_merge_rules_and_atomic_writes(tmp_path):
     assert pick() == {"simdgroups": 1}
     saved = path.read_text()
     with pytest.raises(yaml.representer.RepresenterError):
-        results.save_entries(path, "m1", [("qmv", key, {**measured_fast, "time_s": 1e-6, "config": object()})])
+        results.save_entries(path, "m1", [("qmv", key, {**measured_fast, "time_s": 1e-6, "trials": {"x": object()}})])
     assert path.read_text() == saved, "a failed write leaves the file as it was"
     assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == ["m1.yaml"], "no temporary files left behind"
 
@@ -255,7 +256,6 @@ def test_merge_rules_and_atomic_writes(tmp_path):
     (lambda d: d["entries"]["qmv"][next(iter(d["entries"]["qmv"]))].pop("config"), "missing 'config'"),
 ])
 def test_results_are_validated_on_load_with_the_bad_entry_named(tmp_path, mutate, message):
-    from metalforge.errors import MetalforgeError
     path = tmp_path / "m1.yaml"
     shape = dict(M=1, N=64, K=256, bits=4, group_size=64)
     key = family("qmv").bucket_key(shape, "float16")
@@ -270,7 +270,6 @@ def test_results_are_validated_on_load_with_the_bad_entry_named(tmp_path, mutate
 
 
 def test_corrupt_results_file_is_a_clear_error(tmp_path):
-    from metalforge.errors import MetalforgeError
     path = tmp_path / "m1.yaml"
     path.write_text("entries: [unclosed")
     with pytest.raises(MetalforgeError, match="corrupt results file"):
@@ -328,3 +327,20 @@ def test_tune_a_model_folder_with_qmm_on_request(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     buckets = results.load(tmp_path / "r.yaml")["entries"]["qmm"]
     assert {b.split("|")[0].split(",")[0] for b in buckets} == {"M=128", "M=512"}
+
+
+def test_results_entries_round_trip_and_keep_fields_they_do_not_know(tmp_path):
+    shape = dict(M=1, N=64, K=256, bits=4, group_size=64)
+    key = family("qmv").bucket_key(shape, "float16")
+    later = {"shape": shape, "dtype": "float16", "config": family("qmv").default_config(), "time_s": 2e-5,
+             "timer": "metal", "baseline_s": 3e-5, "speedup": 1.5, "trials": {"complete": 3},
+             "measured_on": "Apple M3 Pro, macOS 15"}   # a field from a later version
+    entry = results.Entry.from_dict("qmv", key, later, "test")
+    assert entry.to_dict() == later
+    path = tmp_path / "m3-pro.yaml"
+    results.save_entries(path, "m3-pro", [("qmv", key, later)])
+    assert results.load(path)["entries"]["qmv"][key]["measured_on"] == "Apple M3 Pro, macOS 15"
+    modelled = {**later, "timer": "model", "time_s": 1e-6}
+    assert not results.Entry.from_dict("qmv", key, modelled, "test").beats(entry), "measured beats modelled"
+    with pytest.raises(MetalforgeError, match="time_s must be a positive number"):
+        results.Entry.from_dict("qmv", key, {**later, "time_s": -1}, "test")

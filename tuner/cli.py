@@ -106,13 +106,13 @@ def run(args) -> int:
           + ("  [MODELLED: analytic estimates, not Metal measurements]" if timer_kind == "model" else ""))
     rows, new_entries = [], []
     for target in targets:
-        prepare_study(target, settings)   # before the workers, which then only run trials
+        prepared = prepare_study(target, settings)   # before the workers, which then only run trials
         with worker.Pool(target, settings, args.workers - 1):
-            study = _run_with_progress(target, settings)
+            study = _run_with_progress(target, settings, prepared)
         e = entry(study, target)
         rows.append((target, e))
         if e:
-            new_entries.append((target.family, target.bucket, e))
+            new_entries.append((target.family.name, target.bucket, e))
         if args.plot:
             from metalforge.tuner.plots import plot_history
             name = re.sub(r"[^\w.=,-]+", "_", study_name(device, target))
@@ -125,9 +125,9 @@ def run(args) -> int:
     return 0
 
 
-def _run_with_progress(target, settings):
+def _run_with_progress(target, settings, study):
     from tqdm import tqdm
-    label = f"{target.family} {target.bucket.split('|')[0]}"
+    label = f"{target.family.name} {target.bucket.split('|')[0]}"
     with tqdm(total=settings.trials, desc=label[:60], unit="trial", leave=True) as bar:
         def progress(study, trial):
             if not protocol.repeat(trial):
@@ -136,8 +136,7 @@ def _run_with_progress(target, settings):
                 bar.set_postfix(best=f"{study.best_value * 1e6:.1f}us")
             except ValueError:
                 pass
-        study = run_study(target, settings, progress)
-    return study
+        return run_study(target, settings, progress, study)
 
 
 def _summary(rows, timer_kind: str) -> None:
@@ -146,13 +145,13 @@ def _summary(rows, timer_kind: str) -> None:
     for target, e in rows:
         shape = target.bucket.split("|")[0]
         if e is None:
-            print(f"{target.family:18} {shape:44} {'(no trial completed)':52}")
+            print(f"{target.family.name:18} {shape:44} {'(no trial completed)':52}")
             continue
         config = " ".join(f"{k}={v}" for k, v in e["config"].items())
         c = e["trials"]
         speed = f"{e['speedup']:.2f}x" if e["speedup"] else "-"
         base = f"{e['baseline_s'] * 1e6:8.1f}u" if e["baseline_s"] else "-"
-        print(f"{target.family:18} {shape[:44]:44} {config[:52]:52} {e['time_s'] * 1e6:8.1f}u {base:>9} {speed:>7} "
+        print(f"{target.family.name:18} {shape[:44]:44} {config[:52]:52} {e['time_s'] * 1e6:8.1f}u {base:>9} {speed:>7} "
               f"{c['complete']:3d} {c['invalid']:3d} {c['duplicate']:3d} {c['failed']:4d}")
     print(f"(times in microseconds per call, timer: {timer_kind}"
           + (": MODELLED for the target device, not measured" if timer_kind == "model" else ", measured on Metal") + ")")

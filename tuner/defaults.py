@@ -14,7 +14,6 @@ from pathlib import Path
 import optuna
 
 from metalforge import devices
-from metalforge.kernels.families import get as get_family
 from metalforge import results
 from metalforge.tuner import shapes
 from metalforge.tuner.study import Settings, entry, run_study
@@ -48,12 +47,12 @@ def main():
             settings = Settings(device=name, trials=args.trials, storage="memory", timer=ModelTimer(), seed=0,
                                 verify=False)
             e = entry(run_study(target, settings), target)
-            key = (target.family, target.bucket, tuple(sorted(e["config"].items())))
+            key = (target.family.name, target.bucket, tuple(sorted(e["config"].items())))
             if key not in verified:
-                family = get_family(target.family)
+                family = target.family
                 Verifier(family, target.shape, target.dtype, backend="emulator")(e["config"])
                 verified[key] = True
-            new.append((target.family, target.bucket, e))
+            new.append((target.family.name, target.bucket, e))
         path = Path(args.out) / f"{name}.yaml"
         if path.exists():
             path.unlink()   # regenerated from scratch: shipped defaults hold model entries only

@@ -8,7 +8,9 @@ from pathlib import Path
 import yaml
 
 from metalforge.errors import MetalforgeError, choices
+from metalforge.kernels import dtypes
 from metalforge.kernels.families import FAMILIES, get as get_family
+from metalforge.kernels.family import Family
 from metalforge.engine.config import read, sizes
 from metalforge.intmath import pow2_bucket
 
@@ -26,15 +28,23 @@ MODEL_FAMILIES = ("qmv", "decode_attention", "prefill_attention")
 
 @dataclass(frozen=True)
 class Target:
-    """One study's subject: a family, a bucket-representative shape and a dtype."""
+    """One study's subject: a family, a bucket-representative shape and a dtype. Built from
+    names and plain dicts, it holds the family object, a validated shape and the dtype's
+    canonical name, so nothing downstream looks them up or normalises them again."""
 
-    family: str
+    family: Family
     shape: object
     dtype: str
 
+    def __post_init__(self):
+        family = get_family(self.family) if isinstance(self.family, str) else self.family
+        object.__setattr__(self, "family", family)
+        object.__setattr__(self, "shape", family.shape(self.shape))
+        object.__setattr__(self, "dtype", dtypes.get(self.dtype).name)
+
     @property
     def bucket(self) -> str:
-        return get_family(self.family).bucket_key(self.shape, self.dtype)
+        return self.family.bucket_key(self.shape, self.dtype)
 
 
 def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_PREFILL, batch: int = 1,

@@ -22,8 +22,7 @@ from optuna.trial import TrialState
 from metalforge import devices, signals
 from metalforge.errors import MetalforgeError
 from metalforge.kernels.checks import check
-from metalforge.kernels.families import get as get_family
-from metalforge.results import lookup, user_results_dir
+from metalforge.results import Entry, lookup, user_results_dir
 from metalforge.tuner.protocol import (BASELINE_S, DISCARDED, DUPLICATE_OF, ERROR, FINISHED, INVALID, REPEATS,
                                        RETIME_OF, SPREAD, TIMER, WORKER, discarded, interrupted, standing)
 from metalforge.tuner.shapes import Target
@@ -36,9 +35,12 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 class _Retry(optuna.storages.RetryHeartbeatStaleTrialCallback):
     """Optuna's retry, minus what belonged to the dead attempt: its worker (the copy would look
-    like a trial of a dead worker and be failed again) and its constraint (set anew)."""
+    like a trial of a dead worker and be failed again) and its constraint (set anew); and once
+    per trial, however many recoveries see it."""
 
     def __call__(self, study, trial) -> None:
+        if any(t.system_attrs.get("failed_trial") == trial.number for t in study.get_trials(deepcopy=False)):
+            return
         trial = copy.deepcopy(trial)
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != WORKER}
         trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != "constraints"}
@@ -151,7 +153,7 @@ def _schema_race(e: Exception) -> bool:
 
 
 def study_name(device, target: Target) -> str:
-    return f"{devices.get(device).name}/{target.family}/{target.bucket}"
+    return f"{devices.get(device).name}/{target.family.name}/{target.bucket}"
 
 
 def make_sampler(kind: str, family, trials: int, seed):
@@ -169,7 +171,7 @@ def make_sampler(kind: str, family, trials: int, seed):
 
 
 def open_study(target: Target, settings: Settings) -> optuna.Study:
-    family = get_family(target.family)
+    family = target.family
     return optuna.create_study(
         study_name=study_name(settings.device, target),
         storage=storage_for(settings.device, settings.storage, settings.heartbeat_s),
@@ -188,7 +190,7 @@ class Objective:
         self.target = target
         self.settings = settings
         self.study = study
-        self.family = get_family(target.family)
+        self.family = target.family
         self.device = devices.get(settings.device)
         self.timer = settings.timer
         self._verifier: Verifier | None = None
@@ -264,6 +266,12 @@ class Objective:
         trial.set_user_attr(TIMER, timing.kind)
         trial.set_user_attr(SPREAD, timing.spread)
         trial.set_user_attr(REPEATS, timing.repeats)
+        # two workers that drew one config at the same moment both passed _reuse_earlier (neither
+        # saw the other's parameters yet); by now each sees the other's, and the later-numbered one
+        # records itself as the repeat, so a config never counts twice
+        earlier = self._earlier_same_config(trial, config)
+        if earlier is not None:
+            trial.set_user_attr(DUPLICATE_OF, earlier.number)
         self._since_check.append(trial.number)
         return timing.seconds
 
@@ -436,11 +444,11 @@ class _Budget:
 
 def warm_start(study: optuna.Study, target: Target, settings: Settings) -> None:
     """Enqueue the family default and the best known config (results files) before sampling."""
-    family = get_family(target.family)
+    family = target.family
     if study.get_trials(deepcopy=False):
         return
     seeds = [family.default_config()]
-    known = lookup(settings.device, target.family, target.shape, target.dtype)
+    known = lookup(settings.device, target.family.name, target.shape, target.dtype)
     if known.entry is not None:
         seeds.append(known.config)
     for config in seeds:
@@ -458,11 +466,13 @@ def prepare_study(target: Target, settings: Settings) -> optuna.Study:
     return study
 
 
-def run_study(target: Target, settings: Settings, progress: Callable | None = None) -> optuna.Study:
-    """Run (or resume) the study until it holds `settings.trials` finished trials or times out."""
-    study = prepare_study(target, settings)
+def run_study(target: Target, settings: Settings, progress: Callable | None = None,
+              study: optuna.Study | None = None) -> optuna.Study:
+    """Run (or resume) the study until it holds `settings.trials` finished trials or times out;
+    `study` when prepare_study already opened it."""
+    study = study or prepare_study(target, settings)
     objective = Objective(target, settings, study)
-    family = get_family(target.family)
+    family = target.family
     # an interrupt held over Optuna's bookkeeping lands between trials, not in the next one
     callbacks = [_Budget(family, settings.trials), lambda s, t: signals.deliver()]
     if progress:
@@ -533,7 +543,7 @@ def _run_queued(study, objective) -> None:
 
 
 def baseline(target: Target, settings: Settings):
-    family = get_family(target.family)
+    family = target.family
     runner = None
     if settings.timer.kind != "model":
         inputs = family.make_inputs(target.shape, target.dtype)
@@ -548,13 +558,6 @@ def entry(study: optuna.Study, target: Target) -> dict | None:
     if best is None:
         return None
     base = study.user_attrs.get(BASELINE_S)
-    return {
-        "shape": dict(target.shape.__dict__),
-        "dtype": target.dtype,
-        "config": dict(best.params),
-        "time_s": float(best.value),
-        "timer": best.user_attrs.get(TIMER, "model"),
-        "baseline_s": base,
-        "speedup": (base / best.value) if base else None,
-        "trials": counts(study),
-    }
+    return Entry(shape=dict(target.shape.__dict__), dtype=target.dtype, config=dict(best.params),
+                 time_s=float(best.value), timer=best.user_attrs.get(TIMER, "model"), baseline_s=base,
+                 speedup=(base / best.value) if base else None, trials=counts(study)).to_dict()

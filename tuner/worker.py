@@ -17,7 +17,6 @@ import traceback
 import optuna
 
 from metalforge.errors import MetalforgeError
-from metalforge.kernels.families import get as get_family
 from metalforge.tuner.shapes import Target
 from metalforge.tuner.study import Settings, run_study
 
@@ -28,7 +27,7 @@ class Pool:
 
     def __init__(self, target, settings, count: int):
         self.specs = [json.dumps({
-            "family": target.family, "shape": dict(target.shape.__dict__), "dtype": target.dtype,
+            "family": target.family.name, "shape": dict(target.shape.__dict__), "dtype": target.dtype,
             "device": settings.device, "trials": settings.trials, "timeout": settings.timeout,
             "storage": settings.storage, "sampler": settings.sampler,
             # each worker its own stream: one seed would make them all propose the same configs
@@ -68,7 +67,7 @@ def main(spec: str) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)   # as in the parent (tuner/cli.py)
     s = json.loads(spec)
-    target = Target(s["family"], get_family(s["family"]).shape(s["shape"]), s["dtype"])
+    target = Target(s["family"], s["shape"], s["dtype"])
     try:
         run_study(target, Settings(device=s["device"], trials=s["trials"], timeout=s["timeout"], storage=s["storage"],
                                    sampler=s["sampler"], seed=s["seed"], warm_start=False))
