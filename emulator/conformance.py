@@ -122,7 +122,7 @@ _lock = threading.Lock()   # libclang's Python binding is not documented as thre
 
 @lru_cache(maxsize=1)
 def _index():
-    try:
+    try:   # loaded on the first check: the libclang binding costs start-up time for users of the rest
         from clang import cindex
     except ImportError as e:   # a dependency; this only happens in a broken install
         raise CompileError("emulator: the conformance front end needs the libclang wheel (pip install libclang)") from e

@@ -1,4 +1,5 @@
-"""`metalforge generate` and `metalforge cache save|info|clear`."""
+"""`metalforge generate` and `metalforge cache save|info|clear` (imports when a command runs, as
+in metalforge.cli, so that `--help` starts at once)."""
 from __future__ import annotations
 
 import sys

@@ -9,7 +9,7 @@ from metalforge.errors import MetalforgeError
 
 class Tokenizer:
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as HFTokenizer   # only when a model folder has a tokenizer
         try:
             self.inner = HFTokenizer.from_file(str(path))
         except Exception as e:

@@ -1,4 +1,6 @@
-"""The `metalforge` command. Every user-facing problem is one line on stderr and exit status 2."""
+"""The `metalforge` command. Every user-facing problem is one line on stderr and exit status 2.
+Subcommands import what they use when they run: `metalforge --help` must not load MLX, Optuna
+and the emulator first."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
-"""`metalforge tune`: tune a model's (or a shapes file's) kernels for a device and save the results."""
+"""`metalforge tune`: tune a model's (or a shapes file's) kernels for a device and save the results.
+tqdm and the plots load only when a run shows progress or draws (start-up time)."""
 from __future__ import annotations
 
 import logging
