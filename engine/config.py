@@ -95,9 +95,10 @@ def sizes(config: dict, where: str = "config.json") -> Sizes:
         quant = config.get("quantization") or config.get("quantization_config")
         if quant is not None:
             quant = {"bits": int(quant["bits"]), "group_size": int(quant["group_size"])}
-            if quant["bits"] not in (4, 8) or quant["group_size"] not in (32, 64, 128):
-                raise MetalforgeError(f"{where}: quantization {quant} is not supported (bits 4 or 8, "
-                                      "group_size 32, 64 or 128)")
+            # what mx.quantize (affine) writes; our qmv/qmm kernels take 4 and 8 bits, MLX's ops the rest
+            if quant["bits"] not in (2, 3, 4, 5, 6, 8) or quant["group_size"] not in (32, 64, 128):
+                raise MetalforgeError(f"{where}: quantization {quant} is not supported (bits 2, 3, 4, 5, 6 "
+                                      "or 8, group_size 32, 64 or 128)")
         return Sizes(hidden, _size(config, "intermediate_size", where), heads, kv_heads, head_dim,
                      _size(config, "vocab_size", where), quant)
     except KeyError as e:

@@ -1,8 +1,14 @@
 """The engine's kernel dispatch: every quantized linear layer and attention call goes through here.
 
-Backends: `metal` (our generated kernels through mx.fast.metal_kernel, configs from
-tuner.lookup), `emulator` (the same kernels on the CPU; slow, for verification), and `mlx`
-(MLX's built-ins). The report says which kernel and config each kind of op used.
+Backends: `metal` (our generated kernels through mx.fast.metal_kernel, configs from the results
+files), `emulator` (the same kernels on the CPU; slow, for verification) and `mlx` (MLX's
+built-ins). Asked for explicitly, `metal` and `emulator` run ours wherever a family supports the
+shape; with `auto` on a Mac ours runs only where the evidence says it is faster: a Metal-measured
+results entry for the device and bucket with a speedup over MLX's built-in above 1. A modelled
+entry is not evidence until the cost model's error is known (it is not yet calibrated on Apple
+measurements), so there MLX's op runs. Shapes no family supports (head dim 32, 3-bit weights, ...)
+always run MLX's op: nothing a valid model contains raises. `report` says per op which kernel ran
+and why.
 """
 from __future__ import annotations
 
@@ -19,38 +25,55 @@ QMV_MAX_ROWS = 8
 
 
 class Kernels:
-    def __init__(self, backend: str, device, results=None):
+    def __init__(self, backend: str | None, device, results=None):
         self.backend = backends.resolve(backend, allow_mlx=True)
+        # `auto` on a Mac: ours per op only where measured faster (see the module docstring)
+        self.by_evidence = backends.requested(backend) == "auto" and self.backend == "metal"
         self.device = device            # a DeviceProfile or None (no tuned configs: family defaults)
         self.results = results
         self.report: dict[str, dict] = {}
         self._choices: dict = {}
         self.cpu_float32 = self.backend == "mlx" and not mx.metal.is_available()
 
-    def _config(self, family: str, shape, dtype: str) -> tuple[dict, str]:
-        key = (family, shape, dtype)
+    def _choose(self, family: str, values: dict, dtype: str):
+        """(shape, config, why) to run ours, or (None, None, why) for MLX's op."""
+        key = (family, tuple(sorted(values.items())), dtype)
         if key not in self._choices:
-            fam = get_family(family)
-            if self.device is not None:
-                choice = lookup(self.device, family, shape, dtype, results=self.results)
-                self._choices[key] = (choice.config, choice.describe())
-            else:
-                config = fam.default_config()
-                if check(fam, config, shape, dtype, devices.get("m1")):
-                    raise MetalforgeError(f"{family}: the default config cannot serve {shape}; pass device=")
-                self._choices[key] = (config, "family default (no device profile)")
+            self._choices[key] = self._decide(get_family(family), values, dtype)
         return self._choices[key]
+
+    def _decide(self, fam, values: dict, dtype: str):
+        try:
+            shape = fam.shape(values)
+        except MetalforgeError as e:   # a shape no kernel of ours serves: MLX's op serves it
+            return None, None, f"MLX: {str(e).split(': ', 1)[-1]}"
+        if self.device is None:
+            config = fam.default_config()
+            if check(fam, config, shape, dtype, devices.get("m1")):
+                return None, None, "MLX: the family default cannot serve this shape (pass device=)"
+            return shape, config, "ours: family default (no device profile)"
+        choice = lookup(self.device, fam.name, shape, dtype, results=self.results)
+        if not self.by_evidence:
+            return shape, choice.config, f"ours ({self.backend} asked for): {choice.describe()}"
+        entry = choice.entry
+        if entry is None or entry["timer"] != "metal" or not entry.get("speedup"):
+            return None, None, "MLX: no Metal measurement of ours for this bucket (modelled gains are not evidence)"
+        if entry["speedup"] <= 1.0:
+            return None, None, f"MLX: measured {entry['speedup']:.2f}x for ours"
+        return shape, choice.config, f"ours: measured {entry['speedup']:.2f}x ({choice.describe()})"
 
     def _record(self, op: str, **what) -> None:
         self.report.setdefault(op, what)
 
-    def _run(self, family: str, shape_values: dict, dtype: str, inputs: dict) -> mx.array:
-        fam = get_family(family)
-        shape = fam.shape(shape_values)
-        config, source = self._config(family, shape, dtype)
-        self._record(f"{family} {_short(shape_values)}", kernel=f"metalforge {family} ({self.backend})",
-                     config=config, config_source=source)
-        return fam.run(config, shape, dtype, inputs, backend=self.backend, device=self.device)
+    def _ours(self, family: str, values: dict, dtype: str, inputs: dict, mlx_kernel: str, fallback):
+        """Our kernel where the choice says so, else `fallback()` (MLX's op); recorded either way."""
+        shape, config, why = self._choose(family, values, dtype)
+        op = f"{family} {_short(values)}"
+        if shape is None:
+            self._record(op, kernel=mlx_kernel, why=why)
+            return fallback()
+        self._record(op, kernel=f"metalforge {family} ({self.backend})", config=config, why=why)
+        return get_family(family).run(config, shape, dtype, inputs, backend=self.backend, device=self.device)
 
     # ---- linear layers ------------------------------------------------------------------------
     def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:
@@ -58,16 +81,20 @@ class Kernels:
         if "scales" not in w:
             self._record(f"linear {tuple(w['weight'].shape)}", kernel="mx matmul (unquantized weights)")
             y = x @ w["weight"].T
-        elif self.backend == "mlx":
-            self._record("quantized linear", kernel="mx.quantized_matmul")
-            xs = x.astype(w["scales"].dtype)   # float32 on the CPU (see Model), else x unchanged
-            y = mx.quantized_matmul(xs, w["weight"], w["scales"], w["biases"], transpose=True,
-                                    group_size=group_size, bits=bits).astype(x.dtype)
         else:
-            family = "qmv" if x.shape[0] <= QMV_MAX_ROWS else "qmm"
-            y = self._run(family, dict(M=x.shape[0], N=w["weight"].shape[0], K=x.shape[1], bits=bits,
-                                       group_size=group_size), _dtype_name(x.dtype),
-                          {"x": x, "w": w["weight"], "scales": w["scales"], "biases": w["biases"]})
+            def mlx_op():
+                xs = x.astype(w["scales"].dtype)   # float32 on the CPU (see Model), else x unchanged
+                return mx.quantized_matmul(xs, w["weight"], w["scales"], w["biases"], transpose=True,
+                                           group_size=group_size, bits=bits).astype(x.dtype)
+            if self.backend == "mlx":
+                self._record("quantized linear", kernel="mx.quantized_matmul")
+                y = mlx_op()
+            else:
+                family = "qmv" if x.shape[0] <= QMV_MAX_ROWS else "qmm"
+                y = self._ours(family, dict(M=x.shape[0], N=w["weight"].shape[0], K=x.shape[1], bits=bits,
+                                            group_size=group_size), _dtype_name(x.dtype),
+                               {"x": x, "w": w["weight"], "scales": w["scales"], "biases": w["biases"]},
+                               "mx.quantized_matmul", mlx_op)
         if "bias" in w:
             y = y + w["bias"]
         return y
@@ -76,32 +103,41 @@ class Kernels:
     def decode_attention(self, q: mx.array, pool, layer: int, sids: list[int], lengths: list[int],
                          scale: float) -> mx.array:
         """q: (B, Hq, 1, D) -> (B, Hq, 1, D) over each sequence's first `lengths[b]` tokens."""
-        if self.backend == "mlx":
-            self._record("decode attention", kernel="mx.fast.scaled_dot_product_attention (gathered K/V)")
+        def mlx_op():
             outs = []
             for b, (sid, n) in enumerate(zip(sids, lengths)):
                 k, v = pool.gather(layer, sid, n)
                 outs.append(mx.fast.scaled_dot_product_attention(q[b:b + 1], k, v, scale=scale))
             return mx.concatenate(outs, axis=0)
+        mlx_kernel = "mx.fast.scaled_dot_product_attention (gathered K/V)"
+        if self.backend == "mlx":
+            self._record("decode attention", kernel=mlx_kernel)
+            return mlx_op()
         table, lens = pool.block_table(sids, lengths)
         keys, values = pool.paged(layer)
         B, Hq, _, D = q.shape
         shape = dict(B=B, Hq=Hq, Hkv=pool.kv_heads, S=pool.max_blocks * pool.block_size, D=D,
                      block_size=pool.block_size, num_blocks=pool.num_blocks)
-        return self._run("decode_attention", shape, _dtype_name(q.dtype),
-                         {"queries": q, "keys": keys, "values": values, "scale": mx.array(scale, dtype=mx.float32),
-                          "block_table": table, "seq_lens": lens})
+        return self._ours("decode_attention", shape, _dtype_name(q.dtype),
+                          {"queries": q, "keys": keys, "values": values,
+                           "scale": mx.array(scale, dtype=mx.float32), "block_table": table, "seq_lens": lens},
+                          mlx_kernel, mlx_op)
 
     def prefill_attention(self, q: mx.array, k: mx.array, v: mx.array, prefix: int, scale: float) -> mx.array:
         """q: (1, Hq, L, D); k, v: (1, Hkv, prefix + L, D); causal, queries at the end."""
         L, LK = q.shape[2], k.shape[2]
-        if self.backend == "mlx":
-            self._record("prefill attention", kernel="mx.fast.scaled_dot_product_attention (causal)")
+
+        def mlx_op():
             mask = mx.arange(LK)[None, :] <= (mx.arange(L)[:, None] + prefix)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
+        if self.backend == "mlx":
+            self._record("prefill attention", kernel=mlx_kernel)
+            return mlx_op()
         shape = dict(B=1, Hq=q.shape[1], Hkv=k.shape[1], L=L, D=q.shape[3], prefix=prefix)
-        return self._run("prefill_attention", shape, _dtype_name(q.dtype),
-                         {"queries": q, "keys": k, "values": v, "scale": mx.array(scale, dtype=mx.float32)})
+        return self._ours("prefill_attention", shape, _dtype_name(q.dtype),
+                          {"queries": q, "keys": k, "values": v, "scale": mx.array(scale, dtype=mx.float32)},
+                          mlx_kernel, mlx_op)
 
 
 def _dtype_name(dtype) -> str:

@@ -16,8 +16,13 @@ BACKENDS = KERNEL_BACKENDS + ("mlx",)           # and MLX's own ops, for callers
 _cache: dict = {}
 
 
+def requested(backend: str | None = None) -> str:
+    """The name asked for: the argument, else METALFORGE_BACKEND, else auto."""
+    return (backend or os.environ.get("METALFORGE_BACKEND") or "auto").lower()
+
+
 def resolve(backend: str | None = None, *, allow_mlx: bool = False) -> str:
-    name = (backend or os.environ.get("METALFORGE_BACKEND") or "auto").lower()
+    name = requested(backend)
     valid = BACKENDS if allow_mlx else KERNEL_BACKENDS
     if name == "auto":
         return "metal" if mx.metal.is_available() else ("mlx" if allow_mlx else "emulator")

@@ -37,3 +37,38 @@ def test_one_vocabulary_for_kernels_and_the_engine(monkeypatch):
         backends.resolve("mlx")
     monkeypatch.setenv("METALFORGE_BACKEND", "emulator")
     assert backends.resolve(allow_mlx=True) == "emulator"
+
+
+def test_the_engine_chooses_by_evidence_only_when_nobody_asked(monkeypatch):
+    """`auto` on a Mac weighs the evidence per op; a backend asked for by argument or by
+    METALFORGE_BACKEND is obeyed wherever a family serves the shape."""
+    from metalforge.engine.ops import Kernels
+    monkeypatch.delenv("METALFORGE_BACKEND", raising=False)
+    assert not Kernels("emulator", None).by_evidence
+    monkeypatch.setenv("METALFORGE_BACKEND", "emulator")
+    assert not Kernels(None, None).by_evidence
+    assert Kernels(None, None).backend == "emulator"
+
+
+def test_the_evidence_rule(tmp_path, monkeypatch):
+    """Ours where a Metal measurement says it beats MLX's built-in; MLX's op where the only figure
+    is modelled or the measurement says slower; MLX's op for shapes no family serves."""
+    from metalforge import devices, results
+    from metalforge.engine.ops import Kernels
+    from metalforge.kernels import get_family
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+    qmv = get_family("qmv")
+    def entry(n, timer, speedup):
+        shape = dict(M=1, N=n, K=256, bits=4, group_size=64)
+        return ("qmv", qmv.bucket_key(shape, "float16"),
+                {"shape": shape, "dtype": "float16", "config": qmv.default_config(), "time_s": 1e-5,
+                 "timer": timer, "baseline_s": 1e-5 * speedup, "speedup": speedup, "trials": {}})
+    path = tmp_path / "m3.yaml"
+    results.save_entries(path, "m3", [entry(64, "metal", 1.3), entry(128, "metal", 0.8), entry(256, "model", 3.0)])
+    kernels = Kernels("emulator", devices.get("m3"), results=path)
+    kernels.by_evidence = True    # what `auto` does on a Mac
+    why = lambda n, bits=4: kernels._choose("qmv", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16")[2]
+    assert why(64).startswith("ours: measured 1.30x")
+    assert why(128) == "MLX: measured 0.80x for ours"
+    assert why(256).startswith("MLX: no Metal measurement")
+    assert "bits=3 is not supported" in why(64, bits=3) and why(64, bits=3).startswith("MLX: ")

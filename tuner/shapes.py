@@ -74,7 +74,16 @@ def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_P
         out["decode_attention"].append(dict(B=batch, Hq=heads, Hkv=kv_heads, S=s, D=head_dim))
     for n in sorted({pow2_bucket(p) for p in prefill}):
         out["prefill_attention"].append(dict(B=1, Hq=heads, Hkv=kv_heads, L=n, D=head_dim))
-    return out
+    # only what a family serves: the engine runs MLX's op for the rest (3-bit weights, head dim 32)
+    return {name: [v for v in values if _serves(name, v)] for name, values in out.items()}
+
+
+def _serves(family: str, values: dict) -> bool:
+    try:
+        get_family(family).shape(values)
+    except MetalforgeError:
+        return False
+    return True
 
 
 def from_model_folder(path, **kw) -> dict[str, list[dict]]:
