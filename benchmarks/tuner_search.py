@@ -12,7 +12,7 @@ import optuna
 
 from metalforge.kernels import check_space
 from metalforge.kernels.families import get as get_family
-from metalforge.tuner import cost_model, shapes, study as st
+from metalforge.tuner import shapes, study as st
 from metalforge.tuner.timers import ModelTimer
 from metalforge.plotting import figure, write_report
 
@@ -59,7 +59,7 @@ def main():
         fam = get_family(name)
         shape = fam.shape(values)
         valid, space = check_space(fam, shape, "float16", args.device)
-        optimum = min(cost_model.estimate(fam, c, shape, "float16", args.device) for c in valid)
+        optimum = min(fam.cost(c, shape, "float16", args.device) for c in valid)
         row = {"space": space.total, "valid": space.valid, "optimum_s": optimum}
         for sampler in ("tpe", "random"):
             curves = [search(name, shape, args.device, sampler, seed, args.budget) for seed in range(args.seeds)]

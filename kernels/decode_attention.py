@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metalforge.kernels import dtypes
+from metalforge import devices
 from metalforge.intmath import cdiv
+from metalforge.kernels import cost, dtypes
 from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -172,9 +173,31 @@ class DecodeAttention(Family):
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
                                                     scale=inp["scale"].item())
 
-    def bytes_moved(self, shape: DecodeShape, dtype) -> int:
-        d = dtypes.get(dtype)
-        return (2 * shape.B * shape.Hkv * shape.S * shape.D + 2 * shape.B * shape.Hq * shape.D) * d.size
+    def mlx_config(self, shape) -> dict:
+        # sdpa_vector: one 1024-thread threadgroup per query head; two-pass over 32 blocks at 4k+ keys
+        return {"threads": 1024, "keys_per_step": 1, "share_kv": False, "splits": 32 if shape.S >= 4096 else 1}
 
-    def flops(self, shape: DecodeShape) -> int:
-        return 4 * shape.B * shape.Hq * shape.S * shape.D
+    def cost(self, config, shape, dtype, device) -> float:
+        """Modelled seconds for one call (kernels/cost.py says how)."""
+        dev = devices.get(device)
+        dtype = dtypes.get(dtype)
+        sg = config["threads"] // 32
+        g = shape.Hq // shape.Hkv
+        heads = g if config["share_kv"] else 1
+        tgs = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq) * config["splits"]
+        occ = cost.occupancy(config["threads"], self.threadgroup_memory_bytes(config, shape, dtype), tgs)
+        kv = 2 * shape.B * shape.Hkv * shape.S * shape.D * dtype.size
+        # without sharing, the G query heads of a KV head each stream it (partly from cache)
+        kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)
+        partials = 2 * shape.B * shape.Hq * config["splits"] * (shape.D + 2) * 4 if config["splits"] > 1 else 0
+        parallel = occ.parallel_fraction(dev, ilp=config["keys_per_step"] / 2)
+        # SIMD-groups left without keys (short slices) add nothing but still merge
+        keys_per_tg = cdiv(shape.S, config["splits"])
+        busy = min(1.0, keys_per_tg / (sg * config["keys_per_step"]))
+        flops = 4 * shape.B * shape.Hq * shape.S * shape.D + 6 * shape.B * shape.Hq * shape.S  # dot products, softmax
+        t = cost.roofline(kv_reads + partials, flops, dev, parallel * busy)
+        steps = cdiv(keys_per_tg, sg * config["keys_per_step"])
+        t += steps * heads * config["keys_per_step"] * cost.SIMD_REDUCE_S * occ.waves(dev)
+        per_core_bandwidth = dev.memory_bandwidth_gbs * 1e9 / dev.gpu_cores
+        t += (cost.BARRIER_S + sg * heads * shape.D * 4 / per_core_bandwidth * 0.05) * occ.waves(dev)
+        return t + cost.LAUNCH_S * (2 if config["splits"] > 1 else 1)

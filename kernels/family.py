@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from metalforge.errors import MetalforgeError, choices
 from metalforge.intmath import pow2_bucket
-from metalforge.kernels import backends, dtypes as _dtypes
+from metalforge.kernels import backends, cost, dtypes as _dtypes
 from metalforge.kernels.render import kernel_name, render
 
 
@@ -260,12 +260,24 @@ class Family:
         d = _dtypes.get(dtype)
         return d.atol, d.rtol
 
-    # ---- cost model inputs -------------------------------------------------------------------
-    def bytes_moved(self, shape, dtype) -> int:
+    # ---- the performance model (kernels/cost.py) ------------------------------------------------
+    def cost(self, config: Config, shape, dtype, device) -> float:
+        """Modelled seconds for one call of `config` on `device` (a profile or its name)."""
         raise NotImplementedError
 
-    def flops(self, shape) -> int:
+    def mlx_config(self, shape) -> dict:
+        """MLX's own kernel for the job, described as a config of ours (its tiles and threads)."""
         raise NotImplementedError
+
+    # MLX's kernel for the job multiplies on SIMD-group matrices (steel) and ours does not yet
+    mlx_uses_simdgroup_matrices = False
+
+    def mlx_cost(self, shape, dtype, device) -> float:
+        """MLX's built-in priced by the same rule: the baseline a tuned config must beat."""
+        t = self.cost(self.config(self.mlx_config(shape)), shape, dtype, device)
+        if self.mlx_uses_simdgroup_matrices:
+            t = cost.LAUNCH_S + (t - cost.LAUNCH_S) / cost.MLX_MMA_SPEEDUP
+        return t
 
 
 # Kernels compute element offsets in 32-bit `int`/`uint`: a buffer larger than this would wrap.

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metalforge.kernels import dtypes
-from metalforge.kernels.decode_attention import HEAD_DIMS
+from metalforge import devices
 from metalforge.intmath import cdiv
+from metalforge.kernels import cost, dtypes
+from metalforge.kernels.decode_attention import HEAD_DIMS
 from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
 
 STAGE_SIZES = {"float": 4, "half": 2}
@@ -125,11 +126,32 @@ class PrefillAttention(Family):
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
                                                     scale=inp["scale"].item(), mask=mask)
 
-    def bytes_moved(self, shape: PrefillShape, dtype) -> int:
-        d = dtypes.get(dtype)
-        return (2 * shape.B * shape.Hq * shape.L * shape.D + 2 * shape.B * shape.Hkv * shape.LK * shape.D) * d.size
+    mlx_uses_simdgroup_matrices = True
 
-    def flops(self, shape: PrefillShape) -> int:
-        # causal: about half of the L x LK score matrix, twice (QK^T and PV)
-        visible = shape.L * shape.prefix + shape.L * (shape.L + 1) // 2
-        return 4 * shape.B * shape.Hq * visible * shape.D
+    def mlx_config(self, shape) -> dict:
+        # steel attention: 32 x 16 tiles, 4 SIMD-groups, half staging
+        return {"BQ": 32, "BK": 16, "simdgroups": 4, "stage": "half"}
+
+    def cost(self, config, shape, dtype, device) -> float:
+        """Modelled seconds for one call (kernels/cost.py says how)."""
+        dev = devices.get(device)
+        dtype = dtypes.get(dtype)
+        sg = config["simdgroups"]
+        qtiles = cdiv(shape.L, config["BQ"])
+        tgs = shape.B * shape.Hq * qtiles
+        occ = cost.occupancy(32 * sg, self.threadgroup_memory_bytes(config, shape, dtype), tgs)
+        stage = 2 if config["stage"] == "half" else 4
+        q_bytes = shape.B * shape.Hq * shape.L * shape.D * dtype.size
+        # every query tile streams the keys it can see (causal: about half on average)
+        visible = shape.prefix + (shape.L + config["BQ"]) / 2
+        kv_bytes = 2 * shape.B * shape.Hq * qtiles * visible * shape.D * dtype.size * 0.5  # half served by the cache
+        out_bytes = q_bytes
+        pairs = shape.B * shape.Hq * (shape.L * shape.prefix + shape.L * (shape.L + 1) / 2)
+        # one simd_sum (5 shuffles) per (row, key) pair plus D/32 FMAs per lane; fp32 staging reads
+        # twice the threadgroup-memory bytes of half staging
+        lane_ops = pairs * 32 * (2 * shape.D / 32 * (1 + 0.25 * (stage == 4)) + 10)
+        parallel = occ.parallel_fraction(dev, ilp=min(2.0, config["BQ"] / sg / 2))
+        t = cost.roofline(q_bytes + kv_bytes + out_bytes, lane_ops, dev, parallel)
+        ktiles = cdiv(int(visible), config["BK"])
+        t += 2 * ktiles * cost.BARRIER_S * occ.waves(dev)
+        return t + cost.LAUNCH_S

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metalforge.kernels import dtypes
+from metalforge import devices
 from metalforge.intmath import cdiv
+from metalforge.kernels import cost, dtypes
 from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
 
 
@@ -91,14 +92,37 @@ class Qmv(Family):
         # Each output sums K products; rounding grows with sqrt(K) but is bounded for our inputs.
         return d.atol * 4, d.rtol
 
-    def bytes_moved(self, shape: QmvShape, dtype) -> int:
-        d = dtypes.get(dtype)
-        weights = shape.N * shape.K * shape.bits // 8
-        params = 2 * shape.N * (shape.K // shape.group_size) * d.size
-        return weights + params + (shape.M * shape.K + shape.M * shape.N) * d.size
+    def mlx_config(self, shape) -> dict:
+        # qmv_fast: 2 SIMD-groups x 4 rows, 16 4-bit values (or 8 8-bit values) per lane per step
+        return {"simdgroups": 2, "rows_per_simdgroup": 4, "stage_x": False,
+                "values_per_lane": 16 if shape.bits == 4 else 8}
 
-    def flops(self, shape: QmvShape) -> int:
-        return 2 * shape.M * shape.N * shape.K
+    def cost(self, config, shape, dtype, device) -> float:
+        """Modelled seconds for one call (kernels/cost.py says how)."""
+        dev = devices.get(device)
+        dtype = dtypes.get(dtype)
+        rows_per_tg = config["simdgroups"] * config["rows_per_simdgroup"]
+        groups = cdiv(shape.N, rows_per_tg)
+        occ = cost.occupancy(32 * config["simdgroups"], self.threadgroup_memory_bytes(config, shape, dtype), groups)
+        padded_rows = groups * rows_per_tg
+        weights = padded_rows * shape.K * shape.bits / 8 + 2 * padded_rows * (shape.K / shape.group_size) * dtype.size
+        # x is re-read by every SIMD-group (mostly from cache) unless staged once per threadgroup
+        x_reads = shape.M * shape.K * dtype.size * groups * (1 if config["stage_x"] else config["simdgroups"]) * 0.05
+        # narrow per-lane loads waste memory transactions: 16 bytes per lane per load is full width
+        load_bytes = config["values_per_lane"] * shape.bits / 8
+        width = min(1.0, load_bytes / 16) ** 0.35
+        # register pressure: M x R accumulators and M x V staged values per lane
+        registers = shape.M * (config["rows_per_simdgroup"] + config["values_per_lane"])
+        pressure = 1.0 if registers <= 96 else 96 / registers
+        parallel = occ.parallel_fraction(dev, ilp=config["rows_per_simdgroup"] / 2) * width * pressure
+        flops = 2 * shape.M * padded_rows * shape.K + 3 * padded_rows * shape.K   # FMAs plus unpacking
+        t = cost.roofline(weights + x_reads, flops, dev, parallel)
+        steps = cdiv(shape.K, 32 * config["values_per_lane"])
+        if config["stage_x"]:
+            t += 2 * steps * cost.BARRIER_S * occ.waves(dev)
+        t += shape.M * config["rows_per_simdgroup"] * cost.SIMD_REDUCE_S * occ.waves(dev)
+        return t + cost.LAUNCH_S
+
 
 
 def quantized_buffer_elements(shape) -> dict[str, int]:

@@ -6,7 +6,6 @@ import pytest
 from metalforge import devices, results
 from metalforge.kernels import check
 from metalforge.kernels.families import get as family
-from metalforge.tuner import cost_model
 
 # Llama-3-8B-sized shapes (what most users decode with), and a bigger version of each
 SHAPES = {
@@ -29,8 +28,8 @@ def test_more_bandwidth_is_never_slower(name):
     slow = devices.get("m3-pro")
     fast = dataclasses.replace(slow, memory_bandwidth_gbs=2 * slow.memory_bandwidth_gbs)
     for config in valid_configs(name, shape, slow)[::3]:
-        assert cost_model.estimate(fam, config, shape, "float16", fast) <= \
-            cost_model.estimate(fam, config, shape, "float16", slow), config
+        assert fam.cost(config, shape, "float16", fast) <= \
+            fam.cost(config, shape, "float16", slow), config
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -42,8 +41,8 @@ def test_more_work_is_never_faster(name):
     for config in valid_configs(name, shape, device)[::3]:
         if check(fam, config, bigger, "float16", device):
             continue
-        assert cost_model.estimate(fam, config, bigger, "float16", device) >= \
-            cost_model.estimate(fam, config, shape, "float16", device), config
+        assert fam.cost(config, bigger, "float16", device) >= \
+            fam.cost(config, shape, "float16", device), config
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -54,7 +53,7 @@ def test_the_modelled_best_config_is_valid_on_every_device(name):
         valid = valid_configs(name, shape, device)
         assert valid
         best = min(fam.space(), key=lambda c: (bool(check(fam, c, shape, "float16", device)),
-                                               cost_model.estimate(fam, c, shape, "float16", device)))
+                                               fam.cost(c, shape, "float16", device)))
         assert not check(fam, best, shape, "float16", device), "an invalid config is never the choice"
 
 

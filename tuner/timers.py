@@ -11,7 +11,6 @@ from typing import Callable, Protocol
 
 import mlx.core as mx
 
-from metalforge.tuner import cost_model
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,10 @@ class ModelTimer:
     kind = "model"
 
     def time(self, run: Callable | None, *, family, config, shape, dtype, device) -> Timing:
-        return Timing(cost_model.estimate(family, config, shape, dtype, device), 0.0, self.kind)
+        return Timing(family.cost(config, shape, dtype, device), 0.0, self.kind)
 
     def baseline(self, run: Callable | None, *, family, shape, dtype, device) -> Timing:
-        return Timing(cost_model.baseline_estimate(family, shape, dtype, device), 0.0, self.kind)
+        return Timing(family.mlx_cost(shape, dtype, device), 0.0, self.kind)
 
 
 class MetalTimer:
