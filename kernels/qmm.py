@@ -22,7 +22,8 @@ class Qmm(Qmv):
     )
 
     def shape_problems(self, shape) -> list[str]:
-        return quantization_problems(shape) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])
+        # the prompt kernel unpacks whole words: 4 and 8 bits (other widths run MLX's op)
+        return quantization_problems(shape, bits=(4, 8)) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])
 
     def threads_per_threadgroup(self, config) -> int:
         return config["threads"]

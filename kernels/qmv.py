@@ -22,7 +22,7 @@ class QmvShape:
 
 
 class Qmv(Family):
-    """y = x @ dequant(w_q).T, 4/8-bit MLX affine layout, M in 1..8."""
+    """y = x @ dequant(w_q).T, MLX's affine layout at every width mx.quantize writes, M in 1..8."""
 
     name = "qmv"
     bucketed = ("M",)
@@ -92,10 +92,18 @@ class Qmv(Family):
         # Each output sums K products; rounding grows with sqrt(K) but is bounded for our inputs.
         return d.atol * 4, d.rtol
 
+    def config_problems(self, config, shape, dtype) -> list[str]:
+        values = config["values_per_lane"]
+        if 32 % shape.bits == 0 and values * shape.bits % 32:
+            return [f"values_per_lane={values} is not a whole 32-bit word of {shape.bits}-bit weights"]
+        if shape.K % values:
+            return [f"K={shape.K} is not a multiple of values_per_lane={values}"]
+        return []
+
     def mlx_config(self, shape) -> dict:
         # qmv_fast: 2 SIMD-groups x 4 rows, 16 4-bit values (or 8 8-bit values) per lane per step
         return {"simdgroups": 2, "rows_per_simdgroup": 4, "stage_x": False,
-                "values_per_lane": 16 if shape.bits == 4 else 8}
+                "values_per_lane": 16 if shape.bits in (2, 4) else 8}
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
@@ -130,11 +138,14 @@ def quantized_buffer_elements(shape) -> dict[str, int]:
     return {"x": shape.M * shape.K, "w": shape.N * shape.K, "y": shape.M * shape.N}
 
 
-def quantization_problems(shape) -> list[str]:
+QMV_BITS = (2, 3, 4, 5, 6, 8)   # every width mx.quantize (affine) writes
+
+
+def quantization_problems(shape, bits=QMV_BITS) -> list[str]:
     """Shape problems shared by the quantized families (bits, group size, K divisibility)."""
     out = []
-    if shape.bits not in (4, 8):
-        out.append(f"bits={shape.bits} is not supported (valid: 4, 8)")
+    if shape.bits not in bits:
+        out.append(f"bits={shape.bits} is not supported (valid: {', '.join(map(str, bits))})")
     if shape.group_size not in (32, 64, 128):
         out.append(f"group_size={shape.group_size} is not supported (valid: 32, 64, 128)")
     if shape.N < 1 or shape.K < 1:
@@ -145,12 +156,23 @@ def quantization_problems(shape) -> list[str]:
 
 
 def dequantize_reference(wq, scales, biases, bits: int, group_size: int) -> mx.array:
-    """Unpack MLX's layout (low bits first) with shifts and masks: w = scale * q + bias."""
+    """Unpack MLX's layout with plain ops: each row is one little-endian bit stream, value i in
+    bits i*bits .. i*bits+bits-1 (a 3-, 5- or 6-bit value may straddle two words); w = scale * q + bias."""
     n = wq.shape[0]
-    per_word = 32 // bits
-    shifts = mx.arange(per_word, dtype=mx.uint32) * bits
-    q = (wq[:, :, None] >> shifts) & ((1 << bits) - 1)
-    q = q.reshape(n, -1).astype(mx.float32)
+    stream = mx.view(wq, mx.uint8).reshape(n, -1, bits).astype(mx.uint32)   # `bits` bytes hold 8 values
+    lo = sum(stream[:, :, b] << (8 * b) for b in range(min(bits, 4)))          # a chunk's bits 0..31
+    hi = sum(stream[:, :, b] << (8 * (b - 4)) for b in range(4, bits)) if bits > 4 else mx.zeros_like(lo)
+    values = []
+    for j in range(8):
+        offset = j * bits
+        if offset + bits <= 32:
+            v = lo >> offset
+        elif offset >= 32:
+            v = hi >> (offset - 32)
+        else:   # straddles the 32-bit halves
+            v = (lo >> offset) | (hi << (32 - offset))
+        values.append(v & ((1 << bits) - 1))
+    q = mx.stack(values, axis=-1).reshape(n, -1).astype(mx.float32)
     k = q.shape[1]
     s = mx.repeat(scales.astype(mx.float32), group_size, axis=1)[:, :k]
     b = mx.repeat(biases.astype(mx.float32), group_size, axis=1)[:, :k]

@@ -71,4 +71,4 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
     assert why(64).startswith("ours: measured 1.30x")
     assert why(128) == "MLX: measured 0.80x for ours"
     assert why(256).startswith("MLX: no Metal measurement")
-    assert "bits=3 is not supported" in why(64, bits=3) and why(64, bits=3).startswith("MLX: ")
+    assert "bits=7 is not supported" in why(64, bits=7) and why(64, bits=7).startswith("MLX: ")

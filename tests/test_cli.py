@@ -41,7 +41,7 @@ def test_check_single_invalid_config_exits_1_with_both_numbers():
     (["render", "qmv", "--device", "m1", "--shape", "M=1,N=8,K=64", "--config", "simdgroups=5"], "outside its domain"),
     (["check", "qmv", "--device", "m0", "--shape", "M=1,N=8,K=64"], "unknown device 'm0'"),
     (["check", "qmv", "--device", "m1", "--shape", "M=1,N=8"], "shape is missing K"),
-    (["check", "qmv", "--device", "m1", "--shape", "M=1,N=8,K=64,bits=5"], "bits=5 is not supported"),
+    (["check", "qmv", "--device", "m1", "--shape", "M=1,N=8,K=64,bits=7"], "bits=7 is not supported"),
     (["render", "prefill_attention", "--device", "m1", "--shape", "B=1,Hq=8,Hkv=8,L=64,D=128", "--dtype",
       "float32", "--config", "BQ=64", "BK=64", "stage=float"], "exceeds the maximum threadgroup memory"),
 ])

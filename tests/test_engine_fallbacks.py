@@ -1,6 +1,7 @@
-"""Models whose shapes no kernel family serves (head dim 32; 3- and 6-bit weights), built and saved
-by mlx-lm itself, decode on the emulator backend without raising: those ops run MLX's built-ins
-and the report says why; the tokens are the `mlx` backend's and mlx-lm's own."""
+"""Models built and saved by mlx-lm itself with shapes some family does not serve decode on the
+emulator backend without raising: head dim 32 (no attention kernel of ours), 3- and 6-bit weights
+(our qmv decodes them; prompts over 8 rows go to MLX's op, our qmm takes 4 and 8 bits). Those ops
+run MLX's built-ins and the report says why; the tokens are the `mlx` backend's and mlx-lm's own."""
 import mlx.core as mx
 import pytest
 
@@ -10,7 +11,7 @@ mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.utils import quantize_model, save_config, save_model  # noqa: E402
 
-PROMPT = [3, 17, 42, 5, 9, 11]
+PROMPT = [3, 17, 42, 5, 9, 11, 2, 8, 13, 21, 34, 55]   # over 8 tokens: the prompt takes qmm
 
 
 def mlx_lm_model(folder, head_dim, bits):
@@ -47,8 +48,8 @@ def greedy(folder, backend, n):
 
 
 @pytest.mark.parametrize("head_dim, bits, unsupported", [(32, 4, "D=32 is not supported"),
-                                                         (64, 3, "bits=3 is not supported"),
-                                                         (64, 6, "bits=6 is not supported")])
+                                                         (64, 3, "bits=3 is not supported (valid: 4, 8)"),
+                                                         (64, 6, "bits=6 is not supported (valid: 4, 8)")])
 def test_unsupported_shapes_fall_back_to_mlx_and_match(tmp_path, head_dim, bits, unsupported):
     model = mlx_lm_model(tmp_path / "model", head_dim, bits)
     theirs = mlx_lm_greedy(model, PROMPT, 4)
@@ -58,3 +59,5 @@ def test_unsupported_shapes_fall_back_to_mlx_and_match(tmp_path, head_dim, bits,
     fallbacks = [v for v in report.values() if v["kernel"].startswith("mx.")]
     assert fallbacks and all(v["why"].startswith("MLX: ") for v in fallbacks)
     assert any(unsupported in v["why"] for v in fallbacks), report
+    if bits != 4:
+        assert "metalforge qmv (emulator)" in {v["kernel"] for v in report.values()}, "decode runs our qmv"

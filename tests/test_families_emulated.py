@@ -54,6 +54,18 @@ def test_qmv_sample_across_shapes_and_dtypes(shape, dtype):
     assert verify("qmv", shape, dtype, sample=6) == 6
 
 
+@pytest.mark.parametrize("bits", [2, 3, 5, 6])
+def test_qmv_every_bit_width_mx_quantize_writes(bits):
+    """3-, 5- and 6-bit values straddle 32-bit words (read as byte chunks); 2-bit as whole words.
+    Every valid config against the reference, and the reference against MLX's own quantized matmul."""
+    shape = dict(M=2, N=24, K=256, bits=bits, group_size=32 if bits in (3, 6) else 64)
+    fam = family("qmv")
+    assert verify("qmv", shape, "float32") == len(valid_configs(fam, fam.shape(shape), "float32"))
+    inputs = fam.make_inputs(fam.shape(shape), "float32")
+    np.testing.assert_allclose(np.array(fam.reference(fam.shape(shape), "float32", inputs)),
+                               np.array(fam.baseline(fam.shape(shape), "float32", inputs)), atol=1e-4, rtol=1e-4)
+
+
 def test_qmm_every_config_small_shape():
     # 81 configs minus the 64-wide K tiles a K of 96 cannot divide (27) = 54
     assert verify("qmm", dict(M=20, N=40, K=96, bits=4, group_size=32), "float16") == 54

@@ -114,7 +114,7 @@ def test_config_problems_beyond_memory():
     (lambda: family("qmv").config({"tile": 4}), "unknown parameter 'tile'; valid parameters: simdgroups"),
     (lambda: family("qmv").config({"simdgroups": 3}), "simdgroups=3 is outside its domain; valid values: 1, 2, 4, 8"),
     (lambda: family("qmv").shape(dict(M=1, N=64, K=100, bits=4, group_size=64)), "K=100 is not a multiple of group_size=64"),
-    (lambda: family("qmv").shape(dict(M=1, N=64, K=128, bits=3)), "bits=3 is not supported"),
+    (lambda: family("qmv").shape(dict(M=1, N=64, K=128, bits=7)), "bits=7 is not supported"),
     (lambda: family("decode_attention").shape(dict(B=1, Hq=6, Hkv=4, S=8, D=64)), "Hq=6 is not a multiple of Hkv=4"),
     (lambda: check("qmv", {}, dict(M=1, N=8, K=64), "float16", "m7"), "unknown device 'm7'"),
     (lambda: check("qmv", {}, dict(M=1, N=8, K=64), "float64", "m1"), "unsupported dtype 'float64'"),
