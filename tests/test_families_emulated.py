@@ -150,7 +150,21 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=21, D=96, prefix=9), "float16"),
 ])
 def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatch):
-    """No out-of-bounds access and no threadgroup-memory race in a sample of configs, tails and
-    paged layouts included (the checked mode would raise)."""
+    """No out-of-bounds access and no threadgroup-memory race in configs that together take every
+    value of every tunable, tails and paged layouts included (the checked mode would raise)."""
     monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
-    assert verify(name, shape, dtype, sample=4, seed=11) == 4
+    fam = family(name)
+    configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
+    assert verify(name, shape, dtype, configs=configs) == len(configs)
+
+
+def covering(fam, configs):
+    """A few configs that between them take every value (valid at this shape) of every parameter:
+    greedily, the config that adds the most values not yet taken."""
+    wanted = {(p.name, v) for p in fam.params for v in p.domain if any(c[p.name] == v for c in configs)}
+    chosen = []
+    while wanted:
+        best = max(configs, key=lambda c: len(wanted & set(c.items())))
+        chosen.append(best)
+        wanted -= set(best.items())
+    return chosen
