@@ -215,21 +215,20 @@ class Engine:
             first = time.perf_counter()
             stats.time_to_first_token_s = first - start
             stats.prefill_tokens_per_s = (len(ids) - cached) / max(stats.time_to_first_token_s, 1e-9)
-            text_so_far, generated = "", []
+            detokenizer = tokenizers.StreamingDetokenizer(self.tokenizer) if self.tokenizer else None
+            recent, longest_stop = "", max(map(len, stop_texts), default=0)
             stats.stop_reason = "max_tokens"
             while stats.generated_tokens < max_tokens:
                 token = sampler(logits[0])
-                generated.append(token)
                 stats.generated_tokens += 1
-                text = None
-                if self.tokenizer:
-                    full = self.tokenizer.decode(generated)
-                    text, text_so_far = full[len(text_so_far):], full
+                text = detokenizer.add(token) if detokenizer else None
                 yield Token(token, text)
                 if token in stop_ids:
                     stats.stop_reason = "stop token"
                     break
-                if stop_texts and any(s in text_so_far for s in stop_texts):
+                # a stop string completed by this piece lies in its last len(stop) - 1 + len(piece) chars
+                recent = (recent + (text or ""))[-(longest_stop + len(text or "")):] if stop_texts else ""
+                if stop_texts and any(s in recent for s in stop_texts):
                     stats.stop_reason = "stop string"
                     break
                 if stats.generated_tokens >= max_tokens:

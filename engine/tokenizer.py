@@ -29,6 +29,29 @@ class Tokenizer:
         return self.inner.decode(ids)
 
 
+class StreamingDetokenizer:
+    """Text as tokens arrive, a few tokens decoded per step instead of the whole output again
+    (which made streaming quadratic). The window starts one token before the newest complete
+    text, since decoding can depend on the token before (leading spaces); a token that ends
+    inside a UTF-8 character decodes to U+FFFD and waits for the rest (a character the output
+    never completes is not emitted)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix = 0    # the window's first token
+        self.read = 0      # tokens before this are emitted
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        done = self.tokenizer.decode(self.tokens[self.prefix:self.read])
+        text = self.tokenizer.decode(self.tokens[self.prefix:])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.tokens)
+            return text[len(done):]
+        return ""
+
+
 def load(folder) -> Tokenizer | None:
     path = Path(folder) / "tokenizer.json"
     return Tokenizer(path) if path.is_file() else None

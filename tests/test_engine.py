@@ -97,6 +97,20 @@ def test_text_in_text_out_and_stop_strings(models):
         assert gen.stats.time_to_first_token_s > 0 and gen.stats.decode_tokens_per_s > 0
 
 
+def test_streamed_text_is_the_whole_decode_and_costs_a_few_tokens_per_step(models):
+    """The pieces join to exactly what decoding all the tokens at once gives, and each step
+    decodes a short window: streaming n tokens decodes O(n) tokens in all, not O(n^2)."""
+    folder = models[("qwen2", (4, 32))]
+    with engine.load(folder, backend="mlx", kv_tokens=256) as e:
+        decoded = []
+        real = e.tokenizer.decode
+        e.tokenizer.decode = lambda ids: decoded.append(len(ids)) or real(ids)
+        pieces = list(e.generate("w5 w17 w42", max_tokens=60))
+        e.tokenizer.decode = real
+        assert "".join(p.text for p in pieces) == real([p.id for p in pieces])
+        assert sum(decoded) <= 6 * len(pieces), "a window of a few tokens per step"
+
+
 def test_prompts_without_a_tokenizer_are_token_ids(models):
     with engine.load(models[("llama", None)], backend="mlx", kv_tokens=64) as e:
         with pytest.raises(MetalforgeError, match="no tokenizer.json: pass the prompt as a list of token ids"):
