@@ -1,4 +1,6 @@
 """The command line: real subprocess runs of the installed `metalforge` entry point."""
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -50,3 +52,14 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_readme_python_api_example_runs():
+    """The README's Python API block, as a user would paste it (the emulator runs the kernel here)."""
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace("print(", "str(")   # no output needed
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["check"](namespace["fam"], namespace["config"], namespace["shape"], "float16", "m1") == []
