@@ -98,6 +98,11 @@ class Entry:
             raise MetalforgeError(f"{at}: {err}") from None
         if fam.bucket_key(shape, e["dtype"]) != key:
             raise MetalforgeError(f"{at}: key does not match its shape and dtype")
+        return cls.of(e)
+
+    @classmethod
+    def of(cls, e: dict) -> "Entry":
+        """An entry from a mapping already checked (by from_dict, or by loading its file)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in e.items() if k in known},
                    extra={k: v for k, v in e.items() if k not in known})
@@ -137,7 +142,7 @@ def merge(data: dict, family: str, key: str, entry: "Entry | dict") -> bool:
     new = entry if isinstance(entry, Entry) else Entry.from_dict(family, key, entry, f"entries.{family}[{key!r}]")
     buckets = data["entries"].setdefault(family, {})
     old = buckets.get(key)
-    if new.beats(None if old is None else Entry.from_dict(family, key, old, f"entries.{family}[{key!r}]")):
+    if new.beats(None if old is None else Entry.of(old)):   # what is in `data` was checked when loaded
         buckets[key] = new.to_dict()
         return True
     return False
@@ -211,7 +216,7 @@ def _entries_for(device: str, results=None, shipped: bool = True) -> dict:
         if p.exists():
             for fam, buckets in load(p)["entries"].items():
                 for key, entry in buckets.items():
-                    merge(merged, fam, key, entry)
+                    merge(merged, fam, key, Entry.of(entry))   # load() checked it
     return merged["entries"]
 
 

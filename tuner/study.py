@@ -24,9 +24,9 @@ from metalforge.errors import MetalforgeError
 from metalforge.kernels.checks import check
 from metalforge.results import Entry, lookup, user_results_dir
 from metalforge.tuner.protocol import (BASELINE_S, DISCARDED, DUPLICATE_OF, ERROR, FINISHED, INVALID, REPEATS,
-                                       RETIME_OF, SPREAD, TIMER, WORKER, discarded, interrupted, standing)
+                                       RETIME_OF, SPREAD, TIMER, WORKER, discarded, interrupted, repeat, standing)
 from metalforge.tuner.shapes import Target
-from metalforge.tuner.timers import Timer, default_timer
+from metalforge.tuner.timers import Timer, default_timer, measures
 from metalforge.tuner.verify import Verifier
 
 # Heartbeats (stale trials of killed workers are retried) are marked experimental by Optuna.
@@ -276,7 +276,7 @@ class Objective:
         return timing.seconds
 
     def _runner(self, config) -> Callable | None:
-        if self.timer.kind == "model":
+        if not measures(self.timer):
             return None
         if self._timing_inputs is None:
             self._timing_inputs = self.family.make_inputs(self.target.shape, self.target.dtype)
@@ -306,7 +306,7 @@ class Objective:
                                dtype=self.target.dtype, device=self.device).seconds
 
     def _check_drift(self) -> None:
-        if self.timer.kind == "model":   # a model does not drift
+        if not measures(self.timer):   # a model does not drift
             return
         if self._reference is None:
             self._reference = self._reference_time()
@@ -334,7 +334,7 @@ class Objective:
 
 def counts(study: optuna.Study) -> dict:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
-    fresh = [t for t in trials if DUPLICATE_OF not in t.user_attrs]
+    fresh = [t for t in trials if not repeat(t)]
     return {
         "complete": sum(t.state == TrialState.COMPLETE for t in fresh),
         "invalid": sum(t.state == TrialState.PRUNED and INVALID in t.user_attrs for t in fresh),
@@ -348,7 +348,7 @@ def counts(study: optuna.Study) -> dict:
 def evaluated(study: optuna.Study) -> int:
     """Finished trials that were neither repeats nor interrupted: the budget `--trials` counts these."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
-               if DUPLICATE_OF not in t.user_attrs and not interrupted(t))
+               if not repeat(t) and not interrupted(t))
 
 
 # ---- workers that died ---------------------------------------------------------------------------
@@ -534,10 +534,11 @@ def _run_queued(study, objective) -> None:
             value = objective(trial)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
-        except (CandidateFailed, KeyboardInterrupt) as e:
+        except CandidateFailed:
             study.tell(trial, state=TrialState.FAIL)
-            if isinstance(e, KeyboardInterrupt):
-                raise
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)   # interrupted: queued again on resume
+            raise
         else:
             study.tell(trial, value)
 
@@ -545,7 +546,7 @@ def _run_queued(study, objective) -> None:
 def baseline(target: Target, settings: Settings):
     family = target.family
     runner = None
-    if settings.timer.kind != "model":
+    if measures(settings.timer):
         inputs = family.make_inputs(target.shape, target.dtype)
         runner = lambda: family.baseline(target.shape, target.dtype, inputs)
     return settings.timer.baseline(runner, family=family, shape=target.shape, dtype=target.dtype,

@@ -33,6 +33,11 @@ class Timer(Protocol):
     def baseline(self, run: Callable | None, *, family, shape, dtype, device) -> Timing: ...
 
 
+def measures(timer: Timer) -> bool:
+    """Whether the timer runs kernels on a device (inputs needed, thermal drift watched)."""
+    return timer.kind != "model"
+
+
 class ModelTimer:
     """Analytic estimate for the target profile (bytes over bandwidth, FLOPs over peak, occupancy)."""
 
