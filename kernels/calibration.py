@@ -1,0 +1,300 @@
+"""The cost model's free constants, fitted to published Apple measurements, and its stated error.
+
+The per-kernel model (kernels/cost.py) prices a kernel as memory time plus compute time plus fixed
+overheads. The same three primitives, summed over a transformer's layers, predict whole-model
+tokens per second; those predictions are compared with tokens per second that people have
+published for real models on real chips (benchmarks/data/apple_measurements.yaml), and the few
+constants of the primitives are fitted there by least squares on relative error:
+
+- decode (memory-bound), seconds per token:
+      bytes * (A / bandwidth + B / (gpu_cores * clock)) + layers * C
+  A: how far from the published peak bandwidth a chip's memory system runs; B: bytes a core can
+  move per cycle (bandwidth is core-limited on the large M1 parts, as published numbers show);
+  C: fixed cost per layer (a dozen dispatches and their encoding).
+- prefill (compute-bound), seconds per token:
+      flops * D[generation] / peak_fp32 + (weight reads + layers * C) / tokens per forward pass
+  D: inverse of the fraction of peak FP32 a SIMD-group-matrix kernel sustains, one value before
+  the M3 GPU (Apple GPU family 8 and earlier) and one from M3 on (dynamic caching, new shader core).
+
+Fitted once by `benchmarks/calibrate.py`, which writes `calibration.yaml` next to this file; the
+cost model reads the constants and every modelled figure carries the held-out error from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import re
+import statistics
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from metalforge import devices
+from metalforge.errors import MetalforgeError
+
+KV_BYTES = 2            # the KV cache is float16 in every engine measured
+DYNAMIC_CACHING_FROM = 15   # applegpu_g15 (M3) introduced the new shader core
+KINDS = ("decode", "prefill")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the end-to-end model needs of a transformer (llama family: GQA attention, gated MLP)."""
+
+    params_b: float
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @property
+    def matmul_params(self) -> float:
+        """Parameters read by matrix products per token: all but an untied embedding table (looked up)."""
+        return self.params_b * 1e9 - (0 if self.tied else self.vocab * self.hidden)
+
+    def kv_bytes(self, context: float) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * context * KV_BYTES
+
+    def attention_flops(self, context: float) -> float:
+        """QK^T and PV for one query token against `context` keys."""
+        return 4 * self.layers * self.heads * self.head_dim * context
+
+
+@dataclass(frozen=True)
+class Point:
+    """One published measurement (see the data file's header for the fields)."""
+
+    chip: str
+    gpu_cores: int
+    kind: str
+    model: str
+    arch: Architecture
+    weight_gib: float
+    tokens_per_s: float
+    source: str
+    date: str
+    software: str
+    weights: str = ""
+    tokens: int = 0
+    chunk: int = 0
+    context: float = 0.0
+
+    @property
+    def device(self):
+        return dataclasses.replace(devices.get(self.chip), gpu_cores=self.gpu_cores)
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of weights read per forward pass (the embedding table's share is only looked up)."""
+        return self.weight_gib * 2**30 * self.arch.matmul_params / (self.arch.params_b * 1e9)
+
+
+@dataclass(frozen=True)
+class Constants:
+    bandwidth_factor: float        # A
+    core_seconds_per_byte: float   # B (seconds x core x GHz per byte, so B / (cores * clock))
+    layer_overhead_s: float        # C
+    compute_factor: dict           # D per GPU generation group: "before_m3", "m3_on"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def generation_group(device) -> str:
+    m = re.match(r"applegpu_g(\d+)", device.architecture)
+    return "m3_on" if m and int(m.group(1)) >= DYNAMIC_CACHING_FROM else "before_m3"
+
+
+# ---- the data ---------------------------------------------------------------------------------
+REQUIRED = ("chip", "gpu_cores", "kind", "model", "weight_gib", "tokens_per_s", "source", "date", "software")
+
+
+def load_points(path) -> list[Point]:
+    """The measurements file, checked: every point names its source, a known chip and model."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MetalforgeError(f"{path}: cannot read measurements ({e})") from None
+    models = {name: Architecture(**arch) for name, arch in (data.get("models") or {}).items()}
+    points = []
+    for i, p in enumerate(data.get("points") or []):
+        at = f"{path}: points[{i}]"
+        missing = [k for k in REQUIRED if k not in p]
+        if missing:
+            raise MetalforgeError(f"{at}: missing {', '.join(missing)}")
+        if not str(p["source"]).startswith("https://"):
+            raise MetalforgeError(f"{at}: source must be a URL")
+        if p["kind"] not in KINDS:
+            raise MetalforgeError(f"{at}: kind must be decode or prefill")
+        if p["model"] not in models:
+            raise MetalforgeError(f"{at}: unknown model {p['model']!r}")
+        devices.get(p["chip"])
+        need = ("tokens", "chunk") if p["kind"] == "prefill" else ("context",)
+        if any(k not in p for k in need):
+            raise MetalforgeError(f"{at}: a {p['kind']} point needs {', '.join(need)}")
+        points.append(Point(chip=p["chip"], gpu_cores=int(p["gpu_cores"]), kind=p["kind"], model=p["model"],
+                            arch=models[p["model"]], weight_gib=float(p["weight_gib"]),
+                            tokens_per_s=float(p["tokens_per_s"]), source=p["source"], date=str(p["date"]),
+                            software=str(p["software"]), weights=str(p.get("weights", "")), tokens=int(p.get("tokens", 0)),
+                            chunk=int(p.get("chunk", 0)), context=float(p.get("context", 0))))
+    return points
+
+
+def data_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# ---- the model ----------------------------------------------------------------------------------
+def _memory_features(nbytes: float, dev) -> np.ndarray:
+    """Coefficients of (A, B) in memory seconds for `nbytes`."""
+    return np.array([nbytes / (dev.memory_bandwidth_gbs * 1e9), nbytes / (dev.gpu_cores * dev.gpu_clock_ghz * 1e9)])
+
+
+def _decode_features(p: Point) -> np.ndarray:
+    """Coefficients of (A, B, C) in seconds per decoded token."""
+    nbytes = p.weight_bytes + p.arch.kv_bytes(p.context)
+    return np.concatenate([_memory_features(nbytes, p.device), [p.arch.layers]])
+
+
+def _prefill_parts(p: Point, c: Constants) -> tuple[np.ndarray, float]:
+    """Seconds per prompt token as (coefficients of D before_m3 / m3_on, known seconds)."""
+    dev = p.device
+    per_pass = min(p.chunk, p.tokens)
+    flops = 2 * p.arch.matmul_params + p.arch.attention_flops(p.tokens / 2)   # causal: mean context L/2
+    compute = flops / (dev.peak_fp32_tflops * 1e12)
+    coeff = np.array([compute, 0.0]) if generation_group(dev) == "before_m3" else np.array([0.0, compute])
+    weights = _memory_features(p.weight_bytes, dev) @ [c.bandwidth_factor, c.core_seconds_per_byte]
+    return coeff, (weights + p.arch.layers * c.layer_overhead_s) / per_pass
+
+
+def predict(p: Point, c: Constants) -> float:
+    """Modelled tokens per second for a point."""
+    if p.kind == "decode":
+        t = _decode_features(p) @ [c.bandwidth_factor, c.core_seconds_per_byte, c.layer_overhead_s]
+    else:
+        coeff, known = _prefill_parts(p, c)
+        t = coeff @ [c.compute_factor["before_m3"], c.compute_factor["m3_on"]] + known
+    return 1.0 / t
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: the best over subsets of free coefficients
+    (a handful of constants, so trying every subset is exact and instant)."""
+    best, best_err = np.zeros(a.shape[1]), np.inf
+    for k in range(1, a.shape[1] + 1):
+        for cols in itertools.combinations(range(a.shape[1]), k):
+            x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if (x < 0).any():
+                continue
+            full = np.zeros(a.shape[1])
+            full[list(cols)] = x
+            err = float(np.sum((a @ full - b) ** 2))
+            if err < best_err:
+                best, best_err = full, err
+    return best
+
+
+def fit(points: list[Point]) -> Constants:
+    """Fit the constants by least squares on relative error (each row divided by its measured time)."""
+    decode = [p for p in points if p.kind == "decode"]
+    prefill = [p for p in points if p.kind == "prefill"]
+    if len(decode) < 3 or not prefill:
+        raise MetalforgeError("calibration needs at least 3 decode points and 1 prefill point")
+    a = np.array([_decode_features(p) * p.tokens_per_s for p in decode])
+    x = _nonnegative_lstsq(a, np.ones(len(decode)))
+    partial = Constants(float(x[0]), float(x[1]), float(x[2]), {"before_m3": 1.0, "m3_on": 1.0})
+    rows, rhs = [], []
+    for p in prefill:
+        coeff, known = _prefill_parts(p, partial)
+        rows.append(coeff * p.tokens_per_s)
+        rhs.append(1.0 - known * p.tokens_per_s)
+    rows = np.array(rows)
+    d = _nonnegative_lstsq(rows, np.array(rhs))
+    groups = ("before_m3", "m3_on")
+    # a group without prefill points keeps the other group's factor rather than a zero
+    seen = [bool(rows[:, i].any()) for i in range(2)]
+    fallback = next((d[i] for i in range(2) if seen[i]), 1.0)
+    return dataclasses.replace(partial, compute_factor={g: float(d[i] if seen[i] else fallback)
+                                                        for i, g in enumerate(groups)})
+
+
+def relative_errors(points: list[Point], c: Constants) -> list[float]:
+    return [predict(p, c) / p.tokens_per_s - 1.0 for p in points]
+
+
+def leave_one_chip_out(points: list[Point]) -> dict[str, list[tuple[Point, float]]]:
+    """For each chip: the constants fitted without it, judged on its own points (pred/meas - 1)."""
+    out = {}
+    for chip in sorted({p.chip for p in points}):
+        train = [p for p in points if p.chip != chip]
+        held = [p for p in points if p.chip == chip]
+        c = fit(train)
+        out[chip] = list(zip(held, relative_errors(held, c)))
+    return out
+
+
+def held_out_error(points: list[Point]) -> dict[str, float]:
+    """Median absolute relative error on held-out chips, for decode and for prefill."""
+    errors = {k: [] for k in KINDS}
+    for pairs in leave_one_chip_out(points).values():
+        for p, e in pairs:
+            errors[p.kind].append(abs(e))
+    return {k: round(float(statistics.median(v)), 4) for k, v in errors.items() if v}
+
+
+# ---- the shipped result -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Calibration:
+    constants: Constants
+    held_out_error: dict    # kind -> median absolute relative error on held-out chips
+    points: int
+    chips: int
+    data: str               # digest of the measurements file it was fitted on
+
+
+def shipped_path() -> Path:
+    return Path(str(resources.files("metalforge.kernels"))) / "calibration.yaml"
+
+
+def to_yaml(cal: Calibration) -> str:
+    head = ("# Written by benchmarks/calibrate.py: the cost model's constants fitted to published Apple\n"
+            "# measurements (benchmarks/data/apple_measurements.yaml). Do not edit by hand.\n")
+    return head + yaml.safe_dump(dataclasses.asdict(cal), sort_keys=False)
+
+
+@lru_cache(maxsize=1)
+def shipped() -> Calibration:
+    """The calibration the cost model uses. Missing or damaged: an error that says how to rebuild it."""
+    path = shipped_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return Calibration(constants=Constants(**raw["constants"]), held_out_error=dict(raw["held_out_error"]),
+                           points=int(raw["points"]), chips=int(raw["chips"]), data=str(raw["data"]))
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise MetalforgeError(f"{path}: cost model calibration unreadable ({e}); "
+                              "rebuild it with python benchmarks/calibrate.py") from None
+
+
+def model_error(bound: str) -> float:
+    """The stated error of a modelled time: the held-out error of the regime the kernel lives in
+    (memory-bound kernels: decode; compute-bound: prefill)."""
+    err = shipped().held_out_error
+    return err["decode"] if bound == "memory" else err["prefill"]
+
+
+def describe_speedup(speedup: float | None, error: float) -> str:
+    """A modelled ratio as the user sees it: within the model's error it is not a number."""
+    if not speedup:
+        return "-"
+    if abs(speedup - 1.0) <= error:
+        return "within model error"
+    return f"{speedup:.2f}x"
