@@ -12,12 +12,13 @@ constants (kernels/calibration.yaml) with this fit; `--check` exits 1 when they 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
 
 from metalforge import files
-from metalforge.kernels import calibration as cal
+from metalforge.kernels import calibration as cal, cost
 from metalforge.plotting import figure, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -28,12 +29,7 @@ def generation(p: cal.Point) -> str:
     return GENERATION.get(p.device.architecture[:12], p.device.architecture)
 
 
-def calibrate(points: list[cal.Point], digest: str) -> cal.Calibration:
-    return cal.Calibration(constants=cal.fit(points), held_out_error=cal.held_out_error(points),
-                           points=len(points), chips=len({p.chip for p in points}), data=digest)
-
-
-def report(points, result: cal.Calibration) -> dict:
+def report(points, result: cost.Calibration) -> dict:
     c = result.constants
     print(f"{len(points)} published measurements, {result.chips} chips "
           f"({sum(p.kind == 'decode' for p in points)} decode, {sum(p.kind == 'prefill' for p in points)} prefill)\n")
@@ -62,7 +58,7 @@ def report(points, result: cal.Calibration) -> dict:
         for p, e in pairs:
             per_chip.setdefault(p.chip, []).append(abs(e))
     print("  per chip: " + ", ".join(f"{chip} {statistics.median(v):.1%}" for chip, v in per_chip.items()))
-    return dict(constants=c.to_dict(), held_out_error=result.held_out_error, points=rows)
+    return dict(constants=dataclasses.asdict(c), held_out_error=result.held_out_error, points=rows)
 
 
 def plot(rows: list[dict]):
@@ -93,14 +89,14 @@ def main(argv=None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 if the shipped constants differ from this fit")
     args = ap.parse_args(argv)
     points = cal.load_points(args.data)
-    result = calibrate(points, cal.data_digest(args.data))
+    result = cal.calibrate(args.data)
     data = report(points, result)
     write_report(args.out, data, plot(data["points"]))
     if args.write:
-        files.write_atomic(cal.shipped_path(), cal.to_yaml(result))
-        print(f"wrote {cal.shipped_path()}")
-    elif args.check and cal.to_yaml(result) != cal.shipped_path().read_text():
-        print(f"{cal.shipped_path()} differs from this fit: run with --write", file=sys.stderr)
+        files.write_atomic(cost.calibration_path(), result.to_yaml())
+        print(f"wrote {cost.calibration_path()}")
+    elif args.check and result.to_yaml() != cost.calibration_path().read_text():
+        print(f"{cost.calibration_path()} differs from this fit: run with --write", file=sys.stderr)
         return 1
     return 0
 

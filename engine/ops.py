@@ -3,10 +3,10 @@
 Backends: `metal` (our generated kernels through mx.fast.metal_kernel, configs from the results
 files), `emulator` (the same kernels on the CPU; slow, for verification) and `mlx` (MLX's
 built-ins). Asked for explicitly, `metal` and `emulator` run ours wherever a family supports the
-shape; with `auto` on a Mac ours runs only where the evidence says it is faster: a Metal-measured
-results entry for the device and bucket with a speedup over MLX's built-in above 1. A modelled
-entry is not evidence until the cost model's error is known (it is not yet calibrated on Apple
-measurements), so there MLX's op runs. Shapes no family supports (head dim 32, 3-bit weights, ...)
+shape; with `auto` on a Mac ours runs only where the evidence says it is faster (Entry.evidence):
+a Metal-measured results entry for the device and bucket with a speedup over MLX's built-in above
+1, or a modelled one whose margin over MLX exceeds the model's held-out error on Apple
+measurements (kernels/calibration.yaml); otherwise MLX's op runs. Shapes no family supports
 always run MLX's op: nothing a valid model contains raises. `report` says per op which kernel ran
 and why.
 """
@@ -19,7 +19,7 @@ from metalforge.errors import MetalforgeError
 from metalforge.kernels import backends
 from metalforge.kernels.checks import check
 from metalforge.kernels.families import get as get_family
-from metalforge.results import lookup
+from metalforge.results import Entry, lookup
 
 QMV_MAX_ROWS = 8
 
@@ -55,12 +55,12 @@ class Kernels:
         choice = lookup(self.device, fam.name, shape, dtype, results=self.results)
         if not self.by_evidence:
             return shape, choice.config, f"ours ({self.backend} asked for): {choice.describe()}"
-        entry = choice.entry
-        if entry is None or entry["timer"] != "metal" or not entry.get("speedup"):
-            return None, None, "MLX: no Metal measurement of ours for this bucket (modelled gains are not evidence)"
-        if entry["speedup"] <= 1.0:
-            return None, None, f"MLX: measured {entry['speedup']:.2f}x for ours"
-        return shape, choice.config, f"ours: measured {entry['speedup']:.2f}x ({choice.describe()})"
+        if choice.entry is None:
+            return None, None, f"MLX: no results entry for this bucket ({choice.describe()})"
+        faster, words = Entry.of(choice.entry).evidence(fam.model_error())
+        if not faster:
+            return None, None, f"MLX: {words}"
+        return shape, choice.config, f"ours: {words} ({choice.describe()})"
 
     def _record(self, op: str, **what) -> None:
         self.report.setdefault(op, what)

@@ -16,19 +16,16 @@ constants of the primitives are fitted there by least squares on relative error:
   D: inverse of the fraction of peak FP32 a SIMD-group-matrix kernel sustains, one value before
   the M3 GPU (Apple GPU family 8 and earlier) and one from M3 on (dynamic caching, new shader core).
 
-Fitted once by `benchmarks/calibrate.py`, which writes `calibration.yaml` next to this file; the
-cost model reads the constants and every modelled figure carries the held-out error from there.
+Fitted by `benchmarks/calibrate.py`, which writes `calibration.yaml` next to this file; the cost
+model (kernels/cost.py) reads the constants and every modelled figure carries the held-out error.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import itertools
-import re
 import statistics
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +33,12 @@ import yaml
 
 from metalforge import devices
 from metalforge.errors import MetalforgeError
+from metalforge.kernels import cost
+from metalforge.kernels.cost import Calibration, Constants
 
 KV_BYTES = 2            # the KV cache is float16 in every engine measured
-DYNAMIC_CACHING_FROM = 15   # applegpu_g15 (M3) introduced the new shader core
 KINDS = ("decode", "prefill")
+GROUPS = ("before_m3", "m3_on")
 
 
 @dataclass(frozen=True)
@@ -97,22 +96,6 @@ class Point:
         return self.weight_gib * 2**30 * self.arch.matmul_params / (self.arch.params_b * 1e9)
 
 
-@dataclass(frozen=True)
-class Constants:
-    bandwidth_factor: float        # A
-    core_seconds_per_byte: float   # B (seconds x core x GHz per byte, so B / (cores * clock))
-    layer_overhead_s: float        # C
-    compute_factor: dict           # D per GPU generation group: "before_m3", "m3_on"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def generation_group(device) -> str:
-    m = re.match(r"applegpu_g(\d+)", device.architecture)
-    return "m3_on" if m and int(m.group(1)) >= DYNAMIC_CACHING_FROM else "before_m3"
-
-
 # ---- the data ---------------------------------------------------------------------------------
 REQUIRED = ("chip", "gpu_cores", "kind", "model", "weight_gib", "tokens_per_s", "source", "date", "software")
 
@@ -154,15 +137,10 @@ def data_digest(path) -> str:
 
 
 # ---- the model ----------------------------------------------------------------------------------
-def _memory_features(nbytes: float, dev) -> np.ndarray:
-    """Coefficients of (A, B) in memory seconds for `nbytes`."""
-    return np.array([nbytes / (dev.memory_bandwidth_gbs * 1e9), nbytes / (dev.gpu_cores * dev.gpu_clock_ghz * 1e9)])
-
-
 def _decode_features(p: Point) -> np.ndarray:
     """Coefficients of (A, B, C) in seconds per decoded token."""
     nbytes = p.weight_bytes + p.arch.kv_bytes(p.context)
-    return np.concatenate([_memory_features(nbytes, p.device), [p.arch.layers]])
+    return np.array([*cost.memory_terms(nbytes, p.device), p.arch.layers])
 
 
 def _prefill_parts(p: Point, c: Constants) -> tuple[np.ndarray, float]:
@@ -170,10 +148,8 @@ def _prefill_parts(p: Point, c: Constants) -> tuple[np.ndarray, float]:
     dev = p.device
     per_pass = min(p.chunk, p.tokens)
     flops = 2 * p.arch.matmul_params + p.arch.attention_flops(p.tokens / 2)   # causal: mean context L/2
-    compute = flops / (dev.peak_fp32_tflops * 1e12)
-    coeff = np.array([compute, 0.0]) if generation_group(dev) == "before_m3" else np.array([0.0, compute])
-    weights = _memory_features(p.weight_bytes, dev) @ [c.bandwidth_factor, c.core_seconds_per_byte]
-    return coeff, (weights + p.arch.layers * c.layer_overhead_s) / per_pass
+    coeff = np.array([cost.compute_term(flops, dev) if g == cost.generation_group(dev) else 0.0 for g in GROUPS])
+    return coeff, (cost.memory_seconds(p.weight_bytes, dev, c) + p.arch.layers * c.layer_overhead_s) / per_pass
 
 
 def predict(p: Point, c: Constants) -> float:
@@ -182,7 +158,7 @@ def predict(p: Point, c: Constants) -> float:
         t = _decode_features(p) @ [c.bandwidth_factor, c.core_seconds_per_byte, c.layer_overhead_s]
     else:
         coeff, known = _prefill_parts(p, c)
-        t = coeff @ [c.compute_factor["before_m3"], c.compute_factor["m3_on"]] + known
+        t = coeff @ [c.compute_factor[g] for g in GROUPS] + known
     return 1.0 / t
 
 
@@ -219,12 +195,11 @@ def fit(points: list[Point]) -> Constants:
         rhs.append(1.0 - known * p.tokens_per_s)
     rows = np.array(rows)
     d = _nonnegative_lstsq(rows, np.array(rhs))
-    groups = ("before_m3", "m3_on")
     # a group without prefill points keeps the other group's factor rather than a zero
     seen = [bool(rows[:, i].any()) for i in range(2)]
     fallback = next((d[i] for i in range(2) if seen[i]), 1.0)
     return dataclasses.replace(partial, compute_factor={g: float(d[i] if seen[i] else fallback)
-                                                        for i, g in enumerate(groups)})
+                                                        for i, g in enumerate(GROUPS)})
 
 
 def relative_errors(points: list[Point], c: Constants) -> list[float]:
@@ -251,50 +226,8 @@ def held_out_error(points: list[Point]) -> dict[str, float]:
     return {k: round(float(statistics.median(v)), 4) for k, v in errors.items() if v}
 
 
-# ---- the shipped result -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Calibration:
-    constants: Constants
-    held_out_error: dict    # kind -> median absolute relative error on held-out chips
-    points: int
-    chips: int
-    data: str               # digest of the measurements file it was fitted on
-
-
-def shipped_path() -> Path:
-    return Path(str(resources.files("metalforge.kernels"))) / "calibration.yaml"
-
-
-def to_yaml(cal: Calibration) -> str:
-    head = ("# Written by benchmarks/calibrate.py: the cost model's constants fitted to published Apple\n"
-            "# measurements (benchmarks/data/apple_measurements.yaml). Do not edit by hand.\n")
-    return head + yaml.safe_dump(dataclasses.asdict(cal), sort_keys=False)
-
-
-@lru_cache(maxsize=1)
-def shipped() -> Calibration:
-    """The calibration the cost model uses. Missing or damaged: an error that says how to rebuild it."""
-    path = shipped_path()
-    try:
-        raw = yaml.safe_load(path.read_text())
-        return Calibration(constants=Constants(**raw["constants"]), held_out_error=dict(raw["held_out_error"]),
-                           points=int(raw["points"]), chips=int(raw["chips"]), data=str(raw["data"]))
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise MetalforgeError(f"{path}: cost model calibration unreadable ({e}); "
-                              "rebuild it with python benchmarks/calibrate.py") from None
-
-
-def model_error(bound: str) -> float:
-    """The stated error of a modelled time: the held-out error of the regime the kernel lives in
-    (memory-bound kernels: decode; compute-bound: prefill)."""
-    err = shipped().held_out_error
-    return err["decode"] if bound == "memory" else err["prefill"]
-
-
-def describe_speedup(speedup: float | None, error: float) -> str:
-    """A modelled ratio as the user sees it: within the model's error it is not a number."""
-    if not speedup:
-        return "-"
-    if abs(speedup - 1.0) <= error:
-        return "within model error"
-    return f"{speedup:.2f}x"
+def calibrate(path) -> Calibration:
+    """Fit the measurements file at `path` and state the fit's held-out error."""
+    points = load_points(path)
+    return Calibration(constants=fit(points), held_out_error=held_out_error(points), points=len(points),
+                       chips=len({p.chip for p in points}), data=data_digest(path))

@@ -1,27 +1,130 @@
 """The analytic time model every family prices its configs with (Family.cost): what tuning uses
 off a Mac. The family supplies what its kernel moves and computes; this module turns that into time.
 
-It is a model, not a measurement, and every output built on it says `timer: model`. Its parts:
-- memory time: bytes a config really moves (re-reads included) over the profile's bandwidth,
-  scaled by how much memory-level parallelism the config keeps in flight;
-- compute time: the kernel's arithmetic over the GPU's FP32 rate, scaled the same way;
-- occupancy: threadgroups resident per core, limited by threadgroup memory and threads;
-- fixed costs: launches, barriers and cross-SIMD-group merges.
-Assumed per core (Apple does not publish these): 2048 resident threads, 64 KB of threadgroup
-memory, and about 1024 threads in flight per core to saturate memory bandwidth.
+It is a model, not a measurement: every output built on it says `timer: model` and carries the
+model's error. Its parts, and where each number comes from:
+- memory time: bytes * (A / published bandwidth + B / (GPU cores * clock)). A and B are FITTED
+  (kernels/calibration.yaml) to published decode speeds of real models on 8 Apple chips;
+- compute time: FLOPs * D / peak FP32, D FITTED per GPU generation (before M3, M3 on) to
+  published prompt-processing speeds;
+- a dispatch: the FITTED fixed cost per transformer layer C over the dispatches a layer makes
+  (ASSUMED 14: norms, projections, RoPE, attention, MLP, residual adds, as llama.cpp and mlx-lm
+  encode a llama layer);
+- occupancy: threadgroups resident per core, limited by threadgroup memory and threads, and the
+  share of the parallelism a launch keeps in flight. ASSUMED per core (Apple does not publish
+  these, and end-to-end speeds cannot separate them): 2048 resident threads, 64 KB of threadgroup
+  memory, about 1024 threads in flight to saturate memory; barrier and SIMD-reduction costs.
+The fit, its data and its held-out error: benchmarks/calibrate.py (kernels/calibration.py).
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
 
+import yaml
+
+from metalforge.errors import MetalforgeError
 from metalforge.intmath import cdiv
 
 THREADS_PER_CORE = 2048
 TG_MEMORY_PER_CORE = 65536
 THREADS_TO_SATURATE = 1024
-LAUNCH_S = 4e-6           # one dispatch
-BARRIER_S = 0.15e-6       # one threadgroup barrier, per threadgroup
-SIMD_REDUCE_S = 0.02e-6   # one simd_sum per SIMD-group
+DISPATCHES_PER_LAYER = 14
+BARRIER_S = 0.15e-6       # one threadgroup barrier, per threadgroup (assumed)
+SIMD_REDUCE_S = 0.02e-6   # one simd_sum per SIMD-group (assumed)
+DYNAMIC_CACHING_FROM = 15   # applegpu_g15 (M3) introduced the new shader core and dynamic caching
+
+
+# ---- the fitted constants ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Constants:
+    bandwidth_factor: float        # A
+    core_seconds_per_byte: float   # B: seconds x cores x GHz per byte (1 / B: bytes per core-cycle)
+    layer_overhead_s: float        # C
+    compute_factor: dict           # D per generation group: "before_m3", "m3_on"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    constants: Constants
+    held_out_error: dict    # "decode" / "prefill" -> median |predicted / measured - 1| on held-out chips
+    points: int
+    chips: int
+    data: str               # digest of the measurements file it was fitted on
+
+    def to_yaml(self) -> str:
+        head = ("# Written by benchmarks/calibrate.py: the cost model's constants fitted to published Apple\n"
+                "# measurements (benchmarks/data/apple_measurements.yaml). Do not edit by hand.\n")
+        return head + yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+def calibration_path() -> Path:
+    return Path(str(resources.files("metalforge.kernels"))) / "calibration.yaml"
+
+
+@lru_cache(maxsize=1)
+def calibration() -> Calibration:
+    """The shipped calibration. Missing or damaged: an error that says how to rebuild it."""
+    path = calibration_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return Calibration(constants=Constants(**raw["constants"]), held_out_error=dict(raw["held_out_error"]),
+                           points=int(raw["points"]), chips=int(raw["chips"]), data=str(raw["data"]))
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise MetalforgeError(f"{path}: cost model calibration unreadable ({e}); "
+                              "rebuild it with python benchmarks/calibrate.py --write") from None
+
+
+def model_error(bound: str) -> float:
+    """The stated error of a modelled time: the held-out error of the regime the kernel lives in
+    (memory-bound kernels: decode; compute-bound: prefill)."""
+    err = calibration().held_out_error
+    return err["decode"] if bound == "memory" else err["prefill"]
+
+
+def describe_speedup(speedup: float | None, error: float) -> str:
+    """A modelled ratio as the user sees it: within the model's error it is not a number."""
+    if not speedup:
+        return "-"
+    if abs(speedup - 1.0) <= error:
+        return "within model error"
+    return f"{speedup:.2f}x"
+
+
+# ---- the primitives -------------------------------------------------------------------------
+def generation_group(device) -> str:
+    m = re.match(r"applegpu_g(\d+)", device.architecture)
+    return "m3_on" if m and int(m.group(1)) >= DYNAMIC_CACHING_FROM else "before_m3"
+
+
+def memory_terms(nbytes: float, dev) -> tuple[float, float]:
+    """The coefficients of A and B in the memory time of `nbytes`."""
+    return nbytes / (dev.memory_bandwidth_gbs * 1e9), nbytes / (dev.gpu_cores * dev.gpu_clock_ghz * 1e9)
+
+
+def compute_term(flops: float, dev) -> float:
+    """The coefficient of D in the compute time of `flops`."""
+    return flops / (dev.peak_fp32_tflops * 1e12)
+
+
+def memory_seconds(nbytes: float, dev, c: Constants | None = None) -> float:
+    c = c or calibration().constants
+    a, b = memory_terms(nbytes, dev)
+    return a * c.bandwidth_factor + b * c.core_seconds_per_byte
+
+
+def compute_seconds(flops: float, dev, c: Constants | None = None) -> float:
+    c = c or calibration().constants
+    return compute_term(flops, dev) * c.compute_factor[generation_group(dev)]
+
+
+def launch_seconds() -> float:
+    """One dispatch: the fitted cost per layer over the dispatches a layer makes."""
+    return calibration().constants.layer_overhead_s / DISPATCHES_PER_LAYER
 
 
 @dataclass(frozen=True)
@@ -46,9 +149,8 @@ def occupancy(threads: int, tg_bytes: int, threadgroups: int) -> Occupancy:
 
 
 def roofline(bytes_moved: float, flops: float, dev, parallel: float) -> float:
-    memory = bytes_moved / (dev.memory_bandwidth_gbs * 1e9 * max(parallel, 1e-3))
-    compute = flops / (dev.peak_fp32_tflops * 1e12 * max(parallel, 1e-3))
-    return max(memory, compute)
+    """The slower of moving the bytes and doing the arithmetic, at the parallelism kept in flight."""
+    return max(memory_seconds(bytes_moved, dev), compute_seconds(flops, dev)) / max(parallel, 1e-3)
 
 
 # MLX's steel kernels multiply on SIMD-group matrices and ours (for now) do not: the speedup is an

@@ -198,6 +198,6 @@ class DecodeAttention(Family):
         t = cost.roofline(kv_reads + partials, flops, dev, parallel * busy)
         steps = cdiv(keys_per_tg, sg * config["keys_per_step"])
         t += steps * heads * config["keys_per_step"] * cost.SIMD_REDUCE_S * occ.waves(dev)
-        per_core_bandwidth = dev.memory_bandwidth_gbs * 1e9 / dev.gpu_cores
-        t += (cost.BARRIER_S + sg * heads * shape.D * 4 / per_core_bandwidth * 0.05) * occ.waves(dev)
-        return t + cost.LAUNCH_S * (2 if config["splits"] > 1 else 1)
+        merge_on_one_core = cost.memory_seconds(sg * heads * shape.D * 4 * dev.gpu_cores, dev)
+        t += (cost.BARRIER_S + merge_on_one_core * 0.05) * occ.waves(dev)
+        return t + cost.launch_seconds() * (2 if config["splits"] > 1 else 1)

@@ -70,6 +70,9 @@ class Family:
     shape_type: type = object
     # shape fields rounded up to a power of two for tuning: shapes that round alike share a config
     bucketed: tuple[str, ...] = ()
+    # what limits the kernel on the device: "memory" (decode-time kernels) or "compute" (prompt
+    # kernels); it picks the held-out error a modelled time of this family carries
+    bound: str = "memory"
 
     @property
     def template(self) -> str:
@@ -272,11 +275,15 @@ class Family:
     # MLX's kernel for the job multiplies on SIMD-group matrices (steel) and ours does not yet
     mlx_uses_simdgroup_matrices = False
 
+    def model_error(self) -> float:
+        """The stated error of this family's modelled times (kernels/calibration.yaml)."""
+        return cost.model_error(self.bound)
+
     def mlx_cost(self, shape, dtype, device) -> float:
         """MLX's built-in priced by the same rule: the baseline a tuned config must beat."""
         t = self.cost(self.config(self.mlx_config(shape)), shape, dtype, device)
         if self.mlx_uses_simdgroup_matrices:
-            t = cost.LAUNCH_S + (t - cost.LAUNCH_S) / cost.MLX_MMA_SPEEDUP
+            t = cost.launch_seconds() + (t - cost.launch_seconds()) / cost.MLX_MMA_SPEEDUP
         return t
 
 

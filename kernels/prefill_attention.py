@@ -37,6 +37,7 @@ class PrefillAttention(Family):
     """Causal flash-style attention over L prompt tokens (optionally after a cached prefix)."""
 
     name = "prefill_attention"
+    bound = "compute"
     bucketed = ("L", "prefix")
     shape_type = PrefillShape
     params = (
@@ -154,4 +155,4 @@ class PrefillAttention(Family):
         t = cost.roofline(q_bytes + kv_bytes + out_bytes, lane_ops, dev, parallel)
         ktiles = cdiv(int(visible), config["BK"])
         t += 2 * ktiles * cost.BARRIER_S * occ.waves(dev)
-        return t + cost.LAUNCH_S
+        return t + cost.launch_seconds()

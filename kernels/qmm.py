@@ -13,6 +13,7 @@ class Qmm(Qmv):
     Shares qmv's inputs, reference, baseline and cost inputs; differs in tiling and shapes."""
 
     name = "qmm"
+    bound = "compute"
     shape_type = QmvShape   # the same fields: M, N, K, bits, group_size
     params = (
         Param("BM", (16, 32, 64), 32, "output rows per threadgroup"),
@@ -70,4 +71,4 @@ class Qmm(Qmv):
         per_thread = config["BM"] * config["BN"] / config["threads"]
         parallel = occ.parallel_fraction(dev, ilp=min(2.0, per_thread / 8)) * min(1.0, config["BK"] / 32) ** 0.25
         t = cost.roofline(moved, flops * 1.5, dev, parallel)
-        return t + 2 * cdiv(shape.K, config["BK"]) * cost.BARRIER_S * occ.waves(dev) + cost.LAUNCH_S
+        return t + 2 * cdiv(shape.K, config["BK"]) * cost.BARRIER_S * occ.waves(dev) + cost.launch_seconds()

@@ -129,7 +129,7 @@ class Qmv(Family):
         if config["stage_x"]:
             t += 2 * steps * cost.BARRIER_S * occ.waves(dev)
         t += shape.M * config["rows_per_simdgroup"] * cost.SIMD_REDUCE_S * occ.waves(dev)
-        return t + cost.LAUNCH_S
+        return t + cost.launch_seconds()
 
 
 

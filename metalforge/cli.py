@@ -82,6 +82,11 @@ def cmd_tune(args) -> int:
     return run(args)
 
 
+def cmd_bench(args) -> int:
+    from metalforge.tuner.bench import run
+    return run(args)
+
+
 def cmd_generate(args) -> int:
     from metalforge.engine.cli import generate
     return generate(args)
@@ -123,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="autotune kernel configs for a device (Optuna)")
     tune_arguments(t)
     t.set_defaults(fn=cmd_tune)
+
+    b = sub.add_parser("bench", help="on a Mac: time the chosen kernels and the engine against MLX and mlx-lm, "
+                                      "and write shareable measured results")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--model", help="mlx-lm model folder: its shapes, and the engine end to end against mlx-lm")
+    src.add_argument("--shapes", help="YAML file of shapes per family")
+    b.add_argument("--device", default="auto", help="device profile (default: the detected GPU)")
+    b.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32")
+    b.add_argument("--prompt-tokens", type=int, default=512)
+    b.add_argument("--decode-tokens", type=int, default=128)
+    b.add_argument("--out", default="metalforge-bench", help="writes OUT.yaml (measured results), OUT.md and OUT.png")
+    b.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("results", help="combine results files from several machines")
     rsub = r.add_subparsers(dest="results_command", required=True)

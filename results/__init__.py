@@ -66,8 +66,8 @@ def load(path) -> dict:
 @dataclass(frozen=True)
 class Entry:
     """One bucket's winner in a results file: the config, its time and how that time was obtained
-    (`timer`: "metal" measured, "model" estimated), MLX's time for the same job and the study's
-    trial counts. Built from a file's mapping by `from_dict`, which checks every field."""
+    (`timer`: "metal" measured, "model" estimated, with the model's error), MLX's time for the
+    same job and the study's trial counts. Built from a file's mapping by `from_dict`, which checks every field."""
 
     shape: dict
     dtype: str
@@ -76,6 +76,7 @@ class Entry:
     timer: str
     baseline_s: float | None = None
     speedup: float | None = None
+    model_error: float | None = None   # modelled entries: the model's held-out error (calibration)
     trials: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)   # fields this version does not know: kept, never dropped
 
@@ -90,6 +91,9 @@ class Entry:
             raise MetalforgeError(f"{at}: timer must be one of {', '.join(TIMER_KINDS)}, not {e['timer']!r}")
         if not isinstance(e["time_s"], (int, float)) or not math.isfinite(e["time_s"]) or e["time_s"] <= 0:
             raise MetalforgeError(f"{at}: time_s must be a positive number")
+        error = e.get("model_error")
+        if error is not None and (not isinstance(error, (int, float)) or not 0 <= error < 10):
+            raise MetalforgeError(f"{at}: model_error must be a fraction (0.08 for 8%)")
         fam = get_family(family)
         try:
             fam.config(e["config"])
@@ -107,8 +111,23 @@ class Entry:
         return cls(**{k: v for k, v in e.items() if k in known},
                    extra={k: v for k, v in e.items() if k not in known})
 
+    def evidence(self, unstated_error: float) -> tuple[bool, str]:
+        """Whether this entry shows ours faster than MLX's built-in, and the words for it: a
+        measured speedup above 1, or a modelled one whose margin exceeds the model's error (the
+        entry's own, else `unstated_error`: files written before calibration carry none)."""
+        if not self.speedup:
+            return False, "no time for MLX's built-in in this entry"
+        if self.timer == "metal":
+            return self.speedup > 1.0, f"measured {self.speedup:.2f}x"
+        error = self.model_error if self.model_error is not None else unstated_error
+        if self.speedup - 1.0 <= error:
+            return False, f"modelled {self.speedup:.2f}x, within model error ({error:.0%})"
+        return True, f"modelled {self.speedup:.2f}x (model error {error:.0%})"
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        if self.model_error is None:   # measured entries have none: the file says nothing of it
+            del out["model_error"]
         return {**{k: v for k, v in out.items() if k != "extra"}, **out["extra"]}
 
     def beats(self, other: "Entry | None") -> bool:

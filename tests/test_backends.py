@@ -51,24 +51,30 @@ def test_the_engine_chooses_by_evidence_only_when_nobody_asked(monkeypatch):
 
 
 def test_the_evidence_rule(tmp_path, monkeypatch):
-    """Ours where a Metal measurement says it beats MLX's built-in; MLX's op where the only figure
-    is modelled or the measurement says slower; MLX's op for shapes no family serves."""
+    """Ours where a Metal measurement says it beats MLX's built-in, or where a modelled gain is
+    larger than the model's stated error; MLX's op where the measurement says slower or the
+    modelled gain is within the error; MLX's op for shapes no family serves."""
     from metalforge import devices, results
     from metalforge.engine.ops import Kernels
     from metalforge.kernels import get_family
     monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
     qmv = get_family("qmv")
-    def entry(n, timer, speedup):
+    def entry(n, timer, speedup, **more):
         shape = dict(M=1, N=n, K=256, bits=4, group_size=64)
         return ("qmv", qmv.bucket_key(shape, "float16"),
                 {"shape": shape, "dtype": "float16", "config": qmv.default_config(), "time_s": 1e-5,
-                 "timer": timer, "baseline_s": 1e-5 * speedup, "speedup": speedup, "trials": {}})
+                 "timer": timer, "baseline_s": 1e-5 * speedup, "speedup": speedup, "trials": {}, **more})
     path = tmp_path / "m3.yaml"
-    results.save_entries(path, "m3", [entry(64, "metal", 1.3), entry(128, "metal", 0.8), entry(256, "model", 3.0)])
+    results.save_entries(path, "m3", [entry(64, "metal", 1.3), entry(128, "metal", 0.8),
+                                      entry(256, "model", 3.0, model_error=0.08),
+                                      entry(512, "model", 1.06, model_error=0.08),
+                                      entry(1024, "model", 1.02)])   # a file from before calibration
     kernels = Kernels("emulator", devices.get("m3"), results=path)
     kernels.by_evidence = True    # what `auto` does on a Mac
     why = lambda n, bits=4: kernels._choose("qmv", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16")[2]
     assert why(64).startswith("ours: measured 1.30x")
-    assert why(128) == "MLX: measured 0.80x for ours"
-    assert why(256).startswith("MLX: no Metal measurement")
+    assert why(128) == "MLX: measured 0.80x"
+    assert why(256).startswith("ours: modelled 3.00x (model error 8%)")
+    assert why(512) == "MLX: modelled 1.06x, within model error (8%)"
+    assert why(1024).startswith("MLX: modelled 1.02x, within model error")   # the family's error applies
     assert "bits=7 is not supported" in why(64, bits=7) and why(64, bits=7).startswith("MLX: ")

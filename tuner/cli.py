@@ -13,6 +13,7 @@ from metalforge import arguments
 from metalforge.errors import MetalforgeError
 from metalforge import devices
 from metalforge.kernels import dtypes
+from metalforge.kernels.cost import calibration, describe_speedup
 from metalforge.kernels.families import FAMILIES
 from metalforge import results
 from metalforge.tuner import protocol, shapes, worker
@@ -141,7 +142,7 @@ def _run_with_progress(target, settings, study):
 
 
 def _summary(rows, timer_kind: str) -> None:
-    print(f"\n{'family':18} {'shape':44} {'best config':52} {'time':>9} {'MLX':>9} {'speedup':>7} "
+    print(f"\n{'family':18} {'shape':44} {'best config':52} {'time':>9} {'MLX':>9} {'speedup':>18} "
           f"{'ok':>3} {'inv':>3} {'dup':>3} {'fail':>4}")
     for target, e in rows:
         shape = target.bucket.split("|")[0]
@@ -150,9 +151,14 @@ def _summary(rows, timer_kind: str) -> None:
             continue
         config = " ".join(f"{k}={v}" for k, v in e["config"].items())
         c = e["trials"]
-        speed = f"{e['speedup']:.2f}x" if e["speedup"] else "-"
+        speed = (describe_speedup(e["speedup"], e["model_error"]) if e.get("model_error") is not None
+                 else f"{e['speedup']:.2f}x" if e["speedup"] else "-")
         base = f"{e['baseline_s'] * 1e6:8.1f}u" if e["baseline_s"] else "-"
-        print(f"{target.family.name:18} {shape[:44]:44} {config[:52]:52} {e['time_s'] * 1e6:8.1f}u {base:>9} {speed:>7} "
+        print(f"{target.family.name:18} {shape[:44]:44} {config[:52]:52} {e['time_s'] * 1e6:8.1f}u {base:>9} {speed:>18} "
               f"{c['complete']:3d} {c['invalid']:3d} {c['duplicate']:3d} {c['failed']:4d}")
     print(f"(times in microseconds per call, timer: {timer_kind}"
           + (": MODELLED for the target device, not measured" if timer_kind == "model" else ", measured on Metal") + ")")
+    if timer_kind == "model":
+        err = calibration().held_out_error
+        print(f"(model error, median on chips held out of its fit: {err['decode']:.0%} for memory-bound kernels, "
+              f"{err['prefill']:.0%} for compute-bound ones; a ratio within it is not shown: benchmarks/calibrate.py)")

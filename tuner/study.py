@@ -559,6 +559,8 @@ def entry(study: optuna.Study, target: Target) -> dict | None:
     if best is None:
         return None
     base = study.user_attrs.get(BASELINE_S)
+    timer = best.user_attrs.get(TIMER, "model")
     return Entry(shape=dict(target.shape.__dict__), dtype=target.dtype, config=dict(best.params),
-                 time_s=float(best.value), timer=best.user_attrs.get(TIMER, "model"), baseline_s=base,
-                 speedup=(base / best.value) if base else None, trials=counts(study)).to_dict()
+                 time_s=float(best.value), timer=timer, baseline_s=base,
+                 speedup=(base / best.value) if base else None, trials=counts(study),
+                 model_error=None if timer == "metal" else target.family.model_error()).to_dict()

@@ -1,0 +1,50 @@
+"""End-to-end speed of the engine and, side by side, of mlx-lm on the same model folder: decode
+tokens per second, time to first token cold and from a saved prompt cache, and peak memory. Used
+by `metalforge bench` and benchmarks/engine_decode.py; whatever backend runs is reported with the
+figures (off a Mac that is MLX's CPU backend, not Metal)."""
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+
+from metalforge import engine
+
+
+def engine_figures(folder, prompt, decode_tokens, cache_path, backend=None):
+    out = {}
+    with engine.load(folder, backend=backend, kv_tokens=len(prompt) + decode_tokens + 64) as e:
+        out["backend"] = e.kernels.backend
+        mx.reset_peak_memory()
+        gen = e.generate(prompt, max_tokens=decode_tokens)
+        tokens = [t.id for t in gen]
+        out["decode_tokens_per_s"] = gen.stats.decode_tokens_per_s
+        out["ttft_cold_s"] = gen.stats.time_to_first_token_s
+        out["peak_memory_bytes"] = mx.get_peak_memory()
+        sid = e.add_sequence()
+        e.step([sid], [prompt])
+        e.save_prompt_cache(cache_path, sid)
+    with engine.load(folder, backend=backend, kv_tokens=len(prompt) + decode_tokens + 64) as e:
+        e.load_prompt_cache(cache_path)
+        gen = e.generate(prompt + [tokens[0]], max_tokens=4)
+        list(gen)
+        out["ttft_from_cache_s"] = gen.stats.time_to_first_token_s
+        out["cached_tokens"] = gen.stats.cached_tokens
+    return out
+
+
+def mlx_lm_figures(folder, prompt, decode_tokens):
+    try:   # optional dependency: the figures side by side when mlx-lm is installed
+        from mlx_lm import load, stream_generate
+    except ImportError:
+        return None
+    model, tokenizer = load(str(folder))
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first, last, n = None, None, 0
+    for response in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=decode_tokens):
+        now = time.perf_counter()
+        first = first or now
+        last, n = now, n + 1
+    return {"decode_tokens_per_s": (n - 1) / (last - first) if n > 1 else 0.0, "ttft_cold_s": first - start,
+            "peak_memory_bytes": mx.get_peak_memory()}

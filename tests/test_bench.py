@@ -1,0 +1,53 @@
+"""`metalforge bench`: off a Mac it says it needs Metal and exits 2; its measuring pipeline (the
+chosen config verified, then timed side by side with MLX's built-in by one timer, written as
+measured results that merge by the usual rules, and a report) runs here on the emulator."""
+import subprocess
+import sys
+
+import pytest
+
+from metalforge import devices, results
+from metalforge.tuner import bench
+from metalforge.tuner.shapes import Target
+from metalforge.tuner.timers import MetalTimer
+
+
+@pytest.mark.skipif(__import__("mlx.core").core.metal.is_available(), reason="this machine has Metal")
+def test_off_a_mac_bench_needs_metal_and_exits_2():
+    p = subprocess.run([sys.executable, "-m", "metalforge.cli", "bench"], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "needs" not in p.stdout
+    assert "no Metal device" in p.stderr and "metalforge tune" in p.stderr
+
+
+def test_the_measuring_pipeline_on_the_emulator(tmp_path, monkeypatch):
+    """The same code a Mac runs, with the emulator as the backend: every row verified and timed
+    against MLX's op; the entries written from it merge over a modelled entry (measured beats
+    modelled) and the report names every row. (Timings here are CPU wall clock, which is why the
+    command itself refuses to run without Metal.)"""
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "user"))
+    device = devices.get("m3")
+    targets = [Target("qmv", dict(M=1, N=64, K=256, bits=4, group_size=64), "float32"),
+               Target("decode_attention", dict(B=1, Hq=4, Hkv=2, S=64, D=64), "float32")]
+    lines = []
+    rows = bench.kernel_rows(targets, device, backend="emulator",
+                             timer=MetalTimer(warmup=1, budget_s=0.0, min_repeats=2), progress=lines.append)
+    assert [r.target.family.name for r in rows] == ["qmv", "decode_attention"]
+    assert all(r.ours_s > 0 and r.mlx_s > 0 and r.speedup == r.mlx_s / r.ours_s for r in rows)
+    assert len(lines) == 2 and lines[0].startswith("[1/2] qmv")
+
+    path = tmp_path / "bench.yaml"
+    modelled = results.Entry(shape=dict(targets[0].shape.__dict__), dtype="float32", config=rows[0].config,
+                             time_s=1e-9, timer="model", baseline_s=1e-6, speedup=1000.0, model_error=0.07)
+    results.save_entries(path, device, [("qmv", targets[0].bucket, modelled)])
+    data = results.save_entries(path, device, bench.measured_entries(rows))
+    kept = data["entries"]["qmv"][targets[0].bucket]
+    assert kept["timer"] == "metal" and kept["time_s"] == rows[0].ours_s   # measured beats a faster model
+    assert kept["source"] == "metalforge bench"
+    assert results.load(path)["entries"]["decode_attention"]
+
+    report = bench.markdown(device, "emulator", rows, None, "two test shapes")
+    assert "Apple M3" in report and "`emulator` timing" in report
+    for r in rows:
+        assert f"| {r.target.family.name} | {r.target.bucket.split('|')[0]} |" in report
+        assert f"{r.speedup:.2f}x" in report

@@ -1,0 +1,115 @@
+"""The cost model's calibration on published Apple measurements: the data file's schema, the fit
+on the shipped data, the fit itself against constants it must recover, and the rule that a
+modelled ratio within the model's error is not shown as a number."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metalforge import devices
+from metalforge.errors import MetalforgeError
+from metalforge.kernels import calibration as cal
+from metalforge.kernels import cost
+from metalforge.kernels.families import FAMILIES
+
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "apple_measurements.yaml"
+
+
+@pytest.fixture(scope="module")
+def points():
+    return cal.load_points(DATA)
+
+
+def test_every_point_has_a_source_a_date_and_a_known_chip(points):
+    raw = yaml.safe_load(DATA.read_text())["points"]
+    assert len(points) == len(raw) >= 40
+    assert len({p.chip for p in points}) >= 8
+    for kind in cal.KINDS:
+        assert sum(p.kind == kind for p in points) >= 15
+    for p, r in zip(points, raw):
+        assert p.source.startswith("https://github.com/") and p.date[:4] in ("2023", "2024", "2025", "2026")
+        assert p.software and p.weights and p.tokens_per_s > 0
+        profile = devices.get(p.chip)
+        # a core count other than the profile's, or one the source does not state, says why
+        if p.gpu_cores != profile.gpu_cores:
+            assert r.get("note") or r.get("inferred")
+
+
+def test_a_point_without_a_source_is_refused(tmp_path):
+    data = yaml.safe_load(DATA.read_text())
+    del data["points"][3]["source"]
+    bad = tmp_path / "m.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(MetalforgeError, match=r"points\[3\]: missing source"):
+        cal.load_points(bad)
+    data["points"][3]["source"] = "a forum post"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(MetalforgeError, match="source must be a URL"):
+        cal.load_points(bad)
+
+
+def test_the_shipped_constants_are_the_fit_of_the_shipped_data():
+    """kernels/calibration.yaml is what benchmarks/calibrate.py --write makes of the data file,
+    and its held-out error meets the goal (median at most 15%, decode and prefill apart)."""
+    fitted = cal.calibrate(DATA)
+    shipped = cost.calibration()
+    assert fitted.data == shipped.data == cal.data_digest(DATA)
+    assert fitted.to_yaml() == cost.calibration_path().read_text()
+    assert set(shipped.held_out_error) == {"decode", "prefill"}
+    assert all(0 < e <= 0.15 for e in shipped.held_out_error.values())
+
+
+def test_the_fit_recovers_the_constants_that_made_the_data(points):
+    """Points whose speeds were produced by known constants are fitted back to those constants."""
+    truth = cost.Constants(bandwidth_factor=1.1, core_seconds_per_byte=0.05, layer_overhead_s=40e-6,
+                           compute_factor={"before_m3": 1.7, "m3_on": 1.3})
+    synthetic = [dataclasses.replace(p, tokens_per_s=cal.predict(p, truth)) for p in points]
+    got = cal.fit(synthetic)
+    assert got.bandwidth_factor == pytest.approx(1.1, rel=1e-6)
+    assert got.core_seconds_per_byte == pytest.approx(0.05, rel=1e-6)
+    assert got.layer_overhead_s == pytest.approx(40e-6, rel=1e-6)
+    assert got.compute_factor == pytest.approx({"before_m3": 1.7, "m3_on": 1.3}, rel=1e-6)
+    assert cal.held_out_error(synthetic) == {"decode": pytest.approx(0, abs=1e-9),
+                                             "prefill": pytest.approx(0, abs=1e-9)}
+
+
+def test_decode_prediction_by_hand():
+    """One decode step of a 32-layer model on an M4 (10 cores, 1.58 GHz, 120 GB/s), worked out on
+    paper: 4 GB of weights at A=1, B=0 -> 4e9 / 120e9 s = 33.33 ms, plus 32 x 0.5 ms = 16 ms."""
+    arch = cal.Architecture(params_b=8.0, layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,
+                            vocab=1000, tied=True)
+    p = cal.Point(chip="m4", gpu_cores=10, kind="decode", model="x", arch=arch, weight_gib=4e9 / 2**30,
+                  tokens_per_s=1.0, source="https://example.org", date="2026", software="x", context=0)
+    c = cost.Constants(1.0, 0.0, 0.5e-3, {"before_m3": 1.0, "m3_on": 1.0})
+    assert 1 / cal.predict(p, c) == pytest.approx(4e9 / 120e9 + 32 * 0.5e-3)
+    # and the per-kernel model prices the same bytes the same way
+    assert cost.memory_seconds(4e9, devices.get("m4"), c) == pytest.approx(4e9 / 120e9)
+
+
+def test_a_modelled_ratio_within_the_error_is_not_a_number():
+    assert cost.describe_speedup(1.05, 0.08) == "within model error"
+    assert cost.describe_speedup(0.95, 0.08) == "within model error"
+    assert cost.describe_speedup(1.31, 0.08) == "1.31x"
+    assert cost.describe_speedup(0.5, 0.08) == "0.50x"
+    assert cost.describe_speedup(None, 0.08) == "-"
+
+
+def test_each_family_carries_the_error_of_its_regime():
+    err = cost.calibration().held_out_error
+    assert FAMILIES["qmv"].model_error() == err["decode"]
+    assert FAMILIES["decode_attention"].model_error() == err["decode"]
+    assert FAMILIES["qmm"].model_error() == err["prefill"]
+    assert FAMILIES["prefill_attention"].model_error() == err["prefill"]
+
+
+def test_a_damaged_calibration_says_how_to_rebuild_it(tmp_path, monkeypatch):
+    bad = tmp_path / "calibration.yaml"
+    bad.write_text("constants: [1, 2\n")
+    monkeypatch.setattr(cost, "calibration_path", lambda: bad)
+    cost.calibration.cache_clear()
+    try:
+        with pytest.raises(MetalforgeError, match="calibrate.py --write"):
+            cost.calibration()
+    finally:
+        cost.calibration.cache_clear()
