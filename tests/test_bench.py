@@ -51,3 +51,34 @@ def test_the_measuring_pipeline_on_the_emulator(tmp_path, monkeypatch):
     for r in rows:
         assert f"| {r.target.family.name} | {r.target.bucket.split('|')[0]} |" in report
         assert f"{r.speedup:.2f}x" in report
+
+
+def test_end_to_end_figures_become_calibration_points(tmp_path):
+    """A model's engine figures (here on MLX's CPU backend) written as points of the calibration
+    data file: once given the URL they are published at, the calibration loader takes them; the
+    parameter count is the weights' own element count."""
+    import mlx.core as mx
+    import yaml
+    from metalforge.engine.random_model import write_model
+    from metalforge.kernels import calibration
+    folder = write_model(tmp_path / "tiny", layers=2, hidden=64, heads=4, kv_heads=2, inter=128, vocab=256,
+                         tokenizer=True)
+    e2e = bench.end_to_end(folder, prompt_tokens=12, decode_tokens=4, workdir=tmp_path, backend="mlx")
+    data = bench.calibration_points(folder, devices.get("m4"), e2e, 12, 4)
+    weights = {}
+    for f in folder.glob("*.safetensors"):
+        weights.update(mx.load(str(f)))
+    matrices = sum(v.size for k, v in weights.items() if v.ndim == 2)
+    assert data["models"]["tiny"]["params_b"] == round(matrices / 1e9, 4)
+    decode, prefill = data["points"]
+    assert decode["tokens_per_s"] == round(e2e["metalforge"]["decode_tokens_per_s"], 3)
+    assert prefill["tokens_per_s"] == round(12 / e2e["metalforge"]["ttft_cold_s"], 3)
+    path = tmp_path / "points.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(Exception, match="source must be a URL"):
+        calibration.load_points(path)
+    for p in data["points"]:
+        p["source"] = "https://example.org/my-m4-report"
+    path.write_text(yaml.safe_dump(data))
+    points = calibration.load_points(path)
+    assert [p.kind for p in points] == ["decode", "prefill"] and points[0].chip == "m4"

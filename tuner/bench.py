@@ -5,19 +5,24 @@ For every shape of a model (or a shapes file, or the built-in model) it takes th
 engine would choose for this device, checks its output against the family's reference, and
 times it and MLX's built-in for the same job side by side with the same timer. With a model
 folder it also times the engine end to end against mlx-lm (when installed). It writes a results
-file of measured entries (merge several machines' with `metalforge results merge`; merged files
-can join benchmarks/data as calibration points), a Markdown report and a PNG.
+file of measured entries (merge several machines' with `metalforge results merge`), a Markdown
+report and a PNG; with a model, also the engine's end-to-end figures as calibration points
+(OUT.points.yaml, in the format of benchmarks/data/apple_measurements.yaml, to be appended there
+once the report is published at a URL).
 """
 from __future__ import annotations
 
+import datetime
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import yaml
 
 import metalforge
 from metalforge import devices, files, results
+from metalforge.engine.config import parse, read
 from metalforge.engine.speed import engine_figures, mlx_lm_figures
 from metalforge.errors import MetalforgeError
 from metalforge.plotting import figure, save
@@ -84,6 +89,31 @@ def end_to_end(folder, prompt_tokens: int, decode_tokens: int, workdir: Path, ba
             "mlx-lm": mlx_lm_figures(folder, prompt, decode_tokens)}
 
 
+def calibration_points(folder, device, e2e: dict, prompt_tokens: int, decode_tokens: int) -> dict:
+    """The engine's end-to-end figures as points in the format of benchmarks/data/
+    apple_measurements.yaml, so that a published report can join the cost model's calibration.
+    The source is left for the user to fill in: the loader takes only a URL."""
+    folder = Path(folder)
+    a = parse(read(folder), str(folder / "config.json"))
+    attn = a.hidden_size * a.head_dim * (2 * a.num_attention_heads + 2 * a.num_key_value_heads)
+    params = a.num_hidden_layers * (attn + 3 * a.hidden_size * a.intermediate_size)
+    params += a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
+    arch = dict(params_b=round(params / 1e9, 4), layers=a.num_hidden_layers, hidden=a.hidden_size,
+                heads=a.num_attention_heads, kv_heads=a.num_key_value_heads, head_dim=a.head_dim,
+                vocab=a.vocab_size, tied=a.tie_word_embeddings)
+    ours = e2e["metalforge"]
+    common = dict(chip=device.name, gpu_cores=device.gpu_cores, model=folder.name,
+                  weights=str(a.quantization or "unquantized"),
+                  weight_gib=round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30, 4),
+                  software=f"metalforge {metalforge.__version__} (MLX {mx.__version__})",
+                  date=datetime.date.today().isoformat(), source="FILL IN: the URL where this report is published")
+    return {"models": {folder.name: arch}, "points": [
+        {**common, "kind": "decode", "context": prompt_tokens + decode_tokens // 2,
+         "tokens_per_s": round(ours["decode_tokens_per_s"], 3)},
+        {**common, "kind": "prefill", "tokens": prompt_tokens, "chunk": prompt_tokens,
+         "tokens_per_s": round(prompt_tokens / ours["ttft_cold_s"], 3)}]}
+
+
 def markdown(device, backend: str, rows: list[Row], e2e: dict | None, what: str) -> str:
     lines = [f"# metalforge bench: {device.display_name}", "",
              f"- measured with `{backend}` timing (wall clock over synchronised repeats, median); {what}",
@@ -129,6 +159,10 @@ def run(args) -> int:
     rows = kernel_rows(targets, device)
     out = Path(args.out)
     e2e = end_to_end(args.model, args.prompt_tokens, args.decode_tokens, out.parent) if args.model else None
+    if e2e:
+        points = calibration_points(args.model, device, e2e, args.prompt_tokens, args.decode_tokens)
+        files.write_atomic(out.with_suffix(".points.yaml"), yaml.safe_dump(points, sort_keys=False))
+        print(f"wrote {out.with_suffix('.points.yaml')}: calibration points for benchmarks/data once published")
     results.save_entries(out.with_suffix(".yaml"), device, measured_entries(rows))
     files.write_atomic(out.with_suffix(".md"), markdown(device, "metal", rows, e2e, what))
     save(plot(rows, f"{device.display_name}: measured"), out.with_suffix(".png"))
