@@ -222,7 +222,9 @@ class Choice:
     def describe(self) -> str:
         if self.entry is None:
             return "family default"
-        return f"{self.source} match {self.entry['shape']} ({self.entry['timer']}-timed)"
+        error = self.entry.get("model_error")
+        how = f"model-timed, model error {error:.0%}" if error is not None else f"{self.entry['timer']}-timed"
+        return f"{self.source} match {self.entry['shape']} ({how})"
 
 
 def _entries_for(device: str, results=None, shipped: bool = True) -> dict:
