@@ -19,6 +19,7 @@ from metalforge import files
 from metalforge import devices
 from metalforge.errors import MetalforgeError
 from metalforge.kernels.checks import check
+from metalforge.kernels.cost import within_error
 from metalforge.kernels.families import FAMILIES, get as get_family
 
 SCHEMA_VERSION = 1
@@ -120,9 +121,9 @@ class Entry:
         if self.timer == "metal":
             return self.speedup > 1.0, f"measured {self.speedup:.2f}x"
         error = self.model_error if self.model_error is not None else unstated_error
-        if self.speedup - 1.0 <= error:
+        if within_error(self.speedup, error):
             return False, f"modelled {self.speedup:.2f}x, within model error ({error:.0%})"
-        return True, f"modelled {self.speedup:.2f}x (model error {error:.0%})"
+        return self.speedup > 1.0, f"modelled {self.speedup:.2f}x (model error {error:.0%})"
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
