@@ -86,13 +86,16 @@ def model_error(bound: str) -> float:
     return err["decode"] if bound == "memory" else err["prefill"]
 
 
+def within_error(speedup: float, error: float) -> bool:
+    """Whether a modelled ratio is indistinguishable from 1 given the model's error."""
+    return abs(speedup - 1.0) <= error
+
+
 def describe_speedup(speedup: float | None, error: float) -> str:
     """A modelled ratio as the user sees it: within the model's error it is not a number."""
     if not speedup:
         return "-"
-    if abs(speedup - 1.0) <= error:
-        return "within model error"
-    return f"{speedup:.2f}x"
+    return "within model error" if within_error(speedup, error) else f"{speedup:.2f}x"
 
 
 # ---- the primitives -------------------------------------------------------------------------

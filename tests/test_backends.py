@@ -68,7 +68,8 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
     results.save_entries(path, "m3", [entry(64, "metal", 1.3), entry(128, "metal", 0.8),
                                       entry(256, "model", 3.0, model_error=0.08),
                                       entry(512, "model", 1.06, model_error=0.08),
-                                      entry(1024, "model", 1.02)])   # a file from before calibration
+                                      entry(1024, "model", 1.02),    # a file from before calibration
+                                      entry(2048, "model", 0.5, model_error=0.08)])
     kernels = Kernels("emulator", devices.get("m3"), results=path)
     kernels.by_evidence = True    # what `auto` does on a Mac
     why = lambda n, bits=4: kernels._choose("qmv", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16")[2]
@@ -77,4 +78,5 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
     assert why(256).startswith("ours: modelled 3.00x (model error 8%)")
     assert why(512) == "MLX: modelled 1.06x, within model error (8%)"
     assert why(1024).startswith("MLX: modelled 1.02x, within model error")   # the family's error applies
+    assert why(2048) == "MLX: modelled 0.50x (model error 8%)"               # slower beyond the error
     assert "bits=7 is not supported" in why(64, bits=7) and why(64, bits=7).startswith("MLX: ")
