@@ -35,7 +35,8 @@ def report(points, result: cost.Calibration) -> dict:
           f"({sum(p.kind == 'decode' for p in points)} decode, {sum(p.kind == 'prefill' for p in points)} prefill)\n")
     print(f"{'chip':10} {'cores':>5} {'kind':8} {'model':15} {'weights':22} {'measured':>9} {'fitted':>9} "
           f"{'err':>7} {'held-out':>9}  source")
-    held = {id(p): e for pairs in cal.leave_one_chip_out(points).values() for p, e in pairs}
+    held_out = cal.leave_one_chip_out(points)
+    held = {id(p): e for pairs in held_out.values() for p, e in pairs}
     rows = []
     for p in points:
         fitted = cal.predict(p, c)
@@ -53,11 +54,8 @@ def report(points, result: cost.Calibration) -> dict:
     print("\nheld-out error (leave one chip out), median |predicted / measured - 1|:")
     for kind, err in result.held_out_error.items():
         print(f"  {kind:8} {err:.1%}")
-    per_chip = {}
-    for pairs in cal.leave_one_chip_out(points).values():
-        for p, e in pairs:
-            per_chip.setdefault(p.chip, []).append(abs(e))
-    print("  per chip: " + ", ".join(f"{chip} {statistics.median(v):.1%}" for chip, v in per_chip.items()))
+    print("  per chip: " + ", ".join(f"{chip} {statistics.median(abs(e) for _, e in pairs):.1%}"
+                                     for chip, pairs in held_out.items()))
     return dict(constants=dataclasses.asdict(c), held_out_error=result.held_out_error, points=rows)
 
 
