@@ -8,7 +8,8 @@ prompt caches on disk and memory limits.
             print(token.text, end="")
         print(gen.stats)
 """
-from metalforge.engine.engine import Engine, Generation, Stats, Token, load
+from metalforge.engine.engine import Engine, load
+from metalforge.engine.generation import Generation, Stats, Token
 from metalforge.engine.kv_pool import PoolExhausted
 from metalforge.engine.prompt_cache import PromptCacheError
 

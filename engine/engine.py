@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import operator
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,6 +10,7 @@ import mlx.core as mx
 from metalforge import arguments
 from metalforge.engine import config as model_config
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
+from metalforge.engine.generation import Generation, Stats, Stops, TextStream
 from metalforge.engine.kv_pool import KVPool
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
 from metalforge.engine.model import Model, load_weights
@@ -20,36 +20,11 @@ from metalforge.errors import MetalforgeError
 from metalforge import devices
 from metalforge.intmath import cdiv
 
+# Prompt tokens per forward pass. Measured on the CPU backend (benchmarks/engine_decode.py --chunks):
+# prefill speed is flat from 256 tokens up, while attention's scratch grows with chunk x length.
+PREFILL_CHUNK = 512
+
 OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory")
-
-
-@dataclass
-class Token:
-    id: int
-    text: str | None
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    time_to_first_token_s: float = 0.0
-    prefill_tokens_per_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    stop_reason: str = ""
-
-
-@dataclass
-class Generation:
-    """Iterate for tokens as they are produced; `stats` is complete once iteration ends."""
-
-    _tokens: object
-    stats: Stats = field(default_factory=Stats)
-    sequence: int | None = None
-
-    def __iter__(self):
-        return self._tokens
 
 
 def load(path, device=None, backend: str | None = None, results=None, **options) -> "Engine":
@@ -132,8 +107,20 @@ class Engine:
         may take any number of tokens (prefill); several take one token each (batched decode).
         Bad ids or sequences are refused before anything changes."""
         self._check_step(seqs, tokens)
-        logits = self.model.forward(self.pool, seqs, tokens)
+        if len(seqs) > 1 and any(len(t) != 1 for t in tokens):
+            raise MetalforgeError("a batched step takes exactly one new token per sequence")
+        step = self.pool.begin(seqs, [len(t) for t in tokens])
+        logits = self.model.forward(step, mx.array([t for ids in tokens for t in ids], dtype=mx.int32))
+        step.commit(tokens)
         mx.eval(logits, self.pool.k, self.pool.v)
+        return logits
+
+    def prefill(self, seq: int, tokens: list[int]) -> mx.array:
+        """`step` for one sequence's prompt, in chunks of PREFILL_CHUNK tokens: attention's scratch
+        is (heads, chunk, length) instead of (heads, length, length), so memory stays bounded for
+        long prompts. Returns the last token's logits (1, vocab)."""
+        for i in range(0, len(tokens), PREFILL_CHUNK):
+            logits = self.step([seq], [tokens[i:i + PREFILL_CHUNK]])
         return logits
 
     # ---- generation -----------------------------------------------------------------------------
@@ -171,12 +158,18 @@ class Engine:
             return self.tokenizer.encode(prompt)
         return self._check_ids(prompt)
 
-    def _longest_cached_prefix(self, ids: list[int]) -> tuple[int | None, int]:
+    def _longest_cached_prefix(self, ids: list[int], candidates=()) -> tuple[int | None, int]:
+        """The kept prefix that is a whole prefix of `ids`, or among `candidates` the sequence
+        sharing the most leading tokens (at least one block: less is not worth a fork)."""
         best, best_len = None, 0
         for sid in self.prefixes:
             cached = self.pool.seq(sid).tokens
             n = len(cached)
             if best_len < n < len(ids) + 1 and ids[:n] == cached:
+                best, best_len = sid, n
+        for sid in candidates:
+            n = _common_length(ids, self.pool.seq(sid).tokens)
+            if n > max(best_len, self.pool.block_size - 1):
                 best, best_len = sid, n
         return best, best_len
 
@@ -184,7 +177,34 @@ class Engine:
                  seed: int | None = None, stop=None, keep: bool = False) -> Generation:
         """Stream tokens for a prompt (text or token ids). A cached prefix (see load_prompt_cache
         and keep_prefix) is reused so only new tokens are prefilled. With keep=True the sequence
-        stays in the pool afterwards (its id is `generation.sequence`)."""
+        stays in the pool afterwards (its id is `generation.sequence`), holding the prompt and
+        every generated token but the last."""
+        ids, sampler, stops = self._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop)
+
+        def run(gen: Generation):
+            start = time.perf_counter()
+            sid, cached = self._start_sequence(ids)
+            gen.sequence = sid
+            gen.stats.prompt_tokens, gen.stats.cached_tokens = len(ids), cached
+            text = TextStream(self.tokenizer, stops, gen.stats, start)
+            try:
+                logits = self.prefill(sid, ids[cached:])
+                for token in self._token_ids(sid, logits, sampler, max_tokens):
+                    out, reason = text.add(token)
+                    yield out
+                    if reason:
+                        break
+            finally:
+                if sid in self.pool.seqs:
+                    if keep:   # the last token yielded may have been queued into the pool already
+                        held = len(ids) + max(gen.stats.generated_tokens - 1, 0)
+                        self.pool.remove(sid, min(held, self.pool.seq(sid).length))
+                    else:
+                        self.pool.remove(sid)
+        return Generation(run, Stats())
+
+    def _request(self, prompt, max_tokens, temperature, top_p, top_k, seed, stop):
+        """A prompt's ids, sampler and stop conditions, every argument checked before any work."""
         arguments.positive_int("max_tokens", max_tokens)
         ids = self.encode(prompt)
         if not ids:
@@ -195,51 +215,34 @@ class Engine:
             stop_ids |= self.tokenizer.eos_ids
         for s in stop or []:
             (stop_ids.add(s) if isinstance(s, int) else stop_texts.append(s))
-        gen = Generation(None)
-        gen._tokens = self._stream(ids, max_tokens, sampler, stop_ids, stop_texts, keep, gen)
-        return gen
+        return ids, sampler, Stops(stop_ids, stop_texts, max_tokens)
 
-    def _stream(self, ids, max_tokens, sampler, stop_ids, stop_texts, keep, gen):
-        stats = gen.stats
-        parent, cached = self._longest_cached_prefix(ids)
-        if cached == len(ids):        # the whole prompt is cached: recompute its last token's logits
-            cached -= 1
-        sid = self.pool.fork(parent) if parent is not None else self.pool.add_sequence()
-        if parent is not None and self.pool.seq(sid).length > cached:
-            self.pool.remove(sid, cached)
-        gen.sequence = sid
-        stats.prompt_tokens, stats.cached_tokens = len(ids), cached
-        try:
-            start = time.perf_counter()
-            logits = self.step([sid], [ids[cached:]])
-            first = time.perf_counter()
-            stats.time_to_first_token_s = first - start
-            stats.prefill_tokens_per_s = (len(ids) - cached) / max(stats.time_to_first_token_s, 1e-9)
-            detokenizer = tokenizers.StreamingDetokenizer(self.tokenizer) if self.tokenizer else None
-            recent, longest_stop = "", max(map(len, stop_texts), default=0)
-            stats.stop_reason = "max_tokens"
-            while stats.generated_tokens < max_tokens:
-                token = sampler(logits[0])
-                stats.generated_tokens += 1
-                text = detokenizer.add(token) if detokenizer else None
-                yield Token(token, text)
-                if token in stop_ids:
-                    stats.stop_reason = "stop token"
-                    break
-                # a stop string completed by this piece lies in its last len(stop) - 1 + len(piece) chars
-                recent = (recent + (text or ""))[-(longest_stop + len(text or "")):] if stop_texts else ""
-                if stop_texts and any(s in recent for s in stop_texts):
-                    stats.stop_reason = "stop string"
-                    break
-                if stats.generated_tokens >= max_tokens:
-                    break
-                logits = self.step([sid], [[token]])
-            elapsed = time.perf_counter() - first
-            if stats.generated_tokens > 1:
-                stats.decode_tokens_per_s = (stats.generated_tokens - 1) / max(elapsed, 1e-9)
-        finally:
-            if not keep and sid in self.pool.seqs:
-                self.pool.remove(sid)
+    def _start_sequence(self, ids: list[int], candidates=()) -> tuple[int, int]:
+        """A new sequence for a prompt and how many of its tokens it already holds: a fork of the
+        longest cached prefix (kept prefixes, and `candidates`, sequences that may share one)."""
+        parent, cached = self._longest_cached_prefix(ids, candidates)
+        cached = min(cached, len(ids) - 1)   # the last prompt token is recomputed for its logits
+        if parent is None:
+            return self.pool.add_sequence(), 0
+        return self.pool.fork(parent, cached), cached
+
+    def _token_ids(self, sid: int, logits: mx.array, sampler: Sampler, max_tokens: int):
+        """Sampled ids for one sequence, pipelined as mlx-lm's loop is: the step after token n is
+        queued (mx.async_eval) before token n is read back, so building a step overlaps computing
+        the previous one. The queued step's position is settled when its id is read."""
+        y = sampler.sample(logits[0])
+        mx.async_eval(y)
+        for n in range(1, max_tokens + 1):
+            queued = None
+            if n < max_tokens:
+                step = self.pool.begin([sid], [1])
+                queued = sampler.sample(self.model.forward(step, y.reshape(1))[0])
+                mx.async_eval(queued)
+            token = y.item()
+            if queued is not None:
+                self.pool.settle(sid, [token])
+            yield token
+            y = queued
 
     # ---- prompt caches ---------------------------------------------------------------------------
     def keep_prefix(self, seq: int) -> None:
@@ -263,14 +266,13 @@ class Engine:
                                                 f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} not {want})")
         sid = self.pool.add_sequence()
         try:
-            self.pool.reserve(sid, len(tokens))
-            rows = self.pool.rows(sid, 0, len(tokens))
+            step = self.pool.begin([sid], [len(tokens)])
             for layer in range(self.pool.layers):
-                self.pool.write(layer, rows, arrays[f"k.{layer}"], arrays[f"v.{layer}"])
+                step.update_and_fetch(layer, arrays[f"k.{layer}"][None], arrays[f"v.{layer}"][None])
+            step.commit([tokens])
         except BaseException:
             self.pool.remove(sid)
             raise
-        self.pool.seq(sid).tokens.extend(tokens)
         mx.eval(self.pool.k, self.pool.v)
         self.prefixes[sid] = str(path)
         return sid
@@ -289,3 +291,12 @@ class Engine:
     def kernel_report(self) -> dict:
         """Which kernel (and config, and where the config came from) each kind of op used."""
         return dict(self.kernels.report)
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

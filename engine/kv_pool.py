@@ -1,9 +1,16 @@
 """A preallocated, block-structured KV cache shared by many sequences.
 
-Per layer, K and V live in one array of `num_blocks` blocks of `block_size` tokens, laid out
-(blocks, kv_heads, block_size, head_dim) as the decode attention kernel reads it through a
-block table. Sequences own lists of blocks; a fork shares its parent's blocks copy-on-write.
-Nothing is allocated per token: writes scatter into the existing arrays.
+Per layer, K and V are each one (kv_heads, num_blocks * block_size, head_dim) array: block b holds
+positions [b * block_size, (b + 1) * block_size) of every head. Head-major, because a sequence whose
+blocks are consecutive is then one strided slice per head, which MLX's attention reads in place:
+nothing per decoded token copies the sequence. Our decode kernel reads any block order through a
+block table. The allocator keeps sequences consecutive where it can (a sequence grows into the
+block after its last; a new one starts where the most room is); a fork shares its parent's blocks
+copy-on-write, and only a sequence left in several runs is copied together to be read by MLX.
+Nothing is allocated per token: writes go into the existing arrays.
+
+A forward pass sees the pool only through a `Step` (`KVPool.begin`): its sequences, where the new
+tokens go, per layer `update_and_fetch`, and `commit`.
 """
 from __future__ import annotations
 
@@ -23,10 +30,11 @@ class PoolExhausted(MetalforgeError):
 class Sequence:
     blocks: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    pending: int = 0     # tokens written by a step whose ids the host has not read yet (see Step.commit)
 
     @property
     def length(self) -> int:
-        return len(self.tokens)
+        return len(self.tokens) + self.pending
 
 
 class KVPool:
@@ -37,12 +45,11 @@ class KVPool:
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
         self.max_blocks = cdiv(max_seq_len, block_size)
-        rows = num_blocks * kv_heads * block_size
-        self.k = [mx.zeros((rows, head_dim), dtype=dtype) for _ in range(layers)]
-        self.v = [mx.zeros((rows, head_dim), dtype=dtype) for _ in range(layers)]
+        shape = (kv_heads, num_blocks * block_size, head_dim)
+        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
+        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
         mx.eval(self.k, self.v)
         self.refcount = [0] * num_blocks
-        self.free = list(range(num_blocks - 1, -1, -1))
         self.seqs: dict[int, Sequence] = {}
         self._next_id = 0
 
@@ -56,8 +63,12 @@ class KVPool:
         return self.num_blocks * self.block_bytes
 
     @property
+    def free_blocks(self) -> int:
+        return self.refcount.count(0)
+
+    @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - self.free_blocks
 
     @property
     def capacity_tokens(self) -> int:
@@ -76,12 +87,17 @@ class KVPool:
         except KeyError:
             raise MetalforgeError(f"no sequence {sid} in the KV pool (have: {sorted(self.seqs)})") from None
 
-    def fork(self, sid: int) -> int:
-        """A new sequence sharing every block of `sid`; the first write to a shared block copies it."""
+    def fork(self, sid: int, length: int | None = None) -> int:
+        """A new sequence sharing the blocks of `sid`'s first `length` tokens (all by default); the
+        first write to a shared block copies it."""
         parent = self.seq(sid)
+        length = parent.length if length is None else length
+        if parent.pending or not 0 <= length <= parent.length:
+            raise MetalforgeError(f"fork({sid}, {length}): the sequence holds {parent.length} settled tokens")
         child = self.add_sequence()
-        self.seqs[child] = Sequence(list(parent.blocks), list(parent.tokens))
-        for b in parent.blocks:
+        blocks = parent.blocks[:cdiv(length, self.block_size)]
+        self.seqs[child] = Sequence(list(blocks), list(parent.tokens[:length]))
+        for b in blocks:
             self.refcount[b] += 1
         return child
 
@@ -99,6 +115,7 @@ class KVPool:
         for b in s.blocks[keep:]:
             self._release(b)
         del s.blocks[keep:]
+        s.pending = max(0, start - len(s.tokens))
         del s.tokens[start:]
         if start == 0:
             del self.seqs[sid]
@@ -106,47 +123,64 @@ class KVPool:
     def clear(self) -> None:
         for sid in list(self.seqs):
             self.remove(sid)
-        self.seqs.clear()
 
+    def settle(self, sid: int, ids: list[int]) -> None:
+        """Name the ids of a sequence's pending tokens, oldest first (see Step.commit)."""
+        s = self.seq(sid)
+        if len(ids) > s.pending:
+            raise MetalforgeError(f"sequence {sid}: {len(ids)} token ids for {s.pending} pending positions")
+        s.tokens.extend(ids)
+        s.pending -= len(ids)
+
+    # ---- blocks --------------------------------------------------------------------------------
     def _release(self, block: int) -> None:
         self.refcount[block] -= 1
-        if self.refcount[block] == 0:
-            self.free.append(block)
 
-    def _take(self) -> int:
-        b = self.free.pop()
+    def _take(self, after: int | None) -> int:
+        """A free block: the one right after `after` when free (the sequence stays one run), else
+        one in the largest free run: its start when nothing before it may grow into it, else its
+        middle, leaving room for the sequence that ends before it."""
+        if after is not None and after + 1 < self.num_blocks and self.refcount[after + 1] == 0:
+            b = after + 1
+        else:
+            best, best_len, start = 0, 0, None
+            for i, c in enumerate(self.refcount + [1]):
+                if c == 0 and start is None:
+                    start = i
+                elif c and start is not None:
+                    if i - start > best_len:
+                        best, best_len = start, i - start
+                    start = None
+            b = best if best == 0 or self.refcount[best - 1] == 0 else best + best_len // 2
         self.refcount[b] = 1
         return b
 
-    def reserve(self, sid: int, new_tokens: int) -> None:
-        """Make room for `new_tokens` more tokens: new blocks, and a private copy of a shared
-        partial block about to be written. All or nothing: on exhaustion nothing changes."""
-        self.reserve_all([sid], [new_tokens])
-
     def reserve_all(self, sids: list[int], new_tokens: list[int]) -> None:
-        """`reserve` for several sequences at once (a batched step), all or nothing: the blocks of
-        every sequence are counted before any is taken, so a failure changes no sequence."""
+        """Make room for `new_tokens[i]` more tokens in sequence `sids[i]`: new blocks, and a private
+        copy of a shared partial block about to be written. All or nothing: the blocks of every
+        sequence are counted before any is taken, so a failure changes no sequence."""
         plans = [(sid, *self._needed(sid, n)) for sid, n in zip(sids, new_tokens)]
         total = sum(need + cow for _, need, cow in plans)
-        if total > len(self.free):
+        free = self.free_blocks
+        if total > free:
             who = f"sequence {sids[0]}" if len(sids) == 1 else f"sequences {sids}"
             raise PoolExhausted(
                 f"KV pool exhausted: {total} more blocks of {self.block_size} tokens needed for {who}, "
-                f"{len(self.free)} free of {self.num_blocks} (budget {self.capacity_tokens} tokens, "
+                f"{free} free of {self.num_blocks} (budget {self.capacity_tokens} tokens, "
                 f"{self.reserved_bytes / 2**20:.1f} MiB); remove sequences or load with a larger kv_tokens")
         for sid, need, cow in plans:
             s = self.seqs[sid]
             if cow:
                 old = s.blocks[-1]
-                new = self._take()
+                new = self._take(s.blocks[-2] if len(s.blocks) > 1 else None)
+                src, dst = self._span(old), self._span(new)
                 for layer in range(self.layers):
-                    src, dst = self._block_rows(old), self._block_rows(new)
-                    self.k[layer][dst] = self.k[layer][src]
-                    self.v[layer][dst] = self.v[layer][src]
+                    self.k[layer][:, dst] = self.k[layer][:, src]
+                    self.v[layer][:, dst] = self.v[layer][:, src]
                 self._release(old)
                 s.blocks[-1] = new
             for _ in range(need):
-                s.blocks.append(self._take())
+                s.blocks.append(self._take(s.blocks[-1] if s.blocks else None))
 
     def _needed(self, sid: int, new_tokens: int) -> tuple[int, bool]:
         """(new blocks, whether the last block must be copied first) to append `new_tokens`."""
@@ -159,35 +193,112 @@ class KVPool:
         cow = bool(new_tokens) and bool(s.length % self.block_size) and self.refcount[s.blocks[-1]] > 1
         return need, cow
 
-    def _block_rows(self, block: int) -> mx.array:
-        n = self.kv_heads * self.block_size
-        return mx.arange(block * n, (block + 1) * n)
+    def _span(self, block: int) -> slice:
+        return slice(block * self.block_size, (block + 1) * self.block_size)
 
-    def rows(self, sid: int, start: int, count: int) -> mx.array:
-        """Flat row indices (kv_heads, count) of positions [start, start + count) of a sequence."""
-        s = self.seq(sid)
-        pos = mx.arange(start, start + count)
-        blocks = mx.array(s.blocks, dtype=mx.int32)[pos // self.block_size]
-        heads = mx.arange(self.kv_heads)[:, None]
-        return (blocks[None, :] * self.kv_heads + heads) * self.block_size + (pos % self.block_size)[None, :]
+    def runs(self, sid: int, length: int) -> list[tuple[int, int]]:
+        """(first slot, token count) of each consecutive run of blocks covering `length` tokens."""
+        out, left = [], length
+        for b in self.seq(sid).blocks[:cdiv(length, self.block_size)]:
+            n = min(self.block_size, left)
+            if out and out[-1][0] + out[-1][1] == b * self.block_size:
+                out[-1] = (out[-1][0], out[-1][1] + n)
+            else:
+                out.append((b * self.block_size, n))
+            left -= n
+        return out
 
-    def write(self, layer: int, rows: mx.array, k: mx.array, v: mx.array) -> None:
-        """k, v: (kv_heads, count, head_dim) for the rows of `rows()`."""
-        flat = rows.reshape(-1)
-        self.k[layer][flat] = k.reshape(-1, self.head_dim).astype(self.dtype)
-        self.v[layer][flat] = v.reshape(-1, self.head_dim).astype(self.dtype)
+    def slots(self, sid: int, start: int, count: int) -> list[int]:
+        """Slots (positions along the pool's token axis) of positions [start, start + count)."""
+        blocks, bs = self.seq(sid).blocks, self.block_size
+        return [blocks[p // bs] * bs + p % bs for p in range(start, start + count)]
 
-    def gather(self, layer: int, sid: int, length: int | None = None) -> tuple[mx.array, mx.array]:
-        """A sequence's K and V as contiguous (1, kv_heads, length, head_dim) arrays."""
+    # ---- reading -------------------------------------------------------------------------------
+    def read(self, layer: int, sid: int, length: int | None = None) -> tuple[mx.array, mx.array]:
+        """A sequence's first `length` tokens of K and V as (1, kv_heads, length, head_dim): a view of
+        the pool when its blocks are one run, else the runs copied together."""
         length = self.seq(sid).length if length is None else length
-        idx = self.rows(sid, 0, length).reshape(-1)
-        shape = (1, self.kv_heads, length, self.head_dim)
-        return self.k[layer][idx].reshape(shape), self.v[layer][idx].reshape(shape)
+        runs = self.runs(sid, length)
+        if not runs:
+            empty = mx.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+            return empty, empty
+
+        def take(x):
+            parts = [x[:, a:a + n] for a, n in runs]
+            return (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1))[None]
+        return take(self.k[layer]), take(self.v[layer])
 
     def paged(self, layer: int) -> tuple[mx.array, mx.array]:
-        shape = (self.num_blocks, self.kv_heads, self.block_size, self.head_dim)
+        shape = (self.kv_heads, self.num_blocks, self.block_size, self.head_dim)
         return self.k[layer].reshape(shape), self.v[layer].reshape(shape)
 
     def block_table(self, sids: list[int], lengths: list[int]) -> tuple[mx.array, mx.array]:
         table = [self.seq(s).blocks + [0] * (self.max_blocks - len(self.seq(s).blocks)) for s in sids]
         return mx.array(table, dtype=mx.int32), mx.array(lengths, dtype=mx.int32)
+
+    # ---- a forward pass -------------------------------------------------------------------------
+    def begin(self, sids: list[int], counts: list[int]) -> "Step":
+        """Reserve room for `counts[i]` new tokens of each sequence (all or nothing) and return the
+        step that writes and reads them."""
+        if len(set(counts)) != 1:
+            raise MetalforgeError("a step appends the same number of tokens to each of its sequences")
+        self.reserve_all(sids, counts)
+        return Step(self, list(sids), counts[0])
+
+
+class Step:
+    """One forward pass's narrow view of the pool, in the spirit of mlx-lm's `update_and_fetch`:
+    its sequences, the new tokens' positions, per layer the write of their K/V and what attention
+    reads, and `commit` of the token ids once known. The write slots, block table and read runs are
+    computed once per step and shared by every layer."""
+
+    def __init__(self, pool: KVPool, sids: list[int], new: int):
+        self.pool, self.sids, self.new = pool, sids, new
+        self.starts = [pool.seq(s).length for s in sids]
+        self.lengths = [s + new for s in self.starts]
+        self.positions = mx.array([[s + i for i in range(new)] for s in self.starts], dtype=mx.int32)
+        slots = [x for sid, start in zip(sids, self.starts) for x in pool.slots(sid, start, new)]
+        contiguous = all(b - a == 1 for a, b in zip(slots, slots[1:]))
+        self._where = slice(slots[0], slots[0] + len(slots)) if contiguous else mx.array(slots, dtype=mx.int32)
+        for sid in sids:
+            pool.seq(sid).pending += new
+        self._table = None
+
+    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
+        """Write the new tokens' k, v (B, kv_heads, new, head_dim) and return what attention reads."""
+        pool = self.pool
+        flat = lambda x: x.transpose(1, 0, 2, 3).reshape(pool.kv_heads, -1, pool.head_dim).astype(pool.dtype)
+        pool.k[layer][:, self._where] = flat(k)
+        pool.v[layer][:, self._where] = flat(v)
+        return LayerKV(self, layer)
+
+    def block_table(self) -> tuple[mx.array, mx.array]:
+        if self._table is None:
+            self._table = self.pool.block_table(self.sids, self.lengths)
+        return self._table
+
+    def commit(self, tokens: list[list[int]] | None = None) -> None:
+        """Record the token ids written (one list per sequence). Without them the ids stay pending
+        (a step built on tokens not yet sampled) until `settle` names them."""
+        if tokens is not None:
+            for sid, ids in zip(self.sids, tokens):
+                self.pool.settle(sid, ids)
+
+
+@dataclass
+class LayerKV:
+    """One layer of a step, as attention reads it."""
+
+    step: Step
+    layer: int
+
+    def sequence(self, b: int) -> tuple[mx.array, mx.array]:
+        """Sequence b's K and V, (1, kv_heads, length, head_dim), a view when it is one run."""
+        return self.step.pool.read(self.layer, self.step.sids[b], self.step.lengths[b])
+
+    def paged(self) -> dict:
+        """The inputs of our paged decode kernel: the pool (kv_heads, num_blocks, block_size,
+        head_dim), the block table and the lengths."""
+        keys, values = self.step.pool.paged(self.layer)
+        table, lens = self.step.block_table()
+        return {"keys": keys, "values": values, "block_table": table, "seq_lens": lens}

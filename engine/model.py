@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from metalforge.engine.config import ModelArgs
-from metalforge.engine.kv_pool import KVPool
+from metalforge.engine.kv_pool import Step
 from metalforge.engine.ops import Kernels
 from metalforge.engine.rope import Rope
 from metalforge.errors import MetalforgeError
@@ -118,51 +118,44 @@ class Model:
         name = "model.embed_tokens" if self.args.tie_word_embeddings else "lm_head"
         return self.linear(name, h).astype(mx.float32)
 
-    def forward(self, pool: KVPool, sids: list[int], tokens: list[list[int]]) -> mx.array:
-        """Append `tokens[b]` to sequence `sids[b]` and return the last position's logits (B, vocab).
-        Either one sequence with any number of tokens (prefill) or several with one token each
-        (batched decode)."""
-        a = self.args
-        if len(sids) > 1 and any(len(t) != 1 for t in tokens):
+    def forward(self, step: Step, ids: mx.array) -> mx.array:
+        """The logits (B, vocab) after the new tokens `ids` (B * step.new ids, sequence-major) of
+        the step's sequences: either one sequence with any number of tokens (prefill) or several
+        with one token each (batched decode)."""
+        B, L = len(step.sids), step.new
+        if B > 1 and L != 1:
             raise MetalforgeError("a batched step takes exactly one new token per sequence")
-        B, L = len(sids), len(tokens[0])
-        starts = [pool.seq(s).length for s in sids]
-        pool.reserve_all(sids, [len(t) for t in tokens])
-        ids = mx.array([t for seq in tokens for t in seq], dtype=mx.int32)
-        positions = mx.array([[s + i for i in range(L)] for s in starts], dtype=mx.int32)
-        rows = [pool.rows(sid, start, L) for sid, start in zip(sids, starts)]
-        lengths = [s + L for s in starts]
         h = self.embed(ids)                                             # (B*L, hidden)
-        for i in range(a.num_hidden_layers):
+        for i in range(self.args.num_hidden_layers):
             p = f"model.layers.{i}."
-            x = self.norm(p + "input_layernorm", h)
-            q = self.linear(p + "self_attn.q_proj", x).reshape(B, L, a.num_attention_heads, a.head_dim)
-            k = self.linear(p + "self_attn.k_proj", x).reshape(B, L, a.num_key_value_heads, a.head_dim)
-            v = self.linear(p + "self_attn.v_proj", x).reshape(B, L, a.num_key_value_heads, a.head_dim)
-            if a.qk_norm:
-                q = self.norm(p + "self_attn.q_norm", q)
-                k = self.norm(p + "self_attn.k_norm", k)
-            q = self.rope(q.transpose(0, 2, 1, 3), positions)
-            k = self.rope(k.transpose(0, 2, 1, 3), positions)
-            v = v.transpose(0, 2, 1, 3)
-            for b in range(B):
-                pool.write(i, rows[b], k[b], v[b])
-            if L == 1:
-                o = self.kernels.decode_attention(q, pool, i, sids, lengths, self.scale)
-            else:
-                kk, vv = pool.gather(i, sids[0], lengths[0])
-                o = self.kernels.prefill_attention(q, kk, vv, starts[0], self.scale)
-            o = o.astype(self.dtype).transpose(0, 2, 1, 3).reshape(B * L, a.num_attention_heads * a.head_dim)
-            h = h + self.linear(p + "self_attn.o_proj", o)
-            x = self.norm(p + "post_attention_layernorm", h)
-            gate = self.linear(p + "mlp.gate_proj", x)
-            up = self.linear(p + "mlp.up_proj", x)
-            h = h + self.linear(p + "mlp.down_proj", (silu(gate) * up).astype(self.dtype))
+            h = h + self.attention(p, i, self.norm(p + "input_layernorm", h), step)
+            h = h + self.mlp(p, self.norm(p + "post_attention_layernorm", h))
         last = h.reshape(B, L, -1)[:, -1, :]
-        out = self.logits(self.norm("model.norm", last))
-        for sid, t in zip(sids, tokens):
-            pool.seq(sid).tokens.extend(t)
-        return out
+        return self.logits(self.norm("model.norm", last))
+
+    def attention(self, p: str, layer: int, x: mx.array, step: Step) -> mx.array:
+        a = self.args
+        B, L = len(step.sids), step.new
+        q = self.linear(p + "self_attn.q_proj", x).reshape(B, L, a.num_attention_heads, a.head_dim)
+        k = self.linear(p + "self_attn.k_proj", x).reshape(B, L, a.num_key_value_heads, a.head_dim)
+        v = self.linear(p + "self_attn.v_proj", x).reshape(B, L, a.num_key_value_heads, a.head_dim)
+        if a.qk_norm:
+            q = self.norm(p + "self_attn.q_norm", q)
+            k = self.norm(p + "self_attn.k_norm", k)
+        q = self.rope(q.transpose(0, 2, 1, 3), step.positions)
+        k = self.rope(k.transpose(0, 2, 1, 3), step.positions)
+        kv = step.update_and_fetch(layer, k, v.transpose(0, 2, 1, 3))
+        if L == 1:
+            o = self.kernels.decode_attention(q, kv, self.scale)
+        else:
+            o = self.kernels.prefill_attention(q, kv, self.scale)
+        o = o.astype(self.dtype).transpose(0, 2, 1, 3).reshape(B * L, a.num_attention_heads * a.head_dim)
+        return self.linear(p + "self_attn.o_proj", o)
+
+    def mlp(self, p: str, x: mx.array) -> mx.array:
+        gate = self.linear(p + "mlp.gate_proj", x)
+        up = self.linear(p + "mlp.up_proj", x)
+        return self.linear(p + "mlp.down_proj", (silu(gate) * up).astype(self.dtype))
 
 
 def silu(x: mx.array) -> mx.array:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from metalforge import devices
+from metalforge.engine.kv_pool import LayerKV
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import backends
 from metalforge.kernels.checks import check
@@ -100,32 +101,31 @@ class Kernels:
         return y
 
     # ---- attention ----------------------------------------------------------------------------
-    def decode_attention(self, q: mx.array, pool, layer: int, sids: list[int], lengths: list[int],
-                         scale: float) -> mx.array:
-        """q: (B, Hq, 1, D) -> (B, Hq, 1, D) over each sequence's first `lengths[b]` tokens."""
+    def decode_attention(self, q: mx.array, kv: LayerKV, scale: float) -> mx.array:
+        """q: (B, Hq, 1, D) -> (B, Hq, 1, D) over each sequence's K/V in the pool (`kv`)."""
         def mlx_op():
             outs = []
-            for b, (sid, n) in enumerate(zip(sids, lengths)):
-                k, v = pool.gather(layer, sid, n)
+            for b in range(q.shape[0]):
+                k, v = kv.sequence(b)   # a view of the pool when the sequence is one run of blocks
                 outs.append(mx.fast.scaled_dot_product_attention(q[b:b + 1], k, v, scale=scale))
-            return mx.concatenate(outs, axis=0)
-        mlx_kernel = "mx.fast.scaled_dot_product_attention (gathered K/V)"
+            return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         if self.backend == "mlx":
             self._record("decode attention", kernel=mlx_kernel)
             return mlx_op()
-        table, lens = pool.block_table(sids, lengths)
-        keys, values = pool.paged(layer)
         B, Hq, _, D = q.shape
+        pool = kv.step.pool
         shape = dict(B=B, Hq=Hq, Hkv=pool.kv_heads, S=pool.max_blocks * pool.block_size, D=D,
                      block_size=pool.block_size, num_blocks=pool.num_blocks)
         return self._ours("decode_attention", shape, _dtype_name(q.dtype),
-                          {"queries": q, "keys": keys, "values": values,
-                           "scale": mx.array(scale, dtype=mx.float32), "block_table": table, "seq_lens": lens},
+                          {"queries": q, **kv.paged(), "scale": mx.array(scale, dtype=mx.float32)},
                           mlx_kernel, mlx_op)
 
-    def prefill_attention(self, q: mx.array, k: mx.array, v: mx.array, prefix: int, scale: float) -> mx.array:
-        """q: (1, Hq, L, D); k, v: (1, Hkv, prefix + L, D); causal, queries at the end."""
+    def prefill_attention(self, q: mx.array, kv: LayerKV, scale: float) -> mx.array:
+        """q: (1, Hq, L, D), the sequence's last L positions; causal over its whole K/V."""
+        k, v = kv.sequence(0)
         L, LK = q.shape[2], k.shape[2]
+        prefix = LK - L
 
         def mlx_op():
             mask = mx.arange(LK)[None, :] <= (mx.arange(L)[:, None] + prefix)

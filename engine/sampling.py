@@ -21,10 +21,11 @@ class Sampler:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.key = mx.random.key(arguments.seed(seed) if seed is not None else int.from_bytes(os.urandom(4), "little"))
 
-    def __call__(self, logits: mx.array) -> int:
-        """logits: (vocab,) float32."""
+    def sample(self, logits: mx.array) -> mx.array:
+        """logits: (vocab,) float32 -> the chosen id as a lazy int32 scalar, so that a generation
+        loop can queue the next step before reading it back."""
         if self.temperature == 0:
-            return int(mx.argmax(logits).item())
+            return mx.argmax(logits)
         logits = logits / self.temperature
         if self.top_k and self.top_k < logits.shape[0]:
             kth = mx.sort(logits)[-self.top_k]
@@ -37,4 +38,4 @@ class Sampler:
             drop = (cumulative - probs) >= self.top_p
             logits = logits.at[order].add(mx.where(drop, -mx.inf, 0.0))
         self.key, sub = mx.random.split(self.key)
-        return int(mx.random.categorical(logits, key=sub).item())
+        return mx.random.categorical(logits, key=sub)

@@ -1,7 +1,8 @@
 """decode_attention: one new query token per sequence against a KV cache (GQA, split-K).
 
 The KV cache is either contiguous (B, Hkv, S, D) or the engine's block pool
-(num_blocks, Hkv, block_size, D) read through a block table with per-sequence lengths.
+(Hkv, num_blocks, block_size, D) read through a block table with per-sequence lengths (head-major,
+so that MLX's attention can read a sequence stored in consecutive blocks in place).
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ class DecodeAttention(Family):
         main = self._kernel(
             self.template, inputs, outputs,
             B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, S=shape.S, D=shape.D, block_size=shape.block_size,
-            max_blocks=shape.max_blocks,
+            max_blocks=shape.max_blocks, pool_blocks=shape.pool_blocks,
             T=d.metal, SG=sg, KPS=config["keys_per_step"], SPLITS=splits, HEADS=heads, share_kv=config["share_kv"],
         )
         rows = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
@@ -133,7 +134,7 @@ class DecodeAttention(Family):
             v = mx.random.normal((shape.B, shape.Hkv, shape.S, shape.D), key=kv).astype(d.mlx)
             return {"queries": q, "keys": k, "values": v, "scale": scale}
         # A shuffled pool: sequence b's blocks are scattered, as after many adds and removals.
-        pool = (shape.pool_blocks, shape.Hkv, shape.block_size, shape.D)
+        pool = (shape.Hkv, shape.pool_blocks, shape.block_size, shape.D)
         k = mx.random.normal(pool, key=kk).astype(d.mlx)
         v = mx.random.normal(pool, key=kv).astype(d.mlx)
         order = mx.random.permutation(shape.pool_blocks, key=kp)[: shape.B * shape.max_blocks]
@@ -149,7 +150,7 @@ class DecodeAttention(Family):
         n = int(inp["seq_lens"][b].item())
         blocks = inp["block_table"][b, : cdiv(n, shape.block_size)]
         def gather(pool):
-            x = pool[blocks].transpose(1, 0, 2, 3).reshape(shape.Hkv, -1, shape.D)
+            x = pool[:, blocks].reshape(shape.Hkv, -1, shape.D)
             return x[:, :n]
         return gather(inp["keys"]), gather(inp["values"]), n
 

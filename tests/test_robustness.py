@@ -25,7 +25,7 @@ def model(tmp_path_factory):
 
 
 def _pool_state(e):
-    return ({sid: (list(s.blocks), list(s.tokens)) for sid, s in e.pool.seqs.items()}, list(e.pool.free))
+    return ({sid: (list(s.blocks), list(s.tokens)) for sid, s in e.pool.seqs.items()}, list(e.pool.refcount))
 
 
 @pytest.mark.parametrize("bad", [10**6, 256, -1, 3.5, True])
