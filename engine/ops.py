@@ -15,6 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from metalforge import devices
+from metalforge.engine.cpu_linear import CpuLinear
 from metalforge.engine.kv_pool import LayerKV
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import backends
@@ -35,6 +36,7 @@ class Kernels:
         self.report: dict[str, dict] = {}
         self._choices: dict = {}
         self.cpu_float32 = self.backend == "mlx" and not mx.metal.is_available()
+        self.cpu_linear = CpuLinear() if self.cpu_float32 else None
 
     def _choose(self, family: str, values: dict, dtype: str):
         """(shape, config, why) to run ours, or (None, None, why) for MLX's op."""
@@ -79,7 +81,10 @@ class Kernels:
     # ---- linear layers ------------------------------------------------------------------------
     def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:
         """x: (T, K) -> (T, N). `w` holds weight (and scales, biases when quantized) and bias."""
-        if "scales" not in w:
+        if self.cpu_linear is not None:
+            self._record("linear", kernel="MLX CPU: split across cores, dequantized for many rows (engine/cpu_linear.py)")
+            y = self.cpu_linear(x, w, bits, group_size)
+        elif "scales" not in w:
             self._record(f"linear {tuple(w['weight'].shape)}", kernel="mx matmul (unquantized weights)")
             y = x @ w["weight"].T
         else:
