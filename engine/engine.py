@@ -10,6 +10,7 @@ import mlx.core as mx
 from metalforge import arguments
 from metalforge.engine import config as model_config
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
+from metalforge.engine.batch import Batch
 from metalforge.engine.generation import Generation, Stats, Stops, TextStream
 from metalforge.engine.kv_pool import KVPool
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
@@ -202,6 +203,19 @@ class Engine:
                     else:
                         self.pool.remove(sid)
         return Generation(run, Stats())
+
+    def batch(self) -> Batch:
+        """A continuous batch: requests join and leave between steps (see engine/batch.py)."""
+        return Batch(self)
+
+    def generate_batch(self, prompts, max_tokens: int = 128, **sampling) -> Batch:
+        """Generate for several prompts at once, decoded together: iterate for (prompt index,
+        Token) pairs as they are produced; `batch.stats(i)` holds prompt i's figures. `sampling`
+        takes generate's temperature, top_p, top_k, seed and stop, the same for every prompt."""
+        batch = Batch(self)
+        for p in prompts:
+            batch.add(p, max_tokens, **sampling)
+        return batch
 
     def _request(self, prompt, max_tokens, temperature, top_p, top_k, seed, stop):
         """A prompt's ids, sampler and stop conditions, every argument checked before any work."""
