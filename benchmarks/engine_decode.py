@@ -1,67 +1,167 @@
-"""Engine figures side by side in one run on one model folder: decode tokens/s, time to first
-token for a long prompt cold and from its saved prompt cache, and peak memory; and the same for
-mlx-lm on the same folder when it is installed. Writes JSON and a PNG.
+"""The engine side by side with mlx-lm in one run, on the same backend and the same model folders:
+decode tokens/s and time to first token at several context lengths, total tokens/s with 8 and 32
+sequences at once (mlx-lm's batch_generate), and peak memory, for float32, float16 and bfloat16
+models, quantized and not. Prints ratios (ours / mlx-lm: above 1 is faster, for time to first
+token too) and writes JSON and a PNG.
 
-    python benchmarks/engine_decode.py [--model FOLDER] [--prompt-tokens 1024] [--decode-tokens 64]
+    python benchmarks/engine_decode.py [--contexts 128,1024,4096,8192] [--dtypes float32,float16,bfloat16]
+                                       [--quantized yes,no] [--batches 8,32] [--linear]
 
-Without --model a random-weight 4-bit model (about 70M parameters) is written to a temporary
-folder in the exact mlx-lm format. Off a Mac the engine runs MLX's CPU backend: these are CPU
-numbers, not Metal ones.
+The models are random-weight llamas written in the exact mlx-lm format (4 layers, hidden 512, 8
+heads of 64, 2 KV heads, MLP 1408, vocabulary 32000; quantized: 4-bit, group 64). Off a Mac both
+run MLX's CPU backend: these are CPU numbers, not Metal ones. `--linear` prints the measurements
+behind engine/cpu_linear.py instead.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
 
-from metalforge.engine.speed import engine_figures, mlx_lm_figures
+from metalforge.engine import speed
 from metalforge.engine.random_model import write_model
 from metalforge.plotting import figure, write_report
+from metalforge import engine
+
+# mlx-lm's quantized matmul in half precision runs at about 1 token/s on the CPU: past this much
+# time for the shortest prompt its longer contexts are estimated from it, not run (said so in the table)
+SLOW_TTFT_S = 20.0
+
+
+def model(root: Path, dtype: str, quantized: bool, max_positions: int) -> Path:
+    return write_model(root / f"{dtype}-{'q4' if quantized else 'dense'}", arch="llama", dtype=getattr(mx, dtype),
+                       quantized=(4, 64) if quantized else None, layers=4, hidden=512, heads=8, kv_heads=2,
+                       inter=1408, vocab=32000, shards=1, tokenizer=True, max_positions=max_positions)
+
+
+def prompt(n: int, salt: int = 0) -> list[int]:
+    return [(7 * i + 13 * salt) % 31000 + 2 for i in range(n)]
+
+
+def run_variant(folder, contexts, batches, decode_tokens, batch_prompt):
+    from mlx_lm import load as mlx_lm_load
+    out = {"contexts": {}, "batches": {}}
+    kv = max(max(contexts) + decode_tokens + 64, max(batches) * (batch_prompt + decode_tokens + 16))
+    their_model, tokenizer = mlx_lm_load(str(folder))
+    with engine.load(folder, kv_tokens=kv, max_seq_len=max(contexts) + decode_tokens + 64) as e:
+        slow = None
+        for c in contexts:
+            ours = speed.engine_generate(e, prompt(c), decode_tokens)
+            if slow is None:
+                theirs = speed.mlx_lm_generate(their_model, tokenizer, prompt(c), decode_tokens)
+                if theirs["ttft_s"] > SLOW_TTFT_S:
+                    slow = theirs
+            else:
+                theirs = {"skipped": f"mlx-lm took {slow['ttft_s']:.0f} s for the first token of the shortest prompt"}
+            out["contexts"][c] = {"metalforge": ours, "mlx_lm": theirs}
+            report_context(c, ours, theirs)
+        for b in batches:
+            prompts = [prompt(batch_prompt, salt=i + 1) for i in range(b)]
+            if slow is None:
+                theirs = speed.mlx_lm_batch(their_model, tokenizer, prompts, decode_tokens)
+            else:
+                theirs = {"skipped": "mlx-lm too slow in this dtype (see above)"}
+            ours = speed.engine_batch(e, prompts, decode_tokens)
+            out["batches"][b] = {"metalforge": ours, "mlx_lm": theirs}
+            ratio = f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x" if "tokens_per_s" in theirs else "-"
+            print(f"  {b:3d} sequences x {batch_prompt}+{decode_tokens} tokens: total {ours['tokens_per_s']:7.1f} tok/s "
+                  f"vs mlx-lm {theirs.get('tokens_per_s', float('nan')):7.1f}  ({ratio})", flush=True)
+    return out
+
+
+def report_context(c, ours, theirs):
+    if "skipped" in theirs:
+        print(f"  context {c:5d}: decode {ours['decode_tokens_per_s']:6.1f} tok/s  TTFT {ours['ttft_s']:7.2f} s  "
+              f"(mlx-lm not run: {theirs['skipped']})", flush=True)
+        return
+    print(f"  context {c:5d}: decode {ours['decode_tokens_per_s']:6.1f} vs {theirs['decode_tokens_per_s']:6.1f} tok/s "
+          f"({ours['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}x)  TTFT {ours['ttft_s']:7.2f} vs "
+          f"{theirs['ttft_s']:7.2f} s ({theirs['ttft_s'] / ours['ttft_s']:.2f}x)  peak "
+          f"{ours['peak_memory_bytes'] / 2**20:.0f} vs {theirs['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
+
+
+def linear_table():
+    """quantized_matmul against the two CPU techniques engine/cpu_linear.py uses, per row count."""
+    from metalforge.engine.cpu_linear import CpuLinear, DEQUANTIZE_MIN_ROWS
+    never = 1 << 30
+    ways = {"quantized_matmul": CpuLinear(cores=1, dequantize_from=never), "split": CpuLinear(dequantize_from=never),
+            "split+dequantized": CpuLinear(dequantize_from=1), "engine": CpuLinear()}
+    print(f"4-bit linear layers on {mx.default_device()}, ms per call (best of 3); split: one part per core "
+          f"({len(ways['split'].streams)}); the engine dequantizes from {DEQUANTIZE_MIN_ROWS} rows")
+    print(f"{'N x K':>12} {'rows':>5}" + "".join(f"{w:>19}" for w in ways) + f"{'engine speedup':>16}")
+    for n, k in ((512, 512), (1408, 512), (512, 1408), (32000, 512)):
+        w = dict(zip(("weight", "scales", "biases"), mx.quantize(mx.random.normal((n, k)), group_size=64, bits=4)))
+        mx.eval(w)
+        for rows in (1, 8, 32, 128, 512):
+            x = mx.random.normal((rows, k))
+            ms = {name: best(lambda: way(x, w, 4, 64)) for name, way in ways.items()}
+            print(f"{n:>5} x {k:<5} {rows:>5}" + "".join(f"{t:19.2f}" for t in ms.values())
+                  + f"{ms['quantized_matmul'] / ms['engine']:15.2f}x", flush=True)
+
+
+def best(f, n=3):
+    mx.eval(f())
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        mx.eval(f())
+        times.append((time.perf_counter() - t) * 1e3)
+    return min(times)
+
+
+def plot(results, out):
+    variants = list(results)
+    fig, axes = figure(1, 3, figsize=(15, 4))
+    for name in variants:
+        ctx = results[name]["contexts"]
+        cs = [c for c in ctx if "decode_tokens_per_s" in ctx[c]["mlx_lm"]]
+        axes[0].plot(cs, [ctx[c]["metalforge"]["decode_tokens_per_s"] / ctx[c]["mlx_lm"]["decode_tokens_per_s"]
+                          for c in cs], marker="o", label=name)
+        axes[1].plot(cs, [ctx[c]["mlx_lm"]["ttft_s"] / ctx[c]["metalforge"]["ttft_s"] for c in cs], marker="o",
+                     label=name)
+        bs = [b for b, r in results[name]["batches"].items() if "tokens_per_s" in r["mlx_lm"]]
+        axes[2].plot(bs, [results[name]["batches"][b]["metalforge"]["tokens_per_s"]
+                          / results[name]["batches"][b]["mlx_lm"]["tokens_per_s"] for b in bs], marker="o", label=name)
+    for ax, title, xlabel in ((axes[0], "decode tokens/s, metalforge / mlx-lm", "context"),
+                              (axes[1], "time to first token, mlx-lm / metalforge", "prompt tokens"),
+                              (axes[2], "total tokens/s, many sequences, metalforge / mlx-lm", "sequences")):
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"engine vs mlx-lm on {mx.default_device()} (measured here; not Metal unless run on a Mac)", fontsize=9)
+    return fig
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model")
-    ap.add_argument("--prompt-tokens", type=int, default=512)
-    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--contexts", default="128,1024,4096,8192")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16")
+    ap.add_argument("--quantized", default="yes,no")
+    ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--batch-prompt", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--linear", action="store_true", help="print the CPU linear-layer measurements and stop")
     ap.add_argument("--out", default="benchmarks/results/engine_decode")
     args = ap.parse_args()
-    tmp = tempfile.TemporaryDirectory()
-    folder = args.model
-    if folder is None:
-        folder = write_model(Path(tmp.name) / "model", arch="llama", quantized=(4, 64), dtype=mx.float16,
-                             layers=6, hidden=768, heads=12, kv_heads=4, inter=2048, vocab=32000, shards=2,
-                             tokenizer=True)
-    prompt = [(7 * i) % 1000 + 2 for i in range(args.prompt_tokens)]
-    ours = engine_figures(folder, prompt, args.decode_tokens, Path(tmp.name) / "prompt.safetensors")
-    theirs = mlx_lm_figures(folder, prompt, args.decode_tokens)
-    print(f"model {folder}, prompt {args.prompt_tokens} tokens, {args.decode_tokens} decoded, device {mx.default_device()}")
-    print(f"{'':22} {'metalforge (' + ours['backend'] + ')':>22} {'mlx-lm':>12}")
-    rows = [("decode tokens/s", "decode_tokens_per_s", "{:.1f}"), ("TTFT cold (ms)", "ttft_cold_s", "{:.1f}"),
-            ("peak memory (MiB)", "peak_memory_bytes", "{:.1f}")]
-    for label, key, fmt in rows:
-        scale = 1e3 if key.startswith("ttft") else (2**-20 if "bytes" in key else 1)
-        mine = fmt.format(ours[key] * scale)
-        other = fmt.format(theirs[key] * scale) if theirs else "not installed"
-        print(f"{label:22} {mine:>22} {other:>12}")
-    print(f"{'TTFT from cache (ms)':22} {ours['ttft_from_cache_s'] * 1e3:>22.1f}   "
-          f"({ours['cached_tokens']} cached tokens: {ours['ttft_cold_s'] / ours['ttft_from_cache_s']:.1f}x faster than cold)")
-    fig, axes = figure(1, 3, figsize=(10, 3))
-    axes[0].bar(["metalforge"] + (["mlx-lm"] if theirs else []),
-                [ours["decode_tokens_per_s"]] + ([theirs["decode_tokens_per_s"]] if theirs else []), color="#4c72b0")
-    axes[0].set_title("decode tokens/s")
-    axes[1].bar(["cold", "from cache"], [ours["ttft_cold_s"] * 1e3, ours["ttft_from_cache_s"] * 1e3], color="#55a868")
-    axes[1].set_title(f"time to first token (ms), {args.prompt_tokens}-token prompt")
-    axes[2].bar(["metalforge"] + (["mlx-lm"] if theirs else []),
-                [ours["peak_memory_bytes"] / 2**20] + ([theirs["peak_memory_bytes"] / 2**20] if theirs else []),
-                color="#dd8452")
-    axes[2].set_title("peak memory (MiB)")
-    fig.suptitle(f"engine on {mx.default_device()} (measured here; not Metal unless run on a Mac)", fontsize=9)
-    write_report(args.out, {"metalforge": ours, "mlx_lm": theirs, "device": str(mx.default_device()),
-                                                   "prompt_tokens": args.prompt_tokens,
-                                                   "decode_tokens": args.decode_tokens}, fig)
+    if args.linear:
+        return linear_table()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in args.dtypes.split(","):
+            for q in args.quantized.split(","):
+                name = f"{dtype} {'4-bit' if q == 'yes' else 'dense'}"
+                print(f"{name} (metalforge vs mlx-lm on {mx.default_device()}):", flush=True)
+                folder = model(Path(tmp), dtype, q == "yes", max(contexts) + args.decode_tokens + 128)
+                results[name] = run_variant(folder, contexts, batches, args.decode_tokens, args.batch_prompt)
+    write_report(args.out, {"device": str(mx.default_device()), "decode_tokens": args.decode_tokens,
+                            "batch_prompt_tokens": args.batch_prompt, "results": results}, plot(results, args.out))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,14 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 def write_model(folder, arch="llama", quantized=None, dtype=mx.float32, layers=2, hidden=128, heads=2, kv_heads=1,
-                inter=256, vocab=300, seed=0, shards=2, tokenizer=False) -> Path:
+                inter=256, vocab=300, seed=0, shards=2, tokenizer=False, max_positions=4096) -> Path:
     """quantized: None or (bits, group_size)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     head_dim = hidden // heads
     config = {**dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                      num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, rms_norm_eps=1e-5,
-                     rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=1),
+                     rope_theta=10000.0, max_position_embeddings=max_positions, tie_word_embeddings=False, eos_token_id=1),
               **ARCHS[arch]}
     if quantized:
         config["quantization"] = {"bits": quantized[0], "group_size": quantized[1]}
