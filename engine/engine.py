@@ -108,8 +108,6 @@ class Engine:
         may take any number of tokens (prefill); several take one token each (batched decode).
         Bad ids or sequences are refused before anything changes."""
         self._check_step(seqs, tokens)
-        if len(seqs) > 1 and any(len(t) != 1 for t in tokens):
-            raise MetalforgeError("a batched step takes exactly one new token per sequence")
         step = self.pool.begin(seqs, [len(t) for t in tokens])
         logits = self.model.forward(step, mx.array([t for ids in tokens for t in ids], dtype=mx.int32))
         step.commit(tokens)

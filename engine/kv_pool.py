@@ -214,11 +214,9 @@ class KVPool:
         return [blocks[p // bs] * bs + p % bs for p in range(start, start + count)]
 
     # ---- reading -------------------------------------------------------------------------------
-    def read(self, layer: int, sid: int, length: int | None = None) -> tuple[mx.array, mx.array]:
-        """A sequence's first `length` tokens of K and V as (1, kv_heads, length, head_dim): a view of
-        the pool when its blocks are one run, else the runs copied together."""
-        length = self.seq(sid).length if length is None else length
-        runs = self.runs(sid, length)
+    def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]:
+        """The K and V of `runs` (see `runs`) as (1, kv_heads, length, head_dim): a view of the pool
+        when the sequence is one run, else the runs copied together."""
         if not runs:
             empty = mx.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
             return empty, empty
@@ -239,9 +237,10 @@ class KVPool:
     # ---- a forward pass -------------------------------------------------------------------------
     def begin(self, sids: list[int], counts: list[int]) -> "Step":
         """Reserve room for `counts[i]` new tokens of each sequence (all or nothing) and return the
-        step that writes and reads them."""
-        if len(set(counts)) != 1:
-            raise MetalforgeError("a step appends the same number of tokens to each of its sequences")
+        step that writes and reads them: any number of tokens for one sequence (a prompt), or one
+        for each of several (batched decode)."""
+        if len(sids) > 1 and set(counts) != {1}:
+            raise MetalforgeError("a batched step takes exactly one new token per sequence")
         self.reserve_all(sids, counts)
         return Step(self, list(sids), counts[0])
 
@@ -263,6 +262,13 @@ class Step:
         for sid in sids:
             pool.seq(sid).pending += new
         self._table = None
+        self._runs: dict[int, list] = {}
+
+    def runs(self, b: int) -> list[tuple[int, int]]:
+        """Sequence b's runs of consecutive slots, found once per step for every layer."""
+        if b not in self._runs:
+            self._runs[b] = self.pool.runs(self.sids[b], self.lengths[b])
+        return self._runs[b]
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
         """Write the new tokens' k, v (B, kv_heads, new, head_dim) and return what attention reads."""
@@ -294,7 +300,13 @@ class LayerKV:
 
     def sequence(self, b: int) -> tuple[mx.array, mx.array]:
         """Sequence b's K and V, (1, kv_heads, length, head_dim), a view when it is one run."""
-        return self.step.pool.read(self.layer, self.step.sids[b], self.step.lengths[b])
+        return self.step.pool.read(self.layer, self.step.runs(b))
+
+    def paged_shape(self) -> dict:
+        """The pool's sizes as our decode kernel's shape takes them (S: the longest sequence)."""
+        pool = self.step.pool
+        return dict(Hkv=pool.kv_heads, S=pool.max_blocks * pool.block_size, block_size=pool.block_size,
+                    num_blocks=pool.num_blocks)
 
     def paged(self) -> dict:
         """The inputs of our paged decode kernel: the pool (kv_heads, num_blocks, block_size,

@@ -49,9 +49,12 @@ class Model:
         self.w = dict(weights)
         self.dtype = self._activation_dtype()
         if kernels.cpu_float32 and args.quantization and self.dtype != mx.float32:
-            # MLX's CPU quantized matmul is tens of times slower in half precision than in
-            # float32: on the CPU, quantized layers compute in float32 (scales converted once).
-            for name in [n for n in self.w if n.endswith((".scales", ".biases"))]:
+            # MLX's CPU kernels are several times slower in half precision (quantized matmul about
+            # 50x, attention 2-3x at long contexts): on the CPU a quantized model computes in
+            # float32 throughout, its KV cache included. Everything but the packed weights is
+            # converted once (scales, biases, norms: a few percent of the model).
+            self.dtype = mx.float32
+            for name in [n for n, a in self.w.items() if a.dtype in (mx.float16, mx.bfloat16)]:
                 self.w[name] = self.w[name].astype(mx.float32)
         self.rope = Rope(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
         self.scale = 1 / math.sqrt(args.head_dim)   # yarn's magnitude factor is applied inside the rotation
@@ -112,7 +115,7 @@ class Model:
             return mx.dequantize(w[tokens], self.w["model.embed_tokens.scales"][tokens],
                                  self.w["model.embed_tokens.biases"][tokens], group_size=self.args.group_size,
                                  bits=self.args.bits).astype(self.dtype)
-        return w[tokens]
+        return w[tokens].astype(self.dtype)
 
     def logits(self, h: mx.array) -> mx.array:
         name = "model.embed_tokens" if self.args.tie_word_embeddings else "lm_head"
@@ -123,8 +126,6 @@ class Model:
         the step's sequences: either one sequence with any number of tokens (prefill) or several
         with one token each (batched decode)."""
         B, L = len(step.sids), step.new
-        if B > 1 and L != 1:
-            raise MetalforgeError("a batched step takes exactly one new token per sequence")
         h = self.embed(ids)                                             # (B*L, hidden)
         for i in range(self.args.num_hidden_layers):
             p = f"model.layers.{i}."

@@ -119,9 +119,7 @@ class Kernels:
             self._record("decode attention", kernel=mlx_kernel)
             return mlx_op()
         B, Hq, _, D = q.shape
-        pool = kv.step.pool
-        shape = dict(B=B, Hq=Hq, Hkv=pool.kv_heads, S=pool.max_blocks * pool.block_size, D=D,
-                     block_size=pool.block_size, num_blocks=pool.num_blocks)
+        shape = dict(B=B, Hq=Hq, D=D, **kv.paged_shape())
         return self._ours("decode_attention", shape, _dtype_name(q.dtype),
                           {"queries": q, **kv.paged(), "scale": mx.array(scale, dtype=mx.float32)},
                           mlx_kernel, mlx_op)

@@ -55,7 +55,7 @@ def save(path, pool, sid: int, model_fingerprint: str) -> Path:
         raise MetalforgeError(f"sequence {sid} is empty: nothing to cache")
     arrays = {}
     for layer in range(pool.layers):
-        k, v = pool.read(layer, sid)
+        k, v = pool.read(layer, pool.runs(sid, seq.length))
         arrays[f"k.{layer}"], arrays[f"v.{layer}"] = k[0], v[0]
     metadata = {"format": "metalforge-prompt-cache", "format_version": FORMAT_VERSION,
                 "fingerprint": model_fingerprint, "tokens": json.dumps(seq.tokens), "dtype": str(pool.dtype),

@@ -4,11 +4,12 @@ and decoding allocates nothing per token."""
 import dataclasses
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from metalforge import engine
 from metalforge.engine.random_model import write_model
-from reference_model import reference_greedy
+from reference_model import reference_greedy, reference_logits
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 11], [9, 8, 7], list(range(1, 40)), [200, 201, 202, 203, 204]]
 
@@ -106,3 +107,14 @@ def test_memory_stays_flat_over_200_decoded_tokens(folder):
         assert gen.stats.generated_tokens == 230
         # 200 tokens of K/V would be 200 x 2 layers x 2 x 64 x 4 bytes = 200 KiB if allocated per token
         assert samples[1] - samples[0] < e.pool.block_bytes, "nothing allocated per decoded token"
+
+
+def test_a_prompt_longer_than_a_prefill_chunk_matches_the_reference(folder):
+    from metalforge.engine.engine import PREFILL_CHUNK
+    prompt = [(7 * i) % 290 + 2 for i in range(2 * PREFILL_CHUNK + 37)]      # two chunk boundaries
+    expected = reference_logits(folder, prompt)[-1]
+    with engine.load(folder, backend="mlx", kv_tokens=2048, block_size=16) as e:
+        sid = e.add_sequence()
+        got = e.prefill(sid, prompt)[0]
+        assert e.tokens(sid) == prompt
+    np.testing.assert_allclose(np.array(got), np.array(expected), rtol=2e-3, atol=2e-3)
