@@ -7,10 +7,13 @@ prompt caches on disk and memory limits.
         for token in gen:
             print(token.text, end="")
         print(gen.stats)
+        for i, token in e.generate_batch(["Hi", "Bonjour"], max_tokens=16):   # decoded together
+            print(i, token.text)
 """
+from metalforge.engine.batch import Batch
 from metalforge.engine.engine import Engine, load
 from metalforge.engine.generation import Generation, Stats, Token
 from metalforge.engine.kv_pool import PoolExhausted
 from metalforge.engine.prompt_cache import PromptCacheError
 
-__all__ = ["load", "Engine", "Generation", "Stats", "Token", "PoolExhausted", "PromptCacheError"]
+__all__ = ["load", "Engine", "Batch", "Generation", "Stats", "Token", "PoolExhausted", "PromptCacheError"]

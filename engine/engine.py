@@ -21,8 +21,9 @@ from metalforge.errors import MetalforgeError
 from metalforge import devices
 from metalforge.intmath import cdiv
 
-# Prompt tokens per forward pass. Measured on the CPU backend (benchmarks/engine_decode.py --chunks):
-# prefill speed is flat from 256 tokens up, while attention's scratch grows with chunk x length.
+# Prompt tokens per forward pass: attention's scratch is heads x chunk x length floats (8 heads at
+# 8192 tokens: 128 MiB), a quarter of mlx-lm's 2048-token steps; the linear layers already reach
+# their dequantized speed at this many rows (engine/cpu_linear.py).
 PREFILL_CHUNK = 512
 
 OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory")
