@@ -15,6 +15,7 @@ behind engine/cpu_linear.py instead.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -138,6 +139,40 @@ def plot(results, out):
     return fig
 
 
+def markdown(data) -> str:
+    """The README's tables: per model, ours vs mlx-lm and the ratio (above 1: ours is faster)."""
+    def cell(ours, theirs, key, invert=False, fmt="{:.1f}"):
+        if key not in theirs:
+            return f"{fmt.format(ours[key])} vs not run"
+        ratio = theirs[key] / ours[key] if invert else ours[key] / theirs[key]
+        return f"{fmt.format(ours[key])} vs {fmt.format(theirs[key])} (**{ratio:.2f}x**)"
+    results = data["results"]
+    contexts = list(next(iter(results.values()))["contexts"])
+    batches = list(next(iter(results.values()))["batches"])
+    out = [f"Measured on {data['device']} by `python benchmarks/engine_decode.py`; each ratio above 1 favours "
+           "metalforge (tokens/s ours over mlx-lm's, seconds and memory mlx-lm's over ours).", ""]
+    for title, key, invert, fmt in (("Decode tokens/s", "decode_tokens_per_s", False, "{:.1f}"),
+                                    ("Time to first token, seconds", "ttft_s", True, "{:.2f}")):
+        out += [f"{title} at each context length (metalforge vs mlx-lm):", "",
+                "| model | " + " | ".join(str(c) for c in contexts) + " |", "|---" * (len(contexts) + 1) + "|"]
+        for name, r in results.items():
+            out.append(f"| {name} | " + " | ".join(cell(r["contexts"][c]["metalforge"], r["contexts"][c]["mlx_lm"], key,
+                                                        invert, fmt) for c in contexts) + " |")
+        out.append("")
+    out += [f"Total tokens/s, sequences decoded at once ({data['batch_prompt_tokens']}-token prompts, "
+            f"{data['decode_tokens']} tokens each, prefill included; mlx-lm: batch_generate):", "",
+            "| model | " + " | ".join(f"{b} sequences" for b in batches) + " | peak memory at the longest context, MiB |",
+            "|---" * (len(batches) + 2) + "|"]
+    for name, r in results.items():
+        longest = r["contexts"][contexts[-1]]
+        peak = cell({"m": longest["metalforge"]["peak_memory_bytes"] / 2**20},
+                    {"m": longest["mlx_lm"]["peak_memory_bytes"] / 2**20} if "peak_memory_bytes" in longest["mlx_lm"]
+                    else {}, "m", invert=True, fmt="{:.0f}")
+        out.append(f"| {name} | " + " | ".join(cell(r["batches"][b]["metalforge"], r["batches"][b]["mlx_lm"],
+                                                    "tokens_per_s") for b in batches) + f" | {peak} |")
+    return "\n".join(out) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="128,1024,4096,8192")
@@ -148,9 +183,12 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--linear", action="store_true", help="print the CPU linear-layer measurements and stop")
     ap.add_argument("--out", default="benchmarks/results/engine_decode")
+    ap.add_argument("--report", metavar="JSON", help="write OUT.md from an earlier run's JSON and stop")
     args = ap.parse_args()
     if args.linear:
         return linear_table()
+    if args.report:
+        return write_markdown(args.out, json.loads(Path(args.report).read_text()))
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",") if b]
     results = {}
@@ -161,8 +199,18 @@ def main():
                 print(f"{name} (metalforge vs mlx-lm on {mx.default_device()}):", flush=True)
                 folder = model(Path(tmp), dtype, q == "yes", max(contexts) + args.decode_tokens + 128)
                 results[name] = run_variant(folder, contexts, batches, args.decode_tokens, args.batch_prompt)
-    write_report(args.out, {"device": str(mx.default_device()), "decode_tokens": args.decode_tokens,
-                            "batch_prompt_tokens": args.batch_prompt, "results": results}, plot(results, args.out))
+    data = {"device": str(mx.default_device()), "decode_tokens": args.decode_tokens,
+            "batch_prompt_tokens": args.batch_prompt, "results": results}
+    write_report(args.out, data, plot(results, args.out))
+    write_markdown(args.out, data)
+
+
+def write_markdown(out, data):
+    data = {**data, "results": {name: {part: {int(k): v for k, v in r[part].items()} for part in ("contexts", "batches")}
+                                for name, r in data["results"].items()}}   # JSON turned the sizes into strings
+    path = Path(out).with_suffix(".md")
+    path.write_text(markdown(data))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
