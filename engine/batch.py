@@ -46,10 +46,10 @@ class Batch:
         """Queue a prompt (text or ids) with its own settings; it joins at the next step. Returns
         its request id."""
         ids, sampler, stops = self.engine._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop)
-        stats = Stats(prompt_tokens=len(ids))
         rid = self._next_id
         self._next_id += 1
-        self.requests[rid] = Request(ids, sampler, TextStream(self.engine.tokenizer, stops, stats, time.perf_counter()))
+        self.requests[rid] = Request(ids, sampler, TextStream(self.engine.tokenizer, stops, Stats(prompt_tokens=len(ids)),
+                                                                time.perf_counter()))
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -99,13 +99,9 @@ class Batch:
         and other requests are decoding, it waits for them to free blocks (tried again next step)."""
         r = self.requests[rid]
         others = [o.sid for o in self.requests.values() if o.sid is not None]
-        r.sid, cached = self.engine._start_sequence(r.ids, others)
-        r.text.stats.cached_tokens = cached
         try:
-            logits = self.engine.prefill(r.sid, r.ids[cached:])
+            r.sid, logits = self.engine._open(r.ids, r.text.stats, others)
         except PoolExhausted:
-            self.engine.pool.remove(r.sid)
-            r.sid = None
             if others_live:
                 return []
             self._finish(rid, "KV pool exhausted")

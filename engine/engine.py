@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import time
 from pathlib import Path
 
@@ -168,7 +169,7 @@ class Engine:
             if best_len < n < len(ids) + 1 and ids[:n] == cached:
                 best, best_len = sid, n
         for sid in candidates:
-            n = _common_length(ids, self.pool.seq(sid).tokens)
+            n = len(os.path.commonprefix([ids, self.pool.seq(sid).tokens]))   # works on any sequences
             if n > max(best_len, self.pool.block_size - 1):
                 best, best_len = sid, n
         return best, best_len
@@ -182,13 +183,10 @@ class Engine:
         ids, sampler, stops = self._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop)
 
         def run(gen: Generation):
-            start = time.perf_counter()
-            sid, cached = self._start_sequence(ids)
+            text = TextStream(self.tokenizer, stops, gen.stats, time.perf_counter())
+            sid, logits = self._open(ids, gen.stats)
             gen.sequence = sid
-            gen.stats.prompt_tokens, gen.stats.cached_tokens = len(ids), cached
-            text = TextStream(self.tokenizer, stops, gen.stats, start)
             try:
-                logits = self.prefill(sid, ids[cached:])
                 for token in self._token_ids(sid, logits, sampler, max_tokens):
                     out, reason = text.add(token)
                     yield out
@@ -230,14 +228,20 @@ class Engine:
             (stop_ids.add(s) if isinstance(s, int) else stop_texts.append(s))
         return ids, sampler, Stops(stop_ids, stop_texts, max_tokens)
 
-    def _start_sequence(self, ids: list[int], candidates=()) -> tuple[int, int]:
-        """A new sequence for a prompt and how many of its tokens it already holds: a fork of the
-        longest cached prefix (kept prefixes, and `candidates`, sequences that may share one)."""
+    def _open(self, ids: list[int], stats: Stats, candidates=()) -> tuple[int, mx.array]:
+        """A new sequence holding a prompt, and its last token's logits: a fork of the longest
+        cached prefix (kept prefixes, and `candidates`, sequences that may share one) with the
+        rest prefilled. Counts the prompt's and the cached tokens into `stats`; on failure the
+        sequence is gone again."""
         parent, cached = self._longest_cached_prefix(ids, candidates)
         cached = min(cached, len(ids) - 1)   # the last prompt token is recomputed for its logits
-        if parent is None:
-            return self.pool.add_sequence(), 0
-        return self.pool.fork(parent, cached), cached
+        sid = self.pool.add_sequence() if parent is None else self.pool.fork(parent, cached)
+        stats.prompt_tokens, stats.cached_tokens = len(ids), cached   # cached is 0 without a parent
+        try:
+            return sid, self.prefill(sid, ids[cached:])
+        except BaseException:
+            self.pool.remove(sid)
+            raise
 
     def _token_ids(self, sid: int, logits: mx.array, sampler: Sampler, max_tokens: int):
         """Sampled ids for one sequence, pipelined as mlx-lm's loop is: the step after token n is
@@ -304,12 +308,3 @@ class Engine:
     def kernel_report(self) -> dict:
         """Which kernel (and config, and where the config came from) each kind of op used."""
         return dict(self.kernels.report)
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

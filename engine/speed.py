@@ -15,18 +15,15 @@ def engine_figures(folder, prompt, decode_tokens, cache_path, backend=None):
     out = {}
     with engine.load(folder, backend=backend, kv_tokens=len(prompt) + decode_tokens + 64) as e:
         out["backend"] = e.kernels.backend
-        mx.reset_peak_memory()
-        gen = e.generate(prompt, max_tokens=decode_tokens)
-        tokens = [t.id for t in gen]
-        out["decode_tokens_per_s"] = gen.stats.decode_tokens_per_s
-        out["ttft_cold_s"] = gen.stats.time_to_first_token_s
-        out["peak_memory_bytes"] = mx.get_peak_memory()
+        cold = engine_generate(e, prompt, decode_tokens)
+        out.update(decode_tokens_per_s=cold["decode_tokens_per_s"], ttft_cold_s=cold["ttft_s"],
+                   peak_memory_bytes=cold["peak_memory_bytes"])
         sid = e.add_sequence()
         e.step([sid], [prompt])
         e.save_prompt_cache(cache_path, sid)
     with engine.load(folder, backend=backend, kv_tokens=len(prompt) + decode_tokens + 64) as e:
         e.load_prompt_cache(cache_path)
-        gen = e.generate(prompt + [tokens[0]], max_tokens=4)
+        gen = e.generate(prompt + [cold["first_token"]], max_tokens=4)
         list(gen)
         out["ttft_from_cache_s"] = gen.stats.time_to_first_token_s
         out["cached_tokens"] = gen.stats.cached_tokens
@@ -35,28 +32,21 @@ def engine_figures(folder, prompt, decode_tokens, cache_path, backend=None):
 
 def mlx_lm_figures(folder, prompt, decode_tokens):
     try:   # optional dependency: the figures side by side when mlx-lm is installed
-        from mlx_lm import load, stream_generate
+        from mlx_lm import load
     except ImportError:
         return None
-    model, tokenizer = load(str(folder))
-    mx.reset_peak_memory()
-    start = time.perf_counter()
-    first, last, n = None, None, 0
-    for response in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=decode_tokens):
-        now = time.perf_counter()
-        first = first or now
-        last, n = now, n + 1
-    return {"decode_tokens_per_s": (n - 1) / (last - first) if n > 1 else 0.0, "ttft_cold_s": first - start,
-            "peak_memory_bytes": mx.get_peak_memory()}
+    theirs = mlx_lm_generate(*load(str(folder)), prompt, decode_tokens)
+    return {"decode_tokens_per_s": theirs["decode_tokens_per_s"], "ttft_cold_s": theirs["ttft_s"],
+            "peak_memory_bytes": theirs["peak_memory_bytes"]}
 
 
 def engine_generate(e, prompt, decode_tokens) -> dict:
     """One prompt through a loaded engine: time to first token, decode tokens/s, peak memory."""
     mx.reset_peak_memory()
-    gen = e.generate(prompt, max_tokens=decode_tokens, stop=[])
-    n = sum(1 for _ in gen)
+    gen = e.generate(prompt, max_tokens=decode_tokens)
+    ids = [t.id for t in gen]
     return {"ttft_s": gen.stats.time_to_first_token_s, "decode_tokens_per_s": gen.stats.decode_tokens_per_s,
-            "tokens": n, "peak_memory_bytes": mx.get_peak_memory()}
+            "tokens": len(ids), "first_token": ids[0], "peak_memory_bytes": mx.get_peak_memory()}
 
 
 def mlx_lm_generate(model, tokenizer, prompt, decode_tokens) -> dict:
@@ -77,7 +67,7 @@ def engine_batch(e, prompts, decode_tokens) -> dict:
     prefill included."""
     mx.reset_peak_memory()
     start = time.perf_counter()
-    n = sum(1 for _ in e.generate_batch(prompts, max_tokens=decode_tokens, stop=[]))
+    n = sum(1 for _ in e.generate_batch(prompts, max_tokens=decode_tokens))
     wall = time.perf_counter() - start
     return {"tokens": n, "seconds": wall, "tokens_per_s": n / wall, "peak_memory_bytes": mx.get_peak_memory()}
 
