@@ -30,7 +30,7 @@ class PoolExhausted(MetalforgeError):
 class Sequence:
     blocks: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-    pending: int = 0     # tokens written by a step whose ids the host has not read yet (see Step.commit)
+    pending: int = 0     # tokens written by a step whose ids the host has not read yet (see KVPool.settle)
 
     @property
     def length(self) -> int:
@@ -283,12 +283,11 @@ class Step:
             self._table = self.pool.block_table(self.sids, self.lengths)
         return self._table
 
-    def commit(self, tokens: list[list[int]] | None = None) -> None:
-        """Record the token ids written (one list per sequence). Without them the ids stay pending
-        (a step built on tokens not yet sampled) until `settle` names them."""
-        if tokens is not None:
-            for sid, ids in zip(self.sids, tokens):
-                self.pool.settle(sid, ids)
+    def commit(self, tokens: list[list[int]]) -> None:
+        """Record the token ids written (one list per sequence). A step built on a token not yet
+        sampled is not committed: its id stays pending until `KVPool.settle` names it."""
+        for sid, ids in zip(self.sids, tokens):
+            self.pool.settle(sid, ids)
 
 
 @dataclass
