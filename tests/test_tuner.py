@@ -178,6 +178,32 @@ def test_two_workers_share_a_study_without_running_a_config_twice(tmp_path):
     assert len([t for t in trials if t.state in st.FINISHED and "duplicate_of" not in t.user_attrs]) >= 24
 
 
+def test_a_killed_trials_retry_runs_even_when_a_repeat_was_pruned_while_it_ran(tmp_path):
+    """Two workers seeding one new study both queue the default config: the second copy is pruned
+    as a repeat of the first while it runs. When the first is killed, its retry must run the
+    config, not repeat the pruned repeat (which left the config never evaluated)."""
+    target = shapes.Target("qmv", family("qmv").shape(SMALL["qmv"][0]), "float16")
+    settings = st.Settings(device="m3-pro", storage=f"sqlite:///{tmp_path / 'r.db'}", verify=False, warm_start=False)
+    study = st.open_study(target, settings)
+    objective = st.Objective(target, settings, study)
+    config = target.family.default_config()
+    study.enqueue_trial(config)
+    study.enqueue_trial(config)
+    first, second = study.ask(), study.ask()
+    objective.suggest(first)
+    with pytest.raises(optuna.TrialPruned, match="still running"):
+        objective(second)
+    study.tell(second, state=TrialState.PRUNED)
+    study.tell(first, state=TrialState.FAIL)          # killed: failed without an error of its config
+    assert st.recover_interrupted(study) == 1
+    retry = study.ask()
+    assert study._storage.get_trial(retry._trial_id).system_attrs["failed_trial"] == first.number
+    value = objective(retry)
+    assert value == pytest.approx(ModelTimer().time(None, family=target.family, config=config, shape=target.shape,
+                                                    dtype="float16", device="m3-pro").seconds)
+    assert "duplicate_of" not in study._storage.get_trial(retry._trial_id).user_attrs
+
+
 class DriftingTimer:
     """A measuring timer whose machine slows down by half after its 8th call and recovers after
     one cooldown, like a laptop that throttles and cools."""

@@ -285,16 +285,18 @@ class Objective:
 
     def _earlier_same_config(self, trial, config):
         """The lowest-numbered earlier trial with this config, so two workers that drew the same
-        config agree on which of them runs it. Discarded (drifted) trials and trials of killed
-        workers (failed without an error) do not count: those are measured again."""
+        config agree on which of them runs it. Discarded (drifted) trials, trials of killed
+        workers (failed without an error) and repeats do not count: the first two are measured
+        again, a repeat points at the trial that does count."""
         gone = discarded(self.study)
         key = config_key(config)
         for t in self.study.get_trials(deepcopy=False):
             if t.number >= trial.number or t.number in gone or not t.params or config_key(t.params) != key:
                 continue
-            if interrupted(t):
-                continue
-            if t.state in (TrialState.WAITING,):
+            # a repeat holds no outcome of its own (it copied, or was pruned waiting for, the
+            # trial it repeats); counting it would let an interrupted config's retry repeat a repeat
+            # that was pruned while the interrupted trial ran, and the config would never be run
+            if interrupted(t) or repeat(t) or t.state == TrialState.WAITING:
                 continue
             return t
         return None
