@@ -13,7 +13,9 @@ model's error. Its parts, and where each number comes from:
 - occupancy: threadgroups resident per core, limited by threadgroup memory and threads, and the
   share of the parallelism a launch keeps in flight. ASSUMED per core (Apple does not publish
   these, and end-to-end speeds cannot separate them): 2048 resident threads, 64 KB of threadgroup
-  memory, about 1024 threads in flight to saturate memory; barrier and SIMD-reduction costs.
+  memory, about 1024 threads in flight to saturate memory, full occupancy up to 64 registers a
+  lane; barrier, SIMD-reduction and fragment-load costs. The same rules price our kernels and
+  MLX's (each family describes MLX's kernel as one of its own configs: Family.mlx_config).
 The fit, its data and its held-out error: benchmarks/calibrate.py (kernels/calibration.py).
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ THREADS_TO_SATURATE = 1024
 DISPATCHES_PER_LAYER = 14
 BARRIER_S = 0.15e-6       # one threadgroup barrier, per threadgroup (assumed)
 SIMD_REDUCE_S = 0.02e-6   # one simd_sum per SIMD-group (assumed)
+REGISTERS_AT_FULL_OCCUPANCY = 64   # 32-bit registers a lane can hold at full occupancy (assumed)
+FRAGMENT_LOAD_COST = 0.5  # an 8x8 fragment read from threadgroup memory, in 8x8 multiply-accumulates (assumed)
 DYNAMIC_CACHING_FROM = 15   # applegpu_g15 (M3) introduced the new shader core and dynamic caching
 
 
@@ -145,10 +149,19 @@ class Occupancy:
         return cdiv(self.threadgroups, self.resident_per_core * device.gpu_cores)
 
 
-def occupancy(threads: int, tg_bytes: int, threadgroups: int) -> Occupancy:
-    by_threads = max(1, THREADS_PER_CORE // threads)
+def occupancy(threads: int, tg_bytes: int, threadgroups: int, registers: int = 0) -> Occupancy:
+    """Threadgroups resident per core: limited by threads, threadgroup memory and registers (a
+    lane holding more than REGISTERS_AT_FULL_OCCUPANCY 32-bit values leaves room for fewer)."""
+    resident_threads = THREADS_PER_CORE * min(1.0, REGISTERS_AT_FULL_OCCUPANCY / max(registers, 1))
+    by_threads = max(1, int(resident_threads) // threads)
     by_memory = TG_MEMORY_PER_CORE // tg_bytes if tg_bytes else by_threads
     return Occupancy(max(1, min(by_threads, by_memory)), threadgroups, threads)
+
+
+def load_efficiency(bytes_per_lane: float) -> float:
+    """Share of the memory system's width a load of `bytes_per_lane` uses: 16 bytes a lane is full
+    width (MLX's and llama.cpp's kernels load 16 bytes a lane); narrower loads waste transactions."""
+    return min(1.0, bytes_per_lane / 16) ** 0.35
 
 
 def roofline(bytes_moved: float, flops: float, dev, parallel: float) -> float:
@@ -156,6 +169,3 @@ def roofline(bytes_moved: float, flops: float, dev, parallel: float) -> float:
     return max(memory_seconds(bytes_moved, dev), compute_seconds(flops, dev)) / max(parallel, 1e-3)
 
 
-# MLX's steel kernels multiply on SIMD-group matrices and ours (for now) do not: the speedup is an
-# assumption, not a measurement, and goes when our prompt kernels use SIMD-group matrices too.
-MLX_MMA_SPEEDUP = 4.0

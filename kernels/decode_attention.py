@@ -174,7 +174,7 @@ class DecodeAttention(Family):
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
                                                     scale=inp["scale"].item())
 
-    def mlx_config(self, shape) -> dict:
+    def mlx_config(self, shape, dtype) -> dict:
         # sdpa_vector: one 1024-thread threadgroup per query head; two-pass over 32 blocks at 4k+ keys
         return {"threads": 1024, "keys_per_step": 1, "share_kv": False, "splits": 32 if shape.S >= 4096 else 1}
 

@@ -48,6 +48,9 @@ class Launch:
     output_shapes: tuple
     output_dtypes: tuple
     init_value: float | None = None
+    # sizes the kernel reads at run time (its `lengths` input, int32), so that one compiled
+    # kernel serves every prompt length, prefix and row count
+    lengths: tuple[int, ...] = ()
 
 
 Config = dict
@@ -231,6 +234,8 @@ class Family:
         out = None
         for launch in self.launches(config, shape, dtype):
             kernel = backends.kernel(launch.kernel, backend, device)
+            if launch.lengths:
+                env[LENGTHS] = mx.array(launch.lengths, dtype=mx.int32)
             missing = [n for n in launch.kernel.input_names if n not in env]
             if missing:
                 raise MetalforgeError(f"{self.name}: missing input(s) {choices(missing)}")
@@ -255,6 +260,8 @@ class Family:
         env = dict(inputs)
         for launch in self.launches(config, shape, _dtypes.get(dtype)):
             kernel = backends.kernel(launch.kernel, backend, device)
+            if launch.lengths:
+                env[LENGTHS] = ArraySpec(mx.int32, 1, len(launch.lengths))
             kernel.prepare(inputs=[env[n] for n in launch.kernel.input_names], output_dtypes=launch.output_dtypes)
             for name, shp, dt in zip(launch.kernel.output_names, launch.output_shapes, launch.output_dtypes):
                 env[name] = ArraySpec(dt, len(shp), math.prod(shp))
@@ -268,12 +275,9 @@ class Family:
         """Modelled seconds for one call of `config` on `device` (a profile or its name)."""
         raise NotImplementedError
 
-    def mlx_config(self, shape) -> dict:
+    def mlx_config(self, shape, dtype) -> dict:
         """MLX's own kernel for the job, described as a config of ours (its tiles and threads)."""
         raise NotImplementedError
-
-    # MLX's kernel for the job multiplies on SIMD-group matrices (steel) and ours does not yet
-    mlx_uses_simdgroup_matrices = False
 
     def model_error(self) -> float:
         """The stated error of this family's modelled times (kernels/calibration.yaml)."""
@@ -281,11 +285,39 @@ class Family:
 
     def mlx_cost(self, shape, dtype, device) -> float:
         """MLX's built-in priced by the same rule: the baseline a tuned config must beat."""
-        t = self.cost(self.config(self.mlx_config(shape)), shape, dtype, device)
-        if self.mlx_uses_simdgroup_matrices:
-            t = cost.launch_seconds() + (t - cost.launch_seconds()) / cost.MLX_MMA_SPEEDUP
-        return t
+        return self.cost(self.config(self.mlx_config(shape, dtype)), shape, dtype, device)
 
+
+# 8x8 fp32 fragments one SIMD-group may hold (two 32-bit registers a lane each): past 64 (128
+# registers a lane) a GPU trades occupancy or spills to memory; MLX's and llama.cpp's SIMD-group
+# matrix kernels stay well below. It also bounds the emulator's per-thread stack.
+MAX_FRAGMENTS = 64
+
+
+def fragment_problems(count: int) -> list[str]:
+    if count <= MAX_FRAGMENTS:
+        return []
+    return [f"a SIMD-group would hold {count} 8x8 fragments, more than {MAX_FRAGMENTS} (128 registers a lane)"]
+
+
+def stage_dtype(config, dtype) -> _dtypes.DType:
+    """What a config's `stage` tunable stages tiles as: the input's own type (as MLX) or fp32."""
+    return _dtypes.get("float32") if config["stage"] == "float" else _dtypes.get(dtype)
+
+
+def input_stage(dtype) -> str:
+    """The `stage` value that stages tiles in the input's own type (MLX's choice)."""
+    return "float" if _dtypes.get(dtype).name == "float32" else "input"
+
+
+def stage_problems(config, dtype) -> list[str]:
+    if config["stage"] == "input" and _dtypes.get(dtype).name == "float32":
+        return ["stage=input is stage=float for float32 inputs"]
+    return []
+
+
+# The input that carries a launch's run-time sizes (Launch.lengths).
+LENGTHS = "lengths"
 
 # Kernels compute element offsets in 32-bit `int`/`uint`: a buffer larger than this would wrap.
 MAX_BUFFER_ELEMENTS = 2**31 - 1

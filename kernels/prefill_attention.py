@@ -1,7 +1,7 @@
-"""prefill_attention: tiled causal attention over a prompt (Q/K/V tiles in threadgroup memory).
+"""prefill_attention: causal flash attention over a prompt on 8x8 SIMD-group matrices.
 
-This is the family where the 32 KB threadgroup limit bites: D=128, BQ=BK=32 with fp32 staging
-needs (32 + 2*32) * 128 * 4 = 49,152 bytes.
+This is the family where the 32 KB threadgroup limit bites: D=128, BK=64 with fp32 staging and
+double-buffered K/V tiles needs 2 * 2 * 64 * 128 * 4 = 131,072 bytes.
 """
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import mlx.core as mx
 from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
+from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.decode_attention import HEAD_DIMS
-from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
-
-STAGE_SIZES = {"float": 4, "half": 2}
+from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail, fragment_problems, input_stage, stage_dtype, stage_problems
 
 
 @dataclass(frozen=True)
@@ -24,9 +23,9 @@ class PrefillShape:
     B: int
     Hq: int
     Hkv: int
-    L: int        # new query tokens
+    L: int        # new query tokens (passed at run time)
     D: int
-    prefix: int = 0  # cached tokens before them (keys = prefix + L)
+    prefix: int = 0  # cached tokens before them (keys = prefix + L; passed at run time)
 
     @property
     def LK(self) -> int:
@@ -41,10 +40,13 @@ class PrefillAttention(Family):
     bucketed = ("L", "prefix")
     shape_type = PrefillShape
     params = (
-        Param("BQ", (8, 16, 32, 64), 16, "query rows per threadgroup"),
-        Param("BK", (8, 16, 32, 64), 32, "keys per staged tile"),
-        Param("simdgroups", (1, 2, 4, 8), 4, "SIMD-groups per threadgroup"),
-        Param("stage", ("float", "half"), "half", "element type of the staged tiles"),
+        Param("BQ", (8, 16, 32, 64, 128), 32, "query rows per threadgroup"),
+        Param("BK", (8, 16, 32, 64, 128), 32, "keys per staged tile"),
+        Param("simdgroups", (1, 2, 4, 8), 4, "SIMD-groups per threadgroup (each owns BQ/simdgroups rows)"),
+        Param("stage", ("input", "float"), "input", "element type of the staged tiles: the input's, or fp32"),
+        Param("double_buffer", (False, True), False, "stream the next K/V tile while this one is used"),
+        Param("q_source", ("threadgroup", "registers"), "threadgroup", "where Q's fragments are read from"),
+        Param("load_width", (1, 2, 4), 4, "elements per device load when staging K/V"),
     )
 
     def proxy_shape(self, shape):
@@ -74,32 +76,41 @@ class PrefillAttention(Family):
         return 32 * config["simdgroups"]
 
     def threadgroup_memory_bytes(self, config, shape: PrefillShape, dtype) -> int:
-        return (config["BQ"] + 2 * config["BK"]) * shape.D * STAGE_SIZES[config["stage"]]
+        q_rows = config["BQ"] if config["q_source"] == "threadgroup" else 0
+        kv_rows = 2 * config["BK"] * (2 if config["double_buffer"] else 1)
+        return (q_rows + kv_rows) * shape.D * stage_dtype(config, dtype).size
+
+    def fragments(self, config, shape: PrefillShape) -> int:
+        """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand."""
+        tq, tk, td = config["BQ"] // config["simdgroups"] // 8, config["BK"] // 8, shape.D // 8
+        return tq * td + tq * tk + (tq * td if config["q_source"] == "registers" else 0) + 1
 
     def config_problems(self, config, shape: PrefillShape, dtype) -> list[str]:
         out = []
-        if config["BQ"] % config["simdgroups"]:
-            out.append(f"BQ={config['BQ']} is not a multiple of simdgroups={config['simdgroups']}")
-        if config["stage"] == "half" and dtypes.get(dtype).name == "float32":
-            out.append("half staging would lose float32 precision")
-        return out
+        if config["BQ"] % (8 * config["simdgroups"]):
+            out.append(f"BQ={config['BQ']} over simdgroups={config['simdgroups']} is not a whole number of "
+                       "8-row fragments")
+        else:
+            out += fragment_problems(self.fragments(config, shape))
+        return out + stage_problems(config, dtype)
 
     def tolerance(self, config, dtype):
         d = dtypes.get(dtype)
-        if config["stage"] == "half":
-            return max(d.atol, 2e-2), max(d.rtol, 2e-2)
         return d.atol, d.rtol
 
     def launches(self, config, shape: PrefillShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
         sg = config["simdgroups"]
         kernel = self._kernel(
-            self.template, ("queries", "keys", "values", "scale"), ("out",),
-            B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, LQ=shape.L, LK=shape.LK, D=shape.D, T=d.metal,
-            BQ=config["BQ"], BK=config["BK"], SG=sg, ST=config["stage"],
+            self.template, ("queries", "keys", "values", "scale", "lengths"), ("out",),
+            Hq=shape.Hq, Hkv=shape.Hkv, D=shape.D, T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg,
+            ST=stage_dtype(config, dtype).metal, vector=vector_of, TV=d.vector,
+            DB=config["double_buffer"], QS=config["q_source"],
+            W=config["load_width"],
         )
         grid = (32 * sg * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1)
-        return [Launch(kernel, grid, (32 * sg, 1, 1), ((shape.B, shape.Hq, shape.L, shape.D),), (d.mlx,))]
+        return [Launch(kernel, grid, (32 * sg, 1, 1), ((shape.B, shape.Hq, shape.L, shape.D),), (d.mlx,),
+                       lengths=(shape.L, shape.LK))]
 
     def make_inputs(self, shape: PrefillShape, dtype, seed=0):
         d = dtypes.get(dtype)
@@ -127,32 +138,38 @@ class PrefillAttention(Family):
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
                                                     scale=inp["scale"].item(), mask=mask)
 
-    mlx_uses_simdgroup_matrices = True
-
-    def mlx_config(self, shape) -> dict:
-        # steel attention: 32 x 16 tiles, 4 SIMD-groups, half staging
-        return {"BQ": 32, "BK": 16, "simdgroups": 4, "stage": "half"}
+    def mlx_config(self, shape, dtype) -> dict:
+        # steel attention: 32 query rows over 4 SIMD-groups, 16 keys per tile at D >= 128 (else 32),
+        # tiles of the input type, Q read from threadgroup memory per product, one K/V buffer,
+        # 16-byte loads
+        return {"BQ": 32, "BK": 16 if shape.D >= 128 else 32, "simdgroups": 4, "double_buffer": False,
+                "stage": input_stage(dtype),
+                "q_source": "threadgroup", "load_width": 4}
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)
         dtype = dtypes.get(dtype)
-        sg = config["simdgroups"]
-        qtiles = cdiv(shape.L, config["BQ"])
-        tgs = shape.B * shape.Hq * qtiles
-        occ = cost.occupancy(32 * sg, self.threadgroup_memory_bytes(config, shape, dtype), tgs)
-        stage = 2 if config["stage"] == "half" else 4
-        q_bytes = shape.B * shape.Hq * shape.L * shape.D * dtype.size
-        # every query tile streams the keys it can see (causal: about half on average)
-        visible = shape.prefix + (shape.L + config["BQ"]) / 2
-        kv_bytes = 2 * shape.B * shape.Hq * qtiles * visible * shape.D * dtype.size * 0.5  # half served by the cache
-        out_bytes = q_bytes
-        pairs = shape.B * shape.Hq * (shape.L * shape.prefix + shape.L * (shape.L + 1) / 2)
-        # one simd_sum (5 shuffles) per (row, key) pair plus D/32 FMAs per lane; fp32 staging reads
-        # twice the threadgroup-memory bytes of half staging
-        lane_ops = pairs * 32 * (2 * shape.D / 32 * (1 + 0.25 * (stage == 4)) + 10)
-        parallel = occ.parallel_fraction(dev, ilp=min(2.0, config["BQ"] / sg / 2))
-        t = cost.roofline(q_bytes + kv_bytes + out_bytes, lane_ops, dev, parallel)
-        ktiles = cdiv(int(visible), config["BK"])
-        t += 2 * ktiles * cost.BARRIER_S * occ.waves(dev)
-        return t + cost.launch_seconds()
+        sg, bq, bk = config["simdgroups"], config["BQ"], config["BK"]
+        tq, td = bq // sg // 8, shape.D // 8
+        qtiles = cdiv(shape.L, bq)
+        heads = shape.B * shape.Hq
+        # keys each query tile stages: up to its last row's position, in whole tiles (causal)
+        staged = sum(min(shape.LK, cdiv(min(shape.L, (i + 1) * bq) + shape.prefix, bk) * bk) for i in range(qtiles))
+        q_bytes = heads * shape.L * shape.D * dtype.size
+        # K/V re-streamed per query tile; the G query heads of a KV head share it through the cache
+        kv_bytes = 2 * heads * staged * shape.D * dtype.size / (1 + (shape.Hq // shape.Hkv - 1) * 0.5)
+        mma = 2 * heads * bq * staged * shape.D * 2          # S = QK^T and O += PV, masked waste included
+        softmax = heads * bq * staged * 8                     # mask, max, exp2, sum, per score
+        # threadgroup-memory fragment loads per multiply-accumulate: K and V fragments serve the
+        # SIMD-group's tq rows; Q's come from threadgroup memory each time unless in registers
+        loads = 1 / tq + (0.5 if config["q_source"] == "threadgroup" else 0.0)
+        flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + softmax
+        occ = cost.occupancy(32 * sg, self.threadgroup_memory_bytes(config, shape, dtype), heads * qtiles,
+                             registers=2 * self.fragments(config, shape))
+        parallel = occ.parallel_fraction(dev, ilp=min(2.0, tq)) * cost.load_efficiency(config["load_width"] * dtype.size)
+        t = cost.roofline(q_bytes * 2 + kv_bytes, flops, dev, parallel)
+        # a threadgroup crosses one barrier per K/V tile double-buffered, two otherwise
+        tiles_per_threadgroup = staged / bk / qtiles
+        barriers = (1 if config["double_buffer"] else 2) * tiles_per_threadgroup
+        return t + barriers * cost.BARRIER_S * occ.waves(dev) + cost.launch_seconds()

@@ -4,71 +4,103 @@ from __future__ import annotations
 from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
-from metalforge.kernels.family import Launch, Param
+from metalforge.kernels.family import Launch, Param, fragment_problems, input_stage, stage_dtype, stage_problems
 from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
 
 
+QMM_BITS = (2, 4, 8)   # whole words of values; 3-, 5- and 6-bit prompts run MLX's op
+
+
 class Qmm(Qmv):
-    """y = x @ dequant(w_q).T for prompts: BM x BN output tiles, x and w staged per K step.
-    Shares qmv's inputs, reference, baseline and cost inputs; differs in tiling and shapes."""
+    """y = x @ dequant(w_q).T for prompts, on SIMD-group matrices. Shares qmv's inputs, reference
+    and baseline; differs in tiling, shapes and cost."""
 
     name = "qmm"
     bound = "compute"
     shape_type = QmvShape   # the same fields: M, N, K, bits, group_size
     params = (
-        Param("BM", (16, 32, 64), 32, "output rows per threadgroup"),
-        Param("BN", (16, 32, 64), 32, "output columns per threadgroup"),
-        Param("BK", (16, 32, 64), 32, "K values staged per step"),
-        Param("threads", (64, 128, 256), 128, "threads per threadgroup"),
+        Param("BM", (8, 16, 32, 64), 32, "output rows per threadgroup"),
+        Param("BN", (8, 16, 32, 64), 32, "output columns per threadgroup"),
+        Param("BK", (16, 32, 64, 128), 32, "K values staged per step"),
+        Param("WM", (1, 2, 4), 2, "SIMD-groups across the tile's rows"),
+        Param("WN", (1, 2, 4), 2, "SIMD-groups across the tile's columns"),
+        Param("dequant", ("threadgroup", "registers"), "threadgroup",
+              "dequantise weights into a shared tile, or each lane into its own fragment elements"),
+        Param("stage", ("input", "float"), "input", "element type of the staged tiles: the input's, or fp32"),
     )
 
     def shape_problems(self, shape) -> list[str]:
-        # the prompt kernel unpacks whole words: 4 and 8 bits (other widths run MLX's op)
-        return quantization_problems(shape, bits=(4, 8)) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])
+        return quantization_problems(shape, bits=QMM_BITS) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])
 
     def threads_per_threadgroup(self, config) -> int:
-        return config["threads"]
+        return 32 * config["WM"] * config["WN"]
 
     def threadgroup_memory_bytes(self, config, shape, dtype) -> int:
-        return 4 * config["BK"] * (config["BM"] + config["BN"])
+        rows = config["BM"] + (config["BN"] if config["dequant"] == "threadgroup" else 0)
+        return rows * config["BK"] * stage_dtype(config, dtype).size
+
+    def fragments(self, config) -> int:
+        """8x8 fp32 fragments a SIMD-group holds: its outputs, a column of x and one weight operand."""
+        tm, tn = config["BM"] // config["WM"] // 8, config["BN"] // config["WN"] // 8
+        return tm * tn + tm + 1
 
     def config_problems(self, config, shape, dtype) -> list[str]:
         out = []
-        if config["BM"] * config["BN"] < config["threads"]:
-            out.append(f"a {config['BM']}x{config['BN']} tile has fewer outputs than threads={config['threads']}")
+        for tile, ways in (("BM", "WM"), ("BN", "WN")):
+            if config[tile] % (8 * config[ways]):
+                out.append(f"{tile}={config[tile]} over {ways}={config[ways]} is not a whole number of 8-wide fragments")
+        if not out:
+            out += fragment_problems(self.fragments(config))
         if shape.K % config["BK"]:
             out.append(f"K={shape.K} is not a multiple of BK={config['BK']}")
-        return out
+        return out + stage_problems(config, dtype)
+
+    def tolerance(self, config, dtype):
+        d = dtypes.get(dtype)
+        return d.atol * 4, d.rtol
 
     def launches(self, config, shape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
         kernel = self._kernel(
-            self.template, ("x", "w", "scales", "biases"), ("y",),
-            M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
-            BM=config["BM"], BN=config["BN"], BK=config["BK"], THREADS=config["threads"],
+            self.template, ("x", "w", "scales", "biases", "lengths"), ("y",),
+            N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
+            BM=config["BM"], BN=config["BN"], BK=config["BK"], WM=config["WM"], WN=config["WN"],
+            DQ=config["dequant"], ST=stage_dtype(config, dtype).metal,
         )
-        grid = (config["threads"] * cdiv(shape.N, config["BN"]), cdiv(shape.M, config["BM"]), 1)
-        return [Launch(kernel, grid, (config["threads"], 1, 1), ((shape.M, shape.N),), (d.mlx,))]
+        threads = self.threads_per_threadgroup(config)
+        grid = (threads * cdiv(shape.N, config["BN"]), cdiv(shape.M, config["BM"]), 1)
+        return [Launch(kernel, grid, (threads, 1, 1), ((shape.M, shape.N),), (d.mlx,), lengths=(shape.M,))]
 
-    mlx_uses_simdgroup_matrices = True
-
-    def mlx_config(self, shape) -> dict:
-        # steel qmm: 32 x 32 tiles, BK 32, 128 threads
-        return {"BM": 32, "BN": 32, "BK": 32, "threads": 128}
+    def mlx_config(self, shape, dtype) -> dict:
+        # MLX's qmm: 32 x 32 tiles over 2 x 2 SIMD-groups, BK 32, weights dequantised into a
+        # threadgroup tile of the input type
+        return {"BM": 32, "BN": 32, "BK": 32, "WM": 2, "WN": 2, "dequant": "threadgroup",
+                "stage": input_stage(dtype)}
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)
         dtype = dtypes.get(dtype)
-        tiles_n, tiles_m = cdiv(shape.N, config["BN"]), cdiv(shape.M, config["BM"])
-        occ = cost.occupancy(config["threads"], self.threadgroup_memory_bytes(config, shape, dtype), tiles_n * tiles_m)
+        bm, bn, wm = config["BM"], config["BN"], config["WM"]
+        tiles_n, tiles_m = cdiv(shape.N, bn), cdiv(shape.M, bm)
+        in_registers = config["dequant"] == "registers"
+        threads = self.threads_per_threadgroup(config)
+        occ = cost.occupancy(threads, self.threadgroup_memory_bytes(config, shape, dtype), tiles_n * tiles_m,
+                             registers=2 * self.fragments(config))
         weights = shape.N * shape.K * shape.bits / 8 + 2 * shape.N * (shape.K / shape.group_size) * dtype.size
-        # each row of tiles re-streams the weights and each column of tiles re-streams x (cache helps)
-        moved = weights * (1 + 0.3 * (tiles_m - 1)) + shape.M * shape.K * dtype.size * (1 + 0.3 * (tiles_n - 1))
-        outputs = tiles_m * config["BM"] * tiles_n * config["BN"]
-        flops = 2 * outputs * shape.K + 4 * tiles_m * tiles_n * config["BN"] * shape.K
-        # threadgroup-memory reads per FMA: small tiles per thread re-read more (1/BK amortises loads)
-        per_thread = config["BM"] * config["BN"] / config["threads"]
-        parallel = occ.parallel_fraction(dev, ilp=min(2.0, per_thread / 8)) * min(1.0, config["BK"] / 32) ** 0.25
-        t = cost.roofline(moved, flops * 1.5, dev, parallel)
+        # each row of tiles re-streams the weights (and in registers each SIMD-group row of a tile
+        # reads its own copy), each column of tiles re-streams x; the cache serves most repeats
+        weight_reads = tiles_m * (wm if in_registers else 1)
+        moved = weights * (1 + 0.3 * (weight_reads - 1)) + shape.M * shape.K * dtype.size * (1 + 0.3 * (tiles_n - 1))
+        mma = 2 * tiles_m * bm * tiles_n * bn * shape.K
+        dequant = 3 * shape.N * shape.K * weight_reads
+        # fragment loads from threadgroup memory per multiply-accumulate: x's serve TN columns,
+        # weights' TM rows (none in registers: each lane dequantises its own)
+        tm, tn = bm // wm // 8, bn // config["WN"] // 8
+        loads = 1 / tn + (0.0 if in_registers else 1 / tm)
+        flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + dequant
+        # in registers each lane reads words of two rows: scattered 4-byte loads
+        width = cost.load_efficiency(4) if in_registers else 1.0
+        parallel = occ.parallel_fraction(dev, ilp=min(2.0, tm * tn / 2)) * width
+        t = cost.roofline(moved, flops, dev, parallel)
         return t + 2 * cdiv(shape.K, config["BK"]) * cost.BARRIER_S * occ.waves(dev) + cost.launch_seconds()

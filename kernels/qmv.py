@@ -100,7 +100,7 @@ class Qmv(Family):
             return [f"K={shape.K} is not a multiple of values_per_lane={values}"]
         return []
 
-    def mlx_config(self, shape) -> dict:
+    def mlx_config(self, shape, dtype) -> dict:
         # qmv_fast: 2 SIMD-groups x 4 rows, 16 4-bit values (or 8 8-bit values) per lane per step
         return {"simdgroups": 2, "rows_per_simdgroup": 4, "stage_x": False,
                 "values_per_lane": 16 if shape.bits in (2, 4) else 8}
@@ -116,9 +116,7 @@ class Qmv(Family):
         weights = padded_rows * shape.K * shape.bits / 8 + 2 * padded_rows * (shape.K / shape.group_size) * dtype.size
         # x is re-read by every SIMD-group (mostly from cache) unless staged once per threadgroup
         x_reads = shape.M * shape.K * dtype.size * groups * (1 if config["stage_x"] else config["simdgroups"]) * 0.05
-        # narrow per-lane loads waste memory transactions: 16 bytes per lane per load is full width
-        load_bytes = config["values_per_lane"] * shape.bits / 8
-        width = min(1.0, load_bytes / 16) ** 0.35
+        width = cost.load_efficiency(config["values_per_lane"] * shape.bits / 8)
         # register pressure: M x R accumulators and M x V staged values per lane
         registers = shape.M * (config["rows_per_simdgroup"] + config["values_per_lane"])
         pressure = 1.0 if registers <= 96 else 96 / registers

@@ -66,9 +66,23 @@ def test_qmv_every_bit_width_mx_quantize_writes(bits):
                                np.array(fam.baseline(fam.shape(shape), "float32", inputs)), atol=1e-4, rtol=1e-4)
 
 
-def test_qmm_every_config_small_shape():
-    # 81 configs minus the 64-wide K tiles a K of 96 cannot divide (27) = 54
-    assert verify("qmm", dict(M=20, N=40, K=96, bits=4, group_size=32), "float16") == 54
+def covering_sample(name, shape_values, dtype, extra=16, seed=0):
+    """Configs that between them take every value of every tunable valid at the shape, plus a
+    random few (the whole space runs in benchmarks/sweep_families.py)."""
+    fam = family(name)
+    configs = valid_configs(fam, fam.shape(shape_values), dtype)
+    chosen = covering(fam, configs)
+    rest = [c for c in configs if c not in chosen]
+    return chosen + random.Random(seed).sample(rest, min(extra, len(rest)))
+
+
+@pytest.mark.parametrize("shape, dtype", [
+    (dict(M=20, N=40, K=96, bits=4, group_size=32), "float16"),
+    (dict(M=33, N=24, K=256, bits=2, group_size=64), "float32"),
+])
+def test_qmm_sample_covering_every_tunable_value(shape, dtype):
+    configs = covering_sample("qmm", shape, dtype)
+    assert verify("qmm", shape, dtype, configs=configs) == len(configs)
 
 
 @pytest.mark.parametrize("shape, dtype", [
@@ -94,10 +108,29 @@ def test_decode_attention_sample_across_shapes_and_dtypes(shape, dtype):
     assert verify("decode_attention", shape, dtype, sample=6) == 6
 
 
-def test_prefill_attention_every_config_small_shape():
-    # D=64: half staging always fits; float staging needs BQ + 2 BK <= 128, which BK=64 breaks
-    # for all 4 BQ values: 4 pairs x 4 SIMD-group counts = 16 invalid configs.
-    assert verify("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=24, D=64), "float16") == 112
+@pytest.mark.parametrize("shape, dtype", [
+    (dict(B=1, Hq=2, Hkv=1, L=24, D=64), "float16"),
+    (dict(B=1, Hq=2, Hkv=1, L=10, D=64, prefix=7), "float32"),
+])
+def test_prefill_attention_sample_covering_every_tunable_value(shape, dtype):
+    configs = covering_sample("prefill_attention", shape, dtype)
+    assert verify("prefill_attention", shape, dtype, configs=configs) == len(configs)
+
+
+def test_one_compiled_kernel_serves_every_prompt_length():
+    """Lengths arrive at run time: prompts of different lengths and prefixes share one kernel
+    (the name hashes the source), and each matches its reference."""
+    fam = family("prefill_attention")
+    config = fam.default_config()
+    names = set()
+    for values in (dict(L=5, prefix=0), dict(L=37, prefix=11), dict(L=64, prefix=100)):
+        shape = fam.shape(dict(B=1, Hq=4, Hkv=2, D=64, **values))
+        names |= {launch.kernel.name for launch in fam.launches(config, shape, "float16")}
+        assert verify("prefill_attention", shape.__dict__, "float16", configs=[config]) == 1
+    assert len(names) == 1
+    qmm = family("qmm")
+    assert len({launch.kernel.name for m in (9, 100, 513) for launch in
+                qmm.launches(qmm.default_config(), qmm.shape(dict(M=m, N=64, K=128)), "float16")}) == 1
 
 
 @pytest.mark.parametrize("shape, dtype", [
@@ -114,16 +147,16 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     read it. Unchecked it may even pass; checked mode names the race and its lines."""
     fam = family("prefill_attention")
     shape = fam.shape(dict(B=1, Hq=1, Hkv=1, L=40, D=64))
-    config = fam.config({"BQ": 16, "BK": 8, "simdgroups": 2, "stage": "float"})
+    config = fam.config({"BQ": 16, "BK": 8, "simdgroups": 2, "stage": "float", "load_width": 1})
     launch = fam.launches(config, shape, "float32")[0]
     source = launch.kernel.source
-    first_barrier = "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int i = tid; i < BK * D"
+    first_barrier = "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int i = tid * W; i < BK * D"
     assert first_barrier in source
-    broken = source.replace(first_barrier, "  for (int i = tid; i < BK * D")
+    broken = source.replace(first_barrier, "  for (int i = tid * W; i < BK * D")
     from metalforge import emulator
     kernel = emulator.metal_kernel(name="broken_prefill", input_names=list(launch.kernel.input_names),
                                    output_names=["out"], source=broken, checked=True)
-    inputs = fam.make_inputs(shape, "float32")
+    inputs = {**fam.make_inputs(shape, "float32"), "lengths": mx.array(launch.lengths, dtype=mx.int32)}
     with pytest.raises(EmulatorError) as e:
         kernel(inputs=[inputs[n] for n in launch.kernel.input_names], output_shapes=list(launch.output_shapes),
                output_dtypes=list(launch.output_dtypes), grid=launch.grid, threadgroup=launch.threadgroup,
@@ -132,7 +165,7 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     assert "threadgroup memory race on k_tile" in str(e.value) or "threadgroup memory race on v_tile" in str(e.value)
     reported = [int(n) for n in re.findall(r"line (\d+)", str(e.value))]
     # reported lines are lines of the generated MSL (what verbose=True prints): the tile stores race
-    assert any("k_tile[i] =" in msl[n - 1] or "v_tile[i] =" in msl[n - 1] for n in reported)
+    assert any("k_tile[at] =" in msl[n - 1] or "v_tile[at] =" in msl[n - 1] for n in reported)
     # and the correct kernel passes the same checked run
     good = emulator.metal_kernel(name="good_prefill", input_names=list(launch.kernel.input_names),
                                  output_names=["out"], source=source, checked=True)
