@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,8 +21,10 @@ from metalforge.kernels import check
 from metalforge.kernels.families import get as get_family
 
 SHAPES = {   # small, with tails (N, K, S, L not multiples of the tiles) and GQA
-    "qmv": [dict(M=2, N=40, K=256, bits=b, group_size=32 if b in (3, 6) else 64) for b in (2, 3, 4, 5, 6, 8)],
-    "qmm": [dict(M=20, N=40, K=96, bits=4, group_size=32), dict(M=12, N=24, K=128, bits=8, group_size=64)],
+    "qmv": [dict(M=2, N=40, K=256, bits=b, group_size=32 if b in (3, 6) else 64) for b in (2, 3, 4, 5, 6, 8)]
+    + [dict(M=3, N=37, K=4096, bits=4, group_size=64)],   # long K: every k_split is valid
+    "qmm": [dict(M=20, N=40, K=96, bits=4, group_size=32), dict(M=12, N=24, K=128, bits=8, group_size=64),
+            dict(M=33, N=24, K=256, bits=2, group_size=64)],
     "decode_attention": [dict(B=1, Hq=4, Hkv=2, S=40, D=64), dict(B=2, Hq=4, Hkv=1, S=33, D=64, block_size=8)],
     "prefill_attention": [dict(B=1, Hq=2, Hkv=1, L=24, D=64), dict(B=1, Hq=2, Hkv=1, L=10, D=64, prefix=7)],
 }
@@ -33,6 +37,8 @@ def sweep(name: str, values: dict, dtype: str) -> dict:
     inputs = fam.make_inputs(shape, dtype)
     expected = np.array(fam.reference(shape, dtype, inputs).astype(mx.float32))
     configs = [c for c in fam.space() if not check(fam, c, shape, dtype, DEVICE)]
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:   # compile in parallel, run one at a time
+        list(pool.map(lambda c: fam.prepare(c, shape, dtype, inputs, backend="emulator", device=DEVICE), configs))
     matched = exact = 0
     worst = 0.0
     for config in configs:

@@ -1,7 +1,12 @@
-"""How many trials the tuner's search needs to come within 5% of the exhaustive optimum of the
-model objective, against random search, for every family (side by side, same seeds, one run).
+"""How many evaluated configs the tuner's search needs to come within 5% of the exhaustive optimum
+of the model objective, against random search, for every family (side by side, same seeds, one run).
 
-    python benchmarks/tuner_search.py --device m3-max-40 --seeds 8 --out benchmarks/results/tuner_search
+    python benchmarks/tuner_search.py --device m3-max-40 --seeds 32 --out benchmarks/results/tuner_search
+
+A trial counts when its config was evaluated: repeats reuse an earlier outcome, and configs over a
+device limit are pruned before anything is compiled (microseconds, where an evaluation on a Mac
+compiles and times a kernel). The goals (issue 9): the median over seeds reaches 5% of the optimum
+within 5% of the valid configs, and the mean gap is never worse than random search's at any budget.
 """
 from __future__ import annotations
 
@@ -18,9 +23,13 @@ from metalforge.plotting import figure, write_report
 
 SHAPES = {
     "qmv": dict(M=1, N=4096, K=4096, bits=4, group_size=64),
+    "qmm": dict(M=512, N=4096, K=4096, bits=4, group_size=64),
     "decode_attention": dict(B=1, Hq=32, Hkv=8, S=4096, D=128),
     "prefill_attention": dict(B=1, Hq=32, Hkv=8, L=512, D=128),
 }
+
+
+TIE = 0.005   # mean gaps closer than half a percent of the optimum are a tie
 
 
 def trials_to_reach(values: list[float], goal: float) -> int | None:
@@ -38,8 +47,8 @@ def search(family_name, shape, device, sampler, seed, budget):
     study = st.run_study(target, settings)
     best, curve = float("inf"), []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if "duplicate_of" in t.user_attrs:
-            continue   # a repeat proposal costs no evaluation
+        if "duplicate_of" in t.user_attrs or "invalid" in t.user_attrs:
+            continue   # a repeat or an over-limit proposal costs no evaluation
         if t.state == optuna.trial.TrialState.COMPLETE:
             best = min(best, t.value)
         curve.append(best)
@@ -49,8 +58,8 @@ def search(family_name, shape, device, sampler, seed, budget):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="m3-max-40")
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--budget", type=int, default=60)
+    ap.add_argument("--seeds", type=int, default=32)
+    ap.add_argument("--budget", type=int, help="evaluated configs per search (default: 10%% of the valid ones)")
     ap.add_argument("--out", default="benchmarks/results/tuner_search")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -61,22 +70,34 @@ def main():
         valid, space = check_space(fam, shape, "float16", args.device)
         optimum = min(fam.cost(c, shape, "float16", args.device) for c in valid)
         row = {"space": space.total, "valid": space.valid, "optimum_s": optimum}
-        for sampler in ("tpe", "random"):
-            curves = [search(name, shape, args.device, sampler, seed, args.budget) for seed in range(args.seeds)]
+        budget = args.budget or max(20, space.valid // 10)
+        goal = 0.05 * space.valid
+        for sampler in ("auto", "random"):
+            curves = [search(name, shape, args.device, sampler, seed, budget) for seed in range(args.seeds)]
             hits = [trials_to_reach(c, optimum * 1.05) for c in curves]
             reached = [h for h in hits if h is not None]
             # a seed that never got there counts as the whole budget, so misses are not hidden
-            row[sampler] = {"median_trials": statistics.median(h or args.budget for h in hits),
+            row[sampler] = {"median_trials": statistics.median(h or budget for h in hits),
                             "reached": f"{len(reached)}/{len(hits)}", "hits": hits,
-                            "mean_gap_curve": [statistics.mean(c[i] / optimum - 1 for c in curves if len(c) > i)
-                                               for i in range(args.budget)]}
+                            "mean_gap_curve": [statistics.mean(c[min(i, len(c) - 1)] / optimum - 1 for c in curves)
+                                               for i in range(budget)]}
+        ours, rnd = row["auto"], row["random"]
+        row["goal_trials"] = goal
+        row["meets_median_goal"] = ours["median_trials"] <= goal
+        # within half a percent of the optimum the two are tied: the model's own stated error is
+        # 7-8%, so a smaller gap between modelled times says nothing
+        worse = [i + 1 for i, (a, b) in enumerate(zip(ours["mean_gap_curve"], rnd["mean_gap_curve"])) if a > b + TIE]
+        row["worse_than_random_at"] = worse
+        row["never_worse_than_random"] = not worse
         report[name] = row
-        print(f"{name:18} space {space.total:4d} (valid {space.valid:4d})   trials to within 5% of the optimum: "
-              f"TPE median {row['tpe']['median_trials']} (reached on {row['tpe']['reached']} seeds)   "
-              f"random median {row['random']['median_trials']} (reached on {row['random']['reached']} seeds)")
+        print(f"{name:18} space {space.total:4d} (valid {space.valid:4d})   evaluations to within 5% of the optimum: "
+              f"default sampler median {ours['median_trials']} (reached on {ours['reached']} seeds)   "
+              f"random median {rnd['median_trials']} (reached on {rnd['reached']} seeds)   goal <= {goal:.0f}: "
+              f"{'met' if row['meets_median_goal'] else 'NOT met'}; mean gap never worse than random: "
+              f"{'yes' if row['never_worse_than_random'] else 'NO, at ' + str(worse)}")
     fig, axes = figure(1, len(report), figsize=(4 * len(report), 3.2))
     for ax, (name, row) in zip(axes, report.items()):
-        for sampler, color in (("tpe", "#4c72b0"), ("random", "#dd8452")):
+        for sampler, color in (("auto", "#4c72b0"), ("random", "#dd8452")):
             curve = [100 * g for g in row[sampler]["mean_gap_curve"]]
             ax.plot(range(1, len(curve) + 1), curve, color=color, label=sampler)
         ax.axhline(5, linestyle="--", color="grey", linewidth=0.8)

@@ -14,6 +14,7 @@ import mlx.core as mx
 from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
+from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -47,8 +48,10 @@ class DecodeAttention(Family):
     params = (
         Param("threads", (32, 64, 128, 256, 512, 1024), 256, "threads per threadgroup (32 per SIMD-group)"),
         Param("keys_per_step", (1, 2, 4, 8), 2, "keys each SIMD-group takes per step"),
-        Param("splits", (1, 2, 4, 8, 16, 32), 1, "split-K partitions of the sequence (>1 adds a reduce kernel)"),
+        Param("splits", (1, 2, 4, 8, 16, 32, 64), 1, "split-K partitions of the sequence (>1 adds a reduce kernel)"),
         Param("share_kv", (False, True), True, "one threadgroup serves all query heads of a KV head"),
+        Param("load_width", (1, 2, 4), 1, "consecutive K/V elements each lane loads at once"),
+        Param("prefetch", (False, True), False, "load the next step's keys before this step's scores"),
     )
 
     def representative(self, shape):
@@ -111,6 +114,7 @@ class DecodeAttention(Family):
             B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, S=shape.S, D=shape.D, block_size=shape.block_size,
             max_blocks=shape.max_blocks, pool_blocks=shape.pool_blocks,
             T=d.metal, SG=sg, KPS=config["keys_per_step"], SPLITS=splits, HEADS=heads, share_kv=config["share_kv"],
+            W=config["load_width"], prefetch=config["prefetch"], TV=d.vector, vector=vector_of,
         )
         rows = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
         grid, tg = (32 * sg * splits, rows, 1), (32 * sg, 1, 1)
@@ -176,7 +180,9 @@ class DecodeAttention(Family):
 
     def mlx_config(self, shape, dtype) -> dict:
         # sdpa_vector: one 1024-thread threadgroup per query head; two-pass over 32 blocks at 4k+ keys
-        return {"threads": 1024, "keys_per_step": 1, "share_kv": False, "splits": 32 if shape.S >= 4096 else 1}
+        # each lane loads D/32 consecutive elements (capped at our widest, 4; D=96's 3 as 2)
+        return {"threads": 1024, "keys_per_step": 1, "share_kv": False, "splits": 32 if shape.S >= 4096 else 1,
+                "load_width": max(w for w in (1, 2, 4) if w <= max(1, shape.D // 32)), "prefetch": False}
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
@@ -186,17 +192,23 @@ class DecodeAttention(Family):
         g = shape.Hq // shape.Hkv
         heads = g if config["share_kv"] else 1
         tgs = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq) * config["splits"]
-        occ = cost.occupancy(config["threads"], self.threadgroup_memory_bytes(config, shape, dtype), tgs)
+        # registers a lane holds: q and the accumulator per head, KPS key rows (twice when prefetching)
+        elements = cdiv(shape.D, 32 * config["load_width"]) * config["load_width"]
+        registers = elements * (2 * heads + config["keys_per_step"] * (2 if config["prefetch"] else 1))
+        occ = cost.occupancy(config["threads"], self.threadgroup_memory_bytes(config, shape, dtype), tgs,
+                             registers=registers)
         kv = 2 * shape.B * shape.Hkv * shape.S * shape.D * dtype.size
         # without sharing, the G query heads of a KV head each stream it (partly from cache)
         kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)
         partials = 2 * shape.B * shape.Hq * config["splits"] * (shape.D + 2) * 4 if config["splits"] > 1 else 0
-        parallel = occ.parallel_fraction(dev, ilp=config["keys_per_step"] / 2)
-        # SIMD-groups left without keys (short slices) add nothing but still merge
+        # loads in flight: KPS rows per step, and the next step's keys too when prefetching
+        # SIMD-groups left without keys (short slices) keep nothing in flight but still merge
         keys_per_tg = cdiv(shape.S, config["splits"])
         busy = min(1.0, keys_per_tg / (sg * config["keys_per_step"]))
+        ilp = config["keys_per_step"] / 2 * (2 if config["prefetch"] else 1)
+        parallel = occ.parallel_fraction(dev, ilp=ilp * busy) * cost.load_efficiency(config["load_width"] * dtype.size)
         flops = 4 * shape.B * shape.Hq * shape.S * shape.D + 6 * shape.B * shape.Hq * shape.S  # dot products, softmax
-        t = cost.roofline(kv_reads + partials, flops, dev, parallel * busy)
+        t = cost.roofline(kv_reads + partials, flops, dev, parallel)
         steps = cdiv(keys_per_tg, sg * config["keys_per_step"])
         t += steps * heads * config["keys_per_step"] * cost.SIMD_REDUCE_S * occ.waves(dev)
         merge_on_one_core = cost.memory_seconds(sg * heads * shape.D * 4 * dev.gpu_cores, dev)

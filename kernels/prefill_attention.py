@@ -151,7 +151,7 @@ class PrefillAttention(Family):
         dev = devices.get(device)
         dtype = dtypes.get(dtype)
         sg, bq, bk = config["simdgroups"], config["BQ"], config["BK"]
-        tq, td = bq // sg // 8, shape.D // 8
+        tq = max(1, bq // sg // 8)   # (priced for invalid configs too)
         qtiles = cdiv(shape.L, bq)
         heads = shape.B * shape.Hq
         # keys each query tile stages: up to its last row's position, in whole tiles (causal)

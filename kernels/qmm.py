@@ -96,7 +96,7 @@ class Qmm(Qmv):
         dequant = 3 * shape.N * shape.K * weight_reads
         # fragment loads from threadgroup memory per multiply-accumulate: x's serve TN columns,
         # weights' TM rows (none in registers: each lane dequantises its own)
-        tm, tn = bm // wm // 8, bn // config["WN"] // 8
+        tm, tn = max(1, bm // wm // 8), max(1, bn // config["WN"] // 8)   # (priced for invalid configs too)
         loads = 1 / tn + (0.0 if in_registers else 1 / tm)
         flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + dequant
         # in registers each lane reads words of two rows: scattered 4-byte loads

@@ -28,10 +28,13 @@ class Qmv(Family):
     bucketed = ("M",)
     shape_type = QmvShape
     params = (
-        Param("simdgroups", (1, 2, 4, 8), 2, "SIMD-groups per threadgroup"),
+        Param("simdgroups", (1, 2, 4, 8), 2, "SIMD-groups across output rows"),
         Param("rows_per_simdgroup", (1, 2, 4, 8), 4, "output rows each SIMD-group computes"),
         Param("values_per_lane", (8, 16, 32), 16, "K values each lane consumes per step"),
         Param("stage_x", (False, True), False, "stage x through threadgroup memory once per step"),
+        Param("k_split", (1, 2, 4, 8), 1, "SIMD-groups across K, summed in threadgroup memory"),
+        Param("load_width", (1, 2, 4), 1, "packed 32-bit words per load"),
+        Param("prescaled_x", (False, True), False, "x divided by each value's place in its word: no shifts"),
     )
 
     def proxy_shape(self, shape):
@@ -53,10 +56,13 @@ class Qmv(Family):
         return quantized_buffer_elements(shape)
 
     def threads_per_threadgroup(self, config) -> int:
-        return 32 * config["simdgroups"]
+        return 32 * config["simdgroups"] * config["k_split"]
 
     def threadgroup_memory_bytes(self, config, shape: QmvShape, dtype) -> int:
-        return 4 * shape.M * 32 * config["values_per_lane"] if config["stage_x"] else 0
+        ks = config["k_split"]
+        staged = 4 * ks * shape.M * 32 * config["values_per_lane"] if config["stage_x"] else 0
+        partials = 4 * ks * config["simdgroups"] * shape.M * config["rows_per_simdgroup"] if ks > 1 else 0
+        return staged + partials
 
     def launches(self, config, shape: QmvShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
@@ -64,10 +70,12 @@ class Qmv(Family):
         kernel = self._kernel(
             self.template, ("x", "w", "scales", "biases"), ("y",),
             M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
-            SG=sg, R=r, V=config["values_per_lane"], stage_x=config["stage_x"],
+            SG=sg, R=r, V=config["values_per_lane"], stage_x=config["stage_x"], KS=config["k_split"],
+            LW=config["load_width"], prescaled=config["prescaled_x"],
         )
         groups = cdiv(shape.N, sg * r)
-        return [Launch(kernel, (groups * 32 * sg, 1, 1), (32 * sg, 1, 1), ((shape.M, shape.N),), (d.mlx,))]
+        threads = self.threads_per_threadgroup(config)
+        return [Launch(kernel, (groups * threads, 1, 1), (threads, 1, 1), ((shape.M, shape.N),), (d.mlx,))]
 
     def make_inputs(self, shape: QmvShape, dtype, seed=0):
         d = dtypes.get(dtype)
@@ -94,41 +102,65 @@ class Qmv(Family):
 
     def config_problems(self, config, shape, dtype) -> list[str]:
         values = config["values_per_lane"]
+        out = []
         if 32 % shape.bits == 0 and values * shape.bits % 32:
-            return [f"values_per_lane={values} is not a whole 32-bit word of {shape.bits}-bit weights"]
-        if shape.K % values:
-            return [f"K={shape.K} is not a multiple of values_per_lane={values}"]
-        return []
+            out.append(f"values_per_lane={values} is not a whole 32-bit word of {shape.bits}-bit weights")
+        elif shape.K % values:
+            out.append(f"K={shape.K} is not a multiple of values_per_lane={values}")
+        if 32 % shape.bits:
+            for name, plain in (("load_width", 1), ("prescaled_x", False)):
+                if config[name] != plain:
+                    out.append(f"{name}={config[name]} needs whole words; {shape.bits}-bit values straddle them")
+        elif not out:
+            words, row_words = values * shape.bits // 32, shape.K * shape.bits // 32
+            if words % config["load_width"] or row_words % config["load_width"]:
+                out.append(f"load_width={config['load_width']} does not divide a lane's {words} words per step "
+                           f"and a row's {row_words} words (loads must stay aligned)")
+        if config["k_split"] > 1 and 32 * values * config["k_split"] > shape.K:
+            out.append(f"k_split={config['k_split']} leaves SIMD-groups without K: K={shape.K} is less than "
+                       f"k_split x 32 lanes x values_per_lane = {config['k_split'] * 32 * values}")
+        return out
 
     def mlx_config(self, shape, dtype) -> dict:
         # qmv_fast: 2 SIMD-groups x 4 rows, 16 4-bit values (or 8 8-bit values) per lane per step
-        return {"simdgroups": 2, "rows_per_simdgroup": 4, "stage_x": False,
-                "values_per_lane": 16 if shape.bits in (2, 4) else 8}
+        # x pre-scaled for whole-word widths; one 32-bit word per load (2- and 4-bit: a uint16_t
+        # at a time in MLX, counted as one word)
+        return {"simdgroups": 2, "rows_per_simdgroup": 4, "stage_x": False, "k_split": 1, "load_width": 1,
+                "prescaled_x": 32 % shape.bits == 0, "values_per_lane": 16 if shape.bits in (2, 4) else 8}
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)
         dtype = dtypes.get(dtype)
         rows_per_tg = config["simdgroups"] * config["rows_per_simdgroup"]
+        ks = config["k_split"]
         groups = cdiv(shape.N, rows_per_tg)
-        occ = cost.occupancy(32 * config["simdgroups"], self.threadgroup_memory_bytes(config, shape, dtype), groups)
+        occ = cost.occupancy(self.threads_per_threadgroup(config), self.threadgroup_memory_bytes(config, shape, dtype),
+                             groups)
         padded_rows = groups * rows_per_tg
         weights = padded_rows * shape.K * shape.bits / 8 + 2 * padded_rows * (shape.K / shape.group_size) * dtype.size
         # x is re-read by every SIMD-group (mostly from cache) unless staged once per threadgroup
         x_reads = shape.M * shape.K * dtype.size * groups * (1 if config["stage_x"] else config["simdgroups"]) * 0.05
-        width = cost.load_efficiency(config["values_per_lane"] * shape.bits / 8)
+        # a load instruction's width: LW words of whole-word widths; straddling widths read a
+        # lane's V values as bytes the compiler merges
+        whole_words = 32 % shape.bits == 0
+        width = cost.load_efficiency(4 * config["load_width"] if whole_words else
+                                     config["values_per_lane"] * shape.bits / 8)
         # register pressure: M x R accumulators and M x V staged values per lane
         registers = shape.M * (config["rows_per_simdgroup"] + config["values_per_lane"])
         pressure = 1.0 if registers <= 96 else 96 / registers
         parallel = occ.parallel_fraction(dev, ilp=config["rows_per_simdgroup"] / 2) * width * pressure
-        flops = 2 * shape.M * padded_rows * shape.K + 3 * padded_rows * shape.K   # FMAs plus unpacking
+        # FMAs plus unpacking: mask, shift and convert per value; a pre-scaled x saves the shift
+        unpack = 2 if config["prescaled_x"] else 3
+        flops = 2 * shape.M * padded_rows * shape.K + unpack * padded_rows * shape.K
         t = cost.roofline(weights + x_reads, flops, dev, parallel)
-        steps = cdiv(shape.K, 32 * config["values_per_lane"])
+        steps = cdiv(shape.K, 32 * config["values_per_lane"] * ks)
         if config["stage_x"]:
             t += 2 * steps * cost.BARRIER_S * occ.waves(dev)
         t += shape.M * config["rows_per_simdgroup"] * cost.SIMD_REDUCE_S * occ.waves(dev)
+        if ks > 1:   # partial sums through threadgroup memory: a barrier and KS reads per output
+            t += (cost.BARRIER_S + ks * shape.M * config["rows_per_simdgroup"] * cost.SIMD_REDUCE_S / 32) * occ.waves(dev)
         return t + cost.launch_seconds()
-
 
 
 def quantized_buffer_elements(shape) -> dict[str, int]:

@@ -48,8 +48,8 @@ def greedy(folder, backend, n):
 
 
 @pytest.mark.parametrize("head_dim, bits, unsupported", [(32, 4, "D=32 is not supported"),
-                                                         (64, 3, "bits=3 is not supported (valid: 4, 8)"),
-                                                         (64, 6, "bits=6 is not supported (valid: 4, 8)")])
+                                                         (64, 3, "bits=3 is not supported (valid: 2, 4, 8)"),
+                                                         (64, 6, "bits=6 is not supported (valid: 2, 4, 8)")])
 def test_unsupported_shapes_fall_back_to_mlx_and_match(tmp_path, head_dim, bits, unsupported):
     model = mlx_lm_model(tmp_path / "model", head_dim, bits)
     theirs = mlx_lm_greedy(model, PROMPT, 4)

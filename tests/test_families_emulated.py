@@ -18,6 +18,20 @@ from metalforge.emulator import EmulatorError
 DEVICE = "m3-max-40"
 
 
+# Small shapes (with tails, GQA, paged KV, a prefix) whose covering samples between them take
+# every value of every tunable (test_covering_shapes_reach_every_value_of_every_tunable).
+COVERING = {
+    "qmv": [(dict(M=2, N=40, K=256, bits=4, group_size=64), "float16"),
+            (dict(M=3, N=37, K=4096, bits=2, group_size=64), "float32")],   # long K: every k_split
+    "qmm": [(dict(M=20, N=40, K=96, bits=4, group_size=32), "float16"),
+            (dict(M=33, N=24, K=256, bits=2, group_size=64), "float32")],
+    "decode_attention": [(dict(B=1, Hq=4, Hkv=2, S=70, D=64), "float16"),
+                         (dict(B=2, Hq=4, Hkv=1, S=33, D=80, block_size=8), "float32")],
+    "prefill_attention": [(dict(B=1, Hq=2, Hkv=1, L=24, D=64), "float16"),
+                          (dict(B=1, Hq=2, Hkv=1, L=10, D=64, prefix=7), "float32")],
+}
+
+
 def valid_configs(fam, shape, dtype):
     return [c for c in fam.space() if not check(fam, c, shape, dtype, DEVICE)]
 
@@ -41,8 +55,40 @@ def verify(name, shape_values, dtype, configs=None, sample=None, seed=0):
     return len(configs)
 
 
-def test_qmv_every_config_small_shape():
-    assert verify("qmv", dict(M=2, N=40, K=256, bits=4, group_size=64), "float16") == 96
+def covering(fam, configs):
+    """A few configs that between them take every value (valid at this shape) of every parameter:
+    greedily, the config that adds the most values not yet taken."""
+    wanted = {(p.name, v) for p in fam.params for v in p.domain if any(c[p.name] == v for c in configs)}
+    chosen = []
+    while wanted:
+        best = max(configs, key=lambda c: len(wanted & set(c.items())))
+        chosen.append(best)
+        wanted -= set(best.items())
+    return chosen
+
+
+def covering_sample(name, shape_values, dtype, extra=16, seed=0):
+    """Configs that between them take every value of every tunable valid at the shape, plus a
+    random few (the whole space runs in benchmarks/sweep_families.py)."""
+    fam = family(name)
+    configs = valid_configs(fam, fam.shape(shape_values), dtype)
+    chosen = covering(fam, configs)
+    rest = [c for c in configs if c not in chosen]
+    return chosen + random.Random(seed).sample(rest, min(extra, len(rest)))
+
+
+@pytest.mark.parametrize("name", list(COVERING))
+def test_covering_shapes_reach_every_value_of_every_tunable(name):
+    fam = family(name)
+    taken = {(p.name, c[p.name]) for shape, dtype in COVERING[name]
+             for c in valid_configs(fam, fam.shape(shape), dtype) for p in fam.params}
+    assert taken == {(p.name, v) for p in fam.params for v in p.domain}
+
+
+@pytest.mark.parametrize("shape, dtype", COVERING["qmv"])
+def test_qmv_sample_covering_every_tunable_value(shape, dtype):
+    configs = covering_sample("qmv", shape, dtype)
+    assert verify("qmv", shape, dtype, configs=configs) == len(configs)
 
 
 @pytest.mark.parametrize("shape, dtype", [
@@ -57,29 +103,18 @@ def test_qmv_sample_across_shapes_and_dtypes(shape, dtype):
 @pytest.mark.parametrize("bits", [2, 3, 5, 6])
 def test_qmv_every_bit_width_mx_quantize_writes(bits):
     """3-, 5- and 6-bit values straddle 32-bit words (read as byte chunks); 2-bit as whole words.
-    Every valid config against the reference, and the reference against MLX's own quantized matmul."""
+    Configs taking every valid value of every tunable against the reference, and the reference
+    against MLX's own quantized matmul."""
     shape = dict(M=2, N=24, K=256, bits=bits, group_size=32 if bits in (3, 6) else 64)
     fam = family("qmv")
-    assert verify("qmv", shape, "float32") == len(valid_configs(fam, fam.shape(shape), "float32"))
+    configs = covering_sample("qmv", shape, "float32", extra=4)
+    assert verify("qmv", shape, "float32", configs=configs) == len(configs)
     inputs = fam.make_inputs(fam.shape(shape), "float32")
     np.testing.assert_allclose(np.array(fam.reference(fam.shape(shape), "float32", inputs)),
                                np.array(fam.baseline(fam.shape(shape), "float32", inputs)), atol=1e-4, rtol=1e-4)
 
 
-def covering_sample(name, shape_values, dtype, extra=16, seed=0):
-    """Configs that between them take every value of every tunable valid at the shape, plus a
-    random few (the whole space runs in benchmarks/sweep_families.py)."""
-    fam = family(name)
-    configs = valid_configs(fam, fam.shape(shape_values), dtype)
-    chosen = covering(fam, configs)
-    rest = [c for c in configs if c not in chosen]
-    return chosen + random.Random(seed).sample(rest, min(extra, len(rest)))
-
-
-@pytest.mark.parametrize("shape, dtype", [
-    (dict(M=20, N=40, K=96, bits=4, group_size=32), "float16"),
-    (dict(M=33, N=24, K=256, bits=2, group_size=64), "float32"),
-])
+@pytest.mark.parametrize("shape, dtype", COVERING["qmm"])
 def test_qmm_sample_covering_every_tunable_value(shape, dtype):
     configs = covering_sample("qmm", shape, dtype)
     assert verify("qmm", shape, dtype, configs=configs) == len(configs)
@@ -93,9 +128,10 @@ def test_qmm_sample_across_shapes_and_dtypes(shape, dtype):
     assert verify("qmm", shape, dtype, sample=5) == 5
 
 
-def test_decode_attention_every_config_small_shape():
-    n = verify("decode_attention", dict(B=1, Hq=4, Hkv=2, S=40, D=64), "float16")
-    assert n == 288
+@pytest.mark.parametrize("shape, dtype", COVERING["decode_attention"])
+def test_decode_attention_sample_covering_every_tunable_value(shape, dtype):
+    configs = covering_sample("decode_attention", shape, dtype)
+    assert verify("decode_attention", shape, dtype, configs=configs) == len(configs)
 
 
 @pytest.mark.parametrize("shape, dtype", [
@@ -108,10 +144,7 @@ def test_decode_attention_sample_across_shapes_and_dtypes(shape, dtype):
     assert verify("decode_attention", shape, dtype, sample=6) == 6
 
 
-@pytest.mark.parametrize("shape, dtype", [
-    (dict(B=1, Hq=2, Hkv=1, L=24, D=64), "float16"),
-    (dict(B=1, Hq=2, Hkv=1, L=10, D=64, prefix=7), "float32"),
-])
+@pytest.mark.parametrize("shape, dtype", COVERING["prefill_attention"])
 def test_prefill_attention_sample_covering_every_tunable_value(shape, dtype):
     configs = covering_sample("prefill_attention", shape, dtype)
     assert verify("prefill_attention", shape, dtype, configs=configs) == len(configs)
@@ -189,15 +222,3 @@ def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatc
     fam = family(name)
     configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
     assert verify(name, shape, dtype, configs=configs) == len(configs)
-
-
-def covering(fam, configs):
-    """A few configs that between them take every value (valid at this shape) of every parameter:
-    greedily, the config that adds the most values not yet taken."""
-    wanted = {(p.name, v) for p in fam.params for v in p.domain if any(c[p.name] == v for c in configs)}
-    chosen = []
-    while wanted:
-        best = max(configs, key=lambda c: len(wanted & set(c.items())))
-        chosen.append(best)
-        wanted -= set(best.items())
-    return chosen

@@ -80,9 +80,12 @@ def test_invalid_configs_never_reach_the_renderer_or_compiler(tmp_path, monkeypa
     assert invalid and all(t.state == TrialState.PRUNED for t in invalid)
     assert all(t.constraints["resources"] > 0 for t in invalid)
     assert any("Threadgroup memory size" in t.user_attrs["invalid"] for t in invalid)
-    rendered_configs = {(v["BQ"], v["BK"], v["SG"], v["ST"]) for v in rendered}
-    invalid_configs = {(t.params["BQ"], t.params["BK"], t.params["simdgroups"], t.params["stage"]) for t in invalid}
-    assert rendered_configs and not (rendered_configs & invalid_configs)
+    # (in float32 stage=input renders as stage=float and is refused as a config problem: compare
+    # the float-staged ones, which render distinctly)
+    rendered_configs = {(v["BQ"], v["BK"], v["SG"], v["DB"], v["QS"], v["W"]) for v in rendered}
+    invalid_configs = {tuple(t.params[n] for n in ("BQ", "BK", "simdgroups", "double_buffer", "q_source", "load_width"))
+                       for t in invalid if t.params["stage"] == "float"}
+    assert rendered_configs and invalid_configs and not (rendered_configs & invalid_configs)
     verified = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and "duplicate_of" not in t.user_attrs]
     assert len(rendered) == len(built) == len(verified), "one render and one compile per verified config only"
 
@@ -202,6 +205,27 @@ def test_a_killed_trials_retry_runs_even_when_a_repeat_was_pruned_while_it_ran(t
     assert value == pytest.approx(ModelTimer().time(None, family=target.family, config=config, shape=target.shape,
                                                     dtype="float16", device="m3-pro").seconds)
     assert "duplicate_of" not in study._storage.get_trial(retry._trial_id).user_attrs
+
+
+def test_the_budget_counts_evaluated_configs_and_the_sampler_starts_on_evaluated_ones(tmp_path):
+    """On M1 most of prefill attention's float32 space is over the threadgroup limit: those
+    proposals are pruned in microseconds and count neither towards --trials nor towards the
+    sampler's random start, which matches random search with the same seed."""
+    target = shapes.Target("prefill_attention", family("prefill_attention").shape(dict(B=1, Hq=2, Hkv=1, L=64, D=128)),
+                           "float32")
+    runs = {}
+    for sampler in ("auto", "random"):
+        settings = st.Settings(device="m1", trials=8, storage="memory", sampler=sampler, seed=5, verify=False,
+                               warm_start=False, timer=ModelTimer())
+        study = st.run_study(target, settings)
+        trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+        runs[sampler] = trials
+        assert st.evaluated(study) == 8
+        assert sum("invalid" in t.user_attrs for t in trials) > 8, "most proposals were over the limit"
+    # the random start lasts until 5 configs were evaluated (not 5 proposals) and equals random search
+    fifth = [t.number for t in runs["random"] if t.state == TrialState.COMPLETE][4]
+    first = [t.params for t in runs["auto"][:fifth + 1]]
+    assert first == [t.params for t in runs["random"][:fifth + 1]]
 
 
 class DriftingTimer:

@@ -16,8 +16,8 @@ from metalforge.kernels import dtypes
 from metalforge.kernels.cost import calibration, describe_speedup
 from metalforge.kernels.families import FAMILIES
 from metalforge import results
-from metalforge.tuner import protocol, shapes, worker
-from metalforge.tuner.study import Settings, entry, open_study, prepare_study, run_study, study_name
+from metalforge.tuner import shapes, worker
+from metalforge.tuner.study import Settings, entry, evaluated, open_study, prepare_study, run_study, study_name
 
 
 def add_arguments(p) -> None:
@@ -130,10 +130,11 @@ def run(args) -> int:
 def _run_with_progress(target, settings, study):
     from tqdm import tqdm
     label = f"{target.family.name} {target.bucket.split('|')[0]}"
-    with tqdm(total=settings.trials, desc=label[:60], unit="trial", leave=True) as bar:
+    # the bar counts what --trials counts: configs evaluated (not repeats, not over a limit)
+    with tqdm(total=settings.trials, desc=label[:60], unit="config", leave=True) as bar:
         def progress(study, trial):
-            if not protocol.repeat(trial):
-                bar.update(1)
+            bar.n = min(evaluated(study), settings.trials)
+            bar.refresh()
             try:
                 bar.set_postfix(best=f"{study.best_value * 1e6:.1f}us")
             except ValueError:

@@ -1,6 +1,6 @@
 """Regenerate the modelled defaults shipped in results/ for every device profile.
 
-    python -m metalforge.tuner.defaults [--trials 40] [--out results/]
+    python -m metalforge.tuner.defaults [--trials 100] [--out results/]
 
 Each study searches the MODELLED objective (no Mac needed); each distinct winning config is then
 verified in the emulator before it is written. Entries say `timer: model`: any measured result a
@@ -30,7 +30,7 @@ MODELS = (
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     ap.add_argument("--devices", help="comma-separated subset of profiles")
     args = ap.parse_args()

@@ -23,6 +23,7 @@ from metalforge import devices, signals
 from metalforge.errors import MetalforgeError
 from metalforge.kernels.checks import check
 from metalforge.results import Entry, lookup, user_results_dir
+from metalforge.tuner.sampler import TunerSampler
 from metalforge.tuner.protocol import (BASELINE_S, DISCARDED, DUPLICATE_OF, ERROR, FINISHED, INVALID, REPEATS,
                                        RETIME_OF, SPREAD, TIMER, WORKER, discarded, interrupted, repeat, standing)
 from metalforge.tuner.shapes import Target
@@ -157,16 +158,18 @@ def study_name(device, target: Target) -> str:
 
 
 def make_sampler(kind: str, family, trials: int, seed):
+    """auto: every config when the budget covers the space, else TunerSampler (tuner/sampler.py);
+    tpe: Optuna's TPE as it comes; random; grid."""
+    if kind == "auto" and family.space_size() <= trials:
+        kind = "grid"
     if kind == "auto":
-        kind = "grid" if family.space_size() <= trials else "tpe"
+        return TunerSampler(seed=seed)
     if kind == "grid":
         return optuna.samplers.GridSampler({p.name: list(p.domain) for p in family.params}, seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "tpe":
-        # few random startup trials and more EI candidates: measured best on the modelled
-        # objectives (benchmarks/tuner_search.py)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(2, trials // 4)), n_ei_candidates=64)
+        return optuna.samplers.TPESampler(seed=seed)
     raise MetalforgeError(f"unknown sampler '{kind}'; valid samplers: auto, tpe, random, grid")
 
 
@@ -348,9 +351,11 @@ def counts(study: optuna.Study) -> dict:
 
 
 def evaluated(study: optuna.Study) -> int:
-    """Finished trials that were neither repeats nor interrupted: the budget `--trials` counts these."""
+    """Configs verified and timed (or failed doing so): the budget `--trials` counts these. Repeats,
+    interrupted trials and configs over a device limit (pruned in microseconds, before anything
+    is compiled; most of a large space on a small device) do not count."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
-               if not repeat(t) and not interrupted(t))
+               if not repeat(t) and not interrupted(t) and INVALID not in t.user_attrs)
 
 
 # ---- workers that died ---------------------------------------------------------------------------
@@ -445,11 +450,12 @@ class _Budget:
 
 
 def warm_start(study: optuna.Study, target: Target, settings: Settings) -> None:
-    """Enqueue the family default and the best known config (results files) before sampling."""
+    """Enqueue the family default, MLX's own kernel as a config of ours (the incumbent to beat) and
+    the best known config (results files) before sampling."""
     family = target.family
     if study.get_trials(deepcopy=False):
         return
-    seeds = [family.default_config()]
+    seeds = [family.default_config(), family.config(family.mlx_config(target.shape, target.dtype))]
     known = lookup(settings.device, target.family.name, target.shape, target.dtype)
     if known.entry is not None:
         seeds.append(known.config)
@@ -481,7 +487,8 @@ def run_study(target: Target, settings: Settings, progress: Callable | None = No
         callbacks.append(lambda s, t: progress(s, t))
     started = time.monotonic()
     while evaluated(study) < settings.trials:
-        # repeats are cheap but not free: cap the loop so a sampler stuck on them still ends
+        # repeats and over-limit configs are cheap but not free: cap the loop so a sampler stuck
+        # on them still ends
         cap = 4 * settings.trials + family.space_size()
         timeout = None if settings.timeout is None else settings.timeout - (time.monotonic() - started)
         if timeout is not None and timeout <= 0:
