@@ -15,7 +15,7 @@ from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
-from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
+from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 
@@ -88,12 +88,16 @@ class DecodeAttention(Family):
     def heads_per_group(self, config, shape: DecodeShape) -> int:
         return shape.Hq // shape.Hkv if config["share_kv"] else 1
 
-    def threads_per_threadgroup(self, config) -> int:
-        return config["threads"]
-
-    def threadgroup_memory_bytes(self, config, shape: DecodeShape, dtype) -> int:
-        rows = (config["threads"] // 32) * self.heads_per_group(config, shape)
-        return 4 * rows * (2 + shape.D)   # max, sum and the D-wide output of each (SIMD-group, head)
+    def geometry(self, config, shape: DecodeShape, dtype) -> tuple[Geometry, ...]:
+        """The attention pass; with splits, the reduce pass (a SIMD-group per query head) after it."""
+        threads = config["threads"]
+        rows = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
+        # max, sum and the D-wide output of each (SIMD-group, head)
+        merge = 4 * (threads // 32) * self.heads_per_group(config, shape) * (2 + shape.D)
+        main = Geometry((threads * config["splits"], rows, 1), (threads, 1, 1), merge)
+        if config["splits"] == 1:
+            return (main,)
+        return main, Geometry((32, shape.B * shape.Hq, 1), (32, 1, 1))
 
     def config_problems(self, config, shape: DecodeShape, dtype) -> list[str]:
         if config["splits"] > shape.S:
@@ -116,17 +120,17 @@ class DecodeAttention(Family):
             T=d.metal, SG=sg, KPS=config["keys_per_step"], SPLITS=splits, HEADS=heads, share_kv=config["share_kv"],
             W=config["load_width"], prefetch=config["prefetch"], TV=d.vector, vector=vector_of,
         )
-        rows = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
-        grid, tg = (32 * sg * splits, rows, 1), (32 * sg, 1, 1)
+        geometry = self.geometry(config, shape, dtype)
         if splits == 1:
-            return [Launch(main, grid, tg, ((shape.B, shape.Hq, 1, shape.D),), (d.mlx,))]
+            return [Launch(main, geometry[0].grid, geometry[0].threadgroup, ((shape.B, shape.Hq, 1, shape.D),), (d.mlx,))]
         rows_out = shape.B * shape.Hq   # one partial result per query head and split
-        partial = Launch(main, grid, tg,
+        partial = Launch(main, geometry[0].grid, geometry[0].threadgroup,
                          ((rows_out, splits, shape.D), (rows_out, splits), (rows_out, splits)),
                          (mx.float32, mx.float32, mx.float32))
         reduce = self._kernel("decode_attention_reduce.metal.j2", outputs, ["out"],
                               rows=rows_out, D=shape.D, SPLITS=splits, T=d.metal)
-        return [partial, Launch(reduce, (32, rows_out, 1), (32, 1, 1), ((shape.B, shape.Hq, 1, shape.D),), (d.mlx,))]
+        return [partial, Launch(reduce, geometry[1].grid, geometry[1].threadgroup, ((shape.B, shape.Hq, 1, shape.D),),
+                                (d.mlx,))]
 
     def make_inputs(self, shape: DecodeShape, dtype, seed=0):
         d = dtypes.get(dtype)
@@ -191,12 +195,11 @@ class DecodeAttention(Family):
         sg = config["threads"] // 32
         g = shape.Hq // shape.Hkv
         heads = g if config["share_kv"] else 1
-        tgs = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq) * config["splits"]
+        main = self.geometry(config, shape, dtype)[0]
         # registers a lane holds: q and the accumulator per head, KPS key rows (twice when prefetching)
         elements = cdiv(shape.D, 32 * config["load_width"]) * config["load_width"]
         registers = elements * (2 * heads + config["keys_per_step"] * (2 if config["prefetch"] else 1))
-        occ = cost.occupancy(config["threads"], self.threadgroup_memory_bytes(config, shape, dtype), tgs,
-                             registers=registers)
+        occ = cost.occupancy(main.threads, main.threadgroup_memory_bytes, main.threadgroups, registers=registers)
         kv = 2 * shape.B * shape.Hkv * shape.S * shape.D * dtype.size
         # without sharing, the G query heads of a KV head each stream it (partly from cache)
         kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)

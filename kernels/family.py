@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError, choices
-from metalforge.intmath import pow2_bucket
+from metalforge.intmath import cdiv, pow2_bucket
 from metalforge.kernels import backends, cost, dtypes as _dtypes
 from metalforge.kernels.render import kernel_name, render
 
@@ -36,6 +36,24 @@ class KernelSource:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     source: str   # the body: our templates need no header (helpers are inlined)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One launch's shape, known without rendering anything: the checks, the cost model and the
+    launches all read it, so a template is rendered only to be compiled."""
+
+    grid: tuple[int, int, int]          # threads, as mx.fast.metal_kernel counts them
+    threadgroup: tuple[int, int, int]
+    threadgroup_memory_bytes: int = 0
+
+    @property
+    def threads(self) -> int:
+        return math.prod(self.threadgroup)
+
+    @property
+    def threadgroups(self) -> int:
+        return math.prod(cdiv(g, t) for g, t in zip(self.grid, self.threadgroup))
 
 
 @dataclass(frozen=True)
@@ -183,12 +201,14 @@ class Family:
         kernels index with 32-bit integers, so none may exceed MAX_BUFFER_ELEMENTS."""
         raise NotImplementedError
 
-    # ---- resources (overridden) --------------------------------------------------------------
-    def threadgroup_memory_bytes(self, config: Config, shape, dtype) -> int:
+    # ---- resources ------------------------------------------------------------------------------
+    def geometry(self, config: Config, shape, dtype) -> tuple[Geometry, ...]:
+        """Each launch's grid, threadgroup and threadgroup memory, in launch order (overridden)."""
         raise NotImplementedError
 
-    def threads_per_threadgroup(self, config: Config) -> int:
-        raise NotImplementedError
+    def threadgroup_memory_bytes(self, config: Config, shape, dtype) -> int:
+        """The most threadgroup memory any of the config's launches declares."""
+        return max(g.threadgroup_memory_bytes for g in self.geometry(config, shape, dtype))
 
     def config_problems(self, config: Config, shape, dtype) -> list[str]:
         """Family-specific reasons a config cannot serve a shape (divisibility, precision)."""

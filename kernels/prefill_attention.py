@@ -15,7 +15,7 @@ from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.decode_attention import HEAD_DIMS
-from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail, fragment_problems, input_stage, stage_dtype, stage_problems
+from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail, fragment_problems, input_stage, stage_dtype, stage_problems
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,12 @@ class PrefillAttention(Family):
         cache = shape.B * shape.Hkv * shape.LK * shape.D
         return {"queries": shape.B * shape.Hq * shape.L * shape.D, "keys": cache, "values": cache}
 
-    def threads_per_threadgroup(self, config) -> int:
-        return 32 * config["simdgroups"]
-
-    def threadgroup_memory_bytes(self, config, shape: PrefillShape, dtype) -> int:
+    def geometry(self, config, shape: PrefillShape, dtype) -> tuple[Geometry, ...]:
+        threads = 32 * config["simdgroups"]
         q_rows = config["BQ"] if config["q_source"] == "threadgroup" else 0
         kv_rows = 2 * config["BK"] * (2 if config["double_buffer"] else 1)
-        return (q_rows + kv_rows) * shape.D * stage_dtype(config, dtype).size
+        tile_bytes = (q_rows + kv_rows) * shape.D * stage_dtype(config, dtype).size
+        return (Geometry((threads * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1), (threads, 1, 1), tile_bytes),)
 
     def fragments(self, config, shape: PrefillShape) -> int:
         """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand."""
@@ -108,8 +107,8 @@ class PrefillAttention(Family):
             DB=config["double_buffer"], QS=config["q_source"],
             W=config["load_width"],
         )
-        grid = (32 * sg * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1)
-        return [Launch(kernel, grid, (32 * sg, 1, 1), ((shape.B, shape.Hq, shape.L, shape.D),), (d.mlx,),
+        g, = self.geometry(config, shape, dtype)
+        return [Launch(kernel, g.grid, g.threadgroup, ((shape.B, shape.Hq, shape.L, shape.D),), (d.mlx,),
                        lengths=(shape.L, shape.LK))]
 
     def make_inputs(self, shape: PrefillShape, dtype, seed=0):
@@ -165,7 +164,8 @@ class PrefillAttention(Family):
         # SIMD-group's tq rows; Q's come from threadgroup memory each time unless in registers
         loads = 1 / tq + (0.5 if config["q_source"] == "threadgroup" else 0.0)
         flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + softmax
-        occ = cost.occupancy(32 * sg, self.threadgroup_memory_bytes(config, shape, dtype), heads * qtiles,
+        g, = self.geometry(config, shape, dtype)
+        occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups,
                              registers=2 * self.fragments(config, shape))
         parallel = occ.parallel_fraction(dev, ilp=min(2.0, tq)) * cost.load_efficiency(config["load_width"] * dtype.size)
         t = cost.roofline(q_bytes * 2 + kv_bytes, flops, dev, parallel)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
-from metalforge.kernels.family import Launch, Param, fragment_problems, input_stage, stage_dtype, stage_problems
+from metalforge.kernels.family import Geometry, Launch, Param, fragment_problems, input_stage, stage_dtype, stage_problems
 from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
 
 
@@ -32,12 +32,11 @@ class Qmm(Qmv):
     def shape_problems(self, shape) -> list[str]:
         return quantization_problems(shape, bits=QMM_BITS) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])
 
-    def threads_per_threadgroup(self, config) -> int:
-        return 32 * config["WM"] * config["WN"]
-
-    def threadgroup_memory_bytes(self, config, shape, dtype) -> int:
+    def geometry(self, config, shape, dtype) -> tuple[Geometry, ...]:
+        threads = 32 * config["WM"] * config["WN"]
         rows = config["BM"] + (config["BN"] if config["dequant"] == "threadgroup" else 0)
-        return rows * config["BK"] * stage_dtype(config, dtype).size
+        grid = (threads * cdiv(shape.N, config["BN"]), cdiv(shape.M, config["BM"]), 1)
+        return (Geometry(grid, (threads, 1, 1), rows * config["BK"] * stage_dtype(config, dtype).size),)
 
     def fragments(self, config) -> int:
         """8x8 fp32 fragments a SIMD-group holds: its outputs, a column of x and one weight operand."""
@@ -67,9 +66,8 @@ class Qmm(Qmv):
             BM=config["BM"], BN=config["BN"], BK=config["BK"], WM=config["WM"], WN=config["WN"],
             DQ=config["dequant"], ST=stage_dtype(config, dtype).metal,
         )
-        threads = self.threads_per_threadgroup(config)
-        grid = (threads * cdiv(shape.N, config["BN"]), cdiv(shape.M, config["BM"]), 1)
-        return [Launch(kernel, grid, (threads, 1, 1), ((shape.M, shape.N),), (d.mlx,), lengths=(shape.M,))]
+        g, = self.geometry(config, shape, dtype)
+        return [Launch(kernel, g.grid, g.threadgroup, ((shape.M, shape.N),), (d.mlx,), lengths=(shape.M,))]
 
     def mlx_config(self, shape, dtype) -> dict:
         # MLX's qmm: 32 x 32 tiles over 2 x 2 SIMD-groups, BK 32, weights dequantised into a
@@ -82,11 +80,10 @@ class Qmm(Qmv):
         dev = devices.get(device)
         dtype = dtypes.get(dtype)
         bm, bn, wm = config["BM"], config["BN"], config["WM"]
+        g, = self.geometry(config, shape, dtype)
         tiles_n, tiles_m = cdiv(shape.N, bn), cdiv(shape.M, bm)
         in_registers = config["dequant"] == "registers"
-        threads = self.threads_per_threadgroup(config)
-        occ = cost.occupancy(threads, self.threadgroup_memory_bytes(config, shape, dtype), tiles_n * tiles_m,
-                             registers=2 * self.fragments(config))
+        occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups, registers=2 * self.fragments(config))
         weights = shape.N * shape.K * shape.bits / 8 + 2 * shape.N * (shape.K / shape.group_size) * dtype.size
         # each row of tiles re-streams the weights (and in registers each SIMD-group row of a tile
         # reads its own copy), each column of tiles re-streams x; the cache serves most repeats

@@ -9,7 +9,7 @@ import mlx.core as mx
 from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
-from metalforge.kernels.family import Family, Launch, Param, cut_keeping_tail
+from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail
 
 
 @dataclass(frozen=True)
@@ -55,27 +55,23 @@ class Qmv(Family):
     def buffer_elements(self, shape: QmvShape) -> dict[str, int]:
         return quantized_buffer_elements(shape)
 
-    def threads_per_threadgroup(self, config) -> int:
-        return 32 * config["simdgroups"] * config["k_split"]
-
-    def threadgroup_memory_bytes(self, config, shape: QmvShape, dtype) -> int:
-        ks = config["k_split"]
+    def geometry(self, config, shape: QmvShape, dtype) -> tuple[Geometry, ...]:
+        sg, ks, r = config["simdgroups"], config["k_split"], config["rows_per_simdgroup"]
+        threads = 32 * sg * ks
         staged = 4 * ks * shape.M * 32 * config["values_per_lane"] if config["stage_x"] else 0
-        partials = 4 * ks * config["simdgroups"] * shape.M * config["rows_per_simdgroup"] if ks > 1 else 0
-        return staged + partials
+        partials = 4 * ks * sg * shape.M * r if ks > 1 else 0
+        return (Geometry((cdiv(shape.N, sg * r) * threads, 1, 1), (threads, 1, 1), staged + partials),)
 
     def launches(self, config, shape: QmvShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
-        sg, r = config["simdgroups"], config["rows_per_simdgroup"]
         kernel = self._kernel(
             self.template, ("x", "w", "scales", "biases"), ("y",),
             M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
-            SG=sg, R=r, V=config["values_per_lane"], stage_x=config["stage_x"], KS=config["k_split"],
-            LW=config["load_width"], prescaled=config["prescaled_x"],
+            SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
+            stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"], prescaled=config["prescaled_x"],
         )
-        groups = cdiv(shape.N, sg * r)
-        threads = self.threads_per_threadgroup(config)
-        return [Launch(kernel, (groups * threads, 1, 1), (threads, 1, 1), ((shape.M, shape.N),), (d.mlx,))]
+        g, = self.geometry(config, shape, dtype)
+        return [Launch(kernel, g.grid, g.threadgroup, ((shape.M, shape.N),), (d.mlx,))]
 
     def make_inputs(self, shape: QmvShape, dtype, seed=0):
         d = dtypes.get(dtype)
@@ -132,15 +128,13 @@ class Qmv(Family):
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)
         dtype = dtypes.get(dtype)
-        rows_per_tg = config["simdgroups"] * config["rows_per_simdgroup"]
+        g, = self.geometry(config, shape, dtype)
         ks = config["k_split"]
-        groups = cdiv(shape.N, rows_per_tg)
-        occ = cost.occupancy(self.threads_per_threadgroup(config), self.threadgroup_memory_bytes(config, shape, dtype),
-                             groups)
-        padded_rows = groups * rows_per_tg
+        occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups)
+        padded_rows = g.threadgroups * config["simdgroups"] * config["rows_per_simdgroup"]
         weights = padded_rows * shape.K * shape.bits / 8 + 2 * padded_rows * (shape.K / shape.group_size) * dtype.size
         # x is re-read by every SIMD-group (mostly from cache) unless staged once per threadgroup
-        x_reads = shape.M * shape.K * dtype.size * groups * (1 if config["stage_x"] else config["simdgroups"]) * 0.05
+        x_reads = shape.M * shape.K * dtype.size * g.threadgroups * (1 if config["stage_x"] else config["simdgroups"]) * 0.05
         # a load instruction's width: LW words of whole-word widths; straddling widths read a
         # lane's V values as bytes the compiler merges
         whole_words = 32 % shape.bits == 0
