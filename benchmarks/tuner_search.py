@@ -104,7 +104,7 @@ def main():
         ax.set_yscale("symlog", linthresh=1)
         ax.set_ylim(bottom=0)
         ax.set_title(f"{name} ({row['valid']} valid configs)", fontsize=9)
-        ax.set_xlabel("trials")
+        ax.set_xlabel("configs evaluated")
         ax.set_ylabel("mean gap to optimum (%)")
         ax.legend(fontsize=8)
     fig.suptitle(f"search efficiency on the MODELLED objective, {args.device}", fontsize=10)

@@ -208,6 +208,7 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
 
 
 @pytest.mark.parametrize("name, shape, dtype", [
+    *[(name, shape, dtype) for name, cases in COVERING.items() for shape, dtype in cases],
     ("qmv", dict(M=3, N=37, K=384, bits=8, group_size=128), "float16"),
     ("qmv", dict(M=1, N=70, K=640, bits=4, group_size=32), "bfloat16"),
     ("qmm", dict(M=19, N=50, K=128, bits=4, group_size=64), "float16"),
@@ -217,7 +218,8 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
 ])
 def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatch):
     """No out-of-bounds access and no threadgroup-memory race in configs that together take every
-    value of every tunable, tails and paged layouts included (the checked mode would raise)."""
+    value of every tunable (the COVERING shapes reach them all), tails and paged layouts included
+    (the checked mode would raise)."""
     monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
     fam = family(name)
     configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
