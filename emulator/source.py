@@ -184,6 +184,7 @@ _TG_DECL = re.compile(
 _PTR_DECL = re.compile(
     r"\b(const\s+)?(device|constant)\s+(const\s+)?([A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?)\s*\*"
 )
+_CHECKED_REINTERPRET = re.compile(r"\breinterpret_cast\s*<\s*(mf::DevPtr<.+?> )>\s*\(")
 
 
 def rewrite(msl: str, checked: bool, facts=None) -> str:
@@ -222,6 +223,9 @@ def rewrite(msl: str, checked: bool, facts=None) -> str:
             const = "const " if (m.group(1) or m.group(3)) else ""
             return f"mf::DevPtr<{const}{m.group(4)}> "
         out = _PTR_DECL.sub(ptr, out)
+        # reinterpret_cast<const device T*>(p) reads p's bytes as another type: with p checked, the
+        # same conversion is DevPtr's explicit constructor (its bounds in the new element size)
+        out = _CHECKED_REINTERPRET.sub(r"\1(", out)
     return out
 
 

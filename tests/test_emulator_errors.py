@@ -96,6 +96,20 @@ def test_checked_mode_reports_out_of_bounds_device_writes():
         launch("uint i = thread_position_in_grid.x;\nint j = int(i) - 1;\nout[j] = x[i];", checked=True)
 
 
+def test_checked_mode_follows_a_reinterpret_cast_device_pointer():
+    """A buffer read through another element type (as MLX's and our kernels do for packed words
+    and vector loads) runs in checked mode, and its bounds are counted in the new type."""
+    src = """
+        uint i = thread_position_in_grid.x;
+        const device float2* pairs = reinterpret_cast<const device float2*>(x);
+        out[i] = pairs[i / 2][i % 2] + pairs[{step}][0];
+    """
+    np.testing.assert_array_equal(np.array(launch(src.replace("{step}", "0"), checked=True, name="pairs")),
+                                  np.arange(64, dtype=np.float32))
+    with pytest.raises(EmulatorError, match=r"device buffer 'x' at element 32 \(it has 32 elements\)"):
+        launch(src.replace("{step}", "32"), checked=True, name="pairs_oob")
+
+
 def test_checked_mode_reports_out_of_bounds_threadgroup_access():
     src = """
         uint i = thread_index_in_threadgroup;
