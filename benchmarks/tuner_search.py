@@ -1,7 +1,7 @@
 """How many evaluated configs the tuner's search needs to come within 5% of the exhaustive optimum
 of the model objective, against random search, for every family (side by side, same seeds, one run).
 
-    python benchmarks/tuner_search.py --device m3-max-40 --seeds 32 --out benchmarks/results/tuner_search
+    python benchmarks/tuner_search.py --device m3-max-40 --seeds 64 --out benchmarks/results/tuner_search
 
 A trial counts when its config was evaluated: repeats reuse an earlier outcome, and configs over a
 device limit are pruned before anything is compiled (microseconds, where an evaluation on a Mac
@@ -58,7 +58,7 @@ def search(family_name, shape, device, sampler, seed, budget):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="m3-max-40")
-    ap.add_argument("--seeds", type=int, default=32)
+    ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--budget", type=int, help="evaluated configs per search (default: 10%% of the valid ones)")
     ap.add_argument("--out", default="benchmarks/results/tuner_search")
     args = ap.parse_args()

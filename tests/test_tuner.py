@@ -17,7 +17,7 @@ from metalforge.kernels.qmv import Qmv
 from metalforge import results
 from metalforge.engine.random_model import write_model
 from metalforge.errors import MetalforgeError
-from metalforge.tuner import shapes, study as st
+from metalforge.tuner import sampler, shapes, study as st
 from metalforge.tuner.timers import ModelTimer, Timing
 
 SMALL = {"qmv": [dict(M=1, N=96, K=256, bits=4, group_size=64)],
@@ -181,6 +181,7 @@ def test_two_workers_share_a_study_without_running_a_config_twice(tmp_path):
     assert len([t for t in trials if t.state in st.FINISHED and "duplicate_of" not in t.user_attrs]) >= 24
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")   # ask/tell drive the trials here
 def test_a_killed_trials_retry_runs_even_when_a_repeat_was_pruned_while_it_ran(tmp_path):
     """Two workers seeding one new study both queue the default config: the second copy is pruned
     as a repeat of the first while it runs. When the first is killed, its retry must run the
@@ -214,18 +215,18 @@ def test_the_budget_counts_evaluated_configs_and_the_sampler_starts_on_evaluated
     target = shapes.Target("prefill_attention", family("prefill_attention").shape(dict(B=1, Hq=2, Hkv=1, L=64, D=128)),
                            "float32")
     runs = {}
-    for sampler in ("auto", "random"):
-        settings = st.Settings(device="m1", trials=8, storage="memory", sampler=sampler, seed=5, verify=False,
+    for kind in ("auto", "random"):
+        settings = st.Settings(device="m1", trials=12, storage="memory", sampler=kind, seed=5, verify=False,
                                warm_start=False, timer=ModelTimer())
         study = st.run_study(target, settings)
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-        runs[sampler] = trials
-        assert st.evaluated(study) == 8
-        assert sum("invalid" in t.user_attrs for t in trials) > 8, "most proposals were over the limit"
-    # the random start lasts until 5 configs were evaluated (not 5 proposals) and equals random search
-    fifth = [t.number for t in runs["random"] if t.state == TrialState.COMPLETE][4]
-    first = [t.params for t in runs["auto"][:fifth + 1]]
-    assert first == [t.params for t in runs["random"][:fifth + 1]]
+        runs[kind] = trials
+        assert st.evaluated(study) == 12
+        assert sum("invalid" in t.user_attrs for t in trials) > 12, "most proposals were over the limit"
+    # the random start lasts until STARTUP configs were evaluated (not proposals) and equals random search
+    last = [t.number for t in runs["random"] if t.state == TrialState.COMPLETE][sampler.STARTUP - 1]
+    first = [t.params for t in runs["auto"][:last + 1]]
+    assert first == [t.params for t in runs["random"][:last + 1]]
 
 
 class DriftingTimer:

@@ -13,8 +13,8 @@ import optuna
 from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState
 
-STARTUP = 5    # evaluated configs proposed at random before TPE models them
-EXPLORE = 6    # every EXPLORE-th proposal after that is random too
+STARTUP = 10   # evaluated configs proposed at random before TPE models them
+EXPLORE = 4    # every EXPLORE-th proposal after that is random too
 
 
 class TunerSampler(BaseSampler):
