@@ -17,7 +17,7 @@ import optuna
 
 from metalforge.kernels import check_space
 from metalforge.kernels.families import get as get_family
-from metalforge.tuner import shapes, study as st
+from metalforge.tuner import protocol, shapes, study as st
 from metalforge.tuner.timers import ModelTimer
 from metalforge.plotting import figure, write_report
 
@@ -47,7 +47,7 @@ def search(family_name, shape, device, sampler, seed, budget):
     study = st.run_study(target, settings)
     best, curve = float("inf"), []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if "duplicate_of" in t.user_attrs or "invalid" in t.user_attrs:
+        if protocol.repeat(t) or protocol.INVALID in t.user_attrs:
             continue   # a repeat or an over-limit proposal costs no evaluation
         if t.state == optuna.trial.TrialState.COMPLETE:
             best = min(best, t.value)

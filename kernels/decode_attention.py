@@ -204,10 +204,10 @@ class DecodeAttention(Family):
         # without sharing, the G query heads of a KV head each stream it (partly from cache)
         kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)
         partials = 2 * shape.B * shape.Hq * config["splits"] * (shape.D + 2) * 4 if config["splits"] > 1 else 0
-        # loads in flight: KPS rows per step, and the next step's keys too when prefetching
         # SIMD-groups left without keys (short slices) keep nothing in flight but still merge
         keys_per_tg = cdiv(shape.S, config["splits"])
         busy = min(1.0, keys_per_tg / (sg * config["keys_per_step"]))
+        # loads in flight: KPS rows per step, and the next step's keys too when prefetching
         ilp = config["keys_per_step"] / 2 * (2 if config["prefetch"] else 1)
         parallel = occ.parallel_fraction(dev, ilp=ilp * busy) * cost.load_efficiency(config["load_width"] * dtype.size)
         flops = 4 * shape.B * shape.Hq * shape.S * shape.D + 6 * shape.B * shape.Hq * shape.S  # dot products, softmax

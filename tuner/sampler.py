@@ -24,11 +24,16 @@ class TunerSampler(BaseSampler):
         self._tpe = TPESampler(seed=seed, n_startup_trials=0)
         self._startup = startup
         self._explore = explore
+        self._decided: tuple[int | None, bool] = (None, False)   # (trial number, random?)
 
     def _is_random(self, study: optuna.Study, trial) -> bool:
-        if self._explore and trial.number % self._explore == self._explore - 1:
-            return True
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < self._startup
+        """Decided once per trial (asked again for every parameter; with an RDB storage each
+        count of the finished trials is a query)."""
+        if self._decided[0] != trial.number:
+            explore = self._explore and trial.number % self._explore == self._explore - 1
+            starting = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < self._startup
+            self._decided = (trial.number, bool(explore or starting))
+        return self._decided[1]
 
     def infer_relative_search_space(self, study, trial):
         return {} if self._is_random(study, trial) else self._tpe.infer_relative_search_space(study, trial)
