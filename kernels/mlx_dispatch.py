@@ -22,9 +22,10 @@ bound at each buffer index (arrays and set_bytes scalars alike, by MLX's own arg
 
 Where to read each rule: `SOURCES` pins MLX's source per version range. MLX 0.32.2 to 0.32.4 are
 newer than every readable tag: their rules come from the newest readable source (main after
-v0.32.1) plus what the 0.32.3/0.32.4 wheels themselves show (kernel names in mlx.metallib; the
-qmv and sdpa_vector_2pass host functions disassembled from libmlx.dylib). A `Choice.notes` entry
-says so wherever a value rests on that inference.
+v0.32.1) plus what the 0.32.2-0.32.4 wheels themselves show: kernel names in mlx.metallib, kernel
+signatures in the headers, and host functions disassembled from libmlx.dylib (0.32.4's qmv(),
+sdpa_vector_2pass() and qmm_splitk(); its get_qmv_batch_limit constants are main's). A
+`Choice.notes` entry says so wherever a value rests on that reading.
 Only affine quantization, transposed weights (as mlx-lm's quantized layers call it) and devices
 up to generation 16 (M4) are ported: on generation 17+ MLX runs its NAX kernels.
 """
@@ -283,28 +284,35 @@ def _qmm_splitk(M, N, K, group_size, dtype, common, head, v, notes):
 def _splitk_sum(M, N, split_k, dtype, v, notes) -> Launch:
     """The kernel that sums the split_k partials (split_k, M, N) into y (M, N)."""
     if v >= QMM_SPLITK_ACCUM:
-        notes.append("0.32.4 sums split-K partials with steel_gemm_splitk_accum (its libmlx.dylib's "
-                     "qmm_splitk); float32 partials and matmul.cpp's accumulation geometry assumed")
+        notes.append("0.32.4 sums split-K partials with steel_gemm_splitk_accum (named in its libmlx.dylib's "
+                     "qmm_splitk; float32 partials, as its header's affine_qmm_t_splitk writes); the accumulation "
+                     "geometry of matmul.cpp's split-K GEMM assumed")
         bx, by, _ = _block_dims(N, M)
         return Launch(f"steel_gemm_splitk_accum_{_type_name(dtype)}_float32", "gemm_splitk_accum",
                       (("AccT", "float"), ("OutT", dtypes.get(dtype).metal)), (N, M, 1), (bx, by, 1),
                       (), ((0, "C_split"), (1, "D"), (2, "k_partitions"), (3, "partition_stride"),
                            (4, "ldd")), grid_unit="threads")
-    if split_k >= 32:
-        raise MetalforgeError(f"MLX {_version_str(v)} sums {split_k} split-K partials with a "
-                              "looped column reduction whose dispatch is not ported (only split_k < 32)")
-    # strided_reduce_small (reduce.cpp) over axis 0 of the row-contiguous partials.
-    blocks = cdiv(M * N, 4)
-    tx = min(blocks, 32)
-    ty = min(8, 1024 // tx, split_k)
-    notes.append("col_reduce_small's threadgroup assumes the pipeline's 1,024-thread maximum")
-    return Launch(f"col_reduce_small_1_reduce_sum{_type_name(dtype)}", "col_reduce_small",
-                  (("T", dtypes.get(dtype).metal), ("U", dtypes.get(dtype).metal), ("Op", "Sum"),
-                   ("IdxT", "int"), ("NDIMS", 1)),
-                  (cdiv(blocks, tx), 1, 1), (tx, ty, 1), (),
-                  ((0, "in"), (1, "out"), (2, "reduction_size"), (3, "reduction_stride"), (4, "shape"),
-                   (5, "strides"), (6, "ndim"), (7, "reduce_shape"), (8, "reduce_strides"),
-                   (9, "reduce_ndim"), (10, "non_col_reductions")))
+    # strided_reduce_general_dispatch (reduce.cpp) over axis 0 of the row-contiguous partials:
+    # reduction size split_k, stride M * N, one output block.
+    template = (("T", dtypes.get(dtype).metal), ("U", dtypes.get(dtype).metal), ("Op", "Sum"), ("IdxT", "int"),
+                ("NDIMS", 1))
+    buffers = ((0, "in"), (1, "out"), (2, "reduction_size"), (3, "reduction_stride"), (4, "shape"),
+               (5, "strides"), (6, "ndim"), (7, "reduce_shape"), (8, "reduce_strides"), (9, "reduce_ndim"),
+               (10, "non_col_reductions"))
+    if split_k < 32:   # strided_reduce_small
+        blocks = cdiv(M * N, 4)
+        tx = min(blocks, 32)
+        ty = min(8, 1024 // tx, split_k)
+        notes.append("col_reduce_small's threadgroup assumes the pipeline's 1,024-thread maximum")
+        return Launch(f"col_reduce_small_1_reduce_sum{_type_name(dtype)}", "col_reduce_small", template,
+                      (cdiv(blocks, tx), 1, 1), (tx, ty, 1), (), buffers)
+    if split_k > 256 and M * N // 32 < 1024:
+        raise MetalforgeError(f"MLX {_version_str(v)} sums {split_k} split-K partials with col_reduce_2pass, "
+                              "whose dispatch is not ported")
+    # strided_reduce_looped: 8 SIMD-groups per threadgroup, BM x BN = 32 x 32 tiles, threads dispatched
+    return Launch(f"col_reduce_looped_1_32_32_reduce_sum{_type_name(dtype)}", "col_reduce_looped",
+                  template + (("BM", 32), ("BN", 32)), (256 * cdiv(M * N, 32), 1, 1), (256, 1, 1), (), buffers,
+                  grid_unit="threads")
 
 
 def _block_dims(dim0: int, dim1: int, dim2: int = 1, pow2: int = 10) -> tuple:

@@ -2,6 +2,7 @@
 kernel name they produce against the function names of the installed MLX's own mlx.metallib."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -28,6 +29,10 @@ S304 = f"{BLOB}/v0.30.4/mlx/backend/metal/scaled_dot_product_attention.cpp"
 S306 = f"{BLOB}/v0.30.6/mlx/backend/metal/scaled_dot_product_attention.cpp"
 S321 = f"{BLOB}/v0.32.1/mlx/backend/metal/scaled_dot_product_attention.cpp"
 SMAIN = f"{BLOB}/846d176227a0ac13d2667e58d2bb68b322109ab0/mlx/backend/metal/scaled_dot_product_attention.cpp"
+# 0.32.3/0.32.4 are newer than every readable tag: their rules were read from the wheels' libmlx.dylib
+# (disassembled qmv() and sdpa_vector_2pass()) and match these pull requests.
+PR4380 = "https://github.com/ml-explore/mlx/pull/4380"   # GQA pass 1 for G 12 and 16, HPT 4 and 2
+PR4516 = "https://github.com/ml-explore/mlx/pull/4516"   # qmv_fast for N % 8 != 0 (merged as partial_rows)
 
 QMV = dict(N=4096, K=4096, bits=4, group_size=64, dtype="float16")
 
@@ -65,7 +70,7 @@ CASES = [
     ("qmm", dict(M=18, **QMV), "0.29.0", "m1-ultra",
      ["affine_qmm_t_float16_t_gs_64_b_4_alN_true_batch_0"], [(128, 1, 1)], [(32, 2, 2)], f"{Q29}#L476-L484"),
     ("qmm", dict(M=64, N=4100, K=4096, bits=4, group_size=64, dtype="float16"), "0.30.3", "m2-max",
-     ["affine_qmm_t_float16_t_gs_64_b_4_alN_false_batch_0"], [(129, 2, 1)], [(32, 2, 2)], f"{Q302}#L484"),
+     ["affine_qmm_t_float16_t_gs_64_b_4_alN_false_batch_0"], [(129, 2, 1)], [(32, 2, 2)], f"{Q302}#L725"),
     # 0.32.1 on gen 15 Max (g15s), K = N = 4096: the limit is 15. Split-K aims at ~512 threadgroups:
     # 512 / 128 tiles = 4 partitions, summed by the strided column reduction (col_reduce_small)
     ("qmm", dict(M=15, **QMV), "0.32.1", "m3-max-40",
@@ -95,7 +100,7 @@ CASES = [
      [(8, 1, 128), (40, 1, 1)], [(32, 5, 1), (1024, 1, 1)], f"{S306}#L446-L453"),
     ("decode", dict(B=2, Hq=64, Hkv=8, S=16384, D=128, dtype="float16"), "0.32.1", "m2-ultra",
      ["sdpa_vector_2pass_1_float16_t_128_128", "sdpa_vector_2pass_2_float16_t_128"],
-     [(8, 2, 512), (128, 1, 1)], [(32, 8, 1), (1024, 1, 1)], f"{S321}#L465-L474"),
+     [(8, 2, 512), (128, 1, 1)], [(32, 8, 1), (1024, 1, 1)], f"{S321}#L462-L473"),
     ("decode", dict(B=1, Hq=32, Hkv=8, S=4096, D=64, dtype="float32"), "0.32.1", "m1",
      ["sdpa_vector_2pass_1_float_64_64", "sdpa_vector_2pass_2_float_64"],
      [(8, 1, 64), (32, 1, 1)], [(32, 4, 1), (1024, 1, 1)], f"{S321}#L755-L756"),
@@ -105,6 +110,14 @@ CASES = [
     ("decode", dict(B=1, Hq=32, Hkv=4, S=8192, D=128, dtype="float16"), "0.32.2", "m3-max-40",
      ["sdpa_vector_2pass_1_gqa_float16_t_128_128", "sdpa_vector_2pass_2_float16_t_128"],
      [(4, 1, 128), (32, 1, 1)], [(32, 8, 1), (1024, 1, 1)], f"{SMAIN}#L468-L473"),
+
+    # 0.32.3+: G = 16 at 8,192 keys takes the GQA pass 1 with 2 heads a SIMD-group; Max ('s'): 128 blocks
+    ("decode", dict(B=1, Hq=32, Hkv=2, S=8192, D=128, dtype="float16"), "0.32.4", "m3-max-40",
+     ["sdpa_vector_2pass_1_gqa_16_float16_t_128_128", "sdpa_vector_2pass_2_float16_t_128"],
+     [(2, 1, 128), (32, 1, 1)], [(32, 16, 1), (1024, 1, 1)], f"{PR4380}; {SMAIN}#L486-L523"),
+    # 0.32.4: N = 4 (no multiple of 8) keeps qmv_fast with partial rows
+    ("qmm", dict(M=1, N=4, K=4096, bits=4, group_size=64, dtype="bfloat16"), "0.32.4", "m1",
+     ["affine_qmv_fast_bfloat16_t_gs_64_b_4_batch_0_pr_1_hgs_0_r_4"], [(1, 1, 1)], [(32, 2, 1)], PR4516),
 
     # ---- prefill attention ----
     ("prefill", dict(B=1, Hq=32, Hkv=8, L=512, D=128, dtype="float16"), "0.29.0", "m2-max",
@@ -188,30 +201,31 @@ def _metallib_names() -> set[str]:
     return set(names.read_text().split("\n"))
 
 
-def _installed_choices():
-    devices = [p.architecture for p in profiles().values()]
-    for arch in sorted(set(devices)):
+def _jobs(version=None):
+    """A grid of our jobs, as calls of the dispatch functions (every device profile and dtype)."""
+    for arch in sorted({p.architecture for p in profiles().values()}):
         for dtype in ("float16", "bfloat16", "float32"):
             for bits in (2, 3, 4, 5, 6, 8):
                 for gs in (32, 64, 128):
                     for M in (1, 2, 3, 5, 9, 16, 33, 300):
                         for N, K in ((4096, 4096), (4100, 4096), (4096, 896), (14336, 4096), (512, 128),
-                                     (4096, 64), (151936, 2048), (1024, 11008)):
+                                     (4096, 64), (151936, 2048), (1024, 11008), (256, 4096)):
                             if K % gs == 0:
-                                yield md.qmm_dispatch(M, N, K, bits, gs, dtype, arch)
+                                yield functools.partial(md.qmm_dispatch, M, N, K, bits, gs, dtype, arch, version)
             for D in md.VECTOR_HEAD_DIMS:
                 for Hq, Hkv in ((32, 32), (32, 8), (32, 4), (24, 2), (32, 2)):
                     for S in (100, 1024, 5000, 8192, 40000, 100000):
-                        yield md.decode_attention_dispatch(2, Hq, Hkv, S, D, dtype, arch)
+                        yield functools.partial(md.decode_attention_dispatch, 2, Hq, Hkv, S, D, dtype, arch, version)
             for D in (64, 72, 80, 96, 128):
                 for L, prefix in ((100, 0), (512, 0), (64, 33)):
                     for mask in (None, "bool", "float"):
-                        yield md.prefill_attention_dispatch(1, 32, 8, L, D, dtype, arch, prefix=prefix, mask=mask)
+                        yield functools.partial(md.prefill_attention_dispatch, 1, 32, 8, L, D, dtype, arch,
+                                                version, prefix=prefix, mask=mask)
 
 
 def test_every_kernel_name_for_the_installed_mlx_is_in_its_metallib():
     names = _metallib_names()
-    chosen = {l.kernel for c in _installed_choices() for l in c.launches}
+    chosen = {l.kernel for job in _jobs() for l in job().launches}    # none refused at the installed version
     assert len(chosen) > 300
     missing = sorted(chosen - names)
     assert not missing, f"{len(missing)} names not in mlx-metal=={mx.__version__}'s metallib, e.g. {missing[:5]}"
