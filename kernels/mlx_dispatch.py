@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from metalforge.devices import DeviceProfile, get as get_device
+from metalforge.devices import get as get_device
 from metalforge.errors import MetalforgeError
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
@@ -54,6 +54,8 @@ SOURCES = (
 )
 
 # ---- version-dependent rules, as data: the first version each one holds from ----
+AFFINE_BITS = (((0, 29, 0), (2, 3, 4, 5, 6, 8)), ((0, 32, 4), (1, 2, 3, 4, 5, 6, 8)))  # instantiated
+AFFINE_GROUP_SIZES = (32, 64, 128)
 QMV_K_ALIGN_FROM_BITS = (0, 32, 1)   # qmv_fast's K step derived from bits (PR 3965); 512 before
 QMV_PARTIAL_ROWS = (0, 32, 4)        # qmv_fast serves N % 8 != 0 (`_pr_1`); names gain _pr/_hgs/_r
 QMV_WIDE = (0, 32, 0)                # affine qmv_wide for 2 <= M < vector limit on gen >= 15
@@ -150,8 +152,8 @@ def _source(v) -> str:
 
 def architecture(device) -> tuple[int, str, str]:
     """(generation, class letter, architecture string) of a device profile, name or arch string."""
-    arch = device if isinstance(device, str) and device.startswith("applegpu_") else \
-        get_device(device).architecture if not isinstance(device, DeviceProfile) else device.architecture
+    is_arch = isinstance(device, str) and device.startswith("applegpu_")
+    arch = device if is_arch else get_device(device).architecture
     m = re.fullmatch(r"applegpu_g(\d+)([a-z])", arch)
     if not m:
         raise MetalforgeError(f"architecture '{arch}' is not of the form applegpu_g<gen><class>")
@@ -212,6 +214,11 @@ def qmm_dispatch(M: int, N: int, K: int, bits: int, group_size: int, dtype, devi
     """MLX's kernels for y = x @ dequantize(w).T with x (batch, M, K) and w (N, K) affine-quantized."""
     v = parse_version(mlx_version)
     gen, cls, arch = architecture(device)
+    bits_ok = [b for since, b in AFFINE_BITS if v >= since][-1]
+    if bits not in bits_ok or group_size not in AFFINE_GROUP_SIZES:
+        raise MetalforgeError(f"MLX {_version_str(v)} has affine kernels for bits {', '.join(map(str, bits_ok))} "
+                              f"and group sizes {', '.join(map(str, AFFINE_GROUP_SIZES))}; got bits={bits}, "
+                              f"group_size={group_size}")
     if min(M, N, K, batch) < 1 or K % group_size:
         raise MetalforgeError(f"M={M}, N={N}, K={K} must be positive and K a multiple of group_size={group_size}")
     t = _type_string(dtype)

@@ -166,6 +166,8 @@ def test_function_constants_follow_the_version():
     (lambda: md.qmm_dispatch(1, 64, 64, 4, 64, "float16", "applegpu_g17s", "0.32.1"), "NAX"),
     (lambda: md.qmm_dispatch(1, 64, 64, 4, 64, "float16", "m1", "0.28.0"), "not ported"),
     (lambda: md.qmm_dispatch(1, 64, 100, 4, 64, "float16", "m1", "0.32.1"), "multiple of group_size"),
+    (lambda: md.qmm_dispatch(1, 64, 128, 1, 64, "float16", "m1", "0.32.3"), "bits 2, 3, 4, 5, 6, 8 .*got bits=1"),
+    (lambda: md.qmm_dispatch(1, 64, 128, 4, 16, "float16", "m1", "0.32.4"), "group sizes 32, 64, 128; got"),
 ])
 def test_what_mlx_does_not_fuse_or_we_did_not_port_is_refused_in_one_line(call, message):
     with pytest.raises(MetalforgeError, match=message):
@@ -205,7 +207,7 @@ def _jobs(version=None):
     """A grid of our jobs, as calls of the dispatch functions (every device profile and dtype)."""
     for arch in sorted({p.architecture for p in profiles().values()}):
         for dtype in ("float16", "bfloat16", "float32"):
-            for bits in (2, 3, 4, 5, 6, 8):
+            for bits in [b for since, b in md.AFFINE_BITS if md.parse_version(version) >= since][-1]:
                 for gs in (32, 64, 128):
                     for M in (1, 2, 3, 5, 9, 16, 33, 300):
                         for N, K in ((4096, 4096), (4100, 4096), (4096, 896), (14336, 4096), (512, 128),
