@@ -73,6 +73,16 @@ STEEL_SAVE_LSE = (0, 32, 4)          # steel_attention gains function constant s
 STEEL_HEAD_DIMS = (((0, 29, 0), (64, 80, 128)), ((0, 32, 1), (64, 72, 80, 96, 128)))
 VECTOR_HEAD_DIMS = (64, 96, 128, 256)   # query = value head dim, every version (192 runs unfused)
 
+# The tiles of MLX's kernels, the same in every ported version (threadgroups as (x, y, z) threads).
+QMV_TILE = {"rows": 8, "threadgroup": (32, 2, 1)}                  # 2 SIMD-groups x 4 output rows
+QMV_QUAD_TILE = {"k": (64, 128), "rows": 64, "threadgroup": (32, 1, 1)}
+QMV_WIDE_TILE = {"max_vectors": 5, "k_lanes": 8, "rows": 8, "threadgroup": (32, 2, 1)}
+QMM_TILE = {"bm": 32, "bn": 32, "threadgroup": (32, 2, 2)}         # wn = wm = 2
+QMM_SPLITK_TARGET = 512                                             # threadgroups split-K aims at
+SDPA_VECTOR_THREADS = 1024                                          # sdpa_vector, 2-pass reduction
+SDPA_2PASS_BEFORE_0304 = {"blocks": 32, "threadgroup": (256, 1, 1)}
+STEEL_TILE = {"bq": 32, "bk": 32, "bk_from_d128": 16, "wm": 4, "wn": 1}
+
 # get_qmv_batch_limit(K, N): M at which qmv gives way to qmm. Rows: (first gen, class test,
 # limits for K and N <= 2048, <= 4096, larger). Class test: "d" = Ultra only, "not d", "any".
 BATCH_LIMITS = (
@@ -94,7 +104,8 @@ TWO_PASS_BLOCKS = {
     "g": ((4, 999, 0, 1 << 40, 64), (0, 999, 0, 1 << 40, 32)),
 }
 # The G x head-dim pairs the duplication-free GQA pass 1 is instantiated for, and its heads per
-# thread (template argument HPT), as the 0.32.3/0.32.4 metallib's mangled names show.
+# SIMD-group (template argument HPT): main's scaled_dot_product_attention.metal for G = 8, the
+# 0.32.3/0.32.4 metallib's mangled names for G = 12 and 16.
 GQA_KERNEL_HPT = {(8, 64): 8, (8, 128): 4, (12, 128): 4, (16, 128): 2}
 GQA_KERNEL_MIN_KEYS = 8192
 
@@ -104,7 +115,7 @@ class Launch:
     """One kernel MLX encodes: enough to look it up in mlx.metallib and dispatch it."""
     kernel: str                       # host name, e.g. affine_qmv_fast_float16_t_gs_64_b_4_batch_0
     function: str                     # the [[kernel]] template it instantiates
-    template: tuple                   # ((name, value), ...) in declaration order
+    template: tuple                   # ((name, value), ...) in declaration order; defaults left out
     grid: tuple                       # (x, y, z) in threadgroups, or threads if grid_unit says so
     threadgroup: tuple                # (x, y, z) threads
     constants: tuple = ()             # ((index, name, value), ...) Metal function constants
@@ -236,22 +247,23 @@ def qmm_dispatch(M: int, N: int, K: int, bits: int, group_size: int, dtype, devi
         launch = Launch(
             f"affine_qmm_t_{head}_alN_{str(aligned).lower()}_batch_{int(batched)}", "affine_qmm_t",
             common + (("aligned_N", aligned), ("batched", batched)),
-            (cdiv(N, 32), cdiv(M, 32), batch), (32, 2, 2), (),
+            (cdiv(N, QMM_TILE["bn"]), cdiv(M, QMM_TILE["bm"]), batch), QMM_TILE["threadgroup"], (),
             _quant_buffers("M") + (_batch_buffers(8) if batched else ()))
         return Choice("qmm", _version_str(v), arch, (launch,), _source(v), tuple(notes))
-    if K in (64, 128) and bits in (1, 2, 4, 8):
+    if K in QMV_QUAD_TILE["k"] and bits in (1, 2, 4, 8):
         launch = Launch(
             f"affine_qmv_quad_{head}_d_{K}_batch_{int(batched)}", "affine_qmv_quad",
-            common + (("D", K), ("batched", batched)), (M, cdiv(N, 64), batch), (32, 1, 1), (),
+            common + (("D", K), ("batched", batched)), (M, cdiv(N, QMV_QUAD_TILE["rows"]), batch),
+            QMV_QUAD_TILE["threadgroup"], (),
             _quant_buffers() + (_batch_buffers(7) if batched else ()))
         return Choice("qmv", _version_str(v), arch, (launch,), _source(v), tuple(notes))
     if M >= 2 and v >= QMV_WIDE and gen >= 15:
-        n_tiles = cdiv(M, 5)
-        nv = cdiv(M, n_tiles)
+        nv = cdiv(M, cdiv(M, QMV_WIDE_TILE["max_vectors"]))   # fewest tiles, then the smallest that fills them
+        kl = QMV_WIDE_TILE["k_lanes"]
         launch = Launch(
-            f"affine_qmv_wide_{head}_nv_{nv}_kl_8_batch_{int(batched)}", "affine_qmv_wide",
-            common + (("vecs_per_tg", nv), ("k_lanes", 8), ("batched", batched)),
-            (cdiv(M, nv), cdiv(N, 8), batch), (32, 2, 1), (),
+            f"affine_qmv_wide_{head}_nv_{nv}_kl_{kl}_batch_{int(batched)}", "affine_qmv_wide",
+            common + (("vecs_per_tg", nv), ("k_lanes", kl), ("batched", batched)),
+            (cdiv(M, nv), cdiv(N, QMV_WIDE_TILE["rows"]), batch), QMV_WIDE_TILE["threadgroup"], (),
             _quant_buffers("M") + (_batch_buffers(8) if batched else ()))
         return Choice("qmv", _version_str(v), arch, (launch,), _source(v), tuple(notes))
     k_aligned = K % qmv_fast_k_alignment(bits, v) == 0
@@ -266,16 +278,16 @@ def qmm_dispatch(M: int, N: int, K: int, bits: int, group_size: int, dtype, devi
         suffix, extra = f"_batch_{int(batched)}", ()
     name = "affine_qmv_fast" if fast else "affine_qmv"
     launch = Launch(f"{name}_{head}{suffix}", name, common + (("batched", batched),) + extra,
-                    (M, cdiv(N, 8), batch), (32, 2, 1), (),
+                    (M, cdiv(N, QMV_TILE["rows"]), batch), QMV_TILE["threadgroup"], (),
                     _quant_buffers() + (_batch_buffers(7) if batched else ()))
     return Choice("qmv", _version_str(v), arch, (launch,), _source(v), tuple(notes))
 
 
 def _qmm_splitk(M, N, K, group_size, dtype, common, head, v, notes):
     """qmm_splitk's launches, or None where it falls back to qmm (split_k <= 1)."""
-    n_tiles, m_tiles = cdiv(N, 32), cdiv(M, 32)
-    k_align = max(group_size, 32)
-    split_k = min(max(1, 512 // (n_tiles * m_tiles)), K // k_align)
+    n_tiles, m_tiles = cdiv(N, QMM_TILE["bn"]), cdiv(M, QMM_TILE["bm"])
+    k_align = max(group_size, 32)        # whole quantization groups and whole 32-wide K tiles
+    split_k = min(max(1, QMM_SPLITK_TARGET // (n_tiles * m_tiles)), K // k_align)
     while split_k > 1 and K % (split_k * k_align):
         split_k -= 1
     if split_k <= 1:
@@ -283,7 +295,7 @@ def _qmm_splitk(M, N, K, group_size, dtype, common, head, v, notes):
     aligned = N % 32 == 0
     main = Launch(
         f"affine_qmm_t_splitk_{head}_alN_{str(aligned).lower()}", "affine_qmm_t_splitk",
-        common + (("aligned_N", aligned),), (n_tiles, m_tiles, split_k), (32, 2, 2), (),
+        common + (("aligned_N", aligned),), (n_tiles, m_tiles, split_k), QMM_TILE["threadgroup"], (),
         _quant_buffers("M", "k_partition_size", "split_k_partition_stride"))
     return (main, _splitk_sum(M, N, split_k, dtype, v, notes))
 
@@ -368,31 +380,30 @@ def decode_attention_dispatch(B: int, Hq: int, Hkv: int, S: int, D: int, dtype, 
     notes = []
     if not ((big and S >= 1024) or (Hkv < Hq and S >= 4096)):
         launch = Launch(f"sdpa_vector_{t}_{D}_{D}", "sdpa_vector", (("T", t), ("D", D), ("V", D)),
-                        (B * Hq, 1, 1), (1024, 1, 1), _vector_constants(v),
+                        (B * Hq, 1, 1), (SDPA_VECTOR_THREADS, 1, 1), _vector_constants(v),
                         ((0, "queries"), (1, "keys"), (2, "values"), (3, "out"), (4, "gqa_factor"),
                          (5, "N"), (6, "k_head_stride"), (7, "k_seq_stride"), (8, "v_head_stride"),
                          (9, "v_seq_stride"), (10, "scale")))
         return Choice("decode_attention", _version_str(v), arch, (launch,), _source(v))
     buffers = ((0, "queries"), (1, "keys"), (2, "values"), (3, "out"), (4, "sums"), (5, "maxs"))
     if v < SDPA_2PASS_ON_MAX:
-        blocks = 32
+        blocks = SDPA_2PASS_BEFORE_0304["blocks"]
         first = Launch(f"sdpa_vector_2pass_1_{t}_{D}_{D}", "sdpa_vector_2pass_1",
-                       (("T", t), ("D", D), ("V", D)), (B * Hq, 1, blocks), (256, 1, 1),
+                       (("T", t), ("D", D), ("V", D)), (B * Hq, 1, blocks), SDPA_2PASS_BEFORE_0304["threadgroup"],
                        _vector_constants(v), buffers + ((6, "gqa_factor"),) + _two_pass_tail())
     else:
         blocks = two_pass_blocks(cls, G, S)
         name, function, template = f"sdpa_vector_2pass_1_{t}_{D}_{D}", "sdpa_vector_2pass_1", \
             (("T", t), ("D", D), ("V", D))
-        if v >= SDPA_GQA_KERNEL_G and (G, D) in GQA_KERNEL_HPT and S >= GQA_KERNEL_MIN_KEYS:
-            hpt = GQA_KERNEL_HPT[(G, D)]
-            name, function = f"sdpa_vector_2pass_1_gqa_{G}_{t}_{D}_{D}", "sdpa_vector_2pass_1_gqa"
-            template = template + (("G", G), ("HPT", hpt))
-            notes.append("0.32.3+ GQA pass-1 rule (G in 8/12/16, N >= 8192) read from the "
-                         "disassembled sdpa_vector_2pass of 0.32.4's libmlx.dylib; HPT from its metallib")
-        elif SDPA_GQA_KERNEL <= v < SDPA_GQA_KERNEL_G and G == 8 and D in (64, 128) \
-                and S >= GQA_KERNEL_MIN_KEYS:
-            name, function = f"sdpa_vector_2pass_1_gqa_{t}_{D}_{D}", "sdpa_vector_2pass_1_gqa"
-            template = template + (("G", 8),)
+        # the duplication-free GQA pass 1: G = 8 from 0.32.2 (spelt _gqa), G = 8, 12, 16 from 0.32.3 (_gqa_<G>)
+        spelt_g = v >= SDPA_GQA_KERNEL_G
+        if v >= SDPA_GQA_KERNEL and (G, D) in GQA_KERNEL_HPT and (spelt_g or G == 8) and S >= GQA_KERNEL_MIN_KEYS:
+            tag = f"_gqa_{G}" if spelt_g else "_gqa"
+            name, function = f"sdpa_vector_2pass_1{tag}_{t}_{D}_{D}", "sdpa_vector_2pass_1_gqa"
+            template = template + (("G", G), ("HPT", GQA_KERNEL_HPT[(G, D)]))
+            if spelt_g:
+                notes.append("0.32.3+ GQA pass-1 rule (G in 8/12/16, N >= 8192) read from the "
+                             "disassembled sdpa_vector_2pass of 0.32.4's libmlx.dylib; HPT from its metallib")
         first = Launch(name, function, template, (Hkv, B, blocks), (32, G, 1),
                        _vector_constants(v, blocks), buffers + _two_pass_tail())
     second_constants = ((26, "blocks", blocks),) if SDPA_2PASS_ON_MAX <= v < SDPA_2PASS_BLOCKS_AS_BYTES else ()
@@ -400,7 +411,7 @@ def decode_attention_dispatch(B: int, Hq: int, Hkv: int, S: int, D: int, dtype, 
     if v >= SDPA_2PASS_BLOCKS_AS_BYTES:
         second_buffers += ((4, "blocks"),)
     second = Launch(f"sdpa_vector_2pass_2_{t}_{D}", "sdpa_vector_2pass_2", (("T", t), ("D", D)),
-                    (B * Hq, 1, 1), (1024, 1, 1), second_constants, second_buffers)
+                    (B * Hq, 1, 1), (SDPA_VECTOR_THREADS, 1, 1), second_constants, second_buffers)
     return Choice("decode_attention", _version_str(v), arch, (first, second), _source(v), tuple(notes))
 
 
@@ -434,7 +445,8 @@ def prefill_attention_dispatch(B: int, Hq: int, Hkv: int, L: int, D: int, dtype,
     if mask not in (None, "bool", "float"):
         raise MetalforgeError(f"mask '{mask}' is not one of None, 'bool', 'float'")
     kL = prefix + L
-    bq, bk, wm, wn = 32, (32 if D < 128 else 16), 4, 1
+    bq, wm, wn = STEEL_TILE["bq"], STEEL_TILE["wm"], STEEL_TILE["wn"]
+    bk = STEEL_TILE["bk"] if D < 128 else STEEL_TILE["bk_from_d128"]
     t = _type_name(dtype)
     mask_name = "bool_" if mask == "bool" else t
     bv = f"_bv{D}" if v >= STEEL_BV_NAME else ""

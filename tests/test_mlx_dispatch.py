@@ -159,6 +159,20 @@ def test_function_constants_follow_the_version():
         "align_Q": False, "align_K": True, "has_mask": False, "do_causal": True, "has_sinks": False}
 
 
+def test_the_gqa_pass_one_carries_its_heads_per_simdgroup():
+    """HPT 4 at head dim 128 for G = 8 (main's scaled_dot_product_attention.metal#L48-L49), 2 for G = 16
+    (PR 4380); below 8,192 keys, or for a G it has no instance for, the generic pass 1 (SMAIN#L468-L473)."""
+    metal = f"{BLOB}/846d176227a0ac13d2667e58d2bb68b322109ab0/mlx/backend/metal/kernels/scaled_dot_product_attention.metal"
+    g8 = md.decode_attention_dispatch(1, 32, 4, 8192, 128, "float16", "m3-max-40", "0.32.2")
+    assert g8.launches[0].template[-2:] == (("G", 8), ("HPT", 4)), f"{metal}#L48-L49"
+    g16 = md.decode_attention_dispatch(1, 32, 2, 8192, 128, "float16", "m3-max-40", "0.32.4")
+    assert g16.launches[0].template[-2:] == (("G", 16), ("HPT", 2)), PR4380
+    assert md.decode_attention_dispatch(1, 32, 2, 8191, 128, "float16", "m3-max-40", "0.32.4").kernel == \
+        "sdpa_vector_2pass_1_float16_t_128_128"
+    assert md.decode_attention_dispatch(1, 32, 2, 8192, 128, "float16", "m3-max-40", "0.32.2").kernel == \
+        "sdpa_vector_2pass_1_float16_t_128_128"
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: md.decode_attention_dispatch(1, 8, 8, 64, 80, "float16", "m1", "0.32.1"), "head dim 80"),
     (lambda: md.prefill_attention_dispatch(1, 8, 8, 64, 96, "float16", "m1", "0.29.0"), "head dim 96"),
