@@ -36,7 +36,7 @@ class KernelPoint:
     library: str
     kernel: str
     shape: tuple            # ((field, value), ...) in SHAPE_FIELDS order
-    dtype: str
+    dtype: str | None       # None where the source does not say (then `inferred` says so)
     figure: str
     unit: str
     seconds: float
@@ -65,7 +65,7 @@ class KernelPoint:
         """Bytes the kernel must read at least: the weights of a matrix product, K and V of attention."""
         if all(self.get(f) for f in ("N", "K", "bits")):
             return self.get("N") * self.get("K") * self.get("bits") / 8
-        if all(self.get(f) for f in ("B", "Hkv", "S", "D")):
+        if self.dtype and all(self.get(f) for f in ("B", "Hkv", "S", "D")):
             return 2 * self.get("B") * self.get("Hkv") * self.get("S") * self.get("D") * dtypes.get(self.dtype).size
         return None
 
@@ -104,7 +104,7 @@ def load(path=DATA) -> list[KernelPoint]:
     points = []
     for i, raw in enumerate((data or {}).get("points") or []):
         at = f"{path}: points[{i}]"
-        missing = [k for k in REQUIRED if k not in raw or raw[k] in ("", None) and k != "gpu_cores"]
+        missing = [k for k in REQUIRED if k not in raw or raw[k] in ("", None) and k not in ("gpu_cores", "dtype")]
         if missing:
             raise MetalforgeError(f"{at}: missing {', '.join(missing)}")
         points.append(_point(raw, at))
@@ -122,7 +122,8 @@ def _point(raw: dict, at: str) -> KernelPoint:
         raise MetalforgeError(f"{at}: library must be one of {', '.join(LIBRARIES)}")
     if raw["unit"] not in UNITS:
         raise MetalforgeError(f"{at}: unit must be one of {', '.join(UNITS)}")
-    dtypes.get(raw["dtype"])
+    if raw["dtype"] is not None:
+        dtypes.get(raw["dtype"])
     unknown = sorted(set(raw["shape"]) - set(SHAPE_FIELDS))
     if unknown:
         raise MetalforgeError(f"{at}: unknown shape fields {', '.join(unknown)}; valid: {', '.join(SHAPE_FIELDS)}")
@@ -134,14 +135,15 @@ def _point(raw: dict, at: str) -> KernelPoint:
     if not math.isclose(expected, float(raw["seconds"]), rel_tol=1e-9):
         raise MetalforgeError(f"{at}: figure {figure} {raw['unit']} over {calls} call(s) is {expected:g} s, "
                               f"not the {raw['seconds']} s recorded")
-    if raw["gpu_cores"] is None and not raw.get("inferred"):
-        raise MetalforgeError(f"{at}: GPU cores unknown and no `inferred` note says why")
+    for unknown in ("gpu_cores", "dtype"):
+        if raw[unknown] is None and not raw.get("inferred"):
+            raise MetalforgeError(f"{at}: {unknown} unknown and no `inferred` note says why")
     if raw.get("profile"):
         devices.get(raw["profile"])
     point = KernelPoint(
         chip=str(raw["chip"]), gpu_cores=raw["gpu_cores"], library=raw["library"], kernel=str(raw["kernel"]),
         shape=tuple((f, raw["shape"][f]) for f in SHAPE_FIELDS if f in raw["shape"]),
-        dtype=str(raw["dtype"]), figure=figure, unit=raw["unit"], seconds=float(raw["seconds"]),
+        dtype=raw["dtype"], figure=figure, unit=raw["unit"], seconds=float(raw["seconds"]),
         timing=str(raw["timing"]), source=str(raw["source"]), quote=quote, profile=raw.get("profile"),
         calls=calls, date=str(raw.get("date", "")), software=str(raw.get("software", "")),
         inferred=str(raw.get("inferred", "")), excluded=str(raw.get("excluded", "")))

@@ -28,7 +28,7 @@ def test_the_shipped_file_has_40_sourced_points_on_5_chips(points):
         assert len(p.quote) >= 10 and p.figure in p.quote
         assert p.seconds == pytest.approx(float(p.figure) * km.UNITS[p.unit] / p.calls, rel=1e-12)
         assert 1e-7 < p.seconds < 1.0
-        assert p.gpu_cores or p.inferred
+        assert (p.gpu_cores and p.dtype) or p.inferred
     # no point twice
     assert len({(p.source, p.quote, p.kernel, p.shape) for p in points}) == len(points)
 
@@ -71,7 +71,8 @@ def _write(tmp_path, mutate):
     (lambda p: p.update(figure="10.887"), "figure '10.887' is not in the quoted line"),
     (lambda p: p.update(seconds=0.010887), "is 0.010888 s, not the 0.010887 s recorded"),
     (lambda p: p.update(shape={"M": 8, "rows": 3}), "unknown shape fields rows"),
-    (lambda p: p.pop("inferred"), "GPU cores unknown and no `inferred` note says why"),
+    (lambda p: p.pop("inferred"), "gpu_cores unknown and no `inferred` note says why"),
+    (lambda p: p.update(dtype=None, gpu_cores=40, inferred=""), "dtype unknown and no `inferred` note says why"),
     (lambda p: p.update(unit="min"), "unit must be one of s, ms, us"),
 ])
 def test_the_loader_refuses_a_point_it_cannot_trace(tmp_path, mutate, message):
