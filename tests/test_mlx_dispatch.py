@@ -173,6 +173,19 @@ def test_the_gqa_pass_one_carries_its_heads_per_simdgroup():
         "sdpa_vector_2pass_1_float16_t_128_128"
 
 
+def test_the_rules_agree_with_what_mlx_developers_report_they_ran():
+    """Independent of the host code: PR 3764's table has gen-14 M2 Pro stay on qmv for int4 at M = 2
+    ('| M2 Pro | qmv | qmv |') and the gen-15+ chips use qmv_wide; issue 3852 (M3 Max, mlx 0.32.0)
+    names 'the marginal `qmv_wide` row' at M = 3 for 5120 -> 17408."""
+    pr3764 = dict(M=2, N=15360, K=3840, bits=4, group_size=64, dtype="bfloat16", mlx_version="0.32.0")
+    # (K = 3840 is no multiple of 512, so the generic qmv rather than qmv_fast)
+    assert md.qmm_dispatch(**pr3764, device="m2-pro").kernel == "affine_qmv_bfloat16_t_gs_64_b_4_batch_0"
+    for chip in ("m3-ultra", "m4-pro"):
+        assert md.qmm_dispatch(**pr3764, device=chip).kernel.startswith("affine_qmv_wide_")
+    assert md.qmm_dispatch(3, 17408, 5120, 4, 64, "bfloat16", "m3-max-40", "0.32.0").kernel == \
+        "affine_qmv_wide_bfloat16_t_gs_64_b_4_nv_3_kl_8_batch_0"
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: md.decode_attention_dispatch(1, 8, 8, 64, 80, "float16", "m1", "0.32.1"), "head dim 80"),
     (lambda: md.prefill_attention_dispatch(1, 8, 8, 64, 96, "float16", "m1", "0.29.0"), "head dim 96"),
