@@ -3,18 +3,16 @@ kernel name they produce against the function names of the installed MLX's own m
 from __future__ import annotations
 
 import functools
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 from metalforge.devices import profiles
+from metalforge.emulator import compiler
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import mlx_dispatch as md
 
@@ -206,10 +204,10 @@ def test_what_mlx_does_not_fuse_or_we_did_not_port_is_refused_in_one_line(call, 
 def _metallib_names() -> set[str]:
     """Function names in the mlx.metallib of the mlx-metal wheel matching the installed MLX."""
     version = mx.__version__
-    root = Path(os.environ.get("METALFORGE_CACHE") or Path(tempfile.gettempdir()) / "metalforge-cache")
-    names = root / "mlx-metal" / version / "names.txt"
+    folder = compiler.cache_dir().parent / "mlx-metal" / version      # under metalforge's cache root
+    names = folder / "names.txt"
     if not names.exists():
-        wheels = root / "mlx-metal" / version / "wheel"
+        wheels = folder / "wheel"
         run = subprocess.run([sys.executable, "-m", "pip", "download", f"mlx-metal=={version}", "--no-deps",
                               "--only-binary=:all:", "--platform", "macosx_14_0_arm64", "-d", str(wheels)],
                              capture_output=True, text=True, timeout=600)
@@ -227,6 +225,7 @@ def _metallib_names() -> set[str]:
         tmp.replace(names)
         for w in found:
             w.unlink()
+        wheels.rmdir()
     return set(names.read_text().split("\n"))
 
 
