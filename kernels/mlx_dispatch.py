@@ -303,9 +303,9 @@ def _qmm_splitk(M, N, K, group_size, dtype, common, head, v, notes):
 def _splitk_sum(M, N, split_k, dtype, v, notes) -> Launch:
     """The kernel that sums the split_k partials (split_k, M, N) into y (M, N)."""
     if v >= QMM_SPLITK_ACCUM:
-        notes.append("0.32.4 sums split-K partials with steel_gemm_splitk_accum (named in its libmlx.dylib's "
-                     "qmm_splitk; float32 partials, as its header's affine_qmm_t_splitk writes); the accumulation "
-                     "geometry of matmul.cpp's split-K GEMM assumed")
+        notes.append("0.32.4 sums split-K partials with steel_gemm_splitk_accum over float32 partials (its header's "
+                     "affine_qmm_t_splitk writes float); dispatch_threads over (N, M, 1) with get_block_dims(N, M, 1), "
+                     "as its disassembled qmm_splitk() does")
         bx, by, _ = _block_dims(N, M)
         return Launch(f"steel_gemm_splitk_accum_{_type_name(dtype)}_float32", "gemm_splitk_accum",
                       (("AccT", "float"), ("OutT", dtypes.get(dtype).metal)), (N, M, 1), (bx, by, 1),
