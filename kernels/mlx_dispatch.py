@@ -72,6 +72,9 @@ STEEL_BV_NAME = (0, 32, 3)           # steel_attention names carry _bv<V>
 STEEL_SAVE_LSE = (0, 32, 4)          # steel_attention gains function constant save_lse (303)
 STEEL_HEAD_DIMS = (((0, 29, 0), (64, 80, 128)), ((0, 32, 1), (64, 72, 80, 96, 128)))
 VECTOR_HEAD_DIMS = (64, 96, 128, 256)   # query = value head dim, every version (192 runs unfused)
+# From 0.32.3 MLX fuses more head dims (steel bd192/bd256 with wn 2, D 96/V 64, D 512) under rules
+# read from no source: other head dims are refused as unported there, not as unfused.
+OTHER_HEAD_DIMS_UNPORTED = (0, 32, 3)
 
 # The tiles of MLX's kernels, the same in every ported version (threadgroups as (x, y, z) threads).
 QMV_TILE = {"rows": 8, "threadgroup": (32, 2, 1)}                  # 2 SIMD-groups x 4 output rows
@@ -369,8 +372,7 @@ def decode_attention_dispatch(B: int, Hq: int, Hkv: int, S: int, D: int, dtype, 
     if min(B, Hq, Hkv, S) < 1 or Hq % Hkv:
         raise MetalforgeError(f"B={B}, Hq={Hq}, Hkv={Hkv}, S={S}: all positive and Hq a multiple of Hkv")
     if D not in VECTOR_HEAD_DIMS:
-        raise MetalforgeError(f"MLX has no fused decode attention for head dim {D} "
-                              f"(fused: {', '.join(map(str, VECTOR_HEAD_DIMS))}); it runs unfused ops")
+        raise _head_dim_error("decode", D, VECTOR_HEAD_DIMS, v)
     G = Hq // Hkv
     if v >= SDPA_VECTOR_GQA_LIMIT and G > 32:
         raise MetalforgeError(f"MLX's vector attention needs query length x GQA factor <= 32, got {G}; "
@@ -415,6 +417,15 @@ def decode_attention_dispatch(B: int, Hq: int, Hkv: int, S: int, D: int, dtype, 
     return Choice("decode_attention", _version_str(v), arch, (first, second), _source(v), tuple(notes))
 
 
+def _head_dim_error(job: str, D: int, fused: tuple, v) -> MetalforgeError:
+    listed = ", ".join(map(str, fused))
+    if v >= OTHER_HEAD_DIMS_UNPORTED:
+        return MetalforgeError(f"MLX {_version_str(v)}'s {job} attention rules for head dim {D} are not ported "
+                               f"(ported: {listed})")
+    return MetalforgeError(f"MLX {_version_str(v)} has no fused {job} attention for head dim {D} "
+                           f"(fused: {listed}); it runs unfused ops")
+
+
 def _two_pass_tail() -> tuple:
     return ((7, "N"), (8, "k_head_stride"), (9, "k_seq_stride"), (10, "v_head_stride"),
             (11, "v_seq_stride"), (12, "scale"))
@@ -440,8 +451,7 @@ def prefill_attention_dispatch(B: int, Hq: int, Hkv: int, L: int, D: int, dtype,
         raise MetalforgeError(f"L={L}: MLX runs up to 8 queries with its vector kernels, not steel_attention")
     head_dims = [dims for since, dims in STEEL_HEAD_DIMS if v >= since][-1]
     if D not in head_dims:
-        raise MetalforgeError(f"MLX {_version_str(v)} has no fused prefill attention for head dim {D} "
-                              f"(fused: {', '.join(map(str, head_dims))}); it runs unfused ops")
+        raise _head_dim_error("prefill", D, head_dims, v)
     if mask not in (None, "bool", "float"):
         raise MetalforgeError(f"mask '{mask}' is not one of None, 'bool', 'float'")
     kL = prefix + L

@@ -186,7 +186,10 @@ def test_the_rules_agree_with_what_mlx_developers_report_they_ran():
 
 @pytest.mark.parametrize("call,message", [
     (lambda: md.decode_attention_dispatch(1, 8, 8, 64, 80, "float16", "m1", "0.32.1"), "head dim 80"),
-    (lambda: md.prefill_attention_dispatch(1, 8, 8, 64, 96, "float16", "m1", "0.29.0"), "head dim 96"),
+    (lambda: md.prefill_attention_dispatch(1, 8, 8, 64, 96, "float16", "m1", "0.29.0"),
+     "has no fused prefill attention for head dim 96 .*unfused ops"),
+    (lambda: md.prefill_attention_dispatch(1, 8, 8, 64, 256, "float16", "m1", "0.32.4"),
+     "prefill attention rules for head dim 256 are not ported"),
     (lambda: md.prefill_attention_dispatch(1, 8, 8, 4, 64, "float16", "m1", "0.32.1"), "vector kernels"),
     (lambda: md.qmm_dispatch(1, 64, 64, 4, 64, "float16", "applegpu_g17s", "0.32.1"), "NAX"),
     (lambda: md.qmm_dispatch(1, 64, 64, 4, 64, "float16", "m1", "0.28.0"), "not ported"),
