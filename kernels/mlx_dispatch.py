@@ -23,9 +23,11 @@ bound at each buffer index (arrays and set_bytes scalars alike, by MLX's own arg
 Where to read each rule: `SOURCES` pins MLX's source per version range. MLX 0.32.2 to 0.32.4 are
 newer than every readable tag: their rules come from the newest readable source (main after
 v0.32.1) plus what the 0.32.2-0.32.4 wheels themselves show: kernel names in mlx.metallib, kernel
-signatures in the headers, and host functions disassembled from libmlx.dylib (0.32.4's qmv(),
-sdpa_vector_2pass() and qmm_splitk(); its get_qmv_batch_limit constants are main's). A
-`Choice.notes` entry says so wherever a value rests on that reading.
+signatures in the headers, and host functions disassembled from 0.32.4's libmlx.dylib: qmv()
+(partial rows), sdpa_vector_2pass() (the GQA pass 1 for G 8/12/16) and qmm_splitk() (the float
+partials' sum), while its get_qmv_batch_limit table, decode routing (2-pass from 1,024 keys on
+Max/Ultra, from 4,096 with GQA), 2-pass block table and steel tile for head dims up to 128 were
+checked there to be main's. A `Choice.notes` entry says so wherever a value rests on that reading.
 Only affine quantization, transposed weights (as mlx-lm's quantized layers call it) and devices
 up to generation 16 (M4) are ported: on generation 17+ MLX runs its NAX kernels.
 """
