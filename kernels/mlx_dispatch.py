@@ -12,6 +12,7 @@ API (frozen; the `mlxkernels` branch launches these in the emulator):
     decode_attention_dispatch(B, Hq, Hkv, S, D, dtype, device, mlx_version=None) -> Choice
     prefill_attention_dispatch(B, Hq, Hkv, L, D, dtype, device, mlx_version=None,
                                prefix=0, causal=True, mask=None) -> Choice
+    for_family(family, shape, dtype, device, mlx_version=None) -> Choice   # our families' shapes
 
 A `Choice` holds one `Launch` per kernel MLX encodes, in order (a second one for the 2-pass
 attention reduction and the split-K accumulation). A `Launch` names the kernel exactly as the
@@ -480,3 +481,22 @@ def prefill_attention_dispatch(B: int, Hq: int, Hkv: int, L: int, D: int, dtype,
                      ("WN", wn), ("MaskType", "bool" if mask == "bool" else dtypes.get(dtype).metal)),
                     (cdiv(L, bq), Hq, B), (32, wm, wn), tuple(constants), buffers)
     return Choice("prefill_attention", _version_str(v), arch, (launch,), _source(v), notes)
+
+
+# ---------------------------------------------------------------------------- our families' jobs
+
+def for_family(family: str, shape, dtype, device, mlx_version=None) -> Choice:
+    """MLX's kernels for one of our families' jobs, called as mlx-lm calls MLX: quantized_matmul with
+    transposed weights (qmv, qmm), decode attention over a contiguous cache, causal prefill."""
+    if family in ("qmv", "qmm"):
+        return qmm_dispatch(shape.M, shape.N, shape.K, shape.bits, shape.group_size, dtype, device, mlx_version)
+    if family == "decode_attention":
+        if getattr(shape, "block_size", 0):
+            raise MetalforgeError("MLX has no paged decode attention: it reads a contiguous (B, Hkv, S, D) "
+                                  "cache; give block_size=0")
+        return decode_attention_dispatch(shape.B, shape.Hq, shape.Hkv, shape.S, shape.D, dtype, device, mlx_version)
+    if family == "prefill_attention":
+        return prefill_attention_dispatch(shape.B, shape.Hq, shape.Hkv, shape.L, shape.D, dtype, device,
+                                          mlx_version, prefix=shape.prefix, causal=True)
+    raise MetalforgeError(f"no MLX kernel for family '{family}'; valid families: qmv, qmm, decode_attention, "
+                          "prefill_attention")

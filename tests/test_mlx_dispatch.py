@@ -184,6 +184,30 @@ def test_the_rules_agree_with_what_mlx_developers_report_they_ran():
         "affine_qmv_wide_bfloat16_t_gs_64_b_4_nv_3_kl_8_batch_0"
 
 
+def test_our_families_jobs_map_to_mlx_as_mlx_lm_calls_it():
+    """Every family's shape goes to the dispatch MLX runs for mlx-lm's call: quantized_matmul with
+    transposed weights, decode over a contiguous cache, causal prefill."""
+    from metalforge.kernels.families import FAMILIES
+    shapes = {"qmv": dict(M=1, N=4096, K=4096, bits=4, group_size=64),
+              "qmm": dict(M=512, N=4096, K=4096, bits=4, group_size=64),
+              "decode_attention": dict(B=1, Hq=32, Hkv=8, S=2048, D=128),
+              "prefill_attention": dict(B=1, Hq=32, Hkv=8, L=500, D=128, prefix=12)}
+    expected = {"qmv": md.qmm_dispatch(1, 4096, 4096, 4, 64, "float16", "m4-max-40"),
+                "qmm": md.qmm_dispatch(512, 4096, 4096, 4, 64, "float16", "m4-max-40"),
+                "decode_attention": md.decode_attention_dispatch(1, 32, 8, 2048, 128, "float16", "m4-max-40"),
+                "prefill_attention": md.prefill_attention_dispatch(1, 32, 8, 500, 128, "float16", "m4-max-40",
+                                                                   prefix=12, causal=True)}
+    assert set(shapes) == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        choice = md.for_family(name, family.shape(shapes[name]), "float16", "m4-max-40")
+        assert choice == expected[name]
+    assert expected["qmm"].kernel == "affine_qmm_t_float16_t_gs_64_b_4_alN_true_batch_0"
+    assert dict((n, val) for _, n, val in expected["prefill_attention"].launches[0].constants)["do_causal"]
+    paged = FAMILIES["decode_attention"].shape(dict(shapes["decode_attention"], block_size=16))
+    with pytest.raises(MetalforgeError, match="MLX has no paged decode attention"):
+        md.for_family("decode_attention", paged, "float16", "m4-max-40")
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: md.decode_attention_dispatch(1, 8, 8, 64, 80, "float16", "m1", "0.32.1"), "head dim 80"),
     (lambda: md.prefill_attention_dispatch(1, 8, 8, 64, 96, "float16", "m1", "0.29.0"),
