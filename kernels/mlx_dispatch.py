@@ -3,8 +3,9 @@
 Every "ours vs MLX" figure needs MLX's real kernel and geometry, not a description written by hand.
 This module ports the decisions of MLX's host code (mlx/backend/metal/quantized.cpp,
 scaled_dot_product_attention.cpp, and the split-K accumulation of matmul.cpp) for the MLX
-versions pyproject allows (mlx>=0.29), keyed by the device's architecture string
-(`applegpu_g<gen><class>`: class g = base/Pro, s = Max, d = Ultra, as in devices/*.yaml).
+versions pyproject allows (mlx>=0.29), keyed by the device's architecture string as Metal reports
+it (`applegpu_g<gen><class>`; devices/*.yaml carry it): class g = base chips, s = Max chips and
+at least the M2 and M4 Pro, d = Ultra.
 
 API (frozen; the `mlxkernels` branch launches these in the emulator):
 
@@ -42,8 +43,6 @@ from metalforge.errors import MetalforgeError
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 
-MLX = "https://github.com/ml-explore/mlx/blob"
-
 # The source each version range was ported from: (first version, last version, commit, note).
 SOURCES = (
     ((0, 29, 0), (0, 30, 3), "8ce49cd39e3063811c47024a7a3bcb907cd6fa64", "v0.29.0"),
@@ -64,7 +63,6 @@ QMV_PARTIAL_ROWS = (0, 32, 4)        # qmv_fast serves N % 8 != 0 (`_pr_1`); nam
 QMV_WIDE = (0, 32, 0)                # affine qmv_wide for 2 <= M < vector limit on gen >= 15
 QMM_SPLITK = (0, 31, 2)              # few-tile qmm goes split-K (PR 3120)
 QMM_SPLITK_ACCUM = (0, 32, 4)        # split-K partials summed by steel_gemm_splitk_accum
-BATCH_LIMIT_BY_GEN_NUMBER = (0, 32, 1)   # get_qmv_batch_limit's table (PR 3791)
 SDPA_2PASS_ON_MAX = (0, 30, 4)       # 's' devices go 2-pass from 1,024 keys; block table (PR 3023)
 SDPA_2PASS_BLOCKS_AS_BYTES = (0, 30, 6)  # pass 2 takes `blocks` as bytes, not a constant
 SDPA_SINKS = (0, 30, 0)              # function constants has_sinks (25 / 302)
@@ -89,8 +87,9 @@ SDPA_VECTOR_THREADS = 1024                                          # sdpa_vecto
 SDPA_2PASS_BEFORE_0304 = {"blocks": 32, "threadgroup": (256, 1, 1)}
 STEEL_TILE = {"bq": 32, "bk": 32, "bk_from_d128": 16, "wm": 4, "wn": 1}
 
-# get_qmv_batch_limit(K, N): M at which qmv gives way to qmm. Rows: (first gen, class test,
-# limits for K and N <= 2048, <= 4096, larger). Class test: "d" = Ultra only, "not d", "any".
+# get_qmv_batch_limit(K, N): the M at which qmv gives way to qmm, per version (the table changed
+# in 0.32.1, PR 3791). Rows: (first gen, last gen, class test, limits for K and N <= 2048, <= 4096,
+# larger); class test "d" = Ultra only, "not d", or "any"; the first match wins.
 BATCH_LIMITS = (
     ((0, 29, 0), (
         (13, 14, "d", (32, 18, 12)), (13, 14, "any", (14, 10, 6)),
