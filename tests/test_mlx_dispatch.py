@@ -1,5 +1,6 @@
-"""MLX's dispatch rules (kernels/mlx_dispatch.py) against cases read off MLX's host code, and every
-kernel name they produce against the function names of the installed MLX's own mlx.metallib."""
+"""MLX's dispatch rules (kernels/mlx_dispatch.py) against cases read off MLX's host code (each citing
+the file and line at its tag), against what MLX's developers report they ran, and every kernel name
+they produce against the function names in mlx.metallib of the installed MLX and of earlier versions."""
 from __future__ import annotations
 
 import functools
