@@ -158,6 +158,15 @@ def test_function_constants_follow_the_version():
         "align_Q": False, "align_K": True, "has_mask": False, "do_causal": True, "has_sinks": False}
 
 
+def test_a_device_is_its_architecture_string_as_metal_reports_it():
+    """A profile name, a profile or the string itself; generation and class letter as MLX reads them
+    (device.cpp: get_architecture_gen, get_architecture().back())."""
+    from metalforge import devices
+    assert md.architecture("m4-pro") == (16, "s", "applegpu_g16s")
+    assert md.architecture(devices.get("m2-ultra")) == (14, "d", "applegpu_g14d")
+    assert md.architecture("applegpu_g13g") == (13, "g", "applegpu_g13g")
+
+
 def test_the_gqa_pass_one_carries_its_heads_per_simdgroup():
     """HPT 4 at head dim 128 for G = 8 (main's scaled_dot_product_attention.metal#L48-L49), 2 for G = 16
     (PR 4380); below 8,192 keys, or for a G it has no instance for, the generic pass 1 (SMAIN#L468-L473)."""
@@ -221,6 +230,12 @@ def test_our_families_jobs_map_to_mlx_as_mlx_lm_calls_it():
     (lambda: md.qmm_dispatch(1, 64, 100, 4, 64, "float16", "m1", "0.32.1"), "multiple of group_size"),
     (lambda: md.qmm_dispatch(1, 64, 128, 1, 64, "float16", "m1", "0.32.3"), "bits 2, 3, 4, 5, 6, 8 .*got bits=1"),
     (lambda: md.qmm_dispatch(1, 64, 128, 4, 16, "float16", "m1", "0.32.4"), "group sizes 32, 64, 128; got"),
+    (lambda: md.qmm_dispatch(1, 64, 128, 4, 64, "float16", "applegpu_x", "0.32.4"), "not of the form applegpu_g"),
+    (lambda: md.qmm_dispatch(1, 64, 128, 4, 64, "float16", "m9-max", "0.32.4"), "unknown device 'm9-max'"),
+    (lambda: md.qmm_dispatch(1, 64, 128, 4, 64, "float16", "m1", "banana"), "not of the form X.Y.Z"),
+    (lambda: md.decode_attention_dispatch(1, 12, 8, 64, 128, "float16", "m1", "0.32.1"), "Hq a multiple of Hkv"),
+    (lambda: md.prefill_attention_dispatch(1, 8, 8, 64, 128, "float16", "m1", "0.32.1", mask="causal"),
+     "mask 'causal' is not one of"),
 ])
 def test_what_mlx_does_not_fuse_or_we_did_not_port_is_refused_in_one_line(call, message):
     with pytest.raises(MetalforgeError, match=message):
