@@ -11,7 +11,7 @@ import mlx.core as mx
 from metalforge import arguments
 from metalforge.engine import config as model_config
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
-from metalforge.engine.batch import Batch
+from metalforge.engine.batch import LONGEST, MAX_WAITING, Batch
 from metalforge.engine.generation import Generation, Stats, Stops, TextStream
 from metalforge.engine.kv_pool import KVPool
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
@@ -192,6 +192,8 @@ class Engine:
                     yield out
                     if reason:
                         break
+                else:
+                    gen.stats.stop_reason = gen.stats.stop_reason or LONGEST
             finally:
                 if sid in self.pool.seqs:
                     if keep:   # the last token yielded may have been queued into the pool already
@@ -201,9 +203,10 @@ class Engine:
                         self.pool.remove(sid)
         return Generation(run, Stats())
 
-    def batch(self) -> Batch:
-        """A continuous batch: requests join and leave between steps (see engine/batch.py)."""
-        return Batch(self)
+    def batch(self, max_waiting: int = MAX_WAITING) -> Batch:
+        """A continuous batch: requests join and leave between steps, and wait (at most
+        `max_waiting` of them) while the pool is full (see engine/batch.py)."""
+        return Batch(self, max_waiting)
 
     def generate_batch(self, prompts, max_tokens: int = 128, **sampling) -> Batch:
         """Generate for several prompts at once, decoded together: iterate for (prompt index,
@@ -220,6 +223,9 @@ class Engine:
         ids = self.encode(prompt)
         if not ids:
             raise MetalforgeError("the prompt is empty")
+        if len(ids) > self.pool.max_seq_len:
+            raise MetalforgeError(f"the prompt has {len(ids)} tokens, over the engine's maximum sequence length of "
+                                  f"{self.pool.max_seq_len} (load with a larger max_seq_len)")
         sampler = Sampler(temperature, top_p, top_k, seed)
         stop_ids, stop_texts = set(self.args.eos_token_id), []
         if self.tokenizer:
@@ -251,7 +257,7 @@ class Engine:
         mx.async_eval(y)
         for n in range(1, max_tokens + 1):
             queued = None
-            if n < max_tokens:
+            if n < max_tokens and self.pool.seq(sid).length < self.pool.max_seq_len:
                 step = self.pool.begin([sid], [1])
                 queued = sampler.sample(self.model.forward(step, y.reshape(1))[0])
                 mx.async_eval(queued)
@@ -259,6 +265,8 @@ class Engine:
             if queued is not None:
                 self.pool.settle(sid, [token])
             yield token
+            if queued is None:
+                return
             y = queued
 
     # ---- prompt caches ---------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class KVPool:
             raise MetalforgeError("the KV pool needs a positive block size and at least one block")
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
+        self.max_seq_len = max_seq_len
         self.max_blocks = cdiv(max_seq_len, block_size)
         shape = (kv_heads, num_blocks * block_size, head_dim)
         self.k = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
@@ -159,7 +160,7 @@ class KVPool:
         """Make room for `new_tokens[i]` more tokens in sequence `sids[i]`: new blocks, and a private
         copy of a shared partial block about to be written. All or nothing: the blocks of every
         sequence are counted before any is taken, so a failure changes no sequence."""
-        plans = [(sid, *self._needed(sid, n)) for sid, n in zip(sids, new_tokens)]
+        plans = [(sid, *self.needed(sid, n)) for sid, n in zip(sids, new_tokens)]
         total = sum(need + cow for _, need, cow in plans)
         free = self.free_blocks
         if total > free:
@@ -182,13 +183,13 @@ class KVPool:
             for _ in range(need):
                 s.blocks.append(self._take(s.blocks[-1] if s.blocks else None))
 
-    def _needed(self, sid: int, new_tokens: int) -> tuple[int, bool]:
+    def needed(self, sid: int, new_tokens: int) -> tuple[int, bool]:
         """(new blocks, whether the last block must be copied first) to append `new_tokens`."""
         s = self.seq(sid)
         total = s.length + new_tokens
-        if cdiv(total, self.block_size) > self.max_blocks:
+        if total > self.max_seq_len:
             raise PoolExhausted(f"sequence {sid} would hold {total} tokens, over the engine's maximum sequence "
-                                f"length of {self.max_blocks * self.block_size}")
+                                f"length of {self.max_seq_len}")
         need = cdiv(total, self.block_size) - len(s.blocks)
         cow = bool(new_tokens) and bool(s.length % self.block_size) and self.refcount[s.blocks[-1]] > 1
         return need, cow
