@@ -9,13 +9,14 @@ from pathlib import Path
 import mlx.core as mx
 
 from metalforge import arguments
-from metalforge.engine import config as model_config
+from metalforge.engine import models
+from metalforge.engine.config import read
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
 from metalforge.engine.batch import LONGEST, MAX_WAITING, Batch
 from metalforge.engine.generation import Generation, Stats, Stops, TextStream
 from metalforge.engine.kv_pool import KVPool
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
-from metalforge.engine.model import Model, load_weights
+from metalforge.engine.weights import load_weights
 from metalforge.engine.ops import Kernels
 from metalforge.engine.sampling import Sampler
 from metalforge.errors import MetalforgeError
@@ -46,7 +47,7 @@ class Engine:
         for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len)):
             if value is not None:
                 arguments.positive_int(name, value)
-        self.args = model_config.load(path)
+        self.args = models.parse(read(path), str(path / "config.json"))
         if device is not None:
             self.device = devices.resolve(device)
         else:
@@ -54,7 +55,7 @@ class Engine:
         self.limits = MemoryLimits(memory)
         weights = load_weights(path)
         self.kernels = Kernels(backend, self.device, results)
-        self.model = Model(self.args, weights, self.kernels)
+        self.model = models.get(self.args.model_type)(self.args, weights, self.kernels)
         self.tokenizer = tokenizers.load(path)
         self.fingerprint = prompt_cache.fingerprint(self.args, weights)
         a = self.args
@@ -64,7 +65,7 @@ class Engine:
         kv_tokens = 4096 if kv_tokens is None else kv_tokens
         if kv_tokens < block_size:
             raise MetalforgeError(f"kv_tokens={kv_tokens} is smaller than one block of {block_size} tokens")
-        self.weights_bytes = sum(w.nbytes for w in self.model.w.values())
+        self.weights_bytes = self.model.weights_bytes
         num_blocks = cdiv(kv_tokens, block_size)
         check_fit(self.weights_bytes, num_blocks * block_size * per_token, self.limits.total, self.limits.total_source)
         self.limits.apply()

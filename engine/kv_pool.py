@@ -231,8 +231,9 @@ class KVPool:
         shape = (self.kv_heads, self.num_blocks, self.block_size, self.head_dim)
         return self.k[layer].reshape(shape), self.v[layer].reshape(shape)
 
-    def block_table(self, sids: list[int], lengths: list[int]) -> tuple[mx.array, mx.array]:
-        table = [self.seq(s).blocks + [0] * (self.max_blocks - len(self.seq(s).blocks)) for s in sids]
+    def block_table(self, sids: list[int], lengths: list[int], width: int) -> tuple[mx.array, mx.array]:
+        """Each sequence's blocks padded to `width` columns, and the lengths."""
+        table = [self.seq(s).blocks[:width] + [0] * (width - len(self.seq(s).blocks[:width])) for s in sids]
         return mx.array(table, dtype=mx.int32), mx.array(lengths, dtype=mx.int32)
 
     # ---- a forward pass -------------------------------------------------------------------------
@@ -262,7 +263,7 @@ class Step:
         self._where = slice(slots[0], slots[0] + len(slots)) if contiguous else mx.array(slots, dtype=mx.int32)
         for sid in sids:
             pool.seq(sid).pending += new
-        self._table = None
+        self._tables: dict[int, tuple] = {}
         self._runs: dict[int, list] = {}
 
     def runs(self, b: int) -> list[tuple[int, int]]:
@@ -279,10 +280,10 @@ class Step:
         pool.v[layer][:, self._where] = flat(v)
         return LayerKV(self, layer)
 
-    def block_table(self) -> tuple[mx.array, mx.array]:
-        if self._table is None:
-            self._table = self.pool.block_table(self.sids, self.lengths)
-        return self._table
+    def block_table(self, width: int) -> tuple[mx.array, mx.array]:
+        if width not in self._tables:
+            self._tables[width] = self.pool.block_table(self.sids, self.lengths, width)
+        return self._tables[width]
 
     def commit(self, tokens: list[list[int]]) -> None:
         """Record the token ids written (one list per sequence). A step built on a token not yet
@@ -302,15 +303,24 @@ class LayerKV:
         """Sequence b's K and V, (1, kv_heads, length, head_dim), a view when it is one run."""
         return self.step.pool.read(self.layer, self.step.runs(b))
 
-    def paged_shape(self) -> dict:
-        """The pool's sizes as our decode kernel's shape takes them (S: the longest sequence)."""
-        pool = self.step.pool
-        return dict(Hkv=pool.kv_heads, S=pool.max_blocks * pool.block_size, block_size=pool.block_size,
-                    num_blocks=pool.num_blocks)
+    @property
+    def kv_heads(self) -> int:
+        return self.step.pool.kv_heads
 
-    def paged(self) -> dict:
+    @property
+    def longest(self) -> int:
+        """Keys of the step's longest sequence, new tokens included (a host number)."""
+        return max(self.step.lengths)
+
+    def pool_sizes(self) -> dict:
+        """The pool's layout as attention's op sees it: block size, blocks, and the widest block
+        table a sequence may need (in tokens)."""
+        pool = self.step.pool
+        return dict(block_size=pool.block_size, num_blocks=pool.num_blocks, width=pool.max_blocks * pool.block_size)
+
+    def paged(self, width: int) -> dict:
         """The inputs of our paged decode kernel: the pool (kv_heads, num_blocks, block_size,
-        head_dim), the block table and the lengths."""
+        head_dim), the block table `width` blocks wide, and the lengths."""
         keys, values = self.step.pool.paged(self.layer)
-        table, lens = self.step.block_table()
+        table, lens = self.step.block_table(width)
         return {"keys": keys, "values": values, "block_table": table, "seq_lens": lens}

@@ -72,7 +72,7 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
                                       entry(2048, "model", 0.5, model_error=0.08)])
     kernels = Kernels("emulator", devices.get("m3"), results=path)
     kernels.by_evidence = True    # what `auto` does on a Mac
-    why = lambda n, bits=4: kernels._choose("qmv", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16")[2]
+    why = lambda n, bits=4: kernels.decide("linear", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16").why
     assert why(64).startswith("ours: measured 1.30x")
     assert why(128) == "MLX: measured 0.80x"
     assert why(256).startswith("ours: modelled 3.00x (model error 8%)")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metalforge import engine
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from metalforge.errors import MetalforgeError
 from reference_model import reference_greedy, reference_logits
 

@@ -1,4 +1,5 @@
 """The decoding engine on real mlx-lm style folders, against an independent reference forward pass."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,18 @@ import pytest
 from metalforge import engine
 from metalforge.errors import MetalforgeError
 
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from reference_model import reference_greedy, reference_logits
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11]
 CASES = [("llama", None), ("llama", (8, 32)), ("mistral", None), ("mistral", (4, 64)), ("qwen2", None),
          ("qwen2", (4, 32)), ("qwen3", None), ("qwen3", (8, 64))]
+
+
+def test_every_architecture_has_its_test_case():
+    """An architecture is one file in engine/models/ plus its case here."""
+    from metalforge.engine import models
+    assert set(models.model_types()) == {arch for arch, _ in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +295,13 @@ def test_bad_model_folders_are_clear_errors(tmp_path, models):
     with pytest.raises(MetalforgeError, match="not an mlx-lm model folder"):
         engine.load(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(MetalforgeError, match="model_type 'gpt2' is not supported"):
+    with pytest.raises(MetalforgeError, match="model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3$"):
         engine.load(tmp_path)
+    scaled = write_model(tmp_path / "scaled", shards=1)
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "longrope", "factor": 2}}))
+    with pytest.raises(MetalforgeError, match=r"config.json: rope_scaling.rope_type 'longrope' is not supported; supported: "):
+        engine.load(scaled)
     broken = write_model(tmp_path / "broken", shards=1)
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
@@ -316,3 +328,27 @@ def test_generate_and_cache_commands(models, tmp_path):
     assert not cache.exists()
     bad = run("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
     assert bad.returncode == 2 and "not an mlx-lm model folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- one op plan: what the tuner tunes is what the engine runs ------------------------------------------
+def test_the_engine_runs_every_bucket_the_tuner_tuned_as_an_exact_match(tmp_path):
+    """The tuner reads the model's op plan (decode attention in the engine's paged layout); the
+    engine, decoding a 100- and a 300-token prompt (prefill buckets 128 and 512, contexts in
+    128 and 512), finds the tuned entry of every bucket exactly."""
+    from metalforge import results
+    folder = write_model(tmp_path / "model", arch="qwen2", quantized=(4, 64), dtype=mx.float16, shards=1)
+    out = tmp_path / "r.yaml"
+    run = subprocess.run([sys.executable, "-m", "metalforge.cli", "tune", "--device", "m2", "--model", str(folder),
+                          "--contexts", "128,512", "--trials", "2", "--seed", "0",
+                          "--storage", f"sqlite:///{tmp_path / 't.db'}", "--results", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tuned = {(family, key) for family, buckets in results.load(out)["entries"].items() for key in buckets}
+    assert {f for f, _ in tuned} == {"qmv", "decode_attention", "prefill_attention"}
+    with engine.load(folder, backend="emulator", device="m2", results=out, kv_tokens=1024) as e:
+        for n in (100, 300):
+            list(e.generate([(7 * i) % 290 + 2 for i in range(n)], max_tokens=3))
+        report = e.kernel_report()
+    ran = {(v["family"], v["bucket"]): v["why"] for v in report.values() if "bucket" in v}
+    assert tuned <= set(ran), tuned - set(ran)
+    assert all("exact match" in ran[k] for k in tuned), {k: ran[k] for k in tuned}

@@ -13,7 +13,7 @@ import yaml
 from optuna.trial import TrialState
 
 from metalforge import engine
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from metalforge.errors import MetalforgeError
 from metalforge import results
 from metalforge.tuner import shapes, study as st
