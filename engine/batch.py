@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metalforge.engine.generation import Stats, TextStream, Token
-from metalforge.engine.kv_pool import PoolExhausted
+from metalforge.engine.kv import PoolExhausted
 from metalforge.errors import MetalforgeError
 from metalforge.intmath import cdiv
 
@@ -129,7 +129,7 @@ class Batch:
         shared last block."""
         pool = self.engine.pool
         seq = pool.seq(r.sid)
-        shared = bool(seq.blocks) and pool.refcount[seq.blocks[-1]] > 1
+        shared = bool(seq.blocks) and pool.blocks.shared(seq.blocks[-1])
         return max(0, r.blocks - len(seq.blocks)) + shared
 
     def _room_for(self, decoding: list[int]) -> list[int]:

@@ -14,7 +14,7 @@ from metalforge.engine.config import read
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
 from metalforge.engine.batch import LONGEST, MAX_WAITING, Batch
 from metalforge.engine.generation import Generation, Stats, Stops, TextStream
-from metalforge.engine.kv_pool import KVPool
+from metalforge.engine.kv import KVPool
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
 from metalforge.engine.weights import load_weights
 from metalforge.engine.ops import Kernels
@@ -69,8 +69,8 @@ class Engine:
         num_blocks = cdiv(kv_tokens, block_size)
         check_fit(self.weights_bytes, num_blocks * block_size * per_token, self.limits.total, self.limits.total_source)
         self.limits.apply()
-        self.pool = KVPool(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
-                           int(max_seq_len or min(kv_tokens, a.max_position_embeddings)), self.model.dtype)
+        self.pool = KVPool.dense(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
+                                 int(max_seq_len or min(kv_tokens, a.max_position_embeddings)), self.model.dtype)
         self.prefixes: dict[int, str] = {}   # sequences kept as reusable prompt prefixes -> where from
         self._closed = False
 
@@ -106,15 +106,20 @@ class Engine:
     def tokens(self, seq: int) -> list[int]:
         return list(self.pool.seq(seq).tokens)
 
-    def step(self, seqs: list[int], tokens: list[list[int]]) -> mx.array:
-        """Append tokens to sequences and return their next-token logits (B, vocab). One sequence
-        may take any number of tokens (prefill); several take one token each (batched decode).
-        Bad ids or sequences are refused before anything changes."""
+    def step(self, seqs: list[int], tokens: list[list[int]], logits_at: dict[int, list[int]] | None = None) -> mx.array:
+        """Append tokens to sequences and return their next-token logits (B, vocab), in one
+        forward pass whatever the mix: prompts and single tokens (a ragged step). `logits_at`
+        asks for a sequence's logits after other of its new tokens (indices into its list; the
+        rows come sequence after sequence). Bad ids or sequences are refused before anything changes."""
         self._check_step(seqs, tokens)
-        step = self.pool.begin(seqs, [len(t) for t in tokens])
+        for sid, rows in (logits_at or {}).items():
+            n = len(tokens[seqs.index(sid)]) if sid in seqs else 0
+            if not n or not rows or any(not 0 <= r < n for r in rows):
+                raise MetalforgeError(f"step: logits_at[{sid}]={rows} are not indices of the sequence's {n} new tokens")
+        step = self.pool.begin({sid: len(t) for sid, t in zip(seqs, tokens)}, logits_at)
         logits = self.model.forward(step, mx.array([t for ids in tokens for t in ids], dtype=mx.int32))
         step.commit(tokens)
-        mx.eval(logits, self.pool.k, self.pool.v)
+        mx.eval(logits, self.pool.storage.arrays())
         return logits
 
     def prefill(self, seq: int, tokens: list[int]) -> mx.array:
@@ -259,7 +264,7 @@ class Engine:
         for n in range(1, max_tokens + 1):
             queued = None
             if n < max_tokens and self.pool.seq(sid).length < self.pool.max_seq_len:
-                step = self.pool.begin([sid], [1])
+                step = self.pool.begin({sid: 1})
                 queued = sampler.sample(self.model.forward(step, y.reshape(1))[0])
                 mx.async_eval(queued)
             token = y.item()
@@ -292,14 +297,14 @@ class Engine:
                                                 f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} not {want})")
         sid = self.pool.add_sequence()
         try:
-            step = self.pool.begin([sid], [len(tokens)])
+            step = self.pool.begin({sid: len(tokens)})
             for layer in range(self.pool.layers):
                 step.update_and_fetch(layer, arrays[f"k.{layer}"][None], arrays[f"v.{layer}"][None])
             step.commit([tokens])
         except BaseException:
             self.pool.remove(sid)
             raise
-        mx.eval(self.pool.k, self.pool.v)
+        mx.eval(self.pool.storage.arrays())
         self.prefixes[sid] = str(path)
         return sid
 

@@ -183,25 +183,36 @@ class Kernels:
 
     # ---- the attention block's ops -------------------------------------------------------------------
     def attention_input(self, h: mx.array, attn, step) -> tuple[mx.array, mx.array, mx.array]:
-        """The residual stream h (B*L, hidden) -> q (B, Hq, L, D), k and v (B, Hkv, L, D): norm,
-        projections, per-head norms and RoPE. No fused kernel serves it yet: MLX's composition
-        of our linears."""
+        """The residual stream h (tokens, hidden) -> q (1, Hq, tokens, D), k and v (1, Hkv,
+        tokens, D): norm, projections, per-head norms and RoPE at each token's stored position.
+        No fused kernel serves it yet: MLX's composition of our linears."""
         a = attn.args
-        B, L = len(step.sids), step.new
         x = attn.norm(h)
-        q = attn.q_proj(x).reshape(B, L, a.num_attention_heads, a.head_dim)
-        k = attn.k_proj(x).reshape(B, L, a.num_key_value_heads, a.head_dim)
-        v = attn.v_proj(x).reshape(B, L, a.num_key_value_heads, a.head_dim)
+        q = attn.q_proj(x).reshape(1, -1, a.num_attention_heads, a.head_dim)
+        k = attn.k_proj(x).reshape(1, -1, a.num_key_value_heads, a.head_dim)
+        v = attn.v_proj(x).reshape(1, -1, a.num_key_value_heads, a.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        longest = max(step.lengths)
-        q = attn.rope(q.transpose(0, 2, 1, 3), step.positions, longest)
-        k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, longest)
+        q = attn.rope(q.transpose(0, 2, 1, 3), step.positions, step.longest)
+        k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, step.longest)
         return q, k, v.transpose(0, 2, 1, 3)
 
     def attention(self, q: mx.array, kv, scale: float) -> mx.array:
-        """q: (B, Hq, L, D) -> (B, Hq, L, D), causal over each sequence's K/V in the pool (`kv`):
-        one token for each of B sequences (decode), or L tokens of one (a prompt)."""
+        """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),
+        group by group of the step: sequences of one new token together (decode), each prompt
+        alone."""
+        outs = []
+        for g in kv.groups():
+            qg = q[:, :, g.group.tokens] if len(kv.step.groups) > 1 else q
+            if g.group.new == 1:   # (1, Hq, B, D) as B sequences of one token
+                outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale).transpose(2, 1, 0, 3))
+            else:
+                outs.append(self._attention(qg, g, scale))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+    def _attention(self, q: mx.array, kv, scale: float) -> mx.array:
+        """q: (B, Hq, L, D) -> the same, over one group's K/V: one token of each of B sequences,
+        or L tokens of one."""
         B, Hq, L, D = q.shape
         if L == 1:
             def mlx_op():

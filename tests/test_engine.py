@@ -152,6 +152,26 @@ def test_batched_decode_of_many_sequences_equals_each_alone(models):
     assert outs == expected
 
 
+@pytest.mark.parametrize("backend", ["mlx", "emulator"])
+def test_a_ragged_step_mixes_prompts_and_single_tokens(models, backend):
+    """Two sequences decode a token while a third's prompt goes in, in one forward pass; the
+    logits are each sequence's own, and a sequence may ask for logits after every new token."""
+    folder = models[("qwen3", (8, 64))]
+    third = list(range(1, 20))
+    with engine.load(folder, backend=backend, device="m2", kv_tokens=256, block_size=8) as e:
+        a, b, c = e.add_sequence(), e.add_sequence(), e.add_sequence()
+        e.step([a], [PROMPT])
+        e.step([b], [[9, 8, 7]])
+        got = e.step([a, c, b], [[10], third, [20]], logits_at={c: list(range(len(third)))})
+        assert e.tokens(c) == third and e.tokens(a) == PROMPT + [10]
+        with pytest.raises(MetalforgeError, match=r"logits_at\[.*\]=\[5\] are not indices"):
+            e.step([a], [[1]], logits_at={a: [5]})
+    assert got.shape[0] == 1 + len(third) + 1
+    want = mx.concatenate([reference_logits(folder, PROMPT + [10])[-1:], reference_logits(folder, third),
+                           reference_logits(folder, [9, 8, 7, 20])[-1:]])
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-3, rtol=2e-3)
+
+
 def test_fork_shares_the_prefix_copy_on_write(models):
     folder = models[("llama", (8, 32))]
     with engine.load(folder, backend="mlx", kv_tokens=128, block_size=4) as e:

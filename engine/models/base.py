@@ -164,12 +164,9 @@ class Attention:
         self.scale = 1 / math.sqrt(args.head_dim)   # yarn's magnitude factor is applied inside the rotation
 
     def __call__(self, h: mx.array, step) -> mx.array:
-        a = self.args
-        B, L = len(step.sids), step.new
         q, k, v = self.kernels.attention_input(h, self, step)
-        kv = step.update_and_fetch(self.layer, k, v)
-        o = self.kernels.attention(q, kv, self.scale)
-        return self.o_proj(o.astype(self.dtype).transpose(0, 2, 1, 3).reshape(B * L, a.num_attention_heads * a.head_dim))
+        o = self.kernels.attention(q, step.update_and_fetch(self.layer, k, v), self.scale)
+        return self.o_proj(o.astype(self.dtype)[0].transpose(1, 0, 2).reshape(step.tokens, -1))
 
 
 class GatedMLP:
@@ -231,15 +228,14 @@ class Model:
         return weight[tokens].astype(self.dtype)
 
     def forward(self, step, ids: mx.array) -> mx.array:
-        """The logits (B, vocab) after the new tokens `ids` (B * step.new ids, sequence-major) of
-        the step's sequences: either one sequence with any number of tokens (prefill) or several
-        with one token each (batched decode)."""
-        B, L = len(step.sids), step.new
-        h = self.embed(ids)                                             # (B*L, hidden)
+        """The logits (rows, vocab) at the step's requested tokens (by default each sequence's
+        last) after its new tokens `ids` (sequence after sequence)."""
+        h = self.embed(ids)                                             # (tokens, hidden)
         for layer in self.layers:
             h = layer(h, step)
-        last = h.reshape(B, L, -1)[:, -1, :]
-        return self.lm_head(self.norm(last)).astype(mx.float32)
+        rows = step.logit_rows
+        picked = h[rows[0]:rows[0] + 1] if len(rows) == 1 else h[mx.array(rows, dtype=mx.int32)]
+        return self.lm_head(self.norm(picked)).astype(mx.float32)
 
     # ---- what the tuner, bench and calibration ask ----------------------------------------------
     @classmethod
