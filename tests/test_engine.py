@@ -1,4 +1,5 @@
 """The decoding engine on real mlx-lm style folders, against an independent reference forward pass."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -216,6 +217,31 @@ def test_exhaustion_names_the_budget_and_corrupts_nothing(models):
         e.clear()
         assert e.pool.used_blocks == 0 and not e.pool.seqs
     assert got == int(mx.argmax(reference_logits(folder, PROMPT + [12])[-1]).item())
+
+
+def test_generate_keeps_its_sequence_for_a_later_prompt(models):
+    folder = models[("llama", None)]
+    with engine.load(folder, backend="mlx", kv_tokens=128) as e:
+        e.args = dataclasses.replace(e.args, eos_token_id=())
+        gen = e.generate(PROMPT, max_tokens=4, keep=True)
+        tokens = [t.id for t in gen]
+        assert e.tokens(gen.sequence) == PROMPT + tokens[:-1], "the prompt and every token but the last"
+        e.keep_prefix(gen.sequence)
+        follow = PROMPT + tokens + [7]
+        again = e.generate(follow, max_tokens=3)
+        assert [t.id for t in again] == reference_greedy(folder, follow, 3)[0]
+        assert again.stats.cached_tokens == len(PROMPT) + 3
+        assert sorted(e.pool.seqs) == [gen.sequence]
+
+
+def test_generate_raises_when_the_pool_cannot_hold_its_prompt(models):
+    with engine.load(models[("llama", None)], backend="mlx", kv_tokens=16, block_size=4) as e:
+        hog = e.add_sequence()
+        e.step([hog], [list(range(2, 14))])                   # 3 of the 4 blocks
+        gen = e.generate(list(range(2, 12)), max_tokens=2)
+        with pytest.raises(engine.PoolExhausted, match=r"3 more blocks .* 1 free of 4"):
+            list(gen)
+        assert sorted(e.pool.seqs) == [hog] and e.pool.used_blocks == 3
 
 
 def test_no_allocation_grows_while_decoding(models):
