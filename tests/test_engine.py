@@ -20,8 +20,8 @@ CASES = [("llama", None), ("llama", (8, 32)), ("mistral", None), ("mistral", (4,
          ("qwen2", (4, 32)), ("qwen3", None), ("qwen3", (8, 64))]
 
 
-def test_every_architecture_has_its_test_case():
-    """An architecture is one file in engine/models/ plus its case here."""
+def test_every_model_type_has_its_test_case():
+    """A model type is one file in engine/models/ plus its case here."""
     from metalforge.engine import models
     assert set(models.model_types()) == {arch for arch, _ in CASES}
 

@@ -1,4 +1,4 @@
-"""What each layer's attention reads of a sequence. Every supported architecture attends to the
+"""What each layer's attention reads of a sequence. Every supported model type attends to the
 whole history; a sliding-window layer would be a spec whose first visible position trails the
 sequence's end (and whose older blocks could go back to the pool)."""
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""What the decoder architectures share, as mlx-lm's files would repeat it: the config fields,
+"""What the decoder model types share, as mlx-lm's files would repeat it: the config fields,
 the blocks (RMS norm, attention, gated MLP, embedding, output head) as layer objects that own
 their weights, the layer stack, and the two facts the rest of metalforge asks of a model: its
 op plan (which kernel shapes it runs) and its parameter count. Both are read off the same weight
-table the loader checks, so nothing else describes a layer. An architecture module subclasses
+table the loader checks, so nothing else describes a layer. A model type's module subclasses
 what differs (see llama.py, qwen2.py, qwen3.py).
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> "ModelArgs":
-        """The config's fields, sizes checked by engine/config.py; an architecture's own defaults
+        """The config's fields, sizes checked by engine/config.py; a model type's own defaults
         are its subclass's field defaults (qwen2: attention_bias=True)."""
         sz = sizes(config, where)
         defaults = {f.name: f.default for f in fields(cls)}
@@ -91,7 +91,7 @@ def linears(args: ModelArgs) -> dict[str, tuple[int, int]]:
 
 
 def vectors(args: ModelArgs) -> dict[str, int]:
-    """Every vector weight's size by name: norms, and q/k/v biases where the architecture has them."""
+    """Every vector weight's size by name: norms, and q/k/v biases where the model type has them."""
     a = args
     out = {"model.norm.weight": a.hidden_size}
     for i in range(a.num_hidden_layers):
@@ -195,7 +195,7 @@ class DecoderLayer:
 
 class Model:
     """A decoder over an mlx-lm weight dictionary: embedding, layers, final norm, output head.
-    Architecture modules subclass it and name their `Args` and `Layer`."""
+    Model type modules subclass it and name their `Args` and `Layer`."""
 
     Args = ModelArgs
     Layer = DecoderLayer
