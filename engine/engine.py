@@ -12,7 +12,7 @@ from metalforge.engine.config import read
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
 from metalforge.engine.batch import Batch
 from metalforge.engine.generation import Generation
-from metalforge.engine.kv import KVPool
+from metalforge.engine.kv import BLOCK_SIZE, KVPool
 from metalforge.engine.kv.storage import DenseStorage
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
 from metalforge.engine.weights import load_weights
@@ -40,7 +40,7 @@ def load(path, device=None, backend: str | None = None, results=None, **options)
 
 
 class Engine:
-    def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=16,
+    def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=BLOCK_SIZE,
                  max_seq_len=None, memory=None):
         self.path = path
         for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len)):
