@@ -88,7 +88,7 @@ def _serving(op: str, values: dict) -> tuple[list[tuple[str, dict, object]], lis
     return serving, refusals
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Decision:
     """Which kernel serves one op call's bucket: a family with its shape and config, or MLX's op."""
 
@@ -108,12 +108,13 @@ class Kernels:
         self.results = results
         self.report: dict[str, dict] = {}
         self._decisions: dict = {}
+        self._reported: set = set()
         self.cpu_float32 = self.backend == "mlx" and not mx.metal.is_available()
         self.cpu_linear = CpuLinear() if self.cpu_float32 else None
 
     def decide(self, op: str, values: dict, dtype: str) -> Decision:
         """Which kernel serves this call (decided once per op, sizes and dtype)."""
-        key = (op, tuple(sorted(values.items())), dtype)
+        key = (op, tuple(values.items()), dtype)
         if key not in self._decisions:
             self._decisions[key] = self._decide(op, values, dtype)
         return self._decisions[key]
@@ -160,15 +161,19 @@ class Kernels:
     def _run(self, op: str, values: dict, dtype, inputs, mlx_kernel: str, mlx_op):
         """Our kernel where the decision says so, else `mlx_op()` (MLX's op); recorded either way.
         `inputs(decision)` gives our kernel's inputs."""
-        d = self.decide(op, values, _dtype_name(dtype))
-        label = f"{d.family or op} {_short(d.values)}"
+        name = _dtype_name(dtype)
+        d = self.decide(op, values, name)
+        if d not in self._reported:   # the report's words once per decision: no formatting per call
+            self._reported.add(d)
+            if d.family is None:
+                self._record(f"{op} {_short(d.values)}", kernel=mlx_kernel, why=d.why)
+            else:
+                self._record(f"{d.family} {_short(d.values)}", kernel=f"metalforge {d.family} ({self.backend})",
+                             config=d.config, why=d.why, family=d.family,
+                             bucket=get_family(d.family).bucket_key(d.shape, name))
         if d.family is None:
-            self._record(label, kernel=mlx_kernel, why=d.why)
             return mlx_op()
-        self._record(label, kernel=f"metalforge {d.family} ({self.backend})", config=d.config, why=d.why,
-                     family=d.family, bucket=get_family(d.family).bucket_key(d.shape, _dtype_name(dtype)))
-        return get_family(d.family).run(d.config, d.shape, _dtype_name(dtype), inputs(d), backend=self.backend,
-                                        device=self.device)
+        return get_family(d.family).run(d.config, d.shape, name, inputs(d), backend=self.backend, device=self.device)
 
     # ---- linear -------------------------------------------------------------------------------
     def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:
