@@ -397,3 +397,12 @@ def test_results_entries_round_trip_and_keep_fields_they_do_not_know(tmp_path):
     assert not results.Entry.from_dict("qmv", key, modelled, "test").beats(entry), "measured beats modelled"
     with pytest.raises(MetalforgeError, match="time_s must be a positive number"):
         results.Entry.from_dict("qmv", key, {**later, "time_s": -1}, "test")
+
+
+def test_a_paged_shape_whose_bucket_outgrows_its_pool_finds_the_bucket():
+    """A pool of 28 blocks of 16 holds 448 tokens; 300 keys bucket to 512. The bucket is the
+    kernel's, not the pool's: the lookup names it instead of refusing the pool as too small."""
+    fam = family("decode_attention")
+    paged = dict(B=1, Hq=4, Hkv=2, S=300, D=64, block_size=16, num_blocks=28)
+    assert fam.bucket_key(paged, "float16") == fam.bucket_key(dict(paged, num_blocks=4096), "float16")
+    assert "S=512" in fam.bucket_key(paged, "float16")
