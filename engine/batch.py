@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from metalforge import arguments
 from metalforge.engine.generation import Stats, TextStream, Token
 from metalforge.engine.kv_pool import PoolExhausted
 from metalforge.errors import MetalforgeError
@@ -32,6 +33,8 @@ class Request:
     text: TextStream
     sid: int | None = None
     last: int | None = None      # the newest token, not yet fed to the model
+    logprobs: int | None = None  # report the chosen id's log-probability and this many alternatives
+    keep: bool = False           # on finishing (not cancelled), keep the sequence as a prefix
 
 
 class Batch:
@@ -39,17 +42,23 @@ class Batch:
         self.engine = engine
         self.requests: dict[int, Request] = {}   # live: joined and not finished
         self.finished: dict[int, Stats] = {}
+        self.kept: dict[int, int] = {}           # finished with keep=True: request id -> kept sequence
         self._next_id = 0
 
     def add(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-            seed: int | None = None, stop=None) -> int:
+            seed: int | None = None, stop=None, logprobs: int | None = None, keep: bool = False) -> int:
         """Queue a prompt (text or ids) with its own settings; it joins at the next step. Returns
-        its request id."""
+        its request id. logprobs=k fills each Token's `logprob` and its k `top_logprobs`; with
+        keep=True a request that finishes (not cancelled) leaves its sequence in the pool as a
+        kept prefix (see Engine.keep_prefix), its id in `kept`: the prompt and every generated
+        token but the last."""
         ids, sampler, stops = self.engine._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop)
+        if logprobs is not None:
+            arguments.positive_int("logprobs", logprobs, minimum=0)
         rid = self._next_id
         self._next_id += 1
         self.requests[rid] = Request(ids, sampler, TextStream(self.engine.tokenizer, stops, Stats(prompt_tokens=len(ids)),
-                                                                time.perf_counter()))
+                                                                time.perf_counter()), logprobs=logprobs, keep=keep)
         return rid
 
     def cancel(self, rid: int) -> None:
@@ -90,8 +99,8 @@ class Batch:
             e = self.engine
             logits = e.step([self.requests[rid].sid for rid in decoding], [[self.requests[rid].last] for rid in decoding])
             chosen = mx.stack([self.requests[rid].sampler.sample(logits[b]) for b, rid in enumerate(decoding)]).tolist()
-            for rid, token in zip(decoding, chosen):
-                events.append(self._emit(rid, token))
+            for b, (rid, token) in enumerate(zip(decoding, chosen)):
+                events.append(self._emit(rid, token, logits[b]))
         return sorted(events, key=lambda ev: ev[0])
 
     def _prefill(self, rid: int, others_live: bool) -> list[tuple[int, Token]]:
@@ -106,11 +115,13 @@ class Batch:
                 return []
             self._finish(rid, "KV pool exhausted")
             raise
-        return [self._emit(rid, r.sampler.sample(logits[0]).item())]
+        return [self._emit(rid, r.sampler.sample(logits[0]).item(), logits[0])]
 
-    def _emit(self, rid: int, token: int) -> tuple[int, Token]:
+    def _emit(self, rid: int, token: int, logits: mx.array) -> tuple[int, Token]:
         r = self.requests[rid]
         out, reason = r.text.add(token)
+        if r.logprobs is not None:
+            out.logprob, out.top_logprobs = log_probabilities(logits, token, r.logprobs)
         r.last = token
         if reason:
             self._finish(rid, reason)
@@ -121,4 +132,21 @@ class Batch:
         r.text.stats.stop_reason = r.text.stats.stop_reason or reason
         self.finished[rid] = r.text.stats
         if r.sid is not None and r.sid in self.engine.pool.seqs:
-            self.engine.pool.remove(r.sid)
+            if r.keep and reason != "cancelled":
+                self.engine.keep_prefix(r.sid)
+                self.kept[rid] = r.sid
+            else:
+                self.engine.pool.remove(r.sid)
+
+
+def log_probabilities(logits: mx.array, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s log-probability under `logits` (vocab,) and the k most likely (id, log-probability)
+    pairs, best first."""
+    logp = logits.astype(mx.float32)
+    logp = logp - mx.logsumexp(logp)
+    k = min(k, logp.shape[0])
+    if not k:
+        return logp[token].item(), []
+    top = mx.argpartition(-logp, kth=k - 1)[:k]
+    pairs = sorted(zip(top.tolist(), logp[top].tolist()), key=lambda p: -p[1])
+    return logp[token].item(), pairs

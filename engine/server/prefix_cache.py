@@ -1,0 +1,67 @@
+"""Prompt caching across requests: finished conversations stay in the pool as kept prefixes
+(Engine.keep_prefix), so the next turn of a chat forks them and prefills only its new tokens.
+Bounded by a block budget, least recently used first out. Used by the engine thread only."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from metalforge.intmath import cdiv
+
+
+class PrefixCache:
+    def __init__(self, engine, budget_blocks: int):
+        self.engine, self.budget = engine, budget_blocks
+        self.block_size = engine.pool.block_size
+        self.entries: OrderedDict[int, list[int]] = OrderedDict()   # kept sequence -> its tokens, oldest first
+
+    @property
+    def blocks(self) -> int:
+        """Blocks the kept prefixes hold (blocks shared with live requests counted too)."""
+        return sum(cdiv(len(t), self.block_size) for t in self.entries.values())
+
+    def keep(self, seq: int) -> None:
+        """Take a finished request's kept sequence; an identical older entry goes."""
+        tokens = self.engine.tokens(seq)
+        for old, held in list(self.entries.items()):
+            if held == tokens:
+                self._drop(old)
+        self.entries[seq] = tokens
+        while self.entries and self.blocks > self.budget:
+            self.evict()
+
+    def prepare(self, ids: list[int]) -> None:
+        """Before `ids` joins the batch: mark the entry sharing most of its leading tokens as used.
+        When it shares only part of that entry (a reply re-tokenized differently, a stop string
+        cut), keep that shared part as an entry of its own, which the engine's whole-prefix rule
+        then forks."""
+        best, best_len = None, 0
+        for seq, tokens in self.entries.items():
+            n = len(os.path.commonprefix([ids, tokens]))
+            if n > best_len:
+                best, best_len = seq, n
+        if best is None:
+            return
+        self.entries.move_to_end(best)
+        if best_len < len(self.entries[best]) and best_len >= self.block_size:
+            part = self.engine.fork(best)
+            self.engine.remove(part, best_len)
+            self.engine.keep_prefix(part)
+            self.entries[part] = self.entries[best][:best_len]
+            while self.blocks > self.budget and len(self.entries) > 1:
+                self.evict()
+
+    def evict(self) -> bool:
+        """Drop the least recently used entry; False when there is none."""
+        if not self.entries:
+            return False
+        self._drop(next(iter(self.entries)))
+        return True
+
+    def clear(self) -> None:
+        while self.evict():
+            pass
+
+    def _drop(self, seq: int) -> None:
+        del self.entries[seq]
+        self.engine.remove(seq)
