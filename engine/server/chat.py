@@ -42,8 +42,9 @@ class ChatTemplate:
     def render(self, messages: list[dict]) -> str:
         """The prompt for `messages` (dicts of role and content), ending with the assistant's turn."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                        eos_token=self.eos_token)
+            # tools and documents are passed as None, as Hugging Face passes them: templates test them
+            return self.template.render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
         except ChatTemplateError:
             raise
         except Exception as e:   # a template is a program: any error in it is about these messages
