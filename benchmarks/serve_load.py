@@ -72,22 +72,26 @@ def prompt(n: int, salt: int) -> str:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, text: str, max_tokens: int) -> dict:
-    """One streaming completion: time to its first text, its end, and the tokens it generated."""
+    """One streaming completion: time to its first text and the tokens it generated, or the
+    connection error that ended it (counted, not hidden)."""
     body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first, pieces, usage = None, 0, None
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise SystemExit(f"{url}: HTTP {r.status_code}: {(await r.aread()).decode()[:500]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                pieces += 1
-                first = first or time.perf_counter()
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    pieces += 1
+                    first = first or time.perf_counter()
+    except httpx.TransportError as e:
+        return {"error": type(e).__name__}
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else pieces
     return {"ttft_s": (first or end) - start, "tokens": tokens}
@@ -108,8 +112,11 @@ async def load(url: str, model: str, clients: int, requests: int, prompt_tokens:
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
-    ttft = sorted(r["ttft_s"] for r in results)
-    return {"requests_per_s": len(results) / wall, "ttft_p50_s": statistics.median(ttft),
+    errors = [r["error"] for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
+    ttft = sorted(r["ttft_s"] for r in results) or [float("nan")]
+    return {"errors": len(errors), "error_kinds": sorted(set(errors)), "requests_per_s": len(results) / wall,
+            "ttft_p50_s": statistics.median(ttft),
             "ttft_p95_s": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))],
             "tokens_per_s": sum(r["tokens"] for r in results) / wall, "tokens": sum(r["tokens"] for r in results),
             "wall_s": wall}
@@ -124,15 +131,17 @@ def default_model(root: Path) -> Path:
 def table(rows: dict, clients: list[int]) -> str:
     def fmt(x, unit):
         return f"{x * 1e3:.0f} ms" if unit == "ms" else f"{x:.1f}"
-    out = ["| clients | server | requests/s | TTFT p50 | TTFT p95 | tokens/s |", "|---:|---|---:|---:|---:|---:|"]
+    out = ["| clients | server | requests/s | TTFT p50 | TTFT p95 | tokens/s | failed |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
     for c in clients:
         ours, theirs = rows["metalforge"][c], rows["mlx_lm.server"][c]
         for name, r in (("metalforge serve", ours), ("mlx_lm.server", theirs)):
             out.append(f"| {c} | {name} | {fmt(r['requests_per_s'], '')} | {fmt(r['ttft_p50_s'], 'ms')} | "
-                       f"{fmt(r['ttft_p95_s'], 'ms')} | {fmt(r['tokens_per_s'], '')} |")
+                       f"{fmt(r['ttft_p95_s'], 'ms')} | {fmt(r['tokens_per_s'], '')} | "
+                       f"{r['errors']}{' (' + ', '.join(r['error_kinds']) + ')' if r['errors'] else ''} |")
         out.append(f"| {c} | **ratio** | {ours['requests_per_s'] / theirs['requests_per_s']:.2f}x | "
                    f"{theirs['ttft_p50_s'] / ours['ttft_p50_s']:.2f}x | {theirs['ttft_p95_s'] / ours['ttft_p95_s']:.2f}x | "
-                   f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x |")
+                   f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | |")
     return "\n".join(out)
 
 
@@ -168,7 +177,7 @@ def main() -> None:
                     rows[name][c] = r
                     print(f"{name:14s} {c:3d} clients: {r['requests_per_s']:.2f} req/s, TTFT p50 "
                           f"{r['ttft_p50_s'] * 1e3:.0f} ms p95 {r['ttft_p95_s'] * 1e3:.0f} ms, "
-                          f"{r['tokens_per_s']:.1f} tok/s", flush=True)
+                          f"{r['tokens_per_s']:.1f} tok/s, {r['errors']} failed", flush=True)
     text = table(rows, clients)
     print(text)
     where = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
@@ -177,7 +186,8 @@ def main() -> None:
 Written by `python benchmarks/serve_load.py {' '.join(sys.argv[1:])}` ({where}; backend
 {args.backend}). Each client sends streaming completions of {args.prompt_tokens} prompt tokens and up
 to {args.max_tokens} generated tokens (greedy) one after another; {max(args.requests, max(clients))}
-requests per row; both servers decode up to 32 requests together. Ratios are ours over mlx-lm's
+requests per row; both servers decode up to 32 requests together; failed requests (a refused or
+reset connection) are counted apart and left out of the other columns. Ratios are ours over mlx-lm's
 (above 1 is better; for time to first token, theirs over ours). Off a Mac both run MLX's CPU backend:
 CPU numbers, not Metal ones, on a machine other work shares.
 

@@ -31,23 +31,25 @@ class PrefixCache:
             self.evict()
 
     def prepare(self, ids: list[int]) -> None:
-        """Before `ids` joins the batch: mark the entry sharing most of its leading tokens as used.
-        When it shares only part of that entry (a reply re-tokenized differently, a stop string
-        cut), keep that shared part as an entry of its own, which the engine's whole-prefix rule
-        then forks."""
-        best, best_len = None, 0
+        """Before `ids` joins the batch: mark the entry sharing most of its leading tokens as used
+        (a whole entry before a part of one). When only part of an entry is shared (another
+        conversation with the same system prompt, a reply re-tokenized differently, a stop string
+        cut off), that part becomes an entry of its own, which the engine's rule (a kept prefix is
+        used whole) then forks."""
+        best, best_key = None, (0, False)
         for seq, tokens in self.entries.items():
             n = len(os.path.commonprefix([ids, tokens]))
-            if n > best_len:
-                best, best_len = seq, n
+            if (n, n == len(tokens)) > best_key:
+                best, best_key = seq, (n, n == len(tokens))
         if best is None:
             return
         self.entries.move_to_end(best)
-        if best_len < len(self.entries[best]) and best_len >= self.block_size:
+        shared, whole = best_key
+        if not whole and shared >= self.block_size:
             part = self.engine.fork(best)
-            self.engine.remove(part, best_len)
+            self.engine.remove(part, shared)
             self.engine.keep_prefix(part)
-            self.entries[part] = self.entries[best][:best_len]
+            self.entries[part] = self.entries[best][:shared]
             while self.blocks > self.budget and len(self.entries) > 1:
                 self.evict()
 

@@ -242,15 +242,16 @@ class Scheduler:
         its job, a kept sequence goes to the prompt cache."""
         job = self.running.pop(rid)
         self.reserved -= job.blocks
-        stats = batch.finished.pop(rid)
+        stats = batch.finished.pop(rid, None)     # None: lost in a failed step
         kept = batch.kept.pop(rid, None)
         if kept is not None:
             self.cache.keep(kept)
         m = self.metrics
         m.count("requests_finished_total", reason=reason or stats.stop_reason)
-        m.count("prompt_tokens_total", stats.prompt_tokens)
-        m.count("cached_prompt_tokens_total", stats.cached_tokens)
-        m.count("generation_tokens_total", stats.generated_tokens)
+        if stats is not None:
+            m.count("prompt_tokens_total", stats.prompt_tokens)
+            m.count("cached_prompt_tokens_total", stats.cached_tokens)
+            m.count("generation_tokens_total", stats.generated_tokens)
         if reason is None:
             job.post("done", stats)
 
