@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from metalforge.engine.random_model import write_model
+from metalforge.engine.server.process import free_port, running
 
 # system, user and assistant turns as the words w2, w3 and w4; any other role is refused
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}w2 {{ m['content'] }} "
@@ -31,12 +30,6 @@ def write_chat_model(folder) -> Path:
     config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config))
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningServer:
@@ -75,27 +68,6 @@ def serve(folder, tmp_path, *flags, api_key: str | None = None):
     log = Path(tmp_path) / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "metalforge.cli", "serve", "--model", str(folder), "--port", str(port),
            "--backend", "mlx", *flags] + (["--api-key", api_key] if api_key else [])
-    with open(log, "w") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"the server exited: {log.read_text()}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start: {log.read_text()}")
-            time.sleep(0.1)
+    with running(cmd, url, log, timeout_s=90, env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
         yield RunningServer(url, str(folder), process, log, api_key)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
