@@ -103,6 +103,14 @@ def test_chat_and_completions_streaming_or_not_equal_engine_generate(server, loc
     assert "".join(c.choices[0].text for c in streamed) == text
     assert streamed[-1].choices[0].finish_reason == reason
 
+    # sampled: a seeded request draws what the same seed draws alone
+    ids = local.tokenizer.encode(prompt)
+    sampled = local.tokenizer.decode([t.id for t in local.generate(ids, max_tokens=6, temperature=0.9, top_k=50,
+                                                                    seed=7) if t.id != 1])
+    r = client.completions.create(model=server.model, prompt=prompt, max_tokens=6, temperature=0.9, seed=7,
+                                  extra_body={"top_k": 50})
+    assert r.choices[0].text == sampled
+
     models = client.models.list()
     assert [m.id for m in models.data] == [server.model]
 
@@ -178,6 +186,9 @@ def test_32_clients_at_once_each_get_their_answer_alone_and_no_block_leaks(serve
                        + before.get('metalforge_requests_finished_total{reason="stop token"}', 0)) == 32
     # the shared system prompt was prefilled once per step's first request, then forked
     assert m["metalforge_cached_prompt_tokens_total"] - before["metalforge_cached_prompt_tokens_total"] >= 16 * 16
+    assert m["metalforge_time_to_first_token_seconds_count"] - before["metalforge_time_to_first_token_seconds_count"] == 32
+    assert m["metalforge_generation_tokens_total"] - before["metalforge_generation_tokens_total"] == 32 * 5
+    assert m["metalforge_decode_tokens_per_second"] > 0 and m["metalforge_kv_blocks_free"] == 4096 // 16
 
 
 def _cancelled(m) -> float:
