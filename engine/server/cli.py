@@ -15,7 +15,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", help="device profile for tuned configs (default: detect)")
     p.add_argument("--backend", default=None,
                    help="auto (metal on a Mac, else mlx), metal, mlx, emulator; default $METALFORGE_BACKEND, else auto")
-    p.add_argument("--kv-tokens", type=int, default=4096, help="KV pool budget in tokens, shared by all requests")
+    p.add_argument("--kv-tokens", type=int, default=4096,
+                   help="KV pool budget in tokens, shared by all requests: a request joins when its prompt and "
+                        "max_tokens (default 512) fit, else waits in the queue")
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together at most (default 32)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests waiting for room at most; beyond it requests get 429 (default 128)")

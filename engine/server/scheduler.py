@@ -69,6 +69,8 @@ class Scheduler:
         self.running: dict[int, Job] = {}
         self.reserved = 0
         self.thread: threading.Thread | None = None
+        for name in ("prompt_tokens_total", "cached_prompt_tokens_total", "generation_tokens_total", "engine_steps_total"):
+            metrics.count(name, 0)               # present from the start, as Prometheus expects
 
     # ---- the HTTP side --------------------------------------------------------------------------
     def start(self, load):
@@ -102,8 +104,8 @@ class Scheduler:
                 raise Refused(429, f"the server is busy: {self.queued} requests are waiting, the queue holds "
                                    f"{self.max_queue}; retry later")
             self.queued += 1
-        job.blocks = self.blocks_for(len(job.ids), job.max_tokens)
-        self.inbox.put(("submit", job))
+            job.blocks = self.blocks_for(len(job.ids), job.max_tokens)
+            self.inbox.put(("submit", job))       # under the lock: never after the engine thread's last look
 
     def cancel(self, job: Job) -> None:
         """The client went away: drop the job (waiting or running) at the next step."""
@@ -134,6 +136,12 @@ class Scheduler:
             for job in [*self.waiting, *self.running.values()]:
                 job.post("error", 503, self.failure)
         finally:
+            with self._lock:
+                self.failure = self.failure or "the server is shutting down"
+                while not self.inbox.empty():     # submitted after the last step: answered, not stranded
+                    kind, *args = self.inbox.get_nowait()
+                    if kind == "submit":
+                        args[0].post("error", 503, self.failure)
             self._publish()
             self.engine.close()
 
