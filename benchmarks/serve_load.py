@@ -11,7 +11,7 @@ Without --model the folder is a small random-weight llama in the exact mlx-lm fo
 hidden 256, 4 heads of 64, 2 KV heads, MLP 704, vocabulary 8192, float32, word-level tokenizer). Off a
 Mac both servers run MLX's CPU backend: these are CPU numbers, not Metal ones. Both decode up to
 32 requests together (mlx_lm.server's --decode-concurrency 32, our --max-concurrency 32); ours runs
-with its default prompt cache and the --backend given (default mlx off a Mac, auto on one).
+with its default prefix cache and the --backend given (default mlx off a Mac, auto on one).
 """
 from __future__ import annotations
 

@@ -49,11 +49,11 @@ class RunningServer:
         return cls(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, timeout=60)
 
     def wait_idle(self, cache_blocks_ok: bool = True, timeout: float = 10.0) -> dict[str, float]:
-        """Metrics once no request runs or waits and the pool holds only the prompt cache."""
+        """Metrics once no request runs or waits and the pool holds only the prefix cache."""
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            held = m["metalforge_prompt_cache_blocks"] if cache_blocks_ok else 0
+            held = m["metalforge_prefix_cache_blocks"] if cache_blocks_ok else 0
             if (m["metalforge_requests_running"] == 0 and m["metalforge_queue_length"] == 0
                     and m["metalforge_kv_blocks_used"] <= held):
                 return m

@@ -6,6 +6,7 @@ Face's own chat-template rendering (transformers), expected tokens from `Engine.
 import asyncio
 import json
 import os
+import signal
 import socket
 import time
 
@@ -45,8 +46,8 @@ def local(folder):
 
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
-    """No prompt cache (so an idle pool holds zero blocks), an API key."""
-    with serve(folder, tmp_path_factory.mktemp("log"), "--prompt-cache-tokens", "0", api_key=KEY) as s:
+    """No prefix cache (so an idle pool holds zero blocks), an API key."""
+    with serve(folder, tmp_path_factory.mktemp("log"), "--prefix-cache-tokens", "0", api_key=KEY) as s:
         yield s
     assert "Traceback" not in s.log.read_text(), s.log.read_text()
 
@@ -285,12 +286,12 @@ def test_the_openai_client_raises_its_own_errors(server):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-# ---- the queue and the prompt cache --------------------------------------------------------------
+# ---- the queue and the prefix cache --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(folder, tmp_path_factory):
-    """A 512-token pool, two requests at once, one waiting, a 128-token prompt cache."""
+    """A 512-token pool, two requests at once, one waiting, a 128-token prefix cache."""
     with serve(folder, tmp_path_factory.mktemp("log"), "--kv-tokens", "512", "--max-concurrency", "2",
-               "--max-queue", "1", "--prompt-cache-tokens", "128") as s:
+               "--max-queue", "1", "--prefix-cache-tokens", "128") as s:
         yield s
     assert "Traceback" not in s.log.read_text(), s.log.read_text()
 
@@ -326,7 +327,7 @@ def test_the_next_turn_of_a_chat_prefills_only_its_new_tokens(small, local, hf_t
     # kept: the first prompt and its reply but the reply's last token (never fed to the model)
     assert r2.usage.prompt_tokens_details.cached_tokens == len(ids1) + 6 - 1
     assert r2.choices[0].message.content == alone(local, ids2, 6)[1]
-    assert small.metrics()["metalforge_prompt_cache_blocks"] > 0
+    assert small.metrics()["metalforge_prefix_cache_blocks"] > 0
 
     # another conversation with the same system prompt: the shared part of the kept prefix is forked
     other = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "w70"}]
@@ -335,4 +336,20 @@ def test_the_next_turn_of_a_chat_prefills_only_its_new_tokens(small, local, hf_t
     assert shared >= 16 and r3.usage.prompt_tokens_details.cached_tokens == shared
     assert r3.choices[0].message.content == alone(local, chat_ids(hf_tokenizer, other), 4)[1]
     m = small.wait_idle()
-    assert m["metalforge_prompt_cache_blocks"] <= 128 // 16
+    assert m["metalforge_prefix_cache_blocks"] <= 128 // 16
+
+
+def test_ctrl_c_ends_running_streams_and_the_server_cleanly(folder, tmp_path):
+    with serve(folder, tmp_path, "--prefix-cache-tokens", "0") as s:
+        stream = s.openai().completions.create(model=s.model, prompt="w30 w31 w32", max_tokens=3000, temperature=0,
+                                               stream=True)
+        next(iter(stream))
+        s.process.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        with pytest.raises((openai.APIError, httpx.HTTPError)):    # the stream ends early, whichever way
+            chunks = list(stream)
+            assert chunks and chunks[-1].choices[0].finish_reason is None
+            raise httpx.HTTPError("the stream ended without a finish reason")
+        assert s.process.wait(15) == 130 and time.monotonic() - start < 10      # 130: interrupted, as the CLI says
+    log = s.log.read_text()
+    assert "Traceback" not in log and log.strip().endswith("metalforge: interrupted"), log

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together at most (default 32)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests waiting for room at most; beyond it requests get 429 (default 128)")
-    p.add_argument("--prompt-cache-tokens", type=int, default=None,
+    p.add_argument("--prefix-cache-tokens", type=int, default=None,
                    help="tokens of finished conversations kept for the next turn (default a quarter of "
                         "--kv-tokens; 0: off)")
     p.add_argument("--chat-template", help="a Jinja chat template file instead of the model folder's")
@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default $METALFORGE_API_KEY; none: open)")
 
 
-def build(model, chat_template=None, max_concurrency: int = 32, max_queue: int = 128, prompt_cache_tokens=None,
+def build(model, chat_template=None, max_concurrency: int = 32, max_queue: int = 128, prefix_cache_tokens=None,
           api_key=None, device=None, backend=None, **engine_options):
     """The app and its Server for a model folder; the engine thread starts and stops with the app."""
     from metalforge import engine as engines
@@ -40,8 +40,8 @@ def build(model, chat_template=None, max_concurrency: int = 32, max_queue: int =
 
     arguments.positive_int("max_concurrency", max_concurrency)
     arguments.positive_int("max_queue", max_queue, minimum=0)
-    if prompt_cache_tokens is not None:
-        arguments.positive_int("prompt_cache_tokens", prompt_cache_tokens, minimum=0)
+    if prefix_cache_tokens is not None:
+        arguments.positive_int("prefix_cache_tokens", prefix_cache_tokens, minimum=0)
     try:
         template, template_error = chat.load(model, chat_template), None
     except MetalforgeError as err:
@@ -49,7 +49,7 @@ def build(model, chat_template=None, max_concurrency: int = 32, max_queue: int =
             raise
         template, template_error = None, str(err)
     metrics = Metrics()
-    scheduler = Scheduler(metrics, max_concurrency, max_queue, prompt_cache_tokens)
+    scheduler = Scheduler(metrics, max_concurrency, max_queue, prefix_cache_tokens)
     e = scheduler.start(lambda: engines.load(model, device=device, backend=backend, **engine_options))
     server = Server(e, str(model), template, template_error, scheduler, metrics, api_key)
     return create_app(server), server
@@ -62,13 +62,20 @@ def serve(args) -> int:
         raise MetalforgeError("metalforge serve needs FastAPI and uvicorn: pip install 'metalforge[serve]'") from None
     if not 0 <= args.port < 65536:
         raise MetalforgeError(f"--port must be in 0..65535, got {args.port}")
-    app, server = build(args.model, args.chat_template, args.max_concurrency, args.max_queue, args.prompt_cache_tokens,
+    app, server = build(args.model, args.chat_template, args.max_concurrency, args.max_queue, args.prefix_cache_tokens,
                         args.api_key, args.device, args.backend, kv_tokens=args.kv_tokens)
     if server.template is None:
         print(f"metalforge: warning: {server.template_error}; /v1/chat/completions answers 400", file=sys.stderr)
     e = server.engine
     print(f"metalforge: serving {args.model} on http://{args.host}:{args.port}/v1 (backend {e.kernels.backend}, "
           f"{e.pool.capacity_tokens} KV tokens, up to {args.max_concurrency} requests at once)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # end the requests first (each stream gets a 503 event and its end), so that the
+            # connections close by themselves instead of being cancelled mid-write
+            server.scheduler.stop(timeout=0)
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=5)).run()
     return 0

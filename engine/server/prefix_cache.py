@@ -1,5 +1,5 @@
-"""Prompt caching across requests: finished conversations stay in the pool as kept prefixes
-(Engine.keep_prefix), so the next turn of a chat forks them and prefills only its new tokens.
+"""The prefix cache (OpenAI's "prompt caching"): finished conversations stay in the pool as kept
+prefixes (Engine.keep_prefix), so the next turn of a chat forks them and prefills only its new tokens.
 Bounded by a block budget, least recently used first out. Used by the engine thread only."""
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ on their own event loop, so neither side ever blocks the other.
 All requests share one `Engine.batch()`: a job joins at the next step and leaves when it finishes
 or is cancelled (its blocks are free before the next step). Admission is by reservation: a job
 joins when the pool has room for its prompt and its whole token budget (block counts, with the
-prompt cache's blocks, evicted first when a job needs them); otherwise it waits in a bounded queue,
+prefix cache's blocks, evicted first when a job needs them); otherwise it waits in a bounded queue,
 and beyond that bound `submit` refuses it."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Job:
 
 class Scheduler:
     def __init__(self, metrics, max_concurrency: int = 32, max_queue: int = 128, cache_tokens: int | None = None):
-        """cache_tokens: the prompt cache's budget (default a quarter of the pool; 0: off)."""
+        """cache_tokens: the prefix cache's budget (default a quarter of the pool; 0: off)."""
         self.metrics, self.cache_tokens = metrics, cache_tokens
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.engine = None
@@ -85,7 +85,7 @@ class Scheduler:
         return self.engine
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End every request and the engine thread."""
+        """End every request (each gets a 503) and the engine thread, waiting up to `timeout` s for it."""
         with self._lock:
             self.failure = self.failure or "the server is shutting down"
         self.inbox.put(("stop",))
@@ -154,11 +154,12 @@ class Scheduler:
             if self.running:
                 batch = self._step(batch)
             self._publish()
-        for rid in list(self.running):
+        for rid, job in list(self.running.items()):
             batch.cancel(rid)
             self._leave(batch, rid, "cancelled")
+            job.post("error", 503, self.failure)
         for job in self.waiting:
-            job.post("error", 503, self.failure or "the server is shutting down")
+            job.post("error", 503, self.failure)
         self.cache.clear()
 
     def _drain(self, batch, block: bool) -> bool:
@@ -247,7 +248,7 @@ class Scheduler:
 
     def _leave(self, batch, rid: int, reason: str | None) -> None:
         """A request left the batch (finished, or `reason`): its reservation ends, its stats go to
-        its job, a kept sequence goes to the prompt cache."""
+        its job, a kept sequence goes to the prefix cache."""
         job = self.running.pop(rid)
         self.reserved -= job.blocks
         stats = batch.finished.pop(rid, None)     # None: lost in a failed step
@@ -268,4 +269,4 @@ class Scheduler:
         with self._lock:
             queued = self.queued
         self.metrics.set(queue_length=queued, requests_running=len(self.running), kv_blocks_used=pool.used_blocks,
-                         kv_blocks_free=pool.free_blocks, prompt_cache_blocks=self.cache.blocks)
+                         kv_blocks_free=pool.free_blocks, prefix_cache_blocks=self.cache.blocks)
