@@ -87,6 +87,10 @@ async def load(url: str, model: str, clients: int, requests: int, prompt_tokens:
             "wall_s": wall}
 
 
+DEFAULT_MODEL = ("a random-weight llama in mlx-lm format (4 layers, hidden 256, 4 heads, 2 KV heads, vocabulary 8192, "
+                 "float32)")
+
+
 def default_model(root: Path) -> Path:
     from metalforge.engine.random_model import write_model
     return write_model(root / "llama-random", arch="llama", layers=4, hidden=256, heads=4, kv_heads=2, inter=704,
@@ -105,7 +109,8 @@ def table(rows: dict, clients: list[int]) -> str:
                        f"{fmt(r['ttft_p95_s'], 'ms')} | {fmt(r['tokens_per_s'], '')} | "
                        f"{r['errors']}{' (' + ', '.join(r['error_kinds']) + ')' if r['errors'] else ''} |")
         out.append(f"| {c} | **ratio** | {ours['requests_per_s'] / theirs['requests_per_s']:.2f}x | "
-                   f"{theirs['ttft_p50_s'] / ours['ttft_p50_s']:.2f}x | {theirs['ttft_p95_s'] / ours['ttft_p95_s']:.2f}x | "
+                   f"{theirs['ttft_p50_s'] / ours['ttft_p50_s']:.2f}x | "
+                   f"{theirs['ttft_p95_s'] / ours['ttft_p95_s']:.2f}x | "
                    f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | |")
     return "\n".join(out)
 
@@ -158,7 +163,7 @@ CPU numbers, not Metal ones, on a machine other work shares.
 
 {text}
 
-Model: {'`' + args.model + '`' if args.model else 'a random-weight llama in mlx-lm format (4 layers, hidden 256, 4 heads, 2 KV heads, vocabulary 8192, float32)'}.
+Model: {'`' + args.model + '`' if args.model else DEFAULT_MODEL}.
 
 Raw figures:
 

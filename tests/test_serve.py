@@ -187,7 +187,8 @@ def test_32_clients_at_once_each_get_their_answer_alone_and_no_block_leaks(serve
                        + before.get('metalforge_requests_finished_total{reason="stop token"}', 0)) == 32
     # the shared system prompt was prefilled once per step's first request, then forked
     assert m["metalforge_cached_prompt_tokens_total"] - before["metalforge_cached_prompt_tokens_total"] >= 16 * 16
-    assert m["metalforge_time_to_first_token_seconds_count"] - before["metalforge_time_to_first_token_seconds_count"] == 32
+    ttft_count = "metalforge_time_to_first_token_seconds_count"
+    assert m[ttft_count] - before[ttft_count] == 32
     assert m["metalforge_generation_tokens_total"] - before["metalforge_generation_tokens_total"] == 32 * 5
     assert m["metalforge_decode_tokens_per_second"] > 0 and m["metalforge_kv_blocks_free"] == 4096 // 16
 
@@ -231,7 +232,8 @@ CATALOGUE = [  # (name, path, body (dict, or raw bytes), headers, status, error 
     ("body not an object", "/v1/completions", b'[1, 2]', {}, 400, None, "JSON object"),
     ("messages missing", "/v1/chat/completions", {"max_tokens": 3}, {}, 400, None, "messages"),
     ("messages a string", "/v1/chat/completions", {"messages": "hi"}, {}, 400, None, "messages"),
-    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "w5"}]}, {}, 400, None, "role"),
+    ("unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "w5"}]}, {}, 400, None,
+     "role"),
     ("role the template refuses", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "w5"}]}, {}, 400,
      None, "unknown role tool"),
     ("max_tokens 0", "/v1/completions", {"prompt": "w5", "max_tokens": 0}, {}, 400, None, "max_tokens"),
@@ -248,7 +250,8 @@ CATALOGUE = [  # (name, path, body (dict, or raw bytes), headers, status, error 
     ("prompt and max_tokens beyond the context", "/v1/completions", {"prompt": "w5 w6", "max_tokens": 4095}, {}, 400,
      "context_length_exceeded", "4097"),
     ("unknown model", "/v1/completions", {"prompt": "w5", "model": "gpt-9"}, {}, 404, "model_not_found", "gpt-9"),
-    ("wrong API key", "/v1/completions", {"prompt": "w5"}, {"Authorization": "Bearer nope"}, 401, "invalid_api_key", "API key"),
+    ("wrong API key", "/v1/completions", {"prompt": "w5"}, {"Authorization": "Bearer nope"}, 401, "invalid_api_key",
+     "API key"),
     ("no API key", "/v1/models", None, {"Authorization": ""}, 401, "invalid_api_key", "API key"),
     ("unknown route", "/v1/embeddings", {"input": "w5"}, {}, 404, None, "Not Found"),
 ]

@@ -63,8 +63,8 @@ class Server:
         given = request.headers.get("authorization", "")
         scheme, _, key = given.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided: send 'Authorization: Bearer KEY' with the server's --api-key",
-                           code="invalid_api_key")
+            raise APIError(401, "Incorrect API key provided: send 'Authorization: Bearer KEY' with the server's "
+                                "--api-key", code="invalid_api_key")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:

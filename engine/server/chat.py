@@ -29,7 +29,8 @@ def _raise(message):
 
 class ChatTemplate:
     def __init__(self, source: str, where: str, bos_token: str = "", eos_token: str = ""):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
             x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
@@ -48,7 +49,8 @@ class ChatTemplate:
         except ChatTemplateError:
             raise
         except Exception as e:   # a template is a program: any error in it is about these messages
-            raise ChatTemplateError(f"the chat template cannot render these messages ({type(e).__name__}: {e})") from None
+            raise ChatTemplateError(f"the chat template cannot render these messages "
+                                    f"({type(e).__name__}: {e})") from None
 
 
 def load(folder, override=None) -> ChatTemplate:

@@ -23,18 +23,19 @@ def running(cmd: list[str], url: str, log: Path, timeout_s: float = 300.0, env=N
     """Run `cmd` (its output to `log`) until the block ends; yield the process once `url`/health
     answers. A server that exits or does not answer in time is an error quoting its log's end."""
     import httpx
+    name = " ".join(cmd[:4])
     with open(log, "w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if process.poll() is not None:
-                raise MetalforgeError(f"{' '.join(cmd[:4])} exited with {process.returncode}: {log.read_text()[-2000:]}")
+                raise MetalforgeError(f"{name} exited with {process.returncode}: {log.read_text()[-2000:]}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise MetalforgeError(f"{' '.join(cmd[:4])} did not answer in {timeout_s:.0f} s: {log.read_text()[-2000:]}")
+                raise MetalforgeError(f"{name} did not answer in {timeout_s:.0f} s: {log.read_text()[-2000:]}")
             time.sleep(0.1)
         yield process
     finally:

@@ -1,6 +1,7 @@
 """The bridge between HTTP handlers and the engine: one thread owns the engine and every MLX call
-(it loads the engine too: MLX's streams belong to the thread that made them); handlers hand it jobs through a thread-safe queue and read each job's events from an asyncio queue
-on their own event loop, so neither side ever blocks the other.
+(it loads the engine too: MLX's streams belong to the thread that made them); handlers hand it
+jobs through a thread-safe queue and read each job's events from an asyncio queue on their own
+event loop, so neither side ever blocks the other.
 
 All requests share one `Engine.batch()`: a job joins at the next step and leaves when it finishes
 or is cancelled (its blocks are free before the next step). Admission is by reservation: a job
@@ -69,7 +70,8 @@ class Scheduler:
         self.running: dict[int, Job] = {}
         self.reserved = 0
         self.thread: threading.Thread | None = None
-        for name in ("prompt_tokens_total", "cached_prompt_tokens_total", "generation_tokens_total", "engine_steps_total"):
+        for name in ("prompt_tokens_total", "cached_prompt_tokens_total", "generation_tokens_total",
+                     "engine_steps_total"):
             metrics.count(name, 0)               # present from the start, as Prometheus expects
 
     # ---- the HTTP side --------------------------------------------------------------------------

@@ -77,7 +77,9 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=1)]
+    # text, token ids, or a list of one text (several prompts at once are not served)
+    prompt: (str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+             | Annotated[list[str], Field(min_length=1, max_length=1)])
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: Literal[False] = False
 
