@@ -114,6 +114,7 @@ def test_chat_and_completions_streaming_or_not_equal_engine_generate(server, loc
 
     models = client.models.list()
     assert [m.id for m in models.data] == [server.model]
+    assert client.models.retrieve(server.model).id == server.model
 
 
 def test_logprobs_match_an_independent_forward_pass(server, folder, local, hf_tokenizer):
@@ -254,6 +255,7 @@ CATALOGUE = [  # (name, path, body (dict, or raw bytes), headers, status, error 
      "API key"),
     ("no API key", "/v1/models", None, {"Authorization": ""}, 401, "invalid_api_key", "API key"),
     ("unknown route", "/v1/embeddings", {"input": "w5"}, {}, 404, None, "Not Found"),
+    ("unknown model's card", "/v1/models/gpt-9", None, {}, 404, "model_not_found", "gpt-9"),
 ]
 
 
@@ -294,9 +296,20 @@ def test_the_openai_client_raises_its_own_errors(server):
 def small(folder, tmp_path_factory):
     """A 512-token pool, two requests at once, one waiting, a 128-token prefix cache."""
     with serve(folder, tmp_path_factory.mktemp("log"), "--kv-tokens", "512", "--max-concurrency", "2",
-               "--max-queue", "1", "--prefix-cache-tokens", "128") as s:
+               "--max-queue", "1", "--prefix-cache-tokens", "128", "--allow-origin", "http://localhost:3000") as s:
         yield s
     assert "Traceback" not in s.log.read_text(), s.log.read_text()
+
+
+def test_a_browser_page_of_an_allowed_origin_may_call_the_server(small):
+    def preflight(origin):
+        return httpx.options(small.url + "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    allowed = preflight("http://localhost:3000")
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "access-control-allow-origin" not in preflight("http://evil.example").headers
+    r = httpx.get(small.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
 
 
 def test_requests_wait_for_room_and_beyond_the_queue_get_429(small, local):

@@ -13,6 +13,7 @@ import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -221,7 +222,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{field or '.'.join(loc)}: {first.get('msg', 'invalid')}", field.split(".")[0] if field else None
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, allow_origins=()) -> FastAPI:
+    """The routes over `server`; `allow_origins`: web page origins that may call it (CORS)."""
     @contextlib.asynccontextmanager
     async def lifespan(_):
         try:
@@ -245,6 +247,9 @@ def create_app(server: Server) -> FastAPI:
         return _error(e.status_code, str(e.detail))
 
     app.add_middleware(CountRequests, metrics=server.metrics)
+    if allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     auth = [Depends(server.authorize)]
 

@@ -25,12 +25,15 @@ def add_arguments(p) -> None:
                    help="tokens of finished conversations kept for the next turn (default a quarter of "
                         "--kv-tokens; 0: off)")
     p.add_argument("--chat-template", help="a Jinja chat template file instead of the model folder's")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page origin allowed to call the server from a browser (CORS), e.g. "
+                        "http://localhost:3000, or * for any (repeatable; default none)")
     p.add_argument("--api-key", default=os.environ.get("METALFORGE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default $METALFORGE_API_KEY; none: open)")
 
 
 def build(model, chat_template=None, max_concurrency: int = 32, max_queue: int = 128, prefix_cache_tokens=None,
-          api_key=None, device=None, backend=None, **engine_options):
+          api_key=None, device=None, backend=None, allow_origins=(), **engine_options):
     """The app and its Server for a model folder; the engine thread starts and stops with the app."""
     from metalforge import engine as engines
     from metalforge.engine.server import chat
@@ -52,7 +55,7 @@ def build(model, chat_template=None, max_concurrency: int = 32, max_queue: int =
     scheduler = Scheduler(metrics, max_concurrency, max_queue, prefix_cache_tokens)
     e = scheduler.start(lambda: engines.load(model, device=device, backend=backend, **engine_options))
     server = Server(e, str(model), template, template_error, scheduler, metrics, api_key)
-    return create_app(server), server
+    return create_app(server, allow_origins), server
 
 
 def serve(args) -> int:
@@ -63,7 +66,7 @@ def serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise MetalforgeError(f"--port must be in 0..65535, got {args.port}")
     app, server = build(args.model, args.chat_template, args.max_concurrency, args.max_queue, args.prefix_cache_tokens,
-                        args.api_key, args.device, args.backend, kv_tokens=args.kv_tokens)
+                        args.api_key, args.device, args.backend, args.allow_origin, kv_tokens=args.kv_tokens)
     if server.template is None:
         print(f"metalforge: warning: {server.template_error}; /v1/chat/completions answers 400", file=sys.stderr)
     e = server.engine
