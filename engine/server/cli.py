@@ -11,7 +11,7 @@ from metalforge.errors import MetalforgeError
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="mlx-lm model folder; also the model name clients send")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--device", help="device profile for tuned configs (default: detect)")
     p.add_argument("--backend", default=None,
                    help="auto (metal on a Mac, else mlx), metal, mlx, emulator; default $METALFORGE_BACKEND, else auto")
