@@ -163,10 +163,10 @@ class Server:
                 logprobs = (output.completion_logprobs(entries, len(answer.text) - len(text))
                             if job.logprobs is not None else None)
                 choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
-            body = {**head, "choices": [choice]}
+            event = {**head, "choices": [choice]}
             if include_usage:
-                body["usage"] = None
-            return _sse(body)
+                event["usage"] = None
+            return _sse(event)
 
         async def sse():
             if kind == "chat":
