@@ -61,8 +61,7 @@ def _fast_output_shape(name: str, args, kwargs):
 
 def _placeholder(shape, dtype) -> mx.array:
     """A leaf array of the shape: built from host memory, so it brings no primitive into the graph."""
-    host = np.zeros(shape, np.float32)
-    return mx.array(host).astype(dtype) if dtype != mx.float32 else mx.array(host)
+    return mx.array(np.zeros(shape, np.float32), dtype=dtype)
 
 
 class _Recorder:

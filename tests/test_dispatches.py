@@ -37,7 +37,7 @@ def test_fast_ops_and_custom_kernels_are_one_dispatch_each_and_their_inputs_are_
         n = mx.fast.rms_norm(h, w, 1e-5)                         # one dispatch, however MLX composes it
         kernel = mx.fast.metal_kernel(name="mine", input_names=["inp"], output_names=["out"], source="")
         y = kernel(inputs=[n + 1.0], grid=(64, 1, 1), threadgroup=(64, 1, 1),   # Add, then our kernel
-                   output_shapes=[(1, 1, 64)], output_dtypes=[mx.float32])[0]
+                   output_shapes=[(1, 1, 64)], output_dtypes=[mx.float16])[0]
         out = mx.sum(y)                                          # Sum
     counts = dispatches.count(rec, out)
     assert counts.kernels == {"Multiply": 1, "mx.fast.rms_norm": 1, "Add": 1, "metal_kernel:mine": 1, "Sum": 1}
