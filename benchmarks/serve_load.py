@@ -92,7 +92,7 @@ DEFAULT_MODEL = ("a random-weight llama in mlx-lm format (4 layers, hidden 256, 
 
 
 def default_model(root: Path) -> Path:
-    from metalforge.engine.random_model import write_model
+    from metalforge.testing import write_model
     return write_model(root / "llama-random", arch="llama", layers=4, hidden=256, heads=4, kv_heads=2, inter=704,
                        vocab=8192, shards=1, tokenizer=True)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from metalforge.engine.server.process import free_port, running
 
 # system, user and assistant turns as the words w2, w3 and w4; any other role is refused

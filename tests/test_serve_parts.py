@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from metalforge import engine
 from metalforge.engine.generation import Stats, Token
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from metalforge.engine.server import chat
 from metalforge.engine.server.cli import build
 from metalforge.engine.server.output import Answer
@@ -117,14 +117,13 @@ def test_batch_keeps_finished_requests_as_prefixes_the_next_one_forks(folder):
         follow_up = prompt + first + [33, 34]
         expected = [t.id for t in e.generate(follow_up, max_tokens=4)]
         batch = e.batch()
-        kept_rid, cancelled = batch.add(prompt, max_tokens=5, keep=True), batch.add([9, 8, 7], max_tokens=50, keep=True)
-        for rid, _ in batch:
-            if rid == kept_rid and batch.stats(rid).generated_tokens == 2 and cancelled in batch.requests:
-                batch.cancel(cancelled)                      # a cancelled request is not kept
-        assert list(batch.kept) == [kept_rid]
-        sid = batch.kept[kept_rid]
-        assert e.tokens(sid) == prompt + first[:-1] and sid in e.prefixes
+        kept_rid, other = batch.add(prompt, max_tokens=5, keep=True), batch.add([9, 8, 7], max_tokens=3)
+        assert [t.id for rid, t in batch if rid == kept_rid] == first
+        sid = batch.sequence(kept_rid)
+        assert e.tokens(sid) == prompt + first[:-1] and sid not in e.prefixes
+        assert batch.sequence(other) not in e.pool.seqs
         assert e.pool.used_blocks == 3                       # 11 tokens in blocks of 4
+        e.keep_prefix(sid)
         batch = e.batch()
         rid = batch.add(follow_up, max_tokens=4)
         assert [t.id for _, t in batch] == expected

@@ -4,8 +4,9 @@ probabilities per token, the finish reason and the usage."""
 from __future__ import annotations
 
 from metalforge.engine.generation import Stats, Token
+from metalforge.engine.scheduler import LONGEST
 
-FINISH_REASONS = {"max_tokens": "length", "stop token": "stop", "stop string": "stop"}
+FINISH_REASONS = {"max_tokens": "length", LONGEST: "length", "stop token": "stop", "stop string": "stop"}
 
 
 class Answer:

@@ -21,7 +21,9 @@ class PrefixCache:
         return sum(cdiv(len(t), self.block_size) for t in self.entries.values())
 
     def keep(self, seq: int) -> None:
-        """Take a finished request's kept sequence; an identical older entry goes."""
+        """Take a finished request's kept sequence (offered to later prompts); an identical older
+        entry goes."""
+        self.engine.keep_prefix(seq)
         tokens = self.engine.tokens(seq)
         for old, held in list(self.entries.items()):
             if held == tokens:

@@ -120,7 +120,7 @@ class Scheduler:
             pool = self.engine.pool
             self.block_size, self.num_blocks = pool.block_size, pool.num_blocks
             # the longest sequence one request may make: the engine's limit, and the pool's size
-            self.context = min(pool.max_blocks, pool.num_blocks) * pool.block_size
+            self.context = min(pool.max_seq_len, pool.capacity_tokens)
             cache_tokens = pool.capacity_tokens // 4 if self.cache_tokens is None else self.cache_tokens
             self.cache = PrefixCache(self.engine, cache_tokens // pool.block_size)
             self._publish()
@@ -250,12 +250,14 @@ class Scheduler:
 
     def _leave(self, batch, rid: int, reason: str | None) -> None:
         """A request left the batch (finished, or `reason`): its reservation ends, its stats go to
-        its job, a kept sequence goes to the prefix cache."""
+        its job, its kept sequence to the prefix cache (a request that failed leaves nothing)."""
         job = self.running.pop(rid)
         self.reserved -= job.blocks
         stats = batch.finished.pop(rid, None)     # None: lost in a failed step
-        kept = batch.kept.pop(rid, None)
-        if kept is not None:
+        kept = batch.sequence(rid) if self.cache.budget else None
+        if kept is not None and kept in self.engine.pool.seqs and reason == "error":
+            self.engine.remove(kept)
+        elif kept is not None and kept in self.engine.pool.seqs:
             self.cache.keep(kept)
         m = self.metrics
         m.count("requests_finished_total", reason=reason or stats.stop_reason)
