@@ -110,6 +110,14 @@ class Scheduler:
             return self.finished[rid]
         raise MetalforgeError(f"no request {rid}")
 
+    def forget(self, rid: int) -> None:
+        """Drop what is remembered of a finished request (its stats, sequence and error): a batch
+        that lives as long as a server would otherwise grow with every request."""
+        if rid in self.requests:
+            raise MetalforgeError(f"request {rid} has not finished")
+        self.finished.pop(rid, None)
+        self._ended.pop(rid, None)
+
     def sequence(self, rid: int) -> int | None:
         """The pool sequence a request holds (None until admitted)."""
         r = self.requests.get(rid)

@@ -98,6 +98,7 @@ def test_batch_reports_log_probabilities_of_the_model(folder):
         got = {}
         for rid, token in batch:
             got.setdefault(rid, []).append(token)
+        alone = list(e.generate(prompts[0], max_tokens=4, logprobs=3))
     assert all(t.logprob is None and t.top_logprobs is None for t in got[b])
     out = [t.id for t in got[a]]
     ref = reference_logits(folder, prompts[0] + out[:-1])[len(prompts[0]) - 1:]
@@ -106,6 +107,8 @@ def test_batch_reports_log_probabilities_of_the_model(folder):
         np.testing.assert_allclose(t.logprob, logp[pos, t.id], atol=2e-3)
         assert [i for i, _ in t.top_logprobs] == list(np.argsort(-logp[pos])[:3])
         np.testing.assert_allclose([v for _, v in t.top_logprobs], np.sort(logp[pos])[::-1][:3], atol=2e-3)
+    assert [(t.id, t.top_logprobs[0][0]) for t in alone] == [(t.id, t.top_logprobs[0][0]) for t in got[a]]
+    np.testing.assert_allclose([t.logprob for t in alone], [t.logprob for t in got[a]], atol=1e-5)
     with engine.load(folder, backend="mlx", kv_tokens=512) as e, pytest.raises(MetalforgeError, match="logprobs"):
         e.batch().add([5], logprobs=-1)
 
@@ -122,6 +125,9 @@ def test_batch_keeps_finished_requests_as_prefixes_the_next_one_forks(folder):
         sid = batch.sequence(kept_rid)
         assert e.tokens(sid) == prompt + first[:-1] and sid not in e.prefixes
         assert batch.sequence(other) not in e.pool.seqs
+        batch.forget(other)                                  # a long-lived batch drops what it remembers
+        with pytest.raises(MetalforgeError, match="no request"):
+            batch.stats(other)
         assert e.pool.used_blocks == 3                       # 11 tokens in blocks of 4
         e.keep_prefix(sid)
         batch = e.batch()

@@ -7,7 +7,10 @@ All requests share one `Engine.batch()`: a job joins at the next step and leaves
 or is cancelled (its blocks are free before the next step). Admission is by reservation: a job
 joins when the pool has room for its prompt and its whole token budget (block counts, with the
 prefix cache's blocks, evicted first when a job needs them); otherwise it waits in a bounded queue,
-and beyond that bound `submit` refuses it."""
+and beyond that bound `submit` refuses it. The batch has its own waiting queue, but it knows
+neither the prefix cache (whose entries must be evicted for a job, not the job kept waiting or
+ended for want of blocks) nor --max-concurrency; a job this admission lets in also fits the
+batch's rule, so the batch admits it at the next step."""
 from __future__ import annotations
 
 import asyncio
@@ -148,7 +151,7 @@ class Scheduler:
             self.engine.close()
 
     def _loop(self) -> None:
-        batch = self.engine.batch()
+        batch = self.engine.batch(max_waiting=self.max_concurrency)
         while True:
             if not self._drain(batch, block=not self.running):
                 break
@@ -231,7 +234,7 @@ class Scheduler:
                 if rid in batch.requests:
                     batch.cancel(rid)
                 self._leave(batch, rid, "error")
-            return self.engine.batch()
+            return self.engine.batch(max_waiting=self.max_concurrency)
         elapsed = time.perf_counter() - start
         decoded = 0
         for rid, token in events:
@@ -253,18 +256,18 @@ class Scheduler:
         its job, its kept sequence to the prefix cache (a request that failed leaves nothing)."""
         job = self.running.pop(rid)
         self.reserved -= job.blocks
-        stats = batch.finished.pop(rid, None)     # None: lost in a failed step
+        stats = batch.finished[rid]
         kept = batch.sequence(rid) if self.cache.budget else None
+        batch.forget(rid)
         if kept is not None and kept in self.engine.pool.seqs and reason == "error":
             self.engine.remove(kept)
         elif kept is not None and kept in self.engine.pool.seqs:
             self.cache.keep(kept)
         m = self.metrics
         m.count("requests_finished_total", reason=reason or stats.stop_reason)
-        if stats is not None:
-            m.count("prompt_tokens_total", stats.prompt_tokens)
-            m.count("cached_prompt_tokens_total", stats.cached_tokens)
-            m.count("generation_tokens_total", stats.generated_tokens)
+        m.count("prompt_tokens_total", stats.prompt_tokens)
+        m.count("cached_prompt_tokens_total", stats.cached_tokens)
+        m.count("generation_tokens_total", stats.generated_tokens)
         if reason is None:
             job.post("done", stats)
 
