@@ -170,8 +170,8 @@ class Engine:
         cached prefix (see load_prompt_cache and keep_prefix) is reused so only new tokens are
         prefilled. With keep=True the sequence stays in the pool afterwards (its id is
         `generation.sequence`), holding the prompt and every generated token but the last.
-        logprobs=k fills each Token's `logprob` and its k `top_logprobs`. Arguments are checked here, before any work; a prompt the pool cannot hold raises
-        PoolExhausted when iterated."""
+        logprobs=k fills each Token's `logprob` and its k `top_logprobs`. Arguments are checked
+        here, before any work; a prompt the pool cannot hold raises PoolExhausted when iterated."""
         loop = Scheduler(self, max_waiting=1)
         rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs)
 

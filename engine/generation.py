@@ -17,10 +17,6 @@ class Token:
     # temperature, top-k and top-p) and the k most likely (id, log-probability) pairs, best first
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    # with Batch.add(logprobs=k): the chosen id's log-probability under the model (before
-    # temperature, top-k and top-p) and the k most likely (id, log-probability) pairs, best first
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass

@@ -47,6 +47,8 @@ def log_probabilities(logits: mx.array, token: mx.array, k: int) -> tuple[mx.arr
     logp = logits.astype(mx.float32)
     logp = logp - mx.logsumexp(logp)
     k = min(k, logp.shape[0])
-    top = mx.argpartition(-logp, kth=k - 1)[:k] if k else mx.array([], dtype=mx.uint32)
-    top = top[mx.argsort(-logp[top])] if k else top
+    if not k:
+        return logp[token], mx.array([], dtype=mx.uint32), mx.array([], dtype=mx.float32)
+    top = mx.argpartition(-logp, kth=k - 1)[:k]
+    top = top[mx.argsort(-logp[top])]
     return logp[token], top, logp[top]
