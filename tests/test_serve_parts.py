@@ -99,6 +99,7 @@ def test_batch_reports_log_probabilities_of_the_model(folder):
         for rid, token in batch:
             got.setdefault(rid, []).append(token)
         alone = list(e.generate(prompts[0], max_tokens=4, logprobs=3))
+        bare = list(e.generate(prompts[0], max_tokens=4, logprobs=0))
     assert all(t.logprob is None and t.top_logprobs is None for t in got[b])
     out = [t.id for t in got[a]]
     ref = reference_logits(folder, prompts[0] + out[:-1])[len(prompts[0]) - 1:]
@@ -109,6 +110,8 @@ def test_batch_reports_log_probabilities_of_the_model(folder):
         np.testing.assert_allclose([v for _, v in t.top_logprobs], np.sort(logp[pos])[::-1][:3], atol=2e-3)
     assert [(t.id, t.top_logprobs[0][0]) for t in alone] == [(t.id, t.top_logprobs[0][0]) for t in got[a]]
     np.testing.assert_allclose([t.logprob for t in alone], [t.logprob for t in got[a]], atol=1e-5)
+    assert all(t.top_logprobs == [] for t in bare)
+    np.testing.assert_allclose([t.logprob for t in bare], [t.logprob for t in got[a]], atol=1e-5)
     with engine.load(folder, backend="mlx", kv_tokens=512) as e, pytest.raises(MetalforgeError, match="logprobs"):
         e.batch().add([5], logprobs=-1)
 
