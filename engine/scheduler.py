@@ -35,6 +35,13 @@ POOL_FULL = "KV pool exhausted"
 LONGEST = "max_seq_len"
 
 
+def run_blocks(pool, prompt_tokens: int, max_tokens: int) -> int:
+    """The most blocks a request's whole run can hold: its prompt and every token it samples but
+    the last (never fed back), up to max_seq_len; at most the whole pool."""
+    longest = min(prompt_tokens + max_tokens - 1, pool.max_seq_len)
+    return min(pool.blocks.blocks_for(longest), pool.num_blocks)
+
+
 @dataclass
 class Request:
     ids: list[int]
@@ -86,13 +93,12 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting:
             raise MetalforgeError(f"the queue is full: {len(self.waiting)} requests wait for KV blocks "
                                   f"(max_waiting={self.max_waiting}); add again after some finish")
-        longest = min(len(ids) + max_tokens - 1, self.pool.max_seq_len)   # the last token is never fed back
         text = TextStream(e.tokenizer, Stops(stop_ids, stop_texts, max_tokens), Stats(prompt_tokens=len(ids)),
                           time.perf_counter())
         rid = self._next_id
         self._next_id += 1
-        self.requests[rid] = Request(ids, sampler, text, max_tokens,
-                                     min(self.pool.blocks.blocks_for(longest), self.pool.num_blocks), keep, logprobs)
+        self.requests[rid] = Request(ids, sampler, text, max_tokens, run_blocks(self.pool, len(ids), max_tokens), keep,
+                                     logprobs)
         self.waiting.append(rid)
         return rid
 

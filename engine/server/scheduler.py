@@ -23,8 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from metalforge.engine.server.prefix_cache import PrefixCache
+from metalforge.engine.scheduler import run_blocks
 from metalforge.errors import MetalforgeError
-from metalforge.intmath import cdiv
 
 
 class Refused(MetalforgeError):
@@ -96,10 +96,6 @@ class Scheduler:
         self.inbox.put(("stop",))
         self.thread.join(timeout)
 
-    def blocks_for(self, prompt_tokens: int, max_tokens: int) -> int:
-        """Blocks a request may fill: its prompt and every generated token but the last."""
-        return cdiv(prompt_tokens + max_tokens, self.block_size)
-
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it at once (Refused) when the queue is full or the engine stopped."""
         with self._lock:
@@ -109,7 +105,7 @@ class Scheduler:
                 raise Refused(429, f"the server is busy: {self.queued} requests are waiting, the queue holds "
                                    f"{self.max_queue}; retry later")
             self.queued += 1
-            job.blocks = self.blocks_for(len(job.ids), job.max_tokens)
+            job.blocks = run_blocks(self.engine.pool, len(job.ids), job.max_tokens)   # the batch's own figure
             self.inbox.put(("submit", job))       # under the lock: never after the engine thread's last look
 
     def cancel(self, job: Job) -> None:
@@ -121,7 +117,7 @@ class Scheduler:
         try:
             self.engine = load()
             pool = self.engine.pool
-            self.block_size, self.num_blocks = pool.block_size, pool.num_blocks
+            self.num_blocks = pool.num_blocks
             # the longest sequence one request may make: the engine's limit, and the pool's size
             self.context = min(pool.max_seq_len, pool.capacity_tokens)
             cache_tokens = pool.capacity_tokens // 4 if self.cache_tokens is None else self.cache_tokens
