@@ -97,6 +97,11 @@ def cmd_cache(args) -> int:
     return cache(args)
 
 
+def cmd_serve(args) -> int:
+    from metalforge.engine.server.cli import serve
+    return serve(args)
+
+
 def cmd_results(args) -> int:
     from metalforge import results
     data, taken = results.merge_files(args.files, args.out)
@@ -155,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="save, inspect or clear prompt caches")
     add_cache_arguments(c)
     c.set_defaults(fn=cmd_cache)
+    from metalforge.engine.server.cli import add_arguments as serve_arguments
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over continuous batching")
+    serve_arguments(s)
+    s.set_defaults(fn=cmd_serve)
     return p
 
 
