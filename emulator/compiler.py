@@ -77,7 +77,7 @@ _loaded: dict[str, ctypes.CDLL] = {}
 _lock = threading.Lock()
 
 
-def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDLL, Path]:
+def build(unit_source: str, kernel_name: str, checked: bool, library: bool = False) -> tuple[ctypes.CDLL, Path]:
     """Compile (or fetch from the cache) and load the shared library for one translation unit.
 
     The cache key hashes the full source, the headers, the runtime, the compiler and its flags,
@@ -85,7 +85,7 @@ def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDL
     place, so concurrent processes share the cache safely.
     """
     cxx, version = compiler()
-    header = compat_header(checked)
+    header = compat_header(checked, library)
     fl = flags(checked)
     key = hashlib.sha256("\0".join([unit_source, header, runtime_source(), cxx, version, " ".join(fl + KERNEL_FLAGS)])
                          .encode()).hexdigest()[:24]

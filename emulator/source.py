@@ -184,6 +184,7 @@ _TG_DECL = re.compile(
 _PTR_DECL = re.compile(
     r"\b(const\s+)?(device|constant)\s+(const\s+)?([A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?)\s*\*"
 )
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 _CHECKED_REINTERPRET = re.compile(r"\breinterpret_cast\s*<\s*(mf::DevPtr<.+?> )>\s*\(")
 
 
@@ -212,7 +213,12 @@ def rewrite(msl: str, checked: bool, facts=None) -> str:
         found += len(slots)
         return "; ".join(slots) + ";"
 
-    out = _TG_DECL.sub(tg, msl)
+    masked = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), msl)   # "// ... threadgroup" is no declaration
+    pieces, last = [], 0
+    for m in _TG_DECL.finditer(masked):
+        pieces += [msl[last:m.start()], tg(m)]
+        last = m.end()
+    out = "".join(pieces) + msl[last:]
     if facts is not None and found != facts.threadgroup_declarations:
         raise MetalforgeError(
             f"emulator: this kernel declares {facts.threadgroup_declarations} threadgroup variables and the emulator "
@@ -270,13 +276,16 @@ def runtime_source() -> str:
     return _read("mf_runtime.cpp")
 
 
-@lru_cache(maxsize=2)
-def compat_header(checked: bool) -> str:
+@lru_cache(maxsize=4)
+def compat_header(checked: bool, library: bool = False) -> str:
     """metal_compat.h with the runtime interface and its swizzles filled in, and the
-    checked-mode layer when asked."""
+    checked-mode layer when asked. A full library (emulator/library.py) includes MLX's utils.h
+    itself, so its variant leaves out what a custom kernel gets of utils.h implicitly."""
     compat = _read("metal_compat.h").replace('#include "mf_kernel.h"', kernel_interface())
     for n, members in swizzle_members().items():
         compat = compat.replace(f"// @SWIZZLES{n}@", members)
     if checked:
         compat = "#define MF_CHECKED 1\n" + compat.replace("using namespace metal;", _read("mf_checked.h") + "\nusing namespace metal;", 1)
+    if library:
+        compat = "#define MF_LIBRARY 1\n" + compat
     return compat
