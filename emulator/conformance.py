@@ -50,7 +50,11 @@ RULES = {
                     "not available in Metal", "§1.5.4 Restrictions"),
     "virtual": Rule("a virtual function", "the virtual function specifier is not available in Metal",
                     "§1.5.4 Restrictions"),
-    "derived": Rule("a derived class", "derived classes are not available in Metal", "§1.5.4 Restrictions"),
+    # §1.5.4 lists derived classes, but Apple's compiler takes plain inheritance (Metal's own type
+    # traits and MLX's steel headers derive from integral_constant); a virtual base needs what a
+    # virtual function needs, which Metal has not
+    "derived": Rule("a virtual base class", "virtual functions and derived classes are not available in Metal",
+                    "§1.5.4 Restrictions"),
     "exceptions": Rule("exception handling", "exception handling (try, catch, throw) is not available in Metal",
                        "§1.5.4 Restrictions"),
     "std": Rule("the C++ standard library", "the C++ standard library must not be used in Metal; Metal has its own "
@@ -162,9 +166,15 @@ def check(msl: str, kernel_name: str, kernel_functions: frozenset[str] = frozens
     # (threadgroup float buf[TG]): threadgroup arrays are marked by a same-length keyword instead
     parsed = _TG_ARRAY.sub("mf_tg_array", msl)
     # ... and instantiating a template whose pointers' tags depend on its arguments (`const device T*`)
-    # crashes libclang the same way: explicit instantiations are left out (blank lines keep the line
-    # numbers); the templates themselves are checked, and the C++ compile instantiates them
-    parsed = _INSTANTIATION.sub(lambda m: "\n" * m.group(0).count("\n"), parsed)
+    # crashes libclang the same way: explicit instantiations are left out (spaces keep the line
+    # numbers and offsets); the templates themselves are checked, and the C++ compile instantiates them
+    parsed = _INSTANTIATION.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), parsed)
+    # ... and a tag on a member function's `this` (`operator U() const thread`, MLX's complex_t) sends
+    # clang into endless recursion when the class is instantiated: `thread` is the default there anyway
+    parsed = _THIS_THREAD.sub(lambda m: m.group(1) + " " * len(m.group(2)), parsed)
+    # ... and so does a `constant` tag on a constexpr variable of a template's type (steel's
+    # integral_constant: `static constexpr constant T value`): constexpr is read-only already
+    parsed = _CONSTEXPR_CONSTANT.sub("const   ", parsed)
     with _lock, signals.held():   # the walk runs in ctypes callbacks, where an interrupt would be lost
         pch = _precompiled_header(library)
         include = "" if pch else '#include "metal_compat.h"\n'
@@ -200,6 +210,8 @@ def _message(kernel_name: str, msl: str, refusals: list[Refusal]) -> str:
 
 _SPACE = re.compile(r'btf_type_tag\("(\w+)"\)')
 _OBJECT_MACRO = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)[ \t]+([^\n]*)$", re.M)
+_THIS_THREAD = re.compile(r"(\)\s*(?:const\s+)?)(thread)(?=\s*(?:[{:;=]|const\b|noexcept\b))")
+_CONSTEXPR_CONSTANT = re.compile(r"\bconstant\b(?=\s+constexpr\b)|(?<=\bconstexpr )constant\b")
 _INSTANTIATION = re.compile(r"\btemplate\s*\[\[[^;{}]*;")
 _TG_ARRAY = re.compile(r"\bthreadgroup\b(?=[^;(){}]*\[)")
 
@@ -300,7 +312,7 @@ class _Walker:
             self.refuse("lambda", line)
         elif kind in (K.CXX_NEW_EXPR, K.CXX_DELETE_EXPR):
             self.refuse("new_delete", line)
-        elif kind == K.CXX_BASE_SPECIFIER:
+        elif kind == K.CXX_BASE_SPECIFIER and any(t[2] == "virtual" for t in self._tokens_of(c)):
             self.refuse("derived", line)
         elif kind == K.CXX_METHOD and c.is_virtual_method():
             self.refuse("virtual", line)

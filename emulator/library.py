@@ -71,17 +71,21 @@ def flatten(source: str, root: Path | None) -> str:
     return expand(source, None)
 
 
-# Member functions overloaded on the address space of `this` (MLX's complex_t has thread,
-# threadgroup, device and constant twins of each constructor): the emulator has one address space,
-# where the `thread` one serves, so the others are left out (blank lines keep line numbers).
+# Overloads on address spaces: member functions on the space of `this` (MLX's complex_t has thread,
+# threadgroup, device and constant twins of each constructor), free functions on a reference's,
+# partial specialisations on a pointer's. The emulator has one address space, where the `thread`
+# one serves, so the others are left out (blank lines keep line numbers).
 _SPACE_QUALIFIED = re.compile(r"\)\s*(?:const\s+)?(?:threadgroup|device|constant)\s*(?=[:{])")
 # ... and free functions taking a reference in another address space (complex_t's operator+=)
 _SPACE_REFERENCE = re.compile(r"\(\s*(?:threadgroup|device|constant)\s+[A-Za-z_][^,();{}\[]*&\s*\w+\s*[,)][^;{}]*\{")
+# ... and class templates specialised per address space of a pointer (steel's pointer_element<device T*>)
+_SPACE_SPECIALISATION = re.compile(r"\bstruct\s+\w+\s*<\s*(?:const\s+)?(?:threadgroup|device|constant)\s+[^<>{};]*\*\s*>\s*\{")
 
 
 def drop_space_overloads(msl: str) -> str:
     spans = []
-    matches = sorted([*_SPACE_QUALIFIED.finditer(msl), *_SPACE_REFERENCE.finditer(msl)], key=lambda m: m.start())
+    matches = sorted([*_SPACE_QUALIFIED.finditer(msl), *_SPACE_REFERENCE.finditer(msl),
+                      *_SPACE_SPECIALISATION.finditer(msl)], key=lambda m: m.start())
     for m in matches:
         if spans and m.start() < spans[-1][1]:
             continue
@@ -146,7 +150,8 @@ class Instantiation:
     span: tuple[int, int]    # where the statement is in the flattened source
 
 
-_KERNEL = re.compile(r"\[\[\s*kernel\s*\]\]\s*void\s+([A-Za-z_]\w*)\s*\(")
+_THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
+_KERNEL = re.compile(r"\[\[\s*kernel\b[^\]]*\]\]\s*void\s+([A-Za-z_]\w*)\s*\(")   # [[kernel, max_total_threads_...]]
 _INSTANCE = re.compile(
     r'template\s*\[\[\s*host_name\(\s*"([^"]+)"\s*\)\s*\]\]\s*\[\[\s*kernel\s*\]\]\s*'
     r"decltype\(\s*([A-Za-z_]\w*)\s*<([^;]*?)>\s*\)\s*\2\s*<[^;]*?>\s*;")
@@ -415,12 +420,6 @@ class LibraryFunction:
         self.constants = constants
         self.last_stats: dict = {}
 
-    @property
-    def buffers(self) -> list[Param]:
-        """The buffer arguments this specialisation binds: those whose condition constant is false are left out."""
-        return [p for p in self.fn.params if p.binding == "buffer"
-                and (p.condition is None or self.constants.get(p.condition, 0))]
-
     def _order(self) -> list[Param]:
         """The host array's order: read-only buffers, then written ones (the runtime copies those back)."""
         params = [p for p in self.fn.params if p.binding == "buffer"]
@@ -429,7 +428,9 @@ class LibraryFunction:
     @functools.cached_property
     def _program(self):
         facts = _facts(self.msl, self.host_name, frozenset(self.library.kernels))
-        unit = (f'#line 1 "{self.host_name}.metal"\n' + rewrite(self.msl, False, facts)
+        # [[threadgroup(n)]] on a helper's parameter (steel's GEMM) is an attribute, not the keyword macro
+        text = _THREADGROUP_ATTRIBUTE.sub("[[mf_threadgroup(", rewrite(self.msl, False, facts))
+        unit = (f'#line 1 "{self.host_name}.metal"\n' + text
                 + _launcher(self.host_name, self.callee, self.fn, self._order()))
         lib, path = compiler.build(unit, self.host_name, False, library=True)
         sizes = (ctypes.c_ulong * max(1, len(self._order()))).in_dll(lib, "mf_buffer_element_bytes")
@@ -457,15 +458,12 @@ class LibraryFunction:
         if tg_bytes > limits["threadgroup_memory_bytes"]:
             raise EmulatorError(f"Threadgroup memory size ({tg_bytes}) exceeds the maximum threadgroup memory "
                                 f"allowed ({limits['threadgroup_memory_bytes']}) in kernel {self.host_name}")
-        bound = {p.index for p in self.buffers}
         unknown = sorted(set(buffers) - {p.index for p in self.fn.params if p.binding == "buffer"})
         if unknown:
             raise MetalforgeError(f"emulator: kernel `{self.host_name}` has no buffer({unknown[0]})")
         keep, pointers, sizes = [], [], []
         for p, elem in zip(self._order(), element_bytes):
-            if p.index not in buffers:
-                if p.index in bound:
-                    raise MetalforgeError(f"emulator: buffer({p.index}) `{p.name}` of kernel `{self.host_name}` is not bound")
+            if p.index not in buffers:   # as in Metal, an unbound buffer is no error until the kernel reads it
                 pointers.append(None)
                 sizes.append(0)
                 continue

@@ -104,6 +104,9 @@ template <class From, class To> struct is_convertible {
 };
 #endif
 template <class From, class To> inline constexpr bool is_convertible_v = is_convertible<From, To>::value;
+template <bool B> using bool_constant = integral_constant<bool, B>;
+template <class T> struct remove_addrspace { typedef T type; };   // one address space on the CPU
+template <class T> using remove_addrspace_t = typename remove_addrspace<T>::type;
 // the usual arithmetic conversions of two types (the rule of std::common_type)
 template <class A, class B> using mf_common_t = decay_t<decltype(false ? declval<A>() : declval<B>())>;
 
