@@ -4,6 +4,7 @@ MLX's code is part of metalforge: the headers are a dependency, pinned to the ML
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,20 @@ def include_root(version: str | None = None) -> Path:
 
 def kernels_dir(version: str | None = None) -> Path:
     return include_root(version) / KERNELS
+
+
+def metallib_names(version: str | None = None) -> frozenset[str]:
+    """The function names in the wheel's compiled mlx.metallib: every kernel MLX instantiates, with
+    its template arguments in the name (a check on instantiations written outside MLX)."""
+    version = version or mlx_version()
+    include_root(version)
+    wheel = _wheel_in(cache_root() / "wheels", version)
+    if wheel is None:
+        raise MetalforgeError(f"the mlx-metal {version} wheel is no longer in {cache_root() / 'wheels'}: "
+                              f"delete {cache_root() / version} and run again")
+    with zipfile.ZipFile(wheel) as z:
+        data = z.read("mlx/lib/mlx.metallib")
+    return frozenset(m.decode() for m in re.findall(rb"[A-Za-z_][A-Za-z0-9_]{7,}", data))
 
 
 def _wheel_in(folder: Path, version: str) -> Path | None:

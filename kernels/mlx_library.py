@@ -11,7 +11,6 @@ a shape and chip is kernels/mlx_dispatch.py's business, so each runner takes the
 """
 from __future__ import annotations
 
-import functools
 import math
 import struct
 
@@ -38,15 +37,20 @@ def instantiation(host_name: str, function: str, arguments: str) -> str:
             f"{function}<{arguments}>;")
 
 
-@functools.lru_cache(maxsize=64)
-def _library(includes: tuple[str, ...], line: str) -> Library:
-    return Library("".join(f'#include "{i}"\n' for i in includes) + line + "\n")
+_libraries: dict[str, Library] = {}   # host name -> its one-instantiation library, compiled once per process
 
 
 def function(includes: tuple[str, ...], host_name: str, name: str, arguments: str, constants=None):
     """MLX's kernel `name<arguments>` under its host name, specialised for `constants`."""
-    lib = _library(includes, instantiation(host_name, name, arguments))
-    return lib.function(host_name, dict(constants or {}))
+    if host_name not in _libraries:
+        source = "".join(f'#include "{i}"\n' for i in includes) + instantiation(host_name, name, arguments) + "\n"
+        _libraries[host_name] = Library(source)
+    return _libraries[host_name].function(host_name, dict(constants or {}))
+
+
+def host_names_run() -> list[str]:
+    """The MLX kernels this process has instantiated, by host name."""
+    return sorted(_libraries)
 
 
 def _out(shape, dtype) -> np.ndarray:
