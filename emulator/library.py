@@ -215,7 +215,8 @@ def kernel_functions(msl: str) -> dict[str, KernelFunction]:
     out = {}
     for m in _KERNEL.finditer(msl):
         close = _closing(msl, m.end() - 1)
-        template = msl[:m.start()].rstrip().endswith(">")
+        before = msl[max(msl.rfind(c, 0, m.start()) for c in ";{}") + 1:m.start()]
+        template = re.search(r"\btemplate\s*<", re.sub(r"(?m)^\s*#.*$", "", before)) is not None
         try:
             params = _numbered([_param(p, m.group(1)) for p in _split_top(msl[m.end():close])])
         except MetalforgeError as e:

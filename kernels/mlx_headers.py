@@ -108,4 +108,7 @@ def _extract(wheel: Path, target: Path) -> None:
 
 
 if __name__ == "__main__":   # python -m metalforge.kernels.mlx_headers: fetch now, print the folder
-    print(kernels_dir())
+    try:
+        print(kernels_dir())
+    except MetalforgeError as e:
+        sys.exit(f"error: {e}")
