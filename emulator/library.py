@@ -5,7 +5,7 @@ does with `newLibraryWithSource`, `newFunctionWithName:constantValues:` and a co
 
     lib = Library(source)                      # #include "mlx/backend/metal/kernels/..." resolves to
     fn = lib.function("affine_qmv_float_...")  # MLX's headers of the installed version (fetched once)
-    fn(buffers={0: w, 1: scales, ..., 4: y, 5: np.int32(K)}, threadgroups=(1, N // 8, 1), threadgroup=(32, 2, 1))
+    fn(buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N}, threadgroups=(M, (N + 7) // 8, 1), threadgroup=(32, 2, 1))
 
 The source is flattened (its quoted includes inlined from the header root), checked by the same
 conformance front end as `metal_kernel`, rewritten the same way and compiled into one translation
@@ -23,11 +23,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from metalforge import devices
 from metalforge.errors import MetalforgeError
 
 from . import compiler, conformance
-from .kernel import DEFAULT_LIMITS, EmulatorError, _run_interruptibly, _with_lines, timeout_default, worker_count
+from .kernel import (EmulatorError, _run_interruptibly, _with_lines, checked_default, device_limits, timeout_default,
+                     worker_count)
 from .source import ATTRIBUTE_VALUES, METAL_HEADERS, rewrite
 
 # ---- flattening: quoted includes inlined from the header root ----------------------------------------
@@ -265,11 +265,18 @@ template <class F> struct params;
 template <class R, class... P> struct params<R(P...)> { template <int I> using at = typename nth<I, P...>::type; };
 template <class T> struct is_ptr { static constexpr bool value = false; };
 template <class T> struct is_ptr<T*> { static constexpr bool value = true; };
+template <class T> struct is_checked { static constexpr bool value = false; };
 template <class T> struct element { using type = metal::remove_cv_t<metal::remove_reference_t<T>>; };
 template <class T> struct element<T*> { using type = metal::remove_cv_t<T>; };
-// a buffer as the parameter takes it: a pointer, or the value behind a reference
-template <class P> inline P buffer(void* p) {
+#ifdef MF_CHECKED
+template <class T> struct is_checked<mf::DevPtr<T>> { static constexpr bool value = true; using pointer = T*; };
+template <class T> struct element<mf::DevPtr<T>> { using type = metal::remove_cv_t<T>; };
+#endif
+// a buffer as the parameter takes it: a pointer (in checked mode a bounds-checked one), or the
+// value behind a reference
+template <class P> inline P buffer(void* p, long long count, const char* name) {
   if constexpr (is_ptr<P>::value) return reinterpret_cast<P>(p);
+  else if constexpr (is_checked<P>::value) return P(reinterpret_cast<typename is_checked<P>::pointer>(p), count, name);
   else return *reinterpret_cast<metal::remove_reference_t<P>*>(p);
 }
 // an attribute's value in the parameter's type (uint3 or its first components)
@@ -289,7 +296,7 @@ def _launcher(host_name: str, callee: str, fn: KernelFunction, order: list[Param
     for i, p in enumerate(fn.params):
         at = f"P::template at<{i}>"
         if p.binding == "buffer":
-            args.append(f"mf_launch::buffer<{at}>(buffers[{position[p.index]}])")
+            args.append(f'mf_launch::buffer<{at}>(buffers[{position[p.index]}], meta[9 + {position[p.index]}], "{p.name}")')
         else:
             args.append(f"mf_launch::attribute<{at}>({ATTRIBUTE_VALUES[p.attribute]})")
     names = ", ".join(f'"{p.name}"' for p in order) or '""'
@@ -304,7 +311,6 @@ static const char* const mf_buffer_names[] = {{{names}}};
 extern "C" const mf::KernelInfo mf_kernel_info = {{"{host_name}", mf_buffer_names, {len(order)}, {first_output}}};
 extern "C" [[gnu::visibility("default")]] const unsigned long mf_buffer_element_bytes[] = {{{sizes}}};
 extern "C" void mf_kernel_body(void* const* buffers, const long long* meta, const mf::Launch& L, mf::Fiber& f) {{
-  (void)meta;
   {callee}({", ".join(args)});
 }}
 '''
@@ -317,11 +323,12 @@ class Library:
     `headers`: the include root its quoted includes resolve in; default MLX's kernel headers of
     the installed MLX version (fetched with pip the first time one is needed)."""
 
-    def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None):
+    def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None, checked=None):
         self.source = source
         self._headers = Path(headers) if headers is not None else None
         self.device = device
         self.timeout = timeout
+        self.checked = checked_default() if checked is None else bool(checked)
 
     @functools.cached_property
     def msl(self) -> str:
@@ -399,12 +406,6 @@ class Library:
             return f"constant {ctype} {name} = {_literal(ctype, values.get(name, 0))};"
         return _CONSTANT.sub(constant, text)
 
-    def limits(self) -> dict:
-        if self.device is None:
-            return DEFAULT_LIMITS
-        p = devices.get(self.device)
-        return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
-                "max_threads_per_threadgroup": p.max_threads_per_threadgroup}
 
 
 @functools.lru_cache(maxsize=64)
@@ -430,10 +431,11 @@ class LibraryFunction:
     def _program(self):
         facts = _facts(self.msl, self.host_name, frozenset(self.library.kernels))
         # [[threadgroup(n)]] on a helper's parameter (steel's GEMM) is an attribute, not the keyword macro
-        text = _THREADGROUP_ATTRIBUTE.sub("[[mf_threadgroup(", rewrite(self.msl, False, facts))
+        checked = self.library.checked
+        text = _THREADGROUP_ATTRIBUTE.sub("[[mf_threadgroup(", rewrite(self.msl, checked, facts))
         unit = (f'#line 1 "{self.host_name}.metal"\n' + text
                 + _launcher(self.host_name, self.callee, self.fn, self._order()))
-        lib, path = compiler.build(unit, self.host_name, False, library=True)
+        lib, path = compiler.build(unit, self.host_name, checked, library=True)
         sizes = (ctypes.c_ulong * max(1, len(self._order()))).in_dll(lib, "mf_buffer_element_bytes")
         return lib, path, list(sizes)[:len(self._order())]
 
@@ -449,7 +451,7 @@ class LibraryFunction:
         tg = tuple(int(t) for t in threadgroup)
         if len(groups) != 3 or len(tg) != 3 or min(groups) < 1 or min(tg) < 1:
             raise ValueError(f"threadgroups and threadgroup must be three positive integers, got {groups} and {tg}")
-        limits = self.library.limits()
+        limits = device_limits(self.library.device)
         tg_size = tg[0] * tg[1] * tg[2]
         if tg_size > limits["max_threads_per_threadgroup"]:
             raise EmulatorError(f"Thread group size ({tg_size}) is greater than  the maximum allowed threads per "
@@ -482,7 +484,8 @@ class LibraryFunction:
         ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
         byte_sizes = (ctypes.c_longlong * max(1, len(sizes)))(*sizes)
         timeout = self.library.timeout if self.library.timeout is not None else timeout_default()
-        rc = _run_interruptibly(lambda: lib.mf_launch(ptrs, meta, byte_sizes, worker_count(), 0),
+        checked = int(self.library.checked)
+        rc = _run_interruptibly(lambda: lib.mf_launch(ptrs, meta, byte_sizes, worker_count(), checked),
                                 lib.mf_cancel, self.host_name, timeout)
         counts = (ctypes.c_longlong * 3)()
         lib.mf_stats(counts)

@@ -738,30 +738,20 @@ inline void mf_simdgroup_barrier(mem_flags, int line) { mf::simd_exchange(0, &mf
 // utils.h adds 64-bit and complex shuffles, its bf16_math.h bfloat ones); the call site's line,
 // which lanes meet at, is the default argument's.
 #define MF_LINE int line = __builtin_LINE()
-template <class T> inline T simd_sum(T x, MF_LINE) { return mf_simd_sum(x, line); }
-template <class T> inline T simd_product(T x, MF_LINE) { return mf_simd_product(x, line); }
-template <class T> inline T simd_prod(T x, MF_LINE) { return mf_simd_product(x, line); }
-template <class T> inline T simd_max(T x, MF_LINE) { return mf_simd_max(x, line); }
-template <class T> inline T simd_min(T x, MF_LINE) { return mf_simd_min(x, line); }
-template <class T> inline T simd_and(T x, MF_LINE) { return mf_simd_and(x, line); }
-template <class T> inline T simd_or(T x, MF_LINE) { return mf_simd_or(x, line); }
-template <class T> inline T simd_xor(T x, MF_LINE) { return mf_simd_xor(x, line); }
-template <class T> inline T simd_prefix_inclusive_sum(T x, MF_LINE) { return mf_simd_prefix_inclusive_sum(x, line); }
-template <class T> inline T simd_prefix_exclusive_sum(T x, MF_LINE) { return mf_simd_prefix_exclusive_sum(x, line); }
-template <class T, class I> inline T simd_shuffle(T x, I i, MF_LINE) { return mf_simd_shuffle(x, i, line); }
-template <class T, class I> inline T simd_shuffle_xor(T x, I i, MF_LINE) { return mf_simd_shuffle_xor(x, i, line); }
-template <class T, class I> inline T simd_shuffle_up(T x, I i, MF_LINE) { return mf_simd_shuffle_up(x, i, line); }
-template <class T, class I> inline T simd_shuffle_down(T x, I i, MF_LINE) { return mf_simd_shuffle_down(x, i, line); }
-template <class T, class I> inline T simd_broadcast(T x, I i, MF_LINE) { return mf_simd_broadcast(x, i, line); }
-template <class T> inline T simd_broadcast_first(T x, MF_LINE) { return mf_simd_broadcast_first(x, line); }
-template <class T> inline T quad_sum(T x, MF_LINE) { return mf_quad_sum_(x, line); }
-template <class T> inline T quad_max(T x, MF_LINE) { return mf_quad_max_(x, line); }
-template <class T> inline T quad_min(T x, MF_LINE) { return mf_quad_min_(x, line); }
-template <class T, class I> inline T quad_shuffle(T x, I i, MF_LINE) { return mf_quad_shuffle_(x, i, line); }
-template <class T, class I> inline T quad_shuffle_xor(T x, I i, MF_LINE) { return mf_quad_shuffle_xor_(x, i, line); }
-template <class T, class I> inline T quad_shuffle_up(T x, I i, MF_LINE) { return mf_quad_shuffle_up_(x, i, line); }
-template <class T, class I> inline T quad_shuffle_down(T x, I i, MF_LINE) { return mf_quad_shuffle_down_(x, i, line); }
-template <class T, class I> inline T quad_broadcast(T x, I i, MF_LINE) { return mf_quad_shuffle_(x, i, line); }
+#define MF_SIMD1(name, impl) template <class T> inline T name(T x, MF_LINE) { return impl(x, line); }
+#define MF_SIMD2(name, impl) template <class T, class I> inline T name(T x, I i, MF_LINE) { return impl(x, i, line); }
+MF_SIMD1(simd_sum, mf_simd_sum) MF_SIMD1(simd_product, mf_simd_product) MF_SIMD1(simd_prod, mf_simd_product)
+MF_SIMD1(simd_max, mf_simd_max) MF_SIMD1(simd_min, mf_simd_min) MF_SIMD1(simd_and, mf_simd_and)
+MF_SIMD1(simd_or, mf_simd_or) MF_SIMD1(simd_xor, mf_simd_xor)
+MF_SIMD1(simd_prefix_inclusive_sum, mf_simd_prefix_inclusive_sum)
+MF_SIMD1(simd_prefix_exclusive_sum, mf_simd_prefix_exclusive_sum)
+MF_SIMD1(simd_broadcast_first, mf_simd_broadcast_first) MF_SIMD1(quad_sum, mf_quad_sum_)
+MF_SIMD1(quad_max, mf_quad_max_) MF_SIMD1(quad_min, mf_quad_min_)
+MF_SIMD2(simd_shuffle, mf_simd_shuffle) MF_SIMD2(simd_shuffle_xor, mf_simd_shuffle_xor)
+MF_SIMD2(simd_shuffle_up, mf_simd_shuffle_up) MF_SIMD2(simd_shuffle_down, mf_simd_shuffle_down)
+MF_SIMD2(simd_broadcast, mf_simd_broadcast) MF_SIMD2(quad_shuffle, mf_quad_shuffle_)
+MF_SIMD2(quad_shuffle_xor, mf_quad_shuffle_xor_) MF_SIMD2(quad_shuffle_up, mf_quad_shuffle_up_)
+MF_SIMD2(quad_shuffle_down, mf_quad_shuffle_down_) MF_SIMD2(quad_broadcast, mf_quad_shuffle_)
 inline bool simd_all(bool b, MF_LINE) { return mf_simd_all(b, line); }
 inline bool simd_any(bool b, MF_LINE) { return mf_simd_any(b, line); }
 inline simd_vote simd_ballot(bool b, MF_LINE) { return mf_simd_ballot(b, line); }
@@ -770,16 +760,14 @@ inline bool simd_is_first(MF_LINE) { return mf_simd_is_first(line); }
 // ---- the Metal compiler's own intrinsics, which MLX's headers call (bf16_math.h, steel's MMA) -----
 template <class T> inline T __metal_get_thread_index_in_simdgroup(T) { return T(mf::self().lane); }
 template <class T> inline T __metal_get_simdgroup_size(T) { return T(32); }
-template <class T> inline T __metal_simd_sum(T x, MF_LINE) { return mf_simd_sum(x, line); }
-template <class T> inline T __metal_simd_product(T x, MF_LINE) { return mf_simd_product(x, line); }
-template <class T> inline T __metal_simd_max(T x, MF_LINE) { return mf_simd_max(x, line); }
-template <class T> inline T __metal_simd_min(T x, MF_LINE) { return mf_simd_min(x, line); }
+MF_SIMD1(__metal_simd_sum, mf_simd_sum) MF_SIMD1(__metal_simd_product, mf_simd_product)
+MF_SIMD1(__metal_simd_max, mf_simd_max) MF_SIMD1(__metal_simd_min, mf_simd_min)
 template <class T> inline T __metal_simd_xor(T x, MF_LINE) {   // on the bits (MLX's bfloat simd_xor passes a float)
   using U = conditional_t<sizeof(T) == 2, uint16_t, conditional_t<sizeof(T) == 8, uint64_t, uint32_t>>;
   return __builtin_bit_cast(T, mf_simd_xor(__builtin_bit_cast(U, x), line));
 }
-template <class T> inline T __metal_simd_prefix_inclusive_sum(T x, MF_LINE) { return mf_simd_prefix_inclusive_sum(x, line); }
-template <class T> inline T __metal_simd_prefix_exclusive_sum(T x, MF_LINE) { return mf_simd_prefix_exclusive_sum(x, line); }
+MF_SIMD1(__metal_simd_prefix_inclusive_sum, mf_simd_prefix_inclusive_sum)
+MF_SIMD1(__metal_simd_prefix_exclusive_sum, mf_simd_prefix_exclusive_sum)
 template <class T> void mf_prefix_product(mf::Fiber** l, int n, bool inclusive) {
   T acc = T(1);
   for (int i = 0; i < n; i++) {
@@ -791,29 +779,29 @@ template <class T> void mf_prefix_product_in(mf::Fiber** l, int n) { mf_prefix_p
 template <class T> void mf_prefix_product_ex(mf::Fiber** l, int n) { mf_prefix_product<T>(l, n, false); }
 template <class T> inline T __metal_simd_prefix_inclusive_product(T x, MF_LINE) { return mf::simd_exchange(x, &mf_prefix_product_in<T>, line); }
 template <class T> inline T __metal_simd_prefix_exclusive_product(T x, MF_LINE) { return mf::simd_exchange(x, &mf_prefix_product_ex<T>, line); }
-template <class T, class I> inline T __metal_simd_shuffle(T x, I i, MF_LINE) { return mf_simd_shuffle(x, i, line); }
-template <class T, class I> inline T __metal_simd_broadcast(T x, I i, MF_LINE) { return mf_simd_broadcast(x, i, line); }
-template <class T, class I> inline T __metal_simd_shuffle_xor(T x, I i, MF_LINE) { return mf_simd_shuffle_xor(x, i, line); }
-template <class T, class I> inline T __metal_simd_shuffle_up(T x, I i, MF_LINE) { return mf_simd_shuffle_up(x, i, line); }
-template <class T, class I> inline T __metal_simd_shuffle_down(T x, I i, MF_LINE) { return mf_simd_shuffle_down(x, i, line); }
+MF_SIMD2(__metal_simd_shuffle, mf_simd_shuffle) MF_SIMD2(__metal_simd_broadcast, mf_simd_broadcast)
+MF_SIMD2(__metal_simd_shuffle_xor, mf_simd_shuffle_xor) MF_SIMD2(__metal_simd_shuffle_up, mf_simd_shuffle_up)
+MF_SIMD2(__metal_simd_shuffle_down, mf_simd_shuffle_down)
 template <class T, class I> inline T __metal_simd_shuffle_rotate_down(T x, I d, MF_LINE) {
   return mf_simd_shuffle(x, (mf::self().lane + unsigned(d)) % 32u, line);
 }
 template <class T, class I> inline T __metal_simd_shuffle_rotate_up(T x, I d, MF_LINE) {
   return mf_simd_shuffle(x, (mf::self().lane + 32u - unsigned(d) % 32u) % 32u, line);
 }
-// lane i takes data from lane i + delta, or filling from lane i + delta - width past the end
+// down: lane i takes data from lane i + delta, or filling from lane i + delta - width past the end;
+// up: from lane i - delta, or filling from lane width + i - delta before the start (within `width` lanes)
+template <bool Down, class T, class I, class W> inline T mf_shuffle_and_fill(T data, T fill, I delta, W width, int line) {
+  const unsigned lane = mf::self().lane, w = unsigned(width), d = unsigned(delta), base = lane - lane % w, at = lane % w;
+  const bool own = Down ? at + d < w : at >= d;
+  const T from_data = mf_simd_shuffle(data, base + (own ? (Down ? at + d : at - d) : 0u), line);
+  const T from_fill = mf_simd_shuffle(fill, base + (own ? 0u : (Down ? at + d - w : w + at - d)), line);
+  return own ? from_data : from_fill;
+}
 template <class T, class I, class W> inline T __metal_simd_shuffle_and_fill_down(T data, T fill, I delta, W width, MF_LINE) {
-  const unsigned lane = mf::self().lane, w = unsigned(width), d = unsigned(delta), base = lane - lane % w, at = lane % w + d;
-  const T from_data = mf_simd_shuffle(data, base + (at < w ? at : 0u), line);
-  const T from_fill = mf_simd_shuffle(fill, base + (at < w ? 0u : at - w), line);
-  return at < w ? from_data : from_fill;
+  return mf_shuffle_and_fill<true>(data, fill, delta, width, line);
 }
 template <class T, class I, class W> inline T __metal_simd_shuffle_and_fill_up(T data, T fill, I delta, W width, MF_LINE) {
-  const unsigned lane = mf::self().lane, w = unsigned(width), d = unsigned(delta), base = lane - lane % w, at = lane % w;
-  const T from_data = mf_simd_shuffle(data, base + (at >= d ? at - d : 0u), line);
-  const T from_fill = mf_simd_shuffle(fill, base + (at >= d ? 0u : w + at - d), line);
-  return at >= d ? from_data : from_fill;
+  return mf_shuffle_and_fill<false>(data, fill, delta, width, line);
 }
 template <class T, class I> inline T simd_shuffle_rotate_down(T x, I d, MF_LINE) { return __metal_simd_shuffle_rotate_down(x, d, line); }
 template <class T, class I> inline T simd_shuffle_rotate_up(T x, I d, MF_LINE) { return __metal_simd_shuffle_rotate_up(x, d, line); }
@@ -830,6 +818,8 @@ template <class T, class I, class W> inline T simd_shuffle_and_fill_up(T data, T
   return __metal_simd_shuffle_and_fill_up(data, fill, delta, modulo, line);
 }
 #undef MF_LINE
+#undef MF_SIMD1
+#undef MF_SIMD2
 #define MF_INTRINSIC1(name, fn) template <class T, class... M> inline T __metal_##name(T x, M...) { return T(fn(x)); }
 #define MF_INTRINSIC2(name, fn) template <class T, class... M> inline T __metal_##name(T x, T y, M...) { return T(fn(x, y)); }
 MF_INTRINSIC1(acos, acos) MF_INTRINSIC1(acosh, acosh) MF_INTRINSIC1(asin, asin) MF_INTRINSIC1(asinh, asinh)

@@ -37,14 +37,17 @@ def instantiation(host_name: str, function: str, arguments: str) -> str:
             f"{function}<{arguments}>;")
 
 
+def library_source(includes: tuple[str, ...], host_name: str, name: str, arguments: str) -> str:
+    return "".join(f'#include "{i}"\n' for i in includes) + instantiation(host_name, name, arguments) + "\n"
+
+
 _libraries: dict[str, Library] = {}   # host name -> its one-instantiation library, compiled once per process
 
 
 def function(includes: tuple[str, ...], host_name: str, name: str, arguments: str, constants=None):
     """MLX's kernel `name<arguments>` under its host name, specialised for `constants`."""
     if host_name not in _libraries:
-        source = "".join(f'#include "{i}"\n' for i in includes) + instantiation(host_name, name, arguments) + "\n"
-        _libraries[host_name] = Library(source)
+        _libraries[host_name] = Library(library_source(includes, host_name, name, arguments))
     return _libraries[host_name].function(host_name, dict(constants or {}))
 
 
