@@ -25,7 +25,7 @@ import numpy as np
 
 from metalforge.errors import MetalforgeError
 
-from . import compiler, conformance
+from . import compiler, conformance, trace
 from .kernel import (EmulatorError, _run_interruptibly, _with_lines, checked_default, device_limits, timeout_default,
                      worker_count)
 from .source import ATTRIBUTE_VALUES, METAL_HEADERS, rewrite
@@ -150,6 +150,7 @@ class Instantiation:
     span: tuple[int, int]    # where the statement is in the flattened source
 
 
+MODES = ("plain", "checked", "traced")
 _THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
 _KERNEL = re.compile(r"\[\[\s*kernel\b[^\]]*\]\]\s*void\s+([A-Za-z_]\w*)\s*\(")   # [[kernel, max_total_threads_...]]
 _INSTANCE = re.compile(
@@ -321,14 +322,20 @@ class Library:
     """A Metal source compiled as a library; `function(host_name, constants)` picks a kernel.
 
     `headers`: the include root its quoted includes resolve in; default MLX's kernel headers of
-    the installed MLX version (fetched with pip the first time one is needed)."""
+    the installed MLX version (fetched with pip the first time one is needed). `mode`: plain,
+    checked (bounds and races, $METALFORGE_EMULATOR_CHECKED) or traced (checked, and each call
+    leaves `last_trace`, a trace.Trace of what it did; `trace_capacity` accesses at most)."""
 
-    def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None, checked=None):
+    def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None, mode=None,
+                 trace_capacity: int = 1 << 21):
         self.source = source
         self._headers = Path(headers) if headers is not None else None
         self.device = device
         self.timeout = timeout
-        self.checked = checked_default() if checked is None else bool(checked)
+        self.mode = mode or ("checked" if checked_default() else "plain")
+        if self.mode not in MODES:
+            raise MetalforgeError(f"emulator: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.trace_capacity = trace_capacity
 
     @functools.cached_property
     def msl(self) -> str:
@@ -421,6 +428,7 @@ class LibraryFunction:
         self.library, self.host_name, self.fn, self.callee, self.msl = library, host_name, fn, callee, msl
         self.constants = constants
         self.last_stats: dict = {}
+        self.last_trace: trace.Trace | None = None
 
     def _order(self) -> list[Param]:
         """The host array's order: read-only buffers, then written ones (the runtime copies those back)."""
@@ -431,11 +439,11 @@ class LibraryFunction:
     def _program(self):
         facts = _facts(self.msl, self.host_name, frozenset(self.library.kernels))
         # [[threadgroup(n)]] on a helper's parameter (steel's GEMM) is an attribute, not the keyword macro
-        checked = self.library.checked
+        checked = self.library.mode != "plain"
         text = _THREADGROUP_ATTRIBUTE.sub("[[mf_threadgroup(", rewrite(self.msl, checked, facts))
         unit = (f'#line 1 "{self.host_name}.metal"\n' + text
                 + _launcher(self.host_name, self.callee, self.fn, self._order()))
-        lib, path = compiler.build(unit, self.host_name, checked, library=True)
+        lib, path = compiler.build(unit, self.host_name, checked, library=True, traced=self.library.mode == "traced")
         sizes = (ctypes.c_ulong * max(1, len(self._order()))).in_dll(lib, "mf_buffer_element_bytes")
         return lib, path, list(sizes)[:len(self._order())]
 
@@ -484,7 +492,11 @@ class LibraryFunction:
         ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
         byte_sizes = (ctypes.c_longlong * max(1, len(sizes)))(*sizes)
         timeout = self.library.timeout if self.library.timeout is not None else timeout_default()
-        checked = int(self.library.checked)
+        checked = int(self.library.mode != "plain")
+        records = None
+        if self.library.mode == "traced":
+            records = trace.buffer(self.library.trace_capacity)
+            trace.arm(lib, records)
         rc = _run_interruptibly(lambda: lib.mf_launch(ptrs, meta, byte_sizes, worker_count(), checked),
                                 lib.mf_cancel, self.host_name, timeout)
         counts = (ctypes.c_longlong * 3)()
@@ -493,6 +505,8 @@ class LibraryFunction:
         if rc != 0:
             messages = [lib.mf_error(i).decode() for i in range(lib.mf_error_count())]
             raise EmulatorError(_with_lines(messages, path, self.host_name))
+        if records is not None:
+            self.last_trace = trace.summarize(lib, records, self.last_stats, groups[0] * groups[1] * groups[2], tg_bytes)
 
 
 _PYTHON_SCALARS = {"int": np.int32, "int32_t": np.int32, "uint": np.uint32, "uint32_t": np.uint32,

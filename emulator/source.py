@@ -276,10 +276,10 @@ def runtime_source() -> str:
     return _read("mf_runtime.cpp")
 
 
-@lru_cache(maxsize=4)
-def compat_header(checked: bool, library: bool = False) -> str:
+@lru_cache(maxsize=8)
+def compat_header(checked: bool, library: bool = False, traced: bool = False) -> str:
     """metal_compat.h with the runtime interface and its swizzles filled in, and the
-    checked-mode layer when asked. A full library (emulator/library.py) includes MLX's utils.h
+    checked-mode layer when asked (and the trace records on it). A full library (emulator/library.py) includes MLX's utils.h
     itself, so its variant leaves out what a custom kernel gets of utils.h implicitly."""
     compat = _read("metal_compat.h").replace('#include "mf_kernel.h"', kernel_interface())
     for n, members in swizzle_members().items():
@@ -288,4 +288,6 @@ def compat_header(checked: bool, library: bool = False) -> str:
         compat = "#define MF_CHECKED 1\n" + compat.replace("using namespace metal;", _read("mf_checked.h") + "\nusing namespace metal;", 1)
     if library:
         compat = "#define MF_LIBRARY 1\n" + compat
+    if traced:   # on top of the checked layer, whose pointers and views it counts through
+        compat = "#define MF_TRACE 1\n" + compat
     return compat

@@ -169,7 +169,7 @@ def test_checked_mode_reports_an_out_of_bounds_index_with_its_line():
     lib = Library("[[kernel]] void k(const device float* a [[buffer(0)]], device float* o [[buffer(1)]],\n"
                   "              uint i [[thread_position_in_grid]]) {\n"
                   "  o[i] = a[i + 1];\n"
-                  "}\n", checked=True)
+                  "}\n", mode="checked")
     with pytest.raises(EmulatorError, match=r"device buffer 'a' at element 8 \(it has 8 elements\) by thread \(7,0,0\) .* at line 3"):
         lib.function("k")(buffers={0: np.zeros(8, np.float32), 1: np.zeros(8, np.float32)},
                           threadgroups=(1, 1, 1), threadgroup=(8, 1, 1))
@@ -184,7 +184,7 @@ def test_mlxs_decode_attention_runs_clean_in_checked_mode():
     q, k, v = mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 1, 37, 64)), mx.random.normal((1, 1, 37, 64))
     out = np.zeros((1, 2, 1, 64), np.float32)
     fn = Library(mlx_library.library_source(mlx_library.SDPA_INCLUDES, "sdpa_vector_float_64_64", "sdpa_vector",
-                                               "float, 64, 64"), checked=True).function(
+                                               "float, 64, 64"), mode="checked").function(
         "sdpa_vector_float_64_64", {20: False, 21: False, 22: False, 23: False, 24: False, 25: False})
     fn(buffers={0: q, 1: k, 2: v, 3: out, 4: 2, 5: 37, 6: 37 * 64, 7: 64, 8: 37 * 64, 9: 64, 10: 0.125},
        threadgroups=(2, 1, 1), threadgroup=(1024, 1, 1))
