@@ -151,6 +151,9 @@ class Instantiation:
 
 
 MODES = ("plain", "checked", "traced")
+_POINTER_ELEMENT = re.compile(r"using\s+pointer_element_t\s*=[^;]*;")
+_CHECKED_POINTER_ELEMENT = (" template <typename T> struct pointer_element<mf::DevPtr<T>> "
+                            "{ using type = remove_cv_t<T>; };")
 _THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
 _KERNEL = re.compile(r"\[\[\s*kernel\b[^\]]*\]\]\s*void\s+([A-Za-z_]\w*)\s*\(")   # [[kernel, max_total_threads_...]]
 _INSTANCE = re.compile(
@@ -441,6 +444,8 @@ class LibraryFunction:
         # [[threadgroup(n)]] on a helper's parameter (steel's GEMM) is an attribute, not the keyword macro
         checked = self.library.mode != "plain"
         text = _THREADGROUP_ATTRIBUTE.sub("[[mf_threadgroup(", rewrite(self.msl, checked, facts))
+        if checked:   # steel's pointer_element<T*> traits, for the checked pointers that stand for T*
+            text = _POINTER_ELEMENT.sub(lambda m: m.group(0) + _CHECKED_POINTER_ELEMENT, text, count=1)
         unit = (f'#line 1 "{self.host_name}.metal"\n' + text
                 + _launcher(self.host_name, self.callee, self.fn, self._order()))
         lib, path = compiler.build(unit, self.host_name, checked, library=True, traced=self.library.mode == "traced")
@@ -451,14 +456,24 @@ class LibraryFunction:
         """Check and compile now (thread-safe): for compiling many functions in parallel."""
         self._program  # noqa: B018
 
-    def __call__(self, *, buffers: dict, threadgroups, threadgroup) -> None:
-        """Run the kernel over `threadgroups` (a count per dimension) of `threadgroup` threads.
-        Buffers are numpy arrays (written in place when the kernel writes them), MLX arrays
-        (read only), bytes, or Python numbers for scalar arguments (`const constant int& n`)."""
-        groups = tuple(int(g) for g in threadgroups)
+    def __call__(self, *, buffers: dict, threadgroup, threadgroups=None, threads=None) -> None:
+        """Run the kernel over `threadgroups` (a count per dimension) of `threadgroup` threads
+        (dispatchThreadgroups), or over `threads` threads with partial threadgroups at the edges
+        (dispatchThreads, what mx.fast.metal_kernel's grid means). Buffers are numpy arrays
+        (written in place when the kernel writes them), MLX arrays (read only), bytes, or Python
+        numbers for scalar arguments (`const constant int& n`)."""
         tg = tuple(int(t) for t in threadgroup)
+        if (threadgroups is None) == (threads is None):
+            raise ValueError("give threadgroups (dispatchThreadgroups) or threads (dispatchThreads), one of them")
+        if threads is not None:
+            grid = tuple(int(t) for t in threads)
+            tg = tuple(min(t, g) for t, g in zip(tg, grid))
+            groups = tuple(-(-g // t) for g, t in zip(grid, tg))
+        else:
+            groups = tuple(int(g) for g in threadgroups)
+            grid = tuple(g * t for g, t in zip(groups, tg))
         if len(groups) != 3 or len(tg) != 3 or min(groups) < 1 or min(tg) < 1:
-            raise ValueError(f"threadgroups and threadgroup must be three positive integers, got {groups} and {tg}")
+            raise ValueError(f"the grid and threadgroup must be three positive integers, got {groups} and {tg}")
         limits = device_limits(self.library.device)
         tg_size = tg[0] * tg[1] * tg[2]
         if tg_size > limits["max_threads_per_threadgroup"]:
@@ -485,9 +500,7 @@ class LibraryFunction:
             keep.append(data)
             pointers.append(data.ctypes.data)
             sizes.append(data.nbytes)
-        nominal = tg
-        grid = [g * t for g, t in zip(groups, tg)]
-        meta = (ctypes.c_longlong * (9 + len(sizes)))(*grid, *nominal, *groups,
+        meta = (ctypes.c_longlong * (9 + len(sizes)))(*grid, *tg, *groups,
                                                       *[s // max(1, e) for s, e in zip(sizes, element_bytes)])
         ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
         byte_sizes = (ctypes.c_longlong * max(1, len(sizes)))(*sizes)
@@ -536,3 +549,33 @@ def _host_bytes(value, p: Param, kernel: str) -> np.ndarray:
         return np.array(value, dtype=_PYTHON_SCALARS[p.scalar_type])
     raise MetalforgeError(f"emulator: buffer({p.index}) `{p.name}` of kernel `{kernel}` cannot take a "
                           f"{type(value).__name__}: bind a numpy array, an MLX array or bytes")
+
+
+def run_custom_kernel(kernel, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
+                      init_value=None, mode: str = "traced"):
+    """Run an `mx.fast.metal_kernel` kernel (`kernel` has its name, input_names, output_names and
+    source) as the one-kernel library MLX generates for it (MLX's utils.h included first, as MLX
+    does), in `mode`; returns its outputs and the function, whose `last_trace` a traced run fills."""
+    import mlx.core as mx
+
+    from .kernel import NUMPY_DTYPES, _as_array, _numpy_view, _to_mlx
+    from .source import InputInfo, buffer_plan, mlx_kernel_name, mlx_source
+    arrays = [_as_array(x) for x in inputs]
+    arrays = [mx.contiguous(a) if a.ndim else a for a in arrays]
+    source = kernel.source
+    infos = [InputInfo(n, a.dtype, a.ndim, a.size, f"{n}_shape" in source, f"{n}_strides" in source,
+                       f"{n}_ndim" in source) for n, a in zip(kernel.input_names, arrays)]
+    template = list(template or [])
+    kname = mlx_kernel_name(kernel.name, template, infos, output_dtypes)
+    plan = buffer_plan(infos, kernel.output_names, output_dtypes, False)
+    msl = mlx_source(kname, getattr(kernel, "header", ""), source, plan, template)
+    fn = Library('#include "mlx/backend/metal/kernels/utils.h"\n' + msl, mode=mode).function(kname)
+    views = {n: _numpy_view(a) for n, a in zip(kernel.input_names, arrays)}
+    outs = {n: np.full(tuple(s), init_value or 0, dtype=NUMPY_DTYPES[d])
+            for n, s, d in zip(kernel.output_names, output_shapes, output_dtypes)}
+    meta = {"shape": lambda v: np.array(v.shape, np.int32), "ndim": lambda v: np.array(v.ndim, np.int32),
+            "strides": lambda v: np.array([s // v.itemsize for s in v.strides], np.int64)}
+    buffers = {i: outs[b.of] if b.role == "output" else views[b.of] if b.role in ("input", "scalar")
+               else meta[b.role](views[b.of]) for i, b in enumerate(plan)}
+    fn(buffers=buffers, threads=grid, threadgroup=threadgroup)
+    return [_to_mlx(outs[n], d) for n, d in zip(kernel.output_names, output_dtypes)], fn

@@ -213,12 +213,7 @@ def rewrite(msl: str, checked: bool, facts=None) -> str:
         found += len(slots)
         return "; ".join(slots) + ";"
 
-    masked = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), msl)   # "// ... threadgroup" is no declaration
-    pieces, last = [], 0
-    for m in _TG_DECL.finditer(masked):
-        pieces += [msl[last:m.start()], tg(m)]
-        last = m.end()
-    out = "".join(pieces) + msl[last:]
+    out = _sub_in_code(_TG_DECL, tg, msl)
     if facts is not None and found != facts.threadgroup_declarations:
         raise MetalforgeError(
             f"emulator: this kernel declares {facts.threadgroup_declarations} threadgroup variables and the emulator "
@@ -228,11 +223,21 @@ def rewrite(msl: str, checked: bool, facts=None) -> str:
         def ptr(m):
             const = "const " if (m.group(1) or m.group(3)) else ""
             return f"mf::DevPtr<{const}{m.group(4)}> "
-        out = _PTR_DECL.sub(ptr, out)
+        out = _sub_in_code(_PTR_DECL, ptr, out)
         # reinterpret_cast<const device T*>(p) reads p's bytes as another type: with p checked, the
         # same conversion is DevPtr's explicit constructor (its bounds in the new element size)
         out = _CHECKED_REINTERPRET.sub(r"\1(", out)
     return out
+
+
+def _sub_in_code(pattern: re.Pattern, repl, text: str) -> str:
+    """pattern.sub outside comments: "// ... threadgroup" is no declaration, "device memory */" no pointer."""
+    masked = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    pieces, last = [], 0
+    for m in pattern.finditer(masked):
+        pieces += [text[last:m.start()], repl(m)]
+        last = m.end()
+    return "".join(pieces) + text[last:]
 
 
 # ---- swizzles --------------------------------------------------------------------------------------

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from metalforge.emulator.library import Library
+from metalforge.emulator.trace import Trace
 from metalforge.errors import MetalforgeError
 
 _K = "mlx/backend/metal/kernels"
@@ -41,19 +43,38 @@ def library_source(includes: tuple[str, ...], host_name: str, name: str, argumen
     return "".join(f'#include "{i}"\n' for i in includes) + instantiation(host_name, name, arguments) + "\n"
 
 
-_libraries: dict[str, Library] = {}   # host name -> its one-instantiation library, compiled once per process
+_libraries: dict[tuple[str, str], Library] = {}   # (host name, mode) -> its one-instantiation library
 
 
-def function(includes: tuple[str, ...], host_name: str, name: str, arguments: str, constants=None):
+def function(includes: tuple[str, ...], host_name: str, name: str, arguments: str, constants=None, mode="plain"):
     """MLX's kernel `name<arguments>` under its host name, specialised for `constants`."""
-    if host_name not in _libraries:
-        _libraries[host_name] = Library(library_source(includes, host_name, name, arguments))
-    return _libraries[host_name].function(host_name, dict(constants or {}))
+    if (host_name, mode) not in _libraries:
+        _libraries[host_name, mode] = Library(library_source(includes, host_name, name, arguments), mode=mode)
+    return _libraries[host_name, mode].function(host_name, dict(constants or {}))
 
 
 def host_names_run() -> list[str]:
     """The MLX kernels this process has instantiated, by host name."""
-    return sorted(_libraries)
+    return sorted({host for host, _ in _libraries})
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One traced dispatch of an MLX kernel: its host name, geometry and counters."""
+    host_name: str
+    threadgroups: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    trace: Trace
+
+
+def _run(fn, traces: list | None, *, buffers, threadgroups, threadgroup) -> None:
+    fn(buffers=buffers, threadgroups=threadgroups, threadgroup=threadgroup)
+    if traces is not None:
+        traces.append(Dispatch(fn.host_name, tuple(threadgroups), tuple(threadgroup), fn.last_trace))
+
+
+def _mode(traces) -> str:
+    return "plain" if traces is None else "traced"
 
 
 def _out(shape, dtype) -> np.ndarray:
@@ -79,20 +100,21 @@ def qmv_fast_applies(N: int, K: int, bits: int) -> bool:
     return N % 8 == 0 and K % (pack_factor * (1 if bits == 2 else 2) * 32) == 0
 
 
-def qmv(x, w, scales, biases, *, group_size: int, bits: int, fast: bool) -> mx.array:
+def qmv(x, w, scales, biases, *, group_size: int, bits: int, fast: bool, traces: list | None = None) -> mx.array:
     """affine_qmv_fast or affine_qmv: x (M, K) times w (N, K) quantized; grid (M, ceil(N/8), 1) of (32, 2, 1)."""
     M, K = x.shape
     N = w.shape[0]
     name = "affine_qmv_fast" if fast else "affine_qmv"
     host = f"{name}_{_type(x.dtype)}_gs_{group_size}_b_{bits}_batch_0_pr_0_hgs_0_r_4"
-    fn = function(QUANTIZED_INCLUDES, host, name, f"{_type(x.dtype)}, {group_size}, {bits}, false, false, false, 4")
+    fn = function(QUANTIZED_INCLUDES, host, name, f"{_type(x.dtype)}, {group_size}, {bits}, false, false, false, 4",
+                  mode=_mode(traces))
     y = _out((M, N), x.dtype)
-    fn(buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N},
-       threadgroups=(M, math.ceil(N / 8), 1), threadgroup=(32, 2, 1))
+    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N},
+         threadgroups=(M, math.ceil(N / 8), 1), threadgroup=(32, 2, 1))
     return _mx(y, x.dtype)
 
 
-def qmv_wide(x, w, scales, biases, *, group_size: int, bits: int) -> mx.array:
+def qmv_wide(x, w, scales, biases, *, group_size: int, bits: int, traces: list | None = None) -> mx.array:
     """affine_qmv_wide for 2 <= M: vecs_per_tg = ceil(M / ceil(M / 5)) vectors per threadgroup,
     k_lanes 8, (32 / 8) * 2 rows per threadgroup of (32, 2, 1)."""
     M, K = x.shape
@@ -100,24 +122,26 @@ def qmv_wide(x, w, scales, biases, *, group_size: int, bits: int) -> mx.array:
     n_tiles = (M + 4) // 5
     vecs = math.ceil(M / n_tiles)
     host = f"affine_qmv_wide_{_type(x.dtype)}_gs_{group_size}_b_{bits}_nv_{vecs}_kl_8_batch_0"
-    fn = function(QUANTIZED_INCLUDES, host, "affine_qmv_wide", f"{_type(x.dtype)}, {group_size}, {bits}, {vecs}, 8, false")
+    fn = function(QUANTIZED_INCLUDES, host, "affine_qmv_wide", f"{_type(x.dtype)}, {group_size}, {bits}, {vecs}, 8, false",
+                  mode=_mode(traces))
     y = _out((M, N), x.dtype)
-    fn(buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N, 7: M},
-       threadgroups=(math.ceil(M / vecs), math.ceil(N / 8), 1), threadgroup=(32, 2, 1))
+    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N, 7: M},
+         threadgroups=(math.ceil(M / vecs), math.ceil(N / 8), 1), threadgroup=(32, 2, 1))
     return _mx(y, x.dtype)
 
 
-def qmm_t(x, w, scales, biases, *, group_size: int, bits: int) -> mx.array:
+def qmm_t(x, w, scales, biases, *, group_size: int, bits: int, traces: list | None = None) -> mx.array:
     """affine_qmm_t: 32x32 output tiles, grid (ceil(N/32), ceil(M/32), 1) of (32, 2, 2)."""
     M, K = x.shape
     N = w.shape[0]
     aligned = N % 32 == 0
     t = _type(x.dtype)
     host = f"affine_qmm_t_{t}_gs_{group_size}_b_{bits}_alN_{str(aligned).lower()}_batch_0"
-    fn = function(QUANTIZED_INCLUDES, host, "affine_qmm_t", f"{t}, {group_size}, {bits}, {str(aligned).lower()}, false")
+    fn = function(QUANTIZED_INCLUDES, host, "affine_qmm_t", f"{t}, {group_size}, {bits}, {str(aligned).lower()}, false",
+                  mode=_mode(traces))
     y = _out((M, N), x.dtype)
-    fn(buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N, 7: M},
-       threadgroups=(math.ceil(N / 32), math.ceil(M / 32), 1), threadgroup=(32, 2, 2))
+    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N, 7: M},
+         threadgroups=(math.ceil(N / 32), math.ceil(M / 32), 1), threadgroup=(32, 2, 2))
     return _mx(y, x.dtype)
 
 
@@ -130,7 +154,7 @@ def qmm_splitk_partitions(M: int, N: int, K: int, group_size: int) -> int:
     return split_k
 
 
-def qmm_t_splitk(x, w, scales, biases, *, group_size: int, bits: int) -> mx.array:
+def qmm_t_splitk(x, w, scales, biases, *, group_size: int, bits: int, traces: list | None = None) -> mx.array:
     """affine_qmm_t_splitk: K cut in `split_k` partitions (grid z), float partials summed after (MLX
     sums them with its strided reduction kernel)."""
     M, K = x.shape
@@ -141,10 +165,11 @@ def qmm_t_splitk(x, w, scales, biases, *, group_size: int, bits: int) -> mx.arra
     aligned = N % 32 == 0
     t = _type(x.dtype)
     host = f"affine_qmm_t_splitk_{t}_gs_{group_size}_b_{bits}_alN_{str(aligned).lower()}"
-    fn = function(QUANTIZED_INCLUDES, host, "affine_qmm_t_splitk", f"{t}, {group_size}, {bits}, {str(aligned).lower()}")
+    fn = function(QUANTIZED_INCLUDES, host, "affine_qmm_t_splitk", f"{t}, {group_size}, {bits}, {str(aligned).lower()}",
+                  mode=_mode(traces))
     partials = np.zeros((split_k, M, N), dtype=np.float32)
-    fn(buffers={0: w, 1: scales, 2: biases, 3: x, 4: partials, 5: K, 6: N, 7: M, 8: K // split_k, 9: M * N},
-       threadgroups=(math.ceil(N / 32), math.ceil(M / 32), split_k), threadgroup=(32, 2, 2))
+    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: partials, 5: K, 6: N, 7: M, 8: K // split_k, 9: M * N},
+         threadgroups=(math.ceil(N / 32), math.ceil(M / 32), split_k), threadgroup=(32, 2, 2))
     return mx.array(partials).sum(axis=0).astype(x.dtype)
 
 
@@ -162,42 +187,44 @@ def _kv_strides(k) -> tuple[int, int]:
     return k.shape[2] * k.shape[3], k.shape[3]
 
 
-def sdpa_vector(q, k, v, *, scale: float, do_causal: bool = False) -> mx.array:
+def sdpa_vector(q, k, v, *, scale: float, do_causal: bool = False, traces: list | None = None) -> mx.array:
     """sdpa_vector: one threadgroup of 1024 threads per (batch x query head, query)."""
     B, H, qL, D = q.shape
     V = v.shape[-1]
     t = _type(q.dtype)
     host = f"sdpa_vector_{t}_{D}_{V}"
-    fn = function(SDPA_INCLUDES, host, "sdpa_vector", f"{t}, {D}, {V}", _sdpa_constants(do_causal))
+    fn = function(SDPA_INCLUDES, host, "sdpa_vector", f"{t}, {D}, {V}", _sdpa_constants(do_causal), mode=_mode(traces))
     out = _out((B, H, qL, V), q.dtype)
     k_head, k_seq = _kv_strides(k)
     v_head, v_seq = _kv_strides(v)
-    fn(buffers={0: q, 1: k, 2: v, 3: out, 4: H // k.shape[1], 5: k.shape[2], 6: k_head, 7: k_seq,
-                8: v_head, 9: v_seq, 10: scale},
-       threadgroups=(B * H, qL, 1), threadgroup=(1024, 1, 1))
+    _run(fn, traces, buffers={0: q, 1: k, 2: v, 3: out, 4: H // k.shape[1], 5: k.shape[2], 6: k_head, 7: k_seq,
+                       8: v_head, 9: v_seq, 10: scale},
+         threadgroups=(B * H, qL, 1), threadgroup=(1024, 1, 1))
     return _mx(out, q.dtype)
 
 
-def sdpa_vector_2pass(q, k, v, *, scale: float, blocks: int, do_causal: bool = False) -> mx.array:
+def sdpa_vector_2pass(q, k, v, *, scale: float, blocks: int, do_causal: bool = False,
+                      traces: list | None = None) -> mx.array:
     """sdpa_vector_2pass_1 over `blocks` key blocks (grid (kv heads, batch, blocks) of (32, gqa, qL)),
     then sdpa_vector_2pass_2 merging the partials (1024 threads per query)."""
     B, H, qL, D = q.shape
     V = v.shape[-1]
     t = _type(q.dtype)
     first = function(SDPA_INCLUDES, f"sdpa_vector_2pass_1_{t}_{D}_{V}", "sdpa_vector_2pass_1", f"{t}, {D}, {V}",
-                     _sdpa_constants(do_causal, blocks))
+                     _sdpa_constants(do_causal, blocks), mode=_mode(traces))
     partials = _out((B, H, qL, blocks, V), q.dtype)
     sums = np.zeros((B, H, qL, blocks), np.float32)
     maxs = np.zeros((B, H, qL, blocks), np.float32)
     k_head, k_seq = _kv_strides(k)
     v_head, v_seq = _kv_strides(v)
-    first(buffers={0: q, 1: k, 2: v, 3: partials, 4: sums, 5: maxs, 7: k.shape[2], 8: k_head, 9: k_seq,
-                   10: v_head, 11: v_seq, 12: scale},
-          threadgroups=(k.shape[1], B, blocks), threadgroup=(32, H // k.shape[1], qL))
-    second = function(SDPA_INCLUDES, f"sdpa_vector_2pass_2_{t}_{V}", "sdpa_vector_2pass_2", f"{t}, {V}")
+    _run(first, traces, buffers={0: q, 1: k, 2: v, 3: partials, 4: sums, 5: maxs, 7: k.shape[2], 8: k_head, 9: k_seq,
+                       10: v_head, 11: v_seq, 12: scale},
+         threadgroups=(k.shape[1], B, blocks), threadgroup=(32, H // k.shape[1], qL))
+    second = function(SDPA_INCLUDES, f"sdpa_vector_2pass_2_{t}_{V}", "sdpa_vector_2pass_2", f"{t}, {V}",
+                      mode=_mode(traces))
     out = _out((B, H, qL, V), q.dtype)
-    second(buffers={0: partials, 1: sums, 2: maxs, 3: out, 4: blocks},
-           threadgroups=(B * H, qL, 1), threadgroup=(1024, 1, 1))
+    _run(second, traces, buffers={0: partials, 1: sums, 2: maxs, 3: out, 4: blocks},
+         threadgroups=(B * H, qL, 1), threadgroup=(1024, 1, 1))
     return _mx(out, q.dtype)
 
 
@@ -215,7 +242,7 @@ def _attn_params(q, k, scale: float, bq: int, bk: int) -> bytes:
                                                                          *q_strides))
 
 
-def steel_attention(q, k, v, *, scale: float, do_causal: bool) -> mx.array:
+def steel_attention(q, k, v, *, scale: float, do_causal: bool, traces: list | None = None) -> mx.array:
     """steel_attention: bq 32, bk 32 below D=128 else 16, wm 4, wn 1; grid (ceil(qL/32), H, B) of (32, 4, 1)."""
     B, H, qL, D = q.shape
     kL = k.shape[2]
@@ -225,8 +252,8 @@ def steel_attention(q, k, v, *, scale: float, do_causal: bool) -> mx.array:
     t = _type(q.dtype)
     constants = {200: qL % bq == 0, 201: kL % bk == 0, 300: False, 301: do_causal, 302: False, 303: False}
     fn = function(STEEL_ATTENTION_INCLUDES, host, "attention", f"{t}, {bq}, {bk}, {D}, {D}, 4, 1, {t}, float",
-                  constants)
+                  constants, mode=_mode(traces))
     out = _out((B, H, qL, D), q.dtype)
-    fn(buffers={0: q, 1: k, 2: v, 3: out, 4: _attn_params(q, k, scale, bq, bk)},
-       threadgroups=(math.ceil(qL / bq), H, B), threadgroup=(32, 4, 1))
+    _run(fn, traces, buffers={0: q, 1: k, 2: v, 3: out, 4: _attn_params(q, k, scale, bq, bk)},
+         threadgroups=(math.ceil(qL / bq), H, B), threadgroup=(32, 4, 1))
     return _mx(out, q.dtype)
