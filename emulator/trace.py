@@ -98,10 +98,17 @@ def summarize(lib: ctypes.CDLL, records: np.ndarray, stats: dict, threadgroups: 
 
 
 def _group_ids(r: np.ndarray) -> np.ndarray:
-    """One id per SIMD-group instruction: (threadgroup, SIMD-group, sequence number)."""
+    """One id per SIMD-group instruction: (threadgroup, SIMD-group, sequence number), as one int64."""
     if len(r) == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.unique(r[:, [2, 3, 5]], axis=0, return_inverse=True)[1].reshape(-1)
+    tg = np.unique(r[:, 2], return_inverse=True)[1].reshape(-1)
+    key = (tg * 64 + r[:, 3]) * (int(r[:, 5].max()) + 1) + r[:, 5]
+    return np.unique(key, return_inverse=True)[1].reshape(-1)
+
+
+def _pairs(g: np.ndarray, values: np.ndarray) -> int:
+    """Distinct (instruction, value) pairs."""
+    return len(np.unique(g * (int(values.max()) + 1) + values)) if len(g) else 0
 
 
 def _instructions(r: np.ndarray) -> int:
@@ -112,8 +119,7 @@ def _sectors(r: np.ndarray, size: int) -> int:
     """Distinct `size`-byte sectors per instruction, summed (an access may straddle two)."""
     g = _group_ids(r)
     first, last = r[:, 6] // size, (r[:, 6] + r[:, 7] - 1) // size
-    pairs = np.concatenate([np.stack([g, first], 1), np.stack([g, last], 1)])
-    return len(np.unique(pairs, axis=0))
+    return _pairs(np.concatenate([g, g]), np.concatenate([first, last]))
 
 
 def _bank_conflicts(r: np.ndarray) -> int:
@@ -123,9 +129,9 @@ def _bank_conflicts(r: np.ndarray) -> int:
         return 0
     g = _group_ids(r)
     words = r[:, 6] // BANK_BYTES
-    distinct = np.unique(np.stack([g, words % BANKS, words], 1), axis=0)
-    per_bank = np.unique(distinct[:, :2], axis=0, return_counts=True)[1]
-    banks = np.unique(distinct[:, :2], axis=0)
+    distinct = np.unique(g * (int(words.max()) + 1) + words)           # (instruction, word) once each
+    gi, word = distinct // (int(words.max()) + 1), distinct % (int(words.max()) + 1)
+    bank_key, per_bank = np.unique(gi * BANKS + word % BANKS, return_counts=True)
     worst = np.zeros(int(g.max()) + 1, dtype=np.int64)
-    np.maximum.at(worst, banks[:, 0], per_bank)
+    np.maximum.at(worst, bank_key // BANKS, per_bank)
     return int((worst - 1).sum())
