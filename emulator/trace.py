@@ -54,6 +54,19 @@ class Trace:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Dispatch:
+    """One traced dispatch: the kernel (its host name), its geometry and what it did."""
+    kernel: str
+    threadgroups: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    trace: Trace
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.kernel, "threadgroups": list(self.threadgroups), "threadgroup": list(self.threadgroup),
+                "counters": self.trace.as_dict()}
+
+
 def buffer(capacity: int) -> np.ndarray:
     return np.zeros(capacity * RECORD, dtype=np.int64)
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from metalforge.emulator.library import Library
-from metalforge.emulator.trace import Trace
+from metalforge.emulator.trace import Dispatch
 from metalforge.errors import MetalforgeError
 
 _K = "mlx/backend/metal/kernels"
@@ -56,15 +55,6 @@ def function(includes: tuple[str, ...], host_name: str, name: str, arguments: st
 def host_names_run() -> list[str]:
     """The MLX kernels this process has instantiated, by host name."""
     return sorted({host for host, _ in _libraries})
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    """One traced dispatch of an MLX kernel: its host name, geometry and counters."""
-    host_name: str
-    threadgroups: tuple[int, int, int]
-    threadgroup: tuple[int, int, int]
-    trace: Trace
 
 
 def _run(fn, traces: list | None, *, buffers, threadgroups, threadgroup) -> None:

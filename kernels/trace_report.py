@@ -10,30 +10,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-
 import mlx.core as mx
 
 from metalforge.emulator.library import run_custom_kernel
-from metalforge.emulator.trace import SECTORS, Trace
+from metalforge.emulator.trace import SECTORS, Dispatch
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import mlx_library
 from metalforge.kernels.family import LENGTHS, shape_str
 
 
-@dataclass(frozen=True)
-class Traced:
-    kernel: str
-    threadgroups: tuple[int, int, int]
-    threadgroup: tuple[int, int, int]
-    trace: Trace
-
-    def as_dict(self) -> dict:
-        return {"kernel": self.kernel, "threadgroups": list(self.threadgroups), "threadgroup": list(self.threadgroup),
-                "counters": self.trace.as_dict()}
-
-
-def ours(fam, config, shape, dtype, inputs: dict) -> list[Traced]:
+def ours(fam, config, shape, dtype, inputs: dict) -> list[Dispatch]:
     env, out = dict(inputs), []
     for launch in fam.launches(config, shape, dtype):
         if launch.lengths:
@@ -43,7 +29,7 @@ def ours(fam, config, shape, dtype, inputs: dict) -> list[Traced]:
                                         grid=launch.grid, threadgroup=launch.threadgroup, init_value=launch.init_value)
         env.update(zip(launch.kernel.output_names, results))
         tg = tuple(min(t, g) for t, g in zip(launch.threadgroup, launch.grid))
-        out.append(Traced(launch.kernel.name, tuple(math.ceil(g / t) for g, t in zip(launch.grid, tg)), tg,
+        out.append(Dispatch(launch.kernel.name, tuple(math.ceil(g / t) for g, t in zip(launch.grid, tg)), tg,
                           fn.last_trace))
     return out
 
@@ -71,7 +57,7 @@ def decode_blocks(device, S: int, gqa: int) -> int:
     return 64 if n_simds >= 4 else 32
 
 
-def mlx(fam, shape, dtype, device, inputs: dict) -> list[Traced]:
+def mlx(fam, shape, dtype, device, inputs: dict) -> list[Dispatch]:
     traces: list = []
     gen, size = _chip(device)
     if fam.name in ("qmv", "qmm"):
@@ -102,7 +88,7 @@ def mlx(fam, shape, dtype, device, inputs: dict) -> list[Traced]:
                                     do_causal=True, traces=traces)
     else:
         raise MetalforgeError(f"trace: no MLX kernel is known for family {fam.name}")
-    return [Traced(t.host_name, t.threadgroups, t.threadgroup, t.trace) for t in traces]
+    return traces
 
 
 def report(fam, config, shape, dtype, device, seed: int = 0) -> dict:

@@ -80,10 +80,13 @@ def cmd_check(args) -> int:
 def cmd_trace(args) -> int:
     import json
     from metalforge import devices, results
-    from metalforge.kernels import trace_report
+    from metalforge.kernels import checks, trace_report
     fam, shape, dtype = _family_shape_dtype(args)
     device = devices.resolve(args.device)
     config = _config(fam, args.config) if args.config else results.lookup(device, fam.name, shape, dtype.name).config
+    problems = checks.check(fam, config, shape, dtype, device)
+    if problems:
+        raise MetalforgeError(f"{fam.name}: config is invalid on {device.name}: " + "; ".join(map(str, problems)))
     data = trace_report.report(fam, config, shape, dtype, device)
     print(json.dumps(data, indent=1) if args.json else trace_report.format_table(data))
     return 0
