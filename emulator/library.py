@@ -3,8 +3,8 @@ headers, a third party's .metal file), a function picked by host name, function 
 buffers and bytes bound by index, a grid of threadgroups dispatched — what a Metal host program
 does with `newLibraryWithSource`, `newFunctionWithName:constantValues:` and a compute encoder.
 
-    lib = Library(source)                      # #include "mlx/backend/metal/kernels/..." resolves to
-    fn = lib.function("affine_qmv_float_...")  # MLX's headers of the installed version (fetched once)
+    lib = Library(source, headers=root)        # #include "mlx/backend/metal/kernels/..." resolves in root
+    fn = lib.function("affine_qmv_float_...")  # (kernels/mlx_headers.py: MLX's headers, fetched once)
     fn(buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N}, threadgroups=(M, (N + 7) // 8, 1), threadgroup=(32, 2, 1))
 
 The source is flattened (its quoted includes inlined from the header root), checked by the same
@@ -112,8 +112,8 @@ class Param:
     """One argument of a kernel function, as its signature binds it."""
     name: str
     declaration: str         # the type and name as written
-    binding: str             # buffer | threadgroup | attribute
-    index: int | None        # n of [[buffer(n)]] / [[threadgroup(n)]]
+    binding: str             # buffer | attribute
+    index: int | None        # n of [[buffer(n)]]
     attribute: str | None    # e.g. thread_position_in_grid
     condition: str | None    # [[function_constant(c)]]: bound only when the constant c is true
 
@@ -121,10 +121,6 @@ class Param:
     def writable(self) -> bool:
         """A device pointer without const: the kernel may write it (the buffer is copied back)."""
         return self.binding == "buffer" and re.search(r"\bconst\b", self.declaration) is None
-
-    @property
-    def by_reference(self) -> bool:
-        return "&" in self.declaration
 
     @property
     def scalar_type(self) -> str | None:
@@ -324,8 +320,8 @@ extern "C" void mf_kernel_body(void* const* buffers, const long long* meta, cons
 class Library:
     """A Metal source compiled as a library; `function(host_name, constants)` picks a kernel.
 
-    `headers`: the include root its quoted includes resolve in; default MLX's kernel headers of
-    the installed MLX version (fetched with pip the first time one is needed). `mode`: plain,
+    `headers`: the include root its quoted includes resolve in (kernels/mlx_headers.include_root()
+    for MLX's); without one, an include is left for the front end to refuse. `mode`: plain,
     checked (bounds and races, $METALFORGE_EMULATOR_CHECKED) or traced (checked, and each call
     leaves `last_trace`, a trace.Trace of what it did; `trace_capacity` accesses at most)."""
 
@@ -343,11 +339,7 @@ class Library:
     @functools.cached_property
     def msl(self) -> str:
         """The flattened source: what the front end checks and the compiler sees."""
-        root = self._headers
-        if root is None and _INCLUDE.search(self.source):
-            from metalforge.kernels import mlx_headers
-            root = mlx_headers.include_root()
-        return drop_space_overloads(flatten(self.source, root))
+        return drop_space_overloads(flatten(self.source, self._headers))
 
     @functools.cached_property
     def kernels(self) -> dict[str, KernelFunction]:
@@ -551,11 +543,12 @@ def _host_bytes(value, p: Param, kernel: str) -> np.ndarray:
                           f"{type(value).__name__}: bind a numpy array, an MLX array or bytes")
 
 
-def run_custom_kernel(kernel, *, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
+def run_custom_kernel(kernel, *, headers, inputs, output_shapes, output_dtypes, grid, threadgroup, template=None,
                       init_value=None, mode: str = "traced"):
     """Run an `mx.fast.metal_kernel` kernel (`kernel` has its name, input_names, output_names and
-    source) as the one-kernel library MLX generates for it (MLX's utils.h included first, as MLX
-    does), in `mode`; returns its outputs and the function, whose `last_trace` a traced run fills."""
+    source) as the one-kernel library MLX generates for it (MLX's utils.h, from the `headers` root,
+    included first, as MLX does), in `mode`; returns its outputs and the function, whose
+    `last_trace` a traced run fills."""
     import mlx.core as mx
 
     from .kernel import NUMPY_DTYPES, _as_array, _numpy_view, _to_mlx
@@ -569,7 +562,7 @@ def run_custom_kernel(kernel, *, inputs, output_shapes, output_dtypes, grid, thr
     kname = mlx_kernel_name(kernel.name, template, infos, output_dtypes)
     plan = buffer_plan(infos, kernel.output_names, output_dtypes, False)
     msl = mlx_source(kname, getattr(kernel, "header", ""), source, plan, template)
-    fn = Library('#include "mlx/backend/metal/kernels/utils.h"\n' + msl, mode=mode).function(kname)
+    fn = Library('#include "mlx/backend/metal/kernels/utils.h"\n' + msl, headers=headers, mode=mode).function(kname)
     views = {n: _numpy_view(a) for n, a in zip(kernel.input_names, arrays)}
     outs = {n: np.full(tuple(s), init_value or 0, dtype=NUMPY_DTYPES[d])
             for n, s, d in zip(kernel.output_names, output_shapes, output_dtypes)}

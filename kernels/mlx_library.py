@@ -20,6 +20,7 @@ import numpy as np
 from metalforge.emulator.library import Library
 from metalforge.emulator.trace import Dispatch
 from metalforge.errors import MetalforgeError
+from metalforge.kernels import mlx_headers
 
 _K = "mlx/backend/metal/kernels"
 QUANTIZED_INCLUDES = (f"{_K}/utils.h", f"{_K}/steel/gemm/gemm.h", f"{_K}/quantized_utils.h", f"{_K}/quantized.h")
@@ -48,7 +49,8 @@ _libraries: dict[tuple[str, str], Library] = {}   # (host name, mode) -> its one
 def function(includes: tuple[str, ...], host_name: str, name: str, arguments: str, constants=None, mode="plain"):
     """MLX's kernel `name<arguments>` under its host name, specialised for `constants`."""
     if (host_name, mode) not in _libraries:
-        _libraries[host_name, mode] = Library(library_source(includes, host_name, name, arguments), mode=mode)
+        _libraries[host_name, mode] = Library(library_source(includes, host_name, name, arguments),
+                                              headers=mlx_headers.include_root(), mode=mode)
     return _libraries[host_name, mode].function(host_name, dict(constants or {}))
 
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 from metalforge.emulator.library import run_custom_kernel
 from metalforge.emulator.trace import SECTORS, Dispatch
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import mlx_library
+from metalforge.kernels import mlx_headers, mlx_library
 from metalforge.kernels.family import LENGTHS, shape_str
 
 
@@ -24,7 +24,8 @@ def ours(fam, config, shape, dtype, inputs: dict) -> list[Dispatch]:
     for launch in fam.launches(config, shape, dtype):
         if launch.lengths:
             env[LENGTHS] = mx.array(launch.lengths, dtype=mx.int32)
-        results, fn = run_custom_kernel(launch.kernel, inputs=[env[n] for n in launch.kernel.input_names],
+        results, fn = run_custom_kernel(launch.kernel, headers=mlx_headers.include_root(),
+                                        inputs=[env[n] for n in launch.kernel.input_names],
                                         output_shapes=launch.output_shapes, output_dtypes=launch.output_dtypes,
                                         grid=launch.grid, threadgroup=launch.threadgroup, init_value=launch.init_value)
         env.update(zip(launch.kernel.output_names, results))

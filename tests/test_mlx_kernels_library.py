@@ -135,7 +135,7 @@ def test_a_kernel_taking_threadgroup_memory_as_an_argument_is_refused_clearly():
 def test_mlxs_kernel_headers_pass_the_front_end(includes, kernels):
     """Every [[kernel]] function of quantized.h, sdpa_vector.h and steel_attention.h (the templates
     every instantiation is made of) passes the conformance front end, and its signature binds."""
-    lib = Library("".join(f'#include "{i}"\n' for i in includes))
+    lib = Library("".join(f'#include "{i}"\n' for i in includes), headers=mlx_headers.include_root())
     lib.check()
     assert len(lib.kernels) == kernels
     assert [k.name for k in lib.kernels.values() if k.problem] == []
@@ -184,7 +184,8 @@ def test_mlxs_decode_attention_runs_clean_in_checked_mode():
     q, k, v = mx.random.normal((1, 2, 1, 64)), mx.random.normal((1, 1, 37, 64)), mx.random.normal((1, 1, 37, 64))
     out = np.zeros((1, 2, 1, 64), np.float32)
     fn = Library(mlx_library.library_source(mlx_library.SDPA_INCLUDES, "sdpa_vector_float_64_64", "sdpa_vector",
-                                               "float, 64, 64"), mode="checked").function(
+                                               "float, 64, 64"), headers=mlx_headers.include_root(),
+                 mode="checked").function(
         "sdpa_vector_float_64_64", {20: False, 21: False, 22: False, 23: False, 24: False, 25: False})
     fn(buffers={0: q, 1: k, 2: v, 3: out, 4: 2, 5: 37, 6: 37 * 64, 7: 64, 8: 37 * 64, 9: 64, 10: 0.125},
        threadgroups=(2, 1, 1), threadgroup=(1024, 1, 1))
