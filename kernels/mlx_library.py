@@ -1,5 +1,5 @@
 """MLX's real Metal kernels for our four jobs, run in the emulator: quantized mat-vec (qmv_fast,
-qmv, qmv_wide), quantized mat-mat (qmm_t and its split-K), decode attention (sdpa_vector, the
+qmv, qmv_quad, qmv_wide), quantized mat-mat (qmm_t and its split-K), decode attention (sdpa_vector, the
 2-pass pair) and prefill attention (steel_attention).
 
 MLX's headers come from the mlx-metal wheel (kernels/mlx_headers.py); the instantiations, which
@@ -103,6 +103,20 @@ def qmv(x, w, scales, biases, *, group_size: int, bits: int, fast: bool, traces:
     y = _out((M, N), x.dtype)
     _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N},
          threadgroups=(M, math.ceil(N / 8), 1), threadgroup=(32, 2, 1))
+    return _mx(y, x.dtype)
+
+
+def qmv_quad(x, w, scales, biases, *, group_size: int, bits: int, traces: list | None = None) -> mx.array:
+    """affine_qmv_quad for K = 64 or 128: quad-groups of 4 lanes, 8 quads x 8 rows per 32-thread
+    threadgroup; grid (M, ceil(N/64), 1)."""
+    M, K = x.shape
+    N = w.shape[0]
+    host = f"affine_qmv_quad_{_type(x.dtype)}_gs_{group_size}_b_{bits}_d_{K}_batch_0"
+    fn = function(QUANTIZED_INCLUDES, host, "affine_qmv_quad", f"{_type(x.dtype)}, {group_size}, {bits}, {K}, false",
+                  mode=_mode(traces))
+    y = _out((M, N), x.dtype)
+    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N},
+         threadgroups=(M, math.ceil(N / 64), 1), threadgroup=(32, 1, 1))
     return _mx(y, x.dtype)
 
 

@@ -56,6 +56,14 @@ def test_qmv_matches_quantized_matmul(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 100, 128, 64, 4), (2, 64, 64, 32, 8)], ids=str)   # K = 128 and 64; a tail
+def test_qmv_quad_matches_quantized_matmul(shape, dtype):
+    M, N, K, gs, bits = shape
+    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=K)
+    _close(mlx_library.qmv_quad(x, w, s, b, group_size=gs, bits=bits), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", QMV_WIDE, ids=str)
 def test_qmv_wide_matches_quantized_matmul(shape, dtype):
     M, N, K, gs, bits = shape
