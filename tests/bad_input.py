@@ -56,6 +56,17 @@ def _tune(tmp, *extra):
     return ["tune", "--device", "m1", "--shapes", str(shapes), "--trials", "1", "--storage", "memory", *extra]
 
 
+def _merge(tmp, text):
+    return ["results", "merge", str(_file(tmp, "a.yaml", text)), "--out", str(tmp / "c.yaml")]
+
+
+def _results_text(**entry_changes) -> str:
+    """A results file for m1 holding one qmv entry, with `entry_changes` made to it."""
+    entry = {"shape": {"M": 1, "N": 64, "K": 256, "bits": 4, "group_size": 64}, "dtype": "float16", "config": {},
+             "time_s": 1e-6, "timer": "model", **entry_changes}
+    return json.dumps({"schema_version": 1, "device": {"name": "m1"}, "entries": {"qmv": {"any": entry}}})
+
+
 def _unwritable_dir(tmp: Path) -> Path:
     """A folder nobody can create, root included (chmod would not stop root): its parent is a file."""
     return _file(tmp, "a-file", "") / "sub"
@@ -157,6 +168,17 @@ CASES = [
          lambda t: _generate(t, "--prompt-cache", str(_prompt_cache(t, _flip_last_tensor_bit))), "checksum"),
     Case("cache info: hand-edited tokens", lambda t: ["cache", "info", str(_prompt_cache(t, _edit_tokens))],
          "prompt cache"),
+    Case("tune: --sampler bogus (refused before the database or a folder is made)",
+         lambda t: [a for a in _tune(t, "--sampler", "bogus") if a not in ("--storage", "memory")], "sampler"),
+    Case("results merge: a file without a device", lambda t: _merge(t, "schema_version: 1\nentries: {}\n"), "device"),
+    Case("results merge: device is a string", lambda t: _merge(t, "schema_version: 1\ndevice: m1\nentries: {}\n"),
+         "device"),
+    Case("results merge: shape: 5", lambda t: _merge(t, _results_text(shape=5)), "shape"),
+    Case("results merge: config: 5", lambda t: _merge(t, _results_text(config=5)), "config"),
+    Case("cache save: --out onto the model's weights",
+         lambda t: ["cache", "save", "--model", str(_model(t)), "--prompt-tokens", "3,4",
+                    "--out", str(_model(t) / "model.safetensors")], "not a metalforge prompt cache"),
+    Case("generate: --stop ''", lambda t: _generate(t, "--stop", ""), "empty stop string"),
     Case("results merge: not UTF-8", lambda t: ["results", "merge", str(_file(t, "a.yaml", NOT_UTF8)),
                                                 "--out", str(t / "c.yaml")], "UTF-8"),
 ]

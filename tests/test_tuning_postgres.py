@@ -135,3 +135,167 @@ def test_results_merge_combines_files_from_several_machines(tmp_path):
                           str(a), "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode == 2 and "different devices" in bad.stderr and bad.stderr.count("\n") == 1
     assert out.read_bytes() == before, "a refused merge changes nothing"
+
+
+def _victim_trial(name, url, pid, deadline_s=240):
+    """The number of a trial the process `pid` is running, polled until there is one."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        try:
+            study = optuna.load_study(study_name=name, storage=url)
+        except KeyError:
+            time.sleep(0.2)
+            continue
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("worker", "").split(":")[1:2] == [str(pid)]:
+                return t.number
+        time.sleep(0.05)
+    raise AssertionError("the process never ran a trial")
+
+
+def test_a_worker_paused_past_the_grace_drops_its_failed_trial_and_goes_on(tmp_path, postgres_url):
+    """SIGSTOP for 15 s (past 3 missed heartbeats), then SIGCONT: the others failed its trial and
+    queued the config again; the paused worker finds its trial finished, drops it, finishes the
+    run and writes its results."""
+    target, args = _setup(tmp_path, postgres_url, trials=10)
+    env = _env(tmp_path, METALFORGE_HEARTBEAT_S="1")
+    name = st.study_name("m2-max", target)
+    procs = [_tune(args, env, seed, tmp_path / f"r{seed}.yaml") for seed in (1, 2, 3)]
+    victim = procs[0]
+    paused = _victim_trial(name, postgres_url, victim.pid)
+    os.kill(victim.pid, signal.SIGSTOP)
+    state = lambda: optuna.load_study(study_name=name, storage=postgres_url).trials[paused].state
+    running_when_paused = state() == TrialState.RUNNING   # (else it finished just before the pause)
+    time.sleep(15)
+    assert not running_when_paused or state() == TrialState.FAIL, "the others failed its trial after the grace"
+    os.kill(victim.pid, signal.SIGCONT)
+    for p in procs:
+        _, err = p.communicate(timeout=400)
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+        if p is victim:
+            victim_err = err
+    assert results.load(tmp_path / "r1.yaml")["entries"]["decode_attention"], "the paused worker wrote its results"
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    if running_when_paused:
+        assert st.interrupted(trials[paused]), "its trial stays failed by the others, as interrupted"
+        assert f"trial {paused} was finished by another worker" in victim_err
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == paused and not protocol.repeat(t)]
+        assert len(retries) == 1 and retries[0].state in st.FINISHED, "its config queued again and evaluated, once"
+    _assert_no_config_evaluated_twice(trials)
+    assert 10 <= st.evaluated(study) <= 10 + 3
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def _with_password(url: str) -> str:
+    """The same database, with a password in the URL (the test server trusts every local user,
+    so it is ignored there; it must never be printed)."""
+    return url.replace("postgres@", "postgres:s3cret-pw@")
+
+
+def test_a_database_restart_during_a_three_worker_run_is_ridden_out(tmp_path, postgres_url, postgres_server):
+    url = _with_password(postgres_url)
+    target, args = _setup(tmp_path, url, trials=12)
+    env = _env(tmp_path, METALFORGE_HEARTBEAT_S="1")
+    name = st.study_name("m2-max", target)
+    run = subprocess.Popen([sys.executable, "-m", "metalforge.cli", "tune", *args, "--workers", "3", "--seed", "4",
+                            "--results", str(tmp_path / "r.yaml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline:   # restart once trials are under way in every worker
+        try:
+            study = optuna.load_study(study_name=name, storage=postgres_url)
+            if len({t.user_attrs.get("worker") for t in study.get_trials(deepcopy=False)} - {None}) == 3:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    try:
+        postgres_server.stop()
+        time.sleep(3)
+    finally:
+        postgres_server.start()
+    out, err = run.communicate(timeout=400)
+    assert run.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "s3cret-pw" not in out + err, err[-3000:]
+    notices = [line for line in err.splitlines() if "out of reach" in line]
+    assert notices and all("postgres:***@" in line for line in notices), err[-3000:]
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    _assert_no_config_evaluated_twice(trials)
+    assert 12 <= st.evaluated(study) <= 12 + 2, "the budget is reached"
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert results.load(tmp_path / "r.yaml")["entries"]["decode_attention"]
+
+
+def test_a_database_gone_past_the_storage_timeout_stops_the_run_in_one_line_and_it_resumes(
+        tmp_path, postgres_url, postgres_server):
+    url = _with_password(postgres_url)
+    target, args = _setup(tmp_path, url, trials=8)
+    env = _env(tmp_path, METALFORGE_HEARTBEAT_S="1")
+    name = st.study_name("m2-max", target)
+    run = subprocess.Popen([sys.executable, "-m", "metalforge.cli", "tune", *args, "--storage-timeout", "4",
+                            "--seed", "2", "--results", str(tmp_path / "r.yaml")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    _victim_trial(name, postgres_url, run.pid)
+    try:
+        postgres_server.stop()
+        _, err = run.communicate(timeout=120)
+    finally:
+        postgres_server.start()
+    lines = err.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in err and "s3cret-pw" not in err, err[-3000:]
+    assert "out of reach for 4 s" in lines[-1] and "run the same command again to resume" in lines[-1], err
+    again = subprocess.run([sys.executable, "-m", "metalforge.cli", "tune", *args, "--seed", "2",
+                            "--results", str(tmp_path / "r.yaml")], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    assert 8 <= st.evaluated(study) <= 9, "the resumed run reached the budget, counting the first run's trials"
+    _assert_no_config_evaluated_twice(study.get_trials(deepcopy=False))
+
+
+# The previous release (4e0f3c8) named a study "device/family/bucket" and proposed each parameter
+# with suggest_categorical over its domain then; decode attention's `splits` stopped at 32 and
+# load_width and prefetch did not exist.
+PREVIOUS_DECODE_ATTENTION_SPACE = {"threads": (32, 64, 128, 256, 512, 1024), "keys_per_step": (1, 2, 4, 8),
+                                   "splits": (1, 2, 4, 8, 16, 32), "share_kv": (False, True)}
+
+
+def _previous_release_study(url, target, configs=6):
+    """A study as the previous release wrote it: its name, its distributions, finished trials."""
+    old_name = f"m2-max/decode_attention/{target.bucket}"
+    study = optuna.create_study(study_name=old_name, storage=url, direction="minimize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for i in range(configs):
+        trial = study.ask()
+        for p, domain in PREVIOUS_DECODE_ATTENTION_SPACE.items():
+            trial.suggest_categorical(p, list(domain))
+        study.tell(trial, 1e-5 * (i + 1))
+    return old_name
+
+
+def _resume_previous_release_study(tmp_path, storage_url, cli_storage):
+    target, args = _setup(tmp_path, storage_url, trials=6)
+    old_name = _previous_release_study(storage_url, target)
+    if cli_storage is None:
+        i = args.index("--storage")
+        del args[i:i + 2]
+    run = subprocess.run([sys.executable, "-m", "metalforge.cli", "tune", *args, "--seed", "1",
+                          "--results", str(tmp_path / "r.yaml")], capture_output=True, text=True, env=_env(tmp_path))
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert f"study '{old_name}' was made by an earlier metalforge" in run.stderr, run.stderr
+    new = optuna.load_study(study_name=st.study_name("m2-max", target), storage=storage_url)
+    assert st.evaluated(new) >= 6 and any(t.params.get("splits") == 64 or "prefetch" in t.params for t in new.trials)
+    old = optuna.load_study(study_name=old_name, storage=storage_url)
+    assert len(old.trials) == 6 and all(t.state == TrialState.COMPLETE for t in old.trials), "the old study is kept"
+    assert results.load(tmp_path / "r.yaml")["entries"]["decode_attention"]
+
+
+def test_a_study_of_the_previous_release_on_postgres_resumes_beside_it(tmp_path, postgres_url):
+    _resume_previous_release_study(tmp_path, postgres_url, postgres_url)
+
+
+def test_the_default_sqlite_database_of_the_previous_release_resumes_after_an_upgrade(tmp_path):
+    default = f"sqlite:///{tmp_path / 'results' / 'm2-max.db'}"   # where METALFORGE_RESULTS puts it (_env)
+    (tmp_path / "results").mkdir()
+    _resume_previous_release_study(tmp_path, default, None)
