@@ -3,6 +3,7 @@ file) merged, and the exact or nearest bucket that is valid on the device. Files
 per modification (lookups run per engine op and per tuning study)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,29 +28,61 @@ class Choice:
         return f"{self.source} match {self.entry['shape']} ({how})"
 
 
-def _entries_for(device: str, results=None, shipped: bool = True) -> dict:
-    """Shipped entries overlaid with the user's (and an explicit file's) by the merge rules."""
-    merged = {"entries": {}}
+def _stamp(path: Path):
+    """What changes when a file is rewritten (atomically: a new inode) or touched; None when absent."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+# both keyed by the files' paths and holding their stamps: a changed file replaces, never adds
+_ENTRIES: dict = {}   # paths -> (stamps, merged entries)
+_CHOICES: dict = {}   # (device, family, shape, dtype, paths) -> (stamps, Choice)
+
+
+def _paths(device: str, results, shipped: bool) -> tuple[Path, ...]:
     paths = ([shipped_path(device)] if shipped else []) + [user_results_dir() / f"{device}.yaml"]
     if results:
         paths.append(Path(results))
-    for p in paths:
-        if p.exists():
-            for fam, buckets in load(p)["entries"].items():
-                for key, entry in buckets.items():
-                    merge(merged, fam, key, Entry.of(entry))   # load() checked it
-    return merged["entries"]
+    return tuple(paths)
+
+
+def _entries_for(paths: tuple[Path, ...], stamps: tuple) -> dict:
+    """Shipped entries overlaid with the user's (and an explicit file's) by the merge rules; read
+    again only when one of the files changed."""
+    cached = _ENTRIES.get(paths)
+    if cached is None or cached[0] != stamps:
+        merged = {"entries": {}}
+        for p, stamp in zip(paths, stamps):
+            if stamp is not None:
+                for fam, buckets in load(p)["entries"].items():
+                    for key, entry in buckets.items():
+                        merge(merged, fam, key, Entry.of(entry))   # load() checked it
+        cached = _ENTRIES[paths] = (stamps, merged["entries"])
+    return cached[1]
 
 
 def lookup(device, family: str, shape, dtype: str, results=None, shipped: bool = True) -> Choice:
     """The config to use: the exact bucket, else the nearest bucket of the same structure (head
     dim, GQA ratio, bits and group size), else the family default; always valid for `shape`.
     Sources: the shipped modelled defaults (unless shipped=False), the user's results folder and
-    an explicit `results` file, merged so measured and faster entries win."""
+    an explicit `results` file, merged so measured and faster entries win. Answers are kept until
+    one of the files changes (its modification time, size or inode)."""
     dev = devices.get(device)
     fam = get_family(family)
     shape = fam.shape(shape)
-    buckets = _entries_for(dev.name, results, shipped).get(family, {})
+    paths = _paths(dev.name, results, shipped)
+    stamps = tuple(_stamp(p) for p in paths)
+    key = (dev, family, shape, dtype, paths)
+    cached = _CHOICES.get(key)
+    if cached is None or cached[0] != stamps:
+        cached = _CHOICES[key] = (stamps, _choose(dev, fam, shape, dtype, _entries_for(paths, stamps).get(family, {})))
+    return cached[1]
+
+
+def _choose(dev, fam, shape, dtype: str, buckets: dict) -> Choice:
     key = fam.bucket_key(shape, dtype)
     candidates = []
     if key in buckets:
