@@ -27,6 +27,7 @@ class Case:
     setup: Callable[[Path], list[str]]     # prepares files in a fresh folder, returns the argv after `metalforge`
     expect: str = ""                       # a phrase the one-line error must contain
     env: dict | None = None
+    secret: str = ""                       # text the error must never show (a password)
 
 
 def _model(tmp: Path, **config_changes) -> Path:
@@ -170,6 +171,10 @@ CASES = [
          "prompt cache"),
     Case("tune: --sampler bogus (refused before the database or a folder is made)",
          lambda t: [a for a in _tune(t, "--sampler", "bogus") if a not in ("--storage", "memory")], "sampler"),
+    Case("tune: --storage URL with a password, server unreachable",
+         lambda t: ["tune", "--device", "m1", "--shapes", _tune(t)[4], "--trials", "1",
+                    "--storage", "postgresql+psycopg://mf:hunter2@127.0.0.1:9/tuning"], "cannot open tuning storage",
+         secret="hunter2"),
     Case("results merge: a file without a device", lambda t: _merge(t, "schema_version: 1\nentries: {}\n"), "device"),
     Case("results merge: device is a string", lambda t: _merge(t, "schema_version: 1\ndevice: m1\nentries: {}\n"),
          "device"),
@@ -220,6 +225,8 @@ def replay(case: Case) -> Outcome:
             return Outcome(False, f"stderr is not one error line: {run.stderr.strip()[-300:]}")
         if case.expect and case.expect.lower() not in err[0].lower():
             return Outcome(False, f"the error does not name the problem ({case.expect!r}): {err[0]}")
+        if case.secret and case.secret in run.stdout + run.stderr:
+            return Outcome(False, f"the output shows the secret {case.secret!r}: {err[0]}")
         if _snapshot(tmp) != before:
             return Outcome(False, "files changed")
         return Outcome(True, err[0])

@@ -59,26 +59,35 @@ def test_three_workers_on_one_postgres_study_reach_the_budget_once(tmp_path, pos
     assert results.load(tmp_path / "r.yaml")["entries"]["decode_attention"]
 
 
-def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_its_config_retried(tmp_path, postgres_url):
-    target, args = _setup(tmp_path, postgres_url, trials=14)
-    env = _env(tmp_path, METALFORGE_HEARTBEAT_S="2")
-    name = st.study_name("m2-max", target)
-    procs = [_tune(args, env, seed, tmp_path / f"r{seed}.yaml") for seed in (1, 2, 3)]
-    victim, killed = procs[0], None
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and victim.poll() is None:
+def _victim_trial(name, url, pid, deadline_s=240):
+    """The number of a trial the process `pid` is running, polled until there is one."""
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
         try:
-            study = optuna.load_study(study_name=name, storage=postgres_url)
+            study = optuna.load_study(study_name=name, storage=url)
         except KeyError:
             time.sleep(0.2)
             continue
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("worker", "").split(":")[1:2] == [str(victim.pid)]:
-                os.kill(victim.pid, signal.SIGKILL)
-                killed = t.number
-                break
+            if t.user_attrs.get("worker", "").split(":")[1:2] == [str(pid)]:
+                return t.number
         time.sleep(0.05)
-    assert killed is not None, "the victim must be killed while running a trial"
+    raise AssertionError("the process never ran a trial")
+
+
+def _three_workers_one_caught(tmp_path, url, trials, heartbeat_s):
+    """Three `tune` processes on one study, and the number of a trial the first one is running."""
+    target, args = _setup(tmp_path, url, trials=trials)
+    env = _env(tmp_path, METALFORGE_HEARTBEAT_S=str(heartbeat_s))
+    name = st.study_name("m2-max", target)
+    procs = [_tune(args, env, seed, tmp_path / f"r{seed}.yaml") for seed in (1, 2, 3)]
+    return name, procs, _victim_trial(name, url, procs[0].pid)
+
+
+def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_its_config_retried(tmp_path, postgres_url):
+    name, procs, killed = _three_workers_one_caught(tmp_path, postgres_url, 14, heartbeat_s=2)
+    victim = procs[0]
+    os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     for p in procs[1:]:
         _, err = p.communicate(timeout=400)
@@ -137,32 +146,12 @@ def test_results_merge_combines_files_from_several_machines(tmp_path):
     assert out.read_bytes() == before, "a refused merge changes nothing"
 
 
-def _victim_trial(name, url, pid, deadline_s=240):
-    """The number of a trial the process `pid` is running, polled until there is one."""
-    deadline = time.time() + deadline_s
-    while time.time() < deadline:
-        try:
-            study = optuna.load_study(study_name=name, storage=url)
-        except KeyError:
-            time.sleep(0.2)
-            continue
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("worker", "").split(":")[1:2] == [str(pid)]:
-                return t.number
-        time.sleep(0.05)
-    raise AssertionError("the process never ran a trial")
-
-
 def test_a_worker_paused_past_the_grace_drops_its_failed_trial_and_goes_on(tmp_path, postgres_url):
     """SIGSTOP for 15 s (past 3 missed heartbeats), then SIGCONT: the others failed its trial and
     queued the config again; the paused worker finds its trial finished, drops it, finishes the
     run and writes its results."""
-    target, args = _setup(tmp_path, postgres_url, trials=10)
-    env = _env(tmp_path, METALFORGE_HEARTBEAT_S="1")
-    name = st.study_name("m2-max", target)
-    procs = [_tune(args, env, seed, tmp_path / f"r{seed}.yaml") for seed in (1, 2, 3)]
+    name, procs, paused = _three_workers_one_caught(tmp_path, postgres_url, 10, heartbeat_s=1)
     victim = procs[0]
-    paused = _victim_trial(name, postgres_url, victim.pid)
     os.kill(victim.pid, signal.SIGSTOP)
     state = lambda: optuna.load_study(study_name=name, storage=postgres_url).trials[paused].state
     running_when_paused = state() == TrialState.RUNNING   # (else it finished just before the pause)

@@ -17,7 +17,7 @@ from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 
-from metalforge import devices
+from metalforge import devices, signals
 from metalforge.errors import MetalforgeError
 from metalforge.results import user_results_dir
 from metalforge.tuner.recovery import RETRY
@@ -85,6 +85,7 @@ def storage_for(device, storage: str | None, heartbeat_s: float = 10.0, timeout_
             rdb = optuna.storages.RDBStorage(
                 storage, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
                 heartbeat_stale_trial_callback=RETRY)
+            _REACHED.add(storage)
             return Resilient(_CachedStorage(rdb), storage, timeout_s)
         except Exception as e:  # sqlalchemy errors: bad URL, missing driver, unreachable server
             # several workers opening a new database at once race to create its tables: the losers
@@ -92,13 +93,18 @@ def storage_for(device, storage: str | None, heartbeat_s: float = 10.0, timeout_
             if _schema_race(e) and attempt < _SCHEMA_ATTEMPTS:
                 time.sleep(0.2 * attempt)
                 continue
-            # a server restarting as the run starts: waited for like one restarting mid-run
-            if _transient(e) and time.monotonic() - started < timeout_s:
+            # a server this process reached before is restarting (the next study of a run): waited
+            # for like one restarting mid-trial; one never reached is a wrong URL until shown otherwise
+            if _transient(e) and storage in _REACHED and time.monotonic() - started < timeout_s:
+                if attempt == 1:
+                    print(f"metalforge: tuning storage {mask(storage)} out of reach ({_first_line(e)}); "
+                          f"retrying for up to {timeout_s:g} s", file=sys.stderr, flush=True)
                 time.sleep(min(5.0, 0.25 * 2 ** min(attempt, 5)))
                 continue
             raise MetalforgeError(f"cannot open tuning storage '{mask(storage)}': {_first_line(e)}") from None
 
 
+_REACHED: set[str] = set()   # storage URLs this process has opened
 _SCHEMA_ATTEMPTS = 5
 
 
@@ -146,7 +152,8 @@ class Resilient(BaseStorage, BaseHeartbeat):
                 if not _transient(e):
                     raise
                 self._outage(e)
-                time.sleep(delay)
+                with signals.released():   # nothing half written now: Ctrl-C may stop the wait
+                    time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             self._recovered()
