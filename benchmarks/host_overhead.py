@@ -120,7 +120,7 @@ def write_section(lines: list[str], rev: str | None) -> Path:
         "Python time per engine op call before its kernel launches (the engine's choice of config, then "
         "the kernels for the config's launches) and per results lookup, on "
         f"{DEVICE}'s profile, float16, written by `python benchmarks/host_overhead.py"
-        + (f" --previous {rev}" if rev else "") + " --write`"
+        + (f" --previous {rev.split()[0]}" if rev else "") + " --write`"
         + (f" beside revision {rev}" if rev else "") + ". Rendering, hashing and building kernels now "
         "happen once per (family, config, compile-time shape, dtype); results files are read again "
         "only when they change.", "", *lines, ""])
@@ -142,10 +142,15 @@ def main() -> int:
         print(json.dumps(now))
         return 0
     before = measure_previous(args.previous) if args.previous else None
-    lines = table(now, before, args.previous)
+    rev = None
+    if args.previous:   # named as it is today: a branch moves
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.previous], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        rev = args.previous if commit == args.previous else f"{args.previous} ({commit})"
+    lines = table(now, before, rev)
     print("\n".join(lines))
     if args.write:
-        print(f"written: {write_section(lines, args.previous)}")
+        print(f"written: {write_section(lines, rev)}")
     return 0
 
 
