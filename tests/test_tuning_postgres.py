@@ -295,3 +295,22 @@ def test_the_default_sqlite_database_of_the_previous_release_resumes_after_an_up
     default = f"sqlite:///{tmp_path / 'results' / 'm2-max.db'}"   # where METALFORGE_RESULTS puts it (_env)
     (tmp_path / "results").mkdir()
     _resume_previous_release_study(tmp_path, default, None)
+
+
+def test_a_database_refusing_writes_is_one_line_without_the_password(tmp_path, postgres_url, postgres_server):
+    """A role that may read the study's tables but not write them (a misconfigured lab database):
+    the database's refusal in one line, the URL's password masked, no traceback."""
+    import psycopg
+    optuna.create_study(study_name="schema", storage=postgres_url)   # the tables, made by their owner
+    dbname = postgres_url.split("/")[3].split("?")[0]
+    with psycopg.connect(dbname=dbname, user="postgres", autocommit=True, **postgres_server) as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'mf_reader'").fetchone():
+            conn.execute("CREATE ROLE mf_reader LOGIN")
+        conn.execute("GRANT SELECT ON ALL TABLES IN SCHEMA public TO mf_reader")
+    url = postgres_url.replace("postgres@", "mf_reader:s3cret-pw@")
+    _, args = _setup(tmp_path, url, trials=2)
+    run = subprocess.run([sys.executable, "-m", "metalforge.cli", "tune", *args, "--results", str(tmp_path / "r.yaml")],
+                         capture_output=True, text=True, env=_env(tmp_path))
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "permission denied" in lines[0] and "mf_reader:***@" in lines[0] and "s3cret-pw" not in run.stderr

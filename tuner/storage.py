@@ -131,6 +131,12 @@ def _transient(e: BaseException) -> bool:
     return False
 
 
+def _database_error(e: BaseException):
+    """The database's own error in `e` (also under Optuna's StorageInternalError), else None."""
+    import sqlalchemy.exc as sa
+    return next((x for x in (e, e.__cause__) if isinstance(x, sa.SQLAlchemyError)), None)
+
+
 class Resilient(BaseStorage, BaseHeartbeat):
     """An RDB storage whose calls are retried with backoff while the database is out of reach,
     with one line when it goes and one when it is back; past `timeout_s` the call raises
@@ -150,6 +156,9 @@ class Resilient(BaseStorage, BaseHeartbeat):
                 result = method(*args, **kwargs)
             except Exception as e:
                 if not _transient(e):
+                    refusal = _database_error(e)
+                    if refusal is not None:   # permissions, a full disk: the database's word, one line
+                        raise MetalforgeError(f"tuning storage {mask(self._url)}: {_first_line(refusal)}") from None
                     raise
                 self._outage(e)
                 with signals.released():   # nothing half written now: Ctrl-C may stop the wait
