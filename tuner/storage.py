@@ -86,7 +86,7 @@ def storage_for(device, storage: str | None, heartbeat_s: float = 10.0, timeout_
                 storage, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
                 heartbeat_stale_trial_callback=RETRY)
             _REACHED.add(storage)
-            return Resilient(_CachedStorage(rdb), storage, timeout_s)
+            return Resilient(_CachedStorage(rdb), rdb, storage, timeout_s)
         except Exception as e:  # sqlalchemy errors: bad URL, missing driver, unreachable server
             # several workers opening a new database at once race to create its tables: the losers
             # fail on a duplicate table or version row, and a moment later find the tables made
@@ -124,7 +124,8 @@ def _transient(e: BaseException) -> bool:
     Optuna wraps them in its StorageInternalError."""
     import sqlalchemy.exc as sa
     while e is not None:
-        if isinstance(e, (sa.OperationalError, sa.InterfaceError)) or \
+        # (PendingRollbackError: a session whose connection died mid-transaction, until removed)
+        if isinstance(e, (sa.OperationalError, sa.InterfaceError, sa.PendingRollbackError)) or \
                 (isinstance(e, sa.DBAPIError) and e.connection_invalidated):
             return True
         e = e.__cause__
@@ -143,8 +144,8 @@ class Resilient(BaseStorage, BaseHeartbeat):
     StorageUnavailable (the study is intact: the same command resumes it). Heartbeats, sent from
     a thread, never raise: the run's own next call meets the outage."""
 
-    def __init__(self, backend, url: str, timeout_s: float):
-        self._backend, self._url, self._timeout_s = backend, url, timeout_s
+    def __init__(self, backend, rdb, url: str, timeout_s: float):
+        self._backend, self._rdb, self._url, self._timeout_s = backend, rdb, url, timeout_s
         self._lock = threading.Lock()
         self._down_since: float | None = None   # shared by the run and its heartbeat thread
 
@@ -161,12 +162,21 @@ class Resilient(BaseStorage, BaseHeartbeat):
                         raise MetalforgeError(f"tuning storage {mask(self._url)}: {_first_line(refusal)}") from None
                     raise
                 self._outage(e)
+                self._forget_session()
                 with signals.released():   # nothing half written now: Ctrl-C may stop the wait
                     time.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             self._recovered()
             return result
+
+    def _forget_session(self) -> None:
+        """Drop this thread's database session: one whose connection died mid-transaction refuses
+        every later call until it is rolled back, which the dead connection cannot do."""
+        try:
+            self._rdb.remove_session()
+        except Exception:
+            pass   # it is being thrown away: what it says on the way out changes nothing
 
     def _outage(self, e: Exception) -> None:
         with self._lock:
