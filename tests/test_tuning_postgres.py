@@ -75,6 +75,26 @@ def _victim_trial(name, url, pid, deadline_s=240):
     raise AssertionError("the process never ran a trial")
 
 
+def _assert_queued_again_and_evaluated_once(trials, number):
+    """Trial `number` was taken from its worker (killed, or paused past the grace): its config was
+    queued again and evaluated once after that, by its retry (taken while proposing, a trial holds
+    part of a config: the retry completes it) or by another copy of it that ran first (two
+    processes seeding the new study at once both queue the warm-start configs), whose outcome the
+    retry then repeats; two workers recovering at once may both queue it, the second copy then a
+    repeat of the first."""
+    gone = trials[number]
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    history = [(t.number, t.state.name, t.system_attrs, t.user_attrs.get("worker")) for t in trials]
+    assert retried, f"its config was queued again: {history}"
+    intended = gone.system_attrs.get("fixed_params") or gone.params   # a queued config, whole
+    copies = [t for t in retried if not protocol.repeat(t)] + \
+             [t for t in trials if t.params == intended and t.number != number and t not in retried
+              and t.state in st.FINISHED and not protocol.repeat(t) and not st.interrupted(t)]
+    assert len(copies) == 1 and gone.params.items() <= copies[0].params.items(), \
+        f"its config was evaluated once after: {history}"
+    assert copies[0].state in st.FINISHED, "by a worker still running"
+
+
 def _three_workers_one_caught(tmp_path, url, trials, heartbeat_s):
     """Three `tune` processes on one study, and the number of a trial the first one is running."""
     target, args = _setup(tmp_path, url, trials=trials)
@@ -101,20 +121,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_its_config_ret
         assert dead.state in st.FINISHED
     else:
         assert st.interrupted(dead), "a killed trial is failed without a config error"
-        retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
-        history = [(t.number, t.state.name, t.system_attrs, t.user_attrs.get("worker")) for t in trials]
-        assert retried, f"its config was queued again: {history}"
-        # evaluated once after the kill: by its retry (killed while proposing, a trial holds part
-        # of a config: the retry completes it), or by another copy of it that ran first (two
-        # processes seeding the new study at once both queue the warm-start configs), whose
-        # outcome the retry then repeats; two survivors recovering at once may both queue it, the
-        # second copy then a repeat of the first
-        copies = [t for t in retried if not protocol.repeat(t)] + \
-                 [t for t in trials if t.params == dead.params and t.number != killed and t not in retried
-                  and t.state in st.FINISHED and not protocol.repeat(t) and not st.interrupted(t)]
-        assert len(copies) == 1 and dead.params.items() <= copies[0].params.items(), \
-            f"its config was evaluated once after the kill: {history}"
-        assert copies[0].state in st.FINISHED, "by a surviving worker"
+        _assert_queued_again_and_evaluated_once(trials, killed)
     _assert_no_config_evaluated_twice(trials)
     # the killed trial never counts, its retry once; the two survivors may each finish the trial
     # they hold when the budget is met (one over), as with Optuna's own MaxTrialsCallback
@@ -157,13 +164,16 @@ def test_a_worker_paused_past_the_grace_drops_its_failed_trial_and_goes_on(tmp_p
     """SIGSTOP for 15 s (past 3 missed heartbeats), then SIGCONT: the others failed its trial and
     queued the config again; the paused worker finds its trial finished, drops it, finishes the
     run and writes its results."""
-    name, procs, paused = _three_workers_one_caught(tmp_path, postgres_url, 10, heartbeat_s=1)
+    # a budget the two others cannot finish while it is paused (they would end, leaving its trial)
+    name, procs, paused = _three_workers_one_caught(tmp_path, postgres_url, 30, heartbeat_s=1)
     victim = procs[0]
     os.kill(victim.pid, signal.SIGSTOP)
     state = lambda: optuna.load_study(study_name=name, storage=postgres_url).trials[paused].state
     running_when_paused = state() == TrialState.RUNNING   # (else it finished just before the pause)
     time.sleep(15)
-    assert not running_when_paused or state() == TrialState.FAIL, "the others failed its trial after the grace"
+    evaluated = st.evaluated(optuna.load_study(study_name=name, storage=postgres_url))
+    assert not running_when_paused or state() == TrialState.FAIL, \
+        f"the others failed its trial after the grace ({evaluated} configs evaluated meanwhile)"
     os.kill(victim.pid, signal.SIGCONT)
     for p in procs:
         _, err = p.communicate(timeout=400)
@@ -176,10 +186,9 @@ def test_a_worker_paused_past_the_grace_drops_its_failed_trial_and_goes_on(tmp_p
     if running_when_paused:
         assert st.interrupted(trials[paused]), "its trial stays failed by the others, as interrupted"
         assert f"trial {paused} was finished by another worker" in victim_err
-        retries = [t for t in trials if t.system_attrs.get("failed_trial") == paused and not protocol.repeat(t)]
-        assert len(retries) == 1 and retries[0].state in st.FINISHED, "its config queued again and evaluated, once"
+        _assert_queued_again_and_evaluated_once(trials, paused)
     _assert_no_config_evaluated_twice(trials)
-    assert 10 <= st.evaluated(study) <= 10 + 3
+    assert 30 <= st.evaluated(study) <= 30 + 3
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 

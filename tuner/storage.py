@@ -78,6 +78,12 @@ def storage_for(device, storage: str | None, heartbeat_s: float = 10.0, timeout_
             raise MetalforgeError(f"cannot open journal '{path}': {e.strerror or e}") from None
     # a connection the server dropped (restart, network) is replaced before use, not failed on
     engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {"pool_pre_ping": True}
+    if storage.startswith("postgresql"):
+        # a worker paused (or cut off) inside a transaction would hold its row locks, and with them
+        # every other worker, for as long as it is gone: the server ends such a session once the
+        # worker's trial would be stale anyway, and the worker's next call reconnects
+        idle_ms = int(3 * heartbeat_s * 1000)
+        engine["connect_args"] = {"options": f"-c idle_in_transaction_session_timeout={idle_ms}"}
     started, attempt = time.monotonic(), 0
     while True:
         attempt += 1
