@@ -26,7 +26,7 @@ def add_generate_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable; not empty)")
     p.add_argument("--prompt-cache", help="load this prompt cache first (its prefix is not prefilled again)")
 
 
@@ -56,6 +56,8 @@ def _load(args):
 
 
 def generate(args) -> int:
+    if "" in (args.stop or []):   # every text "contains" it: generation would end after one token
+        raise MetalforgeError("--stop: an empty stop string would stop at the first token; give the text to stop at")
     with _load(args) as e:
         if args.prompt_cache:
             e.load_prompt_cache(args.prompt_cache)
@@ -94,6 +96,7 @@ def cache(args) -> int:
             removed += 1
         print(f"removed {removed} prompt cache file(s)")
         return 0
+    prompt_cache.destination(args.out)   # a refused --out before the model loads
     with _load(args) as e:
         ids = e.encode(_prompt(args))
         sid = e.add_sequence()
