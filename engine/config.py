@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from metalforge.errors import MetalforgeError
+from metalforge.errors import MetalforgeError, choices
 
 # Sane ranges for a decoder's sizes, checked before anything is allocated: a typo such as
 # `num_hidden_layers: 1e9` must be an error, not a machine filling its memory. The largest
@@ -47,7 +47,61 @@ class Sizes:
     num_key_value_heads: int
     head_dim: int
     vocab_size: int
-    quantization: dict | None
+    quantization: "Quantization | None"
+
+
+# What mx.quantize (affine) writes; our qmv/qmm kernels take 4 and 8 bits, MLX's ops the rest.
+BITS, GROUP_SIZES = (2, 3, 4, 5, 6, 8), (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """config.json's "quantization" as mlx-lm writes it: the default bits and group size, and
+    per-layer overrides by module path ({"bits": 8, "group_size": 64}, or None for a layer left
+    unquantized). Whether a layer is quantized is whether its weights have scales (as mlx-lm's
+    loader decides); these are the parameters it was quantized with."""
+    bits: int
+    group_size: int
+    layers: tuple = ()     # ((module path, (bits, group_size) or None), ...)
+
+    def of(self, path: str) -> tuple[int, int] | None:
+        """(bits, group_size) of the layer at `path` (e.g. "model.layers.0.mlp.gate")."""
+        return dict(self.layers).get(path, (self.bits, self.group_size))
+
+    def __str__(self) -> str:
+        extra = f", {len(self.layers)} layer override(s)" if self.layers else ""
+        return f"{self.bits}-bit, group size {self.group_size}{extra}"
+
+
+def _quant_params(value, where: str, name: str) -> tuple[int, int]:
+    if not isinstance(value, dict):
+        raise MetalforgeError(f"{where}: {name} must be an object with bits and group_size, got {value!r}")
+    mode = value.get("mode", "affine")
+    if mode != "affine":
+        raise MetalforgeError(f"{where}: {name}.mode {mode!r} is not supported; supported: affine")
+    try:
+        bits, group = int(value["bits"]), int(value["group_size"])
+    except KeyError as e:
+        raise MetalforgeError(f"{where}: {name} has no {e.args[0]!r}") from None
+    if bits not in BITS or group not in GROUP_SIZES:
+        raise MetalforgeError(f"{where}: {name} {{bits: {bits}, group_size: {group}}} is not supported (bits "
+                              f"{choices(BITS)}; group_size {choices(GROUP_SIZES)})")
+    return bits, group
+
+
+def quantization(config: dict, where: str = "config.json") -> Quantization | None:
+    """The folder's quantization, every per-layer override checked (mlx-lm's converter keeps e.g.
+    MoE routers at 8 bits while the rest is 4-bit)."""
+    quant = config.get("quantization") or config.get("quantization_config")
+    if quant is None:
+        return None
+    bits, group = _quant_params(quant, where, "quantization")
+    layers = []
+    for path, value in quant.items():
+        if path in ("bits", "group_size", "mode"):
+            continue
+        layers.append((path, None if value is False else _quant_params(value, where, f"quantization[{path!r}]")))
+    return Quantization(bits, group, tuple(layers))
 
 
 def sizes(config: dict, where: str = "config.json") -> Sizes:
@@ -61,13 +115,7 @@ def sizes(config: dict, where: str = "config.json") -> Sizes:
             raise MetalforgeError(f"{where}: num_attention_heads={heads} is not a multiple of "
                                   f"num_key_value_heads={kv_heads}")
         head_dim = size(config, "head_dim", where, config.get("head_dim") or max(1, hidden // heads))
-        quant = config.get("quantization") or config.get("quantization_config")
-        if quant is not None:
-            quant = {"bits": int(quant["bits"]), "group_size": int(quant["group_size"])}
-            # what mx.quantize (affine) writes; our qmv/qmm kernels take 4 and 8 bits, MLX's ops the rest
-            if quant["bits"] not in (2, 3, 4, 5, 6, 8) or quant["group_size"] not in (32, 64, 128):
-                raise MetalforgeError(f"{where}: quantization {quant} is not supported (bits 2, 3, 4, 5, 6 "
-                                      "or 8, group_size 32, 64 or 128)")
+        quant = quantization(config, where)
         return Sizes(hidden, size(config, "intermediate_size", where), heads, kv_heads, head_dim,
                      size(config, "vocab_size", where), quant)
     except KeyError as e:

@@ -42,6 +42,8 @@ def _attention_values(family: str, v: dict) -> dict | None:
     `block_size`, `num_blocks` and `width` (the block table's tokens, at most the pool's
     longest sequence). Decode attention reads the pool through a table as wide as the context's
     power-of-two bucket, so the engine's shape is the tuned bucket's."""
+    if v.get("window") or v.get("softcap") or v.get("sinks"):
+        return None   # the families serve plain causal attention; these variants run MLX's op
     heads = dict(B=v["B"], Hq=v["Hq"], Hkv=v["Hkv"], D=v["D"])
     if family == "decode_attention" and v["new"] == 1 and v.get("block_size"):
         S = min(pow2_bucket(v["context"]), v.get("width") or pow2_bucket(v["context"]))
@@ -57,6 +59,7 @@ def _attention_values(family: str, v: dict) -> dict | None:
 OPS = {
     "linear": (("qmv", "qmm"), lambda family, v: v if v.get("bits") else None),
     "attention": (("decode_attention", "prefill_attention"), _attention_values),
+    "expert_linear": ((), None),   # each token's top-k experts: mx.gather_qmm / gather_mm
 }
 
 
@@ -188,10 +191,10 @@ class Kernels:
         of our linears."""
         a = attn.args
         B, L = len(step.sids), step.new
-        x = attn.norm(h)
-        q = attn.q_proj(x).reshape(B, L, a.num_attention_heads, a.head_dim)
-        k = attn.k_proj(x).reshape(B, L, a.num_key_value_heads, a.head_dim)
-        v = attn.v_proj(x).reshape(B, L, a.num_key_value_heads, a.head_dim)
+        q, k, v = attn.project(attn.norm(h))
+        q = q.reshape(B, L, a.num_attention_heads, a.head_dim)
+        k = k.reshape(B, L, a.num_key_value_heads, a.head_dim)
+        v = v.reshape(B, L, a.num_key_value_heads, a.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         longest = max(step.lengths)
@@ -199,29 +202,44 @@ class Kernels:
         k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, longest)
         return q, k, v.transpose(0, 2, 1, 3)
 
-    def attention(self, q: mx.array, kv, scale: float) -> mx.array:
+    def attention(self, q: mx.array, kv, scale: float, window: int | None = None, softcap: float | None = None,
+                  sinks: mx.array | None = None) -> mx.array:
         """q: (B, Hq, L, D) -> (B, Hq, L, D), causal over each sequence's K/V in the pool (`kv`):
-        one token for each of B sequences (decode), or L tokens of one (a prompt)."""
+        one token for each of B sequences (decode), or L tokens of one (a prompt). `window`: each
+        token attends to the latest `window` keys only (its own included); `softcap`: scores
+        pass through softcap * tanh(score / softcap) (Gemma 2); `sinks`: a logit per head that
+        joins the softmax's denominator (gpt-oss)."""
         B, Hq, L, D = q.shape
+        window = window if window is not None and kv.longest > window else None   # a window the context fills
+        sdpa = softcapped_attention(softcap) if softcap else mx.fast.scaled_dot_product_attention
+        extra = {} if sinks is None else {"sinks": sinks.astype(q.dtype)}
         if L == 1:
             def mlx_op():
                 outs = []
                 for b in range(B):
                     k, v = kv.sequence(b)   # a view of the pool when the sequence is one run of blocks
-                    outs.append(mx.fast.scaled_dot_product_attention(q[b:b + 1], k, v, scale=scale))
+                    if window is not None:
+                        k, v = k[:, :, -window:], v[:, :, -window:]
+                    outs.append(sdpa(q[b:b + 1], k, v, scale=scale, **extra))
                 return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         else:
             def mlx_op():
                 k, v = kv.sequence(0)
                 LK = k.shape[2]
-                mask = mx.arange(LK)[None, :] <= (mx.arange(L)[:, None] + LK - L)
-                return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                newest = mx.arange(L)[:, None] + LK - L          # each query's own position
+                mask = mx.arange(LK)[None, :] <= newest
+                if window is not None:
+                    mask = mask & (mx.arange(LK)[None, :] > newest - window)
+                return sdpa(q, k, v, scale=scale, mask=mask, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
+        if softcap:
+            mlx_kernel = "MLX composition (soft-capped scores)"
         if self.backend == "mlx":
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
         values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes())
+        values.update({k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks is not None)) if v})
 
         def inputs(d: Decision) -> dict:
             scale_in = mx.array(scale, dtype=mx.float32)
@@ -235,9 +253,41 @@ class Kernels:
     def gated_mlp(self, h: mx.array, mlp) -> mx.array:
         """The residual stream h -> down(silu(gate(x)) * up(x)), x its norm. No fused kernel
         serves it yet: MLX's composition of our linears."""
-        x = mlp.norm(h)
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        return mlp.down_proj((gate * mx.sigmoid(gate) * up).astype(mlp.dtype))
+        gate, up = mlp.gate_up(mlp.norm(h))
+        return mlp.down_proj((mlp.activation(gate) * up).astype(mlp.dtype))
+
+    # ---- mixture of experts --------------------------------------------------------------------
+    def expert_linear(self, x: mx.array, w: dict, indices: mx.array, bits: int | None, group_size: int | None,
+                      sorted_indices: bool = False) -> mx.array:
+        """x (T, 1, 1, K) or sorted (T*k, 1, K) through the experts `indices` (T, k) or (T*k,)
+        of a stacked layer (experts, N, K): (..., 1, N), as mlx-lm's SwitchLinear. No kernel of
+        ours serves it yet (gather_qmv): MLX's gather_qmm / gather_mm."""
+        if "scales" in w:
+            self._record("expert linear", kernel="mx.gather_qmm")
+            y = mx.gather_qmm(x, w["weight"], w["scales"], w["biases"], rhs_indices=indices, transpose=True,
+                              group_size=group_size, bits=bits, sorted_indices=sorted_indices)
+        else:
+            self._record("expert linear (unquantized)", kernel="mx.gather_mm")
+            y = mx.gather_mm(x, w["weight"].swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        if "bias" in w:
+            y = y + mx.expand_dims(w["bias"][indices], -2)
+        return y
+
+
+def softcapped_attention(cap: float):
+    """Attention with soft-capped scores, composed as mlx-lm's Gemma 2 does (MLX's fused op has
+    no soft-cap): scaled q k^T, cap * tanh(s / cap), masked, softmax in float32, times v."""
+    def sdpa(q, k, v, scale, mask=None, sinks=None):
+        B, Hq, L, D = q.shape
+        Hkv = k.shape[1]
+        q = (q * scale).reshape(B, Hkv, Hq // Hkv, L, D)
+        scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+        scores = mx.tanh(scores / cap) * cap
+        if mask is not None:
+            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        out = mx.softmax(scores, axis=-1, precise=True) @ mx.expand_dims(v, 2)
+        return out.reshape(B, Hq, L, D)
+    return sdpa
 
 
 def _dtype_name(dtype) -> str:

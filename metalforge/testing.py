@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from metalforge.engine import models
-from metalforge.engine.models.base import linears, vectors
+
 from metalforge.intmath import cdiv
 
 # What each architecture's random model sets beyond the sizes (llama: a scaled RoPE to exercise).
@@ -46,7 +46,8 @@ def write_model(folder, arch="llama", quantized=None, dtype=mx.float32, layers=2
     def vector(name, n):   # norms near one, biases near zero
         return rand((n,), 0.1) if name.endswith(".bias") else 1 + rand((n,), 0.1)
 
-    matrices, vecs = linears(args), vectors(args)
+    model = models.get(args.model_type)
+    matrices, vecs = model.linears(args), model.vectors(args)
     # tied heads read the embeddings back: small ones keep the residual from echoing the input token
     w = {"model.embed_tokens.weight": rand((vocab, hidden), 0.05 if args.tie_word_embeddings else 1.0),
          "model.norm.weight": vector("model.norm.weight", hidden)}
