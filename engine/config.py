@@ -15,6 +15,10 @@ from metalforge.errors import MetalforgeError, choices
 LIMITS = {
     "hidden_size": 131072, "intermediate_size": 1 << 20, "num_hidden_layers": 1024, "num_attention_heads": 1024,
     "num_key_value_heads": 1024, "head_dim": 1024, "vocab_size": 1 << 22, "max_position_embeddings": 2**31 - 1,
+    # architecture fields (engine/models/): windows, layer patterns, experts
+    "original_max_position_embeddings": 2**31 - 1, "sliding_window": 2**31 - 1, "sliding_window_pattern": 1024,
+    "num_experts": 1 << 16, "num_local_experts": 1 << 16, "num_experts_per_tok": 1 << 16,
+    "moe_intermediate_size": 1 << 20, "shared_expert_intermediate_size": 1 << 20, "decoder_sparse_step": 1024,
 }
 
 

@@ -68,6 +68,7 @@ class ModelArgs:
         sz = sizes(config, where)
         defaults = {f.name: f.default for f in fields(cls)}
         ropes.scaling_type(config.get("rope_scaling"), where)
+        unsupported(config, "rope_traditional", where, False, "the engine rotates the two halves of a head")
         eos = config.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         try:
@@ -99,6 +100,19 @@ def optional_positive(config: dict, name: str, where: str, default=None) -> floa
     """A positive number, or None where the config sets it to null (e.g. no soft-cap)."""
     value = config.get(name, default)
     return None if value is None else positive({name: value}, name, where, value)
+
+
+def flag(config: dict, name: str, where: str, default: bool = False) -> bool:
+    value = config.get(name, default)
+    if not isinstance(value, bool):
+        raise MetalforgeError(f"{where}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def unsupported(config: dict, name: str, where: str, value, why: str) -> None:
+    """A field whose value we do not implement is one line naming it, never a wrong answer."""
+    if config.get(name, value) != value:
+        raise MetalforgeError(f"{where}: {name}={config[name]!r} is not supported ({why})")
 
 
 # ---- norms and activations ----------------------------------------------------------------------
@@ -182,8 +196,7 @@ class Attention(Block):
                  model: type["Model"]):
         super().__init__(args, w, p, model)
         self.kernels, self.layer, self.dtype = kernels, layer, dtype
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            Linear(kernels, w, p + f"self_attn.{n}_proj", args) for n in "qkvo")
+        self.make_projections(kernels, w, p, args)
         norm = model.make_norm
         self.q_norm = norm(args, w, p + "self_attn.q_norm") if args.qk_norm else None
         self.k_norm = norm(args, w, p + "self_attn.k_norm") if args.qk_norm else None
@@ -192,6 +205,10 @@ class Attention(Block):
         self.window = self.window_of(args, layer)
         self.softcap = self.softcap_of(args)
         self.sinks = w[p + "self_attn.sinks"].astype(mx.float32) if self.SINKS else None
+
+    def make_projections(self, kernels: ops.Kernels, w: dict, p: str, args: ModelArgs) -> None:
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            Linear(kernels, w, p + f"self_attn.{n}_proj", args) for n in "qkvo")
 
     def make_rope(self, args: ModelArgs, layer: int) -> ropes.Rope:
         return ropes.make(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
@@ -248,6 +265,9 @@ class GatedMLP(Block):
         super().__init__(args, w, p, model)
         self.kernels, self.dtype = kernels, dtype
         self.activation = ACTIVATIONS[model.ACTIVATION]
+        self.make_projections(kernels, w, p, args)
+
+    def make_projections(self, kernels: ops.Kernels, w: dict, p: str, args: ModelArgs) -> None:
         self.gate_proj, self.up_proj, self.down_proj = (Linear(kernels, w, p + f"mlp.{n}_proj", args)
                                                         for n in ("gate", "up", "down"))
 
