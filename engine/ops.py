@@ -111,7 +111,8 @@ class Kernels:
         self.results = results
         self.report: dict[str, dict] = {}
         self._decisions: dict = {}
-        self.cpu_float32 = self.backend == "mlx" and not mx.metal.is_available()
+        self.on_cpu = not mx.metal.is_available()
+        self.cpu_float32 = self.backend == "mlx" and self.on_cpu
         self.cpu_linear = CpuLinear() if self.cpu_float32 else None
 
     def decide(self, op: str, values: dict, dtype: str) -> Decision:
@@ -268,7 +269,12 @@ class Kernels:
                               group_size=group_size, bits=bits, sorted_indices=sorted_indices)
         else:
             self._record("expert linear (unquantized)", kernel="mx.gather_mm")
-            y = mx.gather_mm(x, w["weight"].swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+            weight = w["weight"]
+            if self.on_cpu and x.dtype != mx.float32:   # MLX's CPU gather_mm takes float32 only
+                y = mx.gather_mm(x.astype(mx.float32), weight.astype(mx.float32).swapaxes(-1, -2),
+                                 rhs_indices=indices, sorted_indices=sorted_indices).astype(x.dtype)
+            else:
+                y = mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
         if "bias" in w:
             y = y + mx.expand_dims(w["bias"][indices], -2)
         return y

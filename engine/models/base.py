@@ -259,6 +259,7 @@ class GatedMLP(Block):
     """down(act(gate(x)) * up(x)) after its norm: one op of the op layer."""
 
     NORM = "post_attention_layernorm"
+    PREFIX = "mlp."    # where the projections' weights are, in the layer
 
     def __init__(self, args: ModelArgs, kernels: ops.Kernels, w: dict, p: str, layer: int, dtype,
                  model: type["Model"]):
@@ -268,7 +269,7 @@ class GatedMLP(Block):
         self.make_projections(kernels, w, p, args)
 
     def make_projections(self, kernels: ops.Kernels, w: dict, p: str, args: ModelArgs) -> None:
-        self.gate_proj, self.up_proj, self.down_proj = (Linear(kernels, w, p + f"mlp.{n}_proj", args)
+        self.gate_proj, self.up_proj, self.down_proj = (Linear(kernels, w, p + self.PREFIX + f"{n}_proj", args)
                                                         for n in ("gate", "up", "down"))
 
     def gate_up(self, x: mx.array) -> tuple[mx.array, mx.array]:
@@ -279,9 +280,13 @@ class GatedMLP(Block):
 
     @classmethod
     def linears(cls, a, p):
-        return {p + "mlp.gate_proj": (a.intermediate_size, a.hidden_size),
-                p + "mlp.up_proj": (a.intermediate_size, a.hidden_size),
-                p + "mlp.down_proj": (a.hidden_size, a.intermediate_size)}
+        i, h = cls.intermediate_size(a), a.hidden_size
+        return {p + cls.PREFIX + "gate_proj": (i, h), p + cls.PREFIX + "up_proj": (i, h),
+                p + cls.PREFIX + "down_proj": (h, i)}
+
+    @classmethod
+    def intermediate_size(cls, a: ModelArgs) -> int:
+        return a.intermediate_size
 
 
 class DecoderLayer:
@@ -492,5 +497,5 @@ class Model:
 
     @classmethod
     def top_k(cls, args: ModelArgs) -> int:
-        """Experts per token (MoE architectures)."""
-        return 0
+        """Experts per token (MoE architectures' num_experts_per_tok)."""
+        return getattr(args, "num_experts_per_tok", 0)
