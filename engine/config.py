@@ -1,5 +1,5 @@
-"""An mlx-lm model folder's config.json and the checks every architecture shares: the sizes a
-decoder's kernels see, in sane ranges. What an architecture adds is engine/models/."""
+"""An mlx-lm model folder's config.json and the checks every model type shares: the sizes a
+decoder's kernels see, in sane ranges. What a model type adds is engine/models/."""
 from __future__ import annotations
 
 import json
@@ -44,7 +44,7 @@ def positive(config: dict, name: str, where: str, default: float) -> float:
 @dataclass(frozen=True)
 class Sizes:
     """The shapes a model's kernels see: what the tuner needs of any decoder, whatever its
-    architecture, and the part of ModelArgs both read the same way."""
+    model type, and the part of ModelArgs both read the same way."""
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int

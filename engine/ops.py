@@ -187,29 +187,39 @@ class Kernels:
 
     # ---- the attention block's ops -------------------------------------------------------------------
     def attention_input(self, h: mx.array, attn, step) -> tuple[mx.array, mx.array, mx.array]:
-        """The residual stream h (B*L, hidden) -> q (B, Hq, L, D), k and v (B, Hkv, L, D): norm,
-        projections, per-head norms and RoPE. No fused kernel serves it yet: MLX's composition
-        of our linears."""
+        """The residual stream h (tokens, hidden) -> q (1, Hq, tokens, D), k and v (1, Hkv,
+        tokens, D): norm, projections, per-head norms and RoPE at each token's stored position.
+        No fused kernel serves it yet: MLX's composition of our linears."""
         a = attn.args
-        B, L = len(step.sids), step.new
         q, k, v = attn.project(attn.norm(h))
-        q = q.reshape(B, L, a.num_attention_heads, a.head_dim)
-        k = k.reshape(B, L, a.num_key_value_heads, a.head_dim)
-        v = v.reshape(B, L, a.num_key_value_heads, a.head_dim)
+        q = q.reshape(1, -1, a.num_attention_heads, a.head_dim)
+        k = k.reshape(1, -1, a.num_key_value_heads, a.head_dim)
+        v = v.reshape(1, -1, a.num_key_value_heads, a.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        longest = max(step.lengths)
-        q = attn.rope(q.transpose(0, 2, 1, 3), step.positions, longest)
-        k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, longest)
+        q = attn.rope(q.transpose(0, 2, 1, 3), step.positions, step.longest)
+        k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, step.longest)
         return q, k, v.transpose(0, 2, 1, 3)
 
-    def attention(self, q: mx.array, kv, scale: float, window: int | None = None, softcap: float | None = None,
-                  sinks: mx.array | None = None) -> mx.array:
-        """q: (B, Hq, L, D) -> (B, Hq, L, D), causal over each sequence's K/V in the pool (`kv`):
-        one token for each of B sequences (decode), or L tokens of one (a prompt). `window`: each
-        token attends to the latest `window` keys only (its own included); `softcap`: scores
-        pass through softcap * tanh(score / softcap) (Gemma 2); `sinks`: a logit per head that
-        joins the softmax's denominator (gpt-oss)."""
+    def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:
+        """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),
+        group by group of the step: sequences of one new token together (decode), each prompt
+        alone. `variant`: window, softcap, sinks (see _attention)."""
+        outs = []
+        for g in kv.groups():
+            qg = q[:, :, g.group.tokens] if len(kv.step.groups) > 1 else q
+            if g.group.new == 1:   # (1, Hq, B, D) as B sequences of one token
+                outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale, **variant).transpose(2, 1, 0, 3))
+            else:
+                outs.append(self._attention(qg, g, scale, **variant))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+    def _attention(self, q: mx.array, kv, scale: float, window: int | None = None, softcap: float | None = None,
+                   sinks: mx.array | None = None) -> mx.array:
+        """q: (B, Hq, L, D) -> the same, over one group's K/V: one token of each of B sequences,
+        or L tokens of one. `window`: each token attends to the latest `window` keys only (its
+        own included); `softcap`: scores pass through softcap * tanh(score / softcap) (Gemma 2);
+        `sinks`: a logit per head that joins the softmax's denominator (gpt-oss)."""
         B, Hq, L, D = q.shape
         window = window if window is not None and kv.longest > window else None   # a window the context fills
         sdpa = softcapped_attention(softcap) if softcap else mx.fast.scaled_dot_product_attention
@@ -283,7 +293,7 @@ class Kernels:
 def softcapped_attention(cap: float):
     """Attention with soft-capped scores, composed as mlx-lm's Gemma 2 does (MLX's fused op has
     no soft-cap): scaled q k^T, cap * tanh(s / cap), masked, softmax in float32, times v."""
-    def sdpa(q, k, v, scale, mask=None, sinks=None):
+    def sdpa(q, k, v, scale, mask=None):
         B, Hq, L, D = q.shape
         Hkv = k.shape[1]
         q = (q * scale).reshape(B, Hkv, Hq // Hkv, L, D)

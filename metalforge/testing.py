@@ -1,7 +1,7 @@
 """Random-weight models written in the exact mlx-lm folder format (config.json, safetensors
 shards, optionally quantized in MLX's layout, optionally a tokenizer): for tests, benchmarks and
-trying the engine without a download. The tensors are the architecture's own weight table
-(engine/models/base.py), so a new architecture needs only its config here."""
+trying the engine without a download. The tensors are the model type's own weight table
+(engine/models/base.py), so a new model type needs only its config here."""
 from __future__ import annotations
 
 import json
@@ -11,10 +11,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from metalforge.engine import models
-
 from metalforge.intmath import cdiv
 
-# What each architecture's random model sets beyond the sizes (llama: a scaled RoPE to exercise).
+# What each model type's random model sets beyond the sizes (llama: a scaled RoPE to exercise).
 CONFIGS = {
     "llama": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),

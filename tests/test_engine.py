@@ -1,4 +1,5 @@
 """The decoding engine on real mlx-lm style folders, against an independent reference forward pass."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,8 +20,8 @@ CASES = [("llama", None), ("llama", (8, 32)), ("mistral", None), ("mistral", (4,
          ("qwen2", (4, 32)), ("qwen3", None), ("qwen3", (8, 64))]
 
 
-def test_every_architecture_has_its_test_case():
-    """An architecture is one file in engine/models/ plus its case here or in
+def test_every_model_type_has_its_test_case():
+    """A model type is one file in engine/models/ plus its case here or in
     test_architectures.py (checked against mlx-lm's own model class)."""
     from metalforge.engine import models
     from test_architectures import ARCHITECTURES
@@ -154,6 +155,26 @@ def test_batched_decode_of_many_sequences_equals_each_alone(models):
     assert outs == expected
 
 
+@pytest.mark.parametrize("backend", ["mlx", "emulator"])
+def test_a_ragged_step_mixes_prompts_and_single_tokens(models, backend):
+    """Two sequences decode a token while a third's prompt goes in, in one forward pass; the
+    logits are each sequence's own, and a sequence may ask for logits after every new token."""
+    folder = models[("qwen3", (8, 64))]
+    third = list(range(1, 20))
+    with engine.load(folder, backend=backend, device="m2", kv_tokens=256, block_size=8) as e:
+        a, b, c = e.add_sequence(), e.add_sequence(), e.add_sequence()
+        e.step([a], [PROMPT])
+        e.step([b], [[9, 8, 7]])
+        got = e.step([a, c, b], [[10], third, [20]], logits_at={c: list(range(len(third)))})
+        assert e.tokens(c) == third and e.tokens(a) == PROMPT + [10]
+        with pytest.raises(MetalforgeError, match=r"logits_at\[.*\]=\[5\] are not indices"):
+            e.step([a], [[1]], logits_at={a: [5]})
+    assert got.shape[0] == 1 + len(third) + 1
+    want = mx.concatenate([reference_logits(folder, PROMPT + [10])[-1:], reference_logits(folder, third),
+                           reference_logits(folder, [9, 8, 7, 20])[-1:]])
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-3, rtol=2e-3)
+
+
 def test_fork_shares_the_prefix_copy_on_write(models):
     folder = models[("llama", (8, 32))]
     with engine.load(folder, backend="mlx", kv_tokens=128, block_size=4) as e:
@@ -198,6 +219,31 @@ def test_exhaustion_names_the_budget_and_corrupts_nothing(models):
         e.clear()
         assert e.pool.used_blocks == 0 and not e.pool.seqs
     assert got == int(mx.argmax(reference_logits(folder, PROMPT + [12])[-1]).item())
+
+
+def test_generate_keeps_its_sequence_for_a_later_prompt(models):
+    folder = models[("llama", None)]
+    with engine.load(folder, backend="mlx", kv_tokens=128) as e:
+        e.args = dataclasses.replace(e.args, eos_token_id=())
+        gen = e.generate(PROMPT, max_tokens=4, keep=True)
+        tokens = [t.id for t in gen]
+        assert e.tokens(gen.sequence) == PROMPT + tokens[:-1], "the prompt and every token but the last"
+        e.keep_prefix(gen.sequence)
+        follow = PROMPT + tokens + [7]
+        again = e.generate(follow, max_tokens=3)
+        assert [t.id for t in again] == reference_greedy(folder, follow, 3)[0]
+        assert again.stats.cached_tokens == len(PROMPT) + 3
+        assert sorted(e.pool.seqs) == [gen.sequence]
+
+
+def test_generate_raises_when_the_pool_cannot_hold_its_prompt(models):
+    with engine.load(models[("llama", None)], backend="mlx", kv_tokens=16, block_size=4) as e:
+        hog = e.add_sequence()
+        e.step([hog], [list(range(2, 14))])                   # 3 of the 4 blocks
+        gen = e.generate(list(range(2, 12)), max_tokens=2)
+        with pytest.raises(engine.PoolExhausted, match=r"3 more blocks .* 1 free of 4"):
+            list(gen)
+        assert sorted(e.pool.seqs) == [hog] and e.pool.used_blocks == 3
 
 
 def test_no_allocation_grows_while_decoding(models):
@@ -297,7 +343,8 @@ def test_bad_model_folders_are_clear_errors(tmp_path, models):
     with pytest.raises(MetalforgeError, match="not an mlx-lm model folder"):
         engine.load(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(MetalforgeError, match="model_type 'gpt2' is not supported; supported: gemma2, .*, llama, .*, qwen3$"):
+    from metalforge.engine.models import model_types
+    with pytest.raises(MetalforgeError, match=f"model_type 'gpt2' is not supported; supported: {', '.join(model_types())}$"):
         engine.load(tmp_path)
     scaled = write_model(tmp_path / "scaled", shards=1)
     config = json.loads((scaled / "config.json").read_text())

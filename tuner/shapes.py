@@ -51,7 +51,7 @@ class Target:
 
 def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_PREFILL, batch: int = 1,
                       where: str = "config.json") -> dict[str, list[dict]]:
-    """The kernel shapes the engine runs for this model, as its architecture's op plan says:
+    """The kernel shapes the engine runs for this model, as its model type's op plan says:
     decode at each context (attention in the engine's paged layout), prompts at each prefill
     length, each op given to the family that serves it (the engine runs MLX's op for the rest:
     3-bit weights, head dim 32). Config errors are the engine's, word for word."""

@@ -1,9 +1,9 @@
-"""What the decoder architectures share, as mlx-lm's files would repeat it: the config fields,
+"""What the decoder model types share, as mlx-lm's files would repeat it: the config fields,
 the blocks (norms, attention, gated MLP, embedding, output head) as layer objects that own
 their weights, the layer stack, and the two facts the rest of metalforge asks of a model: its
 op plan (which kernel shapes it runs) and its parameter count. Both are read off the same weight
 table the loader checks, and each block states its own part of that table, so nothing else
-describes a layer. An architecture module subclasses what differs (see llama.py, qwen3.py,
+describes a layer. A model type's module subclasses what differs (see llama.py, qwen3.py,
 gemma3_text.py, phi3.py, qwen3_moe.py): the extension points are the class attributes and
 small methods below (norm kind, activation, soft-caps, sinks, per-layer window and RoPE, scaled
 embeddings, post-norms, residual scale, the MLP of a layer).
@@ -62,7 +62,7 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> "ModelArgs":
-        """The config's fields, sizes checked by engine/config.py; an architecture's own defaults
+        """The config's fields, sizes checked by engine/config.py; a model type's own defaults
         are its subclass's field defaults (qwen2: attention_bias=True), its own fields what its
         `read` returns."""
         sz = sizes(config, where)
@@ -92,7 +92,7 @@ class ModelArgs:
 
     @classmethod
     def read(cls, config: dict, where: str) -> dict:
-        """An architecture's own fields from config.json (as its mlx-lm module reads them)."""
+        """A model type's own fields from config.json (as its mlx-lm module reads them)."""
         return {}
 
 
@@ -228,12 +228,10 @@ class Attention(Block):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def __call__(self, h: mx.array, step) -> mx.array:
-        a = self.args
-        B, L = len(step.sids), step.new
         q, k, v = self.kernels.attention_input(h, self, step)
-        kv = step.update_and_fetch(self.layer, k, v)
-        o = self.kernels.attention(q, kv, self.scale, window=self.window, softcap=self.softcap, sinks=self.sinks)
-        return self.o_proj(o.astype(self.dtype).transpose(0, 2, 1, 3).reshape(B * L, a.num_attention_heads * a.head_dim))
+        o = self.kernels.attention(q, step.update_and_fetch(self.layer, k, v), self.scale, window=self.window,
+                                   softcap=self.softcap, sinks=self.sinks)
+        return self.o_proj(o.astype(self.dtype)[0].transpose(1, 0, 2).reshape(step.tokens, -1))
 
     @classmethod
     def linears(cls, a, p):
@@ -291,7 +289,7 @@ class GatedMLP(Block):
 
 class DecoderLayer:
     """h + attention(h), then h + mlp(h), each block's output through its post-norm where the
-    architecture has one (POST_* weight names: Gemma, OLMo 2) and scaled by `residual_scale`."""
+    model type has one (POST_* weight names: Gemma, OLMo 2) and scaled by `residual_scale`."""
 
     Attention = Attention
     MLP = GatedMLP
@@ -333,7 +331,7 @@ class DecoderLayer:
 
 class Model:
     """A decoder over an mlx-lm weight dictionary: embedding, layers, final norm, output head.
-    Architecture modules subclass it and name their `Args`, `Layer`, norm kind and activation."""
+    Model type modules subclass it and name their `Args`, `Layer`, norm kind and activation."""
 
     Args = ModelArgs
     Layer = DecoderLayer
@@ -364,7 +362,7 @@ class Model:
         self.lm_head = Linear(kernels, w, "model.embed_tokens" if args.tie_word_embeddings else "lm_head", args)
         self.final_softcap, self.logits_scale = self.final_softcap_of(args), self.logits_scale_of(args)
 
-    # ---- what architectures vary -----------------------------------------------------------------
+    # ---- what model types vary -------------------------------------------------------------------
     @classmethod
     def make_norm(cls, args: ModelArgs, w: dict, name: str):
         return cls.Norm(w, name, args.rms_norm_eps)
@@ -398,15 +396,14 @@ class Model:
         return h if self.embed_scale == 1 else h * mx.array(self.embed_scale, dtype=self.dtype)
 
     def forward(self, step, ids: mx.array) -> mx.array:
-        """The logits (B, vocab) after the new tokens `ids` (B * step.new ids, sequence-major) of
-        the step's sequences: either one sequence with any number of tokens (prefill) or several
-        with one token each (batched decode)."""
-        B, L = len(step.sids), step.new
-        h = self.embed(ids)                                             # (B*L, hidden)
+        """The logits (rows, vocab) at the step's requested tokens (by default each sequence's
+        last) after its new tokens `ids` (sequence after sequence)."""
+        h = self.embed(ids)                                             # (tokens, hidden)
         for layer in self.layers:
             h = layer(h, step)
-        last = h.reshape(B, L, -1)[:, -1, :]
-        logits = self.lm_head(self.norm(last))
+        rows = step.logit_rows
+        picked = h[rows[0]:rows[0] + 1] if len(rows) == 1 else h[mx.array(rows, dtype=mx.int32)]
+        logits = self.lm_head(self.norm(picked))
         if self.final_softcap is not None:
             logits = mx.tanh(logits / self.final_softcap) * self.final_softcap
         if self.logits_scale != 1:
@@ -497,5 +494,5 @@ class Model:
 
     @classmethod
     def top_k(cls, args: ModelArgs) -> int:
-        """Experts per token (MoE architectures' num_experts_per_tok)."""
+        """Experts per token (MoE model types' num_experts_per_tok)."""
         return getattr(args, "num_experts_per_tok", 0)

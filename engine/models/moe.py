@@ -1,8 +1,8 @@
-"""Mixture-of-experts blocks shared by the MoE architectures (mixtral, qwen2_moe, qwen3_moe,
+"""Mixture-of-experts blocks shared by the MoE model types (mixtral, qwen2_moe, qwen3_moe,
 gpt_oss): a router picks each token's top-k experts, whose stacked weights (experts, out, in) run
 through the op layer's `expert_linear` (MLX's gather_qmm / gather_mm, as mlx-lm's SwitchGLU:
 tokens sorted by expert from 64 (token, expert) pairs on), and the experts' outputs are summed
-with the routing scores. An architecture names its weights and its routing (`route`)."""
+with the routing scores. A model type names its weights and its routing (`route`)."""
 from __future__ import annotations
 
 import mlx.core as mx

@@ -13,7 +13,7 @@ from metalforge.errors import MetalforgeError, choices
 
 class Rope:
     """No scaling: the frequencies theta^(-2i/d) over the first d = `dims` features of a head
-    (all of them unless the architecture rotates part: Phi's partial_rotary_factor). Subclasses
+    (all of them unless the model type rotates part: Phi's partial_rotary_factor). Subclasses
     change the frequencies (and the attention-magnitude factor); each layer holds its own, so
     per-layer bases have a place."""
 
