@@ -40,6 +40,10 @@ ARCHITECTURES = {
     "qwen2_moe": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
                       num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                       shared_expert_intermediate_size=128),
+    "gpt_oss": dict(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                    num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+                    rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1,
+                                  "original_max_position_embeddings": 64}),
 }
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7, 64, 128, 2, 31]   # 12 tokens: past the window, and over 8 rows (qmm)
