@@ -44,6 +44,16 @@ ARCHITECTURES = {
                     num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
                     rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1,
                                   "original_max_position_embeddings": 64}),
+    "olmo2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                  attention_bias=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "granite": dict(hidden_size=128, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                    attention_bias=True, mlp_bias=True, embedding_multiplier=4.0, attention_multiplier=0.05,
+                    residual_multiplier=0.5, logits_scaling=2.0, tie_word_embeddings=True),
+    "starcoder2": dict(hidden_size=128, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       norm_epsilon=1e-5),
+    "glm4": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                 attention_bias=True, partial_rotary_factor=0.5),
 }
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7, 64, 128, 2, 31]   # 12 tokens: past the window, and over 8 rows (qmm)

@@ -40,7 +40,10 @@ class ModelArgs:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False      # biases on the q/k/v projections
+    attention_bias: bool = False      # biases on the q/k/v projections (and o_proj: Attention.BIASED)
+    mlp_bias: bool = False            # biases on the MLP's projections
+    rope_traditional: bool = False    # RoPE rotates adjacent pairs instead of halves
+    partial_rotary_factor: float = 1.0   # the share of each head RoPE rotates
     qk_norm: bool = False             # RMS norm of q and k per head
     quantization: Quantization | None = None
     eos_token_id: tuple = field(default_factory=tuple)
@@ -68,7 +71,6 @@ class ModelArgs:
         sz = sizes(config, where)
         defaults = {f.name: f.default for f in fields(cls)}
         ropes.scaling_type(config.get("rope_scaling"), where)
-        unsupported(config, "rope_traditional", where, False, "the engine rotates the two halves of a head")
         eos = config.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         try:
@@ -83,6 +85,8 @@ class ModelArgs:
                           tie_word_embeddings=bool(config.get("tie_word_embeddings",
                                                               defaults["tie_word_embeddings"])),
                           attention_bias=bool(config.get("attention_bias", defaults["attention_bias"])),
+                          mlp_bias=bool(config.get("mlp_bias", defaults["mlp_bias"])),
+                          rope_traditional=flag(config, "rope_traditional", where, defaults["rope_traditional"]),
                           eos_token_id=eos)
             return cls(**{**common, **cls.read(config, where)})
         except KeyError as e:
@@ -100,6 +104,14 @@ def optional_positive(config: dict, name: str, where: str, default=None) -> floa
     """A positive number, or None where the config sets it to null (e.g. no soft-cap)."""
     value = config.get(name, default)
     return None if value is None else positive({name: value}, name, where, value)
+
+
+def rotary_factor(config: dict, where: str) -> float:
+    """partial_rotary_factor, in (0, 1]: the share of each head RoPE rotates."""
+    factor = positive(config, "partial_rotary_factor", where, 1.0)
+    if factor > 1:
+        raise MetalforgeError(f"{where}: partial_rotary_factor={factor} is over 1")
+    return factor
 
 
 def flag(config: dict, name: str, where: str, default: bool = False) -> bool:
@@ -191,6 +203,7 @@ class Attention(Block):
 
     NORM = "input_layernorm"
     SINKS = False          # a learned sink logit per head (gpt_oss)
+    BIASED = "qkv"         # the projections with biases when attention_bias is set
 
     def __init__(self, args: ModelArgs, kernels: ops.Kernels, w: dict, p: str, layer: int, dtype,
                  model: type["Model"]):
@@ -211,7 +224,8 @@ class Attention(Block):
             Linear(kernels, w, p + f"self_attn.{n}_proj", args) for n in "qkvo")
 
     def make_rope(self, args: ModelArgs, layer: int) -> ropes.Rope:
-        return ropes.make(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+        return ropes.make(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings,
+                          dims=int(args.head_dim * args.partial_rotary_factor), traditional=args.rope_traditional)
 
     def attention_scale(self, args: ModelArgs) -> float:
         return 1 / math.sqrt(args.head_dim)
@@ -244,8 +258,8 @@ class Attention(Block):
         q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
         out = super().vectors(a, p)
         if a.attention_bias:
-            out.update({p + "self_attn.q_proj.bias": q, p + "self_attn.k_proj.bias": kv,
-                        p + "self_attn.v_proj.bias": kv})
+            sizes = {"q": q, "k": kv, "v": kv, "o": a.hidden_size}
+            out.update({p + f"self_attn.{n}_proj.bias": sizes[n] for n in cls.BIASED})
         if a.qk_norm:
             out.update({p + "self_attn.q_norm.weight": a.head_dim, p + "self_attn.k_norm.weight": a.head_dim})
         if cls.SINKS:
@@ -285,6 +299,13 @@ class GatedMLP(Block):
     @classmethod
     def intermediate_size(cls, a: ModelArgs) -> int:
         return a.intermediate_size
+
+    @classmethod
+    def vectors(cls, a, p):
+        out = super().vectors(a, p)
+        if a.mlp_bias:
+            out.update({n + ".bias": shape[0] for n, shape in cls.linears(a, p).items()})
+        return out
 
 
 class DecoderLayer:

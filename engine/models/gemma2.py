@@ -17,7 +17,8 @@ class ModelArgs(base.ModelArgs):
 
     @classmethod
     def read(cls, config, where):
-        return dict(attn_logit_softcapping=base.optional_positive(config, "attn_logit_softcapping", where, 50.0),
+        return dict(rope_scaling=None,   # mlx-lm's gemma2 reads none
+                    attn_logit_softcapping=base.optional_positive(config, "attn_logit_softcapping", where, 50.0),
                     final_logit_softcapping=base.optional_positive(config, "final_logit_softcapping", where, 30.0),
                     query_pre_attn_scalar=positive(config, "query_pre_attn_scalar", where, cls.query_pre_attn_scalar))
 

@@ -39,13 +39,10 @@ class ModelArgs(base.ModelArgs):
 
 class Attention(base.Attention):
     SINKS = True
+    BIASED = "qkvo"
 
     def window_of(self, args, layer):
         return args.sliding_window if args.layer_types[layer] == "sliding_attention" else None
-
-    @classmethod
-    def vectors(cls, a, p):
-        return {**super().vectors(a, p), p + "self_attn.o_proj.bias": a.hidden_size}
 
 
 def swiglu_oai(gate: mx.array, up: mx.array, alpha: float = 1.702, limit: float = 7.0) -> mx.array:

@@ -15,7 +15,8 @@ class ModelArgs(base.ModelArgs):
 
     @classmethod
     def read(cls, config, where):
-        return dict(num_local_experts=size(config, "num_local_experts", where, cls.num_local_experts),
+        return dict(rope_scaling=None,   # mlx-lm's mixtral rotates with plain RoPE
+                    num_local_experts=size(config, "num_local_experts", where, cls.num_local_experts),
                     num_experts_per_tok=size(config, "num_experts_per_tok", where, cls.num_experts_per_tok))
 
 

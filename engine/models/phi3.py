@@ -2,11 +2,11 @@
 gate and up in one (gate_up_proj), RoPE over `partial_rotary_factor` of each head, with
 LongRoPE (`longrope`/`su`, the folder's original_max_position_embeddings) or linear scaling.
 As mlx-lm's phi3: the head dimension is hidden / heads."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
-from metalforge.engine.config import positive, size
+from metalforge.engine.config import size
 from metalforge.engine.models import base, rope as ropes
 from metalforge.errors import MetalforgeError
 
@@ -15,7 +15,6 @@ from metalforge.errors import MetalforgeError
 class ModelArgs(base.ModelArgs):
     max_position_embeddings: int = 131072
     original_max_position_embeddings: int = 4096
-    partial_rotary_factor: float = 1.0
 
     @classmethod
     def read(cls, config, where):
@@ -23,12 +22,9 @@ class ModelArgs(base.ModelArgs):
         if scaling and ropes.scaling_type(scaling, where) not in ("longrope", "su", "linear"):
             raise MetalforgeError(f"{where}: rope_scaling.type {ropes.scaling_type(scaling)!r} is not supported for "
                                   "phi3; supported: linear, longrope, su")
-        factor = positive(config, "partial_rotary_factor", where, 1.0)
-        if factor > 1:
-            raise MetalforgeError(f"{where}: partial_rotary_factor={factor} is over 1")
         return dict(head_dim=config["hidden_size"] // config["num_attention_heads"],
                     original_max_position_embeddings=size(config, "original_max_position_embeddings", where, 4096),
-                    partial_rotary_factor=factor)
+                    partial_rotary_factor=base.rotary_factor(config, where))
 
 
 class Attention(base.Attention):
@@ -43,10 +39,10 @@ class Attention(base.Attention):
 
     def make_rope(self, args, layer):
         scaling = args.rope_scaling
-        if scaling and ropes.scaling_type(scaling) in ("longrope", "su"):
-            scaling = {**scaling, "original_max_position_embeddings": args.original_max_position_embeddings}
-        return ropes.make(args.head_dim, args.rope_theta, scaling, args.max_position_embeddings,
-                          dims=int(args.head_dim * args.partial_rotary_factor))
+        if scaling and ropes.scaling_type(scaling) in ("longrope", "su"):   # the folder's own original length
+            args = replace(args, rope_scaling={**scaling, "original_max_position_embeddings":
+                                               args.original_max_position_embeddings})
+        return super().make_rope(args, layer)
 
     @classmethod
     def linears(cls, a, p):

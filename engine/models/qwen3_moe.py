@@ -24,7 +24,8 @@ class ModelArgs(base.ModelArgs):
         if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
             raise MetalforgeError(f"{where}: mlp_only_layers must be a list of layer numbers, got {only!r}")
         experts = config.get("num_experts", 0)
-        return dict(num_experts=size(config, "num_experts", where) if experts else 0,
+        return dict(rope_scaling=None,   # mlx-lm's qwen3_moe rotates with plain RoPE
+                    num_experts=size(config, "num_experts", where) if experts else 0,
                     num_experts_per_tok=size(config, "num_experts_per_tok", where),
                     moe_intermediate_size=size(config, "moe_intermediate_size", where),
                     decoder_sparse_step=size(config, "decoder_sparse_step", where, 1),

@@ -17,8 +17,10 @@ class Rope:
     change the frequencies (and the attention-magnitude factor); each layer holds its own, so
     per-layer bases have a place."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict, max_positions: int, dims: int | None = None):
+    def __init__(self, head_dim: int, theta: float, scaling: dict, max_positions: int, dims: int | None = None,
+                 traditional: bool = False):
         self.dims, self.theta, self.scaling, self.max_positions = dims or head_dim, theta, scaling, max_positions
+        self.traditional = traditional   # rotate adjacent pairs (GLM-4) instead of the two halves
         self.factor = float(scaling.get("factor", 1.0))
         self.mscale = 1.0
         self.inv_freq = self.frequencies(self.base_frequencies(theta))
@@ -39,8 +41,14 @@ class Rope:
         angles = positions.astype(mx.float32)[:, None, :, None] * self.frequencies_for(longest)   # (B, 1, L, D/2)
         cos, sin = mx.cos(angles) * self.mscale, mx.sin(angles) * self.mscale
         half, d = self.dims // 2, self.dims
-        x1, x2 = x[..., :half].astype(mx.float32), x[..., half:d].astype(mx.float32)
-        rotated = mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+        if self.traditional:
+            pairs = x[..., :d].astype(mx.float32).reshape(*x.shape[:-1], half, 2)
+            x1, x2 = pairs[..., 0], pairs[..., 1]
+            rotated = mx.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(*x.shape[:-1], d)
+        else:
+            x1, x2 = x[..., :half].astype(mx.float32), x[..., half:d].astype(mx.float32)
+            rotated = mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        rotated = rotated.astype(x.dtype)
         return rotated if d == x.shape[-1] else mx.concatenate([rotated, x[..., d:]], axis=-1)
 
 
@@ -71,8 +79,8 @@ class Llama3Rope(Rope):
 
 
 class YarnRope(Rope):
-    def __init__(self, head_dim, theta, scaling, max_positions, dims=None):
-        super().__init__(head_dim, theta, scaling, max_positions, dims)
+    def __init__(self, head_dim, theta, scaling, max_positions, dims=None, traditional=False):
+        super().__init__(head_dim, theta, scaling, max_positions, dims, traditional)
         mscale = float(scaling.get("mscale", 1.0))
         self.mscale = (0.1 * mscale * math.log(self.factor) + 1.0) if self.factor > 1 else 1.0
 
@@ -93,8 +101,8 @@ class LongRope(Rope):
     `long_factor` (one per frequency; mlx-lm uses it at every length), and the rotated features
     scaled by sqrt(1 + ln(max / original) / ln(original)) when the model was extended."""
 
-    def __init__(self, head_dim, theta, scaling, max_positions, dims=None):
-        super().__init__(head_dim, theta, scaling, max_positions, dims)
+    def __init__(self, head_dim, theta, scaling, max_positions, dims=None, traditional=False):
+        super().__init__(head_dim, theta, scaling, max_positions, dims, traditional)
         original = float(scaling.get("original_max_position_embeddings", 4096))
         extension = max_positions / original
         self.mscale = math.sqrt(1 + math.log(extension) / math.log(original)) if extension > 1 else 1.0
@@ -124,5 +132,6 @@ def scaling_type(scaling: dict | None, where: str = "config.json") -> str:
     return kind
 
 
-def make(head_dim: int, theta: float, scaling: dict | None, max_positions: int, dims: int | None = None) -> Rope:
-    return SCALINGS[scaling_type(scaling)](head_dim, theta, scaling or {}, max_positions, dims)
+def make(head_dim: int, theta: float, scaling: dict | None, max_positions: int, dims: int | None = None,
+         traditional: bool = False) -> Rope:
+    return SCALINGS[scaling_type(scaling)](head_dim, theta, scaling or {}, max_positions, dims, traditional)
