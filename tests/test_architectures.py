@@ -54,21 +54,30 @@ ARCHITECTURES = {
                        norm_epsilon=1e-5),
     "glm4": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                  attention_bias=True, partial_rotary_factor=0.5),
+    # positions past 4 get larger queries (Llama 4's scaling); yarn with mscale_all_dim, as released
+    "ministral3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=64, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 4, "llama_4_scaling_beta": 0.3,
+                                        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
+# vision-language folders: the text model under text_config, its weights under language_model.
+ARCHITECTURES["mistral3"] = dict(text_config={"model_type": "ministral3", **COMMON, **ARCHITECTURES["ministral3"]})
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7, 64, 128, 2, 31]   # 12 tokens: past the window, and over 8 rows (qmm)
 FORCED = [8, 200, 13, 77, 1, 150, 9, 33, 270, 4, 56, 91]  # teacher-forced continuation
 
 
 def config_of(arch: str) -> dict:
-    return {"model_type": arch, **COMMON, **ARCHITECTURES[arch]}
+    fields = ARCHITECTURES[arch]
+    return {"model_type": arch, **({} if "text_config" in fields else COMMON), **fields}
 
 
-def build(folder, arch: str, bits=None, dtype=mx.float32, quant_predicate=None, seed=0):
-    """mlx-lm's model for `arch` with random weights (every vector perturbed so norms, biases and
-    sinks matter), quantized by mlx-lm when `bits`, saved as mlx-lm saves it."""
+def build(folder, arch: str, bits=None, dtype=mx.float32, quant_predicate=None, seed=0, config=None):
+    """mlx-lm's model for `arch` (or `config`) with random weights (every vector perturbed so
+    norms, biases and sinks matter), quantized by mlx-lm when `bits`, saved as mlx-lm saves it."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
-    config = config_of(arch)
+    config = config or config_of(arch)
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
     params = [(k, v + 0.2 * mx.random.normal(v.shape) if v.ndim == 1 else v) for k, v in tree_flatten(model.parameters())]
@@ -153,3 +162,11 @@ def test_long_prompts_sort_tokens_by_expert_as_mlx_lm_does(tmp_path, arch):
     model = build(tmp_path, arch, bits=4)
     prompt = [(7 * i + 3) % 300 for i in range(40)]
     assert ours_greedy(tmp_path, 6, prompt=prompt)[0] == theirs_greedy(model, prompt, 6)
+
+
+def test_mistral3_with_a_llama_text_model(tmp_path):
+    """Mistral Small 3.1's layout: text_config of model type mistral (mlx-lm's llama)."""
+    text = {"model_type": "mistral", **COMMON, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 64, "rope_theta": 1e6}
+    model = build(tmp_path, "mistral3", bits=4, config={"model_type": "mistral3", "text_config": text})
+    assert ours_greedy(tmp_path, 8)[0] == theirs_greedy(model, PROMPT, 8)

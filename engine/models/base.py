@@ -241,8 +241,13 @@ class Attention(Block):
         """The normed input (T, hidden) -> q (T, Hq*D), k and v (T, Hkv*D)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
+    def scale_queries(self, q: mx.array, step) -> mx.array:
+        """q (1, Hq, tokens, D) after RoPE, scaled where the model type scales queries by position."""
+        return q
+
     def __call__(self, h: mx.array, step) -> mx.array:
         q, k, v = self.kernels.attention_input(h, self, step)
+        q = self.scale_queries(q, step)
         o = self.kernels.attention(q, step.update_and_fetch(self.layer, k, v), self.scale, window=self.window,
                                    softcap=self.softcap, sinks=self.sinks)
         return self.o_proj(o.astype(self.dtype)[0].transpose(1, 0, 2).reshape(step.tokens, -1))
@@ -360,7 +365,7 @@ class Model:
     ACTIVATION = "silu"
 
     def __init__(self, args: ModelArgs, weights: dict[str, mx.array], kernels: ops.Kernels):
-        w = dict(weights)
+        w = self.rename(dict(weights))
         args = self.adapt(args, w)
         self.args, self.kernels = args, kernels
         self.dtype = next((w[n].dtype for n in ("model.norm.weight", "model.layers.0.input_layernorm.weight")
@@ -387,6 +392,10 @@ class Model:
     @classmethod
     def make_norm(cls, args: ModelArgs, w: dict, name: str):
         return cls.Norm(w, name, args.rms_norm_eps)
+
+    def rename(self, w: dict) -> dict:
+        """The weights under the names the blocks read (Mistral 3: the language model's, unprefixed)."""
+        return w
 
     def adapt(self, args: ModelArgs, w: dict) -> ModelArgs:
         """The args as the weights complete them (Gemma 3: the head is tied when the folder has none)."""

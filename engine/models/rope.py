@@ -81,8 +81,10 @@ class Llama3Rope(Rope):
 class YarnRope(Rope):
     def __init__(self, head_dim, theta, scaling, max_positions, dims=None, traditional=False):
         super().__init__(head_dim, theta, scaling, max_positions, dims, traditional)
-        mscale = float(scaling.get("mscale", 1.0))
-        self.mscale = (0.1 * mscale * math.log(self.factor) + 1.0) if self.factor > 1 else 1.0
+        def magnitude(m):   # yarn's attention-magnitude factor for mscale m
+            return (0.1 * m * math.log(self.factor) + 1.0) if self.factor > 1 else 1.0
+        # as mlx-lm: the ratio to mscale_all_dim's factor (which models with it fold into the scale)
+        self.mscale = magnitude(float(scaling.get("mscale", 1.0))) / magnitude(float(scaling.get("mscale_all_dim", 0.0)))
 
     def frequencies(self, inv):
         s, d = self.scaling, self.dims
@@ -92,7 +94,8 @@ class YarnRope(Rope):
         def dim_for(rotations):
             return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
         lo, hi = max(math.floor(dim_for(beta_fast)), 0), min(math.ceil(dim_for(beta_slow)), d - 1)
-        ramp = mx.clip((mx.arange(d // 2, dtype=mx.float32) - lo) / max(hi - lo, 1e-3), 0, 1)
+        # as mlx-lm: a range that crosses (hi < lo, short original contexts) leaves every frequency unscaled
+        ramp = mx.clip((mx.arange(d // 2, dtype=mx.float32) - lo) / (hi - lo if hi != lo else 1e-3), 0, 1)
         return inv / self.factor * ramp + inv * (1 - ramp)
 
 
