@@ -25,6 +25,20 @@ from metalforge.errors import MetalforgeError
 BLOCK_SIZE = 16
 
 
+# Config fields whose other values change the computation in ways no model type here implements:
+# (field, its value when absent, the values we run). Anything else is refused at load, by name.
+IMPLEMENTED = (("hidden_act", "silu", ("silu",)), ("mlp_bias", False, (False,)),
+               ("use_sliding_window", False, (False,)), ("rope_traditional", False, (False,)))
+
+
+def check_implemented(config: dict, where: str) -> None:
+    for name, default, supported in IMPLEMENTED:
+        value = config.get(name, default)
+        if value not in supported:
+            raise MetalforgeError(f"{where}: {name}={value!r} is not supported; supported: "
+                                  f"{', '.join(map(repr, supported))}")
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     model_type: str
@@ -71,6 +85,7 @@ class ModelArgs:
         sz = sizes(config, where)
         defaults = {f.name: f.default for f in fields(cls)}
         ropes.scaling_type(config.get("rope_scaling"), where)
+        check_implemented(config, where)
         eos = config.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         try:
