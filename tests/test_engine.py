@@ -351,10 +351,13 @@ def test_bad_model_folders_are_clear_errors(tmp_path, models):
     (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "proportional", "factor": 2}}))
     with pytest.raises(MetalforgeError, match=r"config.json: rope_scaling.rope_type 'proportional' is not supported; supported: "):
         engine.load(scaled)
-    for field, value in (("hidden_act", "gelu"), ("use_sliding_window", True), ("mlp_bias", True)):
+    for field, value in (("hidden_act", "gelu"), ("use_sliding_window", True)):
         (scaled / "config.json").write_text(json.dumps({**config, field: value}))
         with pytest.raises(MetalforgeError, match=rf"config.json: {field}={value!r} is not supported; supported: "):
             engine.load(scaled)
+    (scaled / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))   # declared, not in the folder
+    with pytest.raises(MetalforgeError, match=r"weights are missing 6 tensor\(s\), e.g. model.layers.0.mlp.gate_proj.bias"):
+        engine.load(scaled)
     broken = write_model(tmp_path / "broken", shards=1)
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])

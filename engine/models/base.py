@@ -25,14 +25,14 @@ from metalforge.errors import MetalforgeError
 BLOCK_SIZE = 16
 
 
-# Config fields whose other values change the computation in ways no model type here implements:
-# (field, its value when absent, the values we run). Anything else is refused at load, by name.
-IMPLEMENTED = (("hidden_act", "silu", ("silu",)), ("mlp_bias", False, (False,)),
-               ("use_sliding_window", False, (False,)), ("rope_traditional", False, (False,)))
+# Config fields whose other values change the computation in ways a model type does not
+# implement: (field, its value when absent, the values we run). Anything else is refused at load,
+# by name. A model type with other values names its own (ModelArgs.IMPLEMENTED: Gemma's GELU).
+IMPLEMENTED = (("hidden_act", "silu", ("silu",)), ("use_sliding_window", False, (False,)))
 
 
-def check_implemented(config: dict, where: str) -> None:
-    for name, default, supported in IMPLEMENTED:
+def check_implemented(config: dict, where: str, implemented=IMPLEMENTED) -> None:
+    for name, default, supported in implemented:
         value = config.get(name, default)
         if value not in supported:
             raise MetalforgeError(f"{where}: {name}={value!r} is not supported; supported: "
@@ -62,6 +62,8 @@ class ModelArgs:
     quantization: Quantization | None = None
     eos_token_id: tuple = field(default_factory=tuple)
 
+    IMPLEMENTED = IMPLEMENTED   # (not a field) the config values this model type runs: see check_implemented
+
     @property
     def bits(self) -> int | None:
         return self.quantization.bits if self.quantization else None
@@ -85,7 +87,7 @@ class ModelArgs:
         sz = sizes(config, where)
         defaults = {f.name: f.default for f in fields(cls)}
         ropes.scaling_type(config.get("rope_scaling"), where)
-        check_implemented(config, where)
+        check_implemented(config, where, cls.IMPLEMENTED)
         eos = config.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         try:
@@ -479,9 +481,9 @@ class Model:
     def check_weights(cls, args: ModelArgs, w: dict[str, mx.array]) -> None:
         """Every tensor the forward pass reads is present with the shape the config implies, so a
         mismatched checkpoint is one clear error at load instead of a failure mid-generation.
-        Biases are optional (LayerNorm's, a projection's where the checkpoint has one)."""
+        Biases the config declares (attention_bias, mlp_bias) are required like any weight."""
         table, vecs = cls.linears(args), cls.vectors(args)
-        required = [n + ".weight" for n in table] + [n for n in vecs if not n.endswith(".bias")]
+        required = [n + ".weight" for n in table] + list(vecs)
         missing = [n for n in required if n not in w]
         if missing:
             raise MetalforgeError(f"weights are missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")

@@ -15,6 +15,11 @@ class ModelArgs(base.ModelArgs):
     final_logit_softcapping: float | None = 30.0
     query_pre_attn_scalar: float = 144.0
 
+    # mlx-lm runs tanh GELU whatever the config names; the names Gemma's configs use are accepted
+    IMPLEMENTED = (("hidden_act", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
+                   ("hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
+                   ("use_sliding_window", False, (False,)))
+
     @classmethod
     def read(cls, config, where):
         return dict(rope_scaling=None,   # mlx-lm's gemma2 reads none

@@ -21,6 +21,11 @@ class ModelArgs(base.ModelArgs):
     sliding_window: int = 512
     sliding_window_pattern: int = 6
 
+    # mlx-lm runs tanh GELU whatever the config names; the names Gemma's configs use are accepted
+    IMPLEMENTED = (("hidden_act", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
+                   ("hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
+                   ("use_sliding_window", False, (False,)))
+
     @classmethod
     def read(cls, config, where):
         return dict(rope_local_base_freq=positive(config, "rope_local_base_freq", where, cls.rope_local_base_freq),

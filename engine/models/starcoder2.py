@@ -14,6 +14,9 @@ class ModelArgs(base.ModelArgs):
     tie_word_embeddings: bool = True
     attention_bias: bool = True
     rope_theta: float = 100000.0
+    # mlx-lm's starcoder2 runs exact GELU whatever the config names (its configs say gelu_pytorch_tanh)
+    IMPLEMENTED = (("hidden_act", "gelu_pytorch_tanh", ("gelu_pytorch_tanh", "gelu")),
+                   ("use_sliding_window", False, (False,)))
 
     @classmethod
     def read(cls, config, where):
