@@ -35,9 +35,9 @@ ARCHITECTURES = {
     "qwen3_moe": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                       num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[1],
                       moe_intermediate_size=64, norm_topk_prob=True),
-    "mixtral": dict(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+    "mixtral": dict(hidden_size=128, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                     num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+    "qwen2_moe": dict(hidden_size=128, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
                       num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                       shared_expert_intermediate_size=128),
     "gpt_oss": dict(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
@@ -65,7 +65,7 @@ ARCHITECTURES = {
 ARCHITECTURES["mistral3"] = dict(text_config={"model_type": "ministral3", **COMMON, **ARCHITECTURES["ministral3"]})
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7, 64, 128, 2, 31]   # 12 tokens: past the window, and over 8 rows (qmm)
-FORCED = [8, 200, 13, 77, 1, 150, 9, 33, 270, 4, 56, 91]  # teacher-forced continuation
+FORCED = [(37 * i + 8) % 300 for i in range(28)]          # teacher-forced continuation
 
 
 def config_of(arch: str) -> dict:
@@ -138,7 +138,10 @@ def test_emulator_backend_decodes_mlx_lms_tokens(tmp_path, arch):
     theirs = theirs_greedy(model, PROMPT, 4)
     ours, report = ours_greedy(tmp_path, 4, backend="emulator")
     assert ours == theirs
-    assert "metalforge qmv (emulator)" in {v["kernel"] for v in report.values()}, report
+    kernels = {v["kernel"] for v in report.values()}
+    assert "metalforge qmv (emulator)" in kernels, report
+    # soft-capped scores and sinks are MLX's op; every other model type decodes through our kernel
+    assert ("metalforge decode_attention (emulator)" in kernels) == (arch not in ("gemma2", "gpt_oss")), report
 
 
 def test_per_layer_quantization_overrides_are_honoured(tmp_path):
@@ -170,3 +173,24 @@ def test_mistral3_with_a_llama_text_model(tmp_path):
             "num_key_value_heads": 1, "head_dim": 64, "rope_theta": 1e6}
     model = build(tmp_path, "mistral3", bits=4, config={"model_type": "mistral3", "text_config": text})
     assert ours_greedy(tmp_path, 8)[0] == theirs_greedy(model, PROMPT, 8)
+
+
+@pytest.mark.parametrize("arch, patch, message", [
+    ("gpt_oss", {"layer_types": ["sliding_attention", "chunked_attention"]}, r"layer_types must list 2 of "),
+    ("phi3", {"rope_scaling": {"type": "yarn", "factor": 2.0}}, r"rope_scaling.type 'yarn' is not supported for phi3"),
+    ("gemma3_text", {"hidden_activation": "relu"}, r"hidden_activation='relu' is not supported; supported: "),
+    ("qwen2_moe", {"norm_topk_prob": True}, r"norm_topk_prob=True is not supported"),
+    ("ministral3", {"rope_parameters": None}, r"rope_parameters must be an object"),
+    ("mistral3", {"text_config": {"model_type": "mistral4"}}, r"text_config.model_type 'mistral4' is not supported; "
+                                                                r"supported: llama, ministral3"),
+    ("qwen3_moe", {"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}},
+     r"quantization.mode 'mxfp4' is not supported; supported: affine"),
+    ("mixtral", {"quantization": {"group_size": 64, "bits": 4, "model.layers.0.block_sparse_moe.gate": {"bits": 7, "group_size": 64}}},
+     r"quantization\['model.layers.0.block_sparse_moe.gate'\] \{bits: 7, group_size: 64\} is not supported"),
+])
+def test_a_config_value_not_implemented_is_one_line_naming_the_field(arch, patch, message):
+    from metalforge.engine import models
+    from metalforge.errors import MetalforgeError
+    with pytest.raises(MetalforgeError, match=message) as e:
+        models.parse({**config_of(arch), **patch})
+    assert "\n" not in str(e.value)
