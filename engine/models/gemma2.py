@@ -2,11 +2,15 @@
 (final_logit_softcapping), norms as scale minus one before and after each block, GeGLU (tanh
 GELU), embeddings scaled by sqrt(hidden), the head always tied, scores scaled by
 query_pre_attn_scalar^-1/2. As mlx-lm's gemma2, which reads no sliding window: every layer
-attends to the whole context."""
+attends to the whole context. Gemma 3 (gemma3_text.py) builds on these blocks."""
 from dataclasses import dataclass, replace
 
 from metalforge.engine.config import positive
-from metalforge.engine.models import base, gemma3_text
+from metalforge.engine.models import base
+
+# mlx-lm runs tanh GELU whatever the config names; the names Gemma's configs use are accepted
+GELU = (("hidden_act", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
+        ("hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)), ("use_sliding_window", False, (False,)))
 
 
 @dataclass(frozen=True)
@@ -15,10 +19,7 @@ class ModelArgs(base.ModelArgs):
     final_logit_softcapping: float | None = 30.0
     query_pre_attn_scalar: float = 144.0
 
-    # mlx-lm runs tanh GELU whatever the config names; the names Gemma's configs use are accepted
-    IMPLEMENTED = (("hidden_act", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
-                   ("hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
-                   ("use_sliding_window", False, (False,)))
+    IMPLEMENTED = GELU
 
     @classmethod
     def read(cls, config, where):
@@ -33,12 +34,16 @@ class Attention(base.Attention):
         return args.query_pre_attn_scalar ** -0.5
 
     def softcap_of(self, args):
-        return args.attn_logit_softcapping
+        return getattr(args, "attn_logit_softcapping", None)
+
+
+class MLP(base.GatedMLP):
+    NORM = "pre_feedforward_layernorm"
 
 
 class DecoderLayer(base.DecoderLayer):
     Attention = Attention
-    MLP = gemma3_text.MLP
+    MLP = MLP
     POST_ATTENTION_NORM = "post_attention_layernorm"
     POST_MLP_NORM = "post_feedforward_layernorm"
 
@@ -56,4 +61,4 @@ class Model(base.Model):
         return args.hidden_size ** 0.5
 
     def final_softcap_of(self, args):
-        return args.final_logit_softcapping
+        return getattr(args, "final_logit_softcapping", None)

@@ -1,14 +1,14 @@
-"""Gemma 3 (text): five sliding-window layers to one global (`sliding_window_pattern`), the
-local layers with their own RoPE base (`rope_local_base_freq`) and no scaling; RMS norms of
-q and k per head; norms as scale minus one, before and after each block; GeGLU (tanh GELU);
-embeddings scaled by sqrt(hidden) rounded to bfloat16; the head tied when the folder has none;
-scores scaled by query_pre_attn_scalar^-1/2. As mlx-lm's gemma3_text."""
+"""Gemma 3 (text): Gemma 2's blocks (gemma2.py) without soft-caps, with five sliding-window
+layers to one global (`sliding_window_pattern`), the local layers with their own RoPE base
+(`rope_local_base_freq`) and no scaling, RMS norms of q and k per head, embeddings scaled by
+sqrt(hidden) rounded to bfloat16, float16 residual sums clipped to float16's range, and the head
+tied when the folder has none. As mlx-lm's gemma3_text."""
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
 
 from metalforge.engine.config import positive, size
-from metalforge.engine.models import base, rope as ropes
+from metalforge.engine.models import base, gemma2, rope as ropes
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,7 @@ class ModelArgs(base.ModelArgs):
     sliding_window: int = 512
     sliding_window_pattern: int = 6
 
-    # mlx-lm runs tanh GELU whatever the config names; the names Gemma's configs use are accepted
-    IMPLEMENTED = (("hidden_act", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
-                   ("hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)),
-                   ("use_sliding_window", False, (False,)))
+    IMPLEMENTED = gemma2.GELU
 
     @classmethod
     def read(cls, config, where):
@@ -38,28 +35,18 @@ def is_sliding(args: ModelArgs, layer: int) -> bool:
     return (layer + 1) % args.sliding_window_pattern != 0
 
 
-class Attention(base.Attention):
+class Attention(gemma2.Attention):
     def make_rope(self, args, layer):
         if is_sliding(args, layer):
             return ropes.make(args.head_dim, args.rope_local_base_freq, None, args.max_position_embeddings)
         return super().make_rope(args, layer)
 
-    def attention_scale(self, args):
-        return args.query_pre_attn_scalar ** -0.5
-
     def window_of(self, args, layer):
         return args.sliding_window if is_sliding(args, layer) else None
 
 
-class MLP(base.GatedMLP):
-    NORM = "pre_feedforward_layernorm"
-
-
-class DecoderLayer(base.DecoderLayer):
+class DecoderLayer(gemma2.DecoderLayer):
     Attention = Attention
-    MLP = MLP
-    POST_ATTENTION_NORM = "post_attention_layernorm"
-    POST_MLP_NORM = "post_feedforward_layernorm"
 
     def add(self, h, r):
         """In float16 the sum is taken in float32 and clipped to float16's range (mlx-lm's clip_residual)."""
@@ -69,11 +56,9 @@ class DecoderLayer(base.DecoderLayer):
         return mx.clip(h.astype(mx.float32) + r.astype(mx.float32), -bound, bound).astype(mx.float16)
 
 
-class Model(base.Model):
+class Model(gemma2.Model):
     Args = ModelArgs
     Layer = DecoderLayer
-    Norm = base.OffsetRMSNorm
-    ACTIVATION = "gelu_approx"
 
     def adapt(self, args, w):
         return replace(args, tie_word_embeddings="lm_head.weight" not in w)
