@@ -59,7 +59,7 @@ def _attention_values(family: str, v: dict) -> dict | None:
 OPS = {
     "linear": (("qmv", "qmm"), lambda family, v: v if v.get("bits") else None),
     "attention": (("decode_attention", "prefill_attention"), _attention_values),
-    "expert_linear": ((), None),   # each token's top-k experts: mx.gather_qmm / gather_mm
+    "expert_linear": (("gather_qmv",), lambda family, v: v if v.get("bits") else None),   # top-k experts a token
 }
 
 
@@ -270,13 +270,25 @@ class Kernels:
     # ---- mixture of experts --------------------------------------------------------------------
     def expert_linear(self, x: mx.array, w: dict, indices: mx.array, bits: int | None, group_size: int | None,
                       sorted_indices: bool = False) -> mx.array:
-        """x (T, 1, 1, K) or sorted (T*k, 1, K) through the experts `indices` (T, k) or (T*k,)
-        of a stacked layer (experts, N, K): (..., 1, N), as mlx-lm's SwitchLinear. No kernel of
-        ours serves it yet (gather_qmv): MLX's gather_qmm / gather_mm."""
+        """x (T, 1, 1, K), (T, k, 1, K) or sorted (T*k, 1, K) through the experts `indices` (T,
+        k) or (T*k,) of a stacked layer (experts, N, K): (..., 1, N), as mlx-lm's SwitchLinear.
+        Quantized decode-sized calls are our gather_qmv's where the decision says so (one
+        dispatch, expert ids read on the GPU); the rest MLX's gather_qmm / gather_mm."""
         if "scales" in w:
-            self._record("expert linear", kernel="mx.gather_qmm")
-            y = mx.gather_qmm(x, w["weight"], w["scales"], w["biases"], rhs_indices=indices, transpose=True,
-                              group_size=group_size, bits=bits, sorted_indices=sorted_indices)
+            def mlx_op():
+                return mx.gather_qmm(x, w["weight"], w["scales"], w["biases"], rhs_indices=indices, transpose=True,
+                                     group_size=group_size, bits=bits, sorted_indices=sorted_indices)
+            if self.backend == "mlx" or sorted_indices:
+                self._record("expert linear", kernel="mx.gather_qmm")
+                y = mlx_op()
+            else:
+                (T, k), (E, N, _), K = indices.shape, w["weight"].shape, x.shape[-1]
+                values = dict(M=T, N=N, K=K, experts=E, top_k=k, bits=bits, group_size=group_size)
+                inputs = lambda d: {"x": mx.broadcast_to(x.reshape(T, -1, K), (T, k, K)).reshape(T * k, K),
+                                    "w": w["weight"], "scales": w["scales"], "biases": w["biases"],
+                                    "indices": indices.reshape(-1).astype(mx.uint32)}
+                y = self._run("expert_linear", values, x.dtype, inputs, "mx.gather_qmm",
+                              lambda: mlx_op().reshape(T * k, N)).reshape(T, k, 1, N)
         else:
             self._record("expert linear (unquantized)", kernel="mx.gather_mm")
             weight = w["weight"]
