@@ -68,7 +68,7 @@ def kernel_shapes(plan: list[PlannedOp]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for p in plan:
         served = _serving(p.op, p.values)
-        if served:
+        if isinstance(served, tuple):   # else the families' refusals: MLX's op runs it, nothing to tune
             family, values, _ = served
             if values not in out.setdefault(family, []):
                 out[family].append(values)

@@ -196,3 +196,16 @@ def test_a_config_value_not_implemented_is_one_line_naming_the_field(arch, patch
     with pytest.raises(MetalforgeError, match=message) as e:
         models.parse({**config_of(arch), **patch})
     assert "\n" not in str(e.value)
+
+
+def test_tuning_a_moe_model_targets_its_expert_layers():
+    """`metalforge tune --model` on a MoE folder: its expert layers' decode shapes are gather_qmv
+    targets (prompts, over 8 tokens, run MLX's gather_qmm and are not tuned); the router is a qmv."""
+    from metalforge.tuner import shapes
+    config = config_of("qwen3_moe")
+    config["quantization"] = {"group_size": 64, "bits": 4, "model.layers.0.mlp.gate": {"group_size": 64, "bits": 8}}
+    got = shapes.from_model_config(config)
+    a = ARCHITECTURES["qwen3_moe"]   # gate, up and down are all 64 x 64 here: one expert shape
+    assert got["gather_qmv"] == [dict(M=1, N=64, K=64, bits=4, group_size=64, experts=8, top_k=2)]
+    assert dict(M=1, N=a["num_experts"], K=a["hidden_size"], bits=8, group_size=64) in got["qmv"]   # the router
+    assert [t.family.name for t in shapes.targets(got, shapes.MODEL_FAMILIES)].count("gather_qmv") == 1
