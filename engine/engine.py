@@ -12,7 +12,8 @@ from metalforge.engine.config import read
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
 from metalforge.engine.batch import Batch
 from metalforge.engine.generation import Generation
-from metalforge.engine.kv import KVPool
+from metalforge.engine.kv import BLOCK_SIZE, KVPool
+from metalforge.engine.kv.storage import DenseStorage
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
 from metalforge.engine.weights import load_weights
 from metalforge.engine.ops import Kernels
@@ -39,7 +40,7 @@ def load(path, device=None, backend: str | None = None, results=None, **options)
 
 
 class Engine:
-    def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=16,
+    def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=BLOCK_SIZE,
                  max_seq_len=None, memory=None):
         self.path = path
         for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len)):
@@ -57,7 +58,7 @@ class Engine:
         self.tokenizer = tokenizers.load(path)
         self.fingerprint = prompt_cache.fingerprint(self.args, weights)
         a = self.args
-        per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * self.model.dtype.size
+        per_token = DenseStorage.token_bytes(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.model.dtype)
         if kv_memory is not None:
             kv_tokens = parse_bytes(kv_memory, self.limits.total, "kv_memory") // per_token
         kv_tokens = 4096 if kv_tokens is None else kv_tokens

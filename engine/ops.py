@@ -1,7 +1,7 @@
 """The op layer, in MLX's own `mx.fast` pattern: the model calls semantic ops (attention input,
 attention, gated MLP, linear); each op has an MLX composition and the kernel families that can
 serve it. Which family serves a shape is asked of the family (its `shape` refuses what it cannot
-serve); the first that serves is weighed against MLX's op per bucket, and that choice is kept.
+serve); among those that serve, the choice against MLX's op is made per bucket and kept.
 
 Backends: `metal` (our generated kernels through mx.fast.metal_kernel, configs from the results
 files), `emulator` (the same kernels on the CPU; slow, for verification) and `mlx` (MLX's
@@ -64,34 +64,34 @@ OPS = {
 
 
 def kernel_shapes(plan: list[PlannedOp]) -> dict[str, list[dict]]:
-    """The family shapes a plan's ops run where some family serves them (the tuner's targets)."""
+    """The shapes a plan's ops run, each given to the first family serving it (the tuner's targets)."""
     out: dict[str, list[dict]] = {}
     for p in plan:
-        served = _serving(p.op, p.values)
-        if isinstance(served, tuple):   # else the families' refusals: MLX's op runs it, nothing to tune
-            family, values, _ = served
+        serving, _ = _serving(p.op, p.values)
+        if serving:
+            family, values, _ = serving[0]
             if values not in out.setdefault(family, []):
                 out[family].append(values)
     return out
 
 
-def _serving(op: str, values: dict) -> tuple[str, dict, object] | list[str]:
-    """(family, its shape values, its shape) of the first family serving the call, else the
-    families' reasons for refusing it."""
+def _serving(op: str, values: dict) -> tuple[list[tuple[str, dict, object]], list[str]]:
+    """(family, its shape values, its shape) of each family serving the call, in the op's order,
+    and the other families' reasons for refusing it."""
     families, as_family = OPS[op]
-    refusals = []
+    serving, refusals = [], []
     for name in families:
         v = as_family(name, values)
         if v is None:
             continue
         try:
-            return name, v, get_family(name).shape(v)
+            serving.append((name, v, get_family(name).shape(v)))
         except MetalforgeError as e:
             refusals.append(str(e))
-    return refusals
+    return serving, refusals
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Decision:
     """Which kernel serves one op call's bucket: a family with its shape and config, or MLX's op."""
 
@@ -111,22 +111,32 @@ class Kernels:
         self.results = results
         self.report: dict[str, dict] = {}
         self._decisions: dict = {}
+        self._reported: set = set()
         self.on_cpu = not mx.metal.is_available()
         self.cpu_float32 = self.backend == "mlx" and self.on_cpu
         self.cpu_linear = CpuLinear() if self.cpu_float32 else None
 
     def decide(self, op: str, values: dict, dtype: str) -> Decision:
         """Which kernel serves this call (decided once per op, sizes and dtype)."""
-        key = (op, tuple(sorted(values.items())), dtype)
+        key = (op, tuple(values.items()), dtype)
         if key not in self._decisions:
             self._decisions[key] = self._decide(op, values, dtype)
         return self._decisions[key]
 
     def _decide(self, op: str, values: dict, dtype: str) -> Decision:
-        served = _serving(op, values)
-        if isinstance(served, list):   # a shape no kernel of ours serves: MLX's op serves it
-            return Decision(None, values, None, None, "MLX: " + ("; ".join(served) or f"no kernel of ours for {op}"))
-        name, values, shape = served
+        """Asked for explicitly, the first family serving the shape; by evidence, the serving
+        family whose results entry shows the largest gain over MLX (measured before modelled),
+        else MLX's op with the first family's reason."""
+        serving, refusals = _serving(op, values)
+        if not serving:   # a shape no kernel of ours serves: MLX's op serves it
+            return Decision(None, values, None, None, "MLX: " + ("; ".join(refusals) or f"no kernel of ours for {op}"))
+        if not self.by_evidence or self.device is None:
+            return self._asked_for(*serving[0], dtype)
+        judged = [self._by_evidence(*s, dtype) for s in serving]
+        ours = [(rank, d) for rank, d in judged if d.family is not None]
+        return max(ours, key=lambda t: t[0])[1] if ours else judged[0][1]
+
+    def _asked_for(self, name: str, values: dict, shape, dtype: str) -> Decision:
         fam = get_family(name)
         if self.device is None:
             config = fam.default_config()
@@ -134,14 +144,20 @@ class Kernels:
                 return Decision(None, values, None, None, "MLX: the family default cannot serve this shape (pass device=)")
             return Decision(name, values, shape, config, "ours: family default (no device profile)")
         choice = lookup(self.device, name, shape, dtype, results=self.results)
-        if not self.by_evidence:
-            return Decision(name, values, shape, choice.config, f"ours ({self.backend} asked for): {choice.describe()}")
+        return Decision(name, values, shape, choice.config, f"ours ({self.backend} asked for): {choice.describe()}")
+
+    def _by_evidence(self, name: str, values: dict, shape, dtype: str) -> tuple[tuple, Decision]:
+        """(rank, decision) for one serving family: ours where its entry shows it faster."""
+        fam = get_family(name)
+        choice = lookup(self.device, name, shape, dtype, results=self.results)
         if choice.entry is None:
-            return Decision(None, values, None, None, f"MLX: no results entry for this bucket ({choice.describe()})")
-        faster, words = Entry.of(choice.entry).evidence(fam.model_error())
+            return (), Decision(None, values, None, None, f"MLX: no results entry for this bucket ({choice.describe()})")
+        entry = Entry.of(choice.entry)
+        faster, words = entry.evidence(fam.model_error())
         if not faster:
-            return Decision(None, values, None, None, f"MLX: {words}")
-        return Decision(name, values, shape, choice.config, f"ours: {words} ({choice.describe()})")
+            return (), Decision(None, values, None, None, f"MLX: {words}")
+        return (entry.timer == "metal", entry.speedup), Decision(name, values, shape, choice.config,
+                                                                 f"ours: {words} ({choice.describe()})")
 
     def _record(self, op: str, **what) -> None:
         self.report.setdefault(op, what)
@@ -149,15 +165,19 @@ class Kernels:
     def _run(self, op: str, values: dict, dtype, inputs, mlx_kernel: str, mlx_op):
         """Our kernel where the decision says so, else `mlx_op()` (MLX's op); recorded either way.
         `inputs(decision)` gives our kernel's inputs."""
-        d = self.decide(op, values, _dtype_name(dtype))
-        label = f"{d.family or op} {_short(d.values)}"
+        name = _dtype_name(dtype)
+        d = self.decide(op, values, name)
+        if d not in self._reported:   # the report's words once per decision: no formatting per call
+            self._reported.add(d)
+            if d.family is None:
+                self._record(f"{op} {_short(d.values)}", kernel=mlx_kernel, why=d.why)
+            else:
+                self._record(f"{d.family} {_short(d.values)}", kernel=f"metalforge {d.family} ({self.backend})",
+                             config=d.config, why=d.why, family=d.family,
+                             bucket=get_family(d.family).bucket_key(d.shape, name))
         if d.family is None:
-            self._record(label, kernel=mlx_kernel, why=d.why)
             return mlx_op()
-        self._record(label, kernel=f"metalforge {d.family} ({self.backend})", config=d.config, why=d.why,
-                     family=d.family, bucket=get_family(d.family).bucket_key(d.shape, _dtype_name(dtype)))
-        return get_family(d.family).run(d.config, d.shape, _dtype_name(dtype), inputs(d), backend=self.backend,
-                                        device=self.device)
+        return get_family(d.family).run(d.config, d.shape, name, inputs(d), backend=self.backend, device=self.device)
 
     # ---- linear -------------------------------------------------------------------------------
     def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:

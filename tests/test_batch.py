@@ -190,3 +190,19 @@ def test_the_queue_is_bounded(folder):
         with pytest.raises(MetalforgeError, match=r"queue is full: 2 requests wait .*max_waiting=2"):
             batch.add([5, 6], max_tokens=2)
         assert len(collect(batch)) == 2
+
+
+def test_a_batch_on_our_kernels_gives_each_sequence_its_tokens_alone(folder):
+    """On the emulator backend a batch decodes through our paged decode-attention kernel, its
+    block table as wide as the longest sequence's context bucket (here 64 tokens for a
+    39-token prompt beside short ones)."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    with engine.load(folder, backend="mlx", kv_tokens=512, block_size=8) as e:
+        expected = {i: alone(e, p, 4) for i, p in enumerate(prompts)}
+    with engine.load(folder, backend="emulator", device="m2", kv_tokens=512, block_size=8) as e:
+        got = collect(e.generate_batch(prompts, max_tokens=4))
+        report = e.kernel_report()
+    assert got == expected
+    batched = [k for k, v in report.items() if k.startswith("decode_attention B=3")]
+    assert batched and all(report[k]["kernel"] == "metalforge decode_attention (emulator)" for k in batched)
+    assert any("S=64" in k for k in batched), batched

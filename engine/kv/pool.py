@@ -16,6 +16,10 @@ from metalforge.engine.kv.storage import DenseStorage, Storage
 from metalforge.errors import MetalforgeError
 
 
+# Tokens per block unless engine.load(block_size=) says otherwise (the op plan's paged layout too).
+BLOCK_SIZE = 16
+
+
 class PoolExhausted(MetalforgeError):
     """The KV pool has no free block for a request; no sequence was changed."""
 

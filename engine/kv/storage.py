@@ -44,9 +44,14 @@ class DenseStorage:
         self.v = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
         mx.eval(self.k, self.v)
 
+    @staticmethod
+    def token_bytes(layers: int, kv_heads: int, head_dim: int, dtype) -> int:
+        """Bytes one token's K and V take in every layer (for sizing a pool before making it)."""
+        return 2 * layers * kv_heads * head_dim * dtype.size
+
     @property
     def block_bytes(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.block_size * self.head_dim * self.dtype.size
+        return self.block_size * self.token_bytes(self.layers, self.kv_heads, self.head_dim, self.dtype)
 
     def arrays(self) -> list[mx.array]:
         return self.k + self.v

@@ -18,11 +18,9 @@ import mlx.nn as nn
 
 from metalforge.engine import ops
 from metalforge.engine.config import Quantization, positive, size, sizes
+from metalforge.engine.kv import BLOCK_SIZE
 from metalforge.engine.models import rope as ropes
 from metalforge.errors import MetalforgeError
-
-# The engine's default KV block size: the op plan describes decode attention in the pool's layout.
-BLOCK_SIZE = 16
 
 
 # Config fields whose other values change the computation in ways a model type does not
