@@ -209,3 +209,17 @@ def test_tuning_a_moe_model_targets_its_expert_layers():
     assert got["gather_qmv"] == [dict(M=1, N=64, K=64, bits=4, group_size=64, experts=8, top_k=2)]
     assert dict(M=1, N=a["num_experts"], K=a["hidden_size"], bits=8, group_size=64) in got["qmv"]   # the router
     assert [t.family.name for t in shapes.targets(got, shapes.MODEL_FAMILIES)].count("gather_qmv") == 1
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen3_moe", "gpt_oss"])
+def test_sequences_decoded_together_equal_each_alone(tmp_path, arch):
+    """Several sequences in one forward pass (a window per sequence, experts routed per token,
+    prompts joining while others decode) give each sequence's own greedy tokens."""
+    build(tmp_path, arch, bits=4)
+    prompts = [PROMPT, PROMPT[3:] + [9, 10, 11, 12], [1, 2, 3]]
+    with engine.load(tmp_path, backend="mlx", kv_tokens=256) as e:
+        alone = [[t.id for t in e.generate(p, max_tokens=8)] for p in prompts]
+        together = [[] for _ in prompts]
+        for i, token in e.generate_batch(prompts, max_tokens=8):
+            together[i].append(token.id)
+    assert together == alone
