@@ -136,12 +136,6 @@ def flag(config: dict, name: str, where: str, default: bool = False) -> bool:
     return value
 
 
-def unsupported(config: dict, name: str, where: str, value, why: str) -> None:
-    """A field whose value we do not implement is one line naming it, never a wrong answer."""
-    if config.get(name, value) != value:
-        raise MetalforgeError(f"{where}: {name}={config[name]!r} is not supported ({why})")
-
-
 # ---- norms and activations ----------------------------------------------------------------------
 class RMSNorm:
     def __init__(self, w: dict, name: str, eps: float):

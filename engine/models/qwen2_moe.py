@@ -18,9 +18,10 @@ class ModelArgs(base.ModelArgs):
     moe_intermediate_size: int = 1
     shared_expert_intermediate_size: int = 1
 
+    IMPLEMENTED = base.IMPLEMENTED + (("norm_topk_prob", False, (False,)),)   # mlx-lm's does not renormalise
+
     @classmethod
     def read(cls, config, where):
-        base.unsupported(config, "norm_topk_prob", where, False, "mlx-lm's qwen2_moe does not renormalise")
         return {name: size(config, name, where) for name in
                 ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")}
 
