@@ -56,6 +56,9 @@ class Sizes:
 
 # What mx.quantize (affine) writes; our qmv/qmm kernels take 4 and 8 bits, MLX's ops the rest.
 BITS, GROUP_SIZES = (2, 3, 4, 5, 6, 8), (32, 64, 128)
+# mx.quantize's modes: (bits, group sizes) each writes. The floating-point ones (gpt-oss's MXFP4)
+# have one scale per group and no biases; MLX's ops run them, our kernels take affine.
+MODES = {"affine": (BITS, GROUP_SIZES), "mxfp4": ((4,), (32,)), "mxfp8": ((8,), (32,)), "nvfp4": ((4,), (16,))}
 
 
 @dataclass(frozen=True)
@@ -66,31 +69,38 @@ class Quantization:
     loader decides); these are the parameters it was quantized with."""
     bits: int
     group_size: int
-    layers: tuple = ()     # ((module path, (bits, group_size) or None), ...)
+    mode: str = "affine"
+    layers: tuple = ()     # ((module path, (bits, group_size, mode) or None), ...)
 
-    def of(self, path: str) -> tuple[int, int] | None:
-        """(bits, group_size) of the layer at `path` (e.g. "model.layers.0.mlp.gate")."""
-        return dict(self.layers).get(path, (self.bits, self.group_size))
+    def of(self, path: str) -> tuple[int, int, str] | None:
+        """(bits, group_size, mode) of the layer at `path` (e.g. "model.layers.0.mlp.gate")."""
+        return dict(self.layers).get(path, (self.bits, self.group_size, self.mode))
 
     def __str__(self) -> str:
         extra = f", {len(self.layers)} layer override(s)" if self.layers else ""
-        return f"{self.bits}-bit, group size {self.group_size}{extra}"
+        mode = "" if self.mode == "affine" else f" {self.mode}"
+        return f"{self.bits}-bit{mode}, group size {self.group_size}{extra}"
 
 
-def _quant_params(value, where: str, name: str) -> tuple[int, int]:
+def _quant_params(value, where: str, name: str) -> tuple[int, int, str]:
+    """(bits, group_size, mode) of a quantization object. A per-layer one without "mode" is
+    affine, whatever the default's (mlx-lm's loader passes it to to_quantized as it is)."""
     if not isinstance(value, dict):
         raise MetalforgeError(f"{where}: {name} must be an object with bits and group_size, got {value!r}")
     mode = value.get("mode", "affine")
-    if mode != "affine":
-        raise MetalforgeError(f"{where}: {name}.mode {mode!r} is not supported; supported: affine")
+    if mode not in MODES:
+        raise MetalforgeError(f"{where}: {name}.mode {mode!r} is not supported; supported: {choices(sorted(MODES))}")
+    if value.get("global_scale"):
+        raise MetalforgeError(f"{where}: {name}.global_scale is not supported (per-expert nvfp4 tensor scales)")
     try:
         bits, group = int(value["bits"]), int(value["group_size"])
     except KeyError as e:
         raise MetalforgeError(f"{where}: {name} has no {e.args[0]!r}") from None
-    if bits not in BITS or group not in GROUP_SIZES:
-        raise MetalforgeError(f"{where}: {name} {{bits: {bits}, group_size: {group}}} is not supported (bits "
-                              f"{choices(BITS)}; group_size {choices(GROUP_SIZES)})")
-    return bits, group
+    widths, groups = MODES[mode]
+    if bits not in widths or group not in groups:
+        raise MetalforgeError(f"{where}: {name} {{bits: {bits}, group_size: {group}}} is not supported for mode "
+                              f"{mode} (bits {choices(widths)}; group_size {choices(groups)})")
+    return bits, group, mode
 
 
 def quantization(config: dict, where: str = "config.json") -> Quantization | None:
@@ -99,13 +109,13 @@ def quantization(config: dict, where: str = "config.json") -> Quantization | Non
     quant = config.get("quantization") or config.get("quantization_config")
     if quant is None:
         return None
-    bits, group = _quant_params(quant, where, "quantization")
+    bits, group, mode = _quant_params(quant, where, "quantization")
     layers = []
     for path, value in quant.items():
         if path in ("bits", "group_size", "mode"):
             continue
         layers.append((path, None if value is False else _quant_params(value, where, f"quantization[{path!r}]")))
-    return Quantization(bits, group, tuple(layers))
+    return Quantization(bits, group, mode, tuple(layers))
 
 
 def sizes(config: dict, where: str = "config.json") -> Sizes:

@@ -57,9 +57,9 @@ def _attention_values(family: str, v: dict) -> dict | None:
 # asked, and how a call's sizes read as a family's shape. Fused attention-input and gated-MLP
 # kernels join here (those ops are MLX compositions of linears until then).
 OPS = {
-    "linear": (("qmv", "qmm"), lambda family, v: v if v.get("bits") else None),
+    "linear": (("qmv", "qmm"), lambda family, v: v if v.get("bits") and "mode" not in v else None),
     "attention": (("decode_attention", "prefill_attention"), _attention_values),
-    "expert_linear": (("gather_qmv",), lambda family, v: v if v.get("bits") else None),   # top-k experts a token
+    "expert_linear": (("gather_qmv",), lambda family, v: v if v.get("bits") and "mode" not in v else None),   # top-k experts a token
 }
 
 
@@ -180,21 +180,22 @@ class Kernels:
         return get_family(d.family).run(d.config, d.shape, name, inputs(d), backend=self.backend, device=self.device)
 
     # ---- linear -------------------------------------------------------------------------------
-    def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:
-        """x: (T, K) -> (T, N). `w` holds weight (and scales, biases when quantized) and bias."""
+    def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None, mode: str | None = None) -> mx.array:
+        """x: (T, K) -> (T, N). `w` holds weight (and scales, biases when quantized) and bias;
+        `mode` is mx.quantize's (affine, or a floating-point one such as mxfp4: MLX's op)."""
         if self.cpu_linear is not None:
             self._record("linear", kernel="MLX CPU: split across cores, dequantized for many rows (engine/cpu_linear.py)")
-            y = self.cpu_linear(x, w, bits, group_size)
+            y = self.cpu_linear(x, w, bits, group_size, mode or "affine")
         elif "scales" not in w:
             self._record(f"linear {tuple(w['weight'].shape)}", kernel="mx matmul (unquantized weights)")
             y = x @ w["weight"].T
         else:
             def mlx_op():
-                xs = x.astype(w["scales"].dtype)   # float32 on the CPU (see Model), else x unchanged
-                return mx.quantized_matmul(xs, w["weight"], w["scales"], w["biases"], transpose=True,
-                                           group_size=group_size, bits=bits).astype(x.dtype)
-            if self.backend == "mlx":
-                self._record("quantized linear", kernel="mx.quantized_matmul")
+                xs = x.astype(w["biases"].dtype) if "biases" in w else x   # float32 on the CPU (see Model)
+                return mx.quantized_matmul(xs, w["weight"], w["scales"], w.get("biases"), transpose=True,
+                                           group_size=group_size, bits=bits, mode=mode or "affine").astype(x.dtype)
+            if self.backend == "mlx" or mode not in (None, "affine"):
+                self._record(f"quantized linear ({mode or 'affine'})", kernel="mx.quantized_matmul")
                 y = mlx_op()
             else:
                 values = dict(M=x.shape[0], N=w["weight"].shape[0], K=x.shape[1], bits=bits, group_size=group_size)
@@ -289,16 +290,17 @@ class Kernels:
 
     # ---- mixture of experts --------------------------------------------------------------------
     def expert_linear(self, x: mx.array, w: dict, indices: mx.array, bits: int | None, group_size: int | None,
-                      sorted_indices: bool = False) -> mx.array:
+                      sorted_indices: bool = False, mode: str | None = None) -> mx.array:
         """x (T, 1, 1, K), (T, k, 1, K) or sorted (T*k, 1, K) through the experts `indices` (T,
         k) or (T*k,) of a stacked layer (experts, N, K): (..., 1, N), as mlx-lm's SwitchLinear.
         Quantized decode-sized calls are our gather_qmv's where the decision says so (one
         dispatch, expert ids read on the GPU); the rest MLX's gather_qmm / gather_mm."""
         if "scales" in w:
             def mlx_op():
-                return mx.gather_qmm(x, w["weight"], w["scales"], w["biases"], rhs_indices=indices, transpose=True,
-                                     group_size=group_size, bits=bits, sorted_indices=sorted_indices)
-            if self.backend == "mlx" or sorted_indices:
+                return mx.gather_qmm(x, w["weight"], w["scales"], w.get("biases"), rhs_indices=indices, transpose=True,
+                                     group_size=group_size, bits=bits, mode=mode or "affine",
+                                     sorted_indices=sorted_indices)
+            if self.backend == "mlx" or sorted_indices or mode not in (None, "affine"):
                 self._record("expert linear", kernel="mx.gather_qmm")
                 y = mlx_op()
             else:

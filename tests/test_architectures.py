@@ -73,7 +73,7 @@ def config_of(arch: str) -> dict:
     return {"model_type": arch, **({} if "text_config" in fields else COMMON), **fields}
 
 
-def build(folder, arch: str, bits=None, dtype=mx.float32, quant_predicate=None, seed=0, config=None):
+def build(folder, arch: str, bits=None, dtype=mx.float32, quant_predicate=None, seed=0, config=None, mode="affine"):
     """mlx-lm's model for `arch` (or `config`) with random weights (every vector perturbed so
     norms, biases and sinks matter), quantized by mlx-lm when `bits`, saved as mlx-lm saves it."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
@@ -84,8 +84,8 @@ def build(folder, arch: str, bits=None, dtype=mx.float32, quant_predicate=None, 
     model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in params]))
     mx.eval(model.parameters())
     if bits:
-        model, config = quantize_model(model, config, group_size=64 if bits != 8 else 32, bits=bits,
-                                       quant_predicate=quant_predicate)
+        model, config = quantize_model(model, config, group_size=32 if bits == 8 or mode != "affine" else 64, bits=bits,
+                                       quant_predicate=quant_predicate, mode=mode)
     save_model(folder, model)
     save_config(dict(config), folder / "config.json")
     return model
@@ -185,8 +185,10 @@ def test_mistral3_with_a_llama_text_model(tmp_path):
     ("ministral3", {"rope_parameters": None}, r"rope_parameters must be an object"),
     ("mistral3", {"text_config": {"model_type": "mistral4"}}, r"text_config.model_type 'mistral4' is not supported; "
                                                                 r"supported: llama, ministral3"),
-    ("qwen3_moe", {"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}},
-     r"quantization.mode 'mxfp4' is not supported; supported: affine"),
+    ("qwen3_moe", {"quantization": {"group_size": 32, "bits": 4, "mode": "fp3"}},
+     r"quantization.mode 'fp3' is not supported; supported: affine, mxfp4, mxfp8, nvfp4"),
+    ("qwen3_moe", {"quantization": {"group_size": 64, "bits": 4, "mode": "mxfp4"}},
+     r"quantization \{bits: 4, group_size: 64\} is not supported for mode mxfp4 \(bits 4; group_size 32\)"),
     ("mixtral", {"quantization": {"group_size": 64, "bits": 4, "model.layers.0.block_sparse_moe.gate": {"bits": 7, "group_size": 64}}},
      r"quantization\['model.layers.0.block_sparse_moe.gate'\] \{bits: 7, group_size: 64\} is not supported"),
 ])
@@ -223,3 +225,15 @@ def test_sequences_decoded_together_equal_each_alone(tmp_path, arch):
         for i, token in e.generate_batch(prompts, max_tokens=8):
             together[i].append(token.id)
     assert together == alone
+
+
+@pytest.mark.parametrize("backend", ["mlx", "emulator"])
+def test_gpt_oss_in_mxfp4_as_mlx_lm_converts_it(tmp_path, backend):
+    """gpt-oss's own format: mlx-lm's quantize_model in mode mxfp4 (one power-of-two scale per 32
+    values, no biases) with its predicate keeping the router affine 8-bit. MLX's quantized ops
+    run the mxfp4 layers (our kernels take affine); the tokens are mlx-lm's."""
+    model = build(tmp_path, "gpt_oss", bits=4, mode="mxfp4")
+    import json
+    quant = json.loads((tmp_path / "config.json").read_text())["quantization"]
+    assert quant["mode"] == "mxfp4" and quant["model.layers.0.mlp.router"] == {"group_size": 64, "bits": 8}
+    assert ours_greedy(tmp_path, 8, backend=backend)[0] == theirs_greedy(model, PROMPT, 8)

@@ -70,12 +70,12 @@ class ModelArgs:
     def group_size(self) -> int | None:
         return self.quantization.group_size if self.quantization else None
 
-    def quant_of(self, name: str) -> tuple[int | None, int | None]:
-        """(bits, group_size) a quantized layer `name` was written with (its per-layer override
-        in config.json, else the default); (None, None) for an unquantized model."""
+    def quant_of(self, name: str) -> tuple[int | None, int | None, str | None]:
+        """(bits, group_size, mode) a quantized layer `name` was written with (its per-layer
+        override in config.json, else the default); Nones for an unquantized model."""
         if self.quantization is None:
-            return None, None
-        return self.quantization.of(name) or (None, None)
+            return None, None, None
+        return self.quantization.of(name) or (None, None, None)
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> "ModelArgs":
@@ -179,10 +179,10 @@ class Linear:
     def __init__(self, kernels: ops.Kernels, w: dict, name: str, args: ModelArgs):
         self.kernels = kernels
         self.w = {k: w[f"{name}.{k}"] for k in ("weight", "scales", "biases", "bias") if f"{name}.{k}" in w}
-        self.bits, self.group_size = args.quant_of(name) if "scales" in self.w else (None, None)
+        self.bits, self.group_size, self.mode = args.quant_of(name) if "scales" in self.w else (None, None, None)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.kernels.linear(x, self.w, self.bits, self.group_size)
+        return self.kernels.linear(x, self.w, self.bits, self.group_size, self.mode)
 
 
 class Block:
@@ -427,8 +427,9 @@ class Model:
     def embed(self, tokens: mx.array) -> mx.array:
         weight, scales, biases = self.embed_tokens
         if scales is not None:
-            bits, group_size = self.embed_quant
-            h = mx.dequantize(weight[tokens], scales[tokens], biases[tokens], group_size=group_size, bits=bits)
+            bits, group_size, mode = self.embed_quant
+            h = mx.dequantize(weight[tokens], scales[tokens], None if biases is None else biases[tokens],
+                              group_size=group_size, bits=bits, mode=mode, dtype=self.dtype)
         else:
             h = weight[tokens]
         h = h.astype(self.dtype)
@@ -485,7 +486,7 @@ class Model:
             if name + ".scales" in w:
                 if args.quantization is None:
                     raise MetalforgeError(f"weight {name} is quantized but config.json has no 'quantization'")
-                bits, group = args.quant_of(name)
+                bits, group, _ = args.quant_of(name)
                 if bits is None:
                     raise MetalforgeError(f"weight {name} is quantized but config.json's quantization "
                                           f"says {name!r}: false")
@@ -520,9 +521,11 @@ class Model:
         plan = []
         for rows, names in [(batch, table)] + [(n, [k for k in table if k != head]) for n in prefill]:
             for k in names:
-                bits, group_size = args.quant_of(k)
+                bits, group_size, mode = args.quant_of(k)
                 *experts, N, K = table[k]
                 values = dict(M=rows, N=N, K=K, bits=bits, group_size=group_size)
+                if mode not in (None, "affine"):
+                    values["mode"] = mode   # MLX's op runs it: no family of ours takes it
                 plan.append(ops.PlannedOp("expert_linear", dict(values, experts=experts[0], top_k=cls.top_k(args)))
                             if experts else ops.PlannedOp("linear", values))
         heads = dict(Hq=args.num_attention_heads, Hkv=args.num_key_value_heads, D=args.head_dim)

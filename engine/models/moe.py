@@ -17,10 +17,10 @@ class ExpertLinear:
     def __init__(self, kernels, w: dict, name: str, args):
         self.kernels = kernels
         self.w = {k: w[f"{name}.{k}"] for k in ("weight", "scales", "biases", "bias") if f"{name}.{k}" in w}
-        self.bits, self.group_size = args.quant_of(name) if "scales" in self.w else (None, None)
+        self.bits, self.group_size, self.mode = args.quant_of(name) if "scales" in self.w else (None, None, None)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        return self.kernels.expert_linear(x, self.w, indices, self.bits, self.group_size, sorted_indices)
+        return self.kernels.expert_linear(x, self.w, indices, self.bits, self.group_size, sorted_indices, self.mode)
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
