@@ -168,7 +168,10 @@ class DecodeAttention(Family):
         g = shape.Hq // shape.Hkv
         scale = inp["scale"].item()
         for b in range(shape.B):
-            k, v, _ = self.gather_kv(shape, inp, b)
+            k, v, n = self.gather_kv(shape, inp, b)
+            if n == 0:   # no keys: zeros (MLX's sdpa_vector guard), where softmax would give NaN
+                outs.append(mx.zeros((shape.Hq, 1, shape.D)))
+                continue
             k = mx.repeat(k.astype(mx.float32), g, axis=0)
             v = mx.repeat(v.astype(mx.float32), g, axis=0)
             q = inp["queries"][b].astype(mx.float32)            # (Hq, 1, D)

@@ -16,3 +16,18 @@ def test_paged_decode_reads_no_block_table_entry_past_the_last_block(monkeypatch
     config = dict(threads=64, keys_per_step=4, splits=1, share_kv=True, load_width=1, prefetch=True)
     assert verify("decode_attention", dict(B=1, Hq=4, Hkv=2, S=64, D=64, block_size=16), "float16",
                   configs=[config]) == 1
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_of_an_empty_sequence_is_zeros_not_nan(splits):
+    """A sequence of no keys has no softmax: its output is zeros, as MLX's sdpa_vector guards
+    (`sum_exp_score == 0 ? o : o / sum_exp_score`, o never accumulated); the merge divided by 0."""
+    fam = family("decode_attention")
+    shape = fam.shape(dict(B=3, Hq=4, Hkv=2, S=40, D=64, block_size=8))
+    inputs = fam.make_inputs(shape, "float16")
+    inputs["seq_lens"] = mx.array([40, 0, 5], dtype=mx.int32)
+    config = fam.config(dict(splits=splits, keys_per_step=2, prefetch=True))
+    out = np.array(fam.run(config, shape, "float16", inputs, backend="emulator").astype(mx.float32))
+    assert np.all(out[1] == 0)
+    expected = np.array(fam.reference(shape, "float16", inputs).astype(mx.float32))
+    np.testing.assert_allclose(out, expected, atol=2e-2, rtol=2e-2)
