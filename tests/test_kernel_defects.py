@@ -31,3 +31,19 @@ def test_decode_attention_of_an_empty_sequence_is_zeros_not_nan(splits):
     assert np.all(out[1] == 0)
     expected = np.array(fam.reference(shape, "float16", inputs).astype(mx.float32))
     np.testing.assert_allclose(out, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("q_source", ["threadgroup", "registers"])
+def test_prefill_scales_scores_in_fp32_not_q_in_half(q_source):
+    """Q x scale x log2(e) staged as half lost bits that sharp softmaxes (large logits) turn into
+    errors of 1e-2; scaling S in fp32 (as MLX does now) leaves the output's own rounding only."""
+    fam = family("prefill_attention")
+    shape = fam.shape(dict(B=1, Hq=2, Hkv=1, L=40, D=128))
+    inputs = fam.make_inputs(shape, "float16", seed=1)
+    for name in ("queries", "keys"):
+        inputs[name] = (inputs[name].astype(mx.float32) * 6).astype(mx.float16)   # logits of tens
+    config = fam.config(dict(stage="input", q_source=q_source, BQ=32, BK=32, simdgroups=4))
+    out = fam.run(config, shape, "float16", inputs, backend="emulator")
+    expected = fam.reference(shape, "float16", inputs)
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), np.array(expected.astype(mx.float32)),
+                               atol=1e-3, rtol=1e-3)
