@@ -93,11 +93,15 @@ class DecodeAttention(Family):
         threads = config["threads"]
         rows = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
         # max, sum and the D-wide output of each (SIMD-group, head)
-        merge = 4 * (threads // 32) * self.heads_per_group(config, shape) * (2 + shape.D)
-        main = Geometry((threads * config["splits"], rows, 1), (threads, 1, 1), merge)
+        heads = self.heads_per_group(config, shape)
+        merge = 4 * (threads // 32) * heads * (2 + shape.D)
+        # q and the accumulator per head, KPS key rows (twice when prefetching)
+        elements = cdiv(shape.D, 32 * config["load_width"]) * config["load_width"]
+        registers = elements * (2 * heads + config["keys_per_step"] * (2 if config["prefetch"] else 1))
+        main = Geometry((threads * config["splits"], rows, 1), (threads, 1, 1), merge, registers)
         if config["splits"] == 1:
             return (main,)
-        return main, Geometry((32, shape.B * shape.Hq, 1), (32, 1, 1))
+        return main, Geometry((32, shape.B * shape.Hq, 1), (32, 1, 1), registers=cdiv(shape.D, 32))
 
     def config_problems(self, config, shape: DecodeShape, dtype) -> list[str]:
         if config["splits"] > shape.S:
@@ -199,10 +203,7 @@ class DecodeAttention(Family):
         g = shape.Hq // shape.Hkv
         heads = g if config["share_kv"] else 1
         main = self.geometry(config, shape, dtype)[0]
-        # registers a lane holds: q and the accumulator per head, KPS key rows (twice when prefetching)
-        elements = cdiv(shape.D, 32 * config["load_width"]) * config["load_width"]
-        registers = elements * (2 * heads + config["keys_per_step"] * (2 if config["prefetch"] else 1))
-        occ = cost.occupancy(main.threads, main.threadgroup_memory_bytes, main.threadgroups, registers=registers)
+        occ = cost.occupancy(main.threads, main.threadgroup_memory_bytes, main.threadgroups, registers=main.registers)
         kv = 2 * shape.B * shape.Hkv * shape.S * shape.D * dtype.size
         # without sharing, the G query heads of a KV head each stream it (partly from cache)
         kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)

@@ -46,6 +46,9 @@ class Geometry:
     grid: tuple[int, int, int]          # threads, as mx.fast.metal_kernel counts them
     threadgroup: tuple[int, int, int]
     threadgroup_memory_bytes: int = 0
+    # 32-bit values a lane keeps in its arrays (accumulators, staged rows, fragments): what the
+    # cost model's occupancy and the checks' register rule (kernels/checks.py) read
+    registers: int = 0
 
     @property
     def threads(self) -> int:

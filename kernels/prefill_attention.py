@@ -77,7 +77,8 @@ class PrefillAttention(Family):
         q_rows = config["BQ"] if config["q_source"] == "threadgroup" else 0
         kv_rows = 2 * config["BK"] * (2 if config["double_buffer"] else 1)
         tile_bytes = (q_rows + kv_rows) * shape.D * stage_dtype(config, dtype).size
-        return (Geometry((threads * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1), (threads, 1, 1), tile_bytes),)
+        return (Geometry((threads * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1), (threads, 1, 1), tile_bytes,
+                         registers=2 * self.fragments(config, shape)),)
 
     def fragments(self, config, shape: PrefillShape) -> int:
         """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand."""
@@ -166,7 +167,7 @@ class PrefillAttention(Family):
         flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + softmax
         g, = self.geometry(config, shape, dtype)
         occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups,
-                             registers=2 * self.fragments(config, shape))
+                             registers=g.registers)
         parallel = occ.parallel_fraction(dev, ilp=min(2.0, tq)) * cost.load_efficiency(config["load_width"] * dtype.size)
         t = cost.roofline(q_bytes * 2 + kv_bytes, flops, dev, parallel)
         # a threadgroup crosses one barrier per K/V tile double-buffered, two otherwise

@@ -36,7 +36,8 @@ class Qmm(Qmv):
         threads = 32 * config["WM"] * config["WN"]
         rows = config["BM"] + (config["BN"] if config["dequant"] == "threadgroup" else 0)
         grid = (threads * cdiv(shape.N, config["BN"]), cdiv(shape.M, config["BM"]), 1)
-        return (Geometry(grid, (threads, 1, 1), rows * config["BK"] * stage_dtype(config, dtype).size),)
+        return (Geometry(grid, (threads, 1, 1), rows * config["BK"] * stage_dtype(config, dtype).size,
+                         registers=2 * self.fragments(config)),)
 
     def fragments(self, config) -> int:
         """8x8 fp32 fragments a SIMD-group holds: its outputs, a column of x and one weight operand."""
@@ -83,7 +84,7 @@ class Qmm(Qmv):
         g, = self.geometry(config, shape, dtype)
         tiles_n, tiles_m = cdiv(shape.N, bn), cdiv(shape.M, bm)
         in_registers = config["dequant"] == "registers"
-        occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups, registers=2 * self.fragments(config))
+        occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups, registers=g.registers)
         weights = shape.N * shape.K * shape.bits / 8 + 2 * shape.N * (shape.K / shape.group_size) * dtype.size
         # each row of tiles re-streams the weights (and in registers each SIMD-group row of a tile
         # reads its own copy), each column of tiles re-streams x; the cache serves most repeats

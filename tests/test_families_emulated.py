@@ -224,3 +224,33 @@ def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatc
     fam = family(name)
     configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
     assert verify(name, shape, dtype, configs=configs) == len(configs)
+
+
+# Edge shapes: where an index runs one past its end if anything does. A paged sequence filling its
+# last block (B=1: nothing lies past the block table), one token, lengths on block and split
+# boundaries, B=1 and B>1, head dims that leave lanes' slots partly empty, and each family's
+# largest tails (63 rows or columns against tiles of 64, 127 prompt rows against 128).
+EDGE = [
+    ("decode_attention", dict(B=1, Hq=4, Hkv=2, S=64, D=64, block_size=16), "float16"),
+    ("decode_attention", dict(B=3, Hq=4, Hkv=1, S=32, D=96, block_size=8), "float32"),
+    ("decode_attention", dict(B=2, Hq=2, Hkv=1, S=1, D=80, block_size=16), "float16"),
+    ("decode_attention", dict(B=1, Hq=2, Hkv=2, S=64, D=80), "bfloat16"),
+    ("decode_attention", dict(B=2, Hq=2, Hkv=1, S=65, D=128), "float16"),
+    ("qmv", dict(M=8, N=63, K=1024, bits=4, group_size=64), "float16"),
+    ("qmv", dict(M=1, N=1, K=512, bits=8, group_size=128), "float32"),
+    ("qmm", dict(M=63, N=63, K=128, bits=4, group_size=64), "float16"),
+    ("qmm", dict(M=9, N=8, K=256, bits=8, group_size=128), "float32"),
+    ("prefill_attention", dict(B=2, Hq=2, Hkv=1, L=1, D=64, prefix=16), "float16"),
+    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=65, D=80), "float32"),
+    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=127, D=128, prefix=1), "float16"),
+]
+
+
+@pytest.mark.parametrize("name, shape, dtype", EDGE)
+def test_edge_shapes_are_clean_in_checked_mode(name, shape, dtype, monkeypatch):
+    """Configs taking every value of every tunable valid at each edge shape, checked: no index
+    past a buffer's end (the paged block-table read past a full last block was found this way)."""
+    monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
+    fam = family(name)
+    configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
+    assert verify(name, shape, dtype, configs=configs) == len(configs)

@@ -47,3 +47,54 @@ def test_prefill_scales_scores_in_fp32_not_q_in_half(q_source):
     expected = fam.reference(shape, "float16", inputs)
     np.testing.assert_allclose(np.array(out.astype(mx.float32)), np.array(expected.astype(mx.float32)),
                                atol=1e-3, rtol=1e-3)
+
+
+def test_register_rule_lowers_the_thread_limit_of_register_heavy_configs():
+    """A Mac gives a register-heavy pipeline a lower maxTotalThreadsPerThreadgroup than 1,024:
+    8 keys a step, prefetched, at D=128 hold 4 x (2 + 16) = 72 values a lane (q, the accumulator
+    and 16 key rows; plus the scalars beside them), so a 1,024-thread threadgroup is refused."""
+    from metalforge.kernels import check
+    from metalforge.kernels.checks import REGISTER_OVERHEAD, max_threads_for_registers
+    assert max_threads_for_registers(0, 1024) == 1024
+    assert max_threads_for_registers(128 - REGISTER_OVERHEAD, 1024) == 416   # 208 KB / (4 B x 128)
+    assert max_threads_for_registers(500, 1024) == 416                       # past 128 it spills
+    shape = dict(B=1, Hq=32, Hkv=8, S=512, D=128)
+    heavy = dict(threads=1024, keys_per_step=8, prefetch=True, share_kv=False, load_width=1, splits=1)
+    problems = [str(p) for p in check("decode_attention", heavy, shape, "float16", "m3-max-40")]
+    assert problems == ["Thread group size (1024) is greater than the maximum allowed threads per threadgroup "
+                        f"({212992 // (4 * (72 + REGISTER_OVERHEAD)) // 32 * 32}) for lanes holding about "
+                        f"{72 + REGISTER_OVERHEAD} registers"]
+    assert not check("decode_attention", {**heavy, "threads": 512}, shape, "float16", "m3-max-40")
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("qmv", dict(M=1, N=4096, K=4096, bits=4, group_size=64)),
+    ("qmm", dict(M=512, N=4096, K=4096, bits=4, group_size=64)),
+    ("decode_attention", dict(B=1, Hq=32, Hkv=8, S=8192, D=128)),
+    ("prefill_attention", dict(B=1, Hq=32, Hkv=8, L=512, D=128)),
+])
+def test_mlx_own_kernels_pass_the_register_rule(name, shape):
+    """MLX's kernels run on every Mac (sdpa_vector at 1,024 threads): the rule must accept them."""
+    from metalforge import devices
+    from metalforge.kernels import check
+    fam = family(name)
+    for dtype in ("float16", "float32"):
+        config = fam.mlx_config(fam.shape(shape), dtype)
+        for device in devices.profiles():
+            assert not check(fam, config, shape, dtype, device), (device, dtype, config)
+
+
+def test_every_shipped_config_passes_the_checks_on_its_device():
+    import glob
+    import os
+
+    import yaml
+
+    from metalforge.kernels import check
+    from metalforge.results import shipped_path
+    folder = os.path.dirname(shipped_path("m1"))
+    for path in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
+        data = yaml.safe_load(open(path))
+        for name, entries in data["entries"].items():
+            for key, e in entries.items():
+                assert not check(name, e["config"], e["shape"], e["dtype"], data["device"]["name"]), (path, key)
