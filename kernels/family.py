@@ -94,6 +94,9 @@ class Family:
     shape_type: type = object
     # shape fields rounded up to a power of two for tuning: shapes that round alike share a config
     bucketed: tuple[str, ...] = ()
+    # shape fields that select a model variant, written into results keys only when set: a key
+    # written before the variant existed still names the same bucket
+    variant_fields: tuple[str, ...] = ()
     # what limits the kernel on the device: "memory" (decode-time kernels) or "compute" (prompt
     # kernels); it picks the held-out error a modelled time of this family carries
     bound: str = "memory"
@@ -112,7 +115,7 @@ class Family:
 
     def bucket_key(self, shape, dtype: str) -> str:
         """The results key: shapes that share a bucket share a tuned config."""
-        return f"{shape_str(self.representative(shape))}|{dtype}"
+        return f"{shape_str(self.representative(shape), unless_default=self.variant_fields)}|{dtype}"
 
     def proxy_shape(self, shape):
         """A shape of the same structure that the emulator checks in a moment (off a Mac a
@@ -397,8 +400,10 @@ def parse_assignments(text: str, what: str) -> dict[str, str]:
     return out
 
 
-def shape_str(shape) -> str:
-    return ",".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape))
+def shape_str(shape, unless_default: tuple[str, ...] = ()) -> str:
+    """'k=v,...' of every field, less those named in unless_default that hold their default."""
+    return ",".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape)
+                    if f.name not in unless_default or getattr(shape, f.name) != f.default)
 
 
 def cut_keeping_tail(n: int, keep: int, period: int) -> int:

@@ -13,7 +13,8 @@ def test_paged_decode_reads_no_block_table_entry_past_the_last_block(monkeypatch
     table one past the sequence's row before testing that its keys are inside (checked mode
     reported it when the sequence fills its blocks)."""
     monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
-    config = dict(threads=64, keys_per_step=4, splits=1, share_kv=True, load_width=1, prefetch=True)
+    config = family("decode_attention").config(
+        dict(threads=64, keys_per_step=4, splits=1, share_kv=True, load_width=1, prefetch=True))
     assert verify("decode_attention", dict(B=1, Hq=4, Hkv=2, S=64, D=64, block_size=16), "float16",
                   configs=[config]) == 1
 
