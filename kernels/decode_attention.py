@@ -5,7 +5,8 @@ The KV cache is either contiguous (B, Hkv, S, D) or the engine's block pool
 so that MLX's attention can read a sequence stored in consecutive blocks in place). Several query
 tokens (what speculative decoding verifies) are causal among them: token i of L sits at position
 len - L + i. Model variants are shape fields whose defaults are plain attention: a sliding window,
-a logit soft-cap (gemma2) and per-head attention sinks (gpt-oss).
+a logit soft-cap (gemma2), per-head attention sinks (gpt-oss) and K/V stored as 8- or 4-bit values
+in MLX's mx.quantize layout (a scale and bias per group along D), dequantised in the kernel.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keepi
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 MAX_QUERY_TOKENS = 8   # MLX's sdpa_vector serves up to 8 query tokens too; more is a prompt
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)   # what mx.quantize accepts
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class DecodeShape:
     window: int = 0       # sliding window: a token sees its last `window` keys, itself included (0: all)
     sinks: int = 0        # 1: a learned sink logit per query head (input `sinks`, Hq values) joins the softmax
     softcap: int = 0      # 1: scores pass through tanh(s / cap) * cap, cap given at run time (input `softcap`)
+    kv_bits: int = 0      # 0: K/V in the activation dtype; 4 or 8: mx.quantize's layout (keys, keys_scales, ...)
+    kv_group_size: int = 64   # values per scale and bias along D (quantized K/V only)
 
     @property
     def max_blocks(self) -> int:
@@ -52,7 +57,7 @@ class DecodeAttention(Family):
 
     name = "decode_attention"
     bucketed = ("S",)
-    variant_fields = ("L", "window", "sinks", "softcap")
+    variant_fields = ("L", "window", "sinks", "softcap", "kv_bits", "kv_group_size")
     shape_type = DecodeShape
     params = (
         Param("threads", (32, 64, 128, 256, 512, 1024), 256, "threads per threadgroup (32 per SIMD-group)"),
@@ -82,7 +87,7 @@ class DecodeAttention(Family):
     def structure(shape: DecodeShape) -> tuple:
         """What a config is specialised to beyond sizes: a config of one says nothing of another."""
         return (shape.D, shape.Hq // shape.Hkv, bool(shape.block_size), shape.L, shape.window, shape.sinks,
-                shape.softcap)
+                shape.softcap, shape.kv_bits, shape.kv_group_size if shape.kv_bits else 0)
 
     def shape_problems(self, shape: DecodeShape) -> list[str]:
         out = []
@@ -101,6 +106,14 @@ class DecodeAttention(Family):
         for flag in ("sinks", "softcap"):
             if getattr(shape, flag) not in (0, 1):
                 out.append(f"{flag}={getattr(shape, flag)} must be 0 or 1")
+        if shape.kv_bits:
+            if shape.kv_bits not in KV_BITS:
+                out.append(f"kv_bits={shape.kv_bits} is not supported (valid: 0, {', '.join(map(str, KV_BITS))})")
+            if shape.kv_group_size not in KV_GROUP_SIZES:
+                out.append(f"kv_group_size={shape.kv_group_size} is not supported (valid: "
+                           f"{', '.join(map(str, KV_GROUP_SIZES))})")
+            elif shape.D % shape.kv_group_size:
+                out.append(f"D={shape.D} is not a multiple of kv_group_size={shape.kv_group_size}")
         return out
 
     def buffer_elements(self, shape: DecodeShape) -> dict[str, int]:
@@ -143,6 +156,8 @@ class DecodeAttention(Family):
         heads = self.heads_per_group(config, shape)
         splits = config["splits"]
         inputs = ["queries", "keys", "values", "scale"]
+        if shape.kv_bits:
+            inputs += [f"{n}_{part}" for n in ("keys", "values") for part in ("scales", "biases")]
         if shape.softcap:
             inputs.append("softcap")
         if shape.block_size:
@@ -153,7 +168,7 @@ class DecodeAttention(Family):
             self.template, inputs + (sinks if splits == 1 else []), outputs,
             B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, S=shape.S, D=shape.D, L=shape.L, block_size=shape.block_size,
             max_blocks=shape.max_blocks, pool_blocks=shape.pool_blocks, window=shape.window,
-            sinks=bool(shape.sinks), softcap=bool(shape.softcap),
+            sinks=bool(shape.sinks), softcap=bool(shape.softcap), kv_bits=shape.kv_bits, kv_group=shape.kv_group_size,
             T=d.metal, SG=sg, KPS=config["keys_per_step"], KG=config["keys_per_simdgroup"], SPLITS=splits,
             HEADS=heads, share_kv=config["share_kv"],
             W=config["load_width"], prefetch=config["prefetch"], TV=d.vector, vector=vector_of,
@@ -180,30 +195,41 @@ class DecodeAttention(Family):
             variants["sinks"] = mx.random.normal((shape.Hq,), key=ks).astype(d.mlx)
         if shape.softcap:   # small enough to bend the scores of these inputs (gemma2 uses 50)
             variants["softcap"] = mx.array(2.0, dtype=mx.float32)
+        rows = (shape.Hkv, shape.pool_blocks, shape.block_size) if shape.block_size else (shape.B, shape.Hkv, shape.S)
+        cache = {"keys": mx.random.normal((*rows, shape.D), key=kk).astype(d.mlx),
+                 "values": mx.random.normal((*rows, shape.D), key=kv).astype(d.mlx)}
+        if shape.kv_bits:   # stored as mx.quantize writes them, along D
+            for name in ("keys", "values"):
+                packed, scales, biases = mx.quantize(cache[name], group_size=shape.kv_group_size, bits=shape.kv_bits)
+                cache.update({name: packed, f"{name}_scales": scales.astype(d.mlx),
+                              f"{name}_biases": biases.astype(d.mlx)})
         if not shape.block_size:
-            k = mx.random.normal((shape.B, shape.Hkv, shape.S, shape.D), key=kk).astype(d.mlx)
-            v = mx.random.normal((shape.B, shape.Hkv, shape.S, shape.D), key=kv).astype(d.mlx)
-            return {"queries": q, "keys": k, "values": v, **variants}
+            return {"queries": q, **cache, **variants}
         # A shuffled pool: sequence b's blocks are scattered, as after many adds and removals.
-        pool = (shape.Hkv, shape.pool_blocks, shape.block_size, shape.D)
-        k = mx.random.normal(pool, key=kk).astype(d.mlx)
-        v = mx.random.normal(pool, key=kv).astype(d.mlx)
         order = mx.random.permutation(shape.pool_blocks, key=kp)[: shape.B * shape.max_blocks]
         table = order.reshape(shape.B, shape.max_blocks).astype(mx.int32)
         lens = mx.random.randint(1, shape.S + 1, (shape.B,), key=kl).astype(mx.int32)
         lens = mx.concatenate([mx.array([shape.S], dtype=mx.int32), lens[1:]])  # one full-length sequence
-        return {"queries": q, "keys": k, "values": v, **variants, "block_table": table, "seq_lens": lens}
+        return {"queries": q, **cache, **variants, "block_table": table, "seq_lens": lens}
+
+    def cache(self, shape: DecodeShape, inp, name: str) -> mx.array:
+        """The keys or values as values: quantized ones through MLX's own mx.dequantize."""
+        if not shape.kv_bits:
+            return inp[name]
+        return mx.dequantize(inp[name], inp[f"{name}_scales"], inp[f"{name}_biases"],
+                             group_size=shape.kv_group_size, bits=shape.kv_bits)
 
     def gather_kv(self, shape: DecodeShape, inp, b: int):
         """Sequence b's K and V as contiguous (Hkv, len, D) arrays."""
+        keys, values = self.cache(shape, inp, "keys"), self.cache(shape, inp, "values")
         if not shape.block_size:
-            return inp["keys"][b], inp["values"][b], shape.S
+            return keys[b], values[b], shape.S
         n = int(inp["seq_lens"][b].item())
         blocks = inp["block_table"][b, : cdiv(n, shape.block_size)]
         def gather(pool):
             x = pool[:, blocks].reshape(shape.Hkv, -1, shape.D)
             return x[:, :n]
-        return gather(inp["keys"]), gather(inp["values"]), n
+        return gather(keys), gather(values), n
 
     def reference(self, shape: DecodeShape, dtype, inp):
         """Plain fp32 softmax attention per sequence in MLX ops, K/V heads repeated for GQA: the
@@ -241,7 +267,7 @@ class DecodeAttention(Family):
 
     def baseline(self, shape: DecodeShape, dtype, inp):
         """MLX's fused attention (sdpa_vector for up to 8 tokens) where it has the variant."""
-        if shape.block_size or shape.softcap:
+        if shape.block_size or shape.softcap or shape.kv_bits:
             return self.reference(shape, dtype, inp)
         mask = "causal" if shape.L > 1 else None
         if shape.window:
@@ -269,7 +295,10 @@ class DecodeAttention(Family):
         occ = cost.occupancy(main.threads, main.threadgroup_memory_bytes, main.threadgroups, registers=main.registers)
         # a window bounds the keys read: the first token's window through the last token
         keys = min(shape.S, shape.window + shape.L - 1) if shape.window else shape.S
-        kv = 2 * shape.B * shape.Hkv * keys * shape.D * dtype.size
+        # a row: D values, or D packed values and a scale and bias per group
+        row_bytes = shape.D * dtype.size if not shape.kv_bits else \
+            shape.D * shape.kv_bits / 8 + 2 * shape.D / shape.kv_group_size * dtype.size
+        kv = 2 * shape.B * shape.Hkv * keys * row_bytes
         # without sharing, the G query heads of a KV head each stream it (partly from cache)
         kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)
         partials = 2 * shape.B * shape.Hq * shape.L * config["splits"] * (shape.D + 2) * 4 if config["splits"] > 1 else 0
@@ -281,9 +310,13 @@ class DecodeAttention(Family):
         lanes = 32 // kg
         used = shape.D / (cdiv(shape.D, lanes * config["load_width"]) * lanes * config["load_width"])
         ilp = kps * kg / 2 * (2 if config["prefetch"] else 1)
-        parallel = occ.parallel_fraction(dev, ilp=ilp * busy * used) * cost.load_efficiency(config["load_width"] * dtype.size)
+        parallel = occ.parallel_fraction(dev, ilp=ilp * busy * used) \
+            * cost.load_efficiency(config["load_width"] * (shape.kv_bits / 8 if shape.kv_bits else dtype.size))
         per_score = 6 + (10 if shape.softcap else 0)   # softmax (and tanh)
         flops = (4 * shape.D + per_score) * shape.B * shape.Hq * shape.L * keys   # dot products and softmax
+        if shape.kv_bits:   # shift, mask, convert and scale each K/V value, once per threadgroup reading it
+            readers = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
+            flops += 4 * 2 * shape.D * keys * readers
         # the partials are written once a threadgroup, however few keys its SIMD-groups had
         t = cost.roofline(kv_reads, flops, dev, parallel) + cost.roofline(partials, 0, dev, occ.parallel_fraction(dev))
         steps = cdiv(keys_per_tg, sg * kps * kg)

@@ -1,6 +1,6 @@
 """Decode attention's variants against MLX: several keys per SIMD-group, 1-8 query tokens
-(causal among them), a sliding window, attention sinks and a logit soft-cap, each in configs
-taking every value of every tunable, contiguous and paged."""
+(causal among them), a sliding window, attention sinks, a logit soft-cap and 8- or 4-bit K/V in
+mx.quantize's layout, each in configs taking every value of every tunable, contiguous and paged."""
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,6 +15,8 @@ VARIANTS = [
     (dict(B=2, Hq=4, Hkv=1, S=50, D=96, L=8, window=16, block_size=8), "float32"),          # window, paged, 8 tokens
     (dict(B=2, Hq=2, Hkv=1, S=45, D=64, L=2, sinks=1, softcap=1, block_size=16), "bfloat16"),  # gpt-oss / gemma2
     (dict(B=1, Hq=4, Hkv=2, S=70, D=128, window=20, sinks=1), "float16"),
+    (dict(B=2, Hq=4, Hkv=2, S=37, D=64, kv_bits=8, kv_group_size=32), "float16"),              # q8 K/V
+    (dict(B=2, Hq=4, Hkv=1, S=33, D=128, L=2, kv_bits=4, kv_group_size=64, block_size=8), "float32"),  # q4, paged
 ]
 
 
@@ -89,6 +91,9 @@ def test_defaults_keep_todays_kernel_and_results_keys():
     (dict(L=0), "L=0 is outside 1..8"),
     (dict(window=-1), "window=-1 must be 0 (no window) or positive"),
     (dict(sinks=2), "sinks=2 must be 0 or 1"),
+    (dict(kv_bits=3), "kv_bits=3 is not supported (valid: 0, 4, 8)"),
+    (dict(kv_bits=4, kv_group_size=16), "kv_group_size=16 is not supported (valid: 32, 64, 128)"),
+    (dict(kv_bits=4, kv_group_size=128), "D=64 is not a multiple of kv_group_size=128"),
 ])
 def test_bad_variant_fields_are_named(values, message):
     with pytest.raises(MetalforgeError, match=message.replace("(", r"\(").replace(")", r"\)")):

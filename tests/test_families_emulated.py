@@ -238,6 +238,7 @@ EDGE = [
     ("decode_attention", dict(B=2, Hq=2, Hkv=1, S=65, D=128), "float16"),
     # 8 tokens against sequences shorter than them, a window and sinks, a full last block
     ("decode_attention", dict(B=2, Hq=4, Hkv=2, S=16, D=64, block_size=16, L=8, window=4, sinks=1), "float16"),
+    ("decode_attention", dict(B=1, Hq=2, Hkv=1, S=32, D=64, block_size=16, kv_bits=4, kv_group_size=32), "float32"),
     ("qmv", dict(M=8, N=63, K=1024, bits=4, group_size=64), "float16"),
     ("qmv", dict(M=1, N=1, K=512, bits=8, group_size=128), "float32"),
     ("qmm", dict(M=63, N=63, K=128, bits=4, group_size=64), "float16"),
