@@ -326,6 +326,35 @@ def fragment_problems(count: int) -> list[str]:
     return [f"a SIMD-group would hold {count} 8x8 fragments, more than {MAX_FRAGMENTS} (128 registers a lane)"]
 
 
+# Threadgroup memory as 32 banks of 4 bytes (as on every GPU metal-benchmarks tabulates; Apple's
+# bank layout is not published): a read whose lanes touch several words of one bank is serialised.
+BANKS = 32
+
+# Apple's 8x8 fragment layout: lane -> (row, first of its two columns)
+FRAGMENT_LANES = tuple((((lane // 4) & 4) + (lane // 2) % 4, ((lane // 4) & 2) * 2 + (lane % 2) * 2)
+                       for lane in range(32))
+
+
+def fragment_bank_ways(stride_bytes: int, element_bytes: int, transposed: bool) -> float:
+    """How many times slower than conflict-free an 8x8 fragment read from a row-major tile is:
+    each lane reads its two adjacent elements (row fm, columns fn and fn + 1) as one access, or,
+    transposed (a K^T or W^T operand), element (fm, fn + c) from row fn + c, column fm, one access
+    per c. Words a bank serves over the fewest passes the access's distinct words need (1.0: no
+    conflict)."""
+    worst = 1.0
+    for c in ((0,) if not transposed else (0, 1)):
+        words = set()
+        for fm, fn in FRAGMENT_LANES:
+            for e in ((c,) if transposed else (0, 1)):
+                row, col = (fn + e, fm) if transposed else (fm, fn + e)
+                words.add((row * stride_bytes + col * element_bytes) // 4)
+        per_bank = [0] * BANKS
+        for w in words:
+            per_bank[w % BANKS] += 1
+        worst = max(worst, max(per_bank) / -(-len(words) // BANKS))
+    return worst
+
+
 def stage_dtype(config, dtype) -> _dtypes.DType:
     """What a config's `stage` tunable stages tiles as: the input's own type (as MLX) or fp32."""
     return _dtypes.get("float32") if config["stage"] == "float" else _dtypes.get(dtype)

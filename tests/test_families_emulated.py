@@ -24,7 +24,7 @@ COVERING = {
     "qmv": [(dict(M=2, N=40, K=256, bits=4, group_size=64), "float16"),
             (dict(M=3, N=37, K=4096, bits=2, group_size=64), "float32")],   # long K: every k_split
     "qmm": [(dict(M=20, N=40, K=96, bits=4, group_size=32), "float16"),
-            (dict(M=33, N=24, K=256, bits=2, group_size=64), "float32")],
+            (dict(M=33, N=24, K=512, bits=2, group_size=64), "float32")],   # K: every split_k
     "decode_attention": [(dict(B=1, Hq=4, Hkv=2, S=70, D=64), "float16"),
                          (dict(B=2, Hq=4, Hkv=1, S=33, D=80, block_size=8), "float32")],
     "prefill_attention": [(dict(B=1, Hq=2, Hkv=1, L=24, D=64), "float16"),

@@ -102,17 +102,23 @@ def test_space_counts_hand_checked():
     assert len([c for c in valid if fixed.items() <= c.items()]) == 3 * len(pairs)
 
 
-def test_qmm_tiles_fit_exactly_at_the_limit_and_k_must_divide():
-    # half tiles: 2 bytes x BK 128 x (BM 64 + BN 64) = 32,768: exactly the limit, so valid; in
-    # fp32 twice that; with the weights dequantised in registers only x's tile is staged
-    assert check("qmm", {"BM": 64, "BN": 64, "BK": 128}, SHAPES["qmm"][0], "float16", "m1") == []
-    problems = check("qmm", {"BM": 64, "BN": 64, "BK": 128, "stage": "float"}, SHAPES["qmm"][0], "float16", "m1")
-    assert [str(p) for p in problems] == ["Threadgroup memory size (65536) exceeds the maximum threadgroup "
+def test_qmm_tiles_fit_the_limit_with_padded_rows_and_k_must_divide():
+    # a tile row is BK values and 16 bytes of padding: half tiles at BK 128 hold
+    # (2 x 128 + 16) x (BM 64 + BN 64) = 34,816 bytes, over the limit; at BK 64 18,432; fp32 at
+    # BK 64 34,816, but with the weights dequantised in registers only x's tile: 17,408
+    problems = check("qmm", {"BM": 64, "BN": 64, "BK": 128}, SHAPES["qmm"][0], "float16", "m1")
+    assert [str(p) for p in problems] == ["Threadgroup memory size (34816) exceeds the maximum threadgroup "
                                           "memory allowed (32768)"]
-    assert check("qmm", {"BM": 64, "BN": 64, "BK": 128, "stage": "float", "dequant": "registers"},
+    assert check("qmm", {"BM": 64, "BN": 64, "BK": 64}, SHAPES["qmm"][0], "float16", "m1") == []
+    problems = check("qmm", {"BM": 64, "BN": 64, "BK": 64, "stage": "float"}, SHAPES["qmm"][0], "float16", "m1")
+    assert [str(p) for p in problems] == ["Threadgroup memory size (34816) exceeds the maximum threadgroup "
+                                          "memory allowed (32768)"]
+    assert check("qmm", {"BM": 64, "BN": 64, "BK": 64, "stage": "float", "dequant": "registers"},
                  SHAPES["qmm"][0], "float16", "m1") == []
     problems = check("qmm", {"BK": 64}, SHAPES["qmm"][1], "float16", "m1")
     assert [str(p) for p in problems] == ["K=96 is not a multiple of BK=64"]
+    problems = check("qmm", {"BK": 32, "split_k": 2}, SHAPES["qmm"][1], "float16", "m1")
+    assert [str(p) for p in problems] == ["K=96 is not a multiple of BK=32 x split_k=2"]
 
 
 def test_config_problems_beyond_memory():
