@@ -329,6 +329,9 @@ def fragment_problems(count: int) -> list[str]:
 # Threadgroup memory as 32 banks of 4 bytes (as on every GPU metal-benchmarks tabulates; Apple's
 # bank layout is not published): a read whose lanes touch several words of one bank is serialised.
 BANKS = 32
+# A staged tile row's padding (MLX's steel loaders pad by 16 bytes): the 8 rows a fragment read
+# touches then start in different banks, read along rows or down columns
+TILE_PAD_BYTES = 16
 
 # Apple's 8x8 fragment layout: lane -> (row, first of its two columns)
 FRAGMENT_LANES = tuple((((lane // 4) & 4) + (lane // 2) % 4, ((lane // 4) & 2) * 2 + (lane % 2) * 2)

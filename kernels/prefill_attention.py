@@ -1,7 +1,7 @@
 """prefill_attention: causal flash attention over a prompt on 8x8 SIMD-group matrices.
 
 This is the family where the 32 KB threadgroup limit bites: D=128, BK=64 with fp32 staging and
-double-buffered K/V tiles needs 2 * 2 * 64 * 128 * 4 = 131,072 bytes.
+double-buffered K/V tiles needs 2 * 2 * 64 * (128 * 4 + 16) = 135,168 bytes (rows padded by 16).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.decode_attention import HEAD_DIMS
-from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail, fragment_problems, input_stage, stage_dtype, stage_problems
+from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
+                                       fragment_bank_ways, fragment_problems, input_stage, stage_dtype, stage_problems)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class PrefillAttention(Family):
         Param("double_buffer", (False, True), False, "stream the next K/V tile while this one is used"),
         Param("q_source", ("threadgroup", "registers"), "threadgroup", "where Q's fragments are read from"),
         Param("load_width", (1, 2, 4), 4, "elements per device load when staging K/V"),
+        Param("pad", (True, False), True, "tile rows padded by 16 bytes (fragment reads without bank conflicts), "
+              "or packed (room for 128-key tiles at D=64)"),
     )
 
     def proxy_shape(self, shape):
@@ -76,9 +79,13 @@ class PrefillAttention(Family):
         threads = 32 * config["simdgroups"]
         q_rows = config["BQ"] if config["q_source"] == "threadgroup" else 0
         kv_rows = 2 * config["BK"] * (2 if config["double_buffer"] else 1)
-        tile_bytes = (q_rows + kv_rows) * shape.D * stage_dtype(config, dtype).size
+        tile_bytes = (q_rows + kv_rows) * self.tile_row_bytes(config, shape, dtype)
         return (Geometry((threads * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1), (threads, 1, 1), tile_bytes,
                          registers=2 * self.fragments(config, shape)),)
+
+    @staticmethod
+    def tile_row_bytes(config, shape: PrefillShape, dtype) -> int:
+        return shape.D * stage_dtype(config, dtype).size + (TILE_PAD_BYTES if config["pad"] else 0)
 
     def fragments(self, config, shape: PrefillShape) -> int:
         """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand."""
@@ -105,6 +112,7 @@ class PrefillAttention(Family):
             self.template, ("queries", "keys", "values", "scale", "lengths"), ("out",),
             Hq=shape.Hq, Hkv=shape.Hkv, D=shape.D, T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg,
             ST=stage_dtype(config, dtype).metal, vector=vector_of, TV=d.vector,
+            PAD=TILE_PAD_BYTES // stage_dtype(config, dtype).size if config["pad"] else 0,
             DB=config["double_buffer"], QS=config["q_source"],
             W=config["load_width"],
         )
@@ -140,11 +148,11 @@ class PrefillAttention(Family):
 
     def mlx_config(self, shape, dtype) -> dict:
         # steel attention: 32 query rows over 4 SIMD-groups, 16 keys per tile at D >= 128 (else 32),
-        # tiles of the input type, Q read from threadgroup memory per product, one K/V buffer,
-        # 16-byte loads
+        # tiles of the input type with rows padded by 16 bytes, Q read from threadgroup memory per
+        # product, one K/V buffer, 16-byte loads
         return {"BQ": 32, "BK": 16 if shape.D >= 128 else 32, "simdgroups": 4, "double_buffer": False,
                 "stage": input_stage(dtype),
-                "q_source": "threadgroup", "load_width": 4}
+                "q_source": "threadgroup", "load_width": 4, "pad": True}
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
@@ -160,10 +168,15 @@ class PrefillAttention(Family):
         # K/V re-streamed per query tile; the G query heads of a KV head share it through the cache
         kv_bytes = 2 * heads * staged * shape.D * dtype.size / (1 + (shape.Hq // shape.Hkv - 1) * 0.5)
         mma = 2 * heads * bq * staged * shape.D * 2          # S = QK^T and O += PV, masked waste included
-        softmax = heads * bq * staged * 8                     # mask, max, exp2, sum, per score
+        # max, exp2 and sum per score, and the mask on the tiles reaching a row's diagonal
+        diagonal = min(1.0, (cdiv(bq, bk) + 1) * qtiles * bk / max(staged, 1))
+        softmax = heads * bq * staged * (6 + 2 * diagonal)
         # threadgroup-memory fragment loads per multiply-accumulate: K and V fragments serve the
         # SIMD-group's tq rows; Q's come from threadgroup memory each time unless in registers
-        loads = 1 / tq + (0.5 if config["q_source"] == "threadgroup" else 0.0)
+        # (serialised by bank conflicts when the rows are packed: K^T is read down columns)
+        row, size = self.tile_row_bytes(config, shape, dtype), stage_dtype(config, dtype).size
+        ways_k, ways_v = fragment_bank_ways(row, size, True), fragment_bank_ways(row, size, False)
+        loads = (ways_k + ways_v) / 2 / tq + (0.5 * ways_v if config["q_source"] == "threadgroup" else 0.0)
         flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + softmax
         g, = self.geometry(config, shape, dtype)
         occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups,

@@ -7,13 +7,12 @@ from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
-from metalforge.kernels.family import (Geometry, Launch, Param, fragment_bank_ways, fragment_problems, input_stage,
-                                       stage_dtype, stage_problems)
+from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_bank_ways, fragment_problems,
+                                       input_stage, stage_dtype, stage_problems)
 from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
 
 
 QMM_BITS = (2, 4, 8)   # whole words of values; 3-, 5- and 6-bit prompts run MLX's op
-TILE_PAD_BYTES = 16    # a staged row's padding: the 8 rows of a fragment read start in different banks
 
 
 class Qmm(Qmv):

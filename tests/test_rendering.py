@@ -70,10 +70,15 @@ def test_templates_are_strict():
 
 
 def test_prefill_example_from_the_issue_is_rejected_with_both_numbers():
-    problems = check("prefill_attention", {"BQ": 32, "BK": 32, "simdgroups": 4, "stage": "float"},
-                     SHAPES["prefill_attention"][0], "float32", "m3-max-40")
+    # packed rows: (32 + 2 x 32) x 128 x 4 = 49,152; padded by 16 bytes: 96 x 528 = 50,688
+    config = {"BQ": 32, "BK": 32, "simdgroups": 4, "stage": "float", "pad": False}
+    problems = check("prefill_attention", config, SHAPES["prefill_attention"][0], "float32", "m3-max-40")
     assert [p.kind for p in problems] == ["threadgroup_memory"]
     assert str(problems[0]) == ("Threadgroup memory size (49152) exceeds the maximum threadgroup memory "
+                                "allowed (32768)")
+    problems = check("prefill_attention", {**config, "pad": True}, SHAPES["prefill_attention"][0], "float32",
+                     "m3-max-40")
+    assert str(problems[0]) == ("Threadgroup memory size (50688) exceeds the maximum threadgroup memory "
                                 "allowed (32768)")
 
 
@@ -91,15 +96,19 @@ def test_space_counts_hand_checked():
     threadgroup memory: BQ must be a multiple of 32 and (BQ + 2 BK) * 128 * 2 <= 32768, i.e.
     BQ + 2 BK <= 128; a SIMD-group holds BQ/32 * (16 + BK/8) + 1 fragments (<= 64). BQ=32: BK 8,
     16, 32; BQ=64: BK 8, 16, 32; BQ=128: 65 fragments. Q in registers: 2 BK <= 128 and
-    BQ/32 * (32 + BK/8) + 1 <= 64: BQ=32 with BK 8, 16, 32, 64. Each at 3 load widths."""
+    BQ/32 * (32 + BK/8) + 1 <= 64: BQ=32 with BK 8, 16, 32, 64. Each at 3 load widths. Rows
+    padded by 16 bytes: (BQ + 2 BK) * 272 <= 32768, BQ + 2 BK <= 120: BQ=64 loses BK 32 and Q in
+    registers loses BK 64."""
     valid, report = check_space("prefill_attention", SHAPES["prefill_attention"][0], "float16", "m1")
-    assert report.total == 2400
-    fixed = {"simdgroups": 4, "stage": "input", "double_buffer": False}
-    pairs = {(c["q_source"], c["BQ"], c["BK"]) for c in valid if fixed.items() <= c.items()}
-    assert pairs == {("threadgroup", 32, 8), ("threadgroup", 32, 16), ("threadgroup", 32, 32),
-                     ("threadgroup", 64, 8), ("threadgroup", 64, 16), ("threadgroup", 64, 32),
-                     ("registers", 32, 8), ("registers", 32, 16), ("registers", 32, 32), ("registers", 32, 64)}
-    assert len([c for c in valid if fixed.items() <= c.items()]) == 3 * len(pairs)
+    assert report.total == 4800
+    packed = {("threadgroup", 32, 8), ("threadgroup", 32, 16), ("threadgroup", 32, 32),
+              ("threadgroup", 64, 8), ("threadgroup", 64, 16), ("threadgroup", 64, 32),
+              ("registers", 32, 8), ("registers", 32, 16), ("registers", 32, 32), ("registers", 32, 64)}
+    padded = packed - {("threadgroup", 64, 32), ("registers", 32, 64)}
+    for pad, pairs in ((False, packed), (True, padded)):
+        fixed = {"simdgroups": 4, "stage": "input", "double_buffer": False, "pad": pad}
+        assert {(c["q_source"], c["BQ"], c["BK"]) for c in valid if fixed.items() <= c.items()} == pairs
+        assert len([c for c in valid if fixed.items() <= c.items()]) == 3 * len(pairs)
 
 
 def test_qmm_tiles_fit_the_limit_with_padded_rows_and_k_must_divide():
