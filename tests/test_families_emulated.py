@@ -207,25 +207,6 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     np.testing.assert_allclose(np.array(out), np.array(fam.reference(shape, "float32", inputs)), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name, shape, dtype", [
-    *[(name, shape, dtype) for name, cases in COVERING.items() for shape, dtype in cases],
-    ("qmv", dict(M=3, N=37, K=384, bits=8, group_size=128), "float16"),
-    ("qmv", dict(M=1, N=70, K=640, bits=4, group_size=32), "bfloat16"),
-    ("qmm", dict(M=19, N=50, K=128, bits=4, group_size=64), "float16"),
-    ("decode_attention", dict(B=2, Hq=4, Hkv=2, S=45, D=80, block_size=8), "float16"),
-    ("decode_attention", dict(B=1, Hq=6, Hkv=3, S=70, D=64), "float32"),
-    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=21, D=96, prefix=9), "float16"),
-])
-def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatch):
-    """No out-of-bounds access and no threadgroup-memory race in configs that together take every
-    value of every tunable (the COVERING shapes reach them all), tails and paged layouts included
-    (the checked mode would raise)."""
-    monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
-    fam = family(name)
-    configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
-    assert verify(name, shape, dtype, configs=configs) == len(configs)
-
-
 # Edge shapes: where an index runs one past its end if anything does. A paged sequence filling its
 # last block (B=1: nothing lies past the block table), one token, lengths on block and split
 # boundaries, B=1 and B>1, head dims that leave lanes' slots partly empty, and each family's
@@ -249,11 +230,23 @@ EDGE = [
 ]
 
 
-@pytest.mark.parametrize("name, shape, dtype", EDGE)
-def test_edge_shapes_are_clean_in_checked_mode(name, shape, dtype, monkeypatch):
-    """Configs taking every value of every tunable valid at each edge shape, checked: no index
-    past a buffer's end (the paged block-table read past a full last block was found this way)."""
+@pytest.mark.parametrize("name, shape, dtype", [
+    *[(name, shape, dtype) for name, cases in COVERING.items() for shape, dtype in cases],
+    ("qmv", dict(M=3, N=37, K=384, bits=8, group_size=128), "float16"),
+    ("qmv", dict(M=1, N=70, K=640, bits=4, group_size=32), "bfloat16"),
+    ("qmm", dict(M=19, N=50, K=128, bits=4, group_size=64), "float16"),
+    ("decode_attention", dict(B=2, Hq=4, Hkv=2, S=45, D=80, block_size=8), "float16"),
+    ("decode_attention", dict(B=1, Hq=6, Hkv=3, S=70, D=64), "float32"),
+    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=21, D=96, prefix=9), "float16"),
+    *EDGE,
+])
+def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatch):
+    """No out-of-bounds access and no threadgroup-memory race in configs that together take every
+    value of every tunable (the COVERING shapes reach them all), tails, paged layouts and the edge
+    shapes included (the checked mode would raise; the paged block-table read past a full last
+    block was found at an edge shape)."""
     monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
     fam = family(name)
     configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
     assert verify(name, shape, dtype, configs=configs) == len(configs)
+
