@@ -14,6 +14,7 @@ import pytest
 from metalforge.kernels import check
 from metalforge.kernels import get_family as family
 from metalforge.emulator import EmulatorError
+from metalforge.errors import MetalforgeError
 
 DEVICE = "m3-max-40"
 
@@ -227,6 +228,7 @@ EDGE = [
     ("prefill_attention", dict(B=2, Hq=2, Hkv=1, L=1, D=64, prefix=16), "float16"),
     ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=65, D=80), "float32"),
     ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=127, D=128, prefix=1), "float16"),
+    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=65, D=64, prefix=3, window=16, sinks=1), "float16"),
 ]
 
 
@@ -250,3 +252,32 @@ def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatc
     configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
     assert verify(name, shape, dtype, configs=configs) == len(configs)
 
+
+
+@pytest.mark.parametrize("shape, dtype", [
+    (dict(B=1, Hq=2, Hkv=1, L=40, D=64, prefix=9, window=13), "float32"),           # gemma / mistral windows
+    (dict(B=1, Hq=4, Hkv=2, L=33, D=64, sinks=1), "float16"),                        # gpt-oss sinks
+    (dict(B=2, Hq=2, Hkv=1, L=70, D=80, prefix=5, window=20, sinks=1), "bfloat16"),  # both, tails
+])
+def test_prefill_window_and_sinks_match_the_reference_in_configs_covering_every_tunable(shape, dtype):
+    """Tiles before a row's window are skipped (never loaded for the threadgroup's first row);
+    the sink joins the denominator. The reference agrees with MLX's fused attention (a boolean
+    window mask and sinks=)."""
+    fam = family("prefill_attention")
+    s = fam.shape(shape)
+    inputs = fam.make_inputs(s, "float32")
+    np.testing.assert_allclose(np.array(fam.reference(s, "float32", inputs)),
+                               np.array(fam.baseline(s, "float32", inputs)), atol=1e-5, rtol=1e-5)
+    configs = covering_sample("prefill_attention", shape, dtype, extra=2)
+    assert verify("prefill_attention", shape, dtype, configs=configs) == len(configs)
+
+
+def test_prefill_variants_stay_out_of_results_keys_unless_set():
+    fam = family("prefill_attention")
+    plain = dict(B=1, Hq=32, Hkv=8, L=512, D=128)
+    assert fam.bucket_key(fam.shape(plain), "float16") == "B=1,Hq=32,Hkv=8,L=512,D=128,prefix=0|float16"
+    assert fam.bucket_key(fam.shape({**plain, "window": 4096}), "float16").endswith(",window=4096|float16")
+    with pytest.raises(MetalforgeError, match="window=-1 must be 0"):
+        fam.shape({**plain, "window": -1})
+    with pytest.raises(MetalforgeError, match="sinks=2 must be 0 or 1"):
+        fam.shape({**plain, "sinks": 2})
