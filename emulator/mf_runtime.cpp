@@ -383,18 +383,29 @@ inline void run_threadgroup(Worker& w) {
 }
 
 // ---- threadgroup memory ------------------------------------------------------------------
+// The kernel's declarations, as the linker gathered them into the `mf_tg` section.
+extern "C" [[gnu::weak, gnu::visibility("hidden")]] const TgEntry __start_mf_tg[];
+extern "C" [[gnu::weak, gnu::visibility("hidden")]] const TgEntry __stop_mf_tg[];
+
 struct TgRegistry {
   size_t total = 0;     // sum of declared sizes (what Metal compares with its limit)
   size_t arena = 0;     // with 16-byte alignment of each declaration
+  std::vector<size_t> offsets;   // by declaration id
+  TgRegistry() {
+    std::vector<TgEntry> entries(__start_mf_tg, __stop_mf_tg);
+    std::sort(entries.begin(), entries.end(), [](const TgEntry& a, const TgEntry& b) { return a.id < b.id; });
+    for (size_t i = 0; i < entries.size(); i++) {
+      const TgEntry& e = entries[i];
+      if (e.id < 0 || e.id > (1 << 20) || (i && e.id == entries[i - 1].id)) continue;
+      if (offsets.size() <= size_t(e.id)) offsets.resize(size_t(e.id) + 1, 0);
+      offsets[size_t(e.id)] = arena;
+      total += e.size;
+      arena += (e.size + 15) & ~size_t(15);
+    }
+  }
 };
 inline TgRegistry& tg_registry() { static TgRegistry r; return r; }
-size_t tg_register(size_t size) {
-  TgRegistry& r = tg_registry();
-  size_t off = r.arena;
-  r.total += size;
-  r.arena += (size + 15) & ~size_t(15);
-  return off;
-}
+size_t tg_offset(int id) { return tg_registry().offsets[size_t(id)]; }
 
 void simd_sync(Fiber** lanes, int) { worker().sg_epoch[lanes[0]->simdgroup]++; }
 
