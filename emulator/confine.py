@@ -80,16 +80,23 @@ class Walls:
         return lambda: self._raise(own_network)
 
     def _raise(self, own_network: bool) -> None:
+        try:
+            self._raise_walls(own_network)
+        except BaseException as e:   # subprocess reports only "Exception occurred in preexec_fn"
+            os.write(2, f"metalforge: the sandbox could not be set up: {e!r}\n".encode())
+            raise
+
+    def _raise_walls(self, own_network: bool) -> None:
         os.setsid()   # its own process group: Ctrl-C at a terminal reaches the caller, which ends it
+        if own_network:
+            _own_network()
+        if self.read is not None:   # before the limits: it opens each path (the caller's descriptors are still open)
+            restrict_files(self.read, self.write)
         for limit, value in ((resource.RLIMIT_AS, self.memory_bytes), (resource.RLIMIT_CPU, self.cpu_seconds),
                              (resource.RLIMIT_FSIZE, self.file_bytes), (resource.RLIMIT_NOFILE, self.open_files),
                              (resource.RLIMIT_CORE, 0)):
             if value is not None:
                 resource.setrlimit(limit, (value, value))
-        if own_network:
-            _own_network()
-        if self.read is not None:
-            restrict_files(self.read, self.write)
 
 
 def _own_network() -> None:
@@ -131,7 +138,7 @@ def restrict_files(read: tuple[str, ...], write: tuple[str, ...]) -> bool:
             for path in paths:
                 try:
                     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-                except OSError:
+                except FileNotFoundError:
                     continue   # not on this machine: nothing to allow
                 try:
                     allowed = rights & fs & (_FILE_RIGHTS if not os.path.isdir(path) else ~0)

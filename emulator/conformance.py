@@ -228,6 +228,8 @@ class _Walker:
                                      start - line_starts[line - 1] + 1))
         self.token_starts = [t[0] for t in self.file_tokens]
         self._diagnostics()
+        if any(r.rule == "include" for r in self.refusals):
+            return self.refusals   # clang stopped at the include: what follows is noise
         self._includes()
         mine = [c for c in self.tu.cursor.get_children() if _in_kernel(c)]
         for c in mine:
@@ -252,7 +254,7 @@ class _Walker:
                 self.refuse("read_only", line)
             elif "poisoned" in text:
                 self.refuse("asm" if "asm" in text else "builtin", line)
-            elif "file not found" in text:
+            elif "file not found" in text or "cannot open file" in text:   # the latter: outside its sandbox
                 self.refuse("include", line, text.split("'")[1] if "'" in text else "")
 
     def _includes(self) -> None:

@@ -9,6 +9,7 @@ Messages are JSON lines on its stdin and stdout.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
@@ -48,6 +49,7 @@ def _started() -> subprocess.Popen:
     _child = subprocess.Popen([sys.executable, "-m", "metalforge.emulator.frontend", str(cache_dir())],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               preexec_fn=walls.preexec_fn())
+    atexit.register(_end, _child)
     return _child
 
 
@@ -90,7 +92,10 @@ def _ask(child: subprocess.Popen, request: dict, limit: float, kernel_name: str)
 def _end(child: subprocess.Popen) -> int | None:
     global _child
     confine.kill_group(child)
-    _child = None
+    for stream in (child.stdin, child.stdout):
+        stream.close()
+    if _child is child:
+        _child = None
     return child.poll()
 
 

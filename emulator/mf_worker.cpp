@@ -18,6 +18,7 @@
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <malloc.h>
 #include <sched.h>
 #include <signal.h>
 #include <stddef.h>
@@ -62,13 +63,19 @@ using LaunchFn = int (*)(void**, const long long*, const long long*, int, int);
 
 void on_sigsys(int, siginfo_t* info, void*) {
   // Async-signal-safe: format by hand, one write (allowed: fd 2), then leave.
-  char buf[96] = "mf-worker: forbidden system call ";
+  char buf[400] = "mf-worker: forbidden system call ";
   size_t n = strlen(buf);
   int nr = info->si_syscall;
   char digits[12];
   int d = 0;
   do { digits[d++] = char('0' + nr % 10); nr /= 10; } while (nr && d < 11);
   while (d) buf[n++] = digits[--d];
+  Dl_info where{};
+  if (dladdr(info->si_call_addr, &where) && where.dli_fname) {   // no system call: the loader's own tables
+    const char* at = " in ";
+    for (const char* s : {at, where.dli_fname, where.dli_sname ? " " : "", where.dli_sname ? where.dli_sname : ""})
+      for (; *s && n < sizeof buf - 2; s++) buf[n++] = *s;
+  }
   buf[n++] = '\n';
   if (write(2, buf, n) < 0) {}
   syscall(SYS_exit_group, 71);
@@ -114,6 +121,12 @@ void install_filter() {
   // The worker's own descriptors only: the socket, the log, the arena (nothing can open more).
   for (int nr : {SYS_read, SYS_write, SYS_recvmsg, SYS_sendmsg, SYS_close})
     f.allow(nr);
+  // Files: none can be opened (libc probes some, e.g. /sys for the CPU count: they fail as absent)
+  for (int nr : {SYS_open, SYS_openat, SYS_openat2, SYS_stat, SYS_lstat, SYS_newfstatat, SYS_access,
+                 SYS_faccessat, SYS_faccessat2, SYS_readlink, SYS_readlinkat, SYS_statx}) {
+    f.op(BPF_JMP | BPF_JEQ | BPF_K, uint32_t(nr), 0, 1);
+    f.op(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EACCES);
+  }
   // Signals to this process only (abort(), a thread's cancel); no other process can be reached.
   f.allow_if_arg(SYS_tgkill, 0, uint32_t(getpid()));
   // clone3 cannot be inspected (its flags are behind a pointer): glibc falls back to clone.
@@ -160,6 +173,9 @@ int main(int argc, char** argv) {
   auto error_at = reinterpret_cast<const char* (*)(int)>(dlsym(lib, "mf_error"));
   if (!tg_bytes || !stats || !error_count || !error_at) die("the library lacks the runtime's entry points");
   const uint64_t tg = tg_bytes();
+  // malloc counts the CPUs (reading /sys) when a new thread first allocates, unless told how
+  // many arenas it may make: tell it, before files are out of reach
+  mallopt(M_ARENA_MAX, 8);
   install_filter();
   char hello[12];
   memcpy(hello, "MFOK", 4);
@@ -196,7 +212,8 @@ int main(int argc, char** argv) {
     const size_t n = size_t(req.nbuf);
     const size_t tail = sizeof req + n * 24;
     if (size_t(got) <= tail) die("short request");
-    std::vector<long long> meta(req.head, req.head + 9);
+    std::vector<long long> meta(9);
+    memcpy(meta.data(), packet.data() + offsetof(Request, head), 9 * sizeof(long long));
     std::vector<long long> bytes(n);
     std::vector<void*> host(n ? n : 1);
     const char* p = packet.data() + sizeof req;

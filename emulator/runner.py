@@ -126,7 +126,8 @@ class _Worker:
         try:
             self.proc = subprocess.Popen([str(library.worker_binary), str(library.path), str(child.fileno())],
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log,
-                                         pass_fds=(child.fileno(),), preexec_fn=walls.preexec_fn())
+                                         pass_fds=(child.fileno(),), preexec_fn=walls.preexec_fn(),
+                                         env={"LIBC_FATAL_STDERR_": "1"})   # glibc's fatal messages to the log
         finally:
             child.close()
         self.arena: mmap.mmap | None = None
