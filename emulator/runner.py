@@ -108,6 +108,9 @@ def geometry(grid, threadgroup) -> list[int]:
     if max(grid) > MAX_GRID_DIMENSION or max(tg) > MAX_GRID_DIMENSION:
         raise ValueError(f"[metal_kernel] grid {tuple(grid)} has a dimension larger than a Metal grid takes "
                          f"({MAX_GRID_DIMENSION} threads)")
+    if grid[0] * grid[1] * grid[2] >= 1 << 64:
+        raise ValueError(f"[metal_kernel] grid {tuple(grid)} has {grid[0] * grid[1] * grid[2]} threads, more than a "
+                         "64-bit count holds")
     nominal = [min(t, g) for g, t in zip(grid, tg)]
     return [*grid, *nominal, *(cdiv(g, t) for g, t in zip(grid, nominal))]
 

@@ -317,3 +317,49 @@ def test_the_sandbox_layers_are_reported():
     assert set(layers) == {"processes", "seccomp", "rlimits", "landlock", "network namespace"}
     if confine.landlock_abi():
         assert layers["landlock"].startswith(f"ABI {confine.landlock_abi()}")
+
+
+# ---- smaller defects of the same issue ---------------------------------------------------------------
+def test_a_grid_larger_than_metal_takes_is_refused_not_run_partially():
+    """Was: a grid whose size overflows 64 bits (each dimension cut to 32) returned uninitialised memory."""
+    import mlx.core as mx
+    from metalforge import emulator
+    k = emulator.metal_kernel(name="grid", input_names=["inp"], output_names=["out"],
+                              source="out[thread_position_in_grid.x] = 1;")
+    for grid, message in (((1 << 32, 1, 1), r"larger than a Metal grid takes \(4294967295 threads\)"),
+                          ((1 << 64, 1, 1), r"larger than a Metal grid takes \(4294967295 threads\)"),
+                          ((1 << 22, 1 << 22, 1 << 22), r"has 73786976294838206464 threads, more than a 64-bit count")):
+        with pytest.raises(ValueError, match=message):
+            k(inputs=[mx.zeros(1)], output_shapes=[(4,)], output_dtypes=[mx.float32], grid=grid, threadgroup=(32, 1, 1))
+    out = k(inputs=[mx.zeros(1)], output_shapes=[(4,)], output_dtypes=[mx.float32], grid=(4, 1, 1),
+            threadgroup=(32, 1, 1))[0]
+    assert out.tolist() == [1.0] * 4
+
+
+def test_an_error_in_a_launchs_setting_surfaces_as_itself(monkeypatch):
+    """Was: METALFORGE_EMULATOR_THREADS=two surfaced as an unrelated IndexError from the launch thread."""
+    import mlx.core as mx
+    from metalforge import emulator
+    from metalforge.errors import MetalforgeError
+    k = emulator.metal_kernel(name="env", input_names=["inp"], output_names=["out"],
+                              source="out[thread_position_in_grid.x] = 1;")
+    for name, raw, wording in (("METALFORGE_EMULATOR_THREADS", "two", "a whole number >= 1"),
+                               ("METALFORGE_EMULATOR_THREADS", "0", "a whole number >= 1"),
+                               ("METALFORGE_EMULATOR_TIMEOUT_S", "-1", "a number >= 0.001"),
+                               ("METALFORGE_EMULATOR_MEMORY_MB", "lots", "a whole number >= 64")):
+        monkeypatch.setenv(name, raw)
+        with pytest.raises(MetalforgeError) as e:
+            k(inputs=[mx.zeros(1)], output_shapes=[(4,)], output_dtypes=[mx.float32], grid=(4, 1, 1),
+              threadgroup=(4, 1, 1))
+        assert str(e.value) == f"{name} must be {wording}, got {raw!r}"
+        monkeypatch.delenv(name)
+
+
+def test_the_deprecated_import_path_does_not_need_pytest():
+    run = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c",
+                          "import sys; sys.modules['pytest'] = None\n"
+                          "import metalforge.kernels.emulator as old\n"
+                          "from metalforge import emulator\n"
+                          "assert old.metal_kernel is emulator.metal_kernel\nprint('ok')"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
