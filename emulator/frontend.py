@@ -41,12 +41,17 @@ def check(msl: str, kernel_name: str):
 
 
 def _started() -> subprocess.Popen:
+    """The running child, or a new one; a new one too when the cache folder moved (the child may
+    write only the folder it was started for)."""
     global _child
-    if _child is not None and _child.poll() is None:
+    cache = str(cache_dir())
+    if _child is not None and _child.poll() is None and _child.args[-1] == cache:
         return _child
+    if _child is not None:
+        _end(_child)
     walls = confine.Walls(read=None, memory_bytes=environment.compiler_memory_bytes(), cpu_seconds=None,
                           file_bytes=1 << 30)
-    _child = subprocess.Popen([sys.executable, "-m", "metalforge.emulator.frontend", str(cache_dir())],
+    _child = subprocess.Popen([sys.executable, "-m", "metalforge.emulator.frontend", cache],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               preexec_fn=walls.preexec_fn())
     atexit.register(_end, _child)
