@@ -5,8 +5,9 @@ compiled, clang (the `libclang` wheel) parses its full generated source (header,
 body) against the emulator's own metal_compat.h, with Metal's address spaces turned into type tags
 it can read back, and the AST is checked against the MSL specification's restrictions. Each
 refusal names the kernel, the MSL line and the rule with its section of the specification
-(Metal Shading Language Specification 3.2). What it cannot see, the compile still cannot reach:
-the kernel's translation unit has no C or C++ library in it at all (see compiler.py).
+(Metal Shading Language Specification 3.2). It is the source of Metal's error messages, not a
+security boundary: it runs in a process of its own (frontend.py), and what it cannot see runs only
+inside a sandboxed worker (runner.py, docs/emulator.md).
 """
 from __future__ import annotations
 

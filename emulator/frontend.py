@@ -23,6 +23,7 @@ from .compiler import CompileError, cache_dir
 
 _lock = threading.Lock()
 _child: subprocess.Popen | None = None
+_owner = 0   # the process that started it (a forked child starts its own)
 
 
 def check(msl: str, kernel_name: str):
@@ -43,17 +44,18 @@ def check(msl: str, kernel_name: str):
 def _started() -> subprocess.Popen:
     """The running child, or a new one; a new one too when the cache folder moved (the child may
     write only the folder it was started for)."""
-    global _child
+    global _child, _owner
     cache = str(cache_dir())
-    if _child is not None and _child.poll() is None and _child.args[-1] == cache:
+    if _child is not None and _child.poll() is None and _child.args[-1] == cache and _owner == os.getpid():
         return _child
-    if _child is not None:
+    if _child is not None and _owner == os.getpid():
         _end(_child)
     walls = confine.Walls(read=None, memory_bytes=environment.compiler_memory_bytes(), cpu_seconds=None,
                           file_bytes=1 << 30)
     _child = subprocess.Popen([sys.executable, "-m", "metalforge.emulator.frontend", cache],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               preexec_fn=walls.preexec_fn())
+    _owner = os.getpid()
     atexit.register(_end, _child)
     return _child
 

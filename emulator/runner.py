@@ -120,6 +120,7 @@ class _Worker:
 
     def __init__(self, library: Library):
         self.library = library
+        self.owner = os.getpid()   # a forked child must not share this worker's socket
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = parent
         self.log = tempfile.TemporaryFile()
@@ -269,8 +270,10 @@ class Library:
 
     def _take(self) -> _Worker:
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.owner == os.getpid():
+                    return worker
         _touch(self)
         return _Worker(self)
 
