@@ -363,3 +363,33 @@ def test_the_deprecated_import_path_does_not_need_pytest():
                           "assert old.metal_kernel is emulator.metal_kernel\nprint('ok')"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_a_dead_worker_is_replaced_and_the_same_kernel_runs_again():
+    import mlx.core as mx
+    import numpy as np
+    from metalforge import emulator
+    from metalforge.emulator import EmulatorError
+    k = emulator.metal_kernel(name="dies", input_names=["inp"], output_names=["out"],
+                              header="#define MF_CAT2(a, b) a##b\n#define MF_CAT(a, b) MF_CAT2(a, b)\n",
+                              source="uint i = thread_position_in_grid.x;\n"
+                                     "if (inp[0] == 7u) MF_CAT(__buil, tin_trap)();\nout[i] = inp[i] + 1u;")
+    run = lambda x: k(inputs=[x], grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(64,)],
+                      output_dtypes=[mx.uint32])[0]
+    with pytest.raises(EmulatorError, match=r"custom_kernel_dies_uint32_t_uint32_t: .*(SIGILL|illegal instruction)"):
+        run(mx.full((64,), 7, dtype=mx.uint32))
+    x = mx.arange(64).astype(mx.uint32)
+    assert np.array(run(x)).tolist() == list(range(1, 65))
+
+
+def test_buffers_beyond_the_workers_memory_are_an_error_naming_the_kernel(monkeypatch):
+    import mlx.core as mx
+    from metalforge import emulator
+    from metalforge.emulator import EmulatorError
+    monkeypatch.setenv("METALFORGE_EMULATOR_MEMORY_MB", "64")
+    k = emulator.metal_kernel(name="big", input_names=["inp"], output_names=["out"],
+                              source="out[thread_position_in_grid.x] = 1.0f;")
+    with pytest.raises(EmulatorError, match=r"custom_kernel_big_floatc_float: the kernel's worker process died .*"
+                                            r"it ran out of memory \(the worker's limit is 64 MiB"):
+        k(inputs=[mx.zeros(1)], output_shapes=[(32 << 20,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
+          threadgroup=(32, 1, 1))
