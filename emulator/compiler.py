@@ -109,9 +109,9 @@ def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[Library, P
 def _tool(cmd: list[str], folder: Path, what: str, read: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Run the compiler (or a binutils tool) on files in `folder`: it reads the system's files and
     `read`, writes `folder` only, and is stopped at the compile time limit."""
-    walls = confine.Walls(read=(*confine.SYSTEM_READ, *read), write=(str(folder),),
-                          memory_bytes=environment.compiler_memory_bytes(), cpu_seconds=None)
     limit = environment.compile_timeout_s()
+    walls = confine.Walls(read=(*confine.SYSTEM_READ, *read), write=(str(folder),),
+                          memory_bytes=environment.compiler_memory_bytes(), cpu_seconds=int(limit) + 1)
     try:
         proc = confine.run(cmd, walls, limit, env={**os.environ, "TMPDIR": str(folder)})
     except subprocess.TimeoutExpired:
@@ -119,7 +119,8 @@ def _tool(cmd: list[str], folder: Path, what: str, read: tuple[str, ...] = ()) -
                            "that expands without end? raise the limit with METALFORGE_EMULATOR_COMPILE_TIMEOUT_S)") from None
     if proc.returncode < 0 or "virtual memory exhausted" in proc.stderr or "out of memory" in proc.stderr:
         cause = confine.signal_name(proc.returncode) if proc.returncode < 0 else "it ran out of memory"
-        raise CompileError(f"emulator: {what} was stopped: {cause} (its limits: "
+        raise CompileError(f"emulator: {what} was stopped: {cause} (its limits: {limit:g} s, "
+                           "METALFORGE_EMULATOR_COMPILE_TIMEOUT_S; "
                            f"{environment.compiler_memory_bytes() >> 20} MiB, METALFORGE_EMULATOR_COMPILE_MEMORY_MB)")
     return proc
 

@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -173,18 +174,24 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run(cmd: list[str], walls: Walls, timeout_s: float, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(cmd: list[str], walls: Walls, timeout_s: float, env: dict | None = None,
+        output_bytes: int = 1 << 20) -> subprocess.CompletedProcess:
     """Run a tool (the compiler, nm) inside `walls` with a wall-clock limit; Ctrl-C or the limit
-    end it and its children at once. Raises subprocess.TimeoutExpired on the limit."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, errors="replace", preexec_fn=walls.preexec_fn(), env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except BaseException:
-        kill_group(proc)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    end it and its children at once. Its output goes to files (capped by the file-size limit) of
+    which the first `output_bytes` are kept. Raises subprocess.TimeoutExpired on the limit."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                preexec_fn=walls.preexec_fn(), env=env)
+        try:
+            proc.wait(timeout=timeout_s)
+        except BaseException:
+            kill_group(proc)
+            raise
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read(output_bytes).decode(errors="replace"))
+    return subprocess.CompletedProcess(cmd, proc.returncode, *texts)
 
 
 def signal_name(returncode: int) -> str:

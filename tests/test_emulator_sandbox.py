@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     from metalforge import emulator
     from metalforge.errors import MetalforgeError
 
-    spec = json.loads(sys.argv[1])
+    spec = json.loads(open(sys.argv[1]).read())
     k = emulator.metal_kernel(name="escape", input_names=["inp"], output_names=["out"], source=spec["body"],
                               header=spec["header"], timeout=spec.get("timeout"))
     inp = mx.arange(64).astype(mx.uint32)
@@ -200,6 +200,7 @@ ATTEMPTS = [
      I + "#ifndef __clang__\nout[i] = MF_B32 1;\n#endif", REFUSED, ""),
     ("macro-bomb", "\n".join(["#define MF_B0 1+"] + [f"#define MF_B{n} MF_B{n - 1} MF_B{n - 1}" for n in range(1, 33)]),
      I + "out[i] = MF_B32 1;", REFUSED, ""),
+    ("200000-statements", "", I + "out[i] += 1u;\n" * 200_000, REFUSED | {"ran"}, ""),
     ("endless-kernel", "", I + "float x = float(inp[i]);\nwhile (true) { x = x * 1.0001f; }\nout[i] = uint(x);",
      STOPPED, "time limit"),
 ]
@@ -208,8 +209,9 @@ ATTEMPTS = [
 def _run(spec: dict, tmp_path, timeout=180):
     env = {**os.environ, "METALFORGE_EMULATOR_COMPILE_TIMEOUT_S": "20", "METALFORGE_EMULATOR_MEMORY_MB": "1024",
            "METALFORGE_EMULATOR_TIMEOUT_S": "5"}
-    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=tmp_path)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "spec.json")], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
 # Load-time code ran at prepare() alone (the probe's case): these only compile.
