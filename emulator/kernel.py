@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import mlx.core as mx
@@ -95,9 +96,7 @@ class EmulatedKernel:
         mx.eval(*arrays)
         runner.geometry(grid, threadgroup)   # MLX's argument errors before any compiling
         limits = self._limits()
-        tg_size = 1
-        for t in threadgroup:
-            tg_size *= int(t)
+        tg_size = math.prod(int(t) for t in threadgroup)
         if tg_size > limits["max_threads_per_threadgroup"]:
             raise EmulatorError(f"Thread group size ({tg_size}) is greater than  the maximum allowed threads per "
                                 f"threadgroup ({limits['max_threads_per_threadgroup']}).")
