@@ -80,7 +80,8 @@ _loaded: dict[str, Library] = {}
 _lock = threading.Lock()
 
 
-def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[Library, Path]:
+def build(unit_source: str, kernel_name: str, checked: bool, library: bool = False,
+          traced: bool = False) -> tuple[Library, Path]:
     """Compile (or fetch from the cache) the shared library for one translation unit; returns the
     runner.Library that launches it (in worker processes) and its path.
 
@@ -89,8 +90,8 @@ def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[Library, P
     place, so concurrent processes share the cache safely.
     """
     cxx, version = compiler()
-    header = compat_header(checked)
-    fl = flags(checked)
+    header = compat_header(checked or traced, library, traced)
+    fl = flags(checked or traced)
     key = hashlib.sha256("\0".join([unit_source, header, runtime_source(), cxx, version, " ".join(fl + KERNEL_FLAGS)])
                          .encode()).hexdigest()[:24]
     target = cache_dir() / f"{key}.so"
@@ -207,7 +208,8 @@ def _compile(unit_source: str, include: Path, header: str, kernel_name: str, cxx
 # sincosf, which GCC makes of a sin and a cos of one value (mlx-lm's rope kernels do that).
 _RUNTIME_API = re.compile(r"mf::(self|to_scheduler|tg_memory|tg_offset|simd_sync|out_of_bounds|tg_log)\(")
 _PLUMBING = {"memcpy", "memmove", "memset", "__tls_get_addr", "_GLOBAL_OFFSET_TABLE_", "__dso_handle",
-             "__cxa_atexit", "__cxa_guard_acquire", "__cxa_guard_release", "__cxa_guard_abort", "sincosf"}
+             "__cxa_atexit", "__cxa_guard_acquire", "__cxa_guard_release", "__cxa_guard_abort", "sincosf",
+             "mf_launch"}   # the runtime's dispatch, called by a library's traced entry (emulator/library.py)
 
 
 def _may_link(name: str, header: str) -> bool:

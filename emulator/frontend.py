@@ -26,13 +26,14 @@ _child: subprocess.Popen | None = None
 _owner = 0   # the process that started it (a forked child starts its own)
 
 
-def check(msl: str, kernel_name: str):
+def check(msl: str, kernel_name: str, kernel_functions: frozenset[str] = frozenset(), library: bool = False):
     """conformance.check, in the front end's process: its Facts, or its ConformanceError."""
     from .conformance import ConformanceError, Facts
     limit = environment.compile_timeout_s()
     with _lock:
         child = _started()
-        answer = _ask(child, {"msl": msl, "kernel": kernel_name}, limit, kernel_name)
+        answer = _ask(child, {"msl": msl, "kernel": kernel_name, "kernels": sorted(kernel_functions),
+                              "library": library}, limit, kernel_name)
     if "facts" in answer:
         tg, constants = answer["facts"]
         return Facts(int(tg), tuple((int(a), int(b)) for a, b in constants))
@@ -111,12 +112,14 @@ def _serve(cache: str) -> None:
     from . import conformance
     conformance._index()
     conformance._precompiled_header()   # reads the installed libclang's version: before the lock
+    conformance._pch_name(True)          # ... and the library variant's name, which reads it too
     confine.restrict_files(read=(cache,), write=(cache,))
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
         request = json.loads(line)
         try:
-            facts = conformance.check(request["msl"], request["kernel"])
+            facts = conformance.check(request["msl"], request["kernel"], frozenset(request["kernels"]),
+                                      request["library"])
             answer = {"facts": [facts.threadgroup_declarations, [list(c) for c in facts.constant_declarations]]}
         except conformance.ConformanceError as e:
             answer = {"refused": str(e)}

@@ -20,6 +20,15 @@ from .source import (ATTRIBUTE_VALUES, InputInfo, attributes_in, buffer_plan, ml
 DEFAULT_LIMITS = {"threadgroup_memory_bytes": 32768, "max_threads_per_threadgroup": 1024}
 
 
+def device_limits(device) -> dict:
+    """The limits dispatch enforces: the device profile's, else those every Apple GPU shares."""
+    if device is None:
+        return DEFAULT_LIMITS
+    p = devices.get(device)
+    return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
+            "max_threads_per_threadgroup": p.max_threads_per_threadgroup}
+
+
 def metal_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True,
                  atomic_outputs=False, compile_options=None, *, device=None, checked=None, timeout=None):
     """Same arguments as `mx.fast.metal_kernel` (plus `device`, a profile whose limits dispatch
@@ -51,11 +60,7 @@ class EmulatedKernel:
         return self.timeout if self.timeout is not None else environment.timeout_s()
 
     def _limits(self) -> dict:
-        if self.device is None:
-            return DEFAULT_LIMITS
-        p = devices.get(self.device)
-        return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
-                "max_threads_per_threadgroup": p.max_threads_per_threadgroup}
+        return device_limits(self.device)
 
     def _program(self, arrays, output_dtypes, template, checked, verbose=False):
         """Generate and compile (or fetch) the kernel for these input kinds; arrays need not be evaluated."""

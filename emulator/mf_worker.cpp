@@ -10,8 +10,9 @@
 // Protocol (host byte order; every message one packet):
 //   worker -> parent at start:  "MFOK" u64 threadgroup_bytes      or "MFNO" text
 //   parent -> worker:           Request, then nbuf i64 meta-tail values, nbuf i64 byte sizes,
-//                               nbuf u64 arena offsets, then the entry symbol; optionally with an
-//                               arena memfd in SCM_RIGHTS (the worker maps it, replacing the last)
+//                               nbuf u64 arena offsets (all ones: an unbound buffer, null), then
+//                               the entry symbol; optionally with an arena memfd in SCM_RIGHTS
+//                               (the worker maps it, replacing the last)
 //   worker -> parent:           Reply, then the error messages, each ending with a NUL
 #include <dlfcn.h>
 #include <errno.h>
@@ -225,8 +226,13 @@ int main(int argc, char** argv) {
       memcpy(&count, p + 8 * i, 8);
       memcpy(&size, p + 8 * (n + i), 8);
       memcpy(&offset, p + 8 * (2 * n + i), 8);
-      if (offset > arena_bytes || size < 0 || uint64_t(size) > arena_bytes - offset) die("a buffer outside the arena");
       meta.push_back(count);
+      if (offset == UINT64_MAX && size == 0) {   // an unbound buffer: null, as Metal leaves it
+        bytes[i] = 0;
+        host[i] = nullptr;
+        continue;
+      }
+      if (offset > arena_bytes || size < 0 || uint64_t(size) > arena_bytes - offset) die("a buffer outside the arena");
       bytes[i] = size;
       host[i] = arena + offset;
     }

@@ -48,6 +48,7 @@ _REQUEST = struct.Struct("<4siiiQ9q")
 _REPLY = struct.Struct("<4si3qi")
 _ALIGN = 64
 _MAX_BUFFERS = 4096
+_UNBOUND = (1 << 64) - 1   # an arena offset that stands for a null pointer
 _IDLE_PER_LIBRARY = 2
 _LIVE_LIBRARIES = 16
 # Largest grid dimension Metal takes: threads_per_grid is a uint3.
@@ -59,16 +60,19 @@ class Arg:
     """One buffer of a launch. Inputs are read from `array` (any strides: the span it reaches
     is copied); outputs (`output=True`) are written back into `array`, which must be
     C-contiguous, starting from its contents when `initialised`, else from zeros. `count` is the
-    element count checked mode bounds accesses by (default: the elements `array` reaches)."""
-    array: np.ndarray
+    element count checked mode bounds accesses by (default: the elements `array` reaches), of
+    `itemsize` bytes each (default the array's: a library kernel may read bytes as uint32). No
+    array: an unbound buffer, a null pointer to the kernel (as in Metal, a fault only when read)."""
+    array: np.ndarray | None
     output: bool = False
     initialised: bool = False
     count: int | None = None
+    itemsize: int | None = None
 
     def span(self) -> tuple[int, int]:
         """(offset of the first byte from the data pointer, bytes) the array reaches."""
         a = self.array
-        if a.size == 0:
+        if a is None or a.size == 0:
             return 0, 0
         lo = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s < 0)
         hi = sum((n - 1) * s for n, s in zip(a.shape, a.strides) if s > 0) + a.itemsize
@@ -78,7 +82,7 @@ class Arg:
         if self.count is not None:
             return self.count
         a = self.array
-        if a.size == 0:
+        if a is None or a.size == 0:
             return 0
         if any(s < 0 for s in a.strides):
             return 1 << 62      # checked mode cannot bound a view that runs backwards
@@ -87,7 +91,9 @@ class Arg:
     def guarded_bytes(self) -> int:
         """Bytes the runtime puts between guard pages; 0 leaves the buffer unguarded (backwards views)."""
         n = self.elements()
-        return n * self.array.itemsize if n < (1 << 62) else 0
+        if n == 0:
+            return 0
+        return n * (self.itemsize or self.array.itemsize) if n < (1 << 62) else 0
 
 
 @dataclass
@@ -189,7 +195,7 @@ class _Worker:
         offsets, spans, total = [], [], 0
         for a in args:
             lo, size = a.span()
-            offsets.append(total - lo)   # where the array's own data pointer lands
+            offsets.append(_UNBOUND if a.array is None else total - lo)   # where the array's data pointer lands
             spans.append((total, lo, size))
             total += (size + _ALIGN - 1) // _ALIGN * _ALIGN
         fds = self._arena_for(max(total, _ALIGN))

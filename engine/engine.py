@@ -165,15 +165,15 @@ class Engine:
         return self._check_ids(prompt)
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop=None, keep: bool = False) -> Generation:
+                 seed: int | None = None, stop=None, keep: bool = False, logprobs: int | None = None) -> Generation:
         """Stream tokens for a prompt (text or token ids), through the same loop as `batch()`. A
         cached prefix (see load_prompt_cache and keep_prefix) is reused so only new tokens are
         prefilled. With keep=True the sequence stays in the pool afterwards (its id is
         `generation.sequence`), holding the prompt and every generated token but the last.
-        Arguments are checked here, before any work; a prompt the pool cannot hold raises
-        PoolExhausted when iterated."""
+        logprobs=k fills each Token's `logprob` and its k `top_logprobs`. Arguments are checked
+        here, before any work; a prompt the pool cannot hold raises PoolExhausted when iterated."""
         loop = Scheduler(self, max_waiting=1)
-        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep)
+        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs)
 
         def run(gen: Generation):
             loop.start_clock(rid)

@@ -77,6 +77,21 @@ def cmd_check(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    import json
+    from metalforge import devices, results
+    from metalforge.kernels import checks, trace_report
+    fam, shape, dtype = _family_shape_dtype(args)
+    device = devices.resolve(args.device)
+    config = _config(fam, args.config) if args.config else results.lookup(device, fam.name, shape, dtype.name).config
+    problems = checks.check(fam, config, shape, dtype, device)
+    if problems:
+        raise MetalforgeError(f"{fam.name}: config is invalid on {device.name}: " + "; ".join(map(str, problems)))
+    data = trace_report.report(fam, config, shape, dtype, device)
+    print(json.dumps(data, indent=1) if args.json else trace_report.format_table(data))
+    return 0
+
+
 def cmd_tune(args) -> int:
     from metalforge.tuner.cli import run
     return run(args)
@@ -97,6 +112,11 @@ def cmd_cache(args) -> int:
     return cache(args)
 
 
+def cmd_serve(args) -> int:
+    from metalforge.engine.server.cli import serve
+    return serve(args)
+
+
 def cmd_results(args) -> int:
     from metalforge import results
     data, taken = results.merge_files(args.files, args.out)
@@ -113,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_devices)
 
     for name, fn, helptext in (("render", cmd_render, "print the MSL of one config"),
-                               ("check", cmd_check, "check one config, or count the valid configs of the space")):
+                               ("check", cmd_check, "check one config, or count the valid configs of the space"),
+                               ("trace", cmd_trace, "count what our kernel and MLX's real kernel for a job do "
+                                                    "(emulator trace mode), side by side")):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("family", help="kernel family: " + ", ".join(_families()))
         c.add_argument("--device", default="auto", help="device profile name, or auto (detect)")
@@ -122,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--config", nargs="*", help="parameters, e.g. simdgroups=2 rows_per_simdgroup=4")
         if name == "render":
             c.add_argument("--force", action="store_true", help="render even if the config is invalid")
+        if name == "trace":
+            c.add_argument("--json", action="store_true", help="print one JSON object with keys ours and mlx")
         c.set_defaults(fn=fn)
 
     from metalforge.tuner.cli import add_arguments as tune_arguments
@@ -155,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="save, inspect or clear prompt caches")
     add_cache_arguments(c)
     c.set_defaults(fn=cmd_cache)
+    from metalforge.engine.server.cli import add_arguments as serve_arguments
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over continuous batching")
+    serve_arguments(s)
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -64,3 +64,18 @@ def postgres_url(postgres_server, request):
         conn.execute(f"DROP DATABASE IF EXISTS {name}")
         conn.execute(f"CREATE DATABASE {name}")
     return f"postgresql+psycopg://postgres@/{name}?host={postgres_server['host']}&port={postgres_server['port']}"
+
+
+@pytest.fixture(scope="session")
+def mlx_kernel_headers():
+    """MLX's Metal kernel headers of the installed MLX, fetched with pip once per machine (CI too);
+    the tests that run MLX's kernels skip only where PyPI is unreachable and nothing is cached."""
+    from metalforge.errors import MetalforgeError
+    from metalforge.kernels import mlx_headers
+    try:
+        return mlx_headers.kernels_dir()
+    except MetalforgeError as e:
+        if "could not fetch" in str(e):
+            pytest.skip(f"PyPI unreachable and MLX's headers not cached: {e}")
+        raise
+
