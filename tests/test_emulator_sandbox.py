@@ -395,3 +395,53 @@ def test_buffers_beyond_the_workers_memory_are_an_error_naming_the_kernel(monkey
                                             r"it ran out of memory \(the worker's limit is 64 MiB"):
         k(inputs=[mx.zeros(1)], output_shapes=[(32 << 20,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
           threadgroup=(32, 1, 1))
+
+
+@pytest.mark.parametrize("mode", ["plain", "checked", "traced"])
+def test_a_full_librarys_kernel_runs_in_the_sandboxed_worker_in_every_mode(mode):
+    """A library kernel (emulator/library.py, MLX's kernels' path) runs in a worker process, not in
+    the caller: the process id it reads is not ours, its library is never mapped here, and a
+    system call outside the filter ends the worker with the sandbox's error."""
+    import numpy as np
+    from metalforge.emulator import EmulatorError
+    from metalforge.emulator.library import Library
+    source = GADGET + """
+[[kernel]] void pid(device int* out [[buffer(0)]], const constant int& call [[buffer(1)]],
+                    uint i [[thread_position_in_grid]]) {
+#ifndef __clang__
+  if (i == 0) out[0] = int(mf_sys(call));
+#endif
+}
+"""
+    fn = Library(source, mode=mode).function("pid")
+    out = np.zeros(32, dtype=np.int32)
+    fn(buffers={0: out, 1: 39}, threads=(32, 1, 1), threadgroup=(32, 1, 1))   # getpid: allowed
+    assert out[0] > 0 and out[0] != os.getpid()
+    if mode == "traced":
+        assert fn.last_trace.device["out"].accesses == 1
+    library_path = str(fn._program[1])
+    assert library_path not in open("/proc/self/maps").read()
+    with pytest.raises(EmulatorError, match=r"pid: the kernel's worker process died .*forbidden system call 110"):
+        fn(buffers={0: out, 1: 110}, threads=(32, 1, 1), threadgroup=(32, 1, 1))   # getppid: not allowed
+
+
+def test_a_full_librarys_endless_kernel_ends_at_its_time_limit_and_the_next_call_runs():
+    import numpy as np
+    from metalforge.emulator import EmulatorError
+    from metalforge.emulator.library import Library
+    source = """
+[[kernel]] void spin(device float* out [[buffer(0)]], const constant int& endless [[buffer(1)]],
+                     uint i [[thread_position_in_grid]]) {
+  float x = 1.0f;
+  while (endless) { x = x * 1.0001f; }
+  out[i] = x + float(i);
+}
+"""
+    fn = Library(source, timeout=2).function("spin")
+    out = np.zeros(32, dtype=np.float32)
+    start = time.monotonic()
+    with pytest.raises(EmulatorError, match=r"spin: the kernel ran past its time limit of 2 s"):
+        fn(buffers={0: out, 1: 1}, threads=(32, 1, 1), threadgroup=(32, 1, 1))
+    assert time.monotonic() - start < 10
+    fn(buffers={0: out, 1: 0}, threads=(32, 1, 1), threadgroup=(32, 1, 1))
+    assert out.tolist() == [1.0 + i for i in range(32)]
