@@ -9,7 +9,7 @@ import mlx.core as mx
 from metalforge import arguments
 from metalforge.engine import models
 from metalforge.engine.config import read
-from metalforge.engine import prompt_cache, tokenizer as tokenizers
+from metalforge.engine import prompt_cache, speculative, tokenizer as tokenizers
 from metalforge.engine.batch import Batch
 from metalforge.engine.generation import Generation
 from metalforge.engine.kv import BLOCK_SIZE, KVPool
@@ -18,6 +18,7 @@ from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
 from metalforge.engine.weights import load_weights
 from metalforge.engine.ops import Kernels
 from metalforge.engine.scheduler import MAX_WAITING, Scheduler
+from metalforge.engine.speculative import NUM_DRAFT
 from metalforge.errors import MetalforgeError
 from metalforge import devices
 from metalforge.intmath import cdiv
@@ -165,15 +166,31 @@ class Engine:
         return self._check_ids(prompt)
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop=None, keep: bool = False) -> Generation:
+                 seed: int | None = None, stop=None, keep: bool = False, draft=None, num_draft: int = NUM_DRAFT,
+                 prompt_lookup: int = 0) -> Generation:
         """Stream tokens for a prompt (text or token ids), through the same loop as `batch()`. A
         cached prefix (see load_prompt_cache and keep_prefix) is reused so only new tokens are
         prefilled. With keep=True the sequence stays in the pool afterwards (its id is
         `generation.sequence`), holding the prompt and every generated token but the last.
         Arguments are checked here, before any work; a prompt the pool cannot hold raises
-        PoolExhausted when iterated."""
+        PoolExhausted when iterated.
+
+        Speculative decoding (engine/speculative.py): `draft` (an engine or a model folder of the
+        same tokenizer) proposes `num_draft` tokens a step, or `prompt_lookup=n` copies them from
+        an earlier match of the last n tokens; the target verifies them in one forward pass and
+        the output is distributed as without (greedy: the same tokens). `stats` counts verify
+        passes, drafted and accepted tokens."""
+        speculate = draft is not None or prompt_lookup
+        drafter = speculative.drafter(self, draft, num_draft, prompt_lookup) if speculate else None
         loop = Scheduler(self, max_waiting=1)
-        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep)
+        try:
+            rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep)
+        except BaseException:
+            if drafter:
+                drafter.close()
+            raise
+        if drafter:
+            return speculative.generate(self, loop, rid, drafter, num_draft, seed)
 
         def run(gen: Generation):
             loop.start_clock(rid)

@@ -117,6 +117,13 @@ class Scheduler:
         r = self.requests.get(rid)
         return r.error if r is not None else self._ended[rid][1]
 
+    def admit(self, rid: int) -> mx.array | None:
+        """Admit a waiting request now, whatever the queue, and prefill it: its first token
+        (lazy), or None when its prompt did not fit (it has ended; see `error`). For loops that
+        decode a request their own way (engine/speculative.py)."""
+        self.waiting.remove(rid)
+        return self._prefill(rid)
+
     def start_clock(self, rid: int) -> None:
         """Time the request from now: a generation starts when it is iterated, not when made."""
         self.requests[rid].text.start = time.perf_counter()
