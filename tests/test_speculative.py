@@ -3,6 +3,8 @@ with a draft model and with prompt lookup; sampled output is distributed as the 
 (a chi-square test over many seeds against the target's exact distribution from an independent
 forward pass, which the draft's own distribution fails)."""
 import math
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -96,6 +98,18 @@ def test_bad_speculative_arguments_are_one_line_errors(folders):
             e.generate(PROMPT, draft=e)
         with pytest.raises(MetalforgeError, match="draft must be an engine or a model folder"):
             e.generate(PROMPT, draft=3)
+
+
+def test_generate_command_decodes_speculatively(folders):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "metalforge.cli", "generate", "--model",
+                                     str(folders["target"]), "--backend", "mlx", "--prompt-tokens",
+                                     ",".join(map(str, PROMPT)), "--max-tokens", "8", *a], capture_output=True, text=True)
+    want = [str(t) for t in reference_greedy(folders["target"], PROMPT, 8)[0]]
+    for extra in (("--draft-model", str(folders["other"]), "--num-draft", "2"), ("--prompt-lookup", "2")):
+        out = run(*extra)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == want
+        assert "verify passes" in out.stderr and "accepted per pass" in out.stderr
 
 
 def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
