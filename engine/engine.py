@@ -13,6 +13,7 @@ from metalforge.engine import prompt_cache, speculative, tokenizer as tokenizers
 from metalforge.engine.batch import Batch
 from metalforge.engine.generation import Generation
 from metalforge.engine.kv import BLOCK_SIZE, KVPool
+from metalforge.engine.kv.spec import SinkWindow
 from metalforge.engine.kv.storage import DenseStorage
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
 from metalforge.engine.weights import load_weights
@@ -28,12 +29,19 @@ from metalforge.intmath import cdiv
 # their dequantized speed at this many rows (engine/cpu_linear.py).
 PREFILL_CHUNK = 512
 
-OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory")
+# First positions a sliding window (max_kv_size) always keeps, as mlx-lm's rotating cache does.
+SINKS = 4
+
+OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory", "max_kv_size")
 
 
 def load(path, device=None, backend: str | None = None, results=None, **options) -> "Engine":
     """Load an mlx-lm style model folder. Options: kv_tokens (default 4096) or kv_memory (bytes
-    or '10%'), block_size (16), max_seq_len, memory={'wired_limit', 'cache_limit', 'memory_limit'}."""
+    or '10%'), block_size (16), max_seq_len, memory={'wired_limit', 'cache_limit', 'memory_limit'},
+    max_kv_size: a sliding window of that many keys per query (the first 4 kept as attention
+    sinks, as mlx-lm's rotating cache keeps them); blocks that fall out of it go back to the pool,
+    so a sequence may grow to max_seq_len (default then: the model's max_position_embeddings)
+    whatever kv_tokens holds."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise MetalforgeError(f"unknown engine option(s) {sorted(unknown)}; valid options: {', '.join(OPTIONS)}")
@@ -42,9 +50,10 @@ def load(path, device=None, backend: str | None = None, results=None, **options)
 
 class Engine:
     def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=BLOCK_SIZE,
-                 max_seq_len=None, memory=None):
+                 max_seq_len=None, memory=None, max_kv_size=None):
         self.path = path
-        for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len)):
+        for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len),
+                            ("max_kv_size", max_kv_size)):
             if value is not None:
                 arguments.positive_int(name, value)
         self.args = models.parse(read(path), str(path / "config.json"))
@@ -69,8 +78,16 @@ class Engine:
         num_blocks = cdiv(kv_tokens, block_size)
         check_fit(self.weights_bytes, num_blocks * block_size * per_token, self.limits.total, self.limits.total_source)
         self.limits.apply()
-        self.pool = KVPool.dense(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
-                                 int(max_seq_len or min(kv_tokens, a.max_position_embeddings)), self.model.dtype)
+        specs = None
+        if max_kv_size is not None:
+            if max_kv_size <= SINKS or max_kv_size > kv_tokens:
+                raise MetalforgeError(f"max_kv_size={max_kv_size} must exceed the {SINKS} attention sinks and fit "
+                                      f"the pool's kv_tokens={kv_tokens}")
+            specs = [SinkWindow(max_kv_size, SINKS)] * a.num_hidden_layers
+        longest = a.max_position_embeddings if specs else min(kv_tokens, a.max_position_embeddings)
+        storage = DenseStorage(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
+                               self.model.dtype)
+        self.pool = KVPool(storage, block_size, num_blocks, int(max_seq_len or longest), specs)
         self.prefixes: dict[int, str] = {}   # sequences kept as reusable prompt prefixes -> where from
         self._closed = False
 

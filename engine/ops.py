@@ -245,11 +245,9 @@ class Kernels:
         else:
             def mlx_op():
                 k, v = kv.sequence(0)
-                LK = k.shape[2]
-                mask = mx.arange(LK)[None, :] <= (mx.arange(L)[:, None] + LK - L)
-                return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=kv.mask())
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
-        if self.backend == "mlx":
+        if self.backend == "mlx" or kv.windowed:   # no kernel of ours reads a sliding window yet
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
         values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes())

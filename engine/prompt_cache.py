@@ -53,6 +53,9 @@ def save(path, pool, sid: int, model_fingerprint: str) -> Path:
     seq = pool.seq(sid)
     if not seq.tokens:
         raise MetalforgeError(f"sequence {sid} is empty: nothing to cache")
+    if None in seq.blocks:
+        raise MetalforgeError(f"sequence {sid} gave back the blocks that fell out of its window: a prompt cache "
+                              "holds a whole sequence")
     arrays = {}
     for layer in range(pool.layers):
         k, v = pool.read(layer, pool.runs(sid, seq.length))

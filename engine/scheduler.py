@@ -236,11 +236,11 @@ class Scheduler:
         for sid in self.engine.prefixes:
             cached = self.pool.seq(sid).tokens
             n = len(cached)
-            if best_len < n < len(ids) + 1 and ids[:n] == cached:
+            if best_len < n < len(ids) + 1 and ids[:n] == cached and self.pool.can_fork(sid, min(n, len(ids) - 1)):
                 best, best_len = sid, n
         for sid in candidates:
             n = len(os.path.commonprefix([ids, self.pool.seq(sid).tokens]))   # works on any sequences
-            if n > max(best_len, self.pool.block_size - 1):
+            if n > max(best_len, self.pool.block_size - 1) and self.pool.can_fork(sid, min(n, len(ids) - 1)):
                 best, best_len = sid, n
         return best, best_len
 

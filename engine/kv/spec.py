@@ -1,13 +1,52 @@
-"""What each layer's attention reads of a sequence. Every supported model type attends to the
-whole history; a sliding-window layer would be a spec whose first visible position trails the
-sequence's end (and whose older blocks could go back to the pool)."""
+"""What each layer's attention reads of a sequence. Positions here are indices into the
+sequence (token 0, 1, ...). A query at position p reads the keys its spec makes visible, never
+past itself; a step of several new tokens reads the union of its queries' keys and masks each.
+Positions no later query can see are `dead`: the pool gives their blocks back."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 
 @dataclass(frozen=True)
 class FullAttention:
-    def first_visible(self, length: int) -> int:
-        """The first position a query at the end of a `length`-token sequence attends to."""
-        return 0
+    """Every earlier position."""
+
+    def reads(self, first: int, length: int) -> list[tuple[int, int]]:
+        """[start, end) ranges the queries at positions first..length-1 read together."""
+        return [(0, length)]
+
+    def dead(self, first: int) -> tuple[int, int]:
+        """[start, end) of positions no query at `first` or later reads (empty here)."""
+        return 0, 0
+
+    def visible(self, keys: mx.array, queries: mx.array) -> mx.array:
+        """(queries, keys) bool: whether each query position sees each key position."""
+        return keys[None, :] <= queries[:, None]
+
+
+@dataclass(frozen=True)
+class SinkWindow:
+    """mlx-lm's RotatingKVCache(max_size=window, keep=sinks) as decoding sees it: a query sees the
+    first `sinks` positions (attention sinks) and the last `window - sinks` up to itself, so at
+    most `window` keys. mlx-lm's cache only rotates while decoding: within one prompt step longer
+    than the window it masks a plain sliding window of `window` keys (no sinks); here every query,
+    in a prompt or not, follows the one rule above."""
+
+    window: int
+    sinks: int = 4
+
+    def _start(self, position: int) -> int:
+        return position + 1 - (self.window - self.sinks)
+
+    def reads(self, first: int, length: int) -> list[tuple[int, int]]:
+        lo = self._start(first)
+        return [(0, length)] if lo <= self.sinks else [(0, self.sinks), (lo, length)]
+
+    def dead(self, first: int) -> tuple[int, int]:
+        return self.sinks, max(self.sinks, self._start(first))
+
+    def visible(self, keys: mx.array, queries: mx.array) -> mx.array:
+        q, k = queries[:, None], keys[None, :]
+        return (k <= q) & ((k < self.sinks) | (k >= q + 1 - (self.window - self.sinks)))

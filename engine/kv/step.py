@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from metalforge.engine.kv.spec import FullAttention
+
 
 @dataclass(frozen=True)
 class Group:
@@ -65,13 +67,21 @@ class Step:
         """Positions held by the step's longest sequence, new tokens included (a host number)."""
         return max(self.lengths)
 
+    def reads(self, layer: int, b: int) -> list[tuple[int, int]]:
+        """The [start, end) position ranges layer `layer` reads of sequence b in this step."""
+        return self.pool.specs[layer].reads(self.starts[b], self.lengths[b])
+
     def runs(self, layer: int, b: int) -> list[tuple[int, int]]:
         """Sequence b's runs of consecutive slots that layer `layer` reads."""
-        spec = self.pool.specs[layer]
-        start = spec.first_visible(self.lengths[b])
-        if (start, b) not in self._runs:
-            self._runs[(start, b)] = self.pool.runs(self.sids[b], self.lengths[b], start)
-        return self._runs[(start, b)]
+        key = (tuple(self.reads(layer, b)), b)
+        if key not in self._runs:
+            self._runs[key] = self.pool.ranges(self.sids[b], list(key[0]))
+        return self._runs[key]
+
+    def mask(self, layer: int, b: int) -> mx.array:
+        """(new tokens, keys read) bool: which keys each of sequence b's new tokens sees."""
+        keys = mx.concatenate([mx.arange(a, e) for a, e in self.reads(layer, b) if e > a])
+        return self.pool.specs[layer].visible(keys, mx.arange(self.starts[b], self.lengths[b]))
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
         """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads."""
@@ -121,6 +131,15 @@ class GroupKV:
     def sequence(self, i: int) -> tuple[mx.array, mx.array]:
         """Member i's K and V, (1, kv_heads, length, head_dim), a view when it is one run."""
         return self.kv.step.pool.read(self.kv.layer, self.kv.step.runs(self.kv.layer, self.group.members[i]))
+
+    def mask(self) -> mx.array:
+        """(new tokens, keys) bool mask of the group's one sequence: causal, and its layer's window."""
+        return self.kv.step.mask(self.kv.layer, self.group.members[0])
+
+    @property
+    def windowed(self) -> bool:
+        """Whether its layer reads less than the whole history (no kernel of ours reads that yet)."""
+        return not isinstance(self.kv.step.pool.specs[self.kv.layer], FullAttention)
 
     def pool_sizes(self) -> dict:
         """The pool's layout as attention's op sees it: block size, blocks, and the widest block
