@@ -13,6 +13,8 @@ from metalforge.engine import prompt_cache, speculative, tokenizer as tokenizers
 from metalforge.engine.batch import Batch
 from metalforge.engine.generation import Generation
 from metalforge.engine.kv import BLOCK_SIZE, KVPool
+from metalforge.engine.kv import quantized
+from metalforge.engine.kv.quantized import QuantizedStorage
 from metalforge.engine.kv.spec import SinkWindow
 from metalforge.engine.kv.storage import DenseStorage
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
@@ -32,7 +34,7 @@ PREFILL_CHUNK = 512
 # First positions a sliding window (max_kv_size) always keeps, as mlx-lm's rotating cache does.
 SINKS = 4
 
-OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory", "max_kv_size")
+OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory", "max_kv_size", "kv_bits", "kv_group_size")
 
 
 def load(path, device=None, backend: str | None = None, results=None, **options) -> "Engine":
@@ -41,7 +43,9 @@ def load(path, device=None, backend: str | None = None, results=None, **options)
     max_kv_size: a sliding window of that many keys per query (the first 4 kept as attention
     sinks, as mlx-lm's rotating cache keeps them); blocks that fall out of it go back to the pool,
     so a sequence may grow to max_seq_len (default then: the model's max_position_embeddings)
-    whatever kv_tokens holds."""
+    whatever kv_tokens holds. kv_bits (8 or 4) with kv_group_size (32, 64 or 128; default 64):
+    K and V stored quantized (engine/kv/quantized.py); kv_tokens from kv_memory and the fit check
+    count the smaller pool."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise MetalforgeError(f"unknown engine option(s) {sorted(unknown)}; valid options: {', '.join(OPTIONS)}")
@@ -50,7 +54,7 @@ def load(path, device=None, backend: str | None = None, results=None, **options)
 
 class Engine:
     def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=BLOCK_SIZE,
-                 max_seq_len=None, memory=None, max_kv_size=None):
+                 max_seq_len=None, memory=None, max_kv_size=None, kv_bits=None, kv_group_size=64):
         self.path = path
         for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len),
                             ("max_kv_size", max_kv_size)):
@@ -68,7 +72,12 @@ class Engine:
         self.tokenizer = tokenizers.load(path)
         self.fingerprint = prompt_cache.fingerprint(self.args, weights)
         a = self.args
-        per_token = DenseStorage.token_bytes(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.model.dtype)
+        shape = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.model.dtype)
+        if kv_bits is not None:
+            quantized.check(kv_bits, kv_group_size, a.head_dim)
+            per_token = QuantizedStorage.token_bytes(*shape, kv_bits, kv_group_size)
+        else:
+            per_token = DenseStorage.token_bytes(*shape)
         if kv_memory is not None:
             kv_tokens = parse_bytes(kv_memory, self.limits.total, "kv_memory") // per_token
         kv_tokens = 4096 if kv_tokens is None else kv_tokens
@@ -85,8 +94,8 @@ class Engine:
                                       f"the pool's kv_tokens={kv_tokens}")
             specs = [SinkWindow(max_kv_size, SINKS)] * a.num_hidden_layers
         longest = a.max_position_embeddings if specs else min(kv_tokens, a.max_position_embeddings)
-        storage = DenseStorage(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
-                               self.model.dtype)
+        layout = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks, self.model.dtype)
+        storage = DenseStorage(*layout) if kv_bits is None else QuantizedStorage(*layout, kv_bits, kv_group_size)
         self.pool = KVPool(storage, block_size, num_blocks, int(max_seq_len or longest), specs)
         self.prefixes: dict[int, str] = {}   # sequences kept as reusable prompt prefixes -> where from
         self._closed = False
@@ -250,17 +259,19 @@ class Engine:
         model's cache, or a corrupt or truncated file, is an error and changes nothing."""
         meta, arrays = prompt_cache.read(path, self.fingerprint)
         tokens = self._check_ids(meta["tokens"])
-        want = (self.args.num_key_value_heads, len(tokens), self.args.head_dim)
-        bad = [n for n in (f"{kind}.{layer}" for layer in range(self.pool.layers) for kind in "kv")
-               if n not in arrays or tuple(arrays[n].shape) != want]
-        if meta["layers"] != self.pool.layers or bad:
-            raise prompt_cache.PromptCacheError(f"{path}: does not fit this model's KV cache (layers "
-                                                f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} not {want})")
+        stored = meta["quantization"]
+        kv = self._cached_kv(path, meta, arrays, len(tokens))
+        mine = getattr(self.pool.storage, "quantization", None)
         sid = self.pool.add_sequence()
         try:
             step = self.pool.begin({sid: len(tokens)})
-            for layer in range(self.pool.layers):
-                step.update_and_fetch(layer, arrays[f"k.{layer}"][None], arrays[f"v.{layer}"][None])
+            for layer, (k, v) in enumerate(kv):
+                if stored and stored == mine:   # the codes as saved
+                    self.pool.storage.write_quantized(layer, step.where, k, v)
+                    continue
+                if stored:
+                    k, v = (mx.dequantize(*x, **stored) for x in (k, v))
+                step.update_and_fetch(layer, k[None], v[None])
             step.commit([tokens])
         except BaseException:
             self.pool.remove(sid)
@@ -268,6 +279,22 @@ class Engine:
         mx.eval(self.pool.storage.arrays())
         self.prefixes[sid] = str(path)
         return sid
+
+    def _cached_kv(self, path, meta, arrays, tokens: int) -> list[tuple]:
+        """Each layer's (K, V) of a prompt cache file: arrays, or [codes, scales, biases] when it
+        was saved from a quantized pool; refused when they do not fit this model's KV cache."""
+        a, stored = self.args, meta["quantization"]
+        dims = [(f".{p}", a.head_dim * stored["bits"] // 32 if p == "codes" else a.head_dim // stored["group_size"])
+                for p in prompt_cache.PARTS] if stored else [("", a.head_dim)]
+        bad = [f"{kind}.{layer}{name}" for layer in range(self.pool.layers) for kind in "kv" for name, d in dims
+               if tuple(arrays.get(f"{kind}.{layer}{name}", mx.zeros((0,))).shape) != (a.num_key_value_heads, tokens, d)]
+        if meta["layers"] != self.pool.layers or bad:
+            raise prompt_cache.PromptCacheError(f"{path}: does not fit this model's KV cache (layers "
+                                                f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} do not "
+                                                f"hold {a.num_key_value_heads} heads of {tokens} tokens of this size)")
+        pick = (lambda kind, layer: [arrays[f"{kind}.{layer}.{p}"] for p in prompt_cache.PARTS]) if stored else \
+            (lambda kind, layer: arrays[f"{kind}.{layer}"])
+        return [(pick("k", layer), pick("v", layer)) for layer in range(self.pool.layers)]
 
     # ---- reporting --------------------------------------------------------------------------------
     def memory_breakdown(self) -> dict:

@@ -237,17 +237,15 @@ class Kernels:
         if L == 1:
             def mlx_op():
                 outs = []
-                for b in range(B):
-                    k, v = kv.sequence(b)   # a view of the pool when the sequence is one run of blocks
-                    outs.append(mx.fast.scaled_dot_product_attention(q[b:b + 1], k, v, scale=scale))
+                for b in range(B):   # the K/V read are a view of the pool when the sequence is one run of blocks
+                    outs.append(kv.attend(q[b:b + 1], b, scale))
                 return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         else:
             def mlx_op():
-                k, v = kv.sequence(0)
-                return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=kv.mask())
+                return kv.attend(q, 0, scale, kv.mask())
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
-        if self.backend == "mlx" or kv.windowed:   # no kernel of ours reads a sliding window yet
+        if self.backend == "mlx" or kv.mlx_only:   # no kernel of ours reads a window or quantized K/V yet
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
         values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes())

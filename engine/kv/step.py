@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from metalforge.engine.kv import quantized
 from metalforge.engine.kv.spec import FullAttention
 
 
@@ -46,7 +47,7 @@ class Step:
         self.positions = mx.array([positions], dtype=mx.int32)            # (1, tokens)
         self.logit_rows = rows
         contiguous = all(b - a == 1 for a, b in zip(slots, slots[1:]))
-        self._where = slice(slots[0], slots[0] + len(slots)) if contiguous else mx.array(slots, dtype=mx.int32)
+        self.where = slice(slots[0], slots[0] + len(slots)) if contiguous else mx.array(slots, dtype=mx.int32)
         self.groups = self._groups()
         self._tables: dict[tuple, tuple] = {}
         self._runs: dict[tuple, list] = {}
@@ -85,8 +86,8 @@ class Step:
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
         """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads."""
-        self.pool.storage.write(layer, self._where, k[0], v[0])
-        return LayerKV(self, layer)
+        self.pool.storage.write(layer, self.where, k[0], v[0])
+        return LayerKV(self, layer, k, v)
 
     def block_table(self, members: tuple[int, ...], width: int) -> tuple[mx.array, mx.array]:
         key = (members, width)
@@ -108,6 +109,8 @@ class LayerKV:
 
     step: Step
     layer: int
+    k: mx.array | None = None   # the step's new K/V as computed, before storage (see GroupKV.attend)
+    v: mx.array | None = None
 
     def groups(self) -> list["GroupKV"]:
         return [GroupKV(self, g) for g in self.step.groups]
@@ -137,9 +140,28 @@ class GroupKV:
         return self.kv.step.mask(self.kv.layer, self.group.members[0])
 
     @property
-    def windowed(self) -> bool:
-        """Whether its layer reads less than the whole history (no kernel of ours reads that yet)."""
-        return not isinstance(self.kv.step.pool.specs[self.kv.layer], FullAttention)
+    def mlx_only(self) -> bool:
+        """Whether only MLX's ops read it: its layer reads less than the whole history, or the
+        pool is quantized (no kernel of ours reads either yet)."""
+        pool = self.kv.step.pool
+        return not isinstance(pool.specs[self.kv.layer], FullAttention) or hasattr(pool.storage, "quantization")
+
+    def attend(self, q: mx.array, i: int, scale: float, mask=None) -> mx.array:
+        """MLX's attention of q (1, Hq, L, D) over member i's K/V: the fused op, or products on
+        the codes of a quantized pool (engine/kv/quantized.py)."""
+        step, b = self.kv.step, self.group.members[i]
+        pool, runs = step.pool, step.runs(self.kv.layer, b)
+        if step.starts[b] == 0 and self.kv.k is not None and len(step.sids) == 1 and \
+                step.reads(self.kv.layer, b) == [(0, step.lengths[b])]:
+            # a whole sequence's first step (a prompt) attends to its K/V as computed, not as
+            # stored: quantized, as mlx-lm attends to its first prompt chunk before its cache is
+            # quantized; dense, the same values
+            return mx.fast.scaled_dot_product_attention(q, self.kv.k, self.kv.v, scale=scale, mask=mask)
+        if hasattr(pool.storage, "quantization"):
+            k, v = pool.storage.read_quantized(self.kv.layer, runs)
+            return quantized.attention(q, k, v, scale, mask, **pool.storage.quantization)
+        k, v = pool.read(self.kv.layer, runs)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
     def pool_sizes(self) -> dict:
         """The pool's layout as attention's op sees it: block size, blocks, and the widest block
