@@ -14,6 +14,9 @@ def _engine_arguments(p) -> None:
     p.add_argument("--backend", default=None,
                    help="auto (metal on a Mac, else mlx), metal, mlx, emulator; default $METALFORGE_BACKEND, else auto")
     p.add_argument("--kv-tokens", type=int, default=4096, help="KV pool budget in tokens")
+    p.add_argument("--max-kv-size", type=int, help="sliding KV window in tokens (the first 4 kept as attention sinks)")
+    p.add_argument("--kv-bits", type=int, help="store K/V quantized to this many bits (8 or 4)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of quantized K/V (32, 64, 128)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
     prompt.add_argument("--prompt-tokens", help="prompt as comma-separated token ids")
@@ -57,7 +60,8 @@ def _prompt(args):
 
 def _load(args):
     from metalforge import engine
-    return engine.load(args.model, device=args.device, backend=args.backend, kv_tokens=args.kv_tokens)
+    return engine.load(args.model, device=args.device, backend=args.backend, kv_tokens=args.kv_tokens,
+                       max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
 
 
 def generate(args) -> int:

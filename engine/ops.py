@@ -245,6 +245,8 @@ class Kernels:
             def mlx_op():
                 return kv.attend(q, 0, scale, kv.mask())
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
+        if kv.quantization:
+            mlx_kernel = "mx.quantized_matmul attention (quantized KV)"
         if self.backend == "mlx" or kv.mlx_only:   # no kernel of ours reads a window or quantized K/V yet
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()

@@ -113,3 +113,15 @@ def test_bad_kv_bits_are_one_line_errors(folder):
         engine.load(folder, kv_bits=8, kv_group_size=16)
     with pytest.raises(MetalforgeError, match="kv_group_size=128 does not divide the model's head_dim=64"):
         engine.load(folder, kv_bits=8, kv_group_size=128)
+
+
+def test_other_backends_read_quantized_kv_through_mlx(folder):
+    """No kernel of ours reads quantized K/V yet: on the emulator backend attention runs MLX's
+    products on the codes (the report says so) and the tokens are the mlx backend's."""
+    with engine.load(folder, backend="mlx", kv_tokens=64, kv_bits=8) as e:
+        want = [t.id for t in e.generate(PROMPT, max_tokens=3)]
+    with engine.load(folder, backend="emulator", device="m2", kv_tokens=64, kv_bits=8) as e:
+        assert [t.id for t in e.generate(PROMPT, max_tokens=3)] == want
+        report = e.kernel_report()
+    assert report["decode attention"]["kernel"] == report["prefill attention"]["kernel"] == \
+        "mx.quantized_matmul attention (quantized KV)"

@@ -91,3 +91,15 @@ def test_bad_window_is_a_one_line_error(folder):
         engine.load(folder, kv_tokens=64, max_kv_size=4)
     with pytest.raises(MetalforgeError, match="max_kv_size=128 .* kv_tokens=64"):
         engine.load(folder, kv_tokens=64, max_kv_size=128)
+
+
+def test_generate_command_takes_the_kv_options(folder):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "metalforge.cli", "generate", "--model", str(folder), "--backend", "mlx",
+                          "--prompt-tokens", ",".join(map(str, PROMPT)), "--max-tokens", "40", "--kv-tokens", "64",
+                          "--max-kv-size", "16", "--kv-bits", "8", "--kv-group-size", "32"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    with engine.load(folder, backend="mlx", kv_tokens=64, max_kv_size=16, kv_bits=8, kv_group_size=32) as e:
+        assert out.stdout.split() == [str(t.id) for t in e.generate(PROMPT, max_tokens=40)]

@@ -4,7 +4,8 @@ reads it without dequantizing the whole history.
 Per layer, K and V are each three arrays in mx.quantize's layout along head_dim: codes (kv_heads,
 slots, head_dim * bits / 32) uint32, and scales and biases (kv_heads, slots, head_dim /
 group_size) in the model's dtype. Every write quantizes (prompt, decode, prompt-cache loads), so
-8 bits with groups of 64 hold a float16 token's K/V in 56% of the bytes, 4 bits in 31%.
+with groups of 64 a float16 token's K/V takes 53% of the bytes at 8 bits, 28% at 4
+(benchmarks/kv_memory.py).
 
 Attention multiplies the queries by the codes directly (mx.quantized_matmul, transposed for the
 scores, plain for the values), as mlx-lm's quantized scaled-dot-product attention does; MLX's

@@ -144,7 +144,12 @@ class GroupKV:
         """Whether only MLX's ops read it: its layer reads less than the whole history, or the
         pool is quantized (no kernel of ours reads either yet)."""
         pool = self.kv.step.pool
-        return not isinstance(pool.specs[self.kv.layer], FullAttention) or hasattr(pool.storage, "quantization")
+        return not isinstance(pool.specs[self.kv.layer], FullAttention) or self.quantization is not None
+
+    @property
+    def quantization(self) -> dict | None:
+        """{"bits", "group_size"} of a quantized pool, else None."""
+        return getattr(self.kv.step.pool.storage, "quantization", None)
 
     def attend(self, q: mx.array, i: int, scale: float, mask=None) -> mx.array:
         """MLX's attention of q (1, Hq, L, D) over member i's K/V: the fused op, or products on
@@ -157,9 +162,9 @@ class GroupKV:
             # stored: quantized, as mlx-lm attends to its first prompt chunk before its cache is
             # quantized; dense, the same values
             return mx.fast.scaled_dot_product_attention(q, self.kv.k, self.kv.v, scale=scale, mask=mask)
-        if hasattr(pool.storage, "quantization"):
+        if self.quantization:
             k, v = pool.storage.read_quantized(self.kv.layer, runs)
-            return quantized.attention(q, k, v, scale, mask, **pool.storage.quantization)
+            return quantized.attention(q, k, v, scale, mask, **self.quantization)
         k, v = pool.read(self.kv.layer, runs)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
