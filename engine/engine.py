@@ -9,7 +9,7 @@ import mlx.core as mx
 from metalforge import arguments
 from metalforge.engine import models
 from metalforge.engine.config import read
-from metalforge.engine import prompt_cache, speculative, tokenizer as tokenizers
+from metalforge.engine import prompt_cache, tokenizer as tokenizers
 from metalforge.engine.batch import Batch
 from metalforge.engine.generation import Generation
 from metalforge.engine.kv import BLOCK_SIZE, KVPool
@@ -206,17 +206,9 @@ class Engine:
         an earlier match of the last n tokens; the target verifies them in one forward pass and
         the output is distributed as without (greedy: the same tokens). `stats` counts verify
         passes, drafted and accepted tokens."""
-        speculate = draft is not None or prompt_lookup
-        drafter = speculative.drafter(self, draft, num_draft, prompt_lookup) if speculate else None
         loop = Scheduler(self, max_waiting=1)
-        try:
-            rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep)
-        except BaseException:
-            if drafter:
-                drafter.close()
-            raise
-        if drafter:
-            return speculative.generate(self, loop, rid, drafter, num_draft, seed)
+        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, draft, num_draft,
+                           prompt_lookup)
 
         def run(gen: Generation):
             loop.start_clock(rid)

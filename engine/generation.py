@@ -9,6 +9,12 @@ from dataclasses import dataclass
 from metalforge.engine import tokenizer as tokenizers
 
 
+# Stop reasons the loop gives besides Stops': the sequence reached the engine's maximum length, or
+# the pool had no block for its next token.
+LONGEST = "max_seq_len"
+POOL_FULL = "KV pool exhausted"
+
+
 @dataclass
 class Token:
     id: int

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metalforge import arguments
-from metalforge.engine.generation import Stats, Stops, TextStream, Token
+from metalforge.engine.generation import LONGEST, POOL_FULL, Stats, Stops, TextStream, Token
 from metalforge.engine.kv import PoolExhausted
+from metalforge.engine import speculative
 from metalforge.engine.sampling import Sampler
+from metalforge.engine.speculative import NUM_DRAFT, Speculation
 from metalforge.errors import MetalforgeError
 
 MAX_WAITING = 1024
-POOL_FULL = "KV pool exhausted"
-LONGEST = "max_seq_len"
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Request:
     sampled: int = 0               # tokens sampled, read back or not
     ending: str | None = None      # why no more tokens will be fed, once its last is read
     error: PoolExhausted | None = None
+    speculation: object = None     # engine/speculative.py's Speculation: decoded a verify pass at a time
+    first: mx.array | None = None  # a speculative request's first token, sampled at prefill
 
 
 class Scheduler:
@@ -62,10 +64,24 @@ class Scheduler:
 
     # ---- requests ---------------------------------------------------------------------------------
     def request(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                seed: int | None = None, stop=None, keep: bool = False) -> int:
+                seed: int | None = None, stop=None, keep: bool = False, draft=None, num_draft: int = NUM_DRAFT,
+                prompt_lookup: int = 0) -> int:
         """Queue a prompt (text or ids) with its own settings; it joins at the next step with room
         for it. Returns its request id. Every argument is checked first; a full queue or a prompt
-        over max_seq_len is refused."""
+        over max_seq_len is refused. `draft` or `prompt_lookup`: decoded speculatively (see
+        engine/speculative.py), `num_draft` tokens verified per forward pass."""
+        speculation = None
+        if draft is not None or prompt_lookup:
+            speculation = Speculation(speculative.drafter(self.engine, draft, num_draft, prompt_lookup), num_draft,
+                                      seed)
+        try:
+            return self._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, speculation)
+        except BaseException:
+            if speculation:
+                speculation.close()
+            raise
+
+    def _request(self, prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, speculation) -> int:
         e = self.engine
         arguments.positive_int("max_tokens", max_tokens)
         ids = e.encode(prompt)
@@ -88,8 +104,11 @@ class Scheduler:
                           time.perf_counter())
         rid = self._next_id
         self._next_id += 1
+        if speculation:   # a verify pass holds the drafts until the rejected ones go back
+            longest = min(longest + speculation.num_draft, self.pool.max_seq_len)
         self.requests[rid] = Request(ids, sampler, text, max_tokens,
-                                     min(self.pool.blocks.blocks_for(longest), self.pool.num_blocks), keep)
+                                     min(self.pool.blocks.blocks_for(longest), self.pool.num_blocks), keep,
+                                     speculation=speculation)
         self.waiting.append(rid)
         return rid
 
@@ -117,13 +136,6 @@ class Scheduler:
         r = self.requests.get(rid)
         return r.error if r is not None else self._ended[rid][1]
 
-    def admit(self, rid: int) -> mx.array | None:
-        """Admit a waiting request now, whatever the queue, and prefill it: its first token
-        (lazy), or None when its prompt did not fit (it has ended; see `error`). For loops that
-        decode a request their own way (engine/speculative.py)."""
-        self.waiting.remove(rid)
-        return self._prefill(rid)
-
     def start_clock(self, rid: int) -> None:
         """Time the request from now: a generation starts when it is iterated, not when made."""
         self.requests[rid].text.start = time.perf_counter()
@@ -142,7 +154,9 @@ class Scheduler:
         while self.waiting and self._fits(self.requests[self.waiting[0]]):
             rid = self.waiting.popleft()
             y = self._prefill(rid)
-            if y is not None:
+            if y is not None and self.requests[rid].speculation:
+                self.requests[rid].first = y
+            elif y is not None:
                 ready.append((rid, y))
         fed = self._feedable([rid for rid, _ in ready])
         self._queued = self._decode(fed, dict(ready)) if fed else []
@@ -156,7 +170,24 @@ class Scheduler:
             events.append((rid, out))
             if reason or rid not in fed:
                 self._finish(rid, reason or r.ending)
+        for rid in [rid for rid, r in self.requests.items() if r.speculation and r.sid is not None]:
+            events += self._speculate(rid)
         return sorted(events, key=lambda ev: ev[0])
+
+    def _speculate(self, rid: int) -> list[tuple[int, Token]]:
+        """A speculative request's next verify pass (its own forward pass): the tokens it yields."""
+        r = self.requests[rid]
+        tokens, ending = r.speculation.advance(self.engine, r)
+        events = []
+        for token in tokens:
+            out, reason = r.text.add(token)
+            events.append((rid, out))
+            if reason:
+                self._finish(rid, reason)
+                return events
+        if ending:
+            self._finish(rid, ending)
+        return events
 
     def _decode(self, fed: list[int], tokens: dict[int, mx.array]) -> list[tuple[int, mx.array]]:
         """Queue one forward pass feeding each request its sampled token; (request, next token)."""
@@ -249,6 +280,8 @@ class Scheduler:
         if rid in self.waiting:
             self.waiting.remove(rid)
         r.text.stats.stop_reason = r.text.stats.stop_reason or reason
+        if r.speculation:
+            r.speculation.close()
         self.finished[rid] = r.text.stats
         self._ended[rid] = (r.sid, r.error)
         if r.sid is None or r.sid not in self.pool.seqs:

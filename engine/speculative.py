@@ -24,9 +24,8 @@ import mlx.core as mx
 import numpy as np
 
 from metalforge import arguments
-from metalforge.engine.generation import Generation
 from metalforge.engine.kv import PoolExhausted
-from metalforge.engine.scheduler import LONGEST, POOL_FULL
+from metalforge.engine.generation import LONGEST, POOL_FULL
 from metalforge.errors import MetalforgeError
 
 NUM_DRAFT = 3   # mlx-lm's default number of draft tokens is 2; one more pays off on an agreeing draft
@@ -148,48 +147,43 @@ def drafter(engine, draft, num_draft: int, prompt_lookup: int):
     return DraftModel(draft, engine.args.vocab_size, owned=False)
 
 
-def generate(engine, loop, rid: int, drafter, num_draft: int, seed: int | None) -> Generation:
-    """The tokens of the loop's one request, decoded speculatively (see the module docstring)."""
-    rng = np.random.default_rng(seed)
-    pool = engine.pool
+class Speculation:
+    """One request's speculative decoding, a round at a time (the scheduler calls `advance`
+    where a plain request would be fed its sampled token)."""
 
-    def run(gen: Generation):
-        loop.start_clock(rid)
+    def __init__(self, drafter, num_draft: int, seed: int | None):
+        self.drafter, self.num_draft = drafter, num_draft
+        self.rng = np.random.default_rng(seed)
+        self.history: list[int] | None = None   # prompt and tokens emitted; the last not fed yet
+
+    def advance(self, engine, r) -> tuple[list[int], str | None]:
+        """The request's next tokens (its first, or a verify pass's kept drafts and the token
+        after them), or no tokens and why it cannot go on (max_seq_len, a full pool)."""
+        if self.history is None:
+            self.history = list(r.ids)
+            return self._emit([int(r.first.item())])
+        pool, stats, sid = engine.pool, r.text.stats, r.sid
+        y, held = self.history[-1], pool.seq(sid).length
+        if held >= pool.max_seq_len:
+            return [], LONGEST
+        k = min(self.num_draft, r.max_tokens - stats.generated_tokens - 1, pool.max_seq_len - held - 1,
+                self.drafter.room(self.history))
+        drafts, qs = self.drafter.propose(self.history, k, r.sampler, self.rng) if k > 0 else ([], None)
         try:
-            first = loop.admit(rid)
-            if first is None:
-                raise loop.error(rid)
-            r = loop.requests[rid]
-            stats, sid = r.text.stats, r.sid
-            gen.sequence = sid
-            history, emit = list(r.ids), [int(first.item())]
-            while True:
-                for t in emit:
-                    token, reason = r.text.add(t)
-                    history.append(t)
-                    yield token
-                    if reason:
-                        return
-                y, held = history[-1], pool.seq(sid).length
-                if held >= pool.max_seq_len:
-                    stats.stop_reason = LONGEST
-                    return
-                k = min(num_draft, r.max_tokens - stats.generated_tokens - 1, pool.max_seq_len - held - 1,
-                        drafter.room(history))
-                drafts, qs = drafter.propose(history, k, r.sampler, rng) if k > 0 else ([], None)
-                try:
-                    logits = engine.step([sid], [[y] + drafts], logits_at={sid: list(range(len(drafts) + 1))})
-                except PoolExhausted:
-                    stats.stop_reason = POOL_FULL
-                    return
-                kept, nxt = accept(r.sampler, logits, drafts, qs, rng)
-                if kept < len(drafts):
-                    engine.remove(sid, held + 1 + kept)
-                stats.verify_steps += 1
-                stats.draft_tokens += len(drafts)
-                stats.accepted_tokens += kept
-                emit = drafts[:kept] + [nxt]
-        finally:
-            drafter.close()
-            loop.close()
-    return Generation(run, loop.stats(rid))
+            logits = engine.step([sid], [[y] + drafts], logits_at={sid: list(range(len(drafts) + 1))})
+        except PoolExhausted:
+            return [], POOL_FULL
+        kept, nxt = accept(r.sampler, logits, drafts, qs, self.rng)
+        if kept < len(drafts):
+            engine.remove(sid, held + 1 + kept)
+        stats.verify_steps += 1
+        stats.draft_tokens += len(drafts)
+        stats.accepted_tokens += kept
+        return self._emit(drafts[:kept] + [nxt])
+
+    def _emit(self, tokens: list[int]) -> tuple[list[int], None]:
+        self.history += tokens
+        return tokens, None
+
+    def close(self) -> None:
+        self.drafter.close()

@@ -81,6 +81,23 @@ def test_rejected_drafts_go_back_to_the_pool_without_copying(folders):
             assert a[:n - 1] == b[:n - 1], "blocks before the last kept one never move"
 
 
+def test_a_batch_mixes_speculative_and_plain_requests(folders):
+    prompts = [PROMPT, [9, 8, 7, 9, 8], list(range(2, 30))]
+    want = [reference_greedy(folders["target"], p, 12)[0] for p in prompts]
+    with engine.load(folders["target"], backend="mlx", kv_tokens=256, block_size=8) as e, \
+            engine.load(folders["other"], backend="mlx", kv_tokens=256) as other:
+        batch = e.batch()
+        ids_ = [batch.add(prompts[0], max_tokens=12, draft=other, num_draft=3),
+                batch.add(prompts[1], max_tokens=12),
+                batch.add(prompts[2], max_tokens=12, prompt_lookup=2)]
+        got = {}
+        for rid, token in batch:
+            got.setdefault(rid, []).append(token.id)
+        assert [got[r] for r in ids_] == want
+        assert batch.stats(ids_[0]).verify_steps > 0 and batch.stats(ids_[1]).verify_steps == 0
+        assert e.pool.used_blocks == 0 and other.pool.used_blocks == 0
+
+
 def test_prompt_lookup_drafts_what_followed_the_latest_match():
     look = PromptLookup(2)
     assert look.propose([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3, None, None) == ([5, 6, 1], None)
