@@ -15,7 +15,7 @@ from metalforge.engine.generation import Generation
 from metalforge.engine.kv import BLOCK_SIZE, KVPool
 from metalforge.engine.kv import quantized
 from metalforge.engine.kv.quantized import QuantizedStorage
-from metalforge.engine.kv.spec import SinkWindow
+from metalforge.engine.kv.spec import sink_window
 from metalforge.engine.kv.storage import DenseStorage
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
 from metalforge.engine.weights import load_weights
@@ -30,9 +30,6 @@ from metalforge.intmath import cdiv
 # 8192 tokens: 128 MiB), a quarter of mlx-lm's 2048-token steps; the linear layers already reach
 # their dequantized speed at this many rows (engine/cpu_linear.py).
 PREFILL_CHUNK = 512
-
-# First positions a sliding window (max_kv_size) always keeps, as mlx-lm's rotating cache does.
-SINKS = 4
 
 OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory", "max_kv_size", "kv_bits", "kv_group_size")
 
@@ -89,10 +86,7 @@ class Engine:
         self.limits.apply()
         specs = None
         if max_kv_size is not None:
-            if max_kv_size <= SINKS or max_kv_size > kv_tokens:
-                raise MetalforgeError(f"max_kv_size={max_kv_size} must exceed the {SINKS} attention sinks and fit "
-                                      f"the pool's kv_tokens={kv_tokens}")
-            specs = [SinkWindow(max_kv_size, SINKS)] * a.num_hidden_layers
+            specs = [sink_window(max_kv_size, kv_tokens)] * a.num_hidden_layers
         longest = a.max_position_embeddings if specs else min(kv_tokens, a.max_position_embeddings)
         layout = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks, self.model.dtype)
         storage = DenseStorage(*layout) if kv_bits is None else QuantizedStorage(*layout, kv_bits, kv_group_size)
@@ -193,7 +187,7 @@ class Engine:
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop=None, keep: bool = False, draft=None, num_draft: int = NUM_DRAFT,
-                 prompt_lookup: int = 0) -> Generation:
+                 prompt_lookup: int = 0, max_kv_size: int | None = None) -> Generation:
         """Stream tokens for a prompt (text or token ids), through the same loop as `batch()`. A
         cached prefix (see load_prompt_cache and keep_prefix) is reused so only new tokens are
         prefilled. With keep=True the sequence stays in the pool afterwards (its id is
@@ -205,10 +199,11 @@ class Engine:
         same tokenizer) proposes `num_draft` tokens a step, or `prompt_lookup=n` copies them from
         an earlier match of the last n tokens; the target verifies them in one forward pass and
         the output is distributed as without (greedy: the same tokens). `stats` counts verify
-        passes, drafted and accepted tokens."""
+        passes, drafted and accepted tokens. `max_kv_size`: a sliding window for this request
+        alone (see load's; its length is still bounded by max_seq_len)."""
         loop = Scheduler(self, max_waiting=1)
         rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, draft, num_draft,
-                           prompt_lookup)
+                           prompt_lookup, max_kv_size)
 
         def run(gen: Generation):
             loop.start_clock(rid)

@@ -27,6 +27,7 @@ import mlx.core as mx
 from metalforge import arguments
 from metalforge.engine.generation import LONGEST, POOL_FULL, Stats, Stops, TextStream, Token
 from metalforge.engine.kv import PoolExhausted
+from metalforge.engine.kv.spec import SinkWindow, sink_window
 from metalforge.engine import speculative
 from metalforge.engine.sampling import Sampler
 from metalforge.engine.speculative import NUM_DRAFT, Speculation
@@ -49,6 +50,7 @@ class Request:
     error: PoolExhausted | None = None
     speculation: object = None     # engine/speculative.py's Speculation: decoded a verify pass at a time
     first: mx.array | None = None  # a speculative request's first token, sampled at prefill
+    window: SinkWindow | None = None   # its own sliding window (max_kv_size)
 
 
 class Scheduler:
@@ -65,23 +67,25 @@ class Scheduler:
     # ---- requests ---------------------------------------------------------------------------------
     def request(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                 seed: int | None = None, stop=None, keep: bool = False, draft=None, num_draft: int = NUM_DRAFT,
-                prompt_lookup: int = 0) -> int:
+                prompt_lookup: int = 0, max_kv_size: int | None = None) -> int:
         """Queue a prompt (text or ids) with its own settings; it joins at the next step with room
         for it. Returns its request id. Every argument is checked first; a full queue or a prompt
         over max_seq_len is refused. `draft` or `prompt_lookup`: decoded speculatively (see
-        engine/speculative.py), `num_draft` tokens verified per forward pass."""
+        engine/speculative.py), `num_draft` tokens verified per forward pass. `max_kv_size`: this
+        request's own sliding window (as engine.load's, for the layers that attend to everything)."""
+        window = None if max_kv_size is None else sink_window(max_kv_size, self.pool.capacity_tokens)
         speculation = None
         if draft is not None or prompt_lookup:
             speculation = Speculation(speculative.drafter(self.engine, draft, num_draft, prompt_lookup), num_draft,
                                       seed)
         try:
-            return self._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, speculation)
+            return self._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, speculation, window)
         except BaseException:
             if speculation:
                 speculation.close()
             raise
 
-    def _request(self, prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, speculation) -> int:
+    def _request(self, prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, speculation, window) -> int:
         e = self.engine
         arguments.positive_int("max_tokens", max_tokens)
         ids = e.encode(prompt)
@@ -108,7 +112,7 @@ class Scheduler:
             longest = min(longest + speculation.num_draft, self.pool.max_seq_len)
         self.requests[rid] = Request(ids, sampler, text, max_tokens,
                                      min(self.pool.blocks.blocks_for(longest), self.pool.num_blocks), keep,
-                                     speculation=speculation)
+                                     speculation=speculation, window=window)
         self.waiting.append(rid)
         return rid
 
@@ -243,9 +247,9 @@ class Scheduler:
         its first token sampled; a prompt the pool cannot hold ends the request alone."""
         r = self.requests[rid]
         others = [o.sid for o in self.requests.values() if o.sid is not None]
-        parent, cached = self._longest_cached_prefix(r.ids, others)
+        parent, cached = self._longest_cached_prefix(r.ids, others, r.window)
         cached = min(cached, len(r.ids) - 1)   # the last prompt token is recomputed for its logits
-        sid = self.pool.add_sequence() if parent is None else self.pool.fork(parent, cached)
+        sid = self.pool.add_sequence(r.window) if parent is None else self.pool.fork(parent, cached, r.window)
         r.text.stats.cached_tokens = cached    # 0 without a parent
         try:
             logits = self.engine.prefill(sid, r.ids[cached:])
@@ -260,18 +264,20 @@ class Scheduler:
         r.sid, r.sampled = sid, 1
         return r.sampler.sample(logits[0])
 
-    def _longest_cached_prefix(self, ids: list[int], candidates=()) -> tuple[int | None, int]:
+    def _longest_cached_prefix(self, ids: list[int], candidates=(), window=None) -> tuple[int | None, int]:
         """The kept prefix that is a whole prefix of `ids`, or among `candidates` the sequence
         sharing the most leading tokens (at least one block: less is not worth a fork)."""
         best, best_len = None, 0
         for sid in self.engine.prefixes:
             cached = self.pool.seq(sid).tokens
             n = len(cached)
-            if best_len < n < len(ids) + 1 and ids[:n] == cached and self.pool.can_fork(sid, min(n, len(ids) - 1)):
+            if best_len < n < len(ids) + 1 and ids[:n] == cached and \
+                    self.pool.can_fork(sid, min(n, len(ids) - 1), window):
                 best, best_len = sid, n
         for sid in candidates:
             n = len(os.path.commonprefix([ids, self.pool.seq(sid).tokens]))   # works on any sequences
-            if n > max(best_len, self.pool.block_size - 1) and self.pool.can_fork(sid, min(n, len(ids) - 1)):
+            if n > max(best_len, self.pool.block_size - 1) and \
+                    self.pool.can_fork(sid, min(n, len(ids) - 1), window):
                 best, best_len = sid, n
         return best, best_len
 

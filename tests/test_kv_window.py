@@ -86,6 +86,29 @@ def test_a_small_pool_decodes_far_past_its_size_with_flat_memory(folder):
         assert sum(1 for _ in e.generate(PROMPT, max_tokens=total)) < 64, "without a window the pool ends it"
 
 
+def test_a_request_may_have_its_own_window(folder):
+    """generate(max_kv_size=) gives one request the window load(max_kv_size=) gives all, and in a
+    batch a windowed request and a full one each get their tokens alone."""
+    n = 120
+    with engine.load(folder, backend="mlx", kv_tokens=64, block_size=8, max_kv_size=32) as e:
+        windowed = [t.id for t in e.generate(PROMPT, max_tokens=n)]
+    with engine.load(folder, backend="mlx", kv_tokens=256, block_size=8, max_seq_len=400) as e:
+        assert [t.id for t in e.generate(PROMPT, max_tokens=n, max_kv_size=32)] == windowed
+        full = [t.id for t in e.generate(PROMPT, max_tokens=n)]
+        batch = e.batch()
+        a = batch.add(PROMPT, max_tokens=n, max_kv_size=32)
+        b = batch.add(PROMPT, max_tokens=n)
+        got, most = {}, 0
+        for rid, token in batch:
+            got.setdefault(rid, []).append(token.id)
+            if rid == a and len(got[a]) > 60 and a in batch.requests:
+                most = max(most, len([x for x in e.pool.seq(batch.sequence(a)).blocks if x is not None]))
+        assert got[a] == windowed and got[b] == full
+        assert 0 < most <= 1 + 32 // 8 + 1, "the windowed request gives its old blocks back"
+        with pytest.raises(MetalforgeError, match="max_kv_size=3 must exceed"):
+            e.generate(PROMPT, max_kv_size=3)
+
+
 def test_bad_window_is_a_one_line_error(folder):
     with pytest.raises(MetalforgeError, match="max_kv_size=4 must exceed the 4 attention sinks"):
         engine.load(folder, kv_tokens=64, max_kv_size=4)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from metalforge.engine.kv.blocks import BlockAllocator
-from metalforge.engine.kv.spec import FullAttention
+from metalforge.engine.kv.spec import FullAttention, SinkWindow
 from metalforge.engine.kv.step import Step
 from metalforge.engine.kv.storage import Storage
 from metalforge.errors import MetalforgeError
@@ -31,6 +31,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)   # each held token's position (RoPE's), pending ones too
     pending: int = 0     # tokens written by a step whose ids the host has not read yet (see KVPool.settle)
+    window: SinkWindow | None = None   # its own sliding window (a request's max_kv_size), see KVPool.spec
 
     @property
     def length(self) -> int:
@@ -82,10 +83,10 @@ class KVPool:
         return self.num_blocks * self.block_size
 
     # ---- sequences -----------------------------------------------------------------------------
-    def add_sequence(self) -> int:
+    def add_sequence(self, window: SinkWindow | None = None) -> int:
         sid = self._next_id
         self._next_id += 1
-        self.seqs[sid] = Sequence()
+        self.seqs[sid] = Sequence(window=window)
         return sid
 
     def seq(self, sid: int) -> Sequence:
@@ -94,19 +95,20 @@ class KVPool:
         except KeyError:
             raise MetalforgeError(f"no sequence {sid} in the KV pool (have: {sorted(self.seqs)})") from None
 
-    def fork(self, sid: int, length: int | None = None) -> int:
-        """A new sequence sharing the blocks of `sid`'s first `length` tokens (all by default); the
-        first write to a shared block copies it."""
+    def fork(self, sid: int, length: int | None = None, window: SinkWindow | None = None) -> int:
+        """A new sequence sharing the blocks of `sid`'s first `length` tokens (all by default),
+        with its own `window`; the first write to a shared block copies it."""
         parent = self.seq(sid)
         length = parent.length if length is None else length
         if parent.pending or not 0 <= length <= parent.length:
             raise MetalforgeError(f"fork({sid}, {length}): the sequence holds {parent.length} settled tokens")
         blocks = parent.blocks[:self.blocks.blocks_for(length)]
-        if not self.can_fork(sid, length):
+        if not self.can_fork(sid, length, window):
             raise MetalforgeError(f"fork({sid}, {length}): the sequence gave back blocks a fork of that length "
                                   "reads (they fell out of its window)")
         child = self.add_sequence()
-        self.seqs[child] = Sequence(list(blocks), list(parent.tokens[:length]), list(parent.positions[:length]))
+        self.seqs[child] = Sequence(list(blocks), list(parent.tokens[:length]), list(parent.positions[:length]),
+                                    window=window)
         self.blocks.share(blocks)
         return child
 
@@ -141,16 +143,25 @@ class KVPool:
         s.pending -= len(ids)
 
     # ---- windows ---------------------------------------------------------------------------------
-    def dead(self, first: int) -> tuple[int, int]:
+    def spec(self, layer: int, sid: int):
+        """What `layer` reads of sequence `sid`: the layer's spec, or the sequence's own window
+        where the layer attends to everything."""
+        return self._spec(layer, self.seqs[sid].window)
+
+    def _spec(self, layer: int, window: SinkWindow | None):
+        spec = self.specs[layer]
+        return window if window is not None and isinstance(spec, FullAttention) else spec
+
+    def dead(self, first: int, window: SinkWindow | None = None) -> tuple[int, int]:
         """[start, end) of positions no layer reads for queries at `first` or later."""
-        ranges = [spec.dead(first) for spec in self.specs]
+        ranges = [self._spec(layer, window).dead(first) for layer in range(self.layers)]
         start, end = max(r[0] for r in ranges), min(r[1] for r in ranges)
         return (start, end) if start < end else (0, 0)
 
-    def can_fork(self, sid: int, length: int) -> bool:
-        """Whether a fork of `sid`'s first `length` tokens finds every block it reads."""
+    def can_fork(self, sid: int, length: int, window: SinkWindow | None = None) -> bool:
+        """Whether a fork of `sid`'s first `length` tokens with `window` finds every block it reads."""
         s = self.seq(sid)
-        start, end = self.dead(length)
+        start, end = self.dead(length, window)
         bs = self.block_size
         return all(b is not None or start <= i * bs < (i + 1) * bs <= end
                    for i, b in enumerate(s.blocks[:self.blocks.blocks_for(length)]))
@@ -159,7 +170,7 @@ class KVPool:
         """Give back the blocks of `sid` wholly out of every layer's window for its next token:
         memory stays flat however long a windowed sequence grows."""
         s = self.seqs[sid]
-        start, end = self.dead(s.length)
+        start, end = self.dead(s.length, s.window)
         for i in range(cdiv(start, self.block_size), min(end // self.block_size, len(s.blocks))):
             if s.blocks[i] is not None:
                 self.blocks.release([s.blocks[i]])

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from metalforge import arguments
+from metalforge.errors import MetalforgeError
+
+# First positions a sliding window keeps, as mlx-lm's rotating cache keeps them (its keep=4).
+SINKS = 4
+
 
 @dataclass(frozen=True)
 class FullAttention:
@@ -35,7 +41,7 @@ class SinkWindow:
     in a prompt or not, follows the one rule above."""
 
     window: int
-    sinks: int = 4
+    sinks: int = SINKS
 
     def _start(self, position: int) -> int:
         return position + 1 - (self.window - self.sinks)
@@ -50,3 +56,12 @@ class SinkWindow:
     def visible(self, keys: mx.array, queries: mx.array) -> mx.array:
         q, k = queries[:, None], keys[None, :]
         return (k <= q) & ((k < self.sinks) | (k >= q + 1 - (self.window - self.sinks)))
+
+
+def sink_window(max_kv_size: int, kv_tokens: int) -> SinkWindow:
+    """A max_kv_size option as a window, checked against the pool's size in tokens."""
+    arguments.positive_int("max_kv_size", max_kv_size)
+    if max_kv_size <= SINKS or max_kv_size > kv_tokens:
+        raise MetalforgeError(f"max_kv_size={max_kv_size} must exceed the {SINKS} attention sinks and fit "
+                              f"the pool's kv_tokens={kv_tokens}")
+    return SinkWindow(max_kv_size)

@@ -70,7 +70,7 @@ class Step:
 
     def reads(self, layer: int, b: int) -> list[tuple[int, int]]:
         """The [start, end) position ranges layer `layer` reads of sequence b in this step."""
-        return self.pool.specs[layer].reads(self.starts[b], self.lengths[b])
+        return self.pool.spec(layer, self.sids[b]).reads(self.starts[b], self.lengths[b])
 
     def runs(self, layer: int, b: int) -> list[tuple[int, int]]:
         """Sequence b's runs of consecutive slots that layer `layer` reads."""
@@ -82,7 +82,7 @@ class Step:
     def mask(self, layer: int, b: int) -> mx.array:
         """(new tokens, keys read) bool: which keys each of sequence b's new tokens sees."""
         keys = mx.concatenate([mx.arange(a, e) for a, e in self.reads(layer, b) if e > a])
-        return self.pool.specs[layer].visible(keys, mx.arange(self.starts[b], self.lengths[b]))
+        return self.pool.spec(layer, self.sids[b]).visible(keys, mx.arange(self.starts[b], self.lengths[b]))
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
         """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads."""
@@ -143,8 +143,9 @@ class GroupKV:
     def mlx_only(self) -> bool:
         """Whether only MLX's ops read it: its layer reads less than the whole history, or the
         pool is quantized (no kernel of ours reads either yet)."""
-        pool = self.kv.step.pool
-        return not isinstance(pool.specs[self.kv.layer], FullAttention) or self.quantization is not None
+        step = self.kv.step
+        return self.quantization is not None or any(
+            not isinstance(step.pool.spec(self.kv.layer, step.sids[b]), FullAttention) for b in self.group.members)
 
     @property
     def quantization(self) -> dict | None:
