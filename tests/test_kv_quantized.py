@@ -66,6 +66,28 @@ def test_greedy_and_logprobs_match_mlx_lm_with_kv_bits(folder, bits, group):
         assert moved > 1e-3, "quantization shows in the log-probabilities"
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_long_context_logprobs_match_mlx_lm(folder, bits):
+    """A 2,300-token context: mlx-lm prefills 2,048 tokens before quantizing its cache, then the
+    rest of the prompt as one chunk over quantized K/V (its own included), then one token at a
+    time; the engine driven in the same steps gives its log-probabilities."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+    model, _ = load_model(folder)
+    prompt = [(7 * i) % 297 + 2 for i in range(2300)]
+    theirs, lp = zip(*generate_step(mx.array(prompt), model, max_tokens=6, kv_bits=bits, kv_group_size=64,
+                                    quantized_kv_start=0))
+    with engine.load(folder, backend="mlx", kv_tokens=4200, kv_bits=bits, kv_group_size=64) as e:
+        sid = e.add_sequence()
+        e.step([sid], [prompt[:2048]])
+        e.step([sid], [prompt[2048:-1]])
+        feed = prompt[-1:]
+        for i, token in enumerate(theirs):
+            logits = e.step([sid], [feed])[0]
+            assert mx.abs(logits - mx.logsumexp(logits) - lp[i]).max().item() < 1e-3, f"token {i}"
+            feed = [int(token)]
+
+
 def test_pool_bytes_and_the_fit_count_the_smaller_layout(folder):
     sizes = {}
     for bits in (None, 8, 4):

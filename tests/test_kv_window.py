@@ -109,6 +109,16 @@ def test_a_request_may_have_its_own_window(folder):
             e.generate(PROMPT, max_kv_size=3)
 
 
+def test_other_backends_read_a_window_through_mlx(folder):
+    """No kernel of ours reads a window yet: the emulator backend runs MLX's attention there and
+    gives the mlx backend's tokens past the first crossing."""
+    with engine.load(folder, backend="mlx", kv_tokens=64, block_size=8, max_kv_size=16) as e:
+        want = [t.id for t in e.generate(PROMPT, max_tokens=12)]
+    with engine.load(folder, backend="emulator", device="m2", kv_tokens=64, block_size=8, max_kv_size=16) as e:
+        assert [t.id for t in e.generate(PROMPT, max_tokens=12)] == want
+        assert e.kernel_report()["decode attention"]["kernel"].startswith("mx.fast.scaled_dot_product_attention")
+
+
 def test_bad_window_is_a_one_line_error(folder):
     with pytest.raises(MetalforgeError, match="max_kv_size=4 must exceed the 4 attention sinks"):
         engine.load(folder, kv_tokens=64, max_kv_size=4)
