@@ -168,11 +168,18 @@ class Speculation:
             return [], LONGEST
         k = min(self.num_draft, r.max_tokens - stats.generated_tokens - 1, pool.max_seq_len - held - 1,
                 self.drafter.room(self.history))
-        drafts, qs = self.drafter.propose(self.history, k, r.sampler, self.rng) if k > 0 else ([], None)
         try:
-            logits = engine.step([sid], [[y] + drafts], logits_at={sid: list(range(len(drafts) + 1))})
-        except PoolExhausted:
-            return [], POOL_FULL
+            drafts, qs = self.drafter.propose(self.history, k, r.sampler, self.rng) if k > 0 else ([], None)
+        except PoolExhausted:   # the draft model's pool is full: this pass verifies nothing
+            drafts, qs = [], None
+        while True:
+            try:
+                logits = engine.step([sid], [[y] + drafts], logits_at={sid: list(range(len(drafts) + 1))})
+                break
+            except PoolExhausted:   # nothing changed; without drafts the token may still fit
+                if not drafts:
+                    return [], POOL_FULL
+                drafts, qs = [], None
         kept, nxt = accept(r.sampler, logits, drafts, qs, self.rng)
         if kept < len(drafts):
             engine.remove(sid, held + 1 + kept)

@@ -180,3 +180,17 @@ def test_sampled_tokens_follow_the_target_distribution(folders, how):
     assert chi_square_p(counts, target) > 1e-3
     if how == "draft":
         assert chi_square_p(counts, draft_dist) < 1e-6, "the test tells the draft's distribution from the target's"
+
+
+def test_a_full_pool_verifies_without_drafts_before_it_ends(folders):
+    """Drafts that do not fit are dropped for the pass (the token alone may still fit); when not
+    even that fits the request ends with the pool's reason, and greedy tokens stay plain greedy's."""
+    want = reference_greedy(folders["target"], PROMPT, 30)[0]
+    with engine.load(folders["target"], backend="mlx", kv_tokens=32, block_size=4, max_seq_len=64) as e:
+        e.step([e.add_sequence()], [[3] * 12])   # a sequence held outside: 20 tokens of room left
+        gen = e.generate(PROMPT, max_tokens=30, prompt_lookup=1, num_draft=6)
+        got = [t.id for t in gen]
+        assert got == want[:len(got)] and len(got) >= 10
+        assert gen.stats.stop_reason == "KV pool exhausted"
+        plain = e.generate(PROMPT, max_tokens=30)
+        assert [t.id for t in plain] == got, "as many tokens as plain decoding fits"
