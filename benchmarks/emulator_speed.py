@@ -1,7 +1,7 @@
 """Emulator speed: simulated threads per second and barrier crossings per second for a tree
 reduction (barrier-bound) and for our decode attention (SIMD-exchange-bound), with MLX's own CPU
-op for the same job timed side by side, and the conformance front end's cost per kernel next to a
-cold compile. Writes JSON and a PNG next to --out.
+op for the same job timed side by side, the conformance front end's cost per kernel next to a cold
+compile, and trace mode's cost (MLX's sdpa_vector plain and traced). Writes JSON and a PNG next to --out.
 
     python benchmarks/emulator_speed.py --out benchmarks/results/emulator_speed
 """
@@ -123,6 +123,18 @@ def bench_front_end():
             "compile_s_per_kernel": (total - front) / len(spent), "front_end_share_of_cold_compile": front / (total - front)}
 
 
+def bench_trace_overhead(S=512):
+    """MLX's own sdpa_vector (from its headers) run plain and traced, side by side: what trace mode
+    (bounds checks, race log, one record per access) costs a dispatch."""
+    from metalforge.kernels import mlx_library
+    q = mx.random.normal((1, 8, 1, 128)).astype(mx.float16)
+    k, v = (mx.random.normal((1, 2, S, 128)).astype(mx.float16) for _ in range(2))
+    plain = timed(lambda: mlx_library.sdpa_vector(q, k, v, scale=128 ** -0.5))
+    traced = timed(lambda: mlx_library.sdpa_vector(q, k, v, scale=128 ** -0.5, traces=[]))
+    return {"kernel": f"MLX sdpa_vector B=1 Hq=8 Hkv=2 S={S} D=128 fp16", "plain_s": plain, "traced_s": traced,
+            "trace_overhead": traced / plain}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/emulator_speed")
@@ -131,6 +143,9 @@ def main():
     print(f"conformance front end: {fe['front_end_s_per_kernel'] * 1e3:.0f} ms per kernel, cold compile (and a small "
           f"run) {fe['compile_s_per_kernel'] * 1e3:.0f} ms per kernel: {fe['front_end_share_of_cold_compile']:.0%} "
           f"of it ({fe['kernels']} kernels, this CPU)")
+    tr = bench_trace_overhead()
+    print(f"trace mode: {tr['kernel']}: plain {tr['plain_s'] * 1e3:.0f} ms, traced {tr['traced_s'] * 1e3:.0f} ms "
+          f"({tr['trace_overhead']:.1f}x)")
     results = [bench_reduction(), bench_decode()]
     for r in results:
         print(f"{r['kernel']}\n  {r['seconds'] * 1e3:9.1f} ms  {r['threads_per_s'] / 1e6:7.2f} M threads/s  "
@@ -142,7 +157,7 @@ def main():
     ax.barh(names, [r["threads_per_s"] / 1e6 for r in results], color=["#4c72b0", "#dd8452"])
     ax.set_xlabel("simulated GPU threads per second (millions), this CPU")
     ax.set_title("metalforge emulator speed (CPU emulation, not Metal timings)")
-    write_report(args.out, {"front_end": fe, "kernels": results}, fig)
+    write_report(args.out, {"front_end": fe, "trace": tr, "kernels": results}, fig)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ _loaded: dict[str, ctypes.CDLL] = {}
 _lock = threading.Lock()
 
 
-def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDLL, Path]:
+def build(unit_source: str, kernel_name: str, checked: bool, library: bool = False,
+          traced: bool = False) -> tuple[ctypes.CDLL, Path]:
     """Compile (or fetch from the cache) and load the shared library for one translation unit.
 
     The cache key hashes the full source, the headers, the runtime, the compiler and its flags,
@@ -85,8 +86,8 @@ def build(unit_source: str, kernel_name: str, checked: bool) -> tuple[ctypes.CDL
     place, so concurrent processes share the cache safely.
     """
     cxx, version = compiler()
-    header = compat_header(checked)
-    fl = flags(checked)
+    header = compat_header(checked or traced, library, traced)
+    fl = flags(checked or traced)
     key = hashlib.sha256("\0".join([unit_source, header, runtime_source(), cxx, version, " ".join(fl + KERNEL_FLAGS)])
                          .encode()).hexdigest()[:24]
     target = cache_dir() / f"{key}.so"

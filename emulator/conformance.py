@@ -50,7 +50,11 @@ RULES = {
                     "not available in Metal", "§1.5.4 Restrictions"),
     "virtual": Rule("a virtual function", "the virtual function specifier is not available in Metal",
                     "§1.5.4 Restrictions"),
-    "derived": Rule("a derived class", "derived classes are not available in Metal", "§1.5.4 Restrictions"),
+    # §1.5.4 lists derived classes, but Apple's compiler takes plain inheritance (Metal's own type
+    # traits and MLX's steel headers derive from integral_constant); a virtual base needs what a
+    # virtual function needs, which Metal has not
+    "derived": Rule("a virtual base class", "virtual functions and derived classes are not available in Metal",
+                    "§1.5.4 Restrictions"),
     "exceptions": Rule("exception handling", "exception handling (try, catch, throw) is not available in Metal",
                        "§1.5.4 Restrictions"),
     "std": Rule("the C++ standard library", "the C++ standard library must not be used in Metal; Metal has its own "
@@ -130,21 +134,21 @@ def _index():
     return cindex, cindex.Index.create()
 
 
-@lru_cache(maxsize=1)
-def _pch_name() -> str:
-    key = hashlib.sha256("\0".join([compat_header(False), metadata.version("libclang"), *_ARGS]).encode())
+@lru_cache(maxsize=2)
+def _pch_name(library: bool = False) -> str:
+    key = hashlib.sha256("\0".join([compat_header(False, library), metadata.version("libclang"), *_ARGS]).encode())
     return f"frontend-{key.hexdigest()[:16]}.pch"
 
 
-def _precompiled_header() -> list[str]:
+def _precompiled_header(library: bool = False) -> list[str]:
     """metal_compat.h parsed once into a clang PCH in the cache (keyed by header, flags and
     libclang version): parsing it is most of a small kernel's front-end time (24 ms of 30).
     Looked for on every check: the cache folder may change or be cleared while we run."""
     cindex, index = _index()
-    path = cache_dir() / _pch_name()
+    path = cache_dir() / _pch_name(library)
     if not path.exists():
         tu = index.parse(_HEADER, args=["-x", "c++-header", *_ARGS[2:]],
-                         unsaved_files=[(_HEADER, compat_header(False))])
+                         unsaved_files=[(_HEADER, compat_header(False, library))])
         if any(d.severity >= 3 for d in tu.diagnostics):   # cannot happen with our own header; parse it each time
             return []
         with tempfile.TemporaryDirectory(dir=path.parent, prefix="frontend-build-") as tmp:
@@ -153,22 +157,33 @@ def _precompiled_header() -> list[str]:
     return ["-include-pch", str(path)]
 
 
-def check(msl: str, kernel_name: str) -> Facts:
+def check(msl: str, kernel_name: str, kernel_functions: frozenset[str] = frozenset(), library: bool = False) -> Facts:
     """Refuse what Metal refuses (ConformanceError naming rule, section and line); otherwise return
-    the facts the C++ rewrite needs."""
+    the facts the C++ rewrite needs. `kernel_functions`: a full library's [[kernel]] functions (a
+    custom kernel has one, `kernel_name`); `library`: parse against the library's header variant."""
     cindex, index = _index()
     # clang recurses without end on a type tag over an array whose size a template decides
     # (threadgroup float buf[TG]): threadgroup arrays are marked by a same-length keyword instead
     parsed = _TG_ARRAY.sub("mf_tg_array", msl)
+    # ... and instantiating a template whose pointers' tags depend on its arguments (`const device T*`)
+    # crashes libclang the same way: explicit instantiations are left out (spaces keep the line
+    # numbers and offsets); the templates themselves are checked, and the C++ compile instantiates them
+    parsed = _INSTANTIATION.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), parsed)
+    # ... and a tag on a member function's `this` (`operator U() const thread`, MLX's complex_t) sends
+    # clang into endless recursion when the class is instantiated: `thread` is the default there anyway
+    parsed = _THIS_THREAD.sub(lambda m: m.group(1) + " " * len(m.group(2)), parsed)
+    # ... and so does a `constant` tag on a constexpr variable of a template's type (steel's
+    # integral_constant: `static constexpr constant T value`): constexpr is read-only already
+    parsed = _CONSTEXPR_CONSTANT.sub("const   ", parsed)
     with _lock, signals.held():   # the walk runs in ctypes callbacks, where an interrupt would be lost
-        pch = _precompiled_header()
+        pch = _precompiled_header(library)
         include = "" if pch else '#include "metal_compat.h"\n'
         files = [(_MAIN, f'{include}#define mf_tg_array\n#include "{MSL_FILE}"\n'),
-                 (_HEADER, compat_header(False)), (MSL_FILE, parsed),
+                 (_HEADER, compat_header(False, library)), (MSL_FILE, parsed),
                  *((f"/metalforge/{h}", "") for h in METAL_HEADERS)]
         tu = index.parse(_MAIN, args=_ARGS + pch, unsaved_files=files,
                          options=cindex.TranslationUnit.PARSE_DETAILED_PROCESSING_RECORD)
-        walker = _Walker(cindex, tu, kernel_name, msl)
+        walker = _Walker(cindex, tu, kernel_name, msl, kernel_functions | {kernel_name})
         refusals = walker.run()
     if refusals:
         raise ConformanceError(_message(kernel_name, msl, refusals))
@@ -194,14 +209,22 @@ def _message(kernel_name: str, msl: str, refusals: list[Refusal]) -> str:
 
 
 _SPACE = re.compile(r'btf_type_tag\("(\w+)"\)')
+_OBJECT_MACRO = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)[ \t]+([^\n]*)$", re.M)
+_THIS_THREAD = re.compile(r"(\)\s*(?:const\s+)?)(thread)(?=\s*(?:[{:;=]|const\b|noexcept\b))")
+_CONSTEXPR_CONSTANT = re.compile(r"\bconstant\b(?=\s+constexpr\b)|(?<=\bconstexpr )constant\b")
+_INSTANTIATION = re.compile(r"\btemplate\s*\[\[[^;{}]*;")
 _TG_ARRAY = re.compile(r"\bthreadgroup\b(?=[^;(){}]*\[)")
 
 
 class _Walker:
     """One pass over the kernel file's AST, tokens and diagnostics."""
 
-    def __init__(self, cindex, tu, kernel_name: str, msl: str):
+    def __init__(self, cindex, tu, kernel_name: str, msl: str, kernel_functions: frozenset[str]):
         self.ci, self.tu, self.kernel_name, self.msl = cindex, tu, kernel_name, msl
+        self.kernel_functions = kernel_functions
+        # object-like macros of the source (MLX's `#define MLX_MTL_CONST static constant constexpr const`):
+        # a declaration's keywords may come from one
+        self.macros = {m.group(1): m.group(2).split() for m in _OBJECT_MACRO.finditer(msl)}
         self.K = cindex.CursorKind
         self.refusals: list[Refusal] = []
         self.threadgroup_declarations = 0
@@ -289,7 +312,7 @@ class _Walker:
             self.refuse("lambda", line)
         elif kind in (K.CXX_NEW_EXPR, K.CXX_DELETE_EXPR):
             self.refuse("new_delete", line)
-        elif kind == K.CXX_BASE_SPECIFIER:
+        elif kind == K.CXX_BASE_SPECIFIER and any(t[2] == "virtual" for t in self._tokens_of(c)):
             self.refuse("derived", line)
         elif kind == K.CXX_METHOD and c.is_virtual_method():
             self.refuse("virtual", line)
@@ -323,7 +346,7 @@ class _Walker:
         self.lines[c.get_usr()] = c.location.line
         self.calls.setdefault(c.get_usr(), set())
         if c.kind == self.K.FUNCTION_DECL and not c.is_definition() and c.get_definition() is None \
-                and c.spelling != self.kernel_name:
+                and c.spelling not in self.kernel_functions:
             self.refuse("libc" if c.spelling in C_LIBRARY else "undefined", c.location.line, c.spelling)
 
     def _declaration(self, c, parents: list) -> None:
@@ -344,7 +367,7 @@ class _Walker:
         own_tokens = self._tokens_of(c)
         # the keywords of `threadgroup float a[N], b[N];` belong to the whole statement
         statement = parents[-1] if parents and parents[-1].kind == K.DECL_STMT else c
-        tokens = [tok[2] for tok in self._tokens_of(statement)]
+        tokens = [word for tok in self._tokens_of(statement) for word in [tok[2], *self.macros.get(tok[2], ())]]
         # the variable's own space: clang keeps the tag on arrays, the keyword is in the source otherwise
         # (a pointer's tag is its pointee's space, so pointers are thread variables)
         space = None if ptr is not None else _space(t) or next(
@@ -357,14 +380,14 @@ class _Walker:
             func = parents[-3] if len(parents) >= 3 else None
             in_kernel_scope = (body is not None and body.kind == K.COMPOUND_STMT and func is not None
                                and func.kind in (K.FUNCTION_DECL, K.FUNCTION_TEMPLATE)
-                               and func.spelling == self.kernel_name)
+                               and func.spelling in self.kernel_functions)
             if not in_kernel_scope:
                 self.refuse("threadgroup_scope", line, c.spelling)
             else:
                 self.threadgroup_declarations += 1
             if init is not None and "=" in tokens:
                 self.refuse("threadgroup_init", line, c.spelling)
-        elif at_program_scope or c.storage_class == self.ci.StorageClass.STATIC and scope != K.STRUCT_DECL:
+        elif at_program_scope or c.storage_class == self.ci.StorageClass.STATIC and scope not in _CLASSES(K):
             if space == "constant":
                 if "const" not in tokens and "constexpr" not in tokens and "constant" in tokens:
                     tok = next(tok for tok in own_tokens if tok[2] == "constant")
@@ -416,6 +439,11 @@ class _Walker:
                 if found:
                     self.refuse("recursion", self.lines.get(found, 0))
                     return
+
+
+def _CLASSES(K) -> tuple:
+    """Where a static variable is a class's member (MLX's STEEL_CONST), not a program-scope one."""
+    return (K.STRUCT_DECL, K.CLASS_DECL, K.CLASS_TEMPLATE, K.CLASS_TEMPLATE_PARTIAL_SPECIALIZATION, K.UNION_DECL)
 
 
 def _in_kernel(c) -> bool:

@@ -28,6 +28,15 @@ class EmulatorError(MetalforgeError):
 DEFAULT_LIMITS = {"threadgroup_memory_bytes": 32768, "max_threads_per_threadgroup": 1024}
 
 
+def device_limits(device) -> dict:
+    """The limits dispatch enforces: the device profile's, else those every Apple GPU shares."""
+    if device is None:
+        return DEFAULT_LIMITS
+    p = devices.get(device)
+    return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
+            "max_threads_per_threadgroup": p.max_threads_per_threadgroup}
+
+
 def checked_default() -> bool:
     return os.environ.get("METALFORGE_EMULATOR_CHECKED", "0").lower() in ("1", "true", "yes", "on")
 
@@ -68,11 +77,7 @@ class EmulatedKernel:
         return self.timeout if self.timeout is not None else timeout_default()
 
     def _limits(self) -> dict:
-        if self.device is None:
-            return DEFAULT_LIMITS
-        p = devices.get(self.device)
-        return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
-                "max_threads_per_threadgroup": p.max_threads_per_threadgroup}
+        return device_limits(self.device)
 
     def _program(self, arrays, output_dtypes, template, checked, verbose=False):
         """Generate and compile (or fetch) the kernel for these input kinds; arrays need not be evaluated."""

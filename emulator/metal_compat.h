@@ -11,6 +11,14 @@ typedef unsigned short ushort;
 typedef unsigned char uchar;
 typedef unsigned long ulong;
 typedef _Float16 half;
+// MSL's half literal suffix (1.0h); the C++ compilers warn that such suffixes are reserved, which they are, for Metal
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpragmas"
+#pragma GCC diagnostic ignored "-Wliteral-suffix"
+#pragma GCC diagnostic ignored "-Wuser-defined-literals"
+constexpr half operator""h(long double v) { return half(v); }
+constexpr half operator""h(unsigned long long v) { return half(v); }
+#pragma GCC diagnostic pop
 typedef __INT8_TYPE__ int8_t;
 typedef __INT16_TYPE__ int16_t;
 typedef __INT32_TYPE__ int32_t;
@@ -21,6 +29,46 @@ typedef __UINT32_TYPE__ uint32_t;
 typedef __UINT64_TYPE__ uint64_t;
 typedef __SIZE_TYPE__ size_t;
 typedef __PTRDIFF_TYPE__ ptrdiff_t;
+
+#ifdef MF_TRACE
+// Trace mode (emulator/trace.py): every access of a device pointer or threadgroup array, and every
+// SIMD-group matrix load, store and multiply, is a record of eight numbers (kind, name, threadgroup,
+// SIMD-group, lane, the lane's sequence number in its threadgroup, address or threadgroup offset,
+// bytes) in a buffer the host gives; lanes' n-th records make one SIMD-group instruction. Device
+// addresses are offsets from the buffer's start (Metal's buffers are page-aligned; the host's are not).
+extern "C" {
+[[gnu::visibility("default")]] inline long long* mf_trace_records = nullptr;
+[[gnu::visibility("default")]] inline long long mf_trace_capacity = 0;
+[[gnu::visibility("default")]] inline long long mf_trace_used = 0;
+[[gnu::visibility("default")]] inline long long mf_trace_epoch = 0;   // the host bumps it per dispatch
+}
+namespace mf {
+enum TraceKind : long long { kTraceDevice = 0, kTraceThreadgroup = 1, kTraceMatrixLoad = 2, kTraceMatrixStore = 3,
+                             kTraceMatrixMultiply = 4 };
+inline thread_local unsigned long long trace_key[1024];   // per fiber: (epoch, threadgroup) its sequence counts in
+inline thread_local unsigned trace_seq[1024];
+inline thread_local int trace_quiet = 0;                   // > 0 inside a matrix load: its element reads are one record
+[[gnu::noinline]] inline void trace(long long kind, long long address, unsigned bytes, const char* name) {
+  if (trace_quiet) return;
+  Fiber& f = self();
+  const unsigned long long tg = (unsigned long long)f.tg_pos.x | ((unsigned long long)f.tg_pos.y << 21) |
+                                ((unsigned long long)f.tg_pos.z << 42);
+  const unsigned long long key = tg ^ ((unsigned long long)mf_trace_epoch << 63) ^ (unsigned long long)mf_trace_epoch;
+  const unsigned i = f.index & 1023u;
+  if (trace_key[i] != key + 1) { trace_key[i] = key + 1; trace_seq[i] = 0; }
+  const long long at = __atomic_fetch_add(&mf_trace_used, 1, __ATOMIC_RELAXED);
+  const unsigned seq = trace_seq[i]++;
+  if (at >= mf_trace_capacity) return;
+  long long* r = mf_trace_records + at * 8;
+  r[0] = kind; r[1] = (long long)name; r[2] = (long long)tg; r[3] = f.simdgroup; r[4] = f.lane; r[5] = seq;
+  r[6] = address;
+  r[7] = bytes;
+}
+}  // namespace mf
+#define MF_TRACE_AT(kind) mf::trace(mf::kind, 0, 0, "")
+#else
+#define MF_TRACE_AT(kind)
+#endif
 
 namespace metal {
 
@@ -86,11 +134,19 @@ template <class T> struct remove_all_extents { typedef T type; };
 template <class T, size_t N> struct remove_all_extents<T[N]> { typedef typename remove_all_extents<T>::type type; };
 template <class T> using remove_all_extents_t = typename remove_all_extents<T>::type;
 template <class T> T&& declval() noexcept;
+#ifdef MF_FRONTEND   // clang's own trait: the overload test below sends clang into endless recursion on MLX's complex_t<bfloat>
+template <class From, class To> struct is_convertible : integral_constant<bool, __is_convertible_to(From, To)> {};
+#else
 template <class From, class To> struct is_convertible {
   static true_type test(To);
   static false_type test(...);
   static constexpr bool value = decltype(test(declval<From>()))::value;
 };
+#endif
+template <class From, class To> inline constexpr bool is_convertible_v = is_convertible<From, To>::value;
+template <bool B> using bool_constant = integral_constant<bool, B>;
+template <class T> struct remove_addrspace { typedef T type; };   // one address space on the CPU
+template <class T> using remove_addrspace_t = typename remove_addrspace<T>::type;
 // the usual arithmetic conversions of two types (the rule of std::common_type)
 template <class A, class B> using mf_common_t = decay_t<decltype(false ? declval<A>() : declval<B>())>;
 
@@ -125,9 +181,8 @@ template <> struct numeric_limits<_Float16> {
 // ---- bfloat: storage of the top 16 bits of a float, arithmetic in float, round to nearest even --
 struct bfloat {
   uint16_t bits;
-  static uint16_t from_float(float f) {
-    uint32_t u;
-    __builtin_memcpy(&u, &f, 4);
+  static constexpr uint16_t from_float(float f) {   // constexpr: MLX's headers use bfloat constants
+    uint32_t u = __builtin_bit_cast(uint32_t, f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
     u += 0x7fffu + ((u >> 16) & 1u);
     return uint16_t(u >> 16);
@@ -135,12 +190,7 @@ struct bfloat {
   bfloat() = default;
   template <class T, class = enable_if_t<is_arithmetic<T>::value || is_same<T, _Float16>::value>>
   constexpr bfloat(T v) : bits(from_float(float(v))) {}
-  operator float() const {
-    uint32_t u = uint32_t(bits) << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-  }
+  constexpr operator float() const { return __builtin_bit_cast(float, uint32_t(bits) << 16); }
   template <class T>
   bfloat& operator+=(T o) { return *this = bfloat(float(*this) + float(o)); }
   template <class T>
@@ -149,7 +199,15 @@ struct bfloat {
   bfloat& operator*=(T o) { return *this = bfloat(float(*this) * float(o)); }
   template <class T>
   bfloat& operator/=(T o) { return *this = bfloat(float(*this) / float(o)); }
-  bfloat operator-() const { return bfloat(-float(*this)); }
+  constexpr bfloat operator-() const { return bfloat(-float(*this)); }
+};
+template <> struct numeric_limits<bfloat> {
+  static constexpr bfloat max() { return bfloat(3.38953139e38f); }
+  static constexpr bfloat min() { return bfloat(1.17549435e-38f); }
+  static constexpr bfloat lowest() { return bfloat(-3.38953139e38f); }
+  static constexpr bfloat infinity() { return bfloat(__builtin_inff()); }
+  static constexpr bfloat quiet_NaN() { return bfloat(__builtin_nanf("")); }
+  static constexpr bfloat epsilon() { return bfloat(0.0078125f); }
 };
 
 template <class T> struct is_scalar : integral_constant<bool, is_arithmetic<T>::value> {};
@@ -160,9 +218,9 @@ template <> struct is_scalar<bfloat> : true_type {};
 template <class T> using bf_result = conditional_t<is_integral<T>::value || is_same<T, bfloat>::value, bfloat, float>;
 #define MF_BF_OP(op)                                                                                   \
   template <class T, class = enable_if_t<is_scalar<T>::value>>                                    \
-  inline bf_result<T> operator op(bfloat a, T b) { return bf_result<T>(float(a) op float(b)); }        \
+  constexpr bf_result<T> operator op(bfloat a, T b) { return bf_result<T>(float(a) op float(b)); }     \
   template <class T, class = enable_if_t<is_scalar<T>::value && !is_same<T, bfloat>::value>> \
-  inline bf_result<T> operator op(T a, bfloat b) { return bf_result<T>(float(a) op float(b)); }
+  constexpr bf_result<T> operator op(T a, bfloat b) { return bf_result<T>(float(a) op float(b)); }
 MF_BF_OP(+)
 MF_BF_OP(-)
 MF_BF_OP(*)
@@ -170,9 +228,9 @@ MF_BF_OP(/)
 #undef MF_BF_OP
 #define MF_BF_CMP(op)                                                                                  \
   template <class T, class = enable_if_t<is_scalar<T>::value>>                                    \
-  inline bool operator op(bfloat a, T b) { return float(a) op float(b); }                              \
+  constexpr bool operator op(bfloat a, T b) { return float(a) op float(b); }                           \
   template <class T, class = enable_if_t<is_scalar<T>::value && !is_same<T, bfloat>::value>> \
-  inline bool operator op(T a, bfloat b) { return float(a) op float(b); }
+  constexpr bool operator op(T a, bfloat b) { return float(a) op float(b); }
 MF_BF_CMP(<)
 MF_BF_CMP(>)
 MF_BF_CMP(<=)
@@ -550,6 +608,7 @@ namespace precise { MF_MATH_ALIASES }
 namespace fast { MF_MATH_ALIASES }
 #undef MF_MATH_ALIASES
 
+#ifndef MF_LIBRARY   // a full library includes MLX's utils.h itself, which defines these
 // ---- numeric limits (MLX's utils.h Limits<T>) -----------------------------------------------------
 template <class T> struct Limits {
   static constexpr T max = numeric_limits<T>::max();
@@ -579,6 +638,8 @@ template <> struct Limits<bfloat> {
   static inline const bfloat finite_max = bfloat(3.38953139e38f);
   static inline const bfloat finite_min = bfloat(-3.38953139e38f);
 };
+
+#endif  // MF_LIBRARY
 
 // ---- barriers ----------------------------------------------------------------------------------
 enum class mem_flags : unsigned { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4, mem_threadgroup_imageblock = 8 };
@@ -713,6 +774,119 @@ inline simd_vote mf_simd_ballot(bool b, int line) {
 inline bool mf_simd_is_first(int line) { return mf::simd_exchange(false, &mf_is_first, line); }
 inline void mf_simdgroup_barrier(mem_flags, int line) { mf::simd_exchange(0, &mf::simd_sync, line); }
 
+// MSL's SIMD-group functions are functions, not macros, so a library may overload them (MLX's
+// utils.h adds 64-bit and complex shuffles, its bf16_math.h bfloat ones); the call site's line,
+// which lanes meet at, is the default argument's.
+#define MF_LINE int line = __builtin_LINE()
+#define MF_SIMD1(name, impl) template <class T> inline T name(T x, MF_LINE) { return impl(x, line); }
+#define MF_SIMD2(name, impl) template <class T, class I> inline T name(T x, I i, MF_LINE) { return impl(x, i, line); }
+MF_SIMD1(simd_sum, mf_simd_sum) MF_SIMD1(simd_product, mf_simd_product) MF_SIMD1(simd_prod, mf_simd_product)
+MF_SIMD1(simd_max, mf_simd_max) MF_SIMD1(simd_min, mf_simd_min) MF_SIMD1(simd_and, mf_simd_and)
+MF_SIMD1(simd_or, mf_simd_or) MF_SIMD1(simd_xor, mf_simd_xor)
+MF_SIMD1(simd_prefix_inclusive_sum, mf_simd_prefix_inclusive_sum)
+MF_SIMD1(simd_prefix_exclusive_sum, mf_simd_prefix_exclusive_sum)
+MF_SIMD1(simd_broadcast_first, mf_simd_broadcast_first) MF_SIMD1(quad_sum, mf_quad_sum_)
+MF_SIMD1(quad_max, mf_quad_max_) MF_SIMD1(quad_min, mf_quad_min_)
+MF_SIMD2(simd_shuffle, mf_simd_shuffle) MF_SIMD2(simd_shuffle_xor, mf_simd_shuffle_xor)
+MF_SIMD2(simd_shuffle_up, mf_simd_shuffle_up) MF_SIMD2(simd_shuffle_down, mf_simd_shuffle_down)
+MF_SIMD2(simd_broadcast, mf_simd_broadcast) MF_SIMD2(quad_shuffle, mf_quad_shuffle_)
+MF_SIMD2(quad_shuffle_xor, mf_quad_shuffle_xor_) MF_SIMD2(quad_shuffle_up, mf_quad_shuffle_up_)
+MF_SIMD2(quad_shuffle_down, mf_quad_shuffle_down_) MF_SIMD2(quad_broadcast, mf_quad_shuffle_)
+inline bool simd_all(bool b, MF_LINE) { return mf_simd_all(b, line); }
+inline bool simd_any(bool b, MF_LINE) { return mf_simd_any(b, line); }
+inline simd_vote simd_ballot(bool b, MF_LINE) { return mf_simd_ballot(b, line); }
+inline bool simd_is_first(MF_LINE) { return mf_simd_is_first(line); }
+
+// ---- the Metal compiler's own intrinsics, which MLX's headers call (bf16_math.h, steel's MMA) -----
+template <class T> inline T __metal_get_thread_index_in_simdgroup(T) { return T(mf::self().lane); }
+template <class T> inline T __metal_get_simdgroup_size(T) { return T(32); }
+MF_SIMD1(__metal_simd_sum, mf_simd_sum) MF_SIMD1(__metal_simd_product, mf_simd_product)
+MF_SIMD1(__metal_simd_max, mf_simd_max) MF_SIMD1(__metal_simd_min, mf_simd_min)
+template <class T> inline T __metal_simd_xor(T x, MF_LINE) {   // on the bits (MLX's bfloat simd_xor passes a float)
+  using U = conditional_t<sizeof(T) == 2, uint16_t, conditional_t<sizeof(T) == 8, uint64_t, uint32_t>>;
+  return __builtin_bit_cast(T, mf_simd_xor(__builtin_bit_cast(U, x), line));
+}
+MF_SIMD1(__metal_simd_prefix_inclusive_sum, mf_simd_prefix_inclusive_sum)
+MF_SIMD1(__metal_simd_prefix_exclusive_sum, mf_simd_prefix_exclusive_sum)
+template <class T> void mf_prefix_product(mf::Fiber** l, int n, bool inclusive) {
+  T acc = T(1);
+  for (int i = 0; i < n; i++) {
+    T v = mf_load<T>(l[i]);
+    if (inclusive) { acc = T(acc * v); mf_store(l[i], acc); } else { mf_store(l[i], acc); acc = T(acc * v); }
+  }
+}
+template <class T> void mf_prefix_product_in(mf::Fiber** l, int n) { mf_prefix_product<T>(l, n, true); }
+template <class T> void mf_prefix_product_ex(mf::Fiber** l, int n) { mf_prefix_product<T>(l, n, false); }
+template <class T> inline T __metal_simd_prefix_inclusive_product(T x, MF_LINE) { return mf::simd_exchange(x, &mf_prefix_product_in<T>, line); }
+template <class T> inline T __metal_simd_prefix_exclusive_product(T x, MF_LINE) { return mf::simd_exchange(x, &mf_prefix_product_ex<T>, line); }
+MF_SIMD2(__metal_simd_shuffle, mf_simd_shuffle) MF_SIMD2(__metal_simd_broadcast, mf_simd_broadcast)
+MF_SIMD2(__metal_simd_shuffle_xor, mf_simd_shuffle_xor) MF_SIMD2(__metal_simd_shuffle_up, mf_simd_shuffle_up)
+MF_SIMD2(__metal_simd_shuffle_down, mf_simd_shuffle_down)
+template <class T, class I> inline T __metal_simd_shuffle_rotate_down(T x, I d, MF_LINE) {
+  return mf_simd_shuffle(x, (mf::self().lane + unsigned(d)) % 32u, line);
+}
+template <class T, class I> inline T __metal_simd_shuffle_rotate_up(T x, I d, MF_LINE) {
+  return mf_simd_shuffle(x, (mf::self().lane + 32u - unsigned(d) % 32u) % 32u, line);
+}
+// down: lane i takes data from lane i + delta, or filling from lane i + delta - width past the end;
+// up: from lane i - delta, or filling from lane width + i - delta before the start (within `width` lanes)
+template <bool Down, class T, class I, class W> inline T mf_shuffle_and_fill(T data, T fill, I delta, W width, int line) {
+  const unsigned lane = mf::self().lane, w = unsigned(width), d = unsigned(delta), base = lane - lane % w, at = lane % w;
+  const bool own = Down ? at + d < w : at >= d;
+  const T from_data = mf_simd_shuffle(data, base + (own ? (Down ? at + d : at - d) : 0u), line);
+  const T from_fill = mf_simd_shuffle(fill, base + (own ? 0u : (Down ? at + d - w : w + at - d)), line);
+  return own ? from_data : from_fill;
+}
+template <class T, class I, class W> inline T __metal_simd_shuffle_and_fill_down(T data, T fill, I delta, W width, MF_LINE) {
+  return mf_shuffle_and_fill<true>(data, fill, delta, width, line);
+}
+template <class T, class I, class W> inline T __metal_simd_shuffle_and_fill_up(T data, T fill, I delta, W width, MF_LINE) {
+  return mf_shuffle_and_fill<false>(data, fill, delta, width, line);
+}
+template <class T, class I> inline T simd_shuffle_rotate_down(T x, I d, MF_LINE) { return __metal_simd_shuffle_rotate_down(x, d, line); }
+template <class T, class I> inline T simd_shuffle_rotate_up(T x, I d, MF_LINE) { return __metal_simd_shuffle_rotate_up(x, d, line); }
+template <class T, class I> inline T simd_shuffle_and_fill_down(T data, T fill, I delta, MF_LINE) {
+  return __metal_simd_shuffle_and_fill_down(data, fill, delta, 32u, line);
+}
+template <class T, class I, class W> inline T simd_shuffle_and_fill_down(T data, T fill, I delta, W modulo, MF_LINE) {
+  return __metal_simd_shuffle_and_fill_down(data, fill, delta, modulo, line);
+}
+template <class T, class I> inline T simd_shuffle_and_fill_up(T data, T fill, I delta, MF_LINE) {
+  return __metal_simd_shuffle_and_fill_up(data, fill, delta, 32u, line);
+}
+template <class T, class I, class W> inline T simd_shuffle_and_fill_up(T data, T fill, I delta, W modulo, MF_LINE) {
+  return __metal_simd_shuffle_and_fill_up(data, fill, delta, modulo, line);
+}
+#undef MF_LINE
+#undef MF_SIMD1
+#undef MF_SIMD2
+#define MF_INTRINSIC1(name, fn) template <class T, class... M> inline T __metal_##name(T x, M...) { return T(fn(x)); }
+#define MF_INTRINSIC2(name, fn) template <class T, class... M> inline T __metal_##name(T x, T y, M...) { return T(fn(x, y)); }
+MF_INTRINSIC1(acos, acos) MF_INTRINSIC1(acosh, acosh) MF_INTRINSIC1(asin, asin) MF_INTRINSIC1(asinh, asinh)
+MF_INTRINSIC1(atan, atan) MF_INTRINSIC1(atanh, atanh) MF_INTRINSIC1(ceil, ceil) MF_INTRINSIC1(cos, cos)
+MF_INTRINSIC1(cosh, cosh) MF_INTRINSIC1(exp, exp) MF_INTRINSIC1(exp10, exp10) MF_INTRINSIC1(exp2, exp2)
+MF_INTRINSIC1(fabs, fabs) MF_INTRINSIC1(floor, floor) MF_INTRINSIC1(fract, fract) MF_INTRINSIC1(log, log)
+MF_INTRINSIC1(log10, log10) MF_INTRINSIC1(log2, log2) MF_INTRINSIC1(rint, rint) MF_INTRINSIC1(round, round)
+MF_INTRINSIC1(rsqrt, rsqrt) MF_INTRINSIC1(sin, sin) MF_INTRINSIC1(sinh, sinh) MF_INTRINSIC1(sqrt, sqrt)
+MF_INTRINSIC1(tan, tan) MF_INTRINSIC1(tanh, tanh) MF_INTRINSIC1(trunc, trunc)
+MF_INTRINSIC2(atan2, atan2) MF_INTRINSIC2(divide, divide) MF_INTRINSIC2(fmax, fmax) MF_INTRINSIC2(fmin, fmin)
+MF_INTRINSIC2(fmod, fmod) MF_INTRINSIC2(pow, pow) MF_INTRINSIC2(powr, powr)
+#undef MF_INTRINSIC1
+#define __METAL_MAYBE_FAST_MATH__ 0   // the intrinsics' math-mode argument (the emulator computes in float either way)
+#define __METAL_FAST_MATH__ 1
+#define __METAL_PRECISE_MATH__ 2
+#undef MF_INTRINSIC2
+template <class T, class... M> inline T __metal_cospi(T x, M...) { return T(__builtin_cosf(float(x) * 3.14159265358979323846f)); }
+template <class T, class... M> inline T __metal_sinpi(T x, M...) { return T(__builtin_sinf(float(x) * 3.14159265358979323846f)); }
+template <class T, class... M> inline T __metal_tanpi(T x, M...) { return T(__builtin_tanf(float(x) * 3.14159265358979323846f)); }
+template <class T, class... M> inline T __metal_fma(T a, T b, T c, M...) { return T(__builtin_fmaf(float(a), float(b), float(c))); }
+template <class T, class... M> inline T __metal_fmax3(T a, T b, T c, M...) { return T(fmax(fmax(a, b), c)); }
+template <class T, class... M> inline T __metal_fmin3(T a, T b, T c, M...) { return T(fmin(fmin(a, b), c)); }
+template <class T, class... M> inline T __metal_fmedian3(T a, T b, T c, M...) { return T(fmax(fmin(a, b), fmin(fmax(a, b), c))); }
+template <class T> inline T __metal_frexp(T x, int* e) { return T(__builtin_frexpf(float(x), e)); }
+template <class T, class... M> inline T __metal_ldexp(T x, int k, M...) { return T(__builtin_ldexpf(float(x), k)); }
+template <class T> inline T __metal_nextafter(T x, T y) { return T(__builtin_nextafterf(float(x), float(y))); }
+
 // ---- atomics ---------------------------------------------------------------------------------
 enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
 template <class T> struct atomic { T v; };
@@ -786,15 +960,23 @@ template <class T, int R, int C> inline simdgroup_matrix<T, R, C> make_filled_si
 
 template <class T, class P>
 inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P src, ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0, 0), bool transpose = false) {
+  MF_TRACE_AT(kTraceMatrixLoad);
+#ifdef MF_TRACE
+  mf::trace_quiet++;
+#endif
   for (int r = 0; r < 8; r++)
     for (int c = 0; c < 8; c++) {
       const ulong row = transpose ? origin.y + c : origin.y + r;
       const ulong col = transpose ? origin.x + r : origin.x + c;
       m.d[r * 8 + c] = T(src[row * elements_per_row + col]);
     }
+#ifdef MF_TRACE
+  mf::trace_quiet--;
+#endif
 }
 template <class T, class P>
 inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& m, P dst, ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0, 0), bool transpose = false) {
+  MF_TRACE_AT(kTraceMatrixStore);
   int r0, c0;
   mf_owned(mf::self().lane, r0, c0);
   for (int c = c0; c < c0 + 2; c++) {
@@ -834,6 +1016,7 @@ template <class TD, class TA, class TB, class TC>
 inline void mf_simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                              const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c, int line) {
   // operands may alias d (d = a*b + d), so every lane's inputs are gathered before any is written
+  MF_TRACE_AT(kTraceMatrixMultiply);
   simdgroup_matrix<TA, 8, 8> ca = a;
   simdgroup_matrix<TB, 8, 8> cb = b;
   simdgroup_matrix<TC, 8, 8> cc = c;
@@ -841,11 +1024,13 @@ inline void mf_simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, cons
 }
 template <class TD, class TA, class TB>
 inline void mf_simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a, const simdgroup_matrix<TB, 8, 8>& b, int line) {
+  MF_TRACE_AT(kTraceMatrixMultiply);
   simdgroup_matrix<TA, 8, 8> ca = a;
   simdgroup_matrix<TB, 8, 8> cb = b;
   mf::simd_exchange(mf_mma_args<TD, TA, TB, TD>{&d, &ca, &cb, nullptr}, &mf_mma<TD, TA, TB, TD>, line);
 }
 
+#ifndef MF_LIBRARY
 // ---- complex64_t: how MLX's Metal backend passes complex64 arrays (two floats, real first) ---------
 struct complex64_t {
   float real;
@@ -882,11 +1067,14 @@ inline int64_t elem_to_loc(E elem, PS shape, PT strides, int ndim) {
   return loc;
 }
 
+#endif  // MF_LIBRARY
 }  // namespace metal
 
 typedef metal::bfloat bfloat;
+#ifndef MF_LIBRARY
 typedef half float16_t;
 typedef metal::bfloat bfloat16_t;
+#endif
 using namespace metal;
 
 #define M_PI_F 3.14159265358979323846f
@@ -938,34 +1126,6 @@ using namespace metal;
 #endif
 #define threadgroup_barrier(flags) mf_threadgroup_barrier(flags, __LINE__)
 #define simdgroup_barrier(flags) mf_simdgroup_barrier(flags, __LINE__)
-#define simd_sum(x) mf_simd_sum((x), __LINE__)
-#define simd_product(x) mf_simd_product((x), __LINE__)
-#define simd_prod(x) mf_simd_product((x), __LINE__)
-#define simd_max(x) mf_simd_max((x), __LINE__)
-#define simd_min(x) mf_simd_min((x), __LINE__)
-#define simd_and(x) mf_simd_and((x), __LINE__)
-#define simd_or(x) mf_simd_or((x), __LINE__)
-#define simd_xor(x) mf_simd_xor((x), __LINE__)
-#define simd_prefix_inclusive_sum(x) mf_simd_prefix_inclusive_sum((x), __LINE__)
-#define simd_prefix_exclusive_sum(x) mf_simd_prefix_exclusive_sum((x), __LINE__)
-#define simd_shuffle(x, i) mf_simd_shuffle((x), (i), __LINE__)
-#define simd_shuffle_xor(x, i) mf_simd_shuffle_xor((x), (i), __LINE__)
-#define simd_shuffle_up(x, i) mf_simd_shuffle_up((x), (i), __LINE__)
-#define simd_shuffle_down(x, i) mf_simd_shuffle_down((x), (i), __LINE__)
-#define simd_broadcast(x, i) mf_simd_broadcast((x), (i), __LINE__)
-#define simd_broadcast_first(x) mf_simd_broadcast_first((x), __LINE__)
-#define simd_all(x) mf_simd_all((x), __LINE__)
-#define quad_sum(x) mf_quad_sum_((x), __LINE__)
-#define quad_max(x) mf_quad_max_((x), __LINE__)
-#define quad_min(x) mf_quad_min_((x), __LINE__)
-#define quad_shuffle(x, i) mf_quad_shuffle_((x), (i), __LINE__)
-#define quad_shuffle_xor(x, i) mf_quad_shuffle_xor_((x), (i), __LINE__)
-#define quad_shuffle_up(x, i) mf_quad_shuffle_up_((x), (i), __LINE__)
-#define quad_shuffle_down(x, i) mf_quad_shuffle_down_((x), (i), __LINE__)
-#define quad_broadcast(x, i) mf_quad_shuffle_((x), (i), __LINE__)
-#define simd_any(x) mf_simd_any((x), __LINE__)
-#define simd_ballot(x) mf_simd_ballot((x), __LINE__)
-#define simd_is_first() mf_simd_is_first(__LINE__)
 #define simdgroup_multiply_accumulate(d, a, b, c) mf_simdgroup_multiply_accumulate(d, a, b, c, __LINE__)
 #define simdgroup_multiply(d, a, b) mf_simdgroup_multiply(d, a, b, __LINE__)
 #ifndef MF_CHECKED

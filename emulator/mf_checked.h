@@ -29,6 +29,9 @@ struct DevPtr {
   [[gnu::always_inline]] inline void check(long long i) const {
     const long long at = (p - base) + i;
     if (at < 0 || at >= count) device_out_of_bounds(name, at, count);
+#ifdef MF_TRACE
+    trace(kTraceDevice, at * (long long)sizeof(T), unsigned(sizeof(T)), name);
+#endif
   }
   [[gnu::always_inline]] inline T& operator[](long long i) const { check(i); return p[i]; }
   [[gnu::always_inline]] inline T& operator*() const { check(0); return *p; }
@@ -48,6 +51,9 @@ struct DevPtr {
 
 template <class T> [[gnu::noinline]] inline T& tg_logged(T* p, const char* name, long long index) {
   tg_log(static_cast<void*>(p), unsigned(sizeof(T)), name, index, __builtin_return_address(0));
+#ifdef MF_TRACE
+  trace(kTraceThreadgroup, (long long)(reinterpret_cast<unsigned char*>(p) - tg_memory()), unsigned(sizeof(T)), name);
+#endif
   return *p;
 }
 

@@ -184,6 +184,8 @@ _TG_DECL = re.compile(
 _PTR_DECL = re.compile(
     r"\b(const\s+)?(device|constant)\s+(const\s+)?([A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?)\s*\*"
 )
+_CONSTANT_REFERENCE = re.compile(r"(?<![\w])(?<!const )constant\s+[A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?\s*&")
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 _CHECKED_REINTERPRET = re.compile(r"\breinterpret_cast\s*<\s*(mf::DevPtr<.+?> )>\s*\(")
 
 
@@ -212,7 +214,10 @@ def rewrite(msl: str, checked: bool, facts=None) -> str:
         found += len(slots)
         return "; ".join(slots) + ";"
 
-    out = _TG_DECL.sub(tg, msl)
+    out = _sub_in_code(_TG_DECL, tg, msl)
+    # `constant int& n`: constant memory is read-only, so Metal binds it to a const value; the C++
+    # compile, where `constant` is no keyword, needs the const written (MLX's qmv_quad_impl)
+    out = _sub_in_code(_CONSTANT_REFERENCE, lambda m: "const " + m.group(0), out)
     if facts is not None and found != facts.threadgroup_declarations:
         raise MetalforgeError(
             f"emulator: this kernel declares {facts.threadgroup_declarations} threadgroup variables and the emulator "
@@ -222,11 +227,21 @@ def rewrite(msl: str, checked: bool, facts=None) -> str:
         def ptr(m):
             const = "const " if (m.group(1) or m.group(3)) else ""
             return f"mf::DevPtr<{const}{m.group(4)}> "
-        out = _PTR_DECL.sub(ptr, out)
+        out = _sub_in_code(_PTR_DECL, ptr, out)
         # reinterpret_cast<const device T*>(p) reads p's bytes as another type: with p checked, the
         # same conversion is DevPtr's explicit constructor (its bounds in the new element size)
         out = _CHECKED_REINTERPRET.sub(r"\1(", out)
     return out
+
+
+def _sub_in_code(pattern: re.Pattern, repl, text: str) -> str:
+    """pattern.sub outside comments: "// ... threadgroup" is no declaration, "device memory */" no pointer."""
+    masked = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    pieces, last = [], 0
+    for m in pattern.finditer(masked):
+        pieces += [text[last:m.start()], repl(m)]
+        last = m.end()
+    return "".join(pieces) + text[last:]
 
 
 # ---- swizzles --------------------------------------------------------------------------------------
@@ -270,13 +285,18 @@ def runtime_source() -> str:
     return _read("mf_runtime.cpp")
 
 
-@lru_cache(maxsize=2)
-def compat_header(checked: bool) -> str:
+@lru_cache(maxsize=8)
+def compat_header(checked: bool, library: bool = False, traced: bool = False) -> str:
     """metal_compat.h with the runtime interface and its swizzles filled in, and the
-    checked-mode layer when asked."""
+    checked-mode layer when asked (and the trace records on it). A full library (emulator/library.py) includes MLX's utils.h
+    itself, so its variant leaves out what a custom kernel gets of utils.h implicitly."""
     compat = _read("metal_compat.h").replace('#include "mf_kernel.h"', kernel_interface())
     for n, members in swizzle_members().items():
         compat = compat.replace(f"// @SWIZZLES{n}@", members)
     if checked:
         compat = "#define MF_CHECKED 1\n" + compat.replace("using namespace metal;", _read("mf_checked.h") + "\nusing namespace metal;", 1)
+    if library:
+        compat = "#define MF_LIBRARY 1\n" + compat
+    if traced:   # on top of the checked layer, whose pointers and views it counts through
+        compat = "#define MF_TRACE 1\n" + compat
     return compat

@@ -29,7 +29,7 @@ def add_generate_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable; not empty)")
     p.add_argument("--prompt-cache", help="load this prompt cache first (its prefix is not prefilled again)")
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--draft-model", help="speculative decoding: a smaller model folder of the same tokenizer")
@@ -65,6 +65,8 @@ def _load(args):
 
 
 def generate(args) -> int:
+    if "" in (args.stop or []):   # every text "contains" it: generation would end after one token
+        raise MetalforgeError("--stop: an empty stop string would stop at the first token; give the text to stop at")
     with _load(args) as e:
         if args.prompt_cache:
             e.load_prompt_cache(args.prompt_cache)
@@ -113,6 +115,7 @@ def cache(args) -> int:
             removed += 1
         print(f"removed {removed} prompt cache file(s)")
         return 0
+    prompt_cache.destination(args.out)   # a refused --out before the model loads
     with _load(args) as e:
         ids = e.encode(_prompt(args))
         sid = e.add_sequence()

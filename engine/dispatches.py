@@ -64,6 +64,27 @@ def _placeholder(shape, dtype) -> mx.array:
     return mx.array(np.zeros(shape, np.float32), dtype=dtype)
 
 
+_active: list["_Recorder"] = []     # the innermost counting block's recorder last
+
+
+def _counted_metal_kernel(real_factory):
+    """mx.fast.metal_kernel while counting. A kernel built here may be kept by a cache and called
+    later: it records into whichever counting block is open then, else builds the real kernel."""
+    def factory(name: str = "metal_kernel", **kwargs):
+        real = []
+
+        def launch(*, inputs, output_shapes, output_dtypes, **launch_kwargs):
+            if not _active:
+                if not real:
+                    real.append(real_factory(name=name, **kwargs))
+                return real[0](inputs=inputs, output_shapes=output_shapes, output_dtypes=output_dtypes,
+                               **launch_kwargs)
+            _active[-1].op(f"metal_kernel:{name}", inputs)
+            return [_placeholder(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)]
+        return launch
+    return factory
+
+
 class _Recorder:
     def __init__(self):
         self.counts = Counts()
@@ -80,11 +101,19 @@ class _Recorder:
             return _placeholder(shape, dtype)
         return run
 
-    def metal_kernel(self, name: str = "metal_kernel", **_):
-        def launch(*, inputs, output_shapes, output_dtypes, **__):
-            self.op(f"metal_kernel:{name}", inputs)
-            return [_placeholder(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)]
-        return launch
+
+
+@contextlib.contextmanager
+def metal_available():
+    """MLX answers that Metal is available inside the block, so an engine loaded there takes the
+    paths it takes on a Mac (no CPU-only linear layers or float32 compute). Only for counting:
+    nothing may be evaluated on 'Metal' here."""
+    saved = mx.metal.is_available
+    mx.metal.is_available = lambda: True
+    try:
+        yield
+    finally:
+        mx.metal.is_available = saved
 
 
 @contextlib.contextmanager
@@ -101,15 +130,17 @@ def counting():
             return original(*args, **kwargs)
         return wrapped
 
+    _active.append(rec)
     try:
         for n in FAST_OPS:
             setattr(mx.fast, n, rec.fast(n))
-        mx.fast.metal_kernel = rec.metal_kernel
+        mx.fast.metal_kernel = _counted_metal_kernel(saved_fast["metal_kernel"])
         for n, original in saved_methods.items():
             setattr(mx.array, n, sync(n.strip("_"), original))
         mx.eval = sync("eval", saved_eval)
         yield rec
     finally:
+        _active.remove(rec)
         for n, f in saved_fast.items():
             setattr(mx.fast, n, f)
         for n, f in saved_methods.items():
@@ -121,6 +152,30 @@ _NODE = re.compile(r'\{ (\w+) \[label ="(\w+)", shape=rectangle\]; \}')
 _EDGE = re.compile(r'^(\S+) -> (\S+)$')
 
 
+def _applications(dot: str) -> list[tuple[str, list[str], list[str]]]:
+    """(primitive name, input arrays, output arrays) per primitive application, in the order
+    `export_to_dot` writes them: a declaration, then its input and output edges. One primitive
+    object can serve several applications (a compiled function called per layer), so its id is
+    not a key: each declaration is one application."""
+    apps: list[tuple[str, list[str], list[str]]] = []
+    current = None
+    for line in dot.splitlines():
+        line = line.strip()
+        node = _NODE.match(line)
+        if node:
+            current = node.group(1)
+            apps.append((node.group(2), [], []))
+            continue
+        edge = _EDGE.match(line)
+        if edge and apps:
+            src, dst = edge.groups()
+            if dst == current:
+                apps[-1][1].append(src)
+            elif src == current:
+                apps[-1][2].append(dst)
+    return apps
+
+
 def graph_kernels(arrays) -> collections.Counter:
     """Kernels Metal would launch to evaluate `arrays` (unevaluated parts only), by primitive name."""
     arrays = [a for a in arrays if isinstance(a, mx.array)]
@@ -130,36 +185,25 @@ def graph_kernels(arrays) -> collections.Counter:
     os.close(fd)
     try:
         mx.export_to_dot(path, *arrays)
-        text = open(path).read()
+        apps = _applications(open(path).read())
     finally:
         os.unlink(path)
-    label = dict(_NODE.findall(text))
-    producer: dict[str, str] = {}      # array node -> primitive node that wrote it
-    feeds: dict[str, list[str]] = collections.defaultdict(list)   # primitive node -> its input arrays
-    for line in text.splitlines():
-        m = _EDGE.match(line.strip())
-        if not m:
-            continue
-        src, dst = m.groups()
-        if src in label:
-            producer[dst] = src
-        elif dst in label:
-            feeds[dst].append(src)
+    producer = {out: i for i, (_, _, outs) in enumerate(apps) for out in outs}
 
-    def non_contiguous(array_node: str) -> bool:
-        prim = producer.get(array_node)
-        while prim is not None and label[prim] in VIEWS:
-            if label[prim] in _NON_CONTIGUOUS:
+    def non_contiguous(array: str) -> bool:
+        app = producer.get(array)
+        while app is not None and apps[app][0] in VIEWS:
+            name, inputs, _ = apps[app]
+            if name in _NON_CONTIGUOUS:
                 return True
-            inputs = feeds.get(prim, [])
-            prim = producer.get(inputs[0]) if inputs else None
+            app = producer.get(inputs[0]) if inputs else None
         return False
 
     counts = collections.Counter()
-    for node, name in label.items():
+    for name, inputs, _ in apps:
         if name not in VIEWS:
             counts[name] += 1
-        elif name in ("Reshape", "Flatten") and any(non_contiguous(a) for a in feeds.get(node, [])):
+        elif name in ("Reshape", "Flatten") and any(non_contiguous(a) for a in inputs):
             counts[f"{name} (copy)"] += 1
     return counts
 
@@ -170,3 +214,22 @@ def count(rec: _Recorder, outputs) -> Counts:
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     rec.counts.kernels.update(graph_kernels(list(outputs) + rec.kept))
     return rec.counts
+
+
+def engine_pass(e, sid: int, ids: list[int], layers: bool = True) -> Counts:
+    """Counts of one forward pass of engine `e` appending `ids` to sequence `sid` (the pool is
+    written as in `Engine.step`); `layers=False` counts the pass without its decoder layers (the
+    embedding, final norm and head), so a layer's share is (all - outside) / layers."""
+    model = e.model
+    saved = model.layers
+    model.layers = saved if layers else []
+    try:
+        with metal_available(), counting() as rec:
+            step = e.pool.begin({sid: len(ids)})
+            logits = model.forward(step, mx.array(ids, dtype=mx.int32))
+            step.commit([ids])
+        counts = count(rec, [logits] + e.pool.storage.arrays())
+    finally:
+        model.layers = saved
+    mx.eval(logits, e.pool.storage.arrays())
+    return counts

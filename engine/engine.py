@@ -186,14 +186,14 @@ class Engine:
         return self._check_ids(prompt)
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop=None, keep: bool = False, draft=None, num_draft: int = NUM_DRAFT,
-                 prompt_lookup: int = 0, max_kv_size: int | None = None) -> Generation:
+                 seed: int | None = None, stop=None, keep: bool = False, logprobs: int | None = None, draft=None,
+                 num_draft: int = NUM_DRAFT, prompt_lookup: int = 0, max_kv_size: int | None = None) -> Generation:
         """Stream tokens for a prompt (text or token ids), through the same loop as `batch()`. A
         cached prefix (see load_prompt_cache and keep_prefix) is reused so only new tokens are
         prefilled. With keep=True the sequence stays in the pool afterwards (its id is
         `generation.sequence`), holding the prompt and every generated token but the last.
-        Arguments are checked here, before any work; a prompt the pool cannot hold raises
-        PoolExhausted when iterated.
+        logprobs=k fills each Token's `logprob` and its k `top_logprobs`. Arguments are checked
+        here, before any work; a prompt the pool cannot hold raises PoolExhausted when iterated.
 
         Speculative decoding (engine/speculative.py): `draft` (an engine or a model folder of the
         same tokenizer) proposes `num_draft` tokens a step, or `prompt_lookup=n` copies them from
@@ -202,8 +202,8 @@ class Engine:
         passes, drafted and accepted tokens. `max_kv_size`: a sliding window for this request
         alone (see load's; its length is still bounded by max_seq_len)."""
         loop = Scheduler(self, max_waiting=1)
-        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, draft, num_draft,
-                           prompt_lookup, max_kv_size)
+        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs, draft=draft,
+                           num_draft=num_draft, prompt_lookup=prompt_lookup, max_kv_size=max_kv_size)
 
         def run(gen: Generation):
             loop.start_clock(rid)

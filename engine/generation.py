@@ -19,6 +19,10 @@ POOL_FULL = "KV pool exhausted"
 class Token:
     id: int
     text: str | None
+    # asked for with logprobs=k: the chosen id's log-probability under the model (before
+    # temperature, top-k and top-p) and the k most likely (id, log-probability) pairs, best first
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass

@@ -49,11 +49,35 @@ def checksum(arrays: dict[str, mx.array]) -> str:
     return h.hexdigest()
 
 
-def save(path, pool, sid: int, model_fingerprint: str) -> Path:
-    """Write atomically: a temporary file beside the target, renamed into place."""
+def destination(path) -> Path:
+    """Where `save` writes for `path` (.safetensors added when missing), refused when an existing
+    file there is not a prompt cache: a model's weights are safetensors too (as `cache clear`
+    refuses to delete them). Checked before any work."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
+    if path.is_dir():
+        raise MetalforgeError(f"{path}: is a folder, not a prompt cache file")
+    if path.exists() and _format(path) != "metalforge-prompt-cache":
+        raise MetalforgeError(f"refusing to overwrite {path}: not a metalforge prompt cache")
+    return path
+
+
+def _format(path: Path) -> str | None:
+    """The `format` of a safetensors file's metadata, read from its header alone (weights files
+    are gigabytes); None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(size, 1 << 24)))
+        return header.get("__metadata__", {}).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def save(path, pool, sid: int, model_fingerprint: str) -> Path:
+    """Write atomically: a temporary file beside the target, renamed into place."""
+    path = destination(path)
     seq = pool.seq(sid)
     if not seq.tokens:
         raise MetalforgeError(f"sequence {sid} is empty: nothing to cache")

@@ -50,3 +50,16 @@ class Sampler:
             return mx.argmax(logits)
         self.key, sub = mx.random.split(self.key)
         return mx.random.categorical(self.filtered(logits), key=sub)
+
+
+def log_probabilities(logits: mx.array, token: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """`token`'s log-probability under `logits` (vocab,), before temperature, top-k and top-p, and
+    the k most likely ids with theirs, best first: lazy arrays, read back with the token."""
+    logp = logits.astype(mx.float32)
+    logp = logp - mx.logsumexp(logp)
+    k = min(k, logp.shape[0])
+    if not k:
+        return logp[token], mx.array([], dtype=mx.uint32), mx.array([], dtype=mx.float32)
+    top = mx.argpartition(-logp, kth=k - 1)[:k]
+    top = top[mx.argsort(-logp[top])]
+    return logp[token], top, logp[top]

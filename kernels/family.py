@@ -249,13 +249,11 @@ class Family:
             device=None) -> mx.array:
         """Execute the config's launches; intermediate outputs feed later launches by name."""
 
-        dtype = _dtypes.get(dtype)
         env = dict(inputs)
         out = None
-        for launch in self.launches(config, shape, dtype):
-            kernel = backends.kernel(launch.kernel, backend, device)
-            if launch.lengths:
-                env[LENGTHS] = mx.array(launch.lengths, dtype=mx.int32)
+        for launch, kernel, lengths in self.built(config, shape, dtype, backend, device):
+            if lengths is not None:
+                env[LENGTHS] = lengths
             missing = [n for n in launch.kernel.input_names if n not in env]
             if missing:
                 raise MetalforgeError(f"{self.name}: missing input(s) {choices(missing)}")
@@ -270,6 +268,20 @@ class Family:
             env.update(zip(launch.kernel.output_names, results))
             out = results[0]
         return out
+
+    def built(self, config: Config, shape, dtype, backend=None, device=None) -> list[tuple]:
+        """(launch, its callable kernel, its lengths array or None) for each launch of the config:
+        rendered, hashed and built once per (family, config, compile-time shape, dtype, backend,
+        device), since an engine calls each op once per layer per token."""
+        key = (self.name, tuple(config.items()), shape, getattr(dtype, "name", dtype), backends.requested(backend),
+               getattr(device, "name", device))
+        found = _BUILT.get(key)
+        if found is None:
+            found = _BUILT[key] = [
+                (launch, backends.kernel(launch.kernel, backend, device),
+                 mx.array(launch.lengths, dtype=mx.int32) if launch.lengths else None)
+                for launch in self.launches(config, shape, _dtypes.get(dtype))]
+        return found
 
     def prepare(self, config: Config, shape, dtype, inputs: dict, backend=None, device=None) -> None:
         """Compile every launch without running it (emulator only). Thread-safe and free of MLX
@@ -306,6 +318,9 @@ class Family:
     def mlx_cost(self, shape, dtype, device) -> float:
         """MLX's built-in priced by the same rule: the baseline a tuned config must beat."""
         return self.cost(self.config(self.mlx_config(shape, dtype)), shape, dtype, device)
+
+
+_BUILT: dict = {}   # Family.built's cache
 
 
 # 8x8 fp32 fragments one SIMD-group may hold (two 32-bit registers a lane each): past 64 (128

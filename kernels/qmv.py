@@ -69,6 +69,7 @@ class Qmv(Family):
             M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
             SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
             stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"], prescaled=config["prescaled_x"],
+            gather=False,
         )
         g, = self.geometry(config, shape, dtype)
         return [Launch(kernel, g.grid, g.threadgroup, ((shape.M, shape.N),), (d.mlx,))]

@@ -27,6 +27,7 @@ class Case:
     setup: Callable[[Path], list[str]]     # prepares files in a fresh folder, returns the argv after `metalforge`
     expect: str = ""                       # a phrase the one-line error must contain
     env: dict | None = None
+    secret: str = ""                       # text the error must never show (a password)
 
 
 def _model(tmp: Path, **config_changes) -> Path:
@@ -54,6 +55,17 @@ def _generate(tmp, *extra, **config):
 def _tune(tmp, *extra):
     shapes = _file(tmp, "shapes.yaml", "qmv:\n- {M: 1, N: 64, K: 256}\n")
     return ["tune", "--device", "m1", "--shapes", str(shapes), "--trials", "1", "--storage", "memory", *extra]
+
+
+def _merge(tmp, text):
+    return ["results", "merge", str(_file(tmp, "a.yaml", text)), "--out", str(tmp / "c.yaml")]
+
+
+def _results_text(**entry_changes) -> str:
+    """A results file for m1 holding one qmv entry, with `entry_changes` made to it."""
+    entry = {"shape": {"M": 1, "N": 64, "K": 256, "bits": 4, "group_size": 64}, "dtype": "float16", "config": {},
+             "time_s": 1e-6, "timer": "model", **entry_changes}
+    return json.dumps({"schema_version": 1, "device": {"name": "m1"}, "entries": {"qmv": {"any": entry}}})
 
 
 def _unwritable_dir(tmp: Path) -> Path:
@@ -91,6 +103,10 @@ CASES = [
                                           "M=1,N=64,K=1000000000000000000000000000000"], "32-bit indexing"),
     Case("check: N*K over 2**31", lambda t: ["check", "qmv", "--device", "m1", "--shape",
                                              "M=1,N=1000000,K=1000000"], "32-bit indexing"),
+    Case("trace: N*K over 2**31", lambda t: ["trace", "qmv", "--device", "m1", "--shape",
+                                             "M=1,N=1000000,K=1000000"], "32-bit indexing"),
+    Case("trace: a dispatch larger than the trace", lambda t: ["trace", "qmv", "--device", "m3", "--shape",
+                                                               "M=1,N=1024,K=4096"], "the trace holds"),
     Case("tune: shapes with N = K = 10**12", lambda t: ["tune", "--device", "m1", "--storage", "memory", "--shapes", str(
         _file(t, "s.yaml", "qmv:\n- {M: 1, N: 1000000000000, K: 1000000000000}\n"))], "32-bit indexing"),
     Case("tune: .inf in a shapes file", lambda t: ["tune", "--device", "m1", "--storage", "memory", "--shapes", str(
@@ -163,6 +179,24 @@ CASES = [
          lambda t: _generate(t, "--prompt-cache", str(_prompt_cache(t, _flip_last_tensor_bit))), "checksum"),
     Case("cache info: hand-edited tokens", lambda t: ["cache", "info", str(_prompt_cache(t, _edit_tokens))],
          "prompt cache"),
+    Case("tune: --sampler bogus (refused before the database or a folder is made)",
+         lambda t: [a for a in _tune(t, "--sampler", "bogus") if a not in ("--storage", "memory")], "sampler"),
+    Case("tune: --storage URL with a password, server unreachable",
+         lambda t: ["tune", "--device", "m1", "--shapes", _tune(t)[4], "--trials", "1",
+                    "--storage", "postgresql+psycopg://mf:hunter2@127.0.0.1:9/tuning"], "cannot open tuning storage",
+         secret="hunter2"),
+    Case("tune: --storage-timeout 0", lambda t: _tune(t, "--storage-timeout", "0"), "--storage-timeout"),
+    Case("tune: METALFORGE_STORAGE_TIMEOUT_S=soon", lambda t: _tune(t), "METALFORGE_STORAGE_TIMEOUT_S",
+         env={"METALFORGE_STORAGE_TIMEOUT_S": "soon"}),
+    Case("results merge: a file without a device", lambda t: _merge(t, "schema_version: 1\nentries: {}\n"), "device"),
+    Case("results merge: device is a string", lambda t: _merge(t, "schema_version: 1\ndevice: m1\nentries: {}\n"),
+         "device"),
+    Case("results merge: shape: 5", lambda t: _merge(t, _results_text(shape=5)), "shape"),
+    Case("results merge: config: 5", lambda t: _merge(t, _results_text(config=5)), "config"),
+    Case("cache save: --out onto the model's weights",
+         lambda t: ["cache", "save", "--model", str(_model(t)), "--prompt-tokens", "3,4",
+                    "--out", str(_model(t) / "model.safetensors")], "not a metalforge prompt cache"),
+    Case("generate: --stop ''", lambda t: _generate(t, "--stop", ""), "empty stop string"),
     Case("results merge: not UTF-8", lambda t: ["results", "merge", str(_file(t, "a.yaml", NOT_UTF8)),
                                                 "--out", str(t / "c.yaml")], "UTF-8"),
 ]
@@ -204,6 +238,8 @@ def replay(case: Case) -> Outcome:
             return Outcome(False, f"stderr is not one error line: {run.stderr.strip()[-300:]}")
         if case.expect and case.expect.lower() not in err[0].lower():
             return Outcome(False, f"the error does not name the problem ({case.expect!r}): {err[0]}")
+        if case.secret and case.secret in run.stdout + run.stderr:
+            return Outcome(False, f"the output shows the secret {case.secret!r}: {err[0]}")
         if _snapshot(tmp) != before:
             return Outcome(False, "files changed")
         return Outcome(True, err[0])

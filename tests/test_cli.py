@@ -84,3 +84,17 @@ def test_the_readme_emulator_quick_start_runs():
     again = namespace["same"](inputs=[a], grid=(a.size, 1, 1), threadgroup=(256, 1, 1),
                               output_shapes=[a.shape], output_dtypes=[a.dtype])[0]
     assert mx.array_equal(again, out).item()
+
+
+def test_help_imports_no_mlx_optuna_emulator_or_jinja():
+    """`metalforge --help` answers at once: it loads none of the heavy packages (each command's
+    own arguments, and what they import, are built only when that command runs)."""
+    code = ("import sys\nfrom metalforge import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(' '.join(sys.modules), file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "generate" in run.stdout and "tune" in run.stdout, "the help lists every command"
+    loaded = run.stderr.split()
+    heavy = [m for m in loaded if m.split(".")[0] in ("mlx", "optuna", "jinja2", "sqlalchemy", "numpy", "yaml")
+             or m.startswith(("metalforge.emulator", "metalforge.kernels", "metalforge.engine", "metalforge.tuner"))]
+    assert not heavy, f"--help imported {heavy[:10]}"
+    assert "metalforge.cli" in loaded, "the probe saw the CLI's own imports"

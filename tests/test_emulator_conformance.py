@@ -47,7 +47,7 @@ REFUSED = [
     ("1.5.4-register", "storage", "", I + "register float r = inp[i]; out[i] = r;", "register"),
     ("1.5.4-thread_local", "storage", "", I + "thread_local float t = 0; out[i] = t;", "thread_local"),
     ("1.5.4-virtual", "virtual", "struct B { virtual float f() const { return 1; } };", I + "B b; out[i] = b.f();", "virtual"),
-    ("1.5.4-derived-class", "derived", "struct A { float a; };\nstruct D : A { float b; };",
+    ("1.5.4-virtual-base", "derived", "struct A { float a; };\nstruct D : virtual A { float b; };",
      I + "D d; d.a = 1; out[i] = d.a;", "struct D"),
     ("1.5.4-try-catch", "exceptions", "", I + "try { out[i] = 1; } catch (...) { out[i] = 0; }", "try"),
     ("1.5.4-throw", "exceptions", "", I + "if (i > 100) throw 1; out[i] = 1;", "throw"),

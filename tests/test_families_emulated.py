@@ -29,6 +29,8 @@ COVERING = {
                          (dict(B=2, Hq=4, Hkv=1, S=33, D=80, block_size=8), "float32")],
     "prefill_attention": [(dict(B=1, Hq=2, Hkv=1, L=24, D=64), "float16"),
                           (dict(B=1, Hq=2, Hkv=1, L=10, D=64, prefix=7), "float32")],
+    "gather_qmv": [(dict(M=1, N=40, K=256, experts=4, top_k=2, bits=4, group_size=64), "float16"),
+                   (dict(M=2, N=37, K=4096, experts=3, top_k=2, bits=2, group_size=64), "float32")],
 }
 
 
@@ -224,3 +226,23 @@ def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatc
     fam = family(name)
     configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
     assert verify(name, shape, dtype, configs=configs) == len(configs)
+
+
+@pytest.mark.parametrize("shape, dtype", COVERING["gather_qmv"])
+def test_gather_qmv_sample_covering_every_tunable_value(shape, dtype):
+    configs = covering_sample("gather_qmv", shape, dtype, extra=4)
+    assert verify("gather_qmv", shape, dtype, configs=configs) == len(configs)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_gather_qmv_matches_mlx_gather_qmm(bits, M):
+    """Every width mx.quantize writes, 1 to 8 tokens of 2 experts each, against MLX's own
+    gather_qmm on the same inputs (and the plain-ops reference through verify)."""
+    fam = family("gather_qmv")
+    shape = fam.shape(dict(M=M, N=24, K=128, experts=6, top_k=2, bits=bits, group_size=32))
+    inputs = fam.make_inputs(shape, "float32", seed=bits)
+    out = fam.run(fam.default_config(), shape, "float32", inputs, backend="emulator", device=DEVICE)
+    want = fam.baseline(shape, "float32", inputs)
+    np.testing.assert_allclose(np.array(out), np.array(want), atol=1e-4, rtol=1e-4)
+    assert verify("gather_qmv", shape, "float32", sample=3, seed=bits) == 3

@@ -15,6 +15,8 @@ SHAPES = {
     "qmm": [dict(M=512, N=4096, K=4096, bits=4, group_size=64), dict(M=100, N=1000, K=96, bits=8, group_size=32)],
     "decode_attention": [dict(B=1, Hq=32, Hkv=8, S=4096, D=128), dict(B=2, Hq=14, Hkv=2, S=300, D=64, block_size=16)],
     "prefill_attention": [dict(B=1, Hq=32, Hkv=8, L=512, D=128), dict(B=1, Hq=12, Hkv=4, L=100, D=80, prefix=64)],
+    "gather_qmv": [dict(M=1, N=768, K=2048, experts=128, top_k=8, bits=4, group_size=64),
+                   dict(M=4, N=100, K=1536, experts=8, top_k=2, bits=6, group_size=32)],
 }
 TYPE_BYTES = {"float": 4, "half": 2, "bfloat16_t": 2, "int": 4, "uint": 4}
 DECL = re.compile(r"threadgroup\s+(\w+)\s+\w+\s*\[(\d+)\]\s*;")

@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 
 import mlx.core as mx
 
+from metalforge.errors import MetalforgeError
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,18 @@ class MetalTimer:
 
     def baseline(self, run: Callable, *, family, shape, dtype, device) -> Timing:
         return self._measure(run)
+
+
+def timer_to_dict(timer: Timer) -> dict:
+    """A timer as JSON, for a worker process: its kind and its options."""
+    if type(timer) not in (MetalTimer, ModelTimer):
+        raise MetalforgeError(f"a {type(timer).__name__} cannot be sent to worker processes (only MetalTimer, ModelTimer)")
+    return {"kind": timer.kind, **vars(timer)}
+
+
+def timer_from_dict(data: dict) -> Timer:
+    options = {k: v for k, v in data.items() if k != "kind"}
+    return MetalTimer(**options) if data["kind"] == "metal" else ModelTimer()
 
 
 def default_timer():

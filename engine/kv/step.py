@@ -79,10 +79,13 @@ class Step:
             self._runs[key] = self.pool.ranges(self.sids[b], list(key[0]))
         return self._runs[key]
 
-    def mask(self, layer: int, b: int) -> mx.array:
-        """(new tokens, keys read) bool: which keys each of sequence b's new tokens sees."""
+    def mask(self, layer: int, b: int, window: int | None = None) -> mx.array:
+        """(new tokens, keys read) bool: which keys each of sequence b's new tokens sees; `window`:
+        a layer's own sliding window besides (the latest `window` positions, its own included)."""
         keys = mx.concatenate([mx.arange(a, e) for a, e in self.reads(layer, b) if e > a])
-        return self.pool.spec(layer, self.sids[b]).visible(keys, mx.arange(self.starts[b], self.lengths[b]))
+        queries = mx.arange(self.starts[b], self.lengths[b])
+        visible = self.pool.spec(layer, self.sids[b]).visible(keys, queries)
+        return visible if window is None else visible & (keys[None, :] > queries[:, None] - window)
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
         """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads."""
@@ -135,9 +138,10 @@ class GroupKV:
         """Member i's K and V, (1, kv_heads, length, head_dim), a view when it is one run."""
         return self.kv.step.pool.read(self.kv.layer, self.kv.step.runs(self.kv.layer, self.group.members[i]))
 
-    def mask(self) -> mx.array:
-        """(new tokens, keys) bool mask of the group's one sequence: causal, and its layer's window."""
-        return self.kv.step.mask(self.kv.layer, self.group.members[0])
+    def mask(self, window: int | None = None) -> mx.array:
+        """(new tokens, keys) bool mask of the group's one sequence: causal, its spec's window, and
+        `window` (the layer's own) when given."""
+        return self.kv.step.mask(self.kv.layer, self.group.members[0], window)
 
     @property
     def mlx_only(self) -> bool:
@@ -152,9 +156,11 @@ class GroupKV:
         """{"bits", "group_size"} of a quantized pool, else None."""
         return getattr(self.kv.step.pool.storage, "quantization", None)
 
-    def attend(self, q: mx.array, i: int, scale: float, mask=None) -> mx.array:
-        """MLX's attention of q (1, Hq, L, D) over member i's K/V: the fused op, or products on
-        the codes of a quantized pool (engine/kv/quantized.py)."""
+    def attend(self, q: mx.array, i: int, scale: float, mask=None, window: int | None = None,
+               sdpa=mx.fast.scaled_dot_product_attention, **extra) -> mx.array:
+        """MLX's attention of q (1, Hq, L, D) over member i's K/V: `sdpa` (the fused op unless the
+        layer soft-caps), or products on the codes of a quantized pool (engine/kv/quantized.py).
+        One query (no mask) reads only the latest `window` keys when given; `extra`: sinks."""
         step, b = self.kv.step, self.group.members[i]
         pool, runs = step.pool, step.runs(self.kv.layer, b)
         if step.starts[b] == 0 and self.kv.k is not None and len(step.sids) == 1 and \
@@ -162,12 +168,14 @@ class GroupKV:
             # a whole sequence's first step (a prompt) attends to its K/V as computed, not as
             # stored: quantized, as mlx-lm attends to its first prompt chunk before its cache is
             # quantized; dense, the same values
-            return mx.fast.scaled_dot_product_attention(q, self.kv.k, self.kv.v, scale=scale, mask=mask)
-        if self.quantization:
+            return sdpa(q, self.kv.k, self.kv.v, scale=scale, mask=mask, **extra)
+        latest = (lambda x: x[:, :, -window:]) if window is not None and mask is None else (lambda x: x)
+        if self.quantization and sdpa is mx.fast.scaled_dot_product_attention and not extra:
             k, v = pool.storage.read_quantized(self.kv.layer, runs)
-            return quantized.attention(q, k, v, scale, mask, **self.quantization)
+            return quantized.attention(q, [latest(x) for x in k], [latest(x) for x in v], scale, mask,
+                                       **self.quantization)
         k, v = pool.read(self.kv.layer, runs)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return sdpa(q, latest(k), latest(v), scale=scale, mask=mask, **extra)
 
     def pool_sizes(self) -> dict:
         """The pool's layout as attention's op sees it: block size, blocks, and the widest block

@@ -1,0 +1,129 @@
+"""MLX's real Metal kernels (from the mlx-metal wheel, fetched with pip) run in the emulator and
+match MLX's own CPU ops: quantized mat-vec and mat-mat, decode and prefill attention, in the
+dtypes MLX instantiates, at shapes with tails."""
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from metalforge.kernels import mlx_headers, mlx_library
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# The reference is MLX's CPU ops in float32 on the same (rounded) inputs: MLX's CPU
+# quantized_matmul accumulates bfloat16 in bfloat16 (7.4 off at a scale of 113 at K = 1024, where
+# MLX's Metal kernel is 0.47 off), so it would not tell a right kernel from a wrong one.
+# |kernel - reference| <= TOL * max |reference|: float32 sums in another order, float16 and
+# bfloat16 also round the output (2^-11 and 2^-8 of it).
+TOL = {mx.float32: 2e-5, mx.float16: 2e-3, mx.bfloat16: 1e-2}
+
+
+pytestmark = pytest.mark.usefixtures("mlx_kernel_headers")
+
+
+def _close(out, ref, dtype):
+    out, ref = np.array(out.astype(mx.float32)), np.array(ref.astype(mx.float32))
+    assert out.shape == ref.shape
+    assert np.all(np.isfinite(out))
+    err = np.max(np.abs(out - ref))
+    assert err <= TOL[dtype] * np.max(np.abs(ref)), f"max error {err} at scale {np.max(np.abs(ref))}"
+
+
+def _quantized(M, N, K, dtype, group_size, bits, seed):
+    mx.random.seed(seed)
+    x = mx.random.normal((M, K)).astype(dtype)
+    w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(dtype), group_size=group_size, bits=bits)
+    f32 = lambda a: a.astype(mx.float32)
+    ref = mx.quantized_matmul(f32(x), w, f32(scales), f32(biases), transpose=True, group_size=group_size, bits=bits)
+    return x, w, scales, biases, ref
+
+
+# (M, N, K, group size, bits): qmv_fast needs N % 8 == 0 and K % 512 (4-bit) / 256 (8-bit) == 0
+QMV_FAST = [(1, 64, 512, 64, 4), (1, 40, 256, 32, 8)]
+QMV = [(1, 70, 320, 64, 4), (1, 13, 192, 32, 8)]          # tails: N % 8 != 0, K off the fast step
+QMV_WIDE = [(3, 44, 256, 64, 4), (7, 24, 384, 128, 4)]     # M = 3: one tile of 3; M = 7: two tiles of 4
+QMM_T = [(40, 70, 256, 64, 4), (33, 64, 128, 32, 8)]       # partial row and column tiles, unaligned N
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", QMV_FAST + QMV, ids=str)
+def test_qmv_matches_quantized_matmul(shape, dtype):
+    M, N, K, gs, bits = shape
+    fast = mlx_library.qmv_fast_applies(N, K, bits)
+    assert fast == (shape in QMV_FAST)
+    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=N)
+    _close(mlx_library.qmv(x, w, s, b, group_size=gs, bits=bits, fast=fast), ref, dtype)
+
+
+QMV_QUAD = [(1, 100, 128, 64, 4), (2, 64, 64, 32, 8)]       # K = 128 and 64; a row tail
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("runner,shape", [*(("qmv_quad", s) for s in QMV_QUAD), *(("qmv_wide", s) for s in QMV_WIDE),
+                                          *(("qmm_t", s) for s in QMM_T)], ids=str)
+def test_quad_wide_and_qmm_t_match_quantized_matmul(runner, shape, dtype):
+    M, N, K, gs, bits = shape
+    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=M + N + K)
+    _close(getattr(mlx_library, runner)(x, w, s, b, group_size=gs, bits=bits), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qmm_split_k_matches_quantized_matmul(dtype):
+    M, N, K, gs, bits = 9, 72, 1024, 64, 4
+    # quantized.cpp: 512 // (3 x 1 tiles) = 170, capped at K / 64 = 16, lowered until it divides K
+    assert mlx_library.qmm_splitk_partitions(M, N, K, gs) == 16
+    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=3)
+    _close(mlx_library.qmm_t_splitk(x, w, s, b, group_size=gs, bits=bits), ref, dtype)
+
+
+def _attention(B, H, Hk, qL, kL, D, dtype, causal, seed):
+    mx.random.seed(seed)
+    q = mx.random.normal((B, H, qL, D)).astype(dtype)
+    k = mx.random.normal((B, Hk, kL, D)).astype(dtype)
+    v = mx.random.normal((B, Hk, kL, D)).astype(dtype)
+    scale = 1 / math.sqrt(D)
+    f32 = lambda a: a.astype(mx.float32)
+    ref = mx.fast.scaled_dot_product_attention(f32(q), f32(k), f32(v), scale=scale, mask="causal" if causal else None)
+    return q, k, v, scale, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 2, 1, 100, 64), (2, 2, 1, 1, 45, 128)], ids=str)
+def test_sdpa_vector_matches_mlx_attention(shape, dtype):
+    q, k, v, scale, ref = _attention(*shape, dtype, causal=False, seed=shape[4])
+    _close(mlx_library.sdpa_vector(q, k, v, scale=scale), ref, dtype)
+
+
+TWO_PASS = [((1, 4, 1, 1, 77, 128), 32), ((1, 8, 2, 1, 130, 64), 64)]   # blocks as MLX picks them per chip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,blocks", TWO_PASS, ids=str)
+def test_sdpa_vector_2pass_matches_mlx_attention(shape, blocks, dtype):
+    q, k, v, scale, ref = _attention(*shape, dtype, causal=False, seed=blocks)
+    _close(mlx_library.sdpa_vector_2pass(q, k, v, scale=scale, blocks=blocks), ref, dtype)
+
+
+# causal prefill: square (no prefix) and with a prefix of cached keys (kL > qL); tails in both
+STEEL = [(1, 2, 2, 40, 40, 64), (1, 2, 1, 20, 52, 64), (1, 1, 1, 33, 50, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", STEEL, ids=str)
+def test_steel_attention_causal_matches_mlx_attention(shape, dtype):
+    q, k, v, scale, ref = _attention(*shape, dtype, causal=True, seed=shape[3])
+    _close(mlx_library.steel_attention(q, k, v, scale=scale, do_causal=True), ref, dtype)
+
+
+def test_the_host_names_are_kernels_mlx_compiles():
+    """Every host name the runners instantiate is a function of MLX's own metallib (same version):
+    the instantiations written here are MLX's, not look-alikes."""
+    for run in (lambda: test_qmv_matches_quantized_matmul(QMV_FAST[0], mx.float16),
+                lambda: test_qmm_split_k_matches_quantized_matmul(mx.bfloat16),
+                lambda: test_sdpa_vector_2pass_matches_mlx_attention(*TWO_PASS[0], mx.float32),
+                lambda: test_steel_attention_causal_matches_mlx_attention(STEEL[2], mx.bfloat16)):
+        run()
+    names = mlx_headers.metallib_names()
+    run = mlx_library.host_names_run()
+    assert len(run) >= 5
+    assert [n for n in run if n not in names] == []

@@ -1,0 +1,111 @@
+"""Trace mode's counters, each pinned by a kernel whose counts are worked out by hand."""
+import numpy as np
+import pytest
+
+from metalforge.emulator.library import Library
+from metalforge.errors import MetalforgeError
+
+COPY = """
+[[kernel]] void copy(const device float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                     const constant uint& stride [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+  out[i] = in[i * stride];
+}
+"""
+
+
+def _copy(stride):
+    fn = Library(COPY, mode="traced").function("copy")
+    x = np.arange(256 * stride, dtype=np.float32)
+    out = np.zeros(256, np.float32)
+    fn(buffers={0: x, 1: out, 2: stride}, threadgroups=(2, 1, 1), threadgroup=(128, 1, 1))
+    assert np.array_equal(out, x[::stride])
+    return fn.last_trace
+
+
+def test_a_coalesced_copy_touches_one_128_byte_line_per_simdgroup_access():
+    t = _copy(1)
+    assert (t.threads, t.threadgroups, t.barriers, t.simd_functions) == (256, 2, 0, 0)
+    for name in ("in", "out"):
+        b = t.device[name]
+        # 8 SIMD-groups, one access each; 32 lanes x 4 bytes = 128 contiguous, aligned bytes
+        assert (b.accesses, b.instructions, b.footprint_bytes) == (256, 8, 1024)
+        assert b.sectors == {32: 8 * 4, 64: 8 * 2, 128: 8 * 1}
+
+
+def test_a_strided_read_touches_a_sector_per_lane():
+    t = _copy(8)
+    b = t.device["in"]
+    # lanes 32 bytes apart: 32 sectors of 32 bytes, 16 of 64, 8 of 128 per access; 4 bytes of each 32 used
+    assert (b.accesses, b.instructions, b.footprint_bytes) == (256, 8, 1024)
+    assert b.sectors == {32: 8 * 32, 64: 8 * 16, 128: 8 * 8}
+    assert t.device["out"].sectors == {32: 32, 64: 16, 128: 8}
+
+
+TRANSPOSE = """
+[[kernel]] void transpose(const device float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                          uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float tile[32][WIDTH];
+  for (uint r = 0; r < 8; r++) {
+    tile[sg * 8 + r][lane] = in[(sg * 8 + r) * 32 + lane];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[sg * 32 + lane] = tile[lane][sg];
+}
+"""
+
+
+@pytest.mark.parametrize("width,conflicts", [(32, 4 * 31), (33, 0)])
+def test_a_transposed_threadgroup_read_has_the_bank_conflicts_of_its_layout(width, conflicts):
+    fn = Library(TRANSPOSE.replace("WIDTH", str(width)), mode="traced").function("transpose")
+    x = np.arange(1024, dtype=np.float32)
+    out = np.zeros(128, np.float32)
+    fn(buffers={0: x, 1: out}, threadgroups=(1, 1, 1), threadgroup=(128, 1, 1))
+    assert np.array_equal(out, x.reshape(32, 32)[:, :4].T.reshape(-1))
+    t = fn.last_trace
+    assert (t.threadgroup_memory_bytes, t.barriers) == (32 * width * 4, 1)
+    # 4 SIMD-groups: 8 row writes each (lanes on consecutive words: no conflict), one column read
+    # each: with 32 floats a row every lane's word is in bank sg (32 words, one bank: 31 extra
+    # passes); with 33 the words spread over all 32 banks
+    assert (t.threadgroup_accesses, t.threadgroup_instructions) == (4 * 32 * 9, 4 * 9)
+    assert t.bank_conflicts == conflicts
+
+
+MMA = """
+[[kernel]] void mma(const device float* a [[buffer(0)]], const device float* b [[buffer(1)]], device float* c [[buffer(2)]],
+                    uint sg [[simdgroup_index_in_threadgroup]]) {
+  simdgroup_float8x8 A, B, C = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  simdgroup_load(A, a + sg * 64, 8);
+  simdgroup_load(B, b, 8);
+  threadgroup_barrier(mem_flags::mem_none);
+  for (int k = 0; k < 3; k++) {
+    simdgroup_multiply_accumulate(C, A, B, C);
+  }
+  threadgroup_barrier(mem_flags::mem_none);
+  float s = simd_sum(1.0f);
+  simdgroup_store(C, c + sg * 64, 8);
+  if (s != 32.0f) c[0] = -1.0f;
+}
+"""
+
+
+def test_barriers_matrix_operations_and_simd_functions_are_counted_per_simdgroup():
+    fn = Library(MMA, mode="traced").function("mma")
+    a = np.random.default_rng(0).normal(size=(2, 8, 8)).astype(np.float32)
+    b = np.eye(8, dtype=np.float32)
+    c = np.zeros((2, 8, 8), np.float32)
+    fn(buffers={0: a, 1: b, 2: c}, threadgroups=(1, 1, 1), threadgroup=(64, 1, 1))
+    assert np.allclose(c, 3 * a)
+    t = fn.last_trace
+    # 2 SIMD-groups x (2 loads, 3 multiply-accumulates, 1 store, 1 simd_sum); 2 barriers
+    assert (t.matrix_loads, t.matrix_multiplies, t.matrix_stores) == (4, 6, 2)
+    assert (t.barriers, t.simd_functions) == (2, 2)
+    # a matrix load is one operation, not 64 element reads per lane; a store writes 2 elements a lane
+    assert "a" not in t.device and "b" not in t.device
+    assert (t.device["c"].accesses, t.device["c"].footprint_bytes) == (128, 512)
+
+
+def test_a_trace_too_small_for_the_dispatch_says_so():
+    fn = Library(COPY, mode="traced", trace_capacity=100).function("copy")
+    with pytest.raises(MetalforgeError, match="the trace holds 100 accesses and the dispatch made 512"):
+        fn(buffers={0: np.zeros(256, np.float32), 1: np.zeros(256, np.float32), 2: 1}, threadgroups=(2, 1, 1),
+           threadgroup=(128, 1, 1))
