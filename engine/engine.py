@@ -273,8 +273,9 @@ class Engine:
         a, stored = self.args, meta["quantization"]
         dims = [(f".{p}", a.head_dim * stored["bits"] // 32 if p == "codes" else a.head_dim // stored["group_size"])
                 for p in prompt_cache.PARTS] if stored else [("", a.head_dim)]
+        shape = lambda name: tuple(getattr(arrays.get(name), "shape", ()))
         bad = [f"{kind}.{layer}{name}" for layer in range(self.pool.layers) for kind in "kv" for name, d in dims
-               if tuple(arrays.get(f"{kind}.{layer}{name}", mx.zeros((0,))).shape) != (a.num_key_value_heads, tokens, d)]
+               if shape(f"{kind}.{layer}{name}") != (a.num_key_value_heads, tokens, d)]
         if meta["layers"] != self.pool.layers or bad:
             raise prompt_cache.PromptCacheError(f"{path}: does not fit this model's KV cache (layers "
                                                 f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} do not "

@@ -122,8 +122,9 @@ class Scheduler:
         rid = self._next_id
         self._next_id += 1
         extra = speculation.num_draft if speculation else 0   # a verify pass holds drafts until rejected ones go
-        self.requests[rid] = Request(ids, sampler, text, max_tokens, run_blocks(self.pool, len(ids), max_tokens + extra),
-                                     keep, logprobs, speculation=speculation, window=window)
+        blocks = run_blocks(self.pool, len(ids), max_tokens + extra)
+        self.requests[rid] = Request(ids, sampler, text, max_tokens, blocks, keep, logprobs, speculation=speculation,
+                                     window=window)
         self.waiting.append(rid)
         return rid
 

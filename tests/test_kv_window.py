@@ -129,7 +129,8 @@ def test_bad_window_is_a_one_line_error(folder):
 def test_generate_command_takes_the_kv_options(folder):
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "metalforge.cli", "generate", "--model", str(folder), "--backend", "mlx",
+    out = subprocess.run([sys.executable, "-m", "metalforge.cli", "generate", "--model", str(folder),
+                          "--backend", "mlx",
                           "--prompt-tokens", ",".join(map(str, PROMPT)), "--max-tokens", "40", "--kv-tokens", "64",
                           "--max-kv-size", "16", "--kv-bits", "8", "--kv-group-size", "32"],
                          capture_output=True, text=True)

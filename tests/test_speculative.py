@@ -120,7 +120,8 @@ def test_bad_speculative_arguments_are_one_line_errors(folders):
 def test_generate_command_decodes_speculatively(folders):
     run = lambda *a: subprocess.run([sys.executable, "-m", "metalforge.cli", "generate", "--model",
                                      str(folders["target"]), "--backend", "mlx", "--prompt-tokens",
-                                     ",".join(map(str, PROMPT)), "--max-tokens", "8", *a], capture_output=True, text=True)
+                                     ",".join(map(str, PROMPT)), "--max-tokens", "8", *a],
+                                    capture_output=True, text=True)
     want = [str(t) for t in reference_greedy(folders["target"], PROMPT, 8)[0]]
     for extra in (("--draft-model", str(folders["other"]), "--num-draft", "2"), ("--prompt-lookup", "2")):
         out = run(*extra)
