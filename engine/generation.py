@@ -9,6 +9,12 @@ from dataclasses import dataclass
 from metalforge.engine import tokenizer as tokenizers
 
 
+# Stop reasons the loop gives besides Stops': the sequence reached the engine's maximum length, or
+# the pool had no block for its next token.
+LONGEST = "max_seq_len"
+POOL_FULL = "KV pool exhausted"
+
+
 @dataclass
 class Token:
     id: int
@@ -28,6 +34,19 @@ class Stats:
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     stop_reason: str = ""
+    # speculative decoding (engine/speculative.py): verify passes, tokens drafted, drafts accepted
+    verify_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def accepted_per_step(self) -> float:
+        """Draft tokens accepted per verify pass (each pass also yields one token of its own)."""
+        return self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
 class Stops:

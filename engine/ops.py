@@ -248,26 +248,19 @@ class Kernels:
         if L == 1:
             def mlx_op():
                 outs = []
-                for b in range(B):
-                    k, v = kv.sequence(b)   # a view of the pool when the sequence is one run of blocks
-                    if window is not None:
-                        k, v = k[:, :, -window:], v[:, :, -window:]
-                    outs.append(sdpa(q[b:b + 1], k, v, scale=scale, **extra))
+                for b in range(B):   # the K/V read are a view of the pool when the sequence is one run of blocks
+                    outs.append(kv.attend(q[b:b + 1], b, scale, window=window, sdpa=sdpa, **extra))
                 return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         else:
             def mlx_op():
-                k, v = kv.sequence(0)
-                LK = k.shape[2]
-                newest = mx.arange(L)[:, None] + LK - L          # each query's own position
-                mask = mx.arange(LK)[None, :] <= newest
-                if window is not None:
-                    mask = mask & (mx.arange(LK)[None, :] > newest - window)
-                return sdpa(q, k, v, scale=scale, mask=mask, **extra)
+                return kv.attend(q, 0, scale, kv.mask(window), sdpa=sdpa, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
         if softcap:
             mlx_kernel = "MLX composition (soft-capped scores)"
-        if self.backend == "mlx":
+        elif kv.quantization and sinks is None:
+            mlx_kernel = "mx.quantized_matmul attention (quantized KV)"
+        if self.backend == "mlx" or kv.mlx_only:   # no kernel of ours reads a sliding KV window or quantized K/V yet
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
         values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes())

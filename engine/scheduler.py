@@ -25,14 +25,15 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metalforge import arguments
-from metalforge.engine.generation import Stats, Stops, TextStream, Token
+from metalforge.engine.generation import LONGEST, POOL_FULL, Stats, Stops, TextStream, Token
 from metalforge.engine.kv import PoolExhausted
+from metalforge.engine import speculative
+from metalforge.engine.kv.spec import SinkWindow, sink_window
 from metalforge.engine.sampling import Sampler, log_probabilities
+from metalforge.engine.speculative import NUM_DRAFT, Speculation
 from metalforge.errors import MetalforgeError
 
 MAX_WAITING = 1024
-POOL_FULL = "KV pool exhausted"
-LONGEST = "max_seq_len"
 
 
 def run_blocks(pool, prompt_tokens: int, max_tokens: int) -> int:
@@ -55,6 +56,9 @@ class Request:
     sampled: int = 0               # tokens sampled, read back or not
     ending: str | None = None      # why no more tokens will be fed, once its last is read
     error: PoolExhausted | None = None
+    speculation: object = None     # engine/speculative.py's Speculation: decoded a verify pass at a time
+    first: mx.array | None = None  # a speculative request's first token, sampled at prefill
+    window: SinkWindow | None = None   # its own sliding window (max_kv_size)
 
 
 class Scheduler:
@@ -70,10 +74,30 @@ class Scheduler:
 
     # ---- requests ---------------------------------------------------------------------------------
     def request(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                seed: int | None = None, stop=None, keep: bool = False, logprobs: int | None = None) -> int:
+                seed: int | None = None, stop=None, keep: bool = False, logprobs: int | None = None, draft=None,
+                num_draft: int = NUM_DRAFT, prompt_lookup: int = 0, max_kv_size: int | None = None) -> int:
         """Queue a prompt (text or ids) with its own settings; it joins at the next step with room
         for it. Returns its request id. Every argument is checked first; a full queue or a prompt
-        over max_seq_len is refused."""
+        over max_seq_len is refused. `draft` or `prompt_lookup`: decoded speculatively (see
+        engine/speculative.py), `num_draft` tokens verified per forward pass. `max_kv_size`: this
+        request's own sliding window (as engine.load's, for the layers that attend to everything)."""
+        window = None if max_kv_size is None else sink_window(max_kv_size, self.pool.capacity_tokens)
+        speculation = None
+        if (draft is not None or prompt_lookup) and logprobs is not None:
+            raise MetalforgeError("logprobs are not reported with speculative decoding (draft=, prompt_lookup=) yet")
+        if draft is not None or prompt_lookup:
+            speculation = Speculation(speculative.drafter(self.engine, draft, num_draft, prompt_lookup), num_draft,
+                                      seed)
+        try:
+            return self._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs, speculation,
+                                 window)
+        except BaseException:
+            if speculation:
+                speculation.close()
+            raise
+
+    def _request(self, prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs, speculation,
+                 window) -> int:
         e = self.engine
         arguments.positive_int("max_tokens", max_tokens)
         if logprobs is not None:
@@ -97,8 +121,10 @@ class Scheduler:
                           time.perf_counter())
         rid = self._next_id
         self._next_id += 1
-        self.requests[rid] = Request(ids, sampler, text, max_tokens, run_blocks(self.pool, len(ids), max_tokens), keep,
-                                     logprobs)
+        extra = speculation.num_draft if speculation else 0   # a verify pass holds drafts until rejected ones go
+        blocks = run_blocks(self.pool, len(ids), max_tokens + extra)
+        self.requests[rid] = Request(ids, sampler, text, max_tokens, blocks, keep, logprobs, speculation=speculation,
+                                     window=window)
         self.waiting.append(rid)
         return rid
 
@@ -152,7 +178,9 @@ class Scheduler:
         while self.waiting and self._fits(self.requests[self.waiting[0]]):
             rid = self.waiting.popleft()
             sampled = self._prefill(rid)
-            if sampled is not None:
+            if sampled is not None and self.requests[rid].speculation:
+                self.requests[rid].first = sampled[0]
+            elif sampled is not None:
                 ready.append((rid, *sampled))
         fed = self._feedable([rid for rid, *_ in ready])
         self._queued = self._decode(fed, {rid: y for rid, y, _ in ready}) if fed else []
@@ -169,7 +197,24 @@ class Scheduler:
             events.append((rid, out))
             if reason or rid not in fed:
                 self._finish(rid, reason or r.ending)
+        for rid in [rid for rid, r in self.requests.items() if r.speculation and r.sid is not None]:
+            events += self._speculate(rid)
         return sorted(events, key=lambda ev: ev[0])
+
+    def _speculate(self, rid: int) -> list[tuple[int, Token]]:
+        """A speculative request's next verify pass (its own forward pass): the tokens it yields."""
+        r = self.requests[rid]
+        tokens, ending = r.speculation.advance(self.engine, r)
+        events = []
+        for token in tokens:
+            out, reason = r.text.add(token)
+            events.append((rid, out))
+            if reason:
+                self._finish(rid, reason)
+                return events
+        if ending:
+            self._finish(rid, ending)
+        return events
 
     def _decode(self, fed: list[int], tokens: dict[int, mx.array]) -> list[tuple]:
         """Queue one forward pass feeding each request its sampled token; (request, next token,
@@ -232,9 +277,9 @@ class Scheduler:
         its first token sampled; a prompt the pool cannot hold ends the request alone."""
         r = self.requests[rid]
         others = [o.sid for o in self.requests.values() if o.sid is not None]
-        parent, cached = self._longest_cached_prefix(r.ids, others)
+        parent, cached = self._longest_cached_prefix(r.ids, others, r.window)
         cached = min(cached, len(r.ids) - 1)   # the last prompt token is recomputed for its logits
-        sid = self.pool.add_sequence() if parent is None else self.pool.fork(parent, cached)
+        sid = self.pool.add_sequence(r.window) if parent is None else self.pool.fork(parent, cached, r.window)
         r.text.stats.cached_tokens = cached    # 0 without a parent
         try:
             logits = self.engine.prefill(sid, r.ids[cached:])
@@ -249,18 +294,20 @@ class Scheduler:
         r.sid, r.sampled = sid, 1
         return self._sample(r, logits[0])
 
-    def _longest_cached_prefix(self, ids: list[int], candidates=()) -> tuple[int | None, int]:
+    def _longest_cached_prefix(self, ids: list[int], candidates=(), window=None) -> tuple[int | None, int]:
         """The kept prefix that is a whole prefix of `ids`, or among `candidates` the sequence
         sharing the most leading tokens (at least one block: less is not worth a fork)."""
         best, best_len = None, 0
         for sid in self.engine.prefixes:
             cached = self.pool.seq(sid).tokens
             n = len(cached)
-            if best_len < n < len(ids) + 1 and ids[:n] == cached:
+            if best_len < n < len(ids) + 1 and ids[:n] == cached and \
+                    self.pool.can_fork(sid, min(n, len(ids) - 1), window):
                 best, best_len = sid, n
         for sid in candidates:
             n = len(os.path.commonprefix([ids, self.pool.seq(sid).tokens]))   # works on any sequences
-            if n > max(best_len, self.pool.block_size - 1):
+            if n > max(best_len, self.pool.block_size - 1) and \
+                    self.pool.can_fork(sid, min(n, len(ids) - 1), window):
                 best, best_len = sid, n
         return best, best_len
 
@@ -269,6 +316,8 @@ class Scheduler:
         if rid in self.waiting:
             self.waiting.remove(rid)
         r.text.stats.stop_reason = r.text.stats.stop_reason or reason
+        if r.speculation:
+            r.speculation.close()
         self.finished[rid] = r.text.stats
         self._ended[rid] = (r.sid, r.error)
         if r.sid is None or r.sid not in self.pool.seqs:
