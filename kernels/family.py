@@ -115,7 +115,11 @@ class Family:
 
     def bucket_key(self, shape, dtype: str) -> str:
         """The results key: shapes that share a bucket share a tuned config."""
-        return f"{shape_str(self.representative(shape), unless_default=self.variant_fields)}|{dtype}"
+        return f"{self.describe(self.representative(shape))}|{dtype}"
+
+    def describe(self, shape) -> str:
+        """'k=v,...' of a shape as users write it: variant fields only where set."""
+        return shape_str(shape, unless_default=self.variant_fields)
 
     def proxy_shape(self, shape):
         """A shape of the same structure that the emulator checks in a moment (off a Mac a
@@ -195,7 +199,7 @@ class Family:
                 problems.append(f"buffer '{largest[0]}' would hold {largest[1]} elements, more than the "
                                 f"{MAX_BUFFER_ELEMENTS} that 32-bit indexing on the GPU can address")
         if problems:
-            raise MetalforgeError(f"{self.name}: unsupported shape {shape_str(shape)}: {'; '.join(problems)}")
+            raise MetalforgeError(f"{self.name}: unsupported shape {self.describe(shape)}: {'; '.join(problems)}")
         return shape
 
     def shape_problems(self, shape) -> list[str]:

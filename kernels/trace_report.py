@@ -16,7 +16,7 @@ from metalforge.emulator.library import run_custom_kernel
 from metalforge.emulator.trace import SECTORS, Dispatch
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import mlx_headers, mlx_library
-from metalforge.kernels.family import LENGTHS, shape_str
+from metalforge.kernels.family import LENGTHS
 
 
 def ours(fam, config, shape, dtype, inputs: dict) -> list[Dispatch]:
@@ -95,7 +95,7 @@ def mlx(fam, shape, dtype, device, inputs: dict) -> list[Dispatch]:
 
 def report(fam, config, shape, dtype, device, seed: int = 0) -> dict:
     inputs = fam.make_inputs(shape, dtype, seed)
-    return {"family": fam.name, "device": device.name, "shape": shape_str(shape), "dtype": dtype.name,
+    return {"family": fam.name, "device": device.name, "shape": fam.describe(shape), "dtype": dtype.name,
             "ours": [t.as_dict() for t in ours(fam, config, shape, dtype, inputs)],
             "mlx": [t.as_dict() for t in mlx(fam, shape, dtype.mlx, device, inputs)]}
 

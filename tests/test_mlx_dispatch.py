@@ -207,8 +207,12 @@ def test_our_families_jobs_map_to_mlx_as_mlx_lm_calls_it():
                 "decode_attention": md.decode_attention_dispatch(1, 32, 8, 2048, 128, "float16", "m4-max-40"),
                 "prefill_attention": md.prefill_attention_dispatch(1, 32, 8, 500, 128, "float16", "m4-max-40",
                                                                    prefix=12, causal=True)}
-    assert set(shapes) == set(FAMILIES)
-    for name, family in FAMILIES.items():
+    not_ported = {"gather_qmv"}     # MLX's gather_qmv/gather_qmm rules are not ported yet
+    assert set(shapes) == set(FAMILIES) - not_ported
+    for name in not_ported:
+        with pytest.raises(MetalforgeError, match=f"no MLX kernel for family '{name}'"):
+            md.for_family(name, None, "float16", "m4-max-40")
+    for name, family in ((n, FAMILIES[n]) for n in shapes):
         choice = md.for_family(name, family.shape(shapes[name]), "float16", "m4-max-40")
         assert choice == expected[name]
     assert expected["qmm"].kernel == "affine_qmm_t_float16_t_gs_64_b_4_alN_true_batch_0"
