@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from metalforge.engine import speed
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from metalforge.plotting import figure, write_report
 from metalforge import engine
 

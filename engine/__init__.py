@@ -13,7 +13,7 @@ prompt caches on disk and memory limits.
 from metalforge.engine.batch import Batch
 from metalforge.engine.engine import Engine, load
 from metalforge.engine.generation import Generation, Stats, Token
-from metalforge.engine.kv_pool import PoolExhausted
+from metalforge.engine.kv import PoolExhausted
 from metalforge.engine.prompt_cache import PromptCacheError
 
 __all__ = ["load", "Engine", "Batch", "Generation", "Stats", "Token", "PoolExhausted", "PromptCacheError"]

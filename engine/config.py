@@ -1,44 +1,13 @@
-"""An mlx-lm model folder's config.json, checked and normalised for the supported architectures."""
+"""An mlx-lm model folder's config.json and the checks every model type shares: the sizes a
+decoder's kernels see, in sane ranges. What a model type adds is engine/models/."""
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from metalforge.errors import MetalforgeError, choices
-
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False      # q/k/v biases (qwen2)
-    qk_norm: bool = False             # RMSNorm on q and k per head (qwen3)
-    quantization: dict | None = None  # {"bits": 4, "group_size": 64}
-    eos_token_id: tuple = field(default_factory=tuple)
-
-    @property
-    def bits(self) -> int | None:
-        return int(self.quantization["bits"]) if self.quantization else None
-
-    @property
-    def group_size(self) -> int | None:
-        return int(self.quantization["group_size"]) if self.quantization else None
-
+from metalforge.errors import MetalforgeError
 
 # Sane ranges for a decoder's sizes, checked before anything is allocated: a typo such as
 # `num_hidden_layers: 1e9` must be an error, not a machine filling its memory. The largest
@@ -49,7 +18,7 @@ LIMITS = {
 }
 
 
-def _size(config: dict, name: str, where: str, default=None) -> int:
+def size(config: dict, name: str, where: str, default=None) -> int:
     value = config.get(name, default)
     if value is None:
         raise KeyError(name)
@@ -61,7 +30,7 @@ def _size(config: dict, name: str, where: str, default=None) -> int:
     return int(value)
 
 
-def _positive(config: dict, name: str, where: str, default: float) -> float:
+def positive(config: dict, name: str, where: str, default: float) -> float:
     value = config.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise MetalforgeError(f"{where}: {name} must be a positive number, got {value!r}")
@@ -71,7 +40,7 @@ def _positive(config: dict, name: str, where: str, default: float) -> float:
 @dataclass(frozen=True)
 class Sizes:
     """The shapes a model's kernels see: what the tuner needs of any decoder, whatever its
-    architecture, and the part of ModelArgs both read the same way."""
+    model type, and the part of ModelArgs both read the same way."""
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int
@@ -85,13 +54,13 @@ def sizes(config: dict, where: str = "config.json") -> Sizes:
     if not isinstance(config, dict):
         raise MetalforgeError(f"{where}: expected a JSON object, got a {type(config).__name__}")
     try:
-        heads = _size(config, "num_attention_heads", where)
-        hidden = _size(config, "hidden_size", where)
-        kv_heads = _size(config, "num_key_value_heads", where, config.get("num_key_value_heads") or heads)
+        heads = size(config, "num_attention_heads", where)
+        hidden = size(config, "hidden_size", where)
+        kv_heads = size(config, "num_key_value_heads", where, config.get("num_key_value_heads") or heads)
         if heads % kv_heads:
             raise MetalforgeError(f"{where}: num_attention_heads={heads} is not a multiple of "
                                   f"num_key_value_heads={kv_heads}")
-        head_dim = _size(config, "head_dim", where, config.get("head_dim") or max(1, hidden // heads))
+        head_dim = size(config, "head_dim", where, config.get("head_dim") or max(1, hidden // heads))
         quant = config.get("quantization") or config.get("quantization_config")
         if quant is not None:
             quant = {"bits": int(quant["bits"]), "group_size": int(quant["group_size"])}
@@ -99,33 +68,12 @@ def sizes(config: dict, where: str = "config.json") -> Sizes:
             if quant["bits"] not in (2, 3, 4, 5, 6, 8) or quant["group_size"] not in (32, 64, 128):
                 raise MetalforgeError(f"{where}: quantization {quant} is not supported (bits 2, 3, 4, 5, 6 "
                                       "or 8, group_size 32, 64 or 128)")
-        return Sizes(hidden, _size(config, "intermediate_size", where), heads, kv_heads, head_dim,
-                     _size(config, "vocab_size", where), quant)
+        return Sizes(hidden, size(config, "intermediate_size", where), heads, kv_heads, head_dim,
+                     size(config, "vocab_size", where), quant)
     except KeyError as e:
         raise MetalforgeError(f"{where}: missing required field {e}") from None
     except (TypeError, ValueError, OverflowError) as e:
         raise MetalforgeError(f"{where}: bad value ({e})") from None
-
-
-def parse(config: dict, where: str = "config.json") -> ModelArgs:
-    mt = config.get("model_type") if isinstance(config, dict) else None
-    if isinstance(config, dict) and mt not in ARCHITECTURES:
-        raise MetalforgeError(f"{where}: model_type {mt!r} is not supported; supported: {choices(ARCHITECTURES)}")
-    size = sizes(config, where)
-    try:
-        eos = config.get("eos_token_id")
-        eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        return ModelArgs(
-            model_type=mt, **size.__dict__, num_hidden_layers=_size(config, "num_hidden_layers", where),
-            rms_norm_eps=_positive(config, "rms_norm_eps", where, 1e-6),
-            rope_theta=_positive(config, "rope_theta", where, 10000.0),
-            rope_scaling=config.get("rope_scaling"),
-            max_position_embeddings=_size(config, "max_position_embeddings", where, 4096),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", mt == "qwen2")),
-            qk_norm=mt == "qwen3", eos_token_id=eos)
-    except KeyError as e:
-        raise MetalforgeError(f"{where}: missing required field {e}") from None
 
 
 def read(folder) -> dict:
@@ -141,7 +89,3 @@ def read(folder) -> dict:
         raise MetalforgeError(f"{path}: corrupt JSON ({e.msg} at line {e.lineno})") from None
     except OSError as e:
         raise MetalforgeError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def load(folder) -> ModelArgs:
-    return parse(read(folder), str(Path(folder) / "config.json"))

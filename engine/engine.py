@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import operator
-import os
-import time
 from pathlib import Path
 
 import mlx.core as mx
 
 from metalforge import arguments
-from metalforge.engine import config as model_config
+from metalforge.engine import models
+from metalforge.engine.config import read
 from metalforge.engine import prompt_cache, tokenizer as tokenizers
 from metalforge.engine.batch import Batch
-from metalforge.engine.generation import Generation, Stats, Stops, TextStream
-from metalforge.engine.kv_pool import KVPool
+from metalforge.engine.generation import Generation
+from metalforge.engine.kv import BLOCK_SIZE, KVPool
+from metalforge.engine.kv.storage import DenseStorage
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
-from metalforge.engine.model import Model, load_weights
+from metalforge.engine.weights import load_weights
 from metalforge.engine.ops import Kernels
-from metalforge.engine.sampling import Sampler
+from metalforge.engine.scheduler import MAX_WAITING, Scheduler
 from metalforge.errors import MetalforgeError
 from metalforge import devices
 from metalforge.intmath import cdiv
@@ -40,13 +40,13 @@ def load(path, device=None, backend: str | None = None, results=None, **options)
 
 
 class Engine:
-    def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=16,
+    def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=BLOCK_SIZE,
                  max_seq_len=None, memory=None):
         self.path = path
         for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len)):
             if value is not None:
                 arguments.positive_int(name, value)
-        self.args = model_config.load(path)
+        self.args = models.parse(read(path), str(path / "config.json"))
         if device is not None:
             self.device = devices.resolve(device)
         else:
@@ -54,22 +54,22 @@ class Engine:
         self.limits = MemoryLimits(memory)
         weights = load_weights(path)
         self.kernels = Kernels(backend, self.device, results)
-        self.model = Model(self.args, weights, self.kernels)
+        self.model = models.get(self.args.model_type)(self.args, weights, self.kernels)
         self.tokenizer = tokenizers.load(path)
         self.fingerprint = prompt_cache.fingerprint(self.args, weights)
         a = self.args
-        per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * self.model.dtype.size
+        per_token = DenseStorage.token_bytes(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.model.dtype)
         if kv_memory is not None:
             kv_tokens = parse_bytes(kv_memory, self.limits.total, "kv_memory") // per_token
         kv_tokens = 4096 if kv_tokens is None else kv_tokens
         if kv_tokens < block_size:
             raise MetalforgeError(f"kv_tokens={kv_tokens} is smaller than one block of {block_size} tokens")
-        self.weights_bytes = sum(w.nbytes for w in self.model.w.values())
+        self.weights_bytes = self.model.weights_bytes
         num_blocks = cdiv(kv_tokens, block_size)
         check_fit(self.weights_bytes, num_blocks * block_size * per_token, self.limits.total, self.limits.total_source)
         self.limits.apply()
-        self.pool = KVPool(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
-                           int(max_seq_len or min(kv_tokens, a.max_position_embeddings)), self.model.dtype)
+        self.pool = KVPool.dense(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
+                                 int(max_seq_len or min(kv_tokens, a.max_position_embeddings)), self.model.dtype)
         self.prefixes: dict[int, str] = {}   # sequences kept as reusable prompt prefixes -> where from
         self._closed = False
 
@@ -105,15 +105,20 @@ class Engine:
     def tokens(self, seq: int) -> list[int]:
         return list(self.pool.seq(seq).tokens)
 
-    def step(self, seqs: list[int], tokens: list[list[int]]) -> mx.array:
-        """Append tokens to sequences and return their next-token logits (B, vocab). One sequence
-        may take any number of tokens (prefill); several take one token each (batched decode).
-        Bad ids or sequences are refused before anything changes."""
+    def step(self, seqs: list[int], tokens: list[list[int]], logits_at: dict[int, list[int]] | None = None) -> mx.array:
+        """Append tokens to sequences and return their next-token logits (B, vocab), in one
+        forward pass whatever the mix: prompts and single tokens (a ragged step). `logits_at`
+        asks for a sequence's logits after other of its new tokens (indices into its list; the
+        rows come sequence after sequence). Bad ids or sequences are refused before anything changes."""
         self._check_step(seqs, tokens)
-        step = self.pool.begin(seqs, [len(t) for t in tokens])
+        for sid, rows in (logits_at or {}).items():
+            n = len(tokens[seqs.index(sid)]) if sid in seqs else 0
+            if not n or not rows or any(not 0 <= r < n for r in rows):
+                raise MetalforgeError(f"step: logits_at[{sid}]={rows} are not indices of the sequence's {n} new tokens")
+        step = self.pool.begin({sid: len(t) for sid, t in zip(seqs, tokens)}, logits_at)
         logits = self.model.forward(step, mx.array([t for ids in tokens for t in ids], dtype=mx.int32))
         step.commit(tokens)
-        mx.eval(logits, self.pool.k, self.pool.v)
+        mx.eval(logits, self.pool.storage.arrays())
         return logits
 
     def prefill(self, seq: int, tokens: list[int]) -> mx.array:
@@ -159,51 +164,34 @@ class Engine:
             return self.tokenizer.encode(prompt)
         return self._check_ids(prompt)
 
-    def _longest_cached_prefix(self, ids: list[int], candidates=()) -> tuple[int | None, int]:
-        """The kept prefix that is a whole prefix of `ids`, or among `candidates` the sequence
-        sharing the most leading tokens (at least one block: less is not worth a fork)."""
-        best, best_len = None, 0
-        for sid in self.prefixes:
-            cached = self.pool.seq(sid).tokens
-            n = len(cached)
-            if best_len < n < len(ids) + 1 and ids[:n] == cached:
-                best, best_len = sid, n
-        for sid in candidates:
-            n = len(os.path.commonprefix([ids, self.pool.seq(sid).tokens]))   # works on any sequences
-            if n > max(best_len, self.pool.block_size - 1):
-                best, best_len = sid, n
-        return best, best_len
-
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop=None, keep: bool = False) -> Generation:
-        """Stream tokens for a prompt (text or token ids). A cached prefix (see load_prompt_cache
-        and keep_prefix) is reused so only new tokens are prefilled. With keep=True the sequence
-        stays in the pool afterwards (its id is `generation.sequence`), holding the prompt and
-        every generated token but the last."""
-        ids, sampler, stops = self._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop)
+        """Stream tokens for a prompt (text or token ids), through the same loop as `batch()`. A
+        cached prefix (see load_prompt_cache and keep_prefix) is reused so only new tokens are
+        prefilled. With keep=True the sequence stays in the pool afterwards (its id is
+        `generation.sequence`), holding the prompt and every generated token but the last.
+        Arguments are checked here, before any work; a prompt the pool cannot hold raises
+        PoolExhausted when iterated."""
+        loop = Scheduler(self, max_waiting=1)
+        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep)
 
         def run(gen: Generation):
-            text = TextStream(self.tokenizer, stops, gen.stats, time.perf_counter())
-            sid, logits = self._open(ids, gen.stats)
-            gen.sequence = sid
+            loop.start_clock(rid)
             try:
-                for token in self._token_ids(sid, logits, sampler, max_tokens):
-                    out, reason = text.add(token)
-                    yield out
-                    if reason:
-                        break
+                while rid in loop.requests:
+                    for _, token in loop.step():
+                        gen.sequence = loop.sequence(rid)
+                        yield token
+                if loop.error(rid):
+                    raise loop.error(rid)
             finally:
-                if sid in self.pool.seqs:
-                    if keep:   # the last token yielded may have been queued into the pool already
-                        held = len(ids) + max(gen.stats.generated_tokens - 1, 0)
-                        self.pool.remove(sid, min(held, self.pool.seq(sid).length))
-                    else:
-                        self.pool.remove(sid)
-        return Generation(run, Stats())
+                loop.close()
+        return Generation(run, loop.stats(rid))
 
-    def batch(self) -> Batch:
-        """A continuous batch: requests join and leave between steps (see engine/batch.py)."""
-        return Batch(self)
+    def batch(self, max_waiting: int = MAX_WAITING) -> Batch:
+        """A continuous batch: requests join and leave between steps, and wait (at most
+        `max_waiting` of them) while the pool is full (see engine/scheduler.py)."""
+        return Batch(self, max_waiting)
 
     def generate_batch(self, prompts, max_tokens: int = 128, **sampling) -> Batch:
         """Generate for several prompts at once, decoded together: iterate for (prompt index,
@@ -213,53 +201,6 @@ class Engine:
         for p in prompts:
             batch.add(p, max_tokens, **sampling)
         return batch
-
-    def _request(self, prompt, max_tokens, temperature, top_p, top_k, seed, stop):
-        """A prompt's ids, sampler and stop conditions, every argument checked before any work."""
-        arguments.positive_int("max_tokens", max_tokens)
-        ids = self.encode(prompt)
-        if not ids:
-            raise MetalforgeError("the prompt is empty")
-        sampler = Sampler(temperature, top_p, top_k, seed)
-        stop_ids, stop_texts = set(self.args.eos_token_id), []
-        if self.tokenizer:
-            stop_ids |= self.tokenizer.eos_ids
-        for s in stop or []:
-            (stop_ids.add(s) if isinstance(s, int) else stop_texts.append(s))
-        return ids, sampler, Stops(stop_ids, stop_texts, max_tokens)
-
-    def _open(self, ids: list[int], stats: Stats, candidates=()) -> tuple[int, mx.array]:
-        """A new sequence holding a prompt, and its last token's logits: a fork of the longest
-        cached prefix (kept prefixes, and `candidates`, sequences that may share one) with the
-        rest prefilled. Counts the prompt's and the cached tokens into `stats`; on failure the
-        sequence is gone again."""
-        parent, cached = self._longest_cached_prefix(ids, candidates)
-        cached = min(cached, len(ids) - 1)   # the last prompt token is recomputed for its logits
-        sid = self.pool.add_sequence() if parent is None else self.pool.fork(parent, cached)
-        stats.prompt_tokens, stats.cached_tokens = len(ids), cached   # cached is 0 without a parent
-        try:
-            return sid, self.prefill(sid, ids[cached:])
-        except BaseException:
-            self.pool.remove(sid)
-            raise
-
-    def _token_ids(self, sid: int, logits: mx.array, sampler: Sampler, max_tokens: int):
-        """Sampled ids for one sequence, pipelined as mlx-lm's loop is: the step after token n is
-        queued (mx.async_eval) before token n is read back, so building a step overlaps computing
-        the previous one. The queued step's position is settled when its id is read."""
-        y = sampler.sample(logits[0])
-        mx.async_eval(y)
-        for n in range(1, max_tokens + 1):
-            queued = None
-            if n < max_tokens:
-                step = self.pool.begin([sid], [1])
-                queued = sampler.sample(self.model.forward(step, y.reshape(1))[0])
-                mx.async_eval(queued)
-            token = y.item()
-            if queued is not None:
-                self.pool.settle(sid, [token])
-            yield token
-            y = queued
 
     # ---- prompt caches ---------------------------------------------------------------------------
     def keep_prefix(self, seq: int) -> None:
@@ -283,14 +224,14 @@ class Engine:
                                                 f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} not {want})")
         sid = self.pool.add_sequence()
         try:
-            step = self.pool.begin([sid], [len(tokens)])
+            step = self.pool.begin({sid: len(tokens)})
             for layer in range(self.pool.layers):
                 step.update_and_fetch(layer, arrays[f"k.{layer}"][None], arrays[f"v.{layer}"][None])
             step.commit([tokens])
         except BaseException:
             self.pool.remove(sid)
             raise
-        mx.eval(self.pool.k, self.pool.v)
+        mx.eval(self.pool.storage.arrays())
         self.prefixes[sid] = str(path)
         return sid
 

@@ -1,6 +1,6 @@
 """The text layer of generation: token ids in, `Token`s (id and newly completed text) out, with
-stop conditions and statistics. The token-id loops live in the engine (one sequence, pipelined)
-and in `batch` (many sequences); both end their sequences through `Stops`."""
+stop conditions and statistics. The token-id loop is engine/scheduler.py, for one sequence and
+for many; it ends each through `Stops`."""
 from __future__ import annotations
 
 import time

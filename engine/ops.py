@@ -1,29 +1,102 @@
-"""The engine's kernel dispatch: every quantized linear layer and attention call goes through here.
+"""The op layer, in MLX's own `mx.fast` pattern: the model calls semantic ops (attention input,
+attention, gated MLP, linear); each op has an MLX composition and the kernel families that can
+serve it. Which family serves a shape is asked of the family (its `shape` refuses what it cannot
+serve); among those that serve, the choice against MLX's op is made per bucket and kept.
 
 Backends: `metal` (our generated kernels through mx.fast.metal_kernel, configs from the results
 files), `emulator` (the same kernels on the CPU; slow, for verification) and `mlx` (MLX's
-built-ins). Asked for explicitly, `metal` and `emulator` run ours wherever a family supports the
+built-ins). Asked for explicitly, `metal` and `emulator` run ours wherever a family serves the
 shape; with `auto` on a Mac ours runs only where the evidence says it is faster (Entry.evidence):
 a Metal-measured results entry for the device and bucket with a speedup over MLX's built-in above
 1, or a modelled one whose margin over MLX exceeds the model's held-out error on Apple
-measurements (kernels/calibration.yaml); otherwise MLX's op runs. Shapes no family supports
-always run MLX's op: nothing a valid model contains raises. `report` says per op which kernel ran
-and why.
+measurements (kernels/calibration.yaml); otherwise MLX's op runs. Shapes no family serves always
+run MLX's op: nothing a valid model contains raises. `report` says per op which kernel ran and why.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 
 from metalforge import devices
 from metalforge.engine.cpu_linear import CpuLinear
-from metalforge.engine.kv_pool import LayerKV
 from metalforge.errors import MetalforgeError
+from metalforge.intmath import cdiv, pow2_bucket
 from metalforge.kernels import backends
 from metalforge.kernels.checks import check
 from metalforge.kernels.families import get as get_family
 from metalforge.results import Entry, lookup
 
-QMV_MAX_ROWS = 8
+
+@dataclass(frozen=True)
+class PlannedOp:
+    """One op a model runs, with the sizes that pick its kernel (see base.Model.op_plan)."""
+
+    op: str
+    values: dict
+
+
+def _attention_values(family: str, v: dict) -> dict | None:
+    """An attention call as a family's shape, or None where its layout does not apply. The
+    call: B sequences of `new` tokens each, the longest holding `context` keys; on the pool,
+    `block_size`, `num_blocks` and `width` (the block table's tokens, at most the pool's
+    longest sequence). Decode attention reads the pool through a table as wide as the context's
+    power-of-two bucket, so the engine's shape is the tuned bucket's."""
+    heads = dict(B=v["B"], Hq=v["Hq"], Hkv=v["Hkv"], D=v["D"])
+    if family == "decode_attention" and v["new"] == 1 and v.get("block_size"):
+        S = min(pow2_bucket(v["context"]), v.get("width") or pow2_bucket(v["context"]))
+        return dict(heads, S=S, block_size=v["block_size"], num_blocks=v.get("num_blocks", 0))
+    if family == "prefill_attention" and v["B"] == 1:
+        return dict(heads, L=v["new"], prefix=v["context"] - v["new"])
+    return None
+
+
+# Each op served by kernels of ours: the families that can serve it, in the order they are
+# asked, and how a call's sizes read as a family's shape. Fused attention-input and gated-MLP
+# kernels join here (those ops are MLX compositions of linears until then).
+OPS = {
+    "linear": (("qmv", "qmm"), lambda family, v: v if v.get("bits") else None),
+    "attention": (("decode_attention", "prefill_attention"), _attention_values),
+}
+
+
+def kernel_shapes(plan: list[PlannedOp]) -> dict[str, list[dict]]:
+    """The shapes a plan's ops run, each given to the first family serving it (the tuner's targets)."""
+    out: dict[str, list[dict]] = {}
+    for p in plan:
+        serving, _ = _serving(p.op, p.values)
+        if serving:
+            family, values, _ = serving[0]
+            if values not in out.setdefault(family, []):
+                out[family].append(values)
+    return out
+
+
+def _serving(op: str, values: dict) -> tuple[list[tuple[str, dict, object]], list[str]]:
+    """(family, its shape values, its shape) of each family serving the call, in the op's order,
+    and the other families' reasons for refusing it."""
+    families, as_family = OPS[op]
+    serving, refusals = [], []
+    for name in families:
+        v = as_family(name, values)
+        if v is None:
+            continue
+        try:
+            serving.append((name, v, get_family(name).shape(v)))
+        except MetalforgeError as e:
+            refusals.append(str(e))
+    return serving, refusals
+
+
+@dataclass(frozen=True, eq=False)
+class Decision:
+    """Which kernel serves one op call's bucket: a family with its shape and config, or MLX's op."""
+
+    family: str | None
+    values: dict
+    shape: object
+    config: dict | None
+    why: str
 
 
 class Kernels:
@@ -34,51 +107,75 @@ class Kernels:
         self.device = device            # a DeviceProfile or None (no tuned configs: family defaults)
         self.results = results
         self.report: dict[str, dict] = {}
-        self._choices: dict = {}
+        self._decisions: dict = {}
+        self._reported: set = set()
         self.cpu_float32 = self.backend == "mlx" and not mx.metal.is_available()
         self.cpu_linear = CpuLinear() if self.cpu_float32 else None
 
-    def _choose(self, family: str, values: dict, dtype: str):
-        """(shape, config, why) to run ours, or (None, None, why) for MLX's op."""
-        key = (family, tuple(sorted(values.items())), dtype)
-        if key not in self._choices:
-            self._choices[key] = self._decide(get_family(family), values, dtype)
-        return self._choices[key]
+    def decide(self, op: str, values: dict, dtype: str) -> Decision:
+        """Which kernel serves this call (decided once per op, sizes and dtype)."""
+        key = (op, tuple(values.items()), dtype)
+        if key not in self._decisions:
+            self._decisions[key] = self._decide(op, values, dtype)
+        return self._decisions[key]
 
-    def _decide(self, fam, values: dict, dtype: str):
-        try:
-            shape = fam.shape(values)
-        except MetalforgeError as e:   # a shape no kernel of ours serves: MLX's op serves it
-            return None, None, f"MLX: {str(e).split(': ', 1)[-1]}"
+    def _decide(self, op: str, values: dict, dtype: str) -> Decision:
+        """Asked for explicitly, the first family serving the shape; by evidence, the serving
+        family whose results entry shows the largest gain over MLX (measured before modelled),
+        else MLX's op with the first family's reason."""
+        serving, refusals = _serving(op, values)
+        if not serving:   # a shape no kernel of ours serves: MLX's op serves it
+            return Decision(None, values, None, None, "MLX: " + ("; ".join(refusals) or f"no kernel of ours for {op}"))
+        if not self.by_evidence or self.device is None:
+            return self._asked_for(*serving[0], dtype)
+        judged = [self._by_evidence(*s, dtype) for s in serving]
+        ours = [(rank, d) for rank, d in judged if d.family is not None]
+        return max(ours, key=lambda t: t[0])[1] if ours else judged[0][1]
+
+    def _asked_for(self, name: str, values: dict, shape, dtype: str) -> Decision:
+        fam = get_family(name)
         if self.device is None:
             config = fam.default_config()
             if check(fam, config, shape, dtype, devices.get("m1")):
-                return None, None, "MLX: the family default cannot serve this shape (pass device=)"
-            return shape, config, "ours: family default (no device profile)"
-        choice = lookup(self.device, fam.name, shape, dtype, results=self.results)
-        if not self.by_evidence:
-            return shape, choice.config, f"ours ({self.backend} asked for): {choice.describe()}"
+                return Decision(None, values, None, None, "MLX: the family default cannot serve this shape (pass device=)")
+            return Decision(name, values, shape, config, "ours: family default (no device profile)")
+        choice = lookup(self.device, name, shape, dtype, results=self.results)
+        return Decision(name, values, shape, choice.config, f"ours ({self.backend} asked for): {choice.describe()}")
+
+    def _by_evidence(self, name: str, values: dict, shape, dtype: str) -> tuple[tuple, Decision]:
+        """(rank, decision) for one serving family: ours where its entry shows it faster."""
+        fam = get_family(name)
+        choice = lookup(self.device, name, shape, dtype, results=self.results)
         if choice.entry is None:
-            return None, None, f"MLX: no results entry for this bucket ({choice.describe()})"
-        faster, words = Entry.of(choice.entry).evidence(fam.model_error())
+            return (), Decision(None, values, None, None, f"MLX: no results entry for this bucket ({choice.describe()})")
+        entry = Entry.of(choice.entry)
+        faster, words = entry.evidence(fam.model_error())
         if not faster:
-            return None, None, f"MLX: {words}"
-        return shape, choice.config, f"ours: {words} ({choice.describe()})"
+            return (), Decision(None, values, None, None, f"MLX: {words}")
+        return (entry.timer == "metal", entry.speedup), Decision(name, values, shape, choice.config,
+                                                                 f"ours: {words} ({choice.describe()})")
 
     def _record(self, op: str, **what) -> None:
         self.report.setdefault(op, what)
 
-    def _ours(self, family: str, values: dict, dtype: str, inputs: dict, mlx_kernel: str, fallback):
-        """Our kernel where the choice says so, else `fallback()` (MLX's op); recorded either way."""
-        shape, config, why = self._choose(family, values, dtype)
-        op = f"{family} {_short(values)}"
-        if shape is None:
-            self._record(op, kernel=mlx_kernel, why=why)
-            return fallback()
-        self._record(op, kernel=f"metalforge {family} ({self.backend})", config=config, why=why)
-        return get_family(family).run(config, shape, dtype, inputs, backend=self.backend, device=self.device)
+    def _run(self, op: str, values: dict, dtype, inputs, mlx_kernel: str, mlx_op):
+        """Our kernel where the decision says so, else `mlx_op()` (MLX's op); recorded either way.
+        `inputs(decision)` gives our kernel's inputs."""
+        name = _dtype_name(dtype)
+        d = self.decide(op, values, name)
+        if d not in self._reported:   # the report's words once per decision: no formatting per call
+            self._reported.add(d)
+            if d.family is None:
+                self._record(f"{op} {_short(d.values)}", kernel=mlx_kernel, why=d.why)
+            else:
+                self._record(f"{d.family} {_short(d.values)}", kernel=f"metalforge {d.family} ({self.backend})",
+                             config=d.config, why=d.why, family=d.family,
+                             bucket=get_family(d.family).bucket_key(d.shape, name))
+        if d.family is None:
+            return mlx_op()
+        return get_family(d.family).run(d.config, d.shape, name, inputs(d), backend=self.backend, device=self.device)
 
-    # ---- linear layers ------------------------------------------------------------------------
+    # ---- linear -------------------------------------------------------------------------------
     def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:
         """x: (T, K) -> (T, N). `w` holds weight (and scales, biases when quantized) and bias."""
         if self.cpu_linear is not None:
@@ -96,51 +193,82 @@ class Kernels:
                 self._record("quantized linear", kernel="mx.quantized_matmul")
                 y = mlx_op()
             else:
-                family = "qmv" if x.shape[0] <= QMV_MAX_ROWS else "qmm"
-                y = self._ours(family, dict(M=x.shape[0], N=w["weight"].shape[0], K=x.shape[1], bits=bits,
-                                            group_size=group_size), _dtype_name(x.dtype),
-                               {"x": x, "w": w["weight"], "scales": w["scales"], "biases": w["biases"]},
-                               "mx.quantized_matmul", mlx_op)
+                values = dict(M=x.shape[0], N=w["weight"].shape[0], K=x.shape[1], bits=bits, group_size=group_size)
+                y = self._run("linear", values, x.dtype,
+                              lambda d: {"x": x, "w": w["weight"], "scales": w["scales"], "biases": w["biases"]},
+                              "mx.quantized_matmul", mlx_op)
         if "bias" in w:
             y = y + w["bias"]
         return y
 
-    # ---- attention ----------------------------------------------------------------------------
-    def decode_attention(self, q: mx.array, kv: LayerKV, scale: float) -> mx.array:
-        """q: (B, Hq, 1, D) -> (B, Hq, 1, D) over each sequence's K/V in the pool (`kv`)."""
-        def mlx_op():
-            outs = []
-            for b in range(q.shape[0]):
-                k, v = kv.sequence(b)   # a view of the pool when the sequence is one run of blocks
-                outs.append(mx.fast.scaled_dot_product_attention(q[b:b + 1], k, v, scale=scale))
-            return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
-        mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
-        if self.backend == "mlx":
-            self._record("decode attention", kernel=mlx_kernel)
-            return mlx_op()
-        B, Hq, _, D = q.shape
-        shape = dict(B=B, Hq=Hq, D=D, **kv.paged_shape())
-        return self._ours("decode_attention", shape, _dtype_name(q.dtype),
-                          {"queries": q, **kv.paged(), "scale": mx.array(scale, dtype=mx.float32)},
-                          mlx_kernel, mlx_op)
+    # ---- the attention block's ops -------------------------------------------------------------------
+    def attention_input(self, h: mx.array, attn, step) -> tuple[mx.array, mx.array, mx.array]:
+        """The residual stream h (tokens, hidden) -> q (1, Hq, tokens, D), k and v (1, Hkv,
+        tokens, D): norm, projections, per-head norms and RoPE at each token's stored position.
+        No fused kernel serves it yet: MLX's composition of our linears."""
+        a = attn.args
+        x = attn.norm(h)
+        q = attn.q_proj(x).reshape(1, -1, a.num_attention_heads, a.head_dim)
+        k = attn.k_proj(x).reshape(1, -1, a.num_key_value_heads, a.head_dim)
+        v = attn.v_proj(x).reshape(1, -1, a.num_key_value_heads, a.head_dim)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = attn.rope(q.transpose(0, 2, 1, 3), step.positions, step.longest)
+        k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, step.longest)
+        return q, k, v.transpose(0, 2, 1, 3)
 
-    def prefill_attention(self, q: mx.array, kv: LayerKV, scale: float) -> mx.array:
-        """q: (1, Hq, L, D), the sequence's last L positions; causal over its whole K/V."""
-        k, v = kv.sequence(0)
-        L, LK = q.shape[2], k.shape[2]
-        prefix = LK - L
+    def attention(self, q: mx.array, kv, scale: float) -> mx.array:
+        """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),
+        group by group of the step: sequences of one new token together (decode), each prompt
+        alone."""
+        outs = []
+        for g in kv.groups():
+            qg = q[:, :, g.group.tokens] if len(kv.step.groups) > 1 else q
+            if g.group.new == 1:   # (1, Hq, B, D) as B sequences of one token
+                outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale).transpose(2, 1, 0, 3))
+            else:
+                outs.append(self._attention(qg, g, scale))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
-        def mlx_op():
-            mask = mx.arange(LK)[None, :] <= (mx.arange(L)[:, None] + prefix)
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
+    def _attention(self, q: mx.array, kv, scale: float) -> mx.array:
+        """q: (B, Hq, L, D) -> the same, over one group's K/V: one token of each of B sequences,
+        or L tokens of one."""
+        B, Hq, L, D = q.shape
+        if L == 1:
+            def mlx_op():
+                outs = []
+                for b in range(B):
+                    k, v = kv.sequence(b)   # a view of the pool when the sequence is one run of blocks
+                    outs.append(mx.fast.scaled_dot_product_attention(q[b:b + 1], k, v, scale=scale))
+                return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+            mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
+        else:
+            def mlx_op():
+                k, v = kv.sequence(0)
+                LK = k.shape[2]
+                mask = mx.arange(LK)[None, :] <= (mx.arange(L)[:, None] + LK - L)
+                return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+            mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
         if self.backend == "mlx":
-            self._record("prefill attention", kernel=mlx_kernel)
+            self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
-        shape = dict(B=1, Hq=q.shape[1], Hkv=k.shape[1], L=L, D=q.shape[3], prefix=prefix)
-        return self._ours("prefill_attention", shape, _dtype_name(q.dtype),
-                          {"queries": q, "keys": k, "values": v, "scale": mx.array(scale, dtype=mx.float32)},
-                          mlx_kernel, mlx_op)
+        values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes())
+
+        def inputs(d: Decision) -> dict:
+            scale_in = mx.array(scale, dtype=mx.float32)
+            if d.family == "decode_attention":
+                return {"queries": q, **kv.paged(cdiv(d.shape.S, d.shape.block_size)), "scale": scale_in}
+            k, v = kv.sequence(0)
+            return {"queries": q, "keys": k, "values": v, "scale": scale_in}
+        return self._run("attention", values, q.dtype, inputs, mlx_kernel, mlx_op)
+
+    # ---- the MLP block -------------------------------------------------------------------------
+    def gated_mlp(self, h: mx.array, mlp) -> mx.array:
+        """The residual stream h -> down(silu(gate(x)) * up(x)), x its norm. No fused kernel
+        serves it yet: MLX's composition of our linears."""
+        x = mlp.norm(h)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        return mlp.down_proj((gate * mx.sigmoid(gate) * up).astype(mlp.dtype))
 
 
 def _dtype_name(dtype) -> str:

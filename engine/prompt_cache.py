@@ -21,7 +21,7 @@ class PromptCacheError(MetalforgeError):
 def fingerprint(args, weights: dict[str, mx.array]) -> str:
     """The model's identity: its config, the names, shapes and dtypes of its weights, and a sample
     of their values (the first and last 16 elements of each), so two checkpoints of one
-    architecture differ without hashing gigabytes."""
+    model type differ without hashing gigabytes."""
     h = hashlib.sha256(json.dumps(args.__dict__, sort_keys=True, default=str).encode())
     for name in sorted(weights):
         w = weights[name]

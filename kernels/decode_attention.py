@@ -56,7 +56,7 @@ class DecodeAttention(Family):
 
     def representative(self, shape):
         """The pool's size (num_blocks) does not change the kernel: a bucket serves any pool."""
-        return self.shape({**super().representative(shape).__dict__, "num_blocks": 0})
+        return super().representative({**self.shape(shape).__dict__, "num_blocks": 0})
 
     def proxy_shape(self, shape):
         group, kv_heads = shape.Hq // shape.Hkv, min(shape.Hkv, 2)

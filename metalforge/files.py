@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -64,3 +65,18 @@ def locked(path, timeout_s: float = 120.0):
         raise MetalforgeError(f"{path}: another process has held its lock for over {timeout_s:.0f} s") from None
     except PermissionError as e:
         raise MetalforgeError(f"cannot lock {path}: {e.strerror or e}") from None
+
+
+def write_section(path, heading: str, section: str) -> None:
+    """Replace the `## heading` section of a Markdown file with `section` (which starts with that
+    heading), or append it: benchmark scripts keep their part of a shared report current."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    section = section.rstrip("\n") + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text).rstrip("\n") + "\n"
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 
 TIMEOUT_S = 180
 

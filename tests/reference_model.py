@@ -1,5 +1,5 @@
 """An independent reference forward pass in plain MLX ops (full recompute, no cache, dense
-weights) for models written by metalforge.engine.random_model, to check the engine."""
+weights) for models written by metalforge.testing, to check the engine."""
 from __future__ import annotations
 
 import json

@@ -72,7 +72,7 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
                                       entry(2048, "model", 0.5, model_error=0.08)])
     kernels = Kernels("emulator", devices.get("m3"), results=path)
     kernels.by_evidence = True    # what `auto` does on a Mac
-    why = lambda n, bits=4: kernels._choose("qmv", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16")[2]
+    why = lambda n, bits=4: kernels.decide("linear", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16").why
     assert why(64).startswith("ours: measured 1.30x")
     assert why(128) == "MLX: measured 0.80x"
     assert why(256).startswith("ours: modelled 3.00x (model error 8%)")
@@ -80,3 +80,33 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
     assert why(1024).startswith("MLX: modelled 1.02x, within model error")   # the family's error applies
     assert why(2048) == "MLX: modelled 0.50x (model error 8%)"               # slower beyond the error
     assert "bits=7 is not supported" in why(64, bits=7) and why(64, bits=7).startswith("MLX: ")
+
+
+def test_among_families_serving_a_shape_the_evidence_picks(tmp_path, monkeypatch):
+    """Four rows: both qmv and qmm serve them. By evidence the family with the larger gain over
+    MLX runs, a measured gain before a modelled one; asked for, the op's first family runs."""
+    from metalforge import devices, results
+    from metalforge.engine.ops import Kernels
+    from metalforge.kernels import get_family
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+
+    def entry(family, n, timer, speedup):
+        fam, shape = get_family(family), dict(M=4, N=n, K=256, bits=4, group_size=64)
+        return (family, fam.bucket_key(shape, "float16"),
+                {"shape": shape, "dtype": "float16", "config": fam.default_config(), "time_s": 1e-5,
+                 "timer": timer, "baseline_s": 1e-5 * speedup, "speedup": speedup, "trials": {},
+                 **({"model_error": 0.08} if timer == "model" else {})})
+    path = tmp_path / "m3.yaml"
+    results.save_entries(path, "m3", [entry("qmv", 64, "metal", 1.5), entry("qmm", 64, "metal", 2.0),
+                                      entry("qmv", 128, "model", 3.0), entry("qmm", 128, "metal", 1.2)])
+    kernels = Kernels("emulator", devices.get("m3"), results=path)
+    decide = lambda n: kernels.decide("linear", dict(M=4, N=n, K=256, bits=4, group_size=64), "float16")
+    assert kernels.decide("linear", dict(M=4, N=64, K=256, bits=4, group_size=64), "float16").family == "qmv"
+    kernels = Kernels("emulator", devices.get("m3"), results=path)
+    kernels.by_evidence = True    # what `auto` does on a Mac
+    assert decide(64).family == "qmm" and decide(64).why.startswith("ours: measured 2.00x")
+    assert decide(128).family == "qmm", "a measured gain before a modelled one"
+    results.save_entries(tmp_path / "slower.yaml", "m3", [entry("qmv", 64, "metal", 0.9)])
+    kernels = Kernels("emulator", devices.get("m3"), results=tmp_path / "slower.yaml")
+    kernels.by_evidence = True
+    assert decide(64).family is None and decide(64).why == "MLX: measured 0.90x", "the first family's reason"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from metalforge import engine
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
+from metalforge.errors import MetalforgeError
 from reference_model import reference_greedy, reference_logits
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 11], [9, 8, 7], list(range(1, 40)), [200, 201, 202, 203, 204]]
@@ -118,3 +119,90 @@ def test_a_prompt_longer_than_a_prefill_chunk_matches_the_reference(folder):
         got = e.prefill(sid, prompt)[0]
         assert e.tokens(sid) == prompt
     np.testing.assert_allclose(np.array(got), np.array(expected), rtol=2e-3, atol=2e-3)
+
+
+# ---- waiting for room -----------------------------------------------------------------------------
+def test_120_requests_on_a_pool_holding_4_all_complete_as_alone(folder):
+    """Each request holds its prompt (7 to 10 tokens) and 2 of its 3 tokens: 3 blocks of 4 of the
+    pool's 12, so four run at once."""
+    prompts = [[(11 * i + 3 * j) % 290 + 2 for j in range(7 + i % 4)] for i in range(120)]
+    with engine.load(folder, backend="mlx", kv_tokens=48, block_size=4) as e:
+        e.args = dataclasses.replace(e.args, eos_token_id=())    # every request runs its whole budget
+        expected = {i: alone(e, p, 3) for i, p in enumerate(prompts)}
+        batch = e.batch()
+        ids = [batch.add(p, max_tokens=3) for p in prompts]
+        assert ids == list(range(120)) and len(batch.waiting) == 120
+        got, admitted = {}, []
+        while batch.requests:
+            for rid, token in batch.step():
+                got.setdefault(rid, []).append(token.id)
+            admitted.append(len(batch.requests) - len(batch.waiting))
+            assert e.pool.used_blocks <= e.pool.num_blocks
+        assert got == expected
+        assert max(admitted) == 4, "four at once, never more"
+        assert {batch.stats(i).stop_reason for i in ids} == {"max_tokens"}
+        assert e.pool.used_blocks == 0
+
+
+def test_a_request_reaching_max_seq_len_ends_alone(folder):
+    long_prompt = list(range(2, 30))                               # 28 tokens: room for 4 more of 32
+    with engine.load(folder, backend="mlx", kv_tokens=256, block_size=8, max_seq_len=32) as e:
+        e.args = dataclasses.replace(e.args, eos_token_id=())
+        expected = [alone(e, p, 8) for p in PROMPTS[:2]]
+        limited = alone(e, long_prompt, 8)
+        assert len(limited) == 5, "alone it ends at max_seq_len too: 28 + 4 tokens held, the 5th not fed back"
+        batch = e.batch()
+        a = batch.add(PROMPTS[0], max_tokens=8)
+        capped = batch.add(long_prompt, max_tokens=8)
+        b = batch.add(PROMPTS[1], max_tokens=8)
+        got = collect(batch)
+        assert got[capped] == limited and batch.stats(capped).stop_reason == "max_seq_len"
+        assert [got[a], got[b]] == expected, "the others go on"
+        assert batch.stats(a).stop_reason == batch.stats(b).stop_reason == "max_tokens"
+        with pytest.raises(MetalforgeError, match="33 tokens, over the engine's maximum sequence length of 32"):
+            batch.add(list(range(2, 35)))
+        with pytest.raises(MetalforgeError, match="over the engine's maximum sequence length"):
+            e.generate(list(range(2, 35)))
+
+
+def test_a_request_finding_the_pool_full_ends_alone(folder):
+    """Blocks held outside the batch (a kept sequence) leave too little room: the request that
+    needs a block the pool no longer has ends with its reason, the other goes on."""
+    with engine.load(folder, backend="mlx", kv_tokens=64, block_size=4) as e:
+        e.args = dataclasses.replace(e.args, eos_token_id=())
+        short = alone(e, [9, 8, 7, 6], 4)                          # 4 + 3 tokens: 2 blocks
+        hog = e.add_sequence()
+        e.step([hog], [list(range(2, 50))])                       # 12 of the 16 blocks
+        batch = e.batch()
+        big = batch.add([5, 17, 42, 99], max_tokens=40)            # wants 11 blocks, 4 left
+        small = batch.add([9, 8, 7, 6], max_tokens=4)
+        got = collect(batch)
+        assert batch.stats(big).stop_reason == "KV pool exhausted" and 0 < len(got[big]) < 40
+        assert got[small] == short and batch.stats(small).stop_reason == "max_tokens"
+        assert e.tokens(hog) == list(range(2, 50)) and e.pool.used_blocks == 12
+
+
+def test_the_queue_is_bounded(folder):
+    with engine.load(folder, backend="mlx", kv_tokens=64, block_size=4) as e:
+        batch = e.batch(max_waiting=2)
+        batch.add([1, 2], max_tokens=2)
+        batch.add([3, 4], max_tokens=2)
+        with pytest.raises(MetalforgeError, match=r"queue is full: 2 requests wait .*max_waiting=2"):
+            batch.add([5, 6], max_tokens=2)
+        assert len(collect(batch)) == 2
+
+
+def test_a_batch_on_our_kernels_gives_each_sequence_its_tokens_alone(folder):
+    """On the emulator backend a batch decodes through our paged decode-attention kernel, its
+    block table as wide as the longest sequence's context bucket (here 64 tokens for a
+    39-token prompt beside short ones)."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    with engine.load(folder, backend="mlx", kv_tokens=512, block_size=8) as e:
+        expected = {i: alone(e, p, 4) for i, p in enumerate(prompts)}
+    with engine.load(folder, backend="emulator", device="m2", kv_tokens=512, block_size=8) as e:
+        got = collect(e.generate_batch(prompts, max_tokens=4))
+        report = e.kernel_report()
+    assert got == expected
+    batched = [k for k, v in report.items() if k.startswith("decode_attention B=3")]
+    assert batched and all(report[k]["kernel"] == "metalforge decode_attention (emulator)" for k in batched)
+    assert any("S=64" in k for k in batched), batched

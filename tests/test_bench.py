@@ -56,10 +56,10 @@ def test_the_measuring_pipeline_on_the_emulator(tmp_path, monkeypatch):
 def test_end_to_end_figures_become_calibration_points(tmp_path):
     """A model's engine figures (here on MLX's CPU backend) written as points of the calibration
     data file: once given the URL they are published at, the calibration loader takes them; the
-    parameter count is the weights' own element count."""
+    parameter count is the (unquantized) weights' own element count."""
     import mlx.core as mx
     import yaml
-    from metalforge.engine.random_model import write_model
+    from metalforge.testing import write_model
     from metalforge.kernels import calibration
     folder = write_model(tmp_path / "tiny", layers=2, hidden=64, heads=4, kv_heads=2, inter=128, vocab=256,
                          tokenizer=True)
@@ -68,8 +68,7 @@ def test_end_to_end_figures_become_calibration_points(tmp_path):
     weights = {}
     for f in folder.glob("*.safetensors"):
         weights.update(mx.load(str(f)))
-    matrices = sum(v.size for k, v in weights.items() if v.ndim == 2)
-    assert data["models"]["tiny"]["params_b"] == round(matrices / 1e9, 4)
+    assert data["models"]["tiny"]["params_b"] == round(sum(v.size for v in weights.values()) / 1e9, 4)
     decode, prefill = data["points"]
     assert decode["tokens_per_s"] == round(e2e["metalforge"]["decode_tokens_per_s"], 3)
     assert prefill["tokens_per_s"] == round(12 / e2e["metalforge"]["ttft_cold_s"], 3)

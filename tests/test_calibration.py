@@ -55,7 +55,15 @@ def test_the_shipped_constants_are_the_fit_of_the_shipped_data():
     fitted = cal.calibrate(DATA)
     shipped = cost.calibration()
     assert fitted.data == shipped.data == cal.data_digest(DATA)
-    assert fitted.to_yaml() == cost.calibration_path().read_text()
+    written = yaml.safe_load(fitted.to_yaml())
+    on_disk = yaml.safe_load(cost.calibration_path().read_text())
+    # The same fit to within floating-point noise (another BLAS or numpy moves the 12th digit).
+    assert written.keys() == on_disk.keys() and written["held_out_error"] == on_disk["held_out_error"]
+    flat = lambda d: {k: v for k, v in d.items() if not isinstance(v, dict)} | \
+        {f"{k}.{j}": w for k, v in d.items() if isinstance(v, dict) for j, w in v.items()}
+    assert flat(written["constants"]).keys() == flat(on_disk["constants"]).keys()
+    for name, value in flat(written["constants"]).items():
+        assert value == pytest.approx(flat(on_disk["constants"])[name], rel=1e-9), name
     assert set(shipped.held_out_error) == {"decode", "prefill"}
     assert all(0 < e <= 0.15 for e in shipped.held_out_error.values())
 

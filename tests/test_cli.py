@@ -60,12 +60,27 @@ def test_bad_input_is_one_line_without_traceback(args, message):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_the_readme_python_api_example_runs():
-    """The README's Python API block, as a user would paste it (the emulator runs the kernel here)."""
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+def test_the_python_api_example_runs():
+    """docs/kernels.md's Python API block, as a user would paste it (the emulator runs the kernel here)."""
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "kernels.md").read_text()
     section = text.split("## Python API", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     code = code.replace("print(", "str(")   # no output needed
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["check"](namespace["fam"], namespace["config"], namespace["shape"], "float16", "m1") == []
+
+
+def test_the_readme_emulator_quick_start_runs():
+    """The README's 'run a Metal kernel on Linux' block as written: its kernel computes exp."""
+    import mlx.core as mx
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Quick start 2", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    a, out = namespace["a"], namespace["out"]
+    assert mx.allclose(out, mx.exp(a), rtol=1e-5, atol=1e-6).item()
+    again = namespace["same"](inputs=[a], grid=(a.size, 1, 1), threadgroup=(256, 1, 1),
+                              output_shapes=[a.shape], output_dtypes=[a.dtype])[0]
+    assert mx.array_equal(again, out).item()

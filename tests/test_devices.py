@@ -35,7 +35,7 @@ def test_peak_flops_from_cores_and_clock():
     ({"architecture": "applegpu_g15s", "device_name": "Apple M3 Max", "memory_size": 36 * GB}, "m3-max-30"),
     ({"architecture": "applegpu_g15s", "device_name": "Apple M3 Max", "memory_size": 128 * GB}, "m3-max-40"),
     ({"architecture": "applegpu_g16s", "device_name": "Apple M4 Max", "memory_size": 36 * GB}, "m4-max-32"),
-    ({"architecture": "applegpu_g16g", "device_name": "Apple M4 Pro", "memory_size": 48 * GB}, "m4-pro"),
+    ({"architecture": "applegpu_g16s", "device_name": "Apple M4 Pro", "memory_size": 48 * GB}, "m4-pro"),
 ])
 def test_match_recorded_device_info(info, expected):
     assert devices.match(info).name == expected

@@ -1,4 +1,6 @@
 """The decoding engine on real mlx-lm style folders, against an independent reference forward pass."""
+import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +12,18 @@ import pytest
 from metalforge import engine
 from metalforge.errors import MetalforgeError
 
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from reference_model import reference_greedy, reference_logits
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11]
 CASES = [("llama", None), ("llama", (8, 32)), ("mistral", None), ("mistral", (4, 64)), ("qwen2", None),
          ("qwen2", (4, 32)), ("qwen3", None), ("qwen3", (8, 64))]
+
+
+def test_every_model_type_has_its_test_case():
+    """A model type is one file in engine/models/ plus its case here."""
+    from metalforge.engine import models
+    assert set(models.model_types()) == {arch for arch, _ in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +153,26 @@ def test_batched_decode_of_many_sequences_equals_each_alone(models):
     assert outs == expected
 
 
+@pytest.mark.parametrize("backend", ["mlx", "emulator"])
+def test_a_ragged_step_mixes_prompts_and_single_tokens(models, backend):
+    """Two sequences decode a token while a third's prompt goes in, in one forward pass; the
+    logits are each sequence's own, and a sequence may ask for logits after every new token."""
+    folder = models[("qwen3", (8, 64))]
+    third = list(range(1, 20))
+    with engine.load(folder, backend=backend, device="m2", kv_tokens=256, block_size=8) as e:
+        a, b, c = e.add_sequence(), e.add_sequence(), e.add_sequence()
+        e.step([a], [PROMPT])
+        e.step([b], [[9, 8, 7]])
+        got = e.step([a, c, b], [[10], third, [20]], logits_at={c: list(range(len(third)))})
+        assert e.tokens(c) == third and e.tokens(a) == PROMPT + [10]
+        with pytest.raises(MetalforgeError, match=r"logits_at\[.*\]=\[5\] are not indices"):
+            e.step([a], [[1]], logits_at={a: [5]})
+    assert got.shape[0] == 1 + len(third) + 1
+    want = mx.concatenate([reference_logits(folder, PROMPT + [10])[-1:], reference_logits(folder, third),
+                           reference_logits(folder, [9, 8, 7, 20])[-1:]])
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-3, rtol=2e-3)
+
+
 def test_fork_shares_the_prefix_copy_on_write(models):
     folder = models[("llama", (8, 32))]
     with engine.load(folder, backend="mlx", kv_tokens=128, block_size=4) as e:
@@ -189,6 +217,31 @@ def test_exhaustion_names_the_budget_and_corrupts_nothing(models):
         e.clear()
         assert e.pool.used_blocks == 0 and not e.pool.seqs
     assert got == int(mx.argmax(reference_logits(folder, PROMPT + [12])[-1]).item())
+
+
+def test_generate_keeps_its_sequence_for_a_later_prompt(models):
+    folder = models[("llama", None)]
+    with engine.load(folder, backend="mlx", kv_tokens=128) as e:
+        e.args = dataclasses.replace(e.args, eos_token_id=())
+        gen = e.generate(PROMPT, max_tokens=4, keep=True)
+        tokens = [t.id for t in gen]
+        assert e.tokens(gen.sequence) == PROMPT + tokens[:-1], "the prompt and every token but the last"
+        e.keep_prefix(gen.sequence)
+        follow = PROMPT + tokens + [7]
+        again = e.generate(follow, max_tokens=3)
+        assert [t.id for t in again] == reference_greedy(folder, follow, 3)[0]
+        assert again.stats.cached_tokens == len(PROMPT) + 3
+        assert sorted(e.pool.seqs) == [gen.sequence]
+
+
+def test_generate_raises_when_the_pool_cannot_hold_its_prompt(models):
+    with engine.load(models[("llama", None)], backend="mlx", kv_tokens=16, block_size=4) as e:
+        hog = e.add_sequence()
+        e.step([hog], [list(range(2, 14))])                   # 3 of the 4 blocks
+        gen = e.generate(list(range(2, 12)), max_tokens=2)
+        with pytest.raises(engine.PoolExhausted, match=r"3 more blocks .* 1 free of 4"):
+            list(gen)
+        assert sorted(e.pool.seqs) == [hog] and e.pool.used_blocks == 3
 
 
 def test_no_allocation_grows_while_decoding(models):
@@ -288,8 +341,17 @@ def test_bad_model_folders_are_clear_errors(tmp_path, models):
     with pytest.raises(MetalforgeError, match="not an mlx-lm model folder"):
         engine.load(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(MetalforgeError, match="model_type 'gpt2' is not supported"):
+    with pytest.raises(MetalforgeError, match="model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3$"):
         engine.load(tmp_path)
+    scaled = write_model(tmp_path / "scaled", shards=1)
+    config = json.loads((scaled / "config.json").read_text())
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "longrope", "factor": 2}}))
+    with pytest.raises(MetalforgeError, match=r"config.json: rope_scaling.rope_type 'longrope' is not supported; supported: "):
+        engine.load(scaled)
+    for field, value in (("hidden_act", "gelu"), ("use_sliding_window", True), ("mlp_bias", True)):
+        (scaled / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(MetalforgeError, match=rf"config.json: {field}={value!r} is not supported; supported: "):
+            engine.load(scaled)
     broken = write_model(tmp_path / "broken", shards=1)
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
@@ -316,3 +378,27 @@ def test_generate_and_cache_commands(models, tmp_path):
     assert not cache.exists()
     bad = run("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
     assert bad.returncode == 2 and "not an mlx-lm model folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- one op plan: what the tuner tunes is what the engine runs ------------------------------------------
+def test_the_engine_runs_every_bucket_the_tuner_tuned_as_an_exact_match(tmp_path):
+    """The tuner reads the model's op plan (decode attention in the engine's paged layout); the
+    engine, decoding a 100- and a 300-token prompt (prefill buckets 128 and 512, contexts in
+    128 and 512), finds the tuned entry of every bucket exactly."""
+    from metalforge import results
+    folder = write_model(tmp_path / "model", arch="qwen2", quantized=(4, 64), dtype=mx.float16, shards=1)
+    out = tmp_path / "r.yaml"
+    run = subprocess.run([sys.executable, "-m", "metalforge.cli", "tune", "--device", "m2", "--model", str(folder),
+                          "--contexts", "128,512", "--trials", "2", "--seed", "0",
+                          "--storage", f"sqlite:///{tmp_path / 't.db'}", "--results", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tuned = {(family, key) for family, buckets in results.load(out)["entries"].items() for key in buckets}
+    assert {f for f, _ in tuned} == {"qmv", "decode_attention", "prefill_attention"}
+    with engine.load(folder, backend="emulator", device="m2", results=out, kv_tokens=1024) as e:
+        for n in (100, 300):
+            list(e.generate([(7 * i) % 290 + 2 for i in range(n)], max_tokens=3))
+        report = e.kernel_report()
+    ran = {(v["family"], v["bucket"]): v["why"] for v in report.values() if "bucket" in v}
+    assert tuned <= set(ran), tuned - set(ran)
+    assert all("exact match" in ran[k] for k in tuned), {k: ran[k] for k in tuned}

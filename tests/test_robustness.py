@@ -13,7 +13,7 @@ import yaml
 from optuna.trial import TrialState
 
 from metalforge import engine
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from metalforge.errors import MetalforgeError
 from metalforge import results
 from metalforge.tuner import shapes, study as st
@@ -25,7 +25,8 @@ def model(tmp_path_factory):
 
 
 def _pool_state(e):
-    return ({sid: (list(s.blocks), list(s.tokens)) for sid, s in e.pool.seqs.items()}, list(e.pool.refcount))
+    return ({sid: (list(s.blocks), list(s.tokens), list(s.positions)) for sid, s in e.pool.seqs.items()},
+            list(e.pool.blocks.refcount))
 
 
 @pytest.mark.parametrize("bad", [10**6, 256, -1, 3.5, True])

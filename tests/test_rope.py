@@ -3,7 +3,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metalforge.engine.rope import Rope
+from metalforge.engine.models import rope
 
 rope_utils = pytest.importorskip("mlx_lm.models.rope_utils")
 
@@ -24,7 +24,14 @@ SCALINGS = {
 def test_rope_matches_mlx_lm(kind, offset):
     scaling = SCALINGS[kind]
     theirs = rope_utils.initialize_rope(D, THETA, False, scaling, MAX_POS)
-    ours = Rope(D, THETA, scaling, MAX_POS)
+    ours = rope.make(D, THETA, scaling, MAX_POS)
     x = mx.random.normal((1, 2, 5, D), key=mx.random.key(3))
     positions = mx.arange(offset, offset + 5)[None]
-    np.testing.assert_allclose(np.array(ours(x, positions)), np.array(theirs(x, offset=offset)), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.array(ours(x, positions, offset + 5)), np.array(theirs(x, offset=offset)), rtol=2e-4, atol=2e-4)
+
+
+def test_an_unknown_rope_type_is_one_line_naming_the_field():
+    from metalforge.errors import MetalforgeError
+    with pytest.raises(MetalforgeError, match=r"^config.json: rope_scaling.rope_type 'longrope' is not supported; "
+                                              r"supported: default, dynamic, linear, llama3, yarn$"):
+        rope.make(D, THETA, {"rope_type": "longrope", "factor": 2.0}, MAX_POS)

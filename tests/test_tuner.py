@@ -15,7 +15,7 @@ from metalforge.kernels import get_family as family
 from metalforge.kernels.families import FAMILIES
 from metalforge.kernels.qmv import Qmv
 from metalforge import results
-from metalforge.engine.random_model import write_model
+from metalforge.testing import write_model
 from metalforge.errors import MetalforgeError
 from metalforge.tuner import sampler, shapes, study as st
 from metalforge.tuner.timers import ModelTimer, Timing
@@ -359,13 +359,15 @@ def test_shipped_modelled_defaults_exist_for_every_device():
 
 
 def test_shapes_from_a_model_config():
-    sets = shapes.from_model_config({"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-                                     "num_key_value_heads": 8, "vocab_size": 128256,
+    sets = shapes.from_model_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                                     "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+                                     "vocab_size": 128256,
                                      "quantization": {"bits": 4, "group_size": 64}}, contexts=(3000, 4096, 100))
     assert {(s["N"], s["K"]) for s in sets["qmv"]} == {(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),
                                                       (128256, 4096)}
     assert [s["S"] for s in sets["decode_attention"]] == [128, 4096]
     assert all(s["D"] == 128 and s["Hkv"] == 8 for s in sets["decode_attention"])
+    assert {s["block_size"] for s in sets["decode_attention"]} == {16}, "the engine's paged layout"
     # prompts: M at each prefill length, every projection but the vocabulary one
     assert {(s["M"], s["N"], s["K"]) for s in sets["qmm"]} == {(m, n, k) for m in (128, 512) for n, k in
                                                               [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]}
@@ -395,3 +397,12 @@ def test_results_entries_round_trip_and_keep_fields_they_do_not_know(tmp_path):
     assert not results.Entry.from_dict("qmv", key, modelled, "test").beats(entry), "measured beats modelled"
     with pytest.raises(MetalforgeError, match="time_s must be a positive number"):
         results.Entry.from_dict("qmv", key, {**later, "time_s": -1}, "test")
+
+
+def test_a_paged_shape_whose_bucket_outgrows_its_pool_finds_the_bucket():
+    """A pool of 28 blocks of 16 holds 448 tokens; 300 keys bucket to 512. The bucket is the
+    kernel's, not the pool's: the lookup names it instead of refusing the pool as too small."""
+    fam = family("decode_attention")
+    paged = dict(B=1, Hq=4, Hkv=2, S=300, D=64, block_size=16, num_blocks=28)
+    assert fam.bucket_key(paged, "float16") == fam.bucket_key(dict(paged, num_blocks=4096), "float16")
+    assert "S=512" in fam.bucket_key(paged, "float16")

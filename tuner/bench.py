@@ -22,7 +22,8 @@ import yaml
 
 import metalforge
 from metalforge import devices, files, results
-from metalforge.engine.config import parse, read
+from metalforge.engine import models
+from metalforge.engine.config import read
 from metalforge.engine.speed import engine_figures, mlx_lm_figures
 from metalforge.errors import MetalforgeError
 from metalforge.plotting import figure, save
@@ -96,10 +97,8 @@ def calibration_points(folder, device, e2e: dict, prompt_tokens: int, decode_tok
     apple_measurements.yaml, so that a published report can join the cost model's calibration.
     The source is left for the user to fill in: the loader takes only a URL."""
     folder = Path(folder)
-    a = parse(read(folder), str(folder / "config.json"))
-    attn = a.hidden_size * a.head_dim * (2 * a.num_attention_heads + 2 * a.num_key_value_heads)
-    params = a.num_hidden_layers * (attn + 3 * a.hidden_size * a.intermediate_size)
-    params += a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
+    a = models.parse(read(folder), str(folder / "config.json"))
+    params = models.get(a.model_type).parameter_count(a)
     arch = dict(params_b=round(params / 1e9, 4), layers=a.num_hidden_layers, hidden=a.hidden_size,
                 heads=a.num_attention_heads, kv_heads=a.num_key_value_heads, head_dim=a.head_dim,
                 vocab=a.vocab_size, tied=a.tie_word_embeddings)

@@ -23,8 +23,8 @@ from metalforge.tuner.verify import Verifier
 # The built-in small model and a Llama-3-8B-sized one: the shapes most users decode with.
 MODELS = (
     shapes.BUILTIN_MODEL,
-    {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-     "vocab_size": 128256, "quantization": {"group_size": 64, "bits": 4}},
+    {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+     "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256, "quantization": {"group_size": 64, "bits": 4}},
 )
 
 

@@ -11,7 +11,9 @@ from metalforge.errors import MetalforgeError, choices
 from metalforge.kernels import dtypes
 from metalforge.kernels.families import FAMILIES, get as get_family
 from metalforge.kernels.family import Family
-from metalforge.engine.config import read, sizes
+from metalforge.engine import models
+from metalforge.engine.config import read
+from metalforge.engine.ops import kernel_shapes
 from metalforge.intmath import pow2_bucket
 
 # A Qwen2.5-0.5B-sized model (4-bit): small enough to tune on a laptop in minutes.
@@ -49,41 +51,14 @@ class Target:
 
 def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_PREFILL, batch: int = 1,
                       where: str = "config.json") -> dict[str, list[dict]]:
-    """Every distinct qmv shape of the model, decode attention at each context, prefill at a few
-    lengths. The sizes are read as the engine reads them (any decoder architecture), so the
-    tuner and the engine agree on a model's shapes and refuse the same nonsense."""
-    a = sizes(config, where)
-    hidden, inter, heads, kv_heads, head_dim = (a.hidden_size, a.intermediate_size, a.num_attention_heads,
-                                                a.num_key_value_heads, a.head_dim)
-    out: dict[str, list[dict]] = {"qmv": [], "qmm": [], "decode_attention": [], "prefill_attention": []}
-    if a.quantization:
-        bits, gs = a.quantization["bits"], a.quantization["group_size"]
-        vocab = (a.vocab_size, hidden)
-        projections = [(heads * head_dim, hidden), (kv_heads * head_dim, hidden), (hidden, heads * head_dim),
-                       (inter, hidden), (hidden, inter), vocab]
-        seen = set()
-        for n, k in projections:
-            if (n, k) not in seen:
-                seen.add((n, k))
-                out["qmv"].append(dict(M=batch, N=n, K=k, bits=bits, group_size=gs))
-        # prompts: every projection but the vocabulary one (only the last position needs logits)
-        for m in sorted({pow2_bucket(p) for p in prefill}):
-            for n, k in sorted(seen - {vocab}):
-                out["qmm"].append(dict(M=m, N=n, K=k, bits=bits, group_size=gs))
-    for s in sorted({pow2_bucket(c) for c in contexts}):
-        out["decode_attention"].append(dict(B=batch, Hq=heads, Hkv=kv_heads, S=s, D=head_dim))
-    for n in sorted({pow2_bucket(p) for p in prefill}):
-        out["prefill_attention"].append(dict(B=1, Hq=heads, Hkv=kv_heads, L=n, D=head_dim))
-    # only what a family serves: the engine runs MLX's op for the rest (3-bit weights, head dim 32)
-    return {name: [v for v in values if _serves(name, v)] for name, values in out.items()}
-
-
-def _serves(family: str, values: dict) -> bool:
-    try:
-        get_family(family).shape(values)
-    except MetalforgeError:
-        return False
-    return True
+    """The kernel shapes the engine runs for this model, as its model type's op plan says:
+    decode at each context (attention in the engine's paged layout), prompts at each prefill
+    length, each op given to the family that serves it (the engine runs MLX's op for the rest:
+    3-bit weights, head dim 32). Config errors are the engine's, word for word."""
+    args = models.parse(config, where)
+    plan = models.get(args.model_type).op_plan(args, contexts=sorted({pow2_bucket(c) for c in contexts}), batch=batch,
+                                               prefill=sorted({pow2_bucket(p) for p in prefill}))
+    return kernel_shapes(plan)
 
 
 def from_model_folder(path, **kw) -> dict[str, list[dict]]:

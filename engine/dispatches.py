@@ -1,0 +1,235 @@
+"""Count what a Mac would launch for a piece of MLX code: Metal kernels and host synchronisations.
+
+On Linux MLX builds the same lazy graph it would build on a Mac, but runs it on the CPU, where
+`mx.fast` ops expand into their composed fallbacks and `mx.fast.metal_kernel` does not exist. So
+the count is taken on the graph, not on the CPU's execution:
+
+- inside `counting()`, every `mx.fast` op and every `mx.fast.metal_kernel` launch is recorded as one
+  dispatch and answers with an opaque placeholder of its output's shape (a leaf array: nothing
+  under it is counted twice, and its inputs are kept so the graph feeding it is still counted);
+- the graph of the outputs and of every recorded op's inputs is exported (`mx.export_to_dot`) and
+  each primitive in it counted as a kernel, except views, which Metal serves without a dispatch;
+- host synchronisations are calls that block on a value (`mx.eval`, `item`, `tolist`, `int()`,
+  `float()`, `bool()`, numpy conversion) made inside the block.
+
+Known approximations, the same for every engine counted: a `Reshape` is counted as a copy kernel
+when a `Transpose` or `Broadcast` feeds it (MLX copies a non-contiguous array to reshape it; the
+graph carries no shapes, so a transpose that only moves size-1 axes is counted too), and a fast op
+is one dispatch even where MLX runs it in two kernels (two-pass decode attention) or falls back.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+# Primitives Metal serves as a view of their input (no kernel), by MLX's primitive names.
+VIEWS = frozenset({"Broadcast", "BroadcastAxes", "Reshape", "Transpose", "Slice", "ExpandDims", "Squeeze",
+                   "Flatten", "Unflatten", "AsStrided", "StopGradient", "Depends", "Split", "Real", "Imag"})
+# Views after which a reshape must copy.
+_NON_CONTIGUOUS = frozenset({"Transpose", "Broadcast", "BroadcastAxes"})
+FAST_OPS = ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")
+_SYNC_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "__array__")
+
+
+@dataclass
+class Counts:
+    kernels: collections.Counter = field(default_factory=collections.Counter)   # primitive or op name -> launches
+    host_syncs: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.kernels.values())
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.host_syncs.values())
+
+
+def _fast_output_shape(name: str, args, kwargs):
+    if name == "scaled_dot_product_attention":
+        q, v = args[0], args[2] if len(args) > 2 else kwargs["values"]
+        return q.shape[:-1] + (v.shape[-1],), q.dtype
+    return args[0].shape, args[0].dtype
+
+
+def _placeholder(shape, dtype) -> mx.array:
+    """A leaf array of the shape: built from host memory, so it brings no primitive into the graph."""
+    return mx.array(np.zeros(shape, np.float32), dtype=dtype)
+
+
+_active: list["_Recorder"] = []     # the innermost counting block's recorder last
+
+
+def _counted_metal_kernel(real_factory):
+    """mx.fast.metal_kernel while counting. A kernel built here may be kept by a cache and called
+    later: it records into whichever counting block is open then, else builds the real kernel."""
+    def factory(name: str = "metal_kernel", **kwargs):
+        real = []
+
+        def launch(*, inputs, output_shapes, output_dtypes, **launch_kwargs):
+            if not _active:
+                if not real:
+                    real.append(real_factory(name=name, **kwargs))
+                return real[0](inputs=inputs, output_shapes=output_shapes, output_dtypes=output_dtypes,
+                               **launch_kwargs)
+            _active[-1].op(f"metal_kernel:{name}", inputs)
+            return [_placeholder(tuple(s), d) for s, d in zip(output_shapes, output_dtypes)]
+        return launch
+    return factory
+
+
+class _Recorder:
+    def __init__(self):
+        self.counts = Counts()
+        self.kept: list[mx.array] = []     # inputs of recorded ops: their graphs are counted too
+
+    def op(self, name: str, inputs) -> None:
+        self.counts.kernels[name] += 1
+        self.kept.extend(x for x in inputs if isinstance(x, mx.array))
+
+    def fast(self, name: str):
+        def run(*args, **kwargs):
+            self.op(f"mx.fast.{name}", list(args) + list(kwargs.values()))
+            shape, dtype = _fast_output_shape(name, args, kwargs)
+            return _placeholder(shape, dtype)
+        return run
+
+
+
+@contextlib.contextmanager
+def metal_available():
+    """MLX answers that Metal is available inside the block, so an engine loaded there takes the
+    paths it takes on a Mac (no CPU-only linear layers or float32 compute). Only for counting:
+    nothing may be evaluated on 'Metal' here."""
+    saved = mx.metal.is_available
+    mx.metal.is_available = lambda: True
+    try:
+        yield
+    finally:
+        mx.metal.is_available = saved
+
+
+@contextlib.contextmanager
+def counting():
+    """Record fast ops, custom kernels and host syncs made inside the block; finish with `count`."""
+    rec = _Recorder()
+    saved_fast = {n: getattr(mx.fast, n) for n in FAST_OPS + ("metal_kernel",)}
+    saved_methods = {n: getattr(mx.array, n) for n in _SYNC_METHODS}
+    saved_eval = mx.eval
+
+    def sync(name, original):
+        def wrapped(*args, **kwargs):
+            rec.counts.host_syncs[name] += 1
+            return original(*args, **kwargs)
+        return wrapped
+
+    _active.append(rec)
+    try:
+        for n in FAST_OPS:
+            setattr(mx.fast, n, rec.fast(n))
+        mx.fast.metal_kernel = _counted_metal_kernel(saved_fast["metal_kernel"])
+        for n, original in saved_methods.items():
+            setattr(mx.array, n, sync(n.strip("_"), original))
+        mx.eval = sync("eval", saved_eval)
+        yield rec
+    finally:
+        _active.remove(rec)
+        for n, f in saved_fast.items():
+            setattr(mx.fast, n, f)
+        for n, f in saved_methods.items():
+            setattr(mx.array, n, f)
+        mx.eval = saved_eval
+
+
+_NODE = re.compile(r'\{ (\w+) \[label ="(\w+)", shape=rectangle\]; \}')
+_EDGE = re.compile(r'^(\S+) -> (\S+)$')
+
+
+def _applications(dot: str) -> list[tuple[str, list[str], list[str]]]:
+    """(primitive name, input arrays, output arrays) per primitive application, in the order
+    `export_to_dot` writes them: a declaration, then its input and output edges. One primitive
+    object can serve several applications (a compiled function called per layer), so its id is
+    not a key: each declaration is one application."""
+    apps: list[tuple[str, list[str], list[str]]] = []
+    current = None
+    for line in dot.splitlines():
+        line = line.strip()
+        node = _NODE.match(line)
+        if node:
+            current = node.group(1)
+            apps.append((node.group(2), [], []))
+            continue
+        edge = _EDGE.match(line)
+        if edge and apps:
+            src, dst = edge.groups()
+            if dst == current:
+                apps[-1][1].append(src)
+            elif src == current:
+                apps[-1][2].append(dst)
+    return apps
+
+
+def graph_kernels(arrays) -> collections.Counter:
+    """Kernels Metal would launch to evaluate `arrays` (unevaluated parts only), by primitive name."""
+    arrays = [a for a in arrays if isinstance(a, mx.array)]
+    if not arrays:
+        return collections.Counter()
+    fd, path = tempfile.mkstemp(suffix=".dot")
+    os.close(fd)
+    try:
+        mx.export_to_dot(path, *arrays)
+        apps = _applications(open(path).read())
+    finally:
+        os.unlink(path)
+    producer = {out: i for i, (_, _, outs) in enumerate(apps) for out in outs}
+
+    def non_contiguous(array: str) -> bool:
+        app = producer.get(array)
+        while app is not None and apps[app][0] in VIEWS:
+            name, inputs, _ = apps[app]
+            if name in _NON_CONTIGUOUS:
+                return True
+            app = producer.get(inputs[0]) if inputs else None
+        return False
+
+    counts = collections.Counter()
+    for name, inputs, _ in apps:
+        if name not in VIEWS:
+            counts[name] += 1
+        elif name in ("Reshape", "Flatten") and any(non_contiguous(a) for a in inputs):
+            counts[f"{name} (copy)"] += 1
+    return counts
+
+
+def count(rec: _Recorder, outputs) -> Counts:
+    """The launches of everything built inside `counting()` that `outputs` depend on, plus the
+    recorded fast ops and custom kernels."""
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    rec.counts.kernels.update(graph_kernels(list(outputs) + rec.kept))
+    return rec.counts
+
+
+def engine_pass(e, sid: int, ids: list[int], layers: bool = True) -> Counts:
+    """Counts of one forward pass of engine `e` appending `ids` to sequence `sid` (the pool is
+    written as in `Engine.step`); `layers=False` counts the pass without its decoder layers (the
+    embedding, final norm and head), so a layer's share is (all - outside) / layers."""
+    model = e.model
+    saved = model.layers
+    model.layers = saved if layers else []
+    try:
+        with metal_available(), counting() as rec:
+            step = e.pool.begin({sid: len(ids)})
+            logits = model.forward(step, mx.array(ids, dtype=mx.int32))
+            step.commit([ids])
+        counts = count(rec, [logits] + e.pool.storage.arrays())
+    finally:
+        model.layers = saved
+    mx.eval(logits, e.pool.storage.arrays())
+    return counts

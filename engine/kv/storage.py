@@ -1,0 +1,84 @@
+"""Where K and V live: a protocol the pool writes and attention reads through, so a quantized or
+rotating store can replace today's dense one without the pool or the model changing.
+
+Dense storage: per layer, K and V are each one (kv_heads, num_blocks * block_size, head_dim)
+array; block b holds slots [b * block_size, (b + 1) * block_size) of every head. Head-major,
+because a sequence whose blocks are consecutive is then one strided slice per head, which MLX's
+attention reads in place: nothing per decoded token copies the sequence. Our decode kernel reads
+any block order through a block table. Nothing is allocated per token: writes go into the
+existing arrays.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import mlx.core as mx
+
+
+class Storage(Protocol):
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: object
+
+    @property
+    def block_bytes(self) -> int: ...
+
+    def arrays(self) -> list[mx.array]: ...
+
+    def write(self, layer: int, where, k: mx.array, v: mx.array) -> None: ...
+
+    def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]: ...
+
+    def paged(self, layer: int) -> tuple[mx.array, mx.array]: ...
+
+    def copy(self, src: slice, dst: slice) -> None: ...
+
+
+class DenseStorage:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int, dtype=mx.float16):
+        self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, dtype
+        self.block_size, self.num_blocks = block_size, num_blocks
+        shape = (kv_heads, num_blocks * block_size, head_dim)
+        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
+        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
+        mx.eval(self.k, self.v)
+
+    @staticmethod
+    def token_bytes(layers: int, kv_heads: int, head_dim: int, dtype) -> int:
+        """Bytes one token's K and V take in every layer (for sizing a pool before making it)."""
+        return 2 * layers * kv_heads * head_dim * dtype.size
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * self.token_bytes(self.layers, self.kv_heads, self.head_dim, self.dtype)
+
+    def arrays(self) -> list[mx.array]:
+        return self.k + self.v
+
+    def write(self, layer: int, where, k: mx.array, v: mx.array) -> None:
+        """k, v: (kv_heads, tokens, head_dim) into the slots `where` (a slice or an index array)."""
+        self.k[layer][:, where] = k.astype(self.dtype)
+        self.v[layer][:, where] = v.astype(self.dtype)
+
+    def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]:
+        """The K and V of `runs` ((first slot, count) each) as (1, kv_heads, tokens, head_dim): a
+        view when they are one run, else the runs copied together."""
+        if not runs:
+            empty = mx.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
+            return empty, empty
+
+        def take(x):
+            parts = [x[:, a:a + n] for a, n in runs]
+            return (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1))[None]
+        return take(self.k[layer]), take(self.v[layer])
+
+    def paged(self, layer: int) -> tuple[mx.array, mx.array]:
+        """(kv_heads, num_blocks, block_size, head_dim) views, as our paged decode kernel reads them."""
+        shape = (self.kv_heads, self.num_blocks, self.block_size, self.head_dim)
+        return self.k[layer].reshape(shape), self.v[layer].reshape(shape)
+
+    def copy(self, src: slice, dst: slice) -> None:
+        for layer in range(self.layers):
+            self.k[layer][:, dst] = self.k[layer][:, src]
+            self.v[layer][:, dst] = self.v[layer][:, src]

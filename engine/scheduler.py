@@ -1,0 +1,253 @@
+"""The one decode loop, for one sequence (`Engine.generate`) and for many (`Engine.batch`).
+
+Requests join (`add`) and leave (`cancel`, or when they stop) between steps. A request that does
+not fit waits in a bounded first-come queue until blocks free: it is admitted when the pool has
+room for its whole run (prompt plus max_tokens, up to max_seq_len; at most the whole pool)
+beside the room every admitted request may still take, so admitted requests never starve each
+other. A prompt sharing at least one block of leading tokens with a kept prefix or another
+request's sequence starts as a fork of it: the shared blocks are stored once and not prefilled
+again.
+
+Each `step` admits and prefills what fits, then queues one forward pass that decodes a token for
+every admitted request, and only then reads back the tokens sampled by the previous pass (as
+mlx-lm's loop does: building a step overlaps computing the last one). Stop conditions are
+judged when a token is read, so a request that stops has one token computed in vain. A request
+that reaches max_seq_len, or finds the pool full (blocks held outside the loop), ends alone with
+that reason; the others go on.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from metalforge import arguments
+from metalforge.engine.generation import Stats, Stops, TextStream, Token
+from metalforge.engine.kv import PoolExhausted
+from metalforge.engine.sampling import Sampler
+from metalforge.errors import MetalforgeError
+
+MAX_WAITING = 1024
+POOL_FULL = "KV pool exhausted"
+LONGEST = "max_seq_len"
+
+
+@dataclass
+class Request:
+    ids: list[int]
+    sampler: Sampler
+    text: TextStream
+    max_tokens: int
+    blocks: int                    # the most blocks its whole run can hold (see Scheduler._fits)
+    keep: bool = False             # the sequence stays in the pool afterwards (see Engine.generate)
+    sid: int | None = None
+    sampled: int = 0               # tokens sampled, read back or not
+    ending: str | None = None      # why no more tokens will be fed, once its last is read
+    error: PoolExhausted | None = None
+
+
+class Scheduler:
+    def __init__(self, engine, max_waiting: int = MAX_WAITING):
+        arguments.positive_int("max_waiting", max_waiting)
+        self.engine, self.pool, self.max_waiting = engine, engine.pool, max_waiting
+        self.requests: dict[int, Request] = {}   # not finished: waiting or admitted
+        self.waiting: deque[int] = deque()       # not admitted yet, first come first served
+        self.finished: dict[int, Stats] = {}
+        self._ended: dict[int, tuple] = {}             # request -> (its sequence, its error)
+        self._queued: list[tuple[int, mx.array]] = []   # (request, its sampled token not read yet)
+        self._next_id = 0
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def request(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                seed: int | None = None, stop=None, keep: bool = False) -> int:
+        """Queue a prompt (text or ids) with its own settings; it joins at the next step with room
+        for it. Returns its request id. Every argument is checked first; a full queue or a prompt
+        over max_seq_len is refused."""
+        e = self.engine
+        arguments.positive_int("max_tokens", max_tokens)
+        ids = e.encode(prompt)
+        if not ids:
+            raise MetalforgeError("the prompt is empty")
+        if len(ids) > self.pool.max_seq_len:
+            raise MetalforgeError(f"the prompt has {len(ids)} tokens, over the engine's maximum sequence length of "
+                                  f"{self.pool.max_seq_len} (load with a larger max_seq_len)")
+        sampler = Sampler(temperature, top_p, top_k, seed)
+        stop_ids, stop_texts = set(e.args.eos_token_id), []
+        if e.tokenizer:
+            stop_ids |= e.tokenizer.eos_ids
+        for s in stop or []:
+            (stop_ids.add(s) if isinstance(s, int) else stop_texts.append(s))
+        if len(self.waiting) >= self.max_waiting:
+            raise MetalforgeError(f"the queue is full: {len(self.waiting)} requests wait for KV blocks "
+                                  f"(max_waiting={self.max_waiting}); add again after some finish")
+        longest = min(len(ids) + max_tokens - 1, self.pool.max_seq_len)   # the last token is never fed back
+        text = TextStream(e.tokenizer, Stops(stop_ids, stop_texts, max_tokens), Stats(prompt_tokens=len(ids)),
+                          time.perf_counter())
+        rid = self._next_id
+        self._next_id += 1
+        self.requests[rid] = Request(ids, sampler, text, max_tokens,
+                                     min(self.pool.blocks.blocks_for(longest), self.pool.num_blocks), keep)
+        self.waiting.append(rid)
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request now (waiting or admitted); its sequence leaves the pool."""
+        if rid not in self.requests:
+            raise MetalforgeError(f"no live request {rid}")
+        self._finish(rid, "cancelled")
+
+    def stats(self, rid: int) -> Stats:
+        r = self.requests.get(rid)
+        if r is not None:
+            return r.text.stats
+        if rid in self.finished:
+            return self.finished[rid]
+        raise MetalforgeError(f"no request {rid}")
+
+    def sequence(self, rid: int) -> int | None:
+        """The pool sequence a request holds (None until admitted)."""
+        r = self.requests.get(rid)
+        return r.sid if r is not None else self._ended[rid][0]
+
+    def error(self, rid: int) -> PoolExhausted | None:
+        """Why a request ended before its first token: its prompt did not fit the pool."""
+        r = self.requests.get(rid)
+        return r.error if r is not None else self._ended[rid][1]
+
+    def start_clock(self, rid: int) -> None:
+        """Time the request from now: a generation starts when it is iterated, not when made."""
+        self.requests[rid].text.start = time.perf_counter()
+
+    def close(self) -> None:
+        """End every request, waiting or admitted, and give its blocks back."""
+        for rid in list(self.requests):
+            self._finish(rid, "cancelled")
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def step(self) -> list[tuple[int, Token]]:
+        """Admit and prefill the waiting requests that fit, queue the next token of every
+        admitted request, read back the tokens sampled before; return the (request id, Token)
+        pairs read, in request order."""
+        ready = [(rid, y) for rid, y in self._queued if rid in self.requests]
+        while self.waiting and self._fits(self.requests[self.waiting[0]]):
+            rid = self.waiting.popleft()
+            y = self._prefill(rid)
+            if y is not None:
+                ready.append((rid, y))
+        fed = self._feedable([rid for rid, _ in ready])
+        self._queued = self._decode(fed, dict(ready)) if fed else []
+        events = []
+        tokens = mx.stack([y for _, y in ready]).tolist() if ready else []
+        for (rid, _), token in zip(ready, tokens):
+            r = self.requests[rid]
+            if rid in fed:
+                self.pool.settle(r.sid, [token])
+            out, reason = r.text.add(token)
+            events.append((rid, out))
+            if reason or rid not in fed:
+                self._finish(rid, reason or r.ending)
+        return sorted(events, key=lambda ev: ev[0])
+
+    def _decode(self, fed: list[int], tokens: dict[int, mx.array]) -> list[tuple[int, mx.array]]:
+        """Queue one forward pass feeding each request its sampled token; (request, next token)."""
+        step = self.pool.begin({self.requests[rid].sid: 1 for rid in fed})
+        logits = self.engine.model.forward(step, mx.stack([tokens[rid] for rid in fed]))
+        out = []
+        for b, rid in enumerate(fed):
+            self.requests[rid].sampled += 1
+            out.append((rid, self.requests[rid].sampler.sample(logits[b])))
+        mx.async_eval([y for _, y in out])
+        return out
+
+    def _feedable(self, rids: list[int]) -> list[int]:
+        """The requests whose sampled token is fed back: not at max_tokens or max_seq_len, and,
+        while the pool cannot hold a token for each, not the newest needing a block (it ends
+        once its token is read)."""
+        out = []
+        for rid in rids:
+            r = self.requests[rid]
+            if r.sampled >= r.max_tokens:
+                continue
+            if self.pool.seq(r.sid).length >= self.pool.max_seq_len:
+                r.ending = LONGEST
+                continue
+            out.append(rid)
+        while out:
+            needs = {rid: sum(self.pool.needed(self.requests[rid].sid, 1)) for rid in out}
+            if sum(needs.values()) <= self.pool.free_blocks:
+                break
+            newest = max(rid for rid in out if needs[rid])
+            self.requests[newest].ending = POOL_FULL
+            out.remove(newest)
+        return out
+
+    def _fits(self, r: Request) -> bool:
+        """Whether the pool holds r's whole run beside what every admitted request may still take.
+        With none admitted it is tried whatever blocks are held outside the loop (kept prefixes,
+        other generations): waiting could then last forever, and it ends alone if the pool runs out."""
+        admitted = [o for o in self.requests.values() if o.sid is not None]
+        if not admitted:
+            return True
+        return r.blocks <= self.pool.free_blocks - sum(self._growth(o) for o in admitted)
+
+    def _growth(self, r: Request) -> int:
+        """Blocks an admitted request may still take: the rest of its run, plus a private copy of a
+        shared last block."""
+        seq = self.pool.seq(r.sid)
+        shared = bool(seq.blocks) and self.pool.blocks.shared(seq.blocks[-1])
+        return max(0, r.blocks - len(seq.blocks)) + shared
+
+    def _prefill(self, rid: int) -> mx.array | None:
+        """The request's prompt into a new sequence, forked from the longest cached prefix, and
+        its first token sampled; a prompt the pool cannot hold ends the request alone."""
+        r = self.requests[rid]
+        others = [o.sid for o in self.requests.values() if o.sid is not None]
+        parent, cached = self._longest_cached_prefix(r.ids, others)
+        cached = min(cached, len(r.ids) - 1)   # the last prompt token is recomputed for its logits
+        sid = self.pool.add_sequence() if parent is None else self.pool.fork(parent, cached)
+        r.text.stats.cached_tokens = cached    # 0 without a parent
+        try:
+            logits = self.engine.prefill(sid, r.ids[cached:])
+        except PoolExhausted as e:
+            self.pool.remove(sid)
+            r.error = e
+            self._finish(rid, POOL_FULL)
+            return None
+        except BaseException:
+            self.pool.remove(sid)
+            raise
+        r.sid, r.sampled = sid, 1
+        return r.sampler.sample(logits[0])
+
+    def _longest_cached_prefix(self, ids: list[int], candidates=()) -> tuple[int | None, int]:
+        """The kept prefix that is a whole prefix of `ids`, or among `candidates` the sequence
+        sharing the most leading tokens (at least one block: less is not worth a fork)."""
+        best, best_len = None, 0
+        for sid in self.engine.prefixes:
+            cached = self.pool.seq(sid).tokens
+            n = len(cached)
+            if best_len < n < len(ids) + 1 and ids[:n] == cached:
+                best, best_len = sid, n
+        for sid in candidates:
+            n = len(os.path.commonprefix([ids, self.pool.seq(sid).tokens]))   # works on any sequences
+            if n > max(best_len, self.pool.block_size - 1):
+                best, best_len = sid, n
+        return best, best_len
+
+    def _finish(self, rid: int, reason: str) -> None:
+        r = self.requests.pop(rid)
+        if rid in self.waiting:
+            self.waiting.remove(rid)
+        r.text.stats.stop_reason = r.text.stats.stop_reason or reason
+        self.finished[rid] = r.text.stats
+        self._ended[rid] = (r.sid, r.error)
+        if r.sid is None or r.sid not in self.pool.seqs:
+            return
+        if r.keep:   # the prompt and every token read but the last (a queued one may follow it)
+            held = len(r.ids) + max(r.text.stats.generated_tokens - 1, 0)
+            self.pool.remove(r.sid, min(held, self.pool.seq(r.sid).length))
+        else:
+            self.pool.remove(r.sid)

@@ -1,0 +1,95 @@
+"""Published per-kernel timings (benchmarks/data/kernel_measurements.yaml): the shipped file's
+schema and sources, and the loader's refusals (no source, no quote, a figure not in its quote or
+not the recorded seconds, a physically impossible point)."""
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from metalforge.errors import MetalforgeError
+from metalforge.kernels import kernel_measurements as km
+
+
+@pytest.fixture(scope="module")
+def points():
+    return km.load()
+
+
+def test_the_shipped_file_has_40_sourced_points_on_5_chips(points):
+    raw = yaml.safe_load(km.DATA.read_text())["points"]
+    usable = km.usable(points)
+    assert len(points) == len(raw) and len(usable) >= 40
+    assert len({p.chip for p in usable}) >= 5
+    assert len({p.profile for p in usable if p.profile}) >= 5      # chips our device profiles price
+    assert {p.library for p in usable} == {"mlx", "llama.cpp"}
+    for p in points:
+        assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+/(pull|issues)/\d+", p.source), p.source
+        assert len(p.quote) >= 10 and p.figure in p.quote
+        assert p.seconds == pytest.approx(float(p.figure) * km.UNITS[p.unit] / p.calls, rel=1e-12)
+        assert 1e-7 < p.seconds < 1.0
+        assert (p.gpu_cores and p.dtype) or p.inferred
+    # no point twice
+    assert len({(p.source, p.quote, p.kernel, p.shape) for p in points}) == len(points)
+
+
+def test_a_read_faster_than_dram_is_called_cache_hot(points):
+    """M3 Pro, llama.cpp q4_K mat-vec of 1024 x 5120: 1024 * 5120 * 4.5 / 8 = 2,949,120 bytes of
+    weights in 15.37 us is 192 GB/s, above the chip's 150 GB/s: warm weights in the system cache."""
+    p = next(p for p in points if p.profile == "m3-pro" and p.get("N") == 1024 and p.get("M") == 1
+             and p.get("bits") == 4.5)
+    assert p.min_bytes() == 2_949_120 and p.seconds == 15.37e-6
+    assert "cache-hot" in p.timing and p.impossibility() is None
+    plain = dataclasses.replace(p, timing="warm")
+    assert plain.impossibility() == ("reads 192 GB/s, above the chip's 150 GB/s DRAM, "
+                                     "and the timing does not say cache-hot")
+
+
+def test_more_flops_than_the_chip_has_is_impossible(points):
+    """M3 Max, steel attention at 4096 tokens, D 64, 32 heads: 4 * 32 * 4096^2 * 64 = 137.4 GFLOP.
+    Read as 3.747 ms a call (not 3.747 s for 320 calls) it would be 36.7 TFLOP/s on a 14.1 TFLOP/s chip."""
+    p = next(p for p in points if p.profile == "m3-max-40" and p.get("L") == 4096)
+    assert p.min_flops() == 4 * 32 * 4096 ** 2 * 64
+    assert p.impossibility() is None
+    misread = dataclasses.replace(p, seconds=3.747e-3)
+    assert misread.impossibility() == "36.7 TFLOP/s is above the 40-core chip's peak of 14.1"
+
+
+def _write(tmp_path, mutate):
+    data = yaml.safe_load(km.DATA.read_text())
+    mutate(data["points"][2])
+    path = tmp_path / "k.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda p: p.pop("source"), r"points\[2\]: missing source"),
+    (lambda p: p.update(source="a forum post"), "source must be a URL"),
+    (lambda p: p.pop("quote"), r"points\[2\]: missing quote"),
+    (lambda p: p.update(quote=""), r"points\[2\]: missing quote"),
+    (lambda p: p.update(figure="10.887"), "figure '10.887' is not in the quoted line"),
+    (lambda p: p.update(seconds=0.010887), "is 0.010888 s, not the 0.010887 s recorded"),
+    (lambda p: p.update(shape={"M": 8, "rows": 3}), "unknown shape fields rows"),
+    (lambda p: p.pop("inferred"), "gpu_cores unknown and no `inferred` note says why"),
+    (lambda p: p.update(dtype=None, gpu_cores=40, inferred=""), "dtype unknown and no `inferred` note says why"),
+    (lambda p: p.update(unit="min"), "unit must be one of s, ms, us"),
+])
+def test_the_loader_refuses_a_point_it_cannot_trace(tmp_path, mutate, message):
+    with pytest.raises(MetalforgeError, match=message):
+        km.load(_write(tmp_path, mutate))
+
+
+def test_an_impossible_point_loads_only_when_excluded_with_the_reason(tmp_path):
+    def fast(p):
+        p.update(profile="m3-max-40", gpu_cores=40, shape={"M": 8, "N": 16384, "K": 16384},
+                 unit="us", seconds=10.888e-6)      # the quoted 10.888 read as microseconds
+    with pytest.raises(MetalforgeError, match=r"points\[2\]: physically impossible \(394\.5 TFLOP/s is above "
+                                              r"the 40-core chip's peak of 14\.1\)"):
+        km.load(_write(tmp_path, fast))
+
+    def excluded(p):
+        fast(p)
+        p["excluded"] = "10.888 us would be 394.5 TFLOP/s"
+    loaded = km.load(_write(tmp_path, excluded))
+    assert loaded[2].excluded and loaded[2] not in km.usable(loaded)
