@@ -1,14 +1,15 @@
 """A dispatch's trace counters at a real shape, from traces at small proxy shapes, cached on disk.
 
 The emulator records every access, so a trace costs seconds at small shapes and hours at a
-model's. A job is traced at a proxy shape (each scaled axis cut to a small value) and once more
-per scaled axis with that axis doubled; every counter is then taken as a power of each axis,
-counter(real) = counter(proxy) * prod((real_a / proxy_a) ** e_a), e_a = log2(counter(2 x proxy_a) /
-counter(proxy)), so a counter that does not grow with an axis (x's footprint with N, pass 2 of
-the 2-pass attention with the keys) keeps its value and one that grows with it (the weights'
-sectors with N and K) grows as measured. Axes scaled together (query and KV heads, a square
-prefill's queries and keys) are one group. Exact where the kernel's work is a product of its axes
-(whole tiles, the same code path): tests/test_trace_model.py checks it against traces at 4x the proxy.
+model's. A job is traced at a proxy shape (each scaled axis cut to a small value) and twice more per
+scaled axis, with that axis at 2x and 4x the proxy; each counter is taken as a product over axes
+of a quadratic in the axis's factor f through those three traces: counter(real) = counter(proxy) *
+prod(q_a(f_a) / counter(proxy)). So a counter that does not grow with an axis (x's footprint with
+N, pass 2 of the 2-pass attention with the keys) keeps its value, one with a fixed and a per-key
+part grows affinely, a square prefill's query x key tiles quadratically. Axes scaled together
+(query and KV heads, a prefill's queries and cached keys) are one group. Exact where a counter is
+such a product over whole tiles on the same code path; tests/test_trace_model.py checks scaled
+counters against traces at the real shape.
 
 Traces are cached under METALFORGE_CACHE/traces by a key of the job (kernel source or MLX's
 host names and version, shape, dtype), so tests and calibration do not re-run them.
@@ -84,26 +85,29 @@ def traced(key: str, shape: dict, run: Callable[[dict], list[Dispatch]]) -> list
     return out
 
 
+def _through(f: float, c1: float, c2: float, c4: float) -> float:
+    """The quadratic through (1, c1), (2, c2), (4, c4) at f: exact for a counter constant, linear
+    or quadratic in the axis (a fixed part plus a per-key part; a square prefill's query x key tiles)."""
+    return (c1 * (f - 2) * (f - 4) / 3 - c2 * (f - 1) * (f - 4) / 2 + c4 * (f - 1) * (f - 2) / 6)
+
+
 def scaled(key: str, real: dict, proxy: dict, groups: tuple, run: Callable[[dict], list[Dispatch]]) -> list[Counted]:
     """The counters of `run` at `real`, from traces at `proxy` and at `proxy` with each group of
-    axes doubled (a group is a tuple of shape fields scaled by one factor, real[g[0]] / proxy[g[0]])."""
+    axes at 2x and 4x (a group is a tuple of shape fields scaled by one factor, real[g[0]] / proxy[g[0]])."""
     base = traced(key, proxy, run)
-    factors, doubled = [], []
+    axes = []
     for group in groups:
         f = real[group[0]] / proxy[group[0]]
-        if f == 1:
-            continue
-        factors.append(f)
-        doubled.append(traced(key, {**proxy, **{a: 2 * proxy[a] for a in group}}, run))
+        if f != 1:
+            axes.append((f, *(traced(key, {**proxy, **{a: m * proxy[a] for a in group}}, run) for m in (2, 4))))
     out = []
     for i, c in enumerate(base):
         values = {}
         for name, v0 in c.features.items():
             v = float(v0)
-            for f, d in zip(factors, doubled):
-                w = d[i].features[name]
-                if v0 > 0 and w > 0:
-                    v *= f ** math.log2(w / v0)
+            for f, two, four in axes:
+                if v0:
+                    v *= max(0.0, _through(f, v0, two[i].features[name], four[i].features[name])) / v0
             values[name] = v
         out.append(Counted(c.kernel, c.threadgroup, c.threadgroup_memory_bytes, values))
     return out
