@@ -66,7 +66,7 @@ def report(points, result: cost.Calibration) -> dict:
     return dict(constants=dataclasses.asdict(c), held_out_error=result.held_out_error, points=rows)
 
 
-def kernel_report(rows, skipped, write: bool) -> dict:
+def kernel_report(rows, skipped) -> dict:
     """The per-kernel model: every point predicted (all-point fit and chip held out), per-family error."""
     c = kfit.fit(rows)
     held = {id(r): e for r, e in kfit.leave_one_chip_out(rows)}
@@ -80,7 +80,7 @@ def kernel_report(rows, skipped, write: bool) -> dict:
     print("\nleft out (cannot be priced yet):")
     for p, why in skipped:
         print(f"  {p.chip} {p.library} {p.kernel} {dict(p.shape)}: {why}")
-    print("\nfitted per-kernel constants (kernels/timing/model.py):")
+    print("\nfitted per-kernel constants (kernels/timing/model.py; dram: from the whole-model check below):")
     for name, v in c.as_dict().items():
         print(f"  {name:9} {v:.4g}")
     families = kfit.family_errors(rows)
@@ -88,29 +88,24 @@ def kernel_report(rows, skipped, write: bool) -> dict:
     for f, e in families.items():
         note = "" if e["chips"] >= 2 else "  (one chip: no chip to hold out against, unvalidated)"
         print(f"  {f:18} {e['regime']:8} {e['error']:7.1%} over {e['points']} points, {e['chips']} chip(s){note}")
-    if write:
-        kfit.write(rows, skipped)
-        print(f"wrote {kfit.constants_path()}")
-    return {"constants": c.as_dict(), "families": families}
+    return {"constants": c, "families": families}
 
 
-def whole_model_report(points) -> dict:
-    rows, skipped = whole_model.rows(points)
-    if not rows:
-        print("\nwhole-model check: no decode point can be priced")
-        return {}
-    d = whole_model.fit_dispatch(rows)
+def whole_model_report(points, constants) -> dict:
+    rows, skipped = whole_model.rows(points, constants)
+    dram, d = whole_model.fit(rows)
     err, held = whole_model.held_out(rows)
     other = whole_model.DISPATCHES_PER_LAYER - whole_model.PRICED_PER_LAYER
-    print(f"\nwhole-model check (decode = sum of MLX's kernels' prices + {other} other dispatches a layer "
-          f"at d = {d * 1e6:.2f} us each):")
-    for (p, k, n), e in zip(rows, held):
+    print(f"\nwhole-model check (decode = sum of MLX's kernels' prices + {other} other dispatches a layer at "
+          f"d = {d * 1e6:.2f} us each; DRAM factor {dram:.3f} x bytes / bandwidth for the cold weights):")
+    for row, e in zip(rows, held):
+        p = row[0]
         print(f"  {p.chip:10} {p.model:15} {p.weights:22} {p.tokens_per_s:8.2f} tok/s  modelled "
-              f"{whole_model.predict((p, k, n), d):8.2f}  held-out {e:+.1%}  ({p.software})")
+              f"{whole_model.predict(row, dram, d):8.2f}  held-out {e:+.1%}  ({p.software})")
     for p, why in skipped:
         print(f"  left out: {p.chip} {p.model} {p.weights}: {why}")
-    print(f"  held-out median error (d fitted without the chip): {err:.1%} over {len(rows)} decode points")
-    return {"dispatch_s": d, "held_out_error": err, "points": len(rows)}
+    print(f"  held-out median error (both constants fitted without the chip): {err:.1%} over {len(rows)} decode points")
+    return {"dram": dram, "dispatch_s": d, "held_out_error": round(err, 4), "points": len(rows)}
 
 
 def plot(rows: list[dict]):
@@ -144,8 +139,12 @@ def main(argv=None) -> int:
     result = cal.calibrate(args.data)
     data = report(points, result)
     rows, skipped = kfit.rows()
-    data["per_kernel"] = kernel_report(rows, skipped, args.write)
-    data["whole_model"] = whole_model_report(points)
+    per_kernel = kernel_report(rows, skipped)
+    data["whole_model"] = whole_model_report(points, per_kernel["constants"])
+    data["per_kernel"] = {"constants": per_kernel["constants"].as_dict(), "families": per_kernel["families"]}
+    if args.write:
+        kfit.write(rows, skipped, data["whole_model"])
+        print(f"wrote {kfit.constants_path()}")
     write_report(args.out, data, plot(data["points"]))
     if args.write:
         files.write_atomic(cost.calibration_path(), result.to_yaml())

@@ -92,6 +92,17 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import json
+    from metalforge import devices
+    from metalforge.kernels.timing import compare
+    if not args.shape:
+        raise MetalforgeError("compare: give --shape, e.g. M=1,N=4096,K=4096")
+    r = compare.compare(args.family, devices.resolve(args.device), ",".join(args.shape), args.dtype)
+    print(json.dumps(r, indent=1) if args.json else compare.format_text(r))
+    return 0
+
+
 def cmd_tune(args) -> int:
     from metalforge.tuner.cli import run
     return run(args)
@@ -142,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "trace":
             c.add_argument("--json", action="store_true", help="print one JSON object with keys ours and mlx")
         c.set_defaults(fn=fn)
+
+    c = sub.add_parser("compare", help="our chosen config and MLX's real kernel for a job, priced by the per-kernel "
+                                       "model with the family's error (or 'unvalidated')")
+    c.add_argument("family", help="kernel family: " + ", ".join(_families()))
+    c.add_argument("--device", default="auto", help="device profile name, or auto (detect)")
+    c.add_argument("--shape", nargs="+", help="shape fields, e.g. M=1,N=4096,K=4096,bits=4,group_size=64")
+    c.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32")
+    c.add_argument("--json", action="store_true", help="one JSON object: ours, mlx, ratio, error, validated")
+    c.set_defaults(fn=cmd_compare)
 
     from metalforge.tuner.cli import add_arguments as tune_arguments
     t = sub.add_parser("tune", help="autotune kernel configs for a device (Optuna)")

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from metalforge import devices
-from metalforge.kernels import kernel_measurements
-from metalforge.kernels.timing import fit, mlx_jobs, model, traces
+from metalforge.kernels import calibration as cal, kernel_measurements
+from metalforge.kernels.timing import fit, mlx_jobs, model, traces, whole_model
 from metalforge.kernels.timing.model import Constants
 
 pytestmark = pytest.mark.usefixtures("mlx_kernel_headers")
+APPLE = kernel_measurements.DATA.parent / "apple_measurements.yaml"
 
 
 def _direct(op, shape, dtype, device):
@@ -89,7 +90,14 @@ def test_the_fit_recovers_the_constants_that_generated_the_timings():
 def test_the_shipped_constants_are_the_fit_of_the_shipped_data():
     rows, skipped = fit.rows()
     shipped = fit.shipped()
-    np.testing.assert_allclose(fit.fit(rows).vector(), shipped["constants"].vector(), rtol=1e-9)
+    kernel_fit = fit.fit(rows)
+    # the DRAM factor and per-dispatch cost: the whole-model decode fit on top of the kernel fit
+    decode, _ = whole_model.rows(cal.load_points(APPLE), kernel_fit)
+    dram, dispatch = whole_model.fit(decode)
+    assert shipped["whole_model"]["dram"] == pytest.approx(dram, rel=1e-9)
+    assert shipped["whole_model"]["dispatch_s"] == pytest.approx(dispatch, rel=1e-9, abs=1e-15)
+    np.testing.assert_allclose(dataclasses.replace(kernel_fit, dram=dram).vector(), shipped["constants"].vector(),
+                               rtol=1e-9)
     assert shipped["data"] == fit.kernel_measurements_digest()
     assert shipped["points"] == len(rows) and len(shipped["left_out"]) == len(skipped)
     # every point is either priced or left out with a reason

@@ -2,7 +2,9 @@
 (benchmarks/data/kernel_measurements.yaml): each runnable point's kernels - MLX's, chosen by MLX's
 rules for the point's chip and shape - traced (mlx_jobs.py) and priced, the constants chosen by
 non-negative least squares on relative error. A point that cannot be priced yet is listed with
-the reason and left out. The error of a family is the median |predicted / measured - 1| of its
+the reason and left out. A warm point (the same weights or K/V every call) reads from the system
+cache, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
+fitted on the whole-model decode data (whole_model.py), where the weights come from DRAM. The error of a family is the median |predicted / measured - 1| of its
 points when their chip is left out of the fit (leave-one-chip-out), per regime.
 """
 from __future__ import annotations
@@ -80,7 +82,10 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
             skipped.append((p, str(e)))
             continue
         kernels = tuple(c.kernel for c in counted)
-        out.append(Row(p, family_of(op, kernels), kernels, model.terms(counted, p.device)))
+        terms = model.terms(counted, p.device)
+        if "cold" not in p.timing:     # warm: the data come from the system cache, priced by the cache term
+            terms[model.TERMS.index("dram")] = 0.0
+        out.append(Row(p, family_of(op, kernels), kernels, terms))
     return out, skipped
 
 
@@ -120,8 +125,12 @@ def constants_path() -> Path:
     return Path(str(resources.files("metalforge.kernels.timing"))) / "constants.yaml"
 
 
-def write(rows: list[Row], skipped: list[tuple], path=None) -> dict:
-    data = {"constants": fit(rows).as_dict(), "families": family_errors(rows), "points": len(rows),
+def write(rows: list[Row], skipped: list[tuple], whole: dict, path=None) -> dict:
+    """The shipped fit: the per-kernel constants with the DRAM factor and per-dispatch cost of the
+    whole-model fit (`whole`: dram, dispatch_s, held_out_error, points)."""
+    constants = dataclasses.replace(fit(rows), dram=whole["dram"])
+    data = {"constants": constants.as_dict(), "families": family_errors(rows), "whole_model": whole,
+            "points": len(rows),
             "chips": len({r.chip for r in rows}),
             "data": kernel_measurements_digest(),
             "left_out": [f"{p.chip} {p.kernel} {dict(p.shape)}: {why}" for p, why in skipped]}

@@ -2,7 +2,9 @@
 prices - MLX's real kernels, chosen by MLX's rules for each op (seven quantized projections a
 layer, decode attention over the context, the LM head) - plus a per-dispatch cost `d`, fitted once,
 for every other dispatch of the step (norms, RoPE, residual adds, activations, sampling),
-compared with published tokens/s (benchmarks/data/apple_measurements.yaml).
+compared with published tokens/s (benchmarks/data/apple_measurements.yaml). The per-kernel
+constants are the kernel fit's; the DRAM factor, which the warm kernel timings cannot show, is
+fitted here with `d` (two constants, non-negative least squares on relative error).
 
 Labelled assumptions: a step makes DISPATCHES_PER_LAYER dispatches a layer (mlx-lm's 18-20 a
 layer counted by benchmarks/dispatch_count.py) of which the priced kernels are 8; quantized weights
@@ -63,39 +65,42 @@ def other_dispatches(p: cal.Point) -> int:
     return p.arch.layers * (DISPATCHES_PER_LAYER - PRICED_PER_LAYER)
 
 
-def rows(points) -> tuple[list, list]:
-    """([(point, kernel seconds, other dispatches)], [(point, reason)]) for the decode points."""
-    from metalforge.kernels.timing import fit
-    c = fit.shipped()["constants"]
+def rows(points, constants) -> tuple[list, list]:
+    """([(point, seconds of the kernels without DRAM, DRAM term's coefficient, other dispatches)],
+    [(point, reason)]) for the decode points, priced with the kernel fit's `constants`."""
+    c = constants.vector()
+    dram = model.TERMS.index("dram")
+    c[dram] = 0.0
     out, skipped = [], []
     for p in points:
         if p.kind != "decode":
             continue
         try:
-            out.append((p, float(kernel_terms(p) @ c.vector()), other_dispatches(p)))
+            t = kernel_terms(p)
+            out.append((p, float(t @ c), float(t[dram]), other_dispatches(p)))
         except MetalforgeError as e:
             skipped.append((p, str(e)))
     return out, skipped
 
 
-def fit_dispatch(rows) -> float:
-    """The per-dispatch cost d minimising the relative error of 1 / (kernels + d x dispatches), d >= 0."""
-    # relative error in time: (k + d n) t - 1, t measured tokens/s: least squares in d
-    a = np.array([n / (1 / p.tokens_per_s) for p, _, n in rows])
-    b = np.array([1 - k * p.tokens_per_s for p, k, _ in rows])
-    return max(0.0, float(a @ b / (a @ a)))
+def fit(rows) -> tuple[float, float]:
+    """(DRAM factor, per-dispatch seconds) minimising the relative error in step time, both >= 0."""
+    a = np.array([[m * p.tokens_per_s, n * p.tokens_per_s] for p, _, m, n in rows])
+    b = np.array([1 - k * p.tokens_per_s for p, k, _, _ in rows])
+    dram, d = cal.nonnegative_lstsq(a, b)
+    return float(dram), float(d)
 
 
-def predict(row, d: float) -> float:
-    _, k, n = row
-    return 1.0 / (k + d * n)
+def predict(row, dram: float, d: float) -> float:
+    """Tokens per second."""
+    _, k, m, n = row
+    return 1.0 / (k + dram * m + d * n)
 
 
 def held_out(rows) -> tuple[float, list]:
-    """Median |predicted / measured - 1| with d fitted without each point's chip; per-point errors."""
+    """Median |predicted / measured - 1| with the two constants fitted without each point's chip."""
     errs = []
     for row in rows:
-        train = [r for r in rows if r[0].chip != row[0].chip]
-        d = fit_dispatch(train) if train else fit_dispatch(rows)
-        errs.append(predict(row, d) / row[0].tokens_per_s - 1)
+        dram, d = fit([r for r in rows if r[0].chip != row[0].chip])
+        errs.append(predict(row, dram, d) / row[0].tokens_per_s - 1)
     return float(statistics.median(abs(e) for e in errs)), errs
