@@ -184,6 +184,7 @@ _TG_DECL = re.compile(
 _PTR_DECL = re.compile(
     r"\b(const\s+)?(device|constant)\s+(const\s+)?([A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?)\s*\*"
 )
+_CONSTANT_REFERENCE = re.compile(r"(?<![\w])(?<!const )constant\s+[A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?\s*&")
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 _CHECKED_REINTERPRET = re.compile(r"\breinterpret_cast\s*<\s*(mf::DevPtr<.+?> )>\s*\(")
 
@@ -214,6 +215,9 @@ def rewrite(msl: str, checked: bool, facts=None) -> str:
         return "; ".join(slots) + ";"
 
     out = _sub_in_code(_TG_DECL, tg, msl)
+    # `constant int& n`: constant memory is read-only, so Metal binds it to a const value; the C++
+    # compile, where `constant` is no keyword, needs the const written (MLX's qmv_quad_impl)
+    out = _sub_in_code(_CONSTANT_REFERENCE, lambda m: "const " + m.group(0), out)
     if facts is not None and found != facts.threadgroup_declarations:
         raise MetalforgeError(
             f"emulator: this kernel declares {facts.threadgroup_declarations} threadgroup variables and the emulator "

@@ -1,5 +1,5 @@
 """MLX's real Metal kernels for our four jobs, run in the emulator: quantized mat-vec (qmv_fast,
-qmv, qmv_wide), quantized mat-mat (qmm_t and its split-K), decode attention (sdpa_vector, the
+qmv, qmv_quad, qmv_wide), quantized mat-mat (qmm_t and its split-K), decode attention (sdpa_vector, the
 2-pass pair) and prefill attention (steel_attention).
 
 MLX's headers come from the mlx-metal wheel (kernels/mlx_headers.py); the instantiations, which
@@ -92,49 +92,49 @@ def qmv_fast_applies(N: int, K: int, bits: int) -> bool:
     return N % 8 == 0 and K % (pack_factor * (1 if bits == 2 else 2) * 32) == 0
 
 
+def _quantized(name: str, host_tail: str, arguments: str, x, w, scales, biases, group_size: int, bits: int,
+               extra: dict, threadgroups, threadgroup, traces) -> mx.array:
+    """One of MLX's quantized kernels on y = x w^T: host name `<name>_<type>_gs_<gs>_b_<bits><tail>`,
+    template arguments `<type>, <gs>, <bits>, <arguments>`, MLX's first seven buffers plus `extra`."""
+    (M, K), N, t = x.shape, w.shape[0], _type(x.dtype)
+    fn = function(QUANTIZED_INCLUDES, f"{name}_{t}_gs_{group_size}_b_{bits}{host_tail}", name,
+                  f"{t}, {group_size}, {bits}, {arguments}", mode=_mode(traces))
+    y = _out((M, N), x.dtype)
+    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N, **extra},
+         threadgroups=threadgroups, threadgroup=threadgroup)
+    return _mx(y, x.dtype)
+
+
 def qmv(x, w, scales, biases, *, group_size: int, bits: int, fast: bool, traces: list | None = None) -> mx.array:
     """affine_qmv_fast or affine_qmv: x (M, K) times w (N, K) quantized; grid (M, ceil(N/8), 1) of (32, 2, 1)."""
-    M, K = x.shape
-    N = w.shape[0]
-    name = "affine_qmv_fast" if fast else "affine_qmv"
-    host = f"{name}_{_type(x.dtype)}_gs_{group_size}_b_{bits}_batch_0_pr_0_hgs_0_r_4"
-    fn = function(QUANTIZED_INCLUDES, host, name, f"{_type(x.dtype)}, {group_size}, {bits}, false, false, false, 4",
-                  mode=_mode(traces))
-    y = _out((M, N), x.dtype)
-    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N},
-         threadgroups=(M, math.ceil(N / 8), 1), threadgroup=(32, 2, 1))
-    return _mx(y, x.dtype)
+    (M, _), N = x.shape, w.shape[0]
+    return _quantized("affine_qmv_fast" if fast else "affine_qmv", "_batch_0_pr_0_hgs_0_r_4", "false, false, false, 4",
+                      x, w, scales, biases, group_size, bits, {}, (M, math.ceil(N / 8), 1), (32, 2, 1), traces)
+
+
+def qmv_quad(x, w, scales, biases, *, group_size: int, bits: int, traces: list | None = None) -> mx.array:
+    """affine_qmv_quad for K = 64 or 128: quad-groups of 4 lanes, 8 quads x 8 rows per 32-thread
+    threadgroup; grid (M, ceil(N/64), 1)."""
+    (M, K), N = x.shape, w.shape[0]
+    return _quantized("affine_qmv_quad", f"_d_{K}_batch_0", f"{K}, false", x, w, scales, biases, group_size, bits,
+                      {}, (M, math.ceil(N / 64), 1), (32, 1, 1), traces)
 
 
 def qmv_wide(x, w, scales, biases, *, group_size: int, bits: int, traces: list | None = None) -> mx.array:
     """affine_qmv_wide for 2 <= M: vecs_per_tg = ceil(M / ceil(M / 5)) vectors per threadgroup,
     k_lanes 8, (32 / 8) * 2 rows per threadgroup of (32, 2, 1)."""
-    M, K = x.shape
-    N = w.shape[0]
-    n_tiles = (M + 4) // 5
-    vecs = math.ceil(M / n_tiles)
-    host = f"affine_qmv_wide_{_type(x.dtype)}_gs_{group_size}_b_{bits}_nv_{vecs}_kl_8_batch_0"
-    fn = function(QUANTIZED_INCLUDES, host, "affine_qmv_wide", f"{_type(x.dtype)}, {group_size}, {bits}, {vecs}, 8, false",
-                  mode=_mode(traces))
-    y = _out((M, N), x.dtype)
-    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N, 7: M},
-         threadgroups=(math.ceil(M / vecs), math.ceil(N / 8), 1), threadgroup=(32, 2, 1))
-    return _mx(y, x.dtype)
+    (M, _), N = x.shape, w.shape[0]
+    vecs = math.ceil(M / ((M + 4) // 5))
+    return _quantized("affine_qmv_wide", f"_nv_{vecs}_kl_8_batch_0", f"{vecs}, 8, false", x, w, scales, biases,
+                      group_size, bits, {7: M}, (math.ceil(M / vecs), math.ceil(N / 8), 1), (32, 2, 1), traces)
 
 
 def qmm_t(x, w, scales, biases, *, group_size: int, bits: int, traces: list | None = None) -> mx.array:
     """affine_qmm_t: 32x32 output tiles, grid (ceil(N/32), ceil(M/32), 1) of (32, 2, 2)."""
-    M, K = x.shape
-    N = w.shape[0]
-    aligned = N % 32 == 0
-    t = _type(x.dtype)
-    host = f"affine_qmm_t_{t}_gs_{group_size}_b_{bits}_alN_{str(aligned).lower()}_batch_0"
-    fn = function(QUANTIZED_INCLUDES, host, "affine_qmm_t", f"{t}, {group_size}, {bits}, {str(aligned).lower()}, false",
-                  mode=_mode(traces))
-    y = _out((M, N), x.dtype)
-    _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: y, 5: K, 6: N, 7: M},
-         threadgroups=(math.ceil(N / 32), math.ceil(M / 32), 1), threadgroup=(32, 2, 2))
-    return _mx(y, x.dtype)
+    (M, _), N = x.shape, w.shape[0]
+    aligned = str(N % 32 == 0).lower()
+    return _quantized("affine_qmm_t", f"_alN_{aligned}_batch_0", f"{aligned}, false", x, w, scales, biases,
+                      group_size, bits, {7: M}, (math.ceil(N / 32), math.ceil(M / 32), 1), (32, 2, 2), traces)
 
 
 def qmm_splitk_partitions(M: int, N: int, K: int, group_size: int) -> int:

@@ -64,9 +64,10 @@ def mlx(fam, shape, dtype, device, inputs: dict) -> list[Dispatch]:
     if fam.name in ("qmv", "qmm"):
         x, w, s, b = inputs["x"], inputs["w"], inputs["scales"], inputs["biases"]
         q = dict(group_size=shape.group_size, bits=shape.bits, traces=traces)
-        if shape.K in (64, 128):
-            raise MetalforgeError(f"MLX runs qmv_quad at K={shape.K}, which metalforge's trace does not instantiate")
-        if fam.name == "qmm" and mlx_library.qmm_splitk_partitions(shape.M, shape.N, shape.K, shape.group_size) > 1:
+        # quantized.cpp: qmv_quad for K of 64 or 128 (power-of-two bits) before any other rule
+        if shape.K in (64, 128) and shape.bits & (shape.bits - 1) == 0:
+            mlx_library.qmv_quad(x, w, s, b, **q)
+        elif fam.name == "qmm" and mlx_library.qmm_splitk_partitions(shape.M, shape.N, shape.K, shape.group_size) > 1:
             mlx_library.qmm_t_splitk(x, w, s, b, **q)
         elif fam.name == "qmm":
             mlx_library.qmm_t(x, w, s, b, **q)

@@ -95,8 +95,6 @@ CASES = [
                                              "M=1,N=1000000,K=1000000"], "32-bit indexing"),
     Case("trace: a dispatch larger than the trace", lambda t: ["trace", "qmv", "--device", "m3", "--shape",
                                                                "M=1,N=1024,K=4096"], "the trace holds"),
-    Case("trace: K = 128, where MLX runs qmv_quad", lambda t: ["trace", "qmv", "--device", "m3", "--shape",
-                                                               "M=1,N=64,K=128"], "qmv_quad"),
     Case("tune: shapes with N = K = 10**12", lambda t: ["tune", "--device", "m1", "--storage", "memory", "--shapes", str(
         _file(t, "s.yaml", "qmv:\n- {M: 1, N: 1000000000000, K: 1000000000000}\n"))], "32-bit indexing"),
     Case("tune: .inf in a shapes file", lambda t: ["tune", "--device", "m1", "--storage", "memory", "--shapes", str(

@@ -55,20 +55,16 @@ def test_qmv_matches_quantized_matmul(shape, dtype):
     _close(mlx_library.qmv(x, w, s, b, group_size=gs, bits=bits, fast=fast), ref, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", QMV_WIDE, ids=str)
-def test_qmv_wide_matches_quantized_matmul(shape, dtype):
-    M, N, K, gs, bits = shape
-    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=M)
-    _close(mlx_library.qmv_wide(x, w, s, b, group_size=gs, bits=bits), ref, dtype)
+QMV_QUAD = [(1, 100, 128, 64, 4), (2, 64, 64, 32, 8)]       # K = 128 and 64; a row tail
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", QMM_T, ids=str)
-def test_qmm_t_matches_quantized_matmul(shape, dtype):
+@pytest.mark.parametrize("runner,shape", [*(("qmv_quad", s) for s in QMV_QUAD), *(("qmv_wide", s) for s in QMV_WIDE),
+                                          *(("qmm_t", s) for s in QMM_T)], ids=str)
+def test_quad_wide_and_qmm_t_match_quantized_matmul(runner, shape, dtype):
     M, N, K, gs, bits = shape
-    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=M + N)
-    _close(mlx_library.qmm_t(x, w, s, b, group_size=gs, bits=bits), ref, dtype)
+    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=M + N + K)
+    _close(getattr(mlx_library, runner)(x, w, s, b, group_size=gs, bits=bits), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -45,6 +45,7 @@ def test_decode_attention_against_the_mlx_kernel_the_chip_runs(capsys, device, k
     ("m3", "M=1,N=64,K=320", "affine_qmv_float16_t_gs_64_b_4_batch_0_pr_0_hgs_0_r_4"),
     ("m3", "M=3,N=64,K=512", "affine_qmv_wide_float16_t_gs_64_b_4_nv_3_kl_8_batch_0"),       # M >= 2 from M3
     ("m2", "M=3,N=64,K=512", "affine_qmv_fast_float16_t_gs_64_b_4_batch_0_pr_0_hgs_0_r_4"),
+    ("m2", "M=1,N=64,K=128", "affine_qmv_quad_float16_t_gs_64_b_4_d_128_batch_0"),            # K of 64 or 128
 ])
 def test_qmv_against_the_mlx_kernel_quantized_cpp_picks(capsys, device, shape, kernel):
     data = _trace(capsys, "qmv", "--device", device, "--shape", shape + ",bits=4,group_size=64")
