@@ -83,23 +83,9 @@ def calibration() -> Calibration:
                               "rebuild it with python benchmarks/calibrate.py --write") from None
 
 
-def model_error(bound: str) -> float:
-    """The stated error of a modelled time: the held-out error of the regime the kernel lives in
-    (memory-bound kernels: decode; compute-bound: prefill)."""
-    err = calibration().held_out_error
-    return err["decode"] if bound == "memory" else err["prefill"]
-
-
 def within_error(speedup: float, error: float) -> bool:
     """Whether a modelled ratio is indistinguishable from 1 given the model's error."""
     return abs(speedup - 1.0) <= error
-
-
-def describe_speedup(speedup: float | None, error: float) -> str:
-    """A modelled ratio as the user sees it: within the model's error it is not a number."""
-    if not speedup:
-        return "-"
-    return "within model error" if within_error(speedup, error) else f"{speedup:.2f}x"
 
 
 # ---- the primitives -------------------------------------------------------------------------

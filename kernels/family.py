@@ -299,9 +299,11 @@ class Family:
         """MLX's own kernel for the job, described as a config of ours (its tiles and threads)."""
         raise NotImplementedError
 
-    def model_error(self) -> float:
-        """The stated error of this family's modelled times (kernels/calibration.yaml)."""
-        return cost.model_error(self.bound)
+    def model_error(self) -> float | None:
+        """The family's per-kernel error: leave-one-chip-out on published kernel timings
+        (kernels/timing/constants.yaml); None where no kernel-level data validates it."""
+        from metalforge.kernels.timing import fit
+        return fit.family_error(self.name)
 
     def mlx_cost(self, shape, dtype, device) -> float:
         """MLX's built-in priced by the same rule: the baseline a tuned config must beat."""

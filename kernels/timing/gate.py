@@ -5,6 +5,7 @@ Beyond it: the ratio with the error beside it.
 """
 from __future__ import annotations
 
+from metalforge.kernels.cost import within_error
 from metalforge.kernels.timing import fit
 
 UNVALIDATED = "unvalidated"
@@ -18,7 +19,7 @@ def claim(ratio: float | None, family: str) -> str:
         return f"{UNVALIDATED} (no per-kernel measurements of {family} on two chips)"
     if not ratio:
         return "-"
-    if abs(ratio - 1.0) <= error:
+    if within_error(ratio, error):
         return f"{WITHIN} ({error:.0%})"
     return f"{ratio:.2f}x ({'ours' if ratio > 1 else 'MLX'} faster; model error {error:.0%})"
 
