@@ -182,12 +182,6 @@ class DecodeAttention(Family):
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
                                                     scale=inp["scale"].item())
 
-    def mlx_config(self, shape, dtype) -> dict:
-        # sdpa_vector: one 1024-thread threadgroup per query head; two-pass over 32 blocks at 4k+ keys
-        # each lane loads D/32 consecutive elements (capped at our widest, 4; D=96's 3 as 2)
-        return {"threads": 1024, "keys_per_step": 1, "share_kv": False, "splits": 32 if shape.S >= 4096 else 1,
-                "load_width": max(w for w in (1, 2, 4) if w <= max(1, shape.D // 32)), "prefetch": False}
-
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)

@@ -295,19 +295,12 @@ class Family:
         """Modelled seconds for one call of `config` on `device` (a profile or its name)."""
         raise NotImplementedError
 
-    def mlx_config(self, shape, dtype) -> dict:
-        """MLX's own kernel for the job, described as a config of ours (its tiles and threads)."""
-        raise NotImplementedError
-
     def model_error(self) -> float | None:
         """The family's per-kernel error: leave-one-chip-out on published kernel timings
         (kernels/timing/constants.yaml); None where no kernel-level data validates it."""
         from metalforge.kernels.timing import fit
         return fit.family_error(self.name)
 
-    def mlx_cost(self, shape, dtype, device) -> float:
-        """MLX's built-in priced by the same rule: the baseline a tuned config must beat."""
-        return self.cost(self.config(self.mlx_config(shape, dtype)), shape, dtype, device)
 
 
 # 8x8 fp32 fragments one SIMD-group may hold (two 32-bit registers a lane each): past 64 (128

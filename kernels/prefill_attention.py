@@ -137,14 +137,6 @@ class PrefillAttention(Family):
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
                                                     scale=inp["scale"].item(), mask=mask)
 
-    def mlx_config(self, shape, dtype) -> dict:
-        # steel attention: 32 query rows over 4 SIMD-groups, 16 keys per tile at D >= 128 (else 32),
-        # tiles of the input type, Q read from threadgroup memory per product, one K/V buffer,
-        # 16-byte loads
-        return {"BQ": 32, "BK": 16 if shape.D >= 128 else 32, "simdgroups": 4, "double_buffer": False,
-                "stage": input_stage(dtype),
-                "q_source": "threadgroup", "load_width": 4}
-
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)

@@ -69,12 +69,6 @@ class Qmm(Qmv):
         g, = self.geometry(config, shape, dtype)
         return [Launch(kernel, g.grid, g.threadgroup, ((shape.M, shape.N),), (d.mlx,), lengths=(shape.M,))]
 
-    def mlx_config(self, shape, dtype) -> dict:
-        # MLX's qmm: 32 x 32 tiles over 2 x 2 SIMD-groups, BK 32, weights dequantised into a
-        # threadgroup tile of the input type
-        return {"BM": 32, "BN": 32, "BK": 32, "WM": 2, "WN": 2, "dequant": "threadgroup",
-                "stage": input_stage(dtype)}
-
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)

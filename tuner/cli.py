@@ -111,7 +111,7 @@ def run(args) -> int:
         prepared = prepare_study(target, settings)   # before the workers, which then only run trials
         with worker.Pool(target, settings, args.workers - 1):
             study = _run_with_progress(target, settings, prepared)
-        e = entry(study, target)
+        e = entry(study, target, settings.device)
         rows.append((target, e))
         if e:
             new_entries.append((target.family.name, target.bucket, e))

@@ -46,7 +46,7 @@ def main():
         for target in targets:
             settings = Settings(device=name, trials=args.trials, storage="memory", timer=ModelTimer(), seed=0,
                                 verify=False)
-            e = entry(run_study(target, settings), target)
+            e = entry(run_study(target, settings), target, name)
             key = (target.family.name, target.bucket, tuple(sorted(e["config"].items())))
             if key not in verified:
                 family = target.family

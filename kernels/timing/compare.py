@@ -112,3 +112,13 @@ def format_text(r: dict) -> str:
                      f"  {side:4}          -     our family does not serve this shape")
     lines.append(f"  ours vs MLX: {r['claim']}")
     return "\n".join(lines)
+
+
+def priced_entry(fam, shape, dtype_name: str, device, entry: dict) -> dict:
+    """A modelled results entry priced by the per-kernel model: its config against MLX's real
+    kernel (`baseline_kernel`), with the family's per-kernel error (none: unvalidated)."""
+    r = compare(fam.name, device, dataclasses.asdict(shape), dtype_name, config=fam.config(entry["config"]))
+    out = {**entry, "time_s": r["ours"]["seconds"], "baseline_s": r["mlx"]["seconds"], "speedup": r["ratio"],
+           "baseline_kernel": r["mlx"]["kernel"], "timer": "model"}
+    out.pop("model_error", None)
+    return {**out, **({"model_error": r["error"]} if r["error"] is not None else {})}
