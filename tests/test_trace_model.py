@@ -79,7 +79,7 @@ def _synthetic_rows():
 
 
 def test_the_fit_recovers_the_constants_that_generated_the_timings():
-    truth = Constants(launch=6e-6, dram=1.3, cache=0.02, mma=1.8, tgmem=2.0, sync=30.0, schedule=400.0)
+    truth = Constants(launch=6e-6, dram=1.3, onchip=0.02, mma=1.8, sync=30.0, schedule=400.0)
     rows = [dataclasses.replace(r, point=dataclasses.replace(r.point, seconds=float(r.terms @ truth.vector())))
             for r in _synthetic_rows()]
     got = fit.fit(rows)
