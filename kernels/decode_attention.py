@@ -176,11 +176,23 @@ class DecodeAttention(Family):
             outs.append(w @ v)
         return mx.stack(outs).astype(dtypes.get(dtype).mlx)
 
+    def baseline_inputs(self, shape: DecodeShape, dtype, inp) -> dict:
+        """MLX's decode reads a contiguous cache, as mlx-lm keeps it: a paged pool becomes each
+        sequence's own (1, Hkv, len, D) K and V, gathered before any timing."""
+        if not shape.block_size:
+            return inp
+        caches = [self.gather_kv(shape, inp, b)[:2] for b in range(shape.B)]
+        mx.eval(caches)
+        return {**inp, "caches": caches}
+
     def baseline(self, shape: DecodeShape, dtype, inp):
-        if shape.block_size:
-            return self.reference(shape, dtype, inp)
-        return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
-                                                    scale=inp["scale"].item())
+        """mx.fast.scaled_dot_product_attention over the contiguous cache (baseline_inputs): one
+        call, or one per sequence of a paged batch (each over its own cache, no mask)."""
+        scale = inp["scale"].item()
+        if "caches" not in inp:
+            return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"], scale=scale)
+        return mx.concatenate([mx.fast.scaled_dot_product_attention(inp["queries"][b:b + 1], k[None], v[None], scale=scale)
+                               for b, (k, v) in enumerate(inp["caches"])])
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""

@@ -242,8 +242,21 @@ class Family:
         raise NotImplementedError
 
     def baseline(self, shape, dtype, inputs: dict[str, mx.array]) -> mx.array:
-        """MLX's own fastest op for the same job (what a tuned kernel must beat)."""
+        """MLX's op for the same job as mlx-lm calls it (what a tuned kernel must beat), on
+        `baseline_inputs(...)`."""
         return self.reference(shape, dtype, inputs)
+
+    def baseline_inputs(self, shape, dtype, inputs: dict[str, mx.array]) -> dict[str, mx.array]:
+        """The inputs laid out as mlx-lm holds them for MLX's op, prepared before any timing."""
+        return inputs
+
+    def mlx_kernels(self, shape, dtype, device) -> str:
+        """The Metal kernels MLX runs for the job on `device` (kernels/mlx_dispatch.py), or why unknown."""
+        from metalforge.kernels import mlx_dispatch
+        try:
+            return " + ".join(l.kernel for l in mlx_dispatch.for_family(self.name, shape, dtype, device).launches)
+        except MetalforgeError as e:
+            return f"unknown: {e}"
 
     def run(self, config: Config, shape, dtype, inputs: dict[str, mx.array], backend=None,
             device=None) -> mx.array:

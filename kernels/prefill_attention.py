@@ -133,9 +133,10 @@ class PrefillAttention(Family):
         return (mx.softmax(scores, axis=-1) @ v).astype(dtypes.get(dtype).mlx)
 
     def baseline(self, shape: PrefillShape, dtype, inp):
-        mask = mx.arange(shape.LK)[None, :] <= (mx.arange(shape.L)[:, None] + shape.prefix)
+        """As mlx-lm calls it: mask="causal" (MLX aligns the queries to the last keys, so cached
+        keys before them are all visible), which runs steel_attention's causal path, no mask array."""
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
-                                                    scale=inp["scale"].item(), mask=mask)
+                                                    scale=inp["scale"].item(), mask="causal")
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""

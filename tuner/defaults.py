@@ -17,6 +17,7 @@ import optuna
 
 from metalforge import devices
 from metalforge import results
+from metalforge.errors import MetalforgeError
 from metalforge.tuner import shapes
 from metalforge.tuner.study import Settings, entry, run_study
 from metalforge.tuner.timers import ModelTimer
@@ -94,9 +95,13 @@ def reprice(path: Path, device: str) -> None:
     for family, buckets in results.load(path)["entries"].items():
         fam = get_family(family)
         for bucket, e in buckets.items():
-            priced = priced_entry(fam, fam.shape(e["shape"]), e["dtype"], dev, e)
+            try:
+                priced = priced_entry(fam, fam.shape(e["shape"]), e["dtype"], dev, e)
+            except MetalforgeError as err:     # kept, with no ratio: no evidence either way
+                priced = {k: v for k, v in e.items() if k not in ("baseline_s", "speedup", "model_error")}
+                priced["unpriced"] = str(err)[:300]
             new.append((family, bucket, priced))
-            print(f"{device} {family} {bucket}: MLX / ours {priced['speedup']:.2f}", flush=True)
+            print(f"{device} {family} {bucket}: MLX / ours {priced.get('speedup') or 0:.2f}", flush=True)
     path.unlink()
     results.save_entries(path, device, new)
 

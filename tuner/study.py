@@ -555,7 +555,7 @@ def baseline(target: Target, settings: Settings):
     family = target.family
     runner = None
     if measures(settings.timer):
-        inputs = family.make_inputs(target.shape, target.dtype)
+        inputs = family.baseline_inputs(target.shape, target.dtype, family.make_inputs(target.shape, target.dtype))
         runner = lambda: family.baseline(target.shape, target.dtype, inputs)
     return settings.timer.baseline(runner, family=family, shape=target.shape, dtype=target.dtype,
                                    device=devices.get(settings.device))

@@ -30,7 +30,7 @@ def proxy(family: str, s: dict) -> dict:
         return {**s, "N": min(s["N"], 64), "K": _k_proxy(s["K"]), **({"M": min(s["M"], 64)} if family == "qmm" else {})}
     heads = {"B": 1, "Hkv": 1, "Hq": s["Hq"] // s["Hkv"]}
     if family == "decode_attention":
-        return {**s, **heads, "S": min(s["S"], 256)}
+        return {**s, **heads, "S": min(s["S"], 128)}
     L = min(s["L"], 64)
     return {**s, **heads, "L": L, "prefix": s.get("prefix", 0) * L // s["L"]}
 
