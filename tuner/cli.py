@@ -152,9 +152,10 @@ def _summary(rows, timer_kind: str) -> None:
             continue
         config = " ".join(f"{k}={v}" for k, v in e["config"].items())
         c = e["trials"]
-        speed = (gate.claim(e["speedup"], target.family.name).split(" (")[0] if e["timer"] == "model"
-                 else f"{e['speedup']:.2f}x" if e["speedup"] else "-")
-        base = f"{e['baseline_s'] * 1e6:8.1f}u" if e["baseline_s"] else "-"
+        speed = ("unpriced" if e.get("unpriced") else
+                 gate.claim(e["speedup"], target.family.name).split(" (")[0] if e["timer"] == "model"
+                 else f"{e['speedup']:.2f}x" if e.get("speedup") else "-")
+        base = f"{e['baseline_s'] * 1e6:8.1f}u" if e.get("baseline_s") else "-"
         print(f"{target.family.name:18} {shape[:44]:44} {config[:52]:52} {e['time_s'] * 1e6:8.1f}u {base:>9} {speed:>18} "
               f"{c['complete']:3d} {c['invalid']:3d} {c['duplicate']:3d} {c['failed']:4d}")
     print(f"(times in microseconds per call, timer: {timer_kind}"

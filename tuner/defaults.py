@@ -17,7 +17,6 @@ import optuna
 
 from metalforge import devices
 from metalforge import results
-from metalforge.errors import MetalforgeError
 from metalforge.tuner import shapes
 from metalforge.tuner.study import Settings, entry, run_study
 from metalforge.tuner.timers import ModelTimer
@@ -80,6 +79,9 @@ def tune_table(path: Path) -> str:
     for family, buckets in results.load(path)["entries"].items():
         for e in buckets.values():
             shape = ", ".join(f"{k}={v}" for k, v in e["shape"].items() if v or k not in ("block_size", "num_blocks"))
+            if e.get("unpriced"):     # its time_s is the search's analytic cost: not comparable, not shown
+                lines.append(f"| {family} | {shape} | - | - | - | not priced ({e['unpriced'].split(': trace')[0]}) |")
+                continue
             mlx = f"{e['baseline_s'] * 1e6:.1f} us" if e.get("baseline_s") else "-"
             lines.append(f"| {family} | {shape} | {e['time_s'] * 1e6:.1f} us | `{e.get('baseline_kernel', '-')}` | {mlx} | "
                          f"{gate.claim(e.get('speedup'), family)} |")
@@ -95,11 +97,7 @@ def reprice(path: Path, device: str) -> None:
     for family, buckets in results.load(path)["entries"].items():
         fam = get_family(family)
         for bucket, e in buckets.items():
-            try:
-                priced = priced_entry(fam, fam.shape(e["shape"]), e["dtype"], dev, e)
-            except MetalforgeError as err:     # kept, with no ratio: no evidence either way
-                priced = {k: v for k, v in e.items() if k not in ("baseline_s", "speedup", "model_error")}
-                priced["unpriced"] = str(err)[:300]
+            priced = priced_entry(fam, fam.shape(e["shape"]), e["dtype"], dev, e)
             new.append((family, bucket, priced))
             print(f"{device} {family} {bucket}: MLX / ours {priced.get('speedup') or 0:.2f}", flush=True)
     path.unlink()
