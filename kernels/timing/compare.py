@@ -26,8 +26,10 @@ def _k_proxy(K: int) -> int:
 
 def proxy(family: str, s: dict) -> dict:
     """A small shape of the same structure (GQA ratio, K's tail past whole 512-value blocks)."""
-    if family in ("qmv", "qmm"):
-        return {**s, "N": min(s["N"], 64), "K": _k_proxy(s["K"]), **({"M": min(s["M"], 64)} if family == "qmm" else {})}
+    if family == "qmv":
+        return {**s, "N": min(s["N"], 64), "K": _k_proxy(s["K"])}
+    if family == "qmm":     # every counter grows with M x N x K: the smallest tiles keep 4x traces small
+        return {**s, "M": min(s["M"], 32), "N": min(s["N"], 32), "K": min(s["K"], 256 + s["K"] % 256)}
     heads = {"B": 1, "Hkv": 1, "Hq": s["Hq"] // s["Hkv"]}
     if family == "decode_attention":
         return {**s, **heads, "S": min(s["S"], 128)}

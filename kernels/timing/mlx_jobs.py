@@ -106,4 +106,10 @@ def counted(op: str, shape: dict, dtype: str, device, mlx_version=None) -> list[
                      "prefill": (_proxy_prefill, PREFILL_GROUPS)}[op]
     p = proxy(shape, choice)
     key = f"mlx {mx.__version__} {op} {dtype} " + " ".join(l.kernel + str(l.grid[2]) for l in choice.launches)
-    return traces.scaled(key, shape, p, groups, _runner(op, choice, dtype))
+    try:
+        return traces.scaled(key, shape, p, groups, _runner(op, choice, dtype))
+    except MetalforgeError as e:     # a compile failure lists MSL lines: one line says it
+        if "failed to compile" not in str(e):
+            raise
+        raise MetalforgeError(f"MLX's {choice.launches[0].kernel} cannot be traced yet: "
+                              f"{str(e).splitlines()[0]} {str(e).splitlines()[1].strip()}") from None
