@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from metalforge import files
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import kernel_measurements
-from metalforge.kernels.calibration import nonnegative_lstsq
+from metalforge.kernels.calibration import data_digest, nonnegative_lstsq
 from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
 
@@ -134,7 +135,6 @@ def write(rows: list[Row], skipped: list[tuple], whole: dict, path=None) -> dict
             "chips": len({r.chip for r in rows}),
             "data": kernel_measurements_digest(),
             "left_out": [f"{p.chip} {p.kernel} {dict(p.shape)}: {why}" for p, why in skipped]}
-    from metalforge import files
     files.write_atomic(path or constants_path(),
                        "# Written by benchmarks/calibrate.py --write: the per-kernel time model's constants fitted to\n"
                        "# benchmarks/data/kernel_measurements.yaml. Do not edit by hand.\n"
@@ -144,7 +144,6 @@ def write(rows: list[Row], skipped: list[tuple], whole: dict, path=None) -> dict
 
 
 def kernel_measurements_digest() -> str:
-    from metalforge.kernels.calibration import data_digest
     return data_digest(kernel_measurements.DATA)
 
 

@@ -26,9 +26,6 @@ from metalforge import files
 from metalforge.emulator.compiler import cache_dir
 from metalforge.emulator.trace import Dispatch
 
-FEATURES = ("dram_bytes", "sector_bytes", "threadgroup_passes", "fragment_ops", "matrix_multiplies",
-            "barriers", "simd_functions", "threadgroups", "threads")
-PER_BUFFER = ("dram_bytes", "sector_bytes")   # counted per buffer ("dram_bytes/w"), each scaled on its own
 TRACE_SCHEMA = 2   # bump when the features or their meaning change: old cache entries are ignored
 
 
@@ -38,7 +35,7 @@ class Counted:
     kernel: str
     threadgroup: tuple
     threadgroup_memory_bytes: int
-    features: dict            # FEATURES -> count (PER_BUFFER ones per buffer: "dram_bytes/w"); floats once scaled
+    features: dict            # counter -> count (device traffic per buffer: "dram_bytes/w"); floats once scaled
 
     def total(self, name: str) -> float:
         """A feature summed over buffers where it is counted per buffer."""
