@@ -26,6 +26,7 @@ def _direct(op, shape, dtype, device):
     # sizes the proxy's 1x, 2x, 4x traces do not include: 8x and 3x
     ("matmul", {"M": 1, "N": 512, "K": 1536, "bits": 4, "group_size": 64}),     # qmv_fast, 8x N, 3x K
     ("matmul", {"M": 1, "N": 192, "K": 1536, "bits": 8, "group_size": 32}),     # 3x N and K
+    ("matmul", {"M": 2, "N": 320, "K": 128, "bits": 4, "group_size": 64}),      # qmv_quad (K fixed), 5x N
     ("decode", {"B": 1, "Hq": 12, "Hkv": 3, "S": 768, "D": 64}),                 # 3x heads, 3x keys
 ])
 def test_counters_scaled_from_the_proxy_equal_a_trace_at_the_real_shape(op, shape):

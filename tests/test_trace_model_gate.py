@@ -44,6 +44,12 @@ def test_compare_prices_ours_and_mlx_real_kernel(capsys):
     assert "ours vs MLX: unvalidated" in text and "sdpa_vector_2pass_1" in text
 
 
+def test_compare_at_k_128_prices_mlx_qmv_quad(capsys):
+    assert main(["compare", "qmv", "--device", "m3", "--shape", "M=1,N=256,K=128", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mlx"]["kernel"] == "affine_qmv_quad_float16_t_gs_64_b_4_d_128_batch_0" and r["ours"]["seconds"] > 0
+
+
 def test_compare_answers_for_a_shape_only_mlx_serves(capsys):
     # qmv serves 1..8 rows; MLX's quantized_matmul still runs a vector kernel at 9 rows on an M2
     assert main(["compare", "qmv", "--device", "m2", "--shape", "M=9,N=64,K=512", "--json"]) == 0

@@ -57,7 +57,7 @@ def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):
     raise MetalforgeError(f"unknown MLX job '{op}'; valid: matmul, decode, prefill")
 
 
-RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmm_t", "sdpa_vector",
+RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad", "affine_qmm_t", "sdpa_vector",
             "sdpa_vector_2pass_1", "attention")
 
 
@@ -80,6 +80,8 @@ def _runner(op: str, choice, dtype: str):
                 mlx_library.qmm_t(x, wq, scales, biases, **q)
             elif fn == "affine_qmv_wide":
                 mlx_library.qmv_wide(x, wq, scales, biases, **q)
+            elif fn == "affine_qmv_quad":
+                mlx_library.qmv_quad(x, wq, scales, biases, **q)
             else:
                 mlx_library.qmv(x, wq, scales, biases, fast=fn == "affine_qmv_fast", **q)
             return out
