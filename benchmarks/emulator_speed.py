@@ -1,7 +1,9 @@
 """Emulator speed: simulated threads per second and barrier crossings per second for a tree
 reduction (barrier-bound) and for our decode attention (SIMD-exchange-bound), with MLX's own CPU
-op for the same job timed side by side, the conformance front end's cost per kernel next to a cold
-compile, and trace mode's cost (MLX's sdpa_vector plain and traced). Writes JSON and a PNG next to --out.
+op for the same job timed side by side, the conformance front end's cost per kernel (in its own
+process) next to a cold compile, the dispatch overhead of a launch (a sandboxed worker process
+and the shared-memory copies) and trace mode's cost (MLX's sdpa_vector plain and traced). Writes
+JSON and a PNG next to --out.
 
     python benchmarks/emulator_speed.py --out benchmarks/results/emulator_speed
 """
@@ -15,7 +17,7 @@ import time
 import mlx.core as mx
 
 from metalforge import emulator
-from metalforge.emulator import conformance
+from metalforge.emulator import frontend
 from metalforge.emulator import kernel as emulated
 from metalforge.kernels import backends, get_family as family
 from metalforge.plotting import figure, write_report
@@ -81,7 +83,7 @@ def bench_front_end():
     """The conformance front end's cost per kernel next to a cold compile of the same kernels (a
     fresh cache, the shared header and runtime object built beforehand: every kernel pays the rest)."""
     spent = []
-    check = conformance.check
+    check = frontend.check
 
     def timed_check(msl, kname):
         t = time.perf_counter()
@@ -104,7 +106,7 @@ def bench_front_end():
                                          source="out[thread_position_in_grid.x] = x[thread_position_in_grid.x];")
             mx.eval(warm(inputs=[x], output_shapes=[(1024,)], output_dtypes=[mx.float32], grid=(1024, 1, 1),
                          threadgroup=(256, 1, 1))[0])
-            conformance.check = timed_check
+            frontend.check = timed_check
             emulated.conformance_facts.cache_clear()
             spent.clear()
             t = time.perf_counter()
@@ -113,7 +115,7 @@ def bench_front_end():
             mx.eval(fam.run(config, shape, "float16", inputs, backend="emulator"))
             total = time.perf_counter() - t
         finally:
-            conformance.check = check
+            frontend.check = check
             if previous is None:
                 os.environ.pop("METALFORGE_CACHE", None)
             else:
@@ -121,6 +123,26 @@ def bench_front_end():
     front = sum(spent)
     return {"kernels": len(spent), "front_end_s_per_kernel": front / len(spent),
             "compile_s_per_kernel": (total - front) / len(spent), "front_end_share_of_cold_compile": front / (total - front)}
+
+
+def bench_dispatch(repeats=200):
+    """Host time of one launch of a tiny kernel (32 threads), and of one with 4 MiB in and out:
+    what the sandbox adds per call (a message to the worker and back, the buffers' copies)."""
+    out = {}
+    for label, n in (("tiny", 32), ("4 MiB", 1 << 20)):
+        x = mx.random.normal((n,))
+        k = emulator.metal_kernel(name=f"dispatch_{n}", input_names=["x"], output_names=["out"],
+                                  source="out[thread_position_in_grid.x] = x[thread_position_in_grid.x] + 1.0f;")
+        call = lambda: k(inputs=[x], output_shapes=[(n,)], output_dtypes=[mx.float32], grid=(32, 1, 1),
+                         threadgroup=(32, 1, 1))[0]
+        mx.eval(call())
+        times = []
+        for _ in range(repeats if n == 32 else repeats // 10):
+            t = time.perf_counter()
+            mx.eval(call())
+            times.append(time.perf_counter() - t)
+        out[label] = sorted(times)[len(times) // 2]
+    return out
 
 
 def bench_trace_overhead(S=512):
@@ -143,6 +165,9 @@ def main():
     print(f"conformance front end: {fe['front_end_s_per_kernel'] * 1e3:.0f} ms per kernel, cold compile (and a small "
           f"run) {fe['compile_s_per_kernel'] * 1e3:.0f} ms per kernel: {fe['front_end_share_of_cold_compile']:.0%} "
           f"of it ({fe['kernels']} kernels, this CPU)")
+    dispatch = bench_dispatch()
+    print("dispatch overhead (median host time per launch): " +
+          ", ".join(f"{label} {seconds * 1e6:.0f} us" for label, seconds in dispatch.items()))
     tr = bench_trace_overhead()
     print(f"trace mode: {tr['kernel']}: plain {tr['plain_s'] * 1e3:.0f} ms, traced {tr['traced_s'] * 1e3:.0f} ms "
           f"({tr['trace_overhead']:.1f}x)")
@@ -157,7 +182,7 @@ def main():
     ax.barh(names, [r["threads_per_s"] / 1e6 for r in results], color=["#4c72b0", "#dd8452"])
     ax.set_xlabel("simulated GPU threads per second (millions), this CPU")
     ax.set_title("metalforge emulator speed (CPU emulation, not Metal timings)")
-    write_report(args.out, {"front_end": fe, "trace": tr, "kernels": results}, fig)
+    write_report(args.out, {"front_end": fe, "dispatch_s": dispatch, "trace": tr, "kernels": results}, fig)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ token too) and writes JSON and a PNG.
                                        [--quantized yes,no] [--batches 8,32] [--linear]
 
 The models are random-weight llamas written in the exact mlx-lm format (4 layers, hidden 512, 8
-heads of 64, 2 KV heads, MLP 1408, vocabulary 32000; quantized: 4-bit, group 64). Off a Mac both
+heads of 64, 2 KV heads, MLP 1408, vocabulary 32000; quantized: 4-bit, group 64); with
+`--model-types llama,qwen3_moe` also a mixture of experts of the same size (8 experts of MLP 704,
+2 a token). Off a Mac both
 run MLX's CPU backend: these are CPU numbers, not Metal ones. `--linear` prints the measurements
 behind engine/cpu_linear.py instead.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -33,10 +36,13 @@ from metalforge import engine
 SLOW_TTFT_S = 5.0
 
 
-def model(root: Path, dtype: str, quantized: bool, max_positions: int) -> Path:
-    return write_model(root / f"{dtype}-{'q4' if quantized else 'dense'}", arch="llama", dtype=getattr(mx, dtype),
-                       quantized=(4, 64) if quantized else None, layers=4, hidden=512, heads=8, kv_heads=2,
-                       inter=1408, vocab=32000, shards=1, tokenizer=True, max_positions=max_positions)
+def model(root: Path, dtype: str, quantized: bool, max_positions: int, model_type: str = "llama") -> Path:
+    # the MoE model: 8 experts of half the dense MLP's width, 2 a token (the dense model's active size)
+    fields = {"moe_intermediate_size": 704} if model_type == "qwen3_moe" else None
+    return write_model(root / f"{model_type}-{dtype}-{'q4' if quantized else 'dense'}", arch=model_type,
+                       dtype=getattr(mx, dtype), quantized=(4, 64) if quantized else None, layers=4, hidden=512,
+                       heads=8, kv_heads=2, inter=1408, vocab=32000, shards=1, tokenizer=True,
+                       max_positions=max_positions, fields=fields)
 
 
 def prompt(n: int, salt: int = 0) -> list[int]:
@@ -179,6 +185,7 @@ def main():
     ap.add_argument("--dtypes", default="float32,float16,bfloat16")
     ap.add_argument("--quantized", default="yes,no")
     ap.add_argument("--batches", default="8,32")
+    ap.add_argument("--model-types", default="llama", help="llama, and qwen3_moe for the MoE row")
     ap.add_argument("--batch-prompt", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--linear", action="store_true", help="print the CPU linear-layer measurements and stop")
@@ -193,12 +200,12 @@ def main():
     batches = [int(b) for b in args.batches.split(",") if b]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in args.dtypes.split(","):
-            for q in args.quantized.split(","):
-                name = f"{dtype} {'4-bit' if q == 'yes' else 'dense'}"
-                print(f"{name} (metalforge vs mlx-lm on {mx.default_device()}):", flush=True)
-                folder = model(Path(tmp), dtype, q == "yes", max(contexts) + args.decode_tokens + 128)
-                results[name] = run_variant(folder, contexts, batches, args.decode_tokens, args.batch_prompt)
+        for model_type, dtype, q in itertools.product(args.model_types.split(","), args.dtypes.split(","),
+                                                      args.quantized.split(",")):
+            name = f"{dtype} {'4-bit' if q == 'yes' else 'dense'}" + ("" if model_type == "llama" else f" {model_type}")
+            print(f"{name} (metalforge vs mlx-lm on {mx.default_device()}):", flush=True)
+            folder = model(Path(tmp), dtype, q == "yes", max(contexts) + args.decode_tokens + 128, model_type)
+            results[name] = run_variant(folder, contexts, batches, args.decode_tokens, args.batch_prompt)
     data = {"device": str(mx.default_device()), "decode_tokens": args.decode_tokens,
             "batch_prompt_tokens": args.batch_prompt, "results": results}
     write_report(args.out, data, plot(results, args.out))

@@ -1,8 +1,9 @@
-"""Compiling emulated kernels: a C++ compiler, a disk cache keyed by everything that affects the
-binary, and compile errors mapped back to the kernel's MSL lines."""
+"""Compiling emulated kernels: a C++ compiler run inside confine.Walls (only its own files and the
+build folder, bounded memory, CPU and time), a disk cache keyed by everything that affects the
+binary, load-time code refused before linking, and compile errors mapped back to the kernel's MSL
+lines. The compiled library is run by runner.Library, never loaded into this process."""
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from metalforge.errors import MetalforgeError
 
-from .source import METAL_HEADERS, compat_header, kernel_interface, runtime_source
+from . import confine, environment, loadtime
+from .runner import Library
+from .source import METAL_HEADERS, compat_header, kernel_interface, runtime_source, worker_source
 
 
 class CompileError(MetalforgeError):
@@ -73,13 +76,14 @@ def cache_dir() -> Path:
     return path
 
 
-_loaded: dict[str, ctypes.CDLL] = {}
+_loaded: dict[str, Library] = {}
 _lock = threading.Lock()
 
 
 def build(unit_source: str, kernel_name: str, checked: bool, library: bool = False,
-          traced: bool = False) -> tuple[ctypes.CDLL, Path]:
-    """Compile (or fetch from the cache) and load the shared library for one translation unit.
+          traced: bool = False) -> tuple[Library, Path]:
+    """Compile (or fetch from the cache) the shared library for one translation unit; returns the
+    runner.Library that launches it (in worker processes) and its path.
 
     The cache key hashes the full source, the headers, the runtime, the compiler and its flags,
     so a changed source never runs a stale binary. Writes go to a temporary file renamed into
@@ -94,26 +98,32 @@ def build(unit_source: str, kernel_name: str, checked: bool, library: bool = Fal
     with _lock:
         if key in _loaded:
             return _loaded[key], target
+    include = _header_dir(header, cxx, version, fl)
     if not target.exists():   # compiled outside the lock: threads may precompile in parallel
-        _compile(unit_source, header, kernel_name, cxx, fl, target)
+        _compile(unit_source, include, header, kernel_name, cxx, fl, target)
     with _lock:
         if key not in _loaded:
-            _loaded[key] = _load(target)
+            _loaded[key] = Library(target, kernel_name, include / "mf_worker")
         return _loaded[key], target
 
 
-def _load(target: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(target), mode=os.RTLD_LOCAL)
-    lib.mf_launch.restype = ctypes.c_int
-    lib.mf_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_longlong),
-                              ctypes.POINTER(ctypes.c_longlong), ctypes.c_int, ctypes.c_int]
-    lib.mf_threadgroup_bytes.restype = ctypes.c_size_t
-    lib.mf_error_count.restype = ctypes.c_int
-    lib.mf_error.restype = ctypes.c_char_p
-    lib.mf_error.argtypes = [ctypes.c_int]
-    lib.mf_stats.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
-    lib.mf_cancel.restype = None
-    return lib
+def _tool(cmd: list[str], folder: Path, what: str, read: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the compiler (or a binutils tool) on files in `folder`: it reads the system's files and
+    `read`, writes `folder` only, and is stopped at the compile time limit."""
+    limit = environment.compile_timeout_s()
+    walls = confine.Walls(read=(*confine.SYSTEM_READ, *read), write=(str(folder),),
+                          memory_bytes=environment.compiler_memory_bytes(), cpu_seconds=int(limit) + 1)
+    try:
+        proc = confine.run(cmd, walls, limit, env={**os.environ, "TMPDIR": str(folder)})
+    except subprocess.TimeoutExpired:
+        raise CompileError(f"emulator: {what} took longer than {limit:g} s and was stopped (a template or macro "
+                           "that expands without end? raise the limit with METALFORGE_EMULATOR_COMPILE_TIMEOUT_S)") from None
+    if proc.returncode < 0 or "virtual memory exhausted" in proc.stderr or "out of memory" in proc.stderr:
+        cause = confine.signal_name(proc.returncode) if proc.returncode < 0 else "it ran out of memory"
+        raise CompileError(f"emulator: {what} was stopped: {cause} (its limits: {limit:g} s, "
+                           "METALFORGE_EMULATOR_COMPILE_TIMEOUT_S; "
+                           f"{environment.compiler_memory_bytes() >> 20} MiB, METALFORGE_EMULATOR_COMPILE_MEMORY_MB)")
+    return proc
 
 
 def _is_gcc(cxx: str, version: str) -> bool:
@@ -122,10 +132,12 @@ def _is_gcc(cxx: str, version: str) -> bool:
 
 def _header_dir(header: str, cxx: str, version: str, fl: list[str]) -> Path:
     """A folder with what every kernel of these flags shares: metal_compat.h (with GCC also its
-    precompiled form: parsing it is most of a small kernel's compile time), Metal's header names
-    and the runtime's object. Built in a temporary folder renamed into place."""
+    precompiled form: parsing it is most of a small kernel's compile time), Metal's header names,
+    the runtime's object and the worker program that runs kernels. Built in a temporary folder
+    renamed into place."""
     runtime = runtime_source()
-    key = hashlib.sha256("\0".join([header, runtime, cxx, version, " ".join(fl + KERNEL_FLAGS)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([header, runtime, worker_source(), cxx, version, " ".join(fl + KERNEL_FLAGS)])
+                         .encode()).hexdigest()[:16]
     folder = cache_dir() / f"header-{key}"
     if folder.exists():
         return folder
@@ -137,13 +149,16 @@ def _header_dir(header: str, cxx: str, version: str, fl: list[str]) -> Path:
             (tmp / name).write_text(f"// Metal's <{name}>: the emulator declares all of it in metal_compat.h\n")
         (tmp / "mf_kernel.h").write_text(kernel_interface())
         (tmp / "mf_runtime.cpp").write_text(runtime)
-        proc = subprocess.run([cxx, *fl, "-c", str(tmp / "mf_runtime.cpp"), "-o", str(tmp / "mf_runtime.o")],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CompileError(f"emulator: its runtime failed to compile with {cxx} ({version}):\n{proc.stderr[-2000:]}")
+        (tmp / "mf_worker.cpp").write_text(worker_source())
+        for cmd, what in (([cxx, *fl, "-c", str(tmp / "mf_runtime.cpp"), "-o", str(tmp / "mf_runtime.o")], "runtime"),
+                          ([cxx, "-std=c++17", "-O2", str(tmp / "mf_worker.cpp"), "-o", str(tmp / "mf_worker"), "-ldl"],
+                           "worker program")):
+            proc = _tool(cmd, tmp, f"compiling the emulator's {what}")
+            if proc.returncode != 0:
+                raise CompileError(f"emulator: its {what} failed to compile with {cxx} ({version}):\n{proc.stderr[-2000:]}")
         if _is_gcc(cxx, version):
-            pch = subprocess.run([cxx, *fl, *KERNEL_FLAGS, "-x", "c++-header", "-w", str(tmp / "metal_compat.h"),
-                                  "-o", str(tmp / "metal_compat.h.gch")], capture_output=True, text=True)
+            pch = _tool([cxx, *fl, *KERNEL_FLAGS, "-x", "c++-header", "-w", str(tmp / "metal_compat.h"),
+                         "-o", str(tmp / "metal_compat.h.gch")], tmp, "precompiling metal_compat.h")
             if pch.returncode != 0:
                 (tmp / "metal_compat.h.gch").unlink(missing_ok=True)
     except BaseException:
@@ -156,17 +171,17 @@ def _header_dir(header: str, cxx: str, version: str, fl: list[str]) -> Path:
     return folder
 
 
-def _compile(unit_source: str, header: str, kernel_name: str, cxx: str, fl: list[str], target: Path) -> None:
-    """The kernel's object, compiled against MSL's names only, checked for what it links
-    against, then linked with the runtime's object into one shared library."""
-    version = compiler()[1]
-    include = _header_dir(header, cxx, version, fl)
+def _compile(unit_source: str, include: Path, header: str, kernel_name: str, cxx: str, fl: list[str],
+             target: Path) -> None:
+    """The kernel's object, compiled against MSL's names only (the compiler sees the system's
+    files and the shared folder, and writes the build folder only), checked for what it links
+    against and for load-time code, then linked with the runtime's object into one shared library."""
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
         src = Path(tmp) / "unit.cpp"
         src.write_text('#include "metal_compat.h"\n' + unit_source)
         obj, out = Path(tmp) / "unit.o", Path(tmp) / "unit.so"
-        proc = subprocess.run([cxx, *fl, *KERNEL_FLAGS, "-I", str(include), "-c", str(src), "-o", str(obj)],
-                              capture_output=True, text=True)
+        proc = _tool([cxx, *fl, *KERNEL_FLAGS, "-I", str(include), "-c", str(src), "-o", str(obj)], Path(tmp),
+                     f"compiling kernel `{kernel_name}`", read=(str(include),))
         if proc.returncode != 0:
             raise CompileError(format_compile_errors(proc.stderr, kernel_name, unit_source))
         outside = [name for name in undefined_symbols(obj) if not _may_link(name, header)]
@@ -175,8 +190,12 @@ def _compile(unit_source: str, header: str, kernel_name: str, cxx: str, fl: list
                 f"emulator: kernel `{kernel_name}` refers to {', '.join(f'`{n}`' for n in outside[:5])}, outside Metal's "
                 "standard library: a kernel can call only Metal's functions and its own, and the emulator links it "
                 "with nothing else")
-        proc = subprocess.run([cxx, *fl, "-shared", str(obj), str(include / "mf_runtime.o"), "-o", str(out)],
-                              capture_output=True, text=True)
+        load_time = loadtime.load_time_code(obj)
+        if load_time:
+            raise CompileError(f"emulator: kernel `{kernel_name}` is refused before loading: it has "
+                               + "; ".join(load_time[:3]))
+        proc = _tool([cxx, *fl, "-shared", str(obj), str(include / "mf_runtime.o"), "-o", str(out)], Path(tmp),
+                     f"linking kernel `{kernel_name}`", read=(str(include),))
         if proc.returncode != 0:
             raise CompileError(f"emulator: kernel `{kernel_name}` failed to link:\n{proc.stderr[-2000:]}")
         os.replace(out, target)
@@ -187,15 +206,28 @@ def _compile(unit_source: str, header: str, kernel_name: str, cxx: str, fl: list
 # copies); thread-local and static-initialisation plumbing; libgcc's arithmetic helpers
 # (__extendhfsf2, __popcountdi2, ...); the math functions metal_compat.h calls as builtins, and
 # sincosf, which GCC makes of a sin and a cos of one value (mlx-lm's rope kernels do that).
-_RUNTIME_API = re.compile(r"mf::(self|to_scheduler|tg_memory|tg_register|simd_sync|out_of_bounds|tg_log)\(")
+_RUNTIME_API = re.compile(r"mf::(self|to_scheduler|tg_memory|tg_offset|simd_sync|out_of_bounds|tg_log)\(")
 _PLUMBING = {"memcpy", "memmove", "memset", "__tls_get_addr", "_GLOBAL_OFFSET_TABLE_", "__dso_handle",
-             "__cxa_atexit", "__cxa_guard_acquire", "__cxa_guard_release", "__cxa_guard_abort", "sincosf"}
-_LIBGCC_HELPER = re.compile(r"__[a-z]+[0-9]")
+             "__cxa_atexit", "__cxa_guard_acquire", "__cxa_guard_release", "__cxa_guard_abort", "sincosf",
+             "mf_launch"}   # the runtime's dispatch, called by a library's traced entry (emulator/library.py)
 
 
 def _may_link(name: str, header: str) -> bool:
-    return (name in _PLUMBING or bool(_RUNTIME_API.match(name)) or bool(_LIBGCC_HELPER.fullmatch(name))
+    return (name in _PLUMBING or bool(_RUNTIME_API.match(name)) or name in _libgcc_helpers()
             or name in _builtin_functions(header))
+
+
+@lru_cache(maxsize=1)
+def _libgcc_helpers() -> frozenset[str]:
+    """The arithmetic helpers libgcc itself defines (__extendhfsf2, __popcountdi2, ...): read from
+    the compiler's libgcc, so a C library name shaped like one (__dup2) is not among them."""
+    cxx = compiler()[0]
+    archive = subprocess.run([cxx, "-print-libgcc-file-name"], capture_output=True, text=True).stdout.strip()
+    nm = shutil.which("nm")
+    if not archive or not nm or not Path(archive).exists():
+        return frozenset()
+    out = subprocess.run([nm, "-g", "--defined-only", archive], capture_output=True, text=True).stdout
+    return frozenset(line.split()[-1] for line in out.splitlines() if re.match(r"[0-9a-f]+ T __\w+$", line))
 
 
 @lru_cache(maxsize=4)
@@ -209,7 +241,7 @@ def undefined_symbols(obj: Path) -> list[str]:
     if not nm:
         raise MetalforgeError("emulator: `nm` (binutils) is needed to check what a kernel links against; "
                               "install binutils (Debian/Ubuntu: apt-get install binutils)")
-    proc = subprocess.run([nm, "-u", "-C", str(obj)], capture_output=True, text=True)
+    proc = _tool([nm, "-u", "-C", str(obj)], obj.parent, "reading the kernel's symbols")
     if proc.returncode != 0:
         raise MetalforgeError(f"emulator: nm failed on a kernel's object: {proc.stderr.strip()[:500]}")
     return [line.split(None, 1)[1].strip() for line in proc.stdout.splitlines() if line.strip().startswith(("U ", "w "))]

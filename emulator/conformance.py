@@ -5,8 +5,9 @@ compiled, clang (the `libclang` wheel) parses its full generated source (header,
 body) against the emulator's own metal_compat.h, with Metal's address spaces turned into type tags
 it can read back, and the AST is checked against the MSL specification's restrictions. Each
 refusal names the kernel, the MSL line and the rule with its section of the specification
-(Metal Shading Language Specification 3.2). What it cannot see, the compile still cannot reach:
-the kernel's translation unit has no C or C++ library in it at all (see compiler.py).
+(Metal Shading Language Specification 3.2). It is the source of Metal's error messages, not a
+security boundary: it runs in a process of its own (frontend.py), and what it cannot see runs only
+inside a sandboxed worker (runner.py, docs/emulator.md).
 """
 from __future__ import annotations
 
@@ -251,6 +252,8 @@ class _Walker:
                                      start - line_starts[line - 1] + 1))
         self.token_starts = [t[0] for t in self.file_tokens]
         self._diagnostics()
+        if any(r.rule == "include" for r in self.refusals):
+            return self.refusals   # clang stopped at the include: what follows is noise
         self._includes()
         mine = [c for c in self.tu.cursor.get_children() if _in_kernel(c)]
         for c in mine:
@@ -275,7 +278,7 @@ class _Walker:
                 self.refuse("read_only", line)
             elif "poisoned" in text:
                 self.refuse("asm" if "asm" in text else "builtin", line)
-            elif "file not found" in text:
+            elif "file not found" in text or "cannot open file" in text:   # the latter: outside its sandbox
                 self.refuse("include", line, text.split("'")[1] if "'" in text else "")
 
     def _includes(self) -> None:

@@ -1,27 +1,19 @@
 """`metal_kernel`: a drop-in for `mx.fast.metal_kernel` that runs the kernel on the CPU."""
 from __future__ import annotations
 
-import ctypes
 import functools
-import os
+import math
 import re
-import threading
-import time
 
 import mlx.core as mx
 import numpy as np
 
 from metalforge import devices
-from metalforge.errors import MetalforgeError
-from metalforge.intmath import cdiv
 
-from . import compiler, conformance
+from . import compiler, environment, frontend, runner
+from .errors import EmulatorError
 from .source import (ATTRIBUTE_VALUES, InputInfo, attributes_in, buffer_plan, mlx_kernel_name, mlx_source, rewrite,
                      template_value, type_name)
-
-
-class EmulatorError(MetalforgeError):
-    """A kernel failed at dispatch or while running (limits, divergent barriers, checked-mode reports)."""
 
 
 # Limits used when no device profile is given: every Apple GPU (M1 to M5) shares them.
@@ -35,15 +27,6 @@ def device_limits(device) -> dict:
     p = devices.get(device)
     return {"threadgroup_memory_bytes": p.threadgroup_memory_bytes,
             "max_threads_per_threadgroup": p.max_threads_per_threadgroup}
-
-
-def checked_default() -> bool:
-    return os.environ.get("METALFORGE_EMULATOR_CHECKED", "0").lower() in ("1", "true", "yes", "on")
-
-
-def worker_count() -> int:
-    env = os.environ.get("METALFORGE_EMULATOR_THREADS")
-    return max(1, int(env)) if env else max(1, os.cpu_count() or 1)
 
 
 def metal_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True,
@@ -74,7 +57,7 @@ class EmulatedKernel:
         self.last_stats: dict = {}   # counts of the last call: threads, barrier crossings, SIMD lanes
 
     def _timeout(self) -> float | None:
-        return self.timeout if self.timeout is not None else timeout_default()
+        return self.timeout if self.timeout is not None else environment.timeout_s()
 
     def _limits(self) -> dict:
         return device_limits(self.device)
@@ -94,7 +77,7 @@ class EmulatedKernel:
         return lib, path, kname, plan
 
     def _checked(self) -> bool:
-        return checked_default() if self.checked is None else bool(self.checked)
+        return environment.checked() if self.checked is None else bool(self.checked)
 
     def prepare(self, *, inputs, output_dtypes, template=None):
         """Compile ahead of a call (thread-safe, no MLX computation): for parallel precompilation."""
@@ -116,95 +99,39 @@ class EmulatedKernel:
         if self.ensure_row_contiguous:
             arrays = [mx.contiguous(a) if a.ndim else a for a in arrays]
         mx.eval(*arrays)
-        grid = tuple(int(g) for g in grid)
-        tg = tuple(int(t) for t in threadgroup)
-        if len(grid) != 3 or len(tg) != 3 or min(grid) < 1 or min(tg) < 1:
-            raise ValueError(f"[metal_kernel] grid and threadgroup must be three positive integers, got {grid} and {tg}")
+        runner.geometry(grid, threadgroup)   # MLX's argument errors before any compiling
         limits = self._limits()
-        tg_size = tg[0] * tg[1] * tg[2]
+        tg_size = math.prod(int(t) for t in threadgroup)
         if tg_size > limits["max_threads_per_threadgroup"]:
             raise EmulatorError(f"Thread group size ({tg_size}) is greater than  the maximum allowed threads per "
                                 f"threadgroup ({limits['max_threads_per_threadgroup']}).")
+        workers, timeout_s = environment.threads(), self._timeout()
         lib, path, kname, plan = self._program(arrays, output_dtypes, template, checked, verbose)
-        tg_bytes = lib.mf_threadgroup_bytes()
+        tg_bytes = lib.threadgroup_bytes
         if tg_bytes > limits["threadgroup_memory_bytes"]:
             raise EmulatorError(f"Threadgroup memory size ({tg_bytes}) exceeds the maximum threadgroup memory "
                                 f"allowed ({limits['threadgroup_memory_bytes']}) in kernel {kname}")
 
-        keep, pointers, counts, sizes = [], [], [], []
-        def buffer(arr: np.ndarray, count: int) -> None:
-            keep.append(arr)
-            pointers.append(arr.ctypes.data)
-            counts.append(count)
-            sizes.append(count * arr.itemsize if count < (1 << 62) else 0)   # 0: not guarded (negative strides)
         views = {name: _numpy_view(a) for name, a in zip(self.input_names, arrays)}
         outs = {name: _new_output(tuple(int(s) for s in shape), dtype, init_value)
                 for name, shape, dtype in zip(self.output_names, output_shapes, output_dtypes)}
+        args = []
         for b in plan:
             if b.role == "output":
-                buffer(outs[b.of], outs[b.of].size)
-                continue
-            view = views[b.of]
-            if b.role in ("input", "scalar"):
-                buffer(view, _extent(view))
-                continue
-            values = {"shape": view.shape, "ndim": [view.ndim],
-                      "strides": [s // view.itemsize for s in view.strides]}[b.role]
-            buf = np.ascontiguousarray(values, dtype=np.int64 if b.role == "strides" else np.int32)
-            buffer(buf, buf.size)
-        groups = [cdiv(g, min(t, g)) for g, t in zip(grid, tg)]
-        nominal = [min(t, g) for g, t in zip(grid, tg)]   # MLX clamps each threadgroup dim to the grid
-        meta = (ctypes.c_longlong * (9 + len(counts)))(*grid, *nominal, *groups, *counts)
-        ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
-        byte_sizes = (ctypes.c_longlong * max(1, len(sizes)))(*sizes)
-        rc = _run_interruptibly(lambda: lib.mf_launch(ptrs, meta, byte_sizes, worker_count(), int(checked)),
-                                lib.mf_cancel, kname, self._timeout())
-        counts_out = (ctypes.c_longlong * 3)()
-        lib.mf_stats(counts_out)
-        self.last_stats = dict(zip(("threads", "barrier_crossings", "simd_lanes"), counts_out))
-        if rc != 0:   # -1: errors reported; -2: cancelled (handled above)
-            messages = [lib.mf_error(i).decode() for i in range(lib.mf_error_count())]
-            raise EmulatorError(_with_lines(messages, path, kname))
+                args.append(runner.Arg(outs[b.of], output=True, initialised=init_value is not None))
+            elif b.role in ("input", "scalar"):
+                args.append(runner.Arg(views[b.of]))
+            else:
+                view = views[b.of]
+                values = {"shape": view.shape, "ndim": [view.ndim],
+                          "strides": [s // view.itemsize for s in view.strides]}[b.role]
+                args.append(runner.Arg(np.ascontiguousarray(values, dtype=np.int64 if b.role == "strides" else np.int32)))
+        launched = lib.launch("mf_launch", args, grid=grid, threadgroup=threadgroup, workers=workers,
+                              checked=checked, timeout_s=timeout_s)
+        self.last_stats = launched.stats
+        if launched.rc != 0:
+            raise EmulatorError(_with_lines(launched.errors, path, kname))
         return [_to_mlx(outs[n], d) for n, d in zip(self.output_names, output_dtypes)]
-
-
-def _run_interruptibly(launch, cancel, kname: str, timeout_s: float | None) -> int:
-    """Run a dispatch on a helper thread while this one waits, so Ctrl-C (delivered to the main
-    thread) and the time limit can end a kernel that never returns: `cancel` makes the runtime
-    jump out of every running kernel thread within milliseconds."""
-    result: list[int] = []
-    worker = threading.Thread(target=lambda: result.append(launch()), name=f"emulator:{kname}", daemon=True)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    interrupted = timed_out = False
-    worker.start()
-    while worker.is_alive():
-        try:
-            worker.join(0.05)
-        except KeyboardInterrupt:
-            interrupted = True
-        if deadline is not None and time.monotonic() > deadline:
-            timed_out = True
-        if interrupted or timed_out:
-            cancel()
-    if interrupted:
-        raise KeyboardInterrupt(f"emulated kernel {kname} interrupted")
-    if timed_out:
-        raise EmulatorError(f"{kname}: the kernel ran past its time limit of {timeout_s:g} s and was stopped "
-                            "(an endless loop? raise the limit with timeout= or METALFORGE_EMULATOR_TIMEOUT_S)")
-    return result[0]
-
-
-def timeout_default() -> float | None:
-    raw = os.environ.get("METALFORGE_EMULATOR_TIMEOUT_S")
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise EmulatorError(f"METALFORGE_EMULATOR_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
-    return value
 
 
 def _listed(values) -> list:
@@ -235,15 +162,6 @@ def _numpy_view(a: mx.array) -> np.ndarray:
     return np.asarray(a)
 
 
-def _extent(view: np.ndarray) -> int:
-    """Elements reachable from the first one (the bound checked mode enforces)."""
-    if view.size == 0:
-        return 0
-    if any(s < 0 for s in view.strides):
-        return 1 << 62
-    return 1 + sum((n - 1) * s for n, s in zip(view.shape, view.strides)) // view.itemsize
-
-
 NUMPY_DTYPES = {
     mx.bool_: np.bool_, mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32, mx.uint64: np.uint64,
     mx.int8: np.int8, mx.int16: np.int16, mx.int32: np.int32, mx.int64: np.int64,
@@ -253,7 +171,7 @@ NUMPY_DTYPES = {
 
 def _new_output(shape, dtype, init_value) -> np.ndarray:
     type_name(dtype)  # rejects dtypes kernels cannot use, with a clear message
-    if init_value is None:
+    if init_value is None:   # MLX leaves it uninitialised; the runner gives the kernel zeros
         return np.empty(shape, dtype=NUMPY_DTYPES[dtype])
     filled = mx.full(shape, init_value, dtype=dtype)
     return np.array(filled.view(mx.uint16) if dtype == mx.bfloat16 else filled)
@@ -275,9 +193,9 @@ def _with_lines(messages: list[str], path, kname: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def conformance_facts(msl: str, kname: str) -> conformance.Facts:
-    """The front end's verdict on one generated source, parsed once per process."""
-    return conformance.check(msl, kname)
+def conformance_facts(msl: str, kname: str):
+    """The front end's verdict on one generated source (parsed in its own process), once per process."""
+    return frontend.check(msl, kname)
 
 
 def _translation_unit(kname, msl, facts, plan, template, checked, attributes) -> str:

@@ -14,7 +14,6 @@ a launcher built from the function's parsed signature.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import re
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ import numpy as np
 
 from metalforge.errors import MetalforgeError
 
-from . import compiler, conformance, trace
-from .kernel import (EmulatorError, _run_interruptibly, _with_lines, checked_default, device_limits, timeout_default,
-                     worker_count)
+from . import compiler, environment, frontend, runner, trace
+from .errors import EmulatorError
+from .kernel import _with_lines, device_limits
 from .source import ATTRIBUTE_VALUES, METAL_HEADERS, rewrite
 
 # ---- flattening: quoted includes inlined from the header root ----------------------------------------
@@ -258,7 +257,7 @@ def _literal(ctype: str, value) -> str:
 
 # ---- the launcher: the chosen function called with its buffers and attribute values ---------------
 _LAUNCHER_HELPERS = """
-namespace mf_launch {
+namespace mf_bind {
 template <int I, class H, class... P> struct nth { using type = typename nth<I - 1, P...>::type; };
 template <class H, class... P> struct nth<0, H, P...> { using type = H; };
 template <class F> struct params;
@@ -286,7 +285,7 @@ template <class P, class V> inline P attribute(V v) {
   else if constexpr (metal::vec_traits<P>::n == 2) return P(v.x, v.y);
   else return P(v.x);
 }
-}  // namespace mf_launch
+}  // namespace mf_bind
 """
 
 
@@ -296,24 +295,65 @@ def _launcher(host_name: str, callee: str, fn: KernelFunction, order: list[Param
     for i, p in enumerate(fn.params):
         at = f"P::template at<{i}>"
         if p.binding == "buffer":
-            args.append(f'mf_launch::buffer<{at}>(buffers[{position[p.index]}], meta[9 + {position[p.index]}], "{p.name}")')
+            args.append(f'mf_bind::buffer<{at}>(buffers[{position[p.index]}], meta[9 + {position[p.index]}], "{p.name}")')
         else:
-            args.append(f"mf_launch::attribute<{at}>({ATTRIBUTE_VALUES[p.attribute]})")
+            args.append(f"mf_bind::attribute<{at}>({ATTRIBUTE_VALUES[p.attribute]})")
     names = ", ".join(f'"{p.name}"' for p in order) or '""'
-    sizes = ", ".join(f"sizeof(typename mf_launch::element<P::template at<{fn.params.index(p)}>>::type)"
+    sizes = ", ".join(f"sizeof(typename mf_bind::element<P::template at<{fn.params.index(p)}>>::type)"
                       for p in order) or "0"
     first_output = next((i for i, p in enumerate(order) if p.writable), len(order))
     return f'''
 #line 1 "mf_launcher.cpp"
 {_LAUNCHER_HELPERS}
-using P = mf_launch::params<decltype({callee})>;
+using P = mf_bind::params<decltype({callee})>;
 static const char* const mf_buffer_names[] = {{{names}}};
 extern "C" const mf::KernelInfo mf_kernel_info = {{"{host_name}", mf_buffer_names, {len(order)}, {first_output}}};
-extern "C" [[gnu::visibility("default")]] const unsigned long mf_buffer_element_bytes[] = {{{sizes}}};
 extern "C" void mf_kernel_body(void* const* buffers, const long long* meta, const mf::Launch& L, mf::Fiber& f) {{
   {callee}({", ".join(args)});
 }}
+// entries run by runner.Library (mf_launch's signature): the bytes of each buffer's element, into buffer 0
+extern "C" [[gnu::visibility("default")]] int mf_element_bytes(void** buffers, const long long*, const long long*, int, int) {{
+  static const unsigned long long sizes[] = {{{sizes}}};
+  for (int i = 0; i < {len(order)}; i++) static_cast<unsigned long long*>(buffers[0])[i] = sizes[i];
+  return 0;
+}}
+{_TRACED_ENTRY.replace("@N@", str(len(order)))}
 '''
+
+
+# A traced launch: buffer N (after the kernel's N) holds the trace, a header record (its first number:
+# the accesses made) and then the records; a device record's name becomes its buffer's position (the
+# worker's pointers mean nothing to the caller). No C library here: the kernel links with none.
+_TRACED_ENTRY = """#ifdef MF_TRACE
+extern "C" int mf_launch(void**, const long long*, const long long*, int, int);
+extern "C" [[gnu::visibility("default")]] int mf_launch_traced(void** buffers, const long long* meta,
+                                                              const long long* bytes, int workers, int checked) {
+  const int n = @N@;
+  long long* head = static_cast<long long*>(buffers[n]);
+  mf_trace_records = head + 8;
+  mf_trace_capacity = bytes[n] / 64 - 1;
+  mf_trace_used = 0;
+  mf_trace_epoch += 1;
+  const int rc = mf_launch(buffers, meta, bytes, workers, checked);
+  head[0] = mf_trace_used;
+  const long long kept = mf_trace_used < mf_trace_capacity ? mf_trace_used : mf_trace_capacity;
+  for (long long r = 0; r < kept; r++) {
+    long long* rec = mf_trace_records + r * 8;
+    if (rec[0] != mf::kTraceDevice) continue;
+    const char* name = reinterpret_cast<const char*>(rec[1]);
+    long long found = -1;
+    for (int i = 0; i < n && found < 0; i++) {
+      const char* a = name;
+      const char* b = mf_buffer_names[i];
+      while (*a && *a == *b) { a++; b++; }
+      if (*a == *b) found = i;
+    }
+    rec[1] = found;
+  }
+  return rc;
+}
+#endif
+"""
 
 
 # ---- the library -----------------------------------------------------------------------------------
@@ -331,7 +371,7 @@ class Library:
         self._headers = Path(headers) if headers is not None else None
         self.device = device
         self.timeout = timeout
-        self.mode = mode or ("checked" if checked_default() else "plain")
+        self.mode = mode or ("checked" if environment.checked() else "plain")
         if self.mode not in MODES:
             raise MetalforgeError(f"emulator: mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.trace_capacity = trace_capacity
@@ -412,7 +452,7 @@ class Library:
 
 @functools.lru_cache(maxsize=64)
 def _facts(msl: str, name: str, kernels: frozenset[str]) -> conformance.Facts:
-    return conformance.check(msl, name, kernels, library=True)
+    return frontend.check(msl, name, kernels, library=True)
 
 
 class LibraryFunction:
@@ -441,8 +481,12 @@ class LibraryFunction:
         unit = (f'#line 1 "{self.host_name}.metal"\n' + text
                 + _launcher(self.host_name, self.callee, self.fn, self._order()))
         lib, path = compiler.build(unit, self.host_name, checked, library=True, traced=self.library.mode == "traced")
-        sizes = (ctypes.c_ulong * max(1, len(self._order()))).in_dll(lib, "mf_buffer_element_bytes")
-        return lib, path, list(sizes)[:len(self._order())]
+        sizes = np.zeros(max(1, len(self._order())), dtype=np.uint64)
+        got = lib.launch("mf_element_bytes", [runner.Arg(sizes, output=True)], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                         workers=1, checked=False, timeout_s=environment.compile_timeout_s())
+        if got.rc != 0:
+            raise EmulatorError(f"{self.host_name}: " + "; ".join(got.errors))
+        return lib, path, [int(b) for b in sizes[:len(self._order())]]
 
     def prepare(self) -> None:
         """Check and compile now (thread-safe): for compiling many functions in parallel."""
@@ -472,46 +516,39 @@ class LibraryFunction:
             raise EmulatorError(f"Thread group size ({tg_size}) is greater than  the maximum allowed threads per "
                                 f"threadgroup ({limits['max_threads_per_threadgroup']}).")
         lib, path, element_bytes = self._program
-        tg_bytes = lib.mf_threadgroup_bytes()
+        tg_bytes = lib.threadgroup_bytes
         if tg_bytes > limits["threadgroup_memory_bytes"]:
             raise EmulatorError(f"Threadgroup memory size ({tg_bytes}) exceeds the maximum threadgroup memory "
                                 f"allowed ({limits['threadgroup_memory_bytes']}) in kernel {self.host_name}")
         unknown = sorted(set(buffers) - {p.index for p in self.fn.params if p.binding == "buffer"})
         if unknown:
             raise MetalforgeError(f"emulator: kernel `{self.host_name}` has no buffer({unknown[0]})")
-        keep, pointers, sizes = [], [], []
+        args = []
         for p, elem in zip(self._order(), element_bytes):
             if p.index not in buffers:   # as in Metal, an unbound buffer is no error until the kernel reads it
-                pointers.append(None)
-                sizes.append(0)
+                args.append(runner.Arg(None))
                 continue
             data = _host_bytes(buffers[p.index], p, self.host_name)
             if data.nbytes < elem:
                 raise MetalforgeError(f"emulator: buffer({p.index}) `{p.name}` of kernel `{self.host_name}` holds "
                                       f"{data.nbytes} bytes, less than one {p.scalar_type} ({elem} bytes)")
-            keep.append(data)
-            pointers.append(data.ctypes.data)
-            sizes.append(data.nbytes)
-        meta = (ctypes.c_longlong * (9 + len(sizes)))(*grid, *tg, *groups,
-                                                      *[s // max(1, e) for s, e in zip(sizes, element_bytes)])
-        ptrs = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
-        byte_sizes = (ctypes.c_longlong * max(1, len(sizes)))(*sizes)
-        timeout = self.library.timeout if self.library.timeout is not None else timeout_default()
-        checked = int(self.library.mode != "plain")
-        records = None
+            # a written buffer keeps what it held (Metal's buffers are the caller's memory)
+            args.append(runner.Arg(data, output=p.writable, initialised=True, count=data.nbytes // max(1, elem),
+                                   itemsize=max(1, elem)))
+        records, entry = None, "mf_launch"
         if self.library.mode == "traced":
-            records = trace.buffer(self.library.trace_capacity)
-            trace.arm(lib, records)
-        rc = _run_interruptibly(lambda: lib.mf_launch(ptrs, meta, byte_sizes, worker_count(), checked),
-                                lib.mf_cancel, self.host_name, timeout)
-        counts = (ctypes.c_longlong * 3)()
-        lib.mf_stats(counts)
-        self.last_stats = dict(zip(("threads", "barrier_crossings", "simd_lanes"), counts))
-        if rc != 0:
-            messages = [lib.mf_error(i).decode() for i in range(lib.mf_error_count())]
-            raise EmulatorError(_with_lines(messages, path, self.host_name))
+            records, entry = trace.buffer(self.library.trace_capacity), "mf_launch_traced"
+            args.append(runner.Arg(records, output=True))
+        timeout = self.library.timeout if self.library.timeout is not None else environment.timeout_s()
+        launched = lib.launch(entry, args, grid=grid, threadgroup=tg, workers=environment.threads(),
+                              checked=self.library.mode != "plain", timeout_s=timeout)
+        self.last_stats = launched.stats
+        if launched.rc != 0:
+            raise EmulatorError(_with_lines(launched.errors, path, self.host_name))
         if records is not None:
-            self.last_trace = trace.summarize(lib, records, self.last_stats, groups[0] * groups[1] * groups[2], tg_bytes)
+            names = {i: p.name for i, p in enumerate(self._order())}
+            self.last_trace = trace.summarize(records, names, self.last_stats, groups[0] * groups[1] * groups[2],
+                                              tg_bytes)
 
 
 _PYTHON_SCALARS = {"int": np.int32, "int32_t": np.int32, "uint": np.uint32, "uint32_t": np.uint32,

@@ -188,6 +188,7 @@ struct bfloat {
     return uint16_t(u >> 16);
   }
   bfloat() = default;
+  static constexpr bfloat of_bits(uint16_t b) { bfloat r{}; r.bits = b; return r; }
   template <class T, class = enable_if_t<is_arithmetic<T>::value || is_same<T, _Float16>::value>>
   constexpr bfloat(T v) : bits(from_float(float(v))) {}
   constexpr operator float() const { return __builtin_bit_cast(float, uint32_t(bits) << 16); }
@@ -633,10 +634,11 @@ template <> struct Limits<bool> {
   static constexpr bool min = false;
 };
 template <> struct Limits<bfloat> {
-  static inline const bfloat max = bfloat(__builtin_inff());
-  static inline const bfloat min = bfloat(-__builtin_inff());
-  static inline const bfloat finite_max = bfloat(3.38953139e38f);
-  static inline const bfloat finite_min = bfloat(-3.38953139e38f);
+  // bit patterns, so they are constants (no code runs when a kernel's library loads)
+  static constexpr bfloat max = bfloat::of_bits(0x7f80);
+  static constexpr bfloat min = bfloat::of_bits(0xff80);
+  static constexpr bfloat finite_max = bfloat::of_bits(0x7f7f);
+  static constexpr bfloat finite_min = bfloat::of_bits(0xff7f);
 };
 
 #endif  // MF_LIBRARY

@@ -37,7 +37,6 @@ struct Launch {
 Fiber& self();                                   // the emulated thread running now
 void to_scheduler();                             // park it (barrier, SIMD exchange, done)
 unsigned char* tg_memory();                      // this threadgroup's shared arena
-size_t tg_register(size_t bytes);                // a threadgroup declaration's offset in it
 void simd_sync(Fiber** lanes, int count);        // simdgroup_barrier: orders the lanes' accesses
 // checked mode: a bounds violation ends the thread with a report; threadgroup accesses are logged
 [[noreturn]] void out_of_bounds(const char* what, const char* name, long long index, long long size,
@@ -67,16 +66,17 @@ inline T simd_exchange(const T& value, SimdFn fn, int line) {
 }
 
 // ---- threadgroup memory --------------------------------------------------------------------
-// Each declaration is a slot of the arena, registered once when the library loads; the sum of
-// the declared sizes is what dispatch compares with the device's limit.
-template <class A, int ID>
-struct TgSlot { static const size_t offset; };
-template <class A, int ID>
-const size_t TgSlot<A, ID>::offset = tg_register(sizeof(A));
+// Each declaration is a slot of the arena. Its size is a constant in the library's `mf_tg`
+// section (no code runs when the library loads); the runtime lays the slots out on first use, and
+// the sum of the declared sizes is what dispatch compares with the device's limit.
+struct TgEntry { long long id; size_t size; };
+size_t tg_offset(int id);                        // a declaration's offset in the arena
 
 template <class A, int ID>
 inline A& tg_array() {
-  return *reinterpret_cast<A*>(tg_memory() + TgSlot<A, ID>::offset);
+  // one {id, size} record per use, placed by the assembler (runs nothing; the runtime dedupes)
+  __asm__(".pushsection mf_tg,\"a\"\n\t.p2align 3\n\t.quad %c0, %c1\n\t.popsection" :: "i"(ID), "i"(sizeof(A)));
+  return *reinterpret_cast<A*>(tg_memory() + tg_offset(ID));
 }
 
 // ---- what the launcher in the kernel's translation unit gives the runtime -------------------

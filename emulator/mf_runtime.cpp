@@ -29,21 +29,11 @@ namespace mf {
 struct Stats { std::atomic<long long> threads{0}, barrier_crossings{0}, simd_lanes{0}; };
 inline Stats& stats() { static Stats s; return s; }
 
-// A signal that ends a kernel (timeout, Ctrl-C, a fault) jumps out of the fiber that runs it;
-// code that holds a lock or is growing a vector must not be left halfway, so it counts itself
-// critical and the cancel signal waits for the next scheduling point instead.
-inline thread_local int tls_critical = 0;
-struct Critical {
-  Critical() { tls_critical++; }
-  ~Critical() { tls_critical--; }
-};
-
 struct Errors {
   std::mutex mu;
   std::vector<std::string> messages;
   std::atomic<int> abort{0};
   void add(const std::string& m, bool fatal) {
-    Critical c;
     std::lock_guard<std::mutex> g(mu);
     if (messages.size() < 16) messages.push_back(m);
     if (fatal) abort.store(1);
@@ -249,7 +239,6 @@ inline bool ordered(Worker& w, int other, unsigned epoch, unsigned sg_epoch) {
 }
 
 inline void flush_accesses(Worker& w, Fiber& f) {
-  Critical c;
   const int me = int(f.index);
   const unsigned sgep = w.sg_epoch[f.simdgroup];
   std::vector<Access>& log = w.logs[f.index];
@@ -383,18 +372,29 @@ inline void run_threadgroup(Worker& w) {
 }
 
 // ---- threadgroup memory ------------------------------------------------------------------
+// The kernel's declarations, as the linker gathered them into the `mf_tg` section.
+extern "C" [[gnu::weak, gnu::visibility("hidden")]] const TgEntry __start_mf_tg[];
+extern "C" [[gnu::weak, gnu::visibility("hidden")]] const TgEntry __stop_mf_tg[];
+
 struct TgRegistry {
   size_t total = 0;     // sum of declared sizes (what Metal compares with its limit)
   size_t arena = 0;     // with 16-byte alignment of each declaration
+  std::vector<size_t> offsets;   // by declaration id
+  TgRegistry() {
+    std::vector<TgEntry> entries(__start_mf_tg, __stop_mf_tg);
+    std::sort(entries.begin(), entries.end(), [](const TgEntry& a, const TgEntry& b) { return a.id < b.id; });
+    for (size_t i = 0; i < entries.size(); i++) {
+      const TgEntry& e = entries[i];
+      if (e.id < 0 || e.id > (1 << 20) || (i && e.id == entries[i - 1].id)) continue;
+      if (offsets.size() <= size_t(e.id)) offsets.resize(size_t(e.id) + 1, 0);
+      offsets[size_t(e.id)] = arena;
+      total += e.size;
+      arena += (e.size + 15) & ~size_t(15);
+    }
+  }
 };
 inline TgRegistry& tg_registry() { static TgRegistry r; return r; }
-size_t tg_register(size_t size) {
-  TgRegistry& r = tg_registry();
-  size_t off = r.arena;
-  r.total += size;
-  r.arena += (size + 15) & ~size_t(15);
-  return off;
-}
+size_t tg_offset(int id) { return tg_registry().offsets[size_t(id)]; }
 
 void simd_sync(Fiber** lanes, int) { worker().sg_epoch[lanes[0]->simdgroup]++; }
 
@@ -414,29 +414,24 @@ void tg_log(void* p, unsigned size, const char* name, long long index, const voi
   a.pc = pc;
   a.name = name;
   a.index = index;
-  Critical c;
   worker().logs[self().index].push_back(a);
 }
 
 // ---- faults: errors, never a dead process ----------------------------------------------------
-// A kernel runs on worker threads in fibers. While one does, SIGFPE, SIGSEGV, SIGBUS and the
-// cancel signal are ours: integer division by zero gives 0 (a GPU gives a value, not a trap; checked
-// mode reports it), a fault in a guard page or anywhere else ends the dispatch with an error, and
-// cancel (timeout, Ctrl-C) jumps out of the kernel. A signal on any other thread goes to the
-// handler that was installed before the dispatch. x86-64 Linux only (where the emulator is for).
-constexpr int kCancelSignal = SIGUSR2;
+// A kernel runs on worker threads in fibers. While one does, SIGFPE, SIGSEGV and SIGBUS are ours:
+// integer division by zero gives 0 (a GPU gives a value, not a trap; checked mode reports it), a
+// fault in a guard page or anywhere else ends the dispatch with an error. A signal on any other
+// thread goes to the handler that was installed before the dispatch. A time limit or Ctrl-C ends
+// the whole worker process (runner.py). x86-64 Linux only (where the emulator is for).
 
 struct GuardRange { const char* lo; const char* hi; const char* buffer; const char* data_end; };
 struct FaultState {
   std::mutex mu;
-  std::vector<pthread_t> threads;                 // workers of the running dispatch
   std::vector<GuardRange> guards;                 // device buffers' guard pages
-  struct sigaction previous[4];
-  int installed = 0;
-  std::atomic<int> cancelled{0};
+  struct sigaction previous[3];
 };
 inline FaultState& faults() { static FaultState s; return s; }
-constexpr int kSignals[4] = {SIGFPE, SIGSEGV, SIGBUS, kCancelSignal};
+constexpr int kSignals[3] = {SIGFPE, SIGSEGV, SIGBUS};
 
 inline std::string here_str(const Fiber& f, const void* pc) {
   return std::string(worker().launch->kernel) + ": " + pos_str(f) + " at " + pc_str(pc);
@@ -477,14 +472,10 @@ inline void on_signal(int sig, siginfo_t* info, void* raw) {
   Worker* w = tls_worker;
   auto* uc = static_cast<ucontext_t*>(raw);
   const bool in_kernel = w && w->current;
-  if (sig == kCancelSignal) {
-    if (in_kernel && !tls_critical) escape_with("");   // the caller words the reason
-    return;                                             // not in a kernel: the abort flag stops it
-  }
   if (!in_kernel) {
     // not ours: hand the signal to whoever had it before the dispatch, as if we were not here
     FaultState& s = faults();
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 3; i++)
       if (kSignals[i] == sig) sigaction(sig, &s.previous[i], nullptr);
     return;   // the instruction faults again, now under the previous handler
   }
@@ -534,12 +525,10 @@ struct FaultScope {
     alt.ss_size = 64 * 1024;
     alt.ss_sp = std::malloc(alt.ss_size);
     sigaltstack(&alt, &old_alt);
-    s.threads.push_back(pthread_self());
   }
   ~FaultScope() {
     FaultState& s = faults();
     std::lock_guard<std::mutex> g(s.mu);
-    s.threads.erase(std::find(s.threads.begin(), s.threads.end(), pthread_self()));
     sigaltstack(&old_alt, nullptr);
     std::free(alt.ss_sp);
   }
@@ -547,25 +536,16 @@ struct FaultScope {
 
 inline void install_handlers() {
   FaultState& s = faults();
-  s.cancelled.store(0);
   struct sigaction sa {};
   sa.sa_sigaction = on_signal;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
   sigemptyset(&sa.sa_mask);
-  for (int i = 0; i < 4; i++) sigaction(kSignals[i], &sa, &s.previous[i]);
+  for (int i = 0; i < 3; i++) sigaction(kSignals[i], &sa, &s.previous[i]);
 }
 
 inline void restore_handlers() {
   FaultState& s = faults();
-  for (int i = 0; i < 4; i++) sigaction(kSignals[i], &s.previous[i], nullptr);
-}
-
-inline void cancel_dispatch() {
-  FaultState& s = faults();
-  errors().abort.store(1);
-  s.cancelled.store(1);
-  std::lock_guard<std::mutex> g(s.mu);
-  for (pthread_t t : s.threads) pthread_kill(t, kCancelSignal);
+  for (int i = 0; i < 3; i++) sigaction(kSignals[i], &s.previous[i], nullptr);
 }
 
 // Device buffers, copied into their own mappings with a guard page before and after: a write
@@ -609,7 +589,6 @@ struct GuardedBuffers {
 struct FaultScope { explicit FaultScope(Worker&) {} };
 inline void install_handlers() {}
 inline void restore_handlers() {}
-inline void cancel_dispatch() { errors().abort.store(1); }
 struct GuardedBuffers {
   std::vector<void*> ptrs;
   GuardedBuffers(void** host, const long long*, const char* const*, int n, int, bool) : ptrs(host, host + n) {}
@@ -686,7 +665,6 @@ inline int dispatch(const Launch& L, int workers, void* const* buffers, const lo
   work();
   for (auto& t : pool) t.join();
   restore_handlers();
-  if (faults().cancelled.load()) return -2;
   return errors().messages.empty() ? 0 : -1;
 }
 
@@ -716,7 +694,6 @@ MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* byt
   return mf::dispatch(L, workers, guarded.ptrs.data(), meta);
 }
 MF_EXPORT mf::size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
-MF_EXPORT void mf_cancel() { mf::cancel_dispatch(); }
 MF_EXPORT int mf_error_count() { return int(mf::errors().messages.size()); }
 MF_EXPORT const char* mf_error(int i) { return mf::errors().messages[i].c_str(); }
 MF_EXPORT void mf_stats(long long* out) {

@@ -285,6 +285,11 @@ def runtime_source() -> str:
     return _read("mf_runtime.cpp")
 
 
+def worker_source() -> str:
+    """mf_worker.cpp: the sandboxed process that loads a kernel's library and runs its launches."""
+    return _read("mf_worker.cpp")
+
+
 @lru_cache(maxsize=8)
 def compat_header(checked: bool, library: bool = False, traced: bool = False) -> str:
     """metal_compat.h with the runtime interface and its swizzles filled in, and the

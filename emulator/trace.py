@@ -11,7 +11,6 @@ through arrays declared in the kernel (not through `threadgroup T*` helper argum
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -68,24 +67,19 @@ class Dispatch:
 
 
 def buffer(capacity: int) -> np.ndarray:
-    return np.zeros(capacity * RECORD, dtype=np.int64)
+    """Room for `capacity` records after a header record, whose first number the traced launch
+    entry (emulator/library.py) sets to the accesses the dispatch made."""
+    return np.zeros((capacity + 1) * RECORD, dtype=np.int64)
 
 
-def arm(lib: ctypes.CDLL, records: np.ndarray) -> None:
-    """Point the traced library at `records` for the next dispatch."""
-    ctypes.c_void_p.in_dll(lib, "mf_trace_records").value = records.ctypes.data
-    ctypes.c_longlong.in_dll(lib, "mf_trace_capacity").value = records.size // RECORD
-    ctypes.c_longlong.in_dll(lib, "mf_trace_used").value = 0
-    ctypes.c_longlong.in_dll(lib, "mf_trace_epoch").value += 1
-
-
-def summarize(lib: ctypes.CDLL, records: np.ndarray, stats: dict, threadgroups: int, tg_bytes: int) -> Trace:
-    used = ctypes.c_longlong.in_dll(lib, "mf_trace_used").value
-    capacity = records.size // RECORD
+def summarize(records: np.ndarray, names: dict[int, str], stats: dict, threadgroups: int, tg_bytes: int) -> Trace:
+    """The counters of one dispatch from its records; `names`: buffer position -> the kernel's name for it."""
+    used = int(records[0])
+    capacity = records.size // RECORD - 1
     if used > capacity:
         raise MetalforgeError(f"emulator: the trace holds {capacity} accesses and the dispatch made {used}: trace a "
                               "smaller shape or give trace_capacity")
-    r = records[:used * RECORD].reshape(used, RECORD)
+    r = records[RECORD:(used + 1) * RECORD].reshape(used, RECORD)
     kind = r[:, 0]
     threads = stats["threads"]
     mma = r[kind == MATRIX_MULTIPLY]
@@ -95,8 +89,7 @@ def summarize(lib: ctypes.CDLL, records: np.ndarray, stats: dict, threadgroups: 
                 matrix_loads=_instructions(r[kind == MATRIX_LOAD]), matrix_stores=_instructions(r[kind == MATRIX_STORE]),
                 matrix_multiplies=_instructions(mma))
     dev = r[kind == DEVICE]
-    names = {p: ctypes.string_at(int(p)).decode() for p in np.unique(dev[:, 1])}
-    for p, name in sorted(names.items(), key=lambda x: x[1]):
+    for p, name in sorted(((p, names.get(int(p), "?")) for p in np.unique(dev[:, 1])), key=lambda x: x[1]):
         mine = dev[dev[:, 1] == p]
         out.device[name] = BufferTraffic(
             accesses=len(mine), instructions=_instructions(mine),

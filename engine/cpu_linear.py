@@ -31,7 +31,7 @@ class CpuLinear:
         self.streams = [mx.new_stream(mx.cpu) for _ in range(max(1, cores))]
         self.dequantize_from = dequantize_from
 
-    def __call__(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:
+    def __call__(self, x: mx.array, w: dict, bits: int | None, group_size: int | None, mode: str = "affine") -> mx.array:
         """x (T, K) @ the layer's weight (N, K) transposed: (T, N), in x's dtype."""
         n, cores = w["weight"].shape[0], len(self.streams)
         parts = 1
@@ -39,18 +39,18 @@ class CpuLinear:
             dequantize = "scales" in w and x.shape[0] >= self.dequantize_from
             parts = cores * (cdiv(n, cores * DEQUANTIZE_CHUNK) if dequantize else 1)
         bounds = [n * i // parts for i in range(parts + 1)]
-        outs = [self._part(x, {k: a[lo:hi] for k, a in w.items() if k != "bias"}, bits, group_size,
+        outs = [self._part(x, {k: a[lo:hi] for k, a in w.items() if k != "bias"}, bits, group_size, mode,
                            self.streams[i % cores]) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
         return outs[0] if parts == 1 else mx.concatenate(outs, axis=1)
 
-    def _part(self, x, w, bits, group_size, stream):
+    def _part(self, x, w, bits, group_size, mode, stream):
         if "scales" not in w:
             return mx.matmul(x, w["weight"].T, stream=stream)
         if x.shape[0] >= self.dequantize_from:
-            dense = mx.dequantize(w["weight"], w["scales"], w["biases"], group_size=group_size, bits=bits,
-                                  stream=stream)
+            dense = mx.dequantize(w["weight"], w["scales"], w.get("biases"), group_size=group_size, bits=bits, mode=mode,
+                                  dtype=w["biases"].dtype if "biases" in w else x.dtype, stream=stream)
             dense = mx.contiguous(dense.T, stream=stream)   # (K, N): MLX's CPU matmul is ~2x faster this way
             return mx.matmul(x.astype(dense.dtype), dense, stream=stream).astype(x.dtype)
-        xs = x.astype(w["scales"].dtype)
-        return mx.quantized_matmul(xs, w["weight"], w["scales"], w["biases"], transpose=True, group_size=group_size,
-                                   bits=bits, stream=stream).astype(x.dtype)
+        xs = x.astype(w["biases"].dtype) if "biases" in w else x   # affine scales: float32 on the CPU (see Model)
+        return mx.quantized_matmul(xs, w["weight"], w["scales"], w.get("biases"), transpose=True, group_size=group_size,
+                                   bits=bits, mode=mode, stream=stream).astype(x.dtype)

@@ -13,11 +13,15 @@ from metalforge.engine import prompt_cache, tokenizer as tokenizers
 from metalforge.engine.batch import Batch
 from metalforge.engine.generation import Generation
 from metalforge.engine.kv import BLOCK_SIZE, KVPool
+from metalforge.engine.kv import quantized
+from metalforge.engine.kv.quantized import QuantizedStorage
+from metalforge.engine.kv.spec import sink_window
 from metalforge.engine.kv.storage import DenseStorage
 from metalforge.engine.memory import MemoryLimits, check_fit, parse_bytes
 from metalforge.engine.weights import load_weights
 from metalforge.engine.ops import Kernels
 from metalforge.engine.scheduler import MAX_WAITING, Scheduler
+from metalforge.engine.speculative import NUM_DRAFT
 from metalforge.errors import MetalforgeError
 from metalforge import devices
 from metalforge.intmath import cdiv
@@ -27,12 +31,18 @@ from metalforge.intmath import cdiv
 # their dequantized speed at this many rows (engine/cpu_linear.py).
 PREFILL_CHUNK = 512
 
-OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory")
+OPTIONS = ("kv_tokens", "kv_memory", "block_size", "max_seq_len", "memory", "max_kv_size", "kv_bits", "kv_group_size")
 
 
 def load(path, device=None, backend: str | None = None, results=None, **options) -> "Engine":
     """Load an mlx-lm style model folder. Options: kv_tokens (default 4096) or kv_memory (bytes
-    or '10%'), block_size (16), max_seq_len, memory={'wired_limit', 'cache_limit', 'memory_limit'}."""
+    or '10%'), block_size (16), max_seq_len, memory={'wired_limit', 'cache_limit', 'memory_limit'},
+    max_kv_size: a sliding window of that many keys per query (the first 4 kept as attention
+    sinks, as mlx-lm's rotating cache keeps them); blocks that fall out of it go back to the pool,
+    so a sequence may grow to max_seq_len (default then: the model's max_position_embeddings)
+    whatever kv_tokens holds. kv_bits (8 or 4) with kv_group_size (32, 64 or 128; default 64):
+    K and V stored quantized (engine/kv/quantized.py); kv_tokens from kv_memory and the fit check
+    count the smaller pool."""
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise MetalforgeError(f"unknown engine option(s) {sorted(unknown)}; valid options: {', '.join(OPTIONS)}")
@@ -41,9 +51,10 @@ def load(path, device=None, backend: str | None = None, results=None, **options)
 
 class Engine:
     def __init__(self, path: Path, device, backend, results, kv_tokens=None, kv_memory=None, block_size=BLOCK_SIZE,
-                 max_seq_len=None, memory=None):
+                 max_seq_len=None, memory=None, max_kv_size=None, kv_bits=None, kv_group_size=64):
         self.path = path
-        for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len)):
+        for name, value in (("kv_tokens", kv_tokens), ("block_size", block_size), ("max_seq_len", max_seq_len),
+                            ("max_kv_size", max_kv_size)):
             if value is not None:
                 arguments.positive_int(name, value)
         self.args = models.parse(read(path), str(path / "config.json"))
@@ -58,7 +69,12 @@ class Engine:
         self.tokenizer = tokenizers.load(path)
         self.fingerprint = prompt_cache.fingerprint(self.args, weights)
         a = self.args
-        per_token = DenseStorage.token_bytes(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.model.dtype)
+        shape = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim, self.model.dtype)
+        if kv_bits is not None:
+            quantized.check(kv_bits, kv_group_size, a.head_dim)
+            per_token = QuantizedStorage.token_bytes(*shape, kv_bits, kv_group_size)
+        else:
+            per_token = DenseStorage.token_bytes(*shape)
         if kv_memory is not None:
             kv_tokens = parse_bytes(kv_memory, self.limits.total, "kv_memory") // per_token
         kv_tokens = 4096 if kv_tokens is None else kv_tokens
@@ -68,8 +84,13 @@ class Engine:
         num_blocks = cdiv(kv_tokens, block_size)
         check_fit(self.weights_bytes, num_blocks * block_size * per_token, self.limits.total, self.limits.total_source)
         self.limits.apply()
-        self.pool = KVPool.dense(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks,
-                                 int(max_seq_len or min(kv_tokens, a.max_position_embeddings)), self.model.dtype)
+        specs = None
+        if max_kv_size is not None:
+            specs = [sink_window(max_kv_size, kv_tokens)] * a.num_hidden_layers
+        longest = a.max_position_embeddings if specs else min(kv_tokens, a.max_position_embeddings)
+        layout = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim, block_size, num_blocks, self.model.dtype)
+        storage = DenseStorage(*layout) if kv_bits is None else QuantizedStorage(*layout, kv_bits, kv_group_size)
+        self.pool = KVPool(storage, block_size, num_blocks, int(max_seq_len or longest), specs)
         self.prefixes: dict[int, str] = {}   # sequences kept as reusable prompt prefixes -> where from
         self._closed = False
 
@@ -165,15 +186,24 @@ class Engine:
         return self._check_ids(prompt)
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, stop=None, keep: bool = False) -> Generation:
+                 seed: int | None = None, stop=None, keep: bool = False, logprobs: int | None = None, draft=None,
+                 num_draft: int = NUM_DRAFT, prompt_lookup: int = 0, max_kv_size: int | None = None) -> Generation:
         """Stream tokens for a prompt (text or token ids), through the same loop as `batch()`. A
         cached prefix (see load_prompt_cache and keep_prefix) is reused so only new tokens are
         prefilled. With keep=True the sequence stays in the pool afterwards (its id is
         `generation.sequence`), holding the prompt and every generated token but the last.
-        Arguments are checked here, before any work; a prompt the pool cannot hold raises
-        PoolExhausted when iterated."""
+        logprobs=k fills each Token's `logprob` and its k `top_logprobs`. Arguments are checked
+        here, before any work; a prompt the pool cannot hold raises PoolExhausted when iterated.
+
+        Speculative decoding (engine/speculative.py): `draft` (an engine or a model folder of the
+        same tokenizer) proposes `num_draft` tokens a step, or `prompt_lookup=n` copies them from
+        an earlier match of the last n tokens; the target verifies them in one forward pass and
+        the output is distributed as without (greedy: the same tokens). `stats` counts verify
+        passes, drafted and accepted tokens. `max_kv_size`: a sliding window for this request
+        alone (see load's; its length is still bounded by max_seq_len)."""
         loop = Scheduler(self, max_waiting=1)
-        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep)
+        rid = loop.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs, draft=draft,
+                           num_draft=num_draft, prompt_lookup=prompt_lookup, max_kv_size=max_kv_size)
 
         def run(gen: Generation):
             loop.start_clock(rid)
@@ -216,17 +246,19 @@ class Engine:
         model's cache, or a corrupt or truncated file, is an error and changes nothing."""
         meta, arrays = prompt_cache.read(path, self.fingerprint)
         tokens = self._check_ids(meta["tokens"])
-        want = (self.args.num_key_value_heads, len(tokens), self.args.head_dim)
-        bad = [n for n in (f"{kind}.{layer}" for layer in range(self.pool.layers) for kind in "kv")
-               if n not in arrays or tuple(arrays[n].shape) != want]
-        if meta["layers"] != self.pool.layers or bad:
-            raise prompt_cache.PromptCacheError(f"{path}: does not fit this model's KV cache (layers "
-                                                f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} not {want})")
+        stored = meta["quantization"]
+        kv = self._cached_kv(path, meta, arrays, len(tokens))
+        mine = getattr(self.pool.storage, "quantization", None)
         sid = self.pool.add_sequence()
         try:
             step = self.pool.begin({sid: len(tokens)})
-            for layer in range(self.pool.layers):
-                step.update_and_fetch(layer, arrays[f"k.{layer}"][None], arrays[f"v.{layer}"][None])
+            for layer, (k, v) in enumerate(kv):
+                if stored and stored == mine:   # the codes as saved
+                    self.pool.storage.write_quantized(layer, step.where, k, v)
+                    continue
+                if stored:
+                    k, v = (mx.dequantize(*x, **stored) for x in (k, v))
+                step.update_and_fetch(layer, k[None], v[None])
             step.commit([tokens])
         except BaseException:
             self.pool.remove(sid)
@@ -234,6 +266,23 @@ class Engine:
         mx.eval(self.pool.storage.arrays())
         self.prefixes[sid] = str(path)
         return sid
+
+    def _cached_kv(self, path, meta, arrays, tokens: int) -> list[tuple]:
+        """Each layer's (K, V) of a prompt cache file: arrays, or [codes, scales, biases] when it
+        was saved from a quantized pool; refused when they do not fit this model's KV cache."""
+        a, stored = self.args, meta["quantization"]
+        dims = [(f".{p}", a.head_dim * stored["bits"] // 32 if p == "codes" else a.head_dim // stored["group_size"])
+                for p in prompt_cache.PARTS] if stored else [("", a.head_dim)]
+        shape = lambda name: tuple(getattr(arrays.get(name), "shape", ()))
+        bad = [f"{kind}.{layer}{name}" for layer in range(self.pool.layers) for kind in "kv" for name, d in dims
+               if shape(f"{kind}.{layer}{name}") != (a.num_key_value_heads, tokens, d)]
+        if meta["layers"] != self.pool.layers or bad:
+            raise prompt_cache.PromptCacheError(f"{path}: does not fit this model's KV cache (layers "
+                                                f"{meta['layers']} vs {self.pool.layers}; tensors {bad[:3]} do not "
+                                                f"hold {a.num_key_value_heads} heads of {tokens} tokens of this size)")
+        pick = (lambda kind, layer: [arrays[f"{kind}.{layer}.{p}"] for p in prompt_cache.PARTS]) if stored else \
+            (lambda kind, layer: arrays[f"{kind}.{layer}"])
+        return [(pick("k", layer), pick("v", layer)) for layer in range(self.pool.layers)]
 
     # ---- reporting --------------------------------------------------------------------------------
     def memory_breakdown(self) -> dict:

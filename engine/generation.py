@@ -9,10 +9,20 @@ from dataclasses import dataclass
 from metalforge.engine import tokenizer as tokenizers
 
 
+# Stop reasons the loop gives besides Stops': the sequence reached the engine's maximum length, or
+# the pool had no block for its next token.
+LONGEST = "max_seq_len"
+POOL_FULL = "KV pool exhausted"
+
+
 @dataclass
 class Token:
     id: int
     text: str | None
+    # asked for with logprobs=k: the chosen id's log-probability under the model (before
+    # temperature, top-k and top-p) and the k most likely (id, log-probability) pairs, best first
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -24,6 +34,19 @@ class Stats:
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     stop_reason: str = ""
+    # speculative decoding (engine/speculative.py): verify passes, tokens drafted, drafts accepted
+    verify_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def accepted_per_step(self) -> float:
+        """Draft tokens accepted per verify pass (each pass also yields one token of its own)."""
+        return self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
 class Stops:

@@ -42,6 +42,8 @@ def _attention_values(family: str, v: dict) -> dict | None:
     `block_size`, `num_blocks` and `width` (the block table's tokens, at most the pool's
     longest sequence). Decode attention reads the pool through a table as wide as the context's
     power-of-two bucket, so the engine's shape is the tuned bucket's."""
+    if v.get("window") or v.get("softcap") or v.get("sinks"):
+        return None   # the families serve plain causal attention; these variants run MLX's op
     heads = dict(B=v["B"], Hq=v["Hq"], Hkv=v["Hkv"], D=v["D"])
     if family == "decode_attention" and v["new"] == 1 and v.get("block_size"):
         S = min(pow2_bucket(v["context"]), v.get("width") or pow2_bucket(v["context"]))
@@ -55,8 +57,9 @@ def _attention_values(family: str, v: dict) -> dict | None:
 # asked, and how a call's sizes read as a family's shape. Fused attention-input and gated-MLP
 # kernels join here (those ops are MLX compositions of linears until then).
 OPS = {
-    "linear": (("qmv", "qmm"), lambda family, v: v if v.get("bits") else None),
+    "linear": (("qmv", "qmm"), lambda family, v: v if v.get("bits") and "mode" not in v else None),
     "attention": (("decode_attention", "prefill_attention"), _attention_values),
+    "expert_linear": (("gather_qmv",), lambda family, v: v if v.get("bits") and "mode" not in v else None),   # top-k experts a token
 }
 
 
@@ -109,7 +112,8 @@ class Kernels:
         self.report: dict[str, dict] = {}
         self._decisions: dict = {}
         self._reported: set = set()
-        self.cpu_float32 = self.backend == "mlx" and not mx.metal.is_available()
+        self.on_cpu = not mx.metal.is_available()
+        self.cpu_float32 = self.backend == "mlx" and self.on_cpu
         self.cpu_linear = CpuLinear() if self.cpu_float32 else None
 
     def decide(self, op: str, values: dict, dtype: str) -> Decision:
@@ -176,21 +180,22 @@ class Kernels:
         return get_family(d.family).run(d.config, d.shape, name, inputs(d), backend=self.backend, device=self.device)
 
     # ---- linear -------------------------------------------------------------------------------
-    def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None) -> mx.array:
-        """x: (T, K) -> (T, N). `w` holds weight (and scales, biases when quantized) and bias."""
+    def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None, mode: str | None = None) -> mx.array:
+        """x: (T, K) -> (T, N). `w` holds weight (and scales, biases when quantized) and bias;
+        `mode` is mx.quantize's (affine, or a floating-point one such as mxfp4: MLX's op)."""
         if self.cpu_linear is not None:
             self._record("linear", kernel="MLX CPU: split across cores, dequantized for many rows (engine/cpu_linear.py)")
-            y = self.cpu_linear(x, w, bits, group_size)
+            y = self.cpu_linear(x, w, bits, group_size, mode or "affine")
         elif "scales" not in w:
             self._record(f"linear {tuple(w['weight'].shape)}", kernel="mx matmul (unquantized weights)")
             y = x @ w["weight"].T
         else:
             def mlx_op():
-                xs = x.astype(w["scales"].dtype)   # float32 on the CPU (see Model), else x unchanged
-                return mx.quantized_matmul(xs, w["weight"], w["scales"], w["biases"], transpose=True,
-                                           group_size=group_size, bits=bits).astype(x.dtype)
-            if self.backend == "mlx":
-                self._record("quantized linear", kernel="mx.quantized_matmul")
+                xs = x.astype(w["biases"].dtype) if "biases" in w else x   # float32 on the CPU (see Model)
+                return mx.quantized_matmul(xs, w["weight"], w["scales"], w.get("biases"), transpose=True,
+                                           group_size=group_size, bits=bits, mode=mode or "affine").astype(x.dtype)
+            if self.backend == "mlx" or mode not in (None, "affine"):
+                self._record(f"quantized linear ({mode or 'affine'})", kernel="mx.quantized_matmul")
                 y = mlx_op()
             else:
                 values = dict(M=x.shape[0], N=w["weight"].shape[0], K=x.shape[1], bits=bits, group_size=group_size)
@@ -207,52 +212,59 @@ class Kernels:
         tokens, D): norm, projections, per-head norms and RoPE at each token's stored position.
         No fused kernel serves it yet: MLX's composition of our linears."""
         a = attn.args
-        x = attn.norm(h)
-        q = attn.q_proj(x).reshape(1, -1, a.num_attention_heads, a.head_dim)
-        k = attn.k_proj(x).reshape(1, -1, a.num_key_value_heads, a.head_dim)
-        v = attn.v_proj(x).reshape(1, -1, a.num_key_value_heads, a.head_dim)
+        q, k, v = attn.project(attn.norm(h))
+        q = q.reshape(1, -1, a.num_attention_heads, a.head_dim)
+        k = k.reshape(1, -1, a.num_key_value_heads, a.head_dim)
+        v = v.reshape(1, -1, a.num_key_value_heads, a.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = attn.rope(q.transpose(0, 2, 1, 3), step.positions, step.longest)
         k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, step.longest)
         return q, k, v.transpose(0, 2, 1, 3)
 
-    def attention(self, q: mx.array, kv, scale: float) -> mx.array:
+    def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:
         """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),
         group by group of the step: sequences of one new token together (decode), each prompt
-        alone."""
+        alone. `variant`: window, softcap, sinks (see _attention)."""
         outs = []
         for g in kv.groups():
             qg = q[:, :, g.group.tokens] if len(kv.step.groups) > 1 else q
             if g.group.new == 1:   # (1, Hq, B, D) as B sequences of one token
-                outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale).transpose(2, 1, 0, 3))
+                outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale, **variant).transpose(2, 1, 0, 3))
             else:
-                outs.append(self._attention(qg, g, scale))
+                outs.append(self._attention(qg, g, scale, **variant))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
-    def _attention(self, q: mx.array, kv, scale: float) -> mx.array:
+    def _attention(self, q: mx.array, kv, scale: float, window: int | None = None, softcap: float | None = None,
+                   sinks: mx.array | None = None) -> mx.array:
         """q: (B, Hq, L, D) -> the same, over one group's K/V: one token of each of B sequences,
-        or L tokens of one."""
+        or L tokens of one. `window`: each token attends to the latest `window` keys only (its
+        own included); `softcap`: scores pass through softcap * tanh(score / softcap) (Gemma 2);
+        `sinks`: a logit per head that joins the softmax's denominator (gpt-oss)."""
         B, Hq, L, D = q.shape
+        window = window if window is not None and kv.longest > window else None   # a window the context fills
+        sdpa = softcapped_attention(softcap) if softcap else mx.fast.scaled_dot_product_attention
+        extra = {} if sinks is None else {"sinks": sinks.astype(q.dtype)}
         if L == 1:
             def mlx_op():
                 outs = []
-                for b in range(B):
-                    k, v = kv.sequence(b)   # a view of the pool when the sequence is one run of blocks
-                    outs.append(mx.fast.scaled_dot_product_attention(q[b:b + 1], k, v, scale=scale))
+                for b in range(B):   # the K/V read are a view of the pool when the sequence is one run of blocks
+                    outs.append(kv.attend(q[b:b + 1], b, scale, window=window, sdpa=sdpa, **extra))
                 return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         else:
             def mlx_op():
-                k, v = kv.sequence(0)
-                LK = k.shape[2]
-                mask = mx.arange(LK)[None, :] <= (mx.arange(L)[:, None] + LK - L)
-                return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                return kv.attend(q, 0, scale, kv.mask(window), sdpa=sdpa, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
-        if self.backend == "mlx":
+        if softcap:
+            mlx_kernel = "MLX composition (soft-capped scores)"
+        elif kv.quantization and sinks is None:
+            mlx_kernel = "mx.quantized_matmul attention (quantized KV)"
+        if self.backend == "mlx" or kv.mlx_only:   # no kernel of ours reads a sliding KV window or quantized K/V yet
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
         values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes())
+        values.update({k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks is not None)) if v})
 
         def inputs(d: Decision) -> dict:
             scale_in = mx.array(scale, dtype=mx.float32)
@@ -266,9 +278,59 @@ class Kernels:
     def gated_mlp(self, h: mx.array, mlp) -> mx.array:
         """The residual stream h -> down(silu(gate(x)) * up(x)), x its norm. No fused kernel
         serves it yet: MLX's composition of our linears."""
-        x = mlp.norm(h)
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        return mlp.down_proj((gate * mx.sigmoid(gate) * up).astype(mlp.dtype))
+        gate, up = mlp.gate_up(mlp.norm(h))
+        return mlp.down_proj((mlp.activation(gate) * up).astype(mlp.dtype))
+
+    # ---- mixture of experts --------------------------------------------------------------------
+    def expert_linear(self, x: mx.array, w: dict, indices: mx.array, bits: int | None, group_size: int | None,
+                      sorted_indices: bool = False, mode: str | None = None) -> mx.array:
+        """x (T, 1, 1, K), (T, k, 1, K) or sorted (T*k, 1, K) through the experts `indices` (T,
+        k) or (T*k,) of a stacked layer (experts, N, K): (..., 1, N), as mlx-lm's SwitchLinear.
+        Quantized decode-sized calls are our gather_qmv's where the decision says so (one
+        dispatch, expert ids read on the GPU); the rest MLX's gather_qmm / gather_mm."""
+        if "scales" in w:
+            def mlx_op():
+                return mx.gather_qmm(x, w["weight"], w["scales"], w.get("biases"), rhs_indices=indices, transpose=True,
+                                     group_size=group_size, bits=bits, mode=mode or "affine",
+                                     sorted_indices=sorted_indices)
+            if self.backend == "mlx" or sorted_indices or mode not in (None, "affine"):
+                self._record("expert linear", kernel="mx.gather_qmm")
+                y = mlx_op()
+            else:
+                (T, k), (E, N, _), K = indices.shape, w["weight"].shape, x.shape[-1]
+                values = dict(M=T, N=N, K=K, experts=E, top_k=k, bits=bits, group_size=group_size)
+                inputs = lambda d: {"x": mx.broadcast_to(x.reshape(T, -1, K), (T, k, K)).reshape(T * k, K),
+                                    "w": w["weight"], "scales": w["scales"], "biases": w["biases"],
+                                    "indices": indices.reshape(-1).astype(mx.uint32)}
+                y = self._run("expert_linear", values, x.dtype, inputs, "mx.gather_qmm",
+                              lambda: mlx_op().reshape(T * k, N)).reshape(T, k, 1, N)
+        else:
+            self._record("expert linear (unquantized)", kernel="mx.gather_mm")
+            weight = w["weight"]
+            if self.on_cpu and x.dtype != mx.float32:   # MLX's CPU gather_mm takes float32 only
+                y = mx.gather_mm(x.astype(mx.float32), weight.astype(mx.float32).swapaxes(-1, -2),
+                                 rhs_indices=indices, sorted_indices=sorted_indices).astype(x.dtype)
+            else:
+                y = mx.gather_mm(x, weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        if "bias" in w:
+            y = y + mx.expand_dims(w["bias"][indices], -2)
+        return y
+
+
+def softcapped_attention(cap: float):
+    """Attention with soft-capped scores, composed as mlx-lm's Gemma 2 does (MLX's fused op has
+    no soft-cap): scaled q k^T, cap * tanh(s / cap), masked, softmax in float32, times v."""
+    def sdpa(q, k, v, scale, mask=None):
+        B, Hq, L, D = q.shape
+        Hkv = k.shape[1]
+        q = (q * scale).reshape(B, Hkv, Hq // Hkv, L, D)
+        scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+        scores = mx.tanh(scores / cap) * cap
+        if mask is not None:
+            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        out = mx.softmax(scores, axis=-1, precise=True) @ mx.expand_dims(v, 2)
+        return out.reshape(B, Hq, L, D)
+    return sdpa
 
 
 def _dtype_name(dtype) -> str:

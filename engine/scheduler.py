@@ -25,14 +25,22 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metalforge import arguments
-from metalforge.engine.generation import Stats, Stops, TextStream, Token
+from metalforge.engine.generation import LONGEST, POOL_FULL, Stats, Stops, TextStream, Token
 from metalforge.engine.kv import PoolExhausted
-from metalforge.engine.sampling import Sampler
+from metalforge.engine import speculative
+from metalforge.engine.kv.spec import SinkWindow, sink_window
+from metalforge.engine.sampling import Sampler, log_probabilities
+from metalforge.engine.speculative import NUM_DRAFT, Speculation
 from metalforge.errors import MetalforgeError
 
 MAX_WAITING = 1024
-POOL_FULL = "KV pool exhausted"
-LONGEST = "max_seq_len"
+
+
+def run_blocks(pool, prompt_tokens: int, max_tokens: int) -> int:
+    """The most blocks a request's whole run can hold: its prompt and every token it samples but
+    the last (never fed back), up to max_seq_len; at most the whole pool."""
+    longest = min(prompt_tokens + max_tokens - 1, pool.max_seq_len)
+    return min(pool.blocks.blocks_for(longest), pool.num_blocks)
 
 
 @dataclass
@@ -43,10 +51,14 @@ class Request:
     max_tokens: int
     blocks: int                    # the most blocks its whole run can hold (see Scheduler._fits)
     keep: bool = False             # the sequence stays in the pool afterwards (see Engine.generate)
+    logprobs: int | None = None    # fill each Token's logprob and this many top_logprobs
     sid: int | None = None
     sampled: int = 0               # tokens sampled, read back or not
     ending: str | None = None      # why no more tokens will be fed, once its last is read
     error: PoolExhausted | None = None
+    speculation: object = None     # engine/speculative.py's Speculation: decoded a verify pass at a time
+    first: mx.array | None = None  # a speculative request's first token, sampled at prefill
+    window: SinkWindow | None = None   # its own sliding window (max_kv_size)
 
 
 class Scheduler:
@@ -57,17 +69,39 @@ class Scheduler:
         self.waiting: deque[int] = deque()       # not admitted yet, first come first served
         self.finished: dict[int, Stats] = {}
         self._ended: dict[int, tuple] = {}             # request -> (its sequence, its error)
-        self._queued: list[tuple[int, mx.array]] = []   # (request, its sampled token not read yet)
+        self._queued: list[tuple] = []   # (request, its sampled token not read yet, its log-probabilities)
         self._next_id = 0
 
     # ---- requests ---------------------------------------------------------------------------------
     def request(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                seed: int | None = None, stop=None, keep: bool = False) -> int:
+                seed: int | None = None, stop=None, keep: bool = False, logprobs: int | None = None, draft=None,
+                num_draft: int = NUM_DRAFT, prompt_lookup: int = 0, max_kv_size: int | None = None) -> int:
         """Queue a prompt (text or ids) with its own settings; it joins at the next step with room
         for it. Returns its request id. Every argument is checked first; a full queue or a prompt
-        over max_seq_len is refused."""
+        over max_seq_len is refused. `draft` or `prompt_lookup`: decoded speculatively (see
+        engine/speculative.py), `num_draft` tokens verified per forward pass. `max_kv_size`: this
+        request's own sliding window (as engine.load's, for the layers that attend to everything)."""
+        window = None if max_kv_size is None else sink_window(max_kv_size, self.pool.capacity_tokens)
+        speculation = None
+        if (draft is not None or prompt_lookup) and logprobs is not None:
+            raise MetalforgeError("logprobs are not reported with speculative decoding (draft=, prompt_lookup=) yet")
+        if draft is not None or prompt_lookup:
+            speculation = Speculation(speculative.drafter(self.engine, draft, num_draft, prompt_lookup), num_draft,
+                                      seed)
+        try:
+            return self._request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs, speculation,
+                                 window)
+        except BaseException:
+            if speculation:
+                speculation.close()
+            raise
+
+    def _request(self, prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs, speculation,
+                 window) -> int:
         e = self.engine
         arguments.positive_int("max_tokens", max_tokens)
+        if logprobs is not None:
+            arguments.positive_int("logprobs", logprobs, minimum=0)
         ids = e.encode(prompt)
         if not ids:
             raise MetalforgeError("the prompt is empty")
@@ -83,13 +117,14 @@ class Scheduler:
         if len(self.waiting) >= self.max_waiting:
             raise MetalforgeError(f"the queue is full: {len(self.waiting)} requests wait for KV blocks "
                                   f"(max_waiting={self.max_waiting}); add again after some finish")
-        longest = min(len(ids) + max_tokens - 1, self.pool.max_seq_len)   # the last token is never fed back
         text = TextStream(e.tokenizer, Stops(stop_ids, stop_texts, max_tokens), Stats(prompt_tokens=len(ids)),
                           time.perf_counter())
         rid = self._next_id
         self._next_id += 1
-        self.requests[rid] = Request(ids, sampler, text, max_tokens,
-                                     min(self.pool.blocks.blocks_for(longest), self.pool.num_blocks), keep)
+        extra = speculation.num_draft if speculation else 0   # a verify pass holds drafts until rejected ones go
+        blocks = run_blocks(self.pool, len(ids), max_tokens + extra)
+        self.requests[rid] = Request(ids, sampler, text, max_tokens, blocks, keep, logprobs, speculation=speculation,
+                                     window=window)
         self.waiting.append(rid)
         return rid
 
@@ -106,6 +141,14 @@ class Scheduler:
         if rid in self.finished:
             return self.finished[rid]
         raise MetalforgeError(f"no request {rid}")
+
+    def forget(self, rid: int) -> None:
+        """Drop what is remembered of a finished request (its stats, sequence and error): a batch
+        that lives as long as a server would otherwise grow with every request."""
+        if rid in self.requests:
+            raise MetalforgeError(f"request {rid} has not finished")
+        self.finished.pop(rid, None)
+        self._ended.pop(rid, None)
 
     def sequence(self, rid: int) -> int | None:
         """The pool sequence a request holds (None until admitted)."""
@@ -131,36 +174,65 @@ class Scheduler:
         """Admit and prefill the waiting requests that fit, queue the next token of every
         admitted request, read back the tokens sampled before; return the (request id, Token)
         pairs read, in request order."""
-        ready = [(rid, y) for rid, y in self._queued if rid in self.requests]
+        ready = [queued for queued in self._queued if queued[0] in self.requests]
         while self.waiting and self._fits(self.requests[self.waiting[0]]):
             rid = self.waiting.popleft()
-            y = self._prefill(rid)
-            if y is not None:
-                ready.append((rid, y))
-        fed = self._feedable([rid for rid, _ in ready])
-        self._queued = self._decode(fed, dict(ready)) if fed else []
+            sampled = self._prefill(rid)
+            if sampled is not None and self.requests[rid].speculation:
+                self.requests[rid].first = sampled[0]
+            elif sampled is not None:
+                ready.append((rid, *sampled))
+        fed = self._feedable([rid for rid, *_ in ready])
+        self._queued = self._decode(fed, {rid: y for rid, y, _ in ready}) if fed else []
         events = []
-        tokens = mx.stack([y for _, y in ready]).tolist() if ready else []
-        for (rid, _), token in zip(ready, tokens):
+        tokens = mx.stack([y for _, y, _ in ready]).tolist() if ready else []
+        for (rid, _, scores), token in zip(ready, tokens):
             r = self.requests[rid]
             if rid in fed:
                 self.pool.settle(r.sid, [token])
             out, reason = r.text.add(token)
+            if scores is not None:
+                chosen, top, top_logp = scores
+                out.logprob, out.top_logprobs = chosen.item(), list(zip(top.tolist(), top_logp.tolist()))
             events.append((rid, out))
             if reason or rid not in fed:
                 self._finish(rid, reason or r.ending)
+        for rid in [rid for rid, r in self.requests.items() if r.speculation and r.sid is not None]:
+            events += self._speculate(rid)
         return sorted(events, key=lambda ev: ev[0])
 
-    def _decode(self, fed: list[int], tokens: dict[int, mx.array]) -> list[tuple[int, mx.array]]:
-        """Queue one forward pass feeding each request its sampled token; (request, next token)."""
+    def _speculate(self, rid: int) -> list[tuple[int, Token]]:
+        """A speculative request's next verify pass (its own forward pass): the tokens it yields."""
+        r = self.requests[rid]
+        tokens, ending = r.speculation.advance(self.engine, r)
+        events = []
+        for token in tokens:
+            out, reason = r.text.add(token)
+            events.append((rid, out))
+            if reason:
+                self._finish(rid, reason)
+                return events
+        if ending:
+            self._finish(rid, ending)
+        return events
+
+    def _decode(self, fed: list[int], tokens: dict[int, mx.array]) -> list[tuple]:
+        """Queue one forward pass feeding each request its sampled token; (request, next token,
+        its log-probabilities or None)."""
         step = self.pool.begin({self.requests[rid].sid: 1 for rid in fed})
         logits = self.engine.model.forward(step, mx.stack([tokens[rid] for rid in fed]))
         out = []
         for b, rid in enumerate(fed):
             self.requests[rid].sampled += 1
-            out.append((rid, self.requests[rid].sampler.sample(logits[b])))
-        mx.async_eval([y for _, y in out])
+            out.append((rid, *self._sample(self.requests[rid], logits[b])))
+        mx.async_eval([a for _, y, scores in out for a in (y, *(scores or ()))])
         return out
+
+    @staticmethod
+    def _sample(r: Request, logits: mx.array) -> tuple[mx.array, tuple | None]:
+        """r's next token from `logits` (vocab,) and, when asked for, its log-probabilities (lazy)."""
+        y = r.sampler.sample(logits)
+        return y, (log_probabilities(logits, y, r.logprobs) if r.logprobs is not None else None)
 
     def _feedable(self, rids: list[int]) -> list[int]:
         """The requests whose sampled token is fed back: not at max_tokens or max_seq_len, and,
@@ -200,14 +272,14 @@ class Scheduler:
         shared = bool(seq.blocks) and self.pool.blocks.shared(seq.blocks[-1])
         return max(0, r.blocks - len(seq.blocks)) + shared
 
-    def _prefill(self, rid: int) -> mx.array | None:
+    def _prefill(self, rid: int) -> tuple | None:
         """The request's prompt into a new sequence, forked from the longest cached prefix, and
         its first token sampled; a prompt the pool cannot hold ends the request alone."""
         r = self.requests[rid]
         others = [o.sid for o in self.requests.values() if o.sid is not None]
-        parent, cached = self._longest_cached_prefix(r.ids, others)
+        parent, cached = self._longest_cached_prefix(r.ids, others, r.window)
         cached = min(cached, len(r.ids) - 1)   # the last prompt token is recomputed for its logits
-        sid = self.pool.add_sequence() if parent is None else self.pool.fork(parent, cached)
+        sid = self.pool.add_sequence(r.window) if parent is None else self.pool.fork(parent, cached, r.window)
         r.text.stats.cached_tokens = cached    # 0 without a parent
         try:
             logits = self.engine.prefill(sid, r.ids[cached:])
@@ -220,20 +292,22 @@ class Scheduler:
             self.pool.remove(sid)
             raise
         r.sid, r.sampled = sid, 1
-        return r.sampler.sample(logits[0])
+        return self._sample(r, logits[0])
 
-    def _longest_cached_prefix(self, ids: list[int], candidates=()) -> tuple[int | None, int]:
+    def _longest_cached_prefix(self, ids: list[int], candidates=(), window=None) -> tuple[int | None, int]:
         """The kept prefix that is a whole prefix of `ids`, or among `candidates` the sequence
         sharing the most leading tokens (at least one block: less is not worth a fork)."""
         best, best_len = None, 0
         for sid in self.engine.prefixes:
             cached = self.pool.seq(sid).tokens
             n = len(cached)
-            if best_len < n < len(ids) + 1 and ids[:n] == cached:
+            if best_len < n < len(ids) + 1 and ids[:n] == cached and \
+                    self.pool.can_fork(sid, min(n, len(ids) - 1), window):
                 best, best_len = sid, n
         for sid in candidates:
             n = len(os.path.commonprefix([ids, self.pool.seq(sid).tokens]))   # works on any sequences
-            if n > max(best_len, self.pool.block_size - 1):
+            if n > max(best_len, self.pool.block_size - 1) and \
+                    self.pool.can_fork(sid, min(n, len(ids) - 1), window):
                 best, best_len = sid, n
         return best, best_len
 
@@ -242,6 +316,8 @@ class Scheduler:
         if rid in self.waiting:
             self.waiting.remove(rid)
         r.text.stats.stop_reason = r.text.stats.stop_reason or reason
+        if r.speculation:
+            r.speculation.close()
         self.finished[rid] = r.text.stats
         self._ended[rid] = (r.sid, r.error)
         if r.sid is None or r.sid not in self.pool.seqs:

@@ -42,7 +42,7 @@ GROUPS = ("before_m3", "m3_on")
 
 
 @dataclass(frozen=True)
-class Architecture:
+class ModelSizes:
     """What the end-to-end model needs of a transformer (llama family: GQA attention, gated MLP)."""
 
     params_b: float
@@ -75,7 +75,7 @@ class Point:
     gpu_cores: int
     kind: str
     model: str
-    arch: Architecture
+    sizes: ModelSizes
     weight_gib: float
     tokens_per_s: float
     source: str
@@ -93,7 +93,7 @@ class Point:
     @property
     def weight_bytes(self) -> float:
         """Bytes of weights read per forward pass (the embedding table's share is only looked up)."""
-        return self.weight_gib * 2**30 * self.arch.matmul_params / (self.arch.params_b * 1e9)
+        return self.weight_gib * 2**30 * self.sizes.matmul_params / (self.sizes.params_b * 1e9)
 
 
 # ---- the data ---------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def load_points(path) -> list[Point]:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise MetalforgeError(f"{path}: cannot read measurements ({e})") from None
-    models = {name: Architecture(**arch) for name, arch in (data.get("models") or {}).items()}
+    models = {name: ModelSizes(**sizes) for name, sizes in (data.get("models") or {}).items()}
     points = []
     for i, p in enumerate(data.get("points") or []):
         at = f"{path}: points[{i}]"
@@ -125,7 +125,7 @@ def load_points(path) -> list[Point]:
         if any(k not in p for k in need):
             raise MetalforgeError(f"{at}: a {p['kind']} point needs {', '.join(need)}")
         points.append(Point(chip=p["chip"], gpu_cores=int(p["gpu_cores"]), kind=p["kind"], model=p["model"],
-                            arch=models[p["model"]], weight_gib=float(p["weight_gib"]),
+                            sizes=models[p["model"]], weight_gib=float(p["weight_gib"]),
                             tokens_per_s=float(p["tokens_per_s"]), source=p["source"], date=str(p["date"]),
                             software=str(p["software"]), weights=str(p.get("weights", "")), tokens=int(p.get("tokens", 0)),
                             chunk=int(p.get("chunk", 0)), context=float(p.get("context", 0))))
@@ -139,17 +139,17 @@ def data_digest(path) -> str:
 # ---- the model ----------------------------------------------------------------------------------
 def _decode_features(p: Point) -> np.ndarray:
     """Coefficients of (A, B, C) in seconds per decoded token."""
-    nbytes = p.weight_bytes + p.arch.kv_bytes(p.context)
-    return np.array([*cost.memory_terms(nbytes, p.device), p.arch.layers])
+    nbytes = p.weight_bytes + p.sizes.kv_bytes(p.context)
+    return np.array([*cost.memory_terms(nbytes, p.device), p.sizes.layers])
 
 
 def _prefill_parts(p: Point, c: Constants) -> tuple[np.ndarray, float]:
     """Seconds per prompt token as (coefficients of D before_m3 / m3_on, known seconds)."""
     dev = p.device
     per_pass = min(p.chunk, p.tokens)
-    flops = 2 * p.arch.matmul_params + p.arch.attention_flops(p.tokens / 2)   # causal: mean context L/2
+    flops = 2 * p.sizes.matmul_params + p.sizes.attention_flops(p.tokens / 2)   # causal: mean context L/2
     coeff = np.array([cost.compute_term(flops, dev) if g == cost.generation_group(dev) else 0.0 for g in GROUPS])
-    return coeff, (cost.memory_seconds(p.weight_bytes, dev, c) + p.arch.layers * c.layer_overhead_s) / per_pass
+    return coeff, (cost.memory_seconds(p.weight_bytes, dev, c) + p.sizes.layers * c.layer_overhead_s) / per_pass
 
 
 def predict(p: Point, c: Constants) -> float:

@@ -12,6 +12,26 @@ from metalforge import devices
 from metalforge.kernels import dtypes
 from metalforge.kernels.families import get as get_family
 
+# The register rule. All threads of a threadgroup live on one GPU core, whose register file holds
+# about 208 KB on Apple 7 and 8 (M1, M2: philipturner/metal-benchmarks, "On-Chip Memory", 384 to
+# 3,072 threads a core) and which a lane addresses as at most 128 32-bit registers (dougallj/applegpu,
+# the G13 ISA; past 128 the compiler spills to memory instead). So a pipeline whose lanes hold R
+# registers gets maxTotalThreadsPerThreadgroup <= 208 KB / (4 bytes x min(R, 128)), in whole
+# SIMD-groups, which is how Apple's pipelines report less than 1,024 (896 was seen on an M2 Ultra).
+# R is a family's count of the values its arrays keep (Geometry.registers) plus REGISTER_OVERHEAD
+# for the scalars beside them (indices, pointers, loop counters, softmax state): an estimate meant
+# to err high, so a config we ship or pick is not refused at dispatch. MLX avoids the question by
+# keeping its 1,024-thread kernels (sdpa_vector) at a few values a lane.
+REGISTER_FILE_BYTES = 208 * 1024
+MAX_REGISTERS = 128
+REGISTER_OVERHEAD = 24
+
+
+def max_threads_for_registers(registers: int, device_max: int) -> int:
+    """The most threads a threadgroup of lanes holding `registers` values may have (the rule above)."""
+    held = min(registers + REGISTER_OVERHEAD, MAX_REGISTERS)
+    return min(device_max, REGISTER_FILE_BYTES // (4 * held) // 32 * 32)
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -35,10 +55,13 @@ def check(family, config: dict, shape, dtype, device) -> list[Violation]:
             out.append(Violation("threadgroup_memory",
                                  f"Threadgroup memory size ({g.threadgroup_memory_bytes}) exceeds the maximum "
                                  f"threadgroup memory allowed ({dev.threadgroup_memory_bytes})"))
-        if g.threads > dev.max_threads_per_threadgroup:
+        limit = max_threads_for_registers(g.registers, dev.max_threads_per_threadgroup)
+        if g.threads > limit:
+            why = "" if limit == dev.max_threads_per_threadgroup else \
+                f" for lanes holding about {g.registers + REGISTER_OVERHEAD} registers"
             out.append(Violation("threads",
                                  f"Thread group size ({g.threads}) is greater than the maximum allowed threads per "
-                                 f"threadgroup ({dev.max_threads_per_threadgroup})"))
+                                 f"threadgroup ({limit}){why}"))
         if g.threads % dev.simd_width:
             out.append(Violation("simd_width",
                                  f"threads per threadgroup ({g.threads}) is not a multiple of the SIMD width "
@@ -81,5 +104,5 @@ def _fold(v: Violation) -> str:
     if v.kind == "threadgroup_memory":
         return "threadgroup memory exceeds the maximum threadgroup memory allowed (" + v.message.rsplit("(", 1)[1]
     if v.kind == "threads":
-        return "thread group size exceeds the maximum allowed threads per threadgroup (" + v.message.rsplit("(", 1)[1]
+        return "thread group size exceeds the maximum allowed threads per threadgroup (" + v.message.split("threadgroup (", 1)[1]
     return v.message

@@ -1,8 +1,12 @@
-"""decode_attention: one new query token per sequence against a KV cache (GQA, split-K).
+"""decode_attention: 1 to 8 new query tokens per sequence against a KV cache (GQA, split-K).
 
 The KV cache is either contiguous (B, Hkv, S, D) or the engine's block pool
 (Hkv, num_blocks, block_size, D) read through a block table with per-sequence lengths (head-major,
-so that MLX's attention can read a sequence stored in consecutive blocks in place).
+so that MLX's attention can read a sequence stored in consecutive blocks in place). Several query
+tokens (what speculative decoding verifies) are causal among them: token i of L sits at position
+len - L + i. Model variants are shape fields whose defaults are plain attention: a sliding window,
+a logit soft-cap (gemma2), per-head attention sinks (gpt-oss) and K/V stored as 8- or 4-bit values
+in MLX's mx.quantize layout (a scale and bias per group along D), dequantised in the kernel.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
+MAX_QUERY_TOKENS = 8   # MLX's sdpa_vector serves up to 8 query tokens too; more is a prompt
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)   # what mx.quantize accepts
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,12 @@ class DecodeShape:
     D: int
     block_size: int = 0   # 0: contiguous cache; else the pool's block size
     num_blocks: int = 0   # pool size (paged layout only; 0 = exactly enough for B sequences of S)
+    L: int = 1            # query tokens per sequence, causal among them (speculative decoding: 2-8)
+    window: int = 0       # sliding window: a token sees its last `window` keys, itself included (0: all)
+    sinks: int = 0        # 1: a learned sink logit per query head (input `sinks`, Hq values) joins the softmax
+    softcap: int = 0      # 1: scores pass through tanh(s / cap) * cap, cap given at run time (input `softcap`)
+    kv_bits: int = 0      # 0: K/V in the activation dtype; 4 or 8: mx.quantize's layout (keys, keys_scales, ...)
+    kv_group_size: int = 64   # values per scale and bias along D (quantized K/V only)
 
     @property
     def max_blocks(self) -> int:
@@ -40,14 +53,16 @@ class DecodeShape:
 
 
 class DecodeAttention(Family):
-    """softmax(q K^T * scale) V for one query token per sequence, GQA, split-K, paged KV."""
+    """softmax(q K^T * scale) V for 1-8 query tokens per sequence, GQA, split-K, paged KV."""
 
     name = "decode_attention"
     bucketed = ("S",)
+    variant_fields = ("L", "window", "sinks", "softcap", "kv_bits", "kv_group_size")
     shape_type = DecodeShape
     params = (
         Param("threads", (32, 64, 128, 256, 512, 1024), 256, "threads per threadgroup (32 per SIMD-group)"),
-        Param("keys_per_step", (1, 2, 4, 8), 2, "keys each SIMD-group takes per step"),
+        Param("keys_per_step", (1, 2, 4, 8), 2, "keys each lane group takes per step"),
+        Param("keys_per_simdgroup", (1, 2, 4), 1, "lane groups of a SIMD-group, each on its own key (32 / it lanes a key)"),
         Param("splits", (1, 2, 4, 8, 16, 32, 64), 1, "split-K partitions of the sequence (>1 adds a reduce kernel)"),
         Param("share_kv", (False, True), True, "one threadgroup serves all query heads of a KV head"),
         Param("load_width", (1, 2, 4), 1, "consecutive K/V elements each lane loads at once"),
@@ -64,9 +79,15 @@ class DecodeAttention(Family):
                            "S": cut_keeping_tail(shape.S, 256, 256), "num_blocks": 0})
 
     def shape_distance(self, a, b) -> float | None:
-        if (a.D, a.Hq // a.Hkv, bool(a.block_size)) != (b.D, b.Hq // b.Hkv, bool(b.block_size)):
+        if self.structure(a) != self.structure(b):
             return None
         return abs(math.log2(a.S / b.S)) + abs(math.log2(a.B / b.B)) + 0.1 * abs(math.log2(a.Hkv / b.Hkv))
+
+    @staticmethod
+    def structure(shape: DecodeShape) -> tuple:
+        """What a config is specialised to beyond sizes: a config of one says nothing of another."""
+        return (shape.D, shape.Hq // shape.Hkv, bool(shape.block_size), shape.L, shape.window, shape.sinks,
+                shape.softcap, shape.kv_bits, shape.kv_group_size if shape.kv_bits else 0)
 
     def shape_problems(self, shape: DecodeShape) -> list[str]:
         out = []
@@ -78,12 +99,27 @@ class DecodeAttention(Family):
             out.append(f"Hq={shape.Hq} is not a multiple of Hkv={shape.Hkv}")
         if shape.block_size < 0 or (shape.block_size and shape.num_blocks and shape.num_blocks < shape.max_blocks):
             out.append("the block pool is too small for one sequence of S tokens")
+        if not 1 <= shape.L <= MAX_QUERY_TOKENS:
+            out.append(f"L={shape.L} is outside 1..{MAX_QUERY_TOKENS} (longer runs of query tokens are a prompt)")
+        if shape.window < 0:
+            out.append(f"window={shape.window} must be 0 (no window) or positive")
+        for flag in ("sinks", "softcap"):
+            if getattr(shape, flag) not in (0, 1):
+                out.append(f"{flag}={getattr(shape, flag)} must be 0 or 1")
+        if shape.kv_bits:
+            if shape.kv_bits not in KV_BITS:
+                out.append(f"kv_bits={shape.kv_bits} is not supported (valid: 0, {', '.join(map(str, KV_BITS))})")
+            if shape.kv_group_size not in KV_GROUP_SIZES:
+                out.append(f"kv_group_size={shape.kv_group_size} is not supported (valid: "
+                           f"{', '.join(map(str, KV_GROUP_SIZES))})")
+            elif shape.D % shape.kv_group_size:
+                out.append(f"D={shape.D} is not a multiple of kv_group_size={shape.kv_group_size}")
         return out
 
     def buffer_elements(self, shape: DecodeShape) -> dict[str, int]:
         rows = shape.pool_blocks * shape.block_size if shape.block_size else shape.B * shape.S
         cache = rows * shape.Hkv * shape.D
-        return {"queries": shape.B * shape.Hq * shape.D, "keys": cache, "values": cache}
+        return {"queries": shape.B * shape.Hq * shape.L * shape.D, "keys": cache, "values": cache}
 
     def heads_per_group(self, config, shape: DecodeShape) -> int:
         return shape.Hq // shape.Hkv if config["share_kv"] else 1
@@ -93,11 +129,21 @@ class DecodeAttention(Family):
         threads = config["threads"]
         rows = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
         # max, sum and the D-wide output of each (SIMD-group, head)
-        merge = 4 * (threads // 32) * self.heads_per_group(config, shape) * (2 + shape.D)
-        main = Geometry((threads * config["splits"], rows, 1), (threads, 1, 1), merge)
+        query_rows = self.heads_per_group(config, shape) * shape.L
+        merge = 4 * (threads // 32) * query_rows * (2 + shape.D)
+        # q and the accumulator per query row, KPS key rows (twice when prefetching), KPS scores a row
+        kps = config["keys_per_step"]
+        registers = self.lane_elements(config, shape) * (2 * query_rows + kps * (2 if config["prefetch"] else 1)) \
+            + kps * query_rows
+        main = Geometry((threads * config["splits"], rows, 1), (threads, 1, 1), merge, registers)
         if config["splits"] == 1:
             return (main,)
-        return main, Geometry((32, shape.B * shape.Hq, 1), (32, 1, 1))
+        return main, Geometry((32, shape.B * shape.Hq * shape.L, 1), (32, 1, 1), registers=cdiv(shape.D, 32))
+
+    def lane_elements(self, config, shape: DecodeShape) -> int:
+        """Elements of a K/V row a lane holds: W-wide slots, 32 / keys_per_simdgroup lanes a key."""
+        lanes = 32 // config["keys_per_simdgroup"]
+        return cdiv(shape.D, lanes * config["load_width"]) * config["load_width"]
 
     def config_problems(self, config, shape: DecodeShape, dtype) -> list[str]:
         if config["splits"] > shape.S:
@@ -110,116 +156,185 @@ class DecodeAttention(Family):
         heads = self.heads_per_group(config, shape)
         splits = config["splits"]
         inputs = ["queries", "keys", "values", "scale"]
+        if shape.kv_bits:
+            inputs += [f"{n}_{part}" for n in ("keys", "values") for part in ("scales", "biases")]
+        if shape.softcap:
+            inputs.append("softcap")
         if shape.block_size:
             inputs += ["block_table", "seq_lens"]
+        sinks = ["sinks"] if shape.sinks else []   # read where the output is normalised
         outputs = ["out"] if splits == 1 else ["partial_out", "partial_max", "partial_sum"]
         main = self._kernel(
-            self.template, inputs, outputs,
-            B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, S=shape.S, D=shape.D, block_size=shape.block_size,
-            max_blocks=shape.max_blocks, pool_blocks=shape.pool_blocks,
-            T=d.metal, SG=sg, KPS=config["keys_per_step"], SPLITS=splits, HEADS=heads, share_kv=config["share_kv"],
+            self.template, inputs + (sinks if splits == 1 else []), outputs,
+            B=shape.B, Hq=shape.Hq, Hkv=shape.Hkv, S=shape.S, D=shape.D, L=shape.L, block_size=shape.block_size,
+            max_blocks=shape.max_blocks, pool_blocks=shape.pool_blocks, window=shape.window,
+            sinks=bool(shape.sinks), softcap=bool(shape.softcap), kv_bits=shape.kv_bits, kv_group=shape.kv_group_size,
+            T=d.metal, SG=sg, KPS=config["keys_per_step"], KG=config["keys_per_simdgroup"], SPLITS=splits,
+            HEADS=heads, share_kv=config["share_kv"],
             W=config["load_width"], prefetch=config["prefetch"], TV=d.vector, vector=vector_of,
         )
         geometry = self.geometry(config, shape, dtype)
+        out_shape = (shape.B, shape.Hq, shape.L, shape.D)
         if splits == 1:
-            return [Launch(main, geometry[0].grid, geometry[0].threadgroup, ((shape.B, shape.Hq, 1, shape.D),), (d.mlx,))]
-        rows_out = shape.B * shape.Hq   # one partial result per query head and split
+            return [Launch(main, geometry[0].grid, geometry[0].threadgroup, (out_shape,), (d.mlx,))]
+        rows_out = shape.B * shape.Hq * shape.L   # one partial result per query row and split
         partial = Launch(main, geometry[0].grid, geometry[0].threadgroup,
                          ((rows_out, splits, shape.D), (rows_out, splits), (rows_out, splits)),
                          (mx.float32, mx.float32, mx.float32))
-        reduce = self._kernel("decode_attention_reduce.metal.j2", outputs, ["out"],
-                              rows=rows_out, D=shape.D, SPLITS=splits, T=d.metal)
-        return [partial, Launch(reduce, geometry[1].grid, geometry[1].threadgroup, ((shape.B, shape.Hq, 1, shape.D),),
-                                (d.mlx,))]
+        reduce = self._kernel("decode_attention_reduce.metal.j2", outputs + sinks, ["out"],
+                              rows=rows_out, Hq=shape.Hq, L=shape.L, D=shape.D, SPLITS=splits,
+                              sinks=bool(shape.sinks), T=d.metal)
+        return [partial, Launch(reduce, geometry[1].grid, geometry[1].threadgroup, (out_shape,), (d.mlx,))]
 
     def make_inputs(self, shape: DecodeShape, dtype, seed=0):
         d = dtypes.get(dtype)
-        kq, kk, kv, kp, kl = mx.random.split(mx.random.key(seed), 5)
-        q = mx.random.normal((shape.B, shape.Hq, 1, shape.D), key=kq).astype(d.mlx)
-        scale = mx.array(1.0 / math.sqrt(shape.D), dtype=mx.float32)
+        kq, kk, kv, kp, kl, ks = mx.random.split(mx.random.key(seed), 6)
+        q = mx.random.normal((shape.B, shape.Hq, shape.L, shape.D), key=kq).astype(d.mlx)
+        variants = {"scale": mx.array(1.0 / math.sqrt(shape.D), dtype=mx.float32)}
+        if shape.sinks:   # logits of the size scores have, so a sink takes a real share
+            variants["sinks"] = mx.random.normal((shape.Hq,), key=ks).astype(d.mlx)
+        if shape.softcap:   # small enough to bend the scores of these inputs (gemma2 uses 50)
+            variants["softcap"] = mx.array(2.0, dtype=mx.float32)
+        rows = (shape.Hkv, shape.pool_blocks, shape.block_size) if shape.block_size else (shape.B, shape.Hkv, shape.S)
+        cache = {"keys": mx.random.normal((*rows, shape.D), key=kk).astype(d.mlx),
+                 "values": mx.random.normal((*rows, shape.D), key=kv).astype(d.mlx)}
+        if shape.kv_bits:   # stored as mx.quantize writes them, along D
+            for name in ("keys", "values"):
+                packed, scales, biases = mx.quantize(cache[name], group_size=shape.kv_group_size, bits=shape.kv_bits)
+                cache.update({name: packed, f"{name}_scales": scales.astype(d.mlx),
+                              f"{name}_biases": biases.astype(d.mlx)})
         if not shape.block_size:
-            k = mx.random.normal((shape.B, shape.Hkv, shape.S, shape.D), key=kk).astype(d.mlx)
-            v = mx.random.normal((shape.B, shape.Hkv, shape.S, shape.D), key=kv).astype(d.mlx)
-            return {"queries": q, "keys": k, "values": v, "scale": scale}
+            return {"queries": q, **cache, **variants}
         # A shuffled pool: sequence b's blocks are scattered, as after many adds and removals.
-        pool = (shape.Hkv, shape.pool_blocks, shape.block_size, shape.D)
-        k = mx.random.normal(pool, key=kk).astype(d.mlx)
-        v = mx.random.normal(pool, key=kv).astype(d.mlx)
         order = mx.random.permutation(shape.pool_blocks, key=kp)[: shape.B * shape.max_blocks]
         table = order.reshape(shape.B, shape.max_blocks).astype(mx.int32)
         lens = mx.random.randint(1, shape.S + 1, (shape.B,), key=kl).astype(mx.int32)
         lens = mx.concatenate([mx.array([shape.S], dtype=mx.int32), lens[1:]])  # one full-length sequence
-        return {"queries": q, "keys": k, "values": v, "scale": scale, "block_table": table, "seq_lens": lens}
+        return {"queries": q, **cache, **variants, "block_table": table, "seq_lens": lens}
+
+    def cache(self, shape: DecodeShape, inp, name: str) -> mx.array:
+        """The keys or values as values: quantized ones through MLX's own mx.dequantize."""
+        if not shape.kv_bits:
+            return inp[name]
+        return mx.dequantize(inp[name], inp[f"{name}_scales"], inp[f"{name}_biases"],
+                             group_size=shape.kv_group_size, bits=shape.kv_bits)
 
     def gather_kv(self, shape: DecodeShape, inp, b: int):
         """Sequence b's K and V as contiguous (Hkv, len, D) arrays."""
+        keys, values = self.cache(shape, inp, "keys"), self.cache(shape, inp, "values")
         if not shape.block_size:
-            return inp["keys"][b], inp["values"][b], shape.S
+            return keys[b], values[b], shape.S
         n = int(inp["seq_lens"][b].item())
         blocks = inp["block_table"][b, : cdiv(n, shape.block_size)]
         def gather(pool):
             x = pool[:, blocks].reshape(shape.Hkv, -1, shape.D)
             return x[:, :n]
-        return gather(inp["keys"]), gather(inp["values"]), n
+        return gather(keys), gather(values), n
 
     def reference(self, shape: DecodeShape, dtype, inp):
-        """Plain fp32 softmax attention per sequence, with K/V heads repeated for GQA."""
+        """Plain fp32 softmax attention per sequence in MLX ops, K/V heads repeated for GQA: the
+        soft-cap, the causal and window mask and the sink column written out as their papers do."""
         outs = []
         g = shape.Hq // shape.Hkv
         scale = inp["scale"].item()
         for b in range(shape.B):
-            k, v, _ = self.gather_kv(shape, inp, b)
+            k, v, n = self.gather_kv(shape, inp, b)
             k = mx.repeat(k.astype(mx.float32), g, axis=0)
             v = mx.repeat(v.astype(mx.float32), g, axis=0)
-            q = inp["queries"][b].astype(mx.float32)            # (Hq, 1, D)
-            w = mx.softmax((q @ k.transpose(0, 2, 1)) * scale, axis=-1)
-            outs.append(w @ v)
+            q = inp["queries"][b].astype(mx.float32)            # (Hq, L, D)
+            scores = (q @ k.transpose(0, 2, 1)) * scale
+            if shape.softcap:
+                cap = inp["softcap"].item()
+                scores = mx.tanh(scores / cap) * cap
+            visible = self.visible(shape, n)
+            scores = mx.where(visible, scores, -mx.inf)
+            if shape.sinks:   # one more column, the head's sink logit, that adds no value
+                sink = mx.broadcast_to(inp["sinks"].astype(mx.float32)[:, None, None], (shape.Hq, shape.L, 1))
+                w = mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1)[..., :n]
+            else:
+                w = mx.softmax(scores, axis=-1)
+            # a token that sees no key: zeros (MLX's sdpa_vector guard), where softmax gives NaN
+            outs.append(mx.where(visible.any(axis=-1)[None, :, None], w @ v, 0.0))
         return mx.stack(outs).astype(dtypes.get(dtype).mlx)
+
+    @staticmethod
+    def visible(shape: DecodeShape, n: int) -> mx.array:
+        """(L, n): token i (at position n - L + i) sees keys at or before it, within its window."""
+        position = mx.arange(shape.L)[:, None] + n - shape.L
+        key = mx.arange(n)[None, :]
+        seen = key <= position
+        return seen & (key > position - shape.window) if shape.window else seen
 
     def baseline_inputs(self, shape: DecodeShape, dtype, inp) -> dict:
         """MLX's decode reads a contiguous cache, as mlx-lm keeps it: a paged pool becomes each
         sequence's own (1, Hkv, len, D) K and V, gathered before any timing."""
-        if not shape.block_size:
+        if not shape.block_size or "caches" in inp:
             return inp
         caches = [self.gather_kv(shape, inp, b)[:2] for b in range(shape.B)]
         mx.eval(caches)
         return {**inp, "caches": caches}
 
     def baseline(self, shape: DecodeShape, dtype, inp):
-        """mx.fast.scaled_dot_product_attention over the contiguous cache (baseline_inputs): one
-        call, or one per sequence of a paged batch (each over its own cache, no mask)."""
+        """MLX's fused attention (sdpa_vector for up to 8 tokens) over the contiguous cache
+        (baseline_inputs): one call, or one per sequence of a paged batch, each over its own cache;
+        the plain-ops reference where MLX has no fused variant (soft-cap, quantized K/V)."""
+        if shape.softcap or shape.kv_bits:
+            return self.reference(shape, dtype, inp)
         scale = inp["scale"].item()
+        sinks = inp["sinks"] if shape.sinks else None
+
+        def attend(q, k, v, n):
+            mask = self.visible(shape, n) if shape.window else "causal" if shape.L > 1 else None
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+
+        inp = self.baseline_inputs(shape, dtype, inp)
         if "caches" not in inp:
-            return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"], scale=scale)
-        return mx.concatenate([mx.fast.scaled_dot_product_attention(inp["queries"][b:b + 1], k[None], v[None], scale=scale)
+            return attend(inp["queries"], inp["keys"], inp["values"], shape.S)
+        return mx.concatenate([attend(inp["queries"][b:b + 1], k[None], v[None], k.shape[1])
                                for b, (k, v) in enumerate(inp["caches"])])
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)
         dtype = dtypes.get(dtype)
-        sg = config["threads"] // 32
+        sg, kps, kg = config["threads"] // 32, config["keys_per_step"], config["keys_per_simdgroup"]
         g = shape.Hq // shape.Hkv
-        heads = g if config["share_kv"] else 1
+        rows = (g if config["share_kv"] else 1) * shape.L
         main = self.geometry(config, shape, dtype)[0]
-        # registers a lane holds: q and the accumulator per head, KPS key rows (twice when prefetching)
-        elements = cdiv(shape.D, 32 * config["load_width"]) * config["load_width"]
-        registers = elements * (2 * heads + config["keys_per_step"] * (2 if config["prefetch"] else 1))
-        occ = cost.occupancy(main.threads, main.threadgroup_memory_bytes, main.threadgroups, registers=registers)
-        kv = 2 * shape.B * shape.Hkv * shape.S * shape.D * dtype.size
+        occ = cost.occupancy(main.threads, main.threadgroup_memory_bytes, main.threadgroups, registers=main.registers)
+        # a window bounds the keys read: the first token's window through the last token
+        keys = min(shape.S, shape.window + shape.L - 1) if shape.window else shape.S
+        # a row: D values, or D packed values and a scale and bias per group
+        row_bytes = shape.D * dtype.size if not shape.kv_bits else \
+            shape.D * shape.kv_bits / 8 + 2 * shape.D / shape.kv_group_size * dtype.size
+        kv = 2 * shape.B * shape.Hkv * keys * row_bytes
         # without sharing, the G query heads of a KV head each stream it (partly from cache)
         kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)
-        partials = 2 * shape.B * shape.Hq * config["splits"] * (shape.D + 2) * 4 if config["splits"] > 1 else 0
+        partials = 2 * shape.B * shape.Hq * shape.L * config["splits"] * (shape.D + 2) * 4 if config["splits"] > 1 else 0
         # SIMD-groups left without keys (short slices) keep nothing in flight but still merge
-        keys_per_tg = cdiv(shape.S, config["splits"])
-        busy = min(1.0, keys_per_tg / (sg * config["keys_per_step"]))
-        # loads in flight: KPS rows per step, and the next step's keys too when prefetching
-        ilp = config["keys_per_step"] / 2 * (2 if config["prefetch"] else 1)
-        parallel = occ.parallel_fraction(dev, ilp=ilp * busy) * cost.load_efficiency(config["load_width"] * dtype.size)
-        flops = 4 * shape.B * shape.Hq * shape.S * shape.D + 6 * shape.B * shape.Hq * shape.S  # dot products, softmax
-        t = cost.roofline(kv_reads + partials, flops, dev, parallel)
-        steps = cdiv(keys_per_tg, sg * config["keys_per_step"])
-        t += steps * heads * config["keys_per_step"] * cost.SIMD_REDUCE_S * occ.waves(dev)
-        merge_on_one_core = cost.memory_seconds(sg * heads * shape.D * 4 * dev.gpu_cores, dev)
+        keys_per_tg = cdiv(keys, config["splits"])
+        busy = min(1.0, keys_per_tg / (sg * kps * kg))
+        # loads in flight: KPS x KG rows per step, and the next step's keys too when prefetching;
+        # lanes whose slots lie past D (D=64 read 4 wide by 32 lanes) carry nothing
+        lanes = 32 // kg
+        used = shape.D / (cdiv(shape.D, lanes * config["load_width"]) * lanes * config["load_width"])
+        ilp = kps * kg / 2 * (2 if config["prefetch"] else 1)
+        parallel = occ.parallel_fraction(dev, ilp=ilp * busy * used) \
+            * cost.load_efficiency(config["load_width"] * (shape.kv_bits / 8 if shape.kv_bits else dtype.size))
+        per_score = 6 + (10 if shape.softcap else 0)   # softmax (and tanh)
+        flops = (4 * shape.D + per_score) * shape.B * shape.Hq * shape.L * keys   # dot products and softmax
+        if shape.kv_bits:   # shift, mask, convert and scale each K/V value, once per threadgroup reading it
+            readers = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
+            flops += 4 * 2 * shape.D * keys * readers
+        # the partials are written once a threadgroup, however few keys its SIMD-groups had
+        t = cost.roofline(kv_reads, flops, dev, parallel) + cost.roofline(partials, 0, dev, occ.parallel_fraction(dev))
+        steps = cdiv(keys_per_tg, sg * kps * kg)
+        # a score sums over its key's lanes: simd_sum across 32, log2(lanes) shuffles across fewer
+        reduce = cost.SIMD_REDUCE_S * (1 if kg == 1 else math.log2(lanes) / 5)
+        t += steps * rows * kps * reduce * occ.waves(dev)
+        if kg > 1:   # the lane groups' states merge by shuffles: log2(KG) rounds of a row's elements
+            elements = self.lane_elements(config, shape)
+            t += math.log2(kg) * rows * (elements + 2) * cost.SIMD_REDUCE_S / 5 * occ.waves(dev)
+        merge_on_one_core = cost.memory_seconds(sg * rows * shape.D * 4 * dev.gpu_cores, dev)
         t += (cost.BARRIER_S + merge_on_one_core * 0.05) * occ.waves(dev)
         return t + cost.launch_seconds() * (2 if config["splits"] > 1 else 1)

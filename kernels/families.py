@@ -4,11 +4,12 @@ from __future__ import annotations
 from metalforge.errors import MetalforgeError, choices
 from metalforge.kernels.decode_attention import DecodeAttention
 from metalforge.kernels.family import Family
+from metalforge.kernels.gather_qmv import GatherQmv
 from metalforge.kernels.prefill_attention import PrefillAttention
 from metalforge.kernels.qmm import Qmm
 from metalforge.kernels.qmv import Qmv
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Qmv(), Qmm(), DecodeAttention(), PrefillAttention())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Qmv(), Qmm(), DecodeAttention(), PrefillAttention(), GatherQmv())}
 
 
 def get(name: str) -> Family:

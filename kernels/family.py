@@ -46,6 +46,9 @@ class Geometry:
     grid: tuple[int, int, int]          # threads, as mx.fast.metal_kernel counts them
     threadgroup: tuple[int, int, int]
     threadgroup_memory_bytes: int = 0
+    # 32-bit values a lane keeps in its arrays (accumulators, staged rows, fragments): what the
+    # cost model's occupancy and the checks' register rule (kernels/checks.py) read
+    registers: int = 0
 
     @property
     def threads(self) -> int:
@@ -91,6 +94,9 @@ class Family:
     shape_type: type = object
     # shape fields rounded up to a power of two for tuning: shapes that round alike share a config
     bucketed: tuple[str, ...] = ()
+    # shape fields that select a model variant, written into results keys only when set: a key
+    # written before the variant existed still names the same bucket
+    variant_fields: tuple[str, ...] = ()
     # what limits the kernel on the device: "memory" (decode-time kernels) or "compute" (prompt
     # kernels); it picks the held-out error a modelled time of this family carries
     bound: str = "memory"
@@ -109,7 +115,7 @@ class Family:
 
     def bucket_key(self, shape, dtype: str) -> str:
         """The results key: shapes that share a bucket share a tuned config."""
-        return f"{shape_str(self.representative(shape))}|{dtype}"
+        return f"{shape_str(self.representative(shape), unless_default=self.variant_fields)}|{dtype}"
 
     def proxy_shape(self, shape):
         """A shape of the same structure that the emulator checks in a moment (off a Mac a
@@ -262,13 +268,11 @@ class Family:
             device=None) -> mx.array:
         """Execute the config's launches; intermediate outputs feed later launches by name."""
 
-        dtype = _dtypes.get(dtype)
         env = dict(inputs)
         out = None
-        for launch in self.launches(config, shape, dtype):
-            kernel = backends.kernel(launch.kernel, backend, device)
-            if launch.lengths:
-                env[LENGTHS] = mx.array(launch.lengths, dtype=mx.int32)
+        for launch, kernel, lengths in self.built(config, shape, dtype, backend, device):
+            if lengths is not None:
+                env[LENGTHS] = lengths
             missing = [n for n in launch.kernel.input_names if n not in env]
             if missing:
                 raise MetalforgeError(f"{self.name}: missing input(s) {choices(missing)}")
@@ -283,6 +287,20 @@ class Family:
             env.update(zip(launch.kernel.output_names, results))
             out = results[0]
         return out
+
+    def built(self, config: Config, shape, dtype, backend=None, device=None) -> list[tuple]:
+        """(launch, its callable kernel, its lengths array or None) for each launch of the config:
+        rendered, hashed and built once per (family, config, compile-time shape, dtype, backend,
+        device), since an engine calls each op once per layer per token."""
+        key = (self.name, tuple(config.items()), shape, getattr(dtype, "name", dtype), backends.requested(backend),
+               getattr(device, "name", device))
+        found = _BUILT.get(key)
+        if found is None:
+            found = _BUILT[key] = [
+                (launch, backends.kernel(launch.kernel, backend, device),
+                 mx.array(launch.lengths, dtype=mx.int32) if launch.lengths else None)
+                for launch in self.launches(config, shape, _dtypes.get(dtype))]
+        return found
 
     def prepare(self, config: Config, shape, dtype, inputs: dict, backend=None, device=None) -> None:
         """Compile every launch without running it (emulator only). Thread-safe and free of MLX
@@ -316,6 +334,9 @@ class Family:
 
 
 
+_BUILT: dict = {}   # Family.built's cache
+
+
 # 8x8 fp32 fragments one SIMD-group may hold (two 32-bit registers a lane each): past 64 (128
 # registers a lane) a GPU trades occupancy or spills to memory; MLX's and llama.cpp's SIMD-group
 # matrix kernels stay well below. It also bounds the emulator's per-thread stack.
@@ -328,14 +349,41 @@ def fragment_problems(count: int) -> list[str]:
     return [f"a SIMD-group would hold {count} 8x8 fragments, more than {MAX_FRAGMENTS} (128 registers a lane)"]
 
 
+# Threadgroup memory as 32 banks of 4 bytes (as on every GPU metal-benchmarks tabulates; Apple's
+# bank layout is not published): a read whose lanes touch several words of one bank is serialised.
+BANKS = 32
+# A staged tile row's padding (MLX's steel loaders pad by 16 bytes): the 8 rows a fragment read
+# touches then start in different banks, read along rows or down columns
+TILE_PAD_BYTES = 16
+
+# Apple's 8x8 fragment layout: lane -> (row, first of its two columns)
+FRAGMENT_LANES = tuple((((lane // 4) & 4) + (lane // 2) % 4, ((lane // 4) & 2) * 2 + (lane % 2) * 2)
+                       for lane in range(32))
+
+
+def fragment_bank_ways(stride_bytes: int, element_bytes: int, transposed: bool) -> float:
+    """How many times slower than conflict-free an 8x8 fragment read from a row-major tile is:
+    each lane reads its two adjacent elements (row fm, columns fn and fn + 1) as one access, or,
+    transposed (a K^T or W^T operand), element (fm, fn + c) from row fn + c, column fm, one access
+    per c. Words a bank serves over the fewest passes the access's distinct words need (1.0: no
+    conflict)."""
+    worst = 1.0
+    for c in ((0,) if not transposed else (0, 1)):
+        words = set()
+        for fm, fn in FRAGMENT_LANES:
+            for e in ((c,) if transposed else (0, 1)):
+                row, col = (fn + e, fm) if transposed else (fm, fn + e)
+                words.add((row * stride_bytes + col * element_bytes) // 4)
+        per_bank = [0] * BANKS
+        for w in words:
+            per_bank[w % BANKS] += 1
+        worst = max(worst, max(per_bank) / -(-len(words) // BANKS))
+    return worst
+
+
 def stage_dtype(config, dtype) -> _dtypes.DType:
     """What a config's `stage` tunable stages tiles as: the input's own type (as MLX) or fp32."""
     return _dtypes.get("float32") if config["stage"] == "float" else _dtypes.get(dtype)
-
-
-def input_stage(dtype) -> str:
-    """The `stage` value that stages tiles in the input's own type (MLX's choice)."""
-    return "float" if _dtypes.get(dtype).name == "float32" else "input"
 
 
 def stage_problems(config, dtype) -> list[str]:
@@ -402,8 +450,10 @@ def parse_assignments(text: str, what: str) -> dict[str, str]:
     return out
 
 
-def shape_str(shape) -> str:
-    return ",".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape))
+def shape_str(shape, unless_default: tuple[str, ...] = ()) -> str:
+    """'k=v,...' of every field, less those named in unless_default that hold their default."""
+    return ",".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape)
+                    if f.name not in unless_default or getattr(shape, f.name) != f.default)
 
 
 def cut_keeping_tail(n: int, keep: int, period: int) -> int:

@@ -1,7 +1,7 @@
 """prefill_attention: causal flash attention over a prompt on 8x8 SIMD-group matrices.
 
 This is the family where the 32 KB threadgroup limit bites: D=128, BK=64 with fp32 staging and
-double-buffered K/V tiles needs 2 * 2 * 64 * 128 * 4 = 131,072 bytes.
+double-buffered K/V tiles needs 2 * 2 * 64 * (128 * 4 + 16) = 135,168 bytes (rows padded by 16).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.decode_attention import HEAD_DIMS
-from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail, fragment_problems, input_stage, stage_dtype, stage_problems
+from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
+                                       fragment_bank_ways, fragment_problems, stage_dtype, stage_problems)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class PrefillShape:
     L: int        # new query tokens (passed at run time)
     D: int
     prefix: int = 0  # cached tokens before them (keys = prefix + L; passed at run time)
+    window: int = 0  # sliding window: a query sees its last `window` keys, itself included (0: all)
+    sinks: int = 0   # 1: a learned sink logit per query head (input `sinks`, Hq values) joins the softmax
 
     @property
     def LK(self) -> int:
@@ -38,6 +41,7 @@ class PrefillAttention(Family):
     name = "prefill_attention"
     bound = "compute"
     bucketed = ("L", "prefix")
+    variant_fields = ("window", "sinks")
     shape_type = PrefillShape
     params = (
         Param("BQ", (8, 16, 32, 64, 128), 32, "query rows per threadgroup"),
@@ -47,6 +51,8 @@ class PrefillAttention(Family):
         Param("double_buffer", (False, True), False, "stream the next K/V tile while this one is used"),
         Param("q_source", ("threadgroup", "registers"), "threadgroup", "where Q's fragments are read from"),
         Param("load_width", (1, 2, 4), 4, "elements per device load when staging K/V"),
+        Param("pad", (True, False), True, "tile rows padded by 16 bytes (fragment reads without bank conflicts), "
+              "or packed (room for 128-key tiles at D=64)"),
     )
 
     def proxy_shape(self, shape):
@@ -54,7 +60,7 @@ class PrefillAttention(Family):
                            "L": cut_keeping_tail(shape.L, 64, 64), "prefix": cut_keeping_tail(shape.prefix, 32, 32)})
 
     def shape_distance(self, a, b) -> float | None:
-        if (a.D, a.Hq // a.Hkv) != (b.D, b.Hq // b.Hkv):
+        if (a.D, a.Hq // a.Hkv, a.window, a.sinks) != (b.D, b.Hq // b.Hkv, b.window, b.sinks):
             return None
         return abs(math.log2(a.L / b.L)) + 0.1 * abs(math.log2(a.Hkv / b.Hkv))
 
@@ -66,6 +72,10 @@ class PrefillAttention(Family):
             out.append("B, Hq, Hkv and L must be positive and prefix non-negative")
         elif shape.Hq % shape.Hkv:
             out.append(f"Hq={shape.Hq} is not a multiple of Hkv={shape.Hkv}")
+        if shape.window < 0:
+            out.append(f"window={shape.window} must be 0 (no window) or positive")
+        if shape.sinks not in (0, 1):
+            out.append(f"sinks={shape.sinks} must be 0 or 1")
         return out
 
     def buffer_elements(self, shape: PrefillShape) -> dict[str, int]:
@@ -76,8 +86,13 @@ class PrefillAttention(Family):
         threads = 32 * config["simdgroups"]
         q_rows = config["BQ"] if config["q_source"] == "threadgroup" else 0
         kv_rows = 2 * config["BK"] * (2 if config["double_buffer"] else 1)
-        tile_bytes = (q_rows + kv_rows) * shape.D * stage_dtype(config, dtype).size
-        return (Geometry((threads * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1), (threads, 1, 1), tile_bytes),)
+        tile_bytes = (q_rows + kv_rows) * self.tile_row_bytes(config, shape, dtype)
+        return (Geometry((threads * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1), (threads, 1, 1), tile_bytes,
+                         registers=2 * self.fragments(config, shape)),)
+
+    @staticmethod
+    def tile_row_bytes(config, shape: PrefillShape, dtype) -> int:
+        return shape.D * stage_dtype(config, dtype).size + (TILE_PAD_BYTES if config["pad"] else 0)
 
     def fragments(self, config, shape: PrefillShape) -> int:
         """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand."""
@@ -101,9 +116,12 @@ class PrefillAttention(Family):
         d = dtypes.get(dtype)
         sg = config["simdgroups"]
         kernel = self._kernel(
-            self.template, ("queries", "keys", "values", "scale", "lengths"), ("out",),
-            Hq=shape.Hq, Hkv=shape.Hkv, D=shape.D, T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg,
+            self.template, ("queries", "keys", "values", "scale", "lengths") + (("sinks",) if shape.sinks else ()),
+            ("out",),
+            Hq=shape.Hq, Hkv=shape.Hkv, D=shape.D, window=shape.window, sinks=bool(shape.sinks),
+            T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg,
             ST=stage_dtype(config, dtype).metal, vector=vector_of, TV=d.vector,
+            PAD=TILE_PAD_BYTES // stage_dtype(config, dtype).size if config["pad"] else 0,
             DB=config["double_buffer"], QS=config["q_source"],
             W=config["load_width"],
         )
@@ -113,30 +131,46 @@ class PrefillAttention(Family):
 
     def make_inputs(self, shape: PrefillShape, dtype, seed=0):
         d = dtypes.get(dtype)
-        kq, kk, kv = mx.random.split(mx.random.key(seed), 3)
-        return {
+        kq, kk, kv, ks = mx.random.split(mx.random.key(seed), 4)
+        inputs = {
             "queries": mx.random.normal((shape.B, shape.Hq, shape.L, shape.D), key=kq).astype(d.mlx),
             "keys": mx.random.normal((shape.B, shape.Hkv, shape.LK, shape.D), key=kk).astype(d.mlx),
             "values": mx.random.normal((shape.B, shape.Hkv, shape.LK, shape.D), key=kv).astype(d.mlx),
             "scale": mx.array(1.0 / math.sqrt(shape.D), dtype=mx.float32),
         }
+        if shape.sinks:   # logits of the size scores have, so a sink takes a real share
+            inputs["sinks"] = mx.random.normal((shape.Hq,), key=ks).astype(d.mlx)
+        return inputs
 
     def reference(self, shape: PrefillShape, dtype, inp):
         g = shape.Hq // shape.Hkv
         q = inp["queries"].astype(mx.float32)
         k = mx.repeat(inp["keys"].astype(mx.float32), g, axis=1)
         v = mx.repeat(inp["values"].astype(mx.float32), g, axis=1)
-        scores = (q @ k.transpose(0, 1, 3, 2)) * inp["scale"].item()
-        qpos = mx.arange(shape.L)[:, None] + shape.prefix
-        kpos = mx.arange(shape.LK)[None, :]
-        scores = mx.where(kpos <= qpos, scores, -mx.inf)
-        return (mx.softmax(scores, axis=-1) @ v).astype(dtypes.get(dtype).mlx)
+        scores = mx.where(self.visible(shape), (q @ k.transpose(0, 1, 3, 2)) * inp["scale"].item(), -mx.inf)
+        if shape.sinks:   # one more column, the head's sink logit, that adds no value
+            sink = mx.broadcast_to(inp["sinks"].astype(mx.float32)[None, :, None, None], (*scores.shape[:3], 1))
+            w = mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1)[..., : shape.LK]
+        else:
+            w = mx.softmax(scores, axis=-1)
+        return (w @ v).astype(dtypes.get(dtype).mlx)
+
+    @staticmethod
+    def visible(shape: PrefillShape) -> mx.array:
+        """(L, LK): query i (at position prefix + i) sees keys at or before it, within its window."""
+        position = mx.arange(shape.L)[:, None] + shape.prefix
+        key = mx.arange(shape.LK)[None, :]
+        seen = key <= position
+        return seen & (key > position - shape.window) if shape.window else seen
 
     def baseline(self, shape: PrefillShape, dtype, inp):
         """As mlx-lm calls it: mask="causal" (MLX aligns the queries to the last keys, so cached
-        keys before them are all visible), which runs steel_attention's causal path, no mask array."""
+        keys before them are all visible), which runs steel_attention's causal path with no mask
+        array; a sliding window needs its boolean mask (visible)."""
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
-                                                    scale=inp["scale"].item(), mask="causal")
+                                                    scale=inp["scale"].item(),
+                                                    mask=self.visible(shape) if shape.window else "causal",
+                                                    sinks=inp["sinks"] if shape.sinks else None)
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
@@ -146,20 +180,29 @@ class PrefillAttention(Family):
         tq = max(1, bq // sg // 8)   # (priced for invalid configs too)
         qtiles = cdiv(shape.L, bq)
         heads = shape.B * shape.Hq
-        # keys each query tile stages: up to its last row's position, in whole tiles (causal)
-        staged = sum(min(shape.LK, cdiv(min(shape.L, (i + 1) * bq) + shape.prefix, bk) * bk) for i in range(qtiles))
+        # keys each query tile stages: up to its last row's position, in whole tiles (causal), from
+        # the tile holding its first row's oldest key in the window
+        def first(i: int) -> int:
+            return max(0, i * bq + shape.prefix - shape.window + 1) // bk * bk if shape.window else 0
+        staged = sum(min(shape.LK, cdiv(min(shape.L, (i + 1) * bq) + shape.prefix, bk) * bk) - first(i)
+                     for i in range(qtiles))
         q_bytes = heads * shape.L * shape.D * dtype.size
         # K/V re-streamed per query tile; the G query heads of a KV head share it through the cache
         kv_bytes = 2 * heads * staged * shape.D * dtype.size / (1 + (shape.Hq // shape.Hkv - 1) * 0.5)
         mma = 2 * heads * bq * staged * shape.D * 2          # S = QK^T and O += PV, masked waste included
-        softmax = heads * bq * staged * 8                     # mask, max, exp2, sum, per score
+        # max, exp2 and sum per score, and the mask on the tiles reaching a row's diagonal
+        diagonal = min(1.0, (cdiv(bq, bk) + 1) * qtiles * bk / max(staged, 1))
+        softmax = heads * bq * staged * (6 + 2 * diagonal)
         # threadgroup-memory fragment loads per multiply-accumulate: K and V fragments serve the
         # SIMD-group's tq rows; Q's come from threadgroup memory each time unless in registers
-        loads = 1 / tq + (0.5 if config["q_source"] == "threadgroup" else 0.0)
+        # (serialised by bank conflicts when the rows are packed: K^T is read down columns)
+        row, size = self.tile_row_bytes(config, shape, dtype), stage_dtype(config, dtype).size
+        ways_k, ways_v = fragment_bank_ways(row, size, True), fragment_bank_ways(row, size, False)
+        loads = (ways_k + ways_v) / 2 / tq + (0.5 * ways_v if config["q_source"] == "threadgroup" else 0.0)
         flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + softmax
         g, = self.geometry(config, shape, dtype)
         occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups,
-                             registers=2 * self.fragments(config, shape))
+                             registers=g.registers)
         parallel = occ.parallel_fraction(dev, ilp=min(2.0, tq)) * cost.load_efficiency(config["load_width"] * dtype.size)
         t = cost.roofline(q_bytes * 2 + kv_bytes, flops, dev, parallel)
         # a threadgroup crosses one barrier per K/V tile double-buffered, two otherwise

@@ -60,7 +60,9 @@ class Qmv(Family):
         threads = 32 * sg * ks
         staged = 4 * ks * shape.M * 32 * config["values_per_lane"] if config["stage_x"] else 0
         partials = 4 * ks * sg * shape.M * r if ks > 1 else 0
-        return (Geometry((cdiv(shape.N, sg * r) * threads, 1, 1), (threads, 1, 1), staged + partials),)
+        # M x R accumulators and M x V staged values per lane
+        registers = shape.M * (r + config["values_per_lane"])
+        return (Geometry((cdiv(shape.N, sg * r) * threads, 1, 1), (threads, 1, 1), staged + partials, registers),)
 
     def launches(self, config, shape: QmvShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
@@ -69,6 +71,7 @@ class Qmv(Family):
             M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
             SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
             stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"], prescaled=config["prescaled_x"],
+            gather=False,
         )
         g, = self.geometry(config, shape, dtype)
         return [Launch(kernel, g.grid, g.threadgroup, ((shape.M, shape.N),), (d.mlx,))]
@@ -133,9 +136,7 @@ class Qmv(Family):
         whole_words = 32 % shape.bits == 0
         width = cost.load_efficiency(4 * config["load_width"] if whole_words else
                                      config["values_per_lane"] * shape.bits / 8)
-        # register pressure: M x R accumulators and M x V staged values per lane
-        registers = shape.M * (config["rows_per_simdgroup"] + config["values_per_lane"])
-        pressure = 1.0 if registers <= 96 else 96 / registers
+        pressure = 1.0 if g.registers <= 96 else 96 / g.registers   # register pressure
         parallel = occ.parallel_fraction(dev, ilp=config["rows_per_simdgroup"] / 2) * width * pressure
         # FMAs plus unpacking: mask, shift and convert per value; a pre-scaled x saves the shift
         unpack = 2 if config["prescaled_x"] else 3

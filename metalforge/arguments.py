@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from metalforge.errors import MetalforgeError
 
@@ -23,4 +24,18 @@ def seed(value) -> int:
     """Seeds are 32-bit unsigned integers (MLX's, NumPy's and Optuna's generators take no more)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
         raise MetalforgeError(f"seed must be an integer in 0..{2**32 - 1}, got {value!r}")
+    return value
+
+
+def env_number(name: str, default: float, minimum: float) -> float:
+    """A number of the environment ($name), else `default`; one wording for every variable."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum:
+        raise MetalforgeError(f"{name} must be a number >= {minimum:g}, got {raw!r}")
     return value

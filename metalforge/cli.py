@@ -123,6 +123,11 @@ def cmd_cache(args) -> int:
     return cache(args)
 
 
+def cmd_serve(args) -> int:
+    from metalforge.engine.server.cli import serve
+    return serve(args)
+
+
 def cmd_results(args) -> int:
     from metalforge import results
     data, taken = results.merge_files(args.files, args.out)
@@ -131,45 +136,29 @@ def cmd_results(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="metalforge", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("devices", help="list Apple GPU profiles, marking the detected one")
-    d.set_defaults(fn=cmd_devices)
-
-    for name, fn, helptext in (("render", cmd_render, "print the MSL of one config"),
-                               ("check", cmd_check, "check one config, or count the valid configs of the space"),
-                               ("trace", cmd_trace, "count what our kernel and MLX's real kernel for a job do "
-                                                    "(emulator trace mode), side by side")):
-        c = sub.add_parser(name, help=helptext)
+def _kernel_arguments(name: str):
+    def add(c) -> None:
         c.add_argument("family", help="kernel family: " + ", ".join(_families()))
         c.add_argument("--device", default="auto", help="device profile name, or auto (detect)")
         c.add_argument("--shape", nargs="+", help="shape fields, e.g. M=1,N=4096,K=4096,bits=4,group_size=64")
         c.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32")
-        c.add_argument("--config", nargs="*", help="parameters, e.g. simdgroups=2 rows_per_simdgroup=4")
+        if name != "compare":   # compare prices the chosen config
+            c.add_argument("--config", nargs="*", help="parameters, e.g. simdgroups=2 rows_per_simdgroup=4")
         if name == "render":
             c.add_argument("--force", action="store_true", help="render even if the config is invalid")
         if name == "trace":
             c.add_argument("--json", action="store_true", help="print one JSON object with keys ours and mlx")
-        c.set_defaults(fn=fn)
+        if name == "compare":
+            c.add_argument("--json", action="store_true", help="one JSON object: ours, mlx, ratio, error, validated")
+    return add
 
-    c = sub.add_parser("compare", help="our chosen config and MLX's real kernel for a job, priced by the per-kernel "
-                                       "model with the family's error (or 'unvalidated')")
-    c.add_argument("family", help="kernel family: " + ", ".join(_families()))
-    c.add_argument("--device", default="auto", help="device profile name, or auto (detect)")
-    c.add_argument("--shape", nargs="+", help="shape fields, e.g. M=1,N=4096,K=4096,bits=4,group_size=64")
-    c.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32")
-    c.add_argument("--json", action="store_true", help="one JSON object: ours, mlx, ratio, error, validated")
-    c.set_defaults(fn=cmd_compare)
 
-    from metalforge.tuner.cli import add_arguments as tune_arguments
-    t = sub.add_parser("tune", help="autotune kernel configs for a device (Optuna)")
-    tune_arguments(t)
-    t.set_defaults(fn=cmd_tune)
+def _tune_arguments(t) -> None:
+    from metalforge.tuner.cli import add_arguments
+    add_arguments(t)
 
-    b = sub.add_parser("bench", help="on a Mac: time the chosen kernels and the engine against MLX and mlx-lm, "
-                                      "and write shareable measured results")
+
+def _bench_arguments(b) -> None:
     src = b.add_mutually_exclusive_group()
     src.add_argument("--model", help="mlx-lm model folder: its shapes, and the engine end to end against mlx-lm")
     src.add_argument("--shapes", help="YAML file of shapes per family")
@@ -178,27 +167,66 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--decode-tokens", type=int, default=128)
     b.add_argument("--out", default="metalforge-bench", help="writes OUT.yaml (measured results), OUT.md and OUT.png")
-    b.set_defaults(fn=cmd_bench)
 
-    r = sub.add_parser("results", help="combine results files from several machines")
+
+def _results_arguments(r) -> None:
     rsub = r.add_subparsers(dest="results_command", required=True)
     m = rsub.add_parser("merge", help="merge results files (measured beats modelled, faster beats slower)")
     m.add_argument("files", nargs="+", help="results YAML files of one device")
     m.add_argument("--out", required=True, help="file to write (merged into, if it exists), atomically")
-    m.set_defaults(fn=cmd_results)
 
-    from metalforge.engine.cli import add_cache_arguments, add_generate_arguments
-    g = sub.add_parser("generate", help="generate tokens with an mlx-lm style model folder")
+
+def _generate_arguments(g) -> None:
+    from metalforge.engine.cli import add_generate_arguments
     add_generate_arguments(g)
-    g.set_defaults(fn=cmd_generate)
-    c = sub.add_parser("cache", help="save, inspect or clear prompt caches")
+
+
+def _cache_arguments(c) -> None:
+    from metalforge.engine.cli import add_cache_arguments
     add_cache_arguments(c)
-    c.set_defaults(fn=cmd_cache)
+
+
+def _serve_arguments(s) -> None:
+    from metalforge.engine.server.cli import add_arguments
+    add_arguments(s)
+
+
+# name: (function, help line, adds its arguments); a command's arguments (and the modules they
+# import) are built only when that command runs
+COMMANDS = {
+    "devices": (cmd_devices, "list Apple GPU profiles, marking the detected one", lambda d: None),
+    "render": (cmd_render, "print the MSL of one config", _kernel_arguments("render")),
+    "check": (cmd_check, "check one config, or count the valid configs of the space", _kernel_arguments("check")),
+    "trace": (cmd_trace, "count what our kernel and MLX's real kernel for a job do (emulator trace mode), "
+                         "side by side", _kernel_arguments("trace")),
+    "compare": (cmd_compare, "our chosen config and MLX's real kernel for a job, priced by the per-kernel "
+                             "model with the family's error (or 'unvalidated')", _kernel_arguments("compare")),
+    "tune": (cmd_tune, "autotune kernel configs for a device (Optuna)", _tune_arguments),
+    "bench": (cmd_bench, "on a Mac: time the chosen kernels and the engine against MLX and mlx-lm, "
+                         "and write shareable measured results", _bench_arguments),
+    "results": (cmd_results, "combine results files from several machines", _results_arguments),
+    "generate": (cmd_generate, "generate tokens with an mlx-lm style model folder", _generate_arguments),
+    "cache": (cmd_cache, "save, inspect or clear prompt caches", _cache_arguments),
+    "serve": (cmd_serve, "an OpenAI-compatible HTTP server over continuous batching", _serve_arguments),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser, or with `only`, that command's arguments alone (the others keep
+    their help line): `metalforge --help` imports nothing of MLX, Optuna or the emulator."""
+    p = argparse.ArgumentParser(prog="metalforge", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (fn, helptext, arguments) in COMMANDS.items():
+        c = sub.add_parser(name, help=helptext)
+        if only is None or only == name:
+            arguments(c)
+        c.set_defaults(fn=fn)
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=argv[0] if argv and argv[0] in COMMANDS else "")
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

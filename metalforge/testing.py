@@ -11,7 +11,6 @@ from pathlib import Path
 import mlx.core as mx
 
 from metalforge.engine import models
-from metalforge.engine.models.base import linears, vectors
 from metalforge.intmath import cdiv
 
 # What each model type's random model sets beyond the sizes (llama: a scaled RoPE to exercise).
@@ -21,18 +20,21 @@ CONFIGS = {
     "mistral": dict(model_type="mistral"),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", tie_word_embeddings=True),
+    # a mixture of experts (8 experts, 2 a token, every layer sparse), for benchmarks/engine_decode.py's MoE row
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                      mlp_only_layers=[], norm_topk_prob=True, moe_intermediate_size=128),
 }
 
 
 def write_model(folder, arch="llama", quantized=None, dtype=mx.float32, layers=2, hidden=128, heads=2, kv_heads=1,
-                inter=256, vocab=300, seed=0, shards=2, tokenizer=False, max_positions=4096) -> Path:
-    """quantized: None or (bits, group_size)."""
+                inter=256, vocab=300, seed=0, shards=2, tokenizer=False, max_positions=4096, fields=None) -> Path:
+    """quantized: None or (bits, group_size); fields: config.json fields over the model type's."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {**dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                      num_key_value_heads=kv_heads, head_dim=hidden // heads, vocab_size=vocab, rms_norm_eps=1e-5,
                      rope_theta=10000.0, max_position_embeddings=max_positions, tie_word_embeddings=False, eos_token_id=1),
-              **CONFIGS[arch]}
+              **CONFIGS[arch], **(fields or {})}
     if quantized:
         config["quantization"] = {"bits": quantized[0], "group_size": quantized[1]}
     args = models.parse(config)
@@ -46,15 +48,16 @@ def write_model(folder, arch="llama", quantized=None, dtype=mx.float32, layers=2
     def vector(name, n):   # norms near one, biases near zero
         return rand((n,), 0.1) if name.endswith(".bias") else 1 + rand((n,), 0.1)
 
-    matrices, vecs = linears(args), vectors(args)
+    model = models.get(args.model_type)
+    matrices, vecs = model.linears(args), model.vectors(args)
     # tied heads read the embeddings back: small ones keep the residual from echoing the input token
     w = {"model.embed_tokens.weight": rand((vocab, hidden), 0.05 if args.tie_word_embeddings else 1.0),
          "model.norm.weight": vector("model.norm.weight", hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        for name, (out, inp) in matrices.items():
+        for name, shape in matrices.items():   # (out, in), or (experts, out, in)
             if name.startswith(p):
-                w[name + ".weight"] = rand((out, inp), 1 / math.sqrt(inp))
+                w[name + ".weight"] = rand(shape, 1 / math.sqrt(shape[-1]))
         for name, n in vecs.items():
             if name.startswith(p):
                 w[name] = vector(name, n)

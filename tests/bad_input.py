@@ -27,6 +27,7 @@ class Case:
     setup: Callable[[Path], list[str]]     # prepares files in a fresh folder, returns the argv after `metalforge`
     expect: str = ""                       # a phrase the one-line error must contain
     env: dict | None = None
+    secret: str = ""                       # text the error must never show (a password)
 
 
 def _model(tmp: Path, **config_changes) -> Path:
@@ -54,6 +55,17 @@ def _generate(tmp, *extra, **config):
 def _tune(tmp, *extra):
     shapes = _file(tmp, "shapes.yaml", "qmv:\n- {M: 1, N: 64, K: 256}\n")
     return ["tune", "--device", "m1", "--shapes", str(shapes), "--trials", "1", "--storage", "memory", *extra]
+
+
+def _merge(tmp, text):
+    return ["results", "merge", str(_file(tmp, "a.yaml", text)), "--out", str(tmp / "c.yaml")]
+
+
+def _results_text(**entry_changes) -> str:
+    """A results file for m1 holding one qmv entry, with `entry_changes` made to it."""
+    entry = {"shape": {"M": 1, "N": 64, "K": 256, "bits": 4, "group_size": 64}, "dtype": "float16", "config": {},
+             "time_s": 1e-6, "timer": "model", **entry_changes}
+    return json.dumps({"schema_version": 1, "device": {"name": "m1"}, "entries": {"qmv": {"any": entry}}})
 
 
 def _unwritable_dir(tmp: Path) -> Path:
@@ -112,6 +124,12 @@ CASES = [
     Case("generate: --temperature nan", lambda t: _generate(t, "--temperature", "nan"), "temperature"),
     Case("generate: --max-tokens -3", lambda t: _generate(t, "--max-tokens", "-3"), "max_tokens"),
     Case("generate: --seed 2**40", lambda t: _generate(t, "--seed", str(2**40)), "seed"),
+    Case("generate: --num-draft 0", lambda t: _generate(t, "--prompt-lookup", "2", "--num-draft", "0"), "num_draft"),
+    Case("generate: --num-draft alone", lambda t: _generate(t, "--num-draft", "2"), "--num-draft needs"),
+    Case("generate: --max-kv-size 2", lambda t: _generate(t, "--max-kv-size", "2"), "max_kv_size=2"),
+    Case("generate: --kv-group-size 48", lambda t: _generate(t, "--kv-bits", "8", "--kv-group-size", "48"),
+         "kv_group_size=48"),
+    Case("generate: --prompt-lookup -1", lambda t: _generate(t, "--prompt-lookup", "-1"), "prompt_lookup"),
     Case("generate: token id 10**6", lambda t: ["generate", "--model", str(_model(t)), "--prompt-tokens", "1000000"],
          "outside the vocabulary"),
     Case("generate: token id -1", lambda t: ["generate", "--model", str(_model(t)), "--prompt-tokens", "-1"],
@@ -149,6 +167,13 @@ CASES = [
                     "--storage", str(_file(t, "j.journal", NOT_UTF8))], "journal"),
     Case("generate: user results file not UTF-8", lambda t: _generate(t, "--backend", "emulator", "--device", "m1"), "UTF-8",
          env={"METALFORGE_RESULTS": "{tmp}/user"}),
+    Case("generate: METALFORGE_EMULATOR_THREADS not a number",
+         lambda t: _generate(t, "--backend", "emulator", "--device", "m1"),
+         "METALFORGE_EMULATOR_THREADS must be a whole number >= 1, got 'two'", env={"METALFORGE_EMULATOR_THREADS": "two"}),
+    Case("generate: METALFORGE_EMULATOR_COMPILE_TIMEOUT_S negative",
+         lambda t: _generate(t, "--backend", "emulator", "--device", "m1"),
+         "METALFORGE_EMULATOR_COMPILE_TIMEOUT_S must be a number >= 0.001, got '-5'",
+         env={"METALFORGE_EMULATOR_COMPILE_TIMEOUT_S": "-5", "METALFORGE_CACHE": "{tmp}/cache"}),
     Case("cache save: --out in a unwritable folder",
          lambda t: ["cache", "save", "--model", str(_model(t)), "--prompt-tokens", "3,4",
                     "--out", str(_unwritable_dir(t) / "p.safetensors")], "cannot write"),
@@ -161,6 +186,24 @@ CASES = [
          lambda t: _generate(t, "--prompt-cache", str(_prompt_cache(t, _flip_last_tensor_bit))), "checksum"),
     Case("cache info: hand-edited tokens", lambda t: ["cache", "info", str(_prompt_cache(t, _edit_tokens))],
          "prompt cache"),
+    Case("tune: --sampler bogus (refused before the database or a folder is made)",
+         lambda t: [a for a in _tune(t, "--sampler", "bogus") if a not in ("--storage", "memory")], "sampler"),
+    Case("tune: --storage URL with a password, server unreachable",
+         lambda t: ["tune", "--device", "m1", "--shapes", _tune(t)[4], "--trials", "1",
+                    "--storage", "postgresql+psycopg://mf:hunter2@127.0.0.1:9/tuning"], "cannot open tuning storage",
+         secret="hunter2"),
+    Case("tune: --storage-timeout 0", lambda t: _tune(t, "--storage-timeout", "0"), "--storage-timeout"),
+    Case("tune: METALFORGE_STORAGE_TIMEOUT_S=soon", lambda t: _tune(t), "METALFORGE_STORAGE_TIMEOUT_S",
+         env={"METALFORGE_STORAGE_TIMEOUT_S": "soon"}),
+    Case("results merge: a file without a device", lambda t: _merge(t, "schema_version: 1\nentries: {}\n"), "device"),
+    Case("results merge: device is a string", lambda t: _merge(t, "schema_version: 1\ndevice: m1\nentries: {}\n"),
+         "device"),
+    Case("results merge: shape: 5", lambda t: _merge(t, _results_text(shape=5)), "shape"),
+    Case("results merge: config: 5", lambda t: _merge(t, _results_text(config=5)), "config"),
+    Case("cache save: --out onto the model's weights",
+         lambda t: ["cache", "save", "--model", str(_model(t)), "--prompt-tokens", "3,4",
+                    "--out", str(_model(t) / "model.safetensors")], "not a metalforge prompt cache"),
+    Case("generate: --stop ''", lambda t: _generate(t, "--stop", ""), "empty stop string"),
     Case("results merge: not UTF-8", lambda t: ["results", "merge", str(_file(t, "a.yaml", NOT_UTF8)),
                                                 "--out", str(t / "c.yaml")], "UTF-8"),
 ]
@@ -202,6 +245,8 @@ def replay(case: Case) -> Outcome:
             return Outcome(False, f"stderr is not one error line: {run.stderr.strip()[-300:]}")
         if case.expect and case.expect.lower() not in err[0].lower():
             return Outcome(False, f"the error does not name the problem ({case.expect!r}): {err[0]}")
+        if case.secret and case.secret in run.stdout + run.stderr:
+            return Outcome(False, f"the output shows the secret {case.secret!r}: {err[0]}")
         if _snapshot(tmp) != before:
             return Outcome(False, "files changed")
         return Outcome(True, err[0])

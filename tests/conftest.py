@@ -24,6 +24,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Server(dict):
+    """Connection keywords (host, port) of a running server, and its control: `stop()` and
+    `start()` as a database restart or an outage would."""
+
+    def __init__(self, control, **where):
+        super().__init__(**where)
+        self._control = control
+
+    def stop(self):
+        self._control("-m", "fast", "stop")
+
+    def start(self):
+        self._control("start")
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """A PostgreSQL server in a temporary folder, on a Unix socket only, for this test session.
@@ -45,10 +60,12 @@ def postgres_server():
     port = _free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)
     run(os.path.join(bindir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
-    run(os.path.join(bindir, "pg_ctl"), "-D", data, "-l", os.path.join(root, "server.log"), "-w", "-o",
-        f"-k {sock} -p {port} -c listen_addresses='' -c fsync=off -c max_connections=100", "start")
+    control = lambda *what: run(os.path.join(bindir, "pg_ctl"), "-D", data, "-l", os.path.join(root, "server.log"),
+                                "-w", "-o", f"-k {sock} -p {port} -c listen_addresses='' -c fsync=off "
+                                "-c max_connections=100", *what)
+    control("start")
     try:
-        yield {"host": sock, "port": port}
+        yield _Server(control, host=sock, port=port)
     finally:
         subprocess.run([*as_user, os.path.join(bindir, "pg_ctl"), "-D", data, "-m", "immediate", "stop"],
                        capture_output=True)

@@ -84,9 +84,9 @@ def test_the_fit_recovers_the_constants_that_made_the_data(points):
 def test_decode_prediction_by_hand():
     """One decode step of a 32-layer model on an M4 (10 cores, 1.58 GHz, 120 GB/s), worked out on
     paper: 4 GB of weights at A=1, B=0 -> 4e9 / 120e9 s = 33.33 ms, plus 32 x 0.5 ms = 16 ms."""
-    arch = cal.Architecture(params_b=8.0, layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,
+    sizes = cal.ModelSizes(params_b=8.0, layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,
                             vocab=1000, tied=True)
-    p = cal.Point(chip="m4", gpu_cores=10, kind="decode", model="x", arch=arch, weight_gib=4e9 / 2**30,
+    p = cal.Point(chip="m4", gpu_cores=10, kind="decode", model="x", sizes=sizes, weight_gib=4e9 / 2**30,
                   tokens_per_s=1.0, source="https://example.org", date="2026", software="x", context=0)
     c = cost.Constants(1.0, 0.0, 0.5e-3, {"before_m3": 1.0, "m3_on": 1.0})
     assert 1 / cal.predict(p, c) == pytest.approx(4e9 / 120e9 + 32 * 0.5e-3)

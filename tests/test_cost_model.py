@@ -13,6 +13,8 @@ SHAPES = {
     "qmm": (dict(M=128, N=4096, K=4096, bits=4, group_size=64), {"M": 512}),
     "decode_attention": (dict(B=1, Hq=32, Hkv=8, S=1024, D=128), {"S": 4096}),
     "prefill_attention": (dict(B=1, Hq=32, Hkv=8, L=256, D=128), {"L": 1024}),
+    # Qwen3-30B-A3B's expert layers: 128 experts of 768, 8 a token
+    "gather_qmv": (dict(M=1, N=768, K=2048, experts=128, top_k=8, bits=4, group_size=64), {"M": 4}),
 }
 
 

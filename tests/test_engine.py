@@ -21,9 +21,11 @@ CASES = [("llama", None), ("llama", (8, 32)), ("mistral", None), ("mistral", (4,
 
 
 def test_every_model_type_has_its_test_case():
-    """A model type is one file in engine/models/ plus its case here."""
+    """A model type is one file in engine/models/ plus its case here or in
+    test_architectures.py (checked against mlx-lm's own model class)."""
     from metalforge.engine import models
-    assert set(models.model_types()) == {arch for arch, _ in CASES}
+    from test_architectures import ARCHITECTURES
+    assert set(models.model_types()) == {arch for arch, _ in CASES} | set(ARCHITECTURES)
 
 
 @pytest.fixture(scope="module")
@@ -341,17 +343,21 @@ def test_bad_model_folders_are_clear_errors(tmp_path, models):
     with pytest.raises(MetalforgeError, match="not an mlx-lm model folder"):
         engine.load(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(MetalforgeError, match="model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3$"):
+    from metalforge.engine.models import model_types
+    with pytest.raises(MetalforgeError, match=f"model_type 'gpt2' is not supported; supported: {', '.join(model_types())}$"):
         engine.load(tmp_path)
     scaled = write_model(tmp_path / "scaled", shards=1)
     config = json.loads((scaled / "config.json").read_text())
-    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "longrope", "factor": 2}}))
-    with pytest.raises(MetalforgeError, match=r"config.json: rope_scaling.rope_type 'longrope' is not supported; supported: "):
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "proportional", "factor": 2}}))
+    with pytest.raises(MetalforgeError, match=r"config.json: rope_scaling.rope_type 'proportional' is not supported; supported: "):
         engine.load(scaled)
-    for field, value in (("hidden_act", "gelu"), ("use_sliding_window", True), ("mlp_bias", True)):
+    for field, value in (("hidden_act", "gelu"), ("use_sliding_window", True)):
         (scaled / "config.json").write_text(json.dumps({**config, field: value}))
         with pytest.raises(MetalforgeError, match=rf"config.json: {field}={value!r} is not supported; supported: "):
             engine.load(scaled)
+    (scaled / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))   # declared, not in the folder
+    with pytest.raises(MetalforgeError, match=r"weights are missing 6 tensor\(s\), e.g. model.layers.0.mlp.gate_proj.bias"):
+        engine.load(scaled)
     broken = write_model(tmp_path / "broken", shards=1)
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[:1000])

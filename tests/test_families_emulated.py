@@ -14,6 +14,7 @@ import pytest
 from metalforge.kernels import check
 from metalforge.kernels import get_family as family
 from metalforge.emulator import EmulatorError
+from metalforge.errors import MetalforgeError
 
 DEVICE = "m3-max-40"
 
@@ -24,11 +25,13 @@ COVERING = {
     "qmv": [(dict(M=2, N=40, K=256, bits=4, group_size=64), "float16"),
             (dict(M=3, N=37, K=4096, bits=2, group_size=64), "float32")],   # long K: every k_split
     "qmm": [(dict(M=20, N=40, K=96, bits=4, group_size=32), "float16"),
-            (dict(M=33, N=24, K=256, bits=2, group_size=64), "float32")],
+            (dict(M=33, N=24, K=512, bits=2, group_size=64), "float32")],   # K: every split_k
     "decode_attention": [(dict(B=1, Hq=4, Hkv=2, S=70, D=64), "float16"),
                          (dict(B=2, Hq=4, Hkv=1, S=33, D=80, block_size=8), "float32")],
     "prefill_attention": [(dict(B=1, Hq=2, Hkv=1, L=24, D=64), "float16"),
                           (dict(B=1, Hq=2, Hkv=1, L=10, D=64, prefix=7), "float32")],
+    "gather_qmv": [(dict(M=1, N=40, K=256, experts=4, top_k=2, bits=4, group_size=64), "float16"),
+                   (dict(M=2, N=37, K=4096, experts=3, top_k=2, bits=2, group_size=64), "float32")],
 }
 
 
@@ -207,6 +210,30 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     np.testing.assert_allclose(np.array(out), np.array(fam.reference(shape, "float32", inputs)), atol=1e-4, rtol=1e-4)
 
 
+# Edge shapes: where an index runs one past its end if anything does. A paged sequence filling its
+# last block (B=1: nothing lies past the block table), one token, lengths on block and split
+# boundaries, B=1 and B>1, head dims that leave lanes' slots partly empty, and each family's
+# largest tails (63 rows or columns against tiles of 64, 127 prompt rows against 128).
+EDGE = [
+    ("decode_attention", dict(B=1, Hq=4, Hkv=2, S=64, D=64, block_size=16), "float16"),
+    ("decode_attention", dict(B=3, Hq=4, Hkv=1, S=32, D=96, block_size=8), "float32"),
+    ("decode_attention", dict(B=2, Hq=2, Hkv=1, S=1, D=80, block_size=16), "float16"),
+    ("decode_attention", dict(B=1, Hq=2, Hkv=2, S=64, D=80), "bfloat16"),
+    ("decode_attention", dict(B=2, Hq=2, Hkv=1, S=65, D=128), "float16"),
+    # 8 tokens against sequences shorter than them, a window and sinks, a full last block
+    ("decode_attention", dict(B=2, Hq=4, Hkv=2, S=16, D=64, block_size=16, L=8, window=4, sinks=1), "float16"),
+    ("decode_attention", dict(B=1, Hq=2, Hkv=1, S=32, D=64, block_size=16, kv_bits=4, kv_group_size=32), "float32"),
+    ("qmv", dict(M=8, N=63, K=1024, bits=4, group_size=64), "float16"),
+    ("qmv", dict(M=1, N=1, K=512, bits=8, group_size=128), "float32"),
+    ("qmm", dict(M=63, N=63, K=128, bits=4, group_size=64), "float16"),
+    ("qmm", dict(M=9, N=8, K=256, bits=8, group_size=128), "float32"),
+    ("prefill_attention", dict(B=2, Hq=2, Hkv=1, L=1, D=64, prefix=16), "float16"),
+    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=65, D=80), "float32"),
+    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=127, D=128, prefix=1), "float16"),
+    ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=65, D=64, prefix=3, window=16, sinks=1), "float16"),
+]
+
+
 @pytest.mark.parametrize("name, shape, dtype", [
     *[(name, shape, dtype) for name, cases in COVERING.items() for shape, dtype in cases],
     ("qmv", dict(M=3, N=37, K=384, bits=8, group_size=128), "float16"),
@@ -215,12 +242,63 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     ("decode_attention", dict(B=2, Hq=4, Hkv=2, S=45, D=80, block_size=8), "float16"),
     ("decode_attention", dict(B=1, Hq=6, Hkv=3, S=70, D=64), "float32"),
     ("prefill_attention", dict(B=1, Hq=2, Hkv=1, L=21, D=96, prefix=9), "float16"),
+    *EDGE,
 ])
 def test_family_kernels_are_clean_in_checked_mode(name, shape, dtype, monkeypatch):
     """No out-of-bounds access and no threadgroup-memory race in configs that together take every
-    value of every tunable (the COVERING shapes reach them all), tails and paged layouts included
-    (the checked mode would raise)."""
+    value of every tunable (the COVERING shapes reach them all), tails, paged layouts and the edge
+    shapes included (the checked mode would raise; the paged block-table read past a full last
+    block was found at an edge shape)."""
     monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
     fam = family(name)
     configs = covering(fam, valid_configs(fam, fam.shape(shape), dtype))
     assert verify(name, shape, dtype, configs=configs) == len(configs)
+
+
+@pytest.mark.parametrize("shape, dtype", COVERING["gather_qmv"])
+def test_gather_qmv_sample_covering_every_tunable_value(shape, dtype):
+    configs = covering_sample("gather_qmv", shape, dtype, extra=4)
+    assert verify("gather_qmv", shape, dtype, configs=configs) == len(configs)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_gather_qmv_matches_mlx_gather_qmm(bits, M):
+    """Every width mx.quantize writes, 1 to 8 tokens of 2 experts each, against MLX's own
+    gather_qmm on the same inputs (and the plain-ops reference through verify)."""
+    fam = family("gather_qmv")
+    shape = fam.shape(dict(M=M, N=24, K=128, experts=6, top_k=2, bits=bits, group_size=32))
+    inputs = fam.make_inputs(shape, "float32", seed=bits)
+    out = fam.run(fam.default_config(), shape, "float32", inputs, backend="emulator", device=DEVICE)
+    want = fam.baseline(shape, "float32", inputs)
+    np.testing.assert_allclose(np.array(out), np.array(want), atol=1e-4, rtol=1e-4)
+    assert verify("gather_qmv", shape, "float32", sample=3, seed=bits) == 3
+
+
+@pytest.mark.parametrize("shape, dtype", [
+    (dict(B=1, Hq=2, Hkv=1, L=40, D=64, prefix=9, window=13), "float32"),           # gemma / mistral windows
+    (dict(B=1, Hq=4, Hkv=2, L=33, D=64, sinks=1), "float16"),                        # gpt-oss sinks
+    (dict(B=2, Hq=2, Hkv=1, L=70, D=80, prefix=5, window=20, sinks=1), "bfloat16"),  # both, tails
+])
+def test_prefill_window_and_sinks_match_the_reference_in_configs_covering_every_tunable(shape, dtype):
+    """Tiles before a row's window are skipped (never loaded for the threadgroup's first row);
+    the sink joins the denominator. The reference agrees with MLX's fused attention (a boolean
+    window mask and sinks=)."""
+    fam = family("prefill_attention")
+    s = fam.shape(shape)
+    inputs = fam.make_inputs(s, "float32")
+    np.testing.assert_allclose(np.array(fam.reference(s, "float32", inputs)),
+                               np.array(fam.baseline(s, "float32", inputs)), atol=1e-5, rtol=1e-5)
+    configs = covering_sample("prefill_attention", shape, dtype, extra=2)
+    assert verify("prefill_attention", shape, dtype, configs=configs) == len(configs)
+
+
+def test_prefill_variants_stay_out_of_results_keys_unless_set():
+    fam = family("prefill_attention")
+    plain = dict(B=1, Hq=32, Hkv=8, L=512, D=128)
+    assert fam.bucket_key(fam.shape(plain), "float16") == "B=1,Hq=32,Hkv=8,L=512,D=128,prefix=0|float16"
+    assert fam.bucket_key(fam.shape({**plain, "window": 4096}), "float16").endswith(",window=4096|float16")
+    with pytest.raises(MetalforgeError, match="window=-1 must be 0"):
+        fam.shape({**plain, "window": -1})
+    with pytest.raises(MetalforgeError, match="sinks=2 must be 0 or 1"):
+        fam.shape({**plain, "sinks": 2})

@@ -15,6 +15,8 @@ SHAPES = {
     "qmm": [dict(M=512, N=4096, K=4096, bits=4, group_size=64), dict(M=100, N=1000, K=96, bits=8, group_size=32)],
     "decode_attention": [dict(B=1, Hq=32, Hkv=8, S=4096, D=128), dict(B=2, Hq=14, Hkv=2, S=300, D=64, block_size=16)],
     "prefill_attention": [dict(B=1, Hq=32, Hkv=8, L=512, D=128), dict(B=1, Hq=12, Hkv=4, L=100, D=80, prefix=64)],
+    "gather_qmv": [dict(M=1, N=768, K=2048, experts=128, top_k=8, bits=4, group_size=64),
+                   dict(M=4, N=100, K=1536, experts=8, top_k=2, bits=6, group_size=32)],
 }
 TYPE_BYTES = {"float": 4, "half": 2, "bfloat16_t": 2, "int": 4, "uint": 4}
 DECL = re.compile(r"threadgroup\s+(\w+)\s+\w+\s*\[(\d+)\]\s*;")
@@ -70,10 +72,15 @@ def test_templates_are_strict():
 
 
 def test_prefill_example_from_the_issue_is_rejected_with_both_numbers():
-    problems = check("prefill_attention", {"BQ": 32, "BK": 32, "simdgroups": 4, "stage": "float"},
-                     SHAPES["prefill_attention"][0], "float32", "m3-max-40")
+    # packed rows: (32 + 2 x 32) x 128 x 4 = 49,152; padded by 16 bytes: 96 x 528 = 50,688
+    config = {"BQ": 32, "BK": 32, "simdgroups": 4, "stage": "float", "pad": False}
+    problems = check("prefill_attention", config, SHAPES["prefill_attention"][0], "float32", "m3-max-40")
     assert [p.kind for p in problems] == ["threadgroup_memory"]
     assert str(problems[0]) == ("Threadgroup memory size (49152) exceeds the maximum threadgroup memory "
+                                "allowed (32768)")
+    problems = check("prefill_attention", {**config, "pad": True}, SHAPES["prefill_attention"][0], "float32",
+                     "m3-max-40")
+    assert str(problems[0]) == ("Threadgroup memory size (50688) exceeds the maximum threadgroup memory "
                                 "allowed (32768)")
 
 
@@ -91,28 +98,38 @@ def test_space_counts_hand_checked():
     threadgroup memory: BQ must be a multiple of 32 and (BQ + 2 BK) * 128 * 2 <= 32768, i.e.
     BQ + 2 BK <= 128; a SIMD-group holds BQ/32 * (16 + BK/8) + 1 fragments (<= 64). BQ=32: BK 8,
     16, 32; BQ=64: BK 8, 16, 32; BQ=128: 65 fragments. Q in registers: 2 BK <= 128 and
-    BQ/32 * (32 + BK/8) + 1 <= 64: BQ=32 with BK 8, 16, 32, 64. Each at 3 load widths."""
+    BQ/32 * (32 + BK/8) + 1 <= 64: BQ=32 with BK 8, 16, 32, 64. Each at 3 load widths. Rows
+    padded by 16 bytes: (BQ + 2 BK) * 272 <= 32768, BQ + 2 BK <= 120: BQ=64 loses BK 32 and Q in
+    registers loses BK 64."""
     valid, report = check_space("prefill_attention", SHAPES["prefill_attention"][0], "float16", "m1")
-    assert report.total == 2400
-    fixed = {"simdgroups": 4, "stage": "input", "double_buffer": False}
-    pairs = {(c["q_source"], c["BQ"], c["BK"]) for c in valid if fixed.items() <= c.items()}
-    assert pairs == {("threadgroup", 32, 8), ("threadgroup", 32, 16), ("threadgroup", 32, 32),
-                     ("threadgroup", 64, 8), ("threadgroup", 64, 16), ("threadgroup", 64, 32),
-                     ("registers", 32, 8), ("registers", 32, 16), ("registers", 32, 32), ("registers", 32, 64)}
-    assert len([c for c in valid if fixed.items() <= c.items()]) == 3 * len(pairs)
+    assert report.total == 4800
+    packed = {("threadgroup", 32, 8), ("threadgroup", 32, 16), ("threadgroup", 32, 32),
+              ("threadgroup", 64, 8), ("threadgroup", 64, 16), ("threadgroup", 64, 32),
+              ("registers", 32, 8), ("registers", 32, 16), ("registers", 32, 32), ("registers", 32, 64)}
+    padded = packed - {("threadgroup", 64, 32), ("registers", 32, 64)}
+    for pad, pairs in ((False, packed), (True, padded)):
+        fixed = {"simdgroups": 4, "stage": "input", "double_buffer": False, "pad": pad}
+        assert {(c["q_source"], c["BQ"], c["BK"]) for c in valid if fixed.items() <= c.items()} == pairs
+        assert len([c for c in valid if fixed.items() <= c.items()]) == 3 * len(pairs)
 
 
-def test_qmm_tiles_fit_exactly_at_the_limit_and_k_must_divide():
-    # half tiles: 2 bytes x BK 128 x (BM 64 + BN 64) = 32,768: exactly the limit, so valid; in
-    # fp32 twice that; with the weights dequantised in registers only x's tile is staged
-    assert check("qmm", {"BM": 64, "BN": 64, "BK": 128}, SHAPES["qmm"][0], "float16", "m1") == []
-    problems = check("qmm", {"BM": 64, "BN": 64, "BK": 128, "stage": "float"}, SHAPES["qmm"][0], "float16", "m1")
-    assert [str(p) for p in problems] == ["Threadgroup memory size (65536) exceeds the maximum threadgroup "
+def test_qmm_tiles_fit_the_limit_with_padded_rows_and_k_must_divide():
+    # a tile row is BK values and 16 bytes of padding: half tiles at BK 128 hold
+    # (2 x 128 + 16) x (BM 64 + BN 64) = 34,816 bytes, over the limit; at BK 64 18,432; fp32 at
+    # BK 64 34,816, but with the weights dequantised in registers only x's tile: 17,408
+    problems = check("qmm", {"BM": 64, "BN": 64, "BK": 128}, SHAPES["qmm"][0], "float16", "m1")
+    assert [str(p) for p in problems] == ["Threadgroup memory size (34816) exceeds the maximum threadgroup "
                                           "memory allowed (32768)"]
-    assert check("qmm", {"BM": 64, "BN": 64, "BK": 128, "stage": "float", "dequant": "registers"},
+    assert check("qmm", {"BM": 64, "BN": 64, "BK": 64}, SHAPES["qmm"][0], "float16", "m1") == []
+    problems = check("qmm", {"BM": 64, "BN": 64, "BK": 64, "stage": "float"}, SHAPES["qmm"][0], "float16", "m1")
+    assert [str(p) for p in problems] == ["Threadgroup memory size (34816) exceeds the maximum threadgroup "
+                                          "memory allowed (32768)"]
+    assert check("qmm", {"BM": 64, "BN": 64, "BK": 64, "stage": "float", "dequant": "registers"},
                  SHAPES["qmm"][0], "float16", "m1") == []
     problems = check("qmm", {"BK": 64}, SHAPES["qmm"][1], "float16", "m1")
     assert [str(p) for p in problems] == ["K=96 is not a multiple of BK=64"]
+    problems = check("qmm", {"BK": 32, "split_k": 2}, SHAPES["qmm"][1], "float16", "m1")
+    assert [str(p) for p in problems] == ["K=96 is not a multiple of BK=32 x split_k=2"]
 
 
 def test_config_problems_beyond_memory():

@@ -32,6 +32,6 @@ def test_rope_matches_mlx_lm(kind, offset):
 
 def test_an_unknown_rope_type_is_one_line_naming_the_field():
     from metalforge.errors import MetalforgeError
-    with pytest.raises(MetalforgeError, match=r"^config.json: rope_scaling.rope_type 'longrope' is not supported; "
-                                              r"supported: default, dynamic, linear, llama3, yarn$"):
-        rope.make(D, THETA, {"rope_type": "longrope", "factor": 2.0}, MAX_POS)
+    with pytest.raises(MetalforgeError, match=r"^config.json: rope_scaling.rope_type 'proportional' is not supported; "
+                                              r"supported: default, dynamic, linear, llama3, longrope, su, yarn$"):
+        rope.make(D, THETA, {"rope_type": "proportional", "factor": 2.0}, MAX_POS)

@@ -82,8 +82,9 @@ def test_invalid_configs_never_reach_the_renderer_or_compiler(tmp_path, monkeypa
     assert any("Threadgroup memory size" in t.user_attrs["invalid"] for t in invalid)
     # (in float32 stage=input renders as stage=float and is refused as a config problem: compare
     # the float-staged ones, which render distinctly)
-    rendered_configs = {(v["BQ"], v["BK"], v["SG"], v["DB"], v["QS"], v["W"]) for v in rendered}
-    invalid_configs = {tuple(t.params[n] for n in ("BQ", "BK", "simdgroups", "double_buffer", "q_source", "load_width"))
+    rendered_configs = {(v["BQ"], v["BK"], v["SG"], v["DB"], v["QS"], v["W"], v["PAD"] > 0) for v in rendered}
+    invalid_configs = {tuple(t.params[n] for n in ("BQ", "BK", "simdgroups", "double_buffer", "q_source", "load_width",
+                                                  "pad"))
                        for t in invalid if t.params["stage"] == "float"}
     assert rendered_configs and invalid_configs and not (rendered_configs & invalid_configs)
     verified = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and "duplicate_of" not in t.user_attrs]
@@ -406,3 +407,32 @@ def test_a_paged_shape_whose_bucket_outgrows_its_pool_finds_the_bucket():
     paged = dict(B=1, Hq=4, Hkv=2, S=300, D=64, block_size=16, num_blocks=28)
     assert fam.bucket_key(paged, "float16") == fam.bucket_key(dict(paged, num_blocks=4096), "float16")
     assert "S=512" in fam.bucket_key(paged, "float16")
+
+
+def test_every_settings_field_reaches_a_worker_process(tmp_path):
+    """Each field set to a value other than its default travels through the worker's spec into a
+    separate process; a field added to Settings fails here until it is given a value below."""
+    import dataclasses
+    import json as json_module
+    from metalforge.tuner import worker
+    from metalforge.tuner.timers import MetalTimer
+    chosen = {"device": "m2-max", "trials": 7, "timeout": 12.5, "storage": f"sqlite:///{tmp_path / 'w.db'}",
+              "timer": MetalTimer(warmup=5, budget_s=0.5, min_repeats=7, max_repeats=90), "backend": "emulator",
+              "sampler": "tpe", "seed": 41, "drift_every": 3, "drift_threshold": 0.2, "cooldown_s": 1.5,
+              "verify": False, "warm_start": False, "heartbeat_s": 4.0, "storage_timeout_s": 33.0}
+    fields = {f.name for f in dataclasses.fields(st.Settings)}
+    assert set(chosen) == fields, f"give the new field(s) a value here: {fields ^ set(chosen)}"
+    defaults = st.Settings(device="m1")
+    for name, value in chosen.items():
+        assert getattr(defaults, name) != value or name == "timer", f"{name}: pick a value that is not the default"
+    settings = st.Settings(**chosen)
+    target = shapes.Target("qmv", family("qmv").shape(SMALL["qmv"][0]), "float16")
+    spec = worker.Pool(target, settings, 2).specs[1]
+    code = ("import json, sys; from metalforge.tuner.worker import read_spec; t, s = read_spec(sys.argv[1]); "
+            "print(json.dumps([t.family.name, t.bucket, s.to_dict()]))")
+    run = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, check=True)
+    name, bucket, received = json_module.loads(run.stdout)
+    assert (name, bucket) == ("qmv", target.bucket)
+    expected = dict(chosen, seed=41 + 2, timer={"kind": "metal", "warmup": 5, "budget_s": 0.5, "min_repeats": 7,
+                                                "max_repeats": 90})   # worker 2: its own random stream
+    assert received == expected

@@ -4,7 +4,8 @@
     choice = tuner.lookup("m3-max-40", "qmv", dict(M=1, N=4096, K=4096), "float16")
 """
 from metalforge.results import lookup
-from metalforge.tuner.study import Settings, run_study
+from metalforge.tuner.settings import Settings
+from metalforge.tuner.study import run_study
 from metalforge.tuner.timers import MetalTimer, ModelTimer, Timer, Timing
 
 __all__ = ["lookup", "run_study", "Settings", "MetalTimer", "ModelTimer", "Timer", "Timing"]

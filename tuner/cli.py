@@ -17,7 +17,9 @@ from metalforge.kernels.timing import gate
 from metalforge.kernels.families import FAMILIES
 from metalforge import results
 from metalforge.tuner import shapes, worker
-from metalforge.tuner.study import Settings, entry, evaluated, open_study, prepare_study, run_study, study_name
+from metalforge.tuner.settings import Settings
+from metalforge.tuner.storage import study_name
+from metalforge.tuner.study import check_sampler, entry, evaluated, open_study, prepare_study, run_study
 
 
 def add_arguments(p) -> None:
@@ -32,6 +34,9 @@ def add_arguments(p) -> None:
     p.add_argument("--trials", type=int, default=24, help="finished trials per study (resumed studies count theirs)")
     p.add_argument("--timeout", type=float, help="seconds per study")
     p.add_argument("--storage", help="Optuna storage: SQLAlchemy URL or journal file (default: per-device SQLite)")
+    p.add_argument("--storage-timeout", type=float,
+                   help="seconds the storage's database may stay out of reach (restart, network) before the run "
+                        "stops, resumable (default: $METALFORGE_STORAGE_TIMEOUT_S, else 300)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing each study")
     p.add_argument("--sampler", default="auto", help="auto (grid for small spaces, else TPE), tpe, random, grid")
     p.add_argument("--seed", type=int)
@@ -45,8 +50,12 @@ def _settings(args, device) -> Settings:
         arguments.positive_number("--timeout", args.timeout)
     if args.seed is not None:
         arguments.seed(args.seed)
+    check_sampler(args.sampler)
+    more = {}
+    if args.storage_timeout is not None:
+        more["storage_timeout_s"] = arguments.positive_number("--storage-timeout", args.storage_timeout)
     return Settings(device=device.name, trials=args.trials, timeout=args.timeout, storage=args.storage,
-                    sampler=args.sampler, seed=args.seed)
+                    sampler=args.sampler, seed=args.seed, **more)
 
 
 def _contexts(text) -> list[int]:
@@ -132,7 +141,7 @@ def _run_with_progress(target, settings, study):
     label = f"{target.family.name} {target.bucket.split('|')[0]}"
     # the bar counts what --trials counts: configs evaluated (not repeats, not over a limit)
     with tqdm(total=settings.trials, desc=label[:60], unit="config", leave=True) as bar:
-        def progress(study, trial):
+        def progress(study):
             bar.n = min(evaluated(study), settings.trials)
             bar.refresh()
             try:

@@ -18,7 +18,8 @@ import optuna
 from metalforge import devices
 from metalforge import results
 from metalforge.tuner import shapes
-from metalforge.tuner.study import Settings, entry, run_study
+from metalforge.tuner.settings import Settings
+from metalforge.tuner.study import entry, run_study
 from metalforge.tuner.timers import ModelTimer
 from metalforge.tuner.verify import Verifier
 

@@ -11,8 +11,8 @@ from typing import Callable, Protocol
 
 import mlx.core as mx
 
+from metalforge.errors import MetalforgeError
 from metalforge.kernels import dtypes
-
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ class ModelTimer:
     def baseline(self, run: Callable | None, *, family, shape, dtype, device) -> Timing:
         """MLX's real kernel for the job, chosen by MLX's rules, priced by the per-kernel model
         (seconds None where that kernel cannot be traced yet: then the entry carries no ratio)."""
-        from metalforge.errors import MetalforgeError
         from metalforge.kernels.timing import compare, fit, model
         try:
             counted = compare.mlx_counted(family.name, dict(shape.__dict__), dtypes.get(dtype), device)
@@ -92,6 +91,18 @@ class MetalTimer:
 
     def baseline(self, run: Callable, *, family, shape, dtype, device) -> Timing:
         return self._measure(run)
+
+
+def timer_to_dict(timer: Timer) -> dict:
+    """A timer as JSON, for a worker process: its kind and its options."""
+    if type(timer) not in (MetalTimer, ModelTimer):
+        raise MetalforgeError(f"a {type(timer).__name__} cannot be sent to worker processes (only MetalTimer, ModelTimer)")
+    return {"kind": timer.kind, **vars(timer)}
+
+
+def timer_from_dict(data: dict) -> Timer:
+    options = {k: v for k, v in data.items() if k != "kind"}
+    return MetalTimer(**options) if data["kind"] == "metal" else ModelTimer()
 
 
 def default_timer():

@@ -6,6 +6,7 @@ away from it: the parent decides, and stops its workers with SIGTERM, which a ru
 turns into an orderly stop (its trial is recorded as interrupted and run again later)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -18,7 +19,22 @@ import optuna
 
 from metalforge.errors import MetalforgeError
 from metalforge.tuner.shapes import Target
-from metalforge.tuner.study import Settings, run_study
+from metalforge.tuner.settings import Settings
+from metalforge.tuner.study import run_study
+
+
+def spec(target, settings: Settings, index: int) -> str:
+    """What worker `index` is told, as JSON: the target and every field of the settings, with a
+    stream of its own (one seed would make all workers propose the same configs) and no seeding
+    of the study (the parent seeded it)."""
+    seed = None if settings.seed is None else (settings.seed + index + 1) % 2**32
+    return json.dumps({"family": target.family.name, "shape": dict(target.shape.__dict__), "dtype": target.dtype,
+                       "settings": dataclasses.replace(settings, seed=seed, warm_start=False).to_dict()})
+
+
+def read_spec(text: str) -> tuple[Target, Settings]:
+    s = json.loads(text)
+    return Target(s["family"], s["shape"], s["dtype"]), Settings.from_dict(s["settings"])
 
 
 class Pool:
@@ -26,13 +42,7 @@ class Pool:
     on an exception in the caller (Ctrl-C) it stops them first."""
 
     def __init__(self, target, settings, count: int):
-        self.specs = [json.dumps({
-            "family": target.family.name, "shape": dict(target.shape.__dict__), "dtype": target.dtype,
-            "device": settings.device, "trials": settings.trials, "timeout": settings.timeout,
-            "storage": settings.storage, "sampler": settings.sampler,
-            # each worker its own stream: one seed would make them all propose the same configs
-            "seed": None if settings.seed is None else (settings.seed + i + 1) % 2**32})
-            for i in range(count)]
+        self.specs = [spec(target, settings, i) for i in range(count)]
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self):
@@ -62,15 +72,13 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(spec: str) -> int:
+def main(text: str) -> int:
     signal.signal(signal.SIGTERM, _stop)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)   # as in the parent (tuner/cli.py)
-    s = json.loads(spec)
-    target = Target(s["family"], s["shape"], s["dtype"])
     try:
-        run_study(target, Settings(device=s["device"], trials=s["trials"], timeout=s["timeout"], storage=s["storage"],
-                                   sampler=s["sampler"], seed=s["seed"], warm_start=False))
+        target, settings = read_spec(text)
+        run_study(target, settings)
     except KeyboardInterrupt:
         return 130
     except MetalforgeError as e:

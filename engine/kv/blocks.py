@@ -3,7 +3,8 @@
 The allocator keeps sequences consecutive where it can (a sequence grows into the block after
 its last; a new one starts where the most room is), because storage reads a sequence stored in
 consecutive blocks in place. A fork shares its parent's blocks (a reference each), and a block
-goes back when its last holder lets go.
+goes back when its last holder lets go. A sequence's list of blocks may hold None where a
+sliding window gave a block back (see KVPool.reserve_all): those are skipped here.
 """
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ class BlockAllocator:
     def shared(self, block: int) -> bool:
         return self.refcount[block] > 1
 
-    def share(self, blocks: list[int]) -> None:
+    def share(self, blocks: list[int | None]) -> None:
         for b in blocks:
-            self.refcount[b] += 1
+            if b is not None:
+                self.refcount[b] += 1
 
-    def release(self, blocks: list[int]) -> None:
+    def release(self, blocks: list[int | None]) -> None:
         for b in blocks:
-            self.refcount[b] -= 1
+            if b is not None:
+                self.refcount[b] -= 1
 
     def take(self, after: int | None) -> int:
         """A free block: the one right after `after` when free (the sequence stays one run), else

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from metalforge.engine.kv.blocks import BlockAllocator
-from metalforge.engine.kv.spec import FullAttention
+from metalforge.engine.kv.spec import FullAttention, SinkWindow
 from metalforge.engine.kv.step import Step
-from metalforge.engine.kv.storage import DenseStorage, Storage
+from metalforge.engine.kv.storage import Storage
 from metalforge.errors import MetalforgeError
+from metalforge.intmath import cdiv
 
 
 # Tokens per block unless engine.load(block_size=) says otherwise (the op plan's paged layout too).
@@ -26,10 +27,11 @@ class PoolExhausted(MetalforgeError):
 
 @dataclass
 class Sequence:
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[int | None] = field(default_factory=list)   # None: given back, out of every layer's window
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)   # each held token's position (RoPE's), pending ones too
     pending: int = 0     # tokens written by a step whose ids the host has not read yet (see KVPool.settle)
+    window: SinkWindow | None = None   # its own sliding window (a request's max_kv_size), see KVPool.spec
 
     @property
     def length(self) -> int:
@@ -50,12 +52,6 @@ class KVPool:
         self.max_blocks = self.blocks.blocks_for(max_seq_len)
         self.seqs: dict[int, Sequence] = {}
         self._next_id = 0
-
-    @classmethod
-    def dense(cls, layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int, max_seq_len: int,
-              dtype) -> "KVPool":
-        return cls(DenseStorage(layers, kv_heads, head_dim, block_size, num_blocks, dtype), block_size, num_blocks,
-                   max_seq_len)
 
     # ---- sizes ---------------------------------------------------------------------------------
     @property
@@ -87,10 +83,10 @@ class KVPool:
         return self.num_blocks * self.block_size
 
     # ---- sequences -----------------------------------------------------------------------------
-    def add_sequence(self) -> int:
+    def add_sequence(self, window: SinkWindow | None = None) -> int:
         sid = self._next_id
         self._next_id += 1
-        self.seqs[sid] = Sequence()
+        self.seqs[sid] = Sequence(window=window)
         return sid
 
     def seq(self, sid: int) -> Sequence:
@@ -99,16 +95,20 @@ class KVPool:
         except KeyError:
             raise MetalforgeError(f"no sequence {sid} in the KV pool (have: {sorted(self.seqs)})") from None
 
-    def fork(self, sid: int, length: int | None = None) -> int:
-        """A new sequence sharing the blocks of `sid`'s first `length` tokens (all by default); the
-        first write to a shared block copies it."""
+    def fork(self, sid: int, length: int | None = None, window: SinkWindow | None = None) -> int:
+        """A new sequence sharing the blocks of `sid`'s first `length` tokens (all by default),
+        with its own `window`; the first write to a shared block copies it."""
         parent = self.seq(sid)
         length = parent.length if length is None else length
         if parent.pending or not 0 <= length <= parent.length:
             raise MetalforgeError(f"fork({sid}, {length}): the sequence holds {parent.length} settled tokens")
-        child = self.add_sequence()
         blocks = parent.blocks[:self.blocks.blocks_for(length)]
-        self.seqs[child] = Sequence(list(blocks), list(parent.tokens[:length]), list(parent.positions[:length]))
+        if not self.can_fork(sid, length, window):
+            raise MetalforgeError(f"fork({sid}, {length}): the sequence gave back blocks a fork of that length "
+                                  "reads (they fell out of its window)")
+        child = self.add_sequence()
+        self.seqs[child] = Sequence(list(blocks), list(parent.tokens[:length]), list(parent.positions[:length]),
+                                    window=window)
         self.blocks.share(blocks)
         return child
 
@@ -142,6 +142,40 @@ class KVPool:
         s.tokens.extend(ids)
         s.pending -= len(ids)
 
+    # ---- windows ---------------------------------------------------------------------------------
+    def spec(self, layer: int, sid: int):
+        """What `layer` reads of sequence `sid`: the layer's spec, or the sequence's own window
+        where the layer attends to everything."""
+        return self._spec(layer, self.seqs[sid].window)
+
+    def _spec(self, layer: int, window: SinkWindow | None):
+        spec = self.specs[layer]
+        return window if window is not None and isinstance(spec, FullAttention) else spec
+
+    def dead(self, first: int, window: SinkWindow | None = None) -> tuple[int, int]:
+        """[start, end) of positions no layer reads for queries at `first` or later."""
+        ranges = [self._spec(layer, window).dead(first) for layer in range(self.layers)]
+        start, end = max(r[0] for r in ranges), min(r[1] for r in ranges)
+        return (start, end) if start < end else (0, 0)
+
+    def can_fork(self, sid: int, length: int, window: SinkWindow | None = None) -> bool:
+        """Whether a fork of `sid`'s first `length` tokens with `window` finds every block it reads."""
+        s = self.seq(sid)
+        start, end = self.dead(length, window)
+        bs = self.block_size
+        return all(b is not None or start <= i * bs < (i + 1) * bs <= end
+                   for i, b in enumerate(s.blocks[:self.blocks.blocks_for(length)]))
+
+    def _drop_dead(self, sid: int) -> None:
+        """Give back the blocks of `sid` wholly out of every layer's window for its next token:
+        memory stays flat however long a windowed sequence grows."""
+        s = self.seqs[sid]
+        start, end = self.dead(s.length, s.window)
+        for i in range(cdiv(start, self.block_size), min(end // self.block_size, len(s.blocks))):
+            if s.blocks[i] is not None:
+                self.blocks.release([s.blocks[i]])
+                s.blocks[i] = None
+
     # ---- room ----------------------------------------------------------------------------------
     def needed(self, sid: int, new_tokens: int) -> tuple[int, bool]:
         """(new blocks, whether the last block must be copied first) to append `new_tokens`."""
@@ -158,6 +192,8 @@ class KVPool:
         """Make room for `counts[sid]` more tokens in each sequence: new blocks, and a private copy
         of a shared partial block about to be written. All or nothing: the blocks of every
         sequence are counted before any is taken, so a failure changes no sequence."""
+        for sid in counts:
+            self._drop_dead(sid)
         plans = [(sid, *self.needed(sid, n)) for sid, n in counts.items()]
         total = sum(need + cow for _, need, cow in plans)
         free = self.free_blocks
@@ -190,12 +226,17 @@ class KVPool:
             runs[0] = (runs[0][0] + skip, runs[0][1] - skip)
         return runs
 
+    def ranges(self, sid: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The runs holding each [start, end) of `ranges`, in order."""
+        return [run for start, end in ranges if end > start for run in self.runs(sid, end, start)]
+
     def read(self, layer: int, runs: list[tuple[int, int]]):
         return self.storage.read(layer, runs)
 
     def block_table(self, sids: list[int], lengths: list[int], width: int):
         """Each sequence's blocks padded to `width` columns (int32), and the lengths."""
-        table = [self.seq(s).blocks[:width] + [0] * (width - len(self.seq(s).blocks[:width])) for s in sids]
+        rows = [[b or 0 for b in self.seq(s).blocks[:width]] for s in sids]
+        table = [row + [0] * (width - len(row)) for row in rows]
         return mx.array(table, dtype=mx.int32), mx.array(lengths, dtype=mx.int32)
 
     # ---- a forward pass -------------------------------------------------------------------------

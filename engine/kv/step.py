@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from metalforge.engine.kv import quantized
+from metalforge.engine.kv.spec import FullAttention
+
 
 @dataclass(frozen=True)
 class Group:
@@ -44,7 +47,7 @@ class Step:
         self.positions = mx.array([positions], dtype=mx.int32)            # (1, tokens)
         self.logit_rows = rows
         contiguous = all(b - a == 1 for a, b in zip(slots, slots[1:]))
-        self._where = slice(slots[0], slots[0] + len(slots)) if contiguous else mx.array(slots, dtype=mx.int32)
+        self.where = slice(slots[0], slots[0] + len(slots)) if contiguous else mx.array(slots, dtype=mx.int32)
         self.groups = self._groups()
         self._tables: dict[tuple, tuple] = {}
         self._runs: dict[tuple, list] = {}
@@ -65,18 +68,29 @@ class Step:
         """Positions held by the step's longest sequence, new tokens included (a host number)."""
         return max(self.lengths)
 
+    def reads(self, layer: int, b: int) -> list[tuple[int, int]]:
+        """The [start, end) position ranges layer `layer` reads of sequence b in this step."""
+        return self.pool.spec(layer, self.sids[b]).reads(self.starts[b], self.lengths[b])
+
     def runs(self, layer: int, b: int) -> list[tuple[int, int]]:
         """Sequence b's runs of consecutive slots that layer `layer` reads."""
-        spec = self.pool.specs[layer]
-        start = spec.first_visible(self.lengths[b])
-        if (start, b) not in self._runs:
-            self._runs[(start, b)] = self.pool.runs(self.sids[b], self.lengths[b], start)
-        return self._runs[(start, b)]
+        key = (tuple(self.reads(layer, b)), b)
+        if key not in self._runs:
+            self._runs[key] = self.pool.ranges(self.sids[b], list(key[0]))
+        return self._runs[key]
+
+    def mask(self, layer: int, b: int, window: int | None = None) -> mx.array:
+        """(new tokens, keys read) bool: which keys each of sequence b's new tokens sees; `window`:
+        a layer's own sliding window besides (the latest `window` positions, its own included)."""
+        keys = mx.concatenate([mx.arange(a, e) for a, e in self.reads(layer, b) if e > a])
+        queries = mx.arange(self.starts[b], self.lengths[b])
+        visible = self.pool.spec(layer, self.sids[b]).visible(keys, queries)
+        return visible if window is None else visible & (keys[None, :] > queries[:, None] - window)
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
         """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads."""
-        self.pool.storage.write(layer, self._where, k[0], v[0])
-        return LayerKV(self, layer)
+        self.pool.storage.write(layer, self.where, k[0], v[0])
+        return LayerKV(self, layer, k, v)
 
     def block_table(self, members: tuple[int, ...], width: int) -> tuple[mx.array, mx.array]:
         key = (members, width)
@@ -98,6 +112,8 @@ class LayerKV:
 
     step: Step
     layer: int
+    k: mx.array | None = None   # the step's new K/V as computed, before storage (see GroupKV.attend)
+    v: mx.array | None = None
 
     def groups(self) -> list["GroupKV"]:
         return [GroupKV(self, g) for g in self.step.groups]
@@ -121,6 +137,45 @@ class GroupKV:
     def sequence(self, i: int) -> tuple[mx.array, mx.array]:
         """Member i's K and V, (1, kv_heads, length, head_dim), a view when it is one run."""
         return self.kv.step.pool.read(self.kv.layer, self.kv.step.runs(self.kv.layer, self.group.members[i]))
+
+    def mask(self, window: int | None = None) -> mx.array:
+        """(new tokens, keys) bool mask of the group's one sequence: causal, its spec's window, and
+        `window` (the layer's own) when given."""
+        return self.kv.step.mask(self.kv.layer, self.group.members[0], window)
+
+    @property
+    def mlx_only(self) -> bool:
+        """Whether only MLX's ops read it: its layer reads less than the whole history, or the
+        pool is quantized (no kernel of ours reads either yet)."""
+        step = self.kv.step
+        return self.quantization is not None or any(
+            not isinstance(step.pool.spec(self.kv.layer, step.sids[b]), FullAttention) for b in self.group.members)
+
+    @property
+    def quantization(self) -> dict | None:
+        """{"bits", "group_size"} of a quantized pool, else None."""
+        return getattr(self.kv.step.pool.storage, "quantization", None)
+
+    def attend(self, q: mx.array, i: int, scale: float, mask=None, window: int | None = None,
+               sdpa=mx.fast.scaled_dot_product_attention, **extra) -> mx.array:
+        """MLX's attention of q (1, Hq, L, D) over member i's K/V: `sdpa` (the fused op unless the
+        layer soft-caps), or products on the codes of a quantized pool (engine/kv/quantized.py).
+        One query (no mask) reads only the latest `window` keys when given; `extra`: sinks."""
+        step, b = self.kv.step, self.group.members[i]
+        pool, runs = step.pool, step.runs(self.kv.layer, b)
+        if step.starts[b] == 0 and self.kv.k is not None and len(step.sids) == 1 and \
+                step.reads(self.kv.layer, b) == [(0, step.lengths[b])]:
+            # a whole sequence's first step (a prompt) attends to its K/V as computed, not as
+            # stored: quantized, as mlx-lm attends to its first prompt chunk before its cache is
+            # quantized; dense, the same values
+            return sdpa(q, self.kv.k, self.kv.v, scale=scale, mask=mask, **extra)
+        latest = (lambda x: x[:, :, -window:]) if window is not None and mask is None else (lambda x: x)
+        if self.quantization and sdpa is mx.fast.scaled_dot_product_attention and not extra:
+            k, v = pool.storage.read_quantized(self.kv.layer, runs)
+            return quantized.attention(q, [latest(x) for x in k], [latest(x) for x in v], scale, mask,
+                                       **self.quantization)
+        k, v = pool.read(self.kv.layer, runs)
+        return sdpa(q, latest(k), latest(v), scale=scale, mask=mask, **extra)
 
     def pool_sizes(self) -> dict:
         """The pool's layout as attention's op sees it: block size, blocks, and the widest block

@@ -9,7 +9,7 @@ import pkgutil
 from metalforge.engine.models import base
 from metalforge.errors import MetalforgeError, choices
 
-SHARED = ("base", "rope")   # modules of shared parts, not model types
+SHARED = ("base", "moe", "rope")   # modules of shared parts, not model types
 
 
 def model_types() -> tuple[str, ...]:

@@ -1,9 +1,12 @@
 """What the decoder model types share, as mlx-lm's files would repeat it: the config fields,
-the blocks (RMS norm, attention, gated MLP, embedding, output head) as layer objects that own
+the blocks (norms, attention, gated MLP, embedding, output head) as layer objects that own
 their weights, the layer stack, and the two facts the rest of metalforge asks of a model: its
 op plan (which kernel shapes it runs) and its parameter count. Both are read off the same weight
-table the loader checks, so nothing else describes a layer. A model type's module subclasses
-what differs (see llama.py, qwen2.py, qwen3.py).
+table the loader checks, and each block states its own part of that table, so nothing else
+describes a layer. A model type's module subclasses what differs (see llama.py, qwen3.py,
+gemma3_text.py, phi3.py, qwen3_moe.py): the extension points are the class attributes and
+small methods below (norm kind, activation, soft-caps, sinks, per-layer window and RoPE, scaled
+embeddings, post-norms, residual scale, the MLP of a layer).
 """
 from __future__ import annotations
 
@@ -11,22 +14,23 @@ import math
 from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from metalforge.engine import ops
-from metalforge.engine.config import positive, size, sizes
+from metalforge.engine.config import Quantization, positive, size, sizes
 from metalforge.engine.kv import BLOCK_SIZE
 from metalforge.engine.models import rope as ropes
 from metalforge.errors import MetalforgeError
 
 
-# Config fields whose other values change the computation in ways no model type here implements:
-# (field, its value when absent, the values we run). Anything else is refused at load, by name.
-IMPLEMENTED = (("hidden_act", "silu", ("silu",)), ("mlp_bias", False, (False,)),
-               ("use_sliding_window", False, (False,)), ("rope_traditional", False, (False,)))
+# Config fields whose other values change the computation in ways a model type does not
+# implement: (field, its value when absent, the values we run). Anything else is refused at load,
+# by name. A model type with other values names its own (ModelArgs.IMPLEMENTED: Gemma's GELU).
+IMPLEMENTED = (("hidden_act", "silu", ("silu",)), ("use_sliding_window", False, (False,)))
 
 
-def check_implemented(config: dict, where: str) -> None:
-    for name, default, supported in IMPLEMENTED:
+def check_implemented(config: dict, where: str, implemented=IMPLEMENTED) -> None:
+    for name, default, supported in implemented:
         value = config.get(name, default)
         if value not in supported:
             raise MetalforgeError(f"{where}: {name}={value!r} is not supported; supported: "
@@ -48,112 +52,91 @@ class ModelArgs:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False      # biases on the q/k/v projections
+    attention_bias: bool = False      # biases on the q/k/v projections (and o_proj: Attention.BIASED)
+    mlp_bias: bool = False            # biases on the MLP's projections
+    rope_traditional: bool = False    # RoPE rotates adjacent pairs instead of halves
+    partial_rotary_factor: float = 1.0   # the share of each head RoPE rotates
     qk_norm: bool = False             # RMS norm of q and k per head
-    quantization: dict | None = None  # {"bits": 4, "group_size": 64}
+    quantization: Quantization | None = None
     eos_token_id: tuple = field(default_factory=tuple)
+
+    IMPLEMENTED = IMPLEMENTED   # (not a field) the config values this model type runs: see check_implemented
 
     @property
     def bits(self) -> int | None:
-        return int(self.quantization["bits"]) if self.quantization else None
+        return self.quantization.bits if self.quantization else None
 
     @property
     def group_size(self) -> int | None:
-        return int(self.quantization["group_size"]) if self.quantization else None
+        return self.quantization.group_size if self.quantization else None
+
+    def quant_of(self, name: str) -> tuple[int | None, int | None, str | None]:
+        """(bits, group_size, mode) a quantized layer `name` was written with (its per-layer
+        override in config.json, else the default); Nones for an unquantized model."""
+        if self.quantization is None:
+            return None, None, None
+        return self.quantization.of(name) or (None, None, None)
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config.json") -> "ModelArgs":
         """The config's fields, sizes checked by engine/config.py; a model type's own defaults
-        are its subclass's field defaults (qwen2: attention_bias=True)."""
+        are its subclass's field defaults (qwen2: attention_bias=True), its own fields what its
+        `read` returns."""
         sz = sizes(config, where)
         defaults = {f.name: f.default for f in fields(cls)}
         ropes.scaling_type(config.get("rope_scaling"), where)
-        check_implemented(config, where)
+        check_implemented(config, where, cls.IMPLEMENTED)
         eos = config.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         try:
-            return cls(model_type=config["model_type"], **sz.__dict__,
-                       num_hidden_layers=size(config, "num_hidden_layers", where),
-                       rms_norm_eps=positive(config, "rms_norm_eps", where, 1e-6),
-                       rope_theta=positive(config, "rope_theta", where, 10000.0),
-                       rope_scaling=config.get("rope_scaling"),
-                       max_position_embeddings=size(config, "max_position_embeddings", where, 4096),
-                       tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                       attention_bias=bool(config.get("attention_bias", defaults["attention_bias"])),
-                       eos_token_id=eos)
+            common = dict(model_type=config["model_type"], **sz.__dict__,
+                          num_hidden_layers=size(config, "num_hidden_layers", where),
+                          rms_norm_eps=positive(config, "rms_norm_eps", where, defaults["rms_norm_eps"]),
+                          rope_theta=positive(config, "rope_theta", where, defaults["rope_theta"]),
+                          rope_scaling=config.get("rope_scaling"),
+                          max_position_embeddings=size(config, "max_position_embeddings", where,
+                                                       config.get("max_position_embeddings")
+                                                       or defaults["max_position_embeddings"]),
+                          tie_word_embeddings=bool(config.get("tie_word_embeddings",
+                                                              defaults["tie_word_embeddings"])),
+                          attention_bias=bool(config.get("attention_bias", defaults["attention_bias"])),
+                          mlp_bias=bool(config.get("mlp_bias", defaults["mlp_bias"])),
+                          rope_traditional=flag(config, "rope_traditional", where, defaults["rope_traditional"]),
+                          eos_token_id=eos)
+            return cls(**{**common, **cls.read(config, where)})
         except KeyError as e:
             raise MetalforgeError(f"{where}: missing required field {e}") from None
+        except (TypeError, ValueError) as e:
+            raise MetalforgeError(f"{where}: bad value ({e})") from None
+
+    @classmethod
+    def read(cls, config: dict, where: str) -> dict:
+        """A model type's own fields from config.json (as its mlx-lm module reads them)."""
+        return {}
 
 
-# ---- the weight table ----------------------------------------------------------------------------
-def linears(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    """Every linear layer's (out, in) size by weight name: the embedding table reads as one."""
-    a = args
-    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-    out = {"model.embed_tokens": (a.vocab_size, a.hidden_size)}
-    for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}."
-        out.update({p + "self_attn.q_proj": (q, a.hidden_size), p + "self_attn.k_proj": (kv, a.hidden_size),
-                    p + "self_attn.v_proj": (kv, a.hidden_size), p + "self_attn.o_proj": (a.hidden_size, q),
-                    p + "mlp.gate_proj": (a.intermediate_size, a.hidden_size),
-                    p + "mlp.up_proj": (a.intermediate_size, a.hidden_size),
-                    p + "mlp.down_proj": (a.hidden_size, a.intermediate_size)})
-    if not a.tie_word_embeddings:
-        out["lm_head"] = (a.vocab_size, a.hidden_size)
-    return out
+def optional_positive(config: dict, name: str, where: str, default=None) -> float | None:
+    """A positive number, or None where the config sets it to null (e.g. no soft-cap)."""
+    value = config.get(name, default)
+    return None if value is None else positive({name: value}, name, where, value)
 
 
-def vectors(args: ModelArgs) -> dict[str, int]:
-    """Every vector weight's size by name: norms, and q/k/v biases where the model type has them."""
-    a = args
-    out = {"model.norm.weight": a.hidden_size}
-    for i in range(a.num_hidden_layers):
-        p = f"model.layers.{i}."
-        if a.attention_bias:
-            out.update({p + f"self_attn.{n}_proj.bias": s for n, s in
-                        (("q", a.num_attention_heads * a.head_dim), ("k", a.num_key_value_heads * a.head_dim),
-                         ("v", a.num_key_value_heads * a.head_dim))})
-        if a.qk_norm:
-            out.update({p + "self_attn.q_norm.weight": a.head_dim, p + "self_attn.k_norm.weight": a.head_dim})
-        out.update({p + "input_layernorm.weight": a.hidden_size, p + "post_attention_layernorm.weight": a.hidden_size})
-    return out
+def rotary_factor(config: dict, where: str) -> float:
+    """partial_rotary_factor, in (0, 1]: the share of each head RoPE rotates."""
+    factor = positive(config, "partial_rotary_factor", where, 1.0)
+    if factor > 1:
+        raise MetalforgeError(f"{where}: partial_rotary_factor={factor} is over 1")
+    return factor
 
 
-def check_weights(args: ModelArgs, w: dict[str, mx.array]) -> None:
-    """Every tensor the forward pass reads is present with the shape the config implies, so a
-    mismatched checkpoint is one clear error at load instead of a failure mid-generation."""
-    table = linears(args)
-    required = [n + ".weight" for n in table] + [n for n in vectors(args) if not n.endswith(".bias")]
-    missing = [n for n in required if n not in w]
-    if missing:
-        raise MetalforgeError(f"weights are missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-    expected = {n: (s,) for n, s in vectors(args).items()}
-    for name, (out, inp) in table.items():
-        if name + ".scales" in w:
-            if args.quantization is None:
-                raise MetalforgeError(f"weight {name} is quantized but config.json has no 'quantization'")
-            expected[name + ".weight"] = (out, inp * args.bits // 32)
-            expected[name + ".scales"] = expected[name + ".biases"] = (out, inp // args.group_size)
-        else:
-            expected[name + ".weight"] = (out, inp)
-    for name, shape in expected.items():
-        if name in w and tuple(w[name].shape) != shape:
-            raise MetalforgeError(f"weight {name} has shape {tuple(w[name].shape)}, but config.json implies {shape}")
+def flag(config: dict, name: str, where: str, default: bool = False) -> bool:
+    value = config.get(name, default)
+    if not isinstance(value, bool):
+        raise MetalforgeError(f"{where}: {name} must be true or false, got {value!r}")
+    return value
 
 
-# ---- layers ----------------------------------------------------------------------------------------
-class Linear:
-    """One linear layer's weights (weight, and scales/biases when quantized, and a bias), run
-    through the op layer, which picks ours or MLX's per row bucket."""
-
-    def __init__(self, kernels: ops.Kernels, w: dict, name: str, args: ModelArgs):
-        self.kernels, self.bits, self.group_size = kernels, args.bits, args.group_size
-        self.w = {k: w[f"{name}.{k}"] for k in ("weight", "scales", "biases", "bias") if f"{name}.{k}" in w}
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.kernels.linear(x, self.w, self.bits, self.group_size)
-
-
+# ---- norms and activations ----------------------------------------------------------------------
 class RMSNorm:
     def __init__(self, w: dict, name: str, eps: float):
         self.weight, self.eps = w[f"{name}.weight"], eps
@@ -162,60 +145,238 @@ class RMSNorm:
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
-class Attention:
-    """GQA self-attention over the KV pool: the attention input (norm, q/k/v projections,
-    per-head norms, RoPE) and attention are the op layer's; o_proj is a linear."""
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMS norm: the stored weight is the scale minus one."""
 
-    def __init__(self, args: ModelArgs, kernels: ops.Kernels, w: dict, p: str, layer: int, dtype):
-        self.args, self.kernels, self.layer, self.dtype = args, kernels, layer, dtype
-        self.norm = RMSNorm(w, p + "input_layernorm", args.rms_norm_eps)
+    def __init__(self, w: dict, name: str, eps: float):
+        super().__init__(w, name, eps)
+        self.weight = 1.0 + self.weight
+
+
+class LayerNorm:
+    """LayerNorm with weight and bias (StarCoder2)."""
+
+    def __init__(self, w: dict, name: str, eps: float):
+        self.weight, self.bias, self.eps = w[f"{name}.weight"], w.get(f"{name}.bias"), eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def identity(x: mx.array) -> mx.array:
+    return x
+
+
+ACTIVATIONS = {"silu": nn.silu, "gelu_approx": nn.gelu_approx, "gelu": nn.gelu}
+
+
+# ---- layers ----------------------------------------------------------------------------------------
+class Linear:
+    """One linear layer's weights (weight, and scales/biases when quantized, and a bias), run
+    through the op layer, which picks ours or MLX's per row bucket. A quantized layer uses its
+    own bits and group size (config.json's per-layer override, else the default)."""
+
+    def __init__(self, kernels: ops.Kernels, w: dict, name: str, args: ModelArgs):
+        self.kernels = kernels
+        self.w = {k: w[f"{name}.{k}"] for k in ("weight", "scales", "biases", "bias") if f"{name}.{k}" in w}
+        self.bits, self.group_size, self.mode = args.quant_of(name) if "scales" in self.w else (None, None, None)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.kernels.linear(x, self.w, self.bits, self.group_size, self.mode)
+
+
+class Block:
+    """A block of a decoder layer (attention, MLP): its norm, and its part of the weight table."""
+
+    NORM: str | None = None   # the weight name of the norm applied to the block's input
+
+    def __init__(self, args: ModelArgs, w: dict, p: str, model: type["Model"]):
+        self.args = args
+        self.norm = model.make_norm(args, w, p + self.NORM) if self.NORM else identity
+
+    @classmethod
+    def linears(cls, a: ModelArgs, p: str) -> dict[str, tuple]:
+        """Every linear layer's shape by weight name: (out, in), or (experts, out, in)."""
+        return {}
+
+    @classmethod
+    def vectors(cls, a: ModelArgs, p: str) -> dict[str, int]:
+        """Every vector weight's size by name (the block's norm included)."""
+        return {p + cls.NORM + ".weight": a.hidden_size} if cls.NORM else {}
+
+
+class Attention(Block):
+    """GQA self-attention over the KV pool: the attention input (norm, q/k/v projections,
+    per-head norms, RoPE) and attention are the op layer's; o_proj is a linear. Subclasses set
+    the scale, soft-cap, sinks, a layer's window and RoPE, or fuse the projections."""
+
+    NORM = "input_layernorm"
+    SINKS = False          # a learned sink logit per head (gpt_oss)
+    BIASED = "qkv"         # the projections with biases when attention_bias is set
+
+    def __init__(self, args: ModelArgs, kernels: ops.Kernels, w: dict, p: str, layer: int, dtype,
+                 model: type["Model"]):
+        super().__init__(args, w, p, model)
+        self.kernels, self.layer, self.dtype = kernels, layer, dtype
+        self.make_projections(kernels, w, p, args)
+        norm = model.make_norm
+        self.q_norm = norm(args, w, p + "self_attn.q_norm") if args.qk_norm else None
+        self.k_norm = norm(args, w, p + "self_attn.k_norm") if args.qk_norm else None
+        self.rope = self.make_rope(args, layer)
+        self.scale = self.attention_scale(args)   # yarn's magnitude factor is applied inside the rotation
+        self.window = self.window_of(args, layer)
+        self.softcap = self.softcap_of(args)
+        self.sinks = w[p + "self_attn.sinks"].astype(mx.float32) if self.SINKS else None
+
+    def make_projections(self, kernels: ops.Kernels, w: dict, p: str, args: ModelArgs) -> None:
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             Linear(kernels, w, p + f"self_attn.{n}_proj", args) for n in "qkvo")
-        self.q_norm = RMSNorm(w, p + "self_attn.q_norm", args.rms_norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(w, p + "self_attn.k_norm", args.rms_norm_eps) if args.qk_norm else None
-        self.rope = ropes.make(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
-        self.scale = 1 / math.sqrt(args.head_dim)   # yarn's magnitude factor is applied inside the rotation
+
+    def make_rope(self, args: ModelArgs, layer: int) -> ropes.Rope:
+        return ropes.make(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings,
+                          dims=int(args.head_dim * args.partial_rotary_factor), traditional=args.rope_traditional)
+
+    def attention_scale(self, args: ModelArgs) -> float:
+        return 1 / math.sqrt(args.head_dim)
+
+    def window_of(self, args: ModelArgs, layer: int) -> int | None:
+        """How many of the latest keys (the token's own included) layer `layer` attends to; None: all."""
+        return None
+
+    def softcap_of(self, args: ModelArgs) -> float | None:
+        return None
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """The normed input (T, hidden) -> q (T, Hq*D), k and v (T, Hkv*D)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def scale_queries(self, q: mx.array, step) -> mx.array:
+        """q (1, Hq, tokens, D) after RoPE, scaled where the model type scales queries by position."""
+        return q
 
     def __call__(self, h: mx.array, step) -> mx.array:
         q, k, v = self.kernels.attention_input(h, self, step)
-        o = self.kernels.attention(q, step.update_and_fetch(self.layer, k, v), self.scale)
+        q = self.scale_queries(q, step)
+        o = self.kernels.attention(q, step.update_and_fetch(self.layer, k, v), self.scale, window=self.window,
+                                   softcap=self.softcap, sinks=self.sinks)
         return self.o_proj(o.astype(self.dtype)[0].transpose(1, 0, 2).reshape(step.tokens, -1))
 
+    @classmethod
+    def linears(cls, a, p):
+        q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        return {p + "self_attn.q_proj": (q, a.hidden_size), p + "self_attn.k_proj": (kv, a.hidden_size),
+                p + "self_attn.v_proj": (kv, a.hidden_size), p + "self_attn.o_proj": (a.hidden_size, q)}
 
-class GatedMLP:
-    """down(silu(gate(x)) * up(x)) after the post-attention norm: one op of the op layer."""
+    @classmethod
+    def vectors(cls, a, p):
+        q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        out = super().vectors(a, p)
+        if a.attention_bias:
+            sizes = {"q": q, "k": kv, "v": kv, "o": a.hidden_size}
+            out.update({p + f"self_attn.{n}_proj.bias": sizes[n] for n in cls.BIASED})
+        if a.qk_norm:
+            out.update({p + "self_attn.q_norm.weight": a.head_dim, p + "self_attn.k_norm.weight": a.head_dim})
+        if cls.SINKS:
+            out[p + "self_attn.sinks"] = a.num_attention_heads
+        return out
 
-    def __init__(self, args: ModelArgs, kernels: ops.Kernels, w: dict, p: str, dtype):
+
+class GatedMLP(Block):
+    """down(act(gate(x)) * up(x)) after its norm: one op of the op layer."""
+
+    NORM = "post_attention_layernorm"
+    PREFIX = "mlp."    # where the projections' weights are, in the layer
+
+    def __init__(self, args: ModelArgs, kernels: ops.Kernels, w: dict, p: str, layer: int, dtype,
+                 model: type["Model"]):
+        super().__init__(args, w, p, model)
         self.kernels, self.dtype = kernels, dtype
-        self.norm = RMSNorm(w, p + "post_attention_layernorm", args.rms_norm_eps)
-        self.gate_proj, self.up_proj, self.down_proj = (Linear(kernels, w, p + f"mlp.{n}_proj", args)
+        self.activation = ACTIVATIONS[model.ACTIVATION]
+        self.make_projections(kernels, w, p, args)
+
+    def make_projections(self, kernels: ops.Kernels, w: dict, p: str, args: ModelArgs) -> None:
+        self.gate_proj, self.up_proj, self.down_proj = (Linear(kernels, w, p + self.PREFIX + f"{n}_proj", args)
                                                         for n in ("gate", "up", "down"))
+
+    def gate_up(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        return self.gate_proj(x), self.up_proj(x)
 
     def __call__(self, h: mx.array) -> mx.array:
         return self.kernels.gated_mlp(h, self)
 
+    @classmethod
+    def linears(cls, a, p):
+        i, h = cls.intermediate_size(a), a.hidden_size
+        return {p + cls.PREFIX + "gate_proj": (i, h), p + cls.PREFIX + "up_proj": (i, h),
+                p + cls.PREFIX + "down_proj": (h, i)}
+
+    @classmethod
+    def intermediate_size(cls, a: ModelArgs) -> int:
+        return a.intermediate_size
+
+    @classmethod
+    def vectors(cls, a, p):
+        out = super().vectors(a, p)
+        if a.mlp_bias:
+            out.update({n + ".bias": shape[0] for n, shape in cls.linears(a, p).items()})
+        return out
+
 
 class DecoderLayer:
-    def __init__(self, args: ModelArgs, kernels: ops.Kernels, w: dict, layer: int, dtype):
+    """h + attention(h), then h + mlp(h), each block's output through its post-norm where the
+    model type has one (POST_* weight names: Gemma, OLMo 2) and scaled by `residual_scale`."""
+
+    Attention = Attention
+    MLP = GatedMLP
+    POST_ATTENTION_NORM: str | None = None
+    POST_MLP_NORM: str | None = None
+
+    def __init__(self, args: ModelArgs, kernels: ops.Kernels, w: dict, layer: int, dtype, model: type["Model"]):
         p = f"model.layers.{layer}."
-        self.attention = Attention(args, kernels, w, p, layer, dtype)
-        self.mlp = GatedMLP(args, kernels, w, p, dtype)
+        self.attention = self.Attention(args, kernels, w, p, layer, dtype, model)
+        self.mlp = self.mlp_class(args, layer)(args, kernels, w, p, layer, dtype, model)
+        post = lambda name: model.make_norm(args, w, p + name) if name else identity
+        self.post_attention, self.post_mlp = post(self.POST_ATTENTION_NORM), post(self.POST_MLP_NORM)
+        self.residual_scale = model.residual_scale(args)
+
+    @classmethod
+    def mlp_class(cls, args: ModelArgs, layer: int) -> type[Block]:
+        """The MLP block of layer `layer` (MoE models may keep some layers dense)."""
+        return cls.MLP
+
+    def add(self, h: mx.array, r: mx.array) -> mx.array:
+        return h + r if self.residual_scale == 1 else h + r * self.residual_scale
 
     def __call__(self, h: mx.array, step) -> mx.array:
-        h = h + self.attention(h, step)
-        return h + self.mlp(h)
+        h = self.add(h, self.post_attention(self.attention(h, step)))
+        return self.add(h, self.post_mlp(self.mlp(h)))
+
+    @classmethod
+    def linears(cls, a: ModelArgs, layer: int) -> dict[str, tuple]:
+        p = f"model.layers.{layer}."
+        return {**cls.Attention.linears(a, p), **cls.mlp_class(a, layer).linears(a, p)}
+
+    @classmethod
+    def vectors(cls, a: ModelArgs, layer: int) -> dict[str, int]:
+        p = f"model.layers.{layer}."
+        out = {**cls.Attention.vectors(a, p), **cls.mlp_class(a, layer).vectors(a, p)}
+        out.update({p + n + ".weight": a.hidden_size for n in (cls.POST_ATTENTION_NORM, cls.POST_MLP_NORM) if n})
+        return out
 
 
 class Model:
     """A decoder over an mlx-lm weight dictionary: embedding, layers, final norm, output head.
-    Model type modules subclass it and name their `Args` and `Layer`."""
+    Model type modules subclass it and name their `Args`, `Layer`, norm kind and activation."""
 
     Args = ModelArgs
     Layer = DecoderLayer
+    Norm = RMSNorm
+    ACTIVATION = "silu"
 
     def __init__(self, args: ModelArgs, weights: dict[str, mx.array], kernels: ops.Kernels):
+        w = self.rename(dict(weights))
+        args = self.adapt(args, w)
         self.args, self.kernels = args, kernels
-        w = dict(weights)
         self.dtype = next((w[n].dtype for n in ("model.norm.weight", "model.layers.0.input_layernorm.weight")
                            if n in w), mx.float16)
         if kernels.cpu_float32 and args.quantization and self.dtype != mx.float32:
@@ -225,20 +386,54 @@ class Model:
             # converted once (scales, biases, norms: a few percent of the model).
             self.dtype = mx.float32
             w = {n: a.astype(mx.float32) if a.dtype in (mx.float16, mx.bfloat16) else a for n, a in w.items()}
-        check_weights(args, w)
+        self.check_weights(args, w)
         self.weights_bytes = sum(a.nbytes for a in w.values())
         self.embed_tokens = w["model.embed_tokens.weight"], w.get("model.embed_tokens.scales"), \
             w.get("model.embed_tokens.biases")
-        self.layers = [self.Layer(args, kernels, w, i, self.dtype) for i in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(w, "model.norm", args.rms_norm_eps)
+        self.embed_quant = args.quant_of("model.embed_tokens")
+        self.embed_scale = self.embedding_scale(args)
+        self.layers = [self.Layer(args, kernels, w, i, self.dtype, type(self)) for i in range(args.num_hidden_layers)]
+        self.norm = self.make_norm(args, w, "model.norm")
         self.lm_head = Linear(kernels, w, "model.embed_tokens" if args.tie_word_embeddings else "lm_head", args)
+        self.final_softcap, self.logits_scale = self.final_softcap_of(args), self.logits_scale_of(args)
 
+    # ---- what model types vary -------------------------------------------------------------------
+    @classmethod
+    def make_norm(cls, args: ModelArgs, w: dict, name: str):
+        return cls.Norm(w, name, args.rms_norm_eps)
+
+    def rename(self, w: dict) -> dict:
+        """The weights under the names the blocks read (Mistral 3: the language model's, unprefixed)."""
+        return w
+
+    def adapt(self, args: ModelArgs, w: dict) -> ModelArgs:
+        """The args as the weights complete them (Gemma 3: the head is tied when the folder has none)."""
+        return args
+
+    def embedding_scale(self, args: ModelArgs) -> float:
+        return 1.0
+
+    @staticmethod
+    def residual_scale(args: ModelArgs) -> float:
+        return 1.0
+
+    def final_softcap_of(self, args: ModelArgs) -> float | None:
+        return None
+
+    def logits_scale_of(self, args: ModelArgs) -> float:
+        return 1.0
+
+    # ---- the forward pass -------------------------------------------------------------------------
     def embed(self, tokens: mx.array) -> mx.array:
         weight, scales, biases = self.embed_tokens
         if scales is not None:
-            return mx.dequantize(weight[tokens], scales[tokens], biases[tokens], group_size=self.args.group_size,
-                                 bits=self.args.bits).astype(self.dtype)
-        return weight[tokens].astype(self.dtype)
+            bits, group_size, mode = self.embed_quant
+            h = mx.dequantize(weight[tokens], scales[tokens], None if biases is None else biases[tokens],
+                              group_size=group_size, bits=bits, mode=mode, dtype=self.dtype)
+        else:
+            h = weight[tokens]
+        h = h.astype(self.dtype)
+        return h if self.embed_scale == 1 else h * mx.array(self.embed_scale, dtype=self.dtype)
 
     def forward(self, step, ids: mx.array) -> mx.array:
         """The logits (rows, vocab) at the step's requested tokens (by default each sequence's
@@ -248,31 +443,98 @@ class Model:
             h = layer(h, step)
         rows = step.logit_rows
         picked = h[rows[0]:rows[0] + 1] if len(rows) == 1 else h[mx.array(rows, dtype=mx.int32)]
-        return self.lm_head(self.norm(picked)).astype(mx.float32)
+        logits = self.lm_head(self.norm(picked))
+        if self.final_softcap is not None:
+            logits = mx.tanh(logits / self.final_softcap) * self.final_softcap
+        if self.logits_scale != 1:
+            logits = logits * self.logits_scale
+        return logits.astype(mx.float32)
+
+    # ---- the weight table -------------------------------------------------------------------------
+    @classmethod
+    def linears(cls, args: ModelArgs) -> dict[str, tuple]:
+        """Every linear layer's shape by weight name, (out, in) or (experts, out, in): the
+        embedding table reads as one."""
+        out = {"model.embed_tokens": (args.vocab_size, args.hidden_size)}
+        for i in range(args.num_hidden_layers):
+            out.update(cls.Layer.linears(args, i))
+        if not args.tie_word_embeddings:
+            out["lm_head"] = (args.vocab_size, args.hidden_size)
+        return out
+
+    @classmethod
+    def vectors(cls, args: ModelArgs) -> dict[str, int]:
+        """Every vector weight's size by name: norms, biases, sinks."""
+        out = {"model.norm.weight": args.hidden_size}
+        for i in range(args.num_hidden_layers):
+            out.update(cls.Layer.vectors(args, i))
+        return out
+
+    @classmethod
+    def check_weights(cls, args: ModelArgs, w: dict[str, mx.array]) -> None:
+        """Every tensor the forward pass reads is present with the shape the config implies, so a
+        mismatched checkpoint is one clear error at load instead of a failure mid-generation.
+        Biases the config declares (attention_bias, mlp_bias) are required like any weight."""
+        table, vecs = cls.linears(args), cls.vectors(args)
+        required = [n + ".weight" for n in table] + list(vecs)
+        missing = [n for n in required if n not in w]
+        if missing:
+            raise MetalforgeError(f"weights are missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+        expected = {n: (s,) for n, s in vecs.items()}
+        for name, shape in table.items():
+            *lead, out, inp = shape
+            if name + ".scales" in w:
+                if args.quantization is None:
+                    raise MetalforgeError(f"weight {name} is quantized but config.json has no 'quantization'")
+                bits, group, _ = args.quant_of(name)
+                if bits is None:
+                    raise MetalforgeError(f"weight {name} is quantized but config.json's quantization "
+                                          f"says {name!r}: false")
+                expected[name + ".weight"] = (*lead, out, inp * bits // 32)
+                expected[name + ".scales"] = expected[name + ".biases"] = (*lead, out, inp // group)
+            else:
+                expected[name + ".weight"] = shape
+            if name + ".bias" in w:
+                expected[name + ".bias"] = (*lead, out)
+        for name, shape in expected.items():
+            if name in w and tuple(w[name].shape) != shape:
+                raise MetalforgeError(f"weight {name} has shape {tuple(w[name].shape)}, but config.json implies {shape}")
 
     # ---- what the tuner, bench and calibration ask ----------------------------------------------
     @classmethod
     def parameter_count(cls, args: ModelArgs) -> int:
         """Parameters as stored unquantized: every linear layer's, norm and bias of the weight table."""
-        return sum(o * i for o, i in linears(args).values()) + sum(vectors(args).values())
+        return sum(math.prod(s) for s in cls.linears(args).values()) + sum(cls.vectors(args).values())
 
     @classmethod
     def op_plan(cls, args: ModelArgs, contexts=(), batch: int = 1, prefill=(),
                 block_size: int = BLOCK_SIZE) -> list[ops.PlannedOp]:
         """The ops a forward pass runs and their shapes, distinct: decoding `batch` sequences at
         each of `contexts` (attention in the engine's paged layout with `block_size`), and
-        prompts of each `prefill` length. The embedding is looked up, not multiplied."""
-        table = linears(args)
+        prompts of each `prefill` length. The embedding is looked up, not multiplied; each expert
+        layer runs `top_k` experts per token (`expert_linear`)."""
+        table = cls.linears(args)
         table.pop("model.embed_tokens")
         head = "lm_head"
         if args.tie_word_embeddings:
             table[head] = (args.vocab_size, args.hidden_size)
         plan = []
         for rows, names in [(batch, table)] + [(n, [k for k in table if k != head]) for n in prefill]:
-            plan += [ops.PlannedOp("linear", dict(M=rows, N=table[k][0], K=table[k][1], bits=args.bits,
-                                                  group_size=args.group_size)) for k in names]
+            for k in names:
+                bits, group_size, mode = args.quant_of(k)
+                *experts, N, K = table[k]
+                values = dict(M=rows, N=N, K=K, bits=bits, group_size=group_size)
+                if mode not in (None, "affine"):
+                    values["mode"] = mode   # MLX's op runs it: no family of ours takes it
+                plan.append(ops.PlannedOp("expert_linear", dict(values, experts=experts[0], top_k=cls.top_k(args)))
+                            if experts else ops.PlannedOp("linear", values))
         heads = dict(Hq=args.num_attention_heads, Hkv=args.num_key_value_heads, D=args.head_dim)
         plan += [ops.PlannedOp("attention", dict(B=batch, new=1, context=c, block_size=block_size, **heads))
                  for c in contexts]
         plan += [ops.PlannedOp("attention", dict(B=1, new=n, context=n, **heads)) for n in prefill]
         return list({(p.op, tuple(p.values.items())): p for p in plan}.values())
+
+    @classmethod
+    def top_k(cls, args: ModelArgs) -> int:
+        """Experts per token (MoE model types' num_experts_per_tok)."""
+        return getattr(args, "num_experts_per_tok", 0)
