@@ -95,7 +95,7 @@ def mlx(fam, shape, dtype, device, inputs: dict) -> list[Dispatch]:
 
 def report(fam, config, shape, dtype, device, seed: int = 0) -> dict:
     inputs = fam.make_inputs(shape, dtype, seed)
-    return {"family": fam.name, "device": device.name, "shape": shape_str(shape), "dtype": dtype.name,
+    return {"family": fam.name, "device": device.name, "shape": shape_str(shape, fam.variant_fields), "dtype": dtype.name,
             "ours": [t.as_dict() for t in ours(fam, config, shape, dtype, inputs)],
             "mlx": [t.as_dict() for t in mlx(fam, shape, dtype.mlx, device, inputs)]}
 

@@ -101,7 +101,7 @@ def compare(family: str, device, shape_text: str, dtype_name: str = "float16", c
     mlx = {"kernel": " + ".join(c.kernel for c in counted), "seconds": model.price(counted, device, constants)}
     error = fit.family_error(fam.name)
     ratio = mlx["seconds"] / ours["seconds"] if ours else None
-    return {"family": fam.name, "device": device.name, "shape": shape_str(shape) if shape else shape_text,
+    return {"family": fam.name, "device": device.name, "shape": shape_str(shape, fam.variant_fields) if shape else shape_text,
             "dtype": dtype.name, "ours": ours, "mlx": mlx, "ratio": ratio, "error": error,
             "validated": error is not None, "claim": gate.claim(ratio, fam.name) if ours else "MLX only"}
 

@@ -31,7 +31,7 @@ DTYPE = "float16"
 
 def matmuls(p: cal.Point) -> list[tuple[int, int, int]]:
     """(N, K, times per step) of a decode step's quantized projections, the LM head included."""
-    a = p.arch
+    a = p.sizes
     attn = a.hidden * (2 * a.heads * a.head_dim + 2 * a.kv_heads * a.head_dim)
     head = a.vocab * a.hidden
     per_layer = (a.params_b * 1e9 - head * (1 if a.tied else 2)) / a.layers
@@ -42,7 +42,7 @@ def matmuls(p: cal.Point) -> list[tuple[int, int, int]]:
 
 
 def bits(p: cal.Point) -> int:
-    per_weight = p.weight_gib * 2**30 * 8 / (p.arch.params_b * 1e9)
+    per_weight = p.weight_gib * 2**30 * 8 / (p.sizes.params_b * 1e9)
     if per_weight > 10:
         raise MetalforgeError(f"{p.weights} weights: MLX's unquantized matmul kernels are not emulated")
     return 4 if per_weight < 6 else 8
@@ -55,14 +55,14 @@ def kernel_terms(p: cal.Point) -> np.ndarray:
     for N, K, times in matmuls(p):
         counted = mlx_jobs.counted("matmul", {"M": 1, "N": N, "K": K, "bits": b, "group_size": 64}, DTYPE, dev)
         out += times * model.terms(counted, dev)
-    a = p.arch
+    a = p.sizes
     attention = mlx_jobs.counted("decode", {"B": 1, "Hq": a.heads, "Hkv": a.kv_heads, "S": max(1, int(p.context)),
                                             "D": a.head_dim}, DTYPE, dev)
     return out + a.layers * model.terms(attention, dev)
 
 
 def other_dispatches(p: cal.Point) -> int:
-    return p.arch.layers * (DISPATCHES_PER_LAYER - PRICED_PER_LAYER)
+    return p.sizes.layers * (DISPATCHES_PER_LAYER - PRICED_PER_LAYER)
 
 
 def rows(points, constants) -> tuple[list, list]:
