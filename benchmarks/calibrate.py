@@ -1,4 +1,4 @@
-"""Fit the cost model's constants to published Apple measurements and report how wrong it is.
+"""Fit the time models' constants to published Apple measurements and report how wrong they are.
 
     python benchmarks/calibrate.py [--data benchmarks/data/apple_measurements.yaml]
                                    [--out benchmarks/results/calibration] [--write | --check]
@@ -8,6 +8,12 @@ the fitted constants, and the error on held-out chips (each chip's points predic
 fitted without that chip): the figure every modelled number in metalforge carries. Writes a PNG
 of predicted against measured, one colour per chip generation. `--write` replaces the shipped
 constants (kernels/calibration.yaml) with this fit; `--check` exits 1 when they differ from it.
+
+Then the per-kernel model (kernels/timing): predicted against measured for every published kernel
+point (benchmarks/data/kernel_measurements.yaml; MLX's kernels traced in the emulator at proxy
+shapes and scaled), the points left out and why, the leave-one-chip-out median error per family
+and regime, and the whole-model check: decode steps priced as the sum of MLX's kernels plus one
+fitted per-dispatch cost, held out by chip. `--write` also replaces kernels/timing/constants.yaml.
 """
 from __future__ import annotations
 
@@ -17,8 +23,12 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+import yaml
+
 from metalforge import files
 from metalforge.kernels import calibration as cal, cost
+from metalforge.kernels.timing import fit as kfit, whole_model
 from metalforge.plotting import figure, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -59,6 +69,48 @@ def report(points, result: cost.Calibration) -> dict:
     return dict(constants=dataclasses.asdict(c), held_out_error=result.held_out_error, points=rows)
 
 
+def kernel_report(rows, skipped) -> dict:
+    """The per-kernel model: every point predicted (all-point fit and chip held out), per-family error."""
+    c = kfit.fit(rows)
+    held = {id(r): e for r, e in kfit.leave_one_chip_out(rows)}
+    print(f"\nper-kernel model: {len(rows)} published kernel timings priced on {len({r.chip for r in rows})} chips, "
+          f"{len(skipped)} left out\n")
+    print(f"{'family':18} {'chip':10} {'shape':44} {'measured us':>11} {'fitted':>8} {'held-out':>9}  kernels")
+    for r, e in zip(rows, kfit.errors(rows, c)):
+        shape = ",".join(f"{k}={v}" for k, v in r.point.shape)
+        print(f"{r.family:18} {r.chip:10} {shape:44} {r.point.seconds * 1e6:11.1f} {e:+8.1%} {held[id(r)]:+9.1%}  "
+              + " + ".join(r.kernels))
+    print("\nleft out (cannot be priced yet):")
+    for p, why in skipped:
+        print(f"  {p.chip} {p.library} {p.kernel} {dict(p.shape)}: {why}")
+    print("\nfitted per-kernel constants (kernels/timing/model.py; dram: from the whole-model check below):")
+    for name, v in c.as_dict().items():
+        print(f"  {name:9} {v:.4g}")
+    families = kfit.family_errors(rows)
+    print("\nleave-one-chip-out median |predicted / measured - 1| per family:")
+    for f, e in families.items():
+        note = "" if e["chips"] >= 2 else "  (one chip: no chip to hold out against, unvalidated)"
+        print(f"  {f:18} {e['regime']:8} {e['error']:7.1%} over {e['points']} points, {e['chips']} chip(s){note}")
+    return {"constants": c, "families": families}
+
+
+def whole_model_report(points, constants) -> dict:
+    rows, skipped = whole_model.rows(points, constants)
+    dram, d = whole_model.fit(rows)
+    err, held = whole_model.held_out(rows)
+    other = whole_model.DISPATCHES_PER_LAYER - whole_model.PRICED_PER_LAYER
+    print(f"\nwhole-model check (decode = sum of MLX's kernels' prices + {other} other dispatches a layer at "
+          f"d = {d * 1e6:.2f} us each; DRAM factor {dram:.3f} x bytes / bandwidth for the cold weights):")
+    for row, e in zip(rows, held):
+        p = row[0]
+        print(f"  {p.chip:10} {p.model:15} {p.weights:22} {p.tokens_per_s:8.2f} tok/s  modelled "
+              f"{whole_model.predict(row, dram, d):8.2f}  held-out {e:+.1%}  ({p.software})")
+    for p, why in skipped:
+        print(f"  left out: {p.chip} {p.model} {p.weights}: {why}")
+    print(f"  held-out median error (both constants fitted without the chip): {err:.1%} over {len(rows)} decode points")
+    return {"dram": dram, "dispatch_s": d, "held_out_error": round(err, 4), "points": len(rows)}
+
+
 def plot(rows: list[dict]):
     fig, axes = figure(1, 2, figsize=(11, 5))
     colours = {"M1": "tab:blue", "M2": "tab:orange", "M3": "tab:green", "M4": "tab:red"}
@@ -78,6 +130,15 @@ def plot(rows: list[dict]):
     return fig
 
 
+def _close(a, b) -> bool:
+    """Equal, numbers to 1e-9 relative (another BLAS moves the last digits of a least-squares fit)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return bool(np.isclose(a, b, rtol=1e-9, atol=0))
+    return a == b
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(HERE / "data" / "apple_measurements.yaml"))
@@ -89,13 +150,26 @@ def main(argv=None) -> int:
     points = cal.load_points(args.data)
     result = cal.calibrate(args.data)
     data = report(points, result)
+    rows, skipped = kfit.rows()
+    per_kernel = kernel_report(rows, skipped)
+    data["whole_model"] = whole_model_report(points, per_kernel["constants"])
+    data["per_kernel"] = {"constants": per_kernel["constants"].as_dict(), "families": per_kernel["families"]}
+    if args.write:
+        kfit.write(rows, skipped, data["whole_model"])
+        print(f"wrote {kfit.constants_path()}")
     write_report(args.out, data, plot(data["points"]))
     if args.write:
         files.write_atomic(cost.calibration_path(), result.to_yaml())
         print(f"wrote {cost.calibration_path()}")
-    elif args.check and result.to_yaml() != cost.calibration_path().read_text():
+    elif args.check and not _close(yaml.safe_load(result.to_yaml()), yaml.safe_load(cost.calibration_path().read_text())):
         print(f"{cost.calibration_path()} differs from this fit: run with --write", file=sys.stderr)
         return 1
+    elif args.check:
+        shipped = kfit.shipped()["constants"].vector()
+        fitted = dataclasses.replace(per_kernel["constants"], dram=data["whole_model"]["dram"]).vector()
+        if not np.allclose(shipped, fitted, rtol=1e-9, atol=0):
+            print(f"{kfit.constants_path()} differs from this fit: run with --write", file=sys.stderr)
+            return 1
     return 0
 
 

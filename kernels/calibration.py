@@ -162,7 +162,7 @@ def predict(p: Point, c: Constants) -> float:
     return 1.0 / t
 
 
-def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Least squares with every coefficient >= 0: the best over subsets of free coefficients
     (a handful of constants, so trying every subset is exact and instant)."""
     best, best_err = np.zeros(a.shape[1]), np.inf
@@ -186,7 +186,7 @@ def fit(points: list[Point]) -> Constants:
     if len(decode) < 3 or not prefill:
         raise MetalforgeError("calibration needs at least 3 decode points and 1 prefill point")
     a = np.array([_decode_features(p) * p.tokens_per_s for p in decode])
-    x = _nonnegative_lstsq(a, np.ones(len(decode)))
+    x = nonnegative_lstsq(a, np.ones(len(decode)))
     partial = Constants(float(x[0]), float(x[1]), float(x[2]), {"before_m3": 1.0, "m3_on": 1.0})
     rows, rhs = [], []
     for p in prefill:
@@ -194,7 +194,7 @@ def fit(points: list[Point]) -> Constants:
         rows.append(coeff * p.tokens_per_s)
         rhs.append(1.0 - known * p.tokens_per_s)
     rows = np.array(rows)
-    d = _nonnegative_lstsq(rows, np.array(rhs))
+    d = nonnegative_lstsq(rows, np.array(rhs))
     # a group without prefill points keeps the other group's factor rather than a zero
     seen = [bool(rows[:, i].any()) for i in range(2)]
     fallback = next((d[i] for i in range(2) if seen[i]), 1.0)

@@ -14,8 +14,9 @@ model's error. Its parts, and where each number comes from:
   share of the parallelism a launch keeps in flight. ASSUMED per core (Apple does not publish
   these, and end-to-end speeds cannot separate them): 2048 resident threads, 64 KB of threadgroup
   memory, about 1024 threads in flight to saturate memory, full occupancy up to 64 registers a
-  lane; barrier, SIMD-reduction and fragment-load costs. The same rules price our kernels and
-  MLX's (each family describes MLX's kernel as one of its own configs: Family.mlx_config).
+  lane; barrier, SIMD-reduction and fragment-load costs.
+It ranks our configs in the tuner's search. It does not price MLX's kernels: every ratio against
+MLX is the per-kernel model's (kernels/timing), MLX's real kernel against our chosen config.
 The fit, its data and its held-out error: benchmarks/calibrate.py (kernels/calibration.py).
 """
 from __future__ import annotations
@@ -83,23 +84,9 @@ def calibration() -> Calibration:
                               "rebuild it with python benchmarks/calibrate.py --write") from None
 
 
-def model_error(bound: str) -> float:
-    """The stated error of a modelled time: the held-out error of the regime the kernel lives in
-    (memory-bound kernels: decode; compute-bound: prefill)."""
-    err = calibration().held_out_error
-    return err["decode"] if bound == "memory" else err["prefill"]
-
-
 def within_error(speedup: float, error: float) -> bool:
     """Whether a modelled ratio is indistinguishable from 1 given the model's error."""
     return abs(speedup - 1.0) <= error
-
-
-def describe_speedup(speedup: float | None, error: float) -> str:
-    """A modelled ratio as the user sees it: within the model's error it is not a number."""
-    if not speedup:
-        return "-"
-    return "within model error" if within_error(speedup, error) else f"{speedup:.2f}x"
 
 
 # ---- the primitives -------------------------------------------------------------------------

@@ -265,24 +265,33 @@ class DecodeAttention(Family):
         seen = key <= position
         return seen & (key > position - shape.window) if shape.window else seen
 
-    def baseline(self, shape: DecodeShape, dtype, inp):
-        """MLX's fused attention (sdpa_vector for up to 8 tokens) where it has the variant."""
-        if shape.block_size or shape.softcap or shape.kv_bits:
-            return self.reference(shape, dtype, inp)
-        mask = "causal" if shape.L > 1 else None
-        if shape.window:
-            mask = self.visible(shape, shape.S)
-        return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
-                                                    scale=inp["scale"].item(), mask=mask,
-                                                    sinks=inp["sinks"] if shape.sinks else None)
+    def baseline_inputs(self, shape: DecodeShape, dtype, inp) -> dict:
+        """MLX's decode reads a contiguous cache, as mlx-lm keeps it: a paged pool becomes each
+        sequence's own (1, Hkv, len, D) K and V, gathered before any timing."""
+        if not shape.block_size or "caches" in inp:
+            return inp
+        caches = [self.gather_kv(shape, inp, b)[:2] for b in range(shape.B)]
+        mx.eval(caches)
+        return {**inp, "caches": caches}
 
-    def mlx_config(self, shape, dtype) -> dict:
-        # sdpa_vector: one 1024-thread threadgroup per query head; two-pass over 32 blocks at 4k+ keys
-        # each lane loads D/32 consecutive elements (capped at our widest, 4; D=96's 3 as 2)
-        # (for L tokens MLX launches a threadgroup per token, each reading K/V: priced here as one)
-        return {"threads": 1024, "keys_per_step": 1, "keys_per_simdgroup": 1, "share_kv": False,
-                "splits": 32 if shape.S >= 4096 else 1,
-                "load_width": max(w for w in (1, 2, 4) if w <= max(1, shape.D // 32)), "prefetch": False}
+    def baseline(self, shape: DecodeShape, dtype, inp):
+        """MLX's fused attention (sdpa_vector for up to 8 tokens) over the contiguous cache
+        (baseline_inputs): one call, or one per sequence of a paged batch, each over its own cache;
+        the plain-ops reference where MLX has no fused variant (soft-cap, quantized K/V)."""
+        if shape.softcap or shape.kv_bits:
+            return self.reference(shape, dtype, inp)
+        scale = inp["scale"].item()
+        sinks = inp["sinks"] if shape.sinks else None
+
+        def attend(q, k, v, n):
+            mask = self.visible(shape, n) if shape.window else "causal" if shape.L > 1 else None
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
+
+        inp = self.baseline_inputs(shape, dtype, inp)
+        if "caches" not in inp:
+            return attend(inp["queries"], inp["keys"], inp["values"], shape.S)
+        return mx.concatenate([attend(inp["queries"][b:b + 1], k[None], v[None], k.shape[1])
+                               for b, (k, v) in enumerate(inp["caches"])])
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""

@@ -252,8 +252,21 @@ class Family:
         raise NotImplementedError
 
     def baseline(self, shape, dtype, inputs: dict[str, mx.array]) -> mx.array:
-        """MLX's own fastest op for the same job (what a tuned kernel must beat)."""
+        """MLX's op for the same job as mlx-lm calls it (what a tuned kernel must beat), on
+        `baseline_inputs(...)`."""
         return self.reference(shape, dtype, inputs)
+
+    def baseline_inputs(self, shape, dtype, inputs: dict[str, mx.array]) -> dict[str, mx.array]:
+        """The inputs laid out as mlx-lm holds them for MLX's op, prepared before any timing."""
+        return inputs
+
+    def mlx_kernels(self, shape, dtype, device) -> str:
+        """The Metal kernels MLX runs for the job on `device` (kernels/mlx_dispatch.py), or why unknown."""
+        from metalforge.kernels import mlx_dispatch
+        try:
+            return " + ".join(l.kernel for l in mlx_dispatch.for_family(self.name, shape, dtype, device).launches)
+        except MetalforgeError as e:
+            return f"unknown: {e}"
 
     def run(self, config: Config, shape, dtype, inputs: dict[str, mx.array], backend=None,
             device=None) -> mx.array:
@@ -317,17 +330,12 @@ class Family:
         """Modelled seconds for one call of `config` on `device` (a profile or its name)."""
         raise NotImplementedError
 
-    def mlx_config(self, shape, dtype) -> dict:
-        """MLX's own kernel for the job, described as a config of ours (its tiles and threads)."""
-        raise NotImplementedError
+    def model_error(self) -> float | None:
+        """The family's per-kernel error: leave-one-chip-out on published kernel timings
+        (kernels/timing/constants.yaml); None where no kernel-level data validates it."""
+        from metalforge.kernels.timing import fit
+        return fit.family_error(self.name)
 
-    def model_error(self) -> float:
-        """The stated error of this family's modelled times (kernels/calibration.yaml)."""
-        return cost.model_error(self.bound)
-
-    def mlx_cost(self, shape, dtype, device) -> float:
-        """MLX's built-in priced by the same rule: the baseline a tuned config must beat."""
-        return self.cost(self.config(self.mlx_config(shape, dtype)), shape, dtype, device)
 
 
 _BUILT: dict = {}   # Family.built's cache
@@ -380,11 +388,6 @@ def fragment_bank_ways(stride_bytes: int, element_bytes: int, transposed: bool) 
 def stage_dtype(config, dtype) -> _dtypes.DType:
     """What a config's `stage` tunable stages tiles as: the input's own type (as MLX) or fp32."""
     return _dtypes.get("float32") if config["stage"] == "float" else _dtypes.get(dtype)
-
-
-def input_stage(dtype) -> str:
-    """The `stage` value that stages tiles in the input's own type (MLX's choice)."""
-    return "float" if _dtypes.get(dtype).name == "float32" else "input"
 
 
 def stage_problems(config, dtype) -> list[str]:

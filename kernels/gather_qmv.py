@@ -113,10 +113,6 @@ class GatherQmv(Family):
     def tolerance(self, config, dtype):
         return QMV.tolerance(config, dtype)
 
-    def mlx_config(self, shape, dtype) -> dict:
-        # MLX's gather_qmm at one row per pair dispatches its gather_qmv_fast: qmv_fast's tiling
-        return QMV.mlx_config(pair_shape(shape), dtype)
-
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds: each pair streams its expert's weights as one qmv row does, in one launch."""
         one = QMV.cost(config, pair_shape(shape), dtype, device) - cost.launch_seconds()

@@ -16,7 +16,7 @@ from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.decode_attention import HEAD_DIMS
 from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
-                                       fragment_bank_ways, fragment_problems, input_stage, stage_dtype, stage_problems)
+                                       fragment_bank_ways, fragment_problems, stage_dtype, stage_problems)
 
 
 @dataclass(frozen=True)
@@ -164,17 +164,13 @@ class PrefillAttention(Family):
         return seen & (key > position - shape.window) if shape.window else seen
 
     def baseline(self, shape: PrefillShape, dtype, inp):
+        """As mlx-lm calls it: mask="causal" (MLX aligns the queries to the last keys, so cached
+        keys before them are all visible), which runs steel_attention's causal path with no mask
+        array; a sliding window needs its boolean mask (visible)."""
         return mx.fast.scaled_dot_product_attention(inp["queries"], inp["keys"], inp["values"],
-                                                    scale=inp["scale"].item(), mask=self.visible(shape),
+                                                    scale=inp["scale"].item(),
+                                                    mask=self.visible(shape) if shape.window else "causal",
                                                     sinks=inp["sinks"] if shape.sinks else None)
-
-    def mlx_config(self, shape, dtype) -> dict:
-        # steel attention: 32 query rows over 4 SIMD-groups, 16 keys per tile at D >= 128 (else 32),
-        # tiles of the input type with rows padded by 16 bytes, Q read from threadgroup memory per
-        # product, one K/V buffer, 16-byte loads
-        return {"BQ": 32, "BK": 16 if shape.D >= 128 else 32, "simdgroups": 4, "double_buffer": False,
-                "stage": input_stage(dtype),
-                "q_source": "threadgroup", "load_width": 4, "pad": True}
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""

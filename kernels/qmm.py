@@ -8,7 +8,7 @@ from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_bank_ways, fragment_problems,
-                                       input_stage, stage_dtype, stage_problems)
+                                       stage_dtype, stage_problems)
 from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
 
 
@@ -102,22 +102,6 @@ class Qmm(Qmv):
                        lengths=(shape.M,)),
                 Launch(reduce, geometry[1].grid, geometry[1].threadgroup, ((shape.M, shape.N),), (d.mlx,),
                        lengths=(shape.M,))]
-
-    def mlx_config(self, shape, dtype) -> dict:
-        # MLX's qmm: 32 x 32 tiles over 2 x 2 SIMD-groups, BK 32, weights dequantised into a
-        # threadgroup tile of the input type
-        # threadgroup tile of the input type (rows padded by 16 bytes), fp32 operand fragments;
-        # qmm_splitk (mlx/backend/metal/quantized.cpp) splits K to reach ~512 threadgroups, each
-        # slice whole BK=32 tiles and quantization groups (MLX may pick a split between our powers
-        # of two: the largest of ours not above it stands for it)
-        tiles = cdiv(shape.N, 32) * cdiv(shape.M, 32)
-        align = max(shape.group_size, 32)
-        split = min(max(1, 512 // tiles), shape.K // align)
-        while split > 1 and shape.K % (split * align):
-            split -= 1
-        split = max(s for s in self.param("split_k").domain if s <= split and shape.K % (32 * s) == 0)
-        return {"BM": 32, "BN": 32, "BK": 32, "WM": 2, "WN": 2, "dequant": "threadgroup",
-                "stage": input_stage(dtype), "split_k": split, "operands": "float"}
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""

@@ -120,13 +120,6 @@ class Qmv(Family):
                        f"k_split x 32 lanes x values_per_lane = {config['k_split'] * 32 * values}")
         return out
 
-    def mlx_config(self, shape, dtype) -> dict:
-        # qmv_fast: 2 SIMD-groups x 4 rows, 16 4-bit values (or 8 8-bit values) per lane per step
-        # x pre-scaled for whole-word widths; one 32-bit word per load (2- and 4-bit: a uint16_t
-        # at a time in MLX, counted as one word)
-        return {"simdgroups": 2, "rows_per_simdgroup": 4, "stage_x": False, "k_split": 1, "load_width": 1,
-                "prescaled_x": 32 % shape.bits == 0, "values_per_lane": 16 if shape.bits in (2, 4) else 8}
-
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds for one call (kernels/cost.py says how)."""
         dev = devices.get(device)

@@ -92,6 +92,17 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import json
+    from metalforge import devices
+    from metalforge.kernels.timing import compare
+    if not args.shape:
+        raise MetalforgeError("compare: give --shape, e.g. M=1,N=4096,K=4096")
+    r = compare.compare(args.family, devices.resolve(args.device), ",".join(args.shape), args.dtype)
+    print(json.dumps(r, indent=1) if args.json else compare.format_text(r))
+    return 0
+
+
 def cmd_tune(args) -> int:
     from metalforge.tuner.cli import run
     return run(args)
@@ -131,11 +142,14 @@ def _kernel_arguments(name: str):
         c.add_argument("--device", default="auto", help="device profile name, or auto (detect)")
         c.add_argument("--shape", nargs="+", help="shape fields, e.g. M=1,N=4096,K=4096,bits=4,group_size=64")
         c.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32")
-        c.add_argument("--config", nargs="*", help="parameters, e.g. simdgroups=2 rows_per_simdgroup=4")
+        if name != "compare":   # compare prices the chosen config
+            c.add_argument("--config", nargs="*", help="parameters, e.g. simdgroups=2 rows_per_simdgroup=4")
         if name == "render":
             c.add_argument("--force", action="store_true", help="render even if the config is invalid")
         if name == "trace":
             c.add_argument("--json", action="store_true", help="print one JSON object with keys ours and mlx")
+        if name == "compare":
+            c.add_argument("--json", action="store_true", help="one JSON object: ours, mlx, ratio, error, validated")
     return add
 
 
@@ -185,6 +199,8 @@ COMMANDS = {
     "check": (cmd_check, "check one config, or count the valid configs of the space", _kernel_arguments("check")),
     "trace": (cmd_trace, "count what our kernel and MLX's real kernel for a job do (emulator trace mode), "
                          "side by side", _kernel_arguments("trace")),
+    "compare": (cmd_compare, "our chosen config and MLX's real kernel for a job, priced by the per-kernel "
+                             "model with the family's error (or 'unvalidated')", _kernel_arguments("compare")),
     "tune": (cmd_tune, "autotune kernel configs for a device (Optuna)", _tune_arguments),
     "bench": (cmd_bench, "on a Mac: time the chosen kernels and the engine against MLX and mlx-lm, "
                          "and write shareable measured results", _bench_arguments),

@@ -63,18 +63,23 @@ class Entry:
         return cls(**{k: v for k, v in e.items() if k in known},
                    extra={k: v for k, v in e.items() if k not in known})
 
-    def evidence(self, unstated_error: float) -> tuple[bool, str]:
-        """Whether this entry shows ours faster than MLX's built-in, and the words for it: a
-        measured speedup above 1, or a modelled one whose margin exceeds the model's error (the
-        entry's own, else `unstated_error`: files written before calibration carry none)."""
+    def evidence(self, family_error: float | None) -> tuple[bool, str]:
+        """Whether this entry shows ours faster than MLX, and the words for it: a measured speedup
+        above 1, or a modelled one priced against MLX's real kernel by the per-kernel model
+        (`baseline_kernel` set: kernels/timing) whose gain exceeds the family's per-kernel error.
+        A family without kernel-level data (`family_error` None) is unvalidated: no ratio, no
+        evidence; a ratio against a hand description of MLX's kernel (older files) is none either."""
         if not self.speedup:
             return False, "no time for MLX's built-in in this entry"
         if self.timer == "metal":
             return self.speedup > 1.0, f"measured {self.speedup:.2f}x"
-        error = self.model_error if self.model_error is not None else unstated_error
-        if within_error(self.speedup, error):
-            return False, f"modelled {self.speedup:.2f}x, within model error ({error:.0%})"
-        return self.speedup > 1.0, f"modelled {self.speedup:.2f}x (model error {error:.0%})"
+        if family_error is None:
+            return False, "modelled, unvalidated (no per-kernel measurements of this family)"
+        if not self.extra.get("baseline_kernel"):
+            return False, "modelled against a description of MLX's kernel, not MLX's real kernel: no evidence"
+        if within_error(self.speedup, family_error):
+            return False, f"modelled, within model error ({family_error:.0%})"
+        return self.speedup > 1.0, f"modelled {self.speedup:.2f}x (model error {family_error:.0%})"
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -51,14 +51,20 @@ def test_the_engine_chooses_by_evidence_only_when_nobody_asked(monkeypatch):
 
 
 def test_the_evidence_rule(tmp_path, monkeypatch):
-    """Ours where a Metal measurement says it beats MLX's built-in, or where a modelled gain is
-    larger than the model's stated error; MLX's op where the measurement says slower or the
-    modelled gain is within the error; MLX's op for shapes no family serves."""
+    """Ours where a Metal measurement says it beats MLX's built-in, or where a modelled gain over
+    MLX's real kernel is larger than the family's per-kernel error; MLX's op where the measurement
+    says slower, the modelled gain is within the error, the ratio was modelled against a hand
+    description of MLX's kernel, or the family has no kernel-level data; MLX's op for shapes no
+    family serves."""
     from metalforge import devices, results
     from metalforge.engine.ops import Kernels
     from metalforge.kernels import get_family
+    from metalforge.kernels.timing import fit
     monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
     qmv = get_family("qmv")
+    err = fit.family_error("qmv")
+    assert err is not None and qmv.model_error() == err
+    real = {"baseline_kernel": "affine_qmv_fast_float16_t_gs_64_b_4_batch_0_pr_0_hgs_0_r_4"}
     def entry(n, timer, speedup, **more):
         shape = dict(M=1, N=n, K=256, bits=4, group_size=64)
         return ("qmv", qmv.bucket_key(shape, "float16"),
@@ -66,20 +72,43 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
                  "timer": timer, "baseline_s": 1e-5 * speedup, "speedup": speedup, "trials": {}, **more})
     path = tmp_path / "m3.yaml"
     results.save_entries(path, "m3", [entry(64, "metal", 1.3), entry(128, "metal", 0.8),
-                                      entry(256, "model", 3.0, model_error=0.08),
-                                      entry(512, "model", 1.06, model_error=0.08),
-                                      entry(1024, "model", 1.02),    # a file from before calibration
-                                      entry(2048, "model", 0.5, model_error=0.08)])
+                                      entry(256, "model", 3.0, **real),
+                                      entry(512, "model", 1 + err / 2, **real),
+                                      entry(1024, "model", 3.0, model_error=0.08),   # against a hand description
+                                      entry(2048, "model", 0.5, **real)])
     kernels = Kernels("emulator", devices.get("m3"), results=path)
     kernels.by_evidence = True    # what `auto` does on a Mac
     why = lambda n, bits=4: kernels.decide("linear", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16").why
     assert why(64).startswith("ours: measured 1.30x")
     assert why(128) == "MLX: measured 0.80x"
-    assert why(256).startswith("ours: modelled 3.00x (model error 8%)")
-    assert why(512) == "MLX: modelled 1.06x, within model error (8%)"
-    assert why(1024).startswith("MLX: modelled 1.02x, within model error")   # the family's error applies
-    assert why(2048) == "MLX: modelled 0.50x (model error 8%)"               # slower beyond the error
+    assert why(256).startswith(f"ours: modelled 3.00x (model error {err:.0%})")
+    assert why(512) == f"MLX: modelled, within model error ({err:.0%})"
+    assert why(1024) == "MLX: modelled against a description of MLX's kernel, not MLX's real kernel: no evidence"
+    assert why(2048) == f"MLX: modelled 0.50x (model error {err:.0%})"               # slower beyond the error
     assert "bits=7 is not supported" in why(64, bits=7) and why(64, bits=7).startswith("MLX: ")
+
+
+def test_a_family_without_kernel_level_data_is_no_evidence(tmp_path, monkeypatch):
+    """qmm has no published kernel timing on two chips: its modelled gains print no ratio and
+    never route to our kernel; a Metal measurement still does."""
+    from metalforge import devices, results
+    from metalforge.engine.ops import Kernels
+    from metalforge.kernels import get_family
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+    qmm = get_family("qmm")
+    assert qmm.model_error() is None
+    def entry(n, timer):
+        shape = dict(M=16, N=n, K=256, bits=4, group_size=64)
+        return ("qmm", qmm.bucket_key(shape, "float16"),
+                {"shape": shape, "dtype": "float16", "config": qmm.default_config(), "time_s": 1e-5, "timer": timer,
+                 "baseline_s": 5e-5, "speedup": 5.0, "trials": {}, "baseline_kernel": "affine_qmm_t"})
+    path = tmp_path / "m3.yaml"
+    results.save_entries(path, "m3", [entry(64, "model"), entry(128, "metal")])
+    kernels = Kernels("emulator", devices.get("m3"), results=path)
+    kernels.by_evidence = True
+    why = lambda n: kernels.decide("linear", dict(M=16, N=n, K=256, bits=4, group_size=64), "float16").why
+    assert why(64) == "MLX: modelled, unvalidated (no per-kernel measurements of this family)"
+    assert why(128).startswith("ours: measured 5.00x")
 
 
 def test_among_families_serving_a_shape_the_evidence_picks(tmp_path, monkeypatch):

@@ -11,7 +11,6 @@ from metalforge import devices
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import calibration as cal
 from metalforge.kernels import cost
-from metalforge.kernels.families import FAMILIES
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "apple_measurements.yaml"
 
@@ -93,22 +92,6 @@ def test_decode_prediction_by_hand():
     assert 1 / cal.predict(p, c) == pytest.approx(4e9 / 120e9 + 32 * 0.5e-3)
     # and the per-kernel model prices the same bytes the same way
     assert cost.memory_seconds(4e9, devices.get("m4"), c) == pytest.approx(4e9 / 120e9)
-
-
-def test_a_modelled_ratio_within_the_error_is_not_a_number():
-    assert cost.describe_speedup(1.05, 0.08) == "within model error"
-    assert cost.describe_speedup(0.95, 0.08) == "within model error"
-    assert cost.describe_speedup(1.31, 0.08) == "1.31x"
-    assert cost.describe_speedup(0.5, 0.08) == "0.50x"
-    assert cost.describe_speedup(None, 0.08) == "-"
-
-
-def test_each_family_carries_the_error_of_its_regime():
-    err = cost.calibration().held_out_error
-    assert FAMILIES["qmv"].model_error() == err["decode"]
-    assert FAMILIES["decode_attention"].model_error() == err["decode"]
-    assert FAMILIES["qmm"].model_error() == err["prefill"]
-    assert FAMILIES["prefill_attention"].model_error() == err["prefill"]
 
 
 def test_a_damaged_calibration_says_how_to_rebuild_it(tmp_path, monkeypatch):

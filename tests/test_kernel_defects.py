@@ -69,20 +69,32 @@ def test_register_rule_lowers_the_thread_limit_of_register_heavy_configs():
     assert not check("decode_attention", {**heavy, "threads": 512}, shape, "float16", "m3-max-40")
 
 
-@pytest.mark.parametrize("name, shape", [
-    ("qmv", dict(M=1, N=4096, K=4096, bits=4, group_size=64)),
-    ("qmm", dict(M=512, N=4096, K=4096, bits=4, group_size=64)),
-    ("decode_attention", dict(B=1, Hq=32, Hkv=8, S=8192, D=128)),
-    ("prefill_attention", dict(B=1, Hq=32, Hkv=8, L=512, D=128)),
-])
-def test_mlx_own_kernels_pass_the_register_rule(name, shape):
-    """MLX's kernels run on every Mac (sdpa_vector at 1,024 threads): the rule must accept them
-    (in half precision, what models decode in; our prefill tiles K and V apart where MLX's steel
+# MLX's kernels for these jobs written as configs of ours (their tiling, from MLX's sources:
+# qmv_fast, qmm_t, sdpa_vector, steel attention), in half precision
+MLX_TILINGS = [
+    ("qmv", dict(M=1, N=4096, K=4096, bits=4, group_size=64),
+     dict(simdgroups=2, rows_per_simdgroup=4, stage_x=False, k_split=1, load_width=1, prescaled_x=True,
+          values_per_lane=16)),
+    ("qmm", dict(M=512, N=4096, K=4096, bits=4, group_size=64),
+     dict(BM=32, BN=32, BK=32, WM=2, WN=2, dequant="threadgroup", stage="input", split_k=1, operands="float")),
+    ("decode_attention", dict(B=1, Hq=32, Hkv=8, S=8192, D=128),
+     dict(threads=1024, keys_per_step=1, keys_per_simdgroup=1, share_kv=False, splits=32, load_width=4,
+          prefetch=False)),
+    ("prefill_attention", dict(B=1, Hq=32, Hkv=8, L=512, D=128),
+     dict(BQ=32, BK=16, simdgroups=4, double_buffer=False, stage="input", q_source="threadgroup", load_width=4,
+          pad=True)),
+]
+
+
+@pytest.mark.parametrize("name, shape, tiling", MLX_TILINGS)
+def test_mlx_own_kernels_pass_the_register_rule(name, shape, tiling):
+    """MLX's kernels run on every Mac (sdpa_vector at 1,024 threads): the rule must accept their
+    tiling (in half precision, what models decode in; our prefill tiles K and V apart where MLX's steel
     attention reuses one buffer for both, so its fp32 D=128 tiles exceed 32 KB as ours)."""
     from metalforge import devices
     from metalforge.kernels import check
     fam = family(name)
-    config = fam.mlx_config(fam.shape(shape), "float16")
+    config = fam.config(tiling)
     for device in devices.profiles():
         assert not check(fam, config, shape, "float16", device), (device, config)
 

@@ -37,11 +37,11 @@ def test_every_valid_qmm_config_reads_fragments_without_bank_conflicts(dtype):
 def test_mlx_split_k_rule_as_its_host_code_picks_it():
     """qmm_splitk: ~512 threadgroups of 32 x 32 tiles. M=16, N=512: 16 tiles, 512 / 16 = 32
     slices of K=14336 (each 448 values: whole 64-value groups); M=512, N=4096: 2,048 tiles, none."""
-    fam = family("qmm")
-    few = fam.shape(dict(M=16, N=512, K=14336, bits=4, group_size=64))
-    assert fam.mlx_config(few, "float16")["split_k"] == 32
-    many = fam.shape(dict(M=512, N=4096, K=4096, bits=4, group_size=64))
-    assert fam.mlx_config(many, "float16")["split_k"] == 1
+    from metalforge.kernels import mlx_dispatch
+    few = mlx_dispatch.qmm_dispatch(16, 512, 14336, 4, 64, "float16", "m3-max-40")
+    assert few.launches[0].function == "affine_qmm_t_splitk" and few.launches[0].grid[2] == 32
+    many = mlx_dispatch.qmm_dispatch(512, 4096, 4096, 4, 64, "float16", "m3-max-40")
+    assert [l.function for l in many.launches] == ["affine_qmm_t"]
 
 
 @pytest.mark.parametrize("split_k", [2, 8, 32])

@@ -46,6 +46,7 @@ class Row:
     ours_s: float
     mlx_s: float
     spread: float       # the noisier of the two timings, (p90 - p10) / median
+    mlx_kernel: str = ""   # the Metal kernels MLX ran for the job (its dispatch rules)
 
     @property
     def speedup(self) -> float:
@@ -69,10 +70,11 @@ def kernel_rows(targets: list[Target], device, backend: str = "metal", timer=Non
         inputs = verify.inputs if verify.shape == t.shape else t.family.make_inputs(t.shape, t.dtype)
         ours = timer.time(lambda: t.family.run(choice.config, t.shape, t.dtype, inputs, backend=backend, device=device),
                           family=t.family, config=choice.config, shape=t.shape, dtype=t.dtype, device=device)
-        theirs = timer.baseline(lambda: t.family.baseline(t.shape, t.dtype, inputs),
+        theirs_inputs = t.family.baseline_inputs(t.shape, t.dtype, inputs)
+        theirs = timer.baseline(lambda: t.family.baseline(t.shape, t.dtype, theirs_inputs),
                                 family=t.family, shape=t.shape, dtype=t.dtype, device=device)
         rows.append(Row(t, dict(choice.config), choice.describe(), ours.seconds, theirs.seconds,
-                        max(ours.spread, theirs.spread)))
+                        max(ours.spread, theirs.spread), t.family.mlx_kernels(t.shape, t.dtype, device)))
         progress(f"[{i}/{len(targets)}] {t.family.name} {t.bucket.split('|')[0]}: ours {ours.seconds * 1e6:.1f} us, "
                  f"MLX {theirs.seconds * 1e6:.1f} us ({rows[-1].speedup:.2f}x)")
     return rows
@@ -82,7 +84,7 @@ def measured_entries(rows: list[Row]) -> list[tuple[str, str, Entry]]:
     return [(r.target.family.name, r.target.bucket,
              Entry(shape=dict(r.target.shape.__dict__), dtype=r.target.dtype, config=r.config, time_s=r.ours_s,
                    timer="metal", baseline_s=r.mlx_s, speedup=r.speedup, trials={},
-                   extra={"spread": round(r.spread, 4), "source": "metalforge bench"}))
+                   extra={"spread": round(r.spread, 4), "source": "metalforge bench", "baseline_kernel": r.mlx_kernel}))
             for r in rows]
 
 

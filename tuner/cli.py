@@ -13,7 +13,7 @@ from metalforge import arguments
 from metalforge.errors import MetalforgeError
 from metalforge import devices
 from metalforge.kernels import dtypes
-from metalforge.kernels.cost import calibration, describe_speedup
+from metalforge.kernels.timing import gate
 from metalforge.kernels.families import FAMILIES
 from metalforge import results
 from metalforge.tuner import shapes, worker
@@ -120,7 +120,7 @@ def run(args) -> int:
         prepared = prepare_study(target, settings)   # before the workers, which then only run trials
         with worker.Pool(target, settings, args.workers - 1):
             study = _run_with_progress(target, settings, prepared)
-        e = entry(study, target)
+        e = entry(study, target, settings.device)
         rows.append((target, e))
         if e:
             new_entries.append((target.family.name, target.bucket, e))
@@ -161,14 +161,15 @@ def _summary(rows, timer_kind: str) -> None:
             continue
         config = " ".join(f"{k}={v}" for k, v in e["config"].items())
         c = e["trials"]
-        speed = (describe_speedup(e["speedup"], e["model_error"]) if e.get("model_error") is not None
-                 else f"{e['speedup']:.2f}x" if e["speedup"] else "-")
-        base = f"{e['baseline_s'] * 1e6:8.1f}u" if e["baseline_s"] else "-"
+        speed = ("unpriced" if e.get("unpriced") else
+                 gate.claim(e["speedup"], target.family.name).split(" (")[0] if e["timer"] == "model"
+                 else f"{e['speedup']:.2f}x" if e.get("speedup") else "-")
+        base = f"{e['baseline_s'] * 1e6:8.1f}u" if e.get("baseline_s") else "-"
         print(f"{target.family.name:18} {shape[:44]:44} {config[:52]:52} {e['time_s'] * 1e6:8.1f}u {base:>9} {speed:>18} "
               f"{c['complete']:3d} {c['invalid']:3d} {c['duplicate']:3d} {c['failed']:4d}")
     print(f"(times in microseconds per call, timer: {timer_kind}"
           + (": MODELLED for the target device, not measured" if timer_kind == "model" else ", measured on Metal") + ")")
     if timer_kind == "model":
-        err = calibration().held_out_error
-        print(f"(model error, median on chips held out of its fit: {err['decode']:.0%} for memory-bound kernels, "
-              f"{err['prefill']:.0%} for compute-bound ones; a ratio within it is not shown: benchmarks/calibrate.py)")
+        print("(modelled ratios are gated by each family's per-kernel error, leave-one-chip-out on published kernel "
+              "timings: 'unvalidated' where a family has none, 'within model error' inside it; "
+              "metalforge compare prices a job against MLX's real kernel)")

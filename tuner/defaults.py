@@ -1,10 +1,12 @@
 """Regenerate the modelled defaults shipped in results/ for every device profile.
 
-    python -m metalforge.tuner.defaults [--trials 100] [--out results/]
+    python -m metalforge.tuner.defaults [--trials 100] [--out results/] [--devices a,b] [--reprice]
 
 Each study searches the MODELLED objective (no Mac needed); each distinct winning config is then
 verified in the emulator before it is written. Entries say `timer: model`: any measured result a
-user produces on a Mac replaces them (results.merge).
+user produces on a Mac replaces them (results.merge). `--reprice` keeps each shipped entry's
+config and prices it again with the per-kernel model against MLX's real kernel (no search: minutes
+where the search takes hours on two cores).
 """
 from __future__ import annotations
 
@@ -34,7 +36,16 @@ def main():
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     ap.add_argument("--devices", help="comma-separated subset of profiles")
+    ap.add_argument("--reprice", action="store_true", help="price the shipped entries' configs again, no search")
+    ap.add_argument("--table", metavar="DEVICE", help="print the tune table (markdown) of DEVICE's shipped file")
     args = ap.parse_args()
+    if args.table:
+        print(tune_table(Path(args.out) / f"{args.table}.yaml"))
+        return
+    if args.reprice:
+        for name in args.devices.split(",") if args.devices else list(devices.profiles()):
+            reprice(Path(args.out) / f"{name}.yaml", name)
+        return
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     targets = []
     for model in MODELS:
@@ -47,7 +58,7 @@ def main():
         for target in targets:
             settings = Settings(device=name, trials=args.trials, storage="memory", timer=ModelTimer(), seed=0,
                                 verify=False)
-            e = entry(run_study(target, settings), target)
+            e = entry(run_study(target, settings), target, name)
             key = (target.family.name, target.bucket, tuple(sorted(e["config"].items())))
             if key not in verified:
                 family = target.family
@@ -59,6 +70,39 @@ def main():
             path.unlink()   # regenerated from scratch: shipped defaults hold model entries only
         results.save_entries(path, name, new)
         print(f"{name}: {len(new)} entries -> {path}")
+
+
+def tune_table(path: Path) -> str:
+    """The shipped entries of one device as docs/tuning.md's table, each ratio gated by its
+    family's per-kernel error (kernels/timing/gate.py)."""
+    from metalforge.kernels.timing import gate
+    lines = ["| family | shape | ours | MLX's real kernel | MLX's time | ours vs MLX |", "|---|---|---|---|---|---|"]
+    for family, buckets in results.load(path)["entries"].items():
+        for e in buckets.values():
+            shape = ", ".join(f"{k}={v}" for k, v in e["shape"].items() if v or k not in ("block_size", "num_blocks"))
+            if e.get("unpriced"):     # its time_s is the search's analytic cost: not comparable, not shown
+                lines.append(f"| {family} | {shape} | - | - | - | not priced ({e['unpriced'].split(': trace')[0]}) |")
+                continue
+            mlx = f"{e['baseline_s'] * 1e6:.1f} us" if e.get("baseline_s") else "-"
+            lines.append(f"| {family} | {shape} | {e['time_s'] * 1e6:.1f} us | `{e.get('baseline_kernel', '-')}` | {mlx} | "
+                         f"{gate.claim(e.get('speedup'), family)} |")
+    return "\n".join(lines)
+
+
+def reprice(path: Path, device: str) -> None:
+    """Each entry of a shipped file priced again by the per-kernel model, its config kept."""
+    from metalforge.kernels import get_family
+    from metalforge.kernels.timing.compare import priced_entry
+    dev = devices.get(device)
+    new = []
+    for family, buckets in results.load(path)["entries"].items():
+        fam = get_family(family)
+        for bucket, e in buckets.items():
+            priced = priced_entry(fam, fam.shape(e["shape"]), e["dtype"], dev, e)
+            new.append((family, bucket, priced))
+            print(f"{device} {family} {bucket}: MLX / ours {priced.get('speedup') or 0:.2f}", flush=True)
+    path.unlink()
+    results.save_entries(path, device, new)
 
 
 if __name__ == "__main__":

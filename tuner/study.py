@@ -99,12 +99,11 @@ def budget_met(study: optuna.Study, trials: int, space_size: int) -> bool:
 
 
 def warm_start(study: optuna.Study, target: Target, settings: Settings) -> None:
-    """Enqueue the family default, MLX's own kernel as a config of ours (the incumbent to beat) and
-    the best known config (results files) before sampling."""
+    """Enqueue the family default and the best known config (results files) before sampling."""
     family = target.family
     if study.get_trials(deepcopy=False):
         return
-    seeds = [family.default_config(), family.config(family.mlx_config(target.shape, target.dtype))]
+    seeds = [family.default_config()]
     known = lookup(settings.device, target.family.name, target.shape, target.dtype)
     if known.entry is not None:
         seeds.append(known.config)
@@ -217,20 +216,26 @@ def baseline(target: Target, settings: Settings):
     family = target.family
     runner = None
     if measures(settings.timer):
-        inputs = family.make_inputs(target.shape, target.dtype)
+        inputs = family.baseline_inputs(target.shape, target.dtype, family.make_inputs(target.shape, target.dtype))
         runner = lambda: family.baseline(target.shape, target.dtype, inputs)
     return settings.timer.baseline(runner, family=family, shape=target.shape, dtype=target.dtype,
                                    device=devices.get(settings.device))
 
 
-def entry(study: optuna.Study, target: Target) -> dict | None:
-    """The results entry for a finished study (None when no trial completed)."""
+def entry(study: optuna.Study, target: Target, device=None) -> dict | None:
+    """The results entry for a finished study (None when no trial completed); a modelled one
+    priced for `device` (a profile name) by the per-kernel model."""
     best = best_trial(study)
     if best is None:
         return None
     base = study.user_attrs.get(BASELINE_S)
     timer = best.user_attrs.get(TIMER, "model")
-    return Entry(shape=dict(target.shape.__dict__), dtype=target.dtype, config=dict(best.params),
-                 time_s=float(best.value), timer=timer, baseline_s=base,
-                 speedup=(base / best.value) if base else None, trials=counts(study),
-                 model_error=None if timer == "metal" else target.family.model_error()).to_dict()
+    out = Entry(shape=dict(target.shape.__dict__), dtype=target.dtype, config=dict(best.params),
+                time_s=float(best.value), timer=timer, baseline_s=base,
+                speedup=(base / best.value) if base else None, trials=counts(study)).to_dict()
+    if timer == "model" and device is not None:
+        # the search ranked configs by the analytic cost; the entry states the per-kernel model's
+        # price of the winner against MLX's real kernel, with the family's per-kernel error
+        from metalforge.kernels.timing.compare import priced_entry
+        out = priced_entry(target.family, target.shape, target.dtype, devices.get(device), out)
+    return out

@@ -12,11 +12,12 @@ from typing import Callable, Protocol
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError
+from metalforge.kernels import dtypes
 
 
 @dataclass(frozen=True)
 class Timing:
-    seconds: float      # median
+    seconds: float | None   # median (None: a baseline the model cannot price yet)
     spread: float       # (p90 - p10) / median over the repeats; 0 for a model
     kind: str           # "metal" or "model"
     repeats: int = 1
@@ -40,7 +41,9 @@ def measures(timer: Timer) -> bool:
 
 
 class ModelTimer:
-    """Analytic estimate for the target profile (bytes over bandwidth, FLOPs over peak, occupancy)."""
+    """Analytic estimate for the target profile (bytes over bandwidth, FLOPs over peak, occupancy)
+    ranks our configs; MLX's baseline is its real kernel priced by the per-kernel model (a modelled
+    entry is re-priced by that model too: tuner.study.entry)."""
 
     kind = "model"
 
@@ -48,7 +51,14 @@ class ModelTimer:
         return Timing(family.cost(config, shape, dtype, device), 0.0, self.kind)
 
     def baseline(self, run: Callable | None, *, family, shape, dtype, device) -> Timing:
-        return Timing(family.mlx_cost(shape, dtype, device), 0.0, self.kind)
+        """MLX's real kernel for the job, chosen by MLX's rules, priced by the per-kernel model
+        (seconds None where that kernel cannot be traced yet: then the entry carries no ratio)."""
+        from metalforge.kernels.timing import compare, fit, model
+        try:
+            counted = compare.mlx_counted(family.name, dict(shape.__dict__), dtypes.get(dtype), device)
+        except MetalforgeError:
+            return Timing(None, 0.0, self.kind)
+        return Timing(model.price(counted, device, fit.shipped()["constants"]), 0.0, self.kind)
 
 
 class MetalTimer:

@@ -1,0 +1,117 @@
+"""MLX's real kernels for a job, chosen by MLX's rules (kernels/mlx_dispatch.py) at the real shape
+and run in the emulator (kernels/mlx_library.py) at proxy shapes, their counters scaled to the
+real shape (traces.py). A job is MLX's op as mlx-lm calls it: quantized_matmul with transposed
+weights ("matmul": M, N, K, bits, group_size), attention over a contiguous cache with a few
+queries ("decode": B, Hq, Hkv, S, D; one query) or causal/unmasked prefill ("prefill": B, Hq, Hkv,
+L, D, prefix, causal).
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from metalforge.errors import MetalforgeError
+from metalforge.kernels import dtypes, mlx_dispatch, mlx_library
+from metalforge.kernels.timing import traces
+
+# per job: the axes scaled from a proxy (groups scaled together) and each axis's proxy value
+MATMUL_GROUPS = (("M",), ("N",), ("K",))
+DECODE_GROUPS = (("B",), ("Hq", "Hkv"), ("S",))
+PREFILL_GROUPS = (("B",), ("Hq", "Hkv"), ("L", "prefix"))
+
+
+def _proxy_matmul(shape: dict, choice) -> dict:
+    fn = choice.launches[0].function
+    # MLX's qmv_fast wants K in whole 512-value blocks (4 bits), qmm whole 32x32 tiles; qmv keeps K's tail
+    k = 512 if fn in ("affine_qmv_fast", "affine_qmv_wide") else 512 + shape["K"] % 512 if fn == "affine_qmv" else 256
+    k = min(shape["K"], k)
+    m = min(shape["M"], 64) if fn.startswith("affine_qmm") else shape["M"]
+    return {**shape, "M": m, "N": min(shape["N"], 64), "K": k}
+
+
+def _proxy_decode(shape: dict, choice) -> dict:
+    gqa = shape["Hq"] // shape["Hkv"]
+    blocks = choice.launches[0].grid[2] if len(choice.launches) == 2 else 1
+    return {**shape, "B": 1, "Hkv": 1, "Hq": gqa, "S": min(shape["S"], max(256, 2 * blocks))}
+
+
+def _proxy_prefill(shape: dict, choice) -> dict:
+    L = min(shape["L"], 64)
+    return {**shape, "B": 1, "Hkv": 1, "Hq": shape["Hq"] // shape["Hkv"], "L": L,
+            "prefix": shape["prefix"] * L // shape["L"]}
+
+
+def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):
+    """MLX's Choice for the job at its real shape."""
+    if op == "matmul":
+        return mlx_dispatch.qmm_dispatch(shape["M"], shape["N"], shape["K"], shape["bits"], shape["group_size"],
+                                         dtype, device, mlx_version)
+    if op == "decode":
+        return mlx_dispatch.decode_attention_dispatch(shape["B"], shape["Hq"], shape["Hkv"], shape["S"], shape["D"],
+                                                      dtype, device, mlx_version)
+    if op == "prefill":
+        return mlx_dispatch.prefill_attention_dispatch(shape["B"], shape["Hq"], shape["Hkv"], shape["L"], shape["D"],
+                                                       dtype, device, mlx_version, prefix=shape.get("prefix", 0),
+                                                       causal=shape.get("causal", True))
+    raise MetalforgeError(f"unknown MLX job '{op}'; valid: matmul, decode, prefill")
+
+
+RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad", "affine_qmm_t", "sdpa_vector",
+            "sdpa_vector_2pass_1", "attention")
+
+
+def _runner(op: str, choice, dtype: str):
+    """run(shape) -> MLX's dispatches for the chosen kernels at `shape`."""
+    fn = choice.launches[0].function
+    if fn not in RUNNABLE:
+        raise MetalforgeError(f"MLX's {fn} is not instantiated by kernels/mlx_library.py: cannot be traced yet")
+    mdt = dtypes.get(dtype).mlx
+
+    def run(s: dict):
+        out: list = []
+        key = mx.random.key(0)
+        if op == "matmul":
+            x = mx.random.normal((s["M"], s["K"]), key=key).astype(mdt)
+            w = mx.random.normal((s["N"], s["K"]), key=key).astype(mdt)
+            wq, scales, biases = mx.quantize(w, group_size=s["group_size"], bits=s["bits"])
+            q = dict(group_size=s["group_size"], bits=s["bits"], traces=out)
+            if fn == "affine_qmm_t":
+                mlx_library.qmm_t(x, wq, scales, biases, **q)
+            elif fn == "affine_qmv_wide":
+                mlx_library.qmv_wide(x, wq, scales, biases, **q)
+            elif fn == "affine_qmv_quad":
+                mlx_library.qmv_quad(x, wq, scales, biases, **q)
+            else:
+                mlx_library.qmv(x, wq, scales, biases, fast=fn == "affine_qmv_fast", **q)
+            return out
+        kL = s["S"] if op == "decode" else s.get("prefix", 0) + s["L"]
+        qL = 1 if op == "decode" else s["L"]
+        q = mx.random.normal((s["B"], s["Hq"], qL, s["D"]), key=key).astype(mdt)
+        k = mx.random.normal((s["B"], s["Hkv"], kL, s["D"]), key=key).astype(mdt)
+        v = mx.random.normal((s["B"], s["Hkv"], kL, s["D"]), key=key).astype(mdt)
+        scale = 1 / math.sqrt(s["D"])
+        if fn == "attention":
+            mlx_library.steel_attention(q, k, v, scale=scale, do_causal=s.get("causal", True), traces=out)
+        elif fn == "sdpa_vector_2pass_1":
+            mlx_library.sdpa_vector_2pass(q, k, v, scale=scale, blocks=choice.launches[0].grid[2], traces=out)
+        else:
+            mlx_library.sdpa_vector(q, k, v, scale=scale, traces=out)
+        return out
+    return run
+
+
+def counted(op: str, shape: dict, dtype: str, device, mlx_version=None) -> list[traces.Counted]:
+    """MLX's dispatches for the job on `device`, counted at the real shape."""
+    choice = choose(op, shape, dtype, device, mlx_version)
+    proxy, groups = {"matmul": (_proxy_matmul, MATMUL_GROUPS), "decode": (_proxy_decode, DECODE_GROUPS),
+                     "prefill": (_proxy_prefill, PREFILL_GROUPS)}[op]
+    p = proxy(shape, choice)
+    key = f"mlx {mx.__version__} {op} {dtype} " + " ".join(l.kernel + str(l.grid[2]) for l in choice.launches)
+    try:
+        return traces.scaled(key, shape, p, groups, _runner(op, choice, dtype))
+    except MetalforgeError as e:     # a compile failure lists MSL lines: one line says it
+        if "failed to compile" not in str(e):
+            raise
+        raise MetalforgeError(f"MLX's {choice.launches[0].kernel} cannot be traced yet: "
+                              f"{str(e).splitlines()[0]} {str(e).splitlines()[1].strip()}") from None

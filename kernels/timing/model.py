@@ -1,0 +1,73 @@
+"""The price of a dispatch from its trace counters on a device profile: one function for MLX's
+kernels and ours, linear in a handful of constants fitted to published per-kernel timings
+(fit.py, benchmarks/calibrate.py).
+
+    seconds = launch
+            + dram       * device bytes (each buffer's footprint)       / (bandwidth x active)
+            + onchip     * (32-byte sectors x 32 + 128 x threadgroup passes) / (cores x clock x active)
+            + mma        * 8x8 MMAs x 1024 flops                         / (peak FP32 x active)
+            + sync       * (barriers x threadgroups + SIMD-group functions) / (cores x clock x active)
+            + schedule   * threadgroups                                 / (cores x clock)
+
+active = min(1, threadgroups / cores): a launch with fewer threadgroups than cores leaves cores idle.
+A threadgroup pass (one SIMD-group access to threadgroup memory, each bank conflict and 8x8
+fragment load or store another) moves up to 128 bytes through the same on-chip SRAM as the L1's
+sectors (Apple's GPU cores share one SRAM between the L1 cache and threadgroup memory): one
+constant prices both, fitted mostly on MLX's qmv, whose sectors dominate it (ASSUMED: a pass
+costs what 128 bytes of sectors cost).
+ASSUMED, not fitted (the data cannot separate them): the terms add (no overlap of memory and
+arithmetic), a core's share of bandwidth is 1 / cores, one threadgroup per core keeps it busy,
+scalar arithmetic is not counted by the trace (it is folded into the memory and sync terms).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+TERMS = ("launch", "dram", "onchip", "mma", "sync", "schedule")
+PASS_BYTES = 128   # a SIMD-group's threadgroup access: 32 lanes x 4 bytes
+MMA_FLOPS = 2 * 8 * 8 * 8
+
+
+@dataclass(frozen=True)
+class Constants:
+    launch: float      # seconds per dispatch
+    dram: float        # x (bytes / published bandwidth)
+    onchip: float      # core-cycles per byte through the core's SRAM (L1 sectors, threadgroup passes)
+    mma: float         # x (MMA flops / peak FP32)
+    sync: float        # core-cycles per barrier or SIMD-group function
+    schedule: float    # core-cycles per threadgroup
+
+    def vector(self) -> np.ndarray:
+        return np.array([getattr(self, t) for t in TERMS])
+
+    @classmethod
+    def of(cls, values) -> "Constants":
+        return cls(**{t: float(v) for t, v in zip(TERMS, values)})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def terms(counted, device) -> np.ndarray:
+    """The coefficients of TERMS in the time of the dispatches `counted` (traces.Counted) on `device`."""
+    cycles = device.gpu_cores * device.gpu_clock_ghz * 1e9
+    out = np.zeros(len(TERMS))
+    for c in counted:
+        f = c.features
+        active = min(1.0, f["threadgroups"] / device.gpu_cores)
+        out += [1.0,
+                c.total("dram_bytes") / (device.memory_bandwidth_gbs * 1e9 * active),
+                (c.total("sector_bytes") + PASS_BYTES * (f["threadgroup_passes"] + f["fragment_ops"]))
+                / (cycles * active),
+                f["matrix_multiplies"] * MMA_FLOPS / (device.peak_fp32_tflops * 1e12 * active),
+                (f["barriers"] + f["simd_functions"]) / (cycles * active),
+                f["threadgroups"] / cycles]
+    return out
+
+
+def price(counted, device, constants: Constants) -> float:
+    """Seconds for the dispatches `counted` on `device`: the same rule whoever wrote the kernel."""
+    return float(terms(counted, device) @ constants.vector())

@@ -1,0 +1,110 @@
+"""A dispatch's trace counters at a real shape, from traces at small proxy shapes, cached on disk.
+
+The emulator records every access, so a trace costs seconds at small shapes and hours at a
+model's. A job is traced at a proxy shape (each scaled axis cut to a small value) and twice more per
+scaled axis, with that axis at 2x and 4x the proxy; each counter is taken as a product over axes
+of a quadratic in the axis's factor f through those three traces: counter(real) = counter(proxy) *
+prod(q_a(f_a) / counter(proxy)). So a counter that does not grow with an axis (x's footprint with
+N, pass 2 of the 2-pass attention with the keys) keeps its value, one with a fixed and a per-key
+part grows affinely, a square prefill's query x key tiles quadratically. Axes scaled together
+(query and KV heads, a prefill's queries and cached keys) are one group. Exact where a counter is
+such a product over whole tiles on the same code path; tests/test_trace_model.py checks scaled
+counters against traces at the real shape.
+
+Traces are cached under METALFORGE_CACHE/traces by a key of the job (kernel source or MLX's
+host names and version, shape, dtype), so tests and calibration do not re-run them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from metalforge import files
+from metalforge.emulator.compiler import cache_dir
+from metalforge.emulator.trace import Dispatch
+
+TRACE_SCHEMA = 2   # bump when the features or their meaning change: old cache entries are ignored
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One dispatch at the real shape: its kernel, threadgroup size and scaled counters."""
+    kernel: str
+    threadgroup: tuple
+    threadgroup_memory_bytes: int
+    features: dict            # counter -> count (device traffic per buffer: "dram_bytes/w"); floats once scaled
+
+    def total(self, name: str) -> float:
+        """A feature summed over buffers where it is counted per buffer."""
+        return sum(v for k, v in self.features.items() if k == name or k.startswith(name + "/"))
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.kernel, "threadgroup": list(self.threadgroup),
+                "threadgroup_memory_bytes": self.threadgroup_memory_bytes, "features": dict(self.features)}
+
+
+def features(d: Dispatch) -> Counted:
+    """The counters the price reads, totalled over the dispatch (barriers over its threadgroups),
+    device traffic per buffer (a buffer's footprint scales with its own axes: x's not with N)."""
+    t = d.trace
+    per_buffer = {}
+    for name, b in t.device.items():
+        per_buffer[f"dram_bytes/{name}"] = b.footprint_bytes
+        per_buffer[f"sector_bytes/{name}"] = 32 * b.sectors[32]
+    return Counted(d.kernel, tuple(d.threadgroup), t.threadgroup_memory_bytes, {
+        **per_buffer,
+        "threadgroup_passes": t.threadgroup_instructions + t.bank_conflicts,
+        "fragment_ops": t.matrix_loads + t.matrix_stores,
+        "matrix_multiplies": t.matrix_multiplies,
+        "barriers": t.barriers * t.threadgroups,
+        "simd_functions": t.simd_functions,
+        "threadgroups": t.threadgroups,
+        "threads": t.threads})
+
+
+def _cache_path(key: str):
+    path = cache_dir().parent / "traces"
+    path.mkdir(parents=True, exist_ok=True)
+    return path / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def traced(key: str, shape: dict, run: Callable[[dict], list[Dispatch]]) -> list[Counted]:
+    """`run(shape)`'s dispatches as counters, from the disk cache when this job was traced before."""
+    path = _cache_path(json.dumps([TRACE_SCHEMA, key, sorted(shape.items())]))
+    if path.exists():
+        return [Counted(d["kernel"], tuple(d["threadgroup"]), d["threadgroup_memory_bytes"], d["features"])
+                for d in json.loads(path.read_text())]
+    out = [features(d) for d in run(dict(shape))]
+    files.write_atomic(path, json.dumps([c.as_dict() for c in out]))
+    return out
+
+
+def _through(f: float, c1: float, c2: float, c4: float) -> float:
+    """The quadratic through (1, c1), (2, c2), (4, c4) at f: exact for a counter constant, linear
+    or quadratic in the axis (a fixed part plus a per-key part; a square prefill's query x key tiles)."""
+    return (c1 * (f - 2) * (f - 4) / 3 - c2 * (f - 1) * (f - 4) / 2 + c4 * (f - 1) * (f - 2) / 6)
+
+
+def scaled(key: str, real: dict, proxy: dict, groups: tuple, run: Callable[[dict], list[Dispatch]]) -> list[Counted]:
+    """The counters of `run` at `real`, from traces at `proxy` and at `proxy` with each group of
+    axes at 2x and 4x (a group is a tuple of shape fields scaled by one factor, real[g[0]] / proxy[g[0]])."""
+    base = traced(key, proxy, run)
+    axes = []
+    for group in groups:
+        f = real[group[0]] / proxy[group[0]]
+        if f != 1:
+            axes.append((f, *(traced(key, {**proxy, **{a: m * proxy[a] for a in group}}, run) for m in (2, 4))))
+    out = []
+    for i, c in enumerate(base):
+        values = {}
+        for name, v0 in c.features.items():
+            v = float(v0)
+            for f, two, four in axes:
+                if v0:
+                    v *= max(0.0, _through(f, v0, two[i].features[name], four[i].features[name])) / v0
+            values[name] = v
+        out.append(Counted(c.kernel, c.threadgroup, c.threadgroup_memory_bytes, values))
+    return out

@@ -1,0 +1,106 @@
+"""The per-kernel time model (kernels/timing): counters scaled from a proxy shape agree with a trace
+at the real shape, one price for MLX's kernels and ours, the fit recovers constants that generated
+timings, and the shipped constants are the fit of the shipped data."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from metalforge import devices
+from metalforge.kernels import calibration as cal, kernel_measurements
+from metalforge.kernels.timing import fit, mlx_jobs, model, traces, whole_model
+from metalforge.kernels.timing.model import Constants
+
+pytestmark = pytest.mark.usefixtures("mlx_kernel_headers")
+APPLE = kernel_measurements.DATA.parent / "apple_measurements.yaml"
+
+
+def _direct(op, shape, dtype, device):
+    """MLX's chosen kernels traced at `shape` itself (no scaling)."""
+    choice = mlx_jobs.choose(op, shape, dtype, device)
+    key = f"direct {op} {dtype} " + " ".join(l.kernel + str(l.grid[2]) for l in choice.launches)
+    return traces.traced(key, shape, mlx_jobs._runner(op, choice, dtype))
+
+
+@pytest.mark.parametrize("op,shape", [
+    # sizes the proxy's 1x, 2x, 4x traces do not include: 8x and 3x
+    ("matmul", {"M": 1, "N": 512, "K": 1536, "bits": 4, "group_size": 64}),     # qmv_fast, 8x N, 3x K
+    ("matmul", {"M": 1, "N": 192, "K": 1536, "bits": 8, "group_size": 32}),     # 3x N and K
+    ("matmul", {"M": 2, "N": 320, "K": 128, "bits": 4, "group_size": 64}),      # qmv_quad (K fixed), 5x N
+    ("decode", {"B": 1, "Hq": 12, "Hkv": 3, "S": 768, "D": 64}),                 # 3x heads, 3x keys
+])
+def test_counters_scaled_from_the_proxy_equal_a_trace_at_the_real_shape(op, shape):
+    dev = devices.get("m3")
+    scaled = mlx_jobs.counted(op, shape, "float16", dev)
+    direct = _direct(op, shape, "float16", dev)
+    assert [c.kernel for c in scaled] == [c.kernel for c in direct]
+    for s, d in zip(scaled, direct):
+        assert set(s.features) == set(d.features)
+        for name, v in d.features.items():
+            assert s.features[name] == pytest.approx(v, rel=1e-6), name
+
+
+def test_a_second_lookup_reads_the_trace_cache(monkeypatch):
+    dev = devices.get("m3")
+    shape = {"M": 1, "N": 64, "K": 512, "bits": 4, "group_size": 64}
+    first = mlx_jobs.counted("matmul", shape, "float16", dev)
+    monkeypatch.setattr(traces, "features", lambda d: pytest.fail("traced again instead of read from the cache"))
+    assert mlx_jobs.counted("matmul", shape, "float16", dev) == first
+
+
+def test_mlx_kernel_and_ours_with_the_same_trace_get_the_same_price():
+    dev = devices.get("m3-max-40")
+    constants = fit.shipped()["constants"]
+    mlx = mlx_jobs.counted("decode", {"B": 1, "Hq": 4, "Hkv": 1, "S": 2048, "D": 64}, "float16", dev)
+    ours = [dataclasses.replace(c, kernel="mf_decode_attention_same_trace") for c in mlx]
+    assert model.price(ours, dev, constants) == model.price(mlx, dev, constants) > 0
+    # and the price follows the counters, not the name: more keys cost more
+    longer = mlx_jobs.counted("decode", {"B": 1, "Hq": 4, "Hkv": 1, "S": 8192, "D": 64}, "float16", dev)
+    assert model.price(longer, dev, constants) > model.price(mlx, dev, constants)
+
+
+def _synthetic_rows():
+    """Small jobs traced at their own shapes on chips of different sizes: the fit's design matrix."""
+    jobs = [("matmul", {"M": m, "N": n, "K": k, "bits": b, "group_size": 64})
+            for m, n, k, b in ((1, 64, 512, 4), (1, 256, 1024, 8), (3, 128, 512, 4), (1, 64, 320, 4))]
+    jobs += [("decode", {"B": 1, "Hq": 4, "Hkv": 1, "S": 512, "D": 64}),
+             ("decode", {"B": 1, "Hq": 8, "Hkv": 8, "S": 256, "D": 128}),
+             ("prefill", {"B": 1, "Hq": 2, "Hkv": 1, "L": 64, "D": 64, "prefix": 0, "causal": False}),
+             ("prefill", {"B": 1, "Hq": 1, "Hkv": 1, "L": 96, "D": 64, "prefix": 32, "causal": True})]
+    template = kernel_measurements.load()[0]
+    rows = []
+    for name in ("m1", "m2-ultra", "m3-max-40", "m4-pro"):
+        dev = devices.get(name)
+        for op, shape in jobs:
+            counted = mlx_jobs.counted(op, shape, "float16", dev)
+            point = dataclasses.replace(template, profile=name, gpu_cores=None)
+            rows.append(fit.Row(point, fit.family_of(op, [c.kernel for c in counted]), (),
+                                model.terms(counted, dev)))
+    return rows
+
+
+def test_the_fit_recovers_the_constants_that_generated_the_timings():
+    truth = Constants(launch=6e-6, dram=1.3, onchip=0.02, mma=1.8, sync=30.0, schedule=400.0)
+    rows = [dataclasses.replace(r, point=dataclasses.replace(r.point, seconds=float(r.terms @ truth.vector())))
+            for r in _synthetic_rows()]
+    got = fit.fit(rows)
+    np.testing.assert_allclose(got.vector(), truth.vector(), rtol=1e-6)
+    assert max(abs(e) for e in fit.errors(rows, got)) < 1e-9
+
+
+def test_the_shipped_constants_are_the_fit_of_the_shipped_data():
+    rows, skipped = fit.rows()
+    shipped = fit.shipped()
+    kernel_fit = fit.fit(rows)
+    # the DRAM factor and per-dispatch cost: the whole-model decode fit on top of the kernel fit
+    decode, _ = whole_model.rows(cal.load_points(APPLE), kernel_fit)
+    dram, dispatch = whole_model.fit(decode)
+    assert shipped["whole_model"]["dram"] == pytest.approx(dram, rel=1e-9)
+    assert shipped["whole_model"]["dispatch_s"] == pytest.approx(dispatch, rel=1e-9, abs=1e-15)
+    np.testing.assert_allclose(dataclasses.replace(kernel_fit, dram=dram).vector(), shipped["constants"].vector(),
+                               rtol=1e-9)
+    assert shipped["data"] == fit.kernel_measurements_digest()
+    assert shipped["points"] == len(rows) and len(shipped["left_out"]) == len(skipped)
+    # every point is either priced or left out with a reason
+    assert len(rows) + len(skipped) == len(kernel_measurements.usable(kernel_measurements.load()))
+    assert all(why for _, why in skipped)
