@@ -137,21 +137,12 @@ def qmm_t(x, w, scales, biases, *, group_size: int, bits: int, traces: list | No
                       group_size, bits, {7: M}, (math.ceil(N / 32), math.ceil(M / 32), 1), (32, 2, 2), traces)
 
 
-def qmm_splitk_partitions(M: int, N: int, K: int, group_size: int) -> int:
-    """quantized.cpp qmm_splitk(): about 512 threadgroups, whole BK tiles and groups per partition."""
-    tiles = math.ceil(N / 32) * math.ceil(M / 32)
-    split_k = min(max(1, 512 // tiles), K // max(group_size, 32))
-    while split_k > 1 and K % (split_k * max(group_size, 32)):
-        split_k -= 1
-    return split_k
-
-
-def qmm_t_splitk(x, w, scales, biases, *, group_size: int, bits: int, traces: list | None = None) -> mx.array:
-    """affine_qmm_t_splitk: K cut in `split_k` partitions (grid z), float partials summed after (MLX
-    sums them with its strided reduction kernel)."""
+def qmm_t_splitk(x, w, scales, biases, *, group_size: int, bits: int, split_k: int,
+                 traces: list | None = None) -> mx.array:
+    """affine_qmm_t_splitk: K cut in `split_k` partitions (grid z; kernels/mlx_dispatch.py says how
+    many MLX takes), float partials summed after (MLX sums them with its strided reduction kernel)."""
     M, K = x.shape
     N = w.shape[0]
-    split_k = qmm_splitk_partitions(M, N, K, group_size)
     if split_k <= 1:
         raise MetalforgeError(f"qmm split-K does not apply at M={M} N={N} K={K}: MLX runs qmm_t there")
     aligned = N % 32 == 0
@@ -249,3 +240,35 @@ def steel_attention(q, k, v, *, scale: float, do_causal: bool, traces: list | No
     _run(fn, traces, buffers={0: q, 1: k, 2: v, 3: out, 4: _attn_params(q, k, scale, bq, bk)},
          threadgroups=(math.ceil(qL / bq), H, B), threadgroup=(32, 4, 1))
     return _mx(out, q.dtype)
+
+
+# ---- MLX's choice, run ------------------------------------------------------------------------------------
+def run(choice, inputs: dict, *, traces: list | None = None) -> mx.array:
+    """Run the kernels MLX's rules chose (a kernels/mlx_dispatch.Choice) on a job's inputs (x, w,
+    scales, biases; or queries, keys, values): the one place that maps a choice to a runner, so
+    what runs is what mlx_dispatch says MLX launches."""
+    first = choice.launches[0]
+    fn, t = first.function, dict(first.template)
+    if fn.startswith("affine_"):
+        args = [inputs[n] for n in ("x", "w", "scales", "biases")]
+        q = dict(group_size=t["group_size"], bits=t["bits"], traces=traces)
+        if fn == "affine_qmv_quad":
+            return qmv_quad(*args, **q)
+        if fn == "affine_qmv_wide":
+            return qmv_wide(*args, **q)
+        if fn == "affine_qmm_t_splitk":
+            return qmm_t_splitk(*args, split_k=first.grid[2], **q)
+        if fn == "affine_qmm_t":
+            return qmm_t(*args, **q)
+        if fn in ("affine_qmv_fast", "affine_qmv"):
+            return qmv(*args, fast=fn == "affine_qmv_fast", **q)
+    if fn in ("sdpa_vector", "sdpa_vector_2pass_1", "attention"):
+        q, k, v = inputs["queries"], inputs["keys"], inputs["values"]
+        scale = 1 / math.sqrt(q.shape[-1])
+        causal = any(name == "do_causal" and value for _, name, value in first.constants)
+        if fn == "attention":
+            return steel_attention(q, k, v, scale=scale, do_causal=causal, traces=traces)
+        if fn == "sdpa_vector_2pass_1":
+            return sdpa_vector_2pass(q, k, v, scale=scale, blocks=first.grid[2], do_causal=causal, traces=traces)
+        return sdpa_vector(q, k, v, scale=scale, do_causal=causal, traces=traces)
+    raise MetalforgeError(f"MLX's {fn} is not instantiated by kernels/mlx_library.py: cannot run it yet")

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from metalforge.kernels import mlx_headers, mlx_library
+from metalforge.kernels import mlx_dispatch, mlx_headers, mlx_library
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # The reference is MLX's CPU ops in float32 on the same (rounded) inputs: MLX's CPU
@@ -69,11 +69,12 @@ def test_quad_wide_and_qmm_t_match_quantized_matmul(runner, shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_qmm_split_k_matches_quantized_matmul(dtype):
-    M, N, K, gs, bits = 9, 72, 1024, 64, 4
-    # quantized.cpp: 512 // (3 x 1 tiles) = 170, capped at K / 64 = 16, lowered until it divides K
-    assert mlx_library.qmm_splitk_partitions(M, N, K, gs) == 16
+    M, N, K, gs, bits = 33, 72, 1024, 64, 4
+    # quantized.cpp: past qmv's row limit; 512 // (3 x 2 tiles) = 85, capped at K / 64 = 16, lowered until it divides K
+    choice = mlx_dispatch.qmm_dispatch(M, N, K, bits, gs, "float16", "m3-max-40")
+    assert choice.launches[0].function == "affine_qmm_t_splitk" and choice.launches[0].grid[2] == 16
     x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=3)
-    _close(mlx_library.qmm_t_splitk(x, w, s, b, group_size=gs, bits=bits), ref, dtype)
+    _close(mlx_library.run(choice, dict(x=x, w=w, scales=s, biases=b)), ref, dtype)
 
 
 def _attention(B, H, Hk, qL, kL, D, dtype, causal, seed):

@@ -7,8 +7,6 @@ L, D, prefix, causal).
 """
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError
@@ -57,6 +55,7 @@ def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):
     raise MetalforgeError(f"unknown MLX job '{op}'; valid: matmul, decode, prefill")
 
 
+# kernels traceable at a proxy shape: split-K takes its partitions from the real shape, so not it
 RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad", "affine_qmm_t", "sdpa_vector",
             "sdpa_vector_2pass_1", "attention")
 
@@ -75,28 +74,14 @@ def _runner(op: str, choice, dtype: str):
             x = mx.random.normal((s["M"], s["K"]), key=key).astype(mdt)
             w = mx.random.normal((s["N"], s["K"]), key=key).astype(mdt)
             wq, scales, biases = mx.quantize(w, group_size=s["group_size"], bits=s["bits"])
-            q = dict(group_size=s["group_size"], bits=s["bits"], traces=out)
-            if fn == "affine_qmm_t":
-                mlx_library.qmm_t(x, wq, scales, biases, **q)
-            elif fn == "affine_qmv_wide":
-                mlx_library.qmv_wide(x, wq, scales, biases, **q)
-            elif fn == "affine_qmv_quad":
-                mlx_library.qmv_quad(x, wq, scales, biases, **q)
-            else:
-                mlx_library.qmv(x, wq, scales, biases, fast=fn == "affine_qmv_fast", **q)
+            mlx_library.run(choice, dict(x=x, w=wq, scales=scales, biases=biases), traces=out)
             return out
         kL = s["S"] if op == "decode" else s.get("prefix", 0) + s["L"]
         qL = 1 if op == "decode" else s["L"]
         q = mx.random.normal((s["B"], s["Hq"], qL, s["D"]), key=key).astype(mdt)
         k = mx.random.normal((s["B"], s["Hkv"], kL, s["D"]), key=key).astype(mdt)
         v = mx.random.normal((s["B"], s["Hkv"], kL, s["D"]), key=key).astype(mdt)
-        scale = 1 / math.sqrt(s["D"])
-        if fn == "attention":
-            mlx_library.steel_attention(q, k, v, scale=scale, do_causal=s.get("causal", True), traces=out)
-        elif fn == "sdpa_vector_2pass_1":
-            mlx_library.sdpa_vector_2pass(q, k, v, scale=scale, blocks=choice.launches[0].grid[2], traces=out)
-        else:
-            mlx_library.sdpa_vector(q, k, v, scale=scale, traces=out)
+        mlx_library.run(choice, dict(queries=q, keys=k, values=v), traces=out)
         return out
     return run
 
