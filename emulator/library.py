@@ -317,43 +317,8 @@ extern "C" [[gnu::visibility("default")]] int mf_element_bytes(void** buffers, c
   for (int i = 0; i < {len(order)}; i++) static_cast<unsigned long long*>(buffers[0])[i] = sizes[i];
   return 0;
 }}
-{_TRACED_ENTRY.replace("@N@", str(len(order)))}
 '''
 
-
-# A traced launch: buffer N (after the kernel's N) holds the trace, a header record (its first number:
-# the accesses made) and then the records; a device record's name becomes its buffer's position (the
-# worker's pointers mean nothing to the caller). No C library here: the kernel links with none.
-_TRACED_ENTRY = """#ifdef MF_TRACE
-extern "C" int mf_launch(void**, const long long*, const long long*, int, int);
-extern "C" [[gnu::visibility("default")]] int mf_launch_traced(void** buffers, const long long* meta,
-                                                              const long long* bytes, int workers, int checked) {
-  const int n = @N@;
-  long long* head = static_cast<long long*>(buffers[n]);
-  mf_trace_records = head + 8;
-  mf_trace_capacity = bytes[n] / 64 - 1;
-  mf_trace_used = 0;
-  mf_trace_epoch += 1;
-  const int rc = mf_launch(buffers, meta, bytes, workers, checked);
-  head[0] = mf_trace_used;
-  const long long kept = mf_trace_used < mf_trace_capacity ? mf_trace_used : mf_trace_capacity;
-  for (long long r = 0; r < kept; r++) {
-    long long* rec = mf_trace_records + r * 8;
-    if (rec[0] != mf::kTraceDevice) continue;
-    const char* name = reinterpret_cast<const char*>(rec[1]);
-    long long found = -1;
-    for (int i = 0; i < n && found < 0; i++) {
-      const char* a = name;
-      const char* b = mf_buffer_names[i];
-      while (*a && *a == *b) { a++; b++; }
-      if (*a == *b) found = i;
-    }
-    rec[1] = found;
-  }
-  return rc;
-}
-#endif
-"""
 
 
 # ---- the library -----------------------------------------------------------------------------------
@@ -363,10 +328,9 @@ class Library:
     `headers`: the include root its quoted includes resolve in (kernels/mlx_headers.include_root()
     for MLX's); without one, an include is left for the front end to refuse. `mode`: plain,
     checked (bounds and races, $METALFORGE_EMULATOR_CHECKED) or traced (checked, and each call
-    leaves `last_trace`, a trace.Trace of what it did; `trace_capacity` accesses at most)."""
+    leaves `last_trace`, a trace.Trace of what it did)."""
 
-    def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None, mode=None,
-                 trace_capacity: int = 1 << 21):
+    def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None, mode=None):
         self.source = source
         self._headers = Path(headers) if headers is not None else None
         self.device = device
@@ -374,7 +338,6 @@ class Library:
         self.mode = mode or ("checked" if environment.checked() else "plain")
         if self.mode not in MODES:
             raise MetalforgeError(f"emulator: mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.trace_capacity = trace_capacity
 
     @functools.cached_property
     def msl(self) -> str:
@@ -537,7 +500,7 @@ class LibraryFunction:
                                    itemsize=max(1, elem)))
         records, entry = None, "mf_launch"
         if self.library.mode == "traced":
-            records, entry = trace.buffer(self.library.trace_capacity), "mf_launch_traced"
+            records, entry = trace.buffer(len(self._order())), "mf_launch_traced"
             args.append(runner.Arg(records, output=True))
         timeout = self.library.timeout if self.library.timeout is not None else environment.timeout_s()
         launched = lib.launch(entry, args, grid=grid, threadgroup=tg, workers=environment.threads(),

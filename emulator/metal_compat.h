@@ -31,41 +31,9 @@ typedef __SIZE_TYPE__ size_t;
 typedef __PTRDIFF_TYPE__ ptrdiff_t;
 
 #ifdef MF_TRACE
-// Trace mode (emulator/trace.py): every access of a device pointer or threadgroup array, and every
-// SIMD-group matrix load, store and multiply, is a record of eight numbers (kind, name, threadgroup,
-// SIMD-group, lane, the lane's sequence number in its threadgroup, address or threadgroup offset,
-// bytes) in a buffer the host gives; lanes' n-th records make one SIMD-group instruction. Device
-// addresses are offsets from the buffer's start (Metal's buffers are page-aligned; the host's are not).
-extern "C" {
-[[gnu::visibility("default")]] inline long long* mf_trace_records = nullptr;
-[[gnu::visibility("default")]] inline long long mf_trace_capacity = 0;
-[[gnu::visibility("default")]] inline long long mf_trace_used = 0;
-[[gnu::visibility("default")]] inline long long mf_trace_epoch = 0;   // the host bumps it per dispatch
-}
-namespace mf {
-enum TraceKind : long long { kTraceDevice = 0, kTraceThreadgroup = 1, kTraceMatrixLoad = 2, kTraceMatrixStore = 3,
-                             kTraceMatrixMultiply = 4 };
-inline thread_local unsigned long long trace_key[1024];   // per fiber: (epoch, threadgroup) its sequence counts in
-inline thread_local unsigned trace_seq[1024];
-inline thread_local int trace_quiet = 0;                   // > 0 inside a matrix load: its element reads are one record
-[[gnu::noinline]] inline void trace(long long kind, long long address, unsigned bytes, const char* name) {
-  if (trace_quiet) return;
-  Fiber& f = self();
-  const unsigned long long tg = (unsigned long long)f.tg_pos.x | ((unsigned long long)f.tg_pos.y << 21) |
-                                ((unsigned long long)f.tg_pos.z << 42);
-  const unsigned long long key = tg ^ ((unsigned long long)mf_trace_epoch << 63) ^ (unsigned long long)mf_trace_epoch;
-  const unsigned i = f.index & 1023u;
-  if (trace_key[i] != key + 1) { trace_key[i] = key + 1; trace_seq[i] = 0; }
-  const long long at = __atomic_fetch_add(&mf_trace_used, 1, __ATOMIC_RELAXED);
-  const unsigned seq = trace_seq[i]++;
-  if (at >= mf_trace_capacity) return;
-  long long* r = mf_trace_records + at * 8;
-  r[0] = kind; r[1] = (long long)name; r[2] = (long long)tg; r[3] = f.simdgroup; r[4] = f.lane; r[5] = seq;
-  r[6] = address;
-  r[7] = bytes;
-}
-}  // namespace mf
-#define MF_TRACE_AT(kind) mf::trace(mf::kind, 0, 0, "")
+// Trace mode (emulator/trace.py): each lane's device and threadgroup accesses (mf_checked.h) and its
+// part in each SIMD-group matrix operation go to the runtime, which counts them per SIMD-group instruction.
+#define MF_TRACE_AT(kind) mf::trace(mf::kind, nullptr, 0)
 #else
 #define MF_TRACE_AT(kind)
 #endif
@@ -964,7 +932,7 @@ template <class T, class P>
 inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P src, ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0, 0), bool transpose = false) {
   MF_TRACE_AT(kTraceMatrixLoad);
 #ifdef MF_TRACE
-  mf::trace_quiet++;
+  mf::self().trace_quiet++;
 #endif
   for (int r = 0; r < 8; r++)
     for (int c = 0; c < 8; c++) {
@@ -973,7 +941,7 @@ inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P src, ulong elements_p
       m.d[r * 8 + c] = T(src[row * elements_per_row + col]);
     }
 #ifdef MF_TRACE
-  mf::trace_quiet--;
+  mf::self().trace_quiet--;
 #endif
 }
 template <class T, class P>

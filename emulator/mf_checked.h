@@ -26,11 +26,22 @@ struct DevPtr {
   template <class U, class = metal::enable_if_t<!metal::is_convertible<U*, T*>::value>, class = void>
   explicit DevPtr(const DevPtr<U>& o)
       : p((T*)o.p), base((T*)o.base), count(o.count * (long long)sizeof(U) / (long long)sizeof(T)), name(o.name) {}
+  // (device T*)&src[i]: a plain pointer into a bound buffer (MLX's steel loaders read vectors so),
+  // checked against that buffer again
+  template <class U>
+  explicit DevPtr(U* raw) : p((T*)raw), base((T*)raw), name("(not a device buffer)") {
+    unsigned char* start;
+    long long bytes;
+    if (device_buffer(raw, start, bytes, name)) {
+      base = (T*)start;
+      count = bytes / (long long)sizeof(T);
+    }
+  }
   [[gnu::always_inline]] inline void check(long long i) const {
     const long long at = (p - base) + i;
     if (at < 0 || at >= count) device_out_of_bounds(name, at, count);
 #ifdef MF_TRACE
-    trace(kTraceDevice, at * (long long)sizeof(T), unsigned(sizeof(T)), name);
+    trace(kTraceDevice, p + i, unsigned(sizeof(T)));
 #endif
   }
   [[gnu::always_inline]] inline T& operator[](long long i) const { check(i); return p[i]; }
@@ -52,7 +63,7 @@ struct DevPtr {
 template <class T> [[gnu::noinline]] inline T& tg_logged(T* p, const char* name, long long index) {
   tg_log(static_cast<void*>(p), unsigned(sizeof(T)), name, index, __builtin_return_address(0));
 #ifdef MF_TRACE
-  trace(kTraceThreadgroup, (long long)(reinterpret_cast<unsigned char*>(p) - tg_memory()), unsigned(sizeof(T)), name);
+  trace(kTraceThreadgroup, p, unsigned(sizeof(T)));
 #endif
   return *p;
 }

@@ -25,12 +25,18 @@ struct Fiber {
   alignas(16) unsigned char simd_out[256];
   u3 pos_in_tg, tg_pos, tg_size;
   unsigned index = 0, lane = 0, simdgroup = 0;
+  unsigned trace_seq = 0;       // trace mode: this lane's accesses so far in its threadgroup
+  int trace_quiet = 0;          // trace mode: > 0 inside a matrix load, whose element reads are one record
 };
 
 struct Launch {
   u3 grid, nominal_tg, groups;
   int checked = 0;
   const char* kernel = "";
+  int buffers = 0;                      // the bound buffers: where they are, their bytes and names
+  void* const* data = nullptr;
+  const long long* bytes = nullptr;
+  const char* const* names = nullptr;
 };
 
 // ---- the runtime, as the kernel sees it (mf_runtime.cpp) -----------------------------------
@@ -42,6 +48,14 @@ void simd_sync(Fiber** lanes, int count);        // simdgroup_barrier: orders th
 [[noreturn]] void out_of_bounds(const char* what, const char* name, long long index, long long size,
                                 const void* pc);
 void tg_log(void* p, unsigned size, const char* name, long long index, const void* pc);
+// the bound buffer holding `p`: its start, bytes and name (false for none); checked mode makes a
+// raw device pointer (`(device T*)&src[i]`) a bounds-checked one again with it
+bool device_buffer(const void* p, unsigned char*& start, long long& bytes, const char*& name);
+// trace mode (emulator/trace.py): one lane's access of device or threadgroup memory at `address`,
+// or its part in a SIMD-group matrix operation; the runtime counts them as the dispatch runs
+enum TraceKind : int { kTraceDevice = 0, kTraceThreadgroup = 1, kTraceMatrixLoad = 2, kTraceMatrixStore = 3,
+                       kTraceMatrixMultiply = 4 };
+void trace(int kind, const void* address, unsigned bytes);
 
 // ---- blocking points -----------------------------------------------------------------------
 inline void barrier_at(int line) {

@@ -44,6 +44,8 @@ inline Errors& errors() { static Errors e; return e; }
 // ---- per OS thread scheduler state --------------------------------------------------------
 // checked mode: a threadgroup-memory access since the fiber's last scheduling point
 struct Access { unsigned char* p; unsigned size; unsigned char snap[16]; const void* pc; const char* name; long long index; };
+// trace mode: one lane's access (buffer -1 for threadgroup memory and matrix operations)
+struct TraceRec { int kind, buffer; unsigned simdgroup, seq; long long offset; unsigned bytes; };
 
 struct Worker {
   std::vector<Fiber> fibers;
@@ -67,6 +69,10 @@ struct Worker {
   struct Shadow { int writer, reader; unsigned wepoch, repoch, wsg, rsg; const void* wpc; const void* rpc; };
   std::vector<Shadow> shadow;
   int races = 0;
+  // trace mode: this threadgroup's accesses not yet counted, and this worker's counts (trace_layout)
+  std::vector<TraceRec> trace_recs;
+  std::vector<long long> trace_counts;
+  int trace_buffer = 0;      // the buffer the last device access hit (the next one likely hits it again)
   // faults: where a fatal signal in a fiber jumps to, and the fiber stacks' guard pages
   sigjmp_buf escape;
   char* stacks = nullptr;
@@ -128,6 +134,7 @@ mf_fiber_trampoline:
 extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(Fiber* f);
 
 inline void flush_accesses(Worker& w, Fiber& f);
+inline void trace_early(Worker& w);
 
 void to_scheduler() {
   Worker& w = worker();
@@ -328,6 +335,7 @@ inline void run_threadgroup(Worker& w) {
       }
     }
     resolve_simd(w, progressed);
+    if (!w.trace_recs.empty()) trace_early(w);
     if (progressed) continue;
     int done = 0, at_barrier = 0, at_simd = 0;
     for (int i = 0; i < n; i++) {
@@ -415,6 +423,155 @@ void tg_log(void* p, unsigned size, const char* name, long long index, const voi
   a.name = name;
   a.index = index;
   worker().logs[self().index].push_back(a);
+}
+
+bool device_buffer(const void* p, unsigned char*& start, long long& bytes, const char*& name) {
+  const Launch& L = *worker().launch;
+  for (int i = 0; i < L.buffers; i++) {
+    unsigned char* s = static_cast<unsigned char*>(L.data[i]);
+    if (s && p >= s && p < s + L.bytes[i]) {
+      start = s;
+      bytes = L.bytes[i];
+      name = L.names[i];
+      return true;
+    }
+  }
+  return false;
+}
+
+// ---- trace mode: counts per SIMD-group instruction ---------------------------------------------
+// A SIMD-group instruction is the n-th access of each lane of a SIMD-group in its threadgroup
+// (exact where control flow is uniform across the SIMD-group). A threadgroup's accesses are
+// counted when it ends, or earlier, up to the instructions every live lane has passed, when many
+// are waiting; so the dispatch's size costs time, not memory. Counts, as mf_launch_traced writes them:
+// per buffer accesses, instructions, 32-, 64- and 128-byte sectors (summed over instructions) and
+// the footprint (distinct bytes); then threadgroup accesses, instructions and bank conflicts, and
+// SIMD-group matrix loads, stores and multiplies.
+constexpr int kPerBuffer = 6, kTail = 6;
+constexpr size_t kCountAt = size_t(1) << 21;   // waiting accesses that make a threadgroup count early
+struct Tracer {
+  bool on = false;
+  int buffers = 0;
+  std::vector<std::vector<std::atomic<unsigned long long>>> seen;   // per buffer, a bit per byte touched
+  std::mutex mu;
+  std::vector<long long> counts;
+};
+inline Tracer& tracer() { static Tracer t; return t; }
+
+void trace(int kind, const void* address, unsigned bytes) {
+  Fiber& f = self();
+  if (f.trace_quiet || !tracer().on) return;
+  Worker& w = worker();
+  TraceRec r{kind, -1, f.simdgroup, f.trace_seq++, 0, bytes};
+  const unsigned char* a = static_cast<const unsigned char*>(address);
+  if (kind == kTraceDevice) {
+    const Launch& L = *w.launch;
+    for (int k = 0; k < L.buffers && r.buffer < 0; k++) {
+      const int i = (w.trace_buffer + k) % L.buffers;
+      const unsigned char* s = static_cast<const unsigned char*>(L.data[i]);
+      if (s && a >= s && a < s + L.bytes[i]) r.buffer = w.trace_buffer = i, r.offset = a - s;
+    }
+    if (r.buffer < 0) return;   // bounds checks stop any access outside the buffers first
+  } else if (kind == kTraceThreadgroup) {
+    r.offset = a - w.tg_memory;
+  }
+  w.trace_recs.push_back(r);
+}
+
+inline long long distinct(long long* v, int n) {
+  std::sort(v, v + n);
+  return n ? std::unique(v, v + n) - v : 0;
+}
+
+// One SIMD-group instruction: the lanes' records `g` of one kind (and buffer).
+inline void count_instruction(Worker& w, TraceRec* const* g, int m) {
+  const TraceRec& r0 = *g[0];
+  long long v[64];
+  if (r0.kind == kTraceDevice) {
+    long long* c = &w.trace_counts[size_t(r0.buffer) * kPerBuffer];
+    c[0] += m;
+    c[1] += 1;
+    const unsigned sizes[3] = {32, 64, 128};
+    for (int k = 0; k < 3; k++) {
+      for (int i = 0; i < m; i++) {
+        v[2 * i] = g[i]->offset / sizes[k];
+        v[2 * i + 1] = (g[i]->offset + g[i]->bytes - 1) / sizes[k];
+      }
+      c[2 + k] += distinct(v, 2 * m);
+    }
+    std::vector<std::atomic<unsigned long long>>& seen = tracer().seen[size_t(r0.buffer)];
+    for (int i = 0; i < m; i++)
+      for (long long b = g[i]->offset; b < g[i]->offset + g[i]->bytes; b++) {
+        const unsigned long long bit = 1ull << (b & 63);
+        std::atomic<unsigned long long>& word = seen[size_t(b >> 6)];
+        if (!(word.load(std::memory_order_relaxed) & bit)) word.fetch_or(bit, std::memory_order_relaxed);
+      }
+    return;
+  }
+  long long* t = &w.trace_counts[size_t(tracer().buffers) * kPerBuffer];
+  if (r0.kind != kTraceThreadgroup) {
+    t[3 + r0.kind - kTraceMatrixLoad] += 1;
+    return;
+  }
+  // bank conflicts: the most distinct 4-byte words one of the 32 banks serves, less one (a word
+  // several lanes read is one broadcast)
+  t[0] += m;
+  t[1] += 1;
+  for (int i = 0; i < m; i++) v[i] = g[i]->offset / 4;
+  const int words = int(distinct(v, m));
+  int per_bank[32] = {}, worst = 0;
+  for (int i = 0; i < words; i++) worst = std::max(worst, ++per_bank[v[i] % 32]);
+  t[2] += worst - 1;
+}
+
+// Count the waiting records of instructions every live lane of their SIMD-group has passed (all of
+// them once the threadgroup is done).
+inline void trace_count(Worker& w, bool all) {
+  std::vector<TraceRec>& recs = w.trace_recs;
+  if (recs.empty()) return;
+  const int groups = (w.count + 31) / 32;
+  std::vector<unsigned> done(size_t(groups), ~0u), lo(size_t(groups), ~0u), hi(size_t(groups), 0u);
+  if (!all)
+    for (int i = 0; i < w.count; i++)
+      if (w.fibers[i].state != State::Done)
+        done[w.fibers[i].simdgroup] = std::min(done[w.fibers[i].simdgroup], w.fibers[i].trace_seq);
+  for (const TraceRec& r : recs)
+    if (r.seq < done[r.simdgroup]) {
+      lo[r.simdgroup] = std::min(lo[r.simdgroup], r.seq);
+      hi[r.simdgroup] = std::max(hi[r.simdgroup], r.seq + 1);
+    }
+  std::vector<size_t> base(size_t(groups) + 1, 0);
+  for (int s = 0; s < groups; s++) base[s + 1] = base[s] + (lo[s] < hi[s] ? hi[s] - lo[s] : 0);
+  // counting sort of the countable records by instruction (SIMD-group, sequence number)
+  std::vector<unsigned> first(base[groups] + 1, 0);
+  for (const TraceRec& r : recs)
+    if (r.seq < done[r.simdgroup]) first[base[r.simdgroup] + (r.seq - lo[r.simdgroup]) + 1]++;
+  for (size_t i = 1; i < first.size(); i++) first[i] += first[i - 1];
+  std::vector<TraceRec*> order(first.back());
+  std::vector<unsigned> fill(first.begin(), first.end() - 1);
+  for (TraceRec& r : recs)
+    if (r.seq < done[r.simdgroup]) order[fill[base[r.simdgroup] + (r.seq - lo[r.simdgroup])]++] = &r;
+  TraceRec* g[64];
+  for (size_t i = 0; i + 1 < first.size(); i++) {
+    const unsigned a = first[i], b = first[i + 1];
+    bool taken[64] = {};
+    for (unsigned j = a; j < b; j++) {   // divergent lanes may reach different kinds at one number
+      if (taken[j - a]) continue;
+      int m = 0;
+      for (unsigned k = j; k < b && m < 64; k++)
+        if (!taken[k - a] && order[k]->kind == order[j]->kind && order[k]->buffer == order[j]->buffer) {
+          taken[k - a] = true;
+          g[m++] = order[k];
+        }
+      count_instruction(w, g, m);
+    }
+  }
+  recs.erase(std::remove_if(recs.begin(), recs.end(), [&](const TraceRec& r) { return r.seq < done[r.simdgroup]; }),
+             recs.end());
+}
+
+inline void trace_early(Worker& w) {
+  if (w.trace_recs.size() > kCountAt) trace_count(w, false);
 }
 
 // ---- faults: errors, never a dead process ----------------------------------------------------
@@ -630,6 +787,7 @@ inline int dispatch(const Launch& L, int workers, void* const* buffers, const lo
     w.tg_memory = arena.data();
     w.sg_epoch.assign((nominal + 31) / 32, 0u);
     if (L.checked) w.shadow.resize(w.tg_capacity);
+    if (tracer().on) w.trace_counts.assign(tracer().counts.size(), 0);
     if (sigsetjmp(w.escape, 1) == 0) for (;;) {
       unsigned long g = next.fetch_add(1);
       if (g >= total_groups || errors().abort.load()) break;
@@ -647,12 +805,19 @@ inline int dispatch(const Launch& L, int workers, void* const* buffers, const lo
             f.index = unsigned(n);
             f.lane = unsigned(n) % 32u;
             f.simdgroup = unsigned(n) / 32u;
+            f.trace_seq = 0;
+            f.trace_quiet = 0;
           }
       w.count = n;
       stats().threads.fetch_add(n, std::memory_order_relaxed);
       if (L.checked) std::memset(w.tg_memory, 0xA5, w.tg_capacity);  // poison: uninitialised reads look wrong
       run_threadgroup(w);
       if (w.failed) break;
+      if (tracer().on) trace_count(w, true);
+    }
+    if (tracer().on) {
+      std::lock_guard<std::mutex> g(tracer().mu);
+      for (size_t i = 0; i < w.trace_counts.size(); i++) tracer().counts[i] += w.trace_counts[i];
     }
     w.current = nullptr;
     munmap(w.stacks, w.stacks_bytes);
@@ -691,7 +856,32 @@ MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* byt
   L.groups = {unsigned(meta[6]), unsigned(meta[7]), unsigned(meta[8])};
   L.checked = checked;
   L.kernel = k.name;
+  L.buffers = k.buffers;
+  L.data = guarded.ptrs.data();
+  L.bytes = bytes;
+  L.names = k.buffer_names;
   return mf::dispatch(L, workers, guarded.ptrs.data(), meta);
+}
+// A traced launch (emulator/trace.py): buffer N, after the kernel's N, receives the counts.
+MF_EXPORT int mf_launch_traced(void** host, const long long* meta, const long long* bytes, int workers, int checked) {
+  mf::Tracer& t = mf::tracer();
+  const int n = mf_kernel_info.buffers;
+  t.buffers = n;
+  t.counts.assign(size_t(n) * mf::kPerBuffer + mf::kTail, 0);
+  t.seen.clear();
+  for (int i = 0; i < n; i++) t.seen.emplace_back(size_t(bytes[i] + 63) / 64);
+  t.on = true;
+  const int rc = mf_launch(host, meta, bytes, workers, checked);
+  t.on = false;
+  long long* out = static_cast<long long*>(host[n]);
+  std::copy(t.counts.begin(), t.counts.end(), out);
+  for (int i = 0; i < n; i++) {
+    long long bits = 0;
+    for (const auto& word : t.seen[size_t(i)]) bits += __builtin_popcountll(word.load());
+    out[size_t(i) * mf::kPerBuffer + 5] = bits;
+  }
+  t.seen.clear();
+  return rc;
 }
 MF_EXPORT mf::size_t mf_threadgroup_bytes() { return mf::tg_registry().total; }
 MF_EXPORT int mf_error_count() { return int(mf::errors().messages.size()); }

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 
 from metalforge.emulator.library import Library
-from metalforge.errors import MetalforgeError
 
 COPY = """
 [[kernel]] void copy(const device float* in [[buffer(0)]], device float* out [[buffer(1)]],
@@ -104,8 +103,30 @@ def test_barriers_matrix_operations_and_simd_functions_are_counted_per_simdgroup
     assert (t.device["c"].accesses, t.device["c"].footprint_bytes) == (128, 512)
 
 
-def test_a_trace_too_small_for_the_dispatch_says_so():
-    fn = Library(COPY, mode="traced", trace_capacity=100).function("copy")
-    with pytest.raises(MetalforgeError, match="the trace holds 100 accesses and the dispatch made 512"):
-        fn(buffers={0: np.zeros(256, np.float32), 1: np.zeros(256, np.float32), 2: 1}, threadgroups=(2, 1, 1),
-           threadgroup=(128, 1, 1))
+LONG = """
+[[kernel]] void long_sum(const device float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                         uint t [[thread_index_in_threadgroup]]) {
+  float s = 0.0f;
+  for (uint i = 0; i < 4; i++) {
+    for (uint j = 0; j < 1024; j++) s += in[(i * 1024 + j) * 1024 + t];
+    threadgroup_barrier(mem_flags::mem_none);
+  }
+  out[t] = s;
+}
+"""
+
+
+def test_a_dispatch_of_millions_of_accesses_is_counted_exactly():
+    """4M reads in one threadgroup: counted as they go (the runtime keeps counts, not events), also
+    part-way through the threadgroup, where its lanes wait at a barrier."""
+    fn = Library(LONG, mode="traced").function("long_sum")
+    x = np.ones((4096, 1024), np.float32)
+    out = np.zeros(1024, np.float32)
+    fn(buffers={0: x, 1: out}, threadgroups=(1, 1, 1), threadgroup=(1024, 1, 1))
+    assert np.all(out == 4096)
+    t = fn.last_trace
+    assert (t.threads, t.barriers) == (1024, 4)
+    b = t.device["in"]
+    # 4,096 reads a lane, 32 lanes' floats side by side: one 128-byte line (4 sectors of 32 B) per instruction
+    assert (b.accesses, b.instructions, b.footprint_bytes) == (4096 * 1024, 4096 * 32, 4096 * 1024 * 4)
+    assert b.sectors == {32: 4096 * 32 * 4, 64: 4096 * 32 * 2, 128: 4096 * 32}
