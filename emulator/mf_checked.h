@@ -61,7 +61,7 @@ struct DevPtr {
 };
 
 template <class T> [[gnu::noinline]] inline T& tg_logged(T* p, const char* name, long long index) {
-  tg_log(static_cast<void*>(p), unsigned(sizeof(T)), name, index, __builtin_return_address(0));
+  tg_log(const_cast<void*>(static_cast<const void*>(p)), unsigned(sizeof(T)), name, index, __builtin_return_address(0));
 #ifdef MF_TRACE
   trace(kTraceThreadgroup, p, unsigned(sizeof(T)));
 #endif
@@ -97,6 +97,45 @@ inline decltype(auto) tg_view(const char* name) {
   else
     return a;
 }
+
+// A `threadgroup T*` (a helper's argument, steel's loaders' destinations): accesses through it are
+// logged for the race detector and counted by trace mode, as accesses of the arrays themselves are.
+template <class T>
+struct TgPtr {
+  T* p = nullptr;
+  TgPtr() = default;
+  TgPtr(decltype(nullptr)) {}
+  TgPtr(T* ptr) : p(ptr) {}
+  template <class A, class = metal::enable_if_t<metal::is_convertible<typename TgChecked<A>::E*, T*>::value>>
+  TgPtr(const TgChecked<A>& a) : p(a.p) {}
+  template <class U, class = metal::enable_if_t<metal::is_convertible<U*, T*>::value>>
+  TgPtr(const TgPtr<U>& o) : p(o.p) {}
+  // reinterpret_cast<threadgroup float*>(...) and (threadgroup V*)&tile[i]: the same bytes as another type
+  template <class U, class = metal::enable_if_t<!metal::is_convertible<U*, T*>::value>, class = void>
+  explicit TgPtr(const TgPtr<U>& o) : p((T*)o.p) {}
+  template <class U, class = metal::enable_if_t<!metal::is_convertible<U*, T*>::value>, class = void>
+  explicit TgPtr(U* raw) : p((T*)raw) {}
+  template <class A, class = metal::enable_if_t<!metal::is_convertible<typename TgChecked<A>::E*, T*>::value>,
+            class = void>
+  explicit TgPtr(const TgChecked<A>& a) : p((T*)a.p) {}
+  [[gnu::always_inline]] inline T& at(long long i) const {
+    return tg_logged(p + i, "threadgroup memory", (long long)((unsigned char*)(p + i) - tg_memory()) / (long long)sizeof(T));
+  }
+  T& operator[](long long i) const { return at(i); }
+  T& operator*() const { return at(0); }
+  T* operator->() const { return &at(0); }
+  operator T*() const { return p; }
+  TgPtr operator+(long long n) const { return TgPtr(p + n); }
+  TgPtr operator-(long long n) const { return TgPtr(p - n); }
+  friend TgPtr operator+(long long n, const TgPtr& d) { return d + n; }
+  long long operator-(const TgPtr& o) const { return p - o.p; }
+  TgPtr& operator+=(long long n) { p += n; return *this; }
+  TgPtr& operator-=(long long n) { p -= n; return *this; }
+  TgPtr& operator++() { ++p; return *this; }
+  TgPtr& operator--() { --p; return *this; }
+  TgPtr operator++(int) { TgPtr r = *this; ++p; return r; }
+  TgPtr operator--(int) { TgPtr r = *this; --p; return r; }
+};
 
 }  // namespace mf
 

@@ -182,18 +182,19 @@ _TG_DECL = re.compile(
     r"\bthreadgroup\s+((?:const\s+)?[A-Za-z_][\w:]*(?:\s*<[^;<>]*>)?)\s+(" + _DECLARATOR + r"(?:,\s*" + _DECLARATOR + r")*);"
 )
 _PTR_DECL = re.compile(
-    r"\b(const\s+)?(device|constant)\s+(const\s+)?([A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?)\s*\*"
+    r"\b(const\s+)?(device|constant|threadgroup)\s+(const\s+)?([A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?)\s*\*"
 )
 _CONSTANT_REFERENCE = re.compile(r"(?<![\w])(?<!const )constant\s+[A-Za-z_][\w:]*(?:\s*<[^;<>()]*>)?\s*&")
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
-_CHECKED_REINTERPRET = re.compile(r"\breinterpret_cast\s*<\s*(mf::DevPtr<.+?> )>\s*\(")
+_CHECKED_REINTERPRET = re.compile(r"\breinterpret_cast\s*<\s*(mf::(?:DevPtr|TgPtr)<.+?> )>\s*\(")
 
 
 def rewrite(msl: str, checked: bool, facts=None) -> str:
     """Threadgroup declarations become slots of the threadgroup's shared arena (one per declarator:
     `threadgroup float a[N], b[N];` is two arrays); program-scope `constant` variables become const
     (the C++ compiler then takes them as array bounds); in checked mode device/constant pointers
-    become bounds-checked pointers and threadgroup arrays race-checked views. `facts` come from the
+    become bounds-checked pointers, threadgroup arrays race-checked views and threadgroup pointers
+    (helpers' arguments) race-checked pointers. `facts` come from the
     conformance front end, which parsed the same text: the rewrite must find every threadgroup
     variable clang found, or it refuses to run the kernel rather than run it wrong."""
     if facts is not None and facts.constant_declarations:
@@ -226,12 +227,46 @@ def rewrite(msl: str, checked: bool, facts=None) -> str:
     if checked:
         def ptr(m):
             const = "const " if (m.group(1) or m.group(3)) else ""
-            return f"mf::DevPtr<{const}{m.group(4)}> "
+            return f"mf::{'TgPtr' if m.group(2) == 'threadgroup' else 'DevPtr'}<{const}{m.group(4)}> "
         out = _sub_in_code(_PTR_DECL, ptr, out)
         # reinterpret_cast<const device T*>(p) reads p's bytes as another type: with p checked, the
         # same conversion is DevPtr's explicit constructor (its bounds in the new element size)
         out = _CHECKED_REINTERPRET.sub(r"\1(", out)
+        out = _element_addresses(out)
     return out
+
+
+_ADDRESS_OF = re.compile(r"&\s*(\(\s*)?([A-Za-z_]\w*(?:(?:\.|->)[A-Za-z_]\w*)*)\s*\[")
+
+
+def _element_addresses(text: str) -> str:
+    """`&p[i]` and `&(p[i])` become `(p + (i))`: the same pointer for a pointer or an array (MSL takes no
+    address of a vector's element), and for a checked pointer a checked one, so a helper that gets
+    `&dst[i]` (steel's fragment stores) still has its accesses checked and traced. Only a unary `&`
+    on a single subscript: `&a[i][j]`, `&a[i].x` and `x & a[i]` stay as they are."""
+    masked = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+    pieces, last = [], 0
+    for m in _ADDRESS_OF.finditer(masked):
+        before = masked[:m.start()].rstrip()
+        if m.start() < last or not (before == "" or before[-1] in "(,=;{}?:[" or re.search(r"\breturn$", before)):
+            continue
+        depth, i = 1, m.end()
+        while i < len(masked) and depth:
+            depth += {"[": 1, "]": -1}.get(masked[i], 0)
+            i += 1
+        if depth:
+            continue
+        end = i
+        if m.group(1):
+            close = re.match(r"\s*\)", masked[end:])
+            if not close:
+                continue
+            end += close.end()
+        if re.match(r"\s*(\[|\.|->|\()", masked[end:]):
+            continue
+        pieces += [text[last:m.start()], f"({m.group(2)} + ({text[m.end():i - 1]}))"]
+        last = end
+    return "".join(pieces) + text[last:]
 
 
 def _sub_in_code(pattern: re.Pattern, repl, text: str) -> str:
