@@ -960,6 +960,9 @@ template <class TD, class TA, class TB, class TC> struct mf_mma_args {
 };
 template <class TD, class TA, class TB, class TC> void mf_mma(mf::Fiber** l, int n) {
   using Args = mf_mma_args<TD, TA, TB, TC>;
+#ifdef MF_TRACE
+  mf::trace_simdgroup_operation(mf::kTraceMatrixMultiply);
+#endif
   const Args* by_lane[32] = {};
   Args first = mf_load<Args>(l[0]);
   Args all[32];
@@ -986,7 +989,6 @@ template <class TD, class TA, class TB, class TC>
 inline void mf_simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                              const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c, int line) {
   // operands may alias d (d = a*b + d), so every lane's inputs are gathered before any is written
-  MF_TRACE_AT(kTraceMatrixMultiply);
   simdgroup_matrix<TA, 8, 8> ca = a;
   simdgroup_matrix<TB, 8, 8> cb = b;
   simdgroup_matrix<TC, 8, 8> cc = c;
@@ -994,7 +996,6 @@ inline void mf_simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, cons
 }
 template <class TD, class TA, class TB>
 inline void mf_simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a, const simdgroup_matrix<TB, 8, 8>& b, int line) {
-  MF_TRACE_AT(kTraceMatrixMultiply);
   simdgroup_matrix<TA, 8, 8> ca = a;
   simdgroup_matrix<TB, 8, 8> cb = b;
   mf::simd_exchange(mf_mma_args<TD, TA, TB, TD>{&d, &ca, &cb, nullptr}, &mf_mma<TD, TA, TB, TD>, line);

@@ -56,6 +56,7 @@ bool device_buffer(const void* p, unsigned char*& start, long long& bytes, const
 enum TraceKind : int { kTraceDevice = 0, kTraceThreadgroup = 1, kTraceMatrixLoad = 2, kTraceMatrixStore = 3,
                        kTraceMatrixMultiply = 4 };
 void trace(int kind, const void* address, unsigned bytes);
+void trace_simdgroup_operation(int kind);   // one by the whole SIMD-group (the scheduler runs it once)
 
 // ---- blocking points -----------------------------------------------------------------------
 inline void barrier_at(int line) {

@@ -135,6 +135,7 @@ extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(Fiber* f);
 
 inline void flush_accesses(Worker& w, Fiber& f);
 inline void trace_early(Worker& w);
+inline void trace_meet(Worker& w, Fiber** lanes, int count, bool simd_function);
 
 void to_scheduler() {
   Worker& w = worker();
@@ -290,6 +291,7 @@ inline void resolve_simd(Worker& w, bool& progressed) {
       }
       lead.simd_fn(lanes, count);
       for (int k = 0; k < count; k++) lanes[k]->state = State::Runnable;
+      if (!w.trace_counts.empty()) trace_meet(w, lanes, count, true);
       stats().simd_lanes.fetch_add(count, std::memory_order_relaxed);
       progressed = true;
     }
@@ -358,6 +360,11 @@ inline void run_threadgroup(Worker& w) {
       if (same) {
         for (int i = 0; i < n; i++) w.fibers[i].state = State::Runnable;
         stats().barrier_crossings.fetch_add(n, std::memory_order_relaxed);
+        if (!w.trace_counts.empty()) {
+          Fiber* all[1024];
+          for (int i = 0; i < n; i++) all[i] = &w.fibers[i];
+          trace_meet(w, all, n, false);
+        }
         w.tg_epoch++;
         continue;
       }
@@ -445,9 +452,9 @@ bool device_buffer(const void* p, unsigned char*& start, long long& bytes, const
 // counted when it ends, or earlier, up to the instructions every live lane has passed, when many
 // are waiting; so the dispatch's size costs time, not memory. Counts, as mf_launch_traced writes them:
 // per buffer accesses, instructions, 32-, 64- and 128-byte sectors (summed over instructions) and
-// the footprint (distinct bytes); then threadgroup accesses, instructions and bank conflicts, and
-// SIMD-group matrix loads, stores and multiplies.
-constexpr int kPerBuffer = 6, kTail = 6;
+// the footprint (distinct bytes); then threadgroup accesses, instructions and bank conflicts,
+// SIMD-group matrix loads, stores and multiplies, and SIMD-group functions run (multiplies among them).
+constexpr int kPerBuffer = 6, kTail = 7;
 constexpr size_t kCountAt = size_t(1) << 21;   // waiting accesses that make a threadgroup count early
 struct Tracer {
   bool on = false;
@@ -568,6 +575,20 @@ inline void trace_count(Worker& w, bool all) {
   }
   recs.erase(std::remove_if(recs.begin(), recs.end(), [&](const TraceRec& r) { return r.seq < done[r.simdgroup]; }),
              recs.end());
+}
+
+// Lanes meeting at a barrier or a SIMD-group function continue in step: their next accesses are
+// one instruction again, however many each made before (divergent code, bounds-checked tails).
+inline void trace_meet(Worker&, Fiber** lanes, int count, bool simd_function) {
+  unsigned seq = 0;
+  for (int i = 0; i < count; i++) seq = std::max(seq, lanes[i]->trace_seq);
+  for (int i = 0; i < count; i++) lanes[i]->trace_seq = seq;
+  if (simd_function) worker().trace_counts[size_t(tracer().buffers) * kPerBuffer + 6] += 1;
+}
+
+void trace_simdgroup_operation(int kind) {
+  if (worker().trace_counts.empty()) return;
+  worker().trace_counts[size_t(tracer().buffers) * kPerBuffer + 3 + kind - kTraceMatrixLoad] += 1;
 }
 
 inline void trace_early(Worker& w) {

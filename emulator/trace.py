@@ -20,7 +20,7 @@ import numpy as np
 from metalforge.errors import MetalforgeError
 
 SECTORS = (32, 64, 128)
-PER_BUFFER, TAIL = 6, 6   # the runtime's counts: six per buffer, then six for the dispatch (mf_launch_traced)
+PER_BUFFER, TAIL = 6, 7   # the runtime's counts: six per buffer, then seven for the dispatch (mf_launch_traced)
 
 
 @dataclass
@@ -75,10 +75,10 @@ def summarize(counts: np.ndarray, names: dict[int, str], stats: dict, threadgrou
     """The counters of one dispatch from the runtime's counts; `names`: buffer position -> the kernel's name for it."""
     threads = stats["threads"]
     per = counts[:len(names) * PER_BUFFER].reshape(len(names), PER_BUFFER)
-    tg_accesses, tg_instructions, conflicts, loads, stores, multiplies = (int(c) for c in counts[-TAIL:])
+    tg_accesses, tg_instructions, conflicts, loads, stores, multiplies, exchanges = (int(c) for c in counts[-TAIL:])
     out = Trace(threads=threads, threadgroups=threadgroups, threadgroup_memory_bytes=tg_bytes,
                 barriers=stats["barrier_crossings"] // max(1, threads),
-                simd_functions=(stats["simd_lanes"] // 32) - multiplies,
+                simd_functions=exchanges - multiplies,
                 threadgroup_accesses=tg_accesses, threadgroup_instructions=tg_instructions, bank_conflicts=conflicts,
                 matrix_loads=loads, matrix_stores=stores, matrix_multiplies=multiplies)
     for i, name in sorted(names.items(), key=lambda x: x[1]):

@@ -1,8 +1,12 @@
 """Trace mode's counters, each pinned by a kernel whose counts are worked out by hand."""
+import math
+
+import mlx.core as mx
 import numpy as np
 import pytest
 
 from metalforge.emulator.library import Library
+from metalforge.kernels import mlx_library
 
 COPY = """
 [[kernel]] void copy(const device float* in [[buffer(0)]], device float* out [[buffer(1)]],
@@ -130,3 +134,59 @@ def test_a_dispatch_of_millions_of_accesses_is_counted_exactly():
     # 4,096 reads a lane, 32 lanes' floats side by side: one 128-byte line (4 sectors of 32 B) per instruction
     assert (b.accesses, b.instructions, b.footprint_bytes) == (4096 * 1024, 4096 * 32, 4096 * 1024 * 4)
     assert b.sectors == {32: 4096 * 32 * 4, 64: 4096 * 32 * 2, 128: 4096 * 32}
+
+
+HELPER = """
+float read_at(threadgroup float* tile, uint i) { return tile[i]; }
+
+[[kernel]] void strided(const device float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                        uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float tile[32 * 33];
+  for (uint k = 0; k < 33; k++) tile[k * 32 + lane] = in[k * 32 + lane];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[lane] = read_at(tile, lane * STRIDE);
+}
+"""
+
+
+@pytest.mark.parametrize("stride,conflicts", [(1, 0), (2, 1), (32, 31), (33, 0)])
+def test_threadgroup_reads_through_a_helpers_pointer_are_counted_with_their_conflicts(stride, conflicts):
+    fn = Library(HELPER.replace("STRIDE", str(stride)), mode="traced").function("strided")
+    x = np.arange(32 * 33, dtype=np.float32)
+    out = np.zeros(32, np.float32)
+    fn(buffers={0: x, 1: out}, threadgroups=(1, 1, 1), threadgroup=(32, 1, 1))
+    assert np.array_equal(out, x[np.arange(32) * stride])
+    t = fn.last_trace
+    # 33 conflict-free row writes into the array, then one read through the helper's pointer: lane l
+    # reads word l * stride, in bank (l * stride) % 32; stride 2 puts two words in each of 16 banks
+    assert (t.threadgroup_accesses, t.threadgroup_instructions) == (33 * 32 + 32, 34)
+    assert t.bank_conflicts == conflicts
+
+
+@pytest.mark.usefixtures("mlx_kernel_headers")
+def test_mlx_qmm_and_its_split_k_trace_the_same_tiles():
+    """MLX's affine_qmm_t and affine_qmm_t_splitk (steel's loaders and MMA tiles, threadgroup memory
+    through helpers' pointers) traced at M=33 N=72 K=1024, the split-K case of test_mlx_kernels.py."""
+    M, N, K, gs, bits, split = 33, 72, 1024, 64, 4, 16
+    mx.random.seed(3)
+    x = mx.random.normal((M, K)).astype(mx.float16)
+    w, s, b = mx.quantize(mx.random.normal((N, K)).astype(mx.float16), group_size=gs, bits=bits)
+    ref = np.array(mx.quantized_matmul(x, w, s, b, transpose=True, group_size=gs, bits=bits), np.float32)
+    whole, parts = [], []
+    for y in (mlx_library.qmm_t(x, w, s, b, group_size=gs, bits=bits, traces=whole),
+              mlx_library.qmm_t_splitk(x, w, s, b, group_size=gs, bits=bits, split_k=split, traces=parts)):
+        assert np.allclose(np.array(y, np.float32), ref, atol=1.0, rtol=1e-2)
+    (one,), (split_t,) = [d.trace for d in whole], [d.trace for d in parts]
+    tiles = math.ceil(N / 32) * math.ceil(M / 32)          # 32 x 32 output tiles, 4 SIMD-groups of 16 x 16 each
+    assert (one.threadgroups, split_t.threadgroups) == (tiles, tiles * split)
+    # a SIMD-group's 16 x 16 of a 32-deep K block: 2 x 2 fragments x 4 steps of 8 = 16 multiply-accumulates
+    assert one.matrix_multiplies == split_t.matrix_multiplies == tiles * 4 * (K // 32) * 16
+    # two barriers a K block, and one more
+    assert (one.barriers, split_t.barriers) == (2 * K // 32 + 1, 2 * K // split // 32 + 1)
+    # the same tiles staged through threadgroup memory, however K is cut
+    assert one.threadgroup_accesses == split_t.threadgroup_accesses > 0
+    assert one.threadgroup_instructions == split_t.threadgroup_instructions > 0
+    for t in (one, split_t):
+        assert t.device["w"].footprint_bytes == N * K * bits // 8 and t.device["x"].footprint_bytes == M * K * 2
+    assert one.device["y"].footprint_bytes == M * N * 2
+    assert split_t.device["y"].footprint_bytes == split * M * N * 4   # float partials, one slab a partition
