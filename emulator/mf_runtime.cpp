@@ -485,34 +485,52 @@ void trace(int kind, const void* address, unsigned bytes) {
   w.trace_recs.push_back(r);
 }
 
-inline long long distinct(long long* v, int n) {
-  std::sort(v, v + n);
-  return n ? std::unique(v, v + n) - v : 0;
+// Distinct `size`-byte sectors the lanes' byte ranges cover, `g` sorted by offset: the union of
+// each lane's run of sectors.
+inline long long sectors(TraceRec* const* g, int m, long long size) {
+  long long total = 0, end = -1;
+  for (int i = 0; i < m; i++) {
+    const long long first = g[i]->offset / size, last = (g[i]->offset + g[i]->bytes - 1) / size;
+    if (last <= end) continue;
+    total += last - std::max(first - 1, end);
+    end = last;
+  }
+  return total;
+}
+
+// The bytes [offset, offset + bytes) marked seen, a 64-bit word at a time.
+inline void mark(std::vector<std::atomic<unsigned long long>>& seen, long long offset, long long bytes) {
+  for (long long b = offset; b < offset + bytes;) {
+    const long long in_word = std::min<long long>(64 - (b & 63), offset + bytes - b);
+    const unsigned long long bits = (in_word == 64 ? ~0ull : ((1ull << in_word) - 1)) << (b & 63);
+    std::atomic<unsigned long long>& word = seen[size_t(b >> 6)];
+    if ((word.load(std::memory_order_relaxed) & bits) != bits) word.fetch_or(bits, std::memory_order_relaxed);
+    b += in_word;
+  }
 }
 
 // One SIMD-group instruction: the lanes' records `g` of one kind (and buffer).
-inline void count_instruction(Worker& w, TraceRec* const* g, int m) {
+inline void count_instruction(Worker& w, TraceRec** g, int m) {
   const TraceRec& r0 = *g[0];
-  long long v[64];
+  for (int i = 1; i < m; i++)   // by offset (lanes mostly come in order: insertion sort)
+    for (int j = i; j > 0 && g[j - 1]->offset > g[j]->offset; j--) std::swap(g[j - 1], g[j]);
   if (r0.kind == kTraceDevice) {
     long long* c = &w.trace_counts[size_t(r0.buffer) * kPerBuffer];
     c[0] += m;
     c[1] += 1;
-    const unsigned sizes[3] = {32, 64, 128};
-    for (int k = 0; k < 3; k++) {
-      for (int i = 0; i < m; i++) {
-        v[2 * i] = g[i]->offset / sizes[k];
-        v[2 * i + 1] = (g[i]->offset + g[i]->bytes - 1) / sizes[k];
-      }
-      c[2 + k] += distinct(v, 2 * m);
-    }
+    c[2] += sectors(g, m, 32);
+    c[3] += sectors(g, m, 64);
+    c[4] += sectors(g, m, 128);
     std::vector<std::atomic<unsigned long long>>& seen = tracer().seen[size_t(r0.buffer)];
-    for (int i = 0; i < m; i++)
-      for (long long b = g[i]->offset; b < g[i]->offset + g[i]->bytes; b++) {
-        const unsigned long long bit = 1ull << (b & 63);
-        std::atomic<unsigned long long>& word = seen[size_t(b >> 6)];
-        if (!(word.load(std::memory_order_relaxed) & bit)) word.fetch_or(bit, std::memory_order_relaxed);
+    long long lo = g[0]->offset, hi = g[0]->offset + g[0]->bytes;   // contiguous runs marked at once
+    for (int i = 1; i < m; i++) {
+      if (g[i]->offset > hi) {
+        mark(seen, lo, hi - lo);
+        lo = g[i]->offset;
       }
+      hi = std::max(hi, g[i]->offset + (long long)g[i]->bytes);
+    }
+    mark(seen, lo, hi - lo);
     return;
   }
   long long* t = &w.trace_counts[size_t(tracer().buffers) * kPerBuffer];
@@ -524,10 +542,11 @@ inline void count_instruction(Worker& w, TraceRec* const* g, int m) {
   // several lanes read is one broadcast)
   t[0] += m;
   t[1] += 1;
-  for (int i = 0; i < m; i++) v[i] = g[i]->offset / 4;
-  const int words = int(distinct(v, m));
   int per_bank[32] = {}, worst = 0;
-  for (int i = 0; i < words; i++) worst = std::max(worst, ++per_bank[v[i] % 32]);
+  for (int i = 0; i < m; i++) {
+    const long long word = g[i]->offset / 4;
+    if (i == 0 || word != g[i - 1]->offset / 4) worst = std::max(worst, ++per_bank[word % 32]);
+  }
   t[2] += worst - 1;
 }
 
