@@ -2,7 +2,8 @@
 reduction (barrier-bound) and for our decode attention (SIMD-exchange-bound), with MLX's own CPU
 op for the same job timed side by side, the conformance front end's cost per kernel (in its own
 process) next to a cold compile, the dispatch overhead of a launch (a sandboxed worker process
-and the shared-memory copies) and trace mode's cost (MLX's sdpa_vector plain and traced). Writes
+and the shared-memory copies) and trace mode's cost (MLX's sdpa_vector and full-size qmv_fast,
+plain and traced). Writes
 JSON and a PNG next to --out.
 
     python benchmarks/emulator_speed.py --out benchmarks/results/emulator_speed
@@ -145,16 +146,25 @@ def bench_dispatch(repeats=200):
     return out
 
 
-def bench_trace_overhead(S=512):
-    """MLX's own sdpa_vector (from its headers) run plain and traced, side by side: what trace mode
-    (bounds checks, race log, one record per access) costs a dispatch."""
+def bench_trace_overhead(S=512, N=14336, K=4096):
+    """MLX's own kernels (from its headers) run plain and traced, side by side: what trace mode
+    (bounds checks, race log, counting every access) costs a dispatch, for sdpa_vector at S keys
+    and for qmv_fast at an 8B model's MLP shape (N rows of K), traced whole."""
     from metalforge.kernels import mlx_library
     q = mx.random.normal((1, 8, 1, 128)).astype(mx.float16)
     k, v = (mx.random.normal((1, 2, S, 128)).astype(mx.float16) for _ in range(2))
-    plain = timed(lambda: mlx_library.sdpa_vector(q, k, v, scale=128 ** -0.5))
-    traced = timed(lambda: mlx_library.sdpa_vector(q, k, v, scale=128 ** -0.5, traces=[]))
-    return {"kernel": f"MLX sdpa_vector B=1 Hq=8 Hkv=2 S={S} D=128 fp16", "plain_s": plain, "traced_s": traced,
-            "trace_overhead": traced / plain}
+    x = mx.random.normal((1, K)).astype(mx.float16)
+    w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(mx.float16), group_size=64, bits=4)
+    jobs = {f"MLX sdpa_vector B=1 Hq=8 Hkv=2 S={S} D=128 fp16":
+            lambda traces: mlx_library.sdpa_vector(q, k, v, scale=128 ** -0.5, traces=traces),
+            f"MLX qmv_fast M=1 N={N} K={K} 4-bit fp16":
+            lambda traces: mlx_library.qmv(x, w, scales, biases, group_size=64, bits=4, fast=True, traces=traces)}
+    out = []
+    for name, run in jobs.items():
+        plain = timed(lambda: run(None), repeats=1)
+        traced = timed(lambda: run([]), repeats=1)
+        out.append({"kernel": name, "plain_s": plain, "traced_s": traced, "trace_overhead": traced / plain})
+    return out
 
 
 def main():
@@ -169,8 +179,9 @@ def main():
     print("dispatch overhead (median host time per launch): " +
           ", ".join(f"{label} {seconds * 1e6:.0f} us" for label, seconds in dispatch.items()))
     tr = bench_trace_overhead()
-    print(f"trace mode: {tr['kernel']}: plain {tr['plain_s'] * 1e3:.0f} ms, traced {tr['traced_s'] * 1e3:.0f} ms "
-          f"({tr['trace_overhead']:.1f}x)")
+    for t in tr:
+        print(f"trace mode: {t['kernel']}: plain {t['plain_s'] * 1e3:.0f} ms, traced {t['traced_s'] * 1e3:.0f} ms "
+              f"({t['trace_overhead']:.1f}x)")
     results = [bench_reduction(), bench_decode()]
     for r in results:
         print(f"{r['kernel']}\n  {r['seconds'] * 1e3:9.1f} ms  {r['threads_per_s'] / 1e6:7.2f} M threads/s  "

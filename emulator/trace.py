@@ -6,10 +6,10 @@ matrix loads, stores and multiply-accumulates, barriers and SIMD-group functions
 threadgroups. The runtime keeps counts, not events, so a model's full shapes trace in the time
 their emulation takes.
 
-A SIMD-group instruction is the n-th access of each lane of a SIMD-group within its threadgroup:
-exact where control flow is uniform across the SIMD-group (divergent lanes pair up wrongly).
-Device accesses are those through the kernel's buffer arguments, threadgroup accesses those
-through arrays declared in the kernel (not through `threadgroup T*` helper arguments).
+A SIMD-group instruction is the n-th access of each lane of a SIMD-group within its threadgroup,
+counted afresh from each barrier and SIMD-group function the lanes meet at: exact where control
+flow between those points is uniform across the SIMD-group. Device accesses are those through
+device pointers, threadgroup accesses those of threadgroup arrays and `threadgroup T*` pointers.
 """
 from __future__ import annotations
 
