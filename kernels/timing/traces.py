@@ -26,7 +26,7 @@ from metalforge import files
 from metalforge.emulator.compiler import cache_dir
 from metalforge.emulator.trace import Dispatch
 
-TRACE_SCHEMA = 2   # bump when the features or their meaning change: old cache entries are ignored
+TRACE_SCHEMA = 3   # bump when the features or their meaning change: old cache entries are ignored
 
 
 @dataclass(frozen=True)
