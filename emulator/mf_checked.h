@@ -11,8 +11,25 @@ namespace mf {
   out_of_bounds("threadgroup array", name, index, size, __builtin_return_address(0));
 }
 
+// Pointer arithmetic for a checked pointer P (DevPtr, TgPtr): it moves P's `p` and keeps the rest.
+template <class P>
+struct Arithmetic {
+  P& me() { return static_cast<P&>(*this); }
+  const P& me() const { return static_cast<const P&>(*this); }
+  P operator+(long long n) const { P r = me(); r.p += n; return r; }
+  P operator-(long long n) const { P r = me(); r.p -= n; return r; }
+  friend P operator+(long long n, const P& d) { return d + n; }
+  long long operator-(const P& o) const { return me().p - o.p; }
+  P& operator+=(long long n) { me().p += n; return me(); }
+  P& operator-=(long long n) { me().p -= n; return me(); }
+  P& operator++() { ++me().p; return me(); }
+  P& operator--() { --me().p; return me(); }
+  P operator++(int) { P r = me(); ++me().p; return r; }
+  P operator--(int) { P r = me(); --me().p; return r; }
+};
+
 template <class T>
-struct DevPtr {
+struct DevPtr : Arithmetic<DevPtr<T>> {
   T* p = nullptr;
   T* base = nullptr;
   long long count = 0;
@@ -48,16 +65,6 @@ struct DevPtr {
   [[gnu::always_inline]] inline T& operator*() const { check(0); return *p; }
   [[gnu::always_inline]] inline T* operator->() const { check(0); return p; }
   operator T*() const { return p; }
-  DevPtr operator+(long long n) const { DevPtr r = *this; r.p += n; return r; }
-  DevPtr operator-(long long n) const { DevPtr r = *this; r.p -= n; return r; }
-  friend DevPtr operator+(long long n, const DevPtr& d) { return d + n; }
-  long long operator-(const DevPtr& o) const { return p - o.p; }
-  DevPtr& operator+=(long long n) { p += n; return *this; }
-  DevPtr& operator-=(long long n) { p -= n; return *this; }
-  DevPtr& operator++() { ++p; return *this; }
-  DevPtr& operator--() { --p; return *this; }
-  DevPtr operator++(int) { DevPtr r = *this; ++p; return r; }
-  DevPtr operator--(int) { DevPtr r = *this; --p; return r; }
 };
 
 template <class T> [[gnu::noinline]] inline T& tg_logged(T* p, const char* name, long long index) {
@@ -101,7 +108,7 @@ inline decltype(auto) tg_view(const char* name) {
 // A `threadgroup T*` (a helper's argument, steel's loaders' destinations): accesses through it are
 // logged for the race detector and counted by trace mode, as accesses of the arrays themselves are.
 template <class T>
-struct TgPtr {
+struct TgPtr : Arithmetic<TgPtr<T>> {
   T* p = nullptr;
   TgPtr() = default;
   TgPtr(decltype(nullptr)) {}
@@ -125,16 +132,6 @@ struct TgPtr {
   T& operator*() const { return at(0); }
   T* operator->() const { return &at(0); }
   operator T*() const { return p; }
-  TgPtr operator+(long long n) const { return TgPtr(p + n); }
-  TgPtr operator-(long long n) const { return TgPtr(p - n); }
-  friend TgPtr operator+(long long n, const TgPtr& d) { return d + n; }
-  long long operator-(const TgPtr& o) const { return p - o.p; }
-  TgPtr& operator+=(long long n) { p += n; return *this; }
-  TgPtr& operator-=(long long n) { p -= n; return *this; }
-  TgPtr& operator++() { ++p; return *this; }
-  TgPtr& operator--() { --p; return *this; }
-  TgPtr operator++(int) { TgPtr r = *this; ++p; return r; }
-  TgPtr operator--(int) { TgPtr r = *this; --p; return r; }
 };
 
 }  // namespace mf
