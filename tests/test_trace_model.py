@@ -22,15 +22,19 @@ def _direct(op, shape, dtype, device):
     return traces.traced(key, shape, mlx_jobs._runner(op, choice, dtype))
 
 
-@pytest.mark.parametrize("op,shape", [
+@pytest.mark.parametrize("op,shape,device", [
     # sizes the proxy's 1x, 2x, 4x traces do not include: 8x and 3x
-    ("matmul", {"M": 1, "N": 512, "K": 1536, "bits": 4, "group_size": 64}),     # qmv_fast, 8x N, 3x K
-    ("matmul", {"M": 1, "N": 192, "K": 1536, "bits": 8, "group_size": 32}),     # 3x N and K
-    ("matmul", {"M": 2, "N": 320, "K": 128, "bits": 4, "group_size": 64}),      # qmv_quad (K fixed), 5x N
-    ("decode", {"B": 1, "Hq": 12, "Hkv": 3, "S": 768, "D": 64}),                 # 3x heads, 3x keys
+    ("matmul", {"M": 1, "N": 512, "K": 1536, "bits": 4, "group_size": 64}, "m3"),     # qmv_fast, 8x N, 3x K
+    ("matmul", {"M": 1, "N": 192, "K": 1536, "bits": 8, "group_size": 32}, "m3"),     # 3x N and K
+    ("matmul", {"M": 2, "N": 320, "K": 128, "bits": 4, "group_size": 64}, "m3"),      # qmv_quad (K fixed), 5x N
+    ("decode", {"B": 1, "Hq": 12, "Hkv": 3, "S": 768, "D": 64}, "m3"),                 # 3x heads, 3x keys
+    # an 8B model's full shapes, traced whole (trace mode counts as it runs): its MLP's qmv_fast,
+    # and its decode attention at 4,096 keys on a Max chip (the 2-pass pair, 64 blocks)
+    ("matmul", {"M": 1, "N": 14336, "K": 4096, "bits": 4, "group_size": 64}, "m3"),
+    ("decode", {"B": 1, "Hq": 32, "Hkv": 8, "S": 4096, "D": 128}, "m3-max-40"),
 ])
-def test_counters_scaled_from_the_proxy_equal_a_trace_at_the_real_shape(op, shape):
-    dev = devices.get("m3")
+def test_counters_scaled_from_the_proxy_equal_a_trace_at_the_real_shape(op, shape, device):
+    dev = devices.get(device)
     scaled = mlx_jobs.counted(op, shape, "float16", dev)
     direct = _direct(op, shape, "float16", dev)
     assert [c.kernel for c in scaled] == [c.kernel for c in direct]
