@@ -498,19 +498,19 @@ class LibraryFunction:
             # a written buffer keeps what it held (Metal's buffers are the caller's memory)
             args.append(runner.Arg(data, output=p.writable, initialised=True, count=data.nbytes // max(1, elem),
                                    itemsize=max(1, elem)))
-        records, entry = None, "mf_launch"
+        counts, entry = None, "mf_launch"
         if self.library.mode == "traced":
-            records, entry = trace.buffer(len(self._order())), "mf_launch_traced"
-            args.append(runner.Arg(records, output=True))
+            counts, entry = trace.buffer(len(self._order())), "mf_launch_traced"
+            args.append(runner.Arg(counts, output=True))
         timeout = self.library.timeout if self.library.timeout is not None else environment.timeout_s()
         launched = lib.launch(entry, args, grid=grid, threadgroup=tg, workers=environment.threads(),
                               checked=self.library.mode != "plain", timeout_s=timeout)
         self.last_stats = launched.stats
         if launched.rc != 0:
             raise EmulatorError(_with_lines(launched.errors, path, self.host_name))
-        if records is not None:
+        if counts is not None:
             names = {i: p.name for i, p in enumerate(self._order())}
-            self.last_trace = trace.summarize(records, names, self.last_stats, groups[0] * groups[1] * groups[2],
+            self.last_trace = trace.summarize(counts, names, self.last_stats, groups[0] * groups[1] * groups[2],
                                               tg_bytes)
 
 

@@ -328,7 +328,7 @@ def worker_source() -> str:
 @lru_cache(maxsize=8)
 def compat_header(checked: bool, library: bool = False, traced: bool = False) -> str:
     """metal_compat.h with the runtime interface and its swizzles filled in, and the
-    checked-mode layer when asked (and the trace records on it). A full library (emulator/library.py) includes MLX's utils.h
+    checked-mode layer when asked (and trace mode's calls into the runtime on it). A full library (emulator/library.py) includes MLX's utils.h
     itself, so its variant leaves out what a custom kernel gets of utils.h implicitly."""
     compat = _read("metal_compat.h").replace('#include "mf_kernel.h"', kernel_interface())
     for n, members in swizzle_members().items():
