@@ -118,14 +118,17 @@ def format_text(r: dict) -> str:
 
 def priced_entry(fam, shape, dtype_name: str, device, entry: dict) -> dict:
     """A modelled results entry priced by the per-kernel model: its config against MLX's real
-    kernel (`baseline_kernel`), with the family's per-kernel error (none: unvalidated). A job the
+    kernel (`baseline_kernel`), with the family's per-kernel error (none: unvalidated) and the
+    kernel the bucket ships (`ships`: "mlx" where MLX's is priced faster). A job the
     model cannot trace yet keeps its config with no ratio and the reason (`unpriced`): no evidence."""
+    from metalforge.results import Entry
     try:
         r = compare(fam.name, device, dataclasses.asdict(shape), dtype_name, config=fam.config(entry["config"]))
     except MetalforgeError as e:
-        out = {k: v for k, v in entry.items() if k not in ("baseline_s", "speedup", "model_error")}
+        out = {k: v for k, v in entry.items() if k not in ("baseline_s", "speedup", "model_error", "ships")}
         return {**out, "unpriced": str(e).splitlines()[0][:300]}
     out = {**entry, "time_s": r["ours"]["seconds"], "baseline_s": r["mlx"]["seconds"], "speedup": r["ratio"],
            "baseline_kernel": r["mlx"]["kernel"], "timer": "model"}
     out.pop("model_error", None)
-    return {**out, **({"model_error": r["error"]} if r["error"] is not None else {})}
+    # `ships` follows from the new ratio: "mlx" where MLX's real kernel is priced faster than the config
+    return Entry.of({**out, **({"model_error": r["error"]} if r["error"] is not None else {})}).to_dict()
