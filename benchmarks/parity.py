@@ -98,7 +98,8 @@ def _us(seconds: float | None) -> str:
 def _ratio(r: Row) -> str:
     if r.ratio is None:
         return "-"
-    return f"{r.ratio:.2f}x" if r.error is not None else f"({r.ratio:.2f}x)"
+    text = f"{r.ratio:.3f}x" if abs(r.ratio - 1) < 0.005 else f"{r.ratio:.2f}x"   # 0.999x: MLX's, by a hair
+    return text if r.error is not None else f"({text})"
 
 
 def table(rs: list[Row]) -> str:
@@ -122,12 +123,20 @@ def summary(rs: list[Row]) -> list[str]:
         counts = collections.Counter(r.verdict if not r.verdict.startswith("not priced") else "not priced"
                                      for r in group)
         words = ", ".join(f"{v} {n}" for v, n in counts.most_common())
-        gains = [r.ratio for r in group if r.verdict == gate.GAIN]
-        span = f"; gains {min(gains):.2f}-{max(gains):.2f}x" if gains else ""
+        gains = [r for r in group if r.verdict == gate.GAIN]
         error = group[0].error
         out.append(f"- **{family}** ({len(group)} buckets, per-kernel error "
-                   f"{f'{error:.0%}' if error is not None else 'unvalidated'}): {words}{span}")
+                   f"{f'{error:.0%}' if error is not None else 'unvalidated'}): {words}")
+        out += [f"  - gain beyond the error: {r.model.split(' (')[0]} {r.shape} on {r.device}: {r.ratio:.2f}x "
+                f"({r.ratio - 1 - r.error:+.0%} past the {r.error:.0%} error)" for r in gains]
+        reasons = sorted({_reason(r.verdict) for r in group if r.verdict.startswith("not priced")})
+        out += [f"  - not priced: {reason}" for reason in reasons]
     return out
+
+
+def _reason(verdict: str) -> str:
+    """A "not priced" verdict's reason without what varies by shape (the access count, the MSL)."""
+    return verdict[len("not priced ("):-1].split(": emulator: kernel")[0].split(" and the dispatch made")[0]
 
 
 def worst_shipped(rs: list[Row]) -> float | None:
