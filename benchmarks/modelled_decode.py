@@ -11,8 +11,9 @@ MODELLED, not measured. One decode step (one sequence, one token) of the built-i
   attention per layer, and any op a fused family joins): per op, the kernel the engine's op layer
   picks (`Kernels.decide`) - our family's chosen config priced from its trace
   (`compare.ours_counted`: a family added to the op plan is priced through its own trace path, no
-  edit here) or MLX's real kernel chosen by MLX's rules (`mlx_jobs`) - by the per-kernel model;
-  mlx-lm's side is MLX's real kernel for every op. "ours (auto)" is what `auto` runs on a Mac (our
+  edit here) or MLX's real kernel chosen by MLX's rules (`compare.mlx_counted`, the job
+  `metalforge compare` prices against the op's first family; attention at the context's
+  power-of-two bucket) - by the per-kernel model; mlx-lm's side is MLX's real kernel for every op. "ours (auto)" is what `auto` runs on a Mac (our
   kernel only on a modelled gain beyond the family's error); "ours (metal)" runs our kernel
   wherever a family serves the op;
 - every other dispatch of the step (norms, RoPE, bias and residual adds, SwiGLU, cache writes,
@@ -48,7 +49,7 @@ from metalforge.errors import MetalforgeError
 from metalforge.files import write_section
 from metalforge.kernels import dtypes
 from metalforge.kernels.families import get as get_family
-from metalforge.kernels.timing import compare, fit, mlx_jobs, model
+from metalforge.kernels.timing import compare, fit, model
 from metalforge.tuner import defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,14 +137,14 @@ def step_ops(config: dict, context: int) -> list[tuple[str, dict, int]]:
 
 
 def mlx_price(op: str, values: dict, device, constants) -> tuple[float, int]:
-    """(seconds, dispatches) of MLX's real kernels for one op as mlx-lm runs it."""
-    if op == "linear":
-        job = mlx_jobs.counted("matmul", {k: values[k] for k in ("M", "N", "K", "bits", "group_size")}, DTYPE, device)
-    elif op == "attention":
-        job = mlx_jobs.counted("decode", dict(B=values["B"], Hq=values["Hq"], Hkv=values["Hkv"], S=values["context"],
-                                              D=values["D"]), DTYPE, device)
-    else:
-        raise MetalforgeError(f"op '{op}': no MLX composition priced by modelled_decode.py")
+    """(seconds, dispatches) of MLX's real kernels for one op as mlx-lm runs it: the job
+    `metalforge compare` prices against the op's first family (compare.mlx_counted)."""
+    from metalforge.engine.ops import OPS
+    families, as_family = OPS[op]
+    shape = as_family(families[0], values)
+    if shape is None:
+        raise MetalforgeError(f"op '{op}' {values}: not a job of {families[0]}: MLX's kernels for it are not priced")
+    job = compare.mlx_counted(families[0], shape, dtypes.get(DTYPE), device)
     return model.price(job, device, constants), len(job)
 
 

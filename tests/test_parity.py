@@ -114,3 +114,13 @@ def test_parity_table_covers_every_served_family_and_the_whole_range():
     assert row.ratio == pytest.approx(r["ratio"]) and row.verdict == gate.verdict(r["ratio"], "decode_attention")
     assert row.runs == "MLX"      # unvalidated or MLX faster: `auto` runs MLX's op either way
     assert "| 8B | m1 | decode_attention |" in parity.table([row])
+
+
+def test_a_family_the_timing_model_cannot_trace_yet_is_listed_not_priced():
+    """gather_qmv has no proxy shapes in the timing model (nor MLX's rules ported): its bucket is
+    a "not priced" row that says why, not a crash of the table."""
+    parity = _load("parity")
+    row = parity.price("MoE", "m1", "gather_qmv", dict(M=1, N=256, K=256, bits=4, group_size=64, experts=8, top_k=2))
+    assert row.ratio is None and row.runs == "MLX"
+    assert row.verdict == "not priced (gather_qmv: no proxy shapes for its traces (kernels/timing/compare.py GROUPS, " \
+                          "proxy): not priced yet)"

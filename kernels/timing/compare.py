@@ -49,6 +49,9 @@ def _grown(small: dict, real: dict, group: tuple) -> dict:
 def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
     """Our config's dispatches at `shape`, from traces at the family's proxy shapes."""
     from metalforge.kernels import trace_report
+    if fam.name not in GROUPS:
+        raise MetalforgeError(f"{fam.name}: no proxy shapes for its traces (kernels/timing/compare.py GROUPS, proxy): "
+                              "not priced yet")
     real = dataclasses.asdict(shape)
     small = proxy(fam.name, real)
     problems = checks.check(fam, config, fam.shape(small), dtype, device)
@@ -69,6 +72,9 @@ def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
 
 def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:
     """MLX's kernels for the job, as mlx-lm calls MLX (contiguous cache, causal prefill)."""
+    if family not in MLX_OP:
+        raise MetalforgeError(f"{family}: MLX's kernels for its job are not named (kernels/timing/compare.py MLX_OP): "
+                              "not priced yet")
     s = {k: v for k, v in s.items() if k not in ("block_size", "num_blocks")}
     if MLX_OP[family] == "prefill":
         s = {"prefix": 0, **s, "causal": True}
