@@ -13,9 +13,9 @@ MODELLED, not measured. One decode step (one sequence, one token) of the built-i
   (`compare.ours_counted`: a family added to the op plan is priced through its own trace path, no
   edit here) or MLX's real kernel chosen by MLX's rules (`compare.mlx_counted`, the job
   `metalforge compare` prices against the op's first family; attention at the context's
-  power-of-two bucket) - by the per-kernel model; mlx-lm's side is MLX's real kernel for every op. "ours (auto)" is what `auto` runs on a Mac (our
-  kernel only on a modelled gain beyond the family's error); "ours (metal)" runs our kernel
-  wherever a family serves the op;
+  power-of-two bucket) - by the per-kernel model; mlx-lm's side is MLX's real kernel for every
+  op. "ours (auto)" is what `auto` runs on a Mac (our kernel only on a modelled gain beyond the
+  family's error); "ours (metal)" runs our kernel wherever a family serves the op;
 - every other dispatch of the step (norms, RoPE, bias and residual adds, SwiGLU, cache writes,
   casts, the embedding row): counted by `benchmarks/dispatch_count.py`'s counter on MLX's graph of a
   small folder of the same architecture built by mlx-lm's own classes (same model type, head dim

@@ -24,6 +24,7 @@ from pathlib import Path
 from metalforge import devices
 from metalforge.errors import MetalforgeError
 from metalforge.files import write_section
+from metalforge.kernels.families import get as get_family
 from metalforge.kernels.timing import compare, gate
 from metalforge.tuner import defaults, shapes
 
@@ -72,8 +73,7 @@ def price(model_name: str, device: str, family: str, values: dict) -> Row:
 
 
 def _shape_text(family: str, values: dict) -> str:
-    from metalforge.kernels.families import get
-    fam = get(family)
+    fam = get_family(family)
     try:
         return fam.describe(fam.shape(values))
     except MetalforgeError:
@@ -128,7 +128,7 @@ def summary(rs: list[Row]) -> list[str]:
         out.append(f"- **{family}** ({len(group)} buckets, per-kernel error "
                    f"{f'{error:.0%}' if error is not None else 'unvalidated'}): {words}")
         out += [f"  - gain beyond the error: {r.model.split(' (')[0]} {r.shape} on {r.device}: {r.ratio:.2f}x "
-                f"({r.ratio - 1 - r.error:+.0%} past the {r.error:.0%} error)" for r in gains]
+                f"({(r.ratio - 1 - r.error) * 100:.1f} points past the {r.error:.0%} error)" for r in gains]
         reasons = sorted({_reason(r.verdict) for r in group if r.verdict.startswith("not priced")})
         out += [f"  - not priced: {reason}" for reason in reasons]
     return out
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", default=",".join(DEVICES), help="comma-separated device profiles")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README whose summary section is updated")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md",
+                   help="the README whose summary section is updated")
     args = p.parse_args(argv)
     names = [devices.get(d).name for d in args.devices.split(",")]
     rs = rows(names, progress=lambda r: print(f"{r.device} {r.family} {r.shape}: {_ratio(r)} {r.verdict}", flush=True))

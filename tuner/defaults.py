@@ -77,7 +77,8 @@ def tune_table(path: Path) -> str:
     family's per-kernel error (kernels/timing/gate.py), and the kernel each bucket ships ("mlx"
     where MLX's real kernel is priced faster than our config)."""
     from metalforge.kernels.timing import gate
-    lines = ["| family | shape | ours | MLX's real kernel | MLX's time | ours vs MLX | ships |", "|---|---|---|---|---|---|---|"]
+    lines = ["| family | shape | ours | MLX's real kernel | MLX's time | ours vs MLX | ships |",
+             "|---|---|---|---|---|---|---|"]
     for family, buckets in results.load(path)["entries"].items():
         for e in buckets.values():
             shape = ", ".join(f"{k}={v}" for k, v in e["shape"].items() if v or k not in ("block_size", "num_blocks"))
