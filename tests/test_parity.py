@@ -124,3 +124,22 @@ def test_a_family_the_timing_model_cannot_trace_yet_is_listed_not_priced():
     assert row.ratio is None and row.runs == "MLX"
     assert row.verdict == "not priced (gather_qmv: no proxy shapes for its traces (kernels/timing/compare.py GROUPS, " \
                           "proxy): not priced yet)"
+
+
+def test_a_shipped_qmv_bucket_modelled_slower_than_mlx_runs_mlx(tmp_path, monkeypatch):
+    """The shipped M1 Ultra defaults: the built-in model's down projection (K = 4864), our config
+    priced again now, is slower than MLX's affine_qmv by the per-kernel model (within qmv's error,
+    yet MLX's is the estimate): the shipped entry ships "mlx" and `auto` runs MLX's op there."""
+    from metalforge.engine.ops import Kernels
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+    values = dict(M=1, N=896, K=4864, bits=4, group_size=64)
+    qmv = get_family("qmv")
+    key = qmv.bucket_key(values, "float16")
+    shipped = results.load(results.shipped_path("m1-ultra"))["entries"]["qmv"][key]
+    r = compare.compare("qmv", devices.get("m1-ultra"), values, config=qmv.config(shipped["config"]))
+    assert r["mlx"]["seconds"] < r["ours"]["seconds"] and shipped["speedup"] == pytest.approx(r["ratio"])
+    assert shipped["ships"] == "mlx"
+    kernels = Kernels("emulator", devices.get("m1-ultra"))
+    kernels.by_evidence = True
+    d = kernels.decide("linear", values, "float16")
+    assert d.family is None and d.why.startswith("MLX: MLX's kernel modelled faster (0.9")
