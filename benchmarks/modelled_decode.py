@@ -239,13 +239,18 @@ weigh little here.
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", default=",".join(DEVICES))
-    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    p.add_argument("--contexts", default=list(CONTEXTS), type=lambda t: [int(c) for c in t.split(",")],
+                   help="comma-separated context lengths (tokens)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = p.parse_args(argv)
     # the shipped configs and entries, not this machine's own tuning results
     os.environ["METALFORGE_RESULTS"] = tempfile.mkdtemp(prefix="metalforge-none-")
-    lines, _ = table(args.devices.split(","), [int(c) for c in args.contexts.split(",")])
+    try:
+        lines, _ = table(args.devices.split(","), args.contexts)
+    except MetalforgeError as e:
+        print(f"modelled_decode: {e}", file=sys.stderr)
+        return 1
     print("\n".join(lines))
     command = " ".join(["python benchmarks/modelled_decode.py"] + (argv if argv is not None else sys.argv[1:]))
 
