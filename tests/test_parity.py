@@ -39,7 +39,9 @@ def test_a_bucket_where_mlx_is_modelled_faster_ships_mlx(tmp_path, monkeypatch):
                         warm_start=True)
     e = entry(run_study(target, settings), target, "m1")
     assert e["config"] == dict(target.family.default_config())       # the one config tried
-    mlx = compare.compare("decode_attention", devices.get("m1"), DECODE)["mlx"]
+    r = compare.compare("decode_attention", devices.get("m1"), DECODE)
+    mlx = r["mlx"]
+    assert r["verdict"] == gate.MLX_RUNS and f"verdict:     {gate.MLX_RUNS}" in compare.format_text(r)
     assert e["baseline_kernel"] == mlx["kernel"] and e["baseline_kernel"].startswith("sdpa_vector")
     assert e["baseline_s"] == pytest.approx(mlx["seconds"])
     assert e["baseline_s"] < e["time_s"] and e["ships"] == "mlx"

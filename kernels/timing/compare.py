@@ -85,7 +85,8 @@ def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:
 
 def compare(family: str, device, shape_text: str, dtype_name: str = "float16", config=None) -> dict:
     """{family, device, shape, dtype, ours: {kernel, seconds} | None, mlx: {...}, ratio, error, validated,
-    claim}; ratio = MLX's seconds / ours (above 1: ours faster)."""
+    claim, verdict}; ratio = MLX's seconds / ours (above 1: ours faster); verdict: which kernel the
+    bucket ships and why (gate.verdict)."""
     from metalforge import results
     fam = get_family(family)
     dtype = dtypes.get(dtype_name)
@@ -109,7 +110,8 @@ def compare(family: str, device, shape_text: str, dtype_name: str = "float16", c
     ratio = mlx["seconds"] / ours["seconds"] if ours else None
     return {"family": fam.name, "device": device.name, "shape": fam.describe(shape) if shape else shape_text,
             "dtype": dtype.name, "ours": ours, "mlx": mlx, "ratio": ratio, "error": error,
-            "validated": error is not None, "claim": gate.claim(ratio, fam.name) if ours else "MLX only"}
+            "validated": error is not None, "claim": gate.claim(ratio, fam.name) if ours else "MLX only",
+            "verdict": gate.verdict(ratio, fam.name) if ours else "MLX only"}
 
 
 def format_text(r: dict) -> str:
@@ -119,6 +121,7 @@ def format_text(r: dict) -> str:
         lines.append(f"  {side:4} {s['seconds'] * 1e6:10.1f} us  {s['kernel']}" if s else
                      f"  {side:4}          -     our family does not serve this shape")
     lines.append(f"  ours vs MLX: {r['claim']}")
+    lines.append(f"  verdict:     {r['verdict']}")
     return "\n".join(lines)
 
 
