@@ -40,9 +40,10 @@ def test_mlx_lm_glue_matches_a_hand_count(md):
     assert md.glue(defaults.MODELS[0], 512)["mlx-lm"].per_layer == 13
 
 
-def test_auto_never_prices_its_kernels_slower_than_mlx_lm(md):
+def test_auto_never_prices_its_kernels_slower_than_mlx_lm(md, tmp_path, monkeypatch):
     """What `auto` runs per op is ours only where ours is modelled faster beyond the error, so
     its kernels never sum above mlx-lm's (MLX's real kernels); "metal" runs ours everywhere."""
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))    # the shipped defaults only
     config = defaults.MODELS[0]
     glue = md.glue(config, 512)
     for name in ("m1", "m3-max-40"):
