@@ -10,7 +10,6 @@ from metalforge.kernels.cost import within_error
 from metalforge.kernels.families import get as get_family
 
 TIMER_KINDS = ("metal", "model")
-SHIPS = ("ours", "mlx")
 
 
 @dataclass(frozen=True)
