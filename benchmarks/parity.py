@@ -157,7 +157,8 @@ no Mac ran these.
 
 {summary}
 
-Worst ratio shipped under `auto` (MLX's kernel where it is modelled faster): {worst}.
+Worst ratio shipped under `auto` (MLX's kernel where it is modelled faster): {worst}; a bucket not
+priced has no evidence, so `auto` runs MLX's op there too.
 
 {table}
 """
@@ -192,7 +193,8 @@ Every family against MLX's real kernel, per bucket of the built-in model and an 
 (decode at 512 to 32k tokens of context, prompts of 128 to 4096) on {devices}, priced by the
 calibrated per-kernel model (`{command}`; the full table is in
 [docs/benchmarks.md](docs/benchmarks.md)). Where MLX's kernel is modelled faster, the results
-entry says "mlx" and MLX's op runs: worst ratio shipped under `auto`, {worst}.
+entry says "mlx" and MLX's op runs: worst ratio shipped under `auto`, {worst} (a bucket not priced
+has no evidence, so `auto` runs MLX's op there too).
 
 {summary}
 """
