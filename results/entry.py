@@ -16,7 +16,9 @@ TIMER_KINDS = ("metal", "model")
 class Entry:
     """One bucket's winner in a results file: the config, its time and how that time was obtained
     (`timer`: "metal" measured, "model" estimated, with the model's error), MLX's time for the
-    same job and the study's trial counts. Built from a file's mapping by `from_dict`, which checks every field."""
+    same job and the study's trial counts. Built from a file's mapping by `from_dict`, which checks every field.
+    The file also says which kernel the bucket ships (`ships`, derived from the speedup: "mlx"
+    where MLX's kernel was timed or modelled faster than our best config, so the worst case is parity)."""
 
     shape: dict
     dtype: str
@@ -54,14 +56,26 @@ class Entry:
             raise MetalforgeError(f"{at}: {err}") from None
         if fam.bucket_key(shape, e["dtype"]) != key:
             raise MetalforgeError(f"{at}: key does not match its shape and dtype")
-        return cls.of(e)
+        entry = cls.of(e)
+        if "ships" in e and e["ships"] != entry.ships:
+            raise MetalforgeError(f"{at}: ships {e['ships']!r}, but its speedup {e.get('speedup')!r} says "
+                                  f"{entry.ships or 'nothing (no time for MLX)'}")
+        return entry
 
     @classmethod
     def of(cls, e: dict) -> "Entry":
         """An entry from a mapping already checked (by from_dict, or by loading its file)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in e.items() if k in known},
-                   extra={k: v for k, v in e.items() if k not in known})
+                   extra={k: v for k, v in e.items() if k not in known and k != "ships"})
+
+    @property
+    def ships(self) -> str | None:
+        """"mlx" where MLX's kernel is faster than this config by this entry's times (measured or
+        modelled: the best estimate, whatever its error), "ours" otherwise, None without MLX's time."""
+        if not self.speedup:
+            return None
+        return "mlx" if self.speedup < 1.0 else "ours"
 
     def evidence(self, family_error: float | None) -> tuple[bool, str]:
         """Whether this entry shows ours faster than MLX, and the words for it: a measured speedup
@@ -72,11 +86,15 @@ class Entry:
         if not self.speedup:
             return False, "no time for MLX's built-in in this entry"
         if self.timer == "metal":
-            return self.speedup > 1.0, f"measured {self.speedup:.2f}x"
-        if family_error is None:
-            return False, "modelled, unvalidated (no per-kernel measurements of this family)"
+            return self.speedup > 1.0, f"measured {self.speedup:.2f}x" + (
+                ": the bucket ships MLX's" if self.ships == "mlx" else "")
         if not self.extra.get("baseline_kernel"):
             return False, "modelled against a description of MLX's kernel, not MLX's real kernel: no evidence"
+        if self.ships == "mlx":
+            how = "unvalidated" if family_error is None else f"model error {family_error:.0%}"
+            return False, f"MLX's kernel modelled faster ({self.speedup:.3f}x, {how}): the bucket ships MLX's"
+        if family_error is None:
+            return False, "modelled, unvalidated (no per-kernel measurements of this family)"
         if within_error(self.speedup, family_error):
             return False, f"modelled, within model error ({family_error:.0%})"
         return self.speedup > 1.0, f"modelled {self.speedup:.2f}x (model error {family_error:.0%})"
@@ -85,7 +103,8 @@ class Entry:
         out = dataclasses.asdict(self)
         if self.model_error is None:   # measured entries have none: the file says nothing of it
             del out["model_error"]
-        return {**{k: v for k, v in out.items() if k != "extra"}, **out["extra"]}
+        ships = {"ships": self.ships} if self.ships else {}
+        return {**{k: v for k, v in out.items() if k != "extra"}, **ships, **out["extra"]}
 
     def beats(self, other: "Entry | None") -> bool:
         """Merge rule: a measured entry beats a modelled one; otherwise the faster wins."""

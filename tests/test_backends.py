@@ -80,11 +80,11 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
     kernels.by_evidence = True    # what `auto` does on a Mac
     why = lambda n, bits=4: kernels.decide("linear", dict(M=1, N=n, K=256, bits=bits, group_size=64), "float16").why
     assert why(64).startswith("ours: measured 1.30x")
-    assert why(128) == "MLX: measured 0.80x"
+    assert why(128) == "MLX: measured 0.80x: the bucket ships MLX's"
     assert why(256).startswith(f"ours: modelled 3.00x (model error {err:.0%})")
     assert why(512) == f"MLX: modelled, within model error ({err:.0%})"
     assert why(1024) == "MLX: modelled against a description of MLX's kernel, not MLX's real kernel: no evidence"
-    assert why(2048) == f"MLX: modelled 0.50x (model error {err:.0%})"               # slower beyond the error
+    assert why(2048) == f"MLX: MLX's kernel modelled faster (0.500x, model error {err:.0%}): the bucket ships MLX's"
     assert "bits=7 is not supported" in why(64, bits=7) and why(64, bits=7).startswith("MLX: ")
 
 
@@ -138,4 +138,4 @@ def test_among_families_serving_a_shape_the_evidence_picks(tmp_path, monkeypatch
     results.save_entries(tmp_path / "slower.yaml", "m3", [entry("qmv", 64, "metal", 0.9)])
     kernels = Kernels("emulator", devices.get("m3"), results=tmp_path / "slower.yaml")
     kernels.by_evidence = True
-    assert decide(64).family is None and decide(64).why == "MLX: measured 0.90x", "the first family's reason"
+    assert decide(64).family is None and decide(64).why == "MLX: measured 0.90x: the bucket ships MLX's", "the first family's reason"

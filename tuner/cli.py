@@ -161,7 +161,7 @@ def _summary(rows, timer_kind: str) -> None:
             continue
         config = " ".join(f"{k}={v}" for k, v in e["config"].items())
         c = e["trials"]
-        speed = ("unpriced" if e.get("unpriced") else
+        speed = ("unpriced" if e.get("unpriced") else "MLX faster: ships MLX" if e.get("ships") == "mlx" else
                  gate.claim(e["speedup"], target.family.name).split(" (")[0] if e["timer"] == "model"
                  else f"{e['speedup']:.2f}x" if e.get("speedup") else "-")
         base = f"{e['baseline_s'] * 1e6:8.1f}u" if e.get("baseline_s") else "-"

@@ -74,18 +74,20 @@ def main():
 
 def tune_table(path: Path) -> str:
     """The shipped entries of one device as docs/tuning.md's table, each ratio gated by its
-    family's per-kernel error (kernels/timing/gate.py)."""
+    family's per-kernel error (kernels/timing/gate.py), and the kernel each bucket ships ("mlx"
+    where MLX's real kernel is priced faster than our config)."""
     from metalforge.kernels.timing import gate
-    lines = ["| family | shape | ours | MLX's real kernel | MLX's time | ours vs MLX |", "|---|---|---|---|---|---|"]
+    lines = ["| family | shape | ours | MLX's real kernel | MLX's time | ours vs MLX | ships |",
+             "|---|---|---|---|---|---|---|"]
     for family, buckets in results.load(path)["entries"].items():
         for e in buckets.values():
             shape = ", ".join(f"{k}={v}" for k, v in e["shape"].items() if v or k not in ("block_size", "num_blocks"))
             if e.get("unpriced"):     # its time_s is the search's analytic cost: not comparable, not shown
-                lines.append(f"| {family} | {shape} | - | - | - | not priced ({e['unpriced'].split(': trace')[0]}) |")
+                lines.append(f"| {family} | {shape} | - | - | - | not priced ({e['unpriced'].split(': trace')[0]}) | - |")
                 continue
             mlx = f"{e['baseline_s'] * 1e6:.1f} us" if e.get("baseline_s") else "-"
             lines.append(f"| {family} | {shape} | {e['time_s'] * 1e6:.1f} us | `{e.get('baseline_kernel', '-')}` | {mlx} | "
-                         f"{gate.claim(e.get('speedup'), family)} |")
+                         f"{gate.claim(e.get('speedup'), family)} | {e.get('ships', '-')} |")
     return "\n".join(lines)
 
 

@@ -49,6 +49,9 @@ def _grown(small: dict, real: dict, group: tuple) -> dict:
 def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
     """Our config's dispatches at `shape`, from traces at the family's proxy shapes."""
     from metalforge.kernels import trace_report
+    if fam.name not in GROUPS:
+        raise MetalforgeError(f"{fam.name}: no proxy shapes for its traces (kernels/timing/compare.py GROUPS, proxy): "
+                              "not priced yet")
     real = dataclasses.asdict(shape)
     small = proxy(fam.name, real)
     problems = checks.check(fam, config, fam.shape(small), dtype, device)
@@ -69,6 +72,9 @@ def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
 
 def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:
     """MLX's kernels for the job, as mlx-lm calls MLX (contiguous cache, causal prefill)."""
+    if family not in MLX_OP:
+        raise MetalforgeError(f"{family}: MLX's kernels for its job are not named (kernels/timing/compare.py MLX_OP): "
+                              "not priced yet")
     s = {k: v for k, v in s.items() if k not in ("block_size", "num_blocks")}
     if MLX_OP[family] == "prefill":
         s = {"prefix": 0, **s, "causal": True}
@@ -79,7 +85,8 @@ def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:
 
 def compare(family: str, device, shape_text: str, dtype_name: str = "float16", config=None) -> dict:
     """{family, device, shape, dtype, ours: {kernel, seconds} | None, mlx: {...}, ratio, error, validated,
-    claim}; ratio = MLX's seconds / ours (above 1: ours faster)."""
+    claim, verdict}; ratio = MLX's seconds / ours (above 1: ours faster); verdict: which kernel the
+    bucket ships and why (gate.verdict)."""
     from metalforge import results
     fam = get_family(family)
     dtype = dtypes.get(dtype_name)
@@ -103,7 +110,8 @@ def compare(family: str, device, shape_text: str, dtype_name: str = "float16", c
     ratio = mlx["seconds"] / ours["seconds"] if ours else None
     return {"family": fam.name, "device": device.name, "shape": fam.describe(shape) if shape else shape_text,
             "dtype": dtype.name, "ours": ours, "mlx": mlx, "ratio": ratio, "error": error,
-            "validated": error is not None, "claim": gate.claim(ratio, fam.name) if ours else "MLX only"}
+            "validated": error is not None, "claim": gate.claim(ratio, fam.name) if ours else "MLX only",
+            "verdict": gate.verdict(ratio, fam.name) if ours else "MLX only"}
 
 
 def format_text(r: dict) -> str:
@@ -113,19 +121,23 @@ def format_text(r: dict) -> str:
         lines.append(f"  {side:4} {s['seconds'] * 1e6:10.1f} us  {s['kernel']}" if s else
                      f"  {side:4}          -     our family does not serve this shape")
     lines.append(f"  ours vs MLX: {r['claim']}")
+    lines.append(f"  verdict:     {r['verdict']}")
     return "\n".join(lines)
 
 
 def priced_entry(fam, shape, dtype_name: str, device, entry: dict) -> dict:
     """A modelled results entry priced by the per-kernel model: its config against MLX's real
-    kernel (`baseline_kernel`), with the family's per-kernel error (none: unvalidated). A job the
+    kernel (`baseline_kernel`), with the family's per-kernel error (none: unvalidated) and the
+    kernel the bucket ships (`ships`: "mlx" where MLX's is priced faster). A job the
     model cannot trace yet keeps its config with no ratio and the reason (`unpriced`): no evidence."""
+    from metalforge.results import Entry
     try:
         r = compare(fam.name, device, dataclasses.asdict(shape), dtype_name, config=fam.config(entry["config"]))
     except MetalforgeError as e:
-        out = {k: v for k, v in entry.items() if k not in ("baseline_s", "speedup", "model_error")}
+        out = {k: v for k, v in entry.items() if k not in ("baseline_s", "speedup", "model_error", "ships")}
         return {**out, "unpriced": str(e).splitlines()[0][:300]}
     out = {**entry, "time_s": r["ours"]["seconds"], "baseline_s": r["mlx"]["seconds"], "speedup": r["ratio"],
            "baseline_kernel": r["mlx"]["kernel"], "timer": "model"}
     out.pop("model_error", None)
-    return {**out, **({"model_error": r["error"]} if r["error"] is not None else {})}
+    # `ships` follows from the new ratio: "mlx" where MLX's real kernel is priced faster than the config
+    return Entry.of({**out, **({"model_error": r["error"]} if r["error"] is not None else {})}).to_dict()

@@ -28,3 +28,21 @@ def evidence(ratio: float | None, family: str) -> bool:
     """Whether a modelled ratio shows ours faster: beyond the family's per-kernel error."""
     error = fit.family_error(family)
     return bool(ratio) and error is not None and ratio - 1.0 > error
+
+
+GAIN = "gain beyond model error"
+PARITY = "parity (within model error)"
+MLX_RUNS = "MLX faster: MLX's kernel runs"
+
+
+def verdict(ratio: float | None, family: str) -> str:
+    """Which kernel a modelled bucket ships, in words: MLX's wherever it is modelled faster,
+    whatever the error (the model's best estimate; so the worst case is parity), ours only on a
+    gain beyond the family's per-kernel error; unvalidated families claim nothing else."""
+    if not ratio:
+        return "-"
+    if ratio < 1.0:
+        return MLX_RUNS
+    if fit.family_error(family) is None:
+        return UNVALIDATED
+    return GAIN if evidence(ratio, family) else PARITY

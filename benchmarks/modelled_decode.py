@@ -1,0 +1,270 @@
+"""Modelled decode tokens/s on a Mac: the engine's kernel sequence against mlx-lm's, per device profile.
+
+    python benchmarks/modelled_decode.py [--devices m1,m2-max,m3-max-40,m4-pro] [--contexts 512,4096]
+                                         [--out docs/benchmarks.md] [--readme README.md]
+
+MODELLED, not measured. One decode step (one sequence, one token) of the built-in model and an
+8B-class model, priced as the whole-model check prices mlx-lm's published runs
+(kernels/timing/whole_model.py), so both sides answer to the same fit:
+
+- the kernels of the model's op plan (engine/ops.py: every quantized linear, the LM head,
+  attention per layer, and any op a fused family joins): per op, the kernel the engine's op layer
+  picks (`Kernels.decide`) - our family's chosen config priced from its trace
+  (`compare.ours_counted`: a family added to the op plan is priced through its own trace path, no
+  edit here) or MLX's real kernel chosen by MLX's rules (`compare.mlx_counted`, the job
+  `metalforge compare` prices against the op's first family; attention at the context's
+  power-of-two bucket) - by the per-kernel model; mlx-lm's side is MLX's real kernel for every
+  op. "ours (auto)" is what `auto` runs on a Mac (our kernel only on a modelled gain beyond the
+  family's error); "ours (metal)" runs our kernel wherever a family serves the op;
+- every other dispatch of the step (norms, RoPE, bias and residual adds, SwiGLU, cache writes,
+  casts, the embedding row): counted by `benchmarks/dispatch_count.py`'s counter on MLX's graph of a
+  small folder of the same architecture built by mlx-lm's own classes (same model type, head dim
+  and GQA ratio; counts per layer do not depend on the width), each priced at the fitted
+  per-dispatch cost plus its bytes at the fitted DRAM rate. The bytes are an ANALYTIC count, not
+  a trace (MLX's elementwise kernels are not run in the emulator yet): each dispatch reads two
+  and writes one fp16 vector of the residual stream's width (the SwiGLU product, one a layer on
+  both sides, moves intermediate / hidden times more: left out on both sides). Sampling is left
+  out (the same on both sides).
+
+The error shown is the whole-model check's held-out error of mlx-lm's modelled tokens/s; our
+kernels' prices carry their family's per-kernel error besides (qmv's, or none: unvalidated).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from metalforge import devices
+from metalforge.engine import models
+from metalforge.errors import MetalforgeError
+from metalforge.files import write_section
+from metalforge.kernels import dtypes
+from metalforge.kernels.families import get as get_family
+from metalforge.kernels.timing import compare, fit, model
+from metalforge.tuner import defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = ("m1", "m2-max", "m3-max-40", "m4-pro")
+CONTEXTS = (512, 4096)
+MODEL_NAMES = ("built-in (0.5B-class)", "8B-class")
+DTYPE = "float16"
+PRICED = ("QuantizedMatmul", "mx.fast.scaled_dot_product_attention")   # kinds priced as kernels, with ours
+
+
+def _dispatch_count():
+    spec = importlib.util.spec_from_file_location("dispatch_count", ROOT / "benchmarks" / "dispatch_count.py")
+    module = sys.modules["dispatch_count"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass(frozen=True)
+class Glue:
+    """Dispatches of a decode step that are not priced kernels, per layer and outside the layers."""
+    per_layer: float
+    outside: int
+
+
+def _glue(counts) -> int:
+    return sum(v for k, v in counts.items() if k not in PRICED and not k.startswith("metal_kernel:"))
+
+
+def small_folder(config: dict, root: Path) -> Path:
+    """A 2-layer folder of `config`'s model type, head dim and GQA ratio, built by mlx-lm's classes."""
+    import importlib
+    from mlx_lm.utils import quantize_model, save_config, save_model
+    args = models.parse(config, "config")
+    ratio = args.num_attention_heads // args.num_key_value_heads
+    hidden = ratio * args.head_dim
+    small = {**{k: v for k, v in config.items() if k != "quantization"}, "hidden_size": hidden,
+             "intermediate_size": 2 * hidden, "num_attention_heads": ratio, "num_key_value_heads": 1,
+             "head_dim": args.head_dim, "num_hidden_layers": 2, "vocab_size": 512, "rms_norm_eps": 1e-5,
+             "rope_theta": 10000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False}
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    mx.random.seed(0)
+    m = module.Model(module.ModelArgs.from_dict(small))
+    mx.eval(m.parameters())
+    q = config["quantization"]
+    m, small = quantize_model(m, small, group_size=q["group_size"], bits=q["bits"])
+    folder = root / config["model_type"]
+    save_model(folder, m)
+    save_config(small, folder / "config.json")
+    return folder
+
+
+def glue(config: dict, context: int) -> dict[str, Glue]:
+    """Per side ("ours", "mlx-lm"): the step's dispatches that are not priced kernels."""
+    dc = _dispatch_count()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
+        folder = small_folder(config, Path(tmp))
+        # one token short of the context: mlx-lm's cache grows (Full, Concatenate) once every 256
+        # tokens, at a multiple of 256; the counted step is a steady one
+        layers, decode, _ = dc.ours(folder, "metal", "m3-max-40", context - 1, 16)
+        out = {"ours": Glue(_glue(dc.per_layer(decode, layers)), _glue(decode[1].kernels))}
+        layers, decode, _ = dc.theirs(folder, context - 1, 16)
+        out["mlx-lm"] = Glue(_glue(dc.per_layer(decode, layers)), _glue(decode[1].kernels))
+    return out
+
+
+def step_ops(config: dict, context: int) -> list[tuple[str, dict, int]]:
+    """(op, sizes, times per step) of the op plan's decode ops: each linear as often as the model
+    holds it, every other op once per layer."""
+    args = models.parse(config, "config")
+    cls = models.get(args.model_type)
+    table = cls.linears(args)
+    table.pop("model.embed_tokens")
+    if args.tie_word_embeddings:
+        table["lm_head"] = (args.vocab_size, args.hidden_size)
+    times: dict = {}
+    for name, shape in table.items():
+        bits, group_size, _ = args.quant_of(name)
+        key = tuple(dict(M=1, N=shape[-2], K=shape[-1], bits=bits, group_size=group_size).items())
+        times[key] = times.get(key, 0) + 1
+    out = []
+    for p in cls.op_plan(args, contexts=[context], batch=1):
+        n = times.get(tuple(p.values.items()), 0) if p.op == "linear" else args.num_hidden_layers
+        out.append((p.op, p.values, n))
+    return out
+
+
+def mlx_price(op: str, values: dict, device, constants) -> tuple[float, int]:
+    """(seconds, dispatches) of MLX's real kernels for one op as mlx-lm runs it: the job
+    `metalforge compare` prices against the op's first family (compare.mlx_counted)."""
+    from metalforge.engine.ops import OPS
+    families, as_family = OPS[op]
+    shape = as_family(families[0], values)
+    if shape is None:
+        raise MetalforgeError(f"op '{op}' {values}: not a job of {families[0]}: MLX's kernels for it are not priced")
+    job = compare.mlx_counted(families[0], shape, dtypes.get(DTYPE), device)
+    return model.price(job, device, constants), len(job)
+
+
+def ours_price(decision, device, constants) -> tuple[float, int]:
+    fam = get_family(decision.family)
+    counted = compare.ours_counted(fam, fam.config(decision.config), decision.shape, dtypes.get(DTYPE), device)
+    return model.price(counted, device, constants), len(counted)
+
+
+@dataclass(frozen=True)
+class Step:
+    kernels_s: float    # the op plan's kernels
+    glue_s: float       # every other dispatch
+    dispatches: float   # per step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / (self.kernels_s + self.glue_s)
+
+
+def glue_seconds(config: dict, dispatches: float, device) -> float:
+    whole = fit.shipped()["whole_model"]
+    bytes_ = 3 * config["hidden_size"] * 2
+    return dispatches * (whole["dispatch_s"] + whole["dram"] * bytes_ / (device.memory_bandwidth_gbs * 1e9))
+
+
+def steps(config: dict, context: int, device, glue_counts: dict[str, Glue]) -> dict[str, Step]:
+    """Per side ("ours (auto)", "ours (metal)", "mlx-lm"): the modelled decode step."""
+    from metalforge.engine.ops import Kernels
+    constants = fit.shipped()["constants"]
+    layers = models.parse(config, "config").num_hidden_layers
+    auto = Kernels("emulator", device)
+    auto.by_evidence = True            # what `auto` does on a Mac
+    asked = Kernels("emulator", device)
+    sums = {side: [0.0, 0] for side in ("ours (auto)", "ours (metal)", "mlx-lm")}
+    for op, values, times in step_ops(config, context):
+        theirs = mlx_price(op, values, device, constants)
+        for side, kernels in (("ours (auto)", auto), ("ours (metal)", asked), ("mlx-lm", None)):
+            d = kernels.decide(op, values, DTYPE) if kernels else None
+            seconds, n = ours_price(d, device, constants) if d is not None and d.family else theirs
+            sums[side][0] += times * seconds
+            sums[side][1] += times * n
+    out = {}
+    for side, (seconds, n) in sums.items():
+        g = glue_counts["mlx-lm" if side == "mlx-lm" else "ours"]
+        extra = g.per_layer * layers + g.outside
+        out[side] = Step(seconds, glue_seconds(config, extra, device), n + extra)
+    return out
+
+
+def table(device_names, contexts) -> tuple[list[str], list[dict]]:
+    rows = []
+    for name, config in zip(MODEL_NAMES, defaults.MODELS):
+        layers = models.parse(config, "config").num_hidden_layers
+        for context in contexts:
+            g = glue(config, context)
+            for dev_name in device_names:
+                dev = devices.get(dev_name)
+                s = steps(config, context, dev, g)
+                rows.append(dict(model=name, context=context, device=dev.name, layers=layers, **s))
+    error = fit.shipped()["whole_model"]["held_out_error"]
+    lines = ["| model | context | device | ours (auto) tok/s | ours (metal) tok/s | mlx-lm tok/s | auto / mlx-lm "
+             "| metal / mlx-lm | dispatches per layer: ours, mlx-lm |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, m, t = r["ours (auto)"], r["ours (metal)"], r["mlx-lm"]
+        lines.append(f"| {r['model']} | {r['context']} | {r['device']} | {a.tokens_per_s:.0f} | {m.tokens_per_s:.0f} "
+                     f"| {t.tokens_per_s:.0f} (±{error:.0%}) | {a.tokens_per_s / t.tokens_per_s:.2f}x "
+                     f"| {m.tokens_per_s / t.tokens_per_s:.2f}x "
+                     f"| {m.dispatches / r['layers']:.0f}, {t.dispatches / r['layers']:.0f} |")
+    return lines, rows
+
+
+SECTION = """## Modelled decode tokens/s (MODELLED)
+
+Written by `{command}`. MODELLED, not measured: one decode step (one sequence) priced as the
+whole-model check prices mlx-lm's published runs (per-kernel prices of the op plan's kernels plus
+the fitted per-dispatch cost for every other dispatch; see the script's docstring for what is
+traced and what is an analytic count). mlx-lm's side is MLX's real kernels; "ours (auto)" runs our
+kernel only where its modelled gain exceeds the family's per-kernel error (elsewhere MLX's);
+"ours (metal)" runs ours wherever a family serves the op. The error beside mlx-lm is the
+whole-model check's held-out error ({error:.1%}); our kernels' prices carry their family's
+per-kernel error besides (qmv {qmv}; decode attention {decode}). The fitted per-dispatch cost is
+{dispatch_us:.1f} us: the whole-model fit puts a step's fixed cost in the priced kernels' launch
+constant ({launch_us:.1f} us each), so a dispatch outside them costs its bytes only and the
+dispatch counts (ours on the Metal path, mlx-lm; per layer, the step's total over its layers)
+weigh little here.
+
+{table}
+"""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", default=",".join(DEVICES))
+    p.add_argument("--contexts", default=list(CONTEXTS), type=lambda t: [int(c) for c in t.split(",")],
+                   help="comma-separated context lengths (tokens)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = p.parse_args(argv)
+    # the shipped configs and entries, not this machine's own tuning results
+    os.environ["METALFORGE_RESULTS"] = tempfile.mkdtemp(prefix="metalforge-none-")
+    try:
+        lines, _ = table(args.devices.split(","), args.contexts)
+    except MetalforgeError as e:
+        print(f"modelled_decode: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    command = " ".join(["python benchmarks/modelled_decode.py"] + (argv if argv is not None else sys.argv[1:]))
+
+    def err(family):
+        e = fit.family_error(family)
+        return f"{e:.0%}" if e is not None else "unvalidated"
+    shipped = fit.shipped()
+    section = SECTION.format(command=command, error=shipped["whole_model"]["held_out_error"], qmv=err("qmv"),
+                             decode=err("decode_attention"), dispatch_us=shipped["whole_model"]["dispatch_s"] * 1e6,
+                             launch_us=shipped["constants"].launch * 1e6, table="\n".join(lines))
+    write_section(args.out, "Modelled decode tokens/s (MODELLED)", section)
+    write_section(args.readme, "Modelled decode tokens/s (MODELLED)", section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

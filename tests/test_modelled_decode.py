@@ -1,0 +1,52 @@
+"""benchmarks/modelled_decode.py: the decode step's kernels as the op plan holds them, the other
+dispatches as mlx-lm's graph launches them (hand-counted), and `auto` never priced slower than
+mlx-lm on the kernels it picks."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from metalforge import devices
+from metalforge.tuner import defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def md():
+    spec = importlib.util.spec_from_file_location("modelled_decode", ROOT / "benchmarks" / "modelled_decode.py")
+    module = sys.modules["modelled_decode"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_ops_hold_each_linear_as_often_as_the_model(md):
+    """Llama-3-8B-sized: per layer q and o (4096 x 4096), k and v (1024 x 4096), gate and up
+    (14336 x 4096), down (4096 x 14336); the LM head once; attention once a layer."""
+    ops = {(op, v.get("N"), v.get("K")): n for op, v, n in md.step_ops(defaults.MODELS[1], 4096)}
+    assert ops == {("linear", 4096, 4096): 64, ("linear", 1024, 4096): 64, ("linear", 14336, 4096): 64,
+                   ("linear", 4096, 14336): 32, ("linear", 128256, 4096): 1, ("attention", None, None): 32}
+    attention = [v for op, v, _ in md.step_ops(defaults.MODELS[1], 4096) if op == "attention"][0]
+    assert attention["context"] == 4096 and attention["new"] == 1
+
+
+def test_mlx_lm_glue_matches_a_hand_count(md):
+    """mlx-lm's llama decode layer, steady step (no cache growth): 2 rms_norm, 2 rope, 2 cache
+    slice-updates, 2 residual adds, the attention output's reshape copy and the compiled SwiGLU:
+    10 dispatches besides its 7 quantized matmuls and one attention; qwen2 adds its q/k/v bias adds."""
+    llama = dict(defaults.MODELS[1], num_hidden_layers=2)
+    assert md.glue(llama, 512)["mlx-lm"].per_layer == 10
+    assert md.glue(defaults.MODELS[0], 512)["mlx-lm"].per_layer == 13
+
+
+def test_auto_never_prices_its_kernels_slower_than_mlx_lm(md, tmp_path, monkeypatch):
+    """What `auto` runs per op is ours only where ours is modelled faster beyond the error, so
+    its kernels never sum above mlx-lm's (MLX's real kernels); "metal" runs ours everywhere."""
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))    # the shipped defaults only
+    config = defaults.MODELS[0]
+    glue = md.glue(config, 512)
+    for name in ("m1", "m3-max-40"):
+        s = md.steps(config, 512, devices.get(name), glue)
+        assert s["ours (auto)"].kernels_s <= s["mlx-lm"].kernels_s * (1 + 1e-9)
+        assert s["mlx-lm"].glue_s > 0 and s["ours (metal)"].kernels_s != s["mlx-lm"].kernels_s

@@ -1,0 +1,147 @@
+"""Never ship slower than MLX's kernel: where MLX's real kernel is modelled (or measured) faster
+than our best config, the results entry ships "mlx" and the engine's op layer runs MLX's op
+there; the verdicts of the parity table (benchmarks/parity.py)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from metalforge import devices, results
+from metalforge.errors import MetalforgeError
+from metalforge.kernels import get_family
+from metalforge.kernels.timing import compare, fit, gate
+
+ROOT = Path(__file__).resolve().parents[1]
+DECODE = dict(B=1, Hq=14, Hkv=2, S=512, D=64, block_size=16, num_blocks=0)
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)   # its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_bucket_where_mlx_is_modelled_faster_ships_mlx(tmp_path, monkeypatch):
+    """A real bucket: the built-in model's decode attention at 512 tokens on an M1, searched by the
+    tuner over a space cut to the family default (one trial). MLX's sdpa_vector, priced by the
+    same per-kernel model, is faster: the entry ships "mlx", and the engine's `auto` decision
+    runs MLX's op there and says why."""
+    from metalforge.engine.ops import Kernels
+    from metalforge.tuner.settings import Settings
+    from metalforge.tuner.shapes import Target
+    from metalforge.tuner.study import entry, run_study
+    from metalforge.tuner.timers import ModelTimer
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+    target = Target("decode_attention", DECODE, "float16")
+    settings = Settings(device="m1", trials=1, storage="memory", timer=ModelTimer(), seed=0, verify=False,
+                        warm_start=True)
+    e = entry(run_study(target, settings), target, "m1")
+    assert e["config"] == dict(target.family.default_config())       # the one config tried
+    r = compare.compare("decode_attention", devices.get("m1"), DECODE)
+    mlx = r["mlx"]
+    assert r["verdict"] == gate.MLX_RUNS and f"verdict:     {gate.MLX_RUNS}" in compare.format_text(r)
+    assert e["baseline_kernel"] == mlx["kernel"] and e["baseline_kernel"].startswith("sdpa_vector")
+    assert e["baseline_s"] == pytest.approx(mlx["seconds"])
+    assert e["baseline_s"] < e["time_s"] and e["ships"] == "mlx"
+    path = tmp_path / "m1.yaml"
+    results.save_entries(path, "m1", [("decode_attention", target.bucket, e)])
+    assert results.load(path)["entries"]["decode_attention"][target.bucket]["ships"] == "mlx"
+    kernels = Kernels("emulator", devices.get("m1"), results=path)
+    kernels.by_evidence = True    # what `auto` does on a Mac
+    d = kernels.decide("attention", dict(B=1, new=1, context=512, block_size=16, Hq=14, Hkv=2, D=64), "float16")
+    assert d.family is None
+    assert d.why.startswith("MLX: MLX's kernel modelled faster (0.") and d.why.endswith("the bucket ships MLX's")
+
+
+def _entry(speedup, **more):
+    qmv = get_family("qmv")
+    shape = dict(M=1, N=64, K=256, bits=4, group_size=64)
+    return qmv.bucket_key(shape, "float16"), {
+        "shape": shape, "dtype": "float16", "config": dict(qmv.default_config()), "time_s": 1e-5, "timer": "metal",
+        "baseline_s": speedup and 1e-5 * speedup, "speedup": speedup, "trials": {}, **more}
+
+
+def test_ships_follows_the_speedup_and_a_contradiction_is_refused(tmp_path):
+    for speedup, ships in ((0.9, "mlx"), (1.0, "ours"), (1.4, "ours")):
+        key, e = _entry(speedup)
+        written = results.save_entries(tmp_path / f"{speedup}.yaml", "m1", [("qmv", key, e)])
+        assert written["entries"]["qmv"][key]["ships"] == ships
+    key, e = _entry(0.9, ships="ours")
+    with pytest.raises(MetalforgeError, match=r"ships 'ours', but its speedup 0.9 says mlx"):
+        results.Entry.from_dict("qmv", key, e, "m1.yaml")
+    key, e = _entry(None)
+    assert "ships" not in results.Entry.from_dict("qmv", key, e, "x").to_dict()     # no time for MLX: nothing said
+
+
+def test_repricing_an_entry_recomputes_what_it_ships():
+    """An entry that shipped ours, priced again where MLX's kernel is faster, ships "mlx"."""
+    fam = get_family("decode_attention")
+    shape = fam.shape(DECODE)
+    old = {"shape": DECODE, "dtype": "float16", "config": dict(fam.default_config()), "time_s": 1e-6,
+           "timer": "model", "baseline_s": 2e-6, "speedup": 2.0, "ships": "ours", "trials": {}}
+    new = compare.priced_entry(fam, shape, "float16", devices.get("m1"), old)
+    assert new["speedup"] < 1 and new["ships"] == "mlx"
+    results.Entry.from_dict("decode_attention", fam.bucket_key(shape, "float16"), new, "x")   # consistent
+
+
+def test_verdicts():
+    err = fit.family_error("qmv")
+    assert err is not None and fit.family_error("decode_attention") is None
+    assert gate.verdict(1 + 2 * err, "qmv") == gate.GAIN
+    assert gate.verdict(1 + err / 2, "qmv") == gate.PARITY
+    assert gate.verdict(1.0, "qmv") == gate.PARITY
+    assert gate.verdict(1 - err / 2, "qmv") == gate.MLX_RUNS          # within the error, yet MLX's is the estimate
+    assert gate.verdict(0.5, "decode_attention") == gate.MLX_RUNS
+    assert gate.verdict(3.0, "decode_attention") == gate.UNVALIDATED
+
+
+def test_parity_table_covers_every_served_family_and_the_whole_range():
+    """The 8B-class model's jobs: decode at 512..32k tokens and prompts of 128..4096, each family
+    the op plan serves; one real row priced as `metalforge compare` prices it."""
+    parity = _load("parity")
+    from metalforge.tuner import defaults
+    jobs = parity.jobs(defaults.MODELS[1])
+    families = {f for f, _ in jobs}
+    assert {"qmv", "qmm", "decode_attention", "prefill_attention"} <= families
+    assert {v["S"] for f, v in jobs if f == "decode_attention"} == set(parity.CONTEXTS)
+    assert {v["L"] for f, v in jobs if f == "prefill_attention"} == set(parity.PROMPTS)
+    assert {(v["N"], v["K"]) for f, v in jobs if f == "qmv"} >= {(4096, 4096), (1024, 4096), (14336, 4096),
+                                                                 (4096, 14336), (128256, 4096)}
+    row = parity.price("8B", "m1", "decode_attention", dict(B=1, Hq=32, Hkv=8, D=128, S=4096, block_size=16,
+                                                           num_blocks=0))
+    r = compare.compare("decode_attention", devices.get("m1"), dict(B=1, Hq=32, Hkv=8, D=128, S=4096, block_size=16,
+                                                                    num_blocks=0))
+    assert row.ratio == pytest.approx(r["ratio"]) and row.verdict == gate.verdict(r["ratio"], "decode_attention")
+    assert row.runs == "MLX"      # unvalidated or MLX faster: `auto` runs MLX's op either way
+    assert "| 8B | m1 | decode_attention |" in parity.table([row])
+
+
+def test_a_family_the_timing_model_cannot_trace_yet_is_listed_not_priced():
+    """gather_qmv has no proxy shapes in the timing model (nor MLX's rules ported): its bucket is
+    a "not priced" row that says why, not a crash of the table."""
+    parity = _load("parity")
+    row = parity.price("MoE", "m1", "gather_qmv", dict(M=1, N=256, K=256, bits=4, group_size=64, experts=8, top_k=2))
+    assert row.ratio is None and row.runs == "MLX"
+    assert row.verdict == "not priced (gather_qmv: no proxy shapes for its traces (kernels/timing/compare.py GROUPS, " \
+                          "proxy): not priced yet)"
+
+
+def test_a_shipped_qmv_bucket_modelled_slower_than_mlx_runs_mlx(tmp_path, monkeypatch):
+    """The shipped M1 Ultra defaults: the built-in model's down projection (K = 4864), our config
+    priced again now, is slower than MLX's affine_qmv by the per-kernel model (within qmv's error,
+    yet MLX's is the estimate): the shipped entry ships "mlx" and `auto` runs MLX's op there."""
+    from metalforge.engine.ops import Kernels
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+    values = dict(M=1, N=896, K=4864, bits=4, group_size=64)
+    qmv = get_family("qmv")
+    key = qmv.bucket_key(values, "float16")
+    shipped = results.load(results.shipped_path("m1-ultra"))["entries"]["qmv"][key]
+    r = compare.compare("qmv", devices.get("m1-ultra"), values, config=qmv.config(shipped["config"]))
+    assert r["mlx"]["seconds"] < r["ours"]["seconds"] and shipped["speedup"] == pytest.approx(r["ratio"])
+    assert shipped["ships"] == "mlx"
+    kernels = Kernels("emulator", devices.get("m1-ultra"))
+    kernels.by_evidence = True
+    d = kernels.decide("linear", values, "float16")
+    assert d.family is None and d.why.startswith("MLX: MLX's kernel modelled faster (0.9")
