@@ -99,7 +99,7 @@ class PrefillAttention(Family):
 
     @staticmethod
     def chunked(config, shape: PrefillShape) -> bool:
-        return 0 < config["d_block"] < shape.D
+        return config["d_block"] > 0
 
     def columns(self, config, shape: PrefillShape) -> int:
         """Head-dimension columns a K/V tile row holds."""
@@ -123,7 +123,9 @@ class PrefillAttention(Family):
                        "8-row fragments")
         else:
             out += fragment_problems(self.fragments(config, shape))
-        if config["d_block"] and shape.D % config["d_block"]:
+        if config["d_block"] >= shape.D:
+            out.append(f"d_block={config['d_block']} is all of D={shape.D} (d_block=0 stages whole rows)")
+        elif config["d_block"] and shape.D % config["d_block"]:
             out.append(f"d_block={config['d_block']} does not divide D={shape.D}")
         if config["d_block"] and config["double_buffer"]:
             out.append("double_buffer streams whole K/V tiles; d_block stages a chunk at a time (set one of them)")
