@@ -48,6 +48,8 @@ class PrefillAttention(Family):
     params = (
         Param("BQ", (8, 16, 32, 64, 128), 32, "query rows per threadgroup"),
         Param("BK", (8, 16, 32, 64, 128), 32, "keys per staged tile"),
+        Param("heads", (1, 2, 4, 8), 1, "query heads of one KV head per threadgroup (BQ rows: BQ/heads positions "
+              "of each), reading each K/V tile once for all of them"),
         Param("simdgroups", (1, 2, 4, 8), 4, "SIMD-groups per threadgroup (each owns BQ/simdgroups rows)"),
         Param("stage", ("input", "float"), "input", "element type of the staged tiles: the input's, or fp32"),
         Param("double_buffer", (False, True), False, "stream the next K/V tile while this one is used"),
@@ -94,7 +96,8 @@ class PrefillAttention(Family):
         q_row = shape.D * stage_dtype(config, dtype).size + (TILE_PAD_BYTES if config["pad"] else 0)
         kv_rows = config["BK"] * (1 if self.chunked(config, shape) else 2 * (2 if config["double_buffer"] else 1))
         tile_bytes = q_rows * q_row + kv_rows * self.tile_row_bytes(config, shape, dtype)
-        return (Geometry((threads * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1), (threads, 1, 1), tile_bytes,
+        return (Geometry((threads * cdiv(shape.L, config["BQ"] // config["heads"]), shape.B * shape.Hq // config["heads"], 1),
+                         (threads, 1, 1), tile_bytes,
                          registers=2 * self.fragments(config, shape)),)
 
     @staticmethod
@@ -123,6 +126,11 @@ class PrefillAttention(Family):
                        "8-row fragments")
         else:
             out += fragment_problems(self.fragments(config, shape))
+        if (shape.Hq // shape.Hkv) % config["heads"]:
+            out.append(f"heads={config['heads']} does not divide the {shape.Hq // shape.Hkv} query heads of a KV head")
+        if config["simdgroups"] % config["heads"]:
+            out.append(f"heads={config['heads']} over simdgroups={config['simdgroups']}: each SIMD-group's rows must be "
+                       "of one head")
         if config["d_block"] >= shape.D:
             out.append(f"d_block={config['d_block']} is all of D={shape.D} (d_block=0 stages whole rows)")
         elif config["d_block"] and shape.D % config["d_block"]:
@@ -144,7 +152,7 @@ class PrefillAttention(Family):
             self.template, ("queries", "keys", "values", "scale", "lengths") + (("sinks",) if shape.sinks else ()),
             ("out",),
             Hq=shape.Hq, Hkv=shape.Hkv, D=shape.D, window=shape.window, sinks=bool(shape.sinks),
-            T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg,
+            T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg, HP=config["heads"],
             ST=stage_dtype(config, dtype).metal, vector=vector_of, TV=d.vector,
             PAD=TILE_PAD_BYTES // stage_dtype(config, dtype).size if config["pad"] else 0,
             DB=config["double_buffer"], QS=config["q_source"],
@@ -203,26 +211,29 @@ class PrefillAttention(Family):
         dtype = dtypes.get(dtype)
         sg, bq, bk = config["simdgroups"], config["BQ"], config["BK"]
         tq = max(1, bq // sg // 8)   # (priced for invalid configs too)
-        qtiles = cdiv(shape.L, bq)
-        heads = shape.B * shape.Hq
+        hp = config["heads"]
+        qp = max(1, bq // hp)        # query positions per threadgroup
+        qtiles = cdiv(shape.L, qp)
+        packs = shape.B * shape.Hq / hp   # threadgroups per query tile: hp heads each
         # keys each query tile stages: up to its last row's position, in whole tiles (causal), from
         # the tile holding its first row's oldest key in the window
         def first(i: int) -> int:
-            return max(0, i * bq + shape.prefix - shape.window + 1) // bk * bk if shape.window else 0
-        staged = sum(min(shape.LK, cdiv(min(shape.L, (i + 1) * bq) + shape.prefix, bk) * bk) - first(i)
+            return max(0, i * qp + shape.prefix - shape.window + 1) // bk * bk if shape.window else 0
+        staged = sum(min(shape.LK, cdiv(min(shape.L, (i + 1) * qp) + shape.prefix, bk) * bk) - first(i)
                      for i in range(qtiles))
-        q_bytes = heads * shape.L * shape.D * dtype.size
-        # K/V re-streamed per query tile; the G query heads of a KV head share it through the cache
-        kv_bytes = 2 * heads * staged * shape.D * dtype.size / (1 + (shape.Hq // shape.Hkv - 1) * 0.5)
-        mma = 2 * heads * bq * staged * shape.D * 2          # S = QK^T and O += PV, masked waste included
+        q_bytes = shape.B * shape.Hq * shape.L * shape.D * dtype.size
+        # K/V re-streamed per query tile, read once for the hp heads packed in a threadgroup; the
+        # other heads of a KV head share it through the cache
+        kv_bytes = 2 * packs * staged * shape.D * dtype.size / (1 + (shape.Hq // shape.Hkv / hp - 1) * 0.5)
+        mma = 2 * packs * bq * staged * shape.D * 2          # S = QK^T and O += PV, masked waste included
         # max, exp2 and sum per score, and the mask on the tiles reaching a row's diagonal
-        diagonal = min(1.0, (cdiv(bq, bk) + 1) * qtiles * bk / max(staged, 1))
-        softmax = heads * bq * staged * (6 + 2 * diagonal)
+        diagonal = min(1.0, (cdiv(qp, bk) + 1) * qtiles * bk / max(staged, 1))
+        softmax = packs * bq * staged * (6 + 2 * diagonal)
         # S/P in half: M3 and later issue fp16 and fp32 instructions in parallel (Apple, "Explore GPU
         # advancements in M3 and A17 Pro", WWDC23), so the conversions overlap the fp32 softmax;
         # before M3 they add two per score (to half and back) and only the registers are saved
         if config["score_type"] == "half" and cost.generation_group(dev) == "before_m3":
-            softmax += heads * bq * staged * 2
+            softmax += packs * bq * staged * 2
         # threadgroup-memory fragment loads per multiply-accumulate: K and V fragments serve the
         # SIMD-group's tq rows; Q's come from threadgroup memory each time unless in registers
         # (serialised by bank conflicts when the rows are packed: K^T is read down columns)

@@ -1,6 +1,7 @@
-"""Prefill attention's head-dim blocking (d_block) and half scores (score_type): each value against
-MLX's attention in the emulator, the room blocking makes, the refusals; and the trace's bank
-conflicts on the fragment reads of prefill and qmm."""
+"""Prefill attention's head-dim blocking (d_block), half scores (score_type) and GQA packing
+(heads): each value against MLX's attention in the emulator, the room blocking makes, the K/V
+traffic packing saves (traced), the refusals; and the trace's bank conflicts on the fragment
+reads of prefill and qmm."""
 import pytest
 
 from metalforge.kernels import check, dtypes, trace_report
@@ -31,10 +32,19 @@ def test_every_new_value_matches_mlx_attention(shape, configs):
     assert verify("prefill_attention", shape, "float16", configs=configs) == len(configs)
 
 
+@pytest.mark.parametrize("config", [dict(heads=2), dict(heads=4, q_source="registers"),
+                                    dict(heads=8, BQ=64, simdgroups=8, d_block=32, score_type="half")])
+def test_gqa_packing_matches_mlx_attention(config):
+    shape = dict(B=2, Hq=16, Hkv=2, L=21, D=64, prefix=6)   # 8 query heads a KV head, a tail
+    assert verify("prefill_attention", shape, "float16", configs=_configs(config)) == 1
+
+
 def test_window_and_sinks_with_blocking_and_half_scores():
     shape = dict(B=1, Hq=2, Hkv=1, L=65, D=128, prefix=3, window=24, sinks=1)
     configs = _configs(dict(BK=16, d_block=32), dict(d_block=64, score_type="half", q_source="registers"))
     assert verify("prefill_attention", shape, "float16", configs=configs) == 2
+    packed = dict(shape, Hq=4)   # each head's own sink, four heads a threadgroup
+    assert verify("prefill_attention", packed, "float16", configs=_configs(dict(heads=4, BK=16))) == 1
 
 
 def test_blocking_fits_128_key_tiles_under_32_kb():
@@ -60,13 +70,16 @@ def test_blocking_fits_128_key_tiles_under_32_kb():
     (dict(d_block=64), dict(D=64), "float16", "d_block=64 is all of D=64 (d_block=0 stages whole rows)"),
     (dict(d_block=32, double_buffer=True), dict(D=128), "float16",
      "double_buffer streams whole K/V tiles; d_block stages a chunk at a time (set one of them)"),
+    (dict(heads=4), dict(D=64, Hq=6, Hkv=3), "float16", "heads=4 does not divide the 2 query heads of a KV head"),
+    (dict(heads=4, BQ=16, simdgroups=2), dict(D=64, Hq=4, Hkv=1), "float16",
+     "heads=4 over simdgroups=2: each SIMD-group's rows must be of one head"),
     (dict(score_type="half"), dict(D=128), "bfloat16",
      "score_type=half reads half tiles as half fragments (float16 inputs staged as input)"),
     (dict(score_type="half", stage="float", BQ=16, BK=16, simdgroups=2), dict(D=128), "float16",
      "score_type=half reads half tiles as half fragments (float16 inputs staged as input)"),
 ])
 def test_refusals_name_the_problem(config, shape, dtype, problem):
-    shape = dict(B=1, Hq=2, Hkv=1, L=64, **shape)
+    shape = {"B": 1, "Hq": 2, "Hkv": 1, "L": 64, **shape}
     assert [str(p) for p in check(PREFILL, config, shape, dtype, "m3-max-40")] == [problem]
 
 
@@ -86,13 +99,39 @@ def test_half_scores_hold_fewer_registers_and_cost_more_only_before_m3():
         assert (cost_half > cost_plain) == dearer and cost_half >= cost_plain, device
 
 
-# ---- bank conflicts, counted by the emulator's trace mode ---------------------------------------
+# ---- traced: K/V traffic and bank conflicts (the emulator's trace mode) -------------------------
 def _trace(fam, config, shape, dtype="float16"):
     shape, dt = fam.shape(shape), dtypes.get(dtype)
     config = fam.config(config)
     assert check(fam, config, shape, dtype, "m3-max-40") == []
     dispatches = trace_report.ours(fam, config, shape, dt, fam.make_inputs(shape, dt))
     return dispatches[0].trace
+
+
+def test_gqa_packing_reads_each_kv_tile_once_for_its_heads():
+    """A few new tokens after a long prefix (a verified draft, a chunk of a prompt): 8 positions
+    of 4 query heads of one KV head. Unpacked, each head's threadgroup streams all 128 keys; packed,
+    one threadgroup does for the 4 heads: K and V device traffic (sectors touched) a quarter, Q and
+    O the same, the same multiply-accumulates."""
+    shape = dict(B=1, Hq=4, Hkv=1, L=8, D=64, prefix=120)
+    alone = _trace(PREFILL, dict(BQ=8, BK=32, simdgroups=1), shape)
+    packed = _trace(PREFILL, dict(BQ=32, BK=32, simdgroups=4, heads=4), shape)
+    for name in ("keys", "values"):
+        assert alone.device[name].sectors[128] == 4 * packed.device[name].sectors[128] > 0
+    for name in ("queries", "out"):
+        assert alone.device[name].sectors[128] == packed.device[name].sectors[128]
+    assert alone.matrix_multiplies == packed.matrix_multiplies
+
+
+def test_the_cost_model_prices_packing_below_unpacked_tiles_on_a_full_gpu():
+    """8B-class heads (32 query, 8 KV, D=128), 16 new tokens after 4,096, batch 4 on an M3 Max:
+    packing 4 heads beats both 8-row tiles (K/V streamed per head) and 32-row tiles (24 of 32 rows
+    idle for 16 tokens)."""
+    shape = PREFILL.shape(dict(B=4, Hq=32, Hkv=8, L=16, D=128, prefix=4096))
+    def price(config):
+        return PREFILL.cost(PREFILL.config(config), shape, "float16", "m3-max-40")
+    packed = price(dict(BQ=32, BK=32, simdgroups=4, heads=4))
+    assert packed < price(dict(BQ=8, BK=32, simdgroups=1)) and packed < price(dict(BQ=32, BK=32, simdgroups=4))
 
 
 @pytest.mark.parametrize("D", [64, 128])
