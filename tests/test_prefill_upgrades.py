@@ -163,7 +163,8 @@ def test_prefill_conflicts_are_only_the_wide_stagings():
     assert t.bank_conflicts == 384
 
 
-def test_qmm_conflicts_are_only_its_stagings():
+@pytest.mark.parametrize("BK", [32, 64])
+def test_qmm_conflicts_are_only_its_stagings(BK):
     """qmm stages x 8 halves a lane (16 bytes: 4 lanes a 32-value row, rows 80 bytes apart) and
     dequantises a packed word's 8 values a lane into a weight row (rows 80 bytes apart); its
     fragment reads are padded. Hand count, M=N=64, K=256, BM=BN=BK=32, 2 x 2 SIMD-groups (4
@@ -172,8 +173,10 @@ def test_qmm_conflicts_are_only_its_stagings():
     per store, 8 stores per lane per step, 4 SIMD-groups: 96 a step. Weights: 32 rows of 4 words
     (one SIMD-group), 32 stores a lane, each 32 rows 20 words apart: banks multiples of 4, 4 rows
     each: 3 extra passes: 96 a step. (96 + 96) x 8 steps x 4 threadgroups = 6,144: the fragment
-    reads add none."""
+    reads add none. BK=64 (rows 144 bytes, 36 words: 8 lanes a row, banks 4(r + k) mod 32): 2 x 8
+    x stores a lane and 2 SIMD-groups of weight rows, each store 4 words a bank: (192 + 192) x 4
+    steps x 4 threadgroups: 6,144 again."""
     qmm = family("qmm")
-    t = _trace(qmm, dict(BM=32, BN=32, BK=32, WM=2, WN=2), dict(M=64, N=64, K=256, bits=4, group_size=64))
+    t = _trace(qmm, dict(BM=32, BN=32, BK=BK, WM=2, WN=2), dict(M=64, N=64, K=256, bits=4, group_size=64))
     assert t.matrix_multiplies > 0
     assert t.bank_conflicts == 6144
