@@ -186,9 +186,9 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     config = fam.config({"BQ": 16, "BK": 8, "simdgroups": 2, "stage": "float", "load_width": 1})
     launch = fam.launches(config, shape, "float32")[0]
     source = launch.kernel.source
-    first_barrier = "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int i = tid * W; i < BK * D"
+    first_barrier = "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int i = tid * W; i < BK * DC"
     assert first_barrier in source
-    broken = source.replace(first_barrier, "  for (int i = tid * W; i < BK * D")
+    broken = source.replace(first_barrier, "  for (int i = tid * W; i < BK * DC")
     from metalforge import emulator
     kernel = emulator.metal_kernel(name="broken_prefill", input_names=list(launch.kernel.input_names),
                                    output_names=["out"], source=broken, checked=True)

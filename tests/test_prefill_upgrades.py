@@ -2,8 +2,11 @@
 (heads): each value against MLX's attention in the emulator, the room blocking makes, the K/V
 traffic packing saves (traced), the refusals; and the trace's bank conflicts on the fragment
 reads of prefill and qmm."""
+import mlx.core as mx
 import pytest
 
+from metalforge import emulator
+from metalforge.emulator import EmulatorError
 from metalforge.kernels import check, dtypes, trace_report
 from metalforge.kernels import get_family as family
 
@@ -180,3 +183,30 @@ def test_qmm_conflicts_are_only_its_stagings(BK):
     t = _trace(qmm, dict(BM=32, BN=32, BK=BK, WM=2, WN=2), dict(M=64, N=64, K=256, bits=4, group_size=64))
     assert t.matrix_multiplies > 0
     assert t.bank_conflicts == 6144
+
+
+def test_chunked_and_packed_paths_run_clean_in_checked_mode(monkeypatch):
+    """Bounds and races checked: the two barriers around each K and V chunk (one buffer shared by
+    both) and the packed heads' Q tile rows."""
+    monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
+    shape = dict(B=1, Hq=4, Hkv=1, L=37, D=128, prefix=5)
+    configs = _configs(dict(BK=64, d_block=32), dict(heads=4, d_block=64, score_type="half"))
+    assert verify("prefill_attention", shape, "float16", configs=configs) == 2
+
+
+def test_checked_mode_finds_a_missing_chunk_barrier():
+    """Without the barrier before a V chunk is staged, the chunk overwrites the buffer while other
+    SIMD-groups still read the previous K or V chunk from it: checked mode names the race."""
+    shape = PREFILL.shape(dict(B=1, Hq=1, Hkv=1, L=40, D=64))
+    launch = PREFILL.launches(PREFILL.config(dict(BQ=16, BK=16, simdgroups=2, d_block=32)), shape, "float16")[0]
+    source = launch.kernel.source
+    marker = "    threadgroup_barrier(mem_flags::mem_threadgroup);\n"
+    last_loop = source.rindex("  for (int d0 = 0; d0 < D; d0 += DC) {\n")   # the V chunks' loop
+    assert source[last_loop:].count(marker) == 2 and "values" in source[last_loop:]
+    broken = source[:last_loop] + source[last_loop:].replace(marker, "", 1)
+    inputs = {**PREFILL.make_inputs(shape, "float16"), "lengths": mx.array(launch.lengths, dtype=mx.int32)}
+    kernel = emulator.metal_kernel(name="prefill_missing_chunk_barrier", input_names=list(launch.kernel.input_names),
+                                   output_names=["out"], source=broken, checked=True)
+    with pytest.raises(EmulatorError, match="threadgroup memory race on kv_tile"):
+        kernel(inputs=[inputs[n] for n in launch.kernel.input_names], output_shapes=list(launch.output_shapes),
+               output_dtypes=list(launch.output_dtypes), grid=launch.grid, threadgroup=launch.threadgroup)
