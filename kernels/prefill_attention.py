@@ -2,6 +2,8 @@
 
 This is the family where the 32 KB threadgroup limit bites: D=128, BK=64 with fp32 staging and
 double-buffered K/V tiles needs 2 * 2 * 64 * (128 * 4 + 16) = 135,168 bytes (rows padded by 16).
+Head-dim blocking (d_block, as metal-flash-attention) stages K and V a chunk of columns at a time
+in one buffer: BK=128 at D=256 in half with d_block=32 stages 128 * (64 + 16) = 10,240 bytes.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ class PrefillAttention(Family):
     params = (
         Param("BQ", (8, 16, 32, 64, 128), 32, "query rows per threadgroup"),
         Param("BK", (8, 16, 32, 64, 128), 32, "keys per staged tile"),
+        Param("heads", (1, 2, 4, 8), 1, "query heads of one KV head per threadgroup (BQ rows: BQ/heads positions "
+              "of each), reading each K/V tile once for all of them"),
         Param("simdgroups", (1, 2, 4, 8), 4, "SIMD-groups per threadgroup (each owns BQ/simdgroups rows)"),
         Param("stage", ("input", "float"), "input", "element type of the staged tiles: the input's, or fp32"),
         Param("double_buffer", (False, True), False, "stream the next K/V tile while this one is used"),
@@ -53,6 +57,10 @@ class PrefillAttention(Family):
         Param("load_width", (1, 2, 4), 4, "elements per device load when staging K/V"),
         Param("pad", (True, False), True, "tile rows padded by 16 bytes (fragment reads without bank conflicts), "
               "or packed (room for 128-key tiles at D=64)"),
+        Param("d_block", (0, 16, 32, 64), 0, "head-dimension columns of K, then V, staged at a time in one buffer "
+              "(S summed over the chunks; 0: all D, K and V together)"),
+        Param("score_type", ("float", "half"), "float", "S and P fragments (and the Q, K, V operands) in fp32 or "
+              "half; running max, sum and O in fp32 (M3 and later issue the two in parallel)"),
     )
 
     def proxy_shape(self, shape):
@@ -85,19 +93,31 @@ class PrefillAttention(Family):
     def geometry(self, config, shape: PrefillShape, dtype) -> tuple[Geometry, ...]:
         threads = 32 * config["simdgroups"]
         q_rows = config["BQ"] if config["q_source"] == "threadgroup" else 0
-        kv_rows = 2 * config["BK"] * (2 if config["double_buffer"] else 1)
-        tile_bytes = (q_rows + kv_rows) * self.tile_row_bytes(config, shape, dtype)
-        return (Geometry((threads * cdiv(shape.L, config["BQ"]), shape.B * shape.Hq, 1), (threads, 1, 1), tile_bytes,
+        q_row = shape.D * stage_dtype(config, dtype).size + (TILE_PAD_BYTES if config["pad"] else 0)
+        kv_rows = config["BK"] * (1 if self.chunked(config, shape) else 2 * (2 if config["double_buffer"] else 1))
+        tile_bytes = q_rows * q_row + kv_rows * self.tile_row_bytes(config, shape, dtype)
+        return (Geometry((threads * cdiv(shape.L, config["BQ"] // config["heads"]), shape.B * shape.Hq // config["heads"], 1),
+                         (threads, 1, 1), tile_bytes,
                          registers=2 * self.fragments(config, shape)),)
 
     @staticmethod
-    def tile_row_bytes(config, shape: PrefillShape, dtype) -> int:
-        return shape.D * stage_dtype(config, dtype).size + (TILE_PAD_BYTES if config["pad"] else 0)
+    def chunked(config, shape: PrefillShape) -> bool:
+        return config["d_block"] > 0
+
+    def columns(self, config, shape: PrefillShape) -> int:
+        """Head-dimension columns a K/V tile row holds."""
+        return config["d_block"] if self.chunked(config, shape) else shape.D
+
+    def tile_row_bytes(self, config, shape: PrefillShape, dtype) -> int:
+        """A staged K/V tile row."""
+        return self.columns(config, shape) * stage_dtype(config, dtype).size + (TILE_PAD_BYTES if config["pad"] else 0)
 
     def fragments(self, config, shape: PrefillShape) -> int:
-        """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand."""
+        """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand; S, Q
+        and the operand as half take half as many registers."""
         tq, tk, td = config["BQ"] // config["simdgroups"] // 8, config["BK"] // 8, shape.D // 8
-        return tq * td + tq * tk + (tq * td if config["q_source"] == "registers" else 0) + 1
+        operands = tq * tk + (tq * td if config["q_source"] == "registers" else 0) + 1
+        return tq * td + (cdiv(operands, 2) if config["score_type"] == "half" else operands)
 
     def config_problems(self, config, shape: PrefillShape, dtype) -> list[str]:
         out = []
@@ -106,6 +126,19 @@ class PrefillAttention(Family):
                        "8-row fragments")
         else:
             out += fragment_problems(self.fragments(config, shape))
+        if (shape.Hq // shape.Hkv) % config["heads"]:
+            out.append(f"heads={config['heads']} does not divide the {shape.Hq // shape.Hkv} query heads of a KV head")
+        if config["simdgroups"] % config["heads"]:
+            out.append(f"heads={config['heads']} over simdgroups={config['simdgroups']}: each SIMD-group's rows must be "
+                       "of one head")
+        if config["d_block"] >= shape.D:
+            out.append(f"d_block={config['d_block']} is all of D={shape.D} (d_block=0 stages whole rows)")
+        elif config["d_block"] and shape.D % config["d_block"]:
+            out.append(f"d_block={config['d_block']} does not divide D={shape.D}")
+        if config["d_block"] and config["double_buffer"]:
+            out.append("double_buffer streams whole K/V tiles; d_block stages a chunk at a time (set one of them)")
+        if config["score_type"] == "half" and (dtypes.get(dtype).name != "float16" or config["stage"] != "input"):
+            out.append("score_type=half reads half tiles as half fragments (float16 inputs staged as input)")
         return out + stage_problems(config, dtype)
 
     def tolerance(self, config, dtype):
@@ -119,11 +152,11 @@ class PrefillAttention(Family):
             self.template, ("queries", "keys", "values", "scale", "lengths") + (("sinks",) if shape.sinks else ()),
             ("out",),
             Hq=shape.Hq, Hkv=shape.Hkv, D=shape.D, window=shape.window, sinks=bool(shape.sinks),
-            T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg,
+            T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg, HP=config["heads"],
             ST=stage_dtype(config, dtype).metal, vector=vector_of, TV=d.vector,
             PAD=TILE_PAD_BYTES // stage_dtype(config, dtype).size if config["pad"] else 0,
             DB=config["double_buffer"], QS=config["q_source"],
-            W=config["load_width"],
+            W=config["load_width"], DC=self.columns(config, shape), SP=config["score_type"],
         )
         g, = self.geometry(config, shape, dtype)
         return [Launch(kernel, g.grid, g.threadgroup, ((shape.B, shape.Hq, shape.L, shape.D),), (d.mlx,),
@@ -178,21 +211,29 @@ class PrefillAttention(Family):
         dtype = dtypes.get(dtype)
         sg, bq, bk = config["simdgroups"], config["BQ"], config["BK"]
         tq = max(1, bq // sg // 8)   # (priced for invalid configs too)
-        qtiles = cdiv(shape.L, bq)
-        heads = shape.B * shape.Hq
+        hp = config["heads"]
+        qp = max(1, bq // hp)        # query positions per threadgroup
+        qtiles = cdiv(shape.L, qp)
+        packs = shape.B * shape.Hq / hp   # threadgroups per query tile: hp heads each
         # keys each query tile stages: up to its last row's position, in whole tiles (causal), from
         # the tile holding its first row's oldest key in the window
         def first(i: int) -> int:
-            return max(0, i * bq + shape.prefix - shape.window + 1) // bk * bk if shape.window else 0
-        staged = sum(min(shape.LK, cdiv(min(shape.L, (i + 1) * bq) + shape.prefix, bk) * bk) - first(i)
+            return max(0, i * qp + shape.prefix - shape.window + 1) // bk * bk if shape.window else 0
+        staged = sum(min(shape.LK, cdiv(min(shape.L, (i + 1) * qp) + shape.prefix, bk) * bk) - first(i)
                      for i in range(qtiles))
-        q_bytes = heads * shape.L * shape.D * dtype.size
-        # K/V re-streamed per query tile; the G query heads of a KV head share it through the cache
-        kv_bytes = 2 * heads * staged * shape.D * dtype.size / (1 + (shape.Hq // shape.Hkv - 1) * 0.5)
-        mma = 2 * heads * bq * staged * shape.D * 2          # S = QK^T and O += PV, masked waste included
+        q_bytes = shape.B * shape.Hq * shape.L * shape.D * dtype.size
+        # K/V re-streamed per query tile, read once for the hp heads packed in a threadgroup; the
+        # other heads of a KV head share it through the cache
+        kv_bytes = 2 * packs * staged * shape.D * dtype.size / (1 + (shape.Hq // shape.Hkv / hp - 1) * 0.5)
+        mma = 2 * packs * bq * staged * shape.D * 2          # S = QK^T and O += PV, masked waste included
         # max, exp2 and sum per score, and the mask on the tiles reaching a row's diagonal
-        diagonal = min(1.0, (cdiv(bq, bk) + 1) * qtiles * bk / max(staged, 1))
-        softmax = heads * bq * staged * (6 + 2 * diagonal)
+        diagonal = min(1.0, (cdiv(qp, bk) + 1) * qtiles * bk / max(staged, 1))
+        softmax = packs * bq * staged * (6 + 2 * diagonal)
+        # S/P in half: M3 and later issue fp16 and fp32 instructions in parallel (Apple, "Explore GPU
+        # advancements in M3 and A17 Pro", WWDC23), so the conversions overlap the fp32 softmax;
+        # before M3 they add two per score (to half and back) and only the registers are saved
+        if config["score_type"] == "half" and cost.generation_group(dev) == "before_m3":
+            softmax += packs * bq * staged * 2
         # threadgroup-memory fragment loads per multiply-accumulate: K and V fragments serve the
         # SIMD-group's tq rows; Q's come from threadgroup memory each time unless in registers
         # (serialised by bank conflicts when the rows are packed: K^T is read down columns)
@@ -205,7 +246,10 @@ class PrefillAttention(Family):
                              registers=g.registers)
         parallel = occ.parallel_fraction(dev, ilp=min(2.0, tq)) * cost.load_efficiency(config["load_width"] * dtype.size)
         t = cost.roofline(q_bytes * 2 + kv_bytes, flops, dev, parallel)
-        # a threadgroup crosses one barrier per K/V tile double-buffered, two otherwise
+        # a threadgroup crosses one barrier per K/V tile double-buffered, two otherwise, and two per
+        # chunk of K and of V with head-dim blocking
         tiles_per_threadgroup = staged / bk / qtiles
-        barriers = (1 if config["double_buffer"] else 2) * tiles_per_threadgroup
+        per_tile = 4 * shape.D // self.columns(config, shape) if self.chunked(config, shape) else \
+            1 if config["double_buffer"] else 2
+        barriers = per_tile * tiles_per_threadgroup
         return t + barriers * cost.BARRIER_S * occ.waves(dev) + cost.launch_seconds()

@@ -30,7 +30,7 @@ def test_check_reports_valid_count_and_reasons():
     assert out.returncode == 0, out.stderr
     # the counts the library finds (tests/test_rendering.py hand-checks a slice of them)
     valid, report = check_space("prefill_attention", dict(B=1, Hq=32, Hkv=8, L=512, D=128), "float16", "m1")
-    assert f"{report.valid} of {report.total} configs are valid" in out.stdout and report.total == 4800
+    assert f"{report.valid} of {report.total} configs are valid" in out.stdout and report.total == 153600
     memory = sum(n for reason, n in report.reasons.items() if "threadgroup memory" in reason)
     assert f"{memory} invalid: threadgroup memory exceeds the maximum threadgroup memory allowed (32768)" in out.stdout
     assert "more than 64 (128 registers a lane)" in out.stdout

@@ -28,8 +28,8 @@ COVERING = {
             (dict(M=33, N=24, K=512, bits=2, group_size=64), "float32")],   # K: every split_k
     "decode_attention": [(dict(B=1, Hq=4, Hkv=2, S=70, D=64), "float16"),
                          (dict(B=2, Hq=4, Hkv=1, S=33, D=80, block_size=8), "float32")],
-    "prefill_attention": [(dict(B=1, Hq=2, Hkv=1, L=24, D=64), "float16"),
-                          (dict(B=1, Hq=2, Hkv=1, L=10, D=64, prefix=7), "float32")],
+    "prefill_attention": [(dict(B=1, Hq=8, Hkv=1, L=24, D=64), "float16"),   # 8 heads a KV head: every heads
+                          (dict(B=1, Hq=2, Hkv=1, L=10, D=128, prefix=7), "float32")],   # D=128: d_block 64
     "gather_qmv": [(dict(M=1, N=40, K=256, experts=4, top_k=2, bits=4, group_size=64), "float16"),
                    (dict(M=2, N=37, K=4096, experts=3, top_k=2, bits=2, group_size=64), "float32")],
 }
@@ -186,9 +186,9 @@ def test_checked_mode_finds_a_broken_variant_of_a_family_kernel(capsys):
     config = fam.config({"BQ": 16, "BK": 8, "simdgroups": 2, "stage": "float", "load_width": 1})
     launch = fam.launches(config, shape, "float32")[0]
     source = launch.kernel.source
-    first_barrier = "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int i = tid * W; i < BK * D"
+    first_barrier = "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int i = tid * W; i < BK * DC"
     assert first_barrier in source
-    broken = source.replace(first_barrier, "  for (int i = tid * W; i < BK * D")
+    broken = source.replace(first_barrier, "  for (int i = tid * W; i < BK * DC")
     from metalforge import emulator
     kernel = emulator.metal_kernel(name="broken_prefill", input_names=list(launch.kernel.input_names),
                                    output_names=["out"], source=broken, checked=True)

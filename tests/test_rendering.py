@@ -100,15 +100,16 @@ def test_space_counts_hand_checked():
     16, 32; BQ=64: BK 8, 16, 32; BQ=128: 65 fragments. Q in registers: 2 BK <= 128 and
     BQ/32 * (32 + BK/8) + 1 <= 64: BQ=32 with BK 8, 16, 32, 64. Each at 3 load widths. Rows
     padded by 16 bytes: (BQ + 2 BK) * 272 <= 32768, BQ + 2 BK <= 120: BQ=64 loses BK 32 and Q in
-    registers loses BK 64."""
+    registers loses BK 64. (Whole rows: d_block=0, scores in fp32, one head a threadgroup.)"""
     valid, report = check_space("prefill_attention", SHAPES["prefill_attention"][0], "float16", "m1")
-    assert report.total == 4800
+    assert report.total == 4800 * 4 * 2 * 4   # d_block 0/16/32/64, score_type float/half, heads 1/2/4/8
     packed = {("threadgroup", 32, 8), ("threadgroup", 32, 16), ("threadgroup", 32, 32),
               ("threadgroup", 64, 8), ("threadgroup", 64, 16), ("threadgroup", 64, 32),
               ("registers", 32, 8), ("registers", 32, 16), ("registers", 32, 32), ("registers", 32, 64)}
     padded = packed - {("threadgroup", 64, 32), ("registers", 32, 64)}
     for pad, pairs in ((False, packed), (True, padded)):
-        fixed = {"simdgroups": 4, "stage": "input", "double_buffer": False, "pad": pad}
+        fixed = {"simdgroups": 4, "stage": "input", "double_buffer": False, "pad": pad, "d_block": 0,
+                 "score_type": "float", "heads": 1}
         assert {(c["q_source"], c["BQ"], c["BK"]) for c in valid if fixed.items() <= c.items()} == pairs
         assert len([c for c in valid if fixed.items() <= c.items()]) == 3 * len(pairs)
 
