@@ -218,8 +218,8 @@ class Kernels:
         v = v.reshape(1, -1, a.num_key_value_heads, a.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q = attn.rope(q.transpose(0, 2, 1, 3), step.positions, step.longest)
-        k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, step.longest)
+        q = attn.rope(q.transpose(0, 2, 1, 3), step)
+        k = attn.rope(k.transpose(0, 2, 1, 3), step)
         return q, k, v.transpose(0, 2, 1, 3)
 
     def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:

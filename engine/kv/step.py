@@ -32,6 +32,7 @@ class Step:
         self.pool = pool
         self.sids, self.counts = list(counts), list(counts.values())
         self.starts = [pool.seq(s).length for s in self.sids]
+        self.firsts = [pool.seq(s).next_position for s in self.sids]   # each sequence's first new position (RoPE's)
         self.lengths = [s + n for s, n in zip(self.starts, self.counts)]
         positions, slots, rows, offset = [], [], [], 0
         for sid, n in zip(self.sids, self.counts):
