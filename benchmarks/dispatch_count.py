@@ -36,9 +36,9 @@ def ours(folder, backend, device, context, chunk):
         e = engine.load(folder, backend=backend, device=device, kv_tokens=context + chunk + 64)
     sid = e.add_sequence()
     prompt = [1 + i % 200 for i in range(context)]
-    dispatches.engine_pass(e, sid, prompt[:-chunk])                 # the cache before the counted passes
-    prefill = [dispatches.engine_pass(e, sid, prompt[-chunk:], layers=flag) for flag in (True, False)]
-    decode = [dispatches.engine_pass(e, sid, [7], layers=flag) for flag in (True, False)]
+    dispatches.engine_pass(e, {sid: prompt[:-chunk]})                 # the cache before the counted passes
+    prefill = [dispatches.engine_pass(e, {sid: prompt[-chunk:]}, layers=flag) for flag in (True, False)]
+    decode = [dispatches.engine_pass(e, {sid: [7]}, layers=flag) for flag in (True, False)]
     return e.args.num_hidden_layers, decode, prefill
 
 
@@ -88,10 +88,7 @@ def theirs(folder, context, chunk):
 
 
 def per_layer(pair, layers) -> collections.Counter:
-    full, outside = pair
-    diff = collections.Counter(full.kernels)
-    diff.subtract(outside.kernels)
-    return collections.Counter({k: v / layers for k, v in diff.items() if v})
+    return dispatches.per_layer(*pair, layers)
 
 
 def demo_folders(root: Path) -> list[Path]:

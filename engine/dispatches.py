@@ -216,20 +216,27 @@ def count(rec: _Recorder, outputs) -> Counts:
     return rec.counts
 
 
-def engine_pass(e, sid: int, ids: list[int], layers: bool = True) -> Counts:
-    """Counts of one forward pass of engine `e` appending `ids` to sequence `sid` (the pool is
-    written as in `Engine.step`); `layers=False` counts the pass without its decoder layers (the
-    embedding, final norm and head), so a layer's share is (all - outside) / layers."""
+def engine_pass(e, tokens: dict[int, list[int]], layers: bool = True) -> Counts:
+    """Counts of one forward pass of engine `e` appending `tokens[sid]` to each sequence (one
+    step, the pool written as in `Engine.step`); `layers=False` counts the pass without its
+    decoder layers (the embedding, final norm and head), so a layer's share is (all - outside) / layers."""
     model = e.model
     saved = model.layers
     model.layers = saved if layers else []
     try:
         with metal_available(), counting() as rec:
-            step = e.pool.begin({sid: len(ids)})
-            logits = model.forward(step, mx.array(ids, dtype=mx.int32))
-            step.commit([ids])
+            step = e.pool.begin({sid: len(ids) for sid, ids in tokens.items()})
+            logits = model.forward(step, mx.array([t for ids in tokens.values() for t in ids], dtype=mx.int32))
+            step.commit(list(tokens.values()))
         counts = count(rec, [logits] + e.pool.storage.arrays())
     finally:
         model.layers = saved
     mx.eval(logits, e.pool.storage.arrays())
     return counts
+
+
+def per_layer(full: Counts, outside: Counts, layers: int) -> collections.Counter:
+    """Kernels per decoder layer by kind: (a pass - the same pass without its layers) / layers."""
+    diff = collections.Counter(full.kernels)
+    diff.subtract(outside.kernels)
+    return collections.Counter({k: v / layers for k, v in diff.items() if v})

@@ -246,11 +246,10 @@ class Kernels:
         sdpa = softcapped_attention(softcap) if softcap else mx.fast.scaled_dot_product_attention
         extra = {} if sinks is None else {"sinks": sinks.astype(q.dtype)}
         if L == 1:
-            def mlx_op():
-                outs = []
-                for b in range(B):   # the K/V read are a view of the pool when the sequence is one run of blocks
-                    outs.append(kv.attend(q[b:b + 1], b, scale, window=window, sdpa=sdpa, **extra))
-                return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+            def mlx_op():   # one sequence: its K/V a view of the pool when one run of blocks; several: one call
+                if B == 1:
+                    return kv.attend(q, 0, scale, window=window, sdpa=sdpa, **extra)
+                return kv.attend_batch(q, scale, window=window, sdpa=sdpa, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         else:
             def mlx_op():
@@ -326,8 +325,9 @@ def softcapped_attention(cap: float):
         q = (q * scale).reshape(B, Hkv, Hq // Hkv, L, D)
         scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
         scores = mx.tanh(scores / cap) * cap
-        if mask is not None:
-            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        if mask is not None:   # (L, S), or (B, 1, L, S) given a KV-head group axis
+            scores = mx.where(mask if mask.ndim < 4 else mx.expand_dims(mask, 2), scores,
+                              mx.array(mx.finfo(scores.dtype).min, scores.dtype))
         out = mx.softmax(scores, axis=-1, precise=True) @ mx.expand_dims(v, 2)
         return out.reshape(B, Hq, L, D)
     return sdpa

@@ -94,8 +94,8 @@ def test_a_forward_pass_makes_no_host_synchronisation(tmp_path, backend):
     with dispatches.metal_available():
         e = engine.load(folder, backend=backend, device="m3-max-40", kv_tokens=256)
     sid = e.add_sequence()
-    prefill = dispatches.engine_pass(e, sid, list(range(2, 40)))
-    decode = dispatches.engine_pass(e, sid, [5])
+    prefill = dispatches.engine_pass(e, {sid: list(range(2, 40))})
+    decode = dispatches.engine_pass(e, {sid: [5]})
     assert prefill.syncs == 0 and decode.syncs == 0, (prefill.host_syncs, decode.host_syncs)
     ours = sum(n for k, n in decode.kernels.items() if k.startswith("metal_kernel:"))
     assert (ours > 0) == (backend == "metal")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from metalforge.engine.kv.storage import gather_slots, put
 from metalforge.errors import MetalforgeError
 
 BITS = (4, 8)
@@ -65,15 +66,13 @@ class QuantizedStorage:
 
     def write(self, layer: int, where, k: mx.array, v: mx.array) -> None:
         """k, v: (kv_heads, tokens, head_dim), quantized into the slots `where`."""
-        for store, x in ((self.k[layer], k), (self.v[layer], v)):
-            for part, q in zip(store, mx.quantize(x.astype(self.dtype), group_size=self.group_size, bits=self.bits)):
-                part[:, where] = q.astype(part.dtype)
+        self.write_quantized(layer, where, *(mx.quantize(x.astype(self.dtype), group_size=self.group_size,
+                                                         bits=self.bits) for x in (k, v)))
 
     def write_quantized(self, layer: int, where, k: list[mx.array], v: list[mx.array]) -> None:
         """Codes, scales and biases (each (kv_heads, tokens, ...)) stored as they are (prompt caches)."""
         for store, parts in ((self.k[layer], k), (self.v[layer], v)):
-            for part, q in zip(store, parts):
-                part[:, where] = q.astype(part.dtype)
+            store[:] = [put(part, where, q.astype(part.dtype)) for part, q in zip(store, parts)]
 
     def read_quantized(self, layer: int, runs: list[tuple[int, int]]) -> tuple[list[mx.array], list[mx.array]]:
         """The codes, scales and biases of `runs`, each (1, kv_heads, tokens, ...)."""
@@ -90,6 +89,15 @@ class QuantizedStorage:
         k, v = self.read_quantized(layer, runs)
         return tuple(mx.dequantize(*x, group_size=self.group_size, bits=self.bits).astype(self.dtype) for x in (k, v))
 
+    def gather_quantized(self, layer: int, slots: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+        """The codes, scales and biases at `slots` (sequences, keys), each (sequences, kv_heads, keys, ...)."""
+        return [gather_slots(p, slots) for p in self.k[layer]], [gather_slots(p, slots) for p in self.v[layer]]
+
+    def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]:
+        """K and V at `slots` (sequences, keys) dequantized, (sequences, kv_heads, keys, head_dim)."""
+        k, v = self.gather_quantized(layer, slots)
+        return tuple(mx.dequantize(*x, group_size=self.group_size, bits=self.bits).astype(self.dtype) for x in (k, v))
+
     def paged(self, layer: int):
         raise MetalforgeError("no decode kernel of ours reads a quantized KV pool yet")
 
@@ -103,7 +111,7 @@ def attention(q: mx.array, k: list[mx.array], v: list[mx.array], scale: float, m
               group_size: int) -> mx.array:
     """q (1, Hq, L, D) over quantized k and v ((1, Hkv, T, ...) codes, scales, biases): softmax(q
     k^T * scale) v with both products on the codes. Query heads sharing a KV head are grouped
-    as rows of one product. mask: (L, T) bool or None."""
+    as rows of one product. mask: (L, T) or (B, 1, L, T) bool, or None."""
     B, Hq, L, D = q.shape
     Hkv = k[0].shape[1]
     rep = Hq // Hkv
@@ -112,7 +120,7 @@ def attention(q: mx.array, k: list[mx.array], v: list[mx.array], scale: float, m
     v = [mx.expand_dims(x, 2) for x in v]
     scores = mx.quantized_matmul(qg, *k, transpose=True, group_size=group_size, bits=bits)
     if mask is not None:
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        scores = mx.where(mask if mask.ndim < 4 else mx.expand_dims(mask, 2), scores, mx.finfo(scores.dtype).min)
     weights = mx.softmax(scores, axis=-1, precise=True)
     out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
     return out.reshape(B, Hq, L, D)

@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from metalforge.engine.kv import quantized
 from metalforge.engine.kv.spec import FullAttention
+from metalforge.intmath import cdiv
 
 
 @dataclass(frozen=True)
@@ -82,15 +84,19 @@ class Step:
 
     def mask(self, layer: int, b: int, window: int | None = None) -> mx.array:
         """(new tokens, keys read) bool: which keys each of sequence b's new tokens sees; `window`:
-        a layer's own sliding window besides (the latest `window` positions, its own included)."""
-        keys = mx.concatenate([mx.arange(a, e) for a, e in self.reads(layer, b) if e > a])
-        queries = mx.arange(self.starts[b], self.lengths[b])
-        visible = self.pool.spec(layer, self.sids[b]).visible(keys, queries)
-        return visible if window is None else visible & (keys[None, :] > queries[:, None] - window)
+        a layer's own sliding window besides (the latest `window` positions, its own included).
+        Built on the host (numpy): a leaf array, no kernel."""
+        keys = np.concatenate([np.arange(a, e) for a, e in self.reads(layer, b) if e > a])
+        return mx.array(self.visible(layer, b, keys, np.arange(self.starts[b], self.lengths[b]), window))
+
+    def visible(self, layer: int, b: int, keys: np.ndarray, queries: np.ndarray, window: int | None) -> np.ndarray:
+        """(queries, keys) bool of host positions: what sequence b's spec, its length and `window` let each query see."""
+        seen = self.pool.spec(layer, self.sids[b]).visible(keys, queries) & (keys[None, :] < self.lengths[b])
+        return seen if window is None else seen & (keys[None, :] > queries[:, None] - window)
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
         """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads."""
-        self.pool.storage.write(layer, self.where, k[0], v[0])
+        self.pool.storage.write(layer, self.where, k.squeeze(0), v.squeeze(0))   # a view: x[0] is a Gather
         return LayerKV(self, layer, k, v)
 
     def block_table(self, members: tuple[int, ...], width: int) -> tuple[mx.array, mx.array]:
@@ -177,6 +183,27 @@ class GroupKV:
                                        **self.quantization)
         k, v = pool.read(self.kv.layer, runs)
         return sdpa(q, latest(k), latest(v), scale=scale, mask=mask, **extra)
+
+    def attend_batch(self, q: mx.array, scale: float, window: int | None = None,
+                     sdpa=mx.fast.scaled_dot_product_attention, **extra) -> mx.array:
+        """MLX's attention of one new token of every member, q (B, Hq, 1, D), in one call: the
+        members' K/V gathered through their blocks into (B, kv_heads, S, D) (S: the longest
+        member's blocks' slots) and a (B, 1, 1, S) mask of the keys each member sees (its spec,
+        its length, `window`), both indices and mask built on the host. Dispatches: one Gather
+        for K and one for V (for each of codes, scales and biases when quantized), then the
+        attention, whatever B."""
+        step, layer = self.kv.step, self.kv.layer
+        pool, bs = step.pool, step.pool.block_size
+        blocks = pool.blocks_of([step.sids[b] for b in self.group.members], cdiv(self.longest, bs))
+        slots = mx.array((blocks[:, :, None] * bs + np.arange(bs)).reshape(len(blocks), -1))
+        keys = np.arange(slots.shape[1])
+        mask = mx.array(np.stack([step.visible(layer, b, keys, np.array([step.lengths[b] - 1]), window)
+                                  for b in self.group.members]))[:, None]
+        if self.quantization and sdpa is mx.fast.scaled_dot_product_attention and not extra:
+            k, v = pool.storage.gather_quantized(layer, slots)
+            return quantized.attention(q, k, v, scale, mask, **self.quantization)
+        k, v = pool.storage.gather(layer, slots)
+        return sdpa(q, k, v, scale=scale, mask=mask, **extra)
 
     def pool_sizes(self) -> dict:
         """The pool's layout as attention's op sees it: block size, blocks, and the widest block

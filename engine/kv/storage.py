@@ -32,6 +32,8 @@ class Storage(Protocol):
 
     def paged(self, layer: int) -> tuple[mx.array, mx.array]: ...
 
+    def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]: ...
+
     def copy(self, src: slice, dst: slice) -> None: ...
 
 
@@ -58,8 +60,8 @@ class DenseStorage:
 
     def write(self, layer: int, where, k: mx.array, v: mx.array) -> None:
         """k, v: (kv_heads, tokens, head_dim) into the slots `where` (a slice or an index array)."""
-        self.k[layer][:, where] = k.astype(self.dtype)
-        self.v[layer][:, where] = v.astype(self.dtype)
+        self.k[layer] = put(self.k[layer], where, k.astype(self.dtype))
+        self.v[layer] = put(self.v[layer], where, v.astype(self.dtype))
 
     def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]:
         """The K and V of `runs` ((first slot, count) each) as (1, kv_heads, tokens, head_dim): a
@@ -78,7 +80,29 @@ class DenseStorage:
         shape = (self.kv_heads, self.num_blocks, self.block_size, self.head_dim)
         return self.k[layer].reshape(shape), self.v[layer].reshape(shape)
 
+    def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]:
+        """K and V at `slots` (sequences, keys), (sequences, kv_heads, keys, head_dim): one
+        Gather each, for attention over several sequences."""
+        return gather_slots(self.k[layer], slots), gather_slots(self.v[layer], slots)
+
     def copy(self, src: slice, dst: slice) -> None:
         for layer in range(self.layers):
             self.k[layer][:, dst] = self.k[layer][:, src]
             self.v[layer][:, dst] = self.v[layer][:, src]
+
+
+def put(x: mx.array, where, rows: mx.array) -> mx.array:
+    """x (kv_heads, slots, features) with `rows` (kv_heads, tokens, features) in the slots
+    `where`: one kernel, a slice update for a slice, else a scatter along the slot axis
+    (indexed assignment adds index arithmetic kernels of its own)."""
+    if isinstance(where, slice):
+        x[:, where] = rows
+        return x
+    return mx.put_along_axis(x, where[None, :, None], rows, axis=1)
+
+
+def gather_slots(x: mx.array, slots: mx.array) -> mx.array:
+    """Rows of x (kv_heads, slots, features) at `slots` (sequences, keys), as (sequences,
+    kv_heads, keys, features): one Gather, the result a view of its output (gathering whole
+    blocks would need a copy to merge the block and in-block axes)."""
+    return mx.take(x, slots, axis=1).transpose(1, 0, 2, 3)   # not x[:, slots]: indexing adds index kernels
