@@ -252,8 +252,10 @@ class Kernels:
                 return kv.attend_batch(q, scale, window=window, sdpa=sdpa, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         else:
+            plain = window is None and not softcap and not kv.mlx_only   # MLX's causal mask, no mask array
+
             def mlx_op():
-                return kv.attend(q, 0, scale, kv.mask(window), sdpa=sdpa, **extra)
+                return kv.attend(q, 0, scale, "causal" if plain else kv.mask(window), sdpa=sdpa, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
         if softcap:
             mlx_kernel = "MLX composition (soft-capped scores)"

@@ -54,6 +54,7 @@ class Step:
         self.groups = self._groups()
         self._tables: dict[tuple, tuple] = {}
         self._runs: dict[tuple, list] = {}
+        self._masks: dict[tuple, mx.array] = {}
 
     def _groups(self) -> list[Group]:
         out, start = [], 0
@@ -85,9 +86,12 @@ class Step:
     def mask(self, layer: int, b: int, window: int | None = None) -> mx.array:
         """(new tokens, keys read) bool: which keys each of sequence b's new tokens sees; `window`:
         a layer's own sliding window besides (the latest `window` positions, its own included).
-        Built on the host (numpy): a leaf array, no kernel."""
-        keys = np.concatenate([np.arange(a, e) for a, e in self.reads(layer, b) if e > a])
-        return mx.array(self.visible(layer, b, keys, np.arange(self.starts[b], self.lengths[b]), window))
+        Built on the host (numpy): a leaf array, no kernel; once per step for layers alike."""
+        key = (self.pool.spec(layer, self.sids[b]), b, window)
+        if key not in self._masks:
+            keys = np.concatenate([np.arange(a, e) for a, e in self.reads(layer, b) if e > a])
+            self._masks[key] = mx.array(self.visible(layer, b, keys, np.arange(self.starts[b], self.lengths[b]), window))
+        return self._masks[key]
 
     def visible(self, layer: int, b: int, keys: np.ndarray, queries: np.ndarray, window: int | None) -> np.ndarray:
         """(queries, keys) bool of host positions: what sequence b's spec, its length and `window` let each query see."""
