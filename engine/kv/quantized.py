@@ -9,13 +9,14 @@ with groups of 64 a float16 token's K/V takes 53% of the bytes at 8 bits, 28% at
 
 Attention multiplies the queries by the codes directly (mx.quantized_matmul, transposed for the
 scores, plain for the values), as mlx-lm's quantized scaled-dot-product attention does; MLX's
-fused attention op takes no quantized operands. No kernel of ours reads this layout yet.
+fused attention op takes no quantized operands. Our decode kernel reads the codes in place
+(its kv_bits variant, through `paged`).
 """
 from __future__ import annotations
 
 import mlx.core as mx
 
-from metalforge.engine.kv.storage import gather_slots, put
+from metalforge.engine.kv.storage import blocked, gather_slots, put
 from metalforge.errors import MetalforgeError
 
 BITS = (4, 8)
@@ -98,8 +99,14 @@ class QuantizedStorage:
         k, v = self.gather_quantized(layer, slots)
         return tuple(mx.dequantize(*x, group_size=self.group_size, bits=self.bits).astype(self.dtype) for x in (k, v))
 
-    def paged(self, layer: int):
-        raise MetalforgeError("no decode kernel of ours reads a quantized KV pool yet")
+    def paged(self, layer: int) -> dict[str, mx.array]:
+        """Our paged decode kernel's inputs: codes, scales and biases of K and V, each (kv_heads,
+        num_blocks, block_size, ...) views, by the names its kv_bits variant reads."""
+        out = {}
+        for name, parts in (("keys", self.k[layer]), ("values", self.v[layer])):
+            codes, scales, biases = (blocked(p, self.num_blocks) for p in parts)
+            out.update({name: codes, f"{name}_scales": scales, f"{name}_biases": biases})
+        return out
 
     def copy(self, src: slice, dst: slice) -> None:
         for store in self.k + self.v:

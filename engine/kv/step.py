@@ -156,11 +156,10 @@ class GroupKV:
 
     @property
     def mlx_only(self) -> bool:
-        """Whether only MLX's ops read it: its layer reads less than the whole history, or the
-        pool is quantized (no kernel of ours reads either yet)."""
+        """Whether only MLX's ops read it: its layer reads less than the whole history (a pool
+        window keeps sink positions no kernel of ours reads)."""
         step = self.kv.step
-        return self.quantization is not None or any(
-            not isinstance(step.pool.spec(self.kv.layer, step.sids[b]), FullAttention) for b in self.group.members)
+        return any(not isinstance(step.pool.spec(self.kv.layer, step.sids[b]), FullAttention) for b in self.group.members)
 
     @property
     def quantization(self) -> dict | None:
@@ -216,8 +215,8 @@ class GroupKV:
         return dict(block_size=pool.block_size, num_blocks=pool.num_blocks, width=pool.max_blocks * pool.block_size)
 
     def paged(self, width: int) -> dict:
-        """The inputs of our paged decode kernel: the pool (kv_heads, num_blocks, block_size,
-        head_dim), the members' block table `width` blocks wide, and their lengths."""
-        keys, values = self.kv.step.pool.storage.paged(self.kv.layer)
+        """The inputs of our paged decode kernel: the pool's K/V arrays (kv_heads, num_blocks,
+        block_size, ...; codes, scales and biases when quantized), the members' block table
+        `width` blocks wide, and their lengths."""
         table, lens = self.kv.step.block_table(self.group.members, width)
-        return {"keys": keys, "values": values, "block_table": table, "seq_lens": lens}
+        return {**self.kv.step.pool.storage.paged(self.kv.layer), "block_table": table, "seq_lens": lens}

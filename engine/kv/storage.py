@@ -30,7 +30,7 @@ class Storage(Protocol):
 
     def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]: ...
 
-    def paged(self, layer: int) -> tuple[mx.array, mx.array]: ...
+    def paged(self, layer: int) -> dict[str, mx.array]: ...
 
     def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]: ...
 
@@ -75,10 +75,9 @@ class DenseStorage:
             return (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1))[None]
         return take(self.k[layer]), take(self.v[layer])
 
-    def paged(self, layer: int) -> tuple[mx.array, mx.array]:
-        """(kv_heads, num_blocks, block_size, head_dim) views, as our paged decode kernel reads them."""
-        shape = (self.kv_heads, self.num_blocks, self.block_size, self.head_dim)
-        return self.k[layer].reshape(shape), self.v[layer].reshape(shape)
+    def paged(self, layer: int) -> dict[str, mx.array]:
+        """Our paged decode kernel's keys and values: (kv_heads, num_blocks, block_size, head_dim) views."""
+        return {"keys": blocked(self.k[layer], self.num_blocks), "values": blocked(self.v[layer], self.num_blocks)}
 
     def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]:
         """K and V at `slots` (sequences, keys), (sequences, kv_heads, keys, head_dim): one
@@ -89,6 +88,11 @@ class DenseStorage:
         for layer in range(self.layers):
             self.k[layer][:, dst] = self.k[layer][:, src]
             self.v[layer][:, dst] = self.v[layer][:, src]
+
+
+def blocked(x: mx.array, num_blocks: int) -> mx.array:
+    """x (kv_heads, slots, features) as (kv_heads, num_blocks, block_size, features): a view."""
+    return x.reshape(x.shape[0], num_blocks, -1, x.shape[-1])
 
 
 def put(x: mx.array, where, rows: mx.array) -> mx.array:
