@@ -14,7 +14,7 @@ pytest.importorskip("mlx_lm")
 from test_architectures import COMMON, build  # noqa: E402
 
 QWEN3 = dict(model_type="qwen3", **COMMON, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=32)
+             num_key_value_heads=2, head_dim=64)   # a head size our kernels serve
 CASES = {   # name: (architecture, config or None for test_architectures', engine options)
     "plain": ("qwen3", QWEN3, {}),
     "quantized kv": ("qwen3", QWEN3, {"kv_bits": 8, "kv_group_size": 32}),
