@@ -240,3 +240,89 @@ def per_layer(full: Counts, outside: Counts, layers: int) -> collections.Counter
     diff = collections.Counter(full.kernels)
     diff.subtract(outside.kernels)
     return collections.Counter({k: v / layers for k, v in diff.items() if v})
+
+
+# ---- whole models: the engine and mlx-lm on the same folder ---------------------------------------
+def _prompt(context: int) -> list[int]:
+    return [1 + i % 200 for i in range(context)]
+
+
+def engine_counts(folder, backend: str, device, context: int, chunk: int):
+    """(layers, [decode, decode without layers], [prefill, prefill without layers]) of the
+    engine on `backend` for a prefill chunk of `chunk` tokens and one decode step after
+    `context` cached tokens, on the paths a Mac takes."""
+    from metalforge import engine
+    with metal_available():
+        e = engine.load(folder, backend=backend, device=device, kv_tokens=context + chunk + 64)
+    sid = e.add_sequence()
+    prompt = _prompt(context)
+    engine_pass(e, {sid: prompt[:-chunk]})                 # the cache before the counted passes
+    prefill = [engine_pass(e, {sid: prompt[-chunk:]}, layers=flag) for flag in (True, False)]
+    decode = [engine_pass(e, {sid: [7]}, layers=flag) for flag in (True, False)]
+    return e.args.num_hidden_layers, decode, prefill
+
+
+class _PassThrough:
+    """An mlx-lm layer that hands its input on (its attributes, such as use_sliding, stay)."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+    def __call__(self, h, *_, **__):
+        return h
+
+
+def _mlx_lm_pass(model, cache, ids, layers=True) -> Counts:
+    inner = model.model
+    saved = inner.layers
+    inner.layers = saved if layers else [_PassThrough(layer) for layer in saved]
+    try:
+        with counting() as rec:
+            logits = model(mx.array([ids]), cache=cache)
+        states = [a for c in cache for a in c.state if isinstance(a, mx.array)]
+        counts = count(rec, [logits] + states)
+    finally:
+        inner.layers = saved
+    mx.eval(logits, states)
+    return counts
+
+
+def mlx_lm_counts(folder, context: int, chunk: int):
+    """As engine_counts, for mlx-lm's own model and cache on the same folder."""
+    from pathlib import Path
+
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+    with metal_available():
+        model, _ = load_model(Path(folder))
+    prompt = _prompt(context)
+
+    def run(layers):
+        cache = make_prompt_cache(model)
+        _mlx_lm_pass(model, cache, prompt[:-chunk])
+        prefill = _mlx_lm_pass(model, cache, prompt[-chunk:], layers)
+        decode = _mlx_lm_pass(model, cache, [7], layers)
+        return decode, prefill
+    (d_all, p_all), (d_out, p_out) = run(True), run(False)
+    return len(model.model.layers), [d_all, d_out], [p_all, p_out]
+
+
+def decode_dispatches(folder, backend: str = "metal", device=None, context: int = 256) -> dict:
+    """Kernels one decode step launches per token and per layer, and host syncs, the engine's
+    and mlx-lm's (None when mlx-lm is not installed), for `metalforge bench --model`."""
+    def figures(layers, decode):
+        return {"per_token": decode[0].total, "per_layer": sum(per_layer(*decode, layers).values()),
+                "host_syncs": decode[0].syncs}
+    chunk = max(1, min(16, context // 2))   # the prompt before it: a cached part and a chunk
+    layers, decode, _ = engine_counts(folder, backend, device, max(context, 2), chunk)
+    out = {"metalforge": figures(layers, decode), "mlx-lm": None}
+    try:
+        import mlx_lm  # noqa: F401  (optional: the figures side by side when installed)
+    except ImportError:
+        return out
+    layers, decode, _ = mlx_lm_counts(folder, max(context, 2), chunk)
+    out["mlx-lm"] = figures(layers, decode)
+    return out

@@ -99,3 +99,23 @@ def test_a_forward_pass_makes_no_host_synchronisation(tmp_path, backend):
     assert prefill.syncs == 0 and decode.syncs == 0, (prefill.host_syncs, decode.host_syncs)
     ours = sum(n for k, n in decode.kernels.items() if k.startswith("metal_kernel:"))
     assert (ours > 0) == (backend == "metal")
+
+
+@pytest.mark.parametrize("backend", ["metal", "mlx"])
+def test_rope_is_one_fast_rope_for_q_and_one_for_k_per_layer(tmp_path, backend):
+    """A prompt, one decode token, and three sequences decoding at different positions (one call
+    with an offset each): per layer two mx.fast.rope and none of the elementwise rotation's
+    kernels (cos, sin, the halves' products and concatenation)."""
+    from metalforge import engine
+    from metalforge.testing import write_model
+    folder = write_model(tmp_path / "m", quantized=(4, 64), dtype=mx.float16, layers=2)
+    with dispatches.metal_available():
+        e = engine.load(folder, backend=backend, device="m3-max-40", kv_tokens=512)
+    sids = [e.add_sequence() for _ in range(3)]
+    for sid, n in zip(sids, (5, 17, 40)):
+        dispatches.engine_pass(e, {sid: list(range(2, 2 + n))})
+    for tokens in ({sids[0]: list(range(3, 20))}, {sids[1]: [5]}, {sid: [6] for sid in sids}):
+        full, outside = (dispatches.engine_pass(e, tokens, layers=flag) for flag in (True, False))
+        kinds = dispatches.per_layer(full, outside, 2)
+        assert kinds["mx.fast.rope"] == 2, kinds
+        assert not {"Cos", "Sin", "Concatenate"} & set(kinds), kinds
