@@ -48,13 +48,14 @@ def test_one_step_of_many_sequences_equals_each_alone(tmp_path, case):
     assert any("decode attention" in op for op in report)
 
 
-@pytest.mark.parametrize("options,arrays,more", [({}, 2, {}), ({"kv_bits": 8, "kv_group_size": 32}, 6, {"Select": 1})],
+@pytest.mark.parametrize("options,arrays,more", [({}, 1, {}), ({"kv_bits": 8, "kv_group_size": 32}, 3, {"Select": 1})],
                          ids=["dense", "quantized"])
 def test_a_decode_step_of_three_sequences_costs_only_the_gathers_more_than_one(tmp_path, options, arrays, more):
     """Per layer, three sequences decoded together launch what one does plus a gather of each
-    K/V array (dense: K and V; quantized: codes, scales and biases of each) and, quantized, the
-    mask's select (MLX's fused attention takes the mask inside), and write their slots with a
-    scatter (they are not consecutive) where one writes a slice: no attention call per sequence."""
+    of the layer's K/V arrays (dense: one holding K and V; quantized: codes, scales and biases)
+    and, quantized, the mask's select (MLX's fused attention takes the mask inside), and write
+    their slots with a scatter (they are not consecutive) where one writes a slice: no
+    attention call per sequence."""
     build(tmp_path, "qwen3", config=QWEN3)
     with dispatches.metal_available():
         e = engine.load(tmp_path, backend="mlx", kv_tokens=512, block_size=4, **options)

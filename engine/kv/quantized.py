@@ -1,10 +1,10 @@
 """Quantized K/V storage (engine.load(kv_bits=8|4, kv_group_size=32|64|128)) and attention that
 reads it without dequantizing the whole history.
 
-Per layer, K and V are each three arrays in mx.quantize's layout along head_dim: codes (kv_heads,
-slots, head_dim * bits / 32) uint32, and scales and biases (kv_heads, slots, head_dim /
-group_size) in the model's dtype. Every write quantizes (prompt, decode, prompt-cache loads), so
-with groups of 64 a float16 token's K/V takes 53% of the bytes at 8 bits, 28% at 4
+Per layer, three arrays in mx.quantize's layout along head_dim, each holding K then V along its
+first axis (as dense storage does): codes (2, kv_heads, slots, head_dim * bits / 32) uint32, and
+scales and biases (2, kv_heads, slots, head_dim / group_size) in the model's dtype. Every write
+quantizes (prompt, decode, prompt-cache loads), K and V in one call, so with groups of 64 a float16 token's K/V takes 53% of the bytes at 8 bits, 28% at 4
 (benchmarks/kv_memory.py).
 
 Attention multiplies the queries by the codes directly (mx.quantized_matmul, transposed for the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from metalforge.engine.kv.storage import blocked, gather_slots, put
+from metalforge.engine.kv.storage import blocked, gather_slots, half, put, take_runs
 from metalforge.errors import MetalforgeError
 
 BITS = (4, 8)
@@ -40,12 +40,11 @@ class QuantizedStorage:
         self.block_size, self.num_blocks, self.bits, self.group_size = block_size, num_blocks, bits, group_size
         slots = num_blocks * block_size
 
-        def empty():
-            return [mx.zeros((kv_heads, slots, head_dim * bits // 32), dtype=mx.uint32),
-                    mx.zeros((kv_heads, slots, head_dim // group_size), dtype=dtype),
-                    mx.zeros((kv_heads, slots, head_dim // group_size), dtype=dtype)]
-        self.k = [empty() for _ in range(layers)]
-        self.v = [empty() for _ in range(layers)]
+        def empty():   # codes, scales, biases, each K then V along the first axis (see storage.py)
+            return [mx.zeros((2, kv_heads, slots, head_dim * bits // 32), dtype=mx.uint32),
+                    mx.zeros((2, kv_heads, slots, head_dim // group_size), dtype=dtype),
+                    mx.zeros((2, kv_heads, slots, head_dim // group_size), dtype=dtype)]
+        self.kv = [empty() for _ in range(layers)]
         mx.eval(self.arrays())
 
     @staticmethod
@@ -63,24 +62,25 @@ class QuantizedStorage:
         return {"bits": self.bits, "group_size": self.group_size}
 
     def arrays(self) -> list[mx.array]:
-        return [a for parts in self.k + self.v for a in parts]
+        return [a for parts in self.kv for a in parts]
 
     def write(self, layer: int, where, k: mx.array, v: mx.array) -> None:
-        """k, v: (kv_heads, tokens, head_dim), quantized into the slots `where`."""
-        self.write_quantized(layer, where, *(mx.quantize(x.astype(self.dtype), group_size=self.group_size,
-                                                         bits=self.bits) for x in (k, v)))
+        """k, v: (kv_heads, tokens, head_dim), quantized together into the slots `where`: one
+        quantization and one write each of codes, scales and biases."""
+        self._put(layer, where, mx.quantize(mx.stack([k, v]).astype(self.dtype), group_size=self.group_size,
+                                            bits=self.bits))
 
     def write_quantized(self, layer: int, where, k: list[mx.array], v: list[mx.array]) -> None:
         """Codes, scales and biases (each (kv_heads, tokens, ...)) stored as they are (prompt caches)."""
-        for store, parts in ((self.k[layer], k), (self.v[layer], v)):
-            store[:] = [put(part, where, q.astype(part.dtype)) for part, q in zip(store, parts)]
+        self._put(layer, where, [mx.stack([a, b]) for a, b in zip(k, v)])
+
+    def _put(self, layer: int, where, parts) -> None:
+        self.kv[layer] = [put(x, where, q.astype(x.dtype)) for x, q in zip(self.kv[layer], parts)]
 
     def read_quantized(self, layer: int, runs: list[tuple[int, int]]) -> tuple[list[mx.array], list[mx.array]]:
         """The codes, scales and biases of `runs`, each (1, kv_heads, tokens, ...)."""
-        def take(x):
-            parts = [x[:, a:a + n] for a, n in runs]
-            return (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1))[None]
-        return [take(p) for p in self.k[layer]], [take(p) for p in self.v[layer]]
+        parts = [take_runs(x, runs) for x in self.kv[layer]]
+        return [half(x, 0)[None] for x in parts], [half(x, 1)[None] for x in parts]
 
     def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]:
         """K and V of `runs` dequantized, (1, kv_heads, tokens, head_dim)."""
@@ -91,8 +91,10 @@ class QuantizedStorage:
         return tuple(mx.dequantize(*x, group_size=self.group_size, bits=self.bits).astype(self.dtype) for x in (k, v))
 
     def gather_quantized(self, layer: int, slots: mx.array) -> tuple[list[mx.array], list[mx.array]]:
-        """The codes, scales and biases at `slots` (sequences, keys), each (sequences, kv_heads, keys, ...)."""
-        return [gather_slots(p, slots) for p in self.k[layer]], [gather_slots(p, slots) for p in self.v[layer]]
+        """The codes, scales and biases at `slots` (sequences, keys), each (sequences, kv_heads,
+        keys, ...): one Gather per array, K and V together."""
+        k, v = zip(*(gather_slots(x, slots) for x in self.kv[layer]))
+        return list(k), list(v)
 
     def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]:
         """K and V at `slots` (sequences, keys) dequantized, (sequences, kv_heads, keys, head_dim)."""
@@ -103,15 +105,15 @@ class QuantizedStorage:
         """Our paged decode kernel's inputs: codes, scales and biases of K and V, each (kv_heads,
         num_blocks, block_size, ...) views, by the names its kv_bits variant reads."""
         out = {}
-        for name, parts in (("keys", self.k[layer]), ("values", self.v[layer])):
-            codes, scales, biases = (blocked(p, self.num_blocks) for p in parts)
+        for i, name in enumerate(("keys", "values")):
+            codes, scales, biases = (blocked(half(x, i), self.num_blocks) for x in self.kv[layer])
             out.update({name: codes, f"{name}_scales": scales, f"{name}_biases": biases})
         return out
 
     def copy(self, src: slice, dst: slice) -> None:
-        for store in self.k + self.v:
-            for part in store:
-                part[:, dst] = part[:, src]
+        for parts in self.kv:
+            for x in parts:
+                x[:, :, dst] = x[:, :, src]
 
 
 def attention(q: mx.array, k: list[mx.array], v: list[mx.array], scale: float, mask, bits: int,
