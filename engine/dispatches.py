@@ -14,8 +14,9 @@ the count is taken on the graph, not on the CPU's execution:
 
 Known approximations, the same for every engine counted: a `Reshape` is counted as a copy kernel
 when a `Transpose` or `Broadcast` feeds it (MLX copies a non-contiguous array to reshape it; the
-graph carries no shapes, so a transpose that only moves size-1 axes is counted too), and a fast op
-is one dispatch even where MLX runs it in two kernels (two-pass decode attention) or falls back.
+graph carries no shapes or strides, so a transpose that moves only size-1 axes, which keeps the
+order of the elements, is built as the reshape it is while counting), and a fast op is one
+dispatch even where MLX runs it in two kernels (two-pass decode attention) or falls back.
 """
 from __future__ import annotations
 
@@ -85,6 +86,20 @@ def _counted_metal_kernel(real_factory):
     return factory
 
 
+def _transpose(original):
+    """mx.array.transpose while counting: a permutation that keeps the order of the axes longer
+    than 1 (a decode step's (1, H, 1, D) <-> (1, 1, H, D)) moves no element, so it is built as
+    a reshape and a reshape after it is not counted as a copy."""
+    def transpose(self, *axes, **kwargs):
+        perm = list(axes[0]) if len(axes) == 1 and isinstance(axes[0], (list, tuple)) else list(axes)
+        perm = [p % self.ndim for p in perm] or list(range(self.ndim))[::-1]
+        kept = [p for p in perm if self.shape[p] != 1]
+        if not kwargs and kept == sorted(kept):
+            return self.reshape([self.shape[p] for p in perm])
+        return original(self, *axes, **kwargs)
+    return transpose
+
+
 class _Recorder:
     def __init__(self):
         self.counts = Counts()
@@ -123,6 +138,7 @@ def counting():
     saved_fast = {n: getattr(mx.fast, n) for n in FAST_OPS + ("metal_kernel",)}
     saved_methods = {n: getattr(mx.array, n) for n in _SYNC_METHODS}
     saved_eval = mx.eval
+    saved_transpose = mx.array.transpose
 
     def sync(name, original):
         def wrapped(*args, **kwargs):
@@ -138,6 +154,7 @@ def counting():
         for n, original in saved_methods.items():
             setattr(mx.array, n, sync(n.strip("_"), original))
         mx.eval = sync("eval", saved_eval)
+        mx.array.transpose = _transpose(saved_transpose)
         yield rec
     finally:
         _active.remove(rec)
@@ -146,6 +163,7 @@ def counting():
         for n, f in saved_methods.items():
             setattr(mx.array, n, f)
         mx.eval = saved_eval
+        mx.array.transpose = saved_transpose
 
 
 _NODE = re.compile(r'\{ (\w+) \[label ="(\w+)", shape=rectangle\]; \}')

@@ -30,6 +30,18 @@ def test_reshape_of_a_transpose_is_a_copy():
     assert dispatches.count(rec, out).kernels == {"Reshape (copy)": 1}
 
 
+def test_a_transpose_moving_only_size_1_axes_is_a_view_and_keeps_the_values():
+    a = _leaf(1, 4, 1, 5)
+    with dispatches.counting() as rec:
+        t = a.transpose(0, 2, 1, 3)           # (1, 1, 4, 5): the elements keep their order
+        out = t.reshape(4, 5)
+        moved = _leaf(2, 4, 1, 5).transpose(1, 0, 2, 3).reshape(8, 5)   # moves a size-2 axis: a copy
+    assert dispatches.count(rec, out).kernels == {}
+    assert mx.array_equal(out, a.reshape(4, 5)) and t.shape == (1, 1, 4, 5)
+    assert dispatches.count(rec, moved).kernels == {"Reshape (copy)": 1}
+    assert mx.array.transpose(a, 0, 2, 1, 3).shape == (1, 1, 4, 5)   # restored after the block
+
+
 def test_fast_ops_and_custom_kernels_are_one_dispatch_each_and_their_inputs_are_counted():
     x, w = _leaf(1, 1, 64), _leaf(64)
     real_rms_norm = mx.fast.rms_norm
