@@ -2,7 +2,8 @@
 rotating store can replace today's dense one without the pool or the model changing.
 
 Dense storage: per layer one (2, kv_heads, num_blocks * block_size, head_dim) array, K then V,
-so a step writes both in one kernel (and a batch gathers both in one); K and V are views of it.
+so a step writes both with one kernel (after stacking them: a kernel that computes them side by
+side would spare that one) and a batch gathers both with one; K and V are views of it.
 Block b holds slots [b * block_size, (b + 1) * block_size) of every head. Head-major, because a
 sequence whose blocks are consecutive is then one strided slice per head, which MLX's attention
 reads in place: nothing per decoded token copies the sequence. Our decode kernel reads any block
