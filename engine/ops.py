@@ -46,7 +46,7 @@ def _attention_values(family: str, v: dict) -> dict | None:
     attention reads the pool through a table as wide as the context's power-of-two bucket, so
     the engine's shape is the tuned bucket's; it serves 1 to MAX_QUERY_TOKENS tokens a sequence
     (several: one sequence, as speculative decoding verifies), quantized K/V at one token a
-    sequence (a quantized pool's first prompt attends to its K/V as computed, as mlx-lm does)."""
+    sequence."""
     variant = {k: int(bool(v[k])) if k in ("softcap", "sinks") else v[k]
                for k in ("window", "softcap", "sinks", "kv_bits", "kv_group_size") if v.get(k)}
     if any(k not in get_family(family).variant_fields for k in variant):
@@ -271,7 +271,8 @@ class Kernels:
             mlx_kernel = "MLX composition (soft-capped scores)"
         elif kv.quantization and sinks is None:
             mlx_kernel = "mx.quantized_matmul attention (quantized KV)"
-        if self.backend == "mlx" or kv.mlx_only:   # no kernel of ours reads a pool window's sink positions
+        # no kernel of ours reads a pool window's sink positions, nor a lone first prompt's quantized K/V as computed
+        if self.backend == "mlx" or kv.mlx_only or (kv.quantization and kv.as_computed):
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
         values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes(),

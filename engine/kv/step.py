@@ -162,6 +162,15 @@ class GroupKV:
         return any(not isinstance(step.pool.spec(self.kv.layer, step.sids[b]), FullAttention) for b in self.group.members)
 
     @property
+    def as_computed(self) -> bool:
+        """Whether attention reads the step's K/V as computed, not as stored: a whole sequence's
+        first step alone (a prompt). Quantized, as mlx-lm attends to its first prompt chunk
+        before its cache is quantized; dense, the same values."""
+        step, b = self.kv.step, self.group.members[0]
+        return step.starts[b] == 0 and self.kv.k is not None and len(step.sids) == 1 and \
+            step.reads(self.kv.layer, b) == [(0, step.lengths[b])]
+
+    @property
     def quantization(self) -> dict | None:
         """{"bits", "group_size"} of a quantized pool, else None."""
         return getattr(self.kv.step.pool.storage, "quantization", None)
@@ -173,11 +182,7 @@ class GroupKV:
         One query (no mask) reads only the latest `window` keys when given; `extra`: sinks."""
         step, b = self.kv.step, self.group.members[i]
         pool, runs = step.pool, step.runs(self.kv.layer, b)
-        if step.starts[b] == 0 and self.kv.k is not None and len(step.sids) == 1 and \
-                step.reads(self.kv.layer, b) == [(0, step.lengths[b])]:
-            # a whole sequence's first step (a prompt) attends to its K/V as computed, not as
-            # stored: quantized, as mlx-lm attends to its first prompt chunk before its cache is
-            # quantized; dense, the same values
+        if self.as_computed:
             return sdpa(q, self.kv.k, self.kv.v, scale=scale, mask=mask, **extra)
         latest = (lambda x: x[:, :, -window:]) if window is not None and mask is None else (lambda x: x)
         if self.quantization and sdpa is mx.fast.scaled_dot_product_attention and not extra:
