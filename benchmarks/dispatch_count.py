@@ -3,6 +3,7 @@ kernels), the engine's MLX path, and mlx-lm, on the same model folders.
 
     python benchmarks/dispatch_count.py FOLDER [FOLDER ...] [--context 256] [--chunk 128]
     python benchmarks/dispatch_count.py --demo      # mlx-lm-built 4-bit llama and qwen3 folders
+    python benchmarks/dispatch_count.py --demo --out README.md   # and the README's table
 
 Counted on MLX's lazy graph (engine/dispatches.py): each primitive that launches a kernel on
 Metal, each mx.fast op and each of our metal_kernel calls as one, views as none; host
@@ -16,82 +17,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import io
 import sys
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 
-from metalforge import engine
 from metalforge.engine import dispatches
 from metalforge.files import write_section
 
 SIDES = ("ours (metal)", "ours (mlx)", "mlx-lm")
 
 
-def ours(folder, backend, device, context, chunk):
-    with dispatches.metal_available():
-        e = engine.load(folder, backend=backend, device=device, kv_tokens=context + chunk + 64)
-    sid = e.add_sequence()
-    prompt = [1 + i % 200 for i in range(context)]
-    dispatches.engine_pass(e, sid, prompt[:-chunk])                 # the cache before the counted passes
-    prefill = [dispatches.engine_pass(e, sid, prompt[-chunk:], layers=flag) for flag in (True, False)]
-    decode = [dispatches.engine_pass(e, sid, [7], layers=flag) for flag in (True, False)]
-    return e.args.num_hidden_layers, decode, prefill
-
-
-class _PassThrough:
-    """An mlx-lm layer that hands its input on (its attributes, such as use_sliding, stay)."""
-
-    def __init__(self, layer):
-        self._layer = layer
-
-    def __getattr__(self, name):
-        return getattr(self._layer, name)
-
-    def __call__(self, h, *_, **__):
-        return h
-
-
-def _mlx_lm_pass(model, cache, ids, layers=True):
-    inner = model.model
-    saved = inner.layers
-    inner.layers = saved if layers else [_PassThrough(layer) for layer in saved]
-    try:
-        with dispatches.counting() as rec:
-            logits = model(mx.array([ids]), cache=cache)
-        states = [a for c in cache for a in c.state if isinstance(a, mx.array)]
-        counts = dispatches.count(rec, [logits] + states)
-    finally:
-        inner.layers = saved
-    mx.eval(logits, states)
-    return counts
-
-
-def theirs(folder, context, chunk):
-    from mlx_lm.models.cache import make_prompt_cache
-    from mlx_lm.utils import load_model
-    with dispatches.metal_available():
-        model, _ = load_model(Path(folder))
-    prompt = [1 + i % 200 for i in range(context)]
-
-    def run(layers):
-        cache = make_prompt_cache(model)
-        _mlx_lm_pass(model, cache, prompt[:-chunk])
-        prefill = _mlx_lm_pass(model, cache, prompt[-chunk:], layers)
-        decode = _mlx_lm_pass(model, cache, [7], layers)
-        return decode, prefill
-    (d_all, p_all), (d_out, p_out) = run(True), run(False)
-    return len(model.model.layers), [d_all, d_out], [p_all, p_out]
-
-
 def per_layer(pair, layers) -> collections.Counter:
-    full, outside = pair
-    diff = collections.Counter(full.kernels)
-    diff.subtract(outside.kernels)
-    return collections.Counter({k: v / layers for k, v in diff.items() if v})
+    return dispatches.per_layer(*pair, layers)
 
 
 def demo_folders(root: Path) -> list[Path]:
@@ -114,25 +53,27 @@ def demo_folders(root: Path) -> list[Path]:
     return out
 
 
-def report(folder, results) -> tuple[float, float, int]:
+def report(folder, results) -> dict:
+    """Print one folder's counts (per token, per layer, outside the layers, by kind); return its
+    per-layer totals by side and pass, and ours's host syncs."""
     print(f"\n== {folder}")
+    totals = {}
     for what in ("decode", "prefill"):
         print(f"  {what}: kernels per token / per layer / outside the layers; host syncs per forward")
         rows = {}
         for side in SIDES:
             layers, pair = results[side]["layers"], results[side][what]
             rows[side] = per_layer(pair, layers)
+            totals[side, what] = sum(rows[side].values())
             full, outside = pair
-            print(f"    {side:13} {full.total:6d} / {sum(rows[side].values()):6.1f} / {outside.total:4d};"
+            print(f"    {side:13} {full.total:6d} / {totals[side, what]:6.1f} / {outside.total:4d};"
                   f" host syncs {full.syncs}")
         kinds = sorted(set(rows["ours (metal)"]) | set(rows["mlx-lm"]))
         delta = {k: rows["ours (metal)"].get(k, 0) - rows["mlx-lm"].get(k, 0) for k in kinds}
         shown = ", ".join(f"{k} {v:+g}" for k, v in delta.items() if v)
         print(f"    per layer, ours (metal) - mlx-lm by kind: {shown or 'none'}")
-    ours_layer = sum(per_layer(results["ours (metal)"]["decode"], results["ours (metal)"]["layers"]).values())
-    theirs_layer = sum(per_layer(results["mlx-lm"]["decode"], results["mlx-lm"]["layers"]).values())
-    syncs = results["ours (metal)"]["decode"][0].syncs
-    return ours_layer, theirs_layer, syncs
+    totals["syncs"] = max(results[side][what][0].syncs for side in SIDES[:2] for what in ("decode", "prefill"))
+    return totals
 
 
 def main(argv=None) -> int:
@@ -142,54 +83,51 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="m3-max-40", help="the device profile whose tuned configs the Metal path uses")
     p.add_argument("--context", type=int, default=300, help="tokens in the cache before the counted passes")
     p.add_argument("--chunk", type=int, default=128, help="prompt tokens in the counted prefill pass")
-    p.add_argument("--out", type=Path, help="also write the report into this Markdown file's 'Dispatches' section")
+    p.add_argument("--out", type=Path, help=f"also write the table into this Markdown file's '{HEADING}' section "
+                                            "(README.md)")
     args = p.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     folders = list(args.folders) + (demo_folders(Path(tmp.name)) if args.demo else [])
     if not folders:
         p.error("give model folders or --demo")
-    line = ""
-    printed = io.StringIO()
+    table, line = [], ""
     for folder in folders:
         results = {}
         for side, backend in (("ours (metal)", "metal"), ("ours (mlx)", "mlx")):
-            layers, decode, prefill = ours(folder, backend, args.device, args.context, args.chunk)
+            layers, decode, prefill = dispatches.engine_counts(folder, backend, args.device, args.context, args.chunk)
             results[side] = dict(layers=layers, decode=decode, prefill=prefill)
-        layers, decode, prefill = theirs(folder, args.context, args.chunk)
+        layers, decode, prefill = dispatches.mlx_lm_counts(folder, args.context, args.chunk)
         results["mlx-lm"] = dict(layers=layers, decode=decode, prefill=prefill)
-        with contextlib.redirect_stdout(Tee(printed)):
-            n, m, k = report(folder.name if args.demo else folder, results)
-        line = f"dispatches per layer (decode): ours {n:g}, mlx-lm {m:g}; host syncs per forward: {k}"
+        name = folder.name if args.demo else str(folder)
+        t = report(name, results)
+        table.append(f"| {name} | {t['ours (metal)', 'decode']:g} | {t['ours (mlx)', 'decode']:g} | "
+                     f"{t['mlx-lm', 'decode']:g} | {t['ours (metal)', 'prefill']:g} | {t['mlx-lm', 'prefill']:g} | "
+                     f"{t['syncs']} |")
+        line = (f"dispatches per layer (decode): ours {t['ours (metal)', 'decode']:g}, mlx-lm {t['mlx-lm', 'decode']:g}; "
+                f"host syncs per forward: {t['syncs']}")
     print(line)
     if args.out:
-        write_section(args.out, "Dispatches per token", SECTION.format(
-            command=" ".join(["python benchmarks/dispatch_count.py"] + (argv if argv is not None else sys.argv[1:])),
-            report=printed.getvalue().strip() + "\n" + line))
+        command = " ".join(["python benchmarks/dispatch_count.py"] + (argv if argv is not None else sys.argv[1:]))
+        write_section(args.out, HEADING, SECTION.format(heading=HEADING, command=command, chunk=args.chunk,
+                                                        context=args.context, rows="\n".join(table), line=line))
     return 0
 
 
-class Tee(io.TextIOBase):
-    """Print and keep: the report goes to the terminal and into the Markdown file."""
+HEADING = "Dispatches per layer"
+SECTION = """## {heading}
 
-    def __init__(self, kept: io.StringIO):
-        self.kept = kept
+Metal kernels a Mac would launch per decoder layer, counted on MLX's graph (each kernel-launching
+primitive, `mx.fast` op and `metal_kernel` call once; views none: `engine/dispatches.py`), for
+one decode step after {context} tokens and one prefill chunk of {chunk}: the engine's Metal path
+(our kernels), its MLX path, and mlx-lm on the same mlx-lm-built folders. Counts, not times.
+Written by `{command}`.
 
-    def write(self, text: str) -> int:
-        sys.__stdout__.write(text)
-        return self.kept.write(text)
+| model | decode: ours (Metal path) | decode: ours (MLX path) | decode: mlx-lm | prefill: ours (Metal path) | prefill: mlx-lm | host syncs per forward (ours) |
+|---|---:|---:|---:|---:|---:|---:|
+{rows}
 
-
-SECTION = """## Dispatches per token
-
-Written by `{command}`: Metal kernels a Mac would launch for one decode step and one prefill
-chunk (counted on MLX's graph; see `engine/dispatches.py` for what counts and its two
-approximations), the engine's Metal path (our kernels), its MLX path, and mlx-lm, side by side.
-
-```
-{report}
-```
+`{line}`
 """
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,9 @@ the count is taken on the graph, not on the CPU's execution:
 
 Known approximations, the same for every engine counted: a `Reshape` is counted as a copy kernel
 when a `Transpose` or `Broadcast` feeds it (MLX copies a non-contiguous array to reshape it; the
-graph carries no shapes, so a transpose that only moves size-1 axes is counted too), and a fast op
-is one dispatch even where MLX runs it in two kernels (two-pass decode attention) or falls back.
+graph carries no shapes or strides, so a transpose that moves only size-1 axes, which keeps the
+order of the elements, is built as the reshape it is while counting), and a fast op is one
+dispatch even where MLX runs it in two kernels (two-pass decode attention) or falls back.
 """
 from __future__ import annotations
 
@@ -85,6 +86,20 @@ def _counted_metal_kernel(real_factory):
     return factory
 
 
+def _transpose(original):
+    """mx.array.transpose while counting: a permutation that keeps the order of the axes longer
+    than 1 (a decode step's (1, H, 1, D) <-> (1, 1, H, D)) moves no element, so it is built as
+    a reshape and a reshape after it is not counted as a copy."""
+    def transpose(self, *axes, **kwargs):
+        perm = list(axes[0]) if len(axes) == 1 and isinstance(axes[0], (list, tuple)) else list(axes)
+        perm = [p % self.ndim for p in perm] or list(range(self.ndim))[::-1]
+        kept = [p for p in perm if self.shape[p] != 1]
+        if not kwargs and kept == sorted(kept):
+            return self.reshape([self.shape[p] for p in perm])
+        return original(self, *axes, **kwargs)
+    return transpose
+
+
 class _Recorder:
     def __init__(self):
         self.counts = Counts()
@@ -123,6 +138,7 @@ def counting():
     saved_fast = {n: getattr(mx.fast, n) for n in FAST_OPS + ("metal_kernel",)}
     saved_methods = {n: getattr(mx.array, n) for n in _SYNC_METHODS}
     saved_eval = mx.eval
+    saved_transpose = mx.array.transpose
 
     def sync(name, original):
         def wrapped(*args, **kwargs):
@@ -138,6 +154,7 @@ def counting():
         for n, original in saved_methods.items():
             setattr(mx.array, n, sync(n.strip("_"), original))
         mx.eval = sync("eval", saved_eval)
+        mx.array.transpose = _transpose(saved_transpose)
         yield rec
     finally:
         _active.remove(rec)
@@ -146,6 +163,7 @@ def counting():
         for n, f in saved_methods.items():
             setattr(mx.array, n, f)
         mx.eval = saved_eval
+        mx.array.transpose = saved_transpose
 
 
 _NODE = re.compile(r'\{ (\w+) \[label ="(\w+)", shape=rectangle\]; \}')
@@ -216,20 +234,113 @@ def count(rec: _Recorder, outputs) -> Counts:
     return rec.counts
 
 
-def engine_pass(e, sid: int, ids: list[int], layers: bool = True) -> Counts:
-    """Counts of one forward pass of engine `e` appending `ids` to sequence `sid` (the pool is
-    written as in `Engine.step`); `layers=False` counts the pass without its decoder layers (the
-    embedding, final norm and head), so a layer's share is (all - outside) / layers."""
+def engine_pass(e, tokens: dict[int, list[int]], layers: bool = True) -> Counts:
+    """Counts of one forward pass of engine `e` appending `tokens[sid]` to each sequence (one
+    step, the pool written as in `Engine.step`); `layers=False` counts the pass without its
+    decoder layers (the embedding, final norm and head), so a layer's share is (all - outside) / layers."""
     model = e.model
     saved = model.layers
     model.layers = saved if layers else []
     try:
         with metal_available(), counting() as rec:
-            step = e.pool.begin({sid: len(ids)})
-            logits = model.forward(step, mx.array(ids, dtype=mx.int32))
-            step.commit([ids])
+            step = e.pool.begin({sid: len(ids) for sid, ids in tokens.items()})
+            logits = model.forward(step, mx.array([t for ids in tokens.values() for t in ids], dtype=mx.int32))
+            step.commit(list(tokens.values()))
         counts = count(rec, [logits] + e.pool.storage.arrays())
     finally:
         model.layers = saved
     mx.eval(logits, e.pool.storage.arrays())
     return counts
+
+
+def per_layer(full: Counts, outside: Counts, layers: int) -> collections.Counter:
+    """Kernels per decoder layer by kind: (a pass - the same pass without its layers) / layers."""
+    diff = collections.Counter(full.kernels)
+    diff.subtract(outside.kernels)
+    return collections.Counter({k: v / layers for k, v in diff.items() if v})
+
+
+# ---- whole models: the engine and mlx-lm on the same folder ---------------------------------------
+def _prompt(context: int) -> list[int]:
+    return [1 + i % 200 for i in range(context)]
+
+
+def engine_counts(folder, backend: str, device, context: int, chunk: int):
+    """(layers, [decode, decode without layers], [prefill, prefill without layers]) of the
+    engine on `backend` for a prefill chunk of `chunk` tokens and one decode step after
+    `context` cached tokens, on the paths a Mac takes."""
+    from metalforge import engine
+    with metal_available():
+        e = engine.load(folder, backend=backend, device=device, kv_tokens=context + chunk + 64)
+    sid = e.add_sequence()
+    prompt = _prompt(context)
+    engine_pass(e, {sid: prompt[:-chunk]})                 # the cache before the counted passes
+    prefill = [engine_pass(e, {sid: prompt[-chunk:]}, layers=flag) for flag in (True, False)]
+    decode = [engine_pass(e, {sid: [7]}, layers=flag) for flag in (True, False)]
+    return e.args.num_hidden_layers, decode, prefill
+
+
+class _PassThrough:
+    """An mlx-lm layer that hands its input on (its attributes, such as use_sliding, stay)."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+    def __call__(self, h, *_, **__):
+        return h
+
+
+def _mlx_lm_pass(model, cache, ids, layers=True) -> Counts:
+    inner = model.model
+    saved = inner.layers
+    inner.layers = saved if layers else [_PassThrough(layer) for layer in saved]
+    try:
+        with counting() as rec:
+            logits = model(mx.array([ids]), cache=cache)
+        states = [a for c in cache for a in c.state if isinstance(a, mx.array)]
+        counts = count(rec, [logits] + states)
+    finally:
+        inner.layers = saved
+    mx.eval(logits, states)
+    return counts
+
+
+def mlx_lm_counts(folder, context: int, chunk: int):
+    """As engine_counts, for mlx-lm's own model and cache on the same folder."""
+    from pathlib import Path
+
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+    with metal_available():
+        model, _ = load_model(Path(folder))
+    prompt = _prompt(context)
+
+    def run(layers):
+        cache = make_prompt_cache(model)
+        _mlx_lm_pass(model, cache, prompt[:-chunk])
+        prefill = _mlx_lm_pass(model, cache, prompt[-chunk:], layers)
+        decode = _mlx_lm_pass(model, cache, [7], layers)
+        return decode, prefill
+    (d_all, p_all), (d_out, p_out) = run(True), run(False)
+    return len(model.model.layers), [d_all, d_out], [p_all, p_out]
+
+
+def decode_dispatches(folder, backend: str = "metal", device=None, context: int = 256) -> dict:
+    """Kernels one decode step launches per token and per layer, and host syncs, the engine's
+    and mlx-lm's (None when mlx-lm is not installed), for `metalforge bench --model`."""
+    def figures(layers, decode):
+        return {"per_token": decode[0].total, "per_layer": sum(per_layer(*decode, layers).values()),
+                "host_syncs": decode[0].syncs}
+    chunk = max(1, min(16, context // 2))   # the prompt before it: a cached part and a chunk
+    layers, decode, _ = engine_counts(folder, backend, device, max(context, 2), chunk)
+    out = {"metalforge": figures(layers, decode), "mlx-lm": None}
+    try:
+        import mlx_lm  # noqa: F401  (optional: the figures side by side when installed)
+    except ImportError:
+        return out
+    layers, decode, _ = mlx_lm_counts(folder, max(context, 2), chunk)
+    out["mlx-lm"] = figures(layers, decode)
+    return out

@@ -24,6 +24,7 @@ from metalforge.errors import MetalforgeError
 from metalforge.intmath import cdiv, pow2_bucket
 from metalforge.kernels import backends
 from metalforge.kernels.checks import check
+from metalforge.kernels.decode_attention import MAX_QUERY_TOKENS
 from metalforge.kernels.families import get as get_family
 from metalforge.results import Entry, lookup
 
@@ -40,16 +41,24 @@ def _attention_values(family: str, v: dict) -> dict | None:
     """An attention call as a family's shape, or None where its layout does not apply. The
     call: B sequences of `new` tokens each, the longest holding `context` keys; on the pool,
     `block_size`, `num_blocks` and `width` (the block table's tokens, at most the pool's
-    longest sequence). Decode attention reads the pool through a table as wide as the context's
-    power-of-two bucket, so the engine's shape is the tuned bucket's."""
-    if v.get("window") or v.get("softcap") or v.get("sinks"):
-        return None   # the families serve plain causal attention; these variants run MLX's op
+    longest sequence); the model's variant (window, softcap, sinks) and the pool's (kv_bits,
+    kv_group_size) where set. A family serves a variant only if it has the fields. Decode
+    attention reads the pool through a table as wide as the context's power-of-two bucket, so
+    the engine's shape is the tuned bucket's; it serves 1 to MAX_QUERY_TOKENS tokens a sequence
+    (several: one sequence, as speculative decoding verifies), quantized K/V at one token a
+    sequence."""
+    variant = {k: int(bool(v[k])) if k in ("softcap", "sinks") else v[k]
+               for k in ("window", "softcap", "sinks", "kv_bits", "kv_group_size") if v.get(k)}
+    if any(k not in get_family(family).variant_fields for k in variant):
+        return None
     heads = dict(B=v["B"], Hq=v["Hq"], Hkv=v["Hkv"], D=v["D"])
-    if family == "decode_attention" and v["new"] == 1 and v.get("block_size"):
+    if family == "decode_attention" and v.get("block_size") and \
+            (v["new"] == 1 or (v["B"] == 1 and v["new"] <= MAX_QUERY_TOKENS and not v.get("kv_bits"))):
         S = min(pow2_bucket(v["context"]), v.get("width") or pow2_bucket(v["context"]))
-        return dict(heads, S=S, block_size=v["block_size"], num_blocks=v.get("num_blocks", 0))
+        tokens = {"L": v["new"]} if v["new"] > 1 else {}
+        return dict(heads, S=S, block_size=v["block_size"], num_blocks=v.get("num_blocks", 0), **tokens, **variant)
     if family == "prefill_attention" and v["B"] == 1:
-        return dict(heads, L=v["new"], prefix=v["context"] - v["new"])
+        return dict(heads, L=v["new"], prefix=v["context"] - v["new"], **variant)
     return None
 
 
@@ -218,8 +227,8 @@ class Kernels:
         v = v.reshape(1, -1, a.num_key_value_heads, a.head_dim)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q = attn.rope(q.transpose(0, 2, 1, 3), step.positions, step.longest)
-        k = attn.rope(k.transpose(0, 2, 1, 3), step.positions, step.longest)
+        q = attn.rope(q.transpose(0, 2, 1, 3), step)
+        k = attn.rope(k.transpose(0, 2, 1, 3), step)
         return q, k, v.transpose(0, 2, 1, 3)
 
     def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:
@@ -246,32 +255,41 @@ class Kernels:
         sdpa = softcapped_attention(softcap) if softcap else mx.fast.scaled_dot_product_attention
         extra = {} if sinks is None else {"sinks": sinks.astype(q.dtype)}
         if L == 1:
-            def mlx_op():
-                outs = []
-                for b in range(B):   # the K/V read are a view of the pool when the sequence is one run of blocks
-                    outs.append(kv.attend(q[b:b + 1], b, scale, window=window, sdpa=sdpa, **extra))
-                return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+            def mlx_op():   # one sequence: its K/V a view of the pool when one run of blocks; several: one call
+                if B == 1:
+                    return kv.attend(q, 0, scale, window=window, sdpa=sdpa, **extra)
+                return kv.attend_batch(q, scale, window=window, sdpa=sdpa, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         else:
+            # MLX's causal mask by name (no mask array) where nothing else masks
+            plain = window is None and not softcap and not kv.mlx_only and not kv.quantization
+
             def mlx_op():
-                return kv.attend(q, 0, scale, kv.mask(window), sdpa=sdpa, **extra)
+                return kv.attend(q, 0, scale, "causal" if plain else kv.mask(window), sdpa=sdpa, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
         if softcap:
             mlx_kernel = "MLX composition (soft-capped scores)"
         elif kv.quantization and sinks is None:
             mlx_kernel = "mx.quantized_matmul attention (quantized KV)"
-        if self.backend == "mlx" or kv.mlx_only:   # no kernel of ours reads a sliding KV window or quantized K/V yet
+        # no kernel of ours reads a pool window's sink positions, nor a lone first prompt's quantized K/V as computed
+        if self.backend == "mlx" or kv.mlx_only or (kv.quantization and kv.as_computed):
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
-        values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes())
-        values.update({k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks is not None)) if v})
+        values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes(),
+                      **{k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks is not None)) if v})
+        if kv.quantization:
+            values.update(kv_bits=kv.quantization["bits"], kv_group_size=kv.quantization["group_size"])
 
         def inputs(d: Decision) -> dict:
-            scale_in = mx.array(scale, dtype=mx.float32)
+            variant = {"scale": mx.array(scale, dtype=mx.float32)}
+            if softcap:
+                variant["softcap"] = mx.array(softcap, dtype=mx.float32)
+            if sinks is not None:
+                variant["sinks"] = extra["sinks"]
             if d.family == "decode_attention":
-                return {"queries": q, **kv.paged(cdiv(d.shape.S, d.shape.block_size)), "scale": scale_in}
+                return {"queries": q, **kv.paged(cdiv(d.shape.S, d.shape.block_size)), **variant}
             k, v = kv.sequence(0)
-            return {"queries": q, "keys": k, "values": v, "scale": scale_in}
+            return {"queries": q, "keys": k, "values": v, **variant}
         return self._run("attention", values, q.dtype, inputs, mlx_kernel, mlx_op)
 
     # ---- the MLP block -------------------------------------------------------------------------
@@ -326,8 +344,9 @@ def softcapped_attention(cap: float):
         q = (q * scale).reshape(B, Hkv, Hq // Hkv, L, D)
         scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
         scores = mx.tanh(scores / cap) * cap
-        if mask is not None:
-            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        if mask is not None:   # (L, S), or (B, 1, L, S) given a KV-head group axis
+            scores = mx.where(mask if mask.ndim < 4 else mx.expand_dims(mask, 2), scores,
+                              mx.array(mx.finfo(scores.dtype).min, scores.dtype))
         out = mx.softmax(scores, axis=-1, precise=True) @ mx.expand_dims(v, 2)
         return out.reshape(B, Hq, L, D)
     return sdpa

@@ -72,6 +72,13 @@ def test_end_to_end_figures_become_calibration_points(tmp_path):
     decode, prefill = data["points"]
     assert decode["tokens_per_s"] == round(e2e["metalforge"]["decode_tokens_per_s"], 3)
     assert prefill["tokens_per_s"] == round(12 / e2e["metalforge"]["ttft_cold_s"], 3)
+    # kernels per decode token beside tokens/s, both sides, in the report too
+    ours, theirs = e2e["dispatches"]["metalforge"], e2e["dispatches"]["mlx-lm"]
+    assert ours["per_token"] > 2 * ours["per_layer"] > 0 and theirs["per_token"] > 2 * theirs["per_layer"] > 0
+    assert ours["host_syncs"] == theirs["host_syncs"] == 0
+    report = bench.markdown(devices.get("m4"), "mlx", [], e2e, "a tiny model")
+    assert f"| kernels per decode token (counted) | {ours['per_token']} | {theirs['per_token']} | " \
+           f"{theirs['per_token'] / ours['per_token']:.2f}x |" in report
     path = tmp_path / "points.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="source must be a URL"):

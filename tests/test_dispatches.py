@@ -30,6 +30,18 @@ def test_reshape_of_a_transpose_is_a_copy():
     assert dispatches.count(rec, out).kernels == {"Reshape (copy)": 1}
 
 
+def test_a_transpose_moving_only_size_1_axes_is_a_view_and_keeps_the_values():
+    a = _leaf(1, 4, 1, 5)
+    with dispatches.counting() as rec:
+        t = a.transpose(0, 2, 1, 3)           # (1, 1, 4, 5): the elements keep their order
+        out = t.reshape(4, 5)
+        moved = _leaf(2, 4, 1, 5).transpose(1, 0, 2, 3).reshape(8, 5)   # moves a size-2 axis: a copy
+    assert dispatches.count(rec, out).kernels == {}
+    assert mx.array_equal(out, a.reshape(4, 5)) and t.shape == (1, 1, 4, 5)
+    assert dispatches.count(rec, moved).kernels == {"Reshape (copy)": 1}
+    assert mx.array.transpose(a, 0, 2, 1, 3).shape == (1, 1, 4, 5)   # restored after the block
+
+
 def test_fast_ops_and_custom_kernels_are_one_dispatch_each_and_their_inputs_are_counted():
     x, w = _leaf(1, 1, 64), _leaf(64)
     real_rms_norm = mx.fast.rms_norm
@@ -94,8 +106,29 @@ def test_a_forward_pass_makes_no_host_synchronisation(tmp_path, backend):
     with dispatches.metal_available():
         e = engine.load(folder, backend=backend, device="m3-max-40", kv_tokens=256)
     sid = e.add_sequence()
-    prefill = dispatches.engine_pass(e, sid, list(range(2, 40)))
-    decode = dispatches.engine_pass(e, sid, [5])
+    prefill = dispatches.engine_pass(e, {sid: list(range(2, 40))})
+    decode = dispatches.engine_pass(e, {sid: [5]})
     assert prefill.syncs == 0 and decode.syncs == 0, (prefill.host_syncs, decode.host_syncs)
     ours = sum(n for k, n in decode.kernels.items() if k.startswith("metal_kernel:"))
     assert (ours > 0) == (backend == "metal")
+
+
+@pytest.mark.parametrize("backend", ["metal", "mlx"])
+def test_rope_is_one_fast_rope_for_q_and_one_for_k_per_layer(tmp_path, backend):
+    """A prompt, one decode token, and three sequences decoding at different positions (one call
+    with an offset each): per layer two mx.fast.rope and none of the elementwise rotation's
+    kernels (cos, sin, the halves' products and concatenation)."""
+    from metalforge import engine
+    from metalforge.testing import write_model
+    folder = write_model(tmp_path / "m", quantized=(4, 64), dtype=mx.float16, layers=2)
+    with dispatches.metal_available():
+        e = engine.load(folder, backend=backend, device="m3-max-40", kv_tokens=512)
+    sids = [e.add_sequence() for _ in range(3)]
+    for sid, n in zip(sids, (5, 17, 40)):
+        dispatches.engine_pass(e, {sid: list(range(2, 2 + n))})
+    for tokens in ({sids[0]: list(range(3, 20))}, {sids[1]: [5]}, {sid: [6] for sid in sids}):
+        full, outside = (dispatches.engine_pass(e, tokens, layers=flag) for flag in (True, False))
+        kinds = dispatches.per_layer(full, outside, 2)
+        assert kinds["mx.fast.rope"] == 2, kinds
+        assert not {"Cos", "Sin"} & set(kinds), kinds
+        assert kinds.get("Concatenate", 0) <= 1, kinds   # K and V stacked for their one write; the rotation adds none

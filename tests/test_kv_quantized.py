@@ -137,13 +137,17 @@ def test_bad_kv_bits_are_one_line_errors(folder):
         engine.load(folder, kv_bits=8, kv_group_size=128)
 
 
-def test_other_backends_read_quantized_kv_through_mlx(folder):
-    """No kernel of ours reads quantized K/V yet: on the emulator backend attention runs MLX's
-    products on the codes (the report says so) and the tokens are the mlx backend's."""
+def test_the_emulator_backend_decodes_quantized_kv_with_our_kernel(folder):
+    """Decode attention reads the codes in place with our kernel's kv_bits variant (the
+    prompt's attention stays MLX's products on the codes): the mlx backend's tokens."""
     with engine.load(folder, backend="mlx", kv_tokens=64, kv_bits=8) as e:
         want = [t.id for t in e.generate(PROMPT, max_tokens=3)]
+        first = e.step([e.add_sequence()], [[5]])   # a one-token first prompt: K/V as computed, as mlx-lm
     with engine.load(folder, backend="emulator", device="m2", kv_tokens=64, kv_bits=8) as e:
         assert [t.id for t in e.generate(PROMPT, max_tokens=3)] == want
+        np.testing.assert_allclose(np.array(e.step([e.add_sequence()], [[5]])), np.array(first), rtol=1e-5, atol=1e-5)
         report = e.kernel_report()
-    assert report["decode attention"]["kernel"] == report["prefill attention"]["kernel"] == \
-        "mx.quantized_matmul attention (quantized KV)"
+    assert report["prefill attention"]["kernel"] == "mx.quantized_matmul attention (quantized KV)", report
+    decode = [v for k, v in report.items() if k.startswith("decode_attention ")]
+    assert decode and decode[0]["kernel"] == "metalforge decode_attention (emulator)", report
+    assert "kv_bits=8" in decode[0]["bucket"], decode

@@ -110,8 +110,9 @@ def test_a_request_may_have_its_own_window(folder):
 
 
 def test_other_backends_read_a_window_through_mlx(folder):
-    """No kernel of ours reads a window yet: the emulator backend runs MLX's attention there and
-    gives the mlx backend's tokens past the first crossing."""
+    """No kernel of ours reads a pool window (its sink positions and its latest keys): the
+    emulator backend runs MLX's attention there and gives the mlx backend's tokens past the
+    first crossing."""
     with engine.load(folder, backend="mlx", kv_tokens=64, block_size=8, max_kv_size=16) as e:
         want = [t.id for t in e.generate(PROMPT, max_tokens=12)]
     with engine.load(folder, backend="emulator", device="m2", kv_tokens=64, block_size=8, max_kv_size=16) as e:

@@ -24,6 +24,7 @@ import metalforge
 from metalforge import devices, files, results
 from metalforge.engine import models
 from metalforge.engine.config import read
+from metalforge.engine.dispatches import decode_dispatches
 from metalforge.engine.speed import engine_figures, mlx_lm_figures
 from metalforge.errors import MetalforgeError
 from metalforge.plotting import figure, save
@@ -88,10 +89,14 @@ def measured_entries(rows: list[Row]) -> list[tuple[str, str, Entry]]:
             for r in rows]
 
 
-def end_to_end(folder, prompt_tokens: int, decode_tokens: int, workdir: Path, backend: str = "metal") -> dict:
+def end_to_end(folder, prompt_tokens: int, decode_tokens: int, workdir: Path, backend: str = "metal",
+               device=None) -> dict:
+    """Tokens/s and time to first token, the engine's and mlx-lm's, and beside them the kernels
+    a decode step launches per token, both sides (counted on MLX's graph: engine/dispatches.py)."""
     prompt = [(7 * i) % 1000 + 2 for i in range(prompt_tokens)]
     return {"metalforge": engine_figures(folder, prompt, decode_tokens, workdir / "prompt.safetensors", backend),
-            "mlx-lm": mlx_lm_figures(folder, prompt, decode_tokens)}
+            "mlx-lm": mlx_lm_figures(folder, prompt, decode_tokens),
+            "dispatches": decode_dispatches(folder, backend, device, context=prompt_tokens)}
 
 
 def calibration_points(folder, device, e2e: dict, prompt_tokens: int, decode_tokens: int) -> dict:
@@ -136,6 +141,16 @@ def markdown(device, backend: str, rows: list[Row], e2e: dict | None, what: str)
             other = f"{theirs[key] * scale:.1f}" if theirs else "not installed"
             ratio = "-" if not theirs else f"{(ours[key] / theirs[key]) ** (1 if better_high else -1):.2f}x"
             lines.append(f"| {label} | {ours[key] * scale:.1f} | {other} | {ratio} |")
+        counts = e2e.get("dispatches")
+        if counts:   # lower is better, so the ratio is mlx-lm's over ours, as for the time to first token
+            ours_n, theirs_n = counts["metalforge"], counts["mlx-lm"]
+            for label, key in (("kernels per decode token (counted)", "per_token"),
+                               ("kernels per decode layer (counted)", "per_layer")):
+                other = f"{theirs_n[key]:g}" if theirs_n else "not installed"
+                ratio = f"{theirs_n[key] / ours_n[key]:.2f}x" if theirs_n else "-"
+                lines.append(f"| {label} | {ours_n[key]:g} | {other} | {ratio} |")
+            lines.append(f"| host syncs per forward pass | {ours_n['host_syncs']} | "
+                         f"{theirs_n['host_syncs'] if theirs_n else 'not installed'} | - |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +176,8 @@ def run(args) -> int:
     targets = shape_sources.targets(source, dtype=args.dtype)
     rows = kernel_rows(targets, device)
     out = Path(args.out)
-    e2e = end_to_end(args.model, args.prompt_tokens, args.decode_tokens, out.parent) if args.model else None
+    e2e = end_to_end(args.model, args.prompt_tokens, args.decode_tokens, out.parent, device=device) if args.model \
+        else None
     if e2e:
         points = calibration_points(args.model, device, e2e, args.prompt_tokens, args.decode_tokens)
         files.write_atomic(out.with_suffix(".points.yaml"), yaml.safe_dump(points, sort_keys=False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 from metalforge.engine.kv.blocks import BlockAllocator
 from metalforge.engine.kv.spec import FullAttention, SinkWindow
@@ -235,9 +236,13 @@ class KVPool:
 
     def block_table(self, sids: list[int], lengths: list[int], width: int):
         """Each sequence's blocks padded to `width` columns (int32), and the lengths."""
+        return mx.array(self.blocks_of(sids, width), dtype=mx.int32), mx.array(lengths, dtype=mx.int32)
+
+    def blocks_of(self, sids: list[int], width: int) -> np.ndarray:
+        """(sequences, width) host array of each sequence's blocks, 0 past its end and where a
+        window gave one back (what reads them masks those keys)."""
         rows = [[b or 0 for b in self.seq(s).blocks[:width]] for s in sids]
-        table = [row + [0] * (width - len(row)) for row in rows]
-        return mx.array(table, dtype=mx.int32), mx.array(lengths, dtype=mx.int32)
+        return np.array([row + [0] * (width - len(row)) for row in rows], dtype=np.int32).reshape(len(sids), width)
 
     # ---- a forward pass -------------------------------------------------------------------------
     def begin(self, counts: dict[int, int], logits_at: dict[int, list[int]] | None = None) -> Step:

@@ -1,20 +1,22 @@
 """Quantized K/V storage (engine.load(kv_bits=8|4, kv_group_size=32|64|128)) and attention that
 reads it without dequantizing the whole history.
 
-Per layer, K and V are each three arrays in mx.quantize's layout along head_dim: codes (kv_heads,
-slots, head_dim * bits / 32) uint32, and scales and biases (kv_heads, slots, head_dim /
-group_size) in the model's dtype. Every write quantizes (prompt, decode, prompt-cache loads), so
-with groups of 64 a float16 token's K/V takes 53% of the bytes at 8 bits, 28% at 4
+Per layer, three arrays in mx.quantize's layout along head_dim, each holding K then V along its
+first axis (as dense storage does): codes (2, kv_heads, slots, head_dim * bits / 32) uint32, and
+scales and biases (2, kv_heads, slots, head_dim / group_size) in the model's dtype. Every write
+quantizes (prompt, decode, prompt-cache loads), K and V in one call, so with groups of 64 a float16 token's K/V takes 53% of the bytes at 8 bits, 28% at 4
 (benchmarks/kv_memory.py).
 
 Attention multiplies the queries by the codes directly (mx.quantized_matmul, transposed for the
 scores, plain for the values), as mlx-lm's quantized scaled-dot-product attention does; MLX's
-fused attention op takes no quantized operands. No kernel of ours reads this layout yet.
+fused attention op takes no quantized operands. Our decode kernel reads the codes in place
+(its kv_bits variant, through `paged`).
 """
 from __future__ import annotations
 
 import mlx.core as mx
 
+from metalforge.engine.kv.storage import blocked, gather_slots, half, put, take_runs
 from metalforge.errors import MetalforgeError
 
 BITS = (4, 8)
@@ -38,12 +40,11 @@ class QuantizedStorage:
         self.block_size, self.num_blocks, self.bits, self.group_size = block_size, num_blocks, bits, group_size
         slots = num_blocks * block_size
 
-        def empty():
-            return [mx.zeros((kv_heads, slots, head_dim * bits // 32), dtype=mx.uint32),
-                    mx.zeros((kv_heads, slots, head_dim // group_size), dtype=dtype),
-                    mx.zeros((kv_heads, slots, head_dim // group_size), dtype=dtype)]
-        self.k = [empty() for _ in range(layers)]
-        self.v = [empty() for _ in range(layers)]
+        def empty():   # codes, scales, biases, each K then V along the first axis (see storage.py)
+            return [mx.zeros((2, kv_heads, slots, head_dim * bits // 32), dtype=mx.uint32),
+                    mx.zeros((2, kv_heads, slots, head_dim // group_size), dtype=dtype),
+                    mx.zeros((2, kv_heads, slots, head_dim // group_size), dtype=dtype)]
+        self.kv = [empty() for _ in range(layers)]
         mx.eval(self.arrays())
 
     @staticmethod
@@ -61,26 +62,25 @@ class QuantizedStorage:
         return {"bits": self.bits, "group_size": self.group_size}
 
     def arrays(self) -> list[mx.array]:
-        return [a for parts in self.k + self.v for a in parts]
+        return [a for parts in self.kv for a in parts]
 
     def write(self, layer: int, where, k: mx.array, v: mx.array) -> None:
-        """k, v: (kv_heads, tokens, head_dim), quantized into the slots `where`."""
-        for store, x in ((self.k[layer], k), (self.v[layer], v)):
-            for part, q in zip(store, mx.quantize(x.astype(self.dtype), group_size=self.group_size, bits=self.bits)):
-                part[:, where] = q.astype(part.dtype)
+        """k, v: (kv_heads, tokens, head_dim), quantized together into the slots `where`: one
+        quantization and one write each of codes, scales and biases."""
+        self._put(layer, where, mx.quantize(mx.stack([k, v]).astype(self.dtype), group_size=self.group_size,
+                                            bits=self.bits))
 
     def write_quantized(self, layer: int, where, k: list[mx.array], v: list[mx.array]) -> None:
         """Codes, scales and biases (each (kv_heads, tokens, ...)) stored as they are (prompt caches)."""
-        for store, parts in ((self.k[layer], k), (self.v[layer], v)):
-            for part, q in zip(store, parts):
-                part[:, where] = q.astype(part.dtype)
+        self._put(layer, where, [mx.stack([a, b]) for a, b in zip(k, v)])
+
+    def _put(self, layer: int, where, parts) -> None:
+        self.kv[layer] = [put(x, where, q.astype(x.dtype)) for x, q in zip(self.kv[layer], parts)]
 
     def read_quantized(self, layer: int, runs: list[tuple[int, int]]) -> tuple[list[mx.array], list[mx.array]]:
         """The codes, scales and biases of `runs`, each (1, kv_heads, tokens, ...)."""
-        def take(x):
-            parts = [x[:, a:a + n] for a, n in runs]
-            return (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1))[None]
-        return [take(p) for p in self.k[layer]], [take(p) for p in self.v[layer]]
+        parts = [take_runs(x, runs) for x in self.kv[layer]]
+        return [half(x, 0)[None] for x in parts], [half(x, 1)[None] for x in parts]
 
     def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]:
         """K and V of `runs` dequantized, (1, kv_heads, tokens, head_dim)."""
@@ -90,20 +90,37 @@ class QuantizedStorage:
         k, v = self.read_quantized(layer, runs)
         return tuple(mx.dequantize(*x, group_size=self.group_size, bits=self.bits).astype(self.dtype) for x in (k, v))
 
-    def paged(self, layer: int):
-        raise MetalforgeError("no decode kernel of ours reads a quantized KV pool yet")
+    def gather_quantized(self, layer: int, slots: mx.array) -> tuple[list[mx.array], list[mx.array]]:
+        """The codes, scales and biases at `slots` (sequences, keys), each (sequences, kv_heads,
+        keys, ...): one Gather per array, K and V together."""
+        k, v = zip(*(gather_slots(x, slots) for x in self.kv[layer]))
+        return list(k), list(v)
+
+    def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]:
+        """K and V at `slots` (sequences, keys) dequantized, (sequences, kv_heads, keys, head_dim)."""
+        k, v = self.gather_quantized(layer, slots)
+        return tuple(mx.dequantize(*x, group_size=self.group_size, bits=self.bits).astype(self.dtype) for x in (k, v))
+
+    def paged(self, layer: int) -> dict[str, mx.array]:
+        """Our paged decode kernel's inputs: codes, scales and biases of K and V, each (kv_heads,
+        num_blocks, block_size, ...) views, by the names its kv_bits variant reads."""
+        out = {}
+        for i, name in enumerate(("keys", "values")):
+            codes, scales, biases = (blocked(half(x, i), self.num_blocks) for x in self.kv[layer])
+            out.update({name: codes, f"{name}_scales": scales, f"{name}_biases": biases})
+        return out
 
     def copy(self, src: slice, dst: slice) -> None:
-        for store in self.k + self.v:
-            for part in store:
-                part[:, dst] = part[:, src]
+        for parts in self.kv:
+            for x in parts:
+                x[:, :, dst] = x[:, :, src]
 
 
 def attention(q: mx.array, k: list[mx.array], v: list[mx.array], scale: float, mask, bits: int,
               group_size: int) -> mx.array:
     """q (1, Hq, L, D) over quantized k and v ((1, Hkv, T, ...) codes, scales, biases): softmax(q
     k^T * scale) v with both products on the codes. Query heads sharing a KV head are grouped
-    as rows of one product. mask: (L, T) bool or None."""
+    as rows of one product. mask: (L, T) or (B, 1, L, T) bool, or None."""
     B, Hq, L, D = q.shape
     Hkv = k[0].shape[1]
     rep = Hq // Hkv
@@ -112,7 +129,7 @@ def attention(q: mx.array, k: list[mx.array], v: list[mx.array], scale: float, m
     v = [mx.expand_dims(x, 2) for x in v]
     scores = mx.quantized_matmul(qg, *k, transpose=True, group_size=group_size, bits=bits)
     if mask is not None:
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        scores = mx.where(mask if mask.ndim < 4 else mx.expand_dims(mask, 2), scores, mx.finfo(scores.dtype).min)
     weights = mx.softmax(scores, axis=-1, precise=True)
     out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
     return out.reshape(B, Hq, L, D)

@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from metalforge.engine.kv import quantized
 from metalforge.engine.kv.spec import FullAttention
+from metalforge.intmath import cdiv
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Step:
         self.pool = pool
         self.sids, self.counts = list(counts), list(counts.values())
         self.starts = [pool.seq(s).length for s in self.sids]
+        self.firsts = [pool.seq(s).next_position for s in self.sids]   # each sequence's first new position (RoPE's)
         self.lengths = [s + n for s, n in zip(self.starts, self.counts)]
         positions, slots, rows, offset = [], [], [], 0
         for sid, n in zip(self.sids, self.counts):
@@ -51,6 +54,7 @@ class Step:
         self.groups = self._groups()
         self._tables: dict[tuple, tuple] = {}
         self._runs: dict[tuple, list] = {}
+        self._masks: dict[tuple, mx.array] = {}
 
     def _groups(self) -> list[Group]:
         out, start = [], 0
@@ -81,15 +85,22 @@ class Step:
 
     def mask(self, layer: int, b: int, window: int | None = None) -> mx.array:
         """(new tokens, keys read) bool: which keys each of sequence b's new tokens sees; `window`:
-        a layer's own sliding window besides (the latest `window` positions, its own included)."""
-        keys = mx.concatenate([mx.arange(a, e) for a, e in self.reads(layer, b) if e > a])
-        queries = mx.arange(self.starts[b], self.lengths[b])
-        visible = self.pool.spec(layer, self.sids[b]).visible(keys, queries)
-        return visible if window is None else visible & (keys[None, :] > queries[:, None] - window)
+        a layer's own sliding window besides (the latest `window` positions, its own included).
+        Built on the host (numpy): a leaf array, no kernel; once per step for layers alike."""
+        key = (self.pool.spec(layer, self.sids[b]), b, window)
+        if key not in self._masks:
+            keys = np.concatenate([np.arange(a, e) for a, e in self.reads(layer, b) if e > a])
+            self._masks[key] = mx.array(self.visible(layer, b, keys, np.arange(self.starts[b], self.lengths[b]), window))
+        return self._masks[key]
+
+    def visible(self, layer: int, b: int, keys: np.ndarray, queries: np.ndarray, window: int | None) -> np.ndarray:
+        """(queries, keys) bool of host positions: what sequence b's spec, its length and `window` let each query see."""
+        seen = self.pool.spec(layer, self.sids[b]).visible(keys, queries) & (keys[None, :] < self.lengths[b])
+        return seen if window is None else seen & (keys[None, :] > queries[:, None] - window)
 
     def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
         """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads."""
-        self.pool.storage.write(layer, self.where, k[0], v[0])
+        self.pool.storage.write(layer, self.where, k.squeeze(0), v.squeeze(0))   # a view: x[0] is a Gather
         return LayerKV(self, layer, k, v)
 
     def block_table(self, members: tuple[int, ...], width: int) -> tuple[mx.array, mx.array]:
@@ -145,11 +156,19 @@ class GroupKV:
 
     @property
     def mlx_only(self) -> bool:
-        """Whether only MLX's ops read it: its layer reads less than the whole history, or the
-        pool is quantized (no kernel of ours reads either yet)."""
+        """Whether only MLX's ops read it: its layer reads less than the whole history (a pool
+        window keeps sink positions no kernel of ours reads)."""
         step = self.kv.step
-        return self.quantization is not None or any(
-            not isinstance(step.pool.spec(self.kv.layer, step.sids[b]), FullAttention) for b in self.group.members)
+        return any(not isinstance(step.pool.spec(self.kv.layer, step.sids[b]), FullAttention) for b in self.group.members)
+
+    @property
+    def as_computed(self) -> bool:
+        """Whether attention reads the step's K/V as computed, not as stored: a whole sequence's
+        first step alone (a prompt). Quantized, as mlx-lm attends to its first prompt chunk
+        before its cache is quantized; dense, the same values."""
+        step, b = self.kv.step, self.group.members[0]
+        return step.starts[b] == 0 and self.kv.k is not None and len(step.sids) == 1 and \
+            step.reads(self.kv.layer, b) == [(0, step.lengths[b])]
 
     @property
     def quantization(self) -> dict | None:
@@ -163,11 +182,7 @@ class GroupKV:
         One query (no mask) reads only the latest `window` keys when given; `extra`: sinks."""
         step, b = self.kv.step, self.group.members[i]
         pool, runs = step.pool, step.runs(self.kv.layer, b)
-        if step.starts[b] == 0 and self.kv.k is not None and len(step.sids) == 1 and \
-                step.reads(self.kv.layer, b) == [(0, step.lengths[b])]:
-            # a whole sequence's first step (a prompt) attends to its K/V as computed, not as
-            # stored: quantized, as mlx-lm attends to its first prompt chunk before its cache is
-            # quantized; dense, the same values
+        if self.as_computed:
             return sdpa(q, self.kv.k, self.kv.v, scale=scale, mask=mask, **extra)
         latest = (lambda x: x[:, :, -window:]) if window is not None and mask is None else (lambda x: x)
         if self.quantization and sdpa is mx.fast.scaled_dot_product_attention and not extra:
@@ -177,6 +192,27 @@ class GroupKV:
         k, v = pool.read(self.kv.layer, runs)
         return sdpa(q, latest(k), latest(v), scale=scale, mask=mask, **extra)
 
+    def attend_batch(self, q: mx.array, scale: float, window: int | None = None,
+                     sdpa=mx.fast.scaled_dot_product_attention, **extra) -> mx.array:
+        """MLX's attention of one new token of every member, q (B, Hq, 1, D), in one call: the
+        members' K/V gathered through their blocks into (B, kv_heads, S, D) (S: the longest
+        member's blocks' slots) and a (B, 1, 1, S) mask of the keys each member sees (its spec,
+        its length, `window`), both indices and mask built on the host. Dispatches: one Gather
+        for K and one for V (for each of codes, scales and biases when quantized), then the
+        attention, whatever B."""
+        step, layer = self.kv.step, self.kv.layer
+        pool, bs = step.pool, step.pool.block_size
+        blocks = pool.blocks_of([step.sids[b] for b in self.group.members], cdiv(self.longest, bs))
+        slots = mx.array((blocks[:, :, None] * bs + np.arange(bs)).reshape(len(blocks), -1))
+        keys = np.arange(slots.shape[1])
+        mask = mx.array(np.stack([step.visible(layer, b, keys, np.array([step.lengths[b] - 1]), window)
+                                  for b in self.group.members]))[:, None]
+        if self.quantization and sdpa is mx.fast.scaled_dot_product_attention and not extra:
+            k, v = pool.storage.gather_quantized(layer, slots)
+            return quantized.attention(q, k, v, scale, mask, **self.quantization)
+        k, v = pool.storage.gather(layer, slots)
+        return sdpa(q, k, v, scale=scale, mask=mask, **extra)
+
     def pool_sizes(self) -> dict:
         """The pool's layout as attention's op sees it: block size, blocks, and the widest block
         table a sequence may need (in tokens)."""
@@ -184,8 +220,8 @@ class GroupKV:
         return dict(block_size=pool.block_size, num_blocks=pool.num_blocks, width=pool.max_blocks * pool.block_size)
 
     def paged(self, width: int) -> dict:
-        """The inputs of our paged decode kernel: the pool (kv_heads, num_blocks, block_size,
-        head_dim), the members' block table `width` blocks wide, and their lengths."""
-        keys, values = self.kv.step.pool.storage.paged(self.kv.layer)
+        """The inputs of our paged decode kernel: the pool's K/V arrays (kv_heads, num_blocks,
+        block_size, ...; codes, scales and biases when quantized), the members' block table
+        `width` blocks wide, and their lengths."""
         table, lens = self.kv.step.block_table(self.group.members, width)
-        return {"keys": keys, "values": values, "block_table": table, "seq_lens": lens}
+        return {**self.kv.step.pool.storage.paged(self.kv.layer), "block_table": table, "seq_lens": lens}

@@ -1,12 +1,13 @@
 """Where K and V live: a protocol the pool writes and attention reads through, so a quantized or
 rotating store can replace today's dense one without the pool or the model changing.
 
-Dense storage: per layer, K and V are each one (kv_heads, num_blocks * block_size, head_dim)
-array; block b holds slots [b * block_size, (b + 1) * block_size) of every head. Head-major,
-because a sequence whose blocks are consecutive is then one strided slice per head, which MLX's
-attention reads in place: nothing per decoded token copies the sequence. Our decode kernel reads
-any block order through a block table. Nothing is allocated per token: writes go into the
-existing arrays.
+Dense storage: per layer one (2, kv_heads, num_blocks * block_size, head_dim) array, K then V,
+so a step writes both with one kernel (after stacking them: a kernel that computes them side by
+side would spare that one) and a batch gathers both with one; K and V are views of it.
+Block b holds slots [b * block_size, (b + 1) * block_size) of every head. Head-major, because a
+sequence whose blocks are consecutive is then one strided slice per head, which MLX's attention
+reads in place: nothing per decoded token copies the sequence. Our decode kernel reads any block
+order through a block table. Nothing is allocated per token: writes go into the existing arrays.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ class Storage(Protocol):
 
     def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]: ...
 
-    def paged(self, layer: int) -> tuple[mx.array, mx.array]: ...
+    def paged(self, layer: int) -> dict[str, mx.array]: ...
+
+    def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]: ...
 
     def copy(self, src: slice, dst: slice) -> None: ...
 
@@ -39,10 +42,8 @@ class DenseStorage:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int, dtype=mx.float16):
         self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, dtype
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (kv_heads, num_blocks * block_size, head_dim)
-        self.k = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
-        self.v = [mx.zeros(shape, dtype=dtype) for _ in range(layers)]
-        mx.eval(self.k, self.v)
+        self.kv = [mx.zeros((2, kv_heads, num_blocks * block_size, head_dim), dtype=dtype) for _ in range(layers)]
+        mx.eval(self.kv)
 
     @staticmethod
     def token_bytes(layers: int, kv_heads: int, head_dim: int, dtype) -> int:
@@ -54,12 +55,12 @@ class DenseStorage:
         return self.block_size * self.token_bytes(self.layers, self.kv_heads, self.head_dim, self.dtype)
 
     def arrays(self) -> list[mx.array]:
-        return self.k + self.v
+        return list(self.kv)
 
     def write(self, layer: int, where, k: mx.array, v: mx.array) -> None:
-        """k, v: (kv_heads, tokens, head_dim) into the slots `where` (a slice or an index array)."""
-        self.k[layer][:, where] = k.astype(self.dtype)
-        self.v[layer][:, where] = v.astype(self.dtype)
+        """k, v: (kv_heads, tokens, head_dim) into the slots `where` (a slice or an index array):
+        one write of both, stacked as the layer holds them."""
+        self.kv[layer] = put(self.kv[layer], where, mx.stack([k, v]).astype(self.dtype))
 
     def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]:
         """The K and V of `runs` ((first slot, count) each) as (1, kv_heads, tokens, head_dim): a
@@ -67,18 +68,53 @@ class DenseStorage:
         if not runs:
             empty = mx.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.dtype)
             return empty, empty
+        kv = take_runs(self.kv[layer], runs)
+        return half(kv, 0)[None], half(kv, 1)[None]
 
-        def take(x):
-            parts = [x[:, a:a + n] for a, n in runs]
-            return (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1))[None]
-        return take(self.k[layer]), take(self.v[layer])
+    def paged(self, layer: int) -> dict[str, mx.array]:
+        """Our paged decode kernel's keys and values: (kv_heads, num_blocks, block_size, head_dim) views."""
+        kv = self.kv[layer]
+        return {"keys": blocked(half(kv, 0), self.num_blocks), "values": blocked(half(kv, 1), self.num_blocks)}
 
-    def paged(self, layer: int) -> tuple[mx.array, mx.array]:
-        """(kv_heads, num_blocks, block_size, head_dim) views, as our paged decode kernel reads them."""
-        shape = (self.kv_heads, self.num_blocks, self.block_size, self.head_dim)
-        return self.k[layer].reshape(shape), self.v[layer].reshape(shape)
+    def gather(self, layer: int, slots: mx.array) -> tuple[mx.array, mx.array]:
+        """K and V at `slots` (sequences, keys), (sequences, kv_heads, keys, head_dim): one
+        Gather of both, for attention over several sequences."""
+        return gather_slots(self.kv[layer], slots)
 
     def copy(self, src: slice, dst: slice) -> None:
         for layer in range(self.layers):
-            self.k[layer][:, dst] = self.k[layer][:, src]
-            self.v[layer][:, dst] = self.v[layer][:, src]
+            self.kv[layer][:, :, dst] = self.kv[layer][:, :, src]
+
+
+def half(kv: mx.array, i: int) -> mx.array:
+    """K (i=0) or V (i=1) of an array holding both along its first axis: a view (kv[i] would
+    be a Gather in MLX)."""
+    return kv[i:i + 1].squeeze(0)
+
+
+def take_runs(x: mx.array, runs: list[tuple[int, int]]) -> mx.array:
+    """x (2, kv_heads, slots, features) at the slots of `runs`: a view for one run, else one concatenation."""
+    parts = [x[:, :, a:a + n] for a, n in runs]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+
+def blocked(x: mx.array, num_blocks: int) -> mx.array:
+    """x (kv_heads, slots, features) as (kv_heads, num_blocks, block_size, features): a view."""
+    return x.reshape(x.shape[0], num_blocks, -1, x.shape[-1])
+
+
+def put(x: mx.array, where, rows: mx.array) -> mx.array:
+    """x (2, kv_heads, slots, features) with `rows` (2, kv_heads, tokens, features) in the
+    slots `where`: one kernel, a slice update for a slice, else a scatter along the slot axis
+    (indexed assignment adds index arithmetic kernels of its own)."""
+    if isinstance(where, slice):
+        x[:, :, where] = rows
+        return x
+    return mx.put_along_axis(x, where[None, None, :, None], rows, axis=2)
+
+
+def gather_slots(x: mx.array, slots: mx.array) -> tuple[mx.array, mx.array]:
+    """K and V rows of x (2, kv_heads, slots, features) at `slots` (sequences, keys), each
+    (sequences, kv_heads, keys, features): one Gather, the results views of its output."""
+    both = mx.take(x, slots, axis=2)   # (2, kv_heads, sequences, keys, features); not x[:, :, slots] (index kernels)
+    return half(both, 0).transpose(1, 0, 2, 3), half(both, 1).transpose(1, 0, 2, 3)

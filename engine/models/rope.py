@@ -1,7 +1,10 @@
 """Rotary position embeddings, one class per `rope_scaling` type mlx-lm configs use (a table:
-a new type is one class and one line), applied per token position so sequences at different
-offsets share one call. Nothing is read back from the device: dynamic NTK's frequencies depend on
-the longest sequence of the step, which the host already knows (the pool's lengths)."""
+a new type is one class and one line), applied by MLX's `mx.fast.rope`: one dispatch for q and one
+for k per layer, as mlx-lm launches. A step's tokens are its sequences one after another; each
+attention group of the step is one call: a decode group of B sequences as (B, H, 1, D) with
+per-sequence offsets (an array of B host numbers), a prompt as one sequence at its first position.
+Nothing is read back from the device: the first positions and dynamic NTK's longest sequence are
+host numbers the pool already knows."""
 from __future__ import annotations
 
 import math
@@ -24,6 +27,7 @@ class Rope:
         self.factor = float(scaling.get("factor", 1.0))
         self.mscale = 1.0
         self.inv_freq = self.frequencies(self.base_frequencies(theta))
+        mx.eval(self.inv_freq)   # computed once here, never in a forward pass's graph
 
     def base_frequencies(self, theta: float) -> mx.array:
         return 1.0 / (theta ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims))
@@ -31,43 +35,66 @@ class Rope:
     def frequencies(self, inv: mx.array) -> mx.array:
         return inv
 
-    def frequencies_for(self, longest: int) -> mx.array:
-        """The frequencies for a step whose longest sequence holds `longest` positions."""
-        return self.inv_freq
+    def fast_args(self, longest: int) -> dict:
+        """mx.fast.rope's base, scale and freqs for a step whose longest sequence holds `longest`
+        positions. Types whose frequencies are theta's (scaled positions at most) pass theta, as
+        mlx-lm does; the others pass their periods, 1 / inv_freq (MLX's convention)."""
+        return dict(base=self.theta, scale=1.0, freqs=None)
 
-    def __call__(self, x: mx.array, positions: mx.array, longest: int) -> mx.array:
-        """x: (B, H, L, D); positions: (B, L) integer positions of each token; longest: the
-        step's longest sequence length (a host number)."""
-        angles = positions.astype(mx.float32)[:, None, :, None] * self.frequencies_for(longest)   # (B, 1, L, D/2)
-        cos, sin = mx.cos(angles) * self.mscale, mx.sin(angles) * self.mscale
-        half, d = self.dims // 2, self.dims
-        if self.traditional:
-            pairs = x[..., :d].astype(mx.float32).reshape(*x.shape[:-1], half, 2)
-            x1, x2 = pairs[..., 0], pairs[..., 1]
-            rotated = mx.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(*x.shape[:-1], d)
-        else:
-            x1, x2 = x[..., :half].astype(mx.float32), x[..., half:d].astype(mx.float32)
-            rotated = mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-        rotated = rotated.astype(x.dtype)
-        return rotated if d == x.shape[-1] else mx.concatenate([rotated, x[..., d:]], axis=-1)
+    def __call__(self, x: mx.array, step) -> mx.array:
+        """x: (1, H, tokens, D), the tokens of `step` (engine/kv/step.py) sequence after sequence,
+        each rotated at its position: one mx.fast.rope per attention group of the step."""
+        args = self.fast_args(step.longest)
+        outs = []
+        for g in step.groups:
+            xg = x[:, :, g.tokens] if len(step.groups) > 1 else x
+            if self.mscale != 1.0:   # the attention-magnitude factor, on the rotated features (as mlx-lm)
+                xg = xg * self.mscale if self.dims == xg.shape[-1] else xg.at[..., :self.dims].multiply(self.mscale)
+            if len(g.members) > 1:   # B sequences of one token: (B, H, 1, D), one offset each
+                offsets = mx.array([step.firsts[b] for b in g.members], dtype=mx.int32)
+                outs.append(self._rope(xg.transpose(2, 1, 0, 3), offsets, args).transpose(2, 1, 0, 3))
+            else:
+                outs.append(self._rope(xg, step.firsts[g.members[0]], args))
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+    def _rope(self, x: mx.array, offset, args: dict) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, offset=offset, **args)
+
+
+class FrequencyRope(Rope):
+    """A type with its own frequencies: MLX reads them as periods (1 / inv_freq)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.periods = 1.0 / self.inv_freq
+        mx.eval(self.periods)
+
+    def fast_args(self, longest: int) -> dict:
+        return dict(base=None, scale=1.0, freqs=self.periods)
 
 
 class LinearRope(Rope):
+    """Positions divided by the factor (MLX's scale), as mlx-lm passes it."""
+
     def frequencies(self, inv):
         return inv / self.factor
+
+    def fast_args(self, longest: int) -> dict:
+        return dict(base=self.theta, scale=1.0 / self.factor, freqs=None)
 
 
 class DynamicRope(Rope):
     """Dynamic NTK: past max_position_embeddings the base grows with the longest sequence."""
 
-    def frequencies_for(self, longest: int) -> mx.array:
+    def fast_args(self, longest: int) -> dict:
         if longest <= self.max_positions:
-            return self.inv_freq
+            return super().fast_args(longest)
         d, f = self.dims, self.factor
-        return self.base_frequencies(self.theta * ((f * longest / self.max_positions) - (f - 1)) ** (d / (d - 2)))
+        return dict(base=self.theta * ((f * longest / self.max_positions) - (f - 1)) ** (d / (d - 2)), scale=1.0,
+                    freqs=None)
 
 
-class Llama3Rope(Rope):
+class Llama3Rope(FrequencyRope):
     def frequencies(self, inv):
         s = self.scaling
         low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
@@ -78,7 +105,7 @@ class Llama3Rope(Rope):
                         mx.where(wavelen < old / high, inv, (1 - smooth) * inv / self.factor + smooth * inv))
 
 
-class YarnRope(Rope):
+class YarnRope(FrequencyRope):
     def __init__(self, head_dim, theta, scaling, max_positions, dims=None, traditional=False):
         super().__init__(head_dim, theta, scaling, max_positions, dims, traditional)
         def magnitude(m):   # yarn's attention-magnitude factor for mscale m
@@ -99,7 +126,7 @@ class YarnRope(Rope):
         return inv / self.factor * ramp + inv * (1 - ramp)
 
 
-class LongRope(Rope):
+class LongRope(FrequencyRope):
     """Phi-3's `longrope` (`su`), as mlx-lm's SuScaledRoPE: the frequencies divided by
     `long_factor` (one per frequency; mlx-lm uses it at every length), and the rotated features
     scaled by sqrt(1 + ln(max / original) / ln(original)) when the model was extended."""
