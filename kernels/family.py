@@ -7,6 +7,7 @@ memory and thread counts, its launch geometry, and a reference implementation in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -325,10 +326,28 @@ class Family:
         d = _dtypes.get(dtype)
         return d.atol, d.rtol
 
-    # ---- the performance model (kernels/cost.py) ------------------------------------------------
-    def cost(self, config: Config, shape, dtype, device) -> float:
-        """Modelled seconds for one call of `config` on `device` (a profile or its name)."""
+    # ---- the performance model: work counted here, priced by kernels/timing/model.py ---------------
+    def work(self, config: Config, shape, dtype) -> list:
+        """Each launch's counters (traces.Counted: bytes and sectors per buffer, threadgroup passes,
+        barriers, SIMD-group functions, MMAs, threads, threadgroups), counted without running
+        anything (kernels/work.py): the value the emulator's trace mode fills from a real run.
+        A family that does not count its work yet is priced by its own `cost` (modelled_seconds)."""
         raise NotImplementedError
+
+    def cost(self, config: Config, shape, dtype, device) -> float:
+        """The old analytic price (kernels/cost.py), for families that do not count their `work` yet."""
+        raise NotImplementedError
+
+    def modelled_seconds(self, config: Config, shape, dtype, device) -> float:
+        """Seconds for one call of `config` on `device` (a profile or its name): its work priced by
+        the per-kernel model, the one function that prices MLX's kernels and ours."""
+        from metalforge import devices
+        from metalforge.kernels.timing import fit, model
+        try:
+            counted = _work(self, tuple(config.items()), shape, _dtypes.get(dtype).name)
+        except NotImplementedError:
+            return self.cost(config, shape, dtype, device)
+        return model.price(counted, devices.get(device), fit.shipped()["constants"])
 
     def model_error(self) -> float | None:
         """The family's per-kernel error: leave-one-chip-out on published kernel timings
@@ -339,6 +358,12 @@ class Family:
 
 
 _BUILT: dict = {}   # Family.built's cache
+
+
+@functools.lru_cache(maxsize=4096)
+def _work(family: Family, config: tuple, shape, dtype: str) -> list:
+    """Family.work, once per config, shape and dtype: the tuner prices a config on many devices."""
+    return family.work(dict(config), shape, dtype)
 
 
 # 8x8 fp32 fragments one SIMD-group may hold (two 32-bit registers a lane each): past 64 (128

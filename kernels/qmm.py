@@ -9,19 +9,18 @@ from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_bank_ways, fragment_problems,
                                        stage_dtype, stage_problems)
-from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
+from metalforge.kernels.quantized import QuantizedMatmul, quantization_problems
 
 
 QMM_BITS = (2, 4, 8)   # whole words of values; 3-, 5- and 6-bit prompts run MLX's op
 
 
-class Qmm(Qmv):
-    """y = x @ dequant(w_q).T for prompts, on SIMD-group matrices. Shares qmv's inputs, reference
-    and baseline; differs in tiling, shapes and cost."""
+class Qmm(QuantizedMatmul):
+    """y = x @ dequant(w_q).T for prompts, on SIMD-group matrices (qmv's layout, inputs, reference
+    and baseline: kernels/quantized.py)."""
 
     name = "qmm"
     bound = "compute"
-    shape_type = QmvShape   # the same fields: M, N, K, bits, group_size
     params = (
         Param("BM", (8, 16, 32, 64), 32, "output rows per threadgroup"),
         Param("BN", (8, 16, 32, 64), 32, "output columns per threadgroup"),
@@ -74,10 +73,6 @@ class Qmm(Qmv):
             out.append("operands=input takes half tiles as half fragments (float16 inputs staged as input; "
                        "bfloat fragments need an M3 or later)")
         return out + stage_problems(config, dtype)
-
-    def tolerance(self, config, dtype):
-        d = dtypes.get(dtype)
-        return d.atol * 4, d.rtol
 
     def launches(self, config, shape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)

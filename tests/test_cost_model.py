@@ -30,8 +30,8 @@ def test_more_bandwidth_is_never_slower(name):
     slow = devices.get("m3-pro")
     fast = dataclasses.replace(slow, memory_bandwidth_gbs=2 * slow.memory_bandwidth_gbs)
     for config in valid_configs(name, shape, slow)[::3]:
-        assert fam.cost(config, shape, "float16", fast) <= \
-            fam.cost(config, shape, "float16", slow), config
+        assert fam.modelled_seconds(config, shape, "float16", fast) <= \
+            fam.modelled_seconds(config, shape, "float16", slow), config
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -43,8 +43,8 @@ def test_more_work_is_never_faster(name):
     for config in valid_configs(name, shape, device)[::3]:
         if check(fam, config, bigger, "float16", device):
             continue
-        assert fam.cost(config, bigger, "float16", device) >= \
-            fam.cost(config, shape, "float16", device), config
+        assert fam.modelled_seconds(config, bigger, "float16", device) >= \
+            fam.modelled_seconds(config, shape, "float16", device), config
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -55,7 +55,7 @@ def test_the_modelled_best_config_is_valid_on_every_device(name):
         valid = valid_configs(name, shape, device)
         assert valid
         best = min(fam.space(), key=lambda c: (bool(check(fam, c, shape, "float16", device)),
-                                               fam.cost(c, shape, "float16", device)))
+                                               fam.modelled_seconds(c, shape, "float16", device)))
         assert not check(fam, best, shape, "float16", device), "an invalid config is never the choice"
 
 
