@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metalforge import devices
-from metalforge.intmath import cdiv
+from metalforge.intmath import cdiv, pow2_bucket
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail
@@ -52,6 +52,15 @@ class DecodeShape:
         return self.num_blocks or self.B * self.max_blocks
 
 
+def plain_attention_heads(values: dict) -> dict | None:
+    """An attention call's (engine/ops.py: B sequences of `new` tokens, the longest holding
+    `context` keys) batch and heads, or None for the variants the engine runs MLX's op for
+    (sliding window, soft-cap, sinks)."""
+    if values.get("window") or values.get("softcap") or values.get("sinks"):
+        return None
+    return dict(B=values["B"], Hq=values["Hq"], Hkv=values["Hkv"], D=values["D"])
+
+
 class DecodeAttention(Family):
     """softmax(q K^T * scale) V for 1-8 query tokens per sequence, GQA, split-K, paged KV."""
 
@@ -68,6 +77,18 @@ class DecodeAttention(Family):
         Param("load_width", (1, 2, 4), 1, "consecutive K/V elements each lane loads at once"),
         Param("prefetch", (False, True), False, "load the next step's keys before this step's scores"),
     )
+
+    op = "attention"
+
+    def op_shape(self, values: dict) -> dict | None:
+        """A decode step on the engine's pool (one new token a sequence). It reads the pool through
+        a table as wide as the context's power-of-two bucket, so the engine's shape is the tuned
+        bucket's (at most `width`, the block table's tokens)."""
+        heads = plain_attention_heads(values)
+        if heads is None or values["new"] != 1 or not values.get("block_size"):
+            return None
+        S = min(pow2_bucket(values["context"]), values.get("width") or pow2_bucket(values["context"]))
+        return dict(heads, S=S, block_size=values["block_size"], num_blocks=values.get("num_blocks", 0))
 
     def representative(self, shape):
         """The pool's size (num_blocks) does not change the kernel: a bucket serves any pool."""

@@ -101,6 +101,18 @@ class Family:
     # what limits the kernel on the device: "memory" (decode-time kernels) or "compute" (prompt
     # kernels); it picks the held-out error a modelled time of this family carries
     bound: str = "memory"
+    # the engine op it serves (engine/ops.py: "linear", "attention", "expert_linear"; "" none);
+    # the families serving an op are asked in registry order (kernels/families.py)
+    op: str = ""
+    # whether tuning a model tunes it unless --families says otherwise
+    tuned_with_models: bool = True
+    # the folder holding its templates (None: the package's templates/)
+    template_folder: str | None = None
+
+    def op_shape(self, values: dict) -> dict | None:
+        """An engine op call's sizes (engine/ops.py PlannedOp.values) as this family's shape
+        fields, or None where the family's layout does not apply to the call."""
+        return None
 
     @property
     def template(self) -> str:
@@ -230,7 +242,7 @@ class Family:
         raise NotImplementedError
 
     def _kernel(self, template: str, inputs, outputs, **values) -> KernelSource:
-        src = render(template, **values)
+        src = render(template, folder=self.template_folder, **values)
         return KernelSource(kernel_name(self.name, src), tuple(inputs), tuple(outputs), src)
 
     def render(self, config: Config, shape, dtype) -> str:

@@ -14,7 +14,7 @@ from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
 from metalforge.kernels.qmv import Qmv, count_rows, footprints
 from metalforge.kernels.work import Tally
-from metalforge.kernels.quantized import QuantizedShape, dequantize_reference, quantization_problems
+from metalforge.kernels.quantized import QuantizedShape, dequantize_reference, quantization_problems, quantized_op_shape
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ class GatherQmv(Family):
     bucketed = ("M",)
     shape_type = GatherQmvShape
     params = Qmv.params
+    op = "expert_linear"   # a token's top-k experts
+
+    def op_shape(self, values: dict) -> dict | None:
+        return quantized_op_shape(values)
 
     def proxy_shape(self, shape):
         return self.shape({**shape.__dict__, "N": cut_keeping_tail(shape.N, 256, 256),

@@ -14,7 +14,7 @@ from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
-from metalforge.kernels.decode_attention import HEAD_DIMS
+from metalforge.kernels.decode_attention import HEAD_DIMS, plain_attention_heads
 from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
                                        fragment_bank_ways, fragment_problems, stage_dtype, stage_problems)
 
@@ -54,6 +54,15 @@ class PrefillAttention(Family):
         Param("pad", (True, False), True, "tile rows padded by 16 bytes (fragment reads without bank conflicts), "
               "or packed (room for 128-key tiles at D=64)"),
     )
+
+    op = "attention"
+
+    def op_shape(self, values: dict) -> dict | None:
+        """A prompt of one sequence: its `new` tokens after `context - new` cached ones."""
+        heads = plain_attention_heads(values)
+        if heads is None or values["B"] != 1:
+            return None
+        return dict(heads, L=values["new"], prefix=values["context"] - values["new"])
 
     def proxy_shape(self, shape):
         return self.shape({**shape.__dict__, "B": 1, "Hkv": 1, "Hq": shape.Hq // shape.Hkv,

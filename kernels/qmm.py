@@ -21,6 +21,7 @@ class Qmm(QuantizedMatmul):
 
     name = "qmm"
     bound = "compute"
+    tuned_with_models = False   # the prompt-side product: tuned on request (--families)
     params = (
         Param("BM", (8, 16, 32, 64), 32, "output rows per threadgroup"),
         Param("BN", (8, 16, 32, 64), 32, "output columns per threadgroup"),

@@ -30,6 +30,10 @@ class QuantizedMatmul(Family):
 
     bucketed = ("M",)
     shape_type = QuantizedShape
+    op = "linear"
+
+    def op_shape(self, values: dict) -> dict | None:
+        return quantized_op_shape(values)
 
     def proxy_shape(self, shape):
         return self.shape({**shape.__dict__, "N": cut_keeping_tail(shape.N, 256, 256),
@@ -65,6 +69,12 @@ class QuantizedMatmul(Family):
         d = dtypes.get(dtype)
         # Each output sums K products; rounding grows with sqrt(K) but is bounded for our inputs.
         return d.atol * 4, d.rtol
+
+
+def quantized_op_shape(values: dict) -> dict | None:
+    """A linear's sizes as a shape, where its weights are in MLX's affine layout (not the mxfp4 /
+    nvfp4 `mode`s, not unquantized)."""
+    return values if values.get("bits") and "mode" not in values else None
 
 
 def quantization_problems(shape, bits=QUANTIZED_BITS) -> list[str]:

@@ -48,6 +48,8 @@ def _grown(small: dict, real: dict, group: tuple) -> dict:
 
 def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
     """Our config's dispatches at `shape`, from traces at the family's proxy shapes."""
+    if fam.name not in GROUPS:
+        raise MetalforgeError(f"{fam.name}: no proxy shapes to trace it at (kernels/timing/compare.py GROUPS)")
     from metalforge.kernels import trace_report
     real = dataclasses.asdict(shape)
     small = proxy(fam.name, real)
@@ -69,6 +71,8 @@ def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
 
 def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:
     """MLX's kernels for the job, as mlx-lm calls MLX (contiguous cache, causal prefill)."""
+    if family not in MLX_OP:
+        raise MetalforgeError(f"{family}: MLX's kernels for this job are not ported (kernels/mlx_dispatch.py)")
     s = {k: v for k, v in s.items() if k not in ("block_size", "num_blocks")}
     if MLX_OP[family] == "prefill":
         s = {"prefix": 0, **s, "causal": True}
