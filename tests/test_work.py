@@ -76,6 +76,27 @@ def test_decode_attention_work_is_the_traced_work(shape, config):
     assert_same_work(fam.work(config, shape, F16), traced(fam, config, shape), MERGED, most=3.0)
 
 
+QMM = [
+    ("M=32,N=64,K=128", {}, ()),
+    ("M=32,N=40,K=256,bits=2,group_size=32", {"dequant": "registers", "BK": 16, "BM": 16, "BN": 16, "WM": 1, "WN": 2},
+     ()),
+    ("M=16,N=24,K=256,bits=8,group_size=64", {"stage": "float", "BK": 64, "BM": 16, "BN": 8, "WN": 1, "split_k": 4},
+     ()),
+    ("M=64,N=72,K=128,bits=4,group_size=128", {"BM": 64, "BN": 32, "BK": 128, "WM": 4, "operands": "input"}, ()),
+    ("M=16,N=32,K=64,bits=4,group_size=32", {"dequant": "registers", "BM": 16, "BN": 32, "split_k": 2}, ()),
+    # M's tail: the rows past M skip their loads, so the trace splits them from the rest of their
+    # SIMD-group for every later instruction
+    ("M=20,N=40,K=96,bits=4,group_size=32", {}, ("matrix_multiplies", "threadgroup_passes", "sector_bytes/y")),
+]
+
+
+@pytest.mark.parametrize("shape, config, divergent", QMM)
+def test_qmm_work_is_the_traced_work(shape, config, divergent):
+    fam = family("qmm")
+    config, shape = fam.config(config), fam.shape(shape)
+    assert_same_work(fam.work(config, shape, F16), traced(fam, config, shape), divergent, most=1.5)
+
+
 def test_gather_qmv_work_is_the_traced_work_over_the_experts_it_picked():
     """The count assumes distinct experts per pair (a token's top-k are); the trace reads the
     experts the random indices name, so the experts' footprints scale by the share picked."""
@@ -104,8 +125,8 @@ def test_identical_work_gets_an_identical_price():
 
 def test_a_family_without_work_is_priced_by_its_cost():
     """The fallback while a family still prices itself (Family.cost): modelled_seconds says its cost."""
-    fam = family("qmm")
-    config, shape = fam.config({}), fam.shape("M=64,N=256,K=256")
+    fam = family("prefill_attention")
+    config, shape = fam.config({}), fam.shape("B=1,Hq=2,Hkv=1,L=64,D=64")
     with pytest.raises(NotImplementedError):
         fam.work(config, shape, F16)
     assert fam.modelled_seconds(config, shape, F16, "m2-max") == fam.cost(config, shape, F16, "m2-max")
