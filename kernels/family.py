@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from metalforge.errors import MetalforgeError, choices
 from metalforge.intmath import cdiv, pow2_bucket
-from metalforge.kernels import backends, cost, dtypes as _dtypes
+from metalforge.kernels import backends, dtypes as _dtypes
 from metalforge.kernels.render import kernel_name, render
 
 
@@ -99,7 +99,7 @@ class Family:
     # written before the variant existed still names the same bucket
     variant_fields: tuple[str, ...] = ()
     # what limits the kernel on the device: "memory" (decode-time kernels) or "compute" (prompt
-    # kernels); it picks the held-out error a modelled time of this family carries
+    # kernels), as the per-kernel fit reports its error (kernels/timing/fit.py)
     bound: str = "memory"
     # the engine op it serves (engine/ops.py: "linear", "attention", "expert_linear"; "" none);
     # the families serving an op are asked in registry order (kernels/families.py)
