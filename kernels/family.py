@@ -348,7 +348,8 @@ class Family:
 
     def cost(self, config: Config, shape, dtype, device) -> float:
         """The old analytic price (kernels/cost.py), for families that do not count their `work` yet."""
-        raise NotImplementedError
+        raise MetalforgeError(f"{self.name}: cannot be modelled: it neither counts its work (Family.work) "
+                              "nor prices itself (Family.cost)")
 
     def modelled_seconds(self, config: Config, shape, dtype, device) -> float:
         """Seconds for one call of `config` on `device` (a profile or its name): its work priced by
