@@ -147,9 +147,21 @@ def count_rows(tally: Tally, config, shape, size: int, at: dict) -> None:
         lanes = range(32 * it, min(M * R, 32 * it + 32))
         for j in range(KS):
             tally.threadgroup((4 * (j * SG * M * R + i) for i in lanes), sgs)
-        for row0 in range(0, tgs * SG * R, R):
+        for (_, valid), (count, row0) in _row_groups(tgs * SG, R, N, size, at["y"]).items():
             tally.device("y", ((at["y"] + (i // R * N + row0 + i % R) * size, size) for i in lanes
-                               if row0 + i % R < N))
+                               if i % R < valid), count)
+
+
+def _row_groups(groups: int, R: int, N: int, size: int, y0: int) -> dict:
+    """SIMD-groups' first output rows (R apart) whose writes meet the sectors alike: {(offset mod
+    32, rows below N): (how many, the first such row)}; offsets repeat every 32 SIMD-groups."""
+    full = min(groups, N // R)                  # the groups whose R rows all lie below N
+    out: dict = {}
+    for i in list(range(min(full, SECTOR))) + list(range(full, groups)):
+        key = ((y0 + i * R * size) % SECTOR, min(R, max(0, N - i * R)))
+        count, first = out.get(key, (0, i * R))
+        out[key] = (count + (len(range(i, full, SECTOR)) if i < full else 1), first)
+    return out
 
 
 def _stage_x(tally: Tally, config, shape, size: int, x0: int, step: int, tgs: int) -> None:
