@@ -1,7 +1,8 @@
 """The op layer, in MLX's own `mx.fast` pattern: the model calls semantic ops (attention input,
 attention, gated MLP, linear); each op has an MLX composition and the kernel families that can
 serve it. Which family serves a shape is asked of the family (its `op` names the op, its
-`op_shape` reads a call's sizes as its shape, its `shape` refuses what it cannot serve); among those that serve, the choice against MLX's op is made per bucket and kept.
+`op_shape` reads a call's sizes as its shape, its `shape` refuses what it cannot serve); among
+those that serve, the choice against MLX's op is made per bucket and kept.
 
 Backends: `metal` (our generated kernels through mx.fast.metal_kernel, configs from the results
 files), `emulator` (the same kernels on the CPU; slow, for verification) and `mlx` (MLX's

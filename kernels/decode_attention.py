@@ -357,10 +357,8 @@ def _count_attention(tally: Tally, config, shape: DecodeShape, size: int) -> Non
         keys are live and, where rows are not whole sectors, on the row's place (the table's
         entries, quantized rows): counted by phase over the progression's period."""
         full = max(0, min(n, (end - KG - s) // step + 1))
-        for period, kind in ((8 * shape.block_size, "block_table") if shape.block_size else (0, ""),
-                             (SECTOR if bits else 1, src)):
-            if not kind:
-                continue
+        periods = [(src, SECTOR if bits else 1)] + ([("block_table", 8 * shape.block_size)] if shape.block_size else [])
+        for kind, period in periods:
             cycle = period // math.gcd(step, period)
             for k in range(min(full, cycle)):
                 loads[kind, KG, (s + k * step) % period] += len(range(k, full, cycle))
