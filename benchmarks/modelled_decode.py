@@ -138,13 +138,13 @@ def step_ops(config: dict, context: int) -> list[tuple[str, dict, int]]:
 
 def mlx_price(op: str, values: dict, device, constants) -> tuple[float, int]:
     """(seconds, dispatches) of MLX's real kernels for one op as mlx-lm runs it: the job
-    `metalforge compare` prices against the op's first family (compare.mlx_counted)."""
-    from metalforge.engine.ops import OPS
-    families, as_family = OPS[op]
-    shape = as_family(families[0], values)
+    `metalforge compare` prices against the first family serving the op (compare.mlx_counted)."""
+    from metalforge.kernels.families import FAMILIES
+    serving = [(f.name, f.op_shape(values)) for f in FAMILIES.values() if f.op == op]
+    family, shape = next(((name, s) for name, s in serving if s is not None), (None, None))
     if shape is None:
-        raise MetalforgeError(f"op '{op}' {values}: not a job of {families[0]}: MLX's kernels for it are not priced")
-    job = compare.mlx_counted(families[0], shape, dtypes.get(DTYPE), device)
+        raise MetalforgeError(f"op '{op}' {values}: not a job of any family (Family.op): MLX's kernels for it are not priced")
+    job = compare.mlx_counted(family, shape, dtypes.get(DTYPE), device)
     return model.price(job, device, constants), len(job)
 
 

@@ -68,7 +68,7 @@ def main():
         fam = get_family(name)
         shape = fam.shape(values)
         valid, space = check_space(fam, shape, "float16", args.device)
-        optimum = min(fam.cost(c, shape, "float16", args.device) for c in valid)
+        optimum = min(fam.modelled_seconds(c, shape, "float16", args.device) for c in valid)
         row = {"space": space.total, "valid": space.valid, "optimum_s": optimum}
         budget = args.budget or max(20, space.valid // 10)
         goal = 0.05 * space.valid

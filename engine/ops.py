@@ -1,7 +1,8 @@
 """The op layer, in MLX's own `mx.fast` pattern: the model calls semantic ops (attention input,
 attention, gated MLP, linear); each op has an MLX composition and the kernel families that can
-serve it. Which family serves a shape is asked of the family (its `shape` refuses what it cannot
-serve); among those that serve, the choice against MLX's op is made per bucket and kept.
+serve it. Which family serves a shape is asked of the family (its `op` names the op, its
+`op_shape` reads a call's sizes as its shape, its `shape` refuses what it cannot serve); among
+those that serve, the choice against MLX's op is made per bucket and kept.
 
 Backends: `metal` (our generated kernels through mx.fast.metal_kernel, configs from the results
 files), `emulator` (the same kernels on the CPU; slow, for verification) and `mlx` (MLX's
@@ -21,11 +22,10 @@ import mlx.core as mx
 from metalforge import devices
 from metalforge.engine.cpu_linear import CpuLinear
 from metalforge.errors import MetalforgeError
-from metalforge.intmath import cdiv, pow2_bucket
+from metalforge.intmath import cdiv
 from metalforge.kernels import backends
 from metalforge.kernels.checks import check
-from metalforge.kernels.decode_attention import MAX_QUERY_TOKENS
-from metalforge.kernels.families import get as get_family
+from metalforge.kernels.families import FAMILIES, get as get_family
 from metalforge.results import Entry, lookup
 
 
@@ -35,41 +35,6 @@ class PlannedOp:
 
     op: str
     values: dict
-
-
-def _attention_values(family: str, v: dict) -> dict | None:
-    """An attention call as a family's shape, or None where its layout does not apply. The
-    call: B sequences of `new` tokens each, the longest holding `context` keys; on the pool,
-    `block_size`, `num_blocks` and `width` (the block table's tokens, at most the pool's
-    longest sequence); the model's variant (window, softcap, sinks) and the pool's (kv_bits,
-    kv_group_size) where set. A family serves a variant only if it has the fields. Decode
-    attention reads the pool through a table as wide as the context's power-of-two bucket, so
-    the engine's shape is the tuned bucket's; it serves 1 to MAX_QUERY_TOKENS tokens a sequence
-    (several: one sequence, as speculative decoding verifies), quantized K/V at one token a
-    sequence."""
-    variant = {k: int(bool(v[k])) if k in ("softcap", "sinks") else v[k]
-               for k in ("window", "softcap", "sinks", "kv_bits", "kv_group_size") if v.get(k)}
-    if any(k not in get_family(family).variant_fields for k in variant):
-        return None
-    heads = dict(B=v["B"], Hq=v["Hq"], Hkv=v["Hkv"], D=v["D"])
-    if family == "decode_attention" and v.get("block_size") and \
-            (v["new"] == 1 or (v["B"] == 1 and v["new"] <= MAX_QUERY_TOKENS and not v.get("kv_bits"))):
-        S = min(pow2_bucket(v["context"]), v.get("width") or pow2_bucket(v["context"]))
-        tokens = {"L": v["new"]} if v["new"] > 1 else {}
-        return dict(heads, S=S, block_size=v["block_size"], num_blocks=v.get("num_blocks", 0), **tokens, **variant)
-    if family == "prefill_attention" and v["B"] == 1:
-        return dict(heads, L=v["new"], prefix=v["context"] - v["new"], **variant)
-    return None
-
-
-# Each op served by kernels of ours: the families that can serve it, in the order they are
-# asked, and how a call's sizes read as a family's shape. Fused attention-input and gated-MLP
-# kernels join here (those ops are MLX compositions of linears until then).
-OPS = {
-    "linear": (("qmv", "qmm"), lambda family, v: v if v.get("bits") and "mode" not in v else None),
-    "attention": (("decode_attention", "prefill_attention"), _attention_values),
-    "expert_linear": (("gather_qmv",), lambda family, v: v if v.get("bits") and "mode" not in v else None),   # top-k experts a token
-}
 
 
 def kernel_shapes(plan: list[PlannedOp]) -> dict[str, list[dict]]:
@@ -87,14 +52,13 @@ def kernel_shapes(plan: list[PlannedOp]) -> dict[str, list[dict]]:
 def _serving(op: str, values: dict) -> tuple[list[tuple[str, dict, object]], list[str]]:
     """(family, its shape values, its shape) of each family serving the call, in the op's order,
     and the other families' reasons for refusing it."""
-    families, as_family = OPS[op]
     serving, refusals = [], []
-    for name in families:
-        v = as_family(name, values)
+    for fam in FAMILIES.values():   # the families serving the op (Family.op), in registry order
+        v = fam.op_shape(values) if fam.op == op else None
         if v is None:
             continue
         try:
-            serving.append((name, v, get_family(name).shape(v)))
+            serving.append((fam.name, v, fam.shape(v)))
         except MetalforgeError as e:
             refusals.append(str(e))
     return serving, refusals

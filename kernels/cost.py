@@ -1,5 +1,7 @@
-"""The analytic time model every family prices its configs with (Family.cost): what tuning uses
-off a Mac. The family supplies what its kernel moves and computes; this module turns that into time.
+"""The old analytic time model, for the families that do not count their work yet (Family.cost;
+prefill_attention): a family that counts it (Family.work) is priced by the per-kernel model
+(kernels/timing/model.py), the one function that prices MLX's kernels and ours. Here the family
+supplies what its kernel moves and computes; this module turns that into time.
 
 It is a model, not a measurement: every output built on it says `timer: model` and carries the
 model's error. Its parts, and where each number comes from:
@@ -14,8 +16,8 @@ model's error. Its parts, and where each number comes from:
   share of the parallelism a launch keeps in flight. ASSUMED per core (Apple does not publish
   these, and end-to-end speeds cannot separate them): 2048 resident threads, 64 KB of threadgroup
   memory, about 1024 threads in flight to saturate memory, full occupancy up to 64 registers a
-  lane; barrier, SIMD-reduction and fragment-load costs.
-It ranks our configs in the tuner's search. It does not price MLX's kernels: every ratio against
+  lane; barrier and fragment-load costs.
+It ranks those families' configs in the tuner's search. It does not price MLX's kernels: every ratio against
 MLX is the per-kernel model's (kernels/timing), MLX's real kernel against our chosen config.
 The fit, its data and its held-out error: benchmarks/calibrate.py (kernels/calibration.py).
 """
@@ -38,7 +40,6 @@ TG_MEMORY_PER_CORE = 65536
 THREADS_TO_SATURATE = 1024
 DISPATCHES_PER_LAYER = 14
 BARRIER_S = 0.15e-6       # one threadgroup barrier, per threadgroup (assumed)
-SIMD_REDUCE_S = 0.02e-6   # one simd_sum per SIMD-group (assumed)
 REGISTERS_AT_FULL_OCCUPANCY = 64   # 32-bit registers a lane can hold at full occupancy (assumed)
 FRAGMENT_LOAD_COST = 0.5  # an 8x8 fragment read from threadgroup memory, in 8x8 multiply-accumulates (assumed)
 DYNAMIC_CACHING_FROM = 15   # applegpu_g15 (M3) introduced the new shader core and dynamic caching

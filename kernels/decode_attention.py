@@ -11,15 +11,16 @@ in MLX's mx.quantize layout (a scale and bias per group along D), dequantised in
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metalforge import devices
-from metalforge.intmath import cdiv
-from metalforge.kernels import cost, dtypes
+from metalforge.intmath import cdiv, pow2_bucket
+from metalforge.kernels import dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail
+from metalforge.kernels.work import SECTOR, Tally
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
 MAX_QUERY_TOKENS = 8   # MLX's sdpa_vector serves up to 8 query tokens too; more is a prompt
@@ -52,6 +53,18 @@ class DecodeShape:
         return self.num_blocks or self.B * self.max_blocks
 
 
+def attention_call(values: dict, variant_fields: tuple) -> tuple[dict, dict] | None:
+    """An attention call's (engine/ops.py: B sequences of `new` tokens, the longest holding
+    `context` keys) batch and heads, and its variant (the model's window, soft-cap and sinks, the
+    pool's kv_bits and kv_group_size) as shape fields; None where the family lacks a field the
+    call sets (then MLX's op runs it)."""
+    variant = {k: int(bool(values[k])) if k in ("softcap", "sinks") else values[k]
+               for k in ("window", "softcap", "sinks", "kv_bits", "kv_group_size") if values.get(k)}
+    if any(k not in variant_fields for k in variant):
+        return None
+    return dict(B=values["B"], Hq=values["Hq"], Hkv=values["Hkv"], D=values["D"]), variant
+
+
 class DecodeAttention(Family):
     """softmax(q K^T * scale) V for 1-8 query tokens per sequence, GQA, split-K, paged KV."""
 
@@ -68,6 +81,24 @@ class DecodeAttention(Family):
         Param("load_width", (1, 2, 4), 1, "consecutive K/V elements each lane loads at once"),
         Param("prefetch", (False, True), False, "load the next step's keys before this step's scores"),
     )
+
+    op = "attention"
+
+    def op_shape(self, values: dict) -> dict | None:
+        """A decode step on the engine's pool: one new token a sequence, or 2 to MAX_QUERY_TOKENS
+        of one sequence (as speculative decoding verifies; not over quantized K/V). It reads the
+        pool through a table as wide as the context's power-of-two bucket, so the engine's shape
+        is the tuned bucket's (at most `width`, the block table's tokens)."""
+        call = attention_call(values, self.variant_fields)
+        new = values["new"]
+        if call is None or not values.get("block_size") or not (
+                new == 1 or (values["B"] == 1 and new <= MAX_QUERY_TOKENS and not values.get("kv_bits"))):
+            return None
+        heads, variant = call
+        S = min(pow2_bucket(values["context"]), values.get("width") or pow2_bucket(values["context"]))
+        tokens = {"L": new} if new > 1 else {}
+        return dict(heads, S=S, block_size=values["block_size"], num_blocks=values.get("num_blocks", 0),
+                    **tokens, **variant)
 
     def representative(self, shape):
         """The pool's size (num_blocks) does not change the kernel: a bucket serves any pool."""
@@ -293,48 +324,169 @@ class DecodeAttention(Family):
         return mx.concatenate([attend(inp["queries"][b:b + 1], k[None], v[None], k.shape[1])
                                for b, (k, v) in enumerate(inp["caches"])])
 
-    def cost(self, config, shape, dtype, device) -> float:
-        """Modelled seconds for one call (kernels/cost.py says how)."""
-        dev = devices.get(device)
-        dtype = dtypes.get(dtype)
-        sg, kps, kg = config["threads"] // 32, config["keys_per_step"], config["keys_per_simdgroup"]
-        g = shape.Hq // shape.Hkv
-        rows = (g if config["share_kv"] else 1) * shape.L
-        main = self.geometry(config, shape, dtype)[0]
-        occ = cost.occupancy(main.threads, main.threadgroup_memory_bytes, main.threadgroups, registers=main.registers)
-        # a window bounds the keys read: the first token's window through the last token
-        keys = min(shape.S, shape.window + shape.L - 1) if shape.window else shape.S
-        # a row: D values, or D packed values and a scale and bias per group
-        row_bytes = shape.D * dtype.size if not shape.kv_bits else \
-            shape.D * shape.kv_bits / 8 + 2 * shape.D / shape.kv_group_size * dtype.size
-        kv = 2 * shape.B * shape.Hkv * keys * row_bytes
-        # without sharing, the G query heads of a KV head each stream it (partly from cache)
-        kv_reads = kv * (1 if config["share_kv"] else 1 + (g - 1) * 0.35)
-        partials = 2 * shape.B * shape.Hq * shape.L * config["splits"] * (shape.D + 2) * 4 if config["splits"] > 1 else 0
-        # SIMD-groups left without keys (short slices) keep nothing in flight but still merge
-        keys_per_tg = cdiv(keys, config["splits"])
-        busy = min(1.0, keys_per_tg / (sg * kps * kg))
-        # loads in flight: KPS x KG rows per step, and the next step's keys too when prefetching;
-        # lanes whose slots lie past D (D=64 read 4 wide by 32 lanes) carry nothing
-        lanes = 32 // kg
-        used = shape.D / (cdiv(shape.D, lanes * config["load_width"]) * lanes * config["load_width"])
-        ilp = kps * kg / 2 * (2 if config["prefetch"] else 1)
-        parallel = occ.parallel_fraction(dev, ilp=ilp * busy * used) \
-            * cost.load_efficiency(config["load_width"] * (shape.kv_bits / 8 if shape.kv_bits else dtype.size))
-        per_score = 6 + (10 if shape.softcap else 0)   # softmax (and tanh)
-        flops = (4 * shape.D + per_score) * shape.B * shape.Hq * shape.L * keys   # dot products and softmax
-        if shape.kv_bits:   # shift, mask, convert and scale each K/V value, once per threadgroup reading it
-            readers = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)
-            flops += 4 * 2 * shape.D * keys * readers
-        # the partials are written once a threadgroup, however few keys its SIMD-groups had
-        t = cost.roofline(kv_reads, flops, dev, parallel) + cost.roofline(partials, 0, dev, occ.parallel_fraction(dev))
-        steps = cdiv(keys_per_tg, sg * kps * kg)
-        # a score sums over its key's lanes: simd_sum across 32, log2(lanes) shuffles across fewer
-        reduce = cost.SIMD_REDUCE_S * (1 if kg == 1 else math.log2(lanes) / 5)
-        t += steps * rows * kps * reduce * occ.waves(dev)
-        if kg > 1:   # the lane groups' states merge by shuffles: log2(KG) rounds of a row's elements
-            elements = self.lane_elements(config, shape)
-            t += math.log2(kg) * rows * (elements + 2) * cost.SIMD_REDUCE_S / 5 * occ.waves(dev)
-        merge_on_one_core = cost.memory_seconds(sg * rows * shape.D * 4 * dev.gpu_cores, dev)
-        t += (cost.BARRIER_S + merge_on_one_core * 0.05) * occ.waves(dev)
-        return t + cost.launch_seconds() * (2 if config["splits"] > 1 else 1)
+    def work(self, config, shape: DecodeShape, dtype) -> list:
+        """Each launch's counters (kernels/work.py) as the template runs. ASSUMED: every sequence
+        holds S tokens (a bucket's length; the pool's lengths are known only at run time), every
+        (sequence, head) threadgroup moves what the first does, quantized K/V rows lie as in a
+        contiguous cache."""
+        d = dtypes.get(dtype)
+        geometry = self.geometry(config, shape, d)
+        main = Tally(self.name, geometry[0])
+        _count_attention(main, config, shape, d.size)
+        if config["splits"] == 1:
+            return [main.counted()]
+        reduce = Tally(self.name + "_reduce", geometry[1])
+        _count_reduce(reduce, config["splits"], shape, d.size)
+        return [main.counted(), reduce.counted()]
+
+
+def _rows_read(shape: DecodeShape) -> tuple[int, int]:
+    """The first key any token of a full sequence sees, and the sequence's length."""
+    first = max(0, shape.S - shape.L - shape.window + 1) if shape.window else 0
+    return first, shape.S
+
+
+def _count_attention(tally: Tally, config, shape: DecodeShape, size: int) -> None:
+    """decode_attention.metal.j2, one threadgroup a split (the others alike), SIMD-group by SIMD-group."""
+    SG, KPS, KG, W, splits = (config["threads"] // 32, config["keys_per_step"], config["keys_per_simdgroup"],
+                              config["load_width"], config["splits"])
+    LPK, D, L = 32 // KG, shape.D, shape.L
+    slots, step = cdiv(D, LPK * W), SG * KPS * KG
+    rows = (shape.Hq // shape.Hkv if config["share_kv"] else 1) * L
+    alike = shape.B * (shape.Hkv if config["share_kv"] else shape.Hq)   # threadgroups a split
+    first, length = _rows_read(shape)
+    chunk = cdiv(length - first, splits)
+    bits = shape.kv_bits
+    scale_row = D // shape.kv_group_size * size if bits else 0
+
+    loads: Counter = Counter()   # (buffer, live keys of the SIMD-group's KG, row phase) -> instructions
+
+    def load_rows(src: str, s: int, n: int, end: int) -> None:
+        """n load_rows of keys s, s + step, ...: their instructions depend on how many of the KG
+        keys are live and, where rows are not whole sectors, on the row's place (the table's
+        entries, quantized rows): counted by phase over the progression's period."""
+        full = max(0, min(n, (end - KG - s) // step + 1))
+        periods = [(src, SECTOR if bits else 1)] + ([("block_table", 8 * shape.block_size)] if shape.block_size else [])
+        for kind, period in periods:
+            cycle = period // math.gcd(step, period)
+            for k in range(min(full, cycle)):
+                loads[kind, KG, (s + k * step) % period] += len(range(k, full, cycle))
+            for k in range(full, n):   # the last steps: some keys past the end
+                live = max(0, min(KG, end - s - k * step))
+                if live:
+                    loads[kind, live, (s + k * step) % period] += 1
+
+    def row_instructions(src: str, live: int, phase: int) -> list:
+        """(buffer, lanes' accesses) of a load_row of keys phase..phase + live - 1."""
+        if src == "block_table":
+            return [(src, tuple({(4 * ((phase + g) // shape.block_size), 4) for g in range(live)}))]
+        out = []
+        for e in range(slots):
+            lanes = [(phase + g, (t + LPK * e) * W) for g in range(live) for t in range(LPK) if (t + LPK * e) * W < D]
+            if not bits:
+                out.append((src, tuple(((row * D + c) * size, W * size) for row, c in lanes)))
+                continue
+            for c in range(W):
+                out.append((src, tuple((4 * (row * D * bits // 32 + (c0 + c) * bits // 32), 4) for row, c0 in lanes)))
+                out += [(f"{src}_{part}", tuple((row * scale_row + (c0 + c) // shape.kv_group_size * size, size)
+                                                for row, c0 in lanes)) for part in ("scales", "biases")]
+        return out
+
+    for split in range(splits):
+        start = first + split * chunk
+        end = min(length, start + chunk)
+        for sg in range(SG):
+            s0 = start + sg * KPS * KG
+            iterations = max(0, cdiv(end - s0, step))
+            for j in range(KPS):
+                if config["prefetch"]:   # the first step's keys before the loop, then each next step's
+                    load_rows("keys", s0 + j * KG, 1, end)
+                load_rows("keys", s0 + j * KG + (step if config["prefetch"] else 0), iterations, end)
+                load_rows("values", s0 + j * KG, iterations, end)
+            tally.simd_functions += alike * iterations * KPS * rows * (1 if KG == 1 else int(math.log2(LPK)))
+    # the rest is alike for every SIMD-group, and for every row (rows start on whole sectors, and
+    # a shifted threadgroup access meets the banks alike)
+    groups = splits * SG * alike
+    if shape.block_size:
+        tally.device("seq_lens", ((0, 4),), groups)
+    for e in range(slots * W):
+        dims = ((lane % LPK + LPK * (e // W)) * W + e % W for lane in range(32))
+        tally.device("queries", ((c * size, size) for c in dims if c < D), groups * rows)
+    tally.simd_functions += groups * int(math.log2(KG)) * rows * (2 + slots * W)
+    tally.threadgroup((0,), groups * 2 * rows)   # lane 0 stores its max and sum
+    for e in range(slots * W):                   # lane group 0 its output
+        dims = ((t + LPK * (e // W)) * W + e % W for t in range(LPK))
+        tally.threadgroup((4 * c for c in dims if c < D), groups * rows)
+    merged = splits * alike * rows               # each row merged once a threadgroup
+    _count_merge(tally, SG, rows, D, merged, sinks=bool(shape.sinks) and splits == 1, size=size, threadgroup=True)
+    if splits == 1:
+        _count_out(tally, "out", D, size, merged)
+    else:
+        _count_out(tally, "partial_out", D, 4, merged)
+        for name in ("partial_max", "partial_sum"):
+            tally.device(name, ((0, 4),), merged)
+    for (src, live, phase), times in loads.items():
+        for buffer, accesses in row_instructions(src, live, phase):
+            tally.device(buffer, accesses, alike * times)
+    tally.barriers_per_threadgroup += 1
+    read = shape.B * shape.Hkv * (length - first)
+    tally.footprint("queries", shape.B * shape.Hq * L * D * size)
+    for src in ("keys", "values"):
+        tally.footprint(src, read * (D * bits // 8 if bits else D * size))
+        if bits:
+            tally.footprint(f"{src}_scales", read * scale_row)
+            tally.footprint(f"{src}_biases", read * scale_row)
+    if shape.block_size:
+        tally.footprint("block_table", 4 * shape.B * ((length - 1) // shape.block_size - first // shape.block_size + 1))
+        tally.footprint("seq_lens", 4 * shape.B)
+    if splits > 1:
+        _partial_footprints(tally, shape.B * shape.Hq * L, splits, D)
+        return
+    tally.footprint("out", shape.B * shape.Hq * L * D * size)
+    if shape.sinks:
+        tally.footprint("sinks", shape.Hq * size)
+
+
+def _count_out(tally: Tally, buffer: str, D: int, size: int, times: int) -> None:
+    """Rows of D values written across the lanes, 32 apart (each row starting a sector)."""
+    for e in range(cdiv(D, 32)):
+        tally.device(buffer, ((c * size, size) for c in range(32 * e, min(D, 32 * e + 32))), times)
+
+
+def _partial_footprints(tally: Tally, rows: int, splits: int, D: int) -> None:
+    tally.footprint("partial_out", rows * splits * D * 4)
+    tally.footprint("partial_max", rows * splits * 4)
+    tally.footprint("partial_sum", rows * splits * 4)
+
+
+def _count_merge(tally: Tally, parts: int, stride: int, D: int, times: int, sinks: bool, size: int,
+                 threadgroup: bool) -> None:
+    """softmax_merge.j2's reads, `times` rows each merging `parts` partial states (part i at
+    i x stride) read by every lane, the output's values across lanes 32 apart: the SIMD-groups'
+    states in threadgroup memory, or the splits' partials in device memory; with a sink, its logit."""
+    if sinks:
+        tally.device("sinks", ((0, size),), times)
+
+    def read(name: str, at: list) -> None:
+        if threadgroup:
+            tally.threadgroup(at, times)
+        else:
+            tally.device(f"partial_{name}", ((a, 4) for a in at), times)
+    for i in range(parts):
+        read("max", [4 * i * stride])
+    for i in range(parts):
+        read("max", [4 * i * stride])
+        read("sum", [4 * i * stride])
+        for e in range(cdiv(D, 32)):
+            read("out", [4 * (i * stride * D + c) for c in range(32 * e, min(D, 32 * e + 32))])
+
+
+def _count_reduce(tally: Tally, splits: int, shape: DecodeShape, size: int) -> None:
+    """decode_attention_reduce.metal.j2: a SIMD-group a query row merging its splits' partials."""
+    rows, D = shape.B * shape.Hq * shape.L, shape.D
+    _count_merge(tally, splits, 1, D, rows, sinks=bool(shape.sinks), size=size, threadgroup=False)
+    _count_out(tally, "out", D, size, rows)
+    _partial_footprints(tally, rows, splits, D)
+    tally.footprint("out", rows * D * size)
+    if shape.sinks:
+        tally.footprint("sinks", shape.Hq * size)

@@ -9,7 +9,21 @@ from metalforge.kernels.prefill_attention import PrefillAttention
 from metalforge.kernels.qmm import Qmm
 from metalforge.kernels.qmv import Qmv
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Qmv(), Qmm(), DecodeAttention(), PrefillAttention(), GatherQmv())}
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make a family known to everything that lists families (tuner, engine ops, CLI, tests)."""
+    if not family.name or family.name in FAMILIES:
+        raise MetalforgeError(f"a family needs a name of its own; {family.name!r} is taken or empty")
+    FAMILIES[family.name] = family
+    return family
+
+
+# The one line a new family adds. Order matters where families serve the same engine op: the
+# first that serves a call's shape is asked first (qmv before qmm, decode before prefill).
+for _family in (Qmv(), Qmm(), DecodeAttention(), PrefillAttention(), GatherQmv()):
+    register(_family)
 
 
 def get(name: str) -> Family:

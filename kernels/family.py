@@ -7,6 +7,7 @@ memory and thread counts, its launch geometry, and a reference implementation in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import mlx.core as mx
 
 from metalforge.errors import MetalforgeError, choices
 from metalforge.intmath import cdiv, pow2_bucket
-from metalforge.kernels import backends, cost, dtypes as _dtypes
+from metalforge.kernels import backends, dtypes as _dtypes
 from metalforge.kernels.render import kernel_name, render
 
 
@@ -98,8 +99,20 @@ class Family:
     # written before the variant existed still names the same bucket
     variant_fields: tuple[str, ...] = ()
     # what limits the kernel on the device: "memory" (decode-time kernels) or "compute" (prompt
-    # kernels); it picks the held-out error a modelled time of this family carries
+    # kernels), as the per-kernel fit reports its error (kernels/timing/fit.py)
     bound: str = "memory"
+    # the engine op it serves (engine/ops.py: "linear", "attention", "expert_linear"; "" none);
+    # the families serving an op are asked in registry order (kernels/families.py)
+    op: str = ""
+    # whether tuning a model tunes it unless --families says otherwise
+    tuned_with_models: bool = True
+    # the folder holding its templates (None: the package's templates/)
+    template_folder: str | None = None
+
+    def op_shape(self, values: dict) -> dict | None:
+        """An engine op call's sizes (engine/ops.py PlannedOp.values) as this family's shape
+        fields, or None where the family's layout does not apply to the call."""
+        return None
 
     @property
     def template(self) -> str:
@@ -229,7 +242,7 @@ class Family:
         raise NotImplementedError
 
     def _kernel(self, template: str, inputs, outputs, **values) -> KernelSource:
-        src = render(template, **values)
+        src = render(template, folder=self.template_folder, **values)
         return KernelSource(kernel_name(self.name, src), tuple(inputs), tuple(outputs), src)
 
     def render(self, config: Config, shape, dtype) -> str:
@@ -325,10 +338,29 @@ class Family:
         d = _dtypes.get(dtype)
         return d.atol, d.rtol
 
-    # ---- the performance model (kernels/cost.py) ------------------------------------------------
-    def cost(self, config: Config, shape, dtype, device) -> float:
-        """Modelled seconds for one call of `config` on `device` (a profile or its name)."""
+    # ---- the performance model: work counted here, priced by kernels/timing/model.py ---------------
+    def work(self, config: Config, shape, dtype) -> list:
+        """Each launch's counters (traces.Counted: bytes and sectors per buffer, threadgroup passes,
+        barriers, SIMD-group functions, MMAs, threads, threadgroups), counted without running
+        anything (kernels/work.py): the value the emulator's trace mode fills from a real run.
+        A family that does not count its work yet is priced by its own `cost` (modelled_seconds)."""
         raise NotImplementedError
+
+    def cost(self, config: Config, shape, dtype, device) -> float:
+        """The old analytic price (kernels/cost.py), for families that do not count their `work` yet."""
+        raise MetalforgeError(f"{self.name}: cannot be modelled: it neither counts its work (Family.work) "
+                              "nor prices itself (Family.cost)")
+
+    def modelled_seconds(self, config: Config, shape, dtype, device) -> float:
+        """Seconds for one call of `config` on `device` (a profile or its name): its work priced by
+        the per-kernel model, the one function that prices MLX's kernels and ours."""
+        from metalforge import devices
+        from metalforge.kernels.timing import fit, model
+        try:
+            counted = _work(self, tuple(config.items()), shape, _dtypes.get(dtype).name)
+        except NotImplementedError:
+            return self.cost(config, shape, dtype, device)
+        return model.price(counted, devices.get(device), fit.shipped()["constants"])
 
     def model_error(self) -> float | None:
         """The family's per-kernel error: leave-one-chip-out on published kernel timings
@@ -339,6 +371,12 @@ class Family:
 
 
 _BUILT: dict = {}   # Family.built's cache
+
+
+@functools.lru_cache(maxsize=4096)
+def _work(family: Family, config: tuple, shape, dtype: str) -> list:
+    """Family.work, once per config, shape and dtype: the tuner prices a config on many devices."""
+    return family.work(dict(config), shape, dtype)
 
 
 # 8x8 fp32 fragments one SIMD-group may hold (two 32-bit registers a lane each): past 64 (128

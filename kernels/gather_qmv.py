@@ -2,7 +2,7 @@
 (MLX's gather_qmm at decode sizes, the expert layers of a mixture-of-experts model). Each
 (token, expert) pair is one row of the grid running qmv's kernel (M = 1) on the expert its
 `indices` entry names: the ids are read on the GPU, no host round trip. The tunables, their
-checks and the cost per pair are qmv's."""
+checks and the work per pair are qmv's."""
 from __future__ import annotations
 
 import math
@@ -12,8 +12,9 @@ import mlx.core as mx
 
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
-from metalforge.kernels.qmv import Qmv, QmvShape, dequantize_reference, quantization_problems
-from metalforge.kernels import cost
+from metalforge.kernels.qmv import Qmv, count_rows, footprints
+from metalforge.kernels.work import Tally
+from metalforge.kernels.quantized import QuantizedShape, dequantize_reference, quantization_problems, quantized_op_shape
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class GatherQmvShape:
 QMV = Qmv()
 
 
-def pair_shape(shape: GatherQmvShape) -> QmvShape:
+def pair_shape(shape: GatherQmvShape) -> QuantizedShape:
     """What one (token, expert) pair runs: a qmv of one row."""
     return QMV.shape(dict(M=1, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size))
 
@@ -46,6 +47,10 @@ class GatherQmv(Family):
     bucketed = ("M",)
     shape_type = GatherQmvShape
     params = Qmv.params
+    op = "expert_linear"   # a token's top-k experts
+
+    def op_shape(self, values: dict) -> dict | None:
+        return quantized_op_shape(values)
 
     def proxy_shape(self, shape):
         return self.shape({**shape.__dict__, "N": cut_keeping_tail(shape.N, 256, 256),
@@ -113,7 +118,18 @@ class GatherQmv(Family):
     def tolerance(self, config, dtype):
         return QMV.tolerance(config, dtype)
 
-    def cost(self, config, shape, dtype, device) -> float:
-        """Modelled seconds: each pair streams its expert's weights as one qmv row does, in one launch."""
-        one = QMV.cost(config, pair_shape(shape), dtype, device) - cost.launch_seconds()
-        return shape.pairs * one + cost.launch_seconds()
+    def work(self, config, shape, dtype) -> list:
+        """qmv's rows once per pair (kernels/qmv.py count_rows), each pair at its own x, y and
+        expert. ASSUMED: the pairs' experts are distinct up to `experts` (a token's top-k are), each
+        expert's weights starting where the first's do relative to 32-byte sectors."""
+        d = dtypes.get(dtype)
+        g, = self.geometry(config, shape, d)
+        tally, one = Tally(self.name, g), pair_shape(shape)
+        sgs = g.threadgroups // shape.pairs * config["simdgroups"] * config["k_split"]
+        for p in range(shape.pairs):
+            count_rows(tally, config, one, d.size, {"x": p * shape.K * d.size, "w": 0, "scales": 0, "biases": 0,
+                                                    "y": p * shape.N * d.size})
+            tally.device("indices", ((4 * p, 4),) * 32, sgs)   # every lane reads its pair's expert id
+        footprints(tally, one, d.size, rows=min(shape.pairs, shape.experts) * shape.N, x_rows=shape.pairs)
+        tally.footprint("indices", 4 * shape.pairs)
+        return [tally.counted()]

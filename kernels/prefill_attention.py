@@ -16,7 +16,7 @@ from metalforge import devices
 from metalforge.intmath import cdiv
 from metalforge.kernels import cost, dtypes
 from metalforge.kernels.dtypes import vector_of
-from metalforge.kernels.decode_attention import HEAD_DIMS
+from metalforge.kernels.decode_attention import HEAD_DIMS, attention_call
 from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
                                        fragment_bank_ways, fragment_problems, stage_dtype, stage_problems)
 
@@ -62,6 +62,16 @@ class PrefillAttention(Family):
         Param("score_type", ("float", "half"), "float", "S and P fragments (and the Q, K, V operands) in fp32 or "
               "half; running max, sum and O in fp32 (M3 and later issue the two in parallel)"),
     )
+
+    op = "attention"
+
+    def op_shape(self, values: dict) -> dict | None:
+        """A prompt of one sequence: its `new` tokens after `context - new` cached ones."""
+        call = attention_call(values, self.variant_fields)
+        if call is None or values["B"] != 1:
+            return None
+        heads, variant = call
+        return dict(heads, L=values["new"], prefix=values["context"] - values["new"], **variant)
 
     def proxy_shape(self, shape):
         return self.shape({**shape.__dict__, "B": 1, "Hkv": 1, "Hq": shape.Hq // shape.Hkv,

@@ -1,27 +1,29 @@
 """qmm: quantized matrix-matrix product for prompts (M > 8), MLX's affine `mx.quantize` layout."""
 from __future__ import annotations
 
+import itertools
+
 import mlx.core as mx
 
-from metalforge import devices
 from metalforge.intmath import cdiv
-from metalforge.kernels import cost, dtypes
+from metalforge.kernels import dtypes
 from metalforge.kernels.dtypes import vector_of
-from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_bank_ways, fragment_problems,
+from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_problems,
                                        stage_dtype, stage_problems)
-from metalforge.kernels.qmv import Qmv, QmvShape, quantization_problems
+from metalforge.kernels.work import SECTOR, Tally
+from metalforge.kernels.quantized import QuantizedMatmul, quantization_problems
 
 
 QMM_BITS = (2, 4, 8)   # whole words of values; 3-, 5- and 6-bit prompts run MLX's op
 
 
-class Qmm(Qmv):
-    """y = x @ dequant(w_q).T for prompts, on SIMD-group matrices. Shares qmv's inputs, reference
-    and baseline; differs in tiling, shapes and cost."""
+class Qmm(QuantizedMatmul):
+    """y = x @ dequant(w_q).T for prompts, on SIMD-group matrices (qmv's layout, inputs, reference
+    and baseline: kernels/quantized.py)."""
 
     name = "qmm"
     bound = "compute"
-    shape_type = QmvShape   # the same fields: M, N, K, bits, group_size
+    tuned_with_models = False   # the prompt-side product: tuned on request (--families)
     params = (
         Param("BM", (8, 16, 32, 64), 32, "output rows per threadgroup"),
         Param("BN", (8, 16, 32, 64), 32, "output columns per threadgroup"),
@@ -75,10 +77,6 @@ class Qmm(Qmv):
                        "bfloat fragments need an M3 or later)")
         return out + stage_problems(config, dtype)
 
-    def tolerance(self, config, dtype):
-        d = dtypes.get(dtype)
-        return d.atol * 4, d.rtol
-
     def launches(self, config, shape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
         stage = stage_dtype(config, dtype)
@@ -103,36 +101,152 @@ class Qmm(Qmv):
                 Launch(reduce, geometry[1].grid, geometry[1].threadgroup, ((shape.M, shape.N),), (d.mlx,),
                        lengths=(shape.M,))]
 
-    def cost(self, config, shape, dtype, device) -> float:
-        """Modelled seconds for one call (kernels/cost.py says how)."""
-        dev = devices.get(device)
-        dtype = dtypes.get(dtype)
-        bm, bn, wm, split = config["BM"], config["BN"], config["WM"], config["split_k"]
-        g = self.geometry(config, shape, dtype)[0]
-        tiles_n, tiles_m = cdiv(shape.N, bn), cdiv(shape.M, bm)
-        in_registers = config["dequant"] == "registers"
-        occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups, registers=g.registers)
-        weights = shape.N * shape.K * shape.bits / 8 + 2 * shape.N * (shape.K / shape.group_size) * dtype.size
-        # each row of tiles re-streams the weights (and in registers each SIMD-group row of a tile
-        # reads its own copy), each column of tiles re-streams x; the cache serves most repeats
-        weight_reads = tiles_m * (wm if in_registers else 1)
-        moved = weights * (1 + 0.3 * (weight_reads - 1)) + shape.M * shape.K * dtype.size * (1 + 0.3 * (tiles_n - 1))
-        mma = 2 * tiles_m * bm * tiles_n * bn * shape.K
-        dequant = 3 * shape.N * shape.K * weight_reads
-        # fragment loads from threadgroup memory per multiply-accumulate: x's serve TN columns,
-        # weights' TM rows (none in registers: each lane dequantises its own); bank conflicts
-        # serialise a load (the padded rows leave none at 2-byte staging)
-        tm, tn = max(1, bm // wm // 8), max(1, bn // config["WN"] // 8)   # (priced for invalid configs too)
-        row, size = self.tile_row_bytes(config, dtype), stage_dtype(config, dtype).size
-        loads = fragment_bank_ways(row, size, False) / tn + \
-            (0.0 if in_registers else fragment_bank_ways(row, size, True) / tm)
-        flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + dequant
-        # in registers each lane reads words of two rows: scattered 4-byte loads
-        width = cost.load_efficiency(4) if in_registers else 1.0
-        parallel = occ.parallel_fraction(dev, ilp=min(2.0, tm * tn / 2)) * width
-        t = cost.roofline(moved, flops, dev, parallel)
-        if split > 1:   # the fp32 partial tiles written and summed by a second launch
-            partials = 2 * split * shape.M * shape.N * 4
-            t += cost.roofline(partials, split * shape.M * shape.N, dev, occ.parallel_fraction(dev)) + cost.launch_seconds()
-        steps = cdiv(shape.K, config["BK"] * split)   # each threadgroup's share of K
-        return t + 2 * steps * cost.BARRIER_S * occ.waves(dev) + cost.launch_seconds()
+    def work(self, config, shape, dtype) -> list:
+        """Each launch's counters (kernels/work.py) as the template runs."""
+        d = dtypes.get(dtype)
+        geometry = self.geometry(config, shape, d)
+        main = Tally(self.name, geometry[0])
+        _count_qmm(main, config, shape, d)
+        if config["split_k"] == 1:
+            return [main.counted()]
+        reduce = Tally(self.name + "_reduce", geometry[1])
+        _count_qmm_reduce(reduce, shape, config["split_k"], d.size)
+        return [main.counted(), reduce.counted()]
+
+
+def _classes(values, key) -> dict:
+    """{key(v): (how many v, the first v)}: the places whose accesses meet the sectors alike."""
+    out: dict = {}
+    for v in values:
+        k = key(v)
+        count, first = out.get(k, (0, v))
+        out[k] = (count + 1, first)
+    return out
+
+
+def _count_qmm(tally: Tally, config, shape, d) -> None:
+    """qmm.metal.j2, instruction by instruction; tiles and K steps whose accesses meet the sectors
+    alike (the same valid rows, the same offsets modulo 32 bytes) counted once and multiplied."""
+    BM, BN, BK, WM, WN, split = (config[k] for k in ("BM", "BN", "BK", "WM", "WN", "split_k"))
+    M, N, K, bits, gs = shape.M, shape.N, shape.K, shape.bits, shape.group_size
+    st, size = stage_dtype(config, d).size, d.size
+    stride, threads, SG = BK + TILE_PAD_BYTES // st, 32 * WM * WN, WM * WN
+    TM, TN = BM // WM // 8, BN // WN // 8
+    per_word, groups = 32 // bits, K // gs
+    XV, WV = 16 // size, min(4, BK * bits // 32)
+    steps = K // split // BK
+    tiles_m, tiles_n = cdiv(M, BM), cdiv(N, BN)
+    tgs = tiles_m * tiles_n * split
+    k0s = range(0, K, BK)                      # every step of every split
+    tally.device("lengths", ((0, 4),), tgs * SG)
+    tally.barriers_per_threadgroup += 2 * steps
+    lanes = [(sg, it) for sg in range(SG) for it in range(cdiv(BM * BK, threads * XV))]
+    # x staged: 16-byte loads of rows below M; XV stores to the tile each
+    for valid, (count, _) in _classes((min(BM, M - m0) for m0 in range(0, M, BM)), lambda v: v).items():
+        for sg, it in lanes:
+            idx = [i for i in range((sg * 32 + it * threads) * XV, (sg * 32 + 32 + it * threads) * XV, XV)
+                   if i < BM * BK]
+            tally.device("x", ((((i // BK) * K + i % BK) * size, 16) for i in idx if i // BK < valid),
+                         count * tiles_n * steps * split)
+    for sg, it in lanes:
+        idx = [i for i in range((sg * 32 + it * threads) * XV, (sg * 32 + 32 + it * threads) * XV, XV) if i < BM * BK]
+        for c in range(XV):
+            tally.threadgroup([((i // BK) * stride + i % BK + c) * st for i in idx], tgs * steps)
+    # the weights: dequantised into a shared tile, or by each lane into its fragment elements
+    if config["dequant"] == "threadgroup":
+        _count_weight_tile(tally, config, shape, d, tiles_m, k0s)
+    else:
+        _count_weight_fragments(tally, config, shape, d, tiles_m, k0s)
+    # fragment reads: a shifted tile row meets the banks alike, so one of each counts for all
+    fm_fn = [(((lane // 4) & 4) + (lane // 2) % 4, ((lane // 4) & 2) * 2 + (lane % 2) * 2) for lane in range(32)]
+    frags = tgs * steps * (BK // 8) * SG
+    for c in range(2):
+        tally.threadgroup([(fm * stride + fn + c) * st for fm, fn in fm_fn], frags * TM)
+        if config["dequant"] == "threadgroup":
+            tally.threadgroup([((fn + c) * stride + fm) * st for fm, fn in fm_fn], frags * TN)
+    tally.matrix_multiplies += frags * TM * TN
+    # the output: each lane its two elements of each fragment, rows below M and columns below N
+    out, out_size = ("y", size) if split == 1 else ("partial", 4)
+    rows = _classes(range(0, tiles_m * BM, 8), lambda m: (min(8, max(0, M - m)), m * N * out_size % SECTOR))
+    cols = _classes(range(0, tiles_n * BN, 8), lambda n: (min(8, max(0, N - n)), n * out_size % SECTOR))
+    for (m_valid, _), (m_count, m) in rows.items():
+        for (n_valid, _), (n_count, n) in cols.items():
+            for z, c in itertools.product(range(split), range(2)):
+                tally.device(out, ((((z * M + m + fm) * N + n + fn + c) * out_size, out_size) for fm, fn in fm_fn
+                                   if fm < m_valid and fn + c < n_valid), m_count * n_count)
+    tally.footprint("lengths", 4)
+    tally.footprint("x", M * K * size)
+    footprints_w(tally, shape, size)
+    tally.footprint(out, split * M * N * out_size)
+
+
+def footprints_w(tally: Tally, shape, size: int) -> None:
+    tally.footprint("w", shape.N * shape.K * shape.bits // 8)
+    for b in ("scales", "biases"):
+        tally.footprint(b, shape.N * (shape.K // shape.group_size) * size)
+
+
+def _count_weight_tile(tally: Tally, config, shape, d, tiles_m: int, k0s) -> None:
+    """Each thread loads WV packed words of a row, reads their groups' scales and biases, and
+    stores the dequantised values into the shared tile."""
+    BN, BK, WM, WN = config["BN"], config["BK"], config["WM"], config["WN"]
+    N, K, bits, gs, size = shape.N, shape.K, shape.bits, shape.group_size, d.size
+    st, threads = stage_dtype(config, d).size, 32 * WM * WN
+    stride, per_word, groups = BK + TILE_PAD_BYTES // st, 32 // bits, K // gs
+    WV, row_words = min(4, BK * bits // 32), BK // per_word
+    tiles = _classes(range(0, N, BN), lambda n0: (min(BN, N - n0), n0 * K * bits // 8 % SECTOR,
+                                                  n0 * groups * size % SECTOR))
+    steps = _classes(k0s, lambda k0: (k0 * bits // 8 % SECTOR, k0 % gs, k0 // gs * size % SECTOR))
+    places = {(n_key, k_key): (n_count * k_count, (n0, k0)) for n_key, (n_count, n0) in tiles.items()
+              for k_key, (k_count, k0) in steps.items()}
+    work = [[i for i in range((sg * 32 + it * threads) * WV, (sg * 32 + 32 + it * threads) * WV, WV)
+             if i < BN * row_words] for sg in range(WM * WN) for it in range(cdiv(BN * row_words, threads * WV))]
+    for idx in work:   # the tile's stores, alike in every threadgroup and step
+        for j, p in itertools.product(range(WV), range(per_word)):
+            tally.threadgroup([((i // row_words) * stride + (i % row_words + j) * per_word + p) * st for i in idx],
+                              tiles_m * len(k0s) * cdiv(N, BN))
+    for ((valid, *_), _), (count, (n0, k0)) in places.items():
+        for idx in work:
+            live = [(i // row_words, i % row_words * per_word) for i in idx if i // row_words < valid]
+            tally.device("w", ((((n0 + r) * K + k0 + k) * bits // 8, 4 * WV) for r, k in live), count * tiles_m)
+            for j, b in itertools.product(range(WV), ("scales", "biases")):
+                tally.device(b, ((((n0 + r) * groups + (k0 + k + j * per_word) // gs) * size, size)
+                                 for r, k in live), count * tiles_m)
+
+def _count_weight_fragments(tally: Tally, config, shape, d, tiles_m: int, k0s) -> None:
+    """Each lane reads the word, scale and bias of each of its two elements of each weight
+    fragment (row n of w, K value k): every SIMD-group row of the tile its own."""
+    BN, BK, WM, WN = config["BN"], config["BK"], config["WM"], config["WN"]
+    N, K, bits, gs, size = shape.N, shape.K, shape.bits, shape.group_size, d.size
+    per_word, groups = 32 // bits, K // gs
+    fm_fn = [(((lane // 4) & 4) + (lane // 2) % 4, ((lane // 4) & 2) * 2 + (lane % 2) * 2) for lane in range(32)]
+    # fragments of 8 rows of w: every SIMD-group row (WM of them) of every row of tiles reads them
+    blocks = _classes(range(0, cdiv(N, BN) * BN, 8), lambda n: (min(8, max(0, N - n)), n * K * bits // 8 % SECTOR,
+                                                                 n * groups * size % SECTOR))
+    ks = _classes((k0 + kk for k0 in k0s for kk in range(0, BK, 8)),
+                  lambda k: (k * bits // 8 % SECTOR, k % gs, k // gs * size % SECTOR))
+    for (valid, *_), (n_count, n) in blocks.items():
+        for _, (k_count, k) in ks.items():
+            times = n_count * k_count * tiles_m * WM
+            for c in range(2):
+                live = [(n + fn + c, k + fm) for fm, fn in fm_fn if fn + c < valid]
+                tally.device("w", ((4 * (r * K // per_word + kk // per_word), 4) for r, kk in live), times)
+                for b in ("scales", "biases"):
+                    tally.device(b, (((r * groups + kk // gs) * size, size) for r, kk in live), times)
+
+
+def _count_qmm_reduce(tally: Tally, shape, split: int, size: int) -> None:
+    """qmm_reduce.metal.j2: a thread an output, summing its split_k partials (a SIMD-group: 32
+    outputs of a row)."""
+    M, N = shape.M, shape.N
+    rows = _classes(range(M), lambda m: tuple((z * M + m) * N * 4 % SECTOR for z in range(split + 1)))
+    blocks = _classes(range(0, N, 32), lambda n0: min(32, N - n0))   # n0 x 4 bytes: whole sectors
+    for (count, m), (width, (n_count, n0)) in itertools.product(rows.values(), blocks.items()):
+        lanes, times = range(n0, n0 + width), count * n_count
+        tally.device("lengths", ((0, 4),), times)
+        for z in range(split):
+            tally.device("partial", ((((z * M + m) * N + n) * 4, 4) for n in lanes), times)
+        tally.device("y", (((m * N + n) * size, size) for n in lanes), times)
+    tally.footprint("lengths", 4)
+    tally.footprint("partial", split * M * N * 4)
+    tally.footprint("y", M * N * size)

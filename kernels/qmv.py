@@ -1,32 +1,17 @@
 """qmv: quantized matrix-vector (and small-batch) product in MLX's affine `mx.quantize` layout."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import mlx.core as mx
-
-from metalforge import devices
 from metalforge.intmath import cdiv
-from metalforge.kernels import cost, dtypes
-from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail
+from metalforge.kernels import dtypes
+from metalforge.kernels.family import Geometry, Launch, Param
+from metalforge.kernels.work import SECTOR, Tally
+from metalforge.kernels.quantized import QuantizedMatmul, QuantizedShape, quantization_problems
 
 
-@dataclass(frozen=True)
-class QmvShape:
-    M: int
-    N: int
-    K: int
-    bits: int = 4
-    group_size: int = 64
-
-
-class Qmv(Family):
+class Qmv(QuantizedMatmul):
     """y = x @ dequant(w_q).T, MLX's affine layout at every width mx.quantize writes, M in 1..8."""
 
     name = "qmv"
-    bucketed = ("M",)
-    shape_type = QmvShape
     params = (
         Param("simdgroups", (1, 2, 4, 8), 2, "SIMD-groups across output rows"),
         Param("rows_per_simdgroup", (1, 2, 4, 8), 4, "output rows each SIMD-group computes"),
@@ -37,25 +22,13 @@ class Qmv(Family):
         Param("prescaled_x", (False, True), False, "x divided by each value's place in its word: no shifts"),
     )
 
-    def proxy_shape(self, shape):
-        return self.shape({**shape.__dict__, "N": cut_keeping_tail(shape.N, 256, 256),
-                           "K": cut_keeping_tail(shape.K, 1024, 1024)})
-
-    def shape_distance(self, a, b) -> float | None:
-        if (a.bits, a.group_size) != (b.bits, b.group_size):
-            return None
-        return abs(math.log2(a.N / b.N)) + abs(math.log2(a.K / b.K)) + abs(math.log2(a.M / b.M))
-
-    def shape_problems(self, shape: QmvShape) -> list[str]:
+    def shape_problems(self, shape: QuantizedShape) -> list[str]:
         out = quantization_problems(shape)
         if not 1 <= shape.M <= 8:
             out.append(f"M={shape.M} is outside 1..8 (qmv is the decode / small-batch kernel; qmm takes more rows)")
         return out
 
-    def buffer_elements(self, shape: QmvShape) -> dict[str, int]:
-        return quantized_buffer_elements(shape)
-
-    def geometry(self, config, shape: QmvShape, dtype) -> tuple[Geometry, ...]:
+    def geometry(self, config, shape: QuantizedShape, dtype) -> tuple[Geometry, ...]:
         sg, ks, r = config["simdgroups"], config["k_split"], config["rows_per_simdgroup"]
         threads = 32 * sg * ks
         staged = 4 * ks * shape.M * 32 * config["values_per_lane"] if config["stage_x"] else 0
@@ -64,7 +37,7 @@ class Qmv(Family):
         registers = shape.M * (r + config["values_per_lane"])
         return (Geometry((cdiv(shape.N, sg * r) * threads, 1, 1), (threads, 1, 1), staged + partials, registers),)
 
-    def launches(self, config, shape: QmvShape, dtype) -> list[Launch]:
+    def launches(self, config, shape: QuantizedShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
         kernel = self._kernel(
             self.template, ("x", "w", "scales", "biases"), ("y",),
@@ -75,29 +48,6 @@ class Qmv(Family):
         )
         g, = self.geometry(config, shape, dtype)
         return [Launch(kernel, g.grid, g.threadgroup, ((shape.M, shape.N),), (d.mlx,))]
-
-    def make_inputs(self, shape: QmvShape, dtype, seed=0):
-        d = dtypes.get(dtype)
-        key = mx.random.key(seed)
-        k1, k2 = mx.random.split(key)
-        w = (mx.random.normal((shape.N, shape.K), key=k1) * 0.05).astype(d.mlx)
-        wq, scales, biases = mx.quantize(w, group_size=shape.group_size, bits=shape.bits)
-        x = mx.random.normal((shape.M, shape.K), key=k2).astype(d.mlx)
-        return {"x": x, "w": wq, "scales": scales, "biases": biases}
-
-    def reference(self, shape: QmvShape, dtype, inp):
-        """Dequantise with plain MLX ops (independent of MLX's quantized kernels) and multiply in fp32."""
-        w = dequantize_reference(inp["w"], inp["scales"], inp["biases"], shape.bits, shape.group_size)
-        return (inp["x"].astype(mx.float32) @ w.T).astype(dtypes.get(dtype).mlx)
-
-    def baseline(self, shape: QmvShape, dtype, inp):
-        return mx.quantized_matmul(inp["x"], inp["w"], inp["scales"], inp["biases"],
-                                   transpose=True, group_size=shape.group_size, bits=shape.bits)
-
-    def tolerance(self, config, dtype):
-        d = dtypes.get(dtype)
-        # Each output sums K products; rounding grows with sqrt(K) but is bounded for our inputs.
-        return d.atol * 4, d.rtol
 
     def config_problems(self, config, shape, dtype) -> list[str]:
         values = config["values_per_lane"]
@@ -120,78 +70,108 @@ class Qmv(Family):
                        f"k_split x 32 lanes x values_per_lane = {config['k_split'] * 32 * values}")
         return out
 
-    def cost(self, config, shape, dtype, device) -> float:
-        """Modelled seconds for one call (kernels/cost.py says how)."""
-        dev = devices.get(device)
-        dtype = dtypes.get(dtype)
-        g, = self.geometry(config, shape, dtype)
-        ks = config["k_split"]
-        occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups)
-        padded_rows = g.threadgroups * config["simdgroups"] * config["rows_per_simdgroup"]
-        weights = padded_rows * shape.K * shape.bits / 8 + 2 * padded_rows * (shape.K / shape.group_size) * dtype.size
-        # x is re-read by every SIMD-group (mostly from cache) unless staged once per threadgroup
-        x_reads = shape.M * shape.K * dtype.size * g.threadgroups * (1 if config["stage_x"] else config["simdgroups"]) * 0.05
-        # a load instruction's width: LW words of whole-word widths; straddling widths read a
-        # lane's V values as bytes the compiler merges
-        whole_words = 32 % shape.bits == 0
-        width = cost.load_efficiency(4 * config["load_width"] if whole_words else
-                                     config["values_per_lane"] * shape.bits / 8)
-        pressure = 1.0 if g.registers <= 96 else 96 / g.registers   # register pressure
-        parallel = occ.parallel_fraction(dev, ilp=config["rows_per_simdgroup"] / 2) * width * pressure
-        # FMAs plus unpacking: mask, shift and convert per value; a pre-scaled x saves the shift
-        unpack = 2 if config["prescaled_x"] else 3
-        flops = 2 * shape.M * padded_rows * shape.K + unpack * padded_rows * shape.K
-        t = cost.roofline(weights + x_reads, flops, dev, parallel)
-        steps = cdiv(shape.K, 32 * config["values_per_lane"] * ks)
-        if config["stage_x"]:
-            t += 2 * steps * cost.BARRIER_S * occ.waves(dev)
-        t += shape.M * config["rows_per_simdgroup"] * cost.SIMD_REDUCE_S * occ.waves(dev)
-        if ks > 1:   # partial sums through threadgroup memory: a barrier and KS reads per output
-            t += (cost.BARRIER_S + ks * shape.M * config["rows_per_simdgroup"] * cost.SIMD_REDUCE_S / 32) * occ.waves(dev)
-        return t + cost.launch_seconds()
+    def work(self, config, shape, dtype) -> list:
+        """The launch's counters (kernels/work.py), instruction by instruction as the template runs."""
+        d = dtypes.get(dtype)
+        g, = self.geometry(config, shape, d)
+        tally = Tally(self.name, g)
+        count_rows(tally, config, shape, d.size, {"x": 0, "w": 0, "scales": 0, "biases": 0, "y": 0})
+        footprints(tally, shape, d.size, rows=shape.N, x_rows=shape.M)
+        return [tally.counted()]
 
 
-def quantized_buffer_elements(shape) -> dict[str, int]:
-    """x, the weight matrix (in values, as the kernels index it) and y, for qmv and qmm alike."""
-    return {"x": shape.M * shape.K, "w": shape.N * shape.K, "y": shape.M * shape.N}
+def footprints(tally: Tally, shape, size: int, rows: int, x_rows: int) -> None:
+    """Every value of x, of `rows` weight rows (their scales and biases) and of y is touched once."""
+    groups = shape.K // shape.group_size
+    tally.footprint("x", x_rows * shape.K * size)
+    tally.footprint("w", rows * shape.K * shape.bits // 8)
+    tally.footprint("scales", rows * groups * size)
+    tally.footprint("biases", rows * groups * size)
+    tally.footprint("y", x_rows * shape.N * size)
 
 
-QMV_BITS = (2, 3, 4, 5, 6, 8)   # every width mx.quantize (affine) writes
-
-
-def quantization_problems(shape, bits=QMV_BITS) -> list[str]:
-    """Shape problems shared by the quantized families (bits, group size, K divisibility)."""
-    out = []
-    if shape.bits not in bits:
-        out.append(f"bits={shape.bits} is not supported (valid: {', '.join(map(str, bits))})")
-    if shape.group_size not in (32, 64, 128):
-        out.append(f"group_size={shape.group_size} is not supported (valid: 32, 64, 128)")
-    if shape.N < 1 or shape.K < 1:
-        out.append("N and K must be positive")
-    elif shape.group_size in (32, 64, 128) and shape.K % shape.group_size:
-        out.append(f"K={shape.K} is not a multiple of group_size={shape.group_size}")
+def _residues(count: int, stride: int, base: int) -> dict[int, int]:
+    """{base + i * stride mod 32: how many i in 0..count-1}: what decides an access's sectors."""
+    out: dict = {}
+    for i in range(min(count, SECTOR)):
+        key = (base + i * stride) % SECTOR
+        out[key] = out.get(key, 0) + len(range(i, count, SECTOR))
     return out
 
 
-def dequantize_reference(wq, scales, biases, bits: int, group_size: int) -> mx.array:
-    """Unpack MLX's layout with plain ops: each row is one little-endian bit stream, value i in
-    bits i*bits .. i*bits+bits-1 (a 3-, 5- or 6-bit value may straddle two words); w = scale * q + bias."""
-    n = wq.shape[0]
-    stream = mx.view(wq, mx.uint8).reshape(n, -1, bits).astype(mx.uint32)   # `bits` bytes hold 8 values
-    lo = sum(stream[:, :, b] << (8 * b) for b in range(min(bits, 4)))          # a chunk's bits 0..31
-    hi = sum(stream[:, :, b] << (8 * (b - 4)) for b in range(4, bits)) if bits > 4 else mx.zeros_like(lo)
-    values = []
-    for j in range(8):
-        offset = j * bits
-        if offset + bits <= 32:
-            v = lo >> offset
-        elif offset >= 32:
-            v = hi >> (offset - 32)
-        else:   # straddles the 32-bit halves
-            v = (lo >> offset) | (hi << (32 - offset))
-        values.append(v & ((1 << bits) - 1))
-    q = mx.stack(values, axis=-1).reshape(n, -1).astype(mx.float32)
-    k = q.shape[1]
-    s = mx.repeat(scales.astype(mx.float32), group_size, axis=1)[:, :k]
-    b = mx.repeat(biases.astype(mx.float32), group_size, axis=1)[:, :k]
-    return q * s + b
+def count_rows(tally: Tally, config, shape, size: int, at: dict) -> None:
+    """The instructions of one grid row of qmv.metal.j2 (one product; one pair of gather_qmv), its
+    buffers starting `at` these byte offsets. Exact where lanes diverge only at K's tail."""
+    SG, R, V, KS, LW = (config[k] for k in ("simdgroups", "rows_per_simdgroup", "values_per_lane", "k_split",
+                                           "load_width"))
+    M, N, K, bits = shape.M, shape.N, shape.K, shape.bits
+    step_len, groups, row_bytes = 32 * V, K // shape.group_size, K * bits // 8
+    steps = cdiv(K, step_len * KS)
+    tgs = cdiv(N, SG * R)
+    sgs = tgs * SG                                        # SIMD-groups per K split
+    w_rows = _residues(N, row_bytes, at["w"])             # a row's first byte mod 32 -> rows
+    s_rows = {b: _residues(N, groups * size, at[b]) for b in ("scales", "biases")}
+    for step in range(steps):
+        if config["stage_x"]:
+            _stage_x(tally, config, shape, size, at["x"], step, tgs)
+        for ks in range(KS):
+            k0 = (step * KS + ks) * step_len
+            lanes = range(max(0, min(32, (K - k0) // V)))   # lanes with k < K
+            if not lanes:
+                continue
+            for m in range(M):
+                for v in range(V):
+                    if config["stage_x"]:
+                        tally.threadgroup((4 * ((ks * M + m) * step_len + l * V + v) for l in lanes), sgs)
+                    else:
+                        tally.device("x", ((at["x"] + (m * K + k0 + l * V + v) * size, size) for l in lanes), sgs)
+            for base, rows in w_rows.items():
+                first = base + k0 * bits // 8
+                if 32 % bits == 0:
+                    for j in range(0, V * bits // 32, LW):
+                        tally.device("w", ((first + l * V * bits // 8 + 4 * j, 4 * LW) for l in lanes), rows * M)
+                else:
+                    for byte in range(V * bits // 8):
+                        tally.device("w", ((first + l * V * bits // 8 + byte, 1) for l in lanes), rows * M)
+            for b, residues in s_rows.items():
+                for base, rows in residues.items():
+                    tally.device(b, ((base + (k0 + l * V) // shape.group_size * size, size) for l in lanes), rows)
+    tally.barriers_per_threadgroup += 2 * steps if config["stage_x"] else 0
+    tally.simd_functions += sgs * KS * R * M
+    if KS == 1:
+        tally.device("y", ((at["y"], size),), M * N)      # lane 0 writes each output: one sector
+        return
+    tally.barriers_per_threadgroup += 1
+    tally.threadgroup((0,), sgs * KS * R * M)             # lane 0 writes each partial sum
+    for it in range(cdiv(M * R, 32)):                     # the first split's lanes sum them
+        lanes = range(32 * it, min(M * R, 32 * it + 32))
+        for j in range(KS):
+            tally.threadgroup((4 * (j * SG * M * R + i) for i in lanes), sgs)
+        for (_, valid), (count, row0) in _row_groups(tgs * SG, R, N, size, at["y"]).items():
+            tally.device("y", ((at["y"] + (i // R * N + row0 + i % R) * size, size) for i in lanes
+                               if i % R < valid), count)
+
+
+def _row_groups(groups: int, R: int, N: int, size: int, y0: int) -> dict:
+    """SIMD-groups' first output rows (R apart) whose writes meet the sectors alike: {(offset mod
+    32, rows below N): (how many, the first such row)}; offsets repeat every 32 SIMD-groups."""
+    full = min(groups, N // R)                  # the groups whose R rows all lie below N
+    out: dict = {}
+    for i in list(range(min(full, SECTOR))) + list(range(full, groups)):
+        key = ((y0 + i * R * size) % SECTOR, min(R, max(0, N - i * R)))
+        count, first = out.get(key, (0, i * R))
+        out[key] = (count + (len(range(i, full, SECTOR)) if i < full else 1), first)
+    return out
+
+
+def _stage_x(tally: Tally, config, shape, size: int, x0: int, step: int, tgs: int) -> None:
+    """One step's staging of x: every thread copies values of each K split's slice into xs."""
+    SG, V, KS = config["simdgroups"], config["values_per_lane"], config["k_split"]
+    M, K, step_len = shape.M, shape.K, 32 * V
+    threads, total = 32 * SG * KS, KS * M * step_len
+    for sg in range(SG * KS):
+        for it in range(cdiv(total, threads)):
+            idx = [i for i in range(sg * 32 + it * threads, sg * 32 + it * threads + 32) if i < total]
+            kk = {i: (step * KS + i // (M * step_len)) * step_len + i % step_len for i in idx}
+            tally.device("x", ((x0 + ((i // step_len) % M * K + kk[i]) * size, size) for i in idx if kk[i] < K), tgs)
+            tally.threadgroup((4 * i for i in idx), tgs)

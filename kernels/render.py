@@ -8,11 +8,12 @@ from importlib import resources
 import jinja2
 
 
-@lru_cache(maxsize=1)
-def environment() -> jinja2.Environment:
-    folder = resources.files("metalforge.templates")
+@lru_cache(maxsize=8)
+def environment(folder: str | None = None) -> jinja2.Environment:
+    """Templates from `folder` (a family's own), then the package's templates/ (shared macros)."""
+    shipped = str(resources.files("metalforge.templates"))
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(folder)),
+        loader=jinja2.FileSystemLoader([folder, shipped] if folder else [shipped]),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -20,8 +21,8 @@ def environment() -> jinja2.Environment:
     )
 
 
-def render(template: str, **values) -> str:
-    return environment().get_template(template).render(**values)
+def render(template: str, folder: str | None = None, **values) -> str:
+    return environment(folder).get_template(template).render(**values)
 
 
 def kernel_name(family: str, source: str) -> str:

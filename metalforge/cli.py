@@ -30,6 +30,15 @@ def cmd_devices(args) -> int:
     return 0
 
 
+def cmd_families(args) -> int:
+    import dataclasses
+    for fam in _families().values():
+        fields = ",".join(f.name for f in dataclasses.fields(fam.shape_type))
+        print(f"{fam.name:18} shape {fields}; {len(fam.params)} tunables, {fam.space_size()} configs; "
+              f"serves {fam.op or 'no engine op'}")
+    return 0
+
+
 def _family_shape_dtype(args):
     from metalforge.kernels.families import get
     from metalforge.kernels import dtypes
@@ -195,6 +204,8 @@ def _serve_arguments(s) -> None:
 # import) are built only when that command runs
 COMMANDS = {
     "devices": (cmd_devices, "list Apple GPU profiles, marking the detected one", lambda d: None),
+    "families": (cmd_families, "list the kernel families: shape fields, tunables, the engine op each serves",
+                 lambda f: None),
     "render": (cmd_render, "print the MSL of one config", _kernel_arguments("render")),
     "check": (cmd_check, "check one config, or count the valid configs of the space", _kernel_arguments("check")),
     "trace": (cmd_trace, "count what our kernel and MLX's real kernel for a job do (emulator trace mode), "

@@ -210,7 +210,7 @@ def test_tuning_a_moe_model_targets_its_expert_layers():
     a = ARCHITECTURES["qwen3_moe"]   # gate, up and down are all 64 x 64 here: one expert shape
     assert got["gather_qmv"] == [dict(M=1, N=64, K=64, bits=4, group_size=64, experts=8, top_k=2)]
     assert dict(M=1, N=a["num_experts"], K=a["hidden_size"], bits=8, group_size=64) in got["qmv"]   # the router
-    assert [t.family.name for t in shapes.targets(got, shapes.MODEL_FAMILIES)].count("gather_qmv") == 1
+    assert [t.family.name for t in shapes.targets(got, shapes.model_families())].count("gather_qmv") == 1
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen3_moe", "gpt_oss"])

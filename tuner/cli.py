@@ -102,7 +102,7 @@ def run(args) -> int:
         shape_sets = shapes.from_yaml(args.shapes)
     else:
         shape_sets = shapes.from_model_config(shapes.BUILTIN_MODEL, contexts=contexts)
-    default_families = None if args.shapes else shapes.MODEL_FAMILIES
+    default_families = None if args.shapes else shapes.model_families()
     families = args.families.split(",") if args.families else default_families
     for f in families or []:
         if f not in FAMILIES:

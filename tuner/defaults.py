@@ -49,7 +49,7 @@ def main():
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     targets = []
     for model in MODELS:
-        targets += shapes.targets(shapes.from_model_config(model, contexts=(512, 4096)), shapes.MODEL_FAMILIES,
+        targets += shapes.targets(shapes.from_model_config(model, contexts=(512, 4096)), shapes.model_families(),
                                   "float16")
     verified: dict[tuple, bool] = {}
     names = args.devices.split(",") if args.devices else list(devices.profiles())

@@ -24,9 +24,6 @@ BUILTIN_MODEL = {
 }
 DEFAULT_CONTEXTS = (512, 4096)
 DEFAULT_PREFILL = (128, 512)
-# What a model tunes unless --families says otherwise (qmm, the prompt-side product, on request;
-# gather_qmv only where the model has expert layers).
-MODEL_FAMILIES = ("qmv", "decode_attention", "prefill_attention", "gather_qmv")
 
 
 @dataclass(frozen=True)
@@ -84,6 +81,12 @@ def from_yaml(path) -> dict[str, list[dict]]:
         if not isinstance(shapes, list) or not all(isinstance(s, dict) for s in shapes):
             raise MetalforgeError(f"{path}: '{fam}' must be a list of shape mappings")
     return data
+
+
+def model_families() -> list[str]:
+    """What tuning a model tunes unless --families says otherwise (Family.tuned_with_models; a
+    family has shapes only where the model runs its op: gather_qmv where it has expert layers)."""
+    return [name for name, fam in FAMILIES.items() if fam.tuned_with_models]
 
 
 def targets(shapes: dict[str, list[dict]], families=None, dtype: str = "float16") -> list[Target]:

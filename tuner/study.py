@@ -234,7 +234,7 @@ def entry(study: optuna.Study, target: Target, device=None) -> dict | None:
                 time_s=float(best.value), timer=timer, baseline_s=base,
                 speedup=(base / best.value) if base else None, trials=counts(study)).to_dict()
     if timer == "model" and device is not None:
-        # the search ranked configs by the analytic cost; the entry states the per-kernel model's
+        # the search ranked configs by Family.modelled_seconds; the entry states the per-kernel model's
         # price of the winner against MLX's real kernel, with the family's per-kernel error
         from metalforge.kernels.timing.compare import priced_entry
         out = priced_entry(target.family, target.shape, target.dtype, devices.get(device), out)

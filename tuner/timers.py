@@ -41,14 +41,14 @@ def measures(timer: Timer) -> bool:
 
 
 class ModelTimer:
-    """Analytic estimate for the target profile (bytes over bandwidth, FLOPs over peak, occupancy)
-    ranks our configs; MLX's baseline is its real kernel priced by the per-kernel model (a modelled
-    entry is re-priced by that model too: tuner.study.entry)."""
+    """The per-kernel model's price of a config's counted work (Family.modelled_seconds) ranks our
+    configs; MLX's baseline is its real kernel priced by the same model (a modelled entry is
+    re-priced from traces too: tuner.study.entry)."""
 
     kind = "model"
 
     def time(self, run: Callable | None, *, family, config, shape, dtype, device) -> Timing:
-        return Timing(family.cost(config, shape, dtype, device), 0.0, self.kind)
+        return Timing(family.modelled_seconds(config, shape, dtype, device), 0.0, self.kind)
 
     def baseline(self, run: Callable | None, *, family, shape, dtype, device) -> Timing:
         """MLX's real kernel for the job, chosen by MLX's rules, priced by the per-kernel model

@@ -23,10 +23,10 @@ from metalforge import files
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import kernel_measurements
 from metalforge.kernels.calibration import data_digest, nonnegative_lstsq
+from metalforge.kernels.families import get as get_family
 from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
 
-REGIME = {"qmv": "memory", "qmm": "compute", "decode_attention": "memory", "prefill_attention": "compute"}
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
@@ -117,7 +117,7 @@ def family_errors(rows: list[Row]) -> dict:
     by: dict = {}
     for r, e in leave_one_chip_out(rows):
         by.setdefault(r.family, []).append((r.chip, abs(e)))
-    return {f: {"regime": REGIME[f], "error": round(float(statistics.median(e for _, e in v)), 4),
+    return {f: {"regime": get_family(f).bound, "error": round(float(statistics.median(e for _, e in v)), 4),
                 "points": len(v), "chips": len({c for c, _ in v})} for f, v in sorted(by.items())}
 
 

@@ -1,0 +1,132 @@
+"""Family.work counts a config's work without running it: the counters the emulator's trace mode
+fills from a real run of the same config (kernels/work.py), priced by the one per-kernel function."""
+import numpy as np
+import pytest
+
+from metalforge import devices
+from metalforge.kernels import dtypes, trace_report
+from metalforge.kernels.families import get as family
+from metalforge.kernels.timing import fit, model, traces
+
+F16 = dtypes.get("float16")
+
+# k_split > 1: lane 0 alone writes the partial sums, so the trace (which pairs each lane's n-th
+# access) counts the epilogue's lane-0 accesses as instructions of their own; a GPU issues them
+# with the other lanes. Those two counters are traced between 1x and 1.5x the count.
+DIVERGENT = ("sector_bytes/y", "threadgroup_passes")
+
+QMV = [
+    ("M=1,N=64,K=512", {}),
+    ("M=1,N=70,K=512,bits=8", {"load_width": 4, "prescaled_x": True}),                       # N's tail
+    ("M=2,N=24,K=320,bits=4,group_size=32", {"stage_x": True, "values_per_lane": 8, "simdgroups": 4,
+                                              "rows_per_simdgroup": 1}),                   # K's tail, staged x
+    ("M=3,N=40,K=768", {"stage_x": True, "k_split": 2, "rows_per_simdgroup": 2}),
+    ("M=2,N=40,K=640,bits=3,group_size=32", {"values_per_lane": 8, "k_split": 4}),           # straddling bytes
+    ("M=1,N=48,K=384,bits=6,group_size=128", {"values_per_lane": 32, "simdgroups": 1}),
+]
+
+
+def traced(fam, config, shape):
+    return [traces.features(d) for d in trace_report.ours(fam, config, shape, F16, fam.make_inputs(shape, F16, 0))]
+
+
+def assert_same_work(counted, traced_, divergent=(), most=1.5):
+    assert len(counted) == len(traced_)
+    for c, t in zip(counted, traced_):
+        assert (c.threadgroup, c.threadgroup_memory_bytes) == (t.threadgroup, t.threadgroup_memory_bytes)
+        assert set(c.features) == set(t.features)
+        for name, value in t.features.items():
+            if name in divergent:
+                assert c.features[name] <= value <= most * c.features[name], name
+            else:
+                assert c.features[name] == value, name
+
+
+@pytest.mark.parametrize("shape, config", QMV)
+def test_qmv_work_is_the_traced_work(shape, config):
+    fam = family("qmv")
+    config, shape = fam.config(config), fam.shape(shape)
+    assert_same_work(fam.work(config, shape, F16), traced(fam, config, shape),
+                     DIVERGENT if config["k_split"] > 1 else ())
+
+
+# After a lane-0 store (each SIMD-group's max and sum) or a lane-group-0 store (its output) the
+# trace pairs diverged lanes into instructions of their own; a GPU issues them together. So the
+# merge's counters (threadgroup passes, the output's and partials' sectors, the sink's) are traced
+# between 1x and 3x the count; everything before the merge (K/V, the block table, queries) is exact.
+MERGED = ("threadgroup_passes", "sector_bytes/out", "sector_bytes/partial_out", "sector_bytes/partial_max",
+          "sector_bytes/partial_sum", "sector_bytes/sinks")
+DECODE = [
+    ("B=1,Hq=4,Hkv=2,S=64,D=64", {"threads": 64}),
+    ("B=1,Hq=4,Hkv=2,S=64,D=64,block_size=16", {"threads": 64, "splits": 2, "keys_per_simdgroup": 2, "load_width": 2}),
+    ("B=2,Hq=4,Hkv=1,S=48,D=128,L=2,window=20", {"threads": 32, "keys_per_step": 2, "prefetch": True,
+                                                "share_kv": False}),
+    ("B=1,Hq=2,Hkv=1,S=64,D=64,sinks=1,softcap=1", {"threads": 64, "keys_per_simdgroup": 4, "load_width": 4}),
+    ("B=1,Hq=8,Hkv=2,S=100,D=96,L=3,sinks=1", {"threads": 128, "splits": 4, "load_width": 4}),
+    ("B=1,Hq=2,Hkv=1,S=75,D=64,kv_bits=4,kv_group_size=32,block_size=8", {"threads": 64, "keys_per_simdgroup": 4,
+                                                                        "keys_per_step": 2}),
+]
+
+
+@pytest.mark.parametrize("shape, config", DECODE)
+def test_decode_attention_work_is_the_traced_work(shape, config):
+    """One sequence (the pool's others have random lengths; the count assumes full ones)."""
+    fam = family("decode_attention")
+    config, shape = fam.config(config), fam.shape(shape)
+    assert_same_work(fam.work(config, shape, F16), traced(fam, config, shape), MERGED, most=3.0)
+
+
+QMM = [
+    ("M=32,N=64,K=128", {}, ()),
+    ("M=32,N=40,K=256,bits=2,group_size=32", {"dequant": "registers", "BK": 16, "BM": 16, "BN": 16, "WM": 1, "WN": 2},
+     ()),
+    ("M=16,N=24,K=256,bits=8,group_size=64", {"stage": "float", "BK": 64, "BM": 16, "BN": 8, "WN": 1, "split_k": 4},
+     ()),
+    ("M=64,N=72,K=128,bits=4,group_size=128", {"BM": 64, "BN": 32, "BK": 128, "WM": 4, "operands": "input"}, ()),
+    ("M=16,N=32,K=64,bits=4,group_size=32", {"dequant": "registers", "BM": 16, "BN": 32, "split_k": 2}, ()),
+    # M's tail: the rows past M skip their loads, so the trace splits them from the rest of their
+    # SIMD-group for every later instruction
+    ("M=20,N=40,K=96,bits=4,group_size=32", {}, ("matrix_multiplies", "threadgroup_passes", "sector_bytes/y")),
+]
+
+
+@pytest.mark.parametrize("shape, config, divergent", QMM)
+def test_qmm_work_is_the_traced_work(shape, config, divergent):
+    fam = family("qmm")
+    config, shape = fam.config(config), fam.shape(shape)
+    assert_same_work(fam.work(config, shape, F16), traced(fam, config, shape), divergent, most=1.5)
+
+
+def test_gather_qmv_work_is_the_traced_work_over_the_experts_it_picked():
+    """The count assumes distinct experts per pair (a token's top-k are); the trace reads the
+    experts the random indices name, so the experts' footprints scale by the share picked."""
+    fam = family("gather_qmv")
+    shape = fam.shape("M=2,N=40,K=256,experts=4,top_k=2")
+    config = fam.config({"simdgroups": 1, "values_per_lane": 8})
+    inputs = fam.make_inputs(shape, F16, 0)
+    picked = len(np.unique(np.array(inputs["indices"])))
+    counted, = fam.work(config, shape, F16)
+    for name in ("w", "scales", "biases"):
+        counted.features[f"dram_bytes/{name}"] = counted.features[f"dram_bytes/{name}"] * picked // shape.pairs
+    assert_same_work([counted], traced(fam, config, shape))
+
+
+def test_identical_work_gets_an_identical_price():
+    """One function prices counted and traced work: equal counters, equal seconds, whoever wrote
+    the kernel (the name is not priced); the tuner's figure is that price."""
+    fam = family("qmv")
+    config, shape = fam.config({}), fam.shape(QMV[0][0])
+    device, constants = devices.get("m2-max"), fit.shipped()["constants"]
+    counted, seen = fam.work(config, shape, F16), traced(fam, config, shape)
+    renamed = [traces.Counted("someone_else", c.threadgroup, c.threadgroup_memory_bytes, c.features) for c in seen]
+    assert model.price(counted, device, constants) == model.price(seen, device, constants) \
+        == model.price(renamed, device, constants) == fam.modelled_seconds(config, shape, F16, device)
+
+
+def test_a_family_without_work_is_priced_by_its_cost():
+    """The fallback while a family still prices itself (Family.cost): modelled_seconds says its cost."""
+    fam = family("prefill_attention")
+    config, shape = fam.config({}), fam.shape("B=1,Hq=2,Hkv=1,L=64,D=64")
+    with pytest.raises(NotImplementedError):
+        fam.work(config, shape, F16)
+    assert fam.modelled_seconds(config, shape, F16, "m2-max") == fam.cost(config, shape, F16, "m2-max")
