@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
+import importlib
 import io
 import os
 import sys
@@ -44,7 +44,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from metalforge import devices
-from metalforge.engine import models
+from metalforge.engine import dispatches, models
 from metalforge.errors import MetalforgeError
 from metalforge.files import write_section
 from metalforge.kernels import dtypes
@@ -60,13 +60,6 @@ DTYPE = "float16"
 PRICED = ("QuantizedMatmul", "mx.fast.scaled_dot_product_attention")   # kinds priced as kernels, with ours
 
 
-def _dispatch_count():
-    spec = importlib.util.spec_from_file_location("dispatch_count", ROOT / "benchmarks" / "dispatch_count.py")
-    module = sys.modules["dispatch_count"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @dataclass(frozen=True)
 class Glue:
     """Dispatches of a decode step that are not priced kernels, per layer and outside the layers."""
@@ -80,7 +73,6 @@ def _glue(counts) -> int:
 
 def small_folder(config: dict, root: Path) -> Path:
     """A 2-layer folder of `config`'s model type, head dim and GQA ratio, built by mlx-lm's classes."""
-    import importlib
     from mlx_lm.utils import quantize_model, save_config, save_model
     args = models.parse(config, "config")
     ratio = args.num_attention_heads // args.num_key_value_heads
@@ -103,15 +95,14 @@ def small_folder(config: dict, root: Path) -> Path:
 
 def glue(config: dict, context: int) -> dict[str, Glue]:
     """Per side ("ours", "mlx-lm"): the step's dispatches that are not priced kernels."""
-    dc = _dispatch_count()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
         folder = small_folder(config, Path(tmp))
         # one token short of the context: mlx-lm's cache grows (Full, Concatenate) once every 256
         # tokens, at a multiple of 256; the counted step is a steady one
-        layers, decode, _ = dc.ours(folder, "metal", "m3-max-40", context - 1, 16)
-        out = {"ours": Glue(_glue(dc.per_layer(decode, layers)), _glue(decode[1].kernels))}
-        layers, decode, _ = dc.theirs(folder, context - 1, 16)
-        out["mlx-lm"] = Glue(_glue(dc.per_layer(decode, layers)), _glue(decode[1].kernels))
+        layers, decode, _ = dispatches.engine_counts(folder, "metal", "m3-max-40", context - 1, 16)
+        out = {"ours": Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))}
+        layers, decode, _ = dispatches.mlx_lm_counts(folder, context - 1, 16)
+        out["mlx-lm"] = Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))
     return out
 
 
