@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from metalforge import files
+from metalforge import devices, files
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import kernel_measurements
 from metalforge.kernels.calibration import data_digest, nonnegative_lstsq
@@ -48,6 +48,10 @@ def job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
     if p.library != "mlx":
         raise MetalforgeError("llama.cpp's Metal kernels are not instantiated in the emulator yet")
     if p.device is None:
+        variants = [name for name, d in devices.profiles().items() if d.device_name == p.chip]
+        if variants:
+            raise MetalforgeError(f"GPU cores not stated, and {p.chip} has a profile per core count "
+                                  f"({', '.join(variants)})")
         raise MetalforgeError(f"no device profile for {p.chip}")
     s = dict(p.shape)
     if "N" in s:
@@ -71,6 +75,13 @@ def family_of(op: str, kernels) -> str:
     return {"decode": "decode_attention", "prefill": "prefill_attention"}[op]
 
 
+def stated_family(p: kernel_measurements.KernelPoint) -> str | None:
+    """qmv or qmm where the point's kernel names one of them only (MLX's batch limit moved between
+    versions: a point is priced only where the installed MLX runs the kernel its source ran)."""
+    named = {f for f in ("qmv", "qmm") if f in p.kernel}
+    return named.pop() if len(named) == 1 else None
+
+
 def rows(points=None) -> tuple[list[Row], list[tuple]]:
     """(priced rows, [(point, reason)] for points left out)."""
     points = kernel_measurements.usable(points if points is not None else kernel_measurements.load())
@@ -83,10 +94,16 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
             skipped.append((p, str(e)))
             continue
         kernels = tuple(c.kernel for c in counted)
+        family = family_of(op, kernels)
+        stated = stated_family(p)
+        if stated and stated != family:
+            skipped.append((p, f"the source's MLX ran {stated}; the installed MLX's rules choose {family} here "
+                               f"({kernels[0]})"))
+            continue
         terms = model.terms(counted, p.device)
         if "cold" not in p.timing:     # warm: the data come from the system cache, priced by the cache term
             terms[model.TERMS.index("dram")] = 0.0
-        out.append(Row(p, family_of(op, kernels), kernels, terms))
+        out.append(Row(p, family, kernels, terms))
     return out, skipped
 
 
