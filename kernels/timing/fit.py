@@ -2,8 +2,8 @@
 (benchmarks/data/kernel_measurements.yaml): each runnable point's kernels - MLX's, chosen by MLX's
 rules for the point's chip and shape - traced (mlx_jobs.py) and priced, the constants chosen by
 non-negative least squares on relative error. A point that cannot be priced yet is listed with
-the reason and left out. A warm point (the same weights or K/V every call) reads from the system
-cache, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
+the reason and left out. A warm point (the same weights or K/V every call) whose data fit in the
+system cache reads from it, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
 fitted on the whole-model decode data (whole_model.py), where the weights come from DRAM. The error of a family is the median |predicted / measured - 1| of its
 points when their chip is left out of the fit (leave-one-chip-out), per regime.
 """
@@ -27,6 +27,17 @@ from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
 
 REGIME = {"qmv": "memory", "qmm": "compute", "decode_attention": "memory", "prefill_attention": "compute"}
+# Why llama.cpp's kernels are not priced yet, found by loading its ggml-metal sources (llama-cpp-python
+# 0.3.36's sdist) into emulator.library.Library: no kernel is found in them.
+LLAMA_CPP_NOT_RUN = ("llama.cpp's Metal kernels do not load in the emulator yet: its library reader knows "
+                     "`[[kernel]] void f(` and `template [[host_name]] [[kernel]] decltype(f<...>) f<...>;`, not "
+                     "llama.cpp's `kernel void f(` and `template [[host_name]] kernel f_t f<...>;` over a typedef, "
+                     "nor function constants indexed `FC_MUL_MV + 0`")
+# The largest system-level cache of an Apple GPU: 48 MB on the Max chips ("GPU system level cache:
+# 48 MB", philipturner/applegpuinfo's report for the M1 Max, M2 Max and M4 Max:
+# https://github.com/philipturner/applegpuinfo/issues/2, /issues/10, /issues/12), twice that on an
+# Ultra (ASSUMED: two Max dies, each with its cache). A warm re-read of more than this comes from DRAM.
+SYSTEM_CACHE_BYTES = 96 * 2**20
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
@@ -46,7 +57,7 @@ class Row:
 def job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
     """The MLX op and shape of a point, or an error saying why it cannot be priced yet."""
     if p.library != "mlx":
-        raise MetalforgeError("llama.cpp's Metal kernels are not instantiated in the emulator yet")
+        raise MetalforgeError(LLAMA_CPP_NOT_RUN)
     if p.device is None:
         variants = [name for name, d in devices.profiles().items() if d.device_name == p.chip]
         if variants:
@@ -75,6 +86,11 @@ def family_of(op: str, kernels) -> str:
     return {"decode": "decode_attention", "prefill": "prefill_attention"}[op]
 
 
+def reads_dram(p: kernel_measurements.KernelPoint) -> bool:
+    """A cold point reads DRAM; so does a warm one whose data no Apple GPU's system cache can hold."""
+    return "cold" in p.timing or (p.min_bytes() or 0) > SYSTEM_CACHE_BYTES
+
+
 def stated_family(p: kernel_measurements.KernelPoint) -> str | None:
     """qmv or qmm where the point's kernel names one of them only (MLX's batch limit moved between
     versions: a point is priced only where the installed MLX runs the kernel its source ran)."""
@@ -101,7 +117,7 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
                                f"({kernels[0]})"))
             continue
         terms = model.terms(counted, p.device)
-        if "cold" not in p.timing:     # warm: the data come from the system cache, priced by the cache term
+        if not reads_dram(p):     # warm: the data come from the system cache, priced by the cache term
             terms[model.TERMS.index("dram")] = 0.0
         out.append(Row(p, family, kernels, terms))
     return out, skipped
