@@ -58,11 +58,11 @@ def job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
     """The MLX op and shape of a point, or an error saying why it cannot be priced yet."""
     if p.library != "mlx":
         raise MetalforgeError(LLAMA_CPP_NOT_RUN)
+    chip = p.device.device_name if p.device else p.chip
+    variants = [name for name, d in devices.profiles().items() if d.device_name == chip]
+    if p.gpu_cores is None and len(variants) > 1:
+        raise MetalforgeError(f"GPU cores not stated, and {chip} has a profile per core count ({', '.join(variants)})")
     if p.device is None:
-        variants = [name for name, d in devices.profiles().items() if d.device_name == p.chip]
-        if variants:
-            raise MetalforgeError(f"GPU cores not stated, and {p.chip} has a profile per core count "
-                                  f"({', '.join(variants)})")
         raise MetalforgeError(f"no device profile for {p.chip}")
     s = dict(p.shape)
     if "N" in s:
