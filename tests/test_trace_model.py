@@ -132,14 +132,16 @@ def test_a_point_is_priced_only_where_the_installed_mlx_runs_the_kernel_its_sour
     assert why.startswith("the source's MLX ran qmm; the installed MLX's rules choose qmv here (affine_qmv_wide_")
 
 
-def test_a_warm_read_larger_than_any_system_cache_is_a_dram_read():
-    """M4 Pro, mlx issue 3852: the warm 17408 x 5120 4-bit weights (44.6 MB) fit a system cache, the
-    warm 248320 x 5120 ones (636 MB) do not; a cold point reads DRAM whatever its size."""
-    small = _shipped_point(profile="m4-pro", M=1, N=17408, bits=4)
-    large = _shipped_point(profile="m4-pro", M=1, N=248320, bits=4)
+def test_a_warm_read_larger_than_its_chips_system_cache_is_a_dram_read():
+    """mlx issue 3852's warm 17408 x 5120 weights: 2 bits (21 MiB) fit an M4 Pro's 24 MB system level
+    cache, 4 bits (43 MiB) do not, nor do the 248320-row ones (606 MiB); the same 4-bit weights stay in
+    an M3 Max's 48 MB; a cold point reads DRAM whatever its size."""
+    small = _shipped_point(profile="m4-pro", M=1, N=17408, bits=2)
+    large = _shipped_point(profile="m4-pro", M=1, N=17408, bits=4)
+    on_max = _shipped_point(source="https://github.com/ml-explore/mlx/issues/3852", profile="m3-max-40", M=1, bits=4)
     cold = _shipped_point(source="https://github.com/ml-explore/mlx/pull/3863", M=1)
-    assert small.min_bytes() < fit.SYSTEM_CACHE_BYTES < large.min_bytes()
-    assert (fit.reads_dram(small), fit.reads_dram(large), fit.reads_dram(cold)) == (False, True, True)
+    assert small.min_bytes() < 24 * 2**20 < large.min_bytes() == on_max.min_bytes() < 48 * 2**20
+    assert [fit.reads_dram(p) for p in (small, large, on_max, cold)] == [False, True, False, True]
     dram = model.TERMS.index("dram")
     rows, _ = fit.rows([small, large])
     assert rows[0].terms[dram] == 0 and rows[1].terms[dram] > 0

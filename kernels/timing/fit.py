@@ -3,7 +3,7 @@
 rules for the point's chip and shape - traced (mlx_jobs.py) and priced, the constants chosen by
 non-negative least squares on relative error. A point that cannot be priced yet is listed with
 the reason and left out. A warm point (the same weights or K/V every call) whose data fit in the
-system cache reads from it, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
+system level cache (its chip's, devices/*.yaml) reads from it, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
 fitted on the whole-model decode data (whole_model.py), where the weights come from DRAM. The error of a family is the median |predicted / measured - 1| of its
 points when their chip is left out of the fit (leave-one-chip-out), per regime.
 """
@@ -33,11 +33,6 @@ LLAMA_CPP_NOT_RUN = ("llama.cpp's Metal kernels do not load in the emulator yet:
                      "`[[kernel]] void f(` and `template [[host_name]] [[kernel]] decltype(f<...>) f<...>;`, not "
                      "llama.cpp's `kernel void f(` and `template [[host_name]] kernel f_t f<...>;` over a typedef, "
                      "nor function constants indexed `FC_MUL_MV + 0`")
-# The largest system-level cache of an Apple GPU: 48 MB on the Max chips ("GPU system level cache:
-# 48 MB", philipturner/applegpuinfo's report for the M1 Max, M2 Max and M4 Max:
-# https://github.com/philipturner/applegpuinfo/issues/2, /issues/10, /issues/12), twice that on an
-# Ultra (ASSUMED: two Max dies, each with its cache). A warm re-read of more than this comes from DRAM.
-SYSTEM_CACHE_BYTES = 96 * 2**20
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
@@ -87,8 +82,12 @@ def family_of(op: str, kernels) -> str:
 
 
 def reads_dram(p: kernel_measurements.KernelPoint) -> bool:
-    """A cold point reads DRAM; so does a warm one whose data no Apple GPU's system cache can hold."""
-    return "cold" in p.timing or (p.min_bytes() or 0) > SYSTEM_CACHE_BYTES
+    """A cold point reads DRAM; so does a warm one whose data its chip's system level cache cannot
+    hold (devices/*.yaml system_cache_mb: 8 MB on the base chips, 24 on the Pro, 48 on the Max, 96 on
+    an Ultra): a 42 MB weight re-read every call stays in an M3 Max's cache, not in an M4 Pro's."""
+    if p.device is None or not p.device.system_cache_mb:
+        raise MetalforgeError(f"no system cache size for {p.chip}: cannot tell a warm read from a DRAM read")
+    return "cold" in p.timing or (p.min_bytes() or 0) > p.device.system_cache_mb * 2**20
 
 
 def stated_family(p: kernel_measurements.KernelPoint) -> str | None:
@@ -106,6 +105,7 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
         try:
             op, shape = job(p)
             counted = mlx_jobs.counted(op, shape, p.dtype or ASSUMED_DTYPE, p.device)
+            dram = reads_dram(p)
         except MetalforgeError as e:
             skipped.append((p, str(e)))
             continue
@@ -117,7 +117,7 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
                                f"({kernels[0]})"))
             continue
         terms = model.terms(counted, p.device)
-        if not reads_dram(p):     # warm: the data come from the system cache, priced by the cache term
+        if not dram:     # warm: the data come from the system cache, priced by the cache term
             terms[model.TERMS.index("dram")] = 0.0
         out.append(Row(p, family, kernels, terms))
     return out, skipped
