@@ -122,9 +122,16 @@ def test_the_include_policy_admits_the_header_root_only(tmp_path):
             Library(f"#include {include}\n" + kernel, headers=tmp_path).function("k").prepare()
 
 
-def test_a_kernel_taking_threadgroup_memory_as_an_argument_is_refused_clearly():
-    lib = Library("[[kernel]] void k(threadgroup float* t [[threadgroup(0)]], uint i [[thread_position_in_grid]]) {}\n")
-    with pytest.raises(MetalforgeError, match="takes threadgroup memory as an argument"):
+def test_a_kernel_taking_threadgroup_memory_as_an_argument_gets_the_hosts_length():
+    """setThreadgroupMemoryLength: 32 floats shared by the threadgroup, read back reversed; without
+    a length the kernel is refused in one line."""
+    lib = Library("[[kernel]] void k(device float* o [[buffer(0)]], threadgroup float* t [[threadgroup(0)]],\n"
+                  "              uint i [[thread_position_in_threadgroup]]) {\n"
+                  "  t[i] = float(i) * 2.0f;\n  threadgroup_barrier(mem_flags::mem_threadgroup);\n  o[i] = t[31 - i];\n}\n")
+    out = np.zeros(32, np.float32)
+    lib.function("k", threadgroup_memory={0: 128})(buffers={0: out}, threadgroups=(1, 1, 1), threadgroup=(32, 1, 1))
+    assert np.array_equal(out, np.arange(31, -1, -1, dtype=np.float32) * 2)
+    with pytest.raises(MetalforgeError, match=r"takes threadgroup memory `t` at threadgroup\(0\): give its length"):
         lib.function("k")
 
 
