@@ -170,6 +170,8 @@ def check(msl: str, kernel_name: str, kernel_functions: frozenset[str] = frozens
     # crashes libclang the same way: explicit instantiations are left out (spaces keep the line
     # numbers and offsets); the templates themselves are checked, and the C++ compile instantiates them
     parsed = _INSTANTIATION.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), parsed)
+    # ... with the `typedef decltype(f<..>) f_t;` they are written over (llama.cpp), which instantiates too
+    parsed = _DECLTYPE_TYPEDEF.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), parsed)
     # ... and a tag on a member function's `this` (`operator U() const thread`, MLX's complex_t) sends
     # clang into endless recursion when the class is instantiated: `thread` is the default there anyway
     parsed = _THIS_THREAD.sub(lambda m: m.group(1) + " " * len(m.group(2)), parsed)
@@ -218,6 +220,7 @@ _OBJECT_MACRO = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)[ \t]+([^\n
 _THIS_THREAD = re.compile(r"(\)\s*(?:const\s+)?)(thread)(?=\s*(?:[{:;=]|const\b|noexcept\b))")
 _CONSTEXPR_CONSTANT = re.compile(r"\bconstant\b(?=\s+constexpr\b)|(?<=\bconstexpr )constant\b")
 _INSTANTIATION = re.compile(r"\btemplate\s*\[\[[^;{}]*;")
+_DECLTYPE_TYPEDEF = re.compile(r"\btypedef\s+decltype\s*\([^;{}]*;")
 # an array's `[` (not an attribute's `[[`), before any `*` or `=` (an array of pointers, an initialiser's index)
 _TG_ARRAY = re.compile(r"\bthreadgroup\b(?=[^;(){}\[*=]*\[(?!\[))")
 # a call's explicit template arguments, `f<N, constant A&>(` (not a cast's, `reinterpret_cast<..>(`)

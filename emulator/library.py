@@ -466,7 +466,7 @@ class Library:
             raise MetalforgeError(f"emulator: kernel `{host_name}` takes threadgroup memory `{missing[0].name}` at "
                                   f"threadgroup({missing[0].index}): give its length in bytes, "
                                   f"threadgroup_memory={{{missing[0].index}: bytes}}")
-        msl = _arguments_in_scope(self._specialised(inst, values), fn, arenas, threadgroup_memory or {})
+        msl = _arguments_in_scope(self._specialised(inst, values, host_name), fn, arenas, threadgroup_memory or {})
         fn = dataclasses.replace(fn, params=tuple(p for p in fn.params if p.binding != "threadgroup"))
         return LibraryFunction(self, host_name, fn, callee, msl, values)
 
@@ -482,20 +482,36 @@ class Library:
             values[name] = value
         return values
 
-    def _specialised(self, chosen: Instantiation | None, values: dict[str, object]) -> str:
-        """The source for one function: the other instantiations left out (blank lines keep the
-        line numbers), each function constant given its value."""
+    def _specialised(self, chosen: Instantiation | None, values: dict[str, object], name: str = "") -> str:
+        """The source for one function: the other instantiations and plain kernels left out (blank
+        lines keep the line numbers; a plain kernel `name` is kept), each function constant given its value."""
         text = self.msl
-        for inst in sorted(self.instances.values(), key=lambda i: i.span[0], reverse=True):
-            if inst is not chosen:
-                a, b = inst.span
-                text = text[:a] + "\n" * text.count("\n", a, b) + text[b:]
+        spans = [inst.span for inst in self.instances.values() if inst is not chosen]
+        spans += [span for k, span in _plain_kernel_spans(text).items() if k != name]
+        for a, b in sorted(spans, reverse=True):
+            text = text[:a] + "\n" * text.count("\n", a, b) + text[b:]
 
         def constant(m):
             ctype, name = m.group(1), m.group(2)
             return f"constant {ctype} {name} = {_literal(ctype, values.get(name, 0))};"
         return _CONSTANT.sub(constant, text)
 
+
+
+def _plain_kernel_spans(msl: str) -> dict[str, tuple[int, int]]:
+    """Where each non-template kernel is defined, its attributes to its closing brace."""
+    out = {}
+    for m in _KERNEL.finditer(msl):
+        start = max(msl.rfind(c, 0, m.start()) for c in ";{}") + 1
+        if re.search(r"\btemplate\s*<", re.sub(r"(?m)^\s*#.*$", "", msl[start:m.start()])):
+            continue
+        depth, end = 0, msl.index("{", _closing(msl, m.end() - 1))
+        for end in range(end, len(msl)):
+            depth += {"{": 1, "}": -1}.get(msl[end], 0)
+            if depth == 0:
+                break
+        out[m.group(1)] = (start, end + 1)
+    return out
 
 
 def _arguments_in_scope(msl: str, fn: KernelFunction, arenas: list[Param], lengths: dict[int, int]) -> str:

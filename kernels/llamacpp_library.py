@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from metalforge.emulator.library import Library
+from metalforge.emulator.trace import Dispatch
 from metalforge.errors import MetalforgeError
 
 VERSION = "0.3.36"          # llama-cpp-python's sdist the kernels come from
@@ -141,6 +142,28 @@ def run_mul_mv(qtype: str, blocks: np.ndarray, x: np.ndarray, N: int, mode: str 
     fn(buffers={0: d["args"].tobytes(), 1: np.ascontiguousarray(blocks), 2: x, 3: y},
        threadgroups=d["threadgroups"], threadgroup=d["threadgroup"])
     return y, fn
+
+
+# proxy shapes for traces (kernels/timing/traces.py): N cut to 64 rows, K to 4 blocks; the counters
+# are scaled to the real N and K through traces at 2x and 4x each
+MUL_MV_GROUPS = (("N",), ("K",))
+
+
+def counted(qtype: str, shape: dict, device=None):
+    """`kernel_mul_mv_<qtype>_f32`'s dispatch over x (M, K) and the (N, K) weights, counted at the
+    real shape from traced runs at proxy shapes (random blocks: the counters do not read the values)."""
+    from metalforge.kernels.timing import traces
+    per = BLOCKS.get(qtype, (1, 1))[0]
+    proxy = {**shape, "N": min(shape["N"], 64), "K": min(shape["K"], 4 * per)}
+
+    def run(s: dict) -> list[Dispatch]:
+        d = dispatch(qtype, s["M"], s["N"], s["K"])
+        rng = np.random.default_rng(0)
+        blocks = rng.integers(0, 256, (s["N"], int(d["args"]["nb01"])), dtype=np.uint8)
+        blocks[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)   # a finite scale first
+        _, fn = run_mul_mv(qtype, blocks, rng.standard_normal((s["M"], s["K"])).astype(np.float32), s["N"], "traced")
+        return [Dispatch(fn.host_name, d["threadgroups"], d["threadgroup"], fn.last_trace)]
+    return traces.scaled(f"llama.cpp {VERSION} mul_mv {qtype}", shape, proxy, MUL_MV_GROUPS, run)
 
 
 def quantize_q4_0(w: np.ndarray) -> np.ndarray:

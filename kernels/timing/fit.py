@@ -27,12 +27,12 @@ from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
 
 REGIME = {"qmv": "memory", "qmm": "compute", "decode_attention": "memory", "prefill_attention": "compute"}
-# Why llama.cpp's kernels are not priced yet, found by loading its ggml-metal sources (llama-cpp-python
-# 0.3.36's sdist) into emulator.library.Library: no kernel is found in them.
-LLAMA_CPP_NOT_RUN = ("llama.cpp's Metal kernels do not load in the emulator yet: its library reader knows "
-                     "`[[kernel]] void f(` and `template [[host_name]] [[kernel]] decltype(f<...>) f<...>;`, not "
-                     "llama.cpp's `kernel void f(` and `template [[host_name]] kernel f_t f<...>;` over a typedef, "
-                     "nor function constants indexed `FC_MUL_MV + 0`")
+# Why llama.cpp's kernels are not priced yet: its matrix-vector kernels run in the emulator
+# (kernels/llamacpp_library.py) but not in traced mode, where device pointers are bounds-checked ones
+LLAMA_CPP_NOT_RUN = ("llama.cpp's kernels are not traced yet: kernel_mul_mv_<type>_f32 runs in the emulator "
+                     "(kernels/llamacpp_library.py), but in traced mode its library does not compile: ggml's "
+                     "block structs are read through their members (`xb->qs`, `x[ib].scales`), raw arrays the "
+                     "emulator's checked device pointers do not carry; flash_attn_ext's host side is not written")
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
