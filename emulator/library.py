@@ -370,6 +370,7 @@ extern "C" [[gnu::visibility("default")]] int mf_launch_traced(void** buffers, c
   mf_trace_capacity = bytes[n] / 64 - 1;
   mf_trace_used = 0;
   mf_trace_epoch += 1;
+  mf::bound_reset();
   const int rc = mf_launch(buffers, meta, bytes, workers, checked);
   head[0] = mf_trace_used;
   const long long kept = mf_trace_used < mf_trace_capacity ? mf_trace_used : mf_trace_capacity;

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("mlx_kernel_headers")
 
 def test_the_wording_of_a_modelled_claim():
     err = fit.family_error("qmv")
-    assert err is not None      # qmv: published kernel timings on four chips
+    assert err is not None      # qmv: published kernel timings on five chips
     assert gate.claim(1 + err / 2, "qmv") == f"within model error ({err:.0%})"
     assert gate.claim(1 - err / 2, "qmv") == f"within model error ({err:.0%})"
     assert gate.claim(1 + 2 * err, "qmv") == f"{1 + 2 * err:.2f}x (ours faster; model error {err:.0%})"
@@ -22,7 +22,7 @@ def test_the_wording_of_a_modelled_claim():
     assert not gate.evidence(0.25, "qmv")
 
 
-@pytest.mark.parametrize("family", ["qmm", "prefill_attention"])
+@pytest.mark.parametrize("family", ["prefill_attention"])   # qmm: traced on three chips since qmm_t traces
 def test_a_family_without_kernel_data_on_two_chips_is_unvalidated(family):
     assert fit.family_error(family) is None
     words = gate.claim(3.0, family)

@@ -1,6 +1,7 @@
 """The per-kernel constants (model.py) fitted to published kernel timings
 (benchmarks/data/kernel_measurements.yaml): each runnable point's kernels - MLX's, chosen by MLX's
-rules for the point's chip and shape - traced (mlx_jobs.py) and priced, the constants chosen by
+rules for the point's chip and shape (mlx_jobs.py), or llama.cpp's matrix-vector kernel as ggml-metal
+dispatches it (kernels/llamacpp_library.py) - traced and priced, the constants chosen by
 non-negative least squares on relative error. A point that cannot be priced yet is listed with
 the reason and left out. A warm point (the same weights or K/V every call) whose data fit in the
 system level cache (its chip's, devices/*.yaml) reads from it, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
@@ -10,6 +11,7 @@ points when their chip is left out of the fit (leave-one-chip-out), per regime.
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,18 +23,14 @@ import yaml
 
 from metalforge import devices, files
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import kernel_measurements
+from metalforge.kernels import kernel_measurements, llamacpp_library
 from metalforge.kernels.calibration import data_digest, nonnegative_lstsq
 from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
 
 REGIME = {"qmv": "memory", "qmm": "compute", "decode_attention": "memory", "prefill_attention": "compute"}
-# Why llama.cpp's kernels are not priced yet: its matrix-vector kernels run in the emulator
-# (kernels/llamacpp_library.py) but not in traced mode, where device pointers are bounds-checked ones
-LLAMA_CPP_NOT_RUN = ("llama.cpp's kernels are not traced yet: kernel_mul_mv_<type>_f32 runs in the emulator "
-                     "(kernels/llamacpp_library.py), but in traced mode its library does not compile: ggml's "
-                     "block structs are read through their members (`xb->qs`, `x[ib].scales`), raw arrays the "
-                     "emulator's checked device pointers do not carry; flash_attn_ext's host side is not written")
+# llama.cpp's kernels traced so far: its matrix-vector kernels with one row of x (kernels/llamacpp_library.py)
+LLAMA_CPP_MUL_MV = re.compile(r"MUL_MAT (q4_0|q4_K|q6_K) x f32")
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
@@ -51,14 +49,14 @@ class Row:
 
 def job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
     """The MLX op and shape of a point, or an error saying why it cannot be priced yet."""
-    if p.library != "mlx":
-        raise MetalforgeError(LLAMA_CPP_NOT_RUN)
     chip = p.device.device_name if p.device else p.chip
     variants = [name for name, d in devices.profiles().items() if d.device_name == chip]
     if p.gpu_cores is None and len(variants) > 1:
         raise MetalforgeError(f"GPU cores not stated, and {chip} has a profile per core count ({', '.join(variants)})")
     if p.device is None:
         raise MetalforgeError(f"no device profile for {p.chip}")
+    if p.library == "llama.cpp":
+        return _llama_cpp_job(p)
     s = dict(p.shape)
     if "N" in s:
         if s.get("bits") not in (2, 3, 4, 5, 6, 8) or "nvfp4" in p.kernel:
@@ -75,7 +73,24 @@ def job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
                        "causal": "causal" in p.kernel}
 
 
+def _llama_cpp_job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
+    m = LLAMA_CPP_MUL_MV.search(p.kernel)
+    if m is None or p.get("M") != 1:
+        raise MetalforgeError("llama.cpp's kernel is not traced yet: kernels/llamacpp_library.py binds its "
+                              "matrix-vector kernels with one row of x (kernel_mul_mv_<q4_0|q4_K|q6_K>_f32) only")
+    return "llama.cpp mul_mv", {"qtype": m.group(1), "M": 1, "N": p.get("N"), "K": p.get("K")}
+
+
+def counted(op: str, shape: dict, dtype: str, device):
+    """The dispatches of a job, counted at its shape: llama.cpp's or MLX's kernels."""
+    if op == "llama.cpp mul_mv":
+        return llamacpp_library.counted(shape["qtype"], {f: shape[f] for f in ("M", "N", "K")}, device)
+    return mlx_jobs.counted(op, shape, dtype, device)
+
+
 def family_of(op: str, kernels) -> str:
+    if op == "llama.cpp mul_mv":
+        return "qmv"
     if op == "matmul":
         return "qmm" if any(k.startswith("affine_qmm") for k in kernels) else "qmv"
     return {"decode": "decode_attention", "prefill": "prefill_attention"}[op]
@@ -104,19 +119,19 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
     for p in points:
         try:
             op, shape = job(p)
-            counted = mlx_jobs.counted(op, shape, p.dtype or ASSUMED_DTYPE, p.device)
+            dispatches = counted(op, shape, p.dtype or ASSUMED_DTYPE, p.device)
             dram = reads_dram(p)
         except MetalforgeError as e:
             skipped.append((p, str(e)))
             continue
-        kernels = tuple(c.kernel for c in counted)
+        kernels = tuple(c.kernel for c in dispatches)
         family = family_of(op, kernels)
         stated = stated_family(p)
         if stated and stated != family:
             skipped.append((p, f"the source's MLX ran {stated}; the installed MLX's rules choose {family} here "
                                f"({kernels[0]})"))
             continue
-        terms = model.terms(counted, p.device)
+        terms = model.terms(dispatches, p.device)
         if not dram:     # warm: the data come from the system cache, priced by the cache term
             terms[model.TERMS.index("dram")] = 0.0
         out.append(Row(p, family, kernels, terms))
