@@ -53,3 +53,15 @@ def test_mul_mv_q4_0_matches_numpy(llamacpp_sources, M, N, K):
     y, _ = L.run_mul_mv("q4_0", blocks, x, N)
     reference = x.astype(np.float64) @ L.dequantize_q4_0(blocks, K).T.astype(np.float64)
     np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+def test_a_traced_run_reads_each_weight_block_once(llamacpp_sources):
+    """Traced (checked pointers through ggml's block members): the weights' footprint is exactly
+    the N x K / 32 blocks of 18 bytes, x's its K floats, y's its N floats, at the proxy shape and
+    scaled to a larger one (traces.scaled)."""
+    for N, K in ((64, 128), (1024, 4096)):
+        (c,) = L.counted("q4_0", {"M": 1, "N": N, "K": K})
+        assert c.kernel == "kernel_mul_mv_q4_0_f32" and c.threadgroup == (32, 2, 1)
+        assert (c.features["dram_bytes/src0"], c.features["dram_bytes/src1"], c.features["dram_bytes/dst"]) == \
+            pytest.approx((N * K // 32 * 18, 4 * K, 4 * N))
+        assert c.features["threadgroups"] == pytest.approx(N / 8)
