@@ -7,18 +7,6 @@ from metalforge.errors import MetalforgeError
 from metalforge.kernels import llamacpp_library as L
 
 
-@pytest.fixture(scope="module")
-def llamacpp_sources():
-    """The sdist's kernels, fetched with pip once per machine; skipped only where PyPI is
-    unreachable and nothing is cached."""
-    try:
-        return L.include_root()
-    except MetalforgeError as e:
-        if "could not fetch" in str(e):
-            pytest.skip(f"PyPI unreachable and llama.cpp's sources not cached: {e}")
-        raise
-
-
 def test_q4_0_blocks_follow_ggmls_layout():
     """One block by hand: the largest magnitude -16 gives d = 2, q = trunc(v / 2 + 8.5) capped at
     15; value j in byte j's low nibble, value j + 16 in its high nibble."""
