@@ -149,7 +149,7 @@ def run_mul_mv(qtype: str, blocks: np.ndarray, x: np.ndarray, N: int, mode: str 
 MUL_MV_GROUPS = (("N",), ("K",))
 
 
-def counted(qtype: str, shape: dict, device=None):
+def counted(qtype: str, shape: dict):
     """`kernel_mul_mv_<qtype>_f32`'s dispatch over x (M, K) and the (N, K) weights, counted at the
     real shape from traced runs at proxy shapes (random blocks: the counters do not read the values)."""
     from metalforge.kernels.timing import traces

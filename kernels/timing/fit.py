@@ -84,7 +84,7 @@ def _llama_cpp_job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
 def counted(op: str, shape: dict, dtype: str, device):
     """The dispatches of a job, counted at its shape: llama.cpp's or MLX's kernels."""
     if op == "llama.cpp mul_mv":
-        return llamacpp_library.counted(shape["qtype"], {f: shape[f] for f in ("M", "N", "K")}, device)
+        return llamacpp_library.counted(shape["qtype"], {f: shape[f] for f in ("M", "N", "K")})
     return mlx_jobs.counted(op, shape, dtype, device)
 
 
