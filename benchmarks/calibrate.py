@@ -86,6 +86,9 @@ def kernel_report(rows, skipped) -> dict:
     print("\nfitted per-kernel constants (kernels/timing/model.py; dram: from the whole-model check below):")
     for name, v in c.as_dict().items():
         print(f"  {name:9} {v:.4g}")
+    if c.mma == 0:
+        print("  (mma at 0 is unidentifiable, not measured absent: the MMA-heavy points, MLX's steel attention on "
+              "one chip, are priced as well by sync and schedule, whose counts grow with the same tiles)")
     families = kfit.family_errors(rows)
     print("\nleave-one-chip-out median |predicted / measured - 1| per family:")
     for f, e in families.items():

@@ -30,6 +30,7 @@ class DeviceProfile:
     max_threads_per_threadgroup: int = 1024
     simd_width: int = 32
     memory_options_gb: tuple = field(default_factory=tuple)
+    system_cache_mb: int = 0      # the system level cache a warm re-read can hit (0: not known)
 
     @property
     def peak_fp32_tflops(self) -> float:

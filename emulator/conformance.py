@@ -170,12 +170,18 @@ def check(msl: str, kernel_name: str, kernel_functions: frozenset[str] = frozens
     # crashes libclang the same way: explicit instantiations are left out (spaces keep the line
     # numbers and offsets); the templates themselves are checked, and the C++ compile instantiates them
     parsed = _INSTANTIATION.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), parsed)
+    # ... with the `typedef decltype(f<..>) f_t;` they are written over (llama.cpp), which instantiates too
+    parsed = _DECLTYPE_TYPEDEF.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), parsed)
     # ... and a tag on a member function's `this` (`operator U() const thread`, MLX's complex_t) sends
     # clang into endless recursion when the class is instantiated: `thread` is the default there anyway
     parsed = _THIS_THREAD.sub(lambda m: m.group(1) + " " * len(m.group(2)), parsed)
     # ... and so does a `constant` tag on a constexpr variable of a template's type (steel's
     # integral_constant: `static constexpr constant T value`): constexpr is read-only already
     parsed = _CONSTEXPR_CONSTANT.sub("const   ", parsed)
+    # ... and so does instantiating, from a plain kernel (llama.cpp's), a template whose pointer or
+    # reference tags a type parameter (`device const T*`, `constant args_t&`): those tags are left
+    # out of the parse (a dependent pointer is not refused for its space; the compile checks it)
+    parsed = _untag_dependent(parsed)
     with _lock, signals.held():   # the walk runs in ctypes callbacks, where an interrupt would be lost
         pch = _precompiled_header(library)
         include = "" if pch else '#include "metal_compat.h"\n'
@@ -214,7 +220,28 @@ _OBJECT_MACRO = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)[ \t]+([^\n
 _THIS_THREAD = re.compile(r"(\)\s*(?:const\s+)?)(thread)(?=\s*(?:[{:;=]|const\b|noexcept\b))")
 _CONSTEXPR_CONSTANT = re.compile(r"\bconstant\b(?=\s+constexpr\b)|(?<=\bconstexpr )constant\b")
 _INSTANTIATION = re.compile(r"\btemplate\s*\[\[[^;{}]*;")
-_TG_ARRAY = re.compile(r"\bthreadgroup\b(?=[^;(){}]*\[)")
+_DECLTYPE_TYPEDEF = re.compile(r"\btypedef\s+decltype\s*\([^;{}]*;")
+# an array's `[` (not an attribute's `[[`), before any `*` or `=` (an array of pointers, an initialiser's index)
+_TG_ARRAY = re.compile(r"\bthreadgroup\b(?=[^;(){}\[*=]*\[(?!\[))")
+# a call's explicit template arguments, `f<N, constant A&>(` (not a cast's, `reinterpret_cast<..>(`)
+_CALL_ARGUMENTS = re.compile(r"\b(?!(?:reinterpret|static|const|dynamic|as_type)_cast\b)[A-Za-z_]\w*\s*<([^<>;{}()]*)>\s*\(")
+_TAG = re.compile(r"\b(?:device|constant|thread|threadgroup)\b(?=(?:\s+const)?\s+[A-Za-z_][\w:]*\s*(?:const\s*)?[*&])")
+_TEMPLATE_HEAD = re.compile(r"\btemplate\s*<([^<>;{}]*(?:<[^<>;{}]*>[^<>;{}]*)*)>")
+
+
+def _untag_dependent(msl: str) -> str:
+    """Address-space words before a template type parameter's pointer or reference blanked."""
+    names = {m.group(1) for head in _TEMPLATE_HEAD.finditer(msl)
+             for m in re.finditer(r"\b(?:typename|class)\s+([A-Za-z_]\w*)", head.group(1))}
+    blank = lambda m: " " * len(m.group(0))  # noqa: E731
+    # a tagged type as a call's template argument: `f<constant A&>(..)`
+    msl = _CALL_ARGUMENTS.sub(lambda m: m.group(0)[:m.start(1) - m.start()] + _TAG.sub(blank, m.group(1))
+                              + m.group(0)[m.end(1) - m.start():], msl)
+    if not names:
+        return msl
+    tagged = re.compile(r"\b(?:device|constant|thread|threadgroup)\b(?=(?:\s+const)?\s+(?:"
+                        + "|".join(sorted(map(re.escape, names))) + r")\s*(?:const\s*)?[*&])")
+    return tagged.sub(blank, msl)
 
 
 class _Walker:
@@ -373,7 +400,8 @@ class _Walker:
         tokens = [word for tok in self._tokens_of(statement) for word in [tok[2], *self.macros.get(tok[2], ())]]
         # the variable's own space: clang keeps the tag on arrays, the keyword is in the source otherwise
         # (a pointer's tag is its pointee's space, so pointers are thread variables)
-        space = None if ptr is not None else _space(t) or next(
+        # (an array of pointers too: `threadgroup float* rows[N]` is N thread pointers into threadgroup memory)
+        space = None if ptr is not None or _pointer_array(self.ci, t) else _space(t) or next(
             ("threadgroup" if tok == "mf_tg_array" else tok for tok in tokens
              if tok in ("threadgroup", "mf_tg_array", "constant", "device")), None)
         scope = c.semantic_parent.kind if c.semantic_parent is not None else None
@@ -477,6 +505,13 @@ def _pointee_space(ptr) -> str | None:
     the last tag before the outermost `*` is its pointee's address space."""
     tags = _SPACE.findall(ptr.spelling)
     return tags[-1] if tags else None
+
+
+def _pointer_array(ci, t) -> bool:
+    if not _kind(t).endswith("ARRAY"):
+        return False
+    element = _resolve(ci, t.element_type)
+    return element is not None and _kind(element) == "POINTER"
 
 
 def _dependent(t) -> bool:

@@ -14,6 +14,7 @@ a launcher built from the function's parsed signature.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -81,6 +82,17 @@ _SPACE_REFERENCE = re.compile(r"\(\s*(?:threadgroup|device|constant)\s+[A-Za-z_]
 _SPACE_SPECIALISATION = re.compile(r"\bstruct\s+\w+\s*<\s*(?:const\s+)?(?:threadgroup|device|constant)\s+[^<>{};]*\*\s*>\s*\{")
 
 
+def _overloaded(msl: str, m: re.Match) -> bool:
+    """Whether the function whose parameter list `m` opens is defined more than once."""
+    if m.re is not _SPACE_REFERENCE:
+        return True
+    name = re.search(r"([A-Za-z_]\w*|operator\s*\S+?)\s*$", msl[:m.start()])
+    if name is None:
+        return True
+    definitions = re.findall(rf"(?<![\w.]){re.escape(name.group(1))}\s*\([^;{{}}]*\)[^;{{}}()]*\{{", msl)
+    return len(definitions) > 1
+
+
 def drop_space_overloads(msl: str) -> str:
     spans = []
     matches = sorted([*_SPACE_QUALIFIED.finditer(msl), *_SPACE_REFERENCE.finditer(msl),
@@ -91,6 +103,8 @@ def drop_space_overloads(msl: str) -> str:
         start = max(msl.rfind(c, 0, m.start()) for c in ";{}") + 1
         if msl[start - 1] == "}" and msl[start:m.start()].lstrip().startswith(";"):
             start = msl.index(";", start) + 1
+        if _KERNEL.search(msl, start, m.start() + 1) or not _overloaded(msl, m):
+            continue   # a kernel or a function defined once taking `constant Args& args` (llama.cpp's): no twin
         open_at, depth = msl.index("{", m.end() - 1), 0
         for end in range(open_at, len(msl)):
             depth += {"{": 1, "}": -1}.get(msl[end], 0)
@@ -118,8 +132,9 @@ class Param:
 
     @property
     def writable(self) -> bool:
-        """A device pointer without const: the kernel may write it (the buffer is copied back)."""
-        return self.binding == "buffer" and re.search(r"\bconst\b", self.declaration) is None
+        """A device pointer without const: the kernel may write it (the buffer is copied back); the
+        constant address space is read-only."""
+        return self.binding == "buffer" and re.search(r"\bconst(?:ant)?\b", self.declaration) is None
 
     @property
     def scalar_type(self) -> str | None:
@@ -151,11 +166,21 @@ _CHECKED_POINTER_ELEMENT = (" template <typename T> struct pointer_element<mf::D
                             "{ using type = remove_cv_t<T>; };")
 _THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
 _KERNEL = re.compile(r"\[\[\s*kernel\b[^\]]*\]\]\s*void\s+([A-Za-z_]\w*)\s*\(")   # [[kernel, max_total_threads_...]]
+# clang's range initialiser to zero, `float s[N] = { [ 0 ... N - 1 ] = 0.0f };` (llama.cpp), which g++'s
+# C++ lacks: `{}` zero-initialises the same
+_ZERO_RANGE = re.compile(r"\{\s*\[\s*0\s*\.\.\.[^\]{};]*\]\s*=\s*0(?:\.0*)?f?\s*\}")
+# the keyword spelling, `kernel void f(` and `template [[host_name("h")]] kernel f_t f<..>;` (llama.cpp's),
+# read as the attribute one: the emulator's headers define no `kernel` keyword
+_KERNEL_KEYWORD = re.compile(r"(?<![\w:.\[])kernel(?=\s+(?:void\s+[A-Za-z_]\w*\s*\(|[A-Za-z_]\w*\s+[A-Za-z_]\w*\s*<))")
+# template [[host_name("h")]] [[kernel]] decltype(f<A>) f<A>;  or, over a `typedef decltype(f<B>) f_t;`,
+# template [[host_name("h")]] [[kernel]] f_t f<A>;
 _INSTANCE = re.compile(
     r'template\s*\[\[\s*host_name\(\s*"([^"]+)"\s*\)\s*\]\]\s*\[\[\s*kernel\s*\]\]\s*'
-    r"decltype\(\s*([A-Za-z_]\w*)\s*<([^;]*?)>\s*\)\s*\2\s*<[^;]*?>\s*;")
+    r"(?:decltype\(\s*([A-Za-z_]\w*)\s*<([^;]*?)>\s*\)\s*\2|[A-Za-z_]\w*\s+([A-Za-z_]\w*))\s*<([^;]*?)>\s*;")
+# the index a number or a sum of numbers and object-like macros (llama.cpp: `FC_MUL_MV + 0`)
 _CONSTANT = re.compile(
-    r"\bconstant\s+([A-Za-z_][\w:]*)\s+([A-Za-z_]\w*)\s*\[\[\s*function_constant\(\s*(\d+)\s*\)\s*\]\]\s*;")
+    r"\bconstant\s+([A-Za-z_][\w:]*)\s+([A-Za-z_]\w*)\s*\[\[\s*function_constant\(\s*([\w\s+]+?)\s*\)\s*\]\]\s*;")
+_INT_MACRO = re.compile(r"^[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)[ \t]+(\d+)[ \t]*$", re.M)
 _ATTR = re.compile(r"\[\[(.*?)\]\]", re.S)
 
 
@@ -204,9 +229,6 @@ def _param(text: str, kernel: str) -> Param:
                               f"binds ({', '.join(attrs)}): it binds [[buffer(n)]] and the thread position attributes")
     if binding is None:   # no attribute: Metal assigns the next buffer index (kernel_functions numbers them)
         binding = "buffer"
-    if binding == "threadgroup":
-        raise MetalforgeError(f"emulator: kernel `{kernel}` takes threadgroup memory as an argument (`{decl}`); "
-                              "the emulator runs threadgroup arrays declared in the kernel's scope only")
     return Param(name, decl, binding, index, attribute, condition)
 
 
@@ -238,13 +260,27 @@ def _numbered(params: list[Param]) -> tuple[Param, ...]:
 
 
 def instantiations(msl: str) -> dict[str, Instantiation]:
-    return {m.group(1): Instantiation(m.group(1), m.group(2), m.group(3).strip(), m.span())
+    return {m.group(1): Instantiation(m.group(1), m.group(2) or m.group(4), (m.group(3) or m.group(5)).strip(),
+                                      m.span())
             for m in _INSTANCE.finditer(msl)}
 
 
 def function_constants(msl: str) -> dict[str, tuple[int, str]]:
     """name -> (index, type) of each `constant T name [[function_constant(index)]];`."""
-    return {m.group(2): (int(m.group(3)), m.group(1)) for m in _CONSTANT.finditer(msl)}
+    macros = {m.group(1): int(m.group(2)) for m in _INT_MACRO.finditer(msl)}
+    return {m.group(2): (_index(m.group(3), macros, m.group(2)), m.group(1)) for m in _CONSTANT.finditer(msl)}
+
+
+def _index(expression: str, macros: dict[str, int], name: str) -> int:
+    """A function constant's index: numbers and integer macros added."""
+    total = 0
+    for term in expression.split("+"):
+        term = term.strip()
+        if not term.isdigit() and term not in macros:
+            raise MetalforgeError(f"emulator: function constant `{name}` has index `{expression}`, and `{term}` is "
+                                  "neither a number nor an integer macro of the library")
+        total += int(term) if term.isdigit() else macros[term]
+    return total
 
 
 def _literal(ctype: str, value) -> str:
@@ -342,7 +378,8 @@ class Library:
     @functools.cached_property
     def msl(self) -> str:
         """The flattened source: what the front end checks and the compiler sees."""
-        return drop_space_overloads(flatten(self.source, self._headers))
+        text = _KERNEL_KEYWORD.sub("[[kernel]]", flatten(self.source, self._headers))
+        return drop_space_overloads(_ZERO_RANGE.sub("{}", text))
 
     @functools.cached_property
     def kernels(self) -> dict[str, KernelFunction]:
@@ -364,9 +401,12 @@ class Library:
         """The conformance front end over the whole library (every instantiation at once)."""
         _facts(self.msl, "library", frozenset(self.kernels))
 
-    def function(self, host_name: str, constants: dict | None = None) -> "LibraryFunction":
+    def function(self, host_name: str, constants: dict | None = None,
+                 threadgroup_memory: dict[int, int] | None = None) -> "LibraryFunction":
         """The kernel with this host name, specialised for `constants` (by index or name; a
-        constant not given reads as zero and its conditional buffers are optional)."""
+        constant not given reads as zero and its conditional buffers are optional) and, for its
+        `threadgroup T* p [[threadgroup(n)]]` arguments, `threadgroup_memory` {n: bytes} (what
+        the host sets with setThreadgroupMemoryLength:atIndex:)."""
         values = self._constant_values(constants or {})
         if host_name in self.instances:
             inst = self.instances[host_name]
@@ -383,7 +423,15 @@ class Library:
                                   "function of the library")
         if fn.problem:
             raise MetalforgeError(fn.problem)
-        return LibraryFunction(self, host_name, fn, callee, self._specialised(inst, values), values)
+        arenas = [p for p in fn.params if p.binding == "threadgroup"]
+        missing = [p for p in arenas if p.index not in (threadgroup_memory or {})]
+        if missing:
+            raise MetalforgeError(f"emulator: kernel `{host_name}` takes threadgroup memory `{missing[0].name}` at "
+                                  f"threadgroup({missing[0].index}): give its length in bytes, "
+                                  f"threadgroup_memory={{{missing[0].index}: bytes}}")
+        msl = _arguments_in_scope(self._specialised(inst, values, host_name), fn, arenas, threadgroup_memory or {})
+        fn = dataclasses.replace(fn, params=tuple(p for p in fn.params if p.binding != "threadgroup"))
+        return LibraryFunction(self, host_name, fn, callee, msl, values)
 
     def _constant_values(self, given: dict) -> dict[str, object]:
         by_index = {index: name for name, (index, _) in self.constants.items()}
@@ -397,14 +445,14 @@ class Library:
             values[name] = value
         return values
 
-    def _specialised(self, chosen: Instantiation | None, values: dict[str, object]) -> str:
-        """The source for one function: the other instantiations left out (blank lines keep the
-        line numbers), each function constant given its value."""
+    def _specialised(self, chosen: Instantiation | None, values: dict[str, object], name: str = "") -> str:
+        """The source for one function: the other instantiations and plain kernels left out (blank
+        lines keep the line numbers; a plain kernel `name` is kept), each function constant given its value."""
         text = self.msl
-        for inst in sorted(self.instances.values(), key=lambda i: i.span[0], reverse=True):
-            if inst is not chosen:
-                a, b = inst.span
-                text = text[:a] + "\n" * text.count("\n", a, b) + text[b:]
+        spans = [inst.span for inst in self.instances.values() if inst is not chosen]
+        spans += [span for k, span in _plain_kernel_spans(text).items() if k != name]
+        for a, b in sorted(spans, reverse=True):
+            text = text[:a] + "\n" * text.count("\n", a, b) + text[b:]
 
         def constant(m):
             ctype, name = m.group(1), m.group(2)
@@ -413,9 +461,58 @@ class Library:
 
 
 
+def _plain_kernel_spans(msl: str) -> dict[str, tuple[int, int]]:
+    """Where each non-template kernel is defined, its attributes to its closing brace."""
+    out = {}
+    for m in _KERNEL.finditer(msl):
+        start = max(msl.rfind(c, 0, m.start()) for c in ";{}") + 1
+        if re.search(r"\btemplate\s*<", re.sub(r"(?m)^\s*#.*$", "", msl[start:m.start()])):
+            continue
+        depth, end = 0, msl.index("{", _closing(msl, m.end() - 1))
+        for end in range(end, len(msl)):
+            depth += {"{": 1, "}": -1}.get(msl[end], 0)
+            if depth == 0:
+                break
+        out[m.group(1)] = (start, end + 1)
+    return out
+
+
+def _arguments_in_scope(msl: str, fn: KernelFunction, arenas: list[Param], lengths: dict[int, int]) -> str:
+    """The kernel's `threadgroup T* p [[threadgroup(n)]]` arguments as arrays of the host's length
+    declared at the top of its body (`threadgroup T p[bytes / sizeof(T)];`), which the emulator
+    runs as any threadgroup array; line numbers kept."""
+    if not arenas:
+        return msl
+    m = next(m for m in _KERNEL.finditer(msl) if m.group(1) == fn.name)
+    close = _closing(msl, m.end() - 1)
+    params = msl[m.end():close]
+    kept, pieces, start, depth = [], [], 0, 0
+    for i, ch in enumerate(params + ","):
+        depth += (ch in "([<{") - (ch in ")]>}")
+        if ch == "," and depth == 0:
+            pieces.append(params[start:i])
+            start = i + 1
+    names = {p.name for p in arenas}
+    for piece in pieces:
+        decl = _ATTR.sub("", piece)
+        words = re.findall(r"[A-Za-z_]\w*", decl)
+        kept.append("\n" * piece.count("\n") if words and words[-1] in names else piece)
+    body = msl.index("{", close)
+    declared = []
+    for p in arenas:
+        element = re.sub(r"\b(threadgroup|const)\b|\*", " ", p.declaration[:p.declaration.rfind(p.name)]).strip()
+        # Metal takes lengths in multiples of 16 bytes; a zero length (an argument the kernel leaves
+        # unused) still gets 16, C++ having no empty array
+        length = max(16, -(-int(lengths[p.index]) // 16) * 16)
+        declared.append(f"threadgroup {element} {p.name}[{length} / sizeof({element})];")
+    joined = ",".join(k for k in kept if k.strip()) + "\n" * sum(k.count("\n") for k in kept if not k.strip())
+    return msl[:m.end()] + joined + msl[close:body + 1] + " " + " ".join(declared) + msl[body + 1:]
+
+
 @functools.lru_cache(maxsize=64)
 def _facts(msl: str, name: str, kernels: frozenset[str]) -> conformance.Facts:
-    return frontend.check(msl, name, kernels, library=True)
+    # [[threadgroup(n)]] is an attribute, not the address-space keyword the front end's header defines
+    return frontend.check(_THREADGROUP_ATTRIBUTE.sub("[[mf_threadgroup(", msl), name, kernels, library=True)
 
 
 class LibraryFunction:

@@ -321,7 +321,8 @@ template <class T, int N> struct packed_vec {
   T v[N];
   packed_vec() = default;
   template <class... A> packed_vec(const A&... a) { vec<T, N> t(a...); for (int i = 0; i < N; i++) v[i] = t[i]; }
-  operator vec<T, N>() const { vec<T, N> t; for (int i = 0; i < N; i++) t[i] = v[i]; return t; }
+  // to its vec, or (float4(packed_char4)) to a vec of another element type, element-wise
+  template <class U> operator vec<U, N>() const { vec<U, N> t; for (int i = 0; i < N; i++) t[i] = U(v[i]); return t; }
   T& operator[](int i) { return v[i]; }
   const T& operator[](int i) const { return v[i]; }
 };
@@ -905,6 +906,25 @@ inline bool atomic_compare_exchange_weak_explicit(atomic<T>* o, T* expected, U d
 }
 
 // ---- 8x8 SIMD-group matrices ------------------------------------------------------------------
+// Metal's matrix<T, Cols, Rows> (float4x4, half4x4, ...): Cols column vectors, m[c][r]; an explicit
+// conversion between element types converts element-wise (MSL 3.2 §2.3 Matrix Data Types)
+template <class T, int C, int R> struct matrix {
+  vec<T, R> columns[C];
+  matrix() = default;
+  explicit matrix(T diagonal) {
+    for (int c = 0; c < C; c++) for (int r = 0; r < R; r++) columns[c][r] = c == r ? diagonal : T(0);
+  }
+  template <class U> explicit matrix(const matrix<U, C, R>& o) {
+    for (int c = 0; c < C; c++) columns[c] = vec<T, R>(o.columns[c]);
+  }
+  vec<T, R>& operator[](int c) { return columns[c]; }
+  const vec<T, R>& operator[](int c) const { return columns[c]; }
+};
+typedef matrix<float, 2, 4> float2x4;
+typedef matrix<float, 4, 4> float4x4;
+typedef matrix<half, 2, 4> half2x4;
+typedef matrix<half, 4, 4> half4x4;
+
 // Every lane keeps a full copy; a lane owns the two elements Apple's layout gives it, which is
 // what thread_elements() exposes and what simdgroup_store writes. Products gather each element
 // from its owner, so per-lane edits through thread_elements() are honoured as on the GPU.

@@ -30,8 +30,11 @@ signatures in the headers, and host functions disassembled from 0.32.4's libmlx.
 partials' sum), while its get_qmv_batch_limit table, decode routing (2-pass from 1,024 keys on
 Max/Ultra, from 4,096 with GQA), 2-pass block table and steel tile for head dims up to 128 were
 checked there to be main's. A `Choice.notes` entry says so wherever a value rests on that reading.
-Only affine quantization, transposed weights (as mlx-lm's quantized layers call it) and devices
-up to generation 16 (M4) are ported: on generation 17+ MLX runs its NAX kernels.
+Only affine quantization and transposed weights (as mlx-lm's quantized layers call it) are
+ported. On generation 17+ (M5) MLX runs its NAX kernels for qmm and steel attention
+(`is_nax_available()` in quantized.cpp's qmm and scaled_dot_product_attention.cpp): those are
+refused there; its vector kernels (qmv, qmv_wide, sdpa_vector, 2-pass) are chosen by the same rules
+on every generation, and are ported.
 """
 from __future__ import annotations
 
@@ -173,11 +176,16 @@ def architecture(device) -> tuple[int, str, str]:
     m = re.fullmatch(r"applegpu_g(\d+)([a-z])", arch)
     if not m:
         raise MetalforgeError(f"architecture '{arch}' is not of the form applegpu_g<gen><class>")
-    gen = int(m.group(1))
-    if gen >= 17:
-        raise MetalforgeError(f"{arch}: MLX runs its NAX kernels on generation 17 and later; "
-                              "their dispatch rules are not ported")
-    return gen, m.group(2), arch
+    return int(m.group(1)), m.group(2), arch
+
+
+NAX_FROM_GEN = 17
+
+
+def _refuse_nax(gen: int, arch: str, what: str):
+    if gen >= NAX_FROM_GEN:
+        raise MetalforgeError(f"{arch}: MLX runs its NAX {what} kernel on generation {NAX_FROM_GEN} and later; "
+                              "its dispatch rules are not ported")
 
 
 def _type_string(dtype) -> str:
@@ -244,6 +252,7 @@ def qmm_dispatch(M: int, N: int, K: int, bits: int, group_size: int, dtype, devi
     head = f"{t}_gs_{group_size}_b_{bits}"
     vector_limit = qmv_batch_limit(K, N, gen, cls, v)
     if M >= vector_limit:
+        _refuse_nax(gen, arch, "qmm")
         if batch == 1 and v >= QMM_SPLITK:
             split = _qmm_splitk(M, N, K, group_size, dtype, common, head, v, notes)
             if split:
@@ -447,6 +456,7 @@ def prefill_attention_dispatch(B: int, Hq: int, Hkv: int, L: int, D: int, dtype,
     """MLX's steel_attention for L queries over prefix + L keys (mask: None, 'bool' or 'float')."""
     v = parse_version(mlx_version)
     gen, cls, arch = architecture(device)
+    _refuse_nax(gen, arch, "steel attention")
     if min(B, Hq, Hkv, L) < 1 or Hq % Hkv or prefix < 0:
         raise MetalforgeError(f"B={B}, Hq={Hq}, Hkv={Hkv}, L={L}: all positive, Hq a multiple of Hkv")
     if L <= 8:

@@ -83,16 +83,28 @@ def postgres_url(postgres_server, request):
     return f"postgresql+psycopg://postgres@/{name}?host={postgres_server['host']}&port={postgres_server['port']}"
 
 
-@pytest.fixture(scope="session")
-def mlx_kernel_headers():
-    """MLX's Metal kernel headers of the installed MLX, fetched with pip once per machine (CI too);
-    the tests that run MLX's kernels skip only where PyPI is unreachable and nothing is cached."""
+def _fetched(fetch, what: str):
+    """A dependency fetched with pip once per machine (CI too): the tests that need it skip only
+    where PyPI is unreachable and nothing is cached."""
     from metalforge.errors import MetalforgeError
-    from metalforge.kernels import mlx_headers
     try:
-        return mlx_headers.kernels_dir()
+        return fetch()
     except MetalforgeError as e:
         if "could not fetch" in str(e):
-            pytest.skip(f"PyPI unreachable and MLX's headers not cached: {e}")
+            pytest.skip(f"PyPI unreachable and {what} not cached: {e}")
         raise
+
+
+@pytest.fixture(scope="session")
+def mlx_kernel_headers():
+    """MLX's Metal kernel headers of the installed MLX (the mlx-metal wheel)."""
+    from metalforge.kernels import mlx_headers
+    return _fetched(mlx_headers.kernels_dir, "MLX's headers")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_sources():
+    """llama.cpp's Metal sources (llama-cpp-python's sdist)."""
+    from metalforge.kernels import llamacpp_library
+    return _fetched(llamacpp_library.include_root, "llama.cpp's sources")
 

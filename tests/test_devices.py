@@ -36,16 +36,19 @@ def test_peak_flops_from_cores_and_clock():
     ({"architecture": "applegpu_g15s", "device_name": "Apple M3 Max", "memory_size": 128 * GB}, "m3-max-40"),
     ({"architecture": "applegpu_g16s", "device_name": "Apple M4 Max", "memory_size": 36 * GB}, "m4-max-32"),
     ({"architecture": "applegpu_g16s", "device_name": "Apple M4 Pro", "memory_size": 48 * GB}, "m4-pro"),
+    ({"architecture": "applegpu_g17g", "device_name": "Apple M5", "memory_size": 24 * GB}, "m5"),
+    ({"architecture": "applegpu_g17s", "device_name": "Apple M5 Max", "memory_size": 36 * GB}, "m5-max-32"),
+    ({"architecture": "applegpu_g17s", "device_name": "Apple M5 Max", "memory_size": 128 * GB}, "m5-max-40"),
 ])
 def test_match_recorded_device_info(info, expected):
     assert devices.match(info).name == expected
 
 
 def test_unknown_apple_gpu_gets_a_profile_and_a_warning():
-    info = {"architecture": "applegpu_g17g", "device_name": "Apple M5", "memory_size": 32 * GB}
+    info = {"architecture": "applegpu_g18g", "device_name": "Apple M6", "memory_size": 32 * GB}
     with pytest.warns(UserWarning, match="no profile"):
         p = devices.match(info)
-    assert p.display_name == "Apple M5"
+    assert p.display_name == "Apple M6"
     assert p.threadgroup_memory_bytes == 32768 and p.simd_width == 32
 
 

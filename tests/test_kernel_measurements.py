@@ -93,3 +93,14 @@ def test_an_impossible_point_loads_only_when_excluded_with_the_reason(tmp_path):
         p["excluded"] = "10.888 us would be 394.5 TFLOP/s"
     loaded = km.load(_write(tmp_path, excluded))
     assert loaded[2].excluded and loaded[2] not in km.usable(loaded)
+
+
+def test_every_chip_in_the_data_has_a_device_profile(points):
+    """The fit prices a point on its chip's profile: no chip of the data lacks one (the M5s' came
+    with their sources in the profile's comments)."""
+    from metalforge import devices
+    names = {p.device_name for p in devices.profiles().values()}
+    assert {p.chip for p in points} <= names, {p.chip for p in points} - names
+    for p in points:
+        if p.profile:
+            assert devices.get(p.profile).device_name == p.chip, (p.profile, p.chip)

@@ -122,9 +122,16 @@ def test_the_include_policy_admits_the_header_root_only(tmp_path):
             Library(f"#include {include}\n" + kernel, headers=tmp_path).function("k").prepare()
 
 
-def test_a_kernel_taking_threadgroup_memory_as_an_argument_is_refused_clearly():
-    lib = Library("[[kernel]] void k(threadgroup float* t [[threadgroup(0)]], uint i [[thread_position_in_grid]]) {}\n")
-    with pytest.raises(MetalforgeError, match="takes threadgroup memory as an argument"):
+def test_a_kernel_taking_threadgroup_memory_as_an_argument_gets_the_hosts_length():
+    """setThreadgroupMemoryLength: 32 floats shared by the threadgroup, read back reversed; without
+    a length the kernel is refused in one line."""
+    lib = Library("[[kernel]] void k(device float* o [[buffer(0)]], threadgroup float* t [[threadgroup(0)]],\n"
+                  "              uint i [[thread_position_in_threadgroup]]) {\n"
+                  "  t[i] = float(i) * 2.0f;\n  threadgroup_barrier(mem_flags::mem_threadgroup);\n  o[i] = t[31 - i];\n}\n")
+    out = np.zeros(32, np.float32)
+    lib.function("k", threadgroup_memory={0: 128})(buffers={0: out}, threadgroups=(1, 1, 1), threadgroup=(32, 1, 1))
+    assert np.array_equal(out, np.arange(31, -1, -1, dtype=np.float32) * 2)
+    with pytest.raises(MetalforgeError, match=r"takes threadgroup memory `t` at threadgroup\(0\): give its length"):
         lib.function("k")
 
 
@@ -191,3 +198,46 @@ def test_mlxs_decode_attention_runs_clean_in_checked_mode():
        threadgroups=(2, 1, 1), threadgroup=(1024, 1, 1))
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125)
     assert np.allclose(out, np.array(ref), atol=1e-5)
+
+
+LLAMA_STYLE = """
+#define FC_BASE 600
+constant short FC_scale [[function_constant(FC_BASE + 1)]];
+typedef struct { int n; } args_t;
+typedef struct { half d; uchar qs[6]; } blk;
+template <typename T, typename A>
+void body(A args, device const T* x, device const char* src, device float* o, uint i) {
+  device const blk* b = (device const blk*) src;
+  device const ushort* q = (device const ushort*) b[i].qs + 1;   // a member array through a pointer
+  o[i] = float(x[i]) * FC_scale + float(q[0]) + args.n;
+}
+kernel void k_plain(constant args_t & args, device const half* x, device const char* src, device float* o,
+                    uint i [[thread_position_in_grid]]) {
+  body<half, constant args_t &>(args, x, src, o, i);
+}
+template <typename T>
+kernel void k_tmpl(constant args_t & args, device const T* x, device const char* src, device float* o,
+                   uint i [[thread_position_in_grid]]) {
+  body<T, constant args_t &>(args, x, src, o, i);
+}
+typedef decltype(k_tmpl<half>) k_tmpl_t;
+template [[host_name("k_half")]] kernel k_tmpl_t k_tmpl<half>;
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "traced"])
+@pytest.mark.parametrize("name", ["k_plain", "k_half"])
+def test_llama_cpps_spellings_load_and_run(name, mode):
+    """`kernel void f(`, an instantiation over a typedef, a function-constant index written as a
+    macro sum, a plain kernel instantiating a template with a tagged argument type (which crashed
+    libclang), and a block's member array read through a device pointer (checked in traced mode)."""
+    lib = Library(LLAMA_STYLE, mode=mode)
+    assert lib.constants["FC_scale"] == (601, "short") and {"k_plain", "k_half"} <= set(lib.host_names())
+    x, src, out = np.arange(4, dtype=np.float16), np.arange(32, dtype=np.uint8), np.zeros(4, np.float32)
+    fn = lib.function(name, {601: 3})
+    fn(buffers={0: np.array([10], np.int32).tobytes(), 1: x, 2: src, 3: out}, threadgroups=(1, 1, 1),
+       threadgroup=(4, 1, 1))
+    qs = [int(src[8 * i + 4]) | int(src[8 * i + 5]) << 8 for i in range(4)]   # bytes 2 + 2 of block i's qs
+    assert np.array_equal(out, np.arange(4) * 3 + np.array(qs) + 10)
+    if mode == "traced":
+        assert fn.last_trace.device["src"].footprint_bytes == 32

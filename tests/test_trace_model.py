@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from metalforge import devices
+from metalforge.errors import MetalforgeError
 from metalforge.kernels import calibration as cal, kernel_measurements
 from metalforge.kernels.timing import fit, mlx_jobs, model, traces, whole_model
 from metalforge.kernels.timing.model import Constants
@@ -108,3 +109,43 @@ def test_the_shipped_constants_are_the_fit_of_the_shipped_data():
     # every point is either priced or left out with a reason
     assert len(rows) + len(skipped) == len(kernel_measurements.usable(kernel_measurements.load()))
     assert all(why for _, why in skipped)
+
+
+def _shipped_point(**match):
+    return next(p for p in kernel_measurements.usable(kernel_measurements.load())
+                if all(p.get(k) == v if k in kernel_measurements.SHAPE_FIELDS else getattr(p, k) == v
+                       for k, v in match.items()))
+
+
+def test_a_chip_with_a_profile_per_core_count_is_priced_only_where_the_source_states_its_cores():
+    stated = _shipped_point(chip="Apple M5 Max", gpu_cores=40, Hkv=8, S=32768, L=1)
+    assert stated.profile == "m5-max-40" and stated.device.gpu_cores == 40
+    unstated = _shipped_point(chip="Apple M5 Max", gpu_cores=None, M=8, K=16384)
+    with pytest.raises(MetalforgeError, match=r"GPU cores not stated, and Apple M5 Max has a profile per core "
+                                              r"count \(m5-max-32, m5-max-40\)"):
+        fit.job(unstated)
+
+
+def test_a_point_is_priced_only_where_the_installed_mlx_runs_the_kernel_its_source_ran():
+    """mlx PR 3863 timed qmm at M = 10 (the batch limit was 10 then); MLX >= 0.32.1 runs qmv_wide
+    there (limit 13 on an M3 Max), so the point is left out, saying so; at M = 17 both run qmm."""
+    rows, skipped = fit.rows([_shipped_point(source="https://github.com/ml-explore/mlx/pull/3863", M=10),
+                              _shipped_point(source="https://github.com/ml-explore/mlx/pull/3863", M=9)])
+    assert [r.point.get("M") for r in rows] == [9] and rows[0].family == "qmv"
+    (_, why), = skipped
+    assert why.startswith("the source's MLX ran qmm; the installed MLX's rules choose qmv here (affine_qmv_wide_")
+
+
+def test_a_warm_read_larger_than_its_chips_system_cache_is_a_dram_read():
+    """mlx issue 3852's warm 17408 x 5120 weights: 2 bits (21 MiB) fit an M4 Pro's 24 MB system level
+    cache, 4 bits (43 MiB) do not, nor do the 248320-row ones (606 MiB); the same 4-bit weights stay in
+    an M3 Max's 48 MB; a cold point reads DRAM whatever its size."""
+    small = _shipped_point(profile="m4-pro", M=1, N=17408, bits=2)
+    large = _shipped_point(profile="m4-pro", M=1, N=17408, bits=4)
+    on_max = _shipped_point(source="https://github.com/ml-explore/mlx/issues/3852", profile="m3-max-40", M=1, bits=4)
+    cold = _shipped_point(source="https://github.com/ml-explore/mlx/pull/3863", M=1)
+    assert small.min_bytes() < 24 * 2**20 < large.min_bytes() == on_max.min_bytes() < 48 * 2**20
+    assert [fit.reads_dram(p) for p in (small, large, on_max, cold)] == [False, True, False, True]
+    dram = model.TERMS.index("dram")
+    rows, _ = fit.rows([small, large])
+    assert rows[0].terms[dram] == 0 and rows[1].terms[dram] > 0

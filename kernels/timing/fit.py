@@ -1,15 +1,17 @@
 """The per-kernel constants (model.py) fitted to published kernel timings
 (benchmarks/data/kernel_measurements.yaml): each runnable point's kernels - MLX's, chosen by MLX's
-rules for the point's chip and shape - traced (mlx_jobs.py) and priced, the constants chosen by
+rules for the point's chip and shape (mlx_jobs.py), or llama.cpp's matrix-vector kernel as ggml-metal
+dispatches it (kernels/llamacpp_library.py) - traced and priced, the constants chosen by
 non-negative least squares on relative error. A point that cannot be priced yet is listed with
-the reason and left out. A warm point (the same weights or K/V every call) reads from the system
-cache, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
+the reason and left out. A warm point (the same weights or K/V every call) whose data fit in the
+system level cache (its chip's, devices/*.yaml) reads from it, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
 fitted on the whole-model decode data (whole_model.py), where the weights come from DRAM. The error of a family is the median |predicted / measured - 1| of its
 points when their chip is left out of the fit (leave-one-chip-out), per regime.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,14 +21,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from metalforge import files
+from metalforge import devices, files
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import kernel_measurements
+from metalforge.kernels import kernel_measurements, llamacpp_library
 from metalforge.kernels.calibration import data_digest, nonnegative_lstsq
 from metalforge.kernels.families import get as get_family
 from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
 
+# llama.cpp's kernels traced so far: its matrix-vector kernels with one row of x (kernels/llamacpp_library.py)
+LLAMA_CPP_MUL_MV = re.compile(r"MUL_MAT (q4_0|q4_K|q6_K) x f32")
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
@@ -45,10 +49,14 @@ class Row:
 
 def job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
     """The MLX op and shape of a point, or an error saying why it cannot be priced yet."""
-    if p.library != "mlx":
-        raise MetalforgeError("llama.cpp's Metal kernels are not instantiated in the emulator yet")
+    chip = p.device.device_name if p.device else p.chip
+    variants = [name for name, d in devices.profiles().items() if d.device_name == chip]
+    if p.gpu_cores is None and len(variants) > 1:
+        raise MetalforgeError(f"GPU cores not stated, and {chip} has a profile per core count ({', '.join(variants)})")
     if p.device is None:
         raise MetalforgeError(f"no device profile for {p.chip}")
+    if p.library == "llama.cpp":
+        return _llama_cpp_job(p)
     s = dict(p.shape)
     if "N" in s:
         if s.get("bits") not in (2, 3, 4, 5, 6, 8) or "nvfp4" in p.kernel:
@@ -65,10 +73,43 @@ def job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
                        "causal": "causal" in p.kernel}
 
 
+def _llama_cpp_job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
+    m = LLAMA_CPP_MUL_MV.search(p.kernel)
+    if m is None or p.get("M") != 1:
+        raise MetalforgeError("llama.cpp's kernel is not traced yet: kernels/llamacpp_library.py binds its "
+                              "matrix-vector kernels with one row of x (kernel_mul_mv_<q4_0|q4_K|q6_K>_f32) only")
+    return "llama.cpp mul_mv", {"qtype": m.group(1), "M": 1, "N": p.get("N"), "K": p.get("K")}
+
+
+def counted(op: str, shape: dict, dtype: str, device):
+    """The dispatches of a job, counted at its shape: llama.cpp's or MLX's kernels."""
+    if op == "llama.cpp mul_mv":
+        return llamacpp_library.counted(shape["qtype"], {f: shape[f] for f in ("M", "N", "K")})
+    return mlx_jobs.counted(op, shape, dtype, device)
+
+
 def family_of(op: str, kernels) -> str:
+    if op == "llama.cpp mul_mv":
+        return "qmv"
     if op == "matmul":
         return "qmm" if any(k.startswith("affine_qmm") for k in kernels) else "qmv"
     return {"decode": "decode_attention", "prefill": "prefill_attention"}[op]
+
+
+def reads_dram(p: kernel_measurements.KernelPoint) -> bool:
+    """A cold point reads DRAM; so does a warm one whose data its chip's system level cache cannot
+    hold (devices/*.yaml system_cache_mb: 8 MB on the base chips, 24 on the Pro, 48 on the Max, 96 on
+    an Ultra): a 42 MB weight re-read every call stays in an M3 Max's cache, not in an M4 Pro's."""
+    if p.device is None or not p.device.system_cache_mb:
+        raise MetalforgeError(f"no system cache size for {p.chip}: cannot tell a warm read from a DRAM read")
+    return "cold" in p.timing or (p.min_bytes() or 0) > p.device.system_cache_mb * 2**20
+
+
+def stated_family(p: kernel_measurements.KernelPoint) -> str | None:
+    """qmv or qmm where the point's kernel names one of them only (MLX's batch limit moved between
+    versions: a point is priced only where the installed MLX runs the kernel its source ran)."""
+    named = {f for f in ("qmv", "qmm") if f in p.kernel}
+    return named.pop() if len(named) == 1 else None
 
 
 def rows(points=None) -> tuple[list[Row], list[tuple]]:
@@ -78,15 +119,22 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
     for p in points:
         try:
             op, shape = job(p)
-            counted = mlx_jobs.counted(op, shape, p.dtype or ASSUMED_DTYPE, p.device)
+            dispatches = counted(op, shape, p.dtype or ASSUMED_DTYPE, p.device)
+            dram = reads_dram(p)
         except MetalforgeError as e:
             skipped.append((p, str(e)))
             continue
-        kernels = tuple(c.kernel for c in counted)
-        terms = model.terms(counted, p.device)
-        if "cold" not in p.timing:     # warm: the data come from the system cache, priced by the cache term
+        kernels = tuple(c.kernel for c in dispatches)
+        family = family_of(op, kernels)
+        stated = stated_family(p)
+        if stated and stated != family:
+            skipped.append((p, f"the source's MLX ran {stated}; the installed MLX's rules choose {family} here "
+                               f"({kernels[0]})"))
+            continue
+        terms = model.terms(dispatches, p.device)
+        if not dram:     # warm: the data come from the system cache, priced by the cache term
             terms[model.TERMS.index("dram")] = 0.0
-        out.append(Row(p, family_of(op, kernels), kernels, terms))
+        out.append(Row(p, family, kernels, terms))
     return out, skipped
 
 
