@@ -12,12 +12,13 @@ MODELLED, not measured. One decode step (one sequence, one token) of the built-i
   picks (`Kernels.decide`) - our family's chosen config priced from its trace
   (`compare.ours_counted`: a family added to the op plan is priced through its own trace path, no
   edit here) or MLX's real kernel chosen by MLX's rules (`compare.mlx_counted`, the job
-  `metalforge compare` prices against the op's first family; attention at the context's
-  power-of-two bucket) - by the per-kernel model; mlx-lm's side is MLX's real kernel for every
+  `metalforge compare` prices against the first family serving the op; attention at the context's
+  power-of-two bucket) - by the per-kernel model, each dispatch at the whole-model fit's
+  per-dispatch cost instead of the kernel fit's launch (model.price_in_step); mlx-lm's side is MLX's real kernel for every
   op. "ours (auto)" is what `auto` runs on a Mac (our kernel only on a modelled gain beyond the
   family's error); "ours (metal)" runs our kernel wherever a family serves the op;
 - every other dispatch of the step (norms, RoPE, bias and residual adds, SwiGLU, cache writes,
-  casts, the embedding row): counted by `benchmarks/dispatch_count.py`'s counter on MLX's graph of a
+  casts, the embedding row): counted by engine/dispatches.py's counter on MLX's graph of a
   small folder of the same architecture built by mlx-lm's own classes (same model type, head dim
   and GQA ratio; counts per layer do not depend on the width), each priced at the fitted
   per-dispatch cost plus its bytes at the fitted DRAM rate. The bytes are an ANALYTIC count, not
@@ -136,13 +137,13 @@ def mlx_price(op: str, values: dict, device, constants) -> tuple[float, int]:
     if shape is None:
         raise MetalforgeError(f"op '{op}' {values}: not a job of any family (Family.op): MLX's kernels for it are not priced")
     job = compare.mlx_counted(family, shape, dtypes.get(DTYPE), device)
-    return model.price(job, device, constants), len(job)
+    return model.price_in_step(job, device, constants, _dispatch_s()), len(job)
 
 
 def ours_price(decision, device, constants) -> tuple[float, int]:
     fam = get_family(decision.family)
     counted = compare.ours_counted(fam, fam.config(decision.config), decision.shape, dtypes.get(DTYPE), device)
-    return model.price(counted, device, constants), len(counted)
+    return model.price_in_step(counted, device, constants, _dispatch_s()), len(counted)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,11 @@ class Step:
     @property
     def tokens_per_s(self) -> float:
         return 1.0 / (self.kernels_s + self.glue_s)
+
+
+def _dispatch_s() -> float:
+    """What any dispatch of a step costs besides its work: the whole-model fit's `d`."""
+    return fit.shipped()["whole_model"]["dispatch_s"]
 
 
 def glue_seconds(config: dict, dispatches: float, device) -> float:
@@ -211,17 +217,16 @@ def table(device_names, contexts) -> tuple[list[str], list[dict]]:
 SECTION = """## Modelled decode tokens/s (MODELLED)
 
 Written by `{command}`. MODELLED, not measured: one decode step (one sequence) priced as the
-whole-model check prices mlx-lm's published runs (per-kernel prices of the op plan's kernels plus
-the fitted per-dispatch cost for every other dispatch; see the script's docstring for what is
-traced and what is an analytic count). mlx-lm's side is MLX's real kernels; "ours (auto)" runs our
+whole-model check prices mlx-lm's published runs (per-kernel prices of the op plan's kernels, and
+the fitted per-dispatch cost for every dispatch, theirs and ours alike; see the script's docstring
+for what is traced and what is an analytic count). mlx-lm's side is MLX's real kernels; "ours (auto)" runs our
 kernel only where its modelled gain exceeds the family's per-kernel error (elsewhere MLX's);
 "ours (metal)" runs ours wherever a family serves the op. The error beside mlx-lm is the
 whole-model check's held-out error ({error:.1%}); our kernels' prices carry their family's
 per-kernel error besides (qmv {qmv}; decode attention {decode}). The fitted per-dispatch cost is
-{dispatch_us:.1f} us: the whole-model fit puts a step's fixed cost in the priced kernels' launch
-constant ({launch_us:.1f} us each), so a dispatch outside them costs its bytes only and the
-dispatch counts (ours on the Metal path, mlx-lm; per layer, the step's total over its layers)
-weigh little here.
+{dispatch_us:.1f} us a dispatch inside a step (a kernel timed alone carries a host round trip
+instead, {launch_us:.1f} us in the kernel fit), so the dispatch counts (ours on the Metal path,
+mlx-lm; per layer, the step's total over its layers) weigh on both sides alike.
 
 {table}
 """

@@ -71,3 +71,10 @@ def terms(counted, device) -> np.ndarray:
 def price(counted, device, constants: Constants) -> float:
     """Seconds for the dispatches `counted` on `device`: the same rule whoever wrote the kernel."""
     return float(terms(counted, device) @ constants.vector())
+
+
+def price_in_step(counted, device, constants: Constants, dispatch_s: float) -> float:
+    """Seconds for the dispatches `counted` as part of a whole step (a decode step's pipelined
+    sequence of kernels): each costs the whole-model fit's per-dispatch cost instead of `launch`,
+    the host round trip a kernel timed on its own carries (whole_model.py)."""
+    return price(counted, device, dataclasses.replace(constants, launch=dispatch_s))

@@ -1,13 +1,18 @@
 """The whole-model check of the per-kernel prices: a decode step's time is the sum of its kernels'
 prices - MLX's real kernels, chosen by MLX's rules for each op (seven quantized projections a
 layer, decode attention over the context, the LM head) - plus a per-dispatch cost `d`, fitted once,
-for every other dispatch of the step (norms, RoPE, residual adds, activations, sampling),
-compared with published tokens/s (benchmarks/data/apple_measurements.yaml). The per-kernel
-constants are the kernel fit's; the DRAM factor, which the warm kernel timings cannot show, is
-fitted here with `d` (two constants, non-negative least squares on relative error).
+for every dispatch of the step (the priced kernels and the others: norms, RoPE, residual adds,
+activations, cache writes), compared with published tokens/s
+(benchmarks/data/apple_measurements.yaml). A priced kernel's `launch` constant is left out here:
+it is the host round trip of a kernel timed alone, which a pipelined step does not pay per
+kernel; `d` is what a dispatch costs inside a step. The other per-kernel constants are the kernel
+fit's; the DRAM factor, which the warm kernel timings cannot show, is fitted here with `d` (two
+constants, non-negative least squares on relative error). One `d` for every dispatch, ours and
+MLX's alike, is what lets a step with fewer dispatches be priced fairly (model.price_in_step).
 
-Labelled assumptions: a step makes DISPATCHES_PER_LAYER dispatches a layer (mlx-lm's 18-20 a
-layer counted by benchmarks/dispatch_count.py) of which the priced kernels are 8; quantized weights
+Labelled assumptions: a step makes DISPATCHES_PER_LAYER dispatches a layer (mlx-lm's 17-19 a
+layer counted by benchmarks/dispatch_count.py: a llama layer's 17, qwen3's 19 with its q/k norms)
+of which the priced kernels are 8; quantized weights
 are priced as MLX's 4-bit group-64 (8-bit where a weight takes over 6 bits) whatever format the run
 used (llama.cpp's runs are priced with MLX's kernels: a stand-in, its kernels are not emulated);
 the MLP width follows from the parameter count. Unquantized runs (F16, BF16) are left out: MLX's
@@ -24,8 +29,7 @@ from metalforge.errors import MetalforgeError
 from metalforge.kernels import calibration as cal
 from metalforge.kernels.timing import mlx_jobs, model
 
-DISPATCHES_PER_LAYER = 19
-PRICED_PER_LAYER = 8
+DISPATCHES_PER_LAYER = 17   # mlx-lm's llama decode layer: 7 quantized matmuls, attention, 9 others
 DTYPE = "float16"
 
 
@@ -61,23 +65,25 @@ def kernel_terms(p: cal.Point) -> np.ndarray:
     return out + a.layers * model.terms(attention, dev)
 
 
-def other_dispatches(p: cal.Point) -> int:
-    return p.sizes.layers * (DISPATCHES_PER_LAYER - PRICED_PER_LAYER)
+def dispatches(p: cal.Point) -> int:
+    """Every dispatch of a decode step's layers, the priced kernels included."""
+    return p.sizes.layers * DISPATCHES_PER_LAYER
 
 
 def rows(points, constants) -> tuple[list, list]:
-    """([(point, seconds of the kernels without DRAM, DRAM term's coefficient, other dispatches)],
+    """([(point, seconds of the kernels without DRAM or launch, DRAM term's coefficient, dispatches)],
     [(point, reason)]) for the decode points, priced with the kernel fit's `constants`."""
     c = constants.vector()
     dram = model.TERMS.index("dram")
     c[dram] = 0.0
+    c[model.TERMS.index("launch")] = 0.0   # a dispatch's fixed cost inside a step is `d`
     out, skipped = [], []
     for p in points:
         if p.kind != "decode":
             continue
         try:
             t = kernel_terms(p)
-            out.append((p, float(t @ c), float(t[dram]), other_dispatches(p)))
+            out.append((p, float(t @ c), float(t[dram]), dispatches(p)))
         except MetalforgeError as e:
             skipped.append((p, str(e)))
     return out, skipped
