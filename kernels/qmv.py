@@ -19,13 +19,16 @@ class QmvShape:
     K: int
     bits: int = 4
     group_size: int = 64
+    residual: int = 0   # 1: y = residual + x @ W^T (an output or down projection and its residual add)
 
 
 class Qmv(Family):
-    """y = x @ dequant(w_q).T, MLX's affine layout at every width mx.quantize writes, M in 1..8."""
+    """y = x @ dequant(w_q).T (+ a residual row), MLX's affine layout at every width mx.quantize
+    writes, M in 1..8."""
 
     name = "qmv"
     bucketed = ("M",)
+    variant_fields = ("residual",)
     shape_type = QmvShape
     params = (
         Param("simdgroups", (1, 2, 4, 8), 2, "SIMD-groups across output rows"),
@@ -50,6 +53,8 @@ class Qmv(Family):
         out = quantization_problems(shape)
         if not 1 <= shape.M <= 8:
             out.append(f"M={shape.M} is outside 1..8 (qmv is the decode / small-batch kernel; qmm takes more rows)")
+        if shape.residual not in (0, 1):
+            out.append(f"residual={shape.residual} is not 0 or 1")
         return out
 
     def buffer_elements(self, shape: QmvShape) -> dict[str, int]:
@@ -67,12 +72,8 @@ class Qmv(Family):
     def launches(self, config, shape: QmvShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
         kernel = self._kernel(
-            self.template, ("x", "w", "scales", "biases"), ("y",),
-            M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
-            SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
-            stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"], prescaled=config["prescaled_x"],
-            gather=False,
-        )
+            self.template, ("x", "w", "scales", "biases") + (("residual",) if shape.residual else ()), ("y",),
+            **rows_values(config, shape, d), N=shape.N, gather=False, residual=bool(shape.residual))
         g, = self.geometry(config, shape, dtype)
         return [Launch(kernel, g.grid, g.threadgroup, ((shape.M, shape.N),), (d.mlx,))]
 
@@ -83,16 +84,24 @@ class Qmv(Family):
         w = (mx.random.normal((shape.N, shape.K), key=k1) * 0.05).astype(d.mlx)
         wq, scales, biases = mx.quantize(w, group_size=shape.group_size, bits=shape.bits)
         x = mx.random.normal((shape.M, shape.K), key=k2).astype(d.mlx)
-        return {"x": x, "w": wq, "scales": scales, "biases": biases}
+        out = {"x": x, "w": wq, "scales": scales, "biases": biases}
+        if shape.residual:
+            out["residual"] = mx.random.normal((shape.M, shape.N), key=mx.random.key(seed + 1)).astype(d.mlx)
+        return out
 
     def reference(self, shape: QmvShape, dtype, inp):
         """Dequantise with plain MLX ops (independent of MLX's quantized kernels) and multiply in fp32."""
         w = dequantize_reference(inp["w"], inp["scales"], inp["biases"], shape.bits, shape.group_size)
-        return (inp["x"].astype(mx.float32) @ w.T).astype(dtypes.get(dtype).mlx)
+        y = inp["x"].astype(mx.float32) @ w.T
+        if shape.residual:
+            y = y + inp["residual"].astype(mx.float32)
+        return y.astype(dtypes.get(dtype).mlx)
 
     def baseline(self, shape: QmvShape, dtype, inp):
-        return mx.quantized_matmul(inp["x"], inp["w"], inp["scales"], inp["biases"],
-                                   transpose=True, group_size=shape.group_size, bits=shape.bits)
+        """mlx-lm's composition: MLX's quantized product, then the residual add."""
+        y = mx.quantized_matmul(inp["x"], inp["w"], inp["scales"], inp["biases"],
+                                transpose=True, group_size=shape.group_size, bits=shape.bits)
+        return inp["residual"] + y if shape.residual else y
 
     def tolerance(self, config, dtype):
         d = dtypes.get(dtype)
@@ -131,6 +140,7 @@ class Qmv(Family):
         weights = padded_rows * shape.K * shape.bits / 8 + 2 * padded_rows * (shape.K / shape.group_size) * dtype.size
         # x is re-read by every SIMD-group (mostly from cache) unless staged once per threadgroup
         x_reads = shape.M * shape.K * dtype.size * g.threadgroups * (1 if config["stage_x"] else config["simdgroups"]) * 0.05
+        x_reads += shape.residual * shape.M * shape.N * dtype.size   # the residual row, read once
         # a load instruction's width: LW words of whole-word widths; straddling widths read a
         # lane's V values as bytes the compiler merges
         whole_words = 32 % shape.bits == 0
@@ -149,6 +159,16 @@ class Qmv(Family):
         if ks > 1:   # partial sums through threadgroup memory: a barrier and KS reads per output
             t += (cost.BARRIER_S + ks * shape.M * config["rows_per_simdgroup"] * cost.SIMD_REDUCE_S / 32) * occ.waves(dev)
         return t + cost.launch_seconds()
+
+
+def rows_values(config, shape, d, **fused) -> dict:
+    """The values quantized_rows.j2 (the dot product qmv, gather_qmv and the fused families
+    share) renders with: the shape's sizes, the config's tunables, and the fused prologue's
+    (`NW` weight matrices, `norm` with its `eps`, `BLOCKS` row blocks a threadgroup)."""
+    return dict(M=shape.M, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
+                SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
+                stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"],
+                prescaled=config["prescaled_x"], **{"NW": 1, "norm": False, "eps": 0.0, "BLOCKS": 1, **fused})
 
 
 def quantized_buffer_elements(shape) -> dict[str, int]:
