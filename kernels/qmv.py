@@ -81,10 +81,8 @@ class Qmv(Family):
         d = dtypes.get(dtype)
         key = mx.random.key(seed)
         k1, k2 = mx.random.split(key)
-        w = (mx.random.normal((shape.N, shape.K), key=k1) * 0.05).astype(d.mlx)
-        wq, scales, biases = mx.quantize(w, group_size=shape.group_size, bits=shape.bits)
         x = mx.random.normal((shape.M, shape.K), key=k2).astype(d.mlx)
-        out = {"x": x, "w": wq, "scales": scales, "biases": biases}
+        out = {"x": x, **random_quantized(shape.N, shape, d, k1)}
         if shape.residual:
             out["residual"] = mx.random.normal((shape.M, shape.N), key=mx.random.key(seed + 1)).astype(d.mlx)
         return out
@@ -164,11 +162,25 @@ class Qmv(Family):
 def rows_values(config, shape, d, **fused) -> dict:
     """The values quantized_rows.j2 (the dot product qmv, gather_qmv and the fused families
     share) renders with: the shape's sizes, the config's tunables, and the fused prologue's
-    (`NW` weight matrices, `norm` with its `eps`, `BLOCKS` row blocks a threadgroup)."""
+    (`NW` weight matrices, `norm` (the RMS norm's weight and eps are inputs), `BLOCKS` row blocks a threadgroup)."""
     return dict(M=shape.M, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
                 SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
                 stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"],
-                prescaled=config["prescaled_x"], **{"NW": 1, "norm": False, "eps": 0.0, "BLOCKS": 1, **fused})
+                prescaled=config["prescaled_x"], **{"NW": 1, "norm": False, "BLOCKS": 1, **fused})
+
+
+def random_quantized(rows: int, shape, d, key, suffix: str = "") -> dict[str, mx.array]:
+    """A random (rows, K) weight in MLX's affine layout at the shape's bits and group size:
+    {w, scales, biases} (names with `suffix`), as the quantized families' inputs."""
+    w = (mx.random.normal((rows, shape.K), key=key) * 0.05).astype(d.mlx)
+    wq, scales, biases = mx.quantize(w, group_size=shape.group_size, bits=shape.bits)
+    return {"w" + suffix: wq, "scales" + suffix: scales, "biases" + suffix: biases}
+
+
+def random_norm(shape, d, key) -> dict[str, mx.array]:
+    """A fused prologue's RMS-norm inputs: a weight near one (so it matters) and eps."""
+    return {"norm": (1 + 0.2 * mx.random.normal((shape.K,), key=key)).astype(d.mlx),
+            "eps": mx.array([1e-5], dtype=mx.float32)}
 
 
 def quantized_buffer_elements(shape) -> dict[str, int]:
