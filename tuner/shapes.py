@@ -25,8 +25,8 @@ BUILTIN_MODEL = {
 DEFAULT_CONTEXTS = (512, 4096)
 DEFAULT_PREFILL = (128, 512)
 # What a model tunes unless --families says otherwise (qmm, the prompt-side product, on request;
-# gather_qmv only where the model has expert layers).
-MODEL_FAMILIES = ("qmv", "decode_attention", "prefill_attention", "gather_qmv")
+# gather_qmv only where the model has expert layers; the fused families where its blocks fuse).
+MODEL_FAMILIES = ("qmv", "decode_attention", "prefill_attention", "gather_qmv", "gate_up", "norm_qkv")
 
 
 @dataclass(frozen=True)
