@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
-from metalforge.kernels.qmv import (Qmv, QmvShape, dequantize_reference, quantization_problems, random_norm,
+from metalforge.kernels.qmv import (Qmv, QmvShape, decode_shape_problems, dequantize_reference, random_norm,
                                     random_quantized, rows_values)
 
 QMV = Qmv()
@@ -59,12 +59,7 @@ class GateUp(Family):
         return abs(math.log2(a.N / b.N)) + abs(math.log2(a.K / b.K)) + abs(math.log2(a.M / b.M))
 
     def shape_problems(self, shape: GateUpShape) -> list[str]:
-        out = quantization_problems(shape)
-        if not 1 <= shape.M <= 8:
-            out.append(f"M={shape.M} is outside 1..8 (gate_up is the decode / small-batch kernel)")
-        if shape.gelu not in (0, 1):
-            out.append(f"gelu={shape.gelu} is not 0 or 1")
-        return out
+        return decode_shape_problems(self.name, shape, ("gelu",), "more rows take MLX's composition of our linears")
 
     def buffer_elements(self, shape: GateUpShape) -> dict[str, int]:
         return {"x": shape.M * shape.K, "w_gate": shape.N * shape.K, "y": shape.M * shape.N}

@@ -15,8 +15,7 @@ from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
 from metalforge.kernels.gate_up import QMV, as_qmv, fused_cost
-from metalforge.kernels.qmv import (Qmv, dequantize_reference, quantization_problems, random_norm, random_quantized,
-                                    rows_values)
+from metalforge.kernels.qmv import Qmv, decode_shape_problems, dequantize_reference, random_norm, random_quantized, rows_values
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,11 @@ class NormQkvShape:
     @property
     def heads(self) -> int:
         return self.Hq + 2 * self.Hkv
+
+    @property
+    def N(self) -> int:
+        """Rows of q, k and v together."""
+        return self.heads * self.D
 
     @property
     def dims(self) -> int:
@@ -63,16 +67,12 @@ class NormQkv(Family):
         return (abs(math.log2(a.heads / b.heads)) + abs(math.log2(a.K / b.K)) + abs(math.log2(a.M / b.M)))
 
     def shape_problems(self, shape: NormQkvShape) -> list[str]:
-        out = quantization_problems(as_qmv(shape, shape.D))
-        if not 1 <= shape.M <= 8:
-            out.append(f"M={shape.M} is outside 1..8 (norm_qkv is the decode / small-batch kernel)")
+        out = decode_shape_problems(self.name, shape, ("bias", "qk_norm", "traditional"),
+                                    "more rows take MLX's composition of our linears")
         if min(shape.Hq, shape.Hkv, shape.D) < 1 or shape.Hq % shape.Hkv:
             out.append(f"Hq={shape.Hq} is not a positive multiple of Hkv={shape.Hkv}")
         if shape.dims % 2 or not 0 < shape.dims <= shape.D:
             out.append(f"rope_dims={shape.rope_dims} is not an even count of at most D={shape.D}")
-        for name in ("bias", "qk_norm", "traditional"):
-            if getattr(shape, name) not in (0, 1):
-                out.append(f"{name}={getattr(shape, name)} is not 0 or 1")
         return out
 
     def buffer_elements(self, shape: NormQkvShape) -> dict[str, int]:
@@ -162,7 +162,7 @@ class NormQkv(Family):
 
     def cost(self, config, shape, dtype, device) -> float:
         """Modelled seconds: qmv's for the q/k/v rows in one launch, a head a threadgroup."""
-        return fused_cost(config, as_qmv(shape, shape.heads * shape.D), 1, dtype, device)
+        return fused_cost(config, as_qmv(shape, shape.N), 1, dtype, device)
 
 
 def input_names(shape: NormQkvShape) -> tuple[str, ...]:

@@ -50,12 +50,7 @@ class Qmv(Family):
         return abs(math.log2(a.N / b.N)) + abs(math.log2(a.K / b.K)) + abs(math.log2(a.M / b.M))
 
     def shape_problems(self, shape: QmvShape) -> list[str]:
-        out = quantization_problems(shape)
-        if not 1 <= shape.M <= 8:
-            out.append(f"M={shape.M} is outside 1..8 (qmv is the decode / small-batch kernel; qmm takes more rows)")
-        if shape.residual not in (0, 1):
-            out.append(f"residual={shape.residual} is not 0 or 1")
-        return out
+        return decode_shape_problems(self.name, shape, ("residual",), "qmm takes more rows")
 
     def buffer_elements(self, shape: QmvShape) -> dict[str, int]:
         return quantized_buffer_elements(shape)
@@ -186,6 +181,16 @@ def random_norm(shape, d, key) -> dict[str, mx.array]:
 def quantized_buffer_elements(shape) -> dict[str, int]:
     """x, the weight matrix (in values, as the kernels index it) and y, for qmv and qmm alike."""
     return {"x": shape.M * shape.K, "w": shape.N * shape.K, "y": shape.M * shape.N}
+
+
+def decode_shape_problems(family: str, shape, flags: tuple[str, ...], larger: str) -> list[str]:
+    """What the decode-sized quantized families (qmv and the fused ones) refuse: the
+    quantization's problems, M outside 1..8 (`larger`: what serves more rows), a flag not 0 or 1."""
+    out = quantization_problems(shape)
+    if not 1 <= shape.M <= 8:
+        out.append(f"M={shape.M} is outside 1..8 ({family} is the decode / small-batch kernel; {larger})")
+    out += [f"{f}={getattr(shape, f)} is not 0 or 1" for f in flags if getattr(shape, f) not in (0, 1)]
+    return out
 
 
 QMV_BITS = (2, 3, 4, 5, 6, 8)   # every width mx.quantize (affine) writes
