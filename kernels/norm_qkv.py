@@ -71,6 +71,8 @@ class NormQkv(Family):
                                     "more rows take MLX's composition of our linears")
         if min(shape.Hq, shape.Hkv, shape.D) < 1 or shape.Hq % shape.Hkv:
             out.append(f"Hq={shape.Hq} is not a positive multiple of Hkv={shape.Hkv}")
+        if shape.D < 8:   # an input under 8 values is in Metal's constant address space; a head's are device
+            out.append(f"D={shape.D} is under 8")
         if shape.dims % 2 or not 0 < shape.dims <= shape.D:
             out.append(f"rope_dims={shape.rope_dims} is not an even count of at most D={shape.D}")
         return out
