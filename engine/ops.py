@@ -85,6 +85,11 @@ def kernel_shapes(plan: list[PlannedOp]) -> dict[str, list[dict]]:
     return out
 
 
+def serves(p: PlannedOp) -> bool:
+    """Whether a family of ours serves a planned op's shape (else MLX's op or composition runs it)."""
+    return bool(_serving(p.op, p.values)[0])
+
+
 def _serving(op: str, values: dict) -> tuple[list[tuple[str, dict, object]], list[str]]:
     """(family, its shape values, its shape) of each family serving the call, in the op's order,
     and the other families' reasons for refusing it."""

@@ -191,6 +191,9 @@ def test_the_op_plan_lists_the_fused_ops_for_the_tuner(arch, fused):
     plan = module.op_plan(args, contexts=(64,), batch=2)
     planned = {p.op for p in plan} - {"linear", "attention"}
     assert planned == set(fused)
+    decoded = [p.values for p in plan if p.op == "linear" and p.values["M"] == 2]
+    if len(fused) == 3:   # every linear of a layer runs inside a fused op: only the output head is left
+        assert decoded == [dict(M=2, N=args.vocab_size, K=args.hidden_size, bits=4, group_size=64)]
     shapes = ops.kernel_shapes(plan)
     for op, name in fused.items():
         values = [p.values for p in plan if p.op == op]

@@ -404,27 +404,31 @@ class DecoderLayer:
         return self.add(h, self.post_mlp(self.mlp(h)))
 
     @classmethod
-    def fused_ops(cls, a: ModelArgs, layer: int, rows: int, model: type["Model"]) -> list[ops.PlannedOp]:
-        """The fused ops layer `layer` runs for `rows` rows besides its linears (op_plan's part)."""
+    def fused_ops(cls, a: ModelArgs, layer: int, rows: int, model: type["Model"]) -> dict[str, ops.PlannedOp]:
+        """The fused ops layer `layer` runs for `rows` rows (op_plan's part) where a family of
+        ours serves them, by the weight names of the linears each one runs instead."""
         p = f"model.layers.{layer}."
-        out = []
-        attention_input, mlp = cls.Attention.fused_input(a, p, model), cls.mlp_class(a, layer)
+        mlp = cls.mlp_class(a, layer)
+        gated = issubclass(mlp, GatedMLP)
+        attn, proj = p + "self_attn.", p + mlp.PREFIX
+        out = {}
+        attention_input = cls.Attention.fused_input(a, p, model)
         if attention_input:
-            out.append(ops.PlannedOp("attention_input", dict(M=rows, **attention_input)))
-        gate_up = mlp.fused_input(a, p, model) if issubclass(mlp, GatedMLP) else None
+            out[(attn + "q_proj", attn + "k_proj", attn + "v_proj")] = \
+                ops.PlannedOp("attention_input", dict(M=rows, **attention_input))
+        gate_up = mlp.fused_input(a, p, model) if gated else None
         if gate_up:
-            out.append(ops.PlannedOp("gated_mlp", dict(M=rows, **gate_up)))
+            out[(proj + "gate_proj", proj + "up_proj")] = ops.PlannedOp("gated_mlp", dict(M=rows, **gate_up))
         if cls.plain_residuals(a, model):
-            projections = [p + "self_attn.o_proj"] + ([p + mlp.PREFIX + "down_proj"] if issubclass(mlp, GatedMLP) else [])
             table = cls.linears(a, layer)
-            for name in projections:
+            for name, biased in ((attn + "o_proj", a.attention_bias and "o" in cls.Attention.BIASED),
+                                 (proj + "down_proj", a.mlp_bias)):
                 bits, group_size, mode = a.quant_of(name)
-                biased = a.attention_bias and "o" in cls.Attention.BIASED if "self_attn" in name else a.mlp_bias
-                if bits is not None and mode in (None, "affine") and name in table and not biased:
+                if (gated or name.endswith("o_proj")) and bits is not None and mode in (None, "affine") and not biased:
                     N, K = table[name]
-                    out.append(ops.PlannedOp("residual_linear", dict(M=rows, N=N, K=K, bits=bits,
-                                                                    group_size=group_size, residual=1)))
-        return out
+                    out[(name,)] = ops.PlannedOp("residual_linear", dict(M=rows, N=N, K=K, bits=bits,
+                                                                        group_size=group_size, residual=1))
+        return {names: op for names, op in out.items() if ops.serves(op)}
 
     @classmethod
     def linears(cls, a: ModelArgs, layer: int) -> dict[str, tuple]:
@@ -593,8 +597,13 @@ class Model:
         head = "lm_head"
         if args.tie_word_embeddings:
             table[head] = (args.vocab_size, args.hidden_size)
-        plan = []
-        for rows, names in [(batch, table)] + [(n, [k for k in table if k != head]) for n in prefill]:
+        fused = {}
+        for layer in range(args.num_hidden_layers):
+            fused.update(cls.Layer.fused_ops(args, layer, batch, cls))
+        plan = list(fused.values())
+        covered = {name for names in fused for name in names}
+        decoded = [k for k in table if k not in covered]   # the rest run as linears
+        for rows, names in [(batch, decoded)] + [(n, [k for k in table if k != head]) for n in prefill]:
             for k in names:
                 bits, group_size, mode = args.quant_of(k)
                 *experts, N, K = table[k]
@@ -603,8 +612,6 @@ class Model:
                     values["mode"] = mode   # MLX's op runs it: no family of ours takes it
                 plan.append(ops.PlannedOp("expert_linear", dict(values, experts=experts[0], top_k=cls.top_k(args)))
                             if experts else ops.PlannedOp("linear", values))
-        for layer in range(args.num_hidden_layers):
-            plan += cls.Layer.fused_ops(args, layer, batch, cls)
         heads = dict(Hq=args.num_attention_heads, Hkv=args.num_key_value_heads, D=args.head_dim)
         plan += [ops.PlannedOp("attention", dict(B=batch, new=1, context=c, block_size=block_size, **heads))
                  for c in contexts]
