@@ -56,9 +56,9 @@ class NormQkv(Family):
     params = Qmv.params
 
     def proxy_shape(self, shape):
+        """One KV head and its query heads (the GQA ratio kept), K cut keeping its tail."""
         return self.shape({**shape.__dict__, "K": cut_keeping_tail(shape.K, 1024, 1024),
-                           "Hq": min(shape.Hq, 4), "Hkv": min(shape.Hkv, 2) if shape.Hq % min(shape.Hkv, 2) == 0
-                           and min(shape.Hq, 4) % min(shape.Hkv, 2) == 0 else 1})
+                           "Hq": shape.Hq // shape.Hkv, "Hkv": 1})
 
     def shape_distance(self, a, b) -> float | None:
         if (a.bits, a.group_size, a.D, a.bias, a.qk_norm, a.rope_dims, a.traditional) != \
