@@ -12,11 +12,8 @@ import mlx.nn as nn
 
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
-from metalforge.kernels.qmv import (Qmv, QmvShape, decode_shape_problems, dequantize_reference, random_norm,
-                                    random_quantized, rows_values)
-
-QMV = Qmv()
-
+from metalforge.kernels.qmv import (QMV, Qmv, as_qmv, decode_shape_problems, dequantize_reference, fused_cost,
+                                    random_norm, random_quantized, rows_values)
 
 @dataclass(frozen=True)
 class GateUpShape:
@@ -26,18 +23,6 @@ class GateUpShape:
     bits: int = 4
     group_size: int = 64
     gelu: int = 0   # 1: GeGLU (tanh-approximated gelu, Gemma); 0: SwiGLU
-
-
-def as_qmv(shape, rows: int) -> QmvShape:
-    """The qmv whose weights stream as the fused kernel's do: `rows` rows of K."""
-    return QmvShape(M=shape.M, N=rows, K=shape.K, bits=shape.bits, group_size=shape.group_size)
-
-
-def fused_cost(config, qmv_shape: QmvShape, matrices: int, dtype, device) -> float:
-    """Modelled seconds of a fused quantized family: qmv's for the same weights, each SIMD-group
-    computing its R rows of `matrices` matrices (the epilogues are a few flops a row)."""
-    return QMV.cost({**config, "rows_per_simdgroup": matrices * config["rows_per_simdgroup"]}, qmv_shape, dtype,
-                    device)
 
 
 class GateUp(Family):

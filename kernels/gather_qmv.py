@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
-from metalforge.kernels.qmv import Qmv, QmvShape, dequantize_reference, quantization_problems, rows_values
+from metalforge.kernels.qmv import QMV, Qmv, QmvShape, dequantize_reference, quantization_problems, rows_values
 from metalforge.kernels import cost
 
 
@@ -30,8 +30,6 @@ class GatherQmvShape:
     def pairs(self) -> int:
         return self.M * self.top_k
 
-
-QMV = Qmv()
 
 
 def pair_shape(shape: GatherQmvShape) -> QmvShape:

@@ -14,8 +14,8 @@ import mlx.core as mx
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
-from metalforge.kernels.gate_up import QMV, as_qmv, fused_cost
-from metalforge.kernels.qmv import Qmv, decode_shape_problems, dequantize_reference, random_norm, random_quantized, rows_values
+from metalforge.kernels.qmv import (QMV, Qmv, as_qmv, decode_shape_problems, dequantize_reference, fused_cost,
+                                    random_norm, random_quantized, rows_values)
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,21 @@ class Qmv(Family):
         return t + cost.launch_seconds()
 
 
+QMV = Qmv()
+
+
+def as_qmv(shape, rows: int) -> QmvShape:
+    """The qmv whose weights stream as a fused kernel's do: `rows` rows of the shape's K."""
+    return QmvShape(M=shape.M, N=rows, K=shape.K, bits=shape.bits, group_size=shape.group_size)
+
+
+def fused_cost(config, qmv_shape: QmvShape, matrices: int, dtype, device) -> float:
+    """Modelled seconds of a fused quantized family, in qmv's style: qmv's for the same weights,
+    each SIMD-group computing its R rows of `matrices` matrices (the epilogues are a few flops a row)."""
+    return QMV.cost({**config, "rows_per_simdgroup": matrices * config["rows_per_simdgroup"]}, qmv_shape, dtype,
+                    device)
+
+
 def rows_values(config, shape, d, **fused) -> dict:
     """The values quantized_rows.j2 (the dot product qmv, gather_qmv and the fused families
     share) renders with: the shape's sizes, the config's tunables, and the fused prologue's
