@@ -410,7 +410,7 @@ class DecoderLayer:
         p = f"model.layers.{layer}."
         mlp = cls.mlp_class(a, layer)
         gated = issubclass(mlp, GatedMLP)
-        attn, proj = p + "self_attn.", p + mlp.PREFIX
+        attn = p + "self_attn."
         out = {}
         attention_input = cls.Attention.fused_input(a, p, model)
         if attention_input:
@@ -418,13 +418,15 @@ class DecoderLayer:
                 ops.PlannedOp("attention_input", dict(M=rows, **attention_input))
         gate_up = mlp.fused_input(a, p, model) if gated else None
         if gate_up:
+            proj = p + mlp.PREFIX
             out[(proj + "gate_proj", proj + "up_proj")] = ops.PlannedOp("gated_mlp", dict(M=rows, **gate_up))
         if cls.plain_residuals(a, model):
             table = cls.linears(a, layer)
-            for name, biased in ((attn + "o_proj", a.attention_bias and "o" in cls.Attention.BIASED),
-                                 (proj + "down_proj", a.mlp_bias)):
+            projections = [(attn + "o_proj", a.attention_bias and "o" in cls.Attention.BIASED)]
+            projections += [(p + mlp.PREFIX + "down_proj", a.mlp_bias)] if gated else []   # an MoE block adds h itself
+            for name, biased in projections:
                 bits, group_size, mode = a.quant_of(name)
-                if (gated or name.endswith("o_proj")) and bits is not None and mode in (None, "affine") and not biased:
+                if bits is not None and mode in (None, "affine") and not biased:
                     N, K = table[name]
                     out[(name,)] = ops.PlannedOp("residual_linear", dict(M=rows, N=N, K=K, bits=bits,
                                                                         group_size=group_size, residual=1))
