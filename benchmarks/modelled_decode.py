@@ -109,7 +109,7 @@ def glue(config: dict, context: int) -> dict[str, Glue]:
 
 def step_ops(config: dict, context: int) -> list[tuple[str, dict, int]]:
     """(op, sizes, times per step) of the op plan's decode ops: each linear as often as the model
-    holds it, every other op once per layer."""
+    holds it, every other op (a projection with its residual add included) once per layer."""
     args = models.parse(config, "config")
     cls = models.get(args.model_type)
     table = cls.linears(args)
@@ -123,7 +123,8 @@ def step_ops(config: dict, context: int) -> list[tuple[str, dict, int]]:
         times[key] = times.get(key, 0) + 1
     out = []
     for p in cls.op_plan(args, contexts=[context], batch=1):
-        n = times.get(tuple(p.values.items()), 0) if p.op == "linear" else args.num_hidden_layers
+        plain = p.op == "linear" and not p.values.get("residual")   # a residual one: o_proj or down_proj, once a layer
+        n = times.get(tuple(p.values.items()), 0) if plain else args.num_hidden_layers
         out.append((p.op, p.values, n))
     return out
 

@@ -49,6 +49,11 @@ def kernel_shapes(plan: list[PlannedOp]) -> dict[str, list[dict]]:
     return out
 
 
+def serves(p: PlannedOp) -> bool:
+    """Whether a family of ours serves a planned op's shape (else MLX's op or composition runs it)."""
+    return bool(_serving(p.op, p.values)[0])
+
+
 def _serving(op: str, values: dict) -> tuple[list[tuple[str, dict, object]], list[str]]:
     """(family, its shape values, its shape) of each family serving the call, in the op's order,
     and the other families' reasons for refusing it."""
@@ -153,9 +158,21 @@ class Kernels:
         return get_family(d.family).run(d.config, d.shape, name, inputs(d), backend=self.backend, device=self.device)
 
     # ---- linear -------------------------------------------------------------------------------
-    def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None, mode: str | None = None) -> mx.array:
-        """x: (T, K) -> (T, N). `w` holds weight (and scales, biases when quantized) and bias;
-        `mode` is mx.quantize's (affine, or a floating-point one such as mxfp4: MLX's op)."""
+    def linear(self, x: mx.array, w: dict, bits: int | None, group_size: int | None, mode: str | None = None,
+               residual: mx.array | None = None) -> mx.array:
+        """x: (T, K) -> (T, N), plus `residual` (T, N) where given. `w` holds weight (and scales,
+        biases when quantized) and bias; `mode` is mx.quantize's (affine, or a floating-point one
+        such as mxfp4: MLX's op). With a residual, qmv's residual variant adds it in its epilogue
+        where it serves the call; elsewhere the add follows the product."""
+        if residual is not None:
+            if self._ours(x, w, mode):
+                values = dict(M=x.shape[0], N=w["weight"].shape[0], K=x.shape[1], bits=bits, group_size=group_size,
+                              residual=1)
+                inputs = lambda d: {"x": x, "w": w["weight"], "scales": w["scales"], "biases": w["biases"],
+                                    "residual": residual}
+                return self._run("linear", values, x.dtype, inputs, "quantized linear + add",
+                                 lambda: residual + self.linear(x, w, bits, group_size, mode))
+            return residual + self.linear(x, w, bits, group_size, mode)
         if self.cpu_linear is not None:
             self._record("linear", kernel="MLX CPU: split across cores, dequantized for many rows (engine/cpu_linear.py)")
             y = self.cpu_linear(x, w, bits, group_size, mode or "affine")
@@ -179,21 +196,51 @@ class Kernels:
             y = y + w["bias"]
         return y
 
+    def _ours(self, x: mx.array, w: dict, mode: str | None, biased: bool = False) -> bool:
+        """Whether a quantized projection may run a kernel of ours at all (the family decides the
+        rest); `biased`: the kernel adds the projection's bias, if it has one."""
+        return (self.backend != "mlx" and self.cpu_linear is None and "scales" in w and (biased or "bias" not in w)
+                and mode in (None, "affine") and w["scales"].dtype == x.dtype)
+
     # ---- the attention block's ops -------------------------------------------------------------------
     def attention_input(self, h: mx.array, attn, step) -> tuple[mx.array, mx.array, mx.array]:
         """The residual stream h (tokens, hidden) -> q (1, Hq, tokens, D), k and v (1, Hkv,
-        tokens, D): norm, projections, per-head norms and RoPE at each token's stored position.
-        No fused kernel serves it yet: MLX's composition of our linears."""
+        tokens, D): norm, projections, biases, per-head norms and RoPE at each token's stored
+        position. One norm_qkv dispatch where it serves (the block is the plain one, `attn.fused`,
+        and the rows fit), else MLX's composition of our linears."""
         a = attn.args
-        q, k, v = attn.project(attn.norm(h))
-        q = q.reshape(1, -1, a.num_attention_heads, a.head_dim)
-        k = k.reshape(1, -1, a.num_key_value_heads, a.head_dim)
-        v = v.reshape(1, -1, a.num_key_value_heads, a.head_dim)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = attn.rope(q.transpose(0, 2, 1, 3), step)
-        k = attn.rope(k.transpose(0, 2, 1, 3), step)
-        return q, k, v.transpose(0, 2, 1, 3)
+
+        def composition():
+            q, k, v = attn.project(attn.norm(h))
+            q = q.reshape(1, -1, a.num_attention_heads, a.head_dim)
+            k = k.reshape(1, -1, a.num_key_value_heads, a.head_dim)
+            v = v.reshape(1, -1, a.num_key_value_heads, a.head_dim)
+            if attn.q_norm is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = attn.rope(q.transpose(0, 2, 1, 3), step)
+            k = attn.rope(k.transpose(0, 2, 1, 3), step)
+            return q, k, v.transpose(0, 2, 1, 3)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj) if attn.fused else ()
+        if not attn.fused or not all(self._ours(h, p.w, p.mode, biased=True) for p in projections):
+            return composition()
+
+        def inputs(d: Decision) -> dict:
+            out = {"x": h, "norm": attn.norm.weight, "eps": _scalar(attn.norm.eps)}
+            for m, p in zip("qkv", projections):
+                out.update({"w_" + m: p.w["weight"], "scales_" + m: p.w["scales"], "biases_" + m: p.w["biases"]})
+                if d.shape.bias:
+                    out["bias_" + m] = p.w["bias"]
+            if d.shape.qk_norm:
+                out.update(q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight)
+            rope = attn.rope
+            return {**out, "positions": step.positions.reshape(-1),
+                    "inv_freq": rope.frequencies_for(step.longest), "rope_scale": _scalar(rope.mscale)}
+        values = dict(M=h.shape[0], **attn.fused)
+        out = self._run("attention_input", values, h.dtype, inputs, "MLX composition (norm, q/k/v, RoPE)", composition)
+        if isinstance(out, tuple):   # MLX's composition ran
+            return out
+        Hq, Hkv = a.num_attention_heads, a.num_key_value_heads
+        return out[:, :Hq], out[:, Hq:Hq + Hkv], out[:, Hq + Hkv:]   # views of one (1, heads, tokens, D) array
 
     def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:
         """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),
@@ -257,11 +304,25 @@ class Kernels:
         return self._run("attention", values, q.dtype, inputs, mlx_kernel, mlx_op)
 
     # ---- the MLP block -------------------------------------------------------------------------
-    def gated_mlp(self, h: mx.array, mlp) -> mx.array:
-        """The residual stream h -> down(silu(gate(x)) * up(x)), x its norm. No fused kernel
-        serves it yet: MLX's composition of our linears."""
-        gate, up = mlp.gate_up(mlp.norm(h))
-        return mlp.down_proj((mlp.activation(gate) * up).astype(mlp.dtype))
+    def gated_mlp(self, h: mx.array, mlp, residual: mx.array | None = None) -> mx.array:
+        """The residual stream h -> down(act(gate(x)) * up(x)) (+ residual), x its norm: the
+        input side one gate_up dispatch where it serves (the block is the plain one, `mlp.fused`,
+        and the rows fit), else MLX's composition of our linears; down_proj takes the residual."""
+        def composition():
+            gate, up = mlp.gate_up(mlp.norm(h))
+            return (mlp.activation(gate) * up).astype(mlp.dtype)
+        projections = (mlp.gate_proj, mlp.up_proj) if mlp.fused else ()
+        if mlp.fused and all(self._ours(h, p.w, p.mode) for p in projections):
+            def inputs(d: Decision) -> dict:
+                out = {"x": h, "norm": mlp.norm.weight, "eps": _scalar(mlp.norm.eps)}
+                for m, p in zip(("gate", "up"), projections):
+                    out.update({"w_" + m: p.w["weight"], "scales_" + m: p.w["scales"], "biases_" + m: p.w["biases"]})
+                return out
+            act = self._run("gated_mlp", dict(M=h.shape[0], **mlp.fused), h.dtype, inputs,
+                            "MLX composition (norm, gate, up, activation)", composition)
+        else:
+            act = composition()
+        return mlp.down_proj(act, residual=residual)
 
     # ---- mixture of experts --------------------------------------------------------------------
     def expert_linear(self, x: mx.array, w: dict, indices: mx.array, bits: int | None, group_size: int | None,
@@ -314,6 +375,11 @@ def softcapped_attention(cap: float):
         out = mx.softmax(scores, axis=-1, precise=True) @ mx.expand_dims(v, 2)
         return out.reshape(B, Hq, L, D)
     return sdpa
+
+
+def _scalar(value: float) -> mx.array:
+    """A float32 scalar input of a kernel (a norm's eps, RoPE's scale): data, not a dispatch."""
+    return mx.array([value], dtype=mx.float32)
 
 
 def _dtype_name(dtype) -> str:

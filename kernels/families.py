@@ -4,7 +4,9 @@ from __future__ import annotations
 from metalforge.errors import MetalforgeError, choices
 from metalforge.kernels.decode_attention import DecodeAttention
 from metalforge.kernels.family import Family
+from metalforge.kernels.gate_up import GateUp
 from metalforge.kernels.gather_qmv import GatherQmv
+from metalforge.kernels.norm_qkv import NormQkv
 from metalforge.kernels.prefill_attention import PrefillAttention
 from metalforge.kernels.qmm import Qmm
 from metalforge.kernels.qmv import Qmv
@@ -22,7 +24,7 @@ def register(family: Family) -> Family:
 
 # The one line a new family adds. Order matters where families serve the same engine op: the
 # first that serves a call's shape is asked first (qmv before qmm, decode before prefill).
-for _family in (Qmv(), Qmm(), DecodeAttention(), PrefillAttention(), GatherQmv()):
+for _family in (Qmv(), Qmm(), DecodeAttention(), PrefillAttention(), GatherQmv(), GateUp(), NormQkv()):
     register(_family)
 
 

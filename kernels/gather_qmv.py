@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
-from metalforge.kernels.qmv import Qmv, count_rows, footprints
+from metalforge.kernels.qmv import QMV, Qmv, count_rows, footprints, rows_values
 from metalforge.kernels.work import Tally
 from metalforge.kernels.quantized import QuantizedShape, dequantize_reference, quantization_problems, quantized_op_shape
 
@@ -30,9 +30,6 @@ class GatherQmvShape:
     @property
     def pairs(self) -> int:
         return self.M * self.top_k
-
-
-QMV = Qmv()
 
 
 def pair_shape(shape: GatherQmvShape) -> QuantizedShape:
@@ -85,11 +82,7 @@ class GatherQmv(Family):
         d = dtypes.get(dtype)
         kernel = self._kernel(
             self.template, ("x", "w", "scales", "biases", "indices"), ("y",),
-            M=1, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
-            SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
-            stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"], prescaled=config["prescaled_x"],
-            gather=True,
-        )
+            **rows_values(config, pair_shape(shape), d), N=shape.N, gather=True, residual=False)
         g, = self.geometry(config, shape, dtype)
         return [Launch(kernel, g.grid, g.threadgroup, ((shape.pairs, shape.N),), (d.mlx,))]
 

@@ -1,6 +1,10 @@
 """qmv: quantized matrix-vector (and small-batch) product in MLX's affine `mx.quantize` layout."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import mlx.core as mx
+
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Geometry, Launch, Param
@@ -8,10 +12,18 @@ from metalforge.kernels.work import SECTOR, Tally
 from metalforge.kernels.quantized import QuantizedMatmul, QuantizedShape, quantization_problems
 
 
+@dataclass(frozen=True)
+class QmvShape(QuantizedShape):
+    residual: int = 0   # 1: y = residual + x @ W^T (an output or down projection and its residual add)
+
+
 class Qmv(QuantizedMatmul):
-    """y = x @ dequant(w_q).T, MLX's affine layout at every width mx.quantize writes, M in 1..8."""
+    """y = x @ dequant(w_q).T (+ a residual row), MLX's affine layout at every width mx.quantize
+    writes, M in 1..8."""
 
     name = "qmv"
+    variant_fields = ("residual",)
+    shape_type = QmvShape
     params = (
         Param("simdgroups", (1, 2, 4, 8), 2, "SIMD-groups across output rows"),
         Param("rows_per_simdgroup", (1, 2, 4, 8), 4, "output rows each SIMD-group computes"),
@@ -22,11 +34,8 @@ class Qmv(QuantizedMatmul):
         Param("prescaled_x", (False, True), False, "x divided by each value's place in its word: no shifts"),
     )
 
-    def shape_problems(self, shape: QuantizedShape) -> list[str]:
-        out = quantization_problems(shape)
-        if not 1 <= shape.M <= 8:
-            out.append(f"M={shape.M} is outside 1..8 (qmv is the decode / small-batch kernel; qmm takes more rows)")
-        return out
+    def shape_problems(self, shape: QmvShape) -> list[str]:
+        return decode_shape_problems(self.name, shape, ("residual",), "qmm takes more rows")
 
     def geometry(self, config, shape: QuantizedShape, dtype) -> tuple[Geometry, ...]:
         sg, ks, r = config["simdgroups"], config["k_split"], config["rows_per_simdgroup"]
@@ -40,14 +49,25 @@ class Qmv(QuantizedMatmul):
     def launches(self, config, shape: QuantizedShape, dtype) -> list[Launch]:
         d = dtypes.get(dtype)
         kernel = self._kernel(
-            self.template, ("x", "w", "scales", "biases"), ("y",),
-            M=shape.M, N=shape.N, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
-            SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
-            stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"], prescaled=config["prescaled_x"],
-            gather=False,
-        )
+            self.template, ("x", "w", "scales", "biases") + (("residual",) if shape.residual else ()), ("y",),
+            **rows_values(config, shape, d), N=shape.N, gather=False, residual=bool(shape.residual))
         g, = self.geometry(config, shape, dtype)
         return [Launch(kernel, g.grid, g.threadgroup, ((shape.M, shape.N),), (d.mlx,))]
+
+    def make_inputs(self, shape: QmvShape, dtype, seed=0):
+        out = super().make_inputs(shape, dtype, seed)
+        if shape.residual:
+            out["residual"] = mx.random.normal((shape.M, shape.N), key=mx.random.key(seed + 1)).astype(dtypes.get(dtype).mlx)
+        return out
+
+    def reference(self, shape: QmvShape, dtype, inp):
+        y = super().reference(shape, dtype, inp)
+        return (y.astype(mx.float32) + inp["residual"].astype(mx.float32)).astype(y.dtype) if shape.residual else y
+
+    def baseline(self, shape: QmvShape, dtype, inp):
+        """mlx-lm's composition: MLX's quantized product, then the residual add."""
+        y = super().baseline(shape, dtype, inp)
+        return inp["residual"] + y if shape.residual else y
 
     def config_problems(self, config, shape, dtype) -> list[str]:
         values = config["values_per_lane"]
@@ -77,6 +97,9 @@ class Qmv(QuantizedMatmul):
         tally = Tally(self.name, g)
         count_rows(tally, config, shape, d.size, {"x": 0, "w": 0, "scales": 0, "biases": 0, "y": 0})
         footprints(tally, shape, d.size, rows=shape.N, x_rows=shape.M)
+        if shape.residual:   # lane 0 reads each output's residual value before it writes y
+            tally.device("residual", ((0, d.size),), shape.M * shape.N)
+            tally.footprint("residual", shape.M * shape.N * d.size)
         return [tally.counted()]
 
 
@@ -96,6 +119,47 @@ def _residues(count: int, stride: int, base: int) -> dict[int, int]:
     for i in range(min(count, SECTOR)):
         key = (base + i * stride) % SECTOR
         out[key] = out.get(key, 0) + len(range(i, count, SECTOR))
+    return out
+
+
+QMV = Qmv()
+
+
+def as_qmv(shape, rows: int) -> QmvShape:
+    """The qmv whose weights stream as a fused kernel's do: `rows` rows of the shape's K."""
+    return QmvShape(M=shape.M, N=rows, K=shape.K, bits=shape.bits, group_size=shape.group_size)
+
+
+def fused_work(config, qmv_shape: QmvShape, matrices: int, dtype) -> list:
+    """The work of a fused quantized family, counted as qmv's for the same weights: each SIMD-group
+    computing its R rows of `matrices` matrices. ASSUMED: the prologue's sum of squares and the
+    epilogues (a few operations a row) add nothing the model prices."""
+    return QMV.work({**config, "rows_per_simdgroup": matrices * config["rows_per_simdgroup"]}, qmv_shape, dtype)
+
+
+def rows_values(config, shape, d, **fused) -> dict:
+    """The values quantized_rows.j2 (the dot product qmv, gather_qmv and the fused families
+    share) renders with: the shape's sizes, the config's tunables, and the fused prologue's
+    (`NW` weight matrices, `norm` (the RMS norm's weight and eps are inputs), `BLOCKS` row blocks a threadgroup)."""
+    return dict(M=shape.M, K=shape.K, bits=shape.bits, group_size=shape.group_size, T=d.metal,
+                SG=config["simdgroups"], R=config["rows_per_simdgroup"], V=config["values_per_lane"],
+                stage_x=config["stage_x"], KS=config["k_split"], LW=config["load_width"],
+                prescaled=config["prescaled_x"], **{"NW": 1, "norm": False, "BLOCKS": 1, **fused})
+
+
+def random_norm(shape, d, key) -> dict[str, mx.array]:
+    """A fused prologue's RMS-norm inputs: a weight near one (so it matters) and eps."""
+    return {"norm": (1 + 0.2 * mx.random.normal((shape.K,), key=key)).astype(d.mlx),
+            "eps": mx.array([1e-5], dtype=mx.float32)}
+
+
+def decode_shape_problems(family: str, shape, flags: tuple[str, ...], larger: str) -> list[str]:
+    """What the decode-sized quantized families (qmv and the fused ones) refuse: the
+    quantization's problems, M outside 1..8 (`larger`: what serves more rows), a flag not 0 or 1."""
+    out = quantization_problems(shape)
+    if not 1 <= shape.M <= 8:
+        out.append(f"M={shape.M} is outside 1..8 ({family} is the decode / small-batch kernel; {larger})")
+    out += [f"{f}={getattr(shape, f)} is not 0 or 1" for f in flags if getattr(shape, f) not in (0, 1)]
     return out
 
 

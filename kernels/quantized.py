@@ -51,10 +51,8 @@ class QuantizedMatmul(Family):
     def make_inputs(self, shape: QuantizedShape, dtype, seed=0):
         d = dtypes.get(dtype)
         k1, k2 = mx.random.split(mx.random.key(seed))
-        w = (mx.random.normal((shape.N, shape.K), key=k1) * 0.05).astype(d.mlx)
-        wq, scales, biases = mx.quantize(w, group_size=shape.group_size, bits=shape.bits)
         x = mx.random.normal((shape.M, shape.K), key=k2).astype(d.mlx)
-        return {"x": x, "w": wq, "scales": scales, "biases": biases}
+        return {"x": x, **random_quantized(shape.N, shape, d, k1)}
 
     def reference(self, shape: QuantizedShape, dtype, inp):
         """Dequantise with plain MLX ops (independent of MLX's quantized kernels) and multiply in fp32."""
@@ -69,6 +67,14 @@ class QuantizedMatmul(Family):
         d = dtypes.get(dtype)
         # Each output sums K products; rounding grows with sqrt(K) but is bounded for our inputs.
         return d.atol * 4, d.rtol
+
+
+def random_quantized(rows: int, shape, d, key, suffix: str = "") -> dict[str, mx.array]:
+    """A random (rows, K) weight in MLX's affine layout at the shape's bits and group size:
+    {w, scales, biases} (names with `suffix`), as the quantized families' inputs."""
+    w = (mx.random.normal((rows, shape.K), key=key) * 0.05).astype(d.mlx)
+    wq, scales, biases = mx.quantize(w, group_size=shape.group_size, bits=shape.bits)
+    return {"w" + suffix: wq, "scales" + suffix: scales, "biases" + suffix: biases}
 
 
 def quantized_op_shape(values: dict) -> dict | None:

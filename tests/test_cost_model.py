@@ -15,6 +15,9 @@ SHAPES = {
     "prefill_attention": (dict(B=1, Hq=32, Hkv=8, L=256, D=128), {"L": 1024}),
     # Qwen3-30B-A3B's expert layers: 128 experts of 768, 8 a token
     "gather_qmv": (dict(M=1, N=768, K=2048, experts=128, top_k=8, bits=4, group_size=64), {"M": 4}),
+    # Qwen2-0.5B's fused decode layer: its MLP's input side and its attention input (biased)
+    "gate_up": (dict(M=1, N=4864, K=896, bits=4, group_size=64), {"N": 9728}),
+    "norm_qkv": (dict(M=1, K=896, Hq=14, Hkv=2, D=64, bits=4, group_size=64, bias=1), {"K": 1792}),
 }
 
 

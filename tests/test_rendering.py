@@ -17,6 +17,9 @@ SHAPES = {
     "prefill_attention": [dict(B=1, Hq=32, Hkv=8, L=512, D=128), dict(B=1, Hq=12, Hkv=4, L=100, D=80, prefix=64)],
     "gather_qmv": [dict(M=1, N=768, K=2048, experts=128, top_k=8, bits=4, group_size=64),
                    dict(M=4, N=100, K=1536, experts=8, top_k=2, bits=6, group_size=32)],
+    "gate_up": [dict(M=1, N=4864, K=896, bits=4, group_size=64), dict(M=8, N=1000, K=1536, bits=6, group_size=32, gelu=1)],
+    "norm_qkv": [dict(M=1, K=896, Hq=14, Hkv=2, D=64, bits=4, group_size=64, bias=1),
+                 dict(M=8, K=1024, Hq=8, Hkv=4, D=128, bits=8, group_size=128, qk_norm=1)],
 }
 TYPE_BYTES = {"float": 4, "half": 2, "bfloat16_t": 2, "int": 4, "uint": 4}
 DECL = re.compile(r"threadgroup\s+(\w+)\s+\w+\s*\[(\d+)\]\s*;")

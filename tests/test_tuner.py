@@ -364,8 +364,12 @@ def test_shapes_from_a_model_config():
                                      "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
                                      "vocab_size": 128256,
                                      "quantization": {"bits": 4, "group_size": 64}}, contexts=(3000, 4096, 100))
-    assert {(s["N"], s["K"]) for s in sets["qmv"]} == {(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),
-                                                      (128256, 4096)}
+    # decode: the fused ops (norm and q/k/v; norm, gate and up; o_proj and down_proj with the
+    # residual add) and the output head
+    assert {(s["N"], s["K"], s.get("residual", 0)) for s in sets["qmv"]} == {(4096, 4096, 1), (4096, 14336, 1),
+                                                                              (128256, 4096, 0)}
+    assert sets["gate_up"] == [dict(M=1, N=14336, K=4096, bits=4, group_size=64, gelu=0)]
+    assert [(s["K"], s["Hq"], s["Hkv"], s["D"]) for s in sets["norm_qkv"]] == [(4096, 32, 8, 128)]
     assert [s["S"] for s in sets["decode_attention"]] == [128, 4096]
     assert all(s["D"] == 128 and s["Hkv"] == 8 for s in sets["decode_attention"])
     assert {s["block_size"] for s in sets["decode_attention"]} == {16}, "the engine's paged layout"

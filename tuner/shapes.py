@@ -96,7 +96,7 @@ def targets(shapes: dict[str, list[dict]], families=None, dtype: str = "float16"
         fam = get_family(fam_name)
         for values in shapes.get(fam_name, []):
             t = Target(fam_name, fam.representative(values), dtype)
-            if t.bucket not in seen:
-                seen.add(t.bucket)
+            if (fam_name, t.bucket) not in seen:   # families may share a bucket's words (qmv, gate_up)
+                seen.add((fam_name, t.bucket))
                 out.append(t)
     return out

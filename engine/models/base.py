@@ -181,8 +181,9 @@ class Linear:
         self.w = {k: w[f"{name}.{k}"] for k in ("weight", "scales", "biases", "bias") if f"{name}.{k}" in w}
         self.bits, self.group_size, self.mode = args.quant_of(name) if "scales" in self.w else (None, None, None)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.kernels.linear(x, self.w, self.bits, self.group_size, self.mode)
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """x @ W^T (+ bias), plus `residual` where given (in the kernel's epilogue where one serves)."""
+        return self.kernels.linear(x, self.w, self.bits, self.group_size, self.mode, residual=residual)
 
 
 class Block:
@@ -219,6 +220,7 @@ class Attention(Block):
         super().__init__(args, w, p, model)
         self.kernels, self.layer, self.dtype = kernels, layer, dtype
         self.make_projections(kernels, w, p, args)
+        self.fused = self.fused_input(args, p, model)   # norm_qkv's shape less M, or None
         norm = model.make_norm
         self.q_norm = norm(args, w, p + "self_attn.q_norm") if args.qk_norm else None
         self.k_norm = norm(args, w, p + "self_attn.k_norm") if args.qk_norm else None
@@ -254,12 +256,33 @@ class Attention(Block):
         """q (1, Hq, tokens, D) after RoPE, scaled where the model type scales queries by position."""
         return q
 
-    def __call__(self, h: mx.array, step) -> mx.array:
+    def __call__(self, h: mx.array, step, residual: mx.array | None = None) -> mx.array:
+        """The block's output, plus `residual` where given (the layer's residual add, which
+        o_proj's kernel then does in its epilogue)."""
         q, k, v = self.kernels.attention_input(h, self, step)
         q = self.scale_queries(q, step)
         o = self.kernels.attention(q, step.update_and_fetch(self.layer, k, v), self.scale, window=self.window,
                                    softcap=self.softcap, sinks=self.sinks)
-        return self.o_proj(o.astype(self.dtype)[0].transpose(1, 0, 2).reshape(step.tokens, -1))
+        return self.o_proj(o.astype(self.dtype)[0].transpose(1, 0, 2).reshape(step.tokens, -1), residual=residual)
+
+    @classmethod
+    def fused_input(cls, a: ModelArgs, p: str, model: type["Model"]) -> dict | None:
+        """The norm_qkv shape (less its rows M) of this block's attention input, or None where
+        the block is not the plain one that family computes (its own projections or norm, no
+        input norm, projections of other widths or not affine-quantized)."""
+        names = [p + f"self_attn.{n}_proj" for n in "qkv"]
+        quants = {a.quant_of(n) for n in names}
+        plain = (cls.project is Attention.project and cls.make_projections is Attention.make_projections
+                 and cls.NORM is not None and issubclass(model.Norm, RMSNorm))
+        if not plain or len(quants) != 1:
+            return None
+        bits, group_size, mode = quants.pop()
+        if bits is None or mode not in (None, "affine") or (a.attention_bias and not set("qkv") <= set(cls.BIASED)):
+            return None
+        dims = int(a.head_dim * a.partial_rotary_factor)
+        return dict(K=a.hidden_size, Hq=a.num_attention_heads, Hkv=a.num_key_value_heads, D=a.head_dim, bits=bits,
+                    group_size=group_size, bias=int(a.attention_bias), qk_norm=int(a.qk_norm),
+                    rope_dims=0 if dims == a.head_dim else dims, traditional=int(a.rope_traditional))
 
     @classmethod
     def linears(cls, a, p):
@@ -293,6 +316,7 @@ class GatedMLP(Block):
         self.kernels, self.dtype = kernels, dtype
         self.activation = ACTIVATIONS[model.ACTIVATION]
         self.make_projections(kernels, w, p, args)
+        self.fused = self.fused_input(args, p, model)   # gate_up's shape less M, or None
 
     def make_projections(self, kernels: ops.Kernels, w: dict, p: str, args: ModelArgs) -> None:
         self.gate_proj, self.up_proj, self.down_proj = (Linear(kernels, w, p + self.PREFIX + f"{n}_proj", args)
@@ -301,8 +325,25 @@ class GatedMLP(Block):
     def gate_up(self, x: mx.array) -> tuple[mx.array, mx.array]:
         return self.gate_proj(x), self.up_proj(x)
 
-    def __call__(self, h: mx.array) -> mx.array:
-        return self.kernels.gated_mlp(h, self)
+    def __call__(self, h: mx.array, residual: mx.array | None = None) -> mx.array:
+        """The block's output, plus `residual` where given (in down_proj's epilogue where one serves)."""
+        return self.kernels.gated_mlp(h, self, residual=residual)
+
+    @classmethod
+    def fused_input(cls, a: ModelArgs, p: str, model: type["Model"]) -> dict | None:
+        """The gate_up shape (less its rows M) of this block's norm, gate, up and activation, or
+        None where the block is not the plain one that family computes."""
+        quants = {a.quant_of(p + cls.PREFIX + f"{n}_proj") for n in ("gate", "up")}
+        plain = (cls.gate_up is GatedMLP.gate_up and cls.make_projections is GatedMLP.make_projections
+                 and cls.NORM is not None and issubclass(model.Norm, RMSNorm) and not a.mlp_bias
+                 and model.ACTIVATION in ("silu", "gelu_approx"))
+        if not plain or len(quants) != 1:
+            return None
+        bits, group_size, mode = quants.pop()
+        if bits is None or mode not in (None, "affine"):
+            return None
+        return dict(N=cls.intermediate_size(a), K=a.hidden_size, bits=bits, group_size=group_size,
+                    gelu=int(model.ACTIVATION == "gelu_approx"))
 
     @classmethod
     def linears(cls, a, p):
@@ -338,6 +379,8 @@ class DecoderLayer:
         post = lambda name: model.make_norm(args, w, p + name) if name else identity
         self.post_attention, self.post_mlp = post(self.POST_ATTENTION_NORM), post(self.POST_MLP_NORM)
         self.residual_scale = model.residual_scale(args)
+        self.plain_residual = self.plain_residuals(args, model)
+        self.mlp_takes_residual = self.plain_residual and isinstance(self.mlp, GatedMLP)
 
     @classmethod
     def mlp_class(cls, args: ModelArgs, layer: int) -> type[Block]:
@@ -347,9 +390,47 @@ class DecoderLayer:
     def add(self, h: mx.array, r: mx.array) -> mx.array:
         return h + r if self.residual_scale == 1 else h + r * self.residual_scale
 
+    @classmethod
+    def plain_residuals(cls, args: ModelArgs, model: type["Model"]) -> bool:
+        """h + block(h) with nothing between (no post-norm, no residual scale): the add may
+        ride in the block's last projection (o_proj, down_proj)."""
+        return not cls.POST_ATTENTION_NORM and not cls.POST_MLP_NORM and model.residual_scale(args) == 1
+
     def __call__(self, h: mx.array, step) -> mx.array:
+        if self.plain_residual:
+            h = self.attention(h, step, residual=h)
+            return self.mlp(h, residual=h) if self.mlp_takes_residual else h + self.mlp(h)
         h = self.add(h, self.post_attention(self.attention(h, step)))
         return self.add(h, self.post_mlp(self.mlp(h)))
+
+    @classmethod
+    def fused_ops(cls, a: ModelArgs, layer: int, rows: int, model: type["Model"]) -> dict[str, ops.PlannedOp]:
+        """The fused ops layer `layer` runs for `rows` rows (op_plan's part) where a family of
+        ours serves them, by the weight names of the linears each one runs instead."""
+        p = f"model.layers.{layer}."
+        mlp = cls.mlp_class(a, layer)
+        gated = issubclass(mlp, GatedMLP)
+        attn = p + "self_attn."
+        out = {}
+        attention_input = cls.Attention.fused_input(a, p, model)
+        if attention_input:
+            out[(attn + "q_proj", attn + "k_proj", attn + "v_proj")] = \
+                ops.PlannedOp("attention_input", dict(M=rows, **attention_input))
+        gate_up = mlp.fused_input(a, p, model) if gated else None
+        if gate_up:
+            proj = p + mlp.PREFIX
+            out[(proj + "gate_proj", proj + "up_proj")] = ops.PlannedOp("gated_mlp", dict(M=rows, **gate_up))
+        if cls.plain_residuals(a, model):
+            table = cls.linears(a, layer)
+            projections = [(attn + "o_proj", a.attention_bias and "o" in cls.Attention.BIASED)]
+            projections += [(p + mlp.PREFIX + "down_proj", a.mlp_bias)] if gated else []   # an MoE block adds h itself
+            for name, biased in projections:
+                bits, group_size, mode = a.quant_of(name)
+                if bits is not None and mode in (None, "affine") and not biased:
+                    N, K = table[name]
+                    out[(name,)] = ops.PlannedOp("linear", dict(M=rows, N=N, K=K, bits=bits,
+                                                                        group_size=group_size, residual=1))
+        return {names: op for names, op in out.items() if ops.serves(op)}
 
     @classmethod
     def linears(cls, a: ModelArgs, layer: int) -> dict[str, tuple]:
@@ -518,8 +599,13 @@ class Model:
         head = "lm_head"
         if args.tie_word_embeddings:
             table[head] = (args.vocab_size, args.hidden_size)
-        plan = []
-        for rows, names in [(batch, table)] + [(n, [k for k in table if k != head]) for n in prefill]:
+        fused = {}
+        for layer in range(args.num_hidden_layers):
+            fused.update(cls.Layer.fused_ops(args, layer, batch, cls))
+        plan = list(fused.values())
+        covered = {name for names in fused for name in names}
+        decoded = [k for k in table if k not in covered]   # the rest run as linears
+        for rows, names in [(batch, decoded)] + [(n, [k for k in table if k != head]) for n in prefill]:
             for k in names:
                 bits, group_size, mode = args.quant_of(k)
                 *experts, N, K = table[k]

@@ -35,6 +35,11 @@ class Rope:
     def frequencies(self, inv: mx.array) -> mx.array:
         return inv
 
+    def frequencies_for(self, longest: int) -> mx.array:
+        """The inverse periods of a step whose longest sequence holds `longest` positions, for
+        kernels that rotate in their epilogue (norm_qkv): computed once, not per step."""
+        return self.inv_freq
+
     def fast_args(self, longest: int) -> dict:
         """mx.fast.rope's base, scale and freqs for a step whose longest sequence holds `longest`
         positions. Types whose frequencies are theta's (scaled positions at most) pass theta, as
@@ -85,6 +90,11 @@ class LinearRope(Rope):
 
 class DynamicRope(Rope):
     """Dynamic NTK: past max_position_embeddings the base grows with the longest sequence."""
+
+    def frequencies_for(self, longest: int) -> mx.array:
+        if longest <= self.max_positions:
+            return self.inv_freq
+        return self.base_frequencies(self.fast_args(longest)["base"])
 
     def fast_args(self, longest: int) -> dict:
         if longest <= self.max_positions:
