@@ -28,38 +28,6 @@ struct Arithmetic {
   P operator--(int) { P r = me(); --me().p; return r; }
 };
 
-// The bound buffers' byte ranges, newest first found: a raw pointer into one (a block struct's member
-// array read through a checked pointer, `xb->qs`: C++ gives a plain array there) is checked again
-// against the buffer it points into. Filled as buffers are bound (by every thread: the current
-// launch's buffers are the newest).
-struct BoundRange { const char* lo; long long bytes; const char* name; };
-inline BoundRange* bound_ranges() { static BoundRange r[64]; return r; }
-inline int& bound_next() { static int n = 0; return n; }
-inline void bind_range(const void* p, long long bytes, const char* name) {
-  static char lock = 0;
-  while (__atomic_test_and_set(&lock, __ATOMIC_ACQUIRE)) {}
-  BoundRange* r = bound_ranges();
-  bool known = false;   // among the newest 16 (a launch's buffers stay newest: an older launch's are stale)
-  for (int k = 1; k <= 16 && !known; k++) {
-    const BoundRange& e = r[((bound_next() - k) % 64 + 64) % 64];
-    known = e.lo == p && e.bytes == bytes && e.name == name;
-  }
-  if (!known) { r[bound_next() % 64] = {static_cast<const char*>(p), bytes, name}; bound_next() += 1; }
-  __atomic_clear(&lock, __ATOMIC_RELEASE);
-}
-inline void bound_reset() {   // before a launch: the last launch's buffers are gone
-  for (int i = 0; i < 64; i++) bound_ranges()[i] = {nullptr, 0, nullptr};
-  bound_next() = 0;
-}
-inline const BoundRange* range_of(const void* p) {
-  const char* c = static_cast<const char*>(p);
-  for (int k = 1; k <= 64; k++) {
-    const BoundRange& r = bound_ranges()[((bound_next() - k) % 64 + 64) % 64];
-    if (r.lo != nullptr && c >= r.lo && c < r.lo + r.bytes) return &r;
-  }
-  return nullptr;
-}
-
 template <class T>
 struct DevPtr : Arithmetic<DevPtr<T>> {
   T* p = nullptr;
@@ -68,28 +36,17 @@ struct DevPtr : Arithmetic<DevPtr<T>> {
   const char* name = "";
   DevPtr() = default;
   DevPtr(decltype(nullptr)) {}
-  DevPtr(T* ptr, long long n, const char* nm) : p(ptr), base(ptr), count(n), name(nm) {
-    bind_range(ptr, n * (long long)sizeof(T), nm);
-  }
-  // a raw pointer into a bound buffer (see BoundRange), seen as T; outside every buffer, any access is out of bounds
-  template <class U, class = metal::enable_if_t<sizeof(U) != 0>>
-  DevPtr(U* raw) : p((T*)raw) {
-    if (const BoundRange* r = range_of(raw)) {
-      base = (T*)r->lo;
-      count = r->bytes / (long long)sizeof(T);
-      name = r->name;
-    }
-  }
+  DevPtr(T* ptr, long long n, const char* nm) : p(ptr), base(ptr), count(n), name(nm) {}
   template <class U, class = metal::enable_if_t<metal::is_convertible<U*, T*>::value>>
   DevPtr(const DevPtr<U>& o) : p(o.p), base(o.base), count(o.count), name(o.name) {}
   // (device const uint8_t*)ptr: the same bytes seen as another element type
   template <class U, class = metal::enable_if_t<!metal::is_convertible<U*, T*>::value>, class = void>
   explicit DevPtr(const DevPtr<U>& o)
       : p((T*)o.p), base((T*)o.base), count(o.count * (long long)sizeof(U) / (long long)sizeof(T)), name(o.name) {}
-  // (device T*)&src[i]: a plain pointer into a bound buffer (MLX's steel loaders read vectors so),
-  // checked against that buffer again
+  // (device T*)&src[i], or a block struct's member array (llama.cpp's `xb->qs`, a plain array in
+  // C++): a plain pointer into a bound buffer, checked against that buffer again
   template <class U>
-  explicit DevPtr(U* raw) : p((T*)raw), base((T*)raw), name("(not a device buffer)") {
+  DevPtr(U* raw) : p((T*)raw), base((T*)raw), name("(not a device buffer)") {
     unsigned char* start;
     long long bytes;
     if (device_buffer(raw, start, bytes, name)) {

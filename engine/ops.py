@@ -203,9 +203,10 @@ class Kernels:
                 and mode in (None, "affine") and w["scales"].dtype == x.dtype)
 
     # ---- the attention block's ops -------------------------------------------------------------------
-    def attention_input(self, h: mx.array, attn, step) -> tuple[mx.array, mx.array, mx.array]:
+    def attention_input(self, h: mx.array, attn, step) -> tuple:
         """The residual stream h (tokens, hidden) -> q (1, Hq, tokens, D), k and v (1, Hkv,
-        tokens, D): norm, projections, biases, per-head norms and RoPE at each token's stored
+        tokens, D), and k and v as one (2, Hkv, tokens, D) array where the kernel wrote them so
+        (else None): norm, projections, biases, per-head norms and RoPE at each token's stored
         position. One norm_qkv dispatch where it serves (the block is the plain one, `attn.fused`,
         and the rows fit), else MLX's composition of our linears."""
         a = attn.args
@@ -219,7 +220,7 @@ class Kernels:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q = attn.rope(q.transpose(0, 2, 1, 3), step)
             k = attn.rope(k.transpose(0, 2, 1, 3), step)
-            return q, k, v.transpose(0, 2, 1, 3)
+            return q, k, v.transpose(0, 2, 1, 3), None
         projections = (attn.q_proj, attn.k_proj, attn.v_proj) if attn.fused else ()
         if not attn.fused or not all(self._ours(h, p.w, p.mode, biased=True) for p in projections):
             return composition()
@@ -240,7 +241,8 @@ class Kernels:
         if isinstance(out, tuple):   # MLX's composition ran
             return out
         Hq, Hkv = a.num_attention_heads, a.num_key_value_heads
-        return out[:, :Hq], out[:, Hq:Hq + Hkv], out[:, Hq + Hkv:]   # views of one (1, heads, tokens, D) array
+        kv = out[:, Hq:].reshape(2, Hkv, *out.shape[2:])   # k then v: the pool writes them as they lie
+        return out[:, :Hq], out[:, Hq:Hq + Hkv], out[:, Hq + Hkv:], kv   # views of one (1, heads, tokens, D) array
 
     def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:
         """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from metalforge.engine.kv.storage import blocked, gather_slots, half, put, take_runs
+from metalforge.engine.kv.storage import blocked, gather_slots, half, put, stacked, take_runs
 from metalforge.errors import MetalforgeError
 
 BITS = (4, 8)
@@ -64,10 +64,10 @@ class QuantizedStorage:
     def arrays(self) -> list[mx.array]:
         return [a for parts in self.kv for a in parts]
 
-    def write(self, layer: int, where, k: mx.array, v: mx.array) -> None:
+    def write(self, layer: int, where, k: mx.array, v: mx.array, kv: mx.array | None = None) -> None:
         """k, v: (kv_heads, tokens, head_dim), quantized together into the slots `where`: one
         quantization and one write each of codes, scales and biases."""
-        self._put(layer, where, mx.quantize(mx.stack([k, v]).astype(self.dtype), group_size=self.group_size,
+        self._put(layer, where, mx.quantize(stacked(k, v, kv).astype(self.dtype), group_size=self.group_size,
                                             bits=self.bits))
 
     def write_quantized(self, layer: int, where, k: list[mx.array], v: list[mx.array]) -> None:

@@ -98,9 +98,11 @@ class Step:
         seen = self.pool.spec(layer, self.sids[b]).visible(keys, queries) & (keys[None, :] < self.lengths[b])
         return seen if window is None else seen & (keys[None, :] > queries[:, None] - window)
 
-    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array) -> "LayerKV":
-        """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads."""
-        self.pool.storage.write(layer, self.where, k.squeeze(0), v.squeeze(0))   # a view: x[0] is a Gather
+    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array, kv: mx.array | None = None) -> "LayerKV":
+        """Write the new tokens' k, v (1, kv_heads, tokens, head_dim); return what attention reads.
+        `kv`: the same as one (2, kv_heads, tokens, head_dim) array where the producer wrote them
+        so (norm_qkv), which the storage writes without stacking them first."""
+        self.pool.storage.write(layer, self.where, k.squeeze(0), v.squeeze(0), kv)   # a view: x[0] is a Gather
         return LayerKV(self, layer, k, v)
 
     def block_table(self, members: tuple[int, ...], width: int) -> tuple[mx.array, mx.array]:

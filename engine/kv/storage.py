@@ -27,7 +27,7 @@ class Storage(Protocol):
 
     def arrays(self) -> list[mx.array]: ...
 
-    def write(self, layer: int, where, k: mx.array, v: mx.array) -> None: ...
+    def write(self, layer: int, where, k: mx.array, v: mx.array, kv: mx.array | None = None) -> None: ...
 
     def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]: ...
 
@@ -57,10 +57,10 @@ class DenseStorage:
     def arrays(self) -> list[mx.array]:
         return list(self.kv)
 
-    def write(self, layer: int, where, k: mx.array, v: mx.array) -> None:
+    def write(self, layer: int, where, k: mx.array, v: mx.array, kv: mx.array | None = None) -> None:
         """k, v: (kv_heads, tokens, head_dim) into the slots `where` (a slice or an index array):
-        one write of both, stacked as the layer holds them."""
-        self.kv[layer] = put(self.kv[layer], where, mx.stack([k, v]).astype(self.dtype))
+        one write of both, stacked as the layer holds them (`kv`, where the producer stacked them)."""
+        self.kv[layer] = put(self.kv[layer], where, stacked(k, v, kv).astype(self.dtype))
 
     def read(self, layer: int, runs: list[tuple[int, int]]) -> tuple[mx.array, mx.array]:
         """The K and V of `runs` ((first slot, count) each) as (1, kv_heads, tokens, head_dim): a
@@ -118,3 +118,9 @@ def gather_slots(x: mx.array, slots: mx.array) -> tuple[mx.array, mx.array]:
     (sequences, kv_heads, keys, features): one Gather, the results views of its output."""
     both = mx.take(x, slots, axis=2)   # (2, kv_heads, sequences, keys, features); not x[:, :, slots] (index kernels)
     return half(both, 0).transpose(1, 0, 2, 3), half(both, 1).transpose(1, 0, 2, 3)
+
+
+def stacked(k: mx.array, v: mx.array, kv: mx.array | None) -> mx.array:
+    """k and v as one (2, kv_heads, tokens, head_dim) array: `kv` where a kernel wrote them so,
+    else stacked (one more dispatch)."""
+    return kv if kv is not None else mx.stack([k, v])

@@ -259,11 +259,11 @@ class Attention(Block):
     def __call__(self, h: mx.array, step, residual: mx.array | None = None) -> mx.array:
         """The block's output, plus `residual` where given (the layer's residual add, which
         o_proj's kernel then does in its epilogue)."""
-        q, k, v = self.kernels.attention_input(h, self, step)
+        q, k, v, kv = self.kernels.attention_input(h, self, step)
         q = self.scale_queries(q, step)
-        o = self.kernels.attention(q, step.update_and_fetch(self.layer, k, v), self.scale, window=self.window,
+        o = self.kernels.attention(q, step.update_and_fetch(self.layer, k, v, kv), self.scale, window=self.window,
                                    softcap=self.softcap, sinks=self.sinks)
-        return self.o_proj(o.astype(self.dtype)[0].transpose(1, 0, 2).reshape(step.tokens, -1), residual=residual)
+        return self.o_proj(o.astype(self.dtype).squeeze(0).transpose(1, 0, 2).reshape(step.tokens, -1), residual=residual)
 
     @classmethod
     def fused_input(cls, a: ModelArgs, p: str, model: type["Model"]) -> dict | None:
