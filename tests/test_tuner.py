@@ -82,9 +82,12 @@ def test_invalid_configs_never_reach_the_renderer_or_compiler(tmp_path, monkeypa
     assert any("Threadgroup memory size" in t.user_attrs["invalid"] for t in invalid)
     # (in float32 stage=input renders as stage=float and is refused as a config problem: compare
     # the float-staged ones, which render distinctly)
-    rendered_configs = {(v["BQ"], v["BK"], v["SG"], v["DB"], v["QS"], v["W"], v["PAD"] > 0) for v in rendered}
+    rendered_configs = {(v["BQ"], v["BK"], v["SG"], v["DB"], v["QS"], v["W"], v["PAD"] > 0, v["DC"], v["SP"], v["HP"])
+                        for v in rendered}
+    fam = family("prefill_attention")
     invalid_configs = {tuple(t.params[n] for n in ("BQ", "BK", "simdgroups", "double_buffer", "q_source", "load_width",
-                                                  "pad"))
+                                                  "pad")) + (fam.columns(t.params, target.shape), t.params["score_type"],
+                                                             t.params["heads"])
                        for t in invalid if t.params["stage"] == "float"}
     assert rendered_configs and invalid_configs and not (rendered_configs & invalid_configs)
     verified = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and "duplicate_of" not in t.user_attrs]

@@ -14,10 +14,18 @@ from metalforge.kernels.families import get as get_family
 from metalforge.kernels.timing import fit, gate, mlx_jobs, model, traces
 
 # our families: the axes scaled from a proxy (groups scaled together) and each one's proxy
-GROUPS = {"qmv": (("N",), ("K",)), "qmm": (("M",), ("N",), ("K",)),
+GROUPS = {"qmv": (("N",), ("K",)), "gate_up": (("N",), ("K",)), "norm_qkv": (("Hq", "Hkv"), ("K",)),
+          "qmm": (("M",), ("N",), ("K",)),
           "decode_attention": (("B",), ("Hq", "Hkv"), ("S",)),
           "prefill_attention": (("B",), ("Hq", "Hkv"), ("L", "prefix"))}
 MLX_OP = {"qmv": "matmul", "qmm": "matmul", "decode_attention": "decode", "prefill_attention": "prefill"}
+# a fused family's job as the quantized products mlx-lm runs for it (the norms, RoPE and
+# activation kernels around them are counted as dispatches by benchmarks/modelled_decode.py, not
+# here: `compare` prices MLX's side low, never high)
+MLX_PRODUCTS = {
+    "gate_up": lambda s: [s["N"], s["N"]],                                            # gate, up
+    "norm_qkv": lambda s: [s["Hq"] * s["D"], s["Hkv"] * s["D"], s["Hkv"] * s["D"]],   # q, k, v
+}
 
 
 def _k_proxy(K: int) -> int:
@@ -26,8 +34,10 @@ def _k_proxy(K: int) -> int:
 
 def proxy(family: str, s: dict) -> dict:
     """A small shape of the same structure (GQA ratio, K's tail past whole 512-value blocks)."""
-    if family == "qmv":
+    if family in ("qmv", "gate_up"):
         return {**s, "N": min(s["N"], 64), "K": _k_proxy(s["K"])}
+    if family == "norm_qkv":
+        return {**s, "Hkv": 1, "Hq": s["Hq"] // s["Hkv"], "K": _k_proxy(s["K"])}
     if family == "qmm":     # every counter grows with M x N x K: the smallest tiles keep 4x traces small
         return {**s, "M": min(s["M"], 32), "N": min(s["N"], 32), "K": min(s["K"], 256 + s["K"] % 256)}
     heads = {"B": 1, "Hkv": 1, "Hq": s["Hq"] // s["Hkv"]}
@@ -71,16 +81,19 @@ def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
 
 
 def _ported(family: str) -> None:
-    if family not in MLX_OP:
-        raise MetalforgeError(f"no MLX kernel sequence is ported for family '{family}' (its job is several "
-                              f"MLX ops); valid families: {', '.join(MLX_OP)}")
+    if family not in MLX_OP and family not in MLX_PRODUCTS:
+        raise MetalforgeError(f"no MLX kernel sequence is ported for family '{family}'; valid families: "
+                              f"{', '.join([*MLX_OP, *MLX_PRODUCTS])}")
 
 
 def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:
-    """MLX's kernels for the job, as mlx-lm calls MLX (contiguous cache, causal prefill). A
-    residual variant's add (one elementwise kernel) is not counted: MLX's side is priced low,
-    never high."""
+    """MLX's kernels for the job, as mlx-lm calls MLX (contiguous cache, causal prefill; a fused
+    family's products, MLX_PRODUCTS). A residual variant's add (one elementwise kernel) is not
+    counted: MLX's side is priced low, never high."""
     _ported(family)
+    if family in MLX_PRODUCTS:
+        return [c for rows in MLX_PRODUCTS[family](s) for c in mlx_counted(
+            "qmv", dict(M=s["M"], N=rows, K=s["K"], bits=s["bits"], group_size=s["group_size"]), dtype, device)]
     s = {k: v for k, v in s.items() if k not in ("block_size", "num_blocks", "residual")}
     if MLX_OP[family] == "prefill":
         s = {"prefix": 0, **s, "causal": True}
