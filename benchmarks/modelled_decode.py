@@ -95,13 +95,17 @@ def small_folder(config: dict, root: Path) -> Path:
 
 
 def glue(config: dict, context: int) -> dict[str, Glue]:
-    """Per side ("ours", "mlx-lm"): the step's dispatches that are not priced kernels."""
+    """Per path ("ours": the engine's Metal path, its fused kernels wherever they serve; "ours
+    (mlx)": its MLX path, MLX's compositions; "mlx-lm"): the step's dispatches that are not priced
+    kernels."""
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
         folder = small_folder(config, Path(tmp))
         # one token short of the context: mlx-lm's cache grows (Full, Concatenate) once every 256
         # tokens, at a multiple of 256; the counted step is a steady one
         layers, decode, _ = dispatches.engine_counts(folder, "metal", "m3-max-40", context - 1, 16)
         out = {"ours": Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))}
+        layers, decode, _ = dispatches.engine_counts(folder, "mlx", "m3-max-40", context - 1, 16)
+        out["ours (mlx)"] = Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))
         layers, decode, _ = dispatches.mlx_lm_counts(folder, context - 1, 16)
         out["mlx-lm"] = Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))
     return out
@@ -169,6 +173,21 @@ def glue_seconds(config: dict, dispatches: float, device) -> float:
     return dispatches * (whole["dispatch_s"] + whole["dram"] * bytes_ / (device.memory_bandwidth_gbs * 1e9))
 
 
+def _glue_of(side: str, fused: list[tuple[bool, bool]], counts: dict[str, Glue]) -> Glue:
+    """The dispatches a side's step makes besides its priced kernels: the Metal path's where every
+    fused op (`fused`: (ran ours, is a residual projection) each) runs ours, the MLX path's
+    (MLX's compositions) where none does, that less one add a layer for each residual projection of
+    ours where only those run ours (their epilogue does the add)."""
+    if side == "mlx-lm":
+        return counts["mlx-lm"]
+    if all(ours for ours, _ in fused):
+        return counts["ours"]
+    if any(ours and not residual for ours, residual in fused):
+        raise MetalforgeError(f"{side}: some fused ops run ours and some MLX's: their dispatches are not counted apart")
+    g = counts["ours (mlx)"]
+    return Glue(g.per_layer - sum(ours for ours, _ in fused), g.outside)
+
+
 def steps(config: dict, context: int, device, glue_counts: dict[str, Glue]) -> dict[str, Step]:
     """Per side ("ours (auto)", "ours (metal)", "mlx-lm"): the modelled decode step."""
     from metalforge.engine.ops import Kernels
@@ -178,6 +197,7 @@ def steps(config: dict, context: int, device, glue_counts: dict[str, Glue]) -> d
     auto.by_evidence = True            # what `auto` does on a Mac
     asked = Kernels("emulator", device)
     sums = {side: [0.0, 0] for side in ("ours (auto)", "ours (metal)", "mlx-lm")}
+    fused = {side: [] for side in sums}   # per side: whether each fused op ran ours
     for op, values, times in step_ops(config, context):
         theirs = mlx_price(op, values, device, constants)
         for side, kernels in (("ours (auto)", auto), ("ours (metal)", asked), ("mlx-lm", None)):
@@ -185,9 +205,11 @@ def steps(config: dict, context: int, device, glue_counts: dict[str, Glue]) -> d
             seconds, n = ours_price(d, device, constants) if d is not None and d.family else theirs
             sums[side][0] += times * seconds
             sums[side][1] += times * n
+            if op != "linear" and op != "attention" or values.get("residual"):
+                fused[side].append((bool(d is not None and d.family), bool(values.get("residual"))))
     out = {}
     for side, (seconds, n) in sums.items():
-        g = glue_counts["mlx-lm" if side == "mlx-lm" else "ours"]
+        g = _glue_of(side, fused[side], glue_counts)
         extra = g.per_layer * layers + g.outside
         out[side] = Step(seconds, glue_seconds(config, extra, device), n + extra)
     return out
