@@ -4,16 +4,15 @@ dot product and its tunables are qmv's (templates/quantized_rows.j2), with two w
 and the norm's sum of squares taken beside the dot product."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from metalforge.kernels import dtypes
-from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
+from metalforge.kernels.family import Geometry, Launch
 from metalforge.kernels.qmv import QMV, Qmv, as_qmv, decode_shape_problems, fused_work, random_norm, rows_values
-from metalforge.kernels.quantized import dequantize_reference, quantized_op_shape, random_quantized
+from metalforge.kernels.quantized import QuantizedMatmul, dequantize_reference, random_quantized
 
 @dataclass(frozen=True)
 class GateUpShape:
@@ -25,27 +24,17 @@ class GateUpShape:
     gelu: int = 0   # 1: GeGLU (tanh-approximated gelu, Gemma); 0: SwiGLU
 
 
-class GateUp(Family):
+class GateUp(QuantizedMatmul):
     """out = act(W_gate n) * W_up n, n = rms_norm(x, norm, eps): MLX's affine layout, M in 1..8."""
 
     name = "gate_up"
-    bucketed = ("M",)
     shape_type = GateUpShape
     variant_fields = ("gelu",)
     params = Qmv.params
     op = "gated_mlp"
 
-    def op_shape(self, values: dict) -> dict | None:
-        return quantized_op_shape(values)
-
-    def proxy_shape(self, shape):
-        return self.shape({**shape.__dict__, "N": cut_keeping_tail(shape.N, 256, 256),
-                           "K": cut_keeping_tail(shape.K, 1024, 1024)})
-
     def shape_distance(self, a, b) -> float | None:
-        if (a.bits, a.group_size, a.gelu) != (b.bits, b.group_size, b.gelu):
-            return None
-        return abs(math.log2(a.N / b.N)) + abs(math.log2(a.K / b.K)) + abs(math.log2(a.M / b.M))
+        return None if a.gelu != b.gelu else super().shape_distance(a, b)
 
     def shape_problems(self, shape: GateUpShape) -> list[str]:
         return decode_shape_problems(self.name, shape, ("gelu",), "more rows take MLX's composition of our linears")
