@@ -89,24 +89,24 @@ def test_the_evidence_rule(tmp_path, monkeypatch):
 
 
 def test_a_family_without_kernel_level_data_is_no_evidence(tmp_path, monkeypatch):
-    """qmm has no published kernel timing on two chips: its modelled gains print no ratio and
+    """gate_up has no published kernel timing of its own: its modelled gains print no ratio and
     never route to our kernel; a Metal measurement still does."""
     from metalforge import devices, results
     from metalforge.engine.ops import Kernels
     from metalforge.kernels import get_family
     monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
-    qmm = get_family("qmm")
-    assert qmm.model_error() is None
+    fam = get_family("gate_up")
+    assert fam.model_error() is None
     def entry(n, timer):
-        shape = dict(M=16, N=n, K=256, bits=4, group_size=64)
-        return ("qmm", qmm.bucket_key(shape, "float16"),
-                {"shape": shape, "dtype": "float16", "config": qmm.default_config(), "time_s": 1e-5, "timer": timer,
-                 "baseline_s": 5e-5, "speedup": 5.0, "trials": {}, "baseline_kernel": "affine_qmm_t"})
+        shape = dict(M=1, N=n, K=256, bits=4, group_size=64)
+        return ("gate_up", fam.bucket_key(shape, "float16"),
+                {"shape": shape, "dtype": "float16", "config": fam.default_config(), "time_s": 1e-5, "timer": timer,
+                 "baseline_s": 5e-5, "speedup": 5.0, "trials": {}, "baseline_kernel": "affine_qmv"})
     path = tmp_path / "m3.yaml"
     results.save_entries(path, "m3", [entry(64, "model"), entry(128, "metal")])
     kernels = Kernels("emulator", devices.get("m3"), results=path)
     kernels.by_evidence = True
-    why = lambda n: kernels.decide("linear", dict(M=16, N=n, K=256, bits=4, group_size=64), "float16").why
+    why = lambda n: kernels.decide("gated_mlp", dict(M=1, N=n, K=256, bits=4, group_size=64), "float16").why
     assert why(64) == "MLX: modelled, unvalidated (no per-kernel measurements of this family)"
     assert why(128).startswith("ours: measured 5.00x")
 

@@ -22,11 +22,13 @@ def md():
 
 
 def test_step_ops_hold_each_linear_as_often_as_the_model(md):
-    """Llama-3-8B-sized: per layer q and o (4096 x 4096), k and v (1024 x 4096), gate and up
-    (14336 x 4096), down (4096 x 14336); the LM head once; attention once a layer."""
+    """Llama-3-8B-sized, as the engine's Metal path runs a decode step: per layer q/k/v in one
+    norm_qkv, gate and up (14336 x 4096) in one gate_up, o (4096 x 4096) and down (4096 x 14336)
+    with their residual adds; the LM head once; attention once a layer."""
     ops = {(op, v.get("N"), v.get("K")): n for op, v, n in md.step_ops(defaults.MODELS[1], 4096)}
-    assert ops == {("linear", 4096, 4096): 64, ("linear", 1024, 4096): 64, ("linear", 14336, 4096): 64,
-                   ("linear", 4096, 14336): 32, ("linear", 128256, 4096): 1, ("attention", None, None): 32}
+    assert ops == {("attention_input", None, 4096): 32, ("gated_mlp", 14336, 4096): 32,
+                   ("linear", 4096, 4096): 32, ("linear", 4096, 14336): 32, ("linear", 128256, 4096): 1,
+                   ("attention", None, None): 32}
     attention = [v for op, v, _ in md.step_ops(defaults.MODELS[1], 4096) if op == "attention"][0]
     assert attention["context"] == 4096 and attention["new"] == 1
 
