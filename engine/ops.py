@@ -15,6 +15,7 @@ run MLX's op: nothing a valid model contains raises. `report` says per op which 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -379,8 +380,10 @@ def softcapped_attention(cap: float):
     return sdpa
 
 
+@functools.lru_cache(maxsize=None)
 def _scalar(value: float) -> mx.array:
-    """A float32 scalar input of a kernel (a norm's eps, RoPE's scale): data, not a dispatch."""
+    """A float32 scalar input of a kernel (a norm's eps, RoPE's scale): data, not a dispatch; made
+    once per value, not once per layer and step (arrays are immutable, so calls share it)."""
     return mx.array([value], dtype=mx.float32)
 
 
