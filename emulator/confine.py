@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 
+from metalforge import signals
+
 # Linux x86-64 system call numbers and Landlock's constants (linux/landlock.h).
 _SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 _PR_SET_NO_NEW_PRIVS = 38
@@ -180,12 +182,17 @@ def run(cmd: list[str], walls: Walls, timeout_s: float, env: dict | None = None,
     end it and its children at once. Its output goes to files (capped by the file-size limit) of
     which the first `output_bytes` are kept. Raises subprocess.TimeoutExpired on the limit."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                preexec_fn=walls.preexec_fn(), env=env)
+        proc = None
         try:
+            # Python drops an exception raised in an at-fork handler (filelock has some): a Ctrl-C
+            # while Popen forks would be lost, so it waits until the child exists.
+            with signals.held():
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        preexec_fn=walls.preexec_fn(), env=env)
             proc.wait(timeout=timeout_s)
         except BaseException:
-            kill_group(proc)
+            if proc is not None:
+                kill_group(proc)
             raise
         texts = []
         for f in (out, err):

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from metalforge import signals
+
 from . import confine, environment
 from .compiler import CompileError, cache_dir
 
@@ -53,11 +55,12 @@ def _started() -> subprocess.Popen:
         _end(_child)
     walls = confine.Walls(read=None, memory_bytes=environment.compiler_memory_bytes(), cpu_seconds=None,
                           file_bytes=1 << 30)
-    _child = subprocess.Popen([sys.executable, "-m", "metalforge.emulator.frontend", cache],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              preexec_fn=walls.preexec_fn())
-    _owner = os.getpid()
-    atexit.register(_end, _child)
+    with signals.held():   # a Ctrl-C while forking is not lost (see confine.run)
+        _child = subprocess.Popen([sys.executable, "-m", "metalforge.emulator.frontend", cache],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  preexec_fn=walls.preexec_fn())
+        _owner = os.getpid()
+        atexit.register(_end, _child)
     return _child
 
 
