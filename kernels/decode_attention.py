@@ -83,6 +83,16 @@ class DecodeAttention(Family):
     )
 
     op = "attention"
+    mlx_op = "decode"
+    trace_groups = (("B",), ("Hq", "Hkv"), ("S",))
+
+    def mlx_sizes(self, fields: dict) -> dict:
+        """MLX reads a contiguous cache (as mlx-lm keeps it), never a paged pool."""
+        return {k: v for k, v in fields.items() if k not in ("block_size", "num_blocks")}
+
+    def trace_proxy(self, fields: dict) -> dict:
+        """One sequence, one KV head and its query heads, at most 128 keys."""
+        return {**fields, "B": 1, "Hkv": 1, "Hq": fields["Hq"] // fields["Hkv"], "S": min(fields["S"], 128)}
 
     def op_shape(self, values: dict) -> dict | None:
         """A decode step on the engine's pool: one new token a sequence, or 2 to MAX_QUERY_TOKENS

@@ -108,6 +108,12 @@ class Family:
     tuned_with_models: bool = True
     # the folder holding its templates (None: the package's templates/)
     template_folder: str | None = None
+    # MLX's op for the same job as mlx-lm calls it, a job of kernels/timing/mlx_jobs.py ("matmul",
+    # "decode", "prefill"); "" where no MLX kernel sequence is ported for the family
+    mlx_op: str = ""
+    # the shape fields its traces scale from trace_proxy to the real shape, in groups scaled by
+    # one factor (kernels/timing/traces.py); () where its traces are not priced yet
+    trace_groups: tuple[tuple[str, ...], ...] = ()
 
     def op_shape(self, values: dict) -> dict | None:
         """An engine op call's sizes (engine/ops.py PlannedOp.values) as this family's shape
@@ -273,13 +279,34 @@ class Family:
         """The inputs laid out as mlx-lm holds them for MLX's op, prepared before any timing."""
         return inputs
 
+    def mlx_jobs(self, fields: dict) -> list[tuple[str, dict]]:
+        """MLX's jobs (op, sizes) for ours at `fields` (a shape's, or sizes the family does not
+        serve), as mlx-lm runs them: one `mlx_op` at `mlx_sizes`; a fused family's are several."""
+        if not self.mlx_op:
+            from metalforge.kernels.families import FAMILIES
+            raise MetalforgeError(f"no MLX kernel sequence is ported for family '{self.name}'; valid families: "
+                                  f"{choices(n for n, f in FAMILIES.items() if f.mlx_op)}")
+        return [(self.mlx_op, self.mlx_sizes(fields))]
+
+    def mlx_sizes(self, fields: dict) -> dict:
+        """`fields` as the sizes of MLX's op (its job's fields, kernels/timing/mlx_jobs.py)."""
+        return dict(fields)
+
     def mlx_kernels(self, shape, dtype, device) -> str:
         """The Metal kernels MLX runs for the job on `device` (kernels/mlx_dispatch.py), or why unknown."""
-        from metalforge.kernels import mlx_dispatch
+        from metalforge.kernels.timing import mlx_jobs
         try:
-            return " + ".join(l.kernel for l in mlx_dispatch.for_family(self.name, shape, dtype, device).launches)
+            return " + ".join(launch.kernel for op, sizes in self.mlx_jobs(dataclasses.asdict(self.shape(shape)))
+                              for launch in mlx_jobs.choose(op, sizes, dtype, device).launches)
         except MetalforgeError as e:
             return f"unknown: {e}"
+
+    def trace_proxy(self, fields: dict) -> dict:
+        """A small shape of the same structure whose traces scale to `fields` along trace_groups
+        (where proxy_shape is what the emulator verifies a candidate at, this keeps every tail a
+        trace's counters depend on)."""
+        raise MetalforgeError(f"{self.name}: no proxy shapes for its traces (Family.trace_groups, trace_proxy): "
+                              "not priced yet")
 
     def run(self, config: Config, shape, dtype, inputs: dict[str, mx.array], backend=None,
             device=None) -> mx.array:

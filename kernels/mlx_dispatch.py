@@ -13,7 +13,9 @@ API (frozen; the `mlxkernels` branch launches these in the emulator):
     decode_attention_dispatch(B, Hq, Hkv, S, D, dtype, device, mlx_version=None) -> Choice
     prefill_attention_dispatch(B, Hq, Hkv, L, D, dtype, device, mlx_version=None,
                                prefix=0, causal=True, mask=None) -> Choice
-    for_family(family, shape, dtype, device, mlx_version=None) -> Choice   # our families' shapes
+
+Our families' jobs reach these through their MLX op (Family.mlx_jobs; kernels/timing/mlx_jobs.py
+keys the three by op: "matmul", "decode", "prefill"): nothing here knows our families.
 
 A `Choice` holds one `Launch` per kernel MLX encodes, in order (a second one for the 2-pass
 attention reduction and the split-K accumulation). A `Launch` names the kernel exactly as the
@@ -134,7 +136,7 @@ class Launch:
 @dataclass(frozen=True)
 class Choice:
     """MLX's choice for one job: its launches in encoding order, and where the rules came from."""
-    job: str
+    job: str                          # MLX's kernel family: qmv, qmm, sdpa_vector, steel_attention
     mlx_version: str
     architecture: str
     launches: tuple
@@ -397,7 +399,7 @@ def decode_attention_dispatch(B: int, Hq: int, Hkv: int, S: int, D: int, dtype, 
                         ((0, "queries"), (1, "keys"), (2, "values"), (3, "out"), (4, "gqa_factor"),
                          (5, "N"), (6, "k_head_stride"), (7, "k_seq_stride"), (8, "v_head_stride"),
                          (9, "v_seq_stride"), (10, "scale")))
-        return Choice("decode_attention", _version_str(v), arch, (launch,), _source(v))
+        return Choice("sdpa_vector", _version_str(v), arch, (launch,), _source(v))
     buffers = ((0, "queries"), (1, "keys"), (2, "values"), (3, "out"), (4, "sums"), (5, "maxs"))
     if v < SDPA_2PASS_ON_MAX:
         blocks = SDPA_2PASS_BEFORE_0304["blocks"]
@@ -425,7 +427,7 @@ def decode_attention_dispatch(B: int, Hq: int, Hkv: int, S: int, D: int, dtype, 
         second_buffers += ((4, "blocks"),)
     second = Launch(f"sdpa_vector_2pass_2_{t}_{D}", "sdpa_vector_2pass_2", (("T", t), ("D", D)),
                     (B * Hq, 1, 1), (SDPA_VECTOR_THREADS, 1, 1), second_constants, second_buffers)
-    return Choice("decode_attention", _version_str(v), arch, (first, second), _source(v), tuple(notes))
+    return Choice("sdpa_vector", _version_str(v), arch, (first, second), _source(v), tuple(notes))
 
 
 def _head_dim_error(job: str, D: int, fused: tuple, v) -> MetalforgeError:
@@ -489,23 +491,4 @@ def prefill_attention_dispatch(B: int, Hq: int, Hkv: int, L: int, D: int, dtype,
                     + ((("BV", D),) if v >= STEEL_BV_NAME else ()) + (("WM", wm),
                      ("WN", wn), ("MaskType", "bool" if mask == "bool" else dtypes.get(dtype).metal)),
                     (cdiv(L, bq), Hq, B), (32, wm, wn), tuple(constants), buffers)
-    return Choice("prefill_attention", _version_str(v), arch, (launch,), _source(v), notes)
-
-
-# ---------------------------------------------------------------------------- our families' jobs
-
-def for_family(family: str, shape, dtype, device, mlx_version=None) -> Choice:
-    """MLX's kernels for one of our families' jobs, called as mlx-lm calls MLX: quantized_matmul with
-    transposed weights (qmv, qmm), decode attention over a contiguous cache, causal prefill."""
-    if family in ("qmv", "qmm"):
-        return qmm_dispatch(shape.M, shape.N, shape.K, shape.bits, shape.group_size, dtype, device, mlx_version)
-    if family == "decode_attention":
-        if getattr(shape, "block_size", 0):
-            raise MetalforgeError("MLX has no paged decode attention: it reads a contiguous (B, Hkv, S, D) "
-                                  "cache; give block_size=0")
-        return decode_attention_dispatch(shape.B, shape.Hq, shape.Hkv, shape.S, shape.D, dtype, device, mlx_version)
-    if family == "prefill_attention":
-        return prefill_attention_dispatch(shape.B, shape.Hq, shape.Hkv, shape.L, shape.D, dtype, device,
-                                          mlx_version, prefix=shape.prefix, causal=True)
-    raise MetalforgeError(f"no MLX kernel for family '{family}'; valid families: qmv, qmm, decode_attention, "
-                          "prefill_attention")
+    return Choice("steel_attention", _version_str(v), arch, (launch,), _source(v), notes)

@@ -15,7 +15,8 @@ from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
 from metalforge.kernels.qmv import QMV, Qmv, as_qmv, decode_shape_problems, fused_work, random_norm, rows_values
-from metalforge.kernels.quantized import dequantize_reference, quantized_op_shape, random_quantized
+from metalforge.kernels.quantized import (dequantize_reference, matmul_sizes, quantized_op_shape,
+                                         random_quantized, trace_k)
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,22 @@ class NormQkv(Family):
     variant_fields = ("bias", "qk_norm", "rope_dims", "traditional")
     params = Qmv.params
     op = "attention_input"
+    mlx_op = "matmul"
+    trace_groups = (("Hq", "Hkv"), ("K",))
 
     def op_shape(self, values: dict) -> dict | None:
         return quantized_op_shape(values)
+
+    def mlx_jobs(self, fields: dict) -> list[tuple[str, dict]]:
+        """The q, k and v products mlx-lm runs (its norms, bias adds and RoPE kernels around them
+        are counted as dispatches by benchmarks/modelled_decode.py, not here: `compare` prices
+        MLX's side low, never high)."""
+        return [(self.mlx_op, matmul_sizes(fields, heads * fields["D"]))
+                for heads in (fields["Hq"], fields["Hkv"], fields["Hkv"])]
+
+    def trace_proxy(self, fields: dict) -> dict:
+        """One KV head and its query heads, K's tail past whole 512-value blocks kept."""
+        return {**fields, "Hkv": 1, "Hq": fields["Hq"] // fields["Hkv"], "K": trace_k(fields["K"])}
 
     def proxy_shape(self, shape):
         """One KV head and its query heads (the GQA ratio kept), K cut keeping its tail."""

@@ -64,6 +64,18 @@ class PrefillAttention(Family):
     )
 
     op = "attention"
+    mlx_op = "prefill"
+    trace_groups = (("B",), ("Hq", "Hkv"), ("L", "prefix"))
+
+    def mlx_sizes(self, fields: dict) -> dict:
+        """mlx-lm's prompt attention is causal."""
+        return {"prefix": 0, **fields, "causal": True}
+
+    def trace_proxy(self, fields: dict) -> dict:
+        """One sequence, one KV head and its query heads, at most 64 queries (the prefix cut alike)."""
+        L = min(fields["L"], 64)
+        return {**fields, "B": 1, "Hkv": 1, "Hq": fields["Hq"] // fields["Hkv"], "L": L,
+                "prefix": fields.get("prefix", 0) * L // fields["L"]}
 
     def op_shape(self, values: dict) -> dict | None:
         """A prompt of one sequence: its `new` tokens after `context - new` cached ones."""

@@ -24,6 +24,7 @@ class Qmm(QuantizedMatmul):
     name = "qmm"
     bound = "compute"
     tuned_with_models = False   # the prompt-side product: tuned on request (--families)
+    trace_groups = (("M",), ("N",), ("K",))
     params = (
         Param("BM", (8, 16, 32, 64), 32, "output rows per threadgroup"),
         Param("BN", (8, 16, 32, 64), 32, "output columns per threadgroup"),
@@ -36,6 +37,11 @@ class Qmm(QuantizedMatmul):
         Param("split_k", (1, 2, 4, 8, 16, 32), 1, "threadgroups across K, their fp32 partial tiles summed by a second pass"),
         Param("operands", ("float", "input"), "float", "operand fragments in fp32 or the input's half (fp32 accumulation)"),
     )
+
+    def trace_proxy(self, fields: dict) -> dict:
+        """Every counter grows with M x N x K: the smallest tiles keep the 4x traces small."""
+        return {**fields, "M": min(fields["M"], 32), "N": min(fields["N"], 32),
+                "K": min(fields["K"], 256 + fields["K"] % 256)}
 
     def shape_problems(self, shape) -> list[str]:
         return quantization_problems(shape, bits=QMM_BITS) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])

@@ -31,9 +31,20 @@ class QuantizedMatmul(Family):
     bucketed = ("M",)
     shape_type = QuantizedShape
     op = "linear"
+    mlx_op = "matmul"
+    trace_groups = (("N",), ("K",))
 
     def op_shape(self, values: dict) -> dict | None:
         return quantized_op_shape(values)
+
+    def mlx_sizes(self, fields: dict) -> dict:
+        """MLX's quantized_matmul alone: a residual variant's add (one elementwise kernel) is not
+        counted, so MLX's side is priced low, never high."""
+        return matmul_sizes(fields, fields["N"])
+
+    def trace_proxy(self, fields: dict) -> dict:
+        """At most 64 rows, and K's tail past whole 512-value blocks kept."""
+        return {**fields, "N": min(fields["N"], 64), "K": trace_k(fields["K"])}
 
     def proxy_shape(self, shape):
         return self.shape({**shape.__dict__, "N": cut_keeping_tail(shape.N, 256, 256),
@@ -75,6 +86,19 @@ def random_quantized(rows: int, shape, d, key, suffix: str = "") -> dict[str, mx
     w = (mx.random.normal((rows, shape.K), key=key) * 0.05).astype(d.mlx)
     wq, scales, biases = mx.quantize(w, group_size=shape.group_size, bits=shape.bits)
     return {"w" + suffix: wq, "scales" + suffix: scales, "biases" + suffix: biases}
+
+
+def matmul_sizes(fields: dict, rows: int) -> dict:
+    """MLX's quantized_matmul (kernels/timing/mlx_jobs.py's "matmul") of `rows` weight rows at
+    the fields' M, K and quantization (mx.quantize's defaults where unset)."""
+    return dict(M=fields["M"], N=rows, K=fields["K"], bits=fields.get("bits", QuantizedShape.bits),
+                group_size=fields.get("group_size", QuantizedShape.group_size))
+
+
+def trace_k(K: int) -> int:
+    """K of a trace proxy: one 512-value block and K's tail past whole blocks (the kernels' K
+    loops step by whole blocks and treat the tail apart)."""
+    return min(K, 512 + K % 512 if K % 512 else 512)
 
 
 def quantized_op_shape(values: dict) -> dict | None:

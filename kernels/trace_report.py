@@ -8,12 +8,14 @@ holds those rules as data), run from MLX's own headers (kernels/mlx_library.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+
 import mlx.core as mx
 
 from metalforge.emulator.library import run_custom_kernel
 from metalforge.emulator.trace import SECTORS, Dispatch
-from metalforge.kernels import mlx_dispatch, mlx_headers, mlx_library
+from metalforge.kernels import mlx_headers
 from metalforge.kernels.family import LENGTHS
 
 
@@ -33,18 +35,20 @@ def ours(fam, config, shape, dtype, inputs: dict) -> list[Dispatch]:
     return out
 
 
-def mlx(fam, shape, dtype, device, inputs: dict) -> list[Dispatch]:
-    """MLX's kernels for the job, as MLX's rules choose them on this device (kernels/mlx_dispatch.py)."""
-    traces: list = []
-    mlx_library.run(mlx_dispatch.for_family(fam.name, shape, dtype.name, device.name), inputs, traces=traces)
-    return traces
+def mlx(fam, shape, dtype, device) -> list[Dispatch]:
+    """MLX's kernels for the job as mlx-lm calls MLX (Family.mlx_jobs), as MLX's rules choose them
+    on this device (kernels/mlx_dispatch.py), each run on its job's own inputs (a contiguous
+    cache where ours reads a paged pool): the counters depend on sizes, not values."""
+    from metalforge.kernels.timing import mlx_jobs
+    return [d for op, sizes in fam.mlx_jobs(dataclasses.asdict(shape))
+            for d in mlx_jobs.traced(op, sizes, dtype.name, device.name)]
 
 
 def report(fam, config, shape, dtype, device, seed: int = 0) -> dict:
     inputs = fam.make_inputs(shape, dtype, seed)
     return {"family": fam.name, "device": device.name, "shape": fam.describe(shape), "dtype": dtype.name,
             "ours": [t.as_dict() for t in ours(fam, config, shape, dtype, inputs)],
-            "mlx": [t.as_dict() for t in mlx(fam, shape, dtype, device, inputs)]}
+            "mlx": [t.as_dict() for t in mlx(fam, shape, dtype, device)]}
 
 
 def _totals(side: list[dict]) -> dict:

@@ -195,33 +195,37 @@ def test_the_rules_agree_with_what_mlx_developers_report_they_ran():
 
 
 def test_our_families_jobs_map_to_mlx_as_mlx_lm_calls_it():
-    """Every family's shape goes to the dispatch MLX runs for mlx-lm's call: quantized_matmul with
-    transposed weights, decode over a contiguous cache, causal prefill."""
+    """Every family's shape goes, through its own MLX op (Family.mlx_jobs), to the dispatch MLX
+    runs for mlx-lm's call: quantized_matmul with transposed weights, decode over a contiguous
+    cache (a paged pool is mlx-lm's contiguous cache), causal prefill, a fused family's products."""
     from metalforge.kernels.families import FAMILIES
+    from metalforge.kernels.timing import mlx_jobs
     shapes = {"qmv": dict(M=1, N=4096, K=4096, bits=4, group_size=64),
               "qmm": dict(M=512, N=4096, K=4096, bits=4, group_size=64),
-              "decode_attention": dict(B=1, Hq=32, Hkv=8, S=2048, D=128),
-              "prefill_attention": dict(B=1, Hq=32, Hkv=8, L=500, D=128, prefix=12)}
-    expected = {"qmv": md.qmm_dispatch(1, 4096, 4096, 4, 64, "float16", "m4-max-40"),
-                "qmm": md.qmm_dispatch(512, 4096, 4096, 4, 64, "float16", "m4-max-40"),
-                "decode_attention": md.decode_attention_dispatch(1, 32, 8, 2048, 128, "float16", "m4-max-40"),
-                "prefill_attention": md.prefill_attention_dispatch(1, 32, 8, 500, 128, "float16", "m4-max-40",
-                                                                   prefix=12, causal=True)}
-    # MLX's gather_qmv/gather_qmm rules, and the kernel sequences mlx-lm runs for the fused
-    # families' jobs (norm, products, elementwise, rope), are not ported yet
-    not_ported = {"gather_qmv", "gate_up", "norm_qkv"}
-    assert set(shapes) == set(FAMILIES) - not_ported
-    for name in not_ported:
-        with pytest.raises(MetalforgeError, match=f"no MLX kernel for family '{name}'"):
-            md.for_family(name, None, "float16", "m4-max-40")
+              "decode_attention": dict(B=1, Hq=32, Hkv=8, S=2048, D=128, block_size=16),
+              "prefill_attention": dict(B=1, Hq=32, Hkv=8, L=500, D=128, prefix=12),
+              "gate_up": dict(M=1, N=14336, K=4096, bits=4, group_size=64),
+              "norm_qkv": dict(M=1, K=4096, Hq=32, Hkv=8, D=128, bits=4, group_size=64)}
+    qmv = lambda N: md.qmm_dispatch(1, N, 4096, 4, 64, "float16", "m4-max-40")
+    expected = {"qmv": [qmv(4096)],
+                "qmm": [md.qmm_dispatch(512, 4096, 4096, 4, 64, "float16", "m4-max-40")],
+                "decode_attention": [md.decode_attention_dispatch(1, 32, 8, 2048, 128, "float16", "m4-max-40")],
+                "prefill_attention": [md.prefill_attention_dispatch(1, 32, 8, 500, 128, "float16", "m4-max-40",
+                                                                    prefix=12, causal=True)],
+                "gate_up": [qmv(14336)] * 2, "norm_qkv": [qmv(4096), qmv(1024), qmv(1024)]}
+    # MLX's gather_qmv/gather_qmm rules are not ported yet
+    assert set(shapes) == set(FAMILIES) - {"gather_qmv"}
+    with pytest.raises(MetalforgeError, match="no MLX kernel sequence is ported for family 'gather_qmv'; "
+                                              "valid families: qmv, qmm, decode_attention"):
+        FAMILIES["gather_qmv"].mlx_jobs(dict(M=1, N=256, K=256, experts=8, top_k=2))
     for name, family in ((n, FAMILIES[n]) for n in shapes):
-        choice = md.for_family(name, family.shape(shapes[name]), "float16", "m4-max-40")
-        assert choice == expected[name]
-    assert expected["qmm"].kernel == "affine_qmm_t_float16_t_gs_64_b_4_alN_true_batch_0"
-    assert dict((n, val) for _, n, val in expected["prefill_attention"].launches[0].constants)["do_causal"]
-    paged = FAMILIES["decode_attention"].shape(dict(shapes["decode_attention"], block_size=16))
-    with pytest.raises(MetalforgeError, match="MLX has no paged decode attention"):
-        md.for_family("decode_attention", paged, "float16", "m4-max-40")
+        fields = family.shape(shapes[name]).__dict__
+        choices = [mlx_jobs.choose(op, sizes, "float16", "m4-max-40") for op, sizes in family.mlx_jobs(fields)]
+        assert choices == expected[name], name
+    assert expected["qmm"][0].kernel == "affine_qmm_t_float16_t_gs_64_b_4_alN_true_batch_0"
+    assert dict((n, val) for _, n, val in expected["prefill_attention"][0].launches[0].constants)["do_causal"]
+    assert [c.job for c in expected["decode_attention"] + expected["prefill_attention"]] == \
+        ["sdpa_vector", "steel_attention"]
 
 
 @pytest.mark.parametrize("call,message", [

@@ -61,10 +61,7 @@ RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad
 
 
 def _runner(op: str, choice, dtype: str):
-    """run(shape) -> MLX's dispatches for the chosen kernels at `shape`."""
-    fn = choice.launches[0].function
-    if fn not in RUNNABLE:
-        raise MetalforgeError(f"MLX's {fn} is not instantiated by kernels/mlx_library.py: cannot be traced yet")
+    """run(shape) -> MLX's dispatches for the chosen kernels at `shape`, on random inputs of the job."""
     mdt = dtypes.get(dtype).mlx
 
     def run(s: dict):
@@ -89,6 +86,9 @@ def _runner(op: str, choice, dtype: str):
 def counted(op: str, shape: dict, dtype: str, device, mlx_version=None) -> list[traces.Counted]:
     """MLX's dispatches for the job on `device`, counted at the real shape."""
     choice = choose(op, shape, dtype, device, mlx_version)
+    fn = choice.launches[0].function
+    if fn not in RUNNABLE:
+        raise MetalforgeError(f"MLX's {fn} is not instantiated by kernels/mlx_library.py: cannot be traced yet")
     proxy, groups = {"matmul": (_proxy_matmul, MATMUL_GROUPS), "decode": (_proxy_decode, DECODE_GROUPS),
                      "prefill": (_proxy_prefill, PREFILL_GROUPS)}[op]
     p = proxy(shape, choice)
@@ -100,3 +100,8 @@ def counted(op: str, shape: dict, dtype: str, device, mlx_version=None) -> list[
             raise
         raise MetalforgeError(f"MLX's {choice.launches[0].kernel} cannot be traced yet: "
                               f"{str(e).splitlines()[0]} {str(e).splitlines()[1].strip()}") from None
+
+
+def traced(op: str, shape: dict, dtype: str, device) -> list:
+    """MLX's dispatches for the job on `device`, traced at the shape itself (`metalforge trace`)."""
+    return _runner(op, choose(op, shape, dtype, device), dtype)(shape)
