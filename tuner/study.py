@@ -33,6 +33,15 @@ def check_sampler(kind: str) -> str:
     return kind
 
 
+class _Grid(optuna.samplers.GridSampler):
+    """Optuna's grid, less its study.stop() once every config is handed out: Optuna allows that
+    only inside study.optimize (elsewhere it raises), and run_study's loop stops there itself
+    (budget_met: every config of the space tried)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def make_sampler(kind: str, family, trials: int, seed):
     """auto: every config when the budget covers the space, else TunerSampler (tuner/sampler.py);
     tpe: Optuna's TPE as it comes; random; grid."""
@@ -42,7 +51,7 @@ def make_sampler(kind: str, family, trials: int, seed):
     if kind == "auto":
         return TunerSampler(seed=seed)
     if kind == "grid":
-        return optuna.samplers.GridSampler({p.name: list(p.domain) for p in family.params}, seed=seed)
+        return _Grid({p.name: list(p.domain) for p in family.params}, seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
