@@ -129,22 +129,20 @@ template <> struct numeric_limits<bool> {
   static constexpr bool min() { return false; }
   static constexpr bool lowest() { return false; }
 };
-template <> struct numeric_limits<float> {
-  static constexpr float max() { return __FLT_MAX__; }
-  static constexpr float min() { return __FLT_MIN__; }
-  static constexpr float lowest() { return -__FLT_MAX__; }
-  static constexpr float infinity() { return __builtin_inff(); }
-  static constexpr float quiet_NaN() { return __builtin_nanf(""); }
-  static constexpr float epsilon() { return __FLT_EPSILON__; }
+// a floating type's limits from its largest, smallest normal and epsilon values as floats (F):
+// lowest is -max, infinity and NaN are float's converted
+template <class T, class F> struct mf_float_limits {
+  static constexpr T max() { return T(F::max); }
+  static constexpr T min() { return T(F::min); }
+  static constexpr T lowest() { return T(-F::max); }
+  static constexpr T infinity() { return T(__builtin_inff()); }
+  static constexpr T quiet_NaN() { return T(__builtin_nanf("")); }
+  static constexpr T epsilon() { return T(F::epsilon); }
 };
-template <> struct numeric_limits<_Float16> {
-  static constexpr _Float16 max() { return _Float16(65504.0f); }
-  static constexpr _Float16 min() { return _Float16(6.103515625e-05f); }
-  static constexpr _Float16 lowest() { return _Float16(-65504.0f); }
-  static constexpr _Float16 infinity() { return _Float16(__builtin_inff()); }
-  static constexpr _Float16 quiet_NaN() { return _Float16(__builtin_nanf("")); }
-  static constexpr _Float16 epsilon() { return _Float16(0.0009765625f); }
-};
+struct mf_float_values { static constexpr float max = __FLT_MAX__, min = __FLT_MIN__, epsilon = __FLT_EPSILON__; };
+struct mf_half_values { static constexpr float max = 65504.0f, min = 6.103515625e-05f, epsilon = 0.0009765625f; };
+template <> struct numeric_limits<float> : mf_float_limits<float, mf_float_values> {};
+template <> struct numeric_limits<_Float16> : mf_float_limits<_Float16, mf_half_values> {};
 
 // ---- bfloat: storage of the top 16 bits of a float, arithmetic in float, round to nearest even --
 struct bfloat {
@@ -170,14 +168,8 @@ struct bfloat {
   bfloat& operator/=(T o) { return *this = bfloat(float(*this) / float(o)); }
   constexpr bfloat operator-() const { return bfloat(-float(*this)); }
 };
-template <> struct numeric_limits<bfloat> {
-  static constexpr bfloat max() { return bfloat(3.38953139e38f); }
-  static constexpr bfloat min() { return bfloat(1.17549435e-38f); }
-  static constexpr bfloat lowest() { return bfloat(-3.38953139e38f); }
-  static constexpr bfloat infinity() { return bfloat(__builtin_inff()); }
-  static constexpr bfloat quiet_NaN() { return bfloat(__builtin_nanf("")); }
-  static constexpr bfloat epsilon() { return bfloat(0.0078125f); }
-};
+struct mf_bfloat_values { static constexpr float max = 3.38953139e38f, min = 1.17549435e-38f, epsilon = 0.0078125f; };
+template <> struct numeric_limits<bfloat> : mf_float_limits<bfloat, mf_bfloat_values> {};
 
 template <class T> struct is_scalar : integral_constant<bool, is_arithmetic<T>::value> {};
 template <> struct is_scalar<_Float16> : true_type {};

@@ -57,8 +57,8 @@ class Trace:
 class Dispatch:
     """One traced dispatch: the kernel (its host name), its geometry and what it did."""
     kernel: str
-    threadgroups: tuple[int, int, int]
-    threadgroup: tuple[int, int, int]
+    threadgroups: tuple[int, int, int]   # the grid in threadgroups, as Metal's dispatchThreadgroups counts it
+    threadgroup: tuple[int, int, int]    # threads per threadgroup
     trace: Trace
 
     def as_dict(self) -> dict:

@@ -65,8 +65,8 @@ class Launch:
     """One dispatch: which kernel, its geometry (grid counts threads) and its outputs."""
 
     kernel: KernelSource
-    grid: tuple[int, int, int]
-    threadgroup: tuple[int, int, int]
+    grid: tuple[int, int, int]          # threads, as mx.fast.metal_kernel counts them
+    threadgroup: tuple[int, int, int]   # threads
     output_shapes: tuple
     output_dtypes: tuple
     init_value: float | None = None

@@ -106,6 +106,19 @@ def test_limits_and_address_space_qualifiers():
     np.testing.assert_array_equal(out, [2.0, 65504.0, -np.inf, np.float32(2**31 - 1)])
 
 
+@pytest.mark.parametrize("metal,dtype", [("float", mx.float32), ("half", mx.float16), ("bfloat", mx.bfloat16)])
+def test_numeric_limits_of_the_floating_types(metal, dtype):
+    """metal::numeric_limits<T> against MLX's finfo of the same format."""
+    src = f"""
+        typedef numeric_limits<{metal}> L;
+        out[0] = float(L::max()); out[1] = float(L::min()); out[2] = float(L::lowest());
+        out[3] = float(L::epsilon()); out[4] = float(L::infinity()); out[5] = isnan(float(L::quiet_NaN())) ? 1.0f : 0.0f;
+    """
+    out = kernel(src, [mx.zeros(1)], (6,), grid=(1, 1, 1), tg=(1, 1, 1))
+    f = mx.finfo(dtype)
+    np.testing.assert_array_equal(out, np.array([f.max, f.smallest_normal, f.min, f.eps, np.inf, 1.0], np.float32))
+
+
 HEADER = """
 // A helper taking threadgroup memory by pointer, as MLX kernels do.
 inline float tree_sum(threadgroup float* buf, uint i, uint n) {
