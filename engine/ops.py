@@ -295,12 +295,12 @@ class Kernels:
             values.update(kv_bits=kv.quantization["bits"], kv_group_size=kv.quantization["group_size"])
 
         def inputs(d: Decision) -> dict:
-            variant = {"scale": mx.array(scale, dtype=mx.float32)}
+            variant = {"scale": _scalar(scale, ndim=0)}
             if softcap:
-                variant["softcap"] = mx.array(softcap, dtype=mx.float32)
+                variant["softcap"] = _scalar(softcap, ndim=0)
             if sinks is not None:
                 variant["sinks"] = extra["sinks"]
-            if d.family == "decode_attention":
+            if getattr(d.shape, "block_size", 0):   # the family reads the pool through a block table
                 return {"queries": q, **kv.paged(cdiv(d.shape.S, d.shape.block_size)), **variant}
             k, v = kv.sequence(0)
             return {"queries": q, "keys": k, "values": v, **variant}
@@ -381,10 +381,12 @@ def softcapped_attention(cap: float):
 
 
 @functools.lru_cache(maxsize=None)
-def _scalar(value: float) -> mx.array:
-    """A float32 scalar input of a kernel (a norm's eps, RoPE's scale): data, not a dispatch; made
-    once per value, not once per layer and step (arrays are immutable, so calls share it)."""
-    return mx.array([value], dtype=mx.float32)
+def _scalar(value: float, ndim: int = 1) -> mx.array:
+    """A float32 scalar input of a kernel: data, not a dispatch; made once per value, not once per
+    layer and step (arrays are immutable, so calls share it). One value (1,) where the kernel
+    indexes it (a norm's eps, RoPE's scale), 0-d where it takes it by reference (attention's scale
+    and soft-cap: metal_kernel passes a 0-d input as `const constant float&`)."""
+    return mx.array([value] if ndim else value, dtype=mx.float32)
 
 
 def _dtype_name(dtype) -> str:
