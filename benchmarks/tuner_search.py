@@ -1,5 +1,6 @@
 """How many evaluated configs the tuner's search needs to come within 5% of the exhaustive optimum
-of the model objective, against random search, for every family (side by side, same seeds, one run).
+of the model objective, against random search, for every family an 8B-class model's op plan runs
+(side by side, same seeds, one run).
 
     python benchmarks/tuner_search.py --device m3-max-40 --seeds 64 --out benchmarks/results/tuner_search
 
@@ -17,16 +18,16 @@ import optuna
 
 from metalforge.kernels import check_space
 from metalforge.kernels.families import get as get_family
-from metalforge.tuner import protocol, shapes, study as st
+from metalforge.tuner import defaults, protocol, shapes, study as st
 from metalforge.tuner.timers import ModelTimer
 from metalforge.plotting import figure, write_report
 
-SHAPES = {
-    "qmv": dict(M=1, N=4096, K=4096, bits=4, group_size=64),
-    "qmm": dict(M=512, N=4096, K=4096, bits=4, group_size=64),
-    "decode_attention": dict(B=1, Hq=32, Hkv=8, S=4096, D=128),
-    "prefill_attention": dict(B=1, Hq=32, Hkv=8, L=512, D=128),
-}
+
+def model_shapes() -> dict[str, dict]:
+    """Each family's first kernel shape in the 8B-class model's op plan: decode at 4,096 tokens
+    (attention over the engine's paged pool), a 512-token prompt."""
+    plan = shapes.from_model_config(defaults.MODELS[1], contexts=(4096,), prefill=(512,))
+    return {family: values[0] for family, values in plan.items()}
 
 
 TIE = 0.005   # mean gaps closer than half a percent of the optimum are a tie
@@ -64,7 +65,7 @@ def main():
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     report = {}
-    for name, values in SHAPES.items():
+    for name, values in model_shapes().items():
         fam = get_family(name)
         shape = fam.shape(values)
         valid, space = check_space(fam, shape, "float16", args.device)
