@@ -66,3 +66,19 @@ def test_the_table_puts_ours_and_mlx_side_by_side(capsys):
     header = next(i for i, line in enumerate(out) if line.split()[:3] == ["counter", "ours", "mlx"])
     rows = {line[:26].strip(): line[26:].split() for line in out[header + 1:]}
     assert rows["threads"][1] == "512" and int(rows["matrix_multiplies"][1].replace(",", "")) > 0
+
+
+def test_a_fused_family_against_the_mlx_kernels_mlx_lm_runs_for_its_products(capsys):
+    """gate_up's job as mlx-lm runs it: two quantized products (the gate's, the up's), each reading
+    its whole weight once, as ours reads both; the paged decode pool traced as MLX reads a cache:
+    contiguous."""
+    data = _trace(capsys, "gate_up", "--device", "m3", "--shape", "M=1,N=64,K=512,bits=4,group_size=64")
+    kernel = "affine_qmv_fast_float16_t_gs_64_b_4_batch_0_pr_0_hgs_0_r_4"
+    assert [d["kernel"] for d in data["mlx"]] == [kernel, kernel]
+    assert [d["counters"]["device"]["w"]["footprint_bytes"] for d in data["mlx"]] == [64 * 512 // 2] * 2
+    ours = data["ours"][0]["counters"]["device"]
+    assert ours["w_gate"]["footprint_bytes"] == ours["w_up"]["footprint_bytes"] == 64 * 512 // 2
+    data = _trace(capsys, "decode_attention", "--device", "m3", "--shape", "B=1,Hq=4,Hkv=1,S=1024,D=64,block_size=16")
+    assert [d["kernel"] for d in data["mlx"]] == ["sdpa_vector_float16_t_64_64"]
+    reads = data["mlx"][0]["counters"]["device"]
+    assert reads["keys"]["footprint_bytes"] == reads["values"]["footprint_bytes"] == 1024 * 64 * 2
