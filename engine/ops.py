@@ -300,7 +300,7 @@ class Kernels:
                 variant["softcap"] = _scalar(softcap, ndim=0)
             if sinks is not None:
                 variant["sinks"] = extra["sinks"]
-            if getattr(d.shape, "block_size", 0):   # the family reads the pool through a block table
+            if d.family == "decode_attention":
                 return {"queries": q, **kv.paged(cdiv(d.shape.S, d.shape.block_size)), **variant}
             k, v = kv.sequence(0)
             return {"queries": q, "keys": k, "values": v, **variant}
