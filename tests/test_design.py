@@ -92,8 +92,24 @@ for (uint v = 0; v < {{ V }}; v++)
 '''
 
 TOY_MODEL = '''
-"""toy_decoder: a model type written outside metalforge (llama's blocks under a new name)."""
+"""toy_decoder: a model type written outside metalforge: llama's blocks under a new name, with an
+args field of its own and its own layer class, paired with its Model by their names alone."""
+from dataclasses import dataclass
+
 from metalforge.engine.models import base
+
+
+@dataclass(frozen=True)
+class ModelArgs(base.ModelArgs):
+    toy_layers: int = 0
+
+    @classmethod
+    def read(cls, config, where):
+        return dict(toy_layers=config["num_hidden_layers"])
+
+
+class DecoderLayer(base.DecoderLayer):
+    pass
 
 
 class Model(base.Model):
@@ -173,6 +189,8 @@ def test_a_new_model_type_is_one_new_file_among_the_models(tmp_path):
         config = json.loads((weights / "config.json").read_text())
         toy = write_model(tmp_path / "toy", arch="llama", layers=2)
         (toy / "config.json").write_text(json.dumps({**config, "model_type": "toy_decoder"}))
+        assert models.parse({**config, "model_type": "toy_decoder"}).toy_layers == 2
+        assert models.get("toy_decoder").Layer.__module__.endswith("toy_decoder")
         runs = {}
         for name, path in (("llama", weights), ("toy", toy)):
             with engine.load(path, backend="mlx", kv_tokens=128) as e:
