@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from metalforge.engine import ops
-from metalforge.engine.config import Quantization, positive, size, sizes
+from metalforge.engine.config import LIMITS, Quantization, positive, size, sizes
 from metalforge.engine.kv import BLOCK_SIZE
 from metalforge.engine.models import rope as ropes
 from metalforge.errors import MetalforgeError
@@ -30,6 +30,9 @@ from metalforge.errors import MetalforgeError
 IMPLEMENTED = (("hidden_act", "silu", ("silu",)), ("use_sliding_window", False, (False,)))
 # What `layer_types` may name: a layer attending to the latest `sliding_window` keys, or to all.
 SLIDING, FULL = "sliding_attention", "full_attention"
+# The bounds of model types' own sizes, in terms of the generic ones: positions (a window, an
+# original context length) and layers (a layer pattern's period).
+POSITIONS, LAYERS = LIMITS["max_position_embeddings"], LIMITS["num_hidden_layers"]
 
 
 def check_implemented(config: dict, where: str, implemented=IMPLEMENTED) -> None:

@@ -24,11 +24,12 @@ class ModelArgs(base.ModelArgs):
 
     @classmethod
     def read(cls, config, where):
-        pattern = size(config, "sliding_window_pattern", where, 6)   # every pattern-th layer full
+        pattern = size(config, "sliding_window_pattern", where, 6, base.LAYERS)   # every pattern-th layer full
         types = [base.FULL if (i + 1) % pattern == 0 else base.SLIDING for i in range(config["num_hidden_layers"])]
         return dict(rope_local_base_freq=positive(config, "rope_local_base_freq", where, cls.rope_local_base_freq),
                     query_pre_attn_scalar=positive(config, "query_pre_attn_scalar", where, cls.query_pre_attn_scalar),
-                    sliding_window=size(config, "sliding_window", where, cls.sliding_window), layer_types=tuple(types))
+                    sliding_window=size(config, "sliding_window", where, cls.sliding_window, base.POSITIONS),
+                    layer_types=tuple(types))
 
 
 class Attention(gemma2.Attention):

@@ -29,7 +29,7 @@ class ModelArgs(moe.MoEArgs):
         alternating = [base.SLIDING, base.FULL] * (config["num_hidden_layers"] // 2)
         return dict(super().read(config, where), attention_bias=True,
                     layer_types=base.read_layer_types(config, where, alternating),
-                    sliding_window=size(config, "sliding_window", where, cls.sliding_window))
+                    sliding_window=size(config, "sliding_window", where, cls.sliding_window, base.POSITIONS))
 
 
 class Attention(base.Attention):

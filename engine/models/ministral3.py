@@ -24,7 +24,7 @@ class ModelArgs(base.ModelArgs):
             raise MetalforgeError(f"{where}: rope_parameters must be an object with rope_theta, "
                                   f"llama_4_scaling_beta and original_max_position_embeddings, got {rope!r}")
         types = base.read_layer_types(config, where, [base.FULL] * config["num_hidden_layers"])
-        window = size(config, "sliding_window", where) if base.SLIDING in types else None
+        window = size(config, "sliding_window", where, most=base.POSITIONS) if base.SLIDING in types else None
         beta = rope.get("llama_4_scaling_beta")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)):
             raise MetalforgeError(f"{where}: rope_parameters.llama_4_scaling_beta must be a number, got {beta!r}")
@@ -32,7 +32,7 @@ class ModelArgs(base.ModelArgs):
         return dict(rope_theta=positive(rope, "rope_theta", f"{where}: rope_parameters", None), rope_scaling=rope,
                     layer_types=types, sliding_window=window, llama_4_scaling_beta=float(beta),
                     original_max_position_embeddings=size(rope, "original_max_position_embeddings",
-                                                          f"{where}: rope_parameters"))
+                                                          f"{where}: rope_parameters", most=base.POSITIONS))
 
 
 class Attention(base.Attention):

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from metalforge.engine.config import size
+from metalforge.engine.config import LIMITS, size
 from metalforge.engine.models import base
+
+
+MOST_EXPERTS = 1 << 16   # experts in a layer, or taken per token: a typo's bound, well above any model's
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,10 @@ class MoEArgs(base.ModelArgs):
 
     @classmethod
     def read(cls, config, where):
-        return dict(num_experts=size(config, cls.EXPERTS, where, cls.num_experts),
-                    num_experts_per_tok=size(config, "num_experts_per_tok", where, cls.num_experts_per_tok),
-                    moe_intermediate_size=size(config, cls.EXPERT_SIZE, where))
+        return dict(num_experts=size(config, cls.EXPERTS, where, cls.num_experts, MOST_EXPERTS),
+                    num_experts_per_tok=size(config, "num_experts_per_tok", where, cls.num_experts_per_tok,
+                                             MOST_EXPERTS),
+                    moe_intermediate_size=size(config, cls.EXPERT_SIZE, where, most=LIMITS["intermediate_size"]))
 
 
 class ExpertLinear:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metalforge.engine.config import size
+from metalforge.engine.config import LIMITS, size
 from metalforge.engine.models import base, moe
 
 
@@ -20,7 +20,7 @@ class ModelArgs(moe.MoEArgs):
     @classmethod
     def read(cls, config, where):
         return dict(super().read(config, where), shared_expert_intermediate_size=size(
-            config, "shared_expert_intermediate_size", where))
+            config, "shared_expert_intermediate_size", where, most=LIMITS["intermediate_size"]))
 
 
 class SharedExpert(base.GatedMLP):

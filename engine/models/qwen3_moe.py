@@ -22,7 +22,7 @@ class ModelArgs(moe.MoEArgs):
             raise MetalforgeError(f"{where}: mlp_only_layers must be a list of layer numbers, got {only!r}")
         experts = super().read(config, where) if config.get("num_experts") else dict(num_experts=0)   # 0: all dense
         return dict(experts, rope_scaling=None,   # mlx-lm's qwen3_moe rotates with plain RoPE
-                    decoder_sparse_step=size(config, "decoder_sparse_step", where, 1),
+                    decoder_sparse_step=size(config, "decoder_sparse_step", where, 1, base.LAYERS),
                     mlp_only_layers=tuple(only), norm_topk_prob=base.flag(config, "norm_topk_prob", where))
 
 
