@@ -201,3 +201,15 @@ def test_a_new_model_type_is_one_new_file_among_the_models(tmp_path):
     finally:
         models.__path__.remove(str(folder))
         mx.clear_cache()
+
+
+def test_every_environment_variable_read_is_in_the_design_doc():
+    """docs/design.md's list is the one place naming them: every METALFORGE_ variable the package reads."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    folders = ("metalforge", "engine", "emulator", "kernels", "tuner", "results", "devices")
+    read = {name for folder in folders for path in (root / folder).rglob("*.py")
+            for name in re.findall(r"METALFORGE_[A-Z_]+[A-Z]", path.read_text())}
+    listed = set(re.findall(r"`(METALFORGE_[A-Z_]+)`", (root / "docs" / "design.md").read_text()))
+    assert read and read <= listed, sorted(read - listed)
