@@ -254,8 +254,8 @@ def summary(rows: list[dict]) -> list[str]:
             ratios = sorted(r[side].tokens_per_s / r["mlx-lm"].tokens_per_s for r in rs)
             spans.append(f"{ratios[0]:.2f}x" + (f" to {ratios[-1]:.2f}x" if len(ratios) > 1 else ""))
         r = rs[0]
-        lines.append(f"| {name} | {context} | {spans[0]} | {spans[1]} "
-                     f"| {r['ours (metal)'].dispatches / r['layers']:.0f}, {r['mlx-lm'].dispatches / r['layers']:.0f} |")
+        ours, theirs = (r[side].dispatches / r["layers"] for side in ("ours (metal)", "mlx-lm"))
+        lines.append(f"| {name} | {context} | {spans[0]} | {spans[1]} | {ours:.0f}, {theirs:.0f} |")
     return lines
 
 
