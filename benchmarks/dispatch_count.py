@@ -3,7 +3,7 @@ kernels), the engine's MLX path, and mlx-lm, on the same model folders.
 
     python benchmarks/dispatch_count.py FOLDER [FOLDER ...] [--context 256] [--chunk 128]
     python benchmarks/dispatch_count.py --demo      # mlx-lm-built 4-bit llama and qwen3 folders
-    python benchmarks/dispatch_count.py --demo --out README.md   # and the README's table
+    python benchmarks/dispatch_count.py --demo --out docs/benchmarks.md   # and its table there
 
 Counted on MLX's lazy graph (engine/dispatches.py): each primitive that launches a kernel on
 Metal, each mx.fast op and each of our metal_kernel calls as one, views as none; host
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=300, help="tokens in the cache before the counted passes")
     p.add_argument("--chunk", type=int, default=128, help="prompt tokens in the counted prefill pass")
     p.add_argument("--out", type=Path, help=f"also write the table into this Markdown file's '{HEADING}' section "
-                                            "(README.md)")
+                                            "(docs/benchmarks.md)")
     args = p.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     folders = list(args.folders) + (demo_folders(Path(tmp.name)) if args.demo else [])
@@ -120,7 +120,8 @@ Metal kernels a Mac would launch per decoder layer, counted on MLX's graph (each
 primitive, `mx.fast` op and `metal_kernel` call once; views none: `engine/dispatches.py`), for
 one decode step after {context} tokens and one prefill chunk of {chunk}: the engine's Metal path
 (our kernels), its MLX path, and mlx-lm on the same mlx-lm-built folders. Counts, not times.
-Written by `{command}`.
+Written by `{command}`; the script also prints each pass's kernels per token and outside the
+layers, and ours minus mlx-lm's by kind.
 
 | model | decode: ours (Metal path) | decode: ours (MLX path) | decode: mlx-lm | prefill: ours (Metal path) | prefill: mlx-lm | host syncs per forward (ours) |
 |---|---:|---:|---:|---:|---:|---:|

@@ -146,7 +146,7 @@ def plot(results, out):
 
 
 def markdown(data) -> str:
-    """The README's tables: per model, ours vs mlx-lm and the ratio (above 1: ours is faster)."""
+    """The report's tables: per model, ours vs mlx-lm and the ratio (above 1: ours is faster)."""
     def cell(ours, theirs, key, invert=False, fmt="{:.1f}"):
         if key not in theirs:
             return f"{fmt.format(ours[key])} vs not run"

@@ -15,22 +15,21 @@ from metalforge.errors import MetalforgeError, choices
 LIMITS = {
     "hidden_size": 131072, "intermediate_size": 1 << 20, "num_hidden_layers": 1024, "num_attention_heads": 1024,
     "num_key_value_heads": 1024, "head_dim": 1024, "vocab_size": 1 << 22, "max_position_embeddings": 2**31 - 1,
-    # architecture fields (engine/models/): windows, layer patterns, experts
-    "original_max_position_embeddings": 2**31 - 1, "sliding_window": 2**31 - 1, "sliding_window_pattern": 1024,
-    "num_experts": 1 << 16, "num_local_experts": 1 << 16, "num_experts_per_tok": 1 << 16,
-    "moe_intermediate_size": 1 << 20, "shared_expert_intermediate_size": 1 << 20, "decoder_sparse_step": 1024,
 }
 
 
-def size(config: dict, name: str, where: str, default=None) -> int:
+def size(config: dict, name: str, where: str, default=None, most: int | None = None) -> int:
+    """A whole number in 1..most: LIMITS' bound for the sizes above; a model type's own field
+    (engine/models/) names its bound, in terms of these (a window: max_position_embeddings')."""
+    most = LIMITS[name] if most is None else most
     value = config.get(name, default)
     if value is None:
         raise KeyError(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value != int(value):
         raise MetalforgeError(f"{where}: {name} must be an integer, got {value!r}")
-    if not 1 <= value <= LIMITS[name]:
-        raise MetalforgeError(f"{where}: {name}={value} is outside 1..{LIMITS[name]}")
+    if not 1 <= value <= most:
+        raise MetalforgeError(f"{where}: {name}={value} is outside 1..{most}")
     return int(value)
 
 

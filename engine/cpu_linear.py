@@ -1,7 +1,7 @@
 """Linear layers on MLX's CPU backend (no Metal), done the way that backend rewards.
 
-Two facts, measured side by side by `python benchmarks/engine_decode.py --linear` (its table is in
-the README):
+Two facts, measured side by side by `python benchmarks/engine_decode.py --linear` (its figures are in
+docs/engine.md):
 - MLX runs each CPU stream's work on one thread, so one matmul uses one core. A layer split by
   output rows into one part per core, each on its own stream, runs the parts at once (1.4-2.0x
   on two cores at 1 to 8 rows).

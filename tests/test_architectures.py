@@ -191,6 +191,13 @@ def test_mistral3_with_a_llama_text_model(tmp_path):
      r"quantization \{bits: 4, group_size: 64\} is not supported for mode mxfp4 \(bits 4; group_size 32\)"),
     ("mixtral", {"quantization": {"group_size": 64, "bits": 4, "model.layers.0.block_sparse_moe.gate": {"bits": 7, "group_size": 64}}},
      r"quantization\['model.layers.0.block_sparse_moe.gate'\] \{bits: 7, group_size: 64\} is not supported"),
+
+    # a model type's own sizes are bounded in terms of the generic ones (experts, positions, layers)
+    ("mixtral", {"num_local_experts": 1 << 17}, r"num_local_experts=131072 is outside 1\.\.65536"),
+    ("gpt_oss", {"sliding_window": 0}, r"sliding_window=0 is outside 1\.\.2147483647"),
+    ("gemma3_text", {"sliding_window_pattern": 2000}, r"sliding_window_pattern=2000 is outside 1\.\.1024"),
+    ("qwen2_moe", {"shared_expert_intermediate_size": None},
+     r"missing required field 'shared_expert_intermediate_size'"),
 ])
 def test_a_config_value_not_implemented_is_one_line_naming_the_field(arch, patch, message):
     from metalforge.engine import models

@@ -130,8 +130,24 @@ if (n < {{ N }}) {
 '''
 
 TOY_MODEL = '''
-"""toy_decoder: a model type written outside metalforge (llama's blocks under a new name)."""
+"""toy_decoder: a model type written outside metalforge: llama's blocks under a new name, with an
+args field of its own and its own layer class, paired with its Model by their names alone."""
+from dataclasses import dataclass
+
 from metalforge.engine.models import base
+
+
+@dataclass(frozen=True)
+class ModelArgs(base.ModelArgs):
+    toy_layers: int = 0
+
+    @classmethod
+    def read(cls, config, where):
+        return dict(toy_layers=config["num_hidden_layers"])
+
+
+class DecoderLayer(base.DecoderLayer):
+    pass
 
 
 class Model(base.Model):
@@ -227,6 +243,8 @@ def test_a_new_model_type_is_one_new_file_among_the_models(tmp_path):
         config = json.loads((weights / "config.json").read_text())
         toy = write_model(tmp_path / "toy", arch="llama", layers=2)
         (toy / "config.json").write_text(json.dumps({**config, "model_type": "toy_decoder"}))
+        assert models.parse({**config, "model_type": "toy_decoder"}).toy_layers == 2
+        assert models.get("toy_decoder").Layer.__module__.endswith("toy_decoder")
         runs = {}
         for name, path in (("llama", weights), ("toy", toy)):
             with engine.load(path, backend="mlx", kv_tokens=128) as e:
@@ -237,3 +255,15 @@ def test_a_new_model_type_is_one_new_file_among_the_models(tmp_path):
     finally:
         models.__path__.remove(str(folder))
         mx.clear_cache()
+
+
+def test_every_environment_variable_read_is_in_the_design_doc():
+    """docs/design.md's list is the one place naming them: every METALFORGE_ variable the package reads."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    folders = ("metalforge", "engine", "emulator", "kernels", "tuner", "results", "devices")
+    read = {name for folder in folders for path in (root / folder).rglob("*.py")
+            for name in re.findall(r"METALFORGE_[A-Z_]+[A-Z]", path.read_text())}
+    listed = set(re.findall(r"`(METALFORGE_[A-Z_]+)`", (root / "docs" / "design.md").read_text()))
+    assert read and read <= listed, sorted(read - listed)

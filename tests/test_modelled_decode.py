@@ -53,3 +53,14 @@ def test_auto_never_prices_its_kernels_slower_than_mlx_lm(md, tmp_path, monkeypa
         s = md.steps(config, 512, devices.get(name), glue)
         assert s["ours (auto)"].kernels_s <= s["mlx-lm"].kernels_s * (1 + 1e-9)
         assert s["mlx-lm"].glue_s > 0 and s["ours (metal)"].kernels_s != s["mlx-lm"].kernels_s
+
+
+def test_the_readme_summary_spans_the_devices_ratios(md):
+    """The README's table: one row per model and context, each ratio to mlx-lm from the lowest
+    device's to the highest's (hand-checked numbers), dispatches per layer from the step."""
+    def row(device, auto, metal, theirs):
+        step = lambda tps, dispatches: md.Step(kernels_s=1 / tps, glue_s=0.0, dispatches=dispatches)
+        return {"model": "m", "context": 512, "device": device, "layers": 2, "ours (auto)": step(auto, 14),
+                "ours (metal)": step(metal, 14), "mlx-lm": step(theirs, 42)}
+    lines = md.summary([row("a", 110, 200, 100), row("b", 100, 150, 100), row("c", 105, 300, 150)])
+    assert lines[2:] == ["| m | 512 | 0.70x to 1.10x | 1.50x to 2.00x | 7, 21 |"]

@@ -371,15 +371,15 @@ def test_ctrl_c_ends_running_streams_and_the_server_cleanly(folder, tmp_path):
     assert "Traceback" not in log and log.strip().endswith("metalforge: interrupted"), log
 
 
-def test_the_readme_serve_quick_start_runs(server, local):
-    """The README's openai block as written, pointed at this server: it streams the answer."""
+def test_the_documented_openai_client_runs(server, local):
+    """docs/engine.md's openai block as written, pointed at this server: it streams the answer."""
     import pathlib
     import re
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text.split("## Quick start 4", 1)[1], re.S).group(1)
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "engine.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text.split("## Serving", 1)[1], re.S).group(1)
     code = (code.replace("http://localhost:8080", server.url).replace("path/to/mlx-lm-model", server.model)
             .replace('"KEY, or anything without --api-key"', repr(KEY)).replace("print(", "printed.append(")
             .replace(', end="", flush=True)', ")"))
     printed: list = []
-    exec(compile(code, "README.md", "exec"), {"printed": printed})
+    exec(compile(code, "docs/engine.md", "exec"), {"printed": printed})
     assert len(printed) >= 2          # the role chunk, then text

@@ -5,19 +5,20 @@ op plan (which kernel shapes it runs) and its parameter count. Both are read off
 table the loader checks, and each block states its own part of that table, so nothing else
 describes a layer. A model type's module subclasses what differs (see llama.py, qwen3.py,
 gemma3_text.py, phi3.py, qwen3_moe.py): the extension points are the class attributes and
-small methods below (norm kind, activation, soft-caps, sinks, per-layer window and RoPE, scaled
-embeddings, post-norms, residual scale, the MLP of a layer).
+small methods below (norm kind, activation, soft-caps, sinks, sliding layers (`layer_types`),
+RoPE per layer, scaled embeddings, post-norms, residual scale, the MLP of a layer).
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from metalforge.engine import ops
-from metalforge.engine.config import Quantization, positive, size, sizes
+from metalforge.engine.config import LIMITS, Quantization, positive, size, sizes
 from metalforge.engine.kv import BLOCK_SIZE
 from metalforge.engine.models import rope as ropes
 from metalforge.errors import MetalforgeError
@@ -27,6 +28,11 @@ from metalforge.errors import MetalforgeError
 # implement: (field, its value when absent, the values we run). Anything else is refused at load,
 # by name. A model type with other values names its own (ModelArgs.IMPLEMENTED: Gemma's GELU).
 IMPLEMENTED = (("hidden_act", "silu", ("silu",)), ("use_sliding_window", False, (False,)))
+# What `layer_types` may name: a layer attending to the latest `sliding_window` keys, or to all.
+SLIDING, FULL = "sliding_attention", "full_attention"
+# The bounds of model types' own sizes, in terms of the generic ones: positions (a window, an
+# original context length) and layers (a layer pattern's period).
+POSITIONS, LAYERS = LIMITS["max_position_embeddings"], LIMITS["num_hidden_layers"]
 
 
 def check_implemented(config: dict, where: str, implemented=IMPLEMENTED) -> None:
@@ -57,10 +63,16 @@ class ModelArgs:
     rope_traditional: bool = False    # RoPE rotates adjacent pairs instead of halves
     partial_rotary_factor: float = 1.0   # the share of each head RoPE rotates
     qk_norm: bool = False             # RMS norm of q and k per head
+    layer_types: tuple = ()           # SLIDING or FULL per layer; () every layer full
+    sliding_window: int | None = None   # the keys a SLIDING layer attends to (its own included)
     quantization: Quantization | None = None
     eos_token_id: tuple = field(default_factory=tuple)
 
     IMPLEMENTED = IMPLEMENTED   # (not a field) the config values this model type runs: see check_implemented
+
+    def sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends to a sliding window of keys."""
+        return bool(self.layer_types) and self.layer_types[layer] == SLIDING
 
     @property
     def bits(self) -> int | None:
@@ -127,6 +139,14 @@ def rotary_factor(config: dict, where: str) -> float:
     if factor > 1:
         raise MetalforgeError(f"{where}: partial_rotary_factor={factor} is over 1")
     return factor
+
+
+def read_layer_types(config: dict, where: str, default: list) -> tuple[str, ...]:
+    """config.json's layer_types (else `default`): SLIDING or FULL for each layer."""
+    layers, types = config["num_hidden_layers"], config.get("layer_types") or default
+    if not isinstance(types, list) or len(types) != layers or not set(types) <= {SLIDING, FULL}:
+        raise MetalforgeError(f"{where}: layer_types must list {layers} of {SLIDING}, {FULL}; got {types!r}")
+    return tuple(types)
 
 
 def flag(config: dict, name: str, where: str, default: bool = False) -> bool:
@@ -243,7 +263,7 @@ class Attention(Block):
 
     def window_of(self, args: ModelArgs, layer: int) -> int | None:
         """How many of the latest keys (the token's own included) layer `layer` attends to; None: all."""
-        return None
+        return args.sliding_window if args.sliding(layer) else None
 
     def softcap_of(self, args: ModelArgs) -> float | None:
         return None
@@ -445,14 +465,33 @@ class DecoderLayer:
         return out
 
 
+class PostNormDecoderLayer(DecoderLayer):
+    """Each block's output normed before it joins the residual, under Gemma's names (Gemma 2
+    and 3, OLMo 2)."""
+
+    POST_ATTENTION_NORM = "post_attention_layernorm"
+    POST_MLP_NORM = "post_feedforward_layernorm"
+
+
 class Model:
     """A decoder over an mlx-lm weight dictionary: embedding, layers, final norm, output head.
-    Model type modules subclass it and name their `Args`, `Layer`, norm kind and activation."""
+    Model type modules subclass it and name their norm kind and activation; their `ModelArgs`
+    and `DecoderLayer` are found by name (see __init_subclass__)."""
 
     Args = ModelArgs
     Layer = DecoderLayer
     Norm = RMSNorm
     ACTIVATION = "silu"
+
+    def __init_subclass__(cls, **kwargs):
+        """A model type's module pairs its classes by name, as mlx-lm's loader pairs a module's
+        Model and ModelArgs: the module's `ModelArgs` and `DecoderLayer` are its Model's `Args`
+        and `Layer` unless the class names others (else the parent's are kept)."""
+        super().__init_subclass__(**kwargs)
+        module = sys.modules[cls.__module__]
+        for attr, name in (("Args", "ModelArgs"), ("Layer", "DecoderLayer")):
+            if attr not in cls.__dict__ and isinstance(getattr(module, name, None), type):
+                setattr(cls, attr, getattr(module, name))
 
     def __init__(self, args: ModelArgs, weights: dict[str, mx.array], kernels: ops.Kernels):
         w = self.rename(dict(weights))

@@ -41,16 +41,12 @@ class MLP(base.GatedMLP):
     NORM = "pre_feedforward_layernorm"
 
 
-class DecoderLayer(base.DecoderLayer):
+class DecoderLayer(base.PostNormDecoderLayer):
     Attention = Attention
     MLP = MLP
-    POST_ATTENTION_NORM = "post_attention_layernorm"
-    POST_MLP_NORM = "post_feedforward_layernorm"
 
 
 class Model(base.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
     Norm = base.OffsetRMSNorm
     ACTIVATION = "gelu_approx"
 

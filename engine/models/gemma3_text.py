@@ -16,33 +16,27 @@ class ModelArgs(base.ModelArgs):
     qk_norm: bool = True
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 32768
+    sliding_window: int | None = 512
     rope_local_base_freq: float = 10_000.0
     query_pre_attn_scalar: float = 256.0
-    sliding_window: int = 512
-    sliding_window_pattern: int = 6
 
     IMPLEMENTED = gemma2.GELU
 
     @classmethod
     def read(cls, config, where):
+        pattern = size(config, "sliding_window_pattern", where, 6, base.LAYERS)   # every pattern-th layer full
+        types = [base.FULL if (i + 1) % pattern == 0 else base.SLIDING for i in range(config["num_hidden_layers"])]
         return dict(rope_local_base_freq=positive(config, "rope_local_base_freq", where, cls.rope_local_base_freq),
                     query_pre_attn_scalar=positive(config, "query_pre_attn_scalar", where, cls.query_pre_attn_scalar),
-                    sliding_window=size(config, "sliding_window", where, cls.sliding_window),
-                    sliding_window_pattern=size(config, "sliding_window_pattern", where, cls.sliding_window_pattern))
-
-
-def is_sliding(args: ModelArgs, layer: int) -> bool:
-    return (layer + 1) % args.sliding_window_pattern != 0
+                    sliding_window=size(config, "sliding_window", where, cls.sliding_window, base.POSITIONS),
+                    layer_types=tuple(types))
 
 
 class Attention(gemma2.Attention):
     def make_rope(self, args, layer):
-        if is_sliding(args, layer):
+        if args.sliding(layer):
             return ropes.make(args.head_dim, args.rope_local_base_freq, None, args.max_position_embeddings)
         return super().make_rope(args, layer)
-
-    def window_of(self, args, layer):
-        return args.sliding_window if is_sliding(args, layer) else None
 
 
 class DecoderLayer(gemma2.DecoderLayer):
@@ -57,9 +51,6 @@ class DecoderLayer(gemma2.DecoderLayer):
 
 
 class Model(gemma2.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
-
     def adapt(self, args, w):
         return replace(args, tie_word_embeddings="lm_head.weight" not in w)
 

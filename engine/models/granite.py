@@ -39,9 +39,6 @@ class DecoderLayer(base.DecoderLayer):
 
 
 class Model(base.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
-
     def embedding_scale(self, args):
         return args.embedding_multiplier
 

@@ -7,15 +7,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from metalforge.engine.config import positive, size
-from metalforge.engine.models import base, gpt_oss, rope as ropes
+from metalforge.engine.models import base, rope as ropes
 from metalforge.errors import MetalforgeError
 
 
 @dataclass(frozen=True)
 class ModelArgs(base.ModelArgs):
     tie_word_embeddings: bool = True
-    layer_types: tuple = ()
-    sliding_window: int | None = None
     llama_4_scaling_beta: float = 0.0
     original_max_position_embeddings: int = 1
 
@@ -25,24 +23,19 @@ class ModelArgs(base.ModelArgs):
         if not isinstance(rope, dict):
             raise MetalforgeError(f"{where}: rope_parameters must be an object with rope_theta, "
                                   f"llama_4_scaling_beta and original_max_position_embeddings, got {rope!r}")
-        layers = config["num_hidden_layers"]
-        types = config.get("layer_types") or ["full_attention"] * layers
-        if not isinstance(types, list) or len(types) != layers or not set(types) <= set(gpt_oss.LAYER_TYPES):
-            raise MetalforgeError(f"{where}: layer_types must list {layers} of {', '.join(gpt_oss.LAYER_TYPES)}")
-        window = size(config, "sliding_window", where) if "sliding_attention" in types else None
+        types = base.read_layer_types(config, where, [base.FULL] * config["num_hidden_layers"])
+        window = size(config, "sliding_window", where, most=base.POSITIONS) if base.SLIDING in types else None
         beta = rope.get("llama_4_scaling_beta")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)):
             raise MetalforgeError(f"{where}: rope_parameters.llama_4_scaling_beta must be a number, got {beta!r}")
         ropes.scaling_type(rope, f"{where}: rope_parameters")
-        return dict(rope_theta=positive(rope, "rope_theta", f"{where}: rope_parameters", None), rope_scaling=rope, layer_types=tuple(types), sliding_window=window,
-                    llama_4_scaling_beta=float(beta), original_max_position_embeddings=size(
-                        rope, "original_max_position_embeddings", f"{where}: rope_parameters"))
+        return dict(rope_theta=positive(rope, "rope_theta", f"{where}: rope_parameters", None), rope_scaling=rope,
+                    layer_types=types, sliding_window=window, llama_4_scaling_beta=float(beta),
+                    original_max_position_embeddings=size(rope, "original_max_position_embeddings",
+                                                          f"{where}: rope_parameters", most=base.POSITIONS))
 
 
 class Attention(base.Attention):
-    def window_of(self, args, layer):
-        return args.sliding_window if args.layer_types[layer] == "sliding_attention" else None
-
     def scale_queries(self, q, step):
         a = self.args
         positions = step.positions.astype(mx.float32)   # (1, tokens)
@@ -55,5 +48,4 @@ class DecoderLayer(base.DecoderLayer):
 
 
 class Model(base.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
+    pass

@@ -2,7 +2,7 @@
 folder. config.json holds it as `text_config` (ministral3, or else llama; mistral4 is not
 served), the weights under `language_model.`; the vision tower and projector are not loaded.
 As mlx-lm's mistral3, whose text model keeps an untied head unless text_config says otherwise."""
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 from metalforge.engine.models import base, ministral3
 from metalforge.errors import MetalforgeError
@@ -31,14 +31,11 @@ class ModelArgs(ministral3.ModelArgs):
             args = ministral3.ModelArgs.from_config(text, where)
         else:   # llama: no position scaling, every layer global
             plain = base.ModelArgs.from_config(text, where)
-            args = ministral3.ModelArgs(**{f.name: getattr(plain, f.name) for f in fields(plain)},
-                                        layer_types=("full_attention",) * plain.num_hidden_layers)
+            args = ministral3.ModelArgs(**{f.name: getattr(plain, f.name) for f in fields(plain)})
         return cls(**{**{f.name: getattr(args, f.name) for f in fields(args)}, "model_type": "mistral3"})
 
 
 class Model(ministral3.Model):
-    Args = ModelArgs
-
     def rename(self, w):
         return {k.removeprefix(PREFIX): v for k, v in w.items()
                 if "vision_tower" not in k and "multi_modal_projector" not in k}

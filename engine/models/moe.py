@@ -2,13 +2,39 @@
 gpt_oss): a router picks each token's top-k experts, whose stacked weights (experts, out, in) run
 through the op layer's `expert_linear` (MLX's gather_qmm / gather_mm, as mlx-lm's SwitchGLU:
 tokens sorted by expert from 64 (token, expert) pairs on), and the experts' outputs are summed
-with the routing scores. A model type names its weights and its routing (`route`)."""
+with the routing scores. A model type names its weights, its routing (`route`) and the config's
+names for the expert counts (MoEArgs)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from metalforge.engine.config import LIMITS, size
 from metalforge.engine.models import base
+
+
+MOST_EXPERTS = 1 << 16   # experts in a layer, or taken per token: a typo's bound, well above any model's
+
+
+@dataclass(frozen=True)
+class MoEArgs(base.ModelArgs):
+    """The expert fields of every MoE model type. A default of None: config.json must set it."""
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None   # each expert's intermediate size
+
+    # (not fields) config.json's names for the number of experts and their intermediate size
+    EXPERTS = "num_experts"
+    EXPERT_SIZE = "moe_intermediate_size"
+
+    @classmethod
+    def read(cls, config, where):
+        return dict(num_experts=size(config, cls.EXPERTS, where, cls.num_experts, MOST_EXPERTS),
+                    num_experts_per_tok=size(config, "num_experts_per_tok", where, cls.num_experts_per_tok,
+                                             MOST_EXPERTS),
+                    moe_intermediate_size=size(config, cls.EXPERT_SIZE, where, most=LIMITS["intermediate_size"]))
 
 
 class ExpertLinear:
@@ -61,7 +87,7 @@ class SwitchGLU:
 
 class MoE(base.Block):
     """The MLP block of an MoE layer: router, experts, weighted sum. Subclasses name the router
-    and experts (ROUTER, EXPERTS, relative to the layer), the sizes, and `route`."""
+    and experts (ROUTER, EXPERTS, relative to the layer) and `route`."""
 
     NORM = "post_attention_layernorm"
     ROUTER = "mlp.gate"
@@ -89,15 +115,9 @@ class MoE(base.Block):
         return (self.experts(x, indices) * scores[..., None]).sum(axis=-2).astype(x.dtype)
 
     @classmethod
-    def sizes(cls, a) -> tuple[int, int]:
-        """(experts, the experts' intermediate size)."""
-        raise NotImplementedError
-
-    @classmethod
     def linears(cls, a, p):
-        experts, inter = cls.sizes(a)
-        return {p + cls.ROUTER: (experts, a.hidden_size),
-                **SwitchGLU.linears(p + cls.EXPERTS, experts, a.hidden_size, inter)}
+        return {p + cls.ROUTER: (a.num_experts, a.hidden_size),
+                **SwitchGLU.linears(p + cls.EXPERTS, a.num_experts, a.hidden_size, a.moe_intermediate_size)}
 
 
 def largest(x: mx.array, k: int, negated: bool = False) -> mx.array:

@@ -35,13 +35,10 @@ class MLP(base.GatedMLP):
     NORM = None
 
 
-class DecoderLayer(base.DecoderLayer):
+class DecoderLayer(base.PostNormDecoderLayer):
     Attention = Attention
     MLP = MLP
-    POST_ATTENTION_NORM = "post_attention_layernorm"
-    POST_MLP_NORM = "post_feedforward_layernorm"
 
 
 class Model(base.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
+    pass

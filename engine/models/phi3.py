@@ -23,7 +23,8 @@ class ModelArgs(base.ModelArgs):
             raise MetalforgeError(f"{where}: rope_scaling.type {ropes.scaling_type(scaling)!r} is not supported for "
                                   "phi3; supported: linear, longrope, su")
         return dict(head_dim=config["hidden_size"] // config["num_attention_heads"],
-                    original_max_position_embeddings=size(config, "original_max_position_embeddings", where, 4096),
+                    original_max_position_embeddings=size(config, "original_max_position_embeddings", where,
+                                                          4096, base.POSITIONS),
                     partial_rotary_factor=base.rotary_factor(config, where))
 
 
@@ -70,5 +71,4 @@ class DecoderLayer(base.DecoderLayer):
 
 
 class Model(base.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
+    pass

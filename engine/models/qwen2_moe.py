@@ -5,25 +5,22 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metalforge.engine.config import size
+from metalforge.engine.config import LIMITS, size
 from metalforge.engine.models import base, moe
 
 
 @dataclass(frozen=True)
-class ModelArgs(base.ModelArgs):
+class ModelArgs(moe.MoEArgs):
     attention_bias: bool = True
     rope_theta: float = 1e6
-    num_experts: int = 1
-    num_experts_per_tok: int = 1
-    moe_intermediate_size: int = 1
-    shared_expert_intermediate_size: int = 1
+    shared_expert_intermediate_size: int | None = None
 
     IMPLEMENTED = base.IMPLEMENTED + (("norm_topk_prob", False, (False,)),)   # mlx-lm's does not renormalise
 
     @classmethod
     def read(cls, config, where):
-        return {name: size(config, name, where) for name in
-                ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")}
+        return dict(super().read(config, where), shared_expert_intermediate_size=size(
+            config, "shared_expert_intermediate_size", where, most=LIMITS["intermediate_size"]))
 
 
 class SharedExpert(base.GatedMLP):
@@ -49,10 +46,6 @@ class MoE(moe.MoE):
         return super().mix(x) + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
     @classmethod
-    def sizes(cls, a):
-        return a.num_experts, a.moe_intermediate_size
-
-    @classmethod
     def linears(cls, a, p):
         return {**super().linears(a, p), **SharedExpert.linears(a, p), p + "mlp.shared_expert_gate": (1, a.hidden_size)}
 
@@ -62,5 +55,4 @@ class DecoderLayer(base.DecoderLayer):
 
 
 class Model(base.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
+    pass

@@ -10,4 +10,4 @@ class ModelArgs(base.ModelArgs):
 
 
 class Model(base.Model):
-    Args = ModelArgs
+    pass

@@ -9,11 +9,8 @@ from metalforge.errors import MetalforgeError
 
 
 @dataclass(frozen=True)
-class ModelArgs(base.ModelArgs):
+class ModelArgs(moe.MoEArgs):
     qk_norm: bool = True
-    num_experts: int = 0
-    num_experts_per_tok: int = 1
-    moe_intermediate_size: int = 1
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple = ()
     norm_topk_prob: bool = False
@@ -23,22 +20,15 @@ class ModelArgs(base.ModelArgs):
         only = config.get("mlp_only_layers") or []
         if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
             raise MetalforgeError(f"{where}: mlp_only_layers must be a list of layer numbers, got {only!r}")
-        experts = config.get("num_experts", 0)
-        return dict(rope_scaling=None,   # mlx-lm's qwen3_moe rotates with plain RoPE
-                    num_experts=size(config, "num_experts", where) if experts else 0,
-                    num_experts_per_tok=size(config, "num_experts_per_tok", where),
-                    moe_intermediate_size=size(config, "moe_intermediate_size", where),
-                    decoder_sparse_step=size(config, "decoder_sparse_step", where, 1),
+        experts = super().read(config, where) if config.get("num_experts") else dict(num_experts=0)   # 0: all dense
+        return dict(experts, rope_scaling=None,   # mlx-lm's qwen3_moe rotates with plain RoPE
+                    decoder_sparse_step=size(config, "decoder_sparse_step", where, 1, base.LAYERS),
                     mlp_only_layers=tuple(only), norm_topk_prob=base.flag(config, "norm_topk_prob", where))
 
 
 class MoE(moe.MoE):
     def route(self, logits):
         return moe.top_k_of_softmax(logits, self.top_k, self.args.norm_topk_prob)
-
-    @classmethod
-    def sizes(cls, a):
-        return a.num_experts, a.moe_intermediate_size
 
 
 class DecoderLayer(base.DecoderLayer):
@@ -49,5 +39,4 @@ class DecoderLayer(base.DecoderLayer):
 
 
 class Model(base.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
+    pass

@@ -59,8 +59,6 @@ class DecoderLayer(base.DecoderLayer):
 
 
 class Model(base.Model):
-    Args = ModelArgs
-    Layer = DecoderLayer
     Norm = base.LayerNorm
 
     @classmethod
