@@ -280,6 +280,31 @@ def engine_counts(folder, backend: str, device, context: int, chunk: int):
     return e.args.num_hidden_layers, decode, prefill
 
 
+def step_counts(folder, backend: str, device, context: int, plain: int, verifying: int, drafts: int):
+    """Kernels of one decode step of `plain` sequences of one new token and `verifying`
+    sequences verifying `drafts` drafts each (k+1 tokens), every sequence `context` tokens long,
+    on the paths a Mac takes: (a pass for the plain ones and one per verifying sequence, summed:
+    how the loop ran speculative requests before, one ragged pass of all of them)."""
+    from metalforge import engine
+    with metal_available():
+        e = engine.load(folder, backend=backend, device=device, kv_tokens=2 * (plain + verifying) * (context + 64))
+    prompt = _prompt(context)
+
+    def sequences():
+        sids = [e.add_sequence() for _ in range(plain + verifying)]
+        for sid in sids:
+            engine_pass(e, {sid: prompt})   # the cache before the counted passes
+        return {sid: [7] * (1 if i < plain else drafts + 1) for i, sid in enumerate(sids)}
+    alone, together = sequences(), sequences()
+    parts = [{sid: t for sid, t in alone.items() if len(t) == 1}] + \
+        [{sid: t} for sid, t in alone.items() if len(t) > 1]
+    apart = Counts()
+    for counts in (engine_pass(e, p) for p in parts if p):
+        apart.kernels.update(counts.kernels)
+        apart.host_syncs.update(counts.host_syncs)
+    return apart, engine_pass(e, together)
+
+
 class _PassThrough:
     """An mlx-lm layer that hands its input on (its attributes, such as use_sliding, stay)."""
 
