@@ -4,6 +4,7 @@ kernels), the engine's MLX path, and mlx-lm, on the same model folders.
     python benchmarks/dispatch_count.py FOLDER [FOLDER ...] [--context 256] [--chunk 128]
     python benchmarks/dispatch_count.py --demo      # mlx-lm-built 4-bit llama and qwen3 folders
     python benchmarks/dispatch_count.py --demo --out docs/benchmarks.md   # and its table there
+    python benchmarks/dispatch_count.py --demo --verifying 2 --plain 2 --drafts 3   # a speculative batch's step
 
 Counted on MLX's lazy graph (engine/dispatches.py): each primitive that launches a kernel on
 Metal, each mx.fast op and each of our metal_kernel calls as one, views as none; host
@@ -11,7 +12,10 @@ synchronisations made while the pass is built are counted apart. Per layer = (th
 the pass without its decoder layers) / layers. Counts, not times: they say nothing of a kernel's
 length. The last line reads
     dispatches per layer (decode): ours N, mlx-lm M; host syncs per forward: K
-for the last folder (ours: the Metal path).
+for the last folder (ours: the Metal path). With --verifying S: also one decode step of --plain
+sequences of one token and S sequences verifying --drafts drafts each, counted as the loop ran
+it before speculative requests joined the batch's pass (a pass for the plain ones and one per
+verifying sequence) and as one ragged pass, both paths.
 """
 from __future__ import annotations
 
@@ -76,6 +80,16 @@ def report(folder, results) -> dict:
     return totals
 
 
+def mixed_step(folder, args) -> None:
+    """Print a mixed step's kernels and host syncs, separate passes against one ragged pass."""
+    print(f"  one step of {args.plain} plain + {args.verifying} verifying {args.drafts} drafts each "
+          f"(after {args.context} tokens): kernels, separate passes -> one ragged pass")
+    for side, backend in (("ours (metal)", "metal"), ("ours (mlx)", "mlx")):
+        apart, together = dispatches.step_counts(folder, backend, args.device, args.context, args.plain,
+                                                 args.verifying, args.drafts)
+        print(f"    {side:13} {apart.total:6d} -> {together.total:6d}; host syncs {apart.syncs} -> {together.syncs}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="*", type=Path)
@@ -83,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="m3-max-40", help="the device profile whose tuned configs the Metal path uses")
     p.add_argument("--context", type=int, default=300, help="tokens in the cache before the counted passes")
     p.add_argument("--chunk", type=int, default=128, help="prompt tokens in the counted prefill pass")
+    p.add_argument("--verifying", type=int, default=0, help="speculative sequences in the counted mixed step")
+    p.add_argument("--plain", type=int, default=2, help="sequences of one new token in the mixed step")
+    p.add_argument("--drafts", type=int, default=3, help="drafts each speculative sequence verifies")
     p.add_argument("--out", type=Path, help=f"also write the table into this Markdown file's '{HEADING}' section "
                                             "(docs/benchmarks.md)")
     args = p.parse_args(argv)
@@ -103,6 +120,8 @@ def main(argv=None) -> int:
         table.append(f"| {name} | {t['ours (metal)', 'decode']:g} | {t['ours (mlx)', 'decode']:g} | "
                      f"{t['mlx-lm', 'decode']:g} | {t['ours (metal)', 'prefill']:g} | {t['mlx-lm', 'prefill']:g} | "
                      f"{t['syncs']} |")
+        if args.verifying:
+            mixed_step(folder, args)
         line = (f"dispatches per layer (decode): ours {t['ours (metal)', 'decode']:g}, mlx-lm {t['mlx-lm', 'decode']:g}; "
                 f"host syncs per forward: {t['syncs']}")
     print(line)

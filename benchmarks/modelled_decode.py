@@ -23,7 +23,9 @@ MODELLED, not measured. One decode step (one sequence, one token) of the built-i
 - every other dispatch of the step (norms, RoPE, bias and residual adds, SwiGLU, cache writes,
   casts, the embedding row): counted by engine/dispatches.py's counter on MLX's graph of a
   small folder of the same architecture built by mlx-lm's own classes (same model type, head dim
-  and GQA ratio; counts per layer do not depend on the width), each priced at the fitted
+  and GQA ratio; counts per layer do not depend on the width), our side with each fused op and
+  attention run by whichever side the priced step runs it (a fused op of MLX's brings its
+  composition's norms, RoPE and adds; one of ours none), each priced at the fitted
   per-dispatch cost plus its bytes at the fitted DRAM rate. The bytes are an ANALYTIC count, not
   a trace (MLX's elementwise kernels are not run in the emulator yet): each dispatch reads two
   and writes one fp16 vector of the residual stream's width (the SwiGLU product, one a layer on
@@ -39,6 +41,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import json
 import os
 import sys
 import tempfile
@@ -97,21 +100,59 @@ def small_folder(config: dict, root: Path) -> Path:
     return folder
 
 
-def glue(config: dict, context: int) -> dict[str, Glue]:
-    """Per path ("ours": the engine's Metal path, its fused kernels wherever they serve; "ours
-    (mlx)": its MLX path, MLX's compositions; "mlx-lm"): the step's dispatches that are not priced
-    kernels."""
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):
-        folder = small_folder(config, Path(tmp))
-        # one token short of the context: mlx-lm's cache grows (Full, Concatenate) once every 256
-        # tokens, at a multiple of 256; the counted step is a steady one
-        layers, decode, _ = dispatches.engine_counts(folder, "metal", "m3-max-40", context - 1, 16)
-        out = {"ours": Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))}
-        layers, decode, _ = dispatches.engine_counts(folder, "mlx", "m3-max-40", context - 1, 16)
-        out["ours (mlx)"] = Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))
-        layers, decode, _ = dispatches.mlx_lm_counts(folder, context - 1, 16)
-        out["mlx-lm"] = Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))
-    return out
+class GlueCounts:
+    """The dispatches of a decode step after `context` tokens that are not priced kernels,
+    counted on a small folder of `config`'s architecture (small_folder): mlx-lm's, and the
+    engine's Metal path's with the ops `Roles` names run by MLX's op (each mix counted once)."""
+
+    def __init__(self, config: dict, context: int):
+        self.context = context
+        self._tmp = tempfile.TemporaryDirectory()
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.folder = small_folder(config, Path(self._tmp.name))
+            # one token short of the context: mlx-lm's cache grows (Full, Concatenate) once every 256
+            # tokens, at a multiple of 256; the counted step is a steady one
+            layers, decode, _ = dispatches.mlx_lm_counts(self.folder, context - 1, 16)
+        self.mlx_lm = _glue_of_step(layers, decode)
+        self.roles = Roles(models.parse(json.loads((self.folder / "config.json").read_text()), "config"))
+        self._ours: dict[frozenset, Glue] = {}
+
+    def ours(self, mlx_roles=frozenset()) -> Glue:
+        """The engine's Metal path, our kernels wherever they serve but for the ops whose roles
+        (Roles.of) are in `mlx_roles`, which run MLX's op (its composition, for a fused one)."""
+        mlx_roles = frozenset(mlx_roles)
+        if mlx_roles not in self._ours:
+            with contextlib.redirect_stderr(io.StringIO()):
+                layers, decode, _ = dispatches.engine_counts(
+                    self.folder, "metal", "m3-max-40", self.context - 1, 16,
+                    mlx_for=lambda op, values: self.roles.of(op, values) in mlx_roles)
+            self._ours[mlx_roles] = _glue_of_step(layers, decode)
+        return self._ours[mlx_roles]
+
+
+class Roles:
+    """What each op of a decode step is for, alike in a model and a smaller one of its
+    architecture: a fused op by the weights it runs (a layer's q/k/v, gate/up, o_proj or
+    down_proj with the residual add), attention as itself; None for a plain linear (ours or
+    MLX's, one priced kernel and no other dispatch)."""
+
+    def __init__(self, args):
+        cls = models.get(args.model_type)
+        fused = cls.Layer.fused_ops(args, 0, 1, cls)
+        self._fused = [(p.op, p.values, tuple(n.removeprefix("model.layers.0.") for n in names))
+                       for names, p in fused.items()]
+
+    def all(self) -> list:
+        return [role for _, _, role in self._fused] + ["attention"]
+
+    def of(self, op: str, values: dict):
+        if op == "attention":
+            return op
+        return next((role for o, v, role in self._fused if o == op and v == values), None)
+
+
+def _glue_of_step(layers: int, decode) -> Glue:
+    return Glue(_glue(dispatches.per_layer(*decode, layers)), _glue(decode[1].kernels))
 
 
 def step_ops(config: dict, context: int) -> list[tuple[str, dict, int]]:
@@ -176,31 +217,18 @@ def glue_seconds(config: dict, dispatches: float, device) -> float:
     return dispatches * (whole["dispatch_s"] + whole["dram"] * bytes_ / (device.memory_bandwidth_gbs * 1e9))
 
 
-def _glue_of(side: str, fused: list[tuple[bool, bool]], counts: dict[str, Glue]) -> Glue:
-    """The dispatches a side's step makes besides its priced kernels: the Metal path's where every
-    fused op (`fused`: (ran ours, is a residual projection) each) runs ours, the MLX path's
-    (MLX's compositions) where none does, that less one add a layer for each residual projection of
-    ours where only those run ours (their epilogue does the add)."""
-    if side == "mlx-lm":
-        return counts["mlx-lm"]
-    if all(ours for ours, _ in fused):
-        return counts["ours"]
-    if any(ours and not residual for ours, residual in fused):
-        raise MetalforgeError(f"{side}: some fused ops run ours and some MLX's: their dispatches are not counted apart")
-    g = counts["ours (mlx)"]
-    return Glue(g.per_layer - sum(ours for ours, _ in fused), g.outside)
-
-
-def steps(config: dict, context: int, device, glue_counts: dict[str, Glue]) -> dict[str, Step]:
-    """Per side ("ours (auto)", "ours (metal)", "mlx-lm"): the modelled decode step."""
+def steps(config: dict, context: int, device, glue_counts: GlueCounts) -> dict[str, Step]:
+    """Per side ("ours (auto)", "ours (metal)", "mlx-lm"): the modelled decode step, each op
+    priced by whichever side runs it, and the other dispatches as that mix launches them."""
     from metalforge.engine.ops import Kernels
     constants = fit.shipped()["constants"]
-    layers = models.parse(config, "config").num_hidden_layers
+    args = models.parse(config, "config")
+    roles = Roles(args)
     auto = Kernels("emulator", device)
     auto.by_evidence = True            # what `auto` does on a Mac
     asked = Kernels("emulator", device)
     sums = {side: [0.0, 0] for side in ("ours (auto)", "ours (metal)", "mlx-lm")}
-    fused = {side: [] for side in sums}   # per side: whether each fused op ran ours
+    mlx_roles = {side: set() for side in sums}   # per side: the roles of the ops MLX's op runs
     for op, values, times in step_ops(config, context):
         theirs = mlx_price(op, values, device, constants)
         for side, kernels in (("ours (auto)", auto), ("ours (metal)", asked), ("mlx-lm", None)):
@@ -208,12 +236,14 @@ def steps(config: dict, context: int, device, glue_counts: dict[str, Glue]) -> d
             seconds, n = ours_price(d, device, constants) if d is not None and d.family else theirs
             sums[side][0] += times * seconds
             sums[side][1] += times * n
-            if op != "linear" and op != "attention" or values.get("residual"):
-                fused[side].append((bool(d is not None and d.family), bool(values.get("residual"))))
+            if not (d is not None and d.family) and roles.of(op, values) is not None:
+                mlx_roles[side].add(roles.of(op, values))
     out = {}
     for side, (seconds, n) in sums.items():
-        g = _glue_of(side, fused[side], glue_counts)
-        extra = g.per_layer * layers + g.outside
+        # a fused op the small folder has and the model not (no family of ours serves its size) runs MLX's
+        unserved = set(glue_counts.roles.all()) - set(roles.all())
+        g = glue_counts.mlx_lm if side == "mlx-lm" else glue_counts.ours(mlx_roles[side] | unserved)
+        extra = g.per_layer * args.num_hidden_layers + g.outside
         out[side] = Step(seconds, glue_seconds(config, extra, device), n + extra)
     return out
 
@@ -223,7 +253,7 @@ def table(device_names, contexts) -> tuple[list[str], list[dict]]:
     for name, config in zip(MODEL_NAMES, defaults.MODELS):
         layers = models.parse(config, "config").num_hidden_layers
         for context in contexts:
-            g = glue(config, context)
+            g = GlueCounts(config, context)
             for dev_name in device_names:
                 dev = devices.get(dev_name)
                 s = steps(config, context, dev, g)

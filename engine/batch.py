@@ -22,8 +22,8 @@ class Batch(Scheduler):
         logprobs=k fills each Token's `logprob` and its k `top_logprobs`. With keep=True the
         sequence stays in the pool once the request ends, as Engine.generate's does (its id is
         `sequence(rid)`; Engine.keep_prefix offers it to later prompts). `draft` /
-        `prompt_lookup`: this request is decoded speculatively (as Engine.generate), a verify pass
-        of its own each step beside the others' shared decode pass. `max_kv_size`: its own sliding
+        `prompt_lookup`: this request is decoded speculatively (as Engine.generate), its verify pass
+        in each step's one forward pass beside the other requests' tokens. `max_kv_size`: its own sliding
         window."""
         return self.request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, keep, logprobs, draft=draft,
                             num_draft=num_draft, prompt_lookup=prompt_lookup, max_kv_size=max_kv_size)

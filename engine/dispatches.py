@@ -265,19 +265,59 @@ def _prompt(context: int) -> list[int]:
     return [1 + i % 200 for i in range(context)]
 
 
-def engine_counts(folder, backend: str, device, context: int, chunk: int):
+def engine_counts(folder, backend: str, device, context: int, chunk: int, mlx_for=None):
     """(layers, [decode, decode without layers], [prefill, prefill without layers]) of the
     engine on `backend` for a prefill chunk of `chunk` tokens and one decode step after
-    `context` cached tokens, on the paths a Mac takes."""
+    `context` cached tokens, on the paths a Mac takes. `mlx_for(op, values)`: whether a call
+    runs MLX's op whatever its decision (a step whose ops run ours or MLX's as another one's do)."""
     from metalforge import engine
     with metal_available():
         e = engine.load(folder, backend=backend, device=device, kv_tokens=context + chunk + 64)
+    if mlx_for is not None:
+        _run_mlx_for(e.kernels, mlx_for)
     sid = e.add_sequence()
     prompt = _prompt(context)
     engine_pass(e, {sid: prompt[:-chunk]})                 # the cache before the counted passes
     prefill = [engine_pass(e, {sid: prompt[-chunk:]}, layers=flag) for flag in (True, False)]
     decode = [engine_pass(e, {sid: [7]}, layers=flag) for flag in (True, False)]
     return e.args.num_hidden_layers, decode, prefill
+
+
+def step_counts(folder, backend: str, device, context: int, plain: int, verifying: int, drafts: int):
+    """Kernels of one decode step of `plain` sequences of one new token and `verifying`
+    sequences verifying `drafts` drafts each (k+1 tokens), every sequence `context` tokens long,
+    on the paths a Mac takes: (a pass for the plain ones and one per verifying sequence, summed:
+    how the loop ran speculative requests before, one ragged pass of all of them)."""
+    from metalforge import engine
+    with metal_available():
+        e = engine.load(folder, backend=backend, device=device, kv_tokens=2 * (plain + verifying) * (context + 64))
+    prompt = _prompt(context)
+
+    def sequences():
+        sids = [e.add_sequence() for _ in range(plain + verifying)]
+        for sid in sids:
+            engine_pass(e, {sid: prompt})   # the cache before the counted passes
+        return {sid: [7] * (1 if i < plain else drafts + 1) for i, sid in enumerate(sids)}
+    alone, together = sequences(), sequences()
+    parts = [{sid: t for sid, t in alone.items() if len(t) == 1}] + \
+        [{sid: t} for sid, t in alone.items() if len(t) > 1]
+    apart = Counts()
+    for counts in (engine_pass(e, p) for p in parts if p):
+        apart.kernels.update(counts.kernels)
+        apart.host_syncs.update(counts.host_syncs)
+    return apart, engine_pass(e, together)
+
+
+def _run_mlx_for(kernels, mlx_for) -> None:
+    """Make `kernels` decide MLX's op for the calls `mlx_for(op, values)` names."""
+    from metalforge.engine.ops import Decision
+    decide = kernels.decide
+
+    def decided(op: str, values: dict, dtype: str):
+        d = decide(op, values, dtype)
+        return Decision(None, values, None, None, "MLX: as the counted step runs it") \
+            if d.family is not None and mlx_for(op, values) else d
+    kernels.decide = decided
 
 
 class _PassThrough:

@@ -23,7 +23,6 @@ import mlx.core as mx
 from metalforge import devices
 from metalforge.engine.cpu_linear import CpuLinear
 from metalforge.errors import MetalforgeError
-from metalforge.intmath import cdiv
 from metalforge.kernels import backends
 from metalforge.kernels.checks import check
 from metalforge.kernels.families import FAMILIES, get as get_family
@@ -79,6 +78,12 @@ class Decision:
     shape: object
     config: dict | None
     why: str
+
+    @property
+    def table_width(self) -> int:
+        """Blocks a row of the block table holds where the kernel reads the KV pool through one
+        (its shape's `max_blocks`), else 0: it reads one sequence's K/V, contiguous."""
+        return getattr(self.shape, "max_blocks", 0)
 
 
 class Kernels:
@@ -247,32 +252,41 @@ class Kernels:
 
     def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:
         """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),
-        group by group of the step: sequences of one new token together (decode), each prompt
-        alone. `variant`: window, softcap, sinks (see _attention)."""
+        group by group of the step: sequences of as many new tokens each together (one token
+        decoding, k+1 verifying k drafts), a prompt alone. `variant`: window, softcap, sinks
+        (see _attention)."""
         outs = []
         for g in kv.groups():
-            qg = q[:, :, g.group.tokens] if len(kv.step.groups) > 1 else q
-            if g.group.new == 1:   # (1, Hq, B, D) as B sequences of one token
+            qg = q[:, :, g.group.tokens] if len(kv.step.attention_groups) > 1 else q
+            B, L = len(g.group.members), g.group.new
+            if L == 1:   # (1, Hq, B, D) as B sequences of one token: views
                 outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale, **variant).transpose(2, 1, 0, 3))
+            elif B > 1:   # (1, Hq, B * L, D) as B sequences of L tokens
+                Hq, D = q.shape[1], q.shape[3]
+                per_sequence = qg.reshape(Hq, B, L, D).transpose(1, 0, 2, 3)
+                out = self._attention(per_sequence, g, scale, **variant)
+                outs.append(out.transpose(1, 0, 2, 3).reshape(1, Hq, B * L, D))
             else:
                 outs.append(self._attention(qg, g, scale, **variant))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
     def _attention(self, q: mx.array, kv, scale: float, window: int | None = None, softcap: float | None = None,
                    sinks: mx.array | None = None) -> mx.array:
-        """q: (B, Hq, L, D) -> the same, over one group's K/V: one token of each of B sequences,
-        or L tokens of one. `window`: each token attends to the latest `window` keys only (its
-        own included); `softcap`: scores pass through softcap * tanh(score / softcap) (Gemma 2);
+        """q: (B, Hq, L, D) -> the same, over one group's K/V: L new tokens of each of B
+        sequences. `window`: each token attends to the latest `window` keys only (its own
+        included); `softcap`: scores pass through softcap * tanh(score / softcap) (Gemma 2);
         `sinks`: a logit per head that joins the softmax's denominator (gpt-oss)."""
         B, Hq, L, D = q.shape
         window = window if window is not None and kv.longest > window else None   # a window the context fills
         sdpa = softcapped_attention(softcap) if softcap else mx.fast.scaled_dot_product_attention
         extra = {} if sinks is None else {"sinks": sinks.astype(q.dtype)}
-        if L == 1:
-            def mlx_op():   # one sequence: its K/V a view of the pool when one run of blocks; several: one call
-                if B == 1:
-                    return kv.attend(q, 0, scale, window=window, sdpa=sdpa, **extra)
+        if B > 1:
+            def mlx_op():   # several sequences: their K/V gathered, one call
                 return kv.attend_batch(q, scale, window=window, sdpa=sdpa, **extra)
+            mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
+        elif L == 1:
+            def mlx_op():   # one sequence: its K/V a view of the pool when one run of blocks
+                return kv.attend(q, 0, scale, window=window, sdpa=sdpa, **extra)
             mlx_kernel = "mx.fast.scaled_dot_product_attention (over the pool)"
         else:
             # MLX's causal mask by name (no mask array) where nothing else masks
@@ -283,16 +297,19 @@ class Kernels:
             mlx_kernel = "mx.fast.scaled_dot_product_attention (causal)"
         if softcap:
             mlx_kernel = "MLX composition (soft-capped scores)"
-        elif kv.quantization and sinks is None:
+        elif kv.quantization and sinks is None and not kv.as_computed:
             mlx_kernel = "mx.quantized_matmul attention (quantized KV)"
-        # no kernel of ours reads a pool window's sink positions, nor a lone first prompt's quantized K/V as computed
-        if self.backend == "mlx" or kv.mlx_only or (kv.quantization and kv.as_computed):
+        if self.backend == "mlx" or kv.mlx_only:   # a rotating pool window: see GroupKV.mlx_only
             self._record("decode attention" if L == 1 else "prefill attention", kernel=mlx_kernel)
             return mlx_op()
-        values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.pool_sizes(),
+        values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.layout(),
                       **{k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks is not None)) if v})
-        if kv.quantization:
-            values.update(kv_bits=kv.quantization["bits"], kv_group_size=kv.quantization["group_size"])
+        name = _dtype_name(q.dtype)
+        if B > 1 and L > 1 and self.decide("attention", values, name).family is None and \
+                self.decide("attention", {**values, "B": 1}, name).family is not None:
+            # a kernel of ours serves one sequence's L tokens, not B sequences' at once: one call a sequence
+            return mx.concatenate([self._attention(q[b:b + 1], kv.member(b), scale, window, softcap, sinks)
+                                   for b in range(B)])
 
         def inputs(d: Decision) -> dict:
             variant = {"scale": _scalar(scale, ndim=0)}
@@ -300,9 +317,9 @@ class Kernels:
                 variant["softcap"] = _scalar(softcap, ndim=0)
             if sinks is not None:
                 variant["sinks"] = extra["sinks"]
-            if d.family == "decode_attention":
-                return {"queries": q, **kv.paged(cdiv(d.shape.S, d.shape.block_size)), **variant}
-            k, v = kv.sequence(0)
+            if d.table_width:
+                return {"queries": q, **kv.paged(d.table_width), **variant}
+            k, v = kv.contiguous()
             return {"queries": q, "keys": k, "values": v, **variant}
         return self._run("attention", values, q.dtype, inputs, mlx_kernel, mlx_op)
 

@@ -8,12 +8,15 @@ other. A prompt sharing at least one block of leading tokens with a kept prefix 
 request's sequence starts as a fork of it: the shared blocks are stored once and not prefilled
 again.
 
-Each `step` admits and prefills what fits, then queues one forward pass that decodes a token for
-every admitted request, and only then reads back the tokens sampled by the previous pass (as
-mlx-lm's loop does: building a step overlaps computing the last one). Stop conditions are
-judged when a token is read, so a request that stops has one token computed in vain. A request
-that reaches max_seq_len, or finds the pool full (blocks held outside the loop), ends alone with
-that reason; the others go on.
+Each `step` admits and prefills what fits, then queues one forward pass (a ragged step) that
+decodes a token for every plain request and verifies the drafts of every speculative one
+(engine/speculative.py: its last token and k drafts, logits after each), and only then reads
+back the tokens sampled by the previous pass (as mlx-lm's loop does: building a step overlaps
+computing the last one); the verify passes' tokens are judged once it is computed. Stop
+conditions are judged when a token is read, so a plain request that stops has one token computed
+in vain. A request that reaches max_seq_len, or finds the pool full (blocks held outside the
+loop), ends alone with that reason; the others go on. Drafts the pool cannot hold beside the
+plain requests' tokens are dropped for the pass, the oldest requests' kept first.
 """
 from __future__ import annotations
 
@@ -183,7 +186,9 @@ class Scheduler:
             elif sampled is not None:
                 ready.append((rid, *sampled))
         fed = self._feedable([rid for rid, *_ in ready])
-        self._queued = self._decode(fed, {rid: y for rid, y, _ in ready}) if fed else []
+        verifying = self._verifiable(fed)
+        self._queued, verified = self._decode(fed, {rid: y for rid, y, _ in ready}, verifying) \
+            if fed or verifying else ([], {})
         events = []
         tokens = mx.stack([y for _, y, _ in ready]).tolist() if ready else []
         for (rid, _, scores), token in zip(ready, tokens):
@@ -197,36 +202,74 @@ class Scheduler:
             events.append((rid, out))
             if reason or rid not in fed:
                 self._finish(rid, reason or r.ending)
-        for rid in [rid for rid, r in self.requests.items() if r.speculation and r.sid is not None]:
-            events += self._speculate(rid)
+        for rid, logits in verified.items():
+            r = self.requests[rid]
+            events += self._emit(rid, r.speculation.verify(self.engine, r, logits))
+        for rid in [rid for rid, r in self.requests.items() if r.speculation and r.sid is not None and
+                    r.speculation.history is None]:
+            r = self.requests[rid]
+            events += self._emit(rid, r.speculation.first(r))
         return sorted(events, key=lambda ev: ev[0])
 
-    def _speculate(self, rid: int) -> list[tuple[int, Token]]:
-        """A speculative request's next verify pass (its own forward pass): the tokens it yields."""
+    def _emit(self, rid: int, tokens: list[int]) -> list[tuple[int, Token]]:
+        """A speculative request's tokens, read: the events they make, up to one that stops it."""
         r = self.requests[rid]
-        tokens, ending = r.speculation.advance(self.engine, r)
         events = []
         for token in tokens:
             out, reason = r.text.add(token)
             events.append((rid, out))
             if reason:
                 self._finish(rid, reason)
-                return events
-        if ending:
-            self._finish(rid, ending)
+                break
         return events
 
-    def _decode(self, fed: list[int], tokens: dict[int, mx.array]) -> list[tuple]:
-        """Queue one forward pass feeding each request its sampled token; (request, next token,
-        its log-probabilities or None)."""
-        step = self.pool.begin({self.requests[rid].sid: 1 for rid in fed})
-        logits = self.engine.model.forward(step, mx.stack([tokens[rid] for rid in fed]))
-        out = []
+    def _verifiable(self, fed: list[int]) -> dict[int, list[int]]:
+        """The speculative requests' verify passes, {request: the tokens it feeds}, oldest
+        first, each with the drafts that fit the pool beside the plain requests' tokens (`fed`)
+        and the passes before it, else its token alone; a request whose token does not fit, or
+        whose sequence is at max_seq_len, ends."""
+        free = self.pool.free_blocks - sum(sum(self.pool.needed(self.requests[rid].sid, 1)) for rid in fed)
+        out = {}
+        for rid, r in list(self.requests.items()):
+            if not r.speculation or r.sid is None or r.speculation.history is None:
+                continue
+            tokens = r.speculation.plan(self.engine, r)
+            if tokens is None:
+                self._finish(rid, LONGEST)
+                continue
+            need = sum(self.pool.needed(r.sid, len(tokens)))
+            if need > free and len(tokens) > 1:
+                r.speculation.drop_drafts()
+                tokens = tokens[:1]
+                need = sum(self.pool.needed(r.sid, 1))
+            if need > free:
+                self._finish(rid, POOL_FULL)
+                continue
+            free -= need
+            out[rid] = tokens
+        return out
+
+    def _decode(self, fed: list[int], tokens: dict[int, mx.array], verifying: dict[int, list[int]]) -> tuple:
+        """Queue one forward pass feeding each plain request its sampled token and each
+        speculative one its verify pass's tokens: ((request, next token, its log-probabilities
+        or None) of each plain one, {speculative request: its logits (k+1, vocab)})."""
+        order = sorted(verifying, key=lambda rid: len(verifying[rid]))   # equal lengths side by side: attended together
+        counts = {self.requests[rid].sid: 1 for rid in fed}
+        counts.update({self.requests[rid].sid: len(verifying[rid]) for rid in order})
+        step = self.pool.begin(counts, {self.requests[rid].sid: list(range(len(verifying[rid]))) for rid in order})
+        ids = ([mx.stack([tokens[rid] for rid in fed]).astype(mx.int32)] if fed else []) + \
+            ([mx.array([t for rid in order for t in verifying[rid]], dtype=mx.int32)] if order else [])
+        logits = self.engine.model.forward(step, ids[0] if len(ids) == 1 else mx.concatenate(ids))
+        out, verified, row = [], {}, len(fed)
         for b, rid in enumerate(fed):
             self.requests[rid].sampled += 1
             out.append((rid, *self._sample(self.requests[rid], logits[b])))
+        for rid in order:
+            self.pool.settle(self.requests[rid].sid, verifying[rid])
+            verified[rid] = logits[row:row + len(verifying[rid])]
+            row += len(verifying[rid])
         mx.async_eval([a for _, y, scores in out for a in (y, *(scores or ()))])
-        return out
+        return out, verified
 
     @staticmethod
     def _sample(r: Request, logits: mx.array) -> tuple[mx.array, tuple | None]:

@@ -1,7 +1,8 @@
-"""Speculative decoding of one sequence: a cheap drafter proposes k tokens, the target checks
-all of them in ONE forward pass (a ragged step of k+1 tokens with logits after each), and the
-pool drops what was rejected by truncating the sequence (whole blocks past the kept length go
-back to the pool; nothing is copied).
+"""Speculative decoding of a sequence: a cheap drafter proposes k tokens, the target checks all
+of them in ONE forward pass (k+1 tokens of the sequence with logits after each, in the ragged
+step that also decodes every plain request and verifies every other speculative one: see
+engine/scheduler.py), and the pool drops what was rejected by truncating the sequence (whole
+blocks past the kept length go back to the pool; nothing is copied).
 
 Drafters: another engine with the same tokenizer (`draft=`), or prompt lookup
 (`prompt_lookup=n`: the tokens that followed the latest earlier occurrence of the last n tokens
@@ -25,7 +26,6 @@ import numpy as np
 
 from metalforge import arguments
 from metalforge.engine.kv import PoolExhausted
-from metalforge.engine.generation import LONGEST, POOL_FULL
 from metalforge.errors import MetalforgeError
 
 NUM_DRAFT = 3   # mlx-lm's default number of draft tokens is 2; one more pays off on an agreeing draft
@@ -148,49 +148,55 @@ def drafter(engine, draft, num_draft: int, prompt_lookup: int):
 
 
 class Speculation:
-    """One request's speculative decoding, a round at a time (the scheduler calls `advance`
-    where a plain request would be fed its sampled token)."""
+    """One request's speculative decoding, a round at a time: the scheduler asks `plan` for the
+    tokens its next verify pass feeds, runs that pass with the batch's, and hands the logits to
+    `verify`, where a plain request would be fed its sampled token."""
 
     def __init__(self, drafter, num_draft: int, seed: int | None):
         self.drafter, self.num_draft = drafter, num_draft
         self.rng = np.random.default_rng(seed)
         self.history: list[int] | None = None   # prompt and tokens emitted; the last not fed yet
+        self.drafts: list[int] = []             # the pending verify pass's drafts
+        self.qs = None                          # and the draft's distributions (None: point masses)
 
-    def advance(self, engine, r) -> tuple[list[int], str | None]:
-        """The request's next tokens (its first, or a verify pass's kept drafts and the token
-        after them), or no tokens and why it cannot go on (max_seq_len, a full pool)."""
-        if self.history is None:
-            self.history = list(r.ids)
-            return self._emit([int(r.first.item())])
-        pool, stats, sid = engine.pool, r.text.stats, r.sid
-        y, held = self.history[-1], pool.seq(sid).length
+    def first(self, r) -> list[int]:
+        """The request's first token, sampled at prefill."""
+        self.history = list(r.ids)
+        return self._emit([int(r.first.item())])
+
+    def plan(self, engine, r) -> list[int] | None:
+        """The tokens of the request's next verify pass (its last token and up to num_draft
+        drafts), or None where the sequence is at max_seq_len."""
+        pool, held = engine.pool, engine.pool.seq(r.sid).length
         if held >= pool.max_seq_len:
-            return [], LONGEST
-        k = min(self.num_draft, r.max_tokens - stats.generated_tokens - 1, pool.max_seq_len - held - 1,
+            return None
+        k = min(self.num_draft, r.max_tokens - r.text.stats.generated_tokens - 1, pool.max_seq_len - held - 1,
                 self.drafter.room(self.history))
         try:
-            drafts, qs = self.drafter.propose(self.history, k, r.sampler, self.rng) if k > 0 else ([], None)
+            self.drafts, self.qs = self.drafter.propose(self.history, k, r.sampler, self.rng) if k > 0 else ([], None)
         except PoolExhausted:   # the draft model's pool is full: this pass verifies nothing
-            drafts, qs = [], None
-        while True:
-            try:
-                logits = engine.step([sid], [[y] + drafts], logits_at={sid: list(range(len(drafts) + 1))})
-                break
-            except PoolExhausted:   # nothing changed; without drafts the token may still fit
-                if not drafts:
-                    return [], POOL_FULL
-                drafts, qs = [], None
-        kept, nxt = accept(r.sampler, logits, drafts, qs, self.rng)
-        if kept < len(drafts):
-            engine.remove(sid, held + 1 + kept)
-        stats.verify_steps += 1
-        stats.draft_tokens += len(drafts)
-        stats.accepted_tokens += kept
-        return self._emit(drafts[:kept] + [nxt])
+            self.drop_drafts()
+        return [self.history[-1]] + self.drafts
 
-    def _emit(self, tokens: list[int]) -> tuple[list[int], None]:
+    def drop_drafts(self) -> None:
+        """Verify no draft this pass (they do not fit the pool; the token alone may)."""
+        self.drafts, self.qs = [], None
+
+    def verify(self, engine, r, logits: mx.array) -> list[int]:
+        """The tokens the pass yields, from its logits (k+1, vocab) after the fed token and each
+        draft: the kept drafts and the token after them; the rejected ones leave the pool."""
+        kept, nxt = accept(r.sampler, logits, self.drafts, self.qs, self.rng)
+        if kept < len(self.drafts):
+            engine.remove(r.sid, engine.pool.seq(r.sid).length - len(self.drafts) + kept)
+        stats = r.text.stats
+        stats.verify_steps += 1
+        stats.draft_tokens += len(self.drafts)
+        stats.accepted_tokens += kept
+        return self._emit(self.drafts[:kept] + [nxt])
+
+    def _emit(self, tokens: list[int]) -> list[int]:
         self.history += tokens
-        return tokens, None
+        return tokens
 
     def close(self) -> None:
         self.drafter.close()

@@ -1,7 +1,8 @@
 """Attention calls our decode kernel serves on the metal/emulator path beyond one plain token:
-several query tokens of one sequence (speculative verification), a batch of sequences with
-Gemma 2's soft-cap and windows or gpt-oss's sinks, and quantized K/V: the logits are the mlx
-backend's (MLX's ops), and the report names our kernel with the variant's bucket."""
+several query tokens of one sequence (speculative verification, alone, or two sequences' beside
+a plain token in one step: ours a call a sequence, MLX's op one for both), a batch of sequences
+with Gemma 2's soft-cap and windows or gpt-oss's sinks, and quantized K/V: the logits are the
+mlx backend's (MLX's ops), and the report names our kernel with the variant's bucket."""
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -43,8 +44,9 @@ def decode_reports(report) -> dict:
 def test_our_decode_kernel_serves_batches_and_verification_steps_as_mlx_does(tmp_path, arch, config, options):
     build(tmp_path, arch, config=config)
     steps = [[(0, [7]), (1, [8]), (2, [9])], [(0, [3]), (1, [4]), (2, [5])]]
-    if not options:   # several tokens of one sequence, as speculative decoding verifies a draft
-        steps.append([(1, [10, 11, 12, 13])])
+    if not options:   # several tokens of one sequence, as speculative decoding verifies a draft; two verify
+        steps.append([(1, [10, 11, 12, 13])])      # passes of 3 tokens beside a plain token in one step
+        steps.append([(0, [3]), (1, [20, 21, 22]), (2, [30, 31, 32])])
     want, _ = run(tmp_path, "mlx", steps, **options)
     got, report = run(tmp_path, "emulator", steps, **options)
     for w, g in zip(want, got):
@@ -53,7 +55,8 @@ def test_our_decode_kernel_serves_batches_and_verification_steps_as_mlx_does(tmp
     assert ours and all(v["kernel"] == "metalforge decode_attention (emulator)" for v in ours.values()), report
     assert any(k.startswith("decode_attention B=3,") for k in ours), ours   # the batch in one call
     if not options:
-        assert any(",L=4" in k for k in ours), ours
+        assert any(",L=4" in k for k in ours) and any(k.startswith("decode_attention B=1,") and ",L=3" in k
+                                                      for k in ours), ours
     if arch == "gemma2":
         assert any("softcap=1" in k for k in ours), ours
     if arch == "gpt_oss":

@@ -138,8 +138,9 @@ def test_bad_kv_bits_are_one_line_errors(folder):
 
 
 def test_the_emulator_backend_decodes_quantized_kv_with_our_kernel(folder):
-    """Decode attention reads the codes in place with our kernel's kv_bits variant (the
-    prompt's attention stays MLX's products on the codes): the mlx backend's tokens."""
+    """Decode attention reads the codes in place with our kernel's kv_bits variant, and a lone
+    first prompt's attention reads its K/V as computed (before quantization, as mlx-lm attends
+    to its first chunk) with our prefill kernel: the mlx backend's tokens and logits."""
     with engine.load(folder, backend="mlx", kv_tokens=64, kv_bits=8) as e:
         want = [t.id for t in e.generate(PROMPT, max_tokens=3)]
         first = e.step([e.add_sequence()], [[5]])   # a one-token first prompt: K/V as computed, as mlx-lm
@@ -147,7 +148,9 @@ def test_the_emulator_backend_decodes_quantized_kv_with_our_kernel(folder):
         assert [t.id for t in e.generate(PROMPT, max_tokens=3)] == want
         np.testing.assert_allclose(np.array(e.step([e.add_sequence()], [[5]])), np.array(first), rtol=1e-5, atol=1e-5)
         report = e.kernel_report()
-    assert report["prefill attention"]["kernel"] == "mx.quantized_matmul attention (quantized KV)", report
+    prompt = [v for k, v in report.items() if k.startswith("prefill_attention ")]
+    assert prompt and prompt[0]["kernel"] == "metalforge prefill_attention (emulator)", report
+    assert "prefill attention" not in report, "no prompt's attention ran MLX's"
     decode = [v for k, v in report.items() if k.startswith("decode_attention ")]
     assert decode and decode[0]["kernel"] == "metalforge decode_attention (emulator)", report
     assert "kv_bits=8" in decode[0]["bucket"], decode

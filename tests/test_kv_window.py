@@ -3,6 +3,7 @@ RotatingKVCache(max_size=N, keep=4) holds, greedy tokens equal mlx-lm's generate
 max_kv_size=N across several window crossings, and blocks out of the window go back to the pool,
 so a small pool decodes far past its size with flat memory."""
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from metalforge import engine
@@ -109,15 +110,28 @@ def test_a_request_may_have_its_own_window(folder):
             e.generate(PROMPT, max_kv_size=3)
 
 
-def test_other_backends_read_a_window_through_mlx(folder):
-    """No kernel of ours reads a pool window (its sink positions and its latest keys): the
-    emulator backend runs MLX's attention there and gives the mlx backend's tokens past the
-    first crossing."""
-    with engine.load(folder, backend="mlx", kv_tokens=64, block_size=8, max_kv_size=16) as e:
-        want = [t.id for t in e.generate(PROMPT, max_tokens=12)]
-    with engine.load(folder, backend="emulator", device="m2", kv_tokens=64, block_size=8, max_kv_size=16) as e:
-        assert [t.id for t in e.generate(PROMPT, max_tokens=12)] == want
-        assert e.kernel_report()["decode attention"]["kernel"].startswith("mx.fast.scaled_dot_product_attention")
+def test_other_backends_read_a_rotating_window_through_mlx(folder):
+    """Until a sequence outgrows its pool window every query sees every key, and our kernels
+    read it as full attention; once it rotates (the sink positions, a gap, the latest keys) no
+    kernel of ours reads it and the emulator backend runs MLX's attention: the mlx backend's
+    tokens and logits on both sides of the first crossing."""
+    prompt, steps = PROMPT, [[3], [8, 9], [4]]   # 10 positions, then 11, 13 (a verify pass's two tokens), 14
+
+    def run(backend, more):
+        with engine.load(folder, backend=backend, device="m2", kv_tokens=64, block_size=8, max_kv_size=16) as e:
+            sid = e.add_sequence()
+            logits = [e.step([sid], [prompt])] + [e.step([sid], [t], logits_at={sid: list(range(len(t)))})
+                                                    for t in steps + more]
+            return logits, e.kernel_report()
+    want, _ = run("mlx", [[5, 6, 7], [1]])           # 17, then 18: the window rotates
+    before, report = run("emulator", [])
+    for w, g in zip(want, before):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4)
+    assert [k for k in report if k.startswith("decode_attention ")] and "decode attention" not in report, report
+    after, report = run("emulator", [[5, 6, 7], [1]])
+    for w, g in zip(want, after):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4)
+    assert report["decode attention"]["kernel"].startswith("mx.fast.scaled_dot_product_attention"), report
 
 
 def test_bad_window_is_a_one_line_error(folder):

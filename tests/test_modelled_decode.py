@@ -39,8 +39,8 @@ def test_mlx_lm_glue_matches_a_hand_count(md):
     matmuls and one attention (the attention output's transpose moves only its size-1 token axis,
     so its reshape copies nothing); qwen2 adds its q/k/v bias adds."""
     llama = dict(defaults.MODELS[1], num_hidden_layers=2)
-    assert md.glue(llama, 512)["mlx-lm"].per_layer == 9
-    assert md.glue(defaults.MODELS[0], 512)["mlx-lm"].per_layer == 12
+    assert md.GlueCounts(llama, 512).mlx_lm.per_layer == 9
+    assert md.GlueCounts(defaults.MODELS[0], 512).mlx_lm.per_layer == 12
 
 
 def test_auto_never_prices_its_kernels_slower_than_mlx_lm(md, tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_auto_never_prices_its_kernels_slower_than_mlx_lm(md, tmp_path, monkeypa
     its kernels never sum above mlx-lm's (MLX's real kernels); "metal" runs ours everywhere."""
     monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))    # the shipped defaults only
     config = defaults.MODELS[0]
-    glue = md.glue(config, 512)
+    glue = md.GlueCounts(config, 512)
     for name in ("m1", "m3-max-40"):
         s = md.steps(config, 512, devices.get(name), glue)
         assert s["ours (auto)"].kernels_s <= s["mlx-lm"].kernels_s * (1 + 1e-9)
@@ -64,3 +64,52 @@ def test_the_readme_summary_spans_the_devices_ratios(md):
                 "ours (metal)": step(metal, 14), "mlx-lm": step(theirs, 42)}
     lines = md.summary([row("a", 110, 200, 100), row("b", 100, 150, 100), row("c", 105, 300, 150)])
     assert lines[2:] == ["| m | 512 | 0.70x to 1.10x | 1.50x to 2.00x | 7, 21 |"]
+
+
+def test_our_path_counts_each_op_by_the_side_that_runs_it(md):
+    """llama's decode layer on the Metal path, hand-counted: with every op ours, one dispatch
+    besides the priced kernels (the K/V cache write); an op run by MLX's op brings its own: q/k/v
+    the norm, RoPE on q and on k and the stacking of k and v for the write (4), gate/up the norm,
+    the activation and the product (3), o_proj or down_proj the residual add (1 each), attention
+    none; the engine's mixed steps add up."""
+    llama = dict(defaults.MODELS[1], num_hidden_layers=2)
+    glue = md.GlueCounts(llama, 512)
+    roles = {role: n for role, n in ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 4),
+                                     (("mlp.gate_proj", "mlp.up_proj"), 3), (("self_attn.o_proj",), 1),
+                                     (("mlp.down_proj",), 1), ("attention", 0))}
+    assert glue.ours().per_layer == 1
+    for role, n in roles.items():
+        assert glue.ours({role}).per_layer == 1 + n, role
+    assert glue.ours(set(roles)).per_layer == 1 + sum(roles.values())
+    assert glue.ours().outside == glue.ours(set(roles)).outside == glue.mlx_lm.outside
+
+
+def test_a_step_mixing_our_fused_ops_and_mlxs_is_priced_op_by_op(md, tmp_path, monkeypatch):
+    """`auto` with a measured gate_up bucket faster than MLX's (no other fused op of the
+    built-in model ours on the m1) runs gate_up ours and norm_qkv's job as MLX's composition:
+    the step prices each op by the side that runs it and counts the dispatches of that mix
+    (MLX's compositions' but for the gated MLP's norm, activation and product)."""
+    from metalforge import results
+    from metalforge.engine.ops import Kernels
+    from metalforge.kernels.families import get as get_family
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path))
+    config, device = defaults.MODELS[0], devices.get("m1")
+    gated = next(v for op, v, _ in md.step_ops(config, 512) if op == "gated_mlp")
+    fam = get_family("gate_up")
+    shape = fam.shape(fam.op_shape(gated))
+    entry = results.Entry(shape=dict(shape.__dict__), dtype=md.DTYPE, config=dict(fam.default_config()), time_s=1e-5,
+                          timer="metal", baseline_s=2e-5, speedup=2.0)
+    results.save_entries(tmp_path / "m1.yaml", device, [("gate_up", fam.bucket_key(shape, md.DTYPE), entry)])
+    auto = Kernels("emulator", device)
+    auto.by_evidence = True
+    ran = {op: auto.decide(op, v, md.DTYPE).family for op, v, _ in md.step_ops(config, 512)}
+    assert ran["gated_mlp"] == "gate_up" and ran["attention_input"] is None, ran
+    glue = md.GlueCounts(config, 512)
+    s = md.steps(config, 512, device, glue)
+    mix = {role for role in glue.roles.all() if role != ("mlp.gate_proj", "mlp.up_proj")}
+    per_layer = glue.ours(mix).per_layer
+    assert per_layer == glue.ours(set(glue.roles.all())).per_layer - 3
+    layers = config["num_hidden_layers"]
+    assert s["ours (auto)"].glue_s == pytest.approx(md.glue_seconds(config, per_layer * layers + glue.ours().outside,
+                                                                    device))
+    assert s["ours (auto)"].kernels_s != s["mlx-lm"].kernels_s, "gate_up priced as ours"

@@ -98,6 +98,40 @@ def test_a_batch_mixes_speculative_and_plain_requests(folders):
         assert e.pool.used_blocks == 0 and other.pool.used_blocks == 0
 
 
+def test_one_ragged_step_verifies_every_speculative_request_beside_the_plain_ones(folders):
+    """Two draft-model requests (as many drafts each: attended together), a prompt-lookup one and
+    two plain requests: after the step that admits and prefills them, each scheduler step runs
+    ONE forward pass of the target holding the plain requests' tokens and every verify pass, and
+    each request's greedy tokens are the ones it gets alone."""
+    prompts = [PROMPT, [9, 8, 7, 9, 8], list(range(2, 30)), [200, 201, 202, 203], [5, 6, 7, 5, 6, 7, 5, 6]]
+    want = [reference_greedy(folders["target"], p, 10)[0] for p in prompts]
+    with engine.load(folders["target"], backend="mlx", kv_tokens=512, block_size=8) as e, \
+            engine.load(folders["other"], backend="mlx", kv_tokens=512) as other:
+        passes, forward = [], e.model.forward
+
+        def counted(step, ids):   # the real pass, its new tokens per sequence noted
+            passes.append(list(step.counts))
+            return forward(step, ids)
+        e.model.forward = counted
+        batch = e.batch()
+        rids = [batch.add(prompts[0], max_tokens=10, draft=other, num_draft=3), batch.add(prompts[1], max_tokens=10),
+                batch.add(prompts[2], max_tokens=10, draft=other, num_draft=3), batch.add(prompts[3], max_tokens=10),
+                batch.add(prompts[4], max_tokens=10, prompt_lookup=2, num_draft=2)]
+        got, per_step = {}, []
+        while batch.requests:
+            before = len(passes)
+            for rid, token in batch.step():
+                got.setdefault(rid, []).append(token.id)
+            per_step.append(passes[before:])
+        assert [got[r] for r in rids] == want
+        assert per_step[0][:len(prompts)] == [[len(p)] for p in prompts], "the first step prefills, a pass a prompt"
+        assert all(len(p) <= 1 for p in [per_step[0][len(prompts):]] + per_step[1:]), per_step
+        mixed = [counts for (counts,) in filter(None, per_step[1:]) if 1 in counts and sum(c > 1 for c in counts) >= 2]
+        assert mixed, "plain tokens and several verify passes in one forward pass"
+        assert any(counts.count(4) >= 2 for counts in mixed), "the two draft-model requests side by side"
+        assert sum(batch.stats(r).verify_steps for r in rids) > 0 and e.pool.used_blocks == 0
+
+
 def test_prompt_lookup_drafts_what_followed_the_latest_match():
     look = PromptLookup(2)
     assert look.propose([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3, None, None) == ([5, 6, 1], None)

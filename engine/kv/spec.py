@@ -27,6 +27,10 @@ class FullAttention:
         """[start, end) of positions no query at `first` or later reads (empty here)."""
         return 0, 0
 
+    def whole(self, length: int) -> bool:
+        """Whether every query of a sequence of `length` positions sees every key before it."""
+        return True
+
     def visible(self, keys: mx.array, queries: mx.array) -> mx.array:
         """(queries, keys) bool: whether each query position sees each key position."""
         return keys[None, :] <= queries[:, None]
@@ -52,6 +56,9 @@ class SinkWindow:
 
     def dead(self, first: int) -> tuple[int, int]:
         return self.sinks, max(self.sinks, self._start(first))
+
+    def whole(self, length: int) -> bool:
+        return length <= self.window
 
     def visible(self, keys: mx.array, queries: mx.array) -> mx.array:
         q, k = queries[:, None], keys[None, :]

@@ -2,8 +2,10 @@
 
 A step is ragged: {sequence: n new tokens}, any mix of prompts and single tokens, laid out
 sequence after sequence along one token axis. It knows each new token's position (the
-sequences' stored positions), where its K/V go, which tokens need logits, and for attention
-its groups: runs of one-token sequences decoded together, and each prompt on its own. The
+sequences' stored positions), where its K/V go, which tokens need logits, and its groups:
+for RoPE's calls, runs of one-token sequences and every other sequence alone; for attention,
+runs of sequences with as many new tokens each (one token of each of B sequences decoded, or
+the drafts of several sequences verified, k+1 tokens each). The
 write slots, block tables and read runs are found once per step and shared by every layer.
 """
 from __future__ import annotations
@@ -14,15 +16,14 @@ import mlx.core as mx
 import numpy as np
 
 from metalforge.engine.kv import quantized
-from metalforge.engine.kv.spec import FullAttention
 from metalforge.intmath import cdiv
 
 
 @dataclass(frozen=True)
 class Group:
     """Sequences attention serves together: `members` (indices into the step's sequences),
-    each with `new` tokens (1 for a decode group, one member for a prompt), at `tokens` of the
-    step's token axis."""
+    each with `new` tokens (1 for a decode group, k+1 for a group verifying k drafts each), at
+    `tokens` of the step's token axis, sequence after sequence."""
 
     members: tuple[int, ...]
     new: int
@@ -51,17 +52,19 @@ class Step:
         self.logit_rows = rows
         contiguous = all(b - a == 1 for a, b in zip(slots, slots[1:]))
         self.where = slice(slots[0], slots[0] + len(slots)) if contiguous else mx.array(slots, dtype=mx.int32)
-        self.groups = self._groups()
+        self.groups = self._groups(lambda n: n == 1)   # RoPE's: B sequences of one token with an offset each
+        self.attention_groups = self._groups(lambda n: True)
         self._tables: dict[tuple, tuple] = {}
         self._runs: dict[tuple, list] = {}
         self._masks: dict[tuple, mx.array] = {}
 
-    def _groups(self) -> list[Group]:
+    def _groups(self, joins) -> list[Group]:
+        """Runs of consecutive sequences with as many new tokens each, where `joins(that number)`."""
         out, start = [], 0
         for b, n in enumerate(self.counts):
             last = out[-1] if out else None
-            if n == 1 and last is not None and last.new == 1:
-                out[-1] = Group(last.members + (b,), 1, slice(last.tokens.start, start + 1))
+            if last is not None and last.new == n and joins(n):
+                out[-1] = Group(last.members + (b,), n, slice(last.tokens.start, start + n))
             else:
                 out.append(Group((b,), n, slice(start, start + n)))
             start += n
@@ -129,7 +132,7 @@ class LayerKV:
     v: mx.array | None = None
 
     def groups(self) -> list["GroupKV"]:
-        return [GroupKV(self, g) for g in self.step.groups]
+        return [GroupKV(self, g) for g in self.step.attention_groups]
 
 
 @dataclass
@@ -147,9 +150,20 @@ class GroupKV:
     def longest(self) -> int:
         return max(self.kv.step.lengths[b] for b in self.group.members)
 
+    def member(self, i: int) -> "GroupKV":
+        """Member i alone, as a group of its own."""
+        g = self.group
+        start = g.tokens.start + i * g.new
+        return GroupKV(self.kv, Group((g.members[i],), g.new, slice(start, start + g.new)))
+
     def sequence(self, i: int) -> tuple[mx.array, mx.array]:
         """Member i's K and V, (1, kv_heads, length, head_dim), a view when it is one run."""
         return self.kv.step.pool.read(self.kv.layer, self.kv.step.runs(self.kv.layer, self.group.members[i]))
+
+    def contiguous(self) -> tuple[mx.array, mx.array]:
+        """The one member's K and V as attention reads them, (1, kv_heads, length, head_dim): as
+        computed where it reads them so (see as_computed), else as stored."""
+        return (self.kv.k, self.kv.v) if self.as_computed else self.sequence(0)
 
     def mask(self, window: int | None = None) -> mx.array:
         """(new tokens, keys) bool mask of the group's one sequence: causal, its spec's window, and
@@ -158,10 +172,15 @@ class GroupKV:
 
     @property
     def mlx_only(self) -> bool:
-        """Whether only MLX's ops read it: its layer reads less than the whole history (a pool
-        window keeps sink positions no kernel of ours reads)."""
+        """Whether only MLX's ops read it: some member's pool window has begun to rotate (it is
+        longer than the window), so its queries see the window's sink positions (the first 4,
+        as mlx-lm's RotatingKVCache keeps them) and then a gap before their latest keys. Neither
+        kernel of ours reads that: their `window` is the latest keys only, and their `sinks` a
+        learned logit per head (gpt-oss), not positions; serving it would take a second pass over
+        the sink positions merged into the window's softmax. Until it rotates, a windowed
+        sequence is read as full attention, which ours serve."""
         step = self.kv.step
-        return any(not isinstance(step.pool.spec(self.kv.layer, step.sids[b]), FullAttention) for b in self.group.members)
+        return any(not step.pool.spec(self.kv.layer, step.sids[b]).whole(step.lengths[b]) for b in self.group.members)
 
     @property
     def as_computed(self) -> bool:
@@ -185,7 +204,7 @@ class GroupKV:
         step, b = self.kv.step, self.group.members[i]
         pool, runs = step.pool, step.runs(self.kv.layer, b)
         if self.as_computed:
-            return sdpa(q, self.kv.k, self.kv.v, scale=scale, mask=mask, **extra)
+            return sdpa(q, *self.contiguous(), scale=scale, mask=mask, **extra)
         latest = (lambda x: x[:, :, -window:]) if window is not None and mask is None else (lambda x: x)
         if self.quantization and sdpa is mx.fast.scaled_dot_product_attention and not extra:
             k, v = pool.storage.read_quantized(self.kv.layer, runs)
@@ -196,18 +215,18 @@ class GroupKV:
 
     def attend_batch(self, q: mx.array, scale: float, window: int | None = None,
                      sdpa=mx.fast.scaled_dot_product_attention, **extra) -> mx.array:
-        """MLX's attention of one new token of every member, q (B, Hq, 1, D), in one call: the
-        members' K/V gathered through their blocks into (B, kv_heads, S, D) (S: the longest
-        member's blocks' slots) and a (B, 1, 1, S) mask of the keys each member sees (its spec,
-        its length, `window`), both indices and mask built on the host. Dispatches: one Gather
-        for K and one for V (for each of codes, scales and biases when quantized), then the
-        attention, whatever B."""
+        """MLX's attention of the new tokens of every member, q (B, Hq, L, D) (one token each
+        decoding, k+1 verifying k drafts), in one call: the members' K/V gathered through their
+        blocks into (B, kv_heads, S, D) (S: the longest member's blocks' slots) and a (B, 1, L,
+        S) mask of the keys each new token sees (its spec, its position, `window`), both indices
+        and mask built on the host. Dispatches: one Gather for K and one for V (for each of
+        codes, scales and biases when quantized), then the attention, whatever B."""
         step, layer = self.kv.step, self.kv.layer
         pool, bs = step.pool, step.pool.block_size
         blocks = pool.blocks_of([step.sids[b] for b in self.group.members], cdiv(self.longest, bs))
         slots = mx.array((blocks[:, :, None] * bs + np.arange(bs)).reshape(len(blocks), -1))
         keys = np.arange(slots.shape[1])
-        mask = mx.array(np.stack([step.visible(layer, b, keys, np.array([step.lengths[b] - 1]), window)
+        mask = mx.array(np.stack([step.visible(layer, b, keys, np.arange(step.starts[b], step.lengths[b]), window)
                                   for b in self.group.members]))[:, None]
         if self.quantization and sdpa is mx.fast.scaled_dot_product_attention and not extra:
             k, v = pool.storage.gather_quantized(layer, slots)
@@ -215,11 +234,18 @@ class GroupKV:
         k, v = pool.storage.gather(layer, slots)
         return sdpa(q, k, v, scale=scale, mask=mask, **extra)
 
-    def pool_sizes(self) -> dict:
-        """The pool's layout as attention's op sees it: block size, blocks, and the widest block
-        table a sequence may need (in tokens)."""
+    def layout(self) -> dict:
+        """How attention reads the K/V, as its op's shape values: through the pool (its block
+        size, blocks and the widest block table a sequence may need, in tokens; kv_bits and
+        kv_group_size where stored quantized), or nothing where it reads a quantized pool's
+        step as computed (a lone first prompt: dense and contiguous, see as_computed)."""
+        if self.quantization and self.as_computed:
+            return {}
         pool = self.kv.step.pool
-        return dict(block_size=pool.block_size, num_blocks=pool.num_blocks, width=pool.max_blocks * pool.block_size)
+        out = dict(block_size=pool.block_size, num_blocks=pool.num_blocks, width=pool.max_blocks * pool.block_size)
+        if self.quantization:
+            out.update(kv_bits=self.quantization["bits"], kv_group_size=self.quantization["group_size"])
+        return out
 
     def paged(self, width: int) -> dict:
         """The inputs of our paged decode kernel: the pool's K/V arrays (kv_heads, num_blocks,
