@@ -55,7 +55,7 @@ class PrefillAttention(Family):
         Param("double_buffer", (False, True), False, "stream the next K/V tile while this one is used"),
         Param("q_source", ("threadgroup", "registers"), "threadgroup", "where Q's fragments are read from"),
         Param("load_width", (1, 2, 4), 4, "elements per device load when staging K/V"),
-        Param("pad", (True, False), True, "tile rows padded by 16 bytes (fragment reads without bank conflicts), "
+        Param("pad", (True, False), True, "tile rows padded by 16 bytes, fp32 rows swizzled (fragment reads without bank conflicts), "
               "or packed (room for 128-key tiles at D=64)"),
         Param("d_block", (0, 16, 32, 64), 0, "head-dimension columns of K, then V, staged at a time in one buffer "
               "(S summed over the chunks; 0: all D, K and V together)"),
@@ -122,6 +122,12 @@ class PrefillAttention(Family):
         """A staged K/V tile row."""
         return self.columns(config, shape) * stage_dtype(config, dtype).size + (TILE_PAD_BYTES if config["pad"] else 0)
 
+    @staticmethod
+    def swizzled(config, dtype) -> bool:
+        """fp32 tile rows padded by 16 bytes start 4 banks apart: a fragment read along rows then
+        meets 16 banks only, unless odd rows swap their column pairs (the template's SW)."""
+        return config["pad"] and stage_dtype(config, dtype).size == 4
+
     def fragments(self, config, shape: PrefillShape) -> int:
         """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand; S, Q
         and the operand as half take half as many registers."""
@@ -165,6 +171,7 @@ class PrefillAttention(Family):
             T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg, HP=config["heads"],
             ST=stage_dtype(config, dtype).metal, vector=vector_of, TV=d.vector,
             PAD=TILE_PAD_BYTES // stage_dtype(config, dtype).size if config["pad"] else 0,
+            SW=int(self.swizzled(config, dtype)),
             DB=config["double_buffer"], QS=config["q_source"],
             W=config["load_width"], DC=self.columns(config, shape), SP=config["score_type"],
         )

@@ -138,16 +138,27 @@ def test_the_cost_model_prices_packing_below_unpacked_tiles_on_a_full_gpu():
 
 
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("change", [dict(), dict(d_block=32), dict(q_source="registers", score_type="half")])
+@pytest.mark.parametrize("change", [dict(), dict(d_block=32), dict(q_source="registers", score_type="half"),
+                                    dict(stage="float", BQ=16, BK=16, simdgroups=2), dict(stage="float", d_block=32),
+                                    dict(stage="float", q_source="registers", BK=16)])
 def test_prefill_fragment_reads_have_no_bank_conflicts(D, change):
     """One K/V element per thread when staging (load_width=1: consecutive lanes, consecutive
     words, no conflict), so every conflict the trace could count is on the Q, K^T and V fragment
-    reads: there are none with padded half rows. (fp32 tiles, stage=float, are not covered: the
-    trace counts a lane's two elements as two 4-byte reads, and rows 8 words wide shifted 4 banks
-    a row then share banks; no padding avoids that, a swizzle would.)"""
-    t = _trace(PREFILL, dict(BQ=32, BK=32, load_width=1, **change), dict(B=1, Hq=1, Hkv=1, L=64, D=D))
+    reads: there are none with padded rows, half or fp32. (fp32 rows padded by 16 bytes alone
+    start 4 banks apart, and a read along rows, 8 rows x 4 even columns, met 16 banks: 2-way,
+    1,536 extra passes at D=64; odd rows swap their column pairs now.)"""
+    t = _trace(PREFILL, {**dict(BQ=32, BK=32, load_width=1), **change}, dict(B=1, Hq=1, Hkv=1, L=64, D=D))
     assert t.threadgroup_accesses > 0 and t.matrix_multiplies > 0
     assert t.bank_conflicts == 0
+
+
+def test_swizzled_fp32_tiles_match_mlx_attention():
+    """The swizzle moves where staged values sit; every read and store must agree on it."""
+    configs = _configs(dict(stage="float"), dict(stage="float", load_width=2, d_block=32),
+                       dict(stage="float", q_source="registers", double_buffer=True, BK=16),
+                       dict(stage="float", pad=False, load_width=1))
+    assert verify("prefill_attention", dict(B=1, Hq=4, Hkv=2, L=45, D=64, prefix=5), "float16",
+                  configs=configs) == len(configs)
 
 
 def test_packed_rows_conflict_on_the_k_transpose_read():
