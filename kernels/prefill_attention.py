@@ -248,7 +248,7 @@ def _count_prefill(tally: Tally, fam: PrefillAttention, config, shape: PrefillSh
     RQ, QP = BQ // SG, BQ // HP
     TQ, TK, TD = RQ // 8, BK // 8, D // 8
     chunks = D // DC
-    packs = shape.B * shape.Hq // HP            # threadgroups per query tile
+    packs = shape.B * shape.Hq // HP            # threadgroups per query tile, each moving alike
     qtiles = cdiv(L, QP)
     lanes = [(((lane // 4) & 4) + (lane // 2) % 4, ((lane // 4) & 2) * 2 + (lane % 2) * 2) for lane in range(32)]
 
@@ -267,7 +267,7 @@ def _count_prefill(tally: Tally, fam: PrefillAttention, config, shape: PrefillSh
     active_passes = TK * TD * (k_read + row_read + (TQ * q_read if config["q_source"] == "threadgroup" else 0))
 
     offset, window = shape.prefix, shape.window
-    tiles = active = kv_keys = out_rows = q_rows = barriers = 0
+    tiles = active = kv_keys = valid_rows = q_rows = barriers = 0
     per_tile_barriers = 4 * chunks if fam.chunked(config, shape) else 1 if config["double_buffer"] else 2
     for qt in range(qtiles):
         q0 = qt * QP
@@ -276,7 +276,7 @@ def _count_prefill(tally: Tally, fam: PrefillAttention, config, shape: PrefillSh
         n = max(0, cdiv(k_end - k_first, BK))
         tiles += n
         barriers += n * per_tile_barriers
-        kv_keys += sum(min(BK, LK - k0) for k0 in range(k_first, k_first + n * BK, BK))
+        kv_keys += min(k_first + n * BK, LK) - k_first   # keys at or past LK are not read
         q_rows += HP * min(QP, L - q0)
         for sg in range(SG):
             row0 = q0 + sg * RQ % QP
@@ -285,27 +285,24 @@ def _count_prefill(tally: Tally, fam: PrefillAttention, config, shape: PrefillSh
             if window:   # ... from the first whose keys reach its rows' windows
                 first = max(first, k_first + max(0, cdiv(row0 + offset - window - BK + 2 - k_first, BK)) * BK)
             active += max(0, (last - first) // BK + 1) if n and last >= first else 0
-            out_rows += sum(max(0, min(8, L - (row0 + tq * 8))) for tq in range(TQ))
-    groups = packs                                   # each query tile's threadgroups move alike
+            valid_rows += sum(max(0, min(8, L - (row0 + tq * 8))) for tq in range(TQ))
     tally.barriers_per_threadgroup += barriers // qtiles   # (the trace's whole barriers a threadgroup)
-    tally.device("lengths", ((0, 4),), 2 * SG * qtiles * groups)
-    for buffer in ("keys", "values"):
-        # whole 32-byte sectors: rows of DC values start on them, and each instruction's lanes
-        # cover whole rows or a run of one
-        tally.sector_bytes[buffer] = tally.sector_bytes.get(buffer, 0) + groups * kv_keys * D * size
-    tally.threadgroup_passes += groups * (tiles * stage_passes + active * active_passes)
-    tally.matrix_multiplies += groups * active * 2 * TQ * TK * TD
-    tally.simd_functions += groups * active * 4 * TQ
+    tally.device("lengths", ((0, 4),), 2 * SG * qtiles * packs)
+    for buffer in ("keys", "values"):   # rows of DC values start on sectors; an instruction covers whole rows or a run of one
+        tally.whole_sectors(buffer, packs * kv_keys * D * size)
+    tally.threadgroup_passes += packs * (tiles * stage_passes + active * active_passes)
+    tally.matrix_multiplies += packs * active * 2 * TQ * TK * TD
+    tally.simd_functions += packs * active * 4 * TQ
     if config["q_source"] == "threadgroup":
-        tally.sector_bytes["queries"] = groups * q_rows * D * size
+        tally.whole_sectors("queries", packs * q_rows * D * size)
         q_stores = sum(passes(tuple(((i // D) * DS + ((i % D) ^ ((i // D) & sw))) * st for i in range(i0, i0 + 32)))
                        for i0 in range(0, BQ * D, 32))
-        tally.threadgroup_passes += groups * qtiles * q_stores
+        tally.threadgroup_passes += packs * qtiles * q_stores
     else:   # each lane its rows' two elements of each fragment: a sector a row (8 values)
-        tally.sector_bytes["queries"] = groups * out_rows * TD * 2 * SECTOR
-    tally.sector_bytes["out"] = groups * out_rows * TD * 2 * SECTOR
+        tally.whole_sectors("queries", packs * valid_rows * TD * 2 * SECTOR)
+    tally.whole_sectors("out", packs * valid_rows * TD * 2 * SECTOR)
     if shape.sinks:
-        tally.device("sinks", ((0, size),), groups * qtiles * SG * TQ)
+        tally.device("sinks", ((0, size),), packs * qtiles * SG * TQ)
         tally.footprint("sinks", shape.Hq * size)
     k_first0 = max(0, offset - window + 1) // BK * BK if window else 0
     tally.footprint("lengths", 8)
