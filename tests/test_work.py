@@ -140,6 +140,9 @@ PREFILL = [
     ("B=1,Hq=2,Hkv=1,L=45,D=64,prefix=3", {}),                                   # query tail; 48 keys
     ("B=1,Hq=2,Hkv=1,L=65,D=128,prefix=3,window=24,sinks=1", {"BK": 16, "d_block": 32}),
     ("B=1,Hq=1,Hkv=1,L=1,D=128,prefix=20", {"BQ": 8, "BK": 8, "simdgroups": 1}),  # one token
+    ("B=1,Hq=8,Hkv=1,L=24,D=128,prefix=8", {"heads": 8, "BQ": 64, "simdgroups": 8, "d_block": 64, "BK": 128,
+                                           "load_width": 1, "q_source": "registers"}),
+    ("B=2,Hq=2,Hkv=2,L=136,D=64", {"BQ": 128, "BK": 8, "load_width": 1}),
 ]
 
 
