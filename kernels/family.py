@@ -48,7 +48,7 @@ class Geometry:
     threadgroup: tuple[int, int, int]
     threadgroup_memory_bytes: int = 0
     # 32-bit values a lane keeps in its arrays (accumulators, staged rows, fragments): what the
-    # cost model's occupancy and the checks' register rule (kernels/checks.py) read
+    # checks' register rule (kernels/checks.py) reads
     registers: int = 0
 
     @property
