@@ -192,11 +192,12 @@ def test_qmm_conflicts_are_only_its_stagings(BK):
 
 def test_chunked_and_packed_paths_run_clean_in_checked_mode(monkeypatch):
     """Bounds and races checked: the two barriers around each K and V chunk (one buffer shared by
-    both) and the packed heads' Q tile rows."""
+    both), the packed heads' Q tile rows and the swizzled fp32 rows."""
     monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
     shape = dict(B=1, Hq=4, Hkv=1, L=37, D=128, prefix=5)
-    configs = _configs(dict(BK=64, d_block=32), dict(heads=4, d_block=64, score_type="half"))
-    assert verify("prefill_attention", shape, "float16", configs=configs) == 2
+    configs = _configs(dict(BK=64, d_block=32), dict(heads=4, d_block=64, score_type="half"),
+                       dict(stage="float", d_block=32, load_width=2))
+    assert verify("prefill_attention", shape, "float16", configs=configs) == 3
 
 
 def test_checked_mode_finds_a_missing_chunk_barrier():
