@@ -136,7 +136,8 @@ def summary(rows: list[dict], args, seconds: float) -> str:
         "## Family sweep", "",
         f"Written by `python benchmarks/sweep_families.py --dtype {args.dtype} --whole-up-to {args.whole_up_to} "
         f"--strength {args.strength}{' --families ' + args.families if args.families else ''} --write` "
-        f"({DEVICE}'s limits, emulator, {seconds / 60:.0f} minutes on two shared cores). Per shape: the "
+        f"({DEVICE}'s limits, emulator, {seconds / 60:.0f} minutes on two shared cores, kernels an earlier "
+        "run compiled taken from the emulator's cache). Per shape: the "
         "configs of the space, the valid ones, which of them ran (every valid one, or a covering array: "
         "every combination of 2 or 3 tunables' values some valid config takes) and how many matched the "
         "family's MLX reference within its tolerance. Edge shapes run all pairs of the configs compiled "
