@@ -3,10 +3,10 @@ combination of `strength` tunables' values that some valid config takes.
 
 A space too large to run whole (prefill's 153,600 configs at about a second a compile) is
 checked by a strength-3 array: a defect that needs three tunables at particular values to show
-is met by at least one config run. Built greedily (AETG's rule, as Kernel Tuner's and PICT's
-generators): each step takes the valid config that covers the most combinations not yet
-covered, so the array ends when every coverable combination is covered; deterministic (ties go
-to the earlier config of the space's order).
+is met by at least one config run. Built greedily, as AETG (Cohen et al., 1997) does but with
+the valid configs themselves as the candidates (so constraints between tunables are never
+broken): each step takes the config that covers the most combinations not yet covered, until
+every coverable combination is; deterministic (ties go to the earlier config of the space's order).
 """
 from __future__ import annotations
 
