@@ -48,7 +48,7 @@ class Geometry:
     threadgroup: tuple[int, int, int]
     threadgroup_memory_bytes: int = 0
     # 32-bit values a lane keeps in its arrays (accumulators, staged rows, fragments): what the
-    # cost model's occupancy and the checks' register rule (kernels/checks.py) read
+    # checks' register rule (kernels/checks.py) reads
     registers: int = 0
 
     @property
@@ -369,24 +369,16 @@ class Family:
     def work(self, config: Config, shape, dtype) -> list:
         """Each launch's counters (traces.Counted: bytes and sectors per buffer, threadgroup passes,
         barriers, SIMD-group functions, MMAs, threads, threadgroups), counted without running
-        anything (kernels/work.py): the value the emulator's trace mode fills from a real run.
-        A family that does not count its work yet is priced by its own `cost` (modelled_seconds)."""
+        anything (kernels/work.py): the value the emulator's trace mode fills from a real run
+        (every family counts it; tests/test_work.py checks each against traces)."""
         raise NotImplementedError
-
-    def cost(self, config: Config, shape, dtype, device) -> float:
-        """The old analytic price (kernels/cost.py), for families that do not count their `work` yet."""
-        raise MetalforgeError(f"{self.name}: cannot be modelled: it neither counts its work (Family.work) "
-                              "nor prices itself (Family.cost)")
 
     def modelled_seconds(self, config: Config, shape, dtype, device) -> float:
         """Seconds for one call of `config` on `device` (a profile or its name): its work priced by
         the per-kernel model, the one function that prices MLX's kernels and ours."""
         from metalforge import devices
         from metalforge.kernels.timing import fit, model
-        try:
-            counted = _work(self, tuple(config.items()), shape, _dtypes.get(dtype).name)
-        except NotImplementedError:
-            return self.cost(config, shape, dtype, device)
+        counted = _work(self, tuple(config.items()), shape, _dtypes.get(dtype).name)
         return model.price(counted, devices.get(device), fit.shipped()["constants"])
 
     def model_error(self) -> float | None:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from metalforge import devices
 from metalforge.intmath import cdiv
-from metalforge.kernels import cost, dtypes
+from metalforge.kernels import dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.decode_attention import HEAD_DIMS, attention_call
 from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
-                                       fragment_bank_ways, fragment_problems, stage_dtype, stage_problems)
+                                       fragment_problems, stage_dtype, stage_problems)
+from metalforge.kernels.work import SECTOR, Tally, passes
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class PrefillAttention(Family):
         Param("double_buffer", (False, True), False, "stream the next K/V tile while this one is used"),
         Param("q_source", ("threadgroup", "registers"), "threadgroup", "where Q's fragments are read from"),
         Param("load_width", (1, 2, 4), 4, "elements per device load when staging K/V"),
-        Param("pad", (True, False), True, "tile rows padded by 16 bytes (fragment reads without bank conflicts), "
+        Param("pad", (True, False), True, "tile rows padded by 16 bytes, fp32 rows swizzled (fragment reads without bank conflicts), "
               "or packed (room for 128-key tiles at D=64)"),
         Param("d_block", (0, 16, 32, 64), 0, "head-dimension columns of K, then V, staged at a time in one buffer "
               "(S summed over the chunks; 0: all D, K and V together)"),
@@ -134,6 +134,12 @@ class PrefillAttention(Family):
         """A staged K/V tile row."""
         return self.columns(config, shape) * stage_dtype(config, dtype).size + (TILE_PAD_BYTES if config["pad"] else 0)
 
+    @staticmethod
+    def swizzled(config, dtype) -> bool:
+        """fp32 tile rows padded by 16 bytes start 4 banks apart: a fragment read along rows then
+        meets 16 banks only, unless odd rows swap their column pairs (the template's SW)."""
+        return config["pad"] and stage_dtype(config, dtype).size == 4
+
     def fragments(self, config, shape: PrefillShape) -> int:
         """8x8 fp32 fragments a SIMD-group holds: O, S, Q (in registers) and the K/V operand; S, Q
         and the operand as half take half as many registers."""
@@ -177,6 +183,7 @@ class PrefillAttention(Family):
             T=d.metal, BQ=config["BQ"], BK=config["BK"], SG=sg, HP=config["heads"],
             ST=stage_dtype(config, dtype).metal, vector=vector_of, TV=d.vector,
             PAD=TILE_PAD_BYTES // stage_dtype(config, dtype).size if config["pad"] else 0,
+            SW=int(self.swizzled(config, dtype)),
             DB=config["double_buffer"], QS=config["q_source"],
             W=config["load_width"], DC=self.columns(config, shape), SP=config["score_type"],
         )
@@ -227,51 +234,91 @@ class PrefillAttention(Family):
                                                     mask=self.visible(shape) if shape.window else "causal",
                                                     sinks=inp["sinks"] if shape.sinks else None)
 
-    def cost(self, config, shape, dtype, device) -> float:
-        """Modelled seconds for one call (kernels/cost.py says how)."""
-        dev = devices.get(device)
-        dtype = dtypes.get(dtype)
-        sg, bq, bk = config["simdgroups"], config["BQ"], config["BK"]
-        tq = max(1, bq // sg // 8)   # (priced for invalid configs too)
-        hp = config["heads"]
-        qp = max(1, bq // hp)        # query positions per threadgroup
-        qtiles = cdiv(shape.L, qp)
-        packs = shape.B * shape.Hq / hp   # threadgroups per query tile: hp heads each
-        # keys each query tile stages: up to its last row's position, in whole tiles (causal), from
-        # the tile holding its first row's oldest key in the window
-        def first(i: int) -> int:
-            return max(0, i * qp + shape.prefix - shape.window + 1) // bk * bk if shape.window else 0
-        staged = sum(min(shape.LK, cdiv(min(shape.L, (i + 1) * qp) + shape.prefix, bk) * bk) - first(i)
-                     for i in range(qtiles))
-        q_bytes = shape.B * shape.Hq * shape.L * shape.D * dtype.size
-        # K/V re-streamed per query tile, read once for the hp heads packed in a threadgroup; the
-        # other heads of a KV head share it through the cache
-        kv_bytes = 2 * packs * staged * shape.D * dtype.size / (1 + (shape.Hq // shape.Hkv / hp - 1) * 0.5)
-        mma = 2 * packs * bq * staged * shape.D * 2          # S = QK^T and O += PV, masked waste included
-        # max, exp2 and sum per score, and the mask on the tiles reaching a row's diagonal
-        diagonal = min(1.0, (cdiv(qp, bk) + 1) * qtiles * bk / max(staged, 1))
-        softmax = packs * bq * staged * (6 + 2 * diagonal)
-        # S/P in half: M3 and later issue fp16 and fp32 instructions in parallel (Apple, "Explore GPU
-        # advancements in M3 and A17 Pro", WWDC23), so the conversions overlap the fp32 softmax;
-        # before M3 they add two per score (to half and back) and only the registers are saved
-        if config["score_type"] == "half" and cost.generation_group(dev) == "before_m3":
-            softmax += packs * bq * staged * 2
-        # threadgroup-memory fragment loads per multiply-accumulate: K and V fragments serve the
-        # SIMD-group's tq rows; Q's come from threadgroup memory each time unless in registers
-        # (serialised by bank conflicts when the rows are packed: K^T is read down columns)
-        row, size = self.tile_row_bytes(config, shape, dtype), stage_dtype(config, dtype).size
-        ways_k, ways_v = fragment_bank_ways(row, size, True), fragment_bank_ways(row, size, False)
-        loads = (ways_k + ways_v) / 2 / tq + (0.5 * ways_v if config["q_source"] == "threadgroup" else 0.0)
-        flops = mma * (1 + cost.FRAGMENT_LOAD_COST * loads) + softmax
-        g, = self.geometry(config, shape, dtype)
-        occ = cost.occupancy(g.threads, g.threadgroup_memory_bytes, g.threadgroups,
-                             registers=g.registers)
-        parallel = occ.parallel_fraction(dev, ilp=min(2.0, tq)) * cost.load_efficiency(config["load_width"] * dtype.size)
-        t = cost.roofline(q_bytes * 2 + kv_bytes, flops, dev, parallel)
-        # a threadgroup crosses one barrier per K/V tile double-buffered, two otherwise, and two per
-        # chunk of K and of V with head-dim blocking
-        tiles_per_threadgroup = staged / bk / qtiles
-        per_tile = 4 * shape.D // self.columns(config, shape) if self.chunked(config, shape) else \
-            1 if config["double_buffer"] else 2
-        barriers = per_tile * tiles_per_threadgroup
-        return t + barriers * cost.BARRIER_S * occ.waves(dev) + cost.launch_seconds()
+    def work(self, config, shape: PrefillShape, dtype) -> list:
+        """The launch's counters (kernels/work.py) as the template runs: per query tile the key
+        tiles it stages (causal, windowed), per SIMD-group the tiles it is active on. ASSUMED: a
+        SIMD-group's lanes take one path (the trace splits an instruction whose lanes straddle
+        the last key or query, which a GPU issues once; tests/test_work.py bounds it)."""
+        d = dtypes.get(dtype)
+        g, = self.geometry(config, shape, d)
+        tally = Tally(self.name, g)
+        _count_prefill(tally, self, config, shape, d)
+        return [tally.counted()]
+
+
+def _count_prefill(tally: Tally, fam: PrefillAttention, config, shape: PrefillShape, d) -> None:
+    """prefill_attention.metal.j2, instruction by instruction: what a tile's staging and an active
+    SIMD-group's tile cost is alike in every tile (rows start on whole sectors; a shifted
+    threadgroup access meets the banks alike), so each is counted once and multiplied."""
+    BQ, BK, HP, SG, W = (config[k] for k in ("BQ", "BK", "heads", "simdgroups", "load_width"))
+    D, L, LK, size = shape.D, shape.L, shape.LK, d.size
+    st = stage_dtype(config, d).size
+    pad = TILE_PAD_BYTES // st if config["pad"] else 0
+    sw = int(fam.swizzled(config, d))
+    DC = fam.columns(config, shape)
+    CS, DS, T = DC + pad, D + pad, 32 * SG
+    RQ, QP = BQ // SG, BQ // HP
+    TQ, TK, TD = RQ // 8, BK // 8, D // 8
+    chunks = D // DC
+    packs = shape.B * shape.Hq // HP            # threadgroups per query tile, each moving alike
+    qtiles = cdiv(L, QP)
+    lanes = [(((lane // 4) & 4) + (lane // 2) % 4, ((lane // 4) & 2) * 2 + (lane % 2) * 2) for lane in range(32)]
+
+    # a tile's staging stores (K and V, every chunk, every SIMD-group): W stores a lane and pair
+    stores = 0
+    for sg in range(SG):
+        for i0 in range(sg * 32 * W, BK * DC, T * W):
+            idx = [i0 + lane * W for lane in range(32)]
+            for c in range(W):
+                stores += passes(tuple(((i // DC) * CS + ((i % DC + c) ^ ((i // DC) & sw))) * st for i in idx))
+    stage_passes = 2 * chunks * stores
+    # an active SIMD-group's tile: K^T, Q and V fragment reads (two an operand), the MMAs, the shuffles
+    k_read = sum(passes(tuple(((fn + c) * CS + (fm ^ ((fn + c) & sw))) * st for fm, fn in lanes)) for c in range(2))
+    row_read = sum(passes(tuple((fm * CS + ((fn + c) ^ (fm & sw))) * st for fm, fn in lanes)) for c in range(2))
+    q_read = sum(passes(tuple((fm * DS + ((fn + c) ^ (fm & sw))) * st for fm, fn in lanes)) for c in range(2))
+    active_passes = TK * TD * (k_read + row_read + (TQ * q_read if config["q_source"] == "threadgroup" else 0))
+
+    offset, window = shape.prefix, shape.window
+    tiles = active = kv_keys = valid_rows = q_rows = barriers = 0
+    per_tile_barriers = 4 * chunks if fam.chunked(config, shape) else 1 if config["double_buffer"] else 2
+    for qt in range(qtiles):
+        q0 = qt * QP
+        k_end = min(LK, q0 + QP + offset)
+        k_first = max(0, q0 + offset - window + 1) // BK * BK if window else 0
+        n = max(0, cdiv(k_end - k_first, BK))
+        tiles += n
+        barriers += n * per_tile_barriers
+        kv_keys += min(k_first + n * BK, LK) - k_first   # keys at or past LK are not read
+        q_rows += HP * min(QP, L - q0)
+        for sg in range(SG):
+            row0 = q0 + sg * RQ % QP
+            last = min(k_first + (n - 1) * BK, row0 + RQ - 1 + offset)   # the last tile it is active on
+            first = k_first
+            if window:   # ... from the first whose keys reach its rows' windows
+                first = max(first, k_first + max(0, cdiv(row0 + offset - window - BK + 2 - k_first, BK)) * BK)
+            active += max(0, (last - first) // BK + 1) if n and last >= first else 0
+            valid_rows += sum(max(0, min(8, L - (row0 + tq * 8))) for tq in range(TQ))
+    tally.barriers_per_threadgroup += barriers // qtiles   # (the trace's whole barriers a threadgroup)
+    tally.device("lengths", ((0, 4),), 2 * SG * qtiles * packs)
+    for buffer in ("keys", "values"):   # rows of DC values start on sectors; an instruction covers whole rows or a run of one
+        tally.whole_sectors(buffer, packs * kv_keys * D * size)
+    tally.threadgroup_passes += packs * (tiles * stage_passes + active * active_passes)
+    tally.matrix_multiplies += packs * active * 2 * TQ * TK * TD
+    tally.simd_functions += packs * active * 4 * TQ
+    if config["q_source"] == "threadgroup":
+        tally.whole_sectors("queries", packs * q_rows * D * size)
+        q_stores = sum(passes(tuple(((i // D) * DS + ((i % D) ^ ((i // D) & sw))) * st for i in range(i0, i0 + 32)))
+                       for i0 in range(0, BQ * D, 32))
+        tally.threadgroup_passes += packs * qtiles * q_stores
+    else:   # each lane its rows' two elements of each fragment: a sector a row (8 values)
+        tally.whole_sectors("queries", packs * valid_rows * TD * 2 * SECTOR)
+    tally.whole_sectors("out", packs * valid_rows * TD * 2 * SECTOR)
+    if shape.sinks:
+        tally.device("sinks", ((0, size),), packs * qtiles * SG * TQ)
+        tally.footprint("sinks", shape.Hq * size)
+    k_first0 = max(0, offset - window + 1) // BK * BK if window else 0
+    tally.footprint("lengths", 8)
+    tally.footprint("queries", shape.B * shape.Hq * L * D * size)
+    for buffer in ("keys", "values"):
+        tally.footprint(buffer, shape.B * shape.Hkv * (LK - k_first0) * D * size)
+    tally.footprint("out", shape.B * shape.Hq * L * D * size)

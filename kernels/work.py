@@ -59,6 +59,11 @@ class Tally:
         if accesses and times:
             self.sector_bytes[buffer] = self.sector_bytes.get(buffer, 0) + SECTOR * sectors(accesses) * times
 
+    def whole_sectors(self, buffer: str, nbytes: int) -> None:
+        """Device traffic on `buffer` known to cover whole 32-byte sectors, each once an instruction
+        (rows starting on sectors, read whole): its sectors' bytes are its bytes."""
+        self.sector_bytes[buffer] = self.sector_bytes.get(buffer, 0) + nbytes
+
     def threadgroup(self, offsets, times: int = 1) -> None:
         """`times` SIMD-group instructions on threadgroup memory at these lanes' byte offsets."""
         offsets = tuple(offsets)

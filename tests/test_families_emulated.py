@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from metalforge.kernels import check
+from metalforge.kernels.covering import covering_array
 from metalforge.kernels import get_family as family
 from metalforge.emulator import EmulatorError
 from metalforge.errors import MetalforgeError
@@ -59,15 +60,9 @@ def verify(name, shape_values, dtype, configs=None, sample=None, seed=0):
 
 
 def covering(fam, configs):
-    """A few configs that between them take every value (valid at this shape) of every parameter:
-    greedily, the config that adds the most values not yet taken."""
-    wanted = {(p.name, v) for p in fam.params for v in p.domain if any(c[p.name] == v for c in configs)}
-    chosen = []
-    while wanted:
-        best = max(configs, key=lambda c: len(wanted & set(c.items())))
-        chosen.append(best)
-        wanted -= set(best.items())
-    return chosen
+    """A few configs that between them take every value (valid at this shape) of every parameter
+    (a covering array of strength 1: greedily, the config that adds the most values not yet taken)."""
+    return covering_array(fam.params, configs, 1)
 
 
 def covering_sample(name, shape_values, dtype, extra=16, seed=0):

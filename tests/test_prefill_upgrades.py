@@ -86,7 +86,7 @@ def test_refusals_name_the_problem(config, shape, dtype, problem):
     assert [str(p) for p in check(PREFILL, config, shape, dtype, "m3-max-40")] == [problem]
 
 
-def test_half_scores_hold_fewer_registers_and_cost_more_only_before_m3():
+def test_half_scores_hold_fewer_registers():
     """BQ=64 over 4 SIMD-groups, BK=64, D=128, Q in registers: O 2 x 16 fragments, S 2 x 8, Q 2 x 16
     and one operand: 32 + 49 = 81 fp32 fragments (over 64: refused); with half S, Q and operand,
     32 + 25 = 57."""
@@ -94,12 +94,6 @@ def test_half_scores_hold_fewer_registers_and_cost_more_only_before_m3():
     base = dict(BQ=64, BK=64, simdgroups=4, q_source="registers")
     assert PREFILL.fragments(PREFILL.config(base), shape) == 81
     assert PREFILL.fragments(PREFILL.config(dict(base, score_type="half")), shape) == 57
-    # where the registers do not change the occupancy, half scores are dearer before M3 only
-    plain, half = PREFILL.config(dict(BQ=32, BK=32)), PREFILL.config(dict(BQ=32, BK=32, score_type="half"))
-    for device, dearer in (("m1", True), ("m2-max", True), ("m3-max-40", False), ("m4-pro", False)):
-        cost_plain = PREFILL.cost(plain, shape, "float16", device)
-        cost_half = PREFILL.cost(half, shape, "float16", device)
-        assert (cost_half > cost_plain) == dearer and cost_half >= cost_plain, device
 
 
 # ---- traced: K/V traffic and bank conflicts (the emulator's trace mode) -------------------------
@@ -126,28 +120,39 @@ def test_gqa_packing_reads_each_kv_tile_once_for_its_heads():
     assert alone.matrix_multiplies == packed.matrix_multiplies
 
 
-def test_the_cost_model_prices_packing_below_unpacked_tiles_on_a_full_gpu():
-    """8B-class heads (32 query, 8 KV, D=128), 16 new tokens after 4,096, batch 4 on an M3 Max:
-    packing 4 heads beats both 8-row tiles (K/V streamed per head) and 32-row tiles (24 of 32 rows
-    idle for 16 tokens)."""
+def test_the_model_prices_packing_below_unpacked_tiles_on_a_full_gpu():
+    """8B-class heads (32 query, 8 KV, D=128), 16 new tokens after 4,096, batch 4 on an M3 Max,
+    priced by the per-kernel model from the counted work: packing 4 heads beats both 8-row tiles
+    (K/V streamed per head) and 32-row tiles (24 of 32 rows idle for 16 tokens)."""
     shape = PREFILL.shape(dict(B=4, Hq=32, Hkv=8, L=16, D=128, prefix=4096))
     def price(config):
-        return PREFILL.cost(PREFILL.config(config), shape, "float16", "m3-max-40")
+        return PREFILL.modelled_seconds(PREFILL.config(config), shape, "float16", "m3-max-40")
     packed = price(dict(BQ=32, BK=32, simdgroups=4, heads=4))
     assert packed < price(dict(BQ=8, BK=32, simdgroups=1)) and packed < price(dict(BQ=32, BK=32, simdgroups=4))
 
 
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("change", [dict(), dict(d_block=32), dict(q_source="registers", score_type="half")])
+@pytest.mark.parametrize("change", [dict(), dict(d_block=32), dict(q_source="registers", score_type="half"),
+                                    dict(stage="float", BQ=16, BK=16, simdgroups=2), dict(stage="float", d_block=32),
+                                    dict(stage="float", q_source="registers", BK=16)])
 def test_prefill_fragment_reads_have_no_bank_conflicts(D, change):
     """One K/V element per thread when staging (load_width=1: consecutive lanes, consecutive
     words, no conflict), so every conflict the trace could count is on the Q, K^T and V fragment
-    reads: there are none with padded half rows. (fp32 tiles, stage=float, are not covered: the
-    trace counts a lane's two elements as two 4-byte reads, and rows 8 words wide shifted 4 banks
-    a row then share banks; no padding avoids that, a swizzle would.)"""
-    t = _trace(PREFILL, dict(BQ=32, BK=32, load_width=1, **change), dict(B=1, Hq=1, Hkv=1, L=64, D=D))
+    reads: there are none with padded rows, half or fp32. (fp32 rows padded by 16 bytes alone
+    start 4 banks apart, and a read along rows, 8 rows x 4 even columns, met 16 banks: 2-way,
+    1,536 extra passes at D=64; odd rows swap their column pairs now.)"""
+    t = _trace(PREFILL, {**dict(BQ=32, BK=32, load_width=1), **change}, dict(B=1, Hq=1, Hkv=1, L=64, D=D))
     assert t.threadgroup_accesses > 0 and t.matrix_multiplies > 0
     assert t.bank_conflicts == 0
+
+
+def test_swizzled_fp32_tiles_match_mlx_attention():
+    """The swizzle moves where staged values sit; every read and store must agree on it."""
+    configs = _configs(dict(stage="float"), dict(stage="float", load_width=2, d_block=32),
+                       dict(stage="float", q_source="registers", double_buffer=True, BK=16),
+                       dict(stage="float", pad=False, load_width=1))
+    assert verify("prefill_attention", dict(B=1, Hq=4, Hkv=2, L=45, D=64, prefix=5), "float16",
+                  configs=configs) == len(configs)
 
 
 def test_packed_rows_conflict_on_the_k_transpose_read():
@@ -187,11 +192,12 @@ def test_qmm_conflicts_are_only_its_stagings(BK):
 
 def test_chunked_and_packed_paths_run_clean_in_checked_mode(monkeypatch):
     """Bounds and races checked: the two barriers around each K and V chunk (one buffer shared by
-    both) and the packed heads' Q tile rows."""
+    both), the packed heads' Q tile rows and the swizzled fp32 rows."""
     monkeypatch.setenv("METALFORGE_EMULATOR_CHECKED", "1")
     shape = dict(B=1, Hq=4, Hkv=1, L=37, D=128, prefix=5)
-    configs = _configs(dict(BK=64, d_block=32), dict(heads=4, d_block=64, score_type="half"))
-    assert verify("prefill_attention", shape, "float16", configs=configs) == 2
+    configs = _configs(dict(BK=64, d_block=32), dict(heads=4, d_block=64, score_type="half"),
+                       dict(stage="float", d_block=32, load_width=2))
+    assert verify("prefill_attention", shape, "float16", configs=configs) == 3
 
 
 def test_checked_mode_finds_a_missing_chunk_barrier():

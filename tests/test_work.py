@@ -123,10 +123,49 @@ def test_identical_work_gets_an_identical_price():
         == model.price(renamed, device, constants) == fam.modelled_seconds(config, shape, F16, device)
 
 
-def test_a_family_without_work_is_priced_by_its_cost():
-    """The fallback while a family still prices itself (Family.cost): modelled_seconds says its cost."""
+# Prefill at D=64 and 128, from the first query (no prefix: diagonal tiles, SIMD-groups idle on
+# the last key tile) and after a cached prefix (tiles every row sees whole), through every
+# tunable: tiles, GQA packing, head-dim chunks, half scores, Q in registers, double buffering,
+# packed rows, fp32 staging (swizzled), load widths, a window and sinks; keys past a tile's last
+# (LK not a multiple of BK) in whole 32 x load_width runs.
+PREFILL = [
+    ("B=1,Hq=2,Hkv=1,L=64,D=64", {}),
+    ("B=1,Hq=2,Hkv=1,L=40,D=128,prefix=8", {"BQ": 16, "BK": 16, "simdgroups": 2}),
+    ("B=2,Hq=4,Hkv=2,L=48,D=64,prefix=16", {"heads": 2, "d_block": 16, "load_width": 2}),
+    ("B=1,Hq=2,Hkv=1,L=64,D=128", {"BK": 64, "d_block": 32, "score_type": "half", "q_source": "registers"}),
+    ("B=1,Hq=4,Hkv=1,L=24,D=64,prefix=40", {"heads": 4, "double_buffer": True, "BK": 16}),
+    ("B=1,Hq=2,Hkv=1,L=64,D=64,prefix=8,window=24,sinks=1", {"BQ": 16, "BK": 16, "simdgroups": 2}),
+    ("B=1,Hq=2,Hkv=1,L=64,D=64", {"pad": False, "stage": "float", "BQ": 64}),
+    ("B=1,Hq=1,Hkv=1,L=56,D=128", {"stage": "float", "BQ": 8, "BK": 16, "simdgroups": 1, "q_source": "registers"}),
+    ("B=1,Hq=2,Hkv=1,L=45,D=64,prefix=3", {}),                                   # query tail; 48 keys
+    ("B=1,Hq=2,Hkv=1,L=65,D=128,prefix=3,window=24,sinks=1", {"BK": 16, "d_block": 32}),
+    ("B=1,Hq=1,Hkv=1,L=1,D=128,prefix=20", {"BQ": 8, "BK": 8, "simdgroups": 1}),  # one token
+    ("B=1,Hq=8,Hkv=1,L=24,D=128,prefix=8", {"heads": 8, "BQ": 64, "simdgroups": 8, "d_block": 64, "BK": 128,
+                                           "load_width": 1, "q_source": "registers"}),
+    ("B=2,Hq=2,Hkv=2,L=136,D=64", {"BQ": 128, "BK": 8, "load_width": 1}),
+]
+
+
+@pytest.mark.parametrize("shape, config", PREFILL)
+def test_prefill_attention_work_is_the_traced_work(shape, config):
     fam = family("prefill_attention")
-    config, shape = fam.config({}), fam.shape("B=1,Hq=2,Hkv=1,L=64,D=64")
-    with pytest.raises(NotImplementedError):
-        fam.work(config, shape, F16)
-    assert fam.modelled_seconds(config, shape, F16, "m2-max") == fam.cost(config, shape, F16, "m2-max")
+    config, shape = fam.config(config), fam.shape(shape)
+    assert_same_work(fam.work(config, shape, F16), traced(fam, config, shape))
+
+
+def test_prefill_work_where_lanes_straddle_the_last_key():
+    """42 keys staged 4 values a lane in chunks of 32 columns: one instruction's lanes are half
+    past the last key, and skip their loads; the trace pairs the rest of their stores apart from
+    the others' (a GPU issues them together). Those passes are traced within 1.1x the count;
+    everything else is exact."""
+    fam = family("prefill_attention")
+    config, shape = fam.config({"BK": 64, "d_block": 32, "load_width": 4}), fam.shape("B=1,Hq=2,Hkv=1,L=37,D=128,prefix=5")
+    assert_same_work(fam.work(config, shape, F16), traced(fam, config, shape), ("threadgroup_passes",), most=1.1)
+
+
+def test_every_family_counts_its_work():
+    """No family is priced any other way (the old analytic `cost` is gone): each counts its work."""
+    from metalforge.kernels.families import FAMILIES
+    from metalforge.kernels.family import Family
+    assert [name for name, fam in FAMILIES.items() if type(fam).work is Family.work] == []
+    assert not hasattr(Family, "cost")
