@@ -362,6 +362,25 @@ def test_shipped_modelled_defaults_exist_for_every_device():
     assert choice.source == "exact" and choice.entry["timer"] == "model"
 
 
+def test_defaults_search_again_the_buckets_a_shipped_file_holds_for_the_families_named(tmp_path):
+    """`--families`: besides the models' buckets, those already shipped (older shapes kept in the
+    file) are searched again, each as the Target whose bucket is the file's key; other families
+    and the buckets taken by the models are left alone; an unknown family is a one-line error."""
+    from metalforge.tuner import defaults
+    path = tmp_path / "m1.yaml"
+    path.write_bytes(results.shipped_path("m1").read_bytes())
+    shipped = results.load(path)["entries"]["qmv"]
+    taken = {("qmv", next(iter(shipped)))}
+    held = defaults.held(path, ["qmv"], taken)
+    assert sorted(t.bucket for t in held) == sorted(set(shipped) - {key for _, key in taken})
+    assert {t.family.name for t in held} == {"qmv"}
+    assert defaults.held(tmp_path / "none.yaml", ["qmv"], set()) == []
+    r = subprocess.run([sys.executable, "-m", "metalforge.tuner.defaults", "--families", "qmv,nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "error: unknown family 'nope'; valid families: " + ", ".join(FAMILIES))
+
+
 def test_shapes_from_a_model_config():
     sets = shapes.from_model_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
                                      "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
