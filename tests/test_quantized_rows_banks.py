@@ -63,6 +63,18 @@ def test_the_config_shipped_for_n_14336_stages_x_without_conflicts():
     assert counted.features["threadgroup_passes"] == t.threadgroup_instructions
 
 
+@pytest.mark.parametrize("name, shape", [
+    ("gather_qmv", "M=2,N=64,K=2048,experts=4,top_k=2"),
+    ("gate_up", "M=3,N=64,K=2048"),
+    ("norm_qkv", "M=3,K=2048,Hq=2,Hkv=1,D=64"),
+])
+@pytest.mark.parametrize("k_split", [1, 2])
+def test_every_family_on_the_template_stages_x_without_conflicts(name, shape, k_split):
+    config = {"values_per_lane": 32, "stage_x": True, "k_split": k_split, "simdgroups": 2, "rows_per_simdgroup": 4}
+    *_, traces = traced(name, config, shape)
+    assert [t.bank_conflicts for t in traces] == [0] * len(traces)
+
+
 @pytest.mark.parametrize("M, R", [(4, 8), (8, 4), (3, 2)])
 @pytest.mark.parametrize("name", ["qmv", "gate_up"])
 def test_k_split_partial_sums_have_no_bank_conflict(name, M, R):
