@@ -102,7 +102,7 @@ class NormQkv(Family):
         g, = QMV.geometry(config, as_qmv(shape, shape.D), dtype)
         extra = shape.M   # the sum of squares beside qmv's accumulators
         partials = 4 * config["k_split"] * config["simdgroups"] * extra if config["k_split"] > 1 else 0
-        head = 4 * shape.M * (shape.D + shape.qk_norm)   # the head's values (and its norm's scales)
+        head = 4 * shape.M * (head_row(config, shape) + shape.qk_norm)   # the head's values (and its norm's scales)
         return (Geometry((shape.heads * g.threads, 1, 1), g.threadgroup,
                          g.threadgroup_memory_bytes + partials + head, g.registers + extra),)
 
@@ -119,6 +119,7 @@ class NormQkv(Family):
         blocks = cdiv(shape.D, config["simdgroups"] * config["rows_per_simdgroup"])
         kernel = self._kernel(self.template, input_names(shape), ("out",),
                               **rows_values(config, shape, d, norm=True, BLOCKS=blocks), HQ=shape.Hq, HKV=shape.Hkv,
+                              HV_ROW=head_row(config, shape),
                               D=shape.D, DIMS=shape.dims, bias=bool(shape.bias), qk_norm=bool(shape.qk_norm),
                               traditional=bool(shape.traditional))
         g, = self.geometry(config, shape, dtype)
@@ -183,6 +184,13 @@ class NormQkv(Family):
     def work(self, config, shape, dtype) -> list:
         """qmv's work for the q/k/v rows in one launch (qmv.fused_work; a head a threadgroup)."""
         return fused_work(config, as_qmv(shape, shape.N), 1, dtype)
+
+
+def head_row(config, shape: NormQkvShape) -> int:
+    """Words a row of the head's values (hv) takes in threadgroup memory. With k_split > 1 the
+    first split's lane i stores row m = i / R, value r = i % R at once, so rows start R banks
+    apart (D padded) and the lanes meet distinct banks; otherwise lane 0 stores alone, no pad."""
+    return shape.D + ((config["rows_per_simdgroup"] - shape.D) % 32 if config["k_split"] > 1 else 0)
 
 
 def input_names(shape: NormQkvShape) -> tuple[str, ...]:

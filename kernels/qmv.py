@@ -186,7 +186,7 @@ def count_rows(tally: Tally, config, shape, size: int, at: dict) -> None:
             for m in range(M):
                 for v in range(V):
                     if config["stage_x"]:
-                        tally.threadgroup((4 * ((ks * M + m) * step_len + l * V + v) for l in lanes), sgs)
+                        tally.threadgroup((4 * staged_word((ks * M + m) * step_len + l * V + v, V) for l in lanes), sgs)
                     else:
                         tally.device("x", ((at["x"] + (m * K + k0 + l * V + v) * size, size) for l in lanes), sgs)
             for base, rows in w_rows.items():
@@ -207,7 +207,7 @@ def count_rows(tally: Tally, config, shape, size: int, at: dict) -> None:
         return
     tally.barriers_per_threadgroup += 1
     tally.threadgroup((0,), sgs * KS * R * M)             # lane 0 writes each partial sum
-    for it in range(cdiv(M * R, 32)):                     # the first split's lanes sum them
+    for it in range(cdiv(M * R, 32)):                     # the first split's lanes sum them, lane i word i
         lanes = range(32 * it, min(M * R, 32 * it + 32))
         for j in range(KS):
             tally.threadgroup((4 * (j * SG * M * R + i) for i in lanes), sgs)
@@ -238,4 +238,11 @@ def _stage_x(tally: Tally, config, shape, size: int, x0: int, step: int, tgs: in
             idx = [i for i in range(sg * 32 + it * threads, sg * 32 + it * threads + 32) if i < total]
             kk = {i: (step * KS + i // (M * step_len)) * step_len + i % step_len for i in idx}
             tally.device("x", ((x0 + ((i // step_len) % M * K + kk[i]) * size, size) for i in idx if kk[i] < K), tgs)
-            tally.threadgroup((4 * i for i in idx), tgs)
+            tally.threadgroup((4 * staged_word(i, V) for i in idx), tgs)
+
+
+def staged_word(i: int, V: int) -> int:
+    """Where quantized_rows.j2 stages value i of x's slices (lane l's V values in words l*V..,
+    value v at v XOR l / lanes-per-bank-row): 32 lanes at one v, or 32 consecutive values, meet
+    32 distinct banks."""
+    return i ^ (i % (32 * V) // V // max(1, 32 // V))

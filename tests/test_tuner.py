@@ -356,10 +356,29 @@ def test_shipped_modelled_defaults_exist_for_every_device():
         assert data["device"]["name"] == name
         entries = [e for buckets in data["entries"].values() for e in buckets.values()]
         assert entries and all(e["timer"] == "model" for e in entries)
-        assert set(data["entries"]) == {"qmv", "decode_attention", "prefill_attention"}
+        assert set(data["entries"]) == {"qmv", "decode_attention", "prefill_attention", "gate_up", "norm_qkv"}
     # a Llama-3-8B decode at 3000 tokens on an M1 finds its shipped bucket
     choice = results.lookup("m1", "decode_attention", dict(B=1, Hq=32, Hkv=8, S=3000, D=128), "float16")
     assert choice.source == "exact" and choice.entry["timer"] == "model"
+
+
+def test_defaults_search_again_the_buckets_a_shipped_file_holds_for_the_families_named(tmp_path):
+    """`--families`: besides the models' buckets, those already shipped (older shapes kept in the
+    file) are searched again, each as the Target whose bucket is the file's key; other families
+    and the buckets taken by the models are left alone; an unknown family is a one-line error."""
+    from metalforge.tuner import defaults
+    path = tmp_path / "m1.yaml"
+    path.write_bytes(results.shipped_path("m1").read_bytes())
+    shipped = results.load(path)["entries"]["qmv"]
+    taken = {("qmv", next(iter(shipped)))}
+    held = defaults.held(path, ["qmv"], taken)
+    assert sorted(t.bucket for t in held) == sorted(set(shipped) - {key for _, key in taken})
+    assert {t.family.name for t in held} == {"qmv"}
+    assert defaults.held(tmp_path / "none.yaml", ["qmv"], set()) == []
+    r = subprocess.run([sys.executable, "-m", "metalforge.tuner.defaults", "--families", "qmv,nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "error: unknown family 'nope'; valid families: " + ", ".join(FAMILIES))
 
 
 def test_shapes_from_a_model_config():

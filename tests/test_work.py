@@ -23,6 +23,8 @@ QMV = [
     ("M=3,N=40,K=768", {"stage_x": True, "k_split": 2, "rows_per_simdgroup": 2}),
     ("M=2,N=40,K=640,bits=3,group_size=32", {"values_per_lane": 8, "k_split": 4}),           # straddling bytes
     ("M=1,N=48,K=384,bits=6,group_size=128", {"values_per_lane": 32, "simdgroups": 1}),
+    ("M=1,N=128,K=2048", {"simdgroups": 8, "rows_per_simdgroup": 8, "values_per_lane": 32, "stage_x": True,
+                          "load_width": 4}),                                               # swizzled staging at V=32
 ]
 
 

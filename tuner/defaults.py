@@ -1,12 +1,15 @@
 """Regenerate the modelled defaults shipped in results/ for every device profile.
 
     python -m metalforge.tuner.defaults [--trials 100] [--out results/] [--devices a,b] [--reprice]
+                                        [--families a,b]
 
 Each study searches the MODELLED objective (no Mac needed); each distinct winning config is then
 verified in the emulator before it is written. Entries say `timer: model`: any measured result a
 user produces on a Mac replaces them (results.merge). `--reprice` keeps each shipped entry's
 config and prices it again with the per-kernel model against MLX's real kernel (no search: minutes
-where the search takes hours on two cores).
+where the search takes hours on two cores). `--families` searches only those families again: the
+models' buckets and those the shipped file already holds, each winner merged in where it is
+priced faster than the bucket's entry (after a change to one family's kernel, reprice first).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import optuna
 
 from metalforge import devices
 from metalforge import results
+from metalforge.errors import choices
+from metalforge.kernels.families import FAMILIES
 from metalforge.tuner import shapes
 from metalforge.tuner.settings import Settings
 from metalforge.tuner.study import entry, run_study
@@ -38,7 +43,12 @@ def main():
     ap.add_argument("--devices", help="comma-separated subset of profiles")
     ap.add_argument("--reprice", action="store_true", help="price the shipped entries' configs again, no search")
     ap.add_argument("--table", metavar="DEVICE", help="print the tune table (markdown) of DEVICE's shipped file")
+    ap.add_argument("--families", help="comma-separated families to search again, merged into the shipped files "
+                                       "(default: every family the models run, the files regenerated)")
     args = ap.parse_args()
+    families = args.families.split(",") if args.families else shapes.model_families()
+    if unknown := [f for f in families if f not in FAMILIES]:
+        ap.error(f"unknown family '{unknown[0]}'; valid families: {choices(FAMILIES)}")
     if args.table:
         print(tune_table(Path(args.out) / f"{args.table}.yaml"))
         return
@@ -49,13 +59,14 @@ def main():
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     targets = []
     for model in MODELS:
-        targets += shapes.targets(shapes.from_model_config(model, contexts=(512, 4096)), shapes.model_families(),
-                                  "float16")
+        targets += shapes.targets(shapes.from_model_config(model, contexts=(512, 4096)), families, "float16")
     verified: dict[tuple, bool] = {}
     names = args.devices.split(",") if args.devices else list(devices.profiles())
     for name in names:
         new = []
-        for target in targets:
+        path = Path(args.out) / f"{name}.yaml"
+        for target in targets + (held(path, families, {(t.family.name, t.bucket) for t in targets})
+                                 if args.families else []):
             settings = Settings(device=name, trials=args.trials, storage="memory", timer=ModelTimer(), seed=0,
                                 verify=False)
             e = entry(run_study(target, settings), target, name)
@@ -65,11 +76,20 @@ def main():
                 Verifier(family, target.shape, target.dtype, backend="emulator")(e["config"])
                 verified[key] = True
             new.append((target.family.name, target.bucket, e))
-        path = Path(args.out) / f"{name}.yaml"
-        if path.exists():
+        if path.exists() and not args.families:
             path.unlink()   # regenerated from scratch: shipped defaults hold model entries only
         results.save_entries(path, name, new)
         print(f"{name}: {len(new)} entries -> {path}")
+
+
+def held(path: Path, families: list[str], taken: set) -> list[shapes.Target]:
+    """The targets of the buckets a shipped file holds for these families, less those `taken`."""
+    out = []
+    for family, buckets in (results.load(path)["entries"] if path.exists() else {}).items():
+        if family in families:
+            out += [shapes.Target(family, e["shape"], e["dtype"]) for key, e in buckets.items()
+                    if (family, key) not in taken]
+    return out
 
 
 def tune_table(path: Path) -> str:
