@@ -24,8 +24,11 @@ DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "kernel_mea
 SHAPE_FIELDS = ("M", "N", "K", "bits", "group_size", "B", "Hq", "Hkv", "S", "D", "L")
 UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 LIBRARIES = ("mlx", "llama.cpp")
+# What a figure's clock includes besides the kernel: the host's per-call round trip (launch, command
+# buffer commit, wait), a share of it (many calls queued per wait), or nothing (GPU timestamps).
+TIMERS = ("host_per_call", "host_amortised", "gpu")
 REQUIRED = ("chip", "gpu_cores", "library", "kernel", "shape", "dtype", "figure", "unit", "seconds",
-            "timing", "source", "quote")
+            "timing", "timer", "source", "quote")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class KernelPoint:
     unit: str
     seconds: float
     timing: str
+    timer: str              # one of TIMERS
     source: str
     quote: str
     profile: str | None = None
@@ -120,6 +124,8 @@ def _point(raw: dict, at: str) -> KernelPoint:
         raise MetalforgeError(f"{at}: source must be a URL, got {raw['source']!r}")
     if raw["library"] not in LIBRARIES:
         raise MetalforgeError(f"{at}: library must be one of {', '.join(LIBRARIES)}")
+    if raw["timer"] not in TIMERS:
+        raise MetalforgeError(f"{at}: timer must be one of {', '.join(TIMERS)}, got {raw['timer']!r}")
     if raw["unit"] not in UNITS:
         raise MetalforgeError(f"{at}: unit must be one of {', '.join(UNITS)}")
     if raw["dtype"] is not None:
@@ -144,7 +150,7 @@ def _point(raw: dict, at: str) -> KernelPoint:
         chip=str(raw["chip"]), gpu_cores=raw["gpu_cores"], library=raw["library"], kernel=str(raw["kernel"]),
         shape=tuple((f, raw["shape"][f]) for f in SHAPE_FIELDS if f in raw["shape"]),
         dtype=raw["dtype"], figure=figure, unit=raw["unit"], seconds=float(raw["seconds"]),
-        timing=str(raw["timing"]), source=str(raw["source"]), quote=quote, profile=raw.get("profile"),
+        timing=str(raw["timing"]), timer=raw["timer"], source=str(raw["source"]), quote=quote, profile=raw.get("profile"),
         calls=calls, date=str(raw.get("date", "")), software=str(raw.get("software", "")),
         inferred=str(raw.get("inferred", "")), excluded=str(raw.get("excluded", "")))
     why = point.impossibility()
