@@ -3,6 +3,7 @@ that concurrent writers (tuning workers, several `metalforge tune` runs) lose no
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
@@ -11,6 +12,11 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from metalforge.errors import MetalforgeError
+
+
+def digest(path) -> str:
+    """A short fingerprint of a file's bytes: what a fit was made from, to tell when it is stale."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def current_umask() -> int:
