@@ -7,8 +7,8 @@ The per-kernel model (kernels/timing): predicted against measured for every publ
 (benchmarks/data/kernel_measurements.yaml; MLX's and llama.cpp's kernels traced in the emulator at
 proxy shapes and scaled), the points left out and why, and the leave-one-chip-out median error per
 family and regime for every choice of the terms the data may not identify (kernels/timing/fit.py
-OPTIONAL: the host round trip of a point timed per call, the system cache, the latency of a launch
-too small to fill the cores), the shipped choice marked; then the largest held-out errors per
+OPTIONAL: the host round trip of a point timed per call, the system cache), the shipped choice
+marked; then the largest held-out errors per
 family, and the whole-model check: decode steps priced as the sum of MLX's kernels plus one fitted
 per-dispatch cost, held out by chip. Writes OUT.json and a PNG of held-out predicted against
 measured. `--write` replaces kernels/timing/constants.yaml with this fit; `--check` exits 1 when it

@@ -93,7 +93,7 @@ def test_the_fit_recovers_the_constants_that_generated_the_timings():
     """Timings made by known constants, a host round trip of 40 us on each call timed on its own
     among them, are fitted back to those constants, and a term held at 0 stays there."""
     truth = Constants(host_call=40e-6, launch=6e-6, dram=1.3, cache=0.5, onchip=0.02, mma=1.8, sync=30.0,
-                      latency=200.0, schedule=400.0)
+                      schedule=400.0)
     rows = [dataclasses.replace(r, point=dataclasses.replace(r.point, seconds=float(r.terms @ truth.vector())))
             for r in _synthetic_rows()]
     got = fit.fit(rows)
@@ -113,7 +113,7 @@ def test_a_term_is_fitted_only_where_freeing_it_lowers_the_held_out_error():
     """Timings with no host round trip: freeing host_call cannot lower the held-out error, so the
     choice holds it (a tie holds more); with a 40 us round trip in them, it is fitted."""
     truth = Constants(host_call=0.0, launch=6e-6, dram=1.3, cache=0.5, onchip=0.02, mma=1.8, sync=30.0,
-                      latency=200.0, schedule=400.0)
+                      schedule=400.0)
     rows = [dataclasses.replace(r, point=dataclasses.replace(r.point, seconds=float(r.terms @ truth.vector())))
             for r in _synthetic_rows()]
     assert "host_call" in fit.held_terms(rows)

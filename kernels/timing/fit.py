@@ -205,9 +205,8 @@ def family_errors(rows: list[Row], held: tuple = ()) -> dict:
 
 # Terms the data may not identify: each is fitted only where freeing it lowers the held-out error.
 # host_call: the round trip of a call timed on its own; cache: bytes a cache-hot point's system
-# level cache serves (at 0 they cost nothing beyond the on-chip terms); latency: the serial path of
-# a launch too small to fill the cores.
-OPTIONAL = ("host_call", "cache", "latency")
+# level cache serves (at 0 they cost nothing beyond the on-chip terms).
+OPTIONAL = ("host_call", "cache")
 
 
 def ablation(rows: list[Row]) -> dict:
