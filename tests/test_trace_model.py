@@ -84,7 +84,7 @@ def _synthetic_rows():
             counted = mlx_jobs.counted(op, shape, "float16", dev)
             timer, timing = TIMINGS[(i + j) % len(TIMINGS)]
             point = dataclasses.replace(template, profile=name, gpu_cores=None, timer=timer, timing=timing, shape=())
-            rows.append(fit.Row(point, fit.family_of(op, [c.kernel for c in counted]), (),
+            rows.append(fit.Row(point, fit.family_of(op, shape, "float16", dev), (),
                                 fit.point_terms(point, counted)))
     return rows
 
@@ -186,3 +186,20 @@ def test_only_a_cache_hot_read_is_served_by_the_system_cache():
     too_big = dataclasses.replace(hot, profile="m4-pro", gpu_cores=None)
     with pytest.raises(MetalforgeError, match=r"cache-hot, but its 42 MiB do not fit the chip's 24 MB system level cache"):
         fit.reads_dram(too_big)
+
+
+def test_the_fit_names_families_through_the_registry(monkeypatch):
+    """A point's family is the registered family MLX's chosen kernel serves (llama.cpp's one-row
+    product: MLX's for the same rows), and the family its kernel text names is looked up among the
+    registered names: a family registered later is found with fit.py unchanged."""
+    from metalforge.kernels.families import FAMILIES
+    m3 = devices.get("m3-max-40")
+    assert fit.family_of("matmul", {"M": 1, "N": 4096, "K": 4096, "bits": 4, "group_size": 64}, "float16", m3) == "qmv"
+    assert fit.family_of("matmul", {"M": 64, "N": 4096, "K": 4096, "bits": 4, "group_size": 64}, "float16", m3) == "qmm"
+    assert fit.family_of("decode", {"B": 1, "Hq": 32, "Hkv": 8, "S": 4096, "D": 128}, "float16", m3) == "decode_attention"
+    assert fit.family_of(fit.LLAMA_CPP_OP, {"qtype": "q4_K", "M": 1, "N": 1024, "K": 5120}, "float32", m3) == "qmv"
+    stock = _shipped_point(source="https://github.com/ml-explore/mlx/pull/4216", dtype="float16")
+    both = _shipped_point(source="https://github.com/ml-explore/mlx/pull/3791", M=8, K=16384)
+    assert (fit.stated_family(stock), fit.stated_family(both)) == ("qmm", None)
+    monkeypatch.setitem(FAMILIES, "affine_qmm_t", FAMILIES["qmm"])   # "qmm" is inside the longer name
+    assert fit.stated_family(stock) == "affine_qmm_t"

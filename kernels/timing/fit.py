@@ -25,12 +25,13 @@ import yaml
 from metalforge import devices, files
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import kernel_measurements, llamacpp_library
-from metalforge.kernels.families import get as get_family
+from metalforge.kernels.families import FAMILIES, get as get_family
 from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
 
 # llama.cpp's kernels traced so far: its matrix-vector kernels with one row of x (kernels/llamacpp_library.py)
 LLAMA_CPP_MUL_MV = re.compile(r"MUL_MAT (q4_0|q4_K|q6_K) x f32")
+LLAMA_CPP_OP = "llama.cpp mul_mv"
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
@@ -78,22 +79,24 @@ def _llama_cpp_job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
     if m is None or p.get("M") != 1:
         raise MetalforgeError("llama.cpp's kernel is not traced yet: kernels/llamacpp_library.py binds its "
                               "matrix-vector kernels with one row of x (kernel_mul_mv_<q4_0|q4_K|q6_K>_f32) only")
-    return "llama.cpp mul_mv", {"qtype": m.group(1), "M": 1, "N": p.get("N"), "K": p.get("K")}
+    return LLAMA_CPP_OP, {"qtype": m.group(1), "M": 1, "N": p.get("N"), "K": p.get("K")}
 
 
 def counted(op: str, shape: dict, dtype: str, device):
     """The dispatches of a job, counted at its shape: llama.cpp's or MLX's kernels."""
-    if op == "llama.cpp mul_mv":
+    if op == LLAMA_CPP_OP:
         return llamacpp_library.counted(shape["qtype"], {f: shape[f] for f in ("M", "N", "K")})
     return mlx_jobs.counted(op, shape, dtype, device)
 
 
-def family_of(op: str, kernels) -> str:
-    if op == "llama.cpp mul_mv":
-        return "qmv"
-    if op == "matmul":
-        return "qmm" if any(k.startswith("affine_qmm") for k in kernels) else "qmv"
-    return {"decode": "decode_attention", "prefill": "prefill_attention"}[op]
+def family_of(op: str, shape: dict, dtype: str, device) -> str:
+    """The family of our kernels whose MLX counterpart ran: the job MLX's rules name for the point
+    (mlx_dispatch.Choice.job, one of the registry's families). llama.cpp's matrix-vector product
+    belongs where MLX's kernel for the same rows does (at q4_0's layout, 4 bits in groups of 32:
+    the family follows the rows, not the format)."""
+    if op == LLAMA_CPP_OP:
+        op, shape = "matmul", {"M": shape["M"], "N": shape["N"], "K": shape["K"], "bits": 4, "group_size": 32}
+    return get_family(mlx_jobs.choose(op, shape, dtype, device).job).name
 
 
 def reads_dram(p: kernel_measurements.KernelPoint) -> bool:
@@ -113,9 +116,11 @@ def reads_dram(p: kernel_measurements.KernelPoint) -> bool:
 
 
 def stated_family(p: kernel_measurements.KernelPoint) -> str | None:
-    """qmv or qmm where the point's kernel names one of them only (MLX's batch limit moved between
-    versions: a point is priced only where the installed MLX runs the kernel its source ran)."""
-    named = {f for f in ("qmv", "qmm") if f in p.kernel}
+    """The family the point's kernel text names, where it names one only (MLX's batch limit moved
+    between versions: a point is priced only where the installed MLX runs the kernel its source
+    ran). A name inside another named one (qmv in gather_qmv) does not count."""
+    named = {f for f in FAMILIES if f in p.kernel}
+    named = {f for f in named if not any(f != g and f in g for g in named)}
     return named.pop() if len(named) == 1 else None
 
 
@@ -142,7 +147,7 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
             skipped.append((p, str(e)))
             continue
         kernels = tuple(c.kernel for c in dispatches)
-        family = family_of(op, kernels)
+        family = family_of(op, shape, p.dtype or ASSUMED_DTYPE, p.device)
         stated = stated_family(p)
         if stated and stated != family:
             skipped.append((p, f"the source's MLX ran {stated}; the installed MLX's rules choose {family} here "
