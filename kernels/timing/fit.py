@@ -89,14 +89,21 @@ def counted(op: str, shape: dict, dtype: str, device):
     return mlx_jobs.counted(op, shape, dtype, device)
 
 
-def family_of(op: str, shape: dict, dtype: str, device) -> str:
-    """The family of our kernels whose MLX counterpart ran: the job MLX's rules name for the point
-    (mlx_dispatch.Choice.job, one of the registry's families). llama.cpp's matrix-vector product
-    belongs where MLX's kernel for the same rows does (at q4_0's layout, 4 bits in groups of 32:
-    the family follows the rows, not the format)."""
+def family_of(op: str, shape: dict) -> str:
+    """The family of ours whose job the point is: the first registered family (in registry order, as
+    the engine asks them) whose shape takes the job's fields, a prefill's causal flag aside (ours
+    are causal: an unmasked MLX point stands in). llama.cpp's product at q4_0's layout (4 bits,
+    groups of 32): the family follows the rows, not the format."""
+    fields = {k: v for k, v in shape.items() if k != "causal"}
     if op == LLAMA_CPP_OP:
-        op, shape = "matmul", {"M": shape["M"], "N": shape["N"], "K": shape["K"], "bits": 4, "group_size": 32}
-    return get_family(mlx_jobs.choose(op, shape, dtype, device).job).name
+        fields = {"M": shape["M"], "N": shape["N"], "K": shape["K"], "bits": 4, "group_size": 32}
+    for name, family in FAMILIES.items():
+        try:
+            family.shape(fields)
+        except MetalforgeError:
+            continue
+        return name
+    raise MetalforgeError(f"no family of ours serves {fields}")
 
 
 def reads_dram(p: kernel_measurements.KernelPoint) -> bool:
@@ -115,12 +122,14 @@ def reads_dram(p: kernel_measurements.KernelPoint) -> bool:
     return False
 
 
-def stated_family(p: kernel_measurements.KernelPoint) -> str | None:
-    """The family the point's kernel text names, where it names one only (MLX's batch limit moved
-    between versions: a point is priced only where the installed MLX runs the kernel its source
-    ran). A name inside another named one (qmv in gather_qmv) does not count."""
-    named = {f for f in FAMILIES if f in p.kernel}
-    named = {f for f in named if not any(f != g and f in g for g in named)}
+# MLX's quantized matmul kernels by kind (affine_qmv*, affine_qmm*): which one ran moved between
+# MLX versions with its batch limit
+MLX_MATMUL_KINDS = ("qmv", "qmm")
+
+
+def stated_kind(p: kernel_measurements.KernelPoint) -> str | None:
+    """The kind of MLX quantized matmul kernel the point's text names, where it names one only."""
+    named = {k for k in MLX_MATMUL_KINDS if k in p.kernel}
     return named.pop() if len(named) == 1 else None
 
 
@@ -147,11 +156,14 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
             skipped.append((p, str(e)))
             continue
         kernels = tuple(c.kernel for c in dispatches)
-        family = family_of(op, shape, p.dtype or ASSUMED_DTYPE, p.device)
-        stated = stated_family(p)
-        if stated and stated != family:
-            skipped.append((p, f"the source's MLX ran {stated}; the installed MLX's rules choose {family} here "
-                               f"({kernels[0]})"))
+        stated = stated_kind(p)
+        if stated and not kernels[0].startswith(f"affine_{stated}"):
+            skipped.append((p, f"the source's MLX ran {stated}; the installed MLX's rules choose {kernels[0]} here"))
+            continue
+        try:
+            family = family_of(op, shape)
+        except MetalforgeError as e:
+            skipped.append((p, str(e)))
             continue
         out.append(Row(p, family, kernels, terms))
     return out, skipped

@@ -5,7 +5,7 @@ kernels and ours, linear in a handful of constants fitted to published per-kerne
     seconds = host_call  (a point timed per call only: its host round trip, kernel_measurements.TIMERS)
             + launch     * dispatches (not in a GPU-timestamped point)
             + dram       * device bytes (each buffer's footprint)       / (bandwidth x active)
-            + cache      * the same, for bytes the system level cache serves (a warm point's)
+            + cache      * the same, for bytes the system level cache serves (a cache-hot point's)
             + onchip     * (32-byte sectors x 32 + 128 x threadgroup passes) / (cores x clock x active)
             + mma        * 8x8 MMAs x 1024 flops                         / (peak FP32 x active)
             + sync       * (barriers x threadgroups + SIMD-group functions) / (cores x clock x active)
@@ -33,6 +33,11 @@ costs what 128 bytes of sectors cost).
 ASSUMED, not fitted (the data cannot separate them): the terms add (no overlap of memory and
 arithmetic), a core's share of bandwidth is 1 / cores, one threadgroup per core keeps it busy,
 scalar arithmetic is not counted by the trace (it is folded into the memory and sync terms).
+ASSUMED, seen in the largest held-out errors (benchmarks/calibrate.py prints them) and not modelled:
+MLX's 2-pass decode attention on the M5 Max (mlx issue 3837) takes about 290 us + K/V bytes at
+625 GB/s (its DRAM's 614) at 32,768 keys whatever the KV heads: a fixed cost the trace does not show;
+bfloat16 arithmetic costs what float16's does (the M1 Max's bfloat16 qmm_t took 1.78x its float16
+time, mlx PR 4216: one chip, one shape).
 """
 from __future__ import annotations
 
