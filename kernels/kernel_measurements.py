@@ -14,9 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from metalforge import devices
+from metalforge import devices, files
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import dtypes
 
@@ -100,13 +98,9 @@ class KernelPoint:
 
 def load(path=DATA) -> list[KernelPoint]:
     """Every point of the file, checked (excluded points included; `usable` drops them)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MetalforgeError(f"{path}: cannot read kernel measurements ({e})") from None
+    data = files.read_yaml(path, "kernel measurements")
     points = []
-    for i, raw in enumerate((data or {}).get("points") or []):
+    for i, raw in enumerate(data.get("points") or []):
         at = f"{path}: points[{i}]"
         missing = [k for k in REQUIRED if k not in raw or raw[k] in ("", None) and k not in ("gpu_cores", "dtype")]
         if missing:

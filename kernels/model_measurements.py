@@ -8,9 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from metalforge import devices
+from metalforge import devices, files
 from metalforge.errors import MetalforgeError
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "apple_measurements.yaml"
@@ -58,11 +56,7 @@ class Point:
 
 def load_points(path=DATA) -> list[Point]:
     """The measurements file, checked: every point names its source, a known chip and model."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MetalforgeError(f"{path}: cannot read measurements ({e})") from None
+    data = files.read_yaml(path, "measurements")
     models = {name: ModelSizes(**sizes) for name, sizes in (data.get("models") or {}).items()}
     points = []
     for i, p in enumerate(data.get("points") or []):
