@@ -27,7 +27,7 @@ def read_yaml(path, what: str) -> dict:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise MetalforgeError(f"{path}: cannot read {what} ({e})") from None
+        raise MetalforgeError(f"{path}: cannot read {what} ({' '.join(str(e).split())})") from None
 
 
 def current_umask() -> int:

@@ -120,3 +120,12 @@ def test_every_chip_in_the_data_has_a_device_profile(points):
     for p in points:
         if p.profile:
             assert devices.get(p.profile).device_name == p.chip, (p.profile, p.chip)
+
+
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "k.yaml"
+    bad.write_text("points: [1, 2\n")
+    with pytest.raises(MetalforgeError) as e:
+        km.load(bad)
+    assert str(e.value).startswith(f"{bad}: cannot read kernel measurements (while parsing a flow sequence")
+    assert "\n" not in str(e.value)
