@@ -16,8 +16,8 @@ of which the priced kernels are 8; quantized weights
 are priced as MLX's 4-bit group-64 (8-bit where a weight takes over 6 bits) whatever format the run
 used (llama.cpp's runs are priced with MLX's kernels: a stand-in, its kernels are not emulated);
 the MLP width follows from the parameter count. Unquantized runs (F16, BF16) are left out: MLX's
-unquantized matmul kernels are not emulated. Prefill is not checked: MLX's qmm_t does not compile
-in the emulator's trace mode yet.
+unquantized matmul kernels are not emulated. Prefill is not checked yet (a prompt's qmm_t, attention
+and glue per chunk are not summed here).
 """
 from __future__ import annotations
 
