@@ -16,130 +16,51 @@ constants of the primitives are fitted there by least squares on relative error:
   D: inverse of the fraction of peak FP32 a SIMD-group-matrix kernel sustains, one value before
   the M3 GPU (Apple GPU family 8 and earlier) and one from M3 on (dynamic caching, new shader core).
 
-Fitted by `benchmarks/calibrate.py`, which writes `calibration.yaml` next to this file; the cost
-model (kernels/cost.py) reads the constants and every modelled figure carries the held-out error.
+What remains of the old analytic model, for kernels/cost.py's prefill pricing until it moves to the
+per-kernel model: calibration.yaml holds its constants, last written before benchmarks/calibrate.py
+moved to the per-kernel model (tests/test_calibration.py checks they are this fit of the data).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
 import statistics
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import yaml
 
-from metalforge import devices
 from metalforge.errors import MetalforgeError
+from metalforge.files import digest as data_digest
 from metalforge.kernels import cost
 from metalforge.kernels.cost import Calibration, Constants
+from metalforge.kernels.model_measurements import KINDS, ModelSizes, Point, load_points
+from metalforge.kernels.timing.fit import nonnegative_lstsq
 
 KV_BYTES = 2            # the KV cache is float16 in every engine measured
-KINDS = ("decode", "prefill")
 GROUPS = ("before_m3", "m3_on")
 
 
-@dataclass(frozen=True)
-class ModelSizes:
-    """What the end-to-end model needs of a transformer (llama family: GQA attention, gated MLP)."""
-
-    params_b: float
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-    @property
-    def matmul_params(self) -> float:
-        """Parameters read by matrix products per token: all but an untied embedding table (looked up)."""
-        return self.params_b * 1e9 - (0 if self.tied else self.vocab * self.hidden)
-
-    def kv_bytes(self, context: float) -> float:
-        return 2 * self.layers * self.kv_heads * self.head_dim * context * KV_BYTES
-
-    def attention_flops(self, context: float) -> float:
-        """QK^T and PV for one query token against `context` keys."""
-        return 4 * self.layers * self.heads * self.head_dim * context
+def matmul_params(a: ModelSizes) -> float:
+    """Parameters read by matrix products per token: all but an untied embedding table (looked up)."""
+    return a.params_b * 1e9 - (0 if a.tied else a.vocab * a.hidden)
 
 
-@dataclass(frozen=True)
-class Point:
-    """One published measurement (see the data file's header for the fields)."""
-
-    chip: str
-    gpu_cores: int
-    kind: str
-    model: str
-    sizes: ModelSizes
-    weight_gib: float
-    tokens_per_s: float
-    source: str
-    date: str
-    software: str
-    weights: str = ""
-    tokens: int = 0
-    chunk: int = 0
-    context: float = 0.0
-
-    @property
-    def device(self):
-        return dataclasses.replace(devices.get(self.chip), gpu_cores=self.gpu_cores)
-
-    @property
-    def weight_bytes(self) -> float:
-        """Bytes of weights read per forward pass (the embedding table's share is only looked up)."""
-        return self.weight_gib * 2**30 * self.sizes.matmul_params / (self.sizes.params_b * 1e9)
+def kv_bytes(a: ModelSizes, context: float) -> float:
+    return 2 * a.layers * a.kv_heads * a.head_dim * context * KV_BYTES
 
 
-# ---- the data ---------------------------------------------------------------------------------
-REQUIRED = ("chip", "gpu_cores", "kind", "model", "weight_gib", "tokens_per_s", "source", "date", "software")
+def attention_flops(a: ModelSizes, context: float) -> float:
+    """QK^T and PV for one query token against `context` keys."""
+    return 4 * a.layers * a.heads * a.head_dim * context
 
 
-def load_points(path) -> list[Point]:
-    """The measurements file, checked: every point names its source, a known chip and model."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MetalforgeError(f"{path}: cannot read measurements ({e})") from None
-    models = {name: ModelSizes(**sizes) for name, sizes in (data.get("models") or {}).items()}
-    points = []
-    for i, p in enumerate(data.get("points") or []):
-        at = f"{path}: points[{i}]"
-        missing = [k for k in REQUIRED if k not in p]
-        if missing:
-            raise MetalforgeError(f"{at}: missing {', '.join(missing)}")
-        if not str(p["source"]).startswith("https://"):
-            raise MetalforgeError(f"{at}: source must be a URL")
-        if p["kind"] not in KINDS:
-            raise MetalforgeError(f"{at}: kind must be decode or prefill")
-        if p["model"] not in models:
-            raise MetalforgeError(f"{at}: unknown model {p['model']!r}")
-        devices.get(p["chip"])
-        need = ("tokens", "chunk") if p["kind"] == "prefill" else ("context",)
-        if any(k not in p for k in need):
-            raise MetalforgeError(f"{at}: a {p['kind']} point needs {', '.join(need)}")
-        points.append(Point(chip=p["chip"], gpu_cores=int(p["gpu_cores"]), kind=p["kind"], model=p["model"],
-                            sizes=models[p["model"]], weight_gib=float(p["weight_gib"]),
-                            tokens_per_s=float(p["tokens_per_s"]), source=p["source"], date=str(p["date"]),
-                            software=str(p["software"]), weights=str(p.get("weights", "")), tokens=int(p.get("tokens", 0)),
-                            chunk=int(p.get("chunk", 0)), context=float(p.get("context", 0))))
-    return points
-
-
-def data_digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def weight_bytes(p: Point) -> float:
+    """Bytes of weights read per forward pass (the embedding table's share is only looked up)."""
+    return p.weight_gib * 2**30 * matmul_params(p.sizes) / (p.sizes.params_b * 1e9)
 
 
 # ---- the model ----------------------------------------------------------------------------------
 def _decode_features(p: Point) -> np.ndarray:
     """Coefficients of (A, B, C) in seconds per decoded token."""
-    nbytes = p.weight_bytes + p.sizes.kv_bytes(p.context)
+    nbytes = weight_bytes(p) + kv_bytes(p.sizes, p.context)
     return np.array([*cost.memory_terms(nbytes, p.device), p.sizes.layers])
 
 
@@ -147,9 +68,9 @@ def _prefill_parts(p: Point, c: Constants) -> tuple[np.ndarray, float]:
     """Seconds per prompt token as (coefficients of D before_m3 / m3_on, known seconds)."""
     dev = p.device
     per_pass = min(p.chunk, p.tokens)
-    flops = 2 * p.sizes.matmul_params + p.sizes.attention_flops(p.tokens / 2)   # causal: mean context L/2
+    flops = 2 * matmul_params(p.sizes) + attention_flops(p.sizes, p.tokens / 2)   # causal: mean context L/2
     coeff = np.array([cost.compute_term(flops, dev) if g == cost.generation_group(dev) else 0.0 for g in GROUPS])
-    return coeff, (cost.memory_seconds(p.weight_bytes, dev, c) + p.sizes.layers * c.layer_overhead_s) / per_pass
+    return coeff, (cost.memory_seconds(weight_bytes(p), dev, c) + p.sizes.layers * c.layer_overhead_s) / per_pass
 
 
 def predict(p: Point, c: Constants) -> float:
@@ -160,23 +81,6 @@ def predict(p: Point, c: Constants) -> float:
         coeff, known = _prefill_parts(p, c)
         t = coeff @ [c.compute_factor[g] for g in GROUPS] + known
     return 1.0 / t
-
-
-def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with every coefficient >= 0: the best over subsets of free coefficients
-    (a handful of constants, so trying every subset is exact and instant)."""
-    best, best_err = np.zeros(a.shape[1]), np.inf
-    for k in range(1, a.shape[1] + 1):
-        for cols in itertools.combinations(range(a.shape[1]), k):
-            x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
-            if (x < 0).any():
-                continue
-            full = np.zeros(a.shape[1])
-            full[list(cols)] = x
-            err = float(np.sum((a @ full - b) ** 2))
-            if err < best_err:
-                best, best_err = full, err
-    return best
 
 
 def fit(points: list[Point]) -> Constants:

@@ -19,7 +19,7 @@ model's error. Its parts, and where each number comes from:
   lane; barrier and fragment-load costs.
 It ranks those families' configs in the tuner's search. It does not price MLX's kernels: every ratio against
 MLX is the per-kernel model's (kernels/timing), MLX's real kernel against our chosen config.
-The fit, its data and its held-out error: benchmarks/calibrate.py (kernels/calibration.py).
+The fit, its data and its held-out error: kernels/calibration.py (fitted once; calibrate.py now fits the per-kernel model).
 """
 from __future__ import annotations
 
@@ -81,13 +81,8 @@ def calibration() -> Calibration:
         return Calibration(constants=Constants(**raw["constants"]), held_out_error=dict(raw["held_out_error"]),
                            points=int(raw["points"]), chips=int(raw["chips"]), data=str(raw["data"]))
     except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise MetalforgeError(f"{path}: cost model calibration unreadable ({e}); "
-                              "rebuild it with python benchmarks/calibrate.py --write") from None
-
-
-def within_error(speedup: float, error: float) -> bool:
-    """Whether a modelled ratio is indistinguishable from 1 given the model's error."""
-    return abs(speedup - 1.0) <= error
+        raise MetalforgeError(f"{path}: cost model calibration unreadable ({e}); it ships with metalforge "
+                              "(no longer fitted): reinstall metalforge") from None
 
 
 # ---- the primitives -------------------------------------------------------------------------

@@ -14,9 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from metalforge import devices
+from metalforge import devices, files
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import dtypes
 
@@ -24,8 +22,11 @@ DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "kernel_mea
 SHAPE_FIELDS = ("M", "N", "K", "bits", "group_size", "B", "Hq", "Hkv", "S", "D", "L")
 UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
 LIBRARIES = ("mlx", "llama.cpp")
+# What a figure's clock includes besides the kernel: the host's per-call round trip (launch, command
+# buffer commit, wait), a share of it (many calls queued per wait), or nothing (GPU timestamps).
+TIMERS = ("host_per_call", "host_amortised", "gpu")
 REQUIRED = ("chip", "gpu_cores", "library", "kernel", "shape", "dtype", "figure", "unit", "seconds",
-            "timing", "source", "quote")
+            "timing", "timer", "source", "quote")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class KernelPoint:
     unit: str
     seconds: float
     timing: str
+    timer: str              # one of TIMERS
     source: str
     quote: str
     profile: str | None = None
@@ -96,13 +98,9 @@ class KernelPoint:
 
 def load(path=DATA) -> list[KernelPoint]:
     """Every point of the file, checked (excluded points included; `usable` drops them)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MetalforgeError(f"{path}: cannot read kernel measurements ({e})") from None
+    data = files.read_yaml(path, "kernel measurements")
     points = []
-    for i, raw in enumerate((data or {}).get("points") or []):
+    for i, raw in enumerate(data.get("points") or []):
         at = f"{path}: points[{i}]"
         missing = [k for k in REQUIRED if k not in raw or raw[k] in ("", None) and k not in ("gpu_cores", "dtype")]
         if missing:
@@ -120,6 +118,8 @@ def _point(raw: dict, at: str) -> KernelPoint:
         raise MetalforgeError(f"{at}: source must be a URL, got {raw['source']!r}")
     if raw["library"] not in LIBRARIES:
         raise MetalforgeError(f"{at}: library must be one of {', '.join(LIBRARIES)}")
+    if raw["timer"] not in TIMERS:
+        raise MetalforgeError(f"{at}: timer must be one of {', '.join(TIMERS)}, got {raw['timer']!r}")
     if raw["unit"] not in UNITS:
         raise MetalforgeError(f"{at}: unit must be one of {', '.join(UNITS)}")
     if raw["dtype"] is not None:
@@ -144,7 +144,7 @@ def _point(raw: dict, at: str) -> KernelPoint:
         chip=str(raw["chip"]), gpu_cores=raw["gpu_cores"], library=raw["library"], kernel=str(raw["kernel"]),
         shape=tuple((f, raw["shape"][f]) for f in SHAPE_FIELDS if f in raw["shape"]),
         dtype=raw["dtype"], figure=figure, unit=raw["unit"], seconds=float(raw["seconds"]),
-        timing=str(raw["timing"]), source=str(raw["source"]), quote=quote, profile=raw.get("profile"),
+        timing=str(raw["timing"]), timer=raw["timer"], source=str(raw["source"]), quote=quote, profile=raw.get("profile"),
         calls=calls, date=str(raw.get("date", "")), software=str(raw.get("software", "")),
         inferred=str(raw.get("inferred", "")), excluded=str(raw.get("excluded", "")))
     why = point.impossibility()

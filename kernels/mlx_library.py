@@ -186,15 +186,25 @@ def sdpa_vector(q, k, v, *, scale: float, do_causal: bool = False, traces: list 
     return _mx(out, q.dtype)
 
 
-def sdpa_vector_2pass(q, k, v, *, scale: float, blocks: int, do_causal: bool = False,
+def sdpa_vector_2pass(q, k, v, *, scale: float, blocks: int, do_causal: bool = False, gqa: tuple | None = None,
                       traces: list | None = None) -> mx.array:
     """sdpa_vector_2pass_1 over `blocks` key blocks (grid (kv heads, batch, blocks) of (32, gqa, qL)),
-    then sdpa_vector_2pass_2 merging the partials (1024 threads per query)."""
+    then sdpa_vector_2pass_2 merging the partials (1024 threads per query). `gqa` = (G, HPT): pass 1
+    is sdpa_vector_2pass_1_gqa instead, each SIMD group holding HPT of the KV head's G query heads
+    over 1/HPT of the block's keys (one query, no mask), its partials laid out alike."""
     B, H, qL, D = q.shape
     V = v.shape[-1]
     t = _type(q.dtype)
-    first = function(SDPA_INCLUDES, f"sdpa_vector_2pass_1_{t}_{D}_{V}", "sdpa_vector_2pass_1", f"{t}, {D}, {V}",
-                     _sdpa_constants(do_causal, blocks), mode=_mode(traces))
+    if gqa:
+        G, hpt = gqa
+        if G != H // k.shape[1] or qL != 1:
+            raise MetalforgeError(f"sdpa_vector_2pass_1_gqa_{G} runs one query of {G} heads per KV head, "
+                                  f"got {qL} of {H // k.shape[1]}")
+        first = function(SDPA_INCLUDES, f"sdpa_vector_2pass_1_gqa_{G}_{t}_{D}_{V}", "sdpa_vector_2pass_1_gqa",
+                         f"{t}, {D}, {V}, {G}, {hpt}", _sdpa_constants(do_causal, blocks), mode=_mode(traces))
+    else:
+        first = function(SDPA_INCLUDES, f"sdpa_vector_2pass_1_{t}_{D}_{V}", "sdpa_vector_2pass_1", f"{t}, {D}, {V}",
+                         _sdpa_constants(do_causal, blocks), mode=_mode(traces))
     partials = _out((B, H, qL, blocks, V), q.dtype)
     sums = np.zeros((B, H, qL, blocks), np.float32)
     maxs = np.zeros((B, H, qL, blocks), np.float32)
@@ -262,13 +272,15 @@ def run(choice, inputs: dict, *, traces: list | None = None) -> mx.array:
             return qmm_t(*args, **q)
         if fn in ("affine_qmv_fast", "affine_qmv"):
             return qmv(*args, fast=fn == "affine_qmv_fast", **q)
-    if fn in ("sdpa_vector", "sdpa_vector_2pass_1", "attention"):
+    if fn in ("sdpa_vector", "sdpa_vector_2pass_1", "sdpa_vector_2pass_1_gqa", "attention"):
         q, k, v = inputs["queries"], inputs["keys"], inputs["values"]
         scale = 1 / math.sqrt(q.shape[-1])
         causal = any(name == "do_causal" and value for _, name, value in first.constants)
         if fn == "attention":
             return steel_attention(q, k, v, scale=scale, do_causal=causal, traces=traces)
-        if fn == "sdpa_vector_2pass_1":
-            return sdpa_vector_2pass(q, k, v, scale=scale, blocks=first.grid[2], do_causal=causal, traces=traces)
+        if fn.startswith("sdpa_vector_2pass_1"):
+            gqa = (t["G"], t["HPT"]) if fn.endswith("_gqa") else None
+            return sdpa_vector_2pass(q, k, v, scale=scale, blocks=first.grid[2], do_causal=causal, gqa=gqa,
+                                     traces=traces)
         return sdpa_vector(q, k, v, scale=scale, do_causal=causal, traces=traces)
     raise MetalforgeError(f"MLX's {fn} is not instantiated by kernels/mlx_library.py: cannot run it yet")

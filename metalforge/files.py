@@ -3,14 +3,31 @@ that concurrent writers (tuning workers, several `metalforge tune` runs) lose no
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
 from pathlib import Path
 
+import yaml
 from filelock import FileLock, Timeout
 
 from metalforge.errors import MetalforgeError
+
+
+def digest(path) -> str:
+    """A short fingerprint of a file's bytes: what a fit was made from, to tell when it is stale."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def read_yaml(path, what: str) -> dict:
+    """A YAML file's mapping (empty for an empty file); unreadable or not YAML: one line naming the
+    file and `what` it should hold."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MetalforgeError(f"{path}: cannot read {what} ({' '.join(str(e).split())})") from None
 
 
 def current_umask() -> int:

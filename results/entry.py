@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from metalforge.errors import MetalforgeError
-from metalforge.kernels.cost import within_error
+from metalforge.kernels.timing.gate import within_error
 from metalforge.kernels.families import get as get_family
 
 TIMER_KINDS = ("metal", "model")

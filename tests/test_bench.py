@@ -60,7 +60,7 @@ def test_end_to_end_figures_become_calibration_points(tmp_path):
     import mlx.core as mx
     import yaml
     from metalforge.testing import write_model
-    from metalforge.kernels import calibration
+    from metalforge.kernels import model_measurements
     folder = write_model(tmp_path / "tiny", layers=2, hidden=64, heads=4, kv_heads=2, inter=128, vocab=256,
                          tokenizer=True)
     e2e = bench.end_to_end(folder, prompt_tokens=12, decode_tokens=4, workdir=tmp_path, backend="mlx")
@@ -82,9 +82,9 @@ def test_end_to_end_figures_become_calibration_points(tmp_path):
     path = tmp_path / "points.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="source must be a URL"):
-        calibration.load_points(path)
+        model_measurements.load_points(path)
     for p in data["points"]:
         p["source"] = "https://example.org/my-m4-report"
     path.write_text(yaml.safe_dump(data))
-    points = calibration.load_points(path)
+    points = model_measurements.load_points(path)
     assert [p.kind for p in points] == ["decode", "prefill"] and points[0].chip == "m4"

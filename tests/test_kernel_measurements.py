@@ -33,6 +33,20 @@ def test_the_shipped_file_has_40_sourced_points_on_5_chips(points):
     assert len({(p.source, p.quote, p.kernel, p.shape) for p in points}) == len(points)
 
 
+def test_every_point_says_what_its_clock_includes(points):
+    """The timer follows the timing text: a GPU capture is kernel time, test-backend-ops' us/run and
+    calls queued per eval are amortised, a wall clock around each eval is per call."""
+    assert {p.timer for p in points} <= set(km.TIMERS)
+    for p in points:
+        if "GPU time" in p.timing:
+            assert p.timer == "gpu", p.timing
+        elif "test-backend-ops" in p.timing or "per eval" in p.timing or "chained" in p.timing:
+            assert p.timer == "host_amortised", p.timing
+        elif "around mx.eval" in p.timing:
+            assert p.timer == "host_per_call", p.timing
+    assert {p.timer for p in km.usable(points)} == set(km.TIMERS)
+
+
 def test_a_read_faster_than_dram_is_called_cache_hot(points):
     """M3 Pro, llama.cpp q4_K mat-vec of 1024 x 5120: 1024 * 5120 * 4.5 / 8 = 2,949,120 bytes of
     weights in 15.37 us is 192 GB/s, above the chip's 150 GB/s: warm weights in the system cache."""
@@ -74,6 +88,8 @@ def _write(tmp_path, mutate):
     (lambda p: p.pop("inferred"), "gpu_cores unknown and no `inferred` note says why"),
     (lambda p: p.update(dtype=None, gpu_cores=40, inferred=""), "dtype unknown and no `inferred` note says why"),
     (lambda p: p.update(unit="min"), "unit must be one of s, ms, us"),
+    (lambda p: p.pop("timer"), r"points\[2\]: missing timer"),
+    (lambda p: p.update(timer="wall clock"), "timer must be one of host_per_call, host_amortised, gpu, got 'wall clock'"),
 ])
 def test_the_loader_refuses_a_point_it_cannot_trace(tmp_path, mutate, message):
     with pytest.raises(MetalforgeError, match=message):
@@ -104,3 +120,12 @@ def test_every_chip_in_the_data_has_a_device_profile(points):
     for p in points:
         if p.profile:
             assert devices.get(p.profile).device_name == p.chip, (p.profile, p.chip)
+
+
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path):
+    bad = tmp_path / "k.yaml"
+    bad.write_text("points: [1, 2\n")
+    with pytest.raises(MetalforgeError) as e:
+        km.load(bad)
+    assert str(e.value).startswith(f"{bad}: cannot read kernel measurements (while parsing a flow sequence")
+    assert "\n" not in str(e.value)

@@ -105,6 +105,19 @@ def test_sdpa_vector_2pass_matches_mlx_attention(shape, blocks, dtype):
     _close(mlx_library.sdpa_vector_2pass(q, k, v, scale=scale, blocks=blocks), ref, dtype)
 
 
+# MLX's GQA pass 1 (0.32.2+): (G, HPT) as mlx_dispatch.GQA_KERNEL_HPT has them, blocks a multiple of 32 as
+# MLX picks them (pass 2 merges 32 a SIMD group); keys not a whole number of blocks nor of sub-chunks
+TWO_PASS_GQA = [((1, 16, 2, 1, 150, 64), 32, (8, 8)), ((1, 12, 1, 1, 301, 128), 32, (12, 4)),
+                ((1, 16, 1, 1, 777, 128), 64, (16, 2))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,blocks,gqa", TWO_PASS_GQA, ids=str)
+def test_sdpa_vector_2pass_gqa_matches_mlx_attention(shape, blocks, gqa, dtype):
+    q, k, v, scale, ref = _attention(*shape, dtype, causal=False, seed=blocks)
+    _close(mlx_library.sdpa_vector_2pass(q, k, v, scale=scale, blocks=blocks, gqa=gqa), ref, dtype)
+
+
 # causal prefill: square (no prefix) and with a prefix of cached keys (kL > qL); tails in both
 STEEL = [(1, 2, 2, 40, 40, 64), (1, 2, 1, 20, 52, 64), (1, 1, 1, 33, 50, 128)]
 
@@ -122,6 +135,7 @@ def test_the_host_names_are_kernels_mlx_compiles():
     for run in (lambda: test_qmv_matches_quantized_matmul(QMV_FAST[0], mx.float16),
                 lambda: test_qmm_split_k_matches_quantized_matmul(mx.bfloat16),
                 lambda: test_sdpa_vector_2pass_matches_mlx_attention(*TWO_PASS[0], mx.float32),
+                lambda: test_sdpa_vector_2pass_gqa_matches_mlx_attention(*TWO_PASS_GQA[1], mx.float16),
                 lambda: test_steel_attention_causal_matches_mlx_attention(STEEL[2], mx.bfloat16)):
         run()
     names = mlx_headers.metallib_names()

@@ -11,6 +11,7 @@ points when their chip is left out of the fit (leave-one-chip-out), per regime.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import statistics
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ import yaml
 from metalforge import devices, files
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import kernel_measurements, llamacpp_library
-from metalforge.kernels.calibration import data_digest, nonnegative_lstsq
-from metalforge.kernels.families import get as get_family
+from metalforge.kernels.families import FAMILIES, get as get_family
 from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
 
 # llama.cpp's kernels traced so far: its matrix-vector kernels with one row of x (kernels/llamacpp_library.py)
 LLAMA_CPP_MUL_MV = re.compile(r"MUL_MAT (q4_0|q4_K|q6_K) x f32")
+LLAMA_CPP_OP = "llama.cpp mul_mv"
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
@@ -78,38 +79,68 @@ def _llama_cpp_job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
     if m is None or p.get("M") != 1:
         raise MetalforgeError("llama.cpp's kernel is not traced yet: kernels/llamacpp_library.py binds its "
                               "matrix-vector kernels with one row of x (kernel_mul_mv_<q4_0|q4_K|q6_K>_f32) only")
-    return "llama.cpp mul_mv", {"qtype": m.group(1), "M": 1, "N": p.get("N"), "K": p.get("K")}
+    return LLAMA_CPP_OP, {"qtype": m.group(1), "M": 1, "N": p.get("N"), "K": p.get("K")}
 
 
 def counted(op: str, shape: dict, dtype: str, device):
     """The dispatches of a job, counted at its shape: llama.cpp's or MLX's kernels."""
-    if op == "llama.cpp mul_mv":
+    if op == LLAMA_CPP_OP:
         return llamacpp_library.counted(shape["qtype"], {f: shape[f] for f in ("M", "N", "K")})
     return mlx_jobs.counted(op, shape, dtype, device)
 
 
-def family_of(op: str, kernels) -> str:
-    if op == "llama.cpp mul_mv":
-        return "qmv"
-    if op == "matmul":
-        return "qmm" if any(k.startswith("affine_qmm") for k in kernels) else "qmv"
-    return {"decode": "decode_attention", "prefill": "prefill_attention"}[op]
+def family_of(op: str, shape: dict) -> str:
+    """The family of ours whose job the point is: the first registered family (in registry order, as
+    the engine asks them) whose shape takes the job's fields, a prefill's causal flag aside (ours
+    are causal: an unmasked MLX point stands in). llama.cpp's product at q4_0's layout (4 bits,
+    groups of 32): the family follows the rows, not the format."""
+    fields = {k: v for k, v in shape.items() if k != "causal"}
+    if op == LLAMA_CPP_OP:
+        fields = {"M": shape["M"], "N": shape["N"], "K": shape["K"], "bits": 4, "group_size": 32}
+    for name, family in FAMILIES.items():
+        try:
+            family.shape(fields)
+        except MetalforgeError:
+            continue
+        return name
+    raise MetalforgeError(f"no family of ours serves {fields}")
 
 
 def reads_dram(p: kernel_measurements.KernelPoint) -> bool:
-    """A cold point reads DRAM; so does a warm one whose data its chip's system level cache cannot
-    hold (devices/*.yaml system_cache_mb: 8 MB on the base chips, 24 on the Pro, 48 on the Max, 96 on
-    an Ultra): a 42 MB weight re-read every call stays in an M3 Max's cache, not in an M4 Pro's."""
+    """Whether a point's data come from DRAM: unless its timing says cache-hot (a read faster than
+    the chip's DRAM, which the loader refuses without that word), they do. A warm re-read that fits
+    the system level cache is no evidence of the cache serving it: the 17.7 MB of weights an M3 Pro
+    re-reads (llama.cpp PR 27776) and the 21 MB an M4 Pro does (mlx issue 3852), each under its
+    24 MB cache, run at 125 and 176 GB/s, below DRAM's 150 and 273 GB/s."""
+    if "cache-hot" not in p.timing:
+        return True
     if p.device is None or not p.device.system_cache_mb:
-        raise MetalforgeError(f"no system cache size for {p.chip}: cannot tell a warm read from a DRAM read")
-    return "cold" in p.timing or (p.min_bytes() or 0) > p.device.system_cache_mb * 2**20
+        raise MetalforgeError(f"no system cache size for {p.chip}: cannot price a cache-hot read")
+    if (p.min_bytes() or 0) > p.device.system_cache_mb * 2**20:
+        raise MetalforgeError(f"cache-hot, but its {p.min_bytes() / 2**20:.0f} MiB do not fit the chip's "
+                              f"{p.device.system_cache_mb} MB system level cache")
+    return False
 
 
-def stated_family(p: kernel_measurements.KernelPoint) -> str | None:
-    """qmv or qmm where the point's kernel names one of them only (MLX's batch limit moved between
-    versions: a point is priced only where the installed MLX runs the kernel its source ran)."""
-    named = {f for f in ("qmv", "qmm") if f in p.kernel}
+# MLX's quantized matmul kernels by kind (affine_qmv*, affine_qmm*): which one ran moved between
+# MLX versions with its batch limit
+MLX_MATMUL_KINDS = ("qmv", "qmm")
+
+
+def stated_kind(p: kernel_measurements.KernelPoint) -> str | None:
+    """The kind of MLX quantized matmul kernel the point's text names, where it names one only."""
+    named = {k for k in MLX_MATMUL_KINDS if k in p.kernel}
     return named.pop() if len(named) == 1 else None
+
+
+def point_terms(p: kernel_measurements.KernelPoint, dispatches) -> np.ndarray:
+    """The coefficients of the constants in a point's time: its dispatches as its timer saw them,
+    a cache-hot point's bytes priced by the cache term instead of DRAM's."""
+    terms = model.terms(dispatches, p.device, p.timer)
+    if not reads_dram(p):
+        dram, cache = model.TERMS.index("dram"), model.TERMS.index("cache")
+        terms[[dram, cache]] = 0.0, terms[dram]
+    return terms
 
 
 def rows(points=None) -> tuple[list[Row], list[tuple]]:
@@ -120,53 +151,92 @@ def rows(points=None) -> tuple[list[Row], list[tuple]]:
         try:
             op, shape = job(p)
             dispatches = counted(op, shape, p.dtype or ASSUMED_DTYPE, p.device)
-            dram = reads_dram(p)
+            terms = point_terms(p, dispatches)
         except MetalforgeError as e:
             skipped.append((p, str(e)))
             continue
         kernels = tuple(c.kernel for c in dispatches)
-        family = family_of(op, kernels)
-        stated = stated_family(p)
-        if stated and stated != family:
-            skipped.append((p, f"the source's MLX ran {stated}; the installed MLX's rules choose {family} here "
-                               f"({kernels[0]})"))
+        stated = stated_kind(p)
+        if stated and not kernels[0].startswith(f"affine_{stated}"):
+            skipped.append((p, f"the source's MLX ran {stated}; the installed MLX's rules choose {kernels[0]} here"))
             continue
-        terms = model.terms(dispatches, p.device)
-        if not dram:     # warm: the data come from the system cache, priced by the cache term
-            terms[model.TERMS.index("dram")] = 0.0
+        try:
+            family = family_of(op, shape)
+        except MetalforgeError as e:
+            skipped.append((p, str(e)))
+            continue
         out.append(Row(p, family, kernels, terms))
     return out, skipped
 
 
-def fit(rows: list[Row]) -> Constants:
-    """Least squares on relative error, every constant >= 0."""
-    if len(rows) < len(model.TERMS):
-        raise MetalforgeError(f"the fit needs at least {len(model.TERMS)} priced points, got {len(rows)}")
-    a = np.array([r.terms / r.point.seconds for r in rows])
-    return Constants.of(nonnegative_lstsq(a, np.ones(len(rows))))
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: the best over subsets of free coefficients
+    (a handful of constants, so trying every subset is exact and instant)."""
+    best, best_err = np.zeros(a.shape[1]), np.inf
+    for k in range(1, a.shape[1] + 1):
+        for cols in itertools.combinations(range(a.shape[1]), k):
+            x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if (x < 0).any():
+                continue
+            full = np.zeros(a.shape[1])
+            full[list(cols)] = x
+            err = float(np.sum((a @ full - b) ** 2))
+            if err < best_err:
+                best, best_err = full, err
+    return best
+
+
+def fit(rows: list[Row], held: tuple = ()) -> Constants:
+    """Least squares on relative error, every constant >= 0; the terms `held` stay at 0."""
+    free = [i for i, t in enumerate(model.TERMS) if t not in held]
+    if len(rows) < len(free):
+        raise MetalforgeError(f"the fit needs at least {len(free)} priced points, got {len(rows)}")
+    a = np.array([r.terms[free] / r.point.seconds for r in rows])
+    values = np.zeros(len(model.TERMS))
+    values[free] = nonnegative_lstsq(a, np.ones(len(rows)))
+    return Constants.of(values)
 
 
 def errors(rows: list[Row], c: Constants) -> list[float]:
     return [float(r.terms @ c.vector()) / r.point.seconds - 1.0 for r in rows]
 
 
-def leave_one_chip_out(rows: list[Row]) -> list[tuple[Row, float]]:
+def leave_one_chip_out(rows: list[Row], held: tuple = ()) -> list[tuple[Row, float]]:
     """Each row judged by the constants fitted without its chip."""
     out = []
     for chip in sorted({r.chip for r in rows}):
-        held = [r for r in rows if r.chip == chip]
-        c = fit([r for r in rows if r.chip != chip])
-        out += list(zip(held, errors(held, c)))
+        on_chip = [r for r in rows if r.chip == chip]
+        c = fit([r for r in rows if r.chip != chip], held)
+        out += list(zip(on_chip, errors(on_chip, c)))
     return out
 
 
-def family_errors(rows: list[Row]) -> dict:
+def family_errors(rows: list[Row], held: tuple = ()) -> dict:
     """Per family: median held-out |error|, its regime, points and chips."""
     by: dict = {}
-    for r, e in leave_one_chip_out(rows):
+    for r, e in leave_one_chip_out(rows, held):
         by.setdefault(r.family, []).append((r.chip, abs(e)))
     return {f: {"regime": get_family(f).bound, "error": round(float(statistics.median(e for _, e in v)), 4),
                 "points": len(v), "chips": len({c for c, _ in v})} for f, v in sorted(by.items())}
+
+
+# Terms the data may not identify: each is fitted only where freeing it lowers the held-out error.
+# host_call: the round trip of a call timed on its own; cache: bytes a cache-hot point's system
+# level cache serves (at 0 they cost nothing beyond the on-chip terms).
+OPTIONAL = ("host_call", "cache")
+
+
+def ablation(rows: list[Row]) -> dict:
+    """{terms held at 0: family_errors} for every choice of OPTIONAL terms to hold."""
+    choices = itertools.chain.from_iterable(itertools.combinations(OPTIONAL, k) for k in range(len(OPTIONAL) + 1))
+    return {held: family_errors(rows, held) for held in choices}
+
+
+def held_terms(rows: list[Row], table: dict | None = None) -> tuple:
+    """The OPTIONAL terms held at 0: the choice with the lowest mean of the families' held-out
+    errors (each family counts once, whatever its points), the one holding more on a tie."""
+    table = table or ablation(rows)
+    return min(table, key=lambda held: (statistics.mean(e["error"] for e in table[held].values()), -len(held)))
 
 
 # ---- the shipped fit ---------------------------------------------------------------------------
@@ -174,11 +244,12 @@ def constants_path() -> Path:
     return Path(str(resources.files("metalforge.kernels.timing"))) / "constants.yaml"
 
 
-def write(rows: list[Row], skipped: list[tuple], whole: dict, path=None) -> dict:
-    """The shipped fit: the per-kernel constants with the DRAM factor and per-dispatch cost of the
-    whole-model fit (`whole`: dram, dispatch_s, held_out_error, points)."""
-    constants = dataclasses.replace(fit(rows), dram=whole["dram"])
-    data = {"constants": constants.as_dict(), "families": family_errors(rows), "whole_model": whole,
+def write(rows: list[Row], skipped: list[tuple], whole: dict, held: tuple, path=None) -> dict:
+    """The shipped fit: the per-kernel constants (the terms `held` at 0) with the DRAM factor and
+    per-dispatch cost of the whole-model fit (`whole`: dram, dispatch_s, held_out_error, points)."""
+    constants = dataclasses.replace(fit(rows, held), dram=whole["dram"])
+    data = {"constants": constants.as_dict(), "held": list(held), "families": family_errors(rows, held),
+            "whole_model": whole,
             "points": len(rows),
             "chips": len({r.chip for r in rows}),
             "data": kernel_measurements_digest(),
@@ -192,7 +263,7 @@ def write(rows: list[Row], skipped: list[tuple], whole: dict, path=None) -> dict
 
 
 def kernel_measurements_digest() -> str:
-    return data_digest(kernel_measurements.DATA)
+    return files.digest(kernel_measurements.DATA)
 
 
 @lru_cache(maxsize=1)

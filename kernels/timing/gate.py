@@ -5,11 +5,15 @@ Beyond it: the ratio with the error beside it.
 """
 from __future__ import annotations
 
-from metalforge.kernels.cost import within_error
 from metalforge.kernels.timing import fit
 
 UNVALIDATED = "unvalidated"
 WITHIN = "within model error"
+
+
+def within_error(speedup: float, error: float) -> bool:
+    """Whether a modelled ratio is indistinguishable from 1 given the model's error."""
+    return abs(speedup - 1.0) <= error
 
 
 def claim(ratio: float | None, family: str) -> str:

@@ -57,7 +57,7 @@ def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):
 
 # kernels traceable at a proxy shape: split-K takes its partitions from the real shape, so not it
 RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad", "affine_qmm_t", "sdpa_vector",
-            "sdpa_vector_2pass_1", "attention")
+            "sdpa_vector_2pass_1", "sdpa_vector_2pass_1_gqa", "attention")
 
 
 def _runner(op: str, choice, dtype: str):

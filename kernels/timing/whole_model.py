@@ -16,8 +16,8 @@ of which the priced kernels are 8; quantized weights
 are priced as MLX's 4-bit group-64 (8-bit where a weight takes over 6 bits) whatever format the run
 used (llama.cpp's runs are priced with MLX's kernels: a stand-in, its kernels are not emulated);
 the MLP width follows from the parameter count. Unquantized runs (F16, BF16) are left out: MLX's
-unquantized matmul kernels are not emulated. Prefill is not checked: MLX's qmm_t does not compile
-in the emulator's trace mode yet.
+unquantized matmul kernels are not emulated. Prefill is not checked yet (a prompt's qmm_t, attention
+and glue per chunk are not summed here).
 """
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ import statistics
 import numpy as np
 
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import calibration as cal
+from metalforge.kernels.model_measurements import Point
 from metalforge.kernels.timing import mlx_jobs, model
+from metalforge.kernels.timing.fit import nonnegative_lstsq
 
 DISPATCHES_PER_LAYER = 17   # mlx-lm's llama decode layer: 7 quantized matmuls, attention, 9 others
 DTYPE = "float16"
 
 
-def matmuls(p: cal.Point) -> list[tuple[int, int, int]]:
+def matmuls(p: Point) -> list[tuple[int, int, int]]:
     """(N, K, times per step) of a decode step's quantized projections, the LM head included."""
     a = p.sizes
     attn = a.hidden * (2 * a.heads * a.head_dim + 2 * a.kv_heads * a.head_dim)
@@ -45,14 +46,14 @@ def matmuls(p: cal.Point) -> list[tuple[int, int, int]]:
             (inter, a.hidden, 2 * a.layers), (a.hidden, inter, a.layers), (a.vocab, a.hidden, 1)]
 
 
-def bits(p: cal.Point) -> int:
+def bits(p: Point) -> int:
     per_weight = p.weight_gib * 2**30 * 8 / (p.sizes.params_b * 1e9)
     if per_weight > 10:
         raise MetalforgeError(f"{p.weights} weights: MLX's unquantized matmul kernels are not emulated")
     return 4 if per_weight < 6 else 8
 
 
-def kernel_terms(p: cal.Point) -> np.ndarray:
+def kernel_terms(p: Point) -> np.ndarray:
     """Coefficients of the per-kernel constants in the step's kernel time."""
     dev, b = p.device, bits(p)
     out = np.zeros(len(model.TERMS))
@@ -65,7 +66,7 @@ def kernel_terms(p: cal.Point) -> np.ndarray:
     return out + a.layers * model.terms(attention, dev)
 
 
-def dispatches(p: cal.Point) -> int:
+def dispatches(p: Point) -> int:
     """Every dispatch of a decode step's layers, the priced kernels included."""
     return p.sizes.layers * DISPATCHES_PER_LAYER
 
@@ -93,7 +94,7 @@ def fit(rows) -> tuple[float, float]:
     """(DRAM factor, per-dispatch seconds) minimising the relative error in step time, both >= 0."""
     a = np.array([[m * p.tokens_per_s, n * p.tokens_per_s] for p, _, m, n in rows])
     b = np.array([1 - k * p.tokens_per_s for p, k, _, _ in rows])
-    dram, d = cal.nonnegative_lstsq(a, b)
+    dram, d = nonnegative_lstsq(a, b)
     return float(dram), float(d)
 
 

@@ -1,0 +1,82 @@
+"""Published whole-model speeds on Apple chips (benchmarks/data/apple_measurements.yaml), checked:
+the tokens per second the per-kernel prices, summed over a decode step, answer to
+(kernels/timing/whole_model.py). Every point names its source, a known chip and model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from metalforge import devices, files
+from metalforge.errors import MetalforgeError
+
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "apple_measurements.yaml"
+KINDS = ("decode", "prefill")
+REQUIRED = ("chip", "gpu_cores", "kind", "model", "weight_gib", "tokens_per_s", "source", "date", "software")
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """What a step's price needs of a transformer (llama family: GQA attention, gated MLP)."""
+
+    params_b: float
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+
+@dataclass(frozen=True)
+class Point:
+    """One published measurement (see the data file's header for the fields)."""
+
+    chip: str
+    gpu_cores: int
+    kind: str
+    model: str
+    sizes: ModelSizes
+    weight_gib: float
+    tokens_per_s: float
+    source: str
+    date: str
+    software: str
+    weights: str = ""
+    tokens: int = 0
+    chunk: int = 0
+    context: float = 0.0
+
+    @property
+    def device(self):
+        return dataclasses.replace(devices.get(self.chip), gpu_cores=self.gpu_cores)
+
+
+def load_points(path=DATA) -> list[Point]:
+    """The measurements file, checked: every point names its source, a known chip and model."""
+    data = files.read_yaml(path, "measurements")
+    models = {name: ModelSizes(**sizes) for name, sizes in (data.get("models") or {}).items()}
+    points = []
+    for i, p in enumerate(data.get("points") or []):
+        at = f"{path}: points[{i}]"
+        missing = [k for k in REQUIRED if k not in p]
+        if missing:
+            raise MetalforgeError(f"{at}: missing {', '.join(missing)}")
+        if not str(p["source"]).startswith("https://"):
+            raise MetalforgeError(f"{at}: source must be a URL")
+        if p["kind"] not in KINDS:
+            raise MetalforgeError(f"{at}: kind must be decode or prefill")
+        if p["model"] not in models:
+            raise MetalforgeError(f"{at}: unknown model {p['model']!r}")
+        devices.get(p["chip"])
+        need = ("tokens", "chunk") if p["kind"] == "prefill" else ("context",)
+        if any(k not in p for k in need):
+            raise MetalforgeError(f"{at}: a {p['kind']} point needs {', '.join(need)}")
+        points.append(Point(chip=p["chip"], gpu_cores=int(p["gpu_cores"]), kind=p["kind"], model=p["model"],
+                            sizes=models[p["model"]], weight_gib=float(p["weight_gib"]),
+                            tokens_per_s=float(p["tokens_per_s"]), source=p["source"], date=str(p["date"]),
+                            software=str(p["software"]), weights=str(p.get("weights", "")), tokens=int(p.get("tokens", 0)),
+                            chunk=int(p.get("chunk", 0)), context=float(p.get("context", 0))))
+    return points
