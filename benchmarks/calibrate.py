@@ -68,7 +68,7 @@ def kernel_report(rows, skipped, table: dict, held: tuple) -> dict:
     for f, e in result.items():
         note = "" if e["chips"] >= 2 else "  (one chip: no chip to hold out against, unvalidated)"
         print(f"  {f:18} {e['regime']:8} {e['error']:7.1%} over {e['points']} points, {e['chips']} chip(s){note}")
-    print(f"\nlargest held-out errors per family (the next term to look for):")
+    print("\nlargest held-out errors per family (the next term to look for):")
     for f in families:
         worst = sorted(((r, e) for r, e in held_out if r.family == f), key=lambda x: -abs(x[1]))[:WORST]
         for r, e in worst:

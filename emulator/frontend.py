@@ -65,7 +65,6 @@ def _started() -> subprocess.Popen:
 
 
 def _ask(child: subprocess.Popen, request: dict, limit: float, kernel_name: str) -> dict:
-    global _child
     deadline = time.monotonic() + limit
     try:
         child.stdin.write((json.dumps(request) + "\n").encode())

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from metalforge.errors import MetalforgeError
 
 SECTORS = (32, 64, 128)
 PER_BUFFER, TAIL = 6, 7   # the runtime's counts: six per buffer, then seven for the dispatch (mf_launch_traced)

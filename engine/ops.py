@@ -9,8 +9,8 @@ files), `emulator` (the same kernels on the CPU; slow, for verification) and `ml
 built-ins). Asked for explicitly, `metal` and `emulator` run ours wherever a family serves the
 shape; with `auto` on a Mac ours runs only where the evidence says it is faster (Entry.evidence):
 a Metal-measured results entry for the device and bucket with a speedup over MLX's built-in above
-1, or a modelled one whose margin over MLX exceeds the model's held-out error on Apple
-measurements (kernels/calibration.yaml); otherwise MLX's op runs. Shapes no family serves always
+1, or a modelled one whose margin over MLX exceeds its family's held-out error on published
+per-kernel measurements (kernels/timing/constants.yaml); otherwise MLX's op runs. Shapes no family serves always
 run MLX's op: nothing a valid model contains raises. `report` says per op which kernel ran and why.
 """
 from __future__ import annotations

@@ -134,12 +134,11 @@ def _count_qmm(tally: Tally, config, shape, d) -> None:
     """qmm.metal.j2, instruction by instruction; tiles and K steps whose accesses meet the sectors
     alike (the same valid rows, the same offsets modulo 32 bytes) counted once and multiplied."""
     BM, BN, BK, WM, WN, split = (config[k] for k in ("BM", "BN", "BK", "WM", "WN", "split_k"))
-    M, N, K, bits, gs = shape.M, shape.N, shape.K, shape.bits, shape.group_size
+    M, N, K = shape.M, shape.N, shape.K
     st, size = stage_dtype(config, d).size, d.size
     stride, threads, SG = BK + TILE_PAD_BYTES // st, 32 * WM * WN, WM * WN
     TM, TN = BM // WM // 8, BN // WN // 8
-    per_word, groups = 32 // bits, K // gs
-    XV, WV = 16 // size, min(4, BK * bits // 32)
+    XV = 16 // size
     steps = K // split // BK
     tiles_m, tiles_n = cdiv(M, BM), cdiv(N, BN)
     tgs = tiles_m * tiles_n * split
@@ -222,7 +221,7 @@ def _count_weight_tile(tally: Tally, config, shape, d, tiles_m: int, k0s) -> Non
 def _count_weight_fragments(tally: Tally, config, shape, d, tiles_m: int, k0s) -> None:
     """Each lane reads the word, scale and bias of each of its two elements of each weight
     fragment (row n of w, K value k): every SIMD-group row of the tile its own."""
-    BN, BK, WM, WN = config["BN"], config["BK"], config["WM"], config["WN"]
+    BN, BK, WM = config["BN"], config["BK"], config["WM"]
     N, K, bits, gs, size = shape.N, shape.K, shape.bits, shape.group_size, d.size
     per_word, groups = 32 // bits, K // gs
     fm_fn = [(((lane // 4) & 4) + (lane // 2) % 4, ((lane // 4) & 2) * 2 + (lane % 2) * 2) for lane in range(32)]

@@ -4,7 +4,6 @@ one new file among engine/models/, and the engine, the tuner and the op plan ser
 written here into tmp_path, nothing else of metalforge edited."""
 import importlib.util
 import json
-import textwrap
 
 import mlx.core as mx
 import numpy as np

@@ -3,7 +3,6 @@ on the dequantized K/V; greedy tokens equal mlx-lm's generate with the same kv_b
 size (quantized_kv_start=0) in float32, and each step's log-probabilities equal its own when the
 engine is driven as mlx-lm drives its cache; the pool is smaller by the layout's bytes, and
 prompt caches keep the codes."""
-import json
 
 import mlx.core as mx
 import numpy as np

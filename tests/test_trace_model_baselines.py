@@ -2,7 +2,6 @@
 mask="causal", decode over a contiguous cache through mx.fast.scaled_dot_product_attention (a paged
 pool gathered to each sequence's own cache first), each agreeing with the family's fp32 reference;
 and the kernels MLX runs for the job are recorded."""
-import mlx.core as mx
 import numpy as np
 import pytest
 
