@@ -330,7 +330,7 @@ class Kernels:
         and the rows fit), else MLX's composition of our linears; down_proj takes the residual."""
         def composition():
             gate, up = mlp.gate_up(mlp.norm(h))
-            return (mlp.activation(gate) * up).astype(mlp.dtype)
+            return mlp.gated(gate, up).astype(mlp.dtype)
         projections = (mlp.gate_proj, mlp.up_proj) if mlp.fused else ()
         if mlp.fused and all(self._ours(h, p.w, p.mode) for p in projections):
             def inputs(d: Decision) -> dict:

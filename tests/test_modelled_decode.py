@@ -69,13 +69,13 @@ def test_the_readme_summary_spans_the_devices_ratios(md):
 def test_our_path_counts_each_op_by_the_side_that_runs_it(md):
     """llama's decode layer on the Metal path, hand-counted: with every op ours, one dispatch
     besides the priced kernels (the K/V cache write); an op run by MLX's op brings its own: q/k/v
-    the norm, RoPE on q and on k and the stacking of k and v for the write (4), gate/up the norm,
-    the activation and the product (3), o_proj or down_proj the residual add (1 each), attention
+    the norm, RoPE on q and on k and the stacking of k and v for the write (4), gate/up the norm
+    and the compiled activation-times-up (2), o_proj or down_proj the residual add (1 each), attention
     none; the engine's mixed steps add up."""
     llama = dict(defaults.MODELS[1], num_hidden_layers=2)
     glue = md.GlueCounts(llama, 512)
     roles = {role: n for role, n in ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 4),
-                                     (("mlp.gate_proj", "mlp.up_proj"), 3), (("self_attn.o_proj",), 1),
+                                     (("mlp.gate_proj", "mlp.up_proj"), 2), (("self_attn.o_proj",), 1),
                                      (("mlp.down_proj",), 1), ("attention", 0))}
     assert glue.ours().per_layer == 1
     for role, n in roles.items():
@@ -88,7 +88,7 @@ def test_a_step_mixing_our_fused_ops_and_mlxs_is_priced_op_by_op(md, tmp_path, m
     """`auto` with a measured gate_up bucket faster than MLX's (no other fused op of the
     built-in model ours on the m1) runs gate_up ours and norm_qkv's job as MLX's composition:
     the step prices each op by the side that runs it and counts the dispatches of that mix
-    (MLX's compositions' but for the gated MLP's norm, activation and product)."""
+    (MLX's compositions' but for the gated MLP's norm and compiled activation-times-up)."""
     from metalforge import results
     from metalforge.engine.ops import Kernels
     from metalforge.kernels.families import get as get_family
@@ -108,7 +108,7 @@ def test_a_step_mixing_our_fused_ops_and_mlxs_is_priced_op_by_op(md, tmp_path, m
     s = md.steps(config, 512, device, glue)
     mix = {role for role in glue.roles.all() if role != ("mlp.gate_proj", "mlp.up_proj")}
     per_layer = glue.ours(mix).per_layer
-    assert per_layer == glue.ours(set(glue.roles.all())).per_layer - 3
+    assert per_layer == glue.ours(set(glue.roles.all())).per_layer - 2
     layers = config["num_hidden_layers"]
     assert s["ours (auto)"].glue_s == pytest.approx(md.glue_seconds(config, per_layer * layers + glue.ours().outside,
                                                                     device))

@@ -187,7 +187,13 @@ def identity(x: mx.array) -> mx.array:
     return x
 
 
-ACTIVATIONS = {"silu": nn.silu, "gelu_approx": nn.gelu_approx, "gelu": nn.gelu}
+def _gated(activation):
+    """act(gate) * up compiled into one kernel, as mlx-lm's swiglu: one dispatch a layer where
+    the activation and the product would be two."""
+    return mx.compile(lambda gate, up: activation(gate) * up, shapeless=True)
+
+
+GATED = {name: _gated(f) for name, f in (("silu", nn.silu), ("gelu_approx", nn.gelu_approx), ("gelu", nn.gelu))}
 
 
 # ---- layers ----------------------------------------------------------------------------------------
@@ -334,7 +340,7 @@ class GatedMLP(Block):
                  model: type["Model"]):
         super().__init__(args, w, p, model)
         self.kernels, self.dtype = kernels, dtype
-        self.activation = ACTIVATIONS[model.ACTIVATION]
+        self.gated = GATED[model.ACTIVATION]
         self.make_projections(kernels, w, p, args)
         self.fused = self.fused_input(args, p, model)   # gate_up's shape less M, or None
 

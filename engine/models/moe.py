@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from metalforge.engine.config import LIMITS, size
 from metalforge.engine.models import base
@@ -49,8 +48,7 @@ class ExpertLinear:
         return self.kernels.expert_linear(x, self.w, indices, self.bits, self.group_size, sorted_indices, self.mode)
 
 
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    return nn.silu(gate) * up
+swiglu = base.GATED["silu"]
 
 
 class SwitchGLU:
