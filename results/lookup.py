@@ -3,6 +3,7 @@ file) merged, and the exact or nearest bucket that is valid on the device. Files
 per modification (lookups run per engine op and per tuning study)."""
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,4 +102,22 @@ def _choose(dev, fam, shape, dtype: str, buckets: dict) -> Choice:
         config = fam.config(entry["config"])
         if not check(fam, config, shape, dtype, dev):
             return Choice(config, source, entry)
-    return Choice(fam.default_config(), "default", None)
+    return Choice(_valid_default(fam, shape, dtype, dev), "default", None)
+
+
+def _valid_default(fam, shape, dtype: str, dev) -> dict:
+    """The family's default config, or where the device refuses it at this shape (a decode
+    attention sharing K/V over 8 query heads of 128 needs 33,280 bytes of threadgroup memory) the
+    valid config that changes the fewest parameters of it (in declaration and domain order), so
+    no lookup hands out a config that fails at dispatch. The default itself where none is valid."""
+    default = fam.default_config()
+    if not check(fam, default, shape, dtype, dev):
+        return default
+    params = fam.params
+    for changed in range(1, len(params) + 1):
+        for subset in itertools.combinations(params, changed):
+            for values in itertools.product(*([v for v in p.domain if v != p.default] for p in subset)):
+                config = {**default, **{p.name: v for p, v in zip(subset, values)}}
+                if not check(fam, config, shape, dtype, dev):
+                    return config
+    return default

@@ -14,7 +14,7 @@ from metalforge.kernels import check
 from metalforge.kernels import get_family as family
 from metalforge.kernels.families import FAMILIES
 from metalforge.kernels.qmv import Qmv
-from metalforge import results
+from metalforge import devices, results
 from metalforge.testing import write_model
 from metalforge.errors import MetalforgeError
 from metalforge.tuner import sampler, shapes, study as st
@@ -347,6 +347,20 @@ def test_lookup_exact_nearest_default_and_validity(tmp_path):
     assert short.source == "default", "16 splits cannot serve 8 keys: the stored config is skipped"
     other = look(D=64)
     assert other.source == "default" and other.config == family("decode_attention").default_config()
+
+
+def test_a_default_the_device_refuses_at_the_shape_is_replaced_by_the_nearest_valid_config(tmp_path):
+    """Decode attention's default shares K/V over all 8 query heads of a KV head: at D=128 that
+    needs 33,280 bytes of threadgroup memory, over every Apple GPU's 32,768, so a lookup with no
+    entry must not hand it out (it would fail at dispatch): it changes the fewest parameters."""
+    fam = family("decode_attention")
+    shape = fam.shape(dict(B=1, Hq=32, Hkv=4, S=32768, D=128))
+    default = fam.default_config()
+    assert [v.kind for v in check(fam, default, shape, "float16", devices.get("m5-max-40"))] == ["threadgroup_memory"]
+    chosen = results.lookup("m5-max-40", "decode_attention", shape, "float16", results=tmp_path / "none.yaml",
+                            shipped=False)
+    assert chosen.source == "default" and not check(fam, chosen.config, shape, "float16", devices.get("m5-max-40"))
+    assert sum(chosen.config[k] != default[k] for k in default) == 1
 
 
 def test_shipped_modelled_defaults_exist_for_every_device():
