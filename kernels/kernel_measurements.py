@@ -116,12 +116,8 @@ def usable(points: list[KernelPoint]) -> list[KernelPoint]:
 def _point(raw: dict, at: str) -> KernelPoint:
     if not str(raw["source"]).startswith("https://"):
         raise MetalforgeError(f"{at}: source must be a URL, got {raw['source']!r}")
-    if raw["library"] not in LIBRARIES:
-        raise MetalforgeError(f"{at}: library must be one of {', '.join(LIBRARIES)}")
-    if raw["timer"] not in TIMERS:
-        raise MetalforgeError(f"{at}: timer must be one of {', '.join(TIMERS)}, got {raw['timer']!r}")
-    if raw["unit"] not in UNITS:
-        raise MetalforgeError(f"{at}: unit must be one of {', '.join(UNITS)}")
+    for field, allowed in (("library", LIBRARIES), ("timer", TIMERS), ("unit", UNITS)):
+        files.require_one_of(at, field, raw[field], allowed)
     if raw["dtype"] is not None:
         dtypes.get(raw["dtype"])
     unknown = sorted(set(raw["shape"]) - set(SHAPE_FIELDS))

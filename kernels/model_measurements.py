@@ -66,8 +66,7 @@ def load_points(path=DATA) -> list[Point]:
             raise MetalforgeError(f"{at}: missing {', '.join(missing)}")
         if not str(p["source"]).startswith("https://"):
             raise MetalforgeError(f"{at}: source must be a URL")
-        if p["kind"] not in KINDS:
-            raise MetalforgeError(f"{at}: kind must be decode or prefill")
+        files.require_one_of(at, "kind", p["kind"], KINDS)
         if p["model"] not in models:
             raise MetalforgeError(f"{at}: unknown model {p['model']!r}")
         devices.get(p["chip"])

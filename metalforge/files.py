@@ -97,3 +97,9 @@ def write_section(path, heading: str, section: str) -> None:
         text = (text.rstrip("\n") + "\n\n" if text else "") + section
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
+
+
+def require_one_of(at: str, field: str, value, allowed) -> None:
+    """A data file's field checked against the values it may take, in one wording for every file."""
+    if value not in allowed:
+        raise MetalforgeError(f"{at}: {field} must be one of {', '.join(map(str, allowed))}, got {value!r}")
