@@ -24,10 +24,12 @@ def test_the_shipped_file_has_40_sourced_points_on_5_chips(points):
     assert len({p.profile for p in usable if p.profile}) >= 5      # chips our device profiles price
     assert {p.library for p in usable} == {"mlx", "llama.cpp"}
     for p in points:
-        assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+/(pull|issues)/\d+", p.source), p.source
+        # a thread (issue, pull request) or a file pinned to a commit (a write-up that cannot change)
+        assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+/((pull|issues)/\d+|blob/[0-9a-f]{40}/[\w./-]+)",
+                            p.source), p.source
         assert len(p.quote) >= 10 and p.figure in p.quote
         assert p.seconds == pytest.approx(float(p.figure) * km.UNITS[p.unit] / p.calls, rel=1e-12)
-        assert 1e-7 < p.seconds < 1.0
+        assert 1e-7 < p.seconds < 10.0     # a 32k-token prefill on a 10-core M4 takes 3.3 s
         assert (p.gpu_cores and p.dtype) or p.inferred
     # no point twice
     assert len({(p.source, p.quote, p.kernel, p.shape) for p in points}) == len(points)
