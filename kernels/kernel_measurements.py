@@ -109,6 +109,11 @@ def load(path=DATA) -> list[KernelPoint]:
     return points
 
 
+def figure_value(figure: str) -> float:
+    """The number a quoted figure states: '1,029.3' (a thousands separator, as tables print it) is 1029.3."""
+    return float(figure.replace(",", ""))
+
+
 def usable(points: list[KernelPoint]) -> list[KernelPoint]:
     return [p for p in points if not p.excluded]
 
@@ -127,7 +132,7 @@ def _point(raw: dict, at: str) -> KernelPoint:
     if figure not in quote:
         raise MetalforgeError(f"{at}: figure {figure!r} is not in the quoted line")
     calls = int(raw.get("calls", 1))
-    expected = float(figure) * UNITS[raw["unit"]] / calls
+    expected = figure_value(figure) * UNITS[raw["unit"]] / calls
     if not math.isclose(expected, float(raw["seconds"]), rel_tol=1e-9):
         raise MetalforgeError(f"{at}: figure {figure} {raw['unit']} over {calls} call(s) is {expected:g} s, "
                               f"not the {raw['seconds']} s recorded")

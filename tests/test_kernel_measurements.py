@@ -28,7 +28,7 @@ def test_the_shipped_file_has_40_sourced_points_on_5_chips(points):
         assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+/((pull|issues)/\d+|blob/[0-9a-f]{40}/[\w./-]+)",
                             p.source), p.source
         assert len(p.quote) >= 10 and p.figure in p.quote
-        assert p.seconds == pytest.approx(float(p.figure) * km.UNITS[p.unit] / p.calls, rel=1e-12)
+        assert p.seconds == pytest.approx(km.figure_value(p.figure) * km.UNITS[p.unit] / p.calls, rel=1e-12)
         assert 1e-7 < p.seconds < 10.0     # a 32k-token prefill on a 10-core M4 takes 3.3 s
         assert (p.gpu_cores and p.dtype) or p.inferred
     # no point twice
@@ -131,3 +131,17 @@ def test_an_unreadable_file_is_one_line_naming_it(tmp_path):
         km.load(bad)
     assert str(e.value).startswith(f"{bad}: cannot read kernel measurements (while parsing a flow sequence")
     assert "\n" not in str(e.value)
+
+
+def test_a_figure_with_a_thousands_separator_is_its_number(tmp_path):
+    """Tables print '1,029.3 us': the figure stays as quoted, its seconds are 1029.3 us."""
+    def separated(p):
+        p.update(figure="1,029.3", unit="us", seconds=1029.3e-6, quote="| Vocabulary head | 1,029.3 us |")
+    p = km.load(_write(tmp_path, separated))[2]
+    assert p.figure == "1,029.3" and km.figure_value(p.figure) == 1029.3 and p.seconds == 1029.3e-6
+
+    def misread(p):
+        separated(p)
+        p["seconds"] = 1.0293e-6                # the separator read as a decimal point
+    with pytest.raises(MetalforgeError, match=r"figure 1,029.3 us over 1 call\(s\) is 0.0010293 s, not the 1.0293e-06 s"):
+        km.load(_write(tmp_path, misread))
