@@ -63,6 +63,19 @@ def test_mlx_kernel_and_ours_with_the_same_trace_get_the_same_price():
     assert model.price(longer, dev, constants) > model.price(mlx, dev, constants)
 
 
+def test_each_coefficient_meets_the_constant_of_its_name():
+    """The price is the sum over named terms of coefficient x the constant of that name, whatever the
+    order of Constants' fields: a term's coefficient cannot be priced by its neighbour's constant."""
+    dev = devices.get("m3-max-40")
+    counted = mlx_jobs.counted("decode", {"B": 1, "Hq": 4, "Hkv": 1, "S": 2048, "D": 64}, "float16", dev)
+    constants = Constants(**{t: float(i + 1) for i, t in enumerate(model.TERMS)})   # every constant distinct
+    by_name = constants.host_call + sum(getattr(constants, name) * value for c in counted
+                                        for name, value in model.dispatch_terms(c, dev, "host_per_call").items())
+    assert model.price(counted, dev, constants, "host_per_call") == pytest.approx(by_name, rel=1e-12)
+    assert set(model.dispatch_terms(counted[0], dev)) < set(model.TERMS) == set(Constants.__dataclass_fields__)
+    assert Constants.of(constants.vector()) == constants
+
+
 TIMINGS = (("host_per_call", "warm"), ("host_amortised", "warm"), ("host_per_call", "cache-hot"),
            ("host_amortised", "cache-hot"), ("gpu", "warm"))
 
@@ -101,10 +114,11 @@ def test_the_fit_recovers_the_constants_that_generated_the_timings():
     assert max(abs(e) for e in fit.errors(rows, got)) < 1e-9
     # each timer's share of the clock: the round trip only where each call is timed, no launch on the GPU's clock
     per_call, amortised, gpu = (next(r for r in rows if r.point.timer == t) for t in kernel_measurements.TIMERS)
-    assert per_call.terms[0] == 1 and amortised.terms[0] == gpu.terms[0] == 0
-    assert per_call.terms[1] == amortised.terms[1] == len(mlx_jobs.counted("matmul", {"M": 1, "N": 64, "K": 512, "bits": 4,
+    host_call, launch = model.TERMS.index("host_call"), model.TERMS.index("launch")
+    assert per_call.terms[host_call] == 1 and amortised.terms[host_call] == gpu.terms[host_call] == 0
+    assert per_call.terms[launch] == amortised.terms[launch] == len(mlx_jobs.counted("matmul", {"M": 1, "N": 64, "K": 512, "bits": 4,
                                                                                    "group_size": 64}, "float16",
-                                                                         devices.get("m1"))) and gpu.terms[1] == 0
+                                                                         devices.get("m1"))) and gpu.terms[launch] == 0
     without = fit.fit(rows, held=("host_call",))
     assert without.host_call == 0 and max(abs(e) for e in fit.errors(rows, without)) > 1e-3
 

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TERMS = ("host_call", "launch", "dram", "cache", "onchip", "mma", "sync", "schedule")
 PIPELINED = "host_amortised"   # the timer of a dispatch queued among others
 PASS_BYTES = 128   # a SIMD-group's threadgroup access: 32 lanes x 4 bytes
 MMA_FLOPS = 2 * 8 * 8 * 8
@@ -68,30 +67,42 @@ class Constants:
 
     @classmethod
     def of(cls, values) -> "Constants":
-        return cls(**{t: float(v) for t, v in zip(TERMS, values)})
+        """From a vector in TERMS' order (a fit's solution)."""
+        return cls(**dict(zip(TERMS, map(float, values), strict=True)))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+# the constants' names, in the order of their vectors: the fields of Constants, the one place they are listed
+TERMS = tuple(f.name for f in dataclasses.fields(Constants))
+
+
+def dispatch_terms(c, device, timer: str = PIPELINED) -> dict:
+    """{term: coefficient} of one dispatch `c` (traces.Counted) on `device` as a clock of kind
+    `timer` sees it, the host's round trip of the call aside (`terms`)."""
+    f = c.features
+    cycles = device.gpu_cores * device.gpu_clock_ghz * 1e9
+    active = min(1.0, f["threadgroups"] / device.gpu_cores)
+    return {"launch": float(timer != "gpu"),
+            "dram": c.total("dram_bytes") / (device.memory_bandwidth_gbs * 1e9 * active),
+            "onchip": (c.total("sector_bytes") + PASS_BYTES * (f["threadgroup_passes"] + f["fragment_ops"]))
+            / (cycles * active),
+            "mma": f["matrix_multiplies"] * MMA_FLOPS / (device.peak_fp32_tflops * 1e12 * active),
+            "sync": (f["barriers"] + f["simd_functions"]) / (cycles * active),
+            "schedule": f["threadgroups"] / cycles}
+
+
 def terms(counted, device, timer: str = PIPELINED) -> np.ndarray:
     """The coefficients of TERMS in the time of the dispatches `counted` (traces.Counted) on `device`,
-    as a clock of kind `timer` (kernel_measurements.TIMERS) sees them: one call of the whole list."""
-    cycles = device.gpu_cores * device.gpu_clock_ghz * 1e9
-    out = np.zeros(len(TERMS))
-    out[0] = timer == "host_per_call"
+    as a clock of kind `timer` (kernel_measurements.TIMERS) sees them: one call of the whole list.
+    `cache` stays 0 here: which bytes a cache serves is the point's, not the trace's (fit.point_terms)."""
+    total = dict.fromkeys(TERMS, 0.0)
+    total["host_call"] = float(timer == "host_per_call")
     for c in counted:
-        f = c.features
-        active = min(1.0, f["threadgroups"] / device.gpu_cores)
-        out += [0.0,
-                timer != "gpu",
-                c.total("dram_bytes") / (device.memory_bandwidth_gbs * 1e9 * active), 0.0,
-                (c.total("sector_bytes") + PASS_BYTES * (f["threadgroup_passes"] + f["fragment_ops"]))
-                / (cycles * active),
-                f["matrix_multiplies"] * MMA_FLOPS / (device.peak_fp32_tflops * 1e12 * active),
-                (f["barriers"] + f["simd_functions"]) / (cycles * active),
-                f["threadgroups"] / cycles]
-    return out
+        for name, value in dispatch_terms(c, device, timer).items():
+            total[name] += value
+    return np.array([total[t] for t in TERMS])
 
 
 def price(counted, device, constants: Constants, timer: str = PIPELINED) -> float:
