@@ -9,7 +9,6 @@ kernels and ours, linear in a handful of constants fitted to published per-kerne
             + onchip     * (32-byte sectors x 32 + 128 x threadgroup passes) / (cores x clock x active)
             + mma        * 8x8 MMAs x 1024 flops                         / (peak FP32 x active)
             + sync       * (barriers x threadgroups + SIMD-group functions) / (cores x clock x active)
-            + schedule   * threadgroups                                 / (cores x clock)
 
 What a timing includes besides the kernel follows how it was timed (a point's `timer`): a wall clock
 around each call pays the host's round trip (command buffer commit, wait and wake-up: host_call) on top
@@ -60,7 +59,6 @@ class Constants:
     onchip: float      # core-cycles per byte through the core's SRAM (L1 sectors, threadgroup passes)
     mma: float         # x (MMA flops / peak FP32)
     sync: float        # core-cycles per barrier or SIMD-group function
-    schedule: float    # core-cycles per threadgroup
 
     def vector(self) -> np.ndarray:
         return np.array([getattr(self, t) for t in TERMS])
@@ -89,16 +87,16 @@ def dispatch_terms(c, device, timer: str = PIPELINED) -> dict:
             "onchip": (c.total("sector_bytes") + PASS_BYTES * (f["threadgroup_passes"] + f["fragment_ops"]))
             / (cycles * active),
             "mma": f["matrix_multiplies"] * MMA_FLOPS / (device.peak_fp32_tflops * 1e12 * active),
-            "sync": (f["barriers"] + f["simd_functions"]) / (cycles * active),
-            "schedule": f["threadgroups"] / cycles}
+            "sync": (f["barriers"] + f["simd_functions"]) / (cycles * active)}
 
 
-def terms(counted, device, timer: str = PIPELINED) -> np.ndarray:
+def terms(counted, device, timer: str = PIPELINED, host_waits: float | None = None) -> np.ndarray:
     """The coefficients of TERMS in the time of the dispatches `counted` (traces.Counted) on `device`,
-    as a clock of kind `timer` (kernel_measurements.TIMERS) sees them: one call of the whole list.
+    as a clock of kind `timer` (kernel_measurements.TIMERS) sees them: one call of the whole list,
+    carrying `host_waits` of the host's round trips (by default one timed per call, else none).
     `cache` stays 0 here: which bytes a cache serves is the point's, not the trace's (fit.point_terms)."""
     total = dict.fromkeys(TERMS, 0.0)
-    total["host_call"] = float(timer == "host_per_call")
+    total["host_call"] = float(timer == "host_per_call") if host_waits is None else host_waits
     for c in counted:
         for name, value in dispatch_terms(c, device, timer).items():
             total[name] += value
