@@ -35,6 +35,11 @@ def _shape(r) -> str:
     return ",".join(f"{k}={v}" for k, v in r.point.shape)
 
 
+def _waits(p) -> str:
+    """The host round trips a call's time carries: 1 per call, 1/n queued n per wait, 0 unstated or on the GPU."""
+    return "1" if p.host_waits == 1 else f"1/{p.calls_per_wait}" if p.host_waits else "0"
+
+
 def kernel_report(rows, skipped, table: dict, held: tuple) -> dict:
     """The per-kernel model: every point predicted (all-point fit and chip held out), per-family error."""
     c = kfit.fit(rows, held)
@@ -42,10 +47,11 @@ def kernel_report(rows, skipped, table: dict, held: tuple) -> dict:
     by_row = {id(r): e for r, e in held_out}
     print(f"per-kernel model: {len(rows)} published kernel timings priced on {len({r.chip for r in rows})} chips, "
           f"{len(skipped)} left out\n")
-    print(f"{'family':18} {'chip':10} {'timer':14} {'shape':44} {'measured us':>11} {'fitted':>8} {'held-out':>9}  kernels")
+    print(f"{'family':18} {'bound':7} {'chip':10} {'timer':14} {'waits':>5} {'shape':44} {'measured us':>11} "
+          f"{'fitted':>8} {'held-out':>9}  kernels")
     for r, e in zip(rows, kfit.errors(rows, c)):
-        print(f"{r.family:18} {r.chip:10} {r.point.timer:14} {_shape(r):44} {r.point.seconds * 1e6:11.1f} {e:+8.1%} "
-              f"{by_row[id(r)]:+9.1%}  " + " + ".join(r.kernels))
+        print(f"{r.family:18} {kfit.bound(r, c):7} {r.chip:10} {r.point.timer:14} {_waits(r.point):>5} {_shape(r):44} "
+              f"{r.point.seconds * 1e6:11.1f} {e:+8.1%} {by_row[id(r)]:+9.1%}  " + " + ".join(r.kernels))
     print("\nleft out (cannot be priced yet):")
     for p, why in skipped:
         print(f"  {p.chip} {p.library} {p.kernel} {dict(p.shape)}: {why}")
@@ -54,7 +60,7 @@ def kernel_report(rows, skipped, table: dict, held: tuple) -> dict:
         print(f"  {name:9} {v:.4g}" + ("   (held at 0: not identified, see below)" if name in held else ""))
     if c.mma == 0 and "mma" not in held:
         print("  (mma at 0 is unidentifiable, not measured absent: the MMA-heavy points are priced as well by "
-              "sync and schedule, whose counts grow with the same tiles)")
+              "onchip and sync, whose counts grow with the same tiles)")
     print("\nleave-one-chip-out median |predicted / measured - 1| per family, for each choice of the terms held at 0 "
           "(a term is fitted only where freeing it lowers the mean of the families' errors):")
     families = sorted({r.family for r in rows})
@@ -68,6 +74,11 @@ def kernel_report(rows, skipped, table: dict, held: tuple) -> dict:
     for f, e in result.items():
         note = "" if e["chips"] >= 2 else "  (one chip: no chip to hold out against, unvalidated)"
         print(f"  {f:18} {e['regime']:8} {e['error']:7.1%} over {e['points']} points, {e['chips']} chip(s){note}")
+    regimes = kfit.regime_errors(rows, held)
+    print("\nshipped, per family and what bounds each point (its bytes or its on-chip work, as the all-point fit "
+          "prices them; the family's regime above is what it serves, decode or prompt):")
+    for (f, b), e in regimes.items():
+        print(f"  {f:18} {b:8} {e['error']:7.1%} over {e['points']} points, {e['chips']} chip(s)")
     print("\nlargest held-out errors per family (the next term to look for):")
     for f in families:
         worst = sorted(((r, e) for r, e in held_out if r.family == f), key=lambda x: -abs(x[1]))[:WORST]
@@ -76,7 +87,9 @@ def kernel_report(rows, skipped, table: dict, held: tuple) -> dict:
             print(f"  {f:18} {e:+7.1%}  {r.chip:10} {p.timer:14} {p.dtype or '?':9} {'DRAM' if kfit.reads_dram(p) else 'cache':5} "
                   f"{_shape(r)}  ({p.timing[:60]})")
     return {"constants": c, "families": result, "held": list(held),
-            "points": [{"family": r.family, "chip": r.chip, "timer": r.point.timer, "shape": dict(r.point.shape),
+            "regimes": [{"family": f, "bound": b, **e} for (f, b), e in regimes.items()],
+            "points": [{"family": r.family, "bound": kfit.bound(r, c), "chip": r.chip, "timer": r.point.timer,
+                        "host_waits": r.point.host_waits, "shape": dict(r.point.shape),
                         "measured_s": r.point.seconds, "held_out_error": e} for r, e in held_out]}
 
 
@@ -128,7 +141,8 @@ def main(argv=None) -> int:
     per_kernel = kernel_report(rows, skipped, table, held)
     whole = whole_model_report(model_measurements.load_points(args.data), per_kernel["constants"])
     data = {"per_kernel": {"constants": per_kernel["constants"].as_dict(), "families": per_kernel["families"],
-                           "held": per_kernel["held"], "points": per_kernel["points"]},
+                           "regimes": per_kernel["regimes"], "held": per_kernel["held"],
+                           "points": per_kernel["points"]},
             "whole_model": whole}
     write_report(args.out, data, plot(per_kernel["points"]))
     if args.write:

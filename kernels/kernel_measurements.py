@@ -47,6 +47,7 @@ class KernelPoint:
     quote: str
     profile: str | None = None
     calls: int = 1
+    calls_per_wait: int | None = None   # host_amortised: kernel calls queued per host wait, where stated
     date: str = ""
     software: str = ""
     inferred: str = ""
@@ -54,6 +55,15 @@ class KernelPoint:
 
     def get(self, field: str):
         return dict(self.shape).get(field)
+
+    @property
+    def host_waits(self) -> float:
+        """The host's round trips (commit, wait, wake-up) a call's time carries: one timed per call,
+        1 / calls_per_wait queued per wait. ASSUMED 0 where the source does not say how many were
+        queued (test-backend-ops' graphs hold hundreds to thousands of runs) and on a GPU clock."""
+        if self.timer == "host_per_call":
+            return 1.0
+        return 1.0 / self.calls_per_wait if self.calls_per_wait else 0.0
 
     @property
     def device(self):
@@ -132,6 +142,10 @@ def _point(raw: dict, at: str) -> KernelPoint:
     if figure not in quote:
         raise MetalforgeError(f"{at}: figure {figure!r} is not in the quoted line")
     calls = int(raw.get("calls", 1))
+    per_wait = raw.get("calls_per_wait")
+    if per_wait is not None and (raw["timer"] != "host_amortised" or not isinstance(per_wait, int) or per_wait < 2):
+        raise MetalforgeError(f"{at}: calls_per_wait {per_wait!r} is for a host_amortised point: "
+                              "a whole number of calls, 2 or more, queued per host wait")
     expected = figure_value(figure) * UNITS[raw["unit"]] / calls
     if not math.isclose(expected, float(raw["seconds"]), rel_tol=1e-9):
         raise MetalforgeError(f"{at}: figure {figure} {raw['unit']} over {calls} call(s) is {expected:g} s, "
@@ -146,7 +160,7 @@ def _point(raw: dict, at: str) -> KernelPoint:
         shape=tuple((f, raw["shape"][f]) for f in SHAPE_FIELDS if f in raw["shape"]),
         dtype=raw["dtype"], figure=figure, unit=raw["unit"], seconds=float(raw["seconds"]),
         timing=str(raw["timing"]), timer=raw["timer"], source=str(raw["source"]), quote=quote, profile=raw.get("profile"),
-        calls=calls, date=str(raw.get("date", "")), software=str(raw.get("software", "")),
+        calls=calls, calls_per_wait=per_wait, date=str(raw.get("date", "")), software=str(raw.get("software", "")),
         inferred=str(raw.get("inferred", "")), excluded=str(raw.get("excluded", "")))
     why = point.impossibility()
     if why and not point.excluded:

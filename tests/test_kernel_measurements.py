@@ -49,6 +49,19 @@ def test_every_point_says_what_its_clock_includes(points):
     assert {p.timer for p in km.usable(points)} == set(km.TIMERS)
 
 
+def test_a_call_carries_its_share_of_the_host_round_trips(points):
+    """mlx's sdpa_bench.py (PR 1610) evaluates 8 chained attentions per timed iteration: each carries
+    1/8 of a wait; a wall clock around every eval, one; test-backend-ops (its graph's runs per wait
+    not stated), none counted."""
+    bench = next(p for p in points if "pull/1610" in p.source)
+    per_call = next(p for p in points if p.timer == "host_per_call")
+    backend_ops = next(p for p in points if "test-backend-ops" in p.timing and p.timer == "host_amortised")
+    assert bench.calls_per_wait == 8 and bench.host_waits == 1 / 8
+    assert per_call.calls_per_wait is None and per_call.host_waits == 1.0
+    assert backend_ops.calls_per_wait is None and backend_ops.host_waits == 0.0
+    assert all(p.calls_per_wait is None for p in points if p.timer != "host_amortised")
+
+
 def test_a_read_faster_than_dram_is_called_cache_hot(points):
     """M3 Pro, llama.cpp q4_K mat-vec of 1024 x 5120: 1024 * 5120 * 4.5 / 8 = 2,949,120 bytes of
     weights in 15.37 us is 192 GB/s, above the chip's 150 GB/s: warm weights in the system cache."""
@@ -92,6 +105,9 @@ def _write(tmp_path, mutate):
     (lambda p: p.update(unit="min"), "unit must be one of s, ms, us"),
     (lambda p: p.pop("timer"), r"points\[2\]: missing timer"),
     (lambda p: p.update(timer="wall clock"), "timer must be one of host_per_call, host_amortised, gpu, got 'wall clock'"),
+    (lambda p: p.update(timer="host_per_call", calls_per_wait=20), "calls_per_wait 20 is for a host_amortised point"),
+    (lambda p: p.update(timer="host_amortised", calls_per_wait=1), "calls_per_wait 1 is for a host_amortised point: "
+                                                                   "a whole number of calls, 2 or more"),
 ])
 def test_the_loader_refuses_a_point_it_cannot_trace(tmp_path, mutate, message):
     with pytest.raises(MetalforgeError, match=message):

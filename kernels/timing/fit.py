@@ -134,9 +134,10 @@ def stated_kind(p: kernel_measurements.KernelPoint) -> str | None:
 
 
 def point_terms(p: kernel_measurements.KernelPoint, dispatches) -> np.ndarray:
-    """The coefficients of the constants in a point's time: its dispatches as its timer saw them,
-    a cache-hot point's bytes priced by the cache term instead of DRAM's."""
-    terms = model.terms(dispatches, p.device, p.timer)
+    """The coefficients of the constants in a point's time: its dispatches as its timer saw them
+    with its share of the host's round trips, a cache-hot point's bytes priced by the cache term
+    instead of DRAM's."""
+    terms = model.terms(dispatches, p.device, p.timer, p.host_waits)
     if not reads_dram(p):
         dram, cache = model.TERMS.index("dram"), model.TERMS.index("cache")
         terms[[dram, cache]] = 0.0, terms[dram]
@@ -209,6 +210,30 @@ def leave_one_chip_out(rows: list[Row], held: tuple = ()) -> list[tuple[Row, flo
         c = fit([r for r in rows if r.chip != chip], held)
         out += list(zip(on_chip, errors(on_chip, c)))
     return out
+
+
+# what a point's price is made of, its fixed costs (host round trip, launch) aside: its bytes, or its on-chip work
+MEMORY_TERMS = ("dram", "cache")
+COMPUTE_TERMS = ("onchip", "mma", "sync")
+
+
+def bound(row: Row, c: Constants) -> str:
+    """What limits the point's kernels by their price under `c`: "memory" where their bytes (DRAM or
+    system cache) cost at least what their on-chip work does (sectors and threadgroup passes, MMAs,
+    barriers and SIMD-group functions), else "compute"."""
+    cost = dict(zip(model.TERMS, row.terms * c.vector()))
+    return "memory" if sum(cost[t] for t in MEMORY_TERMS) >= sum(cost[t] for t in COMPUTE_TERMS) else "compute"
+
+
+def regime_errors(rows: list[Row], held: tuple = ()) -> dict:
+    """Per family and what bounds its points (`bound` under the all-point fit): the median held-out
+    |error|, points and chips; {(family, bound): {...}}."""
+    c = fit(rows, held)
+    by: dict = {}
+    for r, e in leave_one_chip_out(rows, held):
+        by.setdefault((r.family, bound(r, c)), []).append((r.chip, abs(e)))
+    return {k: {"error": round(float(statistics.median(e for _, e in v)), 4), "points": len(v),
+                "chips": len({ch for ch, _ in v})} for k, v in sorted(by.items())}
 
 
 def family_errors(rows: list[Row], held: tuple = ()) -> dict:
