@@ -257,7 +257,7 @@ class Kernels:
         (see _attention)."""
         outs = []
         for g in kv.groups():
-            qg = q[:, :, g.group.tokens] if len(kv.step.attention_groups) > 1 else q
+            qg = q[:, :, g.group.tokens] if len(kv.step.groups) > 1 else q
             B, L = len(g.group.members), g.group.new
             if L == 1:   # (1, Hq, B, D) as B sequences of one token: views
                 outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale, **variant).transpose(2, 1, 0, 3))
@@ -304,12 +304,6 @@ class Kernels:
             return mlx_op()
         values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.layout(),
                       **{k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks is not None)) if v})
-        name = _dtype_name(q.dtype)
-        if B > 1 and L > 1 and self.decide("attention", values, name).family is None and \
-                self.decide("attention", {**values, "B": 1}, name).family is not None:
-            # a kernel of ours serves one sequence's L tokens, not B sequences' at once: one call a sequence
-            return mx.concatenate([self._attention(q[b:b + 1], kv.member(b), scale, window, softcap, sinks)
-                                   for b in range(B)])
 
         def inputs(d: Decision) -> dict:
             variant = {"scale": _scalar(scale, ndim=0)}
