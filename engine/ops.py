@@ -252,9 +252,9 @@ class Kernels:
 
     def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:
         """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),
-        group by group of the step: sequences of as many new tokens each together (one token
-        decoding, k+1 verifying k drafts), a prompt alone. `variant`: window, softcap, sinks
-        (see _attention)."""
+        one call a group of the step: B sequences of as many new tokens L each (one token
+        decoding, k+1 verifying k drafts, prompts of one length) as (B, Hq, L, D). `variant`:
+        window, softcap, sinks (see _attention)."""
         outs = []
         for g in kv.groups():
             qg = q[:, :, g.group.tokens] if len(kv.step.groups) > 1 else q
