@@ -420,7 +420,7 @@ def test_verify_passes_are_planned_on_request():
     config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
               "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
               "quantization": {"bits": 4, "group_size": 64}}
-    plain, verify = (shapes.from_model_config(config, contexts=(3000, 100), drafts=d) for d in (0, 3))
+    plain, verify = (shapes.from_model_config(config, contexts=(3000, 100), num_draft=d) for d in (0, 3))
     assert sorted((s["S"], s.get("L", 1)) for s in verify["decode_attention"]) == [(128, 1), (128, 4), (4096, 1),
                                                                                   (4096, 4)]
     assert {s["block_size"] for s in verify["decode_attention"]} == {16}

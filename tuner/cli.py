@@ -98,15 +98,15 @@ def run(args) -> int:
     contexts = _contexts(args.contexts)
     arguments.positive_int("--workers", args.workers)
     settings = _settings(args, device)
-    drafts = arguments.positive_int("--num-draft", args.num_draft, minimum=0)
-    if drafts and args.shapes:
+    num_draft = arguments.positive_int("--num-draft", args.num_draft, minimum=0)
+    if num_draft and args.shapes:
         raise MetalforgeError("--num-draft plans a model's verify passes; a --shapes file lists its shapes itself")
     if args.model:
-        shape_sets = shapes.from_model_folder(args.model, contexts=contexts, drafts=drafts)
+        shape_sets = shapes.from_model_folder(args.model, contexts=contexts, num_draft=num_draft)
     elif args.shapes:
         shape_sets = shapes.from_yaml(args.shapes)
     else:
-        shape_sets = shapes.from_model_config(shapes.BUILTIN_MODEL, contexts=contexts, drafts=drafts)
+        shape_sets = shapes.from_model_config(shapes.BUILTIN_MODEL, contexts=contexts, num_draft=num_draft)
     default_families = None if args.shapes else shapes.model_families()
     families = args.families.split(",") if args.families else default_families
     for f in families or []:

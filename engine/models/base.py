@@ -634,10 +634,10 @@ class Model:
 
     @classmethod
     def op_plan(cls, args: ModelArgs, contexts=(), batch: int = 1, prefill=(),
-                block_size: int = BLOCK_SIZE, drafts: int = 0) -> list[ops.PlannedOp]:
+                block_size: int = BLOCK_SIZE, num_draft: int = 0) -> list[ops.PlannedOp]:
         """The ops a forward pass runs and their shapes, distinct: decoding `batch` sequences at
         each of `contexts` (attention in the engine's paged layout with `block_size`; with
-        `drafts`, also its verify passes: drafts + 1 tokens a sequence), and prompts of each
+        `num_draft`, also its verify passes: num_draft + 1 tokens a sequence), and prompts of each
         `prefill` length. The embedding is looked up, not multiplied; each expert layer runs
         `top_k` experts per token (`expert_linear`)."""
         table = cls.linears(args)
@@ -662,7 +662,7 @@ class Model:
                             if experts else ops.PlannedOp("linear", values))
         heads = dict(Hq=args.num_attention_heads, Hkv=args.num_key_value_heads, D=args.head_dim)
         plan += [ops.PlannedOp("attention", dict(B=batch, new=new, context=c, block_size=block_size, **heads))
-                 for new in sorted({1, drafts + 1}) for c in contexts]
+                 for new in sorted({1, num_draft + 1}) for c in contexts]
         plan += [ops.PlannedOp("attention", dict(B=1, new=n, context=n, **heads)) for n in prefill]
         return list({(p.op, tuple(p.values.items())): p for p in plan}.values())
 
