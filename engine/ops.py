@@ -261,11 +261,10 @@ class Kernels:
             B, L = len(g.group.members), g.group.new
             if L == 1:   # (1, Hq, B, D) as B sequences of one token: views
                 outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale, **variant).transpose(2, 1, 0, 3))
-            elif B > 1:   # (1, Hq, B * L, D) as B sequences of L tokens
-                Hq, D = q.shape[1], q.shape[3]
-                per_sequence = qg.reshape(Hq, B, L, D).transpose(1, 0, 2, 3)
+            elif B > 1:   # (1, Hq, B * L, D) as B sequences of L tokens: the token axis split, a view
+                per_sequence = mx.unflatten(qg, 2, (B, L)).squeeze(0).transpose(1, 0, 2, 3)
                 out = self._attention(per_sequence, g, scale, **variant)
-                outs.append(out.transpose(1, 0, 2, 3).reshape(1, Hq, B * L, D))
+                outs.append(mx.flatten(out.transpose(1, 0, 2, 3), 1, 2)[None])
             else:
                 outs.append(self._attention(qg, g, scale, **variant))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

@@ -85,5 +85,7 @@ def test_a_step_verifying_two_sequences_beside_two_plain_ones_is_one_launch_a_gr
     launches = sum(n for k, n in kinds.items() if k.startswith("metal_kernel:mf_decode_attention"))
     assert launches == 2, kinds
     assert kinds.get("Concatenate", 0) <= 2, kinds   # the two groups' outputs joined, K and V stacked for their write
+    # the verifying pair's queries split into sequences as a view; its output merged back, o_proj's input: copies
+    assert kinds.get("Reshape (copy)", 0) + kinds.get("Flatten (copy)", 0) <= 2, kinds
     report = decode_reports(e.kernel_report())
     assert any(k.startswith("decode_attention B=2,") and ",L=3" in k for k in report), report
