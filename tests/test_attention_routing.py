@@ -16,6 +16,8 @@ from test_architectures import build  # noqa: E402
 from test_batched_attention import QWEN3  # noqa: E402
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 11, 7, 64], list(range(2, 15)), list(range(40, 61)), list(range(70, 81))]
+
+
 def run(folder, backend, steps, **options):
     """The logits of each step (a list of (sequence index, tokens)) after the prompts, each prefilled alone."""
     with engine.load(folder, backend=backend, device="m2", kv_tokens=512, block_size=8, **options) as e:
