@@ -252,20 +252,19 @@ class Kernels:
 
     def attention(self, q: mx.array, kv, scale: float, **variant) -> mx.array:
         """q: (1, Hq, tokens, D) -> the same, causal over each sequence's K/V in the pool (`kv`),
-        group by group of the step: sequences of as many new tokens each together (one token
-        decoding, k+1 verifying k drafts), a prompt alone. `variant`: window, softcap, sinks
-        (see _attention)."""
+        one call a group of the step: B sequences of as many new tokens L each (one token
+        decoding, k+1 verifying k drafts, prompts of one length) as (B, Hq, L, D). `variant`:
+        window, softcap, sinks (see _attention)."""
         outs = []
         for g in kv.groups():
-            qg = q[:, :, g.group.tokens] if len(kv.step.attention_groups) > 1 else q
+            qg = q[:, :, g.group.tokens] if len(kv.step.groups) > 1 else q
             B, L = len(g.group.members), g.group.new
             if L == 1:   # (1, Hq, B, D) as B sequences of one token: views
                 outs.append(self._attention(qg.transpose(2, 1, 0, 3), g, scale, **variant).transpose(2, 1, 0, 3))
-            elif B > 1:   # (1, Hq, B * L, D) as B sequences of L tokens
-                Hq, D = q.shape[1], q.shape[3]
-                per_sequence = qg.reshape(Hq, B, L, D).transpose(1, 0, 2, 3)
+            elif B > 1:   # (1, Hq, B * L, D) as B sequences of L tokens: the token axis split, a view
+                per_sequence = mx.unflatten(qg, 2, (B, L)).squeeze(0).transpose(1, 0, 2, 3)
                 out = self._attention(per_sequence, g, scale, **variant)
-                outs.append(out.transpose(1, 0, 2, 3).reshape(1, Hq, B * L, D))
+                outs.append(mx.flatten(out.transpose(1, 0, 2, 3), 1, 2)[None])
             else:
                 outs.append(self._attention(qg, g, scale, **variant))
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
@@ -304,12 +303,6 @@ class Kernels:
             return mlx_op()
         values = dict(B=B, Hq=Hq, Hkv=kv.kv_heads, D=D, new=L, context=kv.longest, **kv.layout(),
                       **{k: v for k, v in (("window", window), ("softcap", softcap), ("sinks", sinks is not None)) if v})
-        name = _dtype_name(q.dtype)
-        if B > 1 and L > 1 and self.decide("attention", values, name).family is None and \
-                self.decide("attention", {**values, "B": 1}, name).family is not None:
-            # a kernel of ours serves one sequence's L tokens, not B sequences' at once: one call a sequence
-            return mx.concatenate([self._attention(q[b:b + 1], kv.member(b), scale, window, softcap, sinks)
-                                   for b in range(B)])
 
         def inputs(d: Decision) -> dict:
             variant = {"scale": _scalar(scale, ndim=0)}

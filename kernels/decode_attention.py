@@ -95,14 +95,13 @@ class DecodeAttention(Family):
         return {**fields, "B": 1, "Hkv": 1, "Hq": fields["Hq"] // fields["Hkv"], "S": min(fields["S"], 128)}
 
     def op_shape(self, values: dict) -> dict | None:
-        """A decode step on the engine's pool: one new token a sequence, or 2 to MAX_QUERY_TOKENS
-        of one sequence (as speculative decoding verifies; not over quantized K/V). It reads the
-        pool through a table as wide as the context's power-of-two bucket, so the engine's shape
-        is the tuned bucket's (at most `width`, the block table's tokens)."""
+        """A decode step's group on the engine's pool: B sequences of 1 to MAX_QUERY_TOKENS new
+        tokens each (one decoding; k+1 verifying k drafts), over dense or quantized K/V. It reads
+        the pool through a table as wide as the context's power-of-two bucket, so the engine's
+        shape is the tuned bucket's (at most `width`, the block table's tokens)."""
         call = attention_call(values, self.variant_fields)
         new = values["new"]
-        if call is None or not values.get("block_size") or not (
-                new == 1 or (values["B"] == 1 and new <= MAX_QUERY_TOKENS and not values.get("kv_bits"))):
+        if call is None or not values.get("block_size") or not 1 <= new <= MAX_QUERY_TOKENS:
             return None
         heads, variant = call
         S = min(pow2_bucket(values["context"]), values.get("width") or pow2_bucket(values["context"]))

@@ -411,3 +411,33 @@ def test_the_engine_runs_every_bucket_the_tuner_tuned_as_an_exact_match(tmp_path
     ran = {(v["family"], v["bucket"]): v["why"] for v in report.values() if "bucket" in v}
     assert tuned <= set(ran), tuned - set(ran)
     assert all("exact match" in ran[k] for k in tuned), {k: ran[k] for k in tuned}
+
+
+def test_verify_steps_find_the_verify_buckets_the_tuner_tuned(tmp_path):
+    """`tune --num-draft 3` also tunes decode attention at 4 tokens a sequence (the op plan's
+    verify passes); the engine's verify steps find that bucket: one sequence verifying 3 drafts
+    exactly, two verifying beside a plain token (one call, B=2) as the nearest, never the
+    one-token bucket (a config for L=1 says nothing of L=4) or the family default."""
+    from metalforge import results
+    folder = write_model(tmp_path / "model", arch="qwen2", quantized=(4, 64), dtype=mx.float16, shards=1)
+    out = tmp_path / "r.yaml"
+    run = subprocess.run([sys.executable, "-m", "metalforge.cli", "tune", "--device", "m2", "--model", str(folder),
+                          "--families", "decode_attention", "--contexts", "512", "--num-draft", "3", "--trials", "2",
+                          "--seed", "0", "--storage", f"sqlite:///{tmp_path / 't.db'}", "--results", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tuned = results.load(out)["entries"]["decode_attention"]
+    assert sorted(e["shape"].get("L", 1) for e in tuned.values()) == [1, 4]
+    verify_key, = [k for k, e in tuned.items() if e["shape"].get("L") == 4]
+    with engine.load(folder, backend="emulator", device="m2", results=out, kv_tokens=2048) as e:
+        sids = [e.add_sequence() for _ in range(3)]
+        for sid in sids:
+            e.step([sid], [[(7 * i + sid) % 290 + 2 for i in range(300)]])
+        e.step([sids[0]], [[5, 6, 7, 8]])
+        e.step(sids, [[9], [10, 11, 12, 13], [14, 15, 16, 17]])
+        report = e.kernel_report()
+    verify = {v["bucket"]: v["why"] for v in report.values() if v.get("family") == "decode_attention"
+              and ",L=4" in v["bucket"]}
+    assert verify.get(verify_key, "").startswith("ours (emulator asked for): exact match"), verify
+    batched, = [why for bucket, why in verify.items() if bucket.startswith("B=2,")]
+    assert "nearest match" in batched and "'L': 4" in batched and "'B': 1" in batched, batched

@@ -1,6 +1,7 @@
 """RoPE with each scaling type mlx-lm configs use, through mx.fast.rope: against mlx-lm's own
 implementation, and against the elementwise rotation the engine used before (kept here as the
-reference) on real ragged steps of the KV pool (decode groups with per-sequence offsets, prompts)."""
+reference) on real ragged steps of the KV pool (one-token sequences, verify passes, prompts), each
+step one call with a position per token."""
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -73,6 +74,7 @@ def test_rope_matches_mlx_lm(kind, offset):
     ([0, 5, 17, 290], [1, 1, 1, 1]),          # one decode group: (B, H, 1, D) with four offsets
     ([12], [9]),                              # a prompt chunk after a prefix
     ([3, 40, 0, 7, 260], [1, 1, 6, 1, 1]),   # ragged: a decode group, a prompt, a decode group
+    ([3, 40, 9, 260], [1, 4, 4, 1]),          # plain tokens beside two sequences verifying 3 drafts each
 ])
 def test_fast_rope_equals_the_elementwise_rotation_at_every_position(kind, dims, traditional, lengths, counts):
     scaling = SCALINGS[kind]
@@ -97,11 +99,16 @@ def test_the_magnitude_factor_is_applied(kind):
     np.testing.assert_allclose(np.array(ours(x, step)), np.array(want), rtol=1e-4, atol=1e-4)
 
 
-def test_a_decode_step_is_one_rope_dispatch_without_host_reads():
+@pytest.mark.parametrize("lengths,counts", [
+    ([3, 300, 8], [1, 1, 1]),                 # a decode step
+    ([3, 40, 9, 0, 7], [1, 4, 4, 6, 1]),     # ragged: plain tokens, two verify passes, a prompt
+])
+def test_a_step_is_one_rope_dispatch_without_host_reads(lengths, counts):
+    """However ragged the step, RoPE is one mx.fast.rope call: positions are explicit per token."""
     from metalforge.engine import dispatches
     ours = rope.make(D, THETA, SCALINGS["dynamic"], MAX_POS)
-    step = ragged_step([3, 300, 8], [1, 1, 1])
-    x = mx.random.normal((1, 2, 3, D), key=mx.random.key(1))
+    step = ragged_step(lengths, counts)
+    x = mx.random.normal((1, 2, step.tokens, D), key=mx.random.key(1))
     mx.eval(x)
     with dispatches.counting() as rec:
         out = ours(x, step)

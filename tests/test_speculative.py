@@ -132,6 +132,33 @@ def test_one_ragged_step_verifies_every_speculative_request_beside_the_plain_one
         assert sum(batch.stats(r).verify_steps for r in rids) > 0 and e.pool.used_blocks == 0
 
 
+@pytest.mark.parametrize("options", [{}, {"kv_bits": 8, "kv_group_size": 32}, {"kv_bits": 4, "kv_group_size": 64}],
+                         ids=["dense", "kv8", "kv4"])
+def test_our_decode_kernel_verifies_two_requests_in_one_call_with_the_mlx_paths_tokens(folders, options):
+    """Two draft-model requests (3 drafts each) beside two plain ones, the target on the emulator
+    (our kernels): the same greedy tokens as on the mlx backend (MLX's ops), and the verify
+    passes of both speculative requests are one call of our decode kernel (B=2, L=4)."""
+    prompts = [PROMPT, [9, 8, 7, 9, 8], list(range(2, 30)), [200, 201, 202, 203]]
+
+    def run(backend):
+        with engine.load(folders["target"], backend=backend, device="m2", kv_tokens=512, block_size=8,
+                         **options) as e, engine.load(folders["other"], backend="mlx", kv_tokens=512) as other:
+            batch = e.batch()
+            rids = [batch.add(prompts[0], max_tokens=8, draft=other, num_draft=3), batch.add(prompts[1], max_tokens=8),
+                    batch.add(prompts[2], max_tokens=8, draft=other, num_draft=3), batch.add(prompts[3], max_tokens=8)]
+            got = {}
+            for rid, token in batch:
+                got.setdefault(rid, []).append(token.id)
+            assert batch.stats(rids[0]).verify_steps > 0 and batch.stats(rids[2]).verify_steps > 0
+            return [got[r] for r in rids], e.kernel_report()
+    want, _ = run("mlx")
+    got, report = run("emulator")
+    assert got == want
+    ours = [k for k, v in report.items() if v.get("family") == "decode_attention"]
+    assert any(k.startswith("decode_attention B=2,") and ",L=4" in k for k in ours), report
+    assert all(report[k]["kernel"] == "metalforge decode_attention (emulator)" for k in ours)
+
+
 def test_prompt_lookup_drafts_what_followed_the_latest_match():
     look = PromptLookup(2)
     assert look.propose([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3, None, None) == ([5, 6, 1], None)

@@ -414,6 +414,30 @@ def test_shapes_from_a_model_config():
                                                               [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]}
 
 
+def test_verify_passes_are_planned_on_request():
+    """--num-draft 3: decode attention also at 4 query tokens a sequence, at every context, in the
+    engine's paged layout; the other ops' shapes are the plain plan's."""
+    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+              "quantization": {"bits": 4, "group_size": 64}}
+    plain, verify = (shapes.from_model_config(config, contexts=(3000, 100), num_draft=d) for d in (0, 3))
+    assert sorted((s["S"], s.get("L", 1)) for s in verify["decode_attention"]) == [(128, 1), (128, 4), (4096, 1),
+                                                                                  (4096, 4)]
+    assert {s["block_size"] for s in verify["decode_attention"]} == {16}
+    assert {f: v for f, v in verify.items() if f != "decode_attention"} == \
+        {f: v for f, v in plain.items() if f != "decode_attention"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-draft", "-1"], "error: --num-draft must be an integer >= 0, got -1"),
+    (["--num-draft", "3", "--shapes", "s.yaml"], "error: --num-draft plans a model's verify passes; a --shapes file "
+                                                  "lists its shapes itself"),
+])
+def test_bad_num_draft_is_a_one_line_error(tmp_path, args, message):
+    run = tune_cli("--device", "m2", *args, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith(message), run.stderr[-2000:]
+
+
 def test_tune_a_model_folder_with_qmm_on_request(tmp_path):
     folder = write_model(tmp_path / "model", arch="qwen2", quantized=(4, 64))
     run = tune_cli("--device", "m4", "--model", str(folder), "--families", "qmm", "--trials", "3", "--seed", "0",

@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="float16", help="activation dtype (float16, bfloat16, float32)")
     p.add_argument("--contexts", default=",".join(map(str, shapes.DEFAULT_CONTEXTS)),
                    help="decode context lengths, bucketed to powers of two")
+    p.add_argument("--num-draft", type=int, default=0,
+                   help="also tune speculative decoding's verify passes of N drafts (N+1 tokens a sequence)")
     p.add_argument("--trials", type=int, default=24, help="finished trials per study (resumed studies count theirs)")
     p.add_argument("--timeout", type=float, help="seconds per study")
     p.add_argument("--storage", help="Optuna storage: SQLAlchemy URL or journal file (default: per-device SQLite)")
@@ -96,12 +98,15 @@ def run(args) -> int:
     contexts = _contexts(args.contexts)
     arguments.positive_int("--workers", args.workers)
     settings = _settings(args, device)
+    num_draft = arguments.positive_int("--num-draft", args.num_draft, minimum=0)
+    if num_draft and args.shapes:
+        raise MetalforgeError("--num-draft plans a model's verify passes; a --shapes file lists its shapes itself")
     if args.model:
-        shape_sets = shapes.from_model_folder(args.model, contexts=contexts)
+        shape_sets = shapes.from_model_folder(args.model, contexts=contexts, num_draft=num_draft)
     elif args.shapes:
         shape_sets = shapes.from_yaml(args.shapes)
     else:
-        shape_sets = shapes.from_model_config(shapes.BUILTIN_MODEL, contexts=contexts)
+        shape_sets = shapes.from_model_config(shapes.BUILTIN_MODEL, contexts=contexts, num_draft=num_draft)
     default_families = None if args.shapes else shapes.model_families()
     families = args.families.split(",") if args.families else default_families
     for f in families or []:

@@ -48,14 +48,15 @@ class Target:
 
 
 def from_model_config(config: dict, contexts=DEFAULT_CONTEXTS, prefill=DEFAULT_PREFILL, batch: int = 1,
-                      where: str = "config.json") -> dict[str, list[dict]]:
+                      where: str = "config.json", num_draft: int = 0) -> dict[str, list[dict]]:
     """The kernel shapes the engine runs for this model, as its model type's op plan says:
-    decode at each context (attention in the engine's paged layout), prompts at each prefill
-    length, each op given to the family that serves it (the engine runs MLX's op for the rest:
-    3-bit weights, head dim 32). Config errors are the engine's, word for word."""
+    decode at each context (attention in the engine's paged layout; with `num_draft`, also the
+    verify passes of speculative decoding), prompts at each prefill length, each op given to the
+    family that serves it (the engine runs MLX's op for the rest: 3-bit weights, head dim 32).
+    Config errors are the engine's, word for word."""
     args = models.parse(config, where)
     plan = models.get(args.model_type).op_plan(args, contexts=sorted({pow2_bucket(c) for c in contexts}), batch=batch,
-                                               prefill=sorted({pow2_bucket(p) for p in prefill}))
+                                               prefill=sorted({pow2_bucket(p) for p in prefill}), num_draft=num_draft)
     return kernel_shapes(plan)
 
 

@@ -2,11 +2,11 @@
 
 A step is ragged: {sequence: n new tokens}, any mix of prompts and single tokens, laid out
 sequence after sequence along one token axis. It knows each new token's position (the
-sequences' stored positions), where its K/V go, which tokens need logits, and its groups:
-for RoPE's calls, runs of one-token sequences and every other sequence alone; for attention,
-runs of sequences with as many new tokens each (one token of each of B sequences decoded, or
-the drafts of several sequences verified, k+1 tokens each). The
-write slots, block tables and read runs are found once per step and shared by every layer.
+sequences' stored positions: RoPE rotates the whole step in one call), where its K/V go,
+which tokens need logits, and its groups: runs of sequences with as many new tokens each, which
+attention serves in one call (one token of each of B sequences decoded, or the drafts of several
+sequences verified, k+1 tokens each). The write slots, block tables and read runs are found once
+per step and shared by every layer.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ class Step:
         self.pool = pool
         self.sids, self.counts = list(counts), list(counts.values())
         self.starts = [pool.seq(s).length for s in self.sids]
-        self.firsts = [pool.seq(s).next_position for s in self.sids]   # each sequence's first new position (RoPE's)
         self.lengths = [s + n for s, n in zip(self.starts, self.counts)]
         positions, slots, rows, offset = [], [], [], 0
         for sid, n in zip(self.sids, self.counts):
@@ -52,18 +51,17 @@ class Step:
         self.logit_rows = rows
         contiguous = all(b - a == 1 for a, b in zip(slots, slots[1:]))
         self.where = slice(slots[0], slots[0] + len(slots)) if contiguous else mx.array(slots, dtype=mx.int32)
-        self.groups = self._groups(lambda n: n == 1)   # RoPE's: B sequences of one token with an offset each
-        self.attention_groups = self._groups(lambda n: True)
+        self.groups = self._groups()   # attention's: runs of sequences with as many new tokens each
         self._tables: dict[tuple, tuple] = {}
         self._runs: dict[tuple, list] = {}
         self._masks: dict[tuple, mx.array] = {}
 
-    def _groups(self, joins) -> list[Group]:
-        """Runs of consecutive sequences with as many new tokens each, where `joins(that number)`."""
+    def _groups(self) -> list[Group]:
+        """Runs of consecutive sequences with as many new tokens each."""
         out, start = [], 0
         for b, n in enumerate(self.counts):
             last = out[-1] if out else None
-            if last is not None and last.new == n and joins(n):
+            if last is not None and last.new == n:
                 out[-1] = Group(last.members + (b,), n, slice(last.tokens.start, start + n))
             else:
                 out.append(Group((b,), n, slice(start, start + n)))
@@ -132,7 +130,7 @@ class LayerKV:
     v: mx.array | None = None
 
     def groups(self) -> list["GroupKV"]:
-        return [GroupKV(self, g) for g in self.step.attention_groups]
+        return [GroupKV(self, g) for g in self.step.groups]
 
 
 @dataclass
@@ -149,12 +147,6 @@ class GroupKV:
     @property
     def longest(self) -> int:
         return max(self.kv.step.lengths[b] for b in self.group.members)
-
-    def member(self, i: int) -> "GroupKV":
-        """Member i alone, as a group of its own."""
-        g = self.group
-        start = g.tokens.start + i * g.new
-        return GroupKV(self.kv, Group((g.members[i],), g.new, slice(start, start + g.new)))
 
     def sequence(self, i: int) -> tuple[mx.array, mx.array]:
         """Member i's K and V, (1, kv_heads, length, head_dim), a view when it is one run."""

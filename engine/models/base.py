@@ -634,11 +634,12 @@ class Model:
 
     @classmethod
     def op_plan(cls, args: ModelArgs, contexts=(), batch: int = 1, prefill=(),
-                block_size: int = BLOCK_SIZE) -> list[ops.PlannedOp]:
+                block_size: int = BLOCK_SIZE, num_draft: int = 0) -> list[ops.PlannedOp]:
         """The ops a forward pass runs and their shapes, distinct: decoding `batch` sequences at
-        each of `contexts` (attention in the engine's paged layout with `block_size`), and
-        prompts of each `prefill` length. The embedding is looked up, not multiplied; each expert
-        layer runs `top_k` experts per token (`expert_linear`)."""
+        each of `contexts` (attention in the engine's paged layout with `block_size`; with
+        `num_draft`, also its verify passes: num_draft + 1 tokens a sequence), and prompts of each
+        `prefill` length. The embedding is looked up, not multiplied; each expert layer runs
+        `top_k` experts per token (`expert_linear`)."""
         table = cls.linears(args)
         table.pop("model.embed_tokens")
         head = "lm_head"
@@ -660,8 +661,8 @@ class Model:
                 plan.append(ops.PlannedOp("expert_linear", dict(values, experts=experts[0], top_k=cls.top_k(args)))
                             if experts else ops.PlannedOp("linear", values))
         heads = dict(Hq=args.num_attention_heads, Hkv=args.num_key_value_heads, D=args.head_dim)
-        plan += [ops.PlannedOp("attention", dict(B=batch, new=1, context=c, block_size=block_size, **heads))
-                 for c in contexts]
+        plan += [ops.PlannedOp("attention", dict(B=batch, new=new, context=c, block_size=block_size, **heads))
+                 for new in sorted({1, num_draft + 1}) for c in contexts]
         plan += [ops.PlannedOp("attention", dict(B=1, new=n, context=n, **heads)) for n in prefill]
         return list({(p.op, tuple(p.values.items())): p for p in plan}.values())
 

@@ -1,10 +1,8 @@
 """Rotary position embeddings, one class per `rope_scaling` type mlx-lm configs use (a table:
 a new type is one class and one line), applied by MLX's `mx.fast.rope`: one dispatch for q and one
-for k per layer, as mlx-lm launches. A step's tokens are its sequences one after another; each
-attention group of the step is one call: a decode group of B sequences as (B, H, 1, D) with
-per-sequence offsets (an array of B host numbers), a prompt as one sequence at its first position.
-Nothing is read back from the device: the first positions and dynamic NTK's longest sequence are
-host numbers the pool already knows."""
+for k per layer, as mlx-lm launches, whatever mix of sequences a step holds (each token at its own
+stored position, an offset per token). Nothing is read back from the device: the positions and
+dynamic NTK's longest sequence are host numbers the pool already knows."""
 from __future__ import annotations
 
 import math
@@ -48,19 +46,12 @@ class Rope:
 
     def __call__(self, x: mx.array, step) -> mx.array:
         """x: (1, H, tokens, D), the tokens of `step` (engine/kv/step.py) sequence after sequence,
-        each rotated at its position: one mx.fast.rope per attention group of the step."""
-        args = self.fast_args(step.longest)
-        outs = []
-        for g in step.groups:
-            xg = x[:, :, g.tokens] if len(step.groups) > 1 else x
-            if self.mscale != 1.0:   # the attention-magnitude factor, on the rotated features (as mlx-lm)
-                xg = xg * self.mscale if self.dims == xg.shape[-1] else xg.at[..., :self.dims].multiply(self.mscale)
-            if len(g.members) > 1:   # B sequences of one token: (B, H, 1, D), one offset each
-                offsets = mx.array([step.firsts[b] for b in g.members], dtype=mx.int32)
-                outs.append(self._rope(xg.transpose(2, 1, 0, 3), offsets, args).transpose(2, 1, 0, 3))
-            else:
-                outs.append(self._rope(xg, step.firsts[g.members[0]], args))
-        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+        each rotated at its stored position: one mx.fast.rope for the whole ragged step, each
+        token a row (tokens, H, 1, D) with its position as the row's offset."""
+        if self.mscale != 1.0:   # the attention-magnitude factor, on the rotated features (as mlx-lm)
+            x = x * self.mscale if self.dims == x.shape[-1] else x.at[..., :self.dims].multiply(self.mscale)
+        rows = self._rope(x.transpose(2, 1, 0, 3), step.positions.reshape(-1), self.fast_args(step.longest))
+        return rows.transpose(2, 1, 0, 3)
 
     def _rope(self, x: mx.array, offset, args: dict) -> mx.array:
         return mx.fast.rope(x, self.dims, traditional=self.traditional, offset=offset, **args)
