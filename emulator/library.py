@@ -259,9 +259,36 @@ def _numbered(params: list[Param]) -> tuple[Param, ...]:
     return tuple(out)
 
 
+# object-like macros (no `(` right after the name), their bodies over continued lines, and #undefs
+_DEFINE = re.compile(r"^[ \t]*#[ \t]*(define|undef)[ \t]+([A-Za-z_]\w*)(?![\w(])((?:[^\n]*\\\n)*[^\n]*)", re.M)
+_WORD = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def _expanded(text: str, defines: list, at: int) -> str:
+    """`text` with the object-like macros live at offset `at` expanded (llama.cpp instantiates its
+    kernels over `#define FA_TYPES ...` and #undefs it at the end of the file, before the launcher
+    the emulator appends names the instantiation again)."""
+    live: dict[str, str] = {}
+    for pos, kind, name, body in defines:
+        if pos > at:
+            break
+        if kind == "define":
+            live[name] = body
+        else:
+            live.pop(name, None)
+    for _ in range(8):          # macros of macros; a self-referencing one stops expanding, as in C
+        new = _WORD.sub(lambda m: live.get(m.group(0), m.group(0)), text)
+        if new == text:
+            break
+        text = new
+    return text
+
+
 def instantiations(msl: str) -> dict[str, Instantiation]:
-    return {m.group(1): Instantiation(m.group(1), m.group(2) or m.group(4), (m.group(3) or m.group(5)).strip(),
-                                      m.span())
+    defines = [(m.start(), m.group(1), m.group(2), m.group(3).replace("\\\n", " ").strip())
+               for m in _DEFINE.finditer(msl)]
+    return {m.group(1): Instantiation(m.group(1), m.group(2) or m.group(4),
+                                      _expanded((m.group(3) or m.group(5)).strip(), defines, m.start()), m.span())
             for m in _INSTANCE.finditer(msl)}
 
 

@@ -938,7 +938,8 @@ template <class T, int R, int C> struct simdgroup_matrix {
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
-template <class T, int R, int C> inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) { return simdgroup_matrix<T, R, C>(v); }
+// Metal: make_filled_simdgroup_matrix<T, Cols, Rows = Cols>(value) (only 8x8 exists, so the order is moot)
+template <class T, int C, int R = C> inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) { return simdgroup_matrix<T, R, C>(v); }
 
 template <class T, class P>
 inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P src, ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0, 0), bool transpose = false) {
@@ -1074,6 +1075,7 @@ using namespace metal;
 #define FLT_DIG __FLT_DIG__
 #define FLT_MANT_DIG __FLT_MANT_DIG__
 #define HALF_MAX half(65504.0f)
+#define MAXHALF HALF_MAX
 #define HALF_MIN half(6.103515625e-05f)
 #define HALF_EPSILON half(0.0009765625f)
 #define CHAR_BIT 8
