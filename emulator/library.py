@@ -166,9 +166,15 @@ _CHECKED_POINTER_ELEMENT = (" template <typename T> struct pointer_element<mf::D
                             "{ using type = remove_cv_t<T>; };")
 _THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
 _KERNEL = re.compile(r"\[\[\s*kernel\b[^\]]*\]\]\s*void\s+([A-Za-z_]\w*)\s*\(")   # [[kernel, max_total_threads_...]]
-# clang's range initialiser to zero, `float s[N] = { [ 0 ... N - 1 ] = 0.0f };` (llama.cpp), which g++'s
-# C++ lacks: `{}` zero-initialises the same
+# clang's range initialiser, `float s[N] = { [ 0 ... N - 1 ] = 0.0f };` and `= -FLT_MAX/2` (llama.cpp),
+# which g++'s C++ lacks: `{}` zero-initialises, then a loop sets elements 0 ... last to the value
 _ZERO_RANGE = re.compile(r"\{\s*\[\s*0\s*\.\.\.[^\]{};]*\]\s*=\s*0(?:\.0*)?f?\s*\}")
+_FILL_RANGE = re.compile(r"(\b[A-Za-z_]\w*)(\s*\[[^\]]+\]\s*)=\s*\{\s*\[\s*0\s*\.\.\.([^\]{};]*)\]\s*=\s*([^{};]+?)\s*\}\s*;")
+
+
+def _filled(text: str) -> str:
+    return _FILL_RANGE.sub(lambda m: f"{m.group(1)}{m.group(2)}= {{}}; for (int mf_k = 0; mf_k <= ({m.group(3).strip()}); "
+                                     f"++mf_k) {m.group(1)}[mf_k] = {m.group(4)};", _ZERO_RANGE.sub("{}", text))
 # the keyword spelling, `kernel void f(` and `template [[host_name("h")]] kernel f_t f<..>;` (llama.cpp's),
 # read as the attribute one: the emulator's headers define no `kernel` keyword
 _KERNEL_KEYWORD = re.compile(r"(?<![\w:.\[])kernel(?=\s+(?:void\s+[A-Za-z_]\w*\s*\(|[A-Za-z_]\w*\s+[A-Za-z_]\w*\s*<))")
@@ -406,7 +412,7 @@ class Library:
     def msl(self) -> str:
         """The flattened source: what the front end checks and the compiler sees."""
         text = _KERNEL_KEYWORD.sub("[[kernel]]", flatten(self.source, self._headers))
-        return drop_space_overloads(_ZERO_RANGE.sub("{}", text))
+        return drop_space_overloads(_filled(text))
 
     @functools.cached_property
     def kernels(self) -> dict[str, KernelFunction]:
