@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from metalforge.emulator.errors import EmulatorError
 from metalforge.emulator.trace import Dispatch
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import llamacpp_library as sources
@@ -353,7 +354,14 @@ def counted(shape: dict, device, config: tuple[int, int] | None = None) -> list:
         rng = np.random.default_rng(0)
         q = rng.standard_normal((p.B, p.Hq, p.L, p.D)).astype(np.float32)
         kv = rng.standard_normal((p.B, p.Hkv, p.S, p.D)).astype(np.float16)
-        _, fns = execute(p, plan, q, kv, kv, np.zeros((p.B, p.L, p.S), np.float16), "traced")
+        try:
+            _, fns = execute(p, plan, q, kv, kv, np.zeros((p.B, p.L, p.S), np.float16), "traced")
+        except EmulatorError as e:
+            if "threadgroup memory race" not in str(e):
+                raise
+            raise MetalforgeError(f"{plan[-2 if p.vec else -1].host_name} is not traced: it relies on a SIMD-group's "
+                                  "lanes running in lockstep (they share threadgroup memory without a barrier), "
+                                  "which the emulator's checked and traced modes refuse as a race") from None
         return [Dispatch(fn.host_name, l.threadgroups, l.threadgroup, fn.last_trace) for fn, l in zip(fns, plan)]
     kind = f"vec q{Q} ne{NE} nsg{nsg}" if s.vec else "matrix"
     key = f"llama.cpp {sources.VERSION} flash_attn_ext {kind}"
