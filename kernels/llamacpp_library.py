@@ -96,10 +96,11 @@ def _extract(sdist: Path, target: Path) -> None:
 
 
 @lru_cache(maxsize=16)
-def library(source: str = "mul_mv.metal", mode: str = "plain") -> Library:
-    """One of ggml-metal's kernel files (they include their headers by name) as an emulator library."""
+def library(source: str = "mul_mv.metal", mode: str = "plain", races: bool = True) -> Library:
+    """One of ggml-metal's kernel files (they include their headers by name) as an emulator library
+    (`races`: emulator.library.Library's)."""
     root = include_root()
-    return Library((root / source).read_text(), headers=root, mode=mode)
+    return Library((root / source).read_text(), headers=root, mode=mode, races=races)
 
 
 def macro(name: str) -> int:
