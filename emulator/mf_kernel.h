@@ -87,6 +87,7 @@ inline T simd_exchange(const T& value, SimdFn fn, int line) {
 // the sum of the declared sizes is what dispatch compares with the device's limit.
 struct TgEntry { long long id; size_t size; };
 size_t tg_offset(int id);                        // a declaration's offset in the arena
+size_t tg_bytes();                               // the arena's bytes: every declaration, 16-byte aligned
 
 template <class A, int ID>
 inline A& tg_array() {

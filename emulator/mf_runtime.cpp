@@ -410,6 +410,7 @@ struct TgRegistry {
 };
 inline TgRegistry& tg_registry() { static TgRegistry r; return r; }
 size_t tg_offset(int id) { return tg_registry().offsets[size_t(id)]; }
+size_t tg_bytes() { return tg_registry().arena; }
 
 void simd_sync(Fiber** lanes, int) { worker().sg_epoch[lanes[0]->simdgroup]++; }
 

@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from metalforge.emulator.errors import EmulatorError
 from metalforge.emulator.trace import Dispatch
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import llamacpp_library as sources
@@ -295,16 +296,26 @@ def _buffers(s: Shape, q, k, v, mask) -> dict:
             "dst": np.zeros((s.B, s.L, s.Hq, s.D), np.float32)}
 
 
-def execute(s: Shape, plan: list[Launch], q, k, v, mask, mode: str = "plain") -> tuple[np.ndarray, list]:
+def execute(s: Shape, plan: list[Launch], q, k, v, mask, mode: str = "checked") -> tuple[np.ndarray, list]:
     """Run the launches in order over the tensors (ggml's layouts); (dst [B, L, Hq, D], the functions run).
-    Traced runs count without the race detector: these kernels share threadgroup memory between a
-    SIMD-group's lanes without barriers (and write the same values from several SIMD-groups),
-    relying on Metal's lockstep lanes, which the emulator's are not (docs/emulator.md)."""
+    Bounds-checked by default (Metal does not check, and ggml's vec kernel at some tunings writes
+    past its threadgroup memory: refused here, with the line); never race-checked: these kernels
+    share threadgroup memory between a SIMD-group's lanes without barriers, relying on Metal's
+    lanes running in lockstep, which the emulator's do not (so the detector would report races
+    Metal never shows)."""
     bufs, functions = _buffers(s, q, k, v, mask), []
     for launch in plan:
-        fn = sources.library(launch.source, mode, races=mode != "traced").function(launch.host_name, launch.constants, launch.threadgroup_memory)
-        fn(buffers={0: launch.args.tobytes(), **{i: bufs[name] for i, name in launch.buffers.items()}},
-           threadgroups=launch.threadgroups, threadgroup=launch.threadgroup)
+        fn = sources.library(launch.source, mode, races=False).function(
+            launch.host_name, launch.constants, launch.threadgroup_memory)
+        try:
+            fn(buffers={0: launch.args.tobytes(), **{i: bufs[name] for i, name in launch.buffers.items()}},
+               threadgroups=launch.threadgroups, threadgroup=launch.threadgroup)
+        except EmulatorError as e:
+            if "out-of-bounds access to threadgroup array 'threadgroup memory'" not in str(e):
+                raise
+            raise MetalforgeError(f"{launch.host_name} writes past the {launch.threadgroup_memory[0]} bytes of threadgroup "
+                                  f"memory ggml-metal gives it ({str(e).splitlines()[0].split(' by ')[0]}); Metal does "
+                                  "not check, the emulator refuses it") from None
         functions.append(fn)
     return bufs["dst"], functions
 
@@ -326,19 +337,31 @@ def run(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, de
 
 
 # ---- traced at proxy shapes -----------------------------------------------------------------------
-VEC_GROUPS = (("B",), ("Hq", "Hkv"), ("S",))
-MATRIX_GROUPS = (("B",), ("Hq", "Hkv"), ("L",), ("S",))
-
-
-def proxy(s: Shape) -> dict:
-    """One batch and one K/V head with its query heads; keys cut to a whole round of the kernel's
-    blocks (the vec kernel's 32 workgroups x its SIMD-groups x 32 keys; the matrix kernel's 256)
-    plus S's tail, so every SIMD-group loops as often and the pad launch stays or goes with S's;
-    the matrix kernel's query rows to 32 (4 threadgroups of 8)."""
+def _split(s: Shape) -> dict:
+    """The shape as the traces scale it: keys and query rows in whole blocks of the kernel (keys,
+    rows) and what is left over (tail, rtail), so a proxy at 2x and 4x the blocks keeps the real
+    shape's leftovers and with them the pad launch's work and the partial tiles."""
     c = sources.macro("OP_FLASH_ATTN_EXT_VEC_NCPSG" if s.vec else "OP_FLASH_ATTN_EXT_NCPSG")
-    round_ = VEC_WORKGROUPS * vec_simdgroups(s.S) * c if s.vec else 256
-    return {"B": 1, "Hq": s.Hq // s.Hkv, "Hkv": 1, "L": s.L if s.vec else min(s.L, 32 + s.L % 8),
-            "S": min(s.S, round_ + s.S % c), "D": s.D}
+    r = 1 if s.vec else sources.macro("OP_FLASH_ATTN_EXT_NQPSG")
+    return {"B": s.B, "Hq": s.Hq, "Hkv": s.Hkv, "rows": s.L - s.L % r, "rtail": s.L % r,
+            "keys": s.S - s.S % c, "tail": s.S % c, "D": s.D}
+
+
+def _joined(sh: dict) -> Shape:
+    return Shape(sh["B"], sh["Hq"], sh["Hkv"], sh["rows"] + sh["rtail"], sh["keys"] + sh["tail"], sh["D"])
+
+
+def proxy(s: Shape) -> tuple[dict, tuple]:
+    """(the proxy, the groups of axes scaled from it): one batch and one K/V head with its query
+    heads; keys cut to one round of the kernel's blocks (the vec kernel's 32 workgroups x its
+    SIMD-groups x 32 keys, so every SIMD-group loops as often; the matrix kernel's 256), the
+    matrix kernel's query rows to 32 (4 threadgroups of 8)."""
+    real = _split(s)
+    cut = {"B": 1, "Hq": s.Hq // s.Hkv, "Hkv": 1,
+           "keys": min(real["keys"], VEC_WORKGROUPS * vec_simdgroups(s.S) * 32 if s.vec else 256),
+           "rows": real["rows"] if s.vec else min(real["rows"], 32)}
+    groups = tuple(g for g in (("B",), ("Hq", "Hkv"), ("rows",), ("keys",)) if cut[g[0]] and real[g[0]] != cut[g[0]])
+    return {**real, **cut}, groups
 
 
 def counted(shape: dict, device, config: tuple[int, int] | None = None) -> list:
@@ -351,7 +374,7 @@ def counted(shape: dict, device, config: tuple[int, int] | None = None) -> list:
     nsg = vec_simdgroups(s.S) if s.vec else 0
 
     def one(sh: dict) -> list[Dispatch]:
-        p = Shape(sh["B"], sh["Hq"], sh["Hkv"], sh["L"], sh["S"], sh["D"])
+        p = _joined(sh)
         plan = launches(p, device, (Q, NE), nsg=nsg) if p.vec else launches(p, device)
         rng = np.random.default_rng(0)
         q = rng.standard_normal((p.B, p.Hq, p.L, p.D)).astype(np.float32)
@@ -359,6 +382,6 @@ def counted(shape: dict, device, config: tuple[int, int] | None = None) -> list:
         _, fns = execute(p, plan, q, kv, kv, np.zeros((p.B, p.L, p.S), np.float16), "traced")
         return [Dispatch(fn.host_name, l.threadgroups, l.threadgroup, fn.last_trace) for fn, l in zip(fns, plan)]
     kind = f"vec q{Q} ne{NE} nsg{nsg}" if s.vec else "matrix"
-    key = f"llama.cpp {sources.VERSION} flash_attn_ext {kind}"
-    return traces.scaled(key, {f: getattr(s, f) for f in ("B", "Hq", "Hkv", "L", "S", "D")}, proxy(s),
-                         VEC_GROUPS if s.vec else MATRIX_GROUPS, one)
+    key = f"llama.cpp {sources.VERSION} flash_attn_ext {kind} (device matrix loads counted)"
+    cut, groups = proxy(s)
+    return traces.scaled(key, _split(s), cut, groups, one)

@@ -101,8 +101,54 @@ def test_matrix_matches_numpy(llamacpp_sources, B, Hq, Hkv, L, S, D, masked):
     np.testing.assert_allclose(out, _reference(q, k, v, mask), atol=2e-3)
 
 
+def test_a_tuning_that_writes_past_its_threadgroup_memory_is_refused(llamacpp_sources):
+    """ggml's vec kernel zeroes its output rows with every lane, NE = 4 at D = 64: lane 31 reaches
+    float4 31 + 8 of a 32-float4 region, past the 1,024 bytes the host allocates for one SIMD-group
+    (Metal does not check; the emulator names it rather than corrupt its own memory)."""
+    q, k, v, mask = _inputs(1, 2, 1, 1, 64, 64)
+    with pytest.raises(MetalforgeError, match="kernel_flash_attn_ext_vec_f16_dk64_dv64_q1_ne4 writes past the 1024 "
+                                              "bytes of threadgroup memory ggml-metal gives it"):
+        A.run(q, k, v, mask, devices.get("m4-max-40"), (1, 4))
+
+
 def test_bad_shapes_are_named(llamacpp_sources):
     with pytest.raises(MetalforgeError, match="Hq = 6 is not a multiple of Hkv = 4"):
         A.Shape(1, 6, 4, 1, 64, 64)
     with pytest.raises(MetalforgeError, match="K/V type 'q8_0' is not bound"):
         A.Shape(1, 4, 4, 1, 64, 64, kv="q8_0")
+
+
+@pytest.mark.parametrize("shape", [
+    dict(B=1, Hq=4, Hkv=2, L=1, S=8196, D=128),    # vec: 4 SIMD-groups, keys scaled from 4,100 (a pad)
+    dict(B=1, Hq=4, Hkv=2, L=72, S=600, D=64),     # matrix: queries from 32, keys from 280
+])
+def test_counters_scaled_from_proxies_match_a_trace_at_the_real_shape(llamacpp_sources, shape):
+    """What the fit prices (counters traced at proxy shapes, scaled) against one traced run at the
+    shape itself: K and V read once per head (matrix loads from device memory counted), the grid
+    and the synchronisation as ggml-metal dispatches them."""
+    device = devices.get("m4-max-40")
+    s = A.Shape(*(shape[f] for f in ("B", "Hq", "Hkv", "L", "S", "D")))
+    scaled = A.counted(shape, device)
+    plan = A.launches(s, device)
+    q, k, v, mask = _inputs(s.B, s.Hq, s.Hkv, s.L, s.S, s.D, masked=False)
+    _, fns = A.execute(s, plan, q, k, v, np.zeros((s.B, s.L, s.S), np.float16), "traced")
+    direct = [fn.last_trace for fn in fns]
+    assert [c.kernel for c in scaled] == [fn.host_name for fn in fns]
+    # whole blocks of keys from K and V, the last S mod C rows copied by the pad kernel and read from its buffer
+    block = 32 if s.vec else 64
+    main, pad = scaled[-2] if s.vec else scaled[-1], scaled[0]
+    assert pad.kernel == "kernel_flash_attn_ext_pad"
+    for name in ("k", "v"):
+        assert main.features[f"dram_bytes/{name}"] == pytest.approx(s.B * s.Hkv * (s.S - s.S % block) * s.D * 2)
+        assert pad.features[f"dram_bytes/{name}"] == pytest.approx(s.B * s.Hkv * (s.S % block) * s.D * 2)
+    for c, t in zip(scaled, direct):
+        assert c.features["threadgroups"] == t.threadgroups
+        assert c.features["barriers"] == pytest.approx(t.barriers * t.threadgroups, rel=0.02)
+        assert c.features["simd_functions"] == pytest.approx(t.simd_functions, rel=0.02)
+        for name, b in t.device.items():
+            # the pad buffer holds K/V rows per head plus mask rows per query, shared by the heads: a
+            # sum over axes, which the product of per-axis factors overstates (by 10% here)
+            padded = name == "pad" or (c.kernel, name) == ("kernel_flash_attn_ext_pad", "dst")
+            rel = 0.12 if padded and not s.vec else 0.02
+            assert c.features[f"dram_bytes/{name}"] == pytest.approx(b.footprint_bytes, rel=rel), name
+            assert c.features[f"sector_bytes/{name}"] == pytest.approx(32 * b.sectors[32], rel=rel), name
