@@ -283,6 +283,22 @@ def launches(s: Shape, device, config: tuple[int, int] | None = None, scale: flo
     return matrix_launches(s, device, scale)
 
 
+def blk_bytes(s: Shape) -> int:
+    """ggml_metal_op_flash_attn_ext_extra_blk: a byte per block of NCPSG keys x NQPSG query rows."""
+    nq, nc = sources.macro("OP_FLASH_ATTN_EXT_NQPSG"), sources.macro("OP_FLASH_ATTN_EXT_NCPSG")
+    return _pad(-(-s.S // nc) * -(-s.L // nq) * s.B, 32)
+
+
+def family_fields(shape: dict) -> dict:
+    """The job in the fields of our families' shapes: the vec kernel's few query rows are a decode
+    step's (B, Hq, Hkv, S, D, L), the matrix kernel's many a prompt's (its keys before the
+    queries a cached prefix)."""
+    s = Shape(*(shape[f] for f in ("B", "Hq", "Hkv", "L", "S", "D")))
+    if s.vec:
+        return {"B": s.B, "Hq": s.Hq, "Hkv": s.Hkv, "S": s.S, "D": s.D, "L": s.L}
+    return {"B": s.B, "Hq": s.Hq, "Hkv": s.Hkv, "L": s.L, "D": s.D, "prefix": s.S - s.L}
+
+
 def _buffers(s: Shape, q, k, v, mask) -> dict:
     """The tensors in ggml's layouts, and the scratch the op's launches share (pad, block map,
     the vec kernel's per-workgroup results), each sized as ggml-metal reserves it."""
@@ -291,7 +307,7 @@ def _buffers(s: Shape, q, k, v, mask) -> dict:
             "v": np.ascontiguousarray(v, np.float16),
             "mask": None if mask is None else np.ascontiguousarray(mask, np.float16),
             "pad": np.zeros(max(pad_bytes(s), 16), np.uint8),
-            "blk": np.zeros(_pad(-(-s.S // 64) * -(-s.L // 8) * s.B, 32) or 32, np.uint8),
+            "blk": np.zeros(blk_bytes(s), np.uint8),
             "tmp": np.zeros(nrows * VEC_WORKGROUPS * (s.D + 2), np.float32),
             "dst": np.zeros((s.B, s.L, s.Hq, s.D), np.float32)}
 

@@ -152,3 +152,30 @@ def test_counters_scaled_from_proxies_match_a_trace_at_the_real_shape(llamacpp_s
             rel = 0.12 if padded and not s.vec else 0.02
             assert c.features[f"dram_bytes/{name}"] == pytest.approx(b.footprint_bytes, rel=rel), name
             assert c.features[f"sector_bytes/{name}"] == pytest.approx(32 * b.sectors[32], rel=rel), name
+
+
+def _flash_points():
+    from metalforge.kernels import kernel_measurements
+    return [p for p in kernel_measurements.usable(kernel_measurements.load()) if "FLASH_ATTN_EXT" in p.kernel]
+
+
+def test_the_fit_routes_flash_attn_ext_points_to_ggml_metals_kernels(llamacpp_sources):
+    """A published FLASH_ATTN_EXT point names its job (heads, queries, keys, head size); "(Q=2)" in
+    its kernel text is the vec configuration it ran; the vec kernel's 2 query rows count for
+    decode attention, a matrix kernel's prompt for prefill attention; a point without its head
+    counts is left out saying so."""
+    from metalforge.kernels.timing import fit
+    ultra = [p for p in _flash_points() if p.profile == "m2-ultra"]
+    jobs = {p.kernel: fit.job(p) for p in ultra}
+    assert sorted(shape["Q"] for _, shape in jobs.values()) == [1, 2]
+    op, shape = next(iter(jobs.values()))
+    assert op == fit.LLAMA_CPP_ATTENTION_OP and {f: shape[f] for f in fit.ATTENTION_FIELDS} == \
+        {"B": 1, "Hq": 32, "Hkv": 4, "L": 2, "S": 16384, "D": 128}
+    assert fit.family_of(op, shape) == "decode_attention"
+    assert fit.family_of(op, {**shape, "L": 512, "S": 4096}) == "prefill_attention"
+    unstated = next(p for p in _flash_points() if p.get("Hq") is None)
+    with pytest.raises(MetalforgeError, match="FLASH_ATTN_EXT's B, Hq, Hkv not stated"):
+        fit.job(unstated)
+    (q2,) = [s for s in jobs.values() if s[1]["Q"] == 2]
+    kernels = [c.kernel for c in fit.counted(*q2, "float16", devices.get("m2-ultra"))]
+    assert kernels == ["kernel_flash_attn_ext_vec_f16_dk128_dv128_q2_ne1", "kernel_flash_attn_ext_vec_reduce"]

@@ -1,7 +1,7 @@
 """The per-kernel constants (model.py) fitted to published kernel timings
 (benchmarks/data/kernel_measurements.yaml): each runnable point's kernels - MLX's, chosen by MLX's
-rules for the point's chip and shape (mlx_jobs.py), or llama.cpp's matrix-vector kernel as ggml-metal
-dispatches it (kernels/llamacpp_library.py) - traced and priced, the constants chosen by
+rules for the point's chip and shape (mlx_jobs.py), or llama.cpp's matrix-vector or flash-attention
+kernels as ggml-metal dispatches them (kernels/llamacpp_library.py, llamacpp_attention.py) - traced and priced, the constants chosen by
 non-negative least squares on relative error. A point that cannot be priced yet is listed with
 the reason and left out. A warm point (the same weights or K/V every call) whose data fit in the
 system level cache (its chip's, devices/*.yaml) reads from it, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
@@ -115,11 +115,8 @@ def family_of(op: str, shape: dict) -> str:
     fields = {k: v for k, v in shape.items() if k != "causal"}
     if op == LLAMA_CPP_OP:
         fields = {"M": shape["M"], "N": shape["N"], "K": shape["K"], "bits": 4, "group_size": 32}
-    if op == LLAMA_CPP_ATTENTION_OP:    # the vec kernel's few queries are a decode step's, the matrix kernel's a prompt's
-        fields = {f: shape[f] for f in ("B", "Hq", "Hkv", "S", "D", "L")}
-        if not llamacpp_attention.Shape(*(shape[f] for f in ("B", "Hq", "Hkv", "L", "S", "D"))).vec:
-            fields = {"B": shape["B"], "Hq": shape["Hq"], "Hkv": shape["Hkv"], "L": shape["L"], "D": shape["D"],
-                      "prefix": shape["S"] - shape["L"]}
+    if op == LLAMA_CPP_ATTENTION_OP:
+        fields = llamacpp_attention.family_fields({f: shape[f] for f in ATTENTION_FIELDS})
     for name, family in FAMILIES.items():
         try:
             family.shape(fields)
