@@ -400,12 +400,18 @@ class Library:
     leaves `last_trace`, a trace.Trace of what it did). `races=False` leaves the race detector
     out of checked and traced runs: for counting a kernel known to run on Metal that relies on a
     SIMD-group's lanes running in lockstep, which the emulator's lanes do not (llama.cpp's flash
-    attention), so the detector reports races Metal never shows."""
+    attention), so the detector reports races Metal never shows; with it, `lockstep=True` (checked
+    and traced modes) resumes the lanes in turn at each threadgroup access, so such code reads
+    what Metal's lanes read."""
 
     def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None, mode=None,
-                 races: bool = True):
+                 races: bool = True, lockstep: bool = False):
         self.source = source
         self.races = races
+        self.lockstep = lockstep
+        if lockstep and races:
+            raise MetalforgeError("emulator: lockstep lanes need races=False (the race detector judges each "
+                                  "access by its barrier interval, which lockstep does not change)")
         self._headers = Path(headers) if headers is not None else None
         self.device = device
         self.timeout = timeout
@@ -639,7 +645,8 @@ class LibraryFunction:
             args.append(runner.Arg(counts, output=True))
         timeout = self.library.timeout if self.library.timeout is not None else environment.timeout_s()
         launched = lib.launch(entry, args, grid=grid, threadgroup=tg, workers=environment.threads(),
-                              checked=0 if self.library.mode == "plain" else 1 if self.library.races else 2,
+                              checked=0 if self.library.mode == "plain" else 1 if self.library.races
+                              else 3 if self.library.lockstep else 2,
                               timeout_s=timeout)
         self.last_stats = launched.stats
         if launched.rc != 0:

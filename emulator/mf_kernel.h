@@ -33,6 +33,7 @@ struct Launch {
   u3 grid, nominal_tg, groups;
   int checked = 0;
   int races = 0;                        // checked mode's race detector (off for a count-only traced run)
+  int lockstep = 0;                     // lanes switch at each threadgroup access, in step as Metal's SIMD lanes
   const char* kernel = "";
   int buffers = 0;                      // the bound buffers: where they are, their bytes and names
   void* const* data = nullptr;

@@ -423,6 +423,11 @@ void out_of_bounds(const char* what, const char* name, long long index, long lon
 }
 
 void tg_log(void* p, unsigned size, const char* name, long long index, const void* pc) {
+  // lockstep: every lane makes its n-th threadgroup access before any makes its (n+1)-th (the
+  // scheduler resumes the runnable lanes in turn), as a SIMD-group's lanes on Metal execute each
+  // instruction together; code that shares threadgroup memory within a SIMD-group without a
+  // barrier (llama.cpp's flash attention) then reads what Metal's lanes read
+  if (worker().launch->lockstep) to_scheduler();
   if (!worker().launch->races) return;
   Access a;
   a.p = static_cast<unsigned char*>(p);
@@ -888,7 +893,8 @@ extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(mf::Fiber* f) {
 #define MF_EXPORT __attribute__((visibility("default")))
 extern "C" {
 // meta: grid, threadgroup size and threadgroup counts (3 each), then each buffer's element count;
-// checked: 0 plain, 1 bounds- and race-checked, 2 bounds-checked only (a traced run that counts)
+// checked: 0 plain, 1 bounds- and race-checked, 2 bounds-checked only (a traced run that counts),
+// 3 bounds-checked with lanes in lockstep at threadgroup accesses
 MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* bytes, int workers, int checked) {
   const mf::KernelInfo& k = mf_kernel_info;
   // outside checked mode (which checks every index itself) buffers get guard pages
@@ -899,6 +905,7 @@ MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* byt
   L.groups = {unsigned(meta[6]), unsigned(meta[7]), unsigned(meta[8])};
   L.checked = checked;
   L.races = checked == 1;
+  L.lockstep = checked == 3;
   L.kernel = k.name;
   L.buffers = k.buffers;
   L.data = guarded.ptrs.data();

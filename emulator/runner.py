@@ -302,7 +302,7 @@ class Library:
                timeout_s: float | None) -> Launched:
         """Run `entry` over `grid` (MLX's dispatch: see geometry) in a sandboxed worker; outputs
         land in their Args' arrays. `checked`: 0 plain, 1 bounds- and race-checked (True), 2
-        bounds-checked only. Raises EmulatorError when the worker dies or overruns
+        bounds-checked only, 3 bounds-checked with lanes in lockstep at threadgroup accesses. Raises EmulatorError when the worker dies or overruns
         `timeout_s`, KeyboardInterrupt when interrupted (the worker is ended either way)."""
         meta = geometry(grid, threadgroup)
         worker = self._take()

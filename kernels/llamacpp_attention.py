@@ -314,14 +314,16 @@ def _buffers(s: Shape, q, k, v, mask) -> dict:
 
 def execute(s: Shape, plan: list[Launch], q, k, v, mask, mode: str = "checked") -> tuple[np.ndarray, list]:
     """Run the launches in order over the tensors (ggml's layouts); (dst [B, L, Hq, D], the functions run).
-    Bounds-checked by default (Metal does not check, and ggml's vec kernel at some tunings writes
-    past its threadgroup memory: refused here, with the line); never race-checked: these kernels
-    share threadgroup memory between a SIMD-group's lanes without barriers, relying on Metal's
-    lanes running in lockstep, which the emulator's do not (so the detector would report races
-    Metal never shows)."""
+    Bounds-checked (Metal does not check, and ggml's vec kernel at some tunings writes past its
+    threadgroup memory: refused here, with the line), with the lanes in lockstep at threadgroup
+    accesses: these kernels share threadgroup memory between a SIMD-group's lanes without
+    barriers (the vec kernel's lane 0 overwrites the scores the others still read), relying on
+    Metal's lanes executing together. Never race-checked: the detector would report exactly that
+    sharing, and the same values written by several SIMD-groups. A traced run counts without
+    lockstep (the counts do not depend on the order)."""
     bufs, functions = _buffers(s, q, k, v, mask), []
     for launch in plan:
-        fn = sources.library(launch.source, mode, races=False).function(
+        fn = sources.library(launch.source, mode, races=False, lockstep=mode == "checked").function(
             launch.host_name, launch.constants, launch.threadgroup_memory)
         try:
             fn(buffers={0: launch.args.tobytes(), **{i: bufs[name] for i, name in launch.buffers.items()}},

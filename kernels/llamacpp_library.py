@@ -96,11 +96,11 @@ def _extract(sdist: Path, target: Path) -> None:
 
 
 @lru_cache(maxsize=16)
-def library(source: str = "mul_mv.metal", mode: str = "plain", races: bool = True) -> Library:
+def library(source: str = "mul_mv.metal", mode: str = "plain", races: bool = True, lockstep: bool = False) -> Library:
     """One of ggml-metal's kernel files (they include their headers by name) as an emulator library
-    (`races`: emulator.library.Library's)."""
+    (`races`, `lockstep`: emulator.library.Library's)."""
     root = include_root()
-    return Library((root / source).read_text(), headers=root, mode=mode, races=races)
+    return Library((root / source).read_text(), headers=root, mode=mode, races=races, lockstep=lockstep)
 
 
 def macro(name: str) -> int:

@@ -74,9 +74,11 @@ kernel void lockstep(device float * out, threadgroup float * sh [[threadgroup(0)
 """
 
 
-def test_the_race_detector_can_be_left_out_of_a_checked_launch():
+def test_lanes_sharing_threadgroup_memory_without_a_barrier():
     """A SIMD-group sharing threadgroup memory without a barrier (Metal's lanes run in lockstep):
-    the detector reports it; Library(races=False) runs it bounds-checked and counted."""
+    the detector reports it; Library(races=False) runs it bounds-checked and counted; with
+    lockstep=True each lane reads its neighbour's write, as on Metal (lane 0, resumed first,
+    would otherwise read lane 1's slot before lane 1 wrote it)."""
     out = np.zeros(32, np.float32)
     with pytest.raises(EmulatorError, match="threadgroup memory race"):
         Library(LOCKSTEP, mode="checked").function("lockstep", threadgroup_memory={0: 128})(
@@ -84,6 +86,9 @@ def test_the_race_detector_can_be_left_out_of_a_checked_launch():
     fn = Library(LOCKSTEP, mode="traced", races=False).function("lockstep", threadgroup_memory={0: 128})
     fn(buffers={0: out}, threadgroups=(1, 1, 1), threadgroup=(32, 1, 1))
     assert fn.last_trace.device["out"].footprint_bytes == 128
+    fn = Library(LOCKSTEP, mode="checked", races=False, lockstep=True).function("lockstep", threadgroup_memory={0: 128})
+    fn(buffers={0: out}, threadgroups=(1, 1, 1), threadgroup=(32, 1, 1))
+    np.testing.assert_array_equal(out, (np.arange(32) + 1) % 32)
 
 
 MATRIX_LOAD = """

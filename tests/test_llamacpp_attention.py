@@ -81,6 +81,8 @@ def test_matrix_host_side_is_ggml_metals(llamacpp_sources):
     (2, 8, 2, 1, 100, 64),      # two batches
     (1, 8, 2, 3, 300, 64),      # three queries
     (1, 2, 1, 1, 256, 32),      # no pad
+    (1, 8, 2, 3, 300, 128),     # NE = 1: each lane's own scores; wrong unless the lanes run in lockstep
+    (1, 4, 1, 1, 4100, 128),    # 4 SIMD-groups a workgroup
 ])
 def test_vec_matches_numpy(llamacpp_sources, B, Hq, Hkv, L, S, D):
     q, k, v, mask = _inputs(B, Hq, Hkv, L, S, D)
@@ -98,6 +100,14 @@ def test_matrix_matches_numpy(llamacpp_sources, B, Hq, Hkv, L, S, D, masked):
     q, k, v, mask = _inputs(B, Hq, Hkv, L, S, D, masked)
     out, plan = A.run(q, k, v, mask, devices.get("m3-max-40"))
     assert plan[-1].host_name == f"kernel_flash_attn_ext_f16_dk{D}_dv{D}"
+    np.testing.assert_allclose(out, _reference(q, k, v, mask), atol=2e-3)
+
+
+def test_the_two_query_vec_kernel_matches_numpy(llamacpp_sources):
+    """Q = 2 (the configuration PR 23114's points time): two query rows a threadgroup."""
+    q, k, v, mask = _inputs(1, 4, 2, 2, 300, 128)
+    out, plan = A.run(q, k, v, mask, devices.get("m2-ultra"), (2, 1))
+    assert plan[-2].host_name == "kernel_flash_attn_ext_vec_f16_dk128_dv128_q2_ne1" and plan[-2].threadgroups == (1, 4, 32)
     np.testing.assert_allclose(out, _reference(q, k, v, mask), atol=2e-3)
 
 
