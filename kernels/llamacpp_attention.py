@@ -4,9 +4,11 @@ host code runs them: ggml_metal_op_flash_attn_ext (ggml-metal-ops.cpp) and the p
 ggml-metal-device.cpp of llama-cpp-python's sdist (kernels/llamacpp_library.py fetches it). One
 op is up to three launches: the pad kernel when the keys are not a multiple of the kernel's block
 (the last block copied, zero-filled, with the mask padded at -inf), the mask's block map before the
-matrix kernel, the attention kernel, and the vec kernel's reduction of its 32 workgroups.
+matrix kernel, the attention kernel, and the vec kernel's reduction of its 32 workgroups. Bound:
+f16 K/V (the quantized caches' dequantize pass and the sparse path are not), no ALiBi, sinks or
+softcap. The kernels run bounds-checked with the emulator's lanes in lockstep (see `execute`).
 
-    out, launches = run(q, k, v, mask)   # q (B, Hq, L, D) float32, k/v (B, Hkv, S, D) float16,
+    out, launches = run(q, k, v, mask, device)   # q (B, Hq, L, D) float32, k/v (B, Hkv, S, D) float16,
                                          # mask (B, L, S) float16 or None -> out (B, Hq, L, D)
 
 Tensors are laid out as test-backend-ops' FLASH_ATTN_EXT builds them: q [D, L, Hq, B] float32,
