@@ -206,7 +206,7 @@ def _compile(unit_source: str, include: Path, header: str, kernel_name: str, cxx
 # copies); thread-local and static-initialisation plumbing; libgcc's arithmetic helpers
 # (__extendhfsf2, __popcountdi2, ...); the math functions metal_compat.h calls as builtins, and
 # sincosf, which GCC makes of a sin and a cos of one value (mlx-lm's rope kernels do that).
-_RUNTIME_API = re.compile(r"mf::(self|to_scheduler|tg_memory|tg_offset|simd_sync|out_of_bounds|tg_log|device_buffer|trace|trace_simdgroup_operation)\(")
+_RUNTIME_API = re.compile(r"mf::(self|to_scheduler|tg_memory|tg_offset|tg_bytes|simd_sync|out_of_bounds|tg_log|device_buffer|trace|trace_simdgroup_operation)\(")
 _PLUMBING = {"memcpy", "memmove", "memset", "__tls_get_addr", "_GLOBAL_OFFSET_TABLE_", "__dso_handle",
              "__cxa_atexit", "__cxa_guard_acquire", "__cxa_guard_release", "__cxa_guard_abort", "sincosf"}
 

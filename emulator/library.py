@@ -166,9 +166,15 @@ _CHECKED_POINTER_ELEMENT = (" template <typename T> struct pointer_element<mf::D
                             "{ using type = remove_cv_t<T>; };")
 _THREADGROUP_ATTRIBUTE = re.compile(r"\[\[\s*threadgroup\s*\(")
 _KERNEL = re.compile(r"\[\[\s*kernel\b[^\]]*\]\]\s*void\s+([A-Za-z_]\w*)\s*\(")   # [[kernel, max_total_threads_...]]
-# clang's range initialiser to zero, `float s[N] = { [ 0 ... N - 1 ] = 0.0f };` (llama.cpp), which g++'s
-# C++ lacks: `{}` zero-initialises the same
+# clang's range initialiser, `float s[N] = { [ 0 ... N - 1 ] = 0.0f };` and `= -FLT_MAX/2` (llama.cpp),
+# which g++'s C++ lacks: `{}` zero-initialises, then a loop sets elements 0 ... last to the value
 _ZERO_RANGE = re.compile(r"\{\s*\[\s*0\s*\.\.\.[^\]{};]*\]\s*=\s*0(?:\.0*)?f?\s*\}")
+_FILL_RANGE = re.compile(r"(\b[A-Za-z_]\w*)(\s*\[[^\]]+\]\s*)=\s*\{\s*\[\s*0\s*\.\.\.([^\]{};]*)\]\s*=\s*([^{};]+?)\s*\}\s*;")
+
+
+def _filled(text: str) -> str:
+    return _FILL_RANGE.sub(lambda m: f"{m.group(1)}{m.group(2)}= {{}}; for (int mf_k = 0; mf_k <= ({m.group(3).strip()}); "
+                                     f"++mf_k) {m.group(1)}[mf_k] = {m.group(4)};", _ZERO_RANGE.sub("{}", text))
 # the keyword spelling, `kernel void f(` and `template [[host_name("h")]] kernel f_t f<..>;` (llama.cpp's),
 # read as the attribute one: the emulator's headers define no `kernel` keyword
 _KERNEL_KEYWORD = re.compile(r"(?<![\w:.\[])kernel(?=\s+(?:void\s+[A-Za-z_]\w*\s*\(|[A-Za-z_]\w*\s+[A-Za-z_]\w*\s*<))")
@@ -259,9 +265,36 @@ def _numbered(params: list[Param]) -> tuple[Param, ...]:
     return tuple(out)
 
 
+# object-like macros (no `(` right after the name), their bodies over continued lines, and #undefs
+_DEFINE = re.compile(r"^[ \t]*#[ \t]*(define|undef)[ \t]+([A-Za-z_]\w*)(?![\w(])((?:[^\n]*\\\n)*[^\n]*)", re.M)
+_WORD = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def _expanded(text: str, defines: list, at: int) -> str:
+    """`text` with the object-like macros live at offset `at` expanded (llama.cpp instantiates its
+    kernels over `#define FA_TYPES ...` and #undefs it at the end of the file, before the launcher
+    the emulator appends names the instantiation again)."""
+    live: dict[str, str] = {}
+    for pos, kind, name, body in defines:
+        if pos > at:
+            break
+        if kind == "define":
+            live[name] = body
+        else:
+            live.pop(name, None)
+    for _ in range(8):          # macros of macros; a self-referencing one stops expanding, as in C
+        new = _WORD.sub(lambda m: live.get(m.group(0), m.group(0)), text)
+        if new == text:
+            break
+        text = new
+    return text
+
+
 def instantiations(msl: str) -> dict[str, Instantiation]:
-    return {m.group(1): Instantiation(m.group(1), m.group(2) or m.group(4), (m.group(3) or m.group(5)).strip(),
-                                      m.span())
+    defines = [(m.start(), m.group(1), m.group(2), m.group(3).replace("\\\n", " ").strip())
+               for m in _DEFINE.finditer(msl)]
+    return {m.group(1): Instantiation(m.group(1), m.group(2) or m.group(4),
+                                      _expanded((m.group(3) or m.group(5)).strip(), defines, m.start()), m.span())
             for m in _INSTANCE.finditer(msl)}
 
 
@@ -364,10 +397,21 @@ class Library:
     `headers`: the include root its quoted includes resolve in (kernels/mlx_headers.include_root()
     for MLX's); without one, an include is left for the front end to refuse. `mode`: plain,
     checked (bounds and races, $METALFORGE_EMULATOR_CHECKED) or traced (checked, and each call
-    leaves `last_trace`, a trace.Trace of what it did)."""
+    leaves `last_trace`, a trace.Trace of what it did). `races=False` leaves the race detector
+    out of checked and traced runs: for counting a kernel known to run on Metal that relies on a
+    SIMD-group's lanes running in lockstep, which the emulator's lanes do not (llama.cpp's flash
+    attention), so the detector reports races Metal never shows; with it, `lockstep=True` (checked
+    and traced modes) resumes the lanes in turn at each threadgroup access, so such code reads
+    what Metal's lanes read."""
 
-    def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None, mode=None):
+    def __init__(self, source: str, *, headers: Path | str | None = None, device=None, timeout=None, mode=None,
+                 races: bool = True, lockstep: bool = False):
         self.source = source
+        self.races = races
+        self.lockstep = lockstep
+        if lockstep and races:
+            raise MetalforgeError("emulator: lockstep lanes need races=False (the race detector judges each "
+                                  "access by its barrier interval, which lockstep does not change)")
         self._headers = Path(headers) if headers is not None else None
         self.device = device
         self.timeout = timeout
@@ -379,7 +423,7 @@ class Library:
     def msl(self) -> str:
         """The flattened source: what the front end checks and the compiler sees."""
         text = _KERNEL_KEYWORD.sub("[[kernel]]", flatten(self.source, self._headers))
-        return drop_space_overloads(_ZERO_RANGE.sub("{}", text))
+        return drop_space_overloads(_filled(text))
 
     @functools.cached_property
     def kernels(self) -> dict[str, KernelFunction]:
@@ -601,7 +645,9 @@ class LibraryFunction:
             args.append(runner.Arg(counts, output=True))
         timeout = self.library.timeout if self.library.timeout is not None else environment.timeout_s()
         launched = lib.launch(entry, args, grid=grid, threadgroup=tg, workers=environment.threads(),
-                              checked=self.library.mode != "plain", timeout_s=timeout)
+                              checked=0 if self.library.mode == "plain" else 1 if self.library.races
+                              else 3 if self.library.lockstep else 2,
+                              timeout_s=timeout)
         self.last_stats = launched.stats
         if launched.rc != 0:
             raise EmulatorError(_with_lines(launched.errors, path, self.host_name))

@@ -34,6 +34,7 @@ typedef __PTRDIFF_TYPE__ ptrdiff_t;
 // Trace mode (emulator/trace.py): each lane's device and threadgroup accesses (mf_checked.h) and its
 // part in each SIMD-group matrix operation go to the runtime, which counts them per SIMD-group instruction.
 #define MF_TRACE_AT(kind) mf::trace(mf::kind, nullptr, 0)
+namespace mf { template <class T> struct DevPtr; }   // mf_checked.h; a device source of simdgroup_load
 #else
 #define MF_TRACE_AT(kind)
 #endif
@@ -938,8 +939,13 @@ template <class T, int R, int C> struct simdgroup_matrix {
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
-template <class T, int R, int C> inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) { return simdgroup_matrix<T, R, C>(v); }
+// Metal: make_filled_simdgroup_matrix<T, Cols, Rows = Cols>(value) (only 8x8 exists, so the order is moot)
+template <class T, int C, int R = C> inline simdgroup_matrix<T, R, C> make_filled_simdgroup_matrix(T v) { return simdgroup_matrix<T, R, C>(v); }
 
+#ifdef MF_TRACE
+template <class P> struct mf_device_source : false_type {};
+template <class U> struct mf_device_source<::mf::DevPtr<U>> : true_type {};
+#endif
 template <class T, class P>
 inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P src, ulong elements_per_row = 8, vec<ulong, 2> origin = vec<ulong, 2>(0, 0), bool transpose = false) {
   MF_TRACE_AT(kTraceMatrixLoad);
@@ -954,6 +960,18 @@ inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, P src, ulong elements_p
     }
 #ifdef MF_TRACE
   mf::self().trace_quiet--;
+  // from device memory (llama.cpp's flash attention loads K and V so): the traffic is counted as
+  // the lanes read it, each its own two elements, as simdgroup_store writes them (a threadgroup
+  // source stays one fragment operation)
+  if constexpr (mf_device_source<P>::value) {
+    int r0, c0;
+    mf_owned(mf::self().lane, r0, c0);
+    for (int c = c0; c < c0 + 2; c++) {
+      const ulong row = transpose ? origin.y + c : origin.y + r0;
+      const ulong col = transpose ? origin.x + r0 : origin.x + c;
+      (void)src[row * elements_per_row + col];
+    }
+  }
 #endif
 }
 template <class T, class P>
@@ -1074,6 +1092,7 @@ using namespace metal;
 #define FLT_DIG __FLT_DIG__
 #define FLT_MANT_DIG __FLT_MANT_DIG__
 #define HALF_MAX half(65504.0f)
+#define MAXHALF HALF_MAX
 #define HALF_MIN half(6.103515625e-05f)
 #define HALF_EPSILON half(0.0009765625f)
 #define CHAR_BIT 8

@@ -125,8 +125,14 @@ struct TgPtr : Arithmetic<TgPtr<T>> {
   template <class A, class = metal::enable_if_t<!metal::is_convertible<typename TgChecked<A>::E*, T*>::value>,
             class = void>
   explicit TgPtr(const TgChecked<A>& a) : p((T*)a.p) {}
+  // bounded by the threadgroup's memory (its arrays and the host's threadgroup(n) lengths): Metal
+  // does not check, and a kernel writing past its allocation (llama.cpp's vec attention at some
+  // tunings) would otherwise corrupt the emulator's heap
   [[gnu::always_inline]] inline T& at(long long i) const {
-    return tg_logged(p + i, "threadgroup memory", (long long)((unsigned char*)(p + i) - tg_memory()) / (long long)sizeof(T));
+    const long long off = (long long)((unsigned char*)(p + i) - tg_memory());
+    const long long n = (long long)(tg_bytes() / sizeof(T));
+    if (off < 0 || off / (long long)sizeof(T) >= n) tg_out_of_bounds("threadgroup memory", off / (long long)sizeof(T), n);
+    return tg_logged(p + i, "threadgroup memory", off / (long long)sizeof(T));
   }
   T& operator[](long long i) const { return at(i); }
   T& operator*() const { return at(0); }

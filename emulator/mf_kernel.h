@@ -32,6 +32,8 @@ struct Fiber {
 struct Launch {
   u3 grid, nominal_tg, groups;
   int checked = 0;
+  int races = 0;                        // checked mode's race detector (off for a count-only traced run)
+  int lockstep = 0;                     // lanes switch at each threadgroup access, in step as Metal's SIMD lanes
   const char* kernel = "";
   int buffers = 0;                      // the bound buffers: where they are, their bytes and names
   void* const* data = nullptr;
@@ -86,6 +88,7 @@ inline T simd_exchange(const T& value, SimdFn fn, int line) {
 // the sum of the declared sizes is what dispatch compares with the device's limit.
 struct TgEntry { long long id; size_t size; };
 size_t tg_offset(int id);                        // a declaration's offset in the arena
+size_t tg_bytes();                               // the arena's bytes: every declaration, 16-byte aligned
 
 template <class A, int ID>
 inline A& tg_array() {

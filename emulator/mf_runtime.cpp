@@ -140,7 +140,7 @@ inline void trace_meet(Worker& w, Fiber** lanes, int count, bool simd_function);
 void to_scheduler() {
   Worker& w = worker();
   Fiber* f = w.current;
-  if (w.launch->checked && !w.logs[f->index].empty()) flush_accesses(w, *f);
+  if (w.launch->races && !w.logs[f->index].empty()) flush_accesses(w, *f);
 #if defined(__x86_64__)
   mf_ctx_switch(&f->sp, w.sched_sp);
 #else
@@ -324,7 +324,7 @@ inline void run_threadgroup(Worker& w) {
   }
   w.tg_epoch = 0;
   std::fill(w.sg_epoch.begin(), w.sg_epoch.end(), 0u);
-  if (w.launch->checked) {
+  if (w.launch->races) {
     for (auto& a : w.shadow) a = Worker::Shadow{-1, -1, ~0u, ~0u, 0, 0, nullptr, nullptr};
   }
   for (;;) {
@@ -410,6 +410,7 @@ struct TgRegistry {
 };
 inline TgRegistry& tg_registry() { static TgRegistry r; return r; }
 size_t tg_offset(int id) { return tg_registry().offsets[size_t(id)]; }
+size_t tg_bytes() { return tg_registry().arena; }
 
 void simd_sync(Fiber** lanes, int) { worker().sg_epoch[lanes[0]->simdgroup]++; }
 
@@ -422,6 +423,12 @@ void out_of_bounds(const char* what, const char* name, long long index, long lon
 }
 
 void tg_log(void* p, unsigned size, const char* name, long long index, const void* pc) {
+  // lockstep: every lane makes its n-th threadgroup access before any makes its (n+1)-th (the
+  // scheduler resumes the runnable lanes in turn), as a SIMD-group's lanes on Metal execute each
+  // instruction together; code that shares threadgroup memory within a SIMD-group without a
+  // barrier (llama.cpp's flash attention) then reads what Metal's lanes read
+  if (worker().launch->lockstep) to_scheduler();
+  if (!worker().launch->races) return;
   Access a;
   a.p = static_cast<unsigned char*>(p);
   a.size = size;
@@ -809,7 +816,7 @@ inline int dispatch(const Launch& L, int workers, void* const* buffers, const lo
     w.buffers = buffers;
     w.meta = meta;
     w.fibers.resize(nominal);
-    if (L.checked) w.logs.resize(nominal);
+    if (L.races) w.logs.resize(nominal);
 #if !defined(__x86_64__)
     w.ucs.resize(nominal);
 #endif
@@ -826,7 +833,7 @@ inline int dispatch(const Launch& L, int workers, void* const* buffers, const lo
     std::vector<unsigned char> arena(w.tg_capacity);
     w.tg_memory = arena.data();
     w.sg_epoch.assign((nominal + 31) / 32, 0u);
-    if (L.checked) w.shadow.resize(w.tg_capacity);
+    if (L.races) w.shadow.resize(w.tg_capacity);
     if (tracer().on) w.trace_counts.assign(tracer().counts.size(), 0);
     if (sigsetjmp(w.escape, 1) == 0) for (;;) {
       unsigned long g = next.fetch_add(1);
@@ -885,7 +892,9 @@ extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(mf::Fiber* f) {
 
 #define MF_EXPORT __attribute__((visibility("default")))
 extern "C" {
-// meta: grid, threadgroup size and threadgroup counts (3 each), then each buffer's element count
+// meta: grid, threadgroup size and threadgroup counts (3 each), then each buffer's element count;
+// checked: 0 plain, 1 bounds- and race-checked, 2 bounds-checked only (a traced run that counts),
+// 3 bounds-checked with lanes in lockstep at threadgroup accesses
 MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* bytes, int workers, int checked) {
   const mf::KernelInfo& k = mf_kernel_info;
   // outside checked mode (which checks every index itself) buffers get guard pages
@@ -895,6 +904,8 @@ MF_EXPORT int mf_launch(void** host, const long long* meta, const long long* byt
   L.nominal_tg = {unsigned(meta[3]), unsigned(meta[4]), unsigned(meta[5])};
   L.groups = {unsigned(meta[6]), unsigned(meta[7]), unsigned(meta[8])};
   L.checked = checked;
+  L.races = checked == 1;
+  L.lockstep = checked == 3;
   L.kernel = k.name;
   L.buffers = k.buffers;
   L.data = guarded.ptrs.data();

@@ -188,7 +188,7 @@ class _Worker:
             cause += f": {last}"
         return f"{self.library.name}: the kernel's worker process died while {doing}, {cause}"
 
-    def launch(self, entry: str, args: list[Arg], meta: list[int], workers: int, checked: bool,
+    def launch(self, entry: str, args: list[Arg], meta: list[int], workers: int, checked: int,
                timeout_s: float | None) -> Launched:
         if len(args) > _MAX_BUFFERS:
             raise EmulatorError(f"{self.library.name}: {len(args)} buffers, more than the emulator passes ({_MAX_BUFFERS})")
@@ -298,10 +298,11 @@ class Library:
             self._give(worker)
         return self._threadgroup_bytes
 
-    def launch(self, entry: str, args: list[Arg], *, grid, threadgroup, workers: int, checked: bool,
+    def launch(self, entry: str, args: list[Arg], *, grid, threadgroup, workers: int, checked: int,
                timeout_s: float | None) -> Launched:
         """Run `entry` over `grid` (MLX's dispatch: see geometry) in a sandboxed worker; outputs
-        land in their Args' arrays. Raises EmulatorError when the worker dies or overruns
+        land in their Args' arrays. `checked`: 0 plain, 1 bounds- and race-checked (True), 2
+        bounds-checked only, 3 bounds-checked with lanes in lockstep at threadgroup accesses. Raises EmulatorError when the worker dies or overruns
         `timeout_s`, KeyboardInterrupt when interrupted (the worker is ended either way)."""
         meta = geometry(grid, threadgroup)
         worker = self._take()

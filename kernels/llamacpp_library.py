@@ -28,7 +28,9 @@ from metalforge.errors import MetalforgeError
 VERSION = "0.3.36"          # llama-cpp-python's sdist the kernels come from
 _GGML = "vendor/llama.cpp/ggml/src/"
 # what the kernels include, gathered into one folder (their includes name files, not paths)
-_SOURCES = ("ggml-metal/kernels/", "ggml-metal/ggml-metal-impl.h", "ggml-common.h")
+_SOURCES = ("ggml-metal/kernels/", "ggml-metal/ggml-metal-impl.h", "ggml-common.h",
+            "ggml-metal/ggml-metal-tuning.cpp", "ggml-metal/ggml-metal-tuning.h")   # the last two: data (fa_vec's table)
+_MARKERS = ("mul_mv.metal", "ggml-metal-tuning.cpp")   # a folder holding these was extracted whole
 # ggml's block formats: values per block and bytes per block (ggml-common.h's block_<type>)
 BLOCKS = {"q4_0": (32, 18), "q4_K": (256, 144), "q6_K": (256, 210)}
 FC_MUL_MV = "FC_MUL_MV"     # the function constants' base index, a macro of ggml-metal-impl.h
@@ -49,7 +51,7 @@ def include_root() -> Path:
     """The folder holding the kernels' sources and the headers they include, fetching the sdist
     with pip the first time (one already in the cache's `sdists/` folder is used offline)."""
     target = cache_root() / VERSION
-    if (target / "mul_mv.metal").exists():
+    if all((target / m).exists() for m in _MARKERS):
         return target
     sdists = cache_root() / "sdists"
     sdist = sdists / f"llama_cpp_python-{VERSION}.tar.gz"
@@ -75,25 +77,34 @@ def _extract(sdist: Path, target: Path) -> None:
                 folder, _, name = inside.rpartition("/")
                 if member.isfile() and (inside in _SOURCES or f"{folder}/" == _SOURCES[0]):
                     (tmp / name).write_bytes(tar.extractfile(member).read())
-        if not (tmp / "mul_mv.metal").exists():
-            raise MetalforgeError(f"{sdist.name} holds no {_GGML}ggml-metal/kernels/mul_mv.metal")
-        os.rename(tmp, target)
+        missing = [m for m in _MARKERS if not (tmp / m).exists()]
+        if missing:
+            raise MetalforgeError(f"{sdist.name} holds no {missing[0]} under {_GGML}ggml-metal/")
+        if target.exists():      # extracted by an earlier release of this module: add what it left out
+            for f in tmp.iterdir():
+                if not (target / f.name).exists():
+                    os.replace(f, target / f.name)
+        else:
+            os.rename(tmp, target)
     except tarfile.TarError:
         raise MetalforgeError(f"{sdist} is not a readable source distribution: delete it and run again") from None
     except OSError:
-        if not (target / "mul_mv.metal").exists():
+        if not all((target / m).exists() for m in _MARKERS):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@lru_cache(maxsize=4)
-def library(mode: str = "plain") -> Library:
+@lru_cache(maxsize=16)
+def library(source: str = "mul_mv.metal", mode: str = "plain", races: bool = True, lockstep: bool = False) -> Library:
+    """One of ggml-metal's kernel files (they include their headers by name) as an emulator library
+    (`races`, `lockstep`: emulator.library.Library's)."""
     root = include_root()
-    return Library((root / "mul_mv.metal").read_text(), headers=root, mode=mode)
+    return Library((root / source).read_text(), headers=root, mode=mode, races=races, lockstep=lockstep)
 
 
-def _macro(name: str) -> int:
+def macro(name: str) -> int:
+    """An integer `#define` of ggml-metal-impl.h (kernel tunings, function-constant bases)."""
     m = re.search(rf"^#define\s+{name}\s+(\d+)\s*$", (include_root() / "ggml-metal-impl.h").read_text(), re.M)
     if m is None:
         raise MetalforgeError(f"ggml-metal-impl.h of llama-cpp-python {VERSION} defines no {name}")
@@ -115,14 +126,14 @@ def dispatch(qtype: str, M: int, N: int, K: int) -> dict:
     if K % per:
         raise MetalforgeError(f"K = {K} is not a multiple of {qtype}'s block of {per} values")
     tag = qtype.upper()
-    nsg, nr0 = _macro(f"N_SG_{tag}"), _macro(f"N_R0_{tag}")
+    nsg, nr0 = macro(f"N_SG_{tag}"), macro(f"N_R0_{tag}")
     row = K // per * nbytes
     args = np.zeros((), ARGS)
     for name, value in dict(ne00=K, ne01=N, ne02=1, nb00=nbytes, nb01=row, nb02=row * N, nb03=row * N, ne10=K,
                             ne11=M, ne12=1, nb10=4, nb11=4 * K, nb12=4 * K * M, nb13=4 * K * M, ne0=N, ne1=M,
                             nr0=nr0, r2=1, r3=1).items():
         args[name] = value
-    base = _macro(FC_MUL_MV)
+    base = macro(FC_MUL_MV)
     return {"host_name": f"kernel_mul_mv_{qtype}_f32", "args": args,
             "constants": {base + 0: nsg, base + 2: 1, base + 3: 1, base + 4: 1, base + 5: False},
             "threadgroup_memory": {0: 0},
@@ -137,7 +148,7 @@ def run_mul_mv(qtype: str, blocks: np.ndarray, x: np.ndarray, N: int, mode: str 
     d = dispatch(qtype, M, N, K)
     if blocks.nbytes != int(d["args"]["nb01"]) * N:
         raise MetalforgeError(f"{qtype} weights of {N} x {K} take {int(d['args']['nb01']) * N} bytes, got {blocks.nbytes}")
-    fn = library(mode).function(d["host_name"], d["constants"], d["threadgroup_memory"])
+    fn = library("mul_mv.metal", mode).function(d["host_name"], d["constants"], d["threadgroup_memory"])
     y = np.zeros((M, N), np.float32)
     fn(buffers={0: d["args"].tobytes(), 1: np.ascontiguousarray(blocks), 2: x, 3: y},
        threadgroups=d["threadgroups"], threadgroup=d["threadgroup"])

@@ -102,8 +102,10 @@ def test_barriers_matrix_operations_and_simd_functions_are_counted_per_simdgroup
     # 2 SIMD-groups x (2 loads, 3 multiply-accumulates, 1 store, 1 simd_sum); 2 barriers
     assert (t.matrix_loads, t.matrix_multiplies, t.matrix_stores) == (4, 6, 2)
     assert (t.barriers, t.simd_functions) == (2, 2)
-    # a matrix load is one operation, not 64 element reads per lane; a store writes 2 elements a lane
-    assert "a" not in t.device and "b" not in t.device
+    # a matrix load is one operation, not 64 element reads per lane: from device memory each lane
+    # reads its 2 elements, as a store writes them (b's one tile shared by both SIMD-groups)
+    assert (t.device["a"].accesses, t.device["a"].footprint_bytes) == (128, 512)
+    assert (t.device["b"].accesses, t.device["b"].footprint_bytes) == (128, 256)
     assert (t.device["c"].accesses, t.device["c"].footprint_bytes) == (128, 512)
 
 

@@ -1,7 +1,7 @@
 """The per-kernel constants (model.py) fitted to published kernel timings
 (benchmarks/data/kernel_measurements.yaml): each runnable point's kernels - MLX's, chosen by MLX's
-rules for the point's chip and shape (mlx_jobs.py), or llama.cpp's matrix-vector kernel as ggml-metal
-dispatches it (kernels/llamacpp_library.py) - traced and priced, the constants chosen by
+rules for the point's chip and shape (mlx_jobs.py), or llama.cpp's matrix-vector or flash-attention
+kernels as ggml-metal dispatches them (kernels/llamacpp_library.py, llamacpp_attention.py) - traced and priced, the constants chosen by
 non-negative least squares on relative error. A point that cannot be priced yet is listed with
 the reason and left out. A warm point (the same weights or K/V every call) whose data fit in the
 system level cache (its chip's, devices/*.yaml) reads from it, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
@@ -24,7 +24,7 @@ import yaml
 
 from metalforge import devices, files
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import kernel_measurements, llamacpp_library
+from metalforge.kernels import kernel_measurements, llamacpp_attention, llamacpp_library
 from metalforge.kernels.families import FAMILIES, get as get_family
 from metalforge.kernels.timing import mlx_jobs, model
 from metalforge.kernels.timing.model import Constants
@@ -32,6 +32,12 @@ from metalforge.kernels.timing.model import Constants
 # llama.cpp's kernels traced so far: its matrix-vector kernels with one row of x (kernels/llamacpp_library.py)
 LLAMA_CPP_MUL_MV = re.compile(r"MUL_MAT (q4_0|q4_K|q6_K) x f32")
 LLAMA_CPP_OP = "llama.cpp mul_mv"
+# ... and its flash attention (kernels/llamacpp_attention.py); a point naming the queries per
+# threadgroup ("(Q=2)") ran that vec configuration, else the tuning table's for its chip ran
+LLAMA_CPP_ATTENTION = re.compile(r"FLASH_ATTN_EXT\b")
+LLAMA_CPP_QUERIES = re.compile(r"\(Q=(\d+)\)")
+LLAMA_CPP_ATTENTION_OP = "llama.cpp flash_attn_ext"
+ATTENTION_FIELDS = ("B", "Hq", "Hkv", "L", "S", "D")
 ASSUMED_DTYPE = "float16"   # for points whose source does not state it (the point's `inferred` says so)
 
 
@@ -75,6 +81,15 @@ def job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
 
 
 def _llama_cpp_job(p: kernel_measurements.KernelPoint) -> tuple[str, dict]:
+    if LLAMA_CPP_ATTENTION.search(p.kernel):
+        missing = [f for f in ATTENTION_FIELDS if not p.get(f)]
+        if missing:
+            raise MetalforgeError(f"FLASH_ATTN_EXT's {', '.join(missing)} not stated")
+        if p.dtype not in llamacpp_attention.DTYPES:
+            raise MetalforgeError(f"llama.cpp's flash attention over {p.dtype} K/V is not bound "
+                                  f"(bound: {', '.join(llamacpp_attention.DTYPES)})")
+        q = LLAMA_CPP_QUERIES.search(p.kernel)
+        return LLAMA_CPP_ATTENTION_OP, {**{f: p.get(f) for f in ATTENTION_FIELDS}, "Q": int(q.group(1)) if q else 0}
     m = LLAMA_CPP_MUL_MV.search(p.kernel)
     if m is None or p.get("M") != 1:
         raise MetalforgeError("llama.cpp's kernel is not traced yet: kernels/llamacpp_library.py binds its "
@@ -86,6 +101,9 @@ def counted(op: str, shape: dict, dtype: str, device):
     """The dispatches of a job, counted at its shape: llama.cpp's or MLX's kernels."""
     if op == LLAMA_CPP_OP:
         return llamacpp_library.counted(shape["qtype"], {f: shape[f] for f in ("M", "N", "K")})
+    if op == LLAMA_CPP_ATTENTION_OP:
+        config = (shape["Q"], llamacpp_attention.baseline_ne(shape["D"], shape["D"])) if shape["Q"] else None
+        return llamacpp_attention.counted({f: shape[f] for f in ATTENTION_FIELDS}, device, config)
     return mlx_jobs.counted(op, shape, dtype, device)
 
 
@@ -97,6 +115,8 @@ def family_of(op: str, shape: dict) -> str:
     fields = {k: v for k, v in shape.items() if k != "causal"}
     if op == LLAMA_CPP_OP:
         fields = {"M": shape["M"], "N": shape["N"], "K": shape["K"], "bits": 4, "group_size": 32}
+    if op == LLAMA_CPP_ATTENTION_OP:
+        fields = llamacpp_attention.family_fields({f: shape[f] for f in ATTENTION_FIELDS})
     for name, family in FAMILIES.items():
         try:
             family.shape(fields)
