@@ -41,7 +41,8 @@ kernels for the config's launches) and per results lookup, for each op of one de
 8B-class model at {context} tokens of context (its op plan's calls that a family of ours serves), on
 {device}'s profile, float16, on the emulator backend (the launch itself is not timed). Rendering,
 hashing and building kernels happen once per (family, config, compile-time shape, dtype); results
-files are read again only when they change. {beside}Written by `{command}`.
+files are read again only when they change. This tree is revision {revision}. {beside}Written by
+`{command}`.
 
 {table}
 """
@@ -174,25 +175,26 @@ def main() -> int:
     if args.calls:
         print(json.dumps(measure(json.loads(args.calls))))
         return 0
+    # this tree only from here: the earlier revision may have neither module
+    from metalforge.files import write_section
+    from metalforge.provenance import revision
+
     calls = planned_calls()
     now = measure(calls)
-    before = measure_previous(args.previous, calls) if args.previous else None
-    rev = None
+    rev = before = None
     if args.previous:   # named as it is today: a branch moves
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.previous], check=True,
-                                capture_output=True, text=True).stdout.strip()
+        before = measure_previous(args.previous, calls)
+        commit = revision(args.previous)
         rev = args.previous if commit == args.previous else f"{args.previous} ({commit})"
     lines = table(now, before, rev)
     print("\n".join(lines))
     if args.out:
-        from metalforge.files import write_section
-
-        command = "python benchmarks/host_overhead.py" + (f" --previous {args.previous}" if rev else "") + \
-            f" --out {args.out}"
+        command = f"python benchmarks/host_overhead.py{f' --previous {args.previous}' if rev else ''} --out {args.out}"
         beside = (f"Beside revision {rev}, run from `git archive` in a process of its own (\"-\": that revision "
                   "has no family for the call, or refuses its shape). ") if rev else ""
         write_section(args.out, HEADING, SECTION.format(heading=HEADING, context=CONTEXT, device=DEVICE,
-                                                        beside=beside, command=command, table="\n".join(lines)))
+                                                        revision=revision(), beside=beside, command=command,
+                                                        table="\n".join(lines)))
         print(f"written: {args.out}")
     return 0
 

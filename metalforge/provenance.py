@@ -1,0 +1,22 @@
+"""Where a benchmark's figures come from: the revision of this checkout they were measured at, so
+a section a script writes names it beside its command."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def revision(rev: str = "HEAD") -> str:
+    """`rev`'s short commit ("HEAD": this checkout's, "+ changes" when its files differ from it);
+    "an unknown revision" outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    found = git("rev-parse", "--short", rev)
+    if found.returncode:
+        return "an unknown revision"
+    commit = found.stdout.strip()
+    if rev == "HEAD" and git("status", "--porcelain", "--untracked-files=no").stdout.strip():
+        return f"{commit} + changes"
+    return commit
