@@ -237,6 +237,12 @@ def verdict(data) -> str:
     return words + (": " + "; ".join(below) + "." if below else ".")
 
 
+def _took(seconds) -> str:
+    if seconds is None:   # a run published before runs were timed
+        return ""
+    return f", in {seconds / 60:.0f} minutes" if seconds >= 90 else f", in {seconds:.0f} s"
+
+
 def section(data) -> tuple[str, str]:
     """(heading, the section's Markdown) for a run's JSON: its tables and the words around them."""
     types = data.get("model_types", ["llama"])
@@ -247,7 +253,7 @@ def section(data) -> tuple[str, str]:
                if "qwen3_moe" in types else "")
     return heading, SECTION.format(
         heading=heading, command=data["command"], mlx_lm=data["mlx_lm"], models="; ".join(MODELS[t] for t in types),
-        decode=data["decode_tokens"], took=f", in {data['seconds'] / 60:.0f} minutes" if "seconds" in data else "", revision=data["revision"], machine=data["machine"],
+        decode=data["decode_tokens"], took=_took(data.get("seconds")), revision=data["revision"], machine=data["machine"],
         device=data["device"], mlx=data["mlx"],
         cores=data["cores"], where=where, notes=notes, tables=markdown(data), verdict=verdict(data),
         chunk=data["prefill_chunk"], experts=experts, slow=SLOW_TTFT_S)
