@@ -141,7 +141,10 @@ def summary(rows: list[dict], args, seconds: float) -> str:
         "configs of the space, the valid ones, which of them ran (every valid one, or a covering array: "
         "every combination of 2 or 3 tunables' values some valid config takes) and how many matched the "
         "family's MLX reference within its tolerance. Edge shapes run all pairs of the configs compiled "
-        "for their kernel.", "", "```", *(line(r) for r in rows), "```", "",
+        f"for their kernel. A shape with at most {args.whole_up_to} valid configs runs them all, a larger one "
+        f"a covering array of strength {args.strength} (`kernels/covering.py`). CI runs, per family, configs "
+        "that between them take every value of every tunable, unchecked and in checked mode, at the covering "
+        "shapes and at edge shapes (`tests/test_families_emulated.py`).", "", "```", *(line(r) for r in rows), "```", "",
         f"**{ok} of {ran} configs run match their reference.**", ""])
 
 
