@@ -9,9 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def revision(rev: str = "HEAD") -> str:
-    """`rev`'s short commit ("HEAD": this checkout's, "+ changes" when files other than Markdown differ
-    from it);
-    "an unknown revision" outside a git checkout."""
+    """`rev`'s short commit ("HEAD": this checkout's, "+ changes" when files other than Markdown
+    differ from it); "an unknown revision" outside a git checkout."""
     def git(*args):
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
     found = git("rev-parse", "--short", rev)
