@@ -26,7 +26,6 @@ import itertools
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from metalforge.plotting import figure, write_report
 from metalforge import engine
 from metalforge.engine.engine import PREFILL_CHUNK
 from metalforge.files import write_atomic, write_section
-from metalforge.provenance import revision
+from metalforge.provenance import command, revision
 
 # MLX's CPU quantized matmul in half precision is 10-50x slower than in float32: when mlx-lm needs
 # more than this for the shortest prompt's first token, its longer contexts and batches are not run
@@ -293,7 +292,7 @@ def main():
 
     data = {"device": mx.default_device().type.name, "decode_tokens": args.decode_tokens,
             "batch_prompt_tokens": args.batch_prompt, "results": results,
-            "command": "python benchmarks/engine_decode.py" + "".join(f" {a}" for a in sys.argv[1:]),
+            "command": command(),
             "revision": revision(), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "cores": os.cpu_count(),
             "machine": f"{platform.system()} {platform.machine()}", "seconds": time.perf_counter() - started,
             "model_types": args.model_types.split(","), "prefill_chunk": PREFILL_CHUNK}

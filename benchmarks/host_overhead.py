@@ -177,7 +177,7 @@ def main() -> int:
         return 0
     # this tree only from here: the earlier revision may have neither module
     from metalforge.files import write_section
-    from metalforge.provenance import revision
+    from metalforge.provenance import command, revision
 
     calls = planned_calls()
     now = measure(calls)
@@ -189,11 +189,10 @@ def main() -> int:
     lines = table(now, before, rev)
     print("\n".join(lines))
     if args.out:
-        command = f"python benchmarks/host_overhead.py{f' --previous {args.previous}' if rev else ''} --out {args.out}"
         beside = (f"Beside revision {rev}, run from `git archive` in a process of its own (\"-\": that revision "
                   "has no family for the call, or refuses its shape). ") if rev else ""
         write_section(args.out, HEADING, SECTION.format(heading=HEADING, context=CONTEXT, device=DEVICE,
-                                                        revision=revision(), beside=beside, command=command,
+                                                        revision=revision(), beside=beside, command=command(),
                                                         table="\n".join(lines)))
         print(f"written: {args.out}")
     return 0

@@ -11,7 +11,6 @@ formula, and what a 4 GiB KV budget holds.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +18,7 @@ import mlx.core as mx
 from metalforge.engine.kv.quantized import QuantizedStorage
 from metalforge.engine.kv.storage import DenseStorage
 from metalforge.files import write_section
-from metalforge.provenance import revision
+from metalforge.provenance import command, revision
 
 SHAPES = {"8B llama (32 x 8 x 128)": (32, 8, 128), "small (2 x 2 x 64)": (2, 2, 64)}
 BLOCKS, BLOCK = 4, 16
@@ -69,9 +68,8 @@ def main() -> None:
     for name, label, per, share, tokens in table:
         print(f"{name:26} {label:>14} {per:12.0f} {share:10.1%} {tokens:16d}")
     if args.out:
-        command = "python benchmarks/kv_memory.py" + "".join(f" {a}" for a in sys.argv[1:])
         lines = [f"| {name} | {label} | {per:,.0f} | {share:.1%} | {tokens:,} |" for name, label, per, share, tokens in table]
-        write_section(args.out, HEADING, SECTION.format(heading=HEADING, command=command, revision=revision(),
+        write_section(args.out, HEADING, SECTION.format(heading=HEADING, command=command(), revision=revision(),
                                                         rows="\n".join(lines)))
         print(f"wrote {args.out}: {HEADING}")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import mlx.core as mx
 
 from metalforge import engine
 from metalforge.files import write_section
-from metalforge.provenance import revision
+from metalforge.provenance import command, revision
 from metalforge.testing import write_model
 
 HEADING = "Sliding KV over a long decode"
@@ -75,9 +74,8 @@ def main() -> None:
                     start = now
             print(f"active memory spread over the run: {(max(active) - min(active)) / 2**10:.1f} KiB")
     if a.out:
-        command = "python benchmarks/kv_window.py" + "".join(f" {x}" for x in sys.argv[1:])
         write_section(a.out, HEADING, SECTION.format(
-            heading=HEADING, command=command, revision=revision(), machine=f"{platform.system()} {platform.machine()}",
+            heading=HEADING, command=command(), revision=revision(), machine=f"{platform.system()} {platform.machine()}",
             device="CPU" if device == "mlx" and not mx.metal.is_available() else device, tokens=a.tokens,
             window=a.window, pool=pool, every=a.every,
             rows="\n".join(f"| {n:,} | {mib:.3f} | {blocks} | {rate:.0f} |" for n, mib, blocks, rate in rows),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import mlx.core as mx
 
 from metalforge import engine
 from metalforge.files import write_section
-from metalforge.provenance import revision
+from metalforge.provenance import command, revision
 from metalforge.testing import write_model
 
 VOCAB = 8000
@@ -142,7 +141,7 @@ def write_doc(a, rows, plain, backend) -> None:
     heading = HEADING if (a.hidden, a.layers) == (HIDDEN, LAYERS) else f"{HEADING}: hidden {a.hidden} x {a.layers} layers"
     on_cpu = not mx.metal.is_available()
     write_section(a.out, heading, SECTION.format(
-        heading=heading, command="python benchmarks/speculative.py" + "".join(f" {x}" for x in sys.argv[1:]),
+        heading=heading, command=command(),
         revision=revision(), machine=f"{platform.system()} {platform.machine()}",
         device="CPU" if on_cpu else "Metal", where=": CPU figures, not Metal ones" if on_cpu else "",
         tokens=a.tokens, k=a.num_draft, hidden=a.hidden, layers=a.layers,

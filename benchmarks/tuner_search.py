@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 
 import optuna
 
@@ -28,7 +27,7 @@ from metalforge.tuner import defaults, protocol, shapes, study as st
 from metalforge.tuner.timers import ModelTimer
 from metalforge.files import write_section
 from metalforge.plotting import figure, write_report
-from metalforge.provenance import revision
+from metalforge.provenance import command, revision
 
 
 def model_shapes() -> dict[str, dict]:
@@ -59,13 +58,13 @@ sampler's two constants (random start, exploration rate) were chosen with this b
 """
 
 
-def section(report: dict, command: str, device: str, seeds: int, budget: int | None) -> str:
+def section(report: dict, run: str, device: str, seeds: int, budget: int | None) -> str:
     rows = [f"| {name} | {r['space']} | {r['valid']} | {r['auto']['median_trials']:g} ({r['auto']['reached']}) | "
             f"{r['random']['median_trials']:g} ({r['random']['reached']}) | {r['goal_trials']:.0f}: "
             f"{'met' if r['meets_median_goal'] else 'NOT met'} | "
             f"{'yes' if r['never_worse_than_random'] else 'no, at ' + ', '.join(map(str, r['worse_than_random_at'][:5]))} |"
             for name, r in report.items()]
-    return SECTION.format(heading=HEADING, command=command, revision=revision(), device=device, seeds=seeds,
+    return SECTION.format(heading=HEADING, command=run, revision=revision(), device=device, seeds=seeds,
                           budget=f"at most {budget} evaluations" if budget else "at most 10% of the valid configs (20 at least)",
                           tie=100 * TIE, rows="\n".join(rows))
 
@@ -156,8 +155,7 @@ def main():
     fig.suptitle(f"search efficiency on the MODELLED objective, {args.device}", fontsize=10)
     write_report(args.out, {"device": args.device, "objective": "model", "families": report}, fig)
     if args.doc:
-        command = "python benchmarks/tuner_search.py" + "".join(f" {a}" for a in sys.argv[1:])
-        write_section(args.doc, HEADING, section(report, command, args.device, args.seeds, args.budget))
+        write_section(args.doc, HEADING, section(report, command(), args.device, args.seeds, args.budget))
         print(f"wrote {args.doc}: {HEADING}")
 
 

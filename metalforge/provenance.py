@@ -1,8 +1,10 @@
-"""Where a benchmark's figures come from: the revision of this checkout they were measured at, so
-a section a script writes names it beside its command."""
+"""Where a benchmark's figures come from: the command and the revision of this checkout that
+measured them, which the section a script writes names."""
 from __future__ import annotations
 
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +23,10 @@ def revision(rev: str = "HEAD") -> str:
     if any(not line.endswith(".md") for line in changed):   # Markdown is what benchmarks write, not what they run
         return f"{commit} + changes"
     return commit
+
+
+def command() -> str:
+    """This process's command line as a reader would type it from the checkout's root."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return " ".join(["python", str(shown), *(shlex.quote(a) for a in sys.argv[1:])])

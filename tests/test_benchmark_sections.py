@@ -10,6 +10,7 @@ from pathlib import Path
 
 from metalforge import devices
 from metalforge.engine.ops import Kernels
+from metalforge.kernels import check_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,6 @@ def _pair(ours, theirs):
 
 
 def test_engine_decode_section_judges_cells_by_their_ratios(tmp_path):
-    ed = _script("engine_decode")
     # decode 1.32x (above), time to first token 2.0 s against 1.7 s (0.85x: below),
     # 8 sequences 10 against 10 tok/s (parity); 1024 tokens: mlx-lm not run
     data = {"device": "cpu", "decode_tokens": 32, "batch_prompt_tokens": 64, "command": "python benchmarks/engine_decode.py",
@@ -88,6 +88,53 @@ def test_engine_decode_section_judges_cells_by_their_ratios(tmp_path):
             "float32 4-bit time to first token at 128 (0.85x).") in " ".join(text.split())
     assert "Measured at revision abc1234 on Linux x86_64, 2 cores, MLX 0.32.4's cpu backend" in " ".join(text.split())
     assert "in 2 minutes" in text and "STALE TEXT" not in text
+
+
+def _write(script, doc, *args):
+    """Run a benchmark script writing its section into `doc`, which holds another section first."""
+    doc.write_text("# B\n\n## Other\n\nkept\n")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = doc.read_text()
+    assert text.startswith("# B\n\n## Other\n\nkept\n\n## ")
+    return " ".join(text.split())
+
+
+def test_kv_memory_section_holds_the_layouts_bytes(tmp_path):
+    text = _write("kv_memory", tmp_path / "b.md", "--out", str(tmp_path / "b.md"))
+    # per token, K and V of 32 layers x 8 heads: 128 float16 values, or codes plus a float16
+    # scale and bias per group
+    assert "| 8B llama (32 x 8 x 128) | float16 | 131,072 | 100.0% | 32,768 |" in text      # 2*256*128*2
+    assert "| 8B llama (32 x 8 x 128) | 8-bit, group 64 | 69,632 | 53.1% |" in text          # 2*256*(128+2*2*2)
+    assert "| 8B llama (32 x 8 x 128) | 4-bit, group 32 | 40,960 | 31.2% |" in text          # 2*256*(64+4*2*2)
+
+
+def test_tuner_search_section_counts_the_space_it_searched(tmp_path):
+    doc = tmp_path / "b.md"
+    text = _write("tuner_search", doc, "--families", "qmv", "--seeds", "2", "--budget", "20",
+                  "--out", str(tmp_path / "ts"), "--doc", str(doc))
+    shape = _script("tuner_search").model_shapes()["qmv"]
+    valid, space = check_space("qmv", shape, "float16", "m3-max-40")
+    assert f"| qmv | {space.total} | {space.valid} |" in text
+    assert f"{0.05 * space.valid:.0f}: met" in text or f"{0.05 * space.valid:.0f}: NOT met" in text
+    assert "the same 2 seeds, each search at most 20 evaluations" in text
+
+
+def test_kv_window_section_shows_the_window_bounds_the_pool(tmp_path):
+    doc = tmp_path / "b.md"
+    text = _write("kv_window", doc, "--tokens", "300", "--window", "64", "--every", "100", "--out", str(doc))
+    blocks = [int(b) for b in re.findall(r"\| (?:100|200|300) \| [\d.]+ \| (\d+) \|", text)]
+    # a window of 64 spans at most 5 blocks of 16, plus the block holding the 4 sink positions
+    assert len(blocks) == 3 and max(blocks) <= 6
+
+
+def test_speculative_section_decodes_the_plain_tokens_in_every_row(tmp_path):
+    doc = tmp_path / "b.md"
+    text = _write("speculative", doc, "--tokens", "8", "--hidden", "256", "--layers", "1", "--out", str(doc))
+    assert "## Speculative decoding: hidden 256 x 1 layers" in text
+    rows = re.findall(r"\| (plain|draft: [^|]+|prompt lookup n=3) \|[^|]+\|[^|]+\|[^|]+\|[^|]+\| (\w+) \|", text)
+    assert len(rows) == 4 and all(same == "yes" for _, same in rows), rows
 
 
 def test_readme_starts_with_the_install_and_test_commands_ci_runs():
