@@ -168,13 +168,14 @@ mlx-lm's; seconds and memory mlx-lm's over ours).{notes}
 {tables}
 {verdict}
 
-Where it comes from: on a CPU the engine splits linear layers by output rows across the cores and
-dequantizes for many rows (docs/engine.md, "On a CPU"); decoding is pipelined and reads the KV
-pool in place; prompts are prefilled {chunk} tokens at a time into a pool sized at load, which
-bounds peak memory.{experts} mlx-lm is "not run" for a model whose shortest prompt took it over
-{slow:g} s to the first token (MLX's CPU quantized matmul in half precision; on a CPU the engine
-computes such models in float32): its longer prompts would take hours.
+Where it comes from: {cpu}decoding is pipelined and reads the KV pool in place; prompts are
+prefilled {chunk} tokens at a time into a pool sized at load, which bounds peak memory.{experts}
+mlx-lm is "not run" for a model whose shortest prompt took it over {slow:g} s to the first token
+(MLX's CPU quantized matmul in half precision; on a CPU the engine computes such models in
+float32): its longer prompts would take hours.
 """
+ON_CPU = ("on a CPU the engine splits linear layers by output rows across the cores and dequantizes for many "
+          "rows (docs/engine.md, \"On a CPU\"); ")
 MODELS = {"llama": "llama: 4 layers, hidden 512, 8 heads of 64, 2 KV heads, MLP 1408, vocabulary 32000",
           "qwen3_moe": "qwen3_moe: the same, with 8 experts of MLP 704, 2 a token, in every layer"}
 
@@ -249,12 +250,12 @@ def section(data) -> tuple[str, str]:
     notes = "".join(f" {n}" for n in data.get("notes", ()))
     where = "" if data["device"] == "gpu" else ": these are CPU numbers, not Metal ones"
     experts = (" The expert layers run MLX's `gather_qmm` on the CPU on both sides, as mlx-lm's do."
-               if "qwen3_moe" in types else "")
+               if "qwen3_moe" in types and data["device"] == "cpu" else "")
     return heading, SECTION.format(
         heading=heading, command=data["command"], mlx_lm=data["mlx_lm"], models="; ".join(MODELS[t] for t in types),
         decode=data["decode_tokens"], took=_took(data.get("seconds")), revision=data["revision"], machine=data["machine"],
         device=data["device"], mlx=data["mlx"],
-        cores=data["cores"], where=where, notes=notes, tables=markdown(data), verdict=verdict(data),
+        cores=data["cores"], where=where, notes=notes, cpu=ON_CPU if data["device"] == "cpu" else "", tables=markdown(data), verdict=verdict(data),
         chunk=data["prefill_chunk"], experts=experts, slow=SLOW_TTFT_S)
 
 

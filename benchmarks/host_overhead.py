@@ -86,18 +86,19 @@ def _op_call(kernels, call: dict, device):
     except MetalforgeError:
         return None
     if hasattr(kernels, "decide"):
-        def choose():
+        def choose():   # (config, shape): the config is None where MLX's op serves the call
             d = kernels.decide(call["op"], call["values"], "float16")
-            return d.shape, d.config
+            return d.config, d.shape
     else:   # before the op layer: the engine chose by family name
         def choose():
-            return kernels._choose(call["family"], call["shape"], "float16")[:2]
+            shape, config, _ = kernels._choose(call["family"], call["shape"], "float16")
+            return config, shape
     if choose()[0] is None:
         return None
     if hasattr(fam, "built"):   # cached: many repeats
-        return lambda: fam.built(*choose()[::-1], "float16", "emulator", device), 2000
+        return lambda: fam.built(*choose(), "float16", "emulator", device), 2000
     return lambda: [backends.kernel(launch.kernel, "emulator", device)
-                    for launch in fam.launches(*choose()[::-1], "float16")], 50
+                    for launch in fam.launches(*choose(), "float16")], 50
 
 
 def measure(calls: list[dict]) -> dict:
