@@ -29,6 +29,7 @@ import mlx.core as mx
 
 from metalforge.engine import dispatches
 from metalforge.files import write_section
+from metalforge.provenance import revision
 
 SIDES = ("ours (metal)", "ours (mlx)", "mlx-lm")
 
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     print(line)
     if args.out:
         command = " ".join(["python benchmarks/dispatch_count.py"] + (argv if argv is not None else sys.argv[1:]))
-        write_section(args.out, HEADING, SECTION.format(heading=HEADING, command=command, chunk=args.chunk,
+        write_section(args.out, HEADING, SECTION.format(heading=HEADING, command=command, revision=revision(), chunk=args.chunk,
                                                         context=args.context, rows="\n".join(table), line=line))
     return 0
 
@@ -139,7 +140,7 @@ Metal kernels a Mac would launch per decoder layer, counted on MLX's graph (each
 primitive, `mx.fast` op and `metal_kernel` call once; views none: `engine/dispatches.py`), for
 one decode step after {context} tokens and one prefill chunk of {chunk}: the engine's Metal path
 (our kernels), its MLX path, and mlx-lm on the same mlx-lm-built folders. Counts, not times.
-Written by `{command}`; the script also prints each pass's kernels per token and outside the
+Written by `{command}` at revision {revision}; the script also prints each pass's kernels per token and outside the
 layers, and ours minus mlx-lm's by kind.
 
 | model | decode: ours (Metal path) | decode: ours (MLX path) | decode: mlx-lm | prefill: ours (Metal path) | prefill: mlx-lm | host syncs per forward (ours) |

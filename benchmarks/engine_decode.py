@@ -6,6 +6,11 @@ token too) and writes JSON and a PNG.
 
     python benchmarks/engine_decode.py [--contexts 128,1024,4096,8192] [--dtypes float32,float16,bfloat16]
                                        [--quantized yes,no] [--batches 8,32] [--linear]
+                                       [--doc docs/benchmarks.md] [--report OUT.json]
+
+`--doc` writes the tables, with the words that explain them (SECTION), into that Markdown file's
+"Engine speed against mlx-lm" section (a run with another model type into a section of its own);
+`--report` writes OUT.md and that section again from an earlier run's JSON.
 
 The models are random-weight llamas written in the exact mlx-lm format (4 layers, hidden 512, 8
 heads of 64, 2 KV heads, MLP 1408, vocabulary 32000; quantized: 4-bit, group 64); with
@@ -19,6 +24,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +36,9 @@ from metalforge.engine import speed
 from metalforge.testing import write_model
 from metalforge.plotting import figure, write_report
 from metalforge import engine
+from metalforge.engine.engine import PREFILL_CHUNK
+from metalforge.files import write_atomic, write_section
+from metalforge.provenance import command, revision
 
 # MLX's CPU quantized matmul in half precision is 10-50x slower than in float32: when mlx-lm needs
 # more than this for the shortest prompt's first token, its longer contexts and batches are not run
@@ -145,18 +155,45 @@ def plot(results, out):
     return fig
 
 
+HEADING = "Engine speed against mlx-lm"
+SECTION = """## {heading}
+
+`{command}` runs the engine and mlx-lm {mlx_lm} side by side in one process on the same
+random-weight folders written in mlx-lm's format ({models}; 4-bit group 64, or dense), {decode}
+decoded tokens per prompt{took}. **Measured at revision {revision} on {machine}, {cores} cores,
+MLX {mlx}'s {device} backend{where}.** Each cell is one run; on a shared machine runs differ by up to about 15%, so
+ratios within 0.9-1.1 are parity. Each ratio above 1 favours metalforge (tokens/s ours over
+mlx-lm's; seconds and memory mlx-lm's over ours).{notes}
+
+{tables}
+{verdict}
+
+Where it comes from: {cpu}decoding is pipelined and reads the KV pool in place; prompts are
+prefilled {chunk} tokens at a time into a pool sized at load, which bounds peak memory.{experts}
+mlx-lm is "not run" for a model whose shortest prompt took it over {slow:g} s to the first token
+(MLX's CPU quantized matmul in half precision; on a CPU the engine computes such models in
+float32): its longer prompts would take hours.
+"""
+ON_CPU = ("on a CPU the engine splits linear layers by output rows across the cores and dequantizes for many "
+          "rows (docs/engine.md, \"On a CPU\"); ")
+MODELS = {"llama": "llama: 4 layers, hidden 512, 8 heads of 64, 2 KV heads, MLP 1408, vocabulary 32000",
+          "qwen3_moe": "qwen3_moe: the same, with 8 experts of MLP 704, 2 a token, in every layer"}
+
+
+def _cell_ratio(ours, theirs, key, invert):
+    return theirs[key] / ours[key] if invert else ours[key] / theirs[key]
+
+
 def markdown(data) -> str:
     """The report's tables: per model, ours vs mlx-lm and the ratio (above 1: ours is faster)."""
     def cell(ours, theirs, key, invert=False, fmt="{:.1f}"):
         if key not in theirs:
             return f"{fmt.format(ours[key])} vs not run"
-        ratio = theirs[key] / ours[key] if invert else ours[key] / theirs[key]
-        return f"{fmt.format(ours[key])} vs {fmt.format(theirs[key])} (**{ratio:.2f}x**)"
+        return f"{fmt.format(ours[key])} vs {fmt.format(theirs[key])} (**{_cell_ratio(ours, theirs, key, invert):.2f}x**)"
     results = data["results"]
     contexts = list(next(iter(results.values()))["contexts"])
     batches = list(next(iter(results.values()))["batches"])
-    out = [f"Measured on {data['device']} by `python benchmarks/engine_decode.py`; each ratio above 1 favours "
-           "metalforge (tokens/s ours over mlx-lm's, seconds and memory mlx-lm's over ours).", ""]
+    out = []
     for title, key, invert, fmt in (("Decode tokens/s", "decode_tokens_per_s", False, "{:.1f}"),
                                     ("Time to first token, seconds", "ttft_s", True, "{:.2f}")):
         out += [f"{title} at each context length (metalforge vs mlx-lm):", "",
@@ -179,6 +216,49 @@ def markdown(data) -> str:
     return "\n".join(out) + "\n"
 
 
+def verdict(data) -> str:
+    """The cells below parity (under 0.9x), named; else how many are at parity and above it."""
+    below, counts = [], {"below": 0, "parity": 0, "above": 0}
+    for name, r in data["results"].items():
+        cells = [(f"decode at {c}", r["contexts"][c], "decode_tokens_per_s", False) for c in r["contexts"]]
+        cells += [(f"time to first token at {c}", r["contexts"][c], "ttft_s", True) for c in r["contexts"]]
+        cells += [(f"{b} sequences", r["batches"][b], "tokens_per_s", False) for b in r["batches"]]
+        for what, pair, key, invert in cells:
+            if key not in pair["mlx_lm"]:
+                continue
+            ratio = _cell_ratio(pair["metalforge"], pair["mlx_lm"], key, invert)
+            kind = "below" if ratio < 0.9 else "parity" if ratio <= 1.1 else "above"
+            counts[kind] += 1
+            if kind == "below":
+                below.append(f"{name} {what} ({ratio:.2f}x)")
+    total = sum(counts.values())
+    words = (f"Of {total} cells run on both sides, {counts['above']} favour metalforge beyond 1.1x, "
+             f"{counts['parity']} are at parity and {counts['below']} are below it")
+    return words + (": " + "; ".join(below) + "." if below else ".")
+
+
+def _took(seconds) -> str:
+    if seconds is None:   # a run published before runs were timed
+        return ""
+    return f", in {seconds / 60:.0f} minutes" if seconds >= 90 else f", in {seconds:.0f} s"
+
+
+def section(data) -> tuple[str, str]:
+    """(heading, the section's Markdown) for a run's JSON: its tables and the words around them."""
+    types = data.get("model_types", ["llama"])
+    heading = HEADING if types == ["llama"] else f"{HEADING}: {', '.join(types)}"
+    notes = "".join(f" {n}" for n in data.get("notes", ()))
+    where = "" if data["device"] == "gpu" else ": these are CPU numbers, not Metal ones"
+    experts = (" The expert layers run MLX's `gather_qmm` on the CPU on both sides, as mlx-lm's do."
+               if "qwen3_moe" in types and data["device"] == "cpu" else "")
+    return heading, SECTION.format(
+        heading=heading, command=data["command"], mlx_lm=data["mlx_lm"], models="; ".join(MODELS[t] for t in types),
+        decode=data["decode_tokens"], took=_took(data.get("seconds")), revision=data["revision"], machine=data["machine"],
+        device=data["device"], mlx=data["mlx"],
+        cores=data["cores"], where=where, notes=notes, cpu=ON_CPU if data["device"] == "cpu" else "", tables=markdown(data), verdict=verdict(data),
+        chunk=data["prefill_chunk"], experts=experts, slow=SLOW_TTFT_S)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="128,1024,4096,8192")
@@ -189,16 +269,19 @@ def main():
     ap.add_argument("--batch-prompt", type=int, default=64)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--linear", action="store_true", help="print the CPU linear-layer measurements and stop")
-    ap.add_argument("--out", default="benchmarks/results/engine_decode")
-    ap.add_argument("--report", metavar="JSON", help="write OUT.md from an earlier run's JSON and stop")
+    ap.add_argument("--out", default="benchmarks/results/engine_decode", help="OUT.json, OUT.png and OUT.md")
+    ap.add_argument("--doc", type=Path, help=f"also write the tables into this Markdown file's '{HEADING}' section "
+                                             "(docs/benchmarks.md)")
+    ap.add_argument("--report", metavar="JSON", help="write OUT.md (and --doc's section) from an earlier run's "
+                                                     "JSON and stop")
     args = ap.parse_args()
     if args.linear:
         return linear_table()
     if args.report:
-        return write_markdown(args.out, json.loads(Path(args.report).read_text()))
+        return write_markdown(args.out, json.loads(Path(args.report).read_text()), args.doc)
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",") if b]
-    results = {}
+    results, started = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for model_type, dtype, q in itertools.product(args.model_types.split(","), args.dtypes.split(","),
                                                       args.quantized.split(",")):
@@ -206,18 +289,29 @@ def main():
             print(f"{name} (metalforge vs mlx-lm on {mx.default_device()}):", flush=True)
             folder = model(Path(tmp), dtype, q == "yes", max(contexts) + args.decode_tokens + 128, model_type)
             results[name] = run_variant(folder, contexts, batches, args.decode_tokens, args.batch_prompt)
-    data = {"device": str(mx.default_device()), "decode_tokens": args.decode_tokens,
-            "batch_prompt_tokens": args.batch_prompt, "results": results}
+    import mlx_lm
+
+    data = {"device": mx.default_device().type.name, "decode_tokens": args.decode_tokens,
+            "batch_prompt_tokens": args.batch_prompt, "results": results,
+            "command": command(),
+            "revision": revision(), "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "cores": os.cpu_count(),
+            "machine": f"{platform.system()} {platform.machine()}", "seconds": time.perf_counter() - started,
+            "model_types": args.model_types.split(","), "prefill_chunk": PREFILL_CHUNK}
     write_report(args.out, data, plot(results, args.out))
-    write_markdown(args.out, data)
+    write_markdown(args.out, data, args.doc)
 
 
-def write_markdown(out, data):
+def write_markdown(out, data, doc=None):
+    """OUT.md, and `doc`'s section where given: the same text."""
     data = {**data, "results": {name: {part: {int(k): v for k, v in r[part].items()} for part in ("contexts", "batches")}
                                 for name, r in data["results"].items()}}   # JSON turned the sizes into strings
+    heading, text = section(data)
     path = Path(out).with_suffix(".md")
-    path.write_text(markdown(data))
+    write_atomic(path, text)
     print(f"wrote {path}")
+    if doc:
+        write_section(doc, heading, text)
+        print(f"wrote {doc}: {heading}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ are valid, how many ran, how many matched within the family's tolerance (and bit
 the largest error.
 
     python benchmarks/sweep_families.py [--dtype float32] [--families qmm,prefill_attention]
-                                        [--whole-up-to 1000] [--strength 3] [--plan] [--write]
-                                        [--out benchmarks/results/sweep]
+                                        [--whole-up-to 1000] [--strength 3] [--plan]
+                                        [--out benchmarks/results/sweep] [--doc docs/benchmarks.md]
 
 A shape whose valid configs number at most --whole-up-to runs every one of them. A larger space
 (prefill's 153,600 configs, 9,000-12,000 valid at a shape, at about a second a compile on two
@@ -14,7 +14,8 @@ take every combination of that many tunables' values any valid config takes. Pre
 shapes (issue 22 item 1: one token, lengths on and one past every query-tile boundary, the largest
 tails, a cached prefix on a tile boundary, B=1 and B>1) run an all-pairs array drawn from the
 configs already compiled for their kernel (lengths are run-time values: no new compiles).
---plan prints the counts without running; --write puts the summary into docs/benchmarks.md.
+--plan prints the counts without running; --doc puts the summary into that Markdown file's
+"Family sweep" section.
 
 Bit for bit is reported, not required: a config's summation order differs from the reference's
 (SIMD-group trees, split-K merges), so float results agree to rounding, not to the bit."""
@@ -35,8 +36,7 @@ from metalforge.files import write_atomic, write_section
 from metalforge.kernels import check
 from metalforge.kernels.covering import covering_array
 from metalforge.kernels.families import get as get_family
-
-ROOT = Path(__file__).resolve().parent.parent
+from metalforge.provenance import command, revision
 
 
 @dataclass(frozen=True)
@@ -134,14 +134,15 @@ def summary(rows: list[dict], args, seconds: float) -> str:
     ok = sum(r["matched"] for r in rows)
     return "\n".join([
         "## Family sweep", "",
-        f"Written by `python benchmarks/sweep_families.py --dtype {args.dtype} --whole-up-to {args.whole_up_to} "
-        f"--strength {args.strength}{' --families ' + args.families if args.families else ''} --write` "
-        f"({DEVICE}'s limits, emulator, {seconds / 60:.0f} minutes on two shared cores, kernels an earlier "
+        f"Written by `{command()}` at revision {revision()} ({DEVICE}'s limits, emulator, {seconds / 60:.0f} minutes on two shared cores, kernels an earlier "
         "run compiled taken from the emulator's cache). Per shape: the "
         "configs of the space, the valid ones, which of them ran (every valid one, or a covering array: "
         "every combination of 2 or 3 tunables' values some valid config takes) and how many matched the "
         "family's MLX reference within its tolerance. Edge shapes run all pairs of the configs compiled "
-        "for their kernel.", "", "```", *(line(r) for r in rows), "```", "",
+        f"for their kernel. A shape with at most {args.whole_up_to} valid configs runs them all, a larger one "
+        f"a covering array of strength {args.strength} (`kernels/covering.py`). CI runs, per family, configs "
+        "that between them take every value of every tunable, unchecked and in checked mode, at the covering "
+        "shapes and at edge shapes (`tests/test_families_emulated.py`).", "", "```", *(line(r) for r in rows), "```", "",
         f"**{ok} of {ran} configs run match their reference.**", ""])
 
 
@@ -152,8 +153,9 @@ def main():
     ap.add_argument("--whole-up-to", type=int, default=1000, help="run every valid config up to this many")
     ap.add_argument("--strength", type=int, default=3, help="covering array strength above that")
     ap.add_argument("--plan", action="store_true", help="print the counts, run nothing")
-    ap.add_argument("--write", action="store_true", help="put the summary into docs/benchmarks.md")
-    ap.add_argument("--out", default="benchmarks/results/sweep")
+    ap.add_argument("--out", default="benchmarks/results/sweep", help="OUT.json")
+    ap.add_argument("--doc", help="also put the summary into this Markdown file's 'Family sweep' section "
+                                  "(docs/benchmarks.md)")
     args = ap.parse_args()
     names = args.families.split(",") if args.families else list(SHAPES)
     unknown = [n for n in names if n not in SHAPES]
@@ -174,8 +176,8 @@ def main():
     write_atomic(out, json.dumps({"device_limits": DEVICE, "seconds": seconds, "rows": rows}, indent=2))
     text = summary(rows, args, seconds)
     print(text)
-    if args.write:
-        write_section(ROOT / "docs" / "benchmarks.md", "Family sweep", text)
+    if args.doc:
+        write_section(args.doc, "Family sweep", text)
     raise SystemExit(0 if all(r["matched"] == r["run"] for r in rows) else 1)
 
 

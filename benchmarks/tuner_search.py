@@ -3,6 +3,10 @@ of the model objective, against random search, for every family an 8B-class mode
 (side by side, same seeds, one run).
 
     python benchmarks/tuner_search.py --device m3-max-40 --seeds 64 --out benchmarks/results/tuner_search
+                                      [--doc docs/benchmarks.md]
+
+`--doc` writes the table, with the words that explain it (SECTION), into that Markdown file's
+"Tuner search" section.
 
 A trial counts when its config was evaluated: repeats reuse an earlier outcome, and configs over a
 device limit are pruned before anything is compiled (microseconds, where an evaluation on a Mac
@@ -12,6 +16,7 @@ within 5% of the valid configs, and the mean gap is never worse than random sear
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import optuna
@@ -20,7 +25,9 @@ from metalforge.kernels import check_space
 from metalforge.kernels.families import get as get_family
 from metalforge.tuner import defaults, protocol, shapes, study as st
 from metalforge.tuner.timers import ModelTimer
+from metalforge.files import write_section
 from metalforge.plotting import figure, write_report
+from metalforge.provenance import command, revision
 
 
 def model_shapes() -> dict[str, dict]:
@@ -31,6 +38,35 @@ def model_shapes() -> dict[str, dict]:
 
 
 TIE = 0.005   # mean gaps closer than half a percent of the optimum are a tie
+HEADING = "Tuner search"
+SECTION = """## {heading}
+
+Written by `{command}` at revision {revision}, on {device}'s profile, MODELLED objective. Per family,
+at the first kernel shape of the 8B-class model's op plan (decode at 4,096 tokens over the engine's
+paged pool, a 512-token prompt): how many configs the default sampler evaluates before it comes
+within 5% of the exhaustive optimum of the modelled objective, against random search with the
+same {seeds} seeds, each search {budget}. A trial counts when its config was evaluated: repeats
+reuse an earlier outcome and configs over a device limit are pruned before anything compiles. A
+seed that never gets there counts as the whole budget. The goals: the median within 5% of the
+valid configs, and a mean gap to the optimum never worse than random search's at any budget
+(gaps within {tie:g}% of the optimum tie: the model's own error is far larger). The default
+sampler's two constants (random start, exploration rate) were chosen with this benchmark.
+
+| family | configs | valid | default sampler: median (seeds reaching 5%) | random: median (seeds reaching 5%) | goal: median <= | mean gap never worse than random |
+|---|---:|---:|---:|---:|---:|---|
+{rows}
+"""
+
+
+def section(report: dict, run: str, device: str, seeds: int, budget: int | None) -> str:
+    rows = [f"| {name} | {r['space']} | {r['valid']} | {r['auto']['median_trials']:g} ({r['auto']['reached']}) | "
+            f"{r['random']['median_trials']:g} ({r['random']['reached']}) | {r['goal_trials']:.0f}: "
+            f"{'met' if r['meets_median_goal'] else 'NOT met'} | "
+            f"{'yes' if r['never_worse_than_random'] else 'no, at ' + ', '.join(map(str, r['worse_than_random_at'][:5]))} |"
+            for name, r in report.items()]
+    return SECTION.format(heading=HEADING, command=run, revision=revision(), device=device, seeds=seeds,
+                          budget=f"at most {budget} evaluations" if budget else "at most 10% of the valid configs (20 at least)",
+                          tie=100 * TIE, rows="\n".join(rows))
 
 
 def trials_to_reach(values: list[float], goal: float) -> int | None:
@@ -61,11 +97,18 @@ def main():
     ap.add_argument("--device", default="m3-max-40")
     ap.add_argument("--seeds", type=int, default=64)
     ap.add_argument("--budget", type=int, help="evaluated configs per search (default: 10%% of the valid ones)")
-    ap.add_argument("--out", default="benchmarks/results/tuner_search")
+    ap.add_argument("--families", help="comma-separated families (default: every family the op plan runs)")
+    ap.add_argument("--out", default="benchmarks/results/tuner_search", help="OUT.json and OUT.png")
+    ap.add_argument("--doc", help=f"also write the table into this Markdown file's '{HEADING}' section "
+                                  "(docs/benchmarks.md)")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     report = {}
-    for name, values in model_shapes().items():
+    planned = model_shapes()
+    wanted = args.families.split(",") if args.families else list(planned)
+    if unknown := [f for f in wanted if f not in planned]:
+        ap.error(f"the 8B-class model's op plan runs no {unknown[0]}; it runs {', '.join(planned)}")
+    for name, values in ((f, planned[f]) for f in wanted):
         fam = get_family(name)
         shape = fam.shape(values)
         valid, space = check_space(fam, shape, "float16", args.device)
@@ -84,7 +127,8 @@ def main():
                                                for i in range(budget)]}
         ours, rnd = row["auto"], row["random"]
         row["goal_trials"] = goal
-        row["meets_median_goal"] = ours["median_trials"] <= goal
+        # misses count as never: a budget under the goal cannot meet it by running out
+        row["meets_median_goal"] = statistics.median(h or math.inf for h in ours["hits"]) <= goal
         # within half a percent of the optimum the two are tied: the model's own stated error is
         # 7-8%, so a smaller gap between modelled times says nothing
         worse = [i + 1 for i, (a, b) in enumerate(zip(ours["mean_gap_curve"], rnd["mean_gap_curve"])) if a > b + TIE]
@@ -96,8 +140,8 @@ def main():
               f"random median {rnd['median_trials']} (reached on {rnd['reached']} seeds)   goal <= {goal:.0f}: "
               f"{'met' if row['meets_median_goal'] else 'NOT met'}; mean gap never worse than random: "
               f"{'yes' if row['never_worse_than_random'] else 'NO, at ' + str(worse)}")
-    fig, axes = figure(1, len(report), figsize=(4 * len(report), 3.2))
-    for ax, (name, row) in zip(axes, report.items()):
+    fig, axes = figure(1, len(report), figsize=(4 * len(report), 3.2), squeeze=False)
+    for ax, (name, row) in zip(axes[0], report.items()):
         for sampler, color in (("auto", "#4c72b0"), ("random", "#dd8452")):
             curve = [100 * g for g in row[sampler]["mean_gap_curve"]]
             ax.plot(range(1, len(curve) + 1), curve, color=color, label=sampler)
@@ -110,6 +154,9 @@ def main():
         ax.legend(fontsize=8)
     fig.suptitle(f"search efficiency on the MODELLED objective, {args.device}", fontsize=10)
     write_report(args.out, {"device": args.device, "objective": "model", "families": report}, fig)
+    if args.doc:
+        write_section(args.doc, HEADING, section(report, command(), args.device, args.seeds, args.budget))
+        print(f"wrote {args.doc}: {HEADING}")
 
 
 if __name__ == "__main__":
