@@ -1,0 +1,76 @@
+"""The whole-model check (engine/whole_model.py): a published decode point priced as mlx-lm's step
+of its model's config.json, against the same step counted by hand, and the fit of its two
+constants recovering the ones that made synthetic speeds."""
+import dataclasses
+
+import pytest
+
+from metalforge.engine import step_price, whole_model
+from metalforge.engine.step_price import Cost
+from metalforge.kernels import model_measurements
+from metalforge.kernels.timing import fit, mlx_jobs
+
+pytestmark = pytest.mark.usefixtures("mlx_kernel_headers")
+
+
+@pytest.fixture(scope="module")
+def points():
+    return model_measurements.load_points()
+
+
+def _point(points, **match):
+    return next(p for p in points if all(getattr(p, k) == v for k, v in match.items()))
+
+
+def test_a_llama_step_is_its_projections_attention_head_and_other_dispatches_by_hand(points):
+    """LLaMA-7B (32 layers, 32 heads of 128, MLP 11008, vocabulary 32000) at 4 bits after 512
+    tokens, hand-listed: per layer q, k, v, o (4096 x 4096), gate and up (11008 x 4096), down
+    (4096 x 11008) and attention over 512 keys; the LM head once; mlx-lm's 9 other dispatches a
+    layer and 5 outside (the embedding row's 3 gathers and dequantize, the final norm), each
+    moving 3 x 4096 fp16 values."""
+    p = _point(points, chip="m2-pro", model="llama-7b", weights="Q4_0")
+    constants = fit.shipped()["constants"]
+    dev = p.device
+
+    def job(op, shape):
+        return step_price.counted_cost(mlx_jobs.counted(op, shape, "float16", dev), dev, constants)
+
+    def mm(N, K):
+        return job("matmul", dict(M=1, N=N, K=K, bits=4, group_size=64))
+    attention = job("decode", dict(B=1, Hq=32, Hkv=32, S=512, D=128))
+    kernels = (mm(4096, 4096).times(4 * 32) + mm(11008, 4096).times(2 * 32) + mm(4096, 11008).times(32)
+               + mm(32000, 4096) + attention.times(32))
+    others = 9 * 32 + 5
+    got = whole_model.decode_step(p, constants)
+    assert got.dispatches == kernels.dispatches + others == (7 + 1 + 9) * 32 + 1 + 5
+    assert got.fixed_s == pytest.approx(kernels.fixed_s, rel=1e-9)
+    assert got.dram_s == pytest.approx(kernels.dram_s + others * 3 * 4096 * 2 / (dev.memory_bandwidth_gbs * 1e9),
+                                       rel=1e-9)
+
+
+def test_a_points_quantization_follows_its_bits_per_weight(points):
+    """4 bits below 6 bits a weight, 8 above, group 64; unquantized runs are left out with the reason."""
+    q4 = _point(points, chip="m2-ultra", model="llama-7b", weights="Q4_0", kind="decode")
+    q8 = _point(points, chip="m2-ultra", model="llama-7b", weights="Q8_0", kind="decode")
+    f16 = _point(points, chip="m2-pro", model="llama-7b", weights="F16")
+    assert whole_model.config_of(q4)["quantization"] == {"bits": 4, "group_size": 64}
+    assert whole_model.config_of(q8)["quantization"] == {"bits": 8, "group_size": 64}
+    assert whole_model.bits_per_weight(q4) == pytest.approx(3.56 * 2**30 * 8 / 6.738e9, rel=1e-3)
+    _, skipped = whole_model.rows([f16], fit.shipped()["constants"])
+    assert [why for _, why in skipped] == ["F16 weights: MLX's unquantized matmul kernels are not emulated"]
+
+
+def test_the_fit_recovers_the_constants_that_made_the_speeds(points):
+    """Steps of known parts, speeds made with a DRAM factor of 0.9 and 8 us a dispatch: the fit
+    finds both, and predicts every point exactly, held out or not."""
+    decode = list({p.chip: p for p in points if p.kind == "decode"}.values())[:6]   # six chips
+    assert len(decode) == 6
+    rows = []
+    for i, p in enumerate(decode):
+        cost = Cost(fixed_s=1e-3 * (1 + i), dram_s=4e-3 * (6 - i), dispatches=300 + 150 * i)
+        rows.append((dataclasses.replace(p, tokens_per_s=1 / cost.seconds(0.9, 8e-6)), cost))
+    dram, d = whole_model.fit(rows)
+    assert dram == pytest.approx(0.9, rel=1e-9) and d == pytest.approx(8e-6, rel=1e-9)
+    err, errs = whole_model.held_out(rows)
+    assert err == pytest.approx(0, abs=1e-9) and len(errs) == len(rows)
+    assert whole_model.predict(rows[0], dram, d) == pytest.approx(rows[0][0].tokens_per_s, rel=1e-9)
