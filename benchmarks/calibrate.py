@@ -98,7 +98,20 @@ def whole_model_report(points, constants) -> dict:
     print(f"  held-out median error (both constants fitted without the chip): {err:.1%} over {len(rows)} decode points")
     print(f"  per-dispatch cost in a step d = {d * 1e6:.2f} us; a kernel's launch fitted on kernel timings "
           f"{constants.launch * 1e6:.2f} us")
-    return {"dram": dram, "dispatch_s": d, "held_out_error": round(err, 4), "points": len(rows)}
+    prefill, left_out = whole_model.rows(points, constants, "prefill")
+    prefill_err, prefill_held = whole_model.held_out(prefill, fitted_on=rows) if prefill else (None, [])
+    print("\nprefill check (not fitted: a prompt = its chunks' kernels, MLX's, and mlx-lm's other dispatches a chunk, "
+          "priced with the decode fit's two constants, fitted without the point's chip):")
+    for (p, cost), e in zip(prefill, prefill_held):
+        print(f"  {p.chip:10} {p.model:15} {p.weights:22} {p.tokens:6} tokens, chunks of {p.chunk:4} {p.tokens_per_s:8.2f} tok/s  "
+              f"modelled {p.tokens_per_s * (1 + e):8.2f}  held-out {e:+.1%}  ({p.software})")
+    for p, why in left_out:
+        print(f"  left out: {p.chip} {p.model} {p.weights} {p.tokens} tokens: {why}")
+    if prefill:
+        print(f"  held-out median error: {prefill_err:.1%} over {len(prefill)} prefill points")
+    return {"dram": dram, "dispatch_s": d, "held_out_error": round(err, 4), "points": len(rows),
+            "prefill_held_out_error": None if prefill_err is None else round(prefill_err, 4),
+            "prefill_points": len(prefill)}
 
 
 def plot(kernel_points: list[dict]):

@@ -62,8 +62,8 @@ def small_folder(config: dict, root: Path) -> Path:
 
 class GlueCounts:
     """The dispatches of a decode step after `context` tokens that are not priced kernels,
-    counted on a small folder of `config`'s architecture (small_folder): mlx-lm's, and the
-    engine's Metal path's with the ops `Roles` names run by MLX's op (each mix counted once)."""
+    counted on a small folder of `config`'s architecture (small_folder): mlx-lm's (and of its
+    prompt chunk before that step), and the engine's Metal path's with the ops `Roles` names run by MLX's op (each mix counted once)."""
 
     def __init__(self, config: dict, context: int):
         self.context = context
@@ -72,8 +72,9 @@ class GlueCounts:
             self.folder = small_folder(config, Path(self._tmp.name))
             # one token short of the context: mlx-lm's cache grows (Full, Concatenate) once every 256
             # tokens, at a multiple of 256; the counted step is a steady one
-            layers, decode, _ = dispatches.mlx_lm_counts(self.folder, context - 1, 16)
+            layers, decode, prefill = dispatches.mlx_lm_counts(self.folder, context - 1, 16)
         self.mlx_lm = _glue_of_step(layers, decode)
+        self.mlx_lm_prefill = _glue_of_step(layers, prefill)   # a 16-token prompt chunk's
         self.roles = Roles(models.parse(json.loads((self.folder / "config.json").read_text()), "config"))
         self._ours: dict[frozenset, Glue] = {}
 

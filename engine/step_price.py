@@ -19,6 +19,7 @@ left out). Sampling is left out.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from metalforge.engine import models
@@ -64,26 +65,53 @@ def counted_cost(counted, device, constants) -> Cost:
     return Cost(float(t @ c), float(t[dram]), float(t[launch]))
 
 
-def step_ops(config: dict, context: int) -> list[tuple[str, dict, int]]:
-    """(op, sizes, times per step) of the op plan's decode ops: each linear as often as the model
-    holds it, every other op (a projection with its residual add included) once per layer."""
-    args = models.parse(config, "config")
-    cls = models.get(args.model_type)
+def _linear_times(args, cls, rows: int, head: bool) -> dict:
+    """How often a pass of `rows` rows runs each linear's sizes (the model's linears of that shape)."""
     table = cls.linears(args)
     table.pop("model.embed_tokens")
     if args.tie_word_embeddings:
         table["lm_head"] = (args.vocab_size, args.hidden_size)
+    if not head:
+        table.pop("lm_head")
     times: dict = {}
     for name, shape in table.items():
         bits, group_size, _ = args.quant_of(name)
-        key = tuple(dict(M=1, N=shape[-2], K=shape[-1], bits=bits, group_size=group_size).items())
+        key = tuple(dict(M=rows, N=shape[-2], K=shape[-1], bits=bits, group_size=group_size).items())
         times[key] = times.get(key, 0) + 1
+    return times
+
+
+def _with_times(args, plan, times: dict) -> list[tuple[str, dict, int]]:
+    """The plan's ops with how often a pass runs each: a plain linear as often as the model holds
+    it, every other op (a projection with its residual add included) once per layer."""
     out = []
-    for p in cls.op_plan(args, contexts=[context], batch=1):
+    for p in plan:
         plain = p.op == "linear" and not p.values.get("residual")   # a residual one: o_proj or down_proj, once a layer
         n = times.get(tuple(p.values.items()), 0) if plain else args.num_hidden_layers
         out.append((p.op, p.values, n))
     return out
+
+
+def step_ops(config: dict, context: int) -> list[tuple[str, dict, int]]:
+    """(op, sizes, times per step) of the op plan's decode ops after `context` tokens."""
+    args = models.parse(config, "config")
+    cls = models.get(args.model_type)
+    return _with_times(args, cls.op_plan(args, contexts=[context], batch=1), _linear_times(args, cls, 1, head=True))
+
+
+def chunk_ops(config: dict, start: int, n: int) -> list[tuple[str, dict, int]]:
+    """(op, sizes, times) of a prompt chunk of `n` tokens after `start` cached ones: the op plan's
+    prefill ops (each linear but the LM head at M = n, attention over the chunk and the keys
+    before it)."""
+    if n < 2:
+        raise MetalforgeError(f"a prompt chunk of {n} token is a decode step, not priced as a prefill chunk")
+    args = models.parse(config, "config")
+    cls = models.get(args.model_type)
+    plan = [p for p in cls.op_plan(args, prefill=[n])
+            if (p.op == "linear" and p.values["M"] == n) or (p.op == "attention" and p.values["new"] == n)]
+    plan = [dataclasses.replace(p, values=dict(p.values, context=start + n)) if p.op == "attention" else p
+            for p in plan]
+    return _with_times(args, plan, _linear_times(args, cls, n, head=False))
 
 
 def mlx_price(op: str, values: dict, device, constants) -> Cost:
@@ -142,6 +170,21 @@ def mlx_lm_parts(config: dict, context: int, device, constants, glue_counts: Glu
     kernels = sum((mlx_price(op, values, device, constants).times(n) for op, values, n in step_ops(config, context)),
                   Cost())
     return kernels, _glue_of(config, glue_counts.mlx_lm, device)
+
+
+def prefill_parts(config: dict, tokens: int, chunk: int, device, constants, glue_counts: GlueCounts) -> tuple[Cost, Cost]:
+    """(kernels, other dispatches) of mlx-lm's prefill of a `tokens`-token prompt in chunks of
+    `chunk`: per chunk its ops (chunk_ops) by MLX's real kernels, and mlx-lm's other dispatches
+    of a chunk (counted on a 16-token chunk), each moving three fp16 vectors a token."""
+    kernels, glue = Cost(), Cost()
+    g = glue_counts.mlx_lm_prefill
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        kernels += sum((mlx_price(op, values, device, constants).times(k) for op, values, k in chunk_ops(config, start, n)),
+                       Cost())
+        one = _glue_of(config, g, device)            # a chunk's dispatches, bytes of one token
+        glue += Cost(0.0, one.dram_s * n, one.dispatches)
+    return kernels, glue
 
 
 def steps(config: dict, context: int, device, glue_counts: GlueCounts) -> dict[str, Step]:

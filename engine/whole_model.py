@@ -4,7 +4,8 @@ the model's op plan, each op by MLX's real kernels, and every other dispatch of 
 with the two constants the kernel timings cannot show fitted here: the DRAM factor (the weights
 of a step are cold) and the per-dispatch cost `d` (non-negative least squares on relative error).
 One `d` for every dispatch, ours and MLX's alike, is what lets a step with fewer dispatches be
-priced fairly.
+priced fairly. A published prefill (a prompt in chunks) is priced alike, chunk by chunk
+(step_price.prefill_parts), and checked against the decode fit's constants, not fitted.
 
 A point's model is its config.json facts, read by the model's architecture (engine/models/), with
 the quantization its weights imply: MLX's 4-bit group-64 format, 8-bit where a weight takes over
@@ -44,6 +45,11 @@ def config_of(p) -> dict:
     return config
 
 
+# prefill chunks' other dispatches are counted at this context (a 16-token chunk after 47 cached
+# tokens): the count of a chunk's dispatches does not grow with its tokens or its prefix
+PREFILL_COUNTED_AT = 64
+
+
 def decode_step(p, constants) -> step_price.Cost:
     """mlx-lm's decode step of point `p` on its device, priced with the kernel fit's `constants`."""
     config = config_of(p)
@@ -52,37 +58,58 @@ def decode_step(p, constants) -> step_price.Cost:
     return kernels + glue
 
 
-def rows(points, constants) -> tuple[list, list]:
-    """([(point, step Cost)], [(point, reason)]) for the decode points, priced with the kernel
-    fit's `constants`."""
+def prefill(p, constants) -> step_price.Cost:
+    """mlx-lm's prefill of point `p`'s prompt in its chunks, priced with the kernel fit's `constants`."""
+    config = config_of(p)
+    kernels, glue = step_price.prefill_parts(config, p.tokens, p.chunk, p.device, constants,
+                                             step_glue.counts_for(config, PREFILL_COUNTED_AT))
+    return kernels + glue
+
+
+def rows(points, constants, kind: str = "decode") -> tuple[list, list]:
+    """([(point, Cost of its step or prompt)], [(point, reason)]) for the points of `kind`
+    (decode or prefill), priced with the kernel fit's `constants`."""
+    price = decode_step if kind == "decode" else prefill
     out, skipped = [], []
     for p in points:
-        if p.kind != "decode":
+        if p.kind != kind:
             continue
         try:
-            out.append((p, decode_step(p, constants)))
+            out.append((p, price(p, constants)))
         except MetalforgeError as e:
             skipped.append((p, str(e)))
     return out, skipped
 
 
+def _tokens(p) -> int:
+    """Tokens of the published step (one) or prompt."""
+    return p.tokens if p.kind == "prefill" else 1
+
+
+def _measured_s(p) -> float:
+    return _tokens(p) / p.tokens_per_s
+
+
 def fit(rows) -> tuple[float, float]:
     """(DRAM factor, per-dispatch seconds) minimising the relative error in step time, both >= 0."""
-    a = np.array([[c.dram_s * p.tokens_per_s, c.dispatches * p.tokens_per_s] for p, c in rows])
-    b = np.array([1 - c.fixed_s * p.tokens_per_s for p, c in rows])
+    a = np.array([[c.dram_s / _measured_s(p), c.dispatches / _measured_s(p)] for p, c in rows])
+    b = np.array([1 - c.fixed_s / _measured_s(p) for p, c in rows])
     dram, d = nonnegative_lstsq(a, b)
     return float(dram), float(d)
 
 
 def predict(row, dram: float, d: float) -> float:
     """Tokens per second."""
-    return 1.0 / row[1].seconds(dram, d)
+    p, cost = row
+    return _tokens(p) / cost.seconds(dram, d)
 
 
-def held_out(rows) -> tuple[float, list]:
-    """Median |predicted / measured - 1| with the two constants fitted without each point's chip."""
+def held_out(rows, fitted_on=None) -> tuple[float, list]:
+    """Median |predicted / measured - 1| with the two constants fitted on `fitted_on` (by default
+    the rows themselves) without each point's chip."""
+    basis = rows if fitted_on is None else fitted_on
     errs = []
     for row in rows:
-        dram, d = fit([r for r in rows if r[0].chip != row[0].chip])
+        dram, d = fit([r for r in basis if r[0].chip != row[0].chip])
         errs.append(predict(row, dram, d) / row[0].tokens_per_s - 1)
     return float(statistics.median(abs(e) for e in errs)), errs

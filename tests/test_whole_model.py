@@ -1,11 +1,11 @@
 """The whole-model check (engine/whole_model.py): a published decode point priced as mlx-lm's step
-of its model's config.json, against the same step counted by hand, and the fit of its two
-constants recovering the ones that made synthetic speeds."""
+of its model's config.json, and a published prompt as its chunks, against the same counted by
+hand, and the fit of its two constants recovering the ones that made synthetic speeds."""
 import dataclasses
 
 import pytest
 
-from metalforge.engine import step_price, whole_model
+from metalforge.engine import step_glue, step_price, whole_model
 from metalforge.engine.step_price import Cost
 from metalforge.kernels import model_measurements
 from metalforge.kernels.timing import fit, mlx_jobs
@@ -74,3 +74,46 @@ def test_the_fit_recovers_the_constants_that_made_the_speeds(points):
     err, errs = whole_model.held_out(rows)
     assert err == pytest.approx(0, abs=1e-9) and len(errs) == len(rows)
     assert whole_model.predict(rows[0], dram, d) == pytest.approx(rows[0][0].tokens_per_s, rel=1e-9)
+    # a prompt of 512 tokens made with the same constants: checked against the decode fit, held out by chip
+    prompt = dataclasses.replace(next(p for p in points if p.kind == "prefill"), tokens=512)
+    cost = Cost(fixed_s=0.2, dram_s=0.01, dispatches=600)
+    prompt_row = (dataclasses.replace(prompt, tokens_per_s=512 / cost.seconds(0.9, 8e-6)), cost)
+    err, _ = whole_model.held_out([prompt_row], fitted_on=rows)
+    assert err == pytest.approx(0, abs=1e-9)
+
+
+def test_a_prompt_chunk_is_the_op_plans_prefill_ops_by_hand(points):
+    """LLaMA-7B's chunk of 512 tokens after 1024 cached ones, hand-listed: per layer q, k, v, o
+    (4096 x 4096), gate and up (11008 x 4096) and down (4096 x 11008) at M = 512, attention of the
+    512 queries over 1536 keys; no LM head (mlx-lm evaluates only the cache while it prefills)."""
+    from metalforge.engine.step_price import chunk_ops
+    config = whole_model.config_of(_point(points, chip="m2-ultra", model="llama-7b", weights="Q4_0", kind="prefill"))
+    ops = {(op, v.get("N"), v.get("K"), v.get("M") or v.get("new"), v.get("context")): n
+           for op, v, n in chunk_ops(config, 1024, 512)}
+    assert ops == {("linear", 4096, 4096, 512, None): 4 * 32, ("linear", 11008, 4096, 512, None): 2 * 32,
+                   ("linear", 4096, 11008, 512, None): 32, ("attention", None, None, 512, 1536): 32}
+
+
+def test_a_prefill_is_its_chunks_kernels_and_other_dispatches_by_hand(points):
+    """A 512-token prompt in one chunk (llama.cpp's pp512 on the M2 Ultra): MLX's qmm for each
+    linear at M = 512, its causal attention over the 512 keys once a layer, and mlx-lm's other
+    dispatches of a chunk, each moving three fp16 vectors a token."""
+    p = _point(points, chip="m2-ultra", model="llama-7b", weights="Q4_0", kind="prefill", tokens=512)
+    constants = fit.shipped()["constants"]
+    dev = p.device
+
+    def job(op, shape):
+        return step_price.counted_cost(mlx_jobs.counted(op, shape, "float16", dev), dev, constants)
+
+    def mm(N, K):
+        return job("matmul", dict(M=512, N=N, K=K, bits=4, group_size=64))
+    kernels = (mm(4096, 4096).times(4 * 32) + mm(11008, 4096).times(2 * 32) + mm(4096, 11008).times(32)
+               + job("prefill", dict(B=1, Hq=32, Hkv=32, L=512, D=128, prefix=0, causal=True)).times(32))
+    config = whole_model.config_of(p)
+    glue = step_glue.counts_for(config, whole_model.PREFILL_COUNTED_AT).mlx_lm_prefill
+    others = glue.per_layer * 32 + glue.outside
+    got = whole_model.prefill(p, constants)
+    assert got.dispatches == kernels.dispatches + others
+    assert got.fixed_s == pytest.approx(kernels.fixed_s, rel=1e-9)
+    assert got.dram_s == pytest.approx(kernels.dram_s + others * 512 * 3 * 4096 * 2 / (dev.memory_bandwidth_gbs * 1e9),
+                                       rel=1e-9)
