@@ -22,6 +22,23 @@ def _point(points, **match):
     return next(p for p in points if all(getattr(p, k) == v for k, v in match.items()))
 
 
+def _mlx(op, shape, dev, constants) -> Cost:
+    """MLX's kernels for one job (kernels/timing/mlx_jobs.py), priced as in a step."""
+    return step_price.counted_cost(mlx_jobs.counted(op, shape, "float16", dev), dev, constants)
+
+
+def _matmul(M, N, K):
+    return dict(M=M, N=N, K=K, bits=4, group_size=64)
+
+
+def _llama_7b_projections(M, dev, constants) -> Cost:
+    """LLaMA-7B's 32 layers of q, k, v, o (4096 x 4096), gate and up (11008 x 4096) and down
+    (4096 x 11008) at M rows, 4-bit."""
+    return (_mlx("matmul", _matmul(M, 4096, 4096), dev, constants).times(4 * 32)
+            + _mlx("matmul", _matmul(M, 11008, 4096), dev, constants).times(2 * 32)
+            + _mlx("matmul", _matmul(M, 4096, 11008), dev, constants).times(32))
+
+
 def test_a_llama_step_is_its_projections_attention_head_and_other_dispatches_by_hand(points):
     """LLaMA-7B (32 layers, 32 heads of 128, MLP 11008, vocabulary 32000) at 4 bits after 512
     tokens, hand-listed: per layer q, k, v, o (4096 x 4096), gate and up (11008 x 4096), down
@@ -31,15 +48,8 @@ def test_a_llama_step_is_its_projections_attention_head_and_other_dispatches_by_
     p = _point(points, chip="m2-pro", model="llama-7b", weights="Q4_0")
     constants = fit.shipped()["constants"]
     dev = p.device
-
-    def job(op, shape):
-        return step_price.counted_cost(mlx_jobs.counted(op, shape, "float16", dev), dev, constants)
-
-    def mm(N, K):
-        return job("matmul", dict(M=1, N=N, K=K, bits=4, group_size=64))
-    attention = job("decode", dict(B=1, Hq=32, Hkv=32, S=512, D=128))
-    kernels = (mm(4096, 4096).times(4 * 32) + mm(11008, 4096).times(2 * 32) + mm(4096, 11008).times(32)
-               + mm(32000, 4096) + attention.times(32))
+    kernels = (_llama_7b_projections(1, dev, constants) + _mlx("matmul", _matmul(1, 32000, 4096), dev, constants)
+               + _mlx("decode", dict(B=1, Hq=32, Hkv=32, S=512, D=128), dev, constants).times(32))
     others = 9 * 32 + 5
     got = whole_model.decode_step(p, constants)
     assert got.dispatches == kernels.dispatches + others == (7 + 1 + 9) * 32 + 1 + 5
@@ -101,14 +111,8 @@ def test_a_prefill_is_its_chunks_kernels_and_other_dispatches_by_hand(points):
     p = _point(points, chip="m2-ultra", model="llama-7b", weights="Q4_0", kind="prefill", tokens=512)
     constants = fit.shipped()["constants"]
     dev = p.device
-
-    def job(op, shape):
-        return step_price.counted_cost(mlx_jobs.counted(op, shape, "float16", dev), dev, constants)
-
-    def mm(N, K):
-        return job("matmul", dict(M=512, N=N, K=K, bits=4, group_size=64))
-    kernels = (mm(4096, 4096).times(4 * 32) + mm(11008, 4096).times(2 * 32) + mm(4096, 11008).times(32)
-               + job("prefill", dict(B=1, Hq=32, Hkv=32, L=512, D=128, prefix=0, causal=True)).times(32))
+    kernels = (_llama_7b_projections(512, dev, constants)
+               + _mlx("prefill", dict(B=1, Hq=32, Hkv=32, L=512, D=128, prefix=0, causal=True), dev, constants).times(32))
     config = whole_model.config_of(p)
     glue = step_glue.counts_for(config, whole_model.PREFILL_COUNTED_AT).mlx_lm_prefill
     others = glue.per_layer * 32 + glue.outside
