@@ -1,9 +1,9 @@
-"""The price of one decode step of a model on a device, in one place: the whole-model fit
-(engine/whole_model.py) prices mlx-lm's published runs with it, benchmarks/modelled_decode.py
-prices the engine's step against mlx-lm's with it.
+"""The price of one decode step of a model on a device (and of a prompt, chunk by chunk), in one
+place: the whole-model fit (engine/whole_model.py) prices mlx-lm's published runs with it,
+benchmarks/modelled_decode.py prices the engine's step against mlx-lm's with it.
 
-A step is the model's op plan (engine/models/: `op_plan`; step_ops counts how often a step runs
-each op) priced op by op - MLX's real kernels chosen by MLX's rules (`compare.mlx_counted`, the job
+A step is the model's op plan (engine/models/: `op_plan`; step_ops and chunk_ops count how often
+a step or a prompt chunk runs each op) priced op by op - MLX's real kernels chosen by MLX's rules (`compare.mlx_counted`, the job
 `metalforge compare` prices against the first family serving the op), or our family's chosen
 config from its trace - plus every other dispatch of the step (engine/step_glue.py, counted on
 MLX's graph). Its time is linear in the two constants the whole-model fit finds (Cost): the
