@@ -6,6 +6,9 @@ of a step are cold) and the per-dispatch cost `d` (non-negative least squares on
 One `d` for every dispatch, ours and MLX's alike, is what lets a step with fewer dispatches be
 priced fairly. A published prefill (a prompt in chunks) is priced alike, chunk by chunk
 (step_price.prefill_parts), and checked against the decode fit's constants, not fitted.
+ASSUMED there: a chunk makes the dispatches mlx-lm's graph makes for a 16-token chunk
+(PREFILL_COUNTED_AT), and no LM head (mlx-lm evaluates only the cache while it prefills; the
+last chunk's logits are left out).
 
 A point's model is its config.json facts, read by the model's architecture (engine/models/), with
 the quantization its weights imply: MLX's 4-bit group-64 format, 8-bit where a weight takes over
