@@ -9,8 +9,8 @@ proxy shapes and scaled), the points left out and why, and the leave-one-chip-ou
 family and regime for every choice of the terms the data may not identify (kernels/timing/fit.py
 OPTIONAL: the host round trip of a point timed per call, the system cache), the shipped choice
 marked; then the largest held-out errors per
-family, and the whole-model check: decode steps priced as the sum of MLX's kernels plus one fitted
-per-dispatch cost, held out by chip. Writes OUT.json and a PNG of held-out predicted against
+family, and the whole-model check: decode steps priced as mlx-lm's step (engine/whole_model.py: the op
+plan's kernels, MLX's, plus mlx-lm's other dispatches at one fitted per-dispatch cost), held out by chip. Writes OUT.json and a PNG of held-out predicted against
 measured. `--write` replaces kernels/timing/constants.yaml with this fit; `--check` exits 1 when it
 differs from it.
 """
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from metalforge.engine import whole_model
 from metalforge.kernels import model_measurements
-from metalforge.kernels.timing import fit as kfit, whole_model
+from metalforge.kernels.timing import fit as kfit
 from metalforge.plotting import figure, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -97,19 +98,33 @@ def whole_model_report(points, constants) -> dict:
     rows, skipped = whole_model.rows(points, constants)
     dram, d = whole_model.fit(rows)
     err, held = whole_model.held_out(rows)
-    print(f"\nwhole-model check (decode = sum of MLX's kernels' prices without their launch + "
-          f"{whole_model.DISPATCHES_PER_LAYER} dispatches a layer at d = {d * 1e6:.2f} us each; "
+    print(f"\nwhole-model check (decode = mlx-lm's step: the op plan's kernels, MLX's, priced without their launch, "
+          f"and every dispatch of the step, theirs and the others of mlx-lm's graph, at d = {d * 1e6:.2f} us each; "
           f"DRAM factor {dram:.3f} x bytes / bandwidth for the cold weights):")
-    for row, e in zip(rows, held):
-        p = row[0]
+    for (p, cost), e in zip(rows, held):
+        layers = p.facts.config["num_hidden_layers"]
         print(f"  {p.chip:10} {p.model:15} {p.weights:22} {p.tokens_per_s:8.2f} tok/s  modelled "
-              f"{whole_model.predict(row, dram, d):8.2f}  held-out {e:+.1%}  ({p.software})")
+              f"{whole_model.predict((p, cost), dram, d):8.2f}  held-out {e:+.1%}  "
+              f"({cost.dispatches / layers:.1f} dispatches a layer; {p.software})")
     for p, why in skipped:
         print(f"  left out: {p.chip} {p.model} {p.weights}: {why}")
     print(f"  held-out median error (both constants fitted without the chip): {err:.1%} over {len(rows)} decode points")
     print(f"  per-dispatch cost in a step d = {d * 1e6:.2f} us; a kernel's launch fitted on kernel timings "
           f"{constants.launch * 1e6:.2f} us")
-    return {"dram": dram, "dispatch_s": d, "held_out_error": round(err, 4), "points": len(rows)}
+    prefill, left_out = whole_model.rows(points, constants, "prefill")
+    prefill_err, prefill_held = whole_model.held_out(prefill, fitted_on=rows) if prefill else (None, [])
+    print("\nprefill check (not fitted: a prompt = its chunks' kernels, MLX's, and mlx-lm's other dispatches a chunk, "
+          "priced with the decode fit's two constants, fitted without the point's chip):")
+    for (p, cost), e in zip(prefill, prefill_held):
+        print(f"  {p.chip:10} {p.model:15} {p.weights:22} {p.tokens:6} tokens, chunks of {p.chunk:4} {p.tokens_per_s:8.2f} tok/s  "
+              f"modelled {p.tokens_per_s * (1 + e):8.2f}  held-out {e:+.1%}  ({p.software})")
+    for p, why in left_out:
+        print(f"  left out: {p.chip} {p.model} {p.weights} {p.tokens} tokens: {why}")
+    if prefill:
+        print(f"  held-out median error: {prefill_err:.1%} over {len(prefill)} prefill points")
+    return {"dram": dram, "dispatch_s": d, "held_out_error": round(err, 4), "points": len(rows),
+            "prefill_held_out_error": None if prefill_err is None else round(prefill_err, 4),
+            "prefill_points": len(prefill)}
 
 
 def plot(kernel_points: list[dict]):

@@ -4,9 +4,11 @@ On Linux MLX builds the same lazy graph it would build on a Mac, but runs it on 
 `mx.fast` ops expand into their composed fallbacks and `mx.fast.metal_kernel` does not exist. So
 the count is taken on the graph, not on the CPU's execution:
 
-- inside `counting()`, every `mx.fast` op and every `mx.fast.metal_kernel` launch is recorded as one
-  dispatch and answers with an opaque placeholder of its output's shape (a leaf array: nothing
-  under it is counted twice, and its inputs are kept so the graph feeding it is still counted);
+- inside `counting()`, every `mx.fast` op, every `mx.fast.metal_kernel` launch and every core op
+  that Metal runs as one kernel but the CPU composes from others (CORE_OPS: `mx.dequantize`, whose
+  CPU graph is some twenty shifts and masks) is recorded as one dispatch and answers with an opaque
+  placeholder of its output's shape (a leaf array: nothing under it is counted twice, and its
+  inputs are kept so the graph feeding it is still counted);
 - the graph of the outputs and of every recorded op's inputs is exported (`mx.export_to_dot`) and
   each primitive in it counted as a kernel, except views, which Metal serves without a dispatch;
 - host synchronisations are calls that block on a value (`mx.eval`, `item`, `tolist`, `int()`,
@@ -36,6 +38,7 @@ VIEWS = frozenset({"Broadcast", "BroadcastAxes", "Reshape", "Transpose", "Slice"
 # Views after which a reshape must copy.
 _NON_CONTIGUOUS = frozenset({"Transpose", "Broadcast", "BroadcastAxes"})
 FAST_OPS = ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")
+CORE_OPS = {"dequantize": "Dequantize"}   # mx.<op>: the primitive Metal runs it as
 _SYNC_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "__array__")
 
 
@@ -116,6 +119,13 @@ class _Recorder:
             return _placeholder(shape, dtype)
         return run
 
+    def core(self, primitive: str, original):
+        def run(*args, **kwargs):
+            out = original(*args, **kwargs)   # built, not evaluated: its shape and dtype
+            self.op(primitive, list(args) + list(kwargs.values()))
+            return _placeholder(out.shape, out.dtype)
+        return run
+
 
 
 @contextlib.contextmanager
@@ -136,6 +146,7 @@ def counting():
     """Record fast ops, custom kernels and host syncs made inside the block; finish with `count`."""
     rec = _Recorder()
     saved_fast = {n: getattr(mx.fast, n) for n in FAST_OPS + ("metal_kernel",)}
+    saved_core = {n: getattr(mx, n) for n in CORE_OPS}
     saved_methods = {n: getattr(mx.array, n) for n in _SYNC_METHODS}
     saved_eval = mx.eval
     saved_transpose = mx.array.transpose
@@ -151,6 +162,8 @@ def counting():
         for n in FAST_OPS:
             setattr(mx.fast, n, rec.fast(n))
         mx.fast.metal_kernel = _counted_metal_kernel(saved_fast["metal_kernel"])
+        for n, primitive in CORE_OPS.items():
+            setattr(mx, n, rec.core(primitive, saved_core[n]))
         for n, original in saved_methods.items():
             setattr(mx.array, n, sync(n.strip("_"), original))
         mx.eval = sync("eval", saved_eval)
@@ -160,6 +173,8 @@ def counting():
         _active.remove(rec)
         for n, f in saved_fast.items():
             setattr(mx.fast, n, f)
+        for n, f in saved_core.items():
+            setattr(mx, n, f)
         for n, f in saved_methods.items():
             setattr(mx.array, n, f)
         mx.eval = saved_eval
@@ -356,6 +371,10 @@ def mlx_lm_counts(folder, context: int, chunk: int):
     from mlx_lm.utils import load_model
     with metal_available():
         model, _ = load_model(Path(folder))
+    # one real pass first: what the model builds once and keeps (Llama 3's RoPE frequencies) is
+    # built there, as on a Mac, not counted in every counted pass (whose recorded ops answer with
+    # placeholders, so nothing evaluates their inputs)
+    mx.eval(model(mx.array([[1]])))
     prompt = _prompt(context)
 
     def run(layers):

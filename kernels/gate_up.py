@@ -35,7 +35,7 @@ class GateUp(QuantizedMatmul):
 
     def mlx_jobs(self, fields: dict) -> list[tuple[str, dict]]:
         """The gate and up products mlx-lm runs (the norm and the activation's kernels around
-        them are counted as dispatches by benchmarks/modelled_decode.py, not here: `compare`
+        them are counted as a step's dispatches by engine/step_glue.py, not here: `compare`
         prices MLX's side low, never high)."""
         return [(self.mlx_op, matmul_sizes(fields, fields["N"]))] * 2
 

@@ -64,7 +64,7 @@ class NormQkv(Family):
 
     def mlx_jobs(self, fields: dict) -> list[tuple[str, dict]]:
         """The q, k and v products mlx-lm runs (its norms, bias adds and RoPE kernels around them
-        are counted as dispatches by benchmarks/modelled_decode.py, not here: `compare` prices
+        are counted as a step's dispatches by engine/step_glue.py, not here: `compare` prices
         MLX's side low, never high)."""
         return [(self.mlx_op, matmul_sizes(fields, heads * fields["D"]))
                 for heads in (fields["Hq"], fields["Hkv"], fields["Hkv"])]

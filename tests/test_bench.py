@@ -1,6 +1,7 @@
 """`metalforge bench`: off a Mac it says it needs Metal and exits 2; its measuring pipeline (the
 chosen config verified, then timed side by side with MLX's built-in by one timer, written as
 measured results that merge by the usual rules, and a report) runs here on the emulator."""
+import json
 import subprocess
 import sys
 
@@ -83,8 +84,11 @@ def test_end_to_end_figures_become_calibration_points(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(Exception, match="source must be a URL"):
         model_measurements.load_points(path)
+    data["models"]["tiny"]["source"] = "https://example.org/tiny/config.json"
     for p in data["points"]:
         p["source"] = "https://example.org/my-m4-report"
     path.write_text(yaml.safe_dump(data))
     points = model_measurements.load_points(path)
     assert [p.kind for p in points] == ["decode", "prefill"] and points[0].chip == "m4"
+    # the model is its folder's config.json, quantization included: the whole-model check reads it as is
+    assert points[0].facts.config == json.loads((folder / "config.json").read_text())

@@ -135,3 +135,18 @@ def test_rope_is_one_fast_rope_for_q_and_one_for_k_per_layer(tmp_path, backend):
         assert fused == (backend == "metal" and len(tokens[next(iter(tokens))]) <= 8), kinds
         assert not {"Cos", "Sin"} & set(kinds), kinds
         assert kinds.get("Concatenate", 0) <= 1, kinds   # K and V stacked for their one write; the rotation adds none
+
+
+def test_dequantize_is_one_dispatch_as_on_metal():
+    """mx.dequantize is one kernel on Metal (the CPU composes it from shifts and masks): one
+    dispatch, its gathered inputs counted, and restored after the block."""
+    w = _leaf(8, 64)
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    mx.eval(wq, scales, biases)
+    real = mx.dequantize
+    rows = mx.array([1, 3])
+    with dispatches.counting() as rec:
+        out = mx.dequantize(wq[rows], scales[rows], biases[rows], group_size=64, bits=4)
+    assert out.shape == (2, 64)
+    assert dispatches.count(rec, out).kernels == {"Gather": 3, "Dequantize": 1}
+    assert mx.dequantize is real

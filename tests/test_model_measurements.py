@@ -40,3 +40,28 @@ def test_a_point_without_a_source_is_refused(tmp_path):
     bad.write_text(yaml.safe_dump(data))
     with pytest.raises(MetalforgeError, match="source must be a URL"):
         model_measurements.load_points(bad)
+
+
+def test_every_model_is_its_config_json_and_its_parameter_count_is_the_sources(points):
+    """Each model's facts name the config.json they were copied from, its architecture reads them,
+    and the architecture's own parameter count agrees with the count the measurements' sources
+    state within 1.5% (an independent check of the transcription)."""
+    from metalforge.engine import models
+    for name, facts in {p.model: p.facts for p in points}.items():
+        assert facts.source.startswith("https://huggingface.co/") and facts.source.endswith("/config.json"), name
+        args = models.parse(facts.config, name)
+        counted = models.get(args.model_type).parameter_count(args) / 1e9
+        assert counted == pytest.approx(facts.params_b, rel=0.015), name
+
+
+def test_a_model_without_its_config_facts_is_refused(tmp_path):
+    data = yaml.safe_load(DATA.read_text())
+    bad = tmp_path / "m.yaml"
+    del data["models"]["llama-7b"]["config"]["intermediate_size"]
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(MetalforgeError, match=r"models\.llama-7b: config is missing intermediate_size"):
+        model_measurements.load_points(bad)
+    data["models"]["llama-7b"]["source"] = "huggyllama"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(MetalforgeError, match=r"models\.llama-7b: source must be a URL"):
+        model_measurements.load_points(bad)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from metalforge import devices
+from metalforge.engine import whole_model
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import kernel_measurements, model_measurements
-from metalforge.kernels.timing import fit, mlx_jobs, model, traces, whole_model
+from metalforge.kernels.timing import fit, mlx_jobs, model, traces
 from metalforge.kernels.timing.model import Constants
 
 pytestmark = pytest.mark.usefixtures("mlx_kernel_headers")

@@ -104,18 +104,17 @@ def calibration_points(folder, device, e2e: dict, prompt_tokens: int, decode_tok
     apple_measurements.yaml, so that a published report can join the cost model's calibration.
     The source is left for the user to fill in: the loader takes only a URL."""
     folder = Path(folder)
-    a = models.parse(read(folder), str(folder / "config.json"))
+    config = read(folder)
+    a = models.parse(config, str(folder / "config.json"))
     params = models.get(a.model_type).parameter_count(a)
-    arch = dict(params_b=round(params / 1e9, 4), layers=a.num_hidden_layers, hidden=a.hidden_size,
-                heads=a.num_attention_heads, kv_heads=a.num_key_value_heads, head_dim=a.head_dim,
-                vocab=a.vocab_size, tied=a.tie_word_embeddings)
+    model = dict(source="FILL IN: the URL of the model's config.json", params_b=round(params / 1e9, 4), config=config)
     ours = e2e["metalforge"]
     common = dict(chip=device.name, gpu_cores=device.gpu_cores, model=folder.name,
                   weights=str(a.quantization or "unquantized"),
                   weight_gib=round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**30, 4),
                   software=f"metalforge {metalforge.__version__} (MLX {mx.__version__})",
                   date=datetime.date.today().isoformat(), source="FILL IN: the URL where this report is published")
-    return {"models": {folder.name: arch}, "points": [
+    return {"models": {folder.name: model}, "points": [
         {**common, "kind": "decode", "context": prompt_tokens + decode_tokens // 2,
          "tokens_per_s": round(ours["decode_tokens_per_s"], 3)},
         {**common, "kind": "prefill", "tokens": prompt_tokens, "chunk": prompt_tokens,
