@@ -5,7 +5,7 @@ kernels as ggml-metal dispatches them (kernels/llamacpp_library.py, llamacpp_att
 non-negative least squares on relative error. A point that cannot be priced yet is listed with
 the reason and left out. A warm point (the same weights or K/V every call) whose data fit in the
 system level cache (its chip's, devices/*.yaml) reads from it, not DRAM: its DRAM term is dropped, and the DRAM factor, which only cold reads show, is
-fitted on the whole-model decode data (whole_model.py), where the weights come from DRAM. The error of a family is the median |predicted / measured - 1| of its
+fitted on the whole-model decode data (engine/whole_model.py), where the weights come from DRAM. The error of a family is the median |predicted / measured - 1| of its
 points when their chip is left out of the fit (leave-one-chip-out), per regime.
 """
 from __future__ import annotations

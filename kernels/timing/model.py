@@ -16,7 +16,7 @@ What a timing includes besides the kernel follows how it was timed (a point's `t
 per wait share one, 1/n each (mlx's sdpa_bench.py evaluates 8 chained attentions per wait, its
 time_fn one call of 10); GPU timestamps show the kernel alone. A price without a timer is a dispatch
 among others of a model's step (host_amortised, no share: the step's one wait is counted once by
-whole_model.py). ASSUMED: where the source does not say how many calls share a wait
+engine/whole_model.py). ASSUMED: where the source does not say how many calls share a wait
 (test-backend-ops' graphs hold hundreds to thousands of runs), the share is not counted.
 The round trip is one constant for every chip and host (fitted at about 0.23 ms): it is the ~0.2 ms
 fixed cost of the M5 Max's per-call decode attention of mlx issue 3837 (0.307 ms at one KV head,
@@ -123,9 +123,3 @@ def price(counted, device, constants: Constants, timer: str = PIPELINED) -> floa
     """Seconds for the dispatches `counted` on `device`: the same rule whoever wrote the kernel."""
     return float(terms(counted, device, timer) @ constants.vector())
 
-
-def price_in_step(counted, device, constants: Constants, dispatch_s: float) -> float:
-    """Seconds for the dispatches `counted` as part of a whole step (a decode step's pipelined
-    sequence of kernels): each costs the whole-model fit's per-dispatch cost instead of `launch`,
-    the host round trip a kernel timed on its own carries (whole_model.py)."""
-    return price(counted, device, dataclasses.replace(constants, launch=dispatch_s))
