@@ -25,7 +25,7 @@ import numpy as np
 
 from metalforge.errors import MetalforgeError
 
-from . import compiler, environment, frontend, runner, trace
+from . import compiler, conformance, environment, frontend, runner, trace
 from .errors import EmulatorError
 from .kernel import _with_lines, device_limits
 from .source import ATTRIBUTE_VALUES, METAL_HEADERS, rewrite
