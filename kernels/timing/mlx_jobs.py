@@ -21,8 +21,11 @@ PREFILL_GROUPS = (("B",), ("Hq", "Hkv"), ("L", "prefix"))
 
 def _proxy_matmul(shape: dict, choice) -> dict:
     fn = choice.launches[0].function
-    # MLX's qmv_fast wants K in whole 512-value blocks (4 bits), qmm whole 32x32 tiles; qmv keeps K's tail
+    # MLX's qmv_fast wants K in whole 512-value blocks (4 bits), qmm whole 32x32 tiles; qmv keeps K's tail;
+    # split-K keeps the real shape's partitions (grid z), each one whole 32-wide tile and group of K
     k = 512 if fn in ("affine_qmv_fast", "affine_qmv_wide") else 512 + shape["K"] % 512 if fn == "affine_qmv" else 256
+    if fn == "affine_qmm_t_splitk":
+        k = choice.launches[0].grid[2] * max(32, shape["group_size"])
     k = min(shape["K"], k)
     m = min(shape["M"], 64) if fn.startswith("affine_qmm") else shape["M"]
     return {**shape, "M": m, "N": min(shape["N"], 64), "K": k}
@@ -55,9 +58,9 @@ def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):
     raise MetalforgeError(f"unknown MLX job '{op}'; valid: matmul, decode, prefill")
 
 
-# kernels traceable at a proxy shape: split-K takes its partitions from the real shape, so not it
-RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad", "affine_qmm_t", "sdpa_vector",
-            "sdpa_vector_2pass_1", "sdpa_vector_2pass_1_gqa", "attention")
+# kernels traceable at a proxy shape (split-K with the real shape's partitions: _proxy_matmul)
+RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad", "affine_qmm_t",
+            "affine_qmm_t_splitk", "sdpa_vector", "sdpa_vector_2pass_1", "sdpa_vector_2pass_1_gqa", "attention")
 
 
 def _runner(op: str, choice, dtype: str):
