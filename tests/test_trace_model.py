@@ -28,6 +28,8 @@ def _direct(op, shape, dtype, device):
     ("matmul", {"M": 1, "N": 192, "K": 1536, "bits": 8, "group_size": 32}, "m3"),     # 3x N and K
     ("matmul", {"M": 2, "N": 320, "K": 128, "bits": 4, "group_size": 64}, "m3"),      # qmv_quad (K fixed), 5x N
     ("decode", {"B": 1, "Hq": 12, "Hkv": 3, "S": 768, "D": 64}, "m3"),                 # 3x heads, 3x keys
+    # MLX's split-K qmm and its accumulation: 20 partitions of 3,840 (the proxy keeps them), 3x N and K, 1.5x M
+    ("matmul", {"M": 96, "N": 192, "K": 3840, "bits": 4, "group_size": 64}, "m1"),
     # an 8B model's full shapes, traced whole (trace mode counts as it runs): its MLP's qmv_fast,
     # and its decode attention at 4,096 keys on a Max chip (the 2-pass pair, 64 blocks)
     ("matmul", {"M": 1, "N": 14336, "K": 4096, "bits": 4, "group_size": 64}, "m3"),
