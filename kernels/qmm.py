@@ -12,6 +12,7 @@ from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, 
                                        stage_dtype, stage_problems)
 from metalforge.kernels.work import SECTOR, Tally
 from metalforge.kernels.quantized import QuantizedMatmul, quantization_problems
+from metalforge.kernels.timing.mlx_jobs import QMM_MIN_GROUPS
 
 
 QMM_BITS = (2, 4, 8)   # whole words of values; 3-, 5- and 6-bit prompts run MLX's op
@@ -39,9 +40,12 @@ class Qmm(QuantizedMatmul):
     )
 
     def trace_proxy(self, fields: dict) -> dict:
-        """Every counter grows with M x N x K: the smallest tiles keep the 4x traces small."""
-        return {**fields, "M": min(fields["M"], 32), "N": min(fields["N"], 32),
-                "K": min(fields["K"], 256 + fields["K"] % 256)}
+        """Every counter grows with M x N x K, in whole tiles: M and N cut to the largest tile (a
+        64-row tile traced over 32 rows would scale one half-empty tile per proxy), K to rows of
+        scales a sector long (mlx_jobs.QMM_MIN_GROUPS) and its tail."""
+        tile = max(max(p.domain) for p in self.params if p.name in ("BM", "BN"))
+        k = max(256, QMM_MIN_GROUPS * fields["group_size"])
+        return {**fields, "M": min(fields["M"], tile), "N": min(fields["N"], tile), "K": min(fields["K"], k + fields["K"] % k)}
 
     def shape_problems(self, shape) -> list[str]:
         return quantization_problems(shape, bits=QMM_BITS) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])

@@ -46,6 +46,18 @@ def test_counters_scaled_from_the_proxy_equal_a_trace_at_the_real_shape(op, shap
             assert s.features[name] == pytest.approx(v, rel=1e-6), name
 
 
+def test_mlx_qmm_t_counters_scale_in_k_as_traced_at_the_real_k():
+    """MLX's qmm_t (0.31.1's rules: no split-K yet) at K = 4,864 from proxies of 1,024 to 4,096
+    values: its scales' and biases' rows a sector long at every proxy, their sectors grow with K."""
+    dev, shape = devices.get("m3-max-40"), {"M": 64, "N": 64, "K": 4864, "bits": 4, "group_size": 64}
+    choice = mlx_jobs.choose("matmul", shape, "float16", dev, "0.31.1")
+    assert [l.function for l in choice.launches] == ["affine_qmm_t"]
+    scaled = mlx_jobs.counted("matmul", shape, "float16", dev, "0.31.1")
+    direct = traces.traced("direct qmm_t 0.31.1", shape, mlx_jobs._runner("matmul", choice, "float16"))
+    for name, v in direct[0].features.items():
+        assert scaled[0].features[name] == pytest.approx(v, rel=1e-6), name
+
+
 def test_a_second_lookup_reads_the_trace_cache(monkeypatch):
     dev = devices.get("m3")
     shape = {"M": 1, "N": 64, "K": 512, "bits": 4, "group_size": 64}
