@@ -24,7 +24,7 @@ class Qmm(QuantizedMatmul):
 
     name = "qmm"
     bound = "compute"
-    tuned_with_models = False   # the prompt-side product: tuned on request (--families)
+    tuned_with_models = True    # a model's prompt runs it: every linear of a prefill past 8 rows (engine/ops.py)
     trace_groups = (("M",), ("N",), ("K",))
     params = (
         Param("BM", (8, 16, 32, 64), 32, "output rows per threadgroup"),
