@@ -66,6 +66,10 @@ def test_compare_prices_mlx_split_k_qmm_with_its_accumulation(capsys):
                                   "steel_gemm_splitk_accum_float16_float32")
     assert r["ours"]["seconds"] > 0 and r["ratio"] == pytest.approx(r["mlx"]["seconds"] / r["ours"]["seconds"])
     assert r["claim"] == gate.claim(r["ratio"], "qmm")
+    # the price by term: they add up to it, and MLX's second dispatch pays a second launch
+    for side in ("ours", "mlx"):
+        assert sum(r[side]["terms"].values()) == pytest.approx(r[side]["seconds"], rel=1e-12)
+    assert r["mlx"]["terms"]["launch"] == pytest.approx(2 * fit.shipped()["constants"].launch)
 
 
 def test_compare_answers_for_a_shape_only_mlx_serves(capsys):
