@@ -412,9 +412,12 @@ def test_shapes_from_a_model_config():
     # prompts: M at each prefill length, every projection but the vocabulary one
     assert {(s["M"], s["N"], s["K"]) for s in sets["qmm"]} == {(m, n, k) for m in (128, 512) for n, k in
                                                               [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]}
+    # tuning the model tunes them too: a prompt runs qmm
+    tuned = {t.family.name for t in shapes.targets(sets, shapes.model_families())}
+    assert tuned == {"qmv", "gate_up", "norm_qkv", "decode_attention", "qmm", "prefill_attention"}
 
 
-def test_tune_a_model_folder_with_qmm_on_request(tmp_path):
+def test_tune_a_model_folder_for_qmm_alone(tmp_path):
     folder = write_model(tmp_path / "model", arch="qwen2", quantized=(4, 64))
     run = tune_cli("--device", "m4", "--model", str(folder), "--families", "qmm", "--trials", "3", "--seed", "0",
                    "--storage", f"sqlite:///{tmp_path / 'q.db'}", "--results", str(tmp_path / "r.yaml"))
