@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError
+from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes, mlx_dispatch, mlx_library
 from metalforge.kernels.timing import traces
 
@@ -33,7 +34,7 @@ def _proxy_matmul(shape: dict, choice) -> dict:
         k = max(256, QMM_MIN_GROUPS * shape["group_size"])
         if fn == "affine_qmm_t_splitk":   # the real shape's partitions (grid z), each whole 32-wide tiles and groups
             part = choice.launches[0].grid[2] * max(32, shape["group_size"])
-            k = part * -(-k // part)
+            k = part * cdiv(k, part)
     m = min(shape["M"], 64) if fn.startswith("affine_qmm") else shape["M"]
     return {**shape, "M": m, "N": min(shape["N"], 64), "K": min(K, k)}
 
