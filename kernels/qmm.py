@@ -11,7 +11,7 @@ from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_problems,
                                        stage_dtype, stage_problems)
 from metalforge.kernels.work import SECTOR, Tally
-from metalforge.kernels.quantized import QuantizedMatmul, quantization_problems
+from metalforge.kernels.quantized import VECTOR_ROWS, QuantizedMatmul, quantization_problems
 from metalforge.kernels.timing.mlx_jobs import QMM_MIN_GROUPS
 
 
@@ -46,6 +46,14 @@ class Qmm(QuantizedMatmul):
         tile = max(max(p.domain) for p in self.params if p.name in ("BM", "BN"))
         k = max(256, QMM_MIN_GROUPS * fields["group_size"])
         return {**fields, "M": min(fields["M"], tile), "N": min(fields["N"], tile), "K": min(fields["K"], k + fields["K"] % k)}
+
+    def shape_distance(self, a, b) -> float | None:
+        """None across qmv's rows (1..VECTOR_ROWS) and more: a config and its ratio tuned against
+        MLX's qmm_t at a prompt's rows say nothing about a decode row, where MLX runs a mat-vec
+        kernel (a 128-row bucket's 3.7x taken as evidence at one row routed decode to qmm)."""
+        if (a.M <= VECTOR_ROWS) != (b.M <= VECTOR_ROWS):
+            return None
+        return super().shape_distance(a, b)
 
     def shape_problems(self, shape) -> list[str]:
         return quantization_problems(shape, bits=QMM_BITS) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])

@@ -166,3 +166,21 @@ def test_a_prompt_projection_runs_qmm_from_its_shipped_entry(device, tmp_path, m
         faster, words = Entry.of(entry).evidence(fam.model_error())
         why = auto.decide("linear", values, "float16").why
         assert why.startswith(f"ours: {words} (exact match ") if faster else why == f"MLX: {words}"
+
+
+def test_a_prompt_bucket_of_qmm_is_no_evidence_for_a_decode_row(tmp_path, monkeypatch):
+    """qmm serves one row too, but its shipped buckets are prompts' (128 rows and more): their
+    configs and ratios against MLX's qmm_t are not borrowed for the rows qmv serves, where MLX
+    runs a mat-vec kernel; a bucket of qmm at 4 rows still is (test above)."""
+    from metalforge import devices
+    from metalforge.engine.ops import Kernels
+    from metalforge.kernels.quantized import VECTOR_ROWS
+    from metalforge.results import lookup
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+    row = dict(M=1, N=896, K=896, bits=4, group_size=64)
+    for m in (1, VECTOR_ROWS):
+        assert lookup("m1", "qmm", {**row, "M": m}, "float16").entry is None
+    assert lookup("m1", "qmm", {**row, "M": VECTOR_ROWS + 1}, "float16").source == "nearest"
+    auto = Kernels("emulator", devices.get("m1"))
+    auto.by_evidence = True
+    assert auto.decide("linear", row, "float16").family != "qmm"
