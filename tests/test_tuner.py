@@ -370,7 +370,7 @@ def test_shipped_modelled_defaults_exist_for_every_device():
         assert data["device"]["name"] == name
         entries = [e for buckets in data["entries"].values() for e in buckets.values()]
         assert entries and all(e["timer"] == "model" for e in entries)
-        assert set(data["entries"]) == {"qmv", "decode_attention", "prefill_attention", "gate_up", "norm_qkv"}
+        assert set(data["entries"]) == {"qmv", "decode_attention", "prefill_attention", "gate_up", "norm_qkv", "qmm"}
     # a Llama-3-8B decode at 3000 tokens on an M1 finds its shipped bucket
     choice = results.lookup("m1", "decode_attention", dict(B=1, Hq=32, Hkv=8, S=3000, D=128), "float16")
     assert choice.source == "exact" and choice.entry["timer"] == "model"
