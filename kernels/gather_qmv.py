@@ -14,7 +14,8 @@ from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
 from metalforge.kernels.qmv import QMV, Qmv, count_rows, footprints, rows_values
 from metalforge.kernels.work import Tally
-from metalforge.kernels.quantized import QuantizedShape, dequantize_reference, quantization_problems, quantized_op_shape
+from metalforge.kernels.quantized import (VECTOR_ROWS, QuantizedShape, dequantize_reference, quantization_problems,
+                                          quantized_op_shape)
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class GatherQmv(Family):
 
     def shape_problems(self, shape: GatherQmvShape) -> list[str]:
         out = quantization_problems(shape)
-        if not 1 <= shape.M <= 8:
-            out.append(f"M={shape.M} is outside 1..8 (gather_qmv is the decode kernel; prompts take MLX's gather_qmm)")
+        if not 1 <= shape.M <= VECTOR_ROWS:
+            out.append(f"M={shape.M} is outside 1..{VECTOR_ROWS} (gather_qmv is the decode kernel; prompts take MLX's gather_qmm)")
         if not 1 <= shape.top_k <= shape.experts:
             out.append(f"top_k={shape.top_k} is outside 1..experts={shape.experts}")
         return out

@@ -322,7 +322,7 @@ def _splitk_sum(M, N, split_k, dtype, v, notes) -> Launch:
         notes.append("0.32.4 sums split-K partials with steel_gemm_splitk_accum over float32 partials (its header's "
                      "affine_qmm_t_splitk writes float); dispatch_threads over (N, M, 1) with get_block_dims(N, M, 1), "
                      "as its disassembled qmm_splitk() does")
-        bx, by, _ = _block_dims(N, M)
+        bx, by, _ = block_dims(N, M)
         return Launch(f"steel_gemm_splitk_accum_{_type_name(dtype)}_float32", "gemm_splitk_accum",
                       (("AccT", "float"), ("OutT", dtypes.get(dtype).metal)), (N, M, 1), (bx, by, 1),
                       (), ((0, "C_split"), (1, "D"), (2, "k_partitions"), (3, "partition_stride"),
@@ -350,7 +350,7 @@ def _splitk_sum(M, N, split_k, dtype, v, notes) -> Launch:
                   grid_unit="threads")
 
 
-def _block_dims(dim0: int, dim1: int, dim2: int = 1, pow2: int = 10) -> tuple:
+def block_dims(dim0: int, dim1: int, dim2: int = 1, pow2: int = 10) -> tuple:
     """MLX's get_block_dims_common: powers of two per axis, 2**pow2 threads at most."""
     pows, total = [0, 0, 0], 0
     while True:

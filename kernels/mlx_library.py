@@ -20,12 +20,13 @@ import numpy as np
 from metalforge.emulator.library import Library
 from metalforge.emulator.trace import Dispatch
 from metalforge.errors import MetalforgeError
-from metalforge.kernels import mlx_headers
+from metalforge.kernels import mlx_dispatch, mlx_headers
 
 _K = "mlx/backend/metal/kernels"
 QUANTIZED_INCLUDES = (f"{_K}/utils.h", f"{_K}/steel/gemm/gemm.h", f"{_K}/quantized_utils.h", f"{_K}/quantized.h")
 SDPA_INCLUDES = (f"{_K}/utils.h", f"{_K}/sdpa_vector.h")
 STEEL_ATTENTION_INCLUDES = (f"{_K}/utils.h", f"{_K}/steel/attn/kernels/steel_attention.h")
+SPLITK_ACCUM_INCLUDES = (f"{_K}/utils.h", f"{_K}/steel/gemm/gemm.h", f"{_K}/steel/gemm/kernels/steel_gemm_splitk.h")
 
 # MLX's type names: in kernel host names and template arguments, and in steel's names
 METAL_TYPE = {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t"}
@@ -59,9 +60,14 @@ def host_names_run() -> list[str]:
     return sorted({host for host, _ in _libraries})
 
 
-def _run(fn, traces: list | None, *, buffers, threadgroups, threadgroup) -> None:
-    fn(buffers=buffers, threadgroups=threadgroups, threadgroup=threadgroup)
+def _run(fn, traces: list | None, *, buffers, threadgroup, threadgroups=None, threads=None) -> None:
+    """One dispatch: a grid of `threadgroups` (MLX's dispatch_threadgroups) or of `threads`, the
+    edge threadgroups partial (dispatch_threads)."""
+    fn(buffers=buffers, threadgroups=threadgroups, threads=threads, threadgroup=threadgroup)
     if traces is not None:
+        if threads is not None:
+            threadgroup = tuple(min(t, g) for t, g in zip(threadgroup, threads))
+            threadgroups = tuple(math.ceil(g / t) for g, t in zip(threads, threadgroup))
         traces.append(Dispatch(fn.host_name, tuple(threadgroups), tuple(threadgroup), fn.last_trace))
 
 
@@ -139,21 +145,34 @@ def qmm_t(x, w, scales, biases, *, group_size: int, bits: int, traces: list | No
 
 def qmm_t_splitk(x, w, scales, biases, *, group_size: int, bits: int, split_k: int,
                  traces: list | None = None) -> mx.array:
-    """affine_qmm_t_splitk: K cut in `split_k` partitions (grid z; kernels/mlx_dispatch.py says how
-    many MLX takes), float partials summed after (MLX sums them with its strided reduction kernel)."""
+    """affine_qmm_t_splitk then steel_gemm_splitk_accum, as 0.32.4's qmm_splitk() launches them: K cut
+    in `split_k` partitions (grid z; kernels/mlx_dispatch.py says how many MLX takes), each writing
+    its float32 partial (M, N) slab, then one thread an output summing the slabs into y."""
     M, K = x.shape
     N = w.shape[0]
-    if split_k <= 1:
-        raise MetalforgeError(f"qmm split-K does not apply at M={M} N={N} K={K}: MLX runs qmm_t there")
-    aligned = N % 32 == 0
+    if split_k <= 1 or K % split_k or (K // split_k) % max(group_size, 32):
+        raise MetalforgeError(f"qmm split-K cannot cut K={K} in {split_k} partitions of whole 32-wide K tiles and "
+                              f"groups of {group_size} (MLX's rule never does: kernels/mlx_dispatch.py)")
+    aligned = str(N % 32 == 0).lower()
     t = _type(x.dtype)
-    host = f"affine_qmm_t_splitk_{t}_gs_{group_size}_b_{bits}_alN_{str(aligned).lower()}"
-    fn = function(QUANTIZED_INCLUDES, host, "affine_qmm_t_splitk", f"{t}, {group_size}, {bits}, {str(aligned).lower()}",
-                  mode=_mode(traces))
+    fn = function(QUANTIZED_INCLUDES, f"affine_qmm_t_splitk_{t}_gs_{group_size}_b_{bits}_alN_{aligned}",
+                  "affine_qmm_t_splitk", f"{t}, {group_size}, {bits}, {aligned}", mode=_mode(traces))
     partials = np.zeros((split_k, M, N), dtype=np.float32)
     _run(fn, traces, buffers={0: w, 1: scales, 2: biases, 3: x, 4: partials, 5: K, 6: N, 7: M, 8: K // split_k, 9: M * N},
          threadgroups=(math.ceil(N / 32), math.ceil(M / 32), split_k), threadgroup=(32, 2, 2))
-    return mx.array(partials).sum(axis=0).astype(x.dtype)
+    return splitk_accum(partials, x.dtype, traces=traces)
+
+
+def splitk_accum(partials: np.ndarray, dtype, *, traces: list | None = None) -> mx.array:
+    """steel_gemm_splitk_accum_<out>_float32 over float32 partials (split_k, M, N): dispatch_threads
+    over (N, M, 1) in get_block_dims(N, M, 1) threadgroups, partition stride and ldd M * N and N."""
+    split_k, M, N = partials.shape
+    fn = function(SPLITK_ACCUM_INCLUDES, f"steel_gemm_splitk_accum_{STEEL_TYPE[dtype]}_float32", "gemm_splitk_accum",
+                  f"float, {_type(dtype)}", mode=_mode(traces))
+    y = _out((M, N), dtype)
+    _run(fn, traces, buffers={0: partials, 1: y, 2: split_k, 3: M * N, 4: N}, threads=(N, M, 1),
+         threadgroup=mlx_dispatch.block_dims(N, M))
+    return _mx(y, dtype)
 
 
 # ---- decode attention (scaled_dot_product_attention.cpp) -------------------------------------------------
@@ -267,6 +286,10 @@ def run(choice, inputs: dict, *, traces: list | None = None) -> mx.array:
         if fn == "affine_qmv_wide":
             return qmv_wide(*args, **q)
         if fn == "affine_qmm_t_splitk":
+            second = choice.launches[1].function
+            if second != "gemm_splitk_accum":   # before 0.32.4 MLX summed them with col_reduce_*
+                raise MetalforgeError(f"MLX {choice.mlx_version} sums split-K partials with {second}, which "
+                                      "kernels/mlx_library.py does not instantiate (it runs 0.32.4's gemm_splitk_accum)")
             return qmm_t_splitk(*args, split_k=first.grid[2], **q)
         if fn == "affine_qmm_t":
             return qmm_t(*args, **q)

@@ -11,7 +11,8 @@ from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_problems,
                                        stage_dtype, stage_problems)
 from metalforge.kernels.work import SECTOR, Tally
-from metalforge.kernels.quantized import QuantizedMatmul, quantization_problems
+from metalforge.kernels.quantized import VECTOR_ROWS, QuantizedMatmul, quantization_problems
+from metalforge.kernels.timing.mlx_jobs import QMM_MIN_GROUPS
 
 
 QMM_BITS = (2, 4, 8)   # whole words of values; 3-, 5- and 6-bit prompts run MLX's op
@@ -23,7 +24,7 @@ class Qmm(QuantizedMatmul):
 
     name = "qmm"
     bound = "compute"
-    tuned_with_models = False   # the prompt-side product: tuned on request (--families)
+    tuned_with_models = True    # a model's prompt runs it: every linear of a prefill past 8 rows (engine/ops.py)
     trace_groups = (("M",), ("N",), ("K",))
     params = (
         Param("BM", (8, 16, 32, 64), 32, "output rows per threadgroup"),
@@ -39,9 +40,20 @@ class Qmm(QuantizedMatmul):
     )
 
     def trace_proxy(self, fields: dict) -> dict:
-        """Every counter grows with M x N x K: the smallest tiles keep the 4x traces small."""
-        return {**fields, "M": min(fields["M"], 32), "N": min(fields["N"], 32),
-                "K": min(fields["K"], 256 + fields["K"] % 256)}
+        """Every counter grows with M x N x K, in whole tiles: M and N cut to the largest tile (a
+        64-row tile traced over 32 rows would scale one half-empty tile per proxy), K to rows of
+        scales a sector long (mlx_jobs.QMM_MIN_GROUPS) and its tail."""
+        tile = max(max(p.domain) for p in self.params if p.name in ("BM", "BN"))
+        k = max(256, QMM_MIN_GROUPS * fields["group_size"])
+        return {**fields, "M": min(fields["M"], tile), "N": min(fields["N"], tile), "K": min(fields["K"], k + fields["K"] % k)}
+
+    def shape_distance(self, a, b) -> float | None:
+        """None across qmv's rows (1..VECTOR_ROWS) and more: a config and its ratio tuned against
+        MLX's qmm_t at a prompt's rows say nothing about a decode row, where MLX runs a mat-vec
+        kernel (a 128-row bucket's 3.7x taken as evidence at one row routed decode to qmm)."""
+        if (a.M <= VECTOR_ROWS) != (b.M <= VECTOR_ROWS):
+            return None
+        return super().shape_distance(a, b)
 
     def shape_problems(self, shape) -> list[str]:
         return quantization_problems(shape, bits=QMM_BITS) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])

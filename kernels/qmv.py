@@ -9,7 +9,7 @@ from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Geometry, Launch, Param
 from metalforge.kernels.work import SECTOR, Tally
-from metalforge.kernels.quantized import QuantizedMatmul, QuantizedShape, quantization_problems
+from metalforge.kernels.quantized import VECTOR_ROWS, QuantizedMatmul, QuantizedShape, quantization_problems
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,8 @@ def decode_shape_problems(family: str, shape, flags: tuple[str, ...], larger: st
     """What the decode-sized quantized families (qmv and the fused ones) refuse: the
     quantization's problems, M outside 1..8 (`larger`: what serves more rows), a flag not 0 or 1."""
     out = quantization_problems(shape)
-    if not 1 <= shape.M <= 8:
-        out.append(f"M={shape.M} is outside 1..8 ({family} is the decode / small-batch kernel; {larger})")
+    if not 1 <= shape.M <= VECTOR_ROWS:
+        out.append(f"M={shape.M} is outside 1..{VECTOR_ROWS} ({family} is the decode / small-batch kernel; {larger})")
     out += [f"{f}={getattr(shape, f)} is not 0 or 1" for f in flags if getattr(shape, f) not in (0, 1)]
     return out
 

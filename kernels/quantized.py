@@ -22,6 +22,7 @@ class QuantizedShape:
 
 
 QUANTIZED_BITS = (2, 3, 4, 5, 6, 8)   # every width mx.quantize (affine) writes
+VECTOR_ROWS = 8   # the rows of x qmv and the fused decode families serve (decode, small batches); qmm serves more
 GROUP_SIZES = (32, 64, 128)
 
 

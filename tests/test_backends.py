@@ -139,3 +139,48 @@ def test_among_families_serving_a_shape_the_evidence_picks(tmp_path, monkeypatch
     kernels = Kernels("emulator", devices.get("m3"), results=tmp_path / "slower.yaml")
     kernels.by_evidence = True
     assert decide(64).family is None and decide(64).why == "MLX: measured 0.90x: the bucket ships MLX's", "the first family's reason"
+
+
+@pytest.mark.parametrize("device", ["m1", "m3-max-40"])
+def test_a_prompt_projection_runs_qmm_from_its_shipped_entry(device, tmp_path, monkeypatch):
+    """The built-in model's projections at a 128-token prompt: the engine's prompt path takes
+    qmm's config from the shipped file's exact bucket (asked for), and `auto` on a Mac decides by
+    that entry's evidence against MLX's real kernel."""
+    from metalforge import devices, results
+    from metalforge.engine.ops import Kernels
+    from metalforge.kernels import get_family
+    from metalforge.results.entry import Entry
+    from metalforge.tuner import shapes
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+    fam, dev = get_family("qmm"), devices.get(device)
+    shipped = results.load(results.store.shipped_path(device))["entries"]["qmm"]
+    prompt = shapes.from_model_config(shapes.BUILTIN_MODEL, prefill=(128,))["qmm"]
+    assert len(prompt) == 4
+    asked, auto = Kernels("emulator", dev), Kernels("emulator", dev)
+    auto.by_evidence = True
+    for values in prompt:
+        entry = shipped[fam.bucket_key(fam.shape(values), "float16")]
+        d = asked.decide("linear", values, "float16")
+        assert d.family == "qmm" and d.config == fam.config(entry["config"])
+        assert "exact match" in d.why and entry["baseline_kernel"].startswith("affine_qmm_t")
+        faster, words = Entry.of(entry).evidence(fam.model_error())
+        why = auto.decide("linear", values, "float16").why
+        assert why.startswith(f"ours: {words} (exact match ") if faster else why == f"MLX: {words}"
+
+
+def test_a_prompt_bucket_of_qmm_is_no_evidence_for_a_decode_row(tmp_path, monkeypatch):
+    """qmm serves one row too, but its shipped buckets are prompts' (128 rows and more): their
+    configs and ratios against MLX's qmm_t are not borrowed for the rows qmv serves, where MLX
+    runs a mat-vec kernel; a bucket of qmm at 4 rows still is (test above)."""
+    from metalforge import devices
+    from metalforge.engine.ops import Kernels
+    from metalforge.kernels.quantized import VECTOR_ROWS
+    from metalforge.results import lookup
+    monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
+    row = dict(M=1, N=896, K=896, bits=4, group_size=64)
+    for m in (1, VECTOR_ROWS):
+        assert lookup("m1", "qmm", {**row, "M": m}, "float16").entry is None
+    assert lookup("m1", "qmm", {**row, "M": VECTOR_ROWS + 1}, "float16").source == "nearest"
+    auto = Kernels("emulator", devices.get("m1"))
+    auto.by_evidence = True
+    assert auto.decide("linear", row, "float16").family != "qmm"

@@ -403,7 +403,7 @@ def test_the_engine_runs_every_bucket_the_tuner_tuned_as_an_exact_match(tmp_path
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     tuned = {(family, key) for family, buckets in results.load(out)["entries"].items() for key in buckets}
-    assert {f for f, _ in tuned} == {"qmv", "decode_attention", "prefill_attention", "gate_up", "norm_qkv"}
+    assert {f for f, _ in tuned} == {"qmv", "decode_attention", "prefill_attention", "gate_up", "norm_qkv", "qmm"}
     with engine.load(folder, backend="emulator", device="m2", results=out, kv_tokens=1024) as e:
         for n in (100, 300):
             list(e.generate([(7 * i) % 290 + 2 for i in range(n)], max_tokens=3))

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from metalforge.errors import MetalforgeError
 from metalforge.kernels import mlx_dispatch, mlx_headers, mlx_library
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
@@ -67,14 +68,41 @@ def test_quad_wide_and_qmm_t_match_quantized_matmul(runner, shape, dtype):
     _close(getattr(mlx_library, runner)(x, w, s, b, group_size=gs, bits=bits), ref, dtype)
 
 
+# (M, N, K, group size, bits, split_k MLX's qmm_splitk takes on an M3 Max at 0.32.4): ~512 threadgroups
+# of 32 x 32 tiles, at most K / max(group size, 32) partitions, lowered until they divide K
+QMM_SPLITK = [
+    (33, 72, 1024, 64, 4, 16),   # 512 // (3 x 2 tiles) = 85, capped at K / 64 = 16
+    (40, 2040, 256, 64, 4, 4),   # 512 // 128 tiles: M and N tails (N unaligned), one group a partition
+    (20, 5470, 128, 64, 4, 2),   # 512 // 171 tiles, N unaligned
+    (20, 2000, 640, 64, 4, 5),   # 512 // 63 = 8, but K = 10 groups: 8, 7 and 6 do not divide it
+    (16, 1000, 768, 128, 8, 6),  # 8 bits, groups of 128: 512 // 32 = 16, capped at K / 128 = 6
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_qmm_split_k_matches_quantized_matmul(dtype):
-    M, N, K, gs, bits = 33, 72, 1024, 64, 4
-    # quantized.cpp: past qmv's row limit; 512 // (3 x 2 tiles) = 85, capped at K / 64 = 16, lowered until it divides K
+@pytest.mark.parametrize("shape", QMM_SPLITK, ids=str)
+def test_qmm_split_k_and_its_accumulation_match_quantized_matmul(shape, dtype):
+    """affine_qmm_t_splitk's float partials summed by steel_gemm_splitk_accum, as MLX's rules launch them."""
+    M, N, K, gs, bits, split_k = shape
     choice = mlx_dispatch.qmm_dispatch(M, N, K, bits, gs, "float16", "m3-max-40")
-    assert choice.launches[0].function == "affine_qmm_t_splitk" and choice.launches[0].grid[2] == 16
-    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=3)
-    _close(mlx_library.run(choice, dict(x=x, w=w, scales=s, biases=b)), ref, dtype)
+    main, accum = choice.launches
+    assert (main.function, main.grid[2], accum.function) == ("affine_qmm_t_splitk", split_k, "gemm_splitk_accum")
+    x, w, s, b, ref = _quantized(M, N, K, dtype, gs, bits, seed=split_k)
+    traces = []
+    _close(mlx_library.run(choice, dict(x=x, w=w, scales=s, biases=b), traces=traces), ref, dtype)
+    # the partials go through device memory: the accumulation reads every partition's slab once
+    first, second = traces
+    assert first.trace.device["y"].footprint_bytes == split_k * M * N * 4
+    assert second.kernel == accum.kernel.replace("float16", {mx.float32: "float32", mx.float16: "float16",
+                                                            mx.bfloat16: "bfloat16"}[dtype], 1)
+    assert second.trace.device["C_split"].footprint_bytes == split_k * M * N * 4
+    assert second.trace.threads == M * N
+
+
+def test_qmm_split_k_refuses_partitions_mlx_never_takes():
+    x, w, s, b, _ = _quantized(16, 64, 384, mx.float16, 64, 4, seed=0)
+    with pytest.raises(MetalforgeError, match="cannot cut K=384 in 4 partitions"):
+        mlx_library.qmm_t_splitk(x, w, s, b, group_size=64, bits=4, split_k=4)
 
 
 def _attention(B, H, Hk, qL, kL, D, dtype, causal, seed):
@@ -133,7 +161,7 @@ def test_the_host_names_are_kernels_mlx_compiles():
     """Every host name the runners instantiate is a function of MLX's own metallib (same version):
     the instantiations written here are MLX's, not look-alikes."""
     for run in (lambda: test_qmv_matches_quantized_matmul(QMV_FAST[0], mx.float16),
-                lambda: test_qmm_split_k_matches_quantized_matmul(mx.bfloat16),
+                lambda: test_qmm_split_k_and_its_accumulation_match_quantized_matmul(QMM_SPLITK[0], mx.bfloat16),
                 lambda: test_sdpa_vector_2pass_matches_mlx_attention(*TWO_PASS[0], mx.float32),
                 lambda: test_sdpa_vector_2pass_gqa_matches_mlx_attention(*TWO_PASS_GQA[1], mx.float16),
                 lambda: test_steel_attention_causal_matches_mlx_attention(STEEL[2], mx.bfloat16)):

@@ -178,7 +178,7 @@ def test_mlx_qmm_and_its_split_k_trace_the_same_tiles():
     for y in (mlx_library.qmm_t(x, w, s, b, group_size=gs, bits=bits, traces=whole),
               mlx_library.qmm_t_splitk(x, w, s, b, group_size=gs, bits=bits, split_k=split, traces=parts)):
         assert np.allclose(np.array(y, np.float32), ref, atol=1.0, rtol=1e-2)
-    (one,), (split_t,) = [d.trace for d in whole], [d.trace for d in parts]
+    (one,), (split_t, accum) = [d.trace for d in whole], [d.trace for d in parts]
     tiles = math.ceil(N / 32) * math.ceil(M / 32)          # 32 x 32 output tiles, 4 SIMD-groups of 16 x 16 each
     assert (one.threadgroups, split_t.threadgroups) == (tiles, tiles * split)
     # a SIMD-group's 16 x 16 of a 32-deep K block: 2 x 2 fragments x 4 steps of 8 = 16 multiply-accumulates
@@ -192,3 +192,6 @@ def test_mlx_qmm_and_its_split_k_trace_the_same_tiles():
         assert t.device["w"].footprint_bytes == N * K * bits // 8 and t.device["x"].footprint_bytes == M * K * 2
     assert one.device["y"].footprint_bytes == M * N * 2
     assert split_t.device["y"].footprint_bytes == split * M * N * 4   # float partials, one slab a partition
+    # steel_gemm_splitk_accum: a thread an output reads its split partials, no threadgroup memory
+    assert accum.threads == M * N and accum.device["C_split"].footprint_bytes == split * M * N * 4
+    assert accum.device["D"].footprint_bytes == M * N * 2 and accum.threadgroup_instructions == 0

@@ -29,6 +29,8 @@ def _direct(op, shape, dtype, device):
     ("matmul", {"M": 1, "N": 192, "K": 1536, "bits": 8, "group_size": 32}, "m3"),     # 3x N and K
     ("matmul", {"M": 2, "N": 320, "K": 128, "bits": 4, "group_size": 64}, "m3"),      # qmv_quad (K fixed), 5x N
     ("decode", {"B": 1, "Hq": 12, "Hkv": 3, "S": 768, "D": 64}, "m3"),                 # 3x heads, 3x keys
+    # MLX's split-K qmm and its accumulation: 20 partitions of 3,840 (the proxy keeps them), 3x N and K, 1.5x M
+    ("matmul", {"M": 96, "N": 192, "K": 3840, "bits": 4, "group_size": 64}, "m1"),
     # an 8B model's full shapes, traced whole (trace mode counts as it runs): its MLP's qmv_fast,
     # and its decode attention at 4,096 keys on a Max chip (the 2-pass pair, 64 blocks)
     ("matmul", {"M": 1, "N": 14336, "K": 4096, "bits": 4, "group_size": 64}, "m3"),
@@ -43,6 +45,18 @@ def test_counters_scaled_from_the_proxy_equal_a_trace_at_the_real_shape(op, shap
         assert set(s.features) == set(d.features)
         for name, v in d.features.items():
             assert s.features[name] == pytest.approx(v, rel=1e-6), name
+
+
+def test_mlx_qmm_t_counters_scale_in_k_as_traced_at_the_real_k():
+    """MLX's qmm_t (0.31.1's rules: no split-K yet) at K = 4,864 from proxies of 1,024 to 4,096
+    values: its scales' and biases' rows a sector long at every proxy, their sectors grow with K."""
+    dev, shape = devices.get("m3-max-40"), {"M": 64, "N": 64, "K": 4864, "bits": 4, "group_size": 64}
+    choice = mlx_jobs.choose("matmul", shape, "float16", dev, "0.31.1")
+    assert [l.function for l in choice.launches] == ["affine_qmm_t"]
+    scaled = mlx_jobs.counted("matmul", shape, "float16", dev, "0.31.1")
+    direct = traces.traced("direct qmm_t 0.31.1", shape, mlx_jobs._runner("matmul", choice, "float16"))
+    for name, v in direct[0].features.items():
+        assert scaled[0].features[name] == pytest.approx(v, rel=1e-6), name
 
 
 def test_a_second_lookup_reads_the_trace_cache(monkeypatch):

@@ -56,6 +56,22 @@ def test_compare_at_k_128_prices_mlx_qmv_quad(capsys):
     assert r["mlx"]["kernel"] == "affine_qmv_quad_float16_t_gs_64_b_4_d_128_batch_0" and r["ours"]["seconds"] > 0
 
 
+def test_compare_prices_mlx_split_k_qmm_with_its_accumulation(capsys):
+    """The built-in model's K/V projection at a 128-token prompt: few tiles, so MLX cuts K in 14
+    (qmm_splitk) and sums the partials with a second kernel; both are in MLX's price."""
+    assert main(["compare", "qmm", "--device", "m1", "--shape", "M=128,N=128,K=896,bits=4,group_size=64",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["mlx"]["kernel"] == ("affine_qmm_t_splitk_float16_t_gs_64_b_4_alN_true + "
+                                  "steel_gemm_splitk_accum_float16_float32")
+    assert r["ours"]["seconds"] > 0 and r["ratio"] == pytest.approx(r["mlx"]["seconds"] / r["ours"]["seconds"])
+    assert r["claim"] == gate.claim(r["ratio"], "qmm")
+    # the price by term: they add up to it, and MLX's second dispatch pays a second launch
+    for side in ("ours", "mlx"):
+        assert sum(r[side]["terms"].values()) == pytest.approx(r[side]["seconds"], rel=1e-12)
+    assert r["mlx"]["terms"]["launch"] == pytest.approx(2 * fit.shipped()["constants"].launch)
+
+
 def test_compare_answers_for_a_shape_only_mlx_serves(capsys):
     # qmv serves 1..8 rows; MLX's quantized_matmul still runs a vector kernel at 9 rows on an M2
     assert main(["compare", "qmv", "--device", "m2", "--shape", "M=9,N=64,K=512", "--json"]) == 0

@@ -370,7 +370,7 @@ def test_shipped_modelled_defaults_exist_for_every_device():
         assert data["device"]["name"] == name
         entries = [e for buckets in data["entries"].values() for e in buckets.values()]
         assert entries and all(e["timer"] == "model" for e in entries)
-        assert set(data["entries"]) == {"qmv", "decode_attention", "prefill_attention", "gate_up", "norm_qkv"}
+        assert set(data["entries"]) == {"qmv", "decode_attention", "prefill_attention", "gate_up", "norm_qkv", "qmm"}
     # a Llama-3-8B decode at 3000 tokens on an M1 finds its shipped bucket
     choice = results.lookup("m1", "decode_attention", dict(B=1, Hq=32, Hkv=8, S=3000, D=128), "float16")
     assert choice.source == "exact" and choice.entry["timer"] == "model"
@@ -412,6 +412,9 @@ def test_shapes_from_a_model_config():
     # prompts: M at each prefill length, every projection but the vocabulary one
     assert {(s["M"], s["N"], s["K"]) for s in sets["qmm"]} == {(m, n, k) for m in (128, 512) for n, k in
                                                               [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]}
+    # tuning the model tunes them too: a prompt runs qmm
+    tuned = {t.family.name for t in shapes.targets(sets, shapes.model_families())}
+    assert tuned == {"qmv", "gate_up", "norm_qkv", "decode_attention", "qmm", "prefill_attention"}
 
 
 def test_verify_passes_are_planned_on_request():
@@ -438,7 +441,7 @@ def test_bad_num_draft_is_a_one_line_error(tmp_path, args, message):
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].endswith(message), run.stderr[-2000:]
 
 
-def test_tune_a_model_folder_with_qmm_on_request(tmp_path):
+def test_tune_a_model_folder_for_qmm_alone(tmp_path):
     folder = write_model(tmp_path / "model", arch="qwen2", quantized=(4, 64))
     run = tune_cli("--device", "m4", "--model", str(folder), "--families", "qmm", "--trials", "3", "--seed", "0",
                    "--storage", f"sqlite:///{tmp_path / 'q.db'}", "--results", str(tmp_path / "r.yaml"))

@@ -171,3 +171,21 @@ def test_every_family_counts_its_work():
     from metalforge.kernels.family import Family
     assert [name for name, fam in FAMILIES.items() if type(fam).work is Family.work] == []
     assert not hasattr(Family, "cost")
+
+
+@pytest.mark.parametrize("config", [
+    {"BM": 32, "BN": 64, "BK": 128, "WM": 1, "WN": 1, "dequant": "registers", "operands": "input"},
+    {"BM": 64, "BN": 64, "BK": 64, "split_k": 2},
+])
+def test_qmm_traces_scaled_to_a_model_shape_price_what_its_work_counts(config):
+    """`metalforge compare` prices our config from traces at proxy shapes scaled to the real one;
+    the tuner from the counted work. At an 8B prompt's shape they agree: the proxies hold whole
+    64-row tiles (traced over 32 rows, one half-empty tile scaled 32x) and rows of scales a
+    sector long (at K = 256 the scales' sectors scaled to 0 at K = 4096)."""
+    from metalforge.kernels.timing import compare
+    fam = family("qmm")
+    config, shape = fam.config(config), fam.shape("M=512,N=4096,K=4096,bits=4,group_size=64")
+    device, constants = devices.get("m3-max-40"), fit.shipped()["constants"]
+    scaled = compare.ours_counted(fam, config, shape, F16, device)
+    assert model.price(scaled, device, constants) == pytest.approx(fam.modelled_seconds(config, shape, F16, device),
+                                                                   rel=1e-9)

@@ -50,10 +50,18 @@ def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:
     return [c for op, sizes in get_family(family).mlx_jobs(s) for c in mlx_jobs.counted(op, sizes, dtype.name, device)]
 
 
+def _priced(counted, device, constants) -> dict:
+    """{seconds, terms}: the price and each term's seconds in it (model.TERMS), which say where a
+    difference between two kernels comes from."""
+    seconds = model.terms(counted, device) * constants.vector()
+    return {"seconds": model.price(counted, device, constants),
+            "terms": {t: float(s) for t, s in zip(model.TERMS, seconds)}}
+
+
 def compare(family: str, device, shape_text: str, dtype_name: str = "float16", config=None) -> dict:
-    """{family, device, shape, dtype, ours: {kernel, seconds} | None, mlx: {...}, ratio, error, validated,
-    claim, verdict}; ratio = MLX's seconds / ours (above 1: ours faster); verdict: which kernel the
-    bucket ships and why (gate.verdict)."""
+    """{family, device, shape, dtype, ours: {kernel, seconds, terms} | None, mlx: {...}, ratio, error,
+    validated, claim, verdict}; ratio = MLX's seconds / ours (above 1: ours faster); terms: the
+    seconds of each of the model's terms; verdict: which kernel the bucket ships and why (gate.verdict)."""
     from metalforge import results
     fam = get_family(family)
     dtype = dtypes.get(dtype_name)
@@ -65,13 +73,13 @@ def compare(family: str, device, shape_text: str, dtype_name: str = "float16", c
     except MetalforgeError:
         shape = None          # not a shape our family serves: MLX priced alone
     counted = mlx_counted(fam.name, dataclasses.asdict(shape) if shape is not None else raw, dtype, device)
-    mlx = {"kernel": " + ".join(c.kernel for c in counted), "seconds": model.price(counted, device, constants)}
+    mlx = {"kernel": " + ".join(c.kernel for c in counted), **_priced(counted, device, constants)}
     ours = None
     if shape is not None:
         config = config or results.lookup(device, fam.name, shape, dtype.name).config
         counted = ours_counted(fam, config, shape, dtype, device)
         ours = {"kernel": " + ".join(c.kernel for c in counted), "config": dict(config),
-                "seconds": model.price(counted, device, constants)}
+                **_priced(counted, device, constants)}
     error = fit.family_error(fam.name)
     ratio = mlx["seconds"] / ours["seconds"] if ours else None
     return {"family": fam.name, "device": device.name, "shape": fam.describe(shape) if shape else shape_text,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from metalforge.errors import MetalforgeError
+from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes, mlx_dispatch, mlx_library
 from metalforge.kernels.timing import traces
 
@@ -17,15 +18,25 @@ from metalforge.kernels.timing import traces
 MATMUL_GROUPS = (("M",), ("N",), ("K",))
 DECODE_GROUPS = (("B",), ("Hq", "Hkv"), ("S",))
 PREFILL_GROUPS = (("B",), ("Hq", "Hkv"), ("L", "prefix"))
+# A row of float16 scales (and biases) at least a 32-byte sector long: a SIMD-group's reads of them
+# then meet one sector a row, as at the real K, so their sectors grow linearly with K from the proxy
+# (at 256 values and groups of 64, 8-byte rows share sectors and the scaled count is 4x off at K = 4096).
+QMM_MIN_GROUPS = 16
 
 
 def _proxy_matmul(shape: dict, choice) -> dict:
-    fn = choice.launches[0].function
-    # MLX's qmv_fast wants K in whole 512-value blocks (4 bits), qmm whole 32x32 tiles; qmv keeps K's tail
-    k = 512 if fn in ("affine_qmv_fast", "affine_qmv_wide") else 512 + shape["K"] % 512 if fn == "affine_qmv" else 256
-    k = min(shape["K"], k)
+    fn, K = choice.launches[0].function, shape["K"]
+    if fn in ("affine_qmv_fast", "affine_qmv_wide"):   # qmv_fast wants K in whole 512-value blocks (4 bits)
+        k = 512
+    elif fn == "affine_qmv":                             # qmv keeps K's tail
+        k = 512 + K % 512
+    else:   # qmm: whole 32 x 32 tiles, and K of QMM_MIN_GROUPS groups at least
+        k = max(256, QMM_MIN_GROUPS * shape["group_size"])
+        if fn == "affine_qmm_t_splitk":   # the real shape's partitions (grid z), each whole 32-wide tiles and groups
+            part = choice.launches[0].grid[2] * max(32, shape["group_size"])
+            k = part * cdiv(k, part)
     m = min(shape["M"], 64) if fn.startswith("affine_qmm") else shape["M"]
-    return {**shape, "M": m, "N": min(shape["N"], 64), "K": k}
+    return {**shape, "M": m, "N": min(shape["N"], 64), "K": min(K, k)}
 
 
 def _proxy_decode(shape: dict, choice) -> dict:
@@ -55,9 +66,9 @@ def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):
     raise MetalforgeError(f"unknown MLX job '{op}'; valid: matmul, decode, prefill")
 
 
-# kernels traceable at a proxy shape: split-K takes its partitions from the real shape, so not it
-RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad", "affine_qmm_t", "sdpa_vector",
-            "sdpa_vector_2pass_1", "sdpa_vector_2pass_1_gqa", "attention")
+# kernels traceable at a proxy shape (split-K with the real shape's partitions: _proxy_matmul)
+RUNNABLE = ("affine_qmv_fast", "affine_qmv", "affine_qmv_wide", "affine_qmv_quad", "affine_qmm_t",
+            "affine_qmm_t_splitk", "sdpa_vector", "sdpa_vector_2pass_1", "sdpa_vector_2pass_1_gqa", "attention")
 
 
 def _runner(op: str, choice, dtype: str):
