@@ -135,7 +135,8 @@ extern "C" [[gnu::visibility("hidden")]] void mf_fiber_main(Fiber* f);
 
 inline void flush_accesses(Worker& w, Fiber& f);
 inline void trace_early(Worker& w);
-inline void trace_meet(Worker& w, Fiber** lanes, int count, bool simd_function);
+constexpr int kPerBuffer = 6, kTail = 8, kFunctions = 6, kFences = 7;   // trace mode's counts (see Tracer)
+inline void trace_meet(Worker& w, Fiber** lanes, int count, int counter);
 
 void to_scheduler() {
   Worker& w = worker();
@@ -291,7 +292,7 @@ inline void resolve_simd(Worker& w, bool& progressed) {
       }
       lead.simd_fn(lanes, count);
       for (int k = 0; k < count; k++) lanes[k]->state = State::Runnable;
-      if (!w.trace_counts.empty()) trace_meet(w, lanes, count, true);
+      if (!w.trace_counts.empty()) trace_meet(w, lanes, count, lead.simd_fn == &simd_sync ? kFences : kFunctions);
       stats().simd_lanes.fetch_add(count, std::memory_order_relaxed);
       progressed = true;
     }
@@ -363,7 +364,7 @@ inline void run_threadgroup(Worker& w) {
         if (!w.trace_counts.empty()) {
           Fiber* all[1024];
           for (int i = 0; i < n; i++) all[i] = &w.fibers[i];
-          trace_meet(w, all, n, false);
+          trace_meet(w, all, n, -1);
         }
         w.tg_epoch++;
         continue;
@@ -460,8 +461,9 @@ bool device_buffer(const void* p, unsigned char*& start, long long& bytes, const
 // are waiting; so the dispatch's size costs time, not memory. Counts, as mf_launch_traced writes them:
 // per buffer accesses, instructions, 32-, 64- and 128-byte sectors (summed over instructions) and
 // the footprint (distinct bytes); then threadgroup accesses, instructions and bank conflicts,
-// SIMD-group matrix loads, stores and multiplies, and SIMD-group functions run (multiplies among them).
-constexpr int kPerBuffer = 6, kTail = 7;
+// SIMD-group matrix loads, stores and multiplies, SIMD-group functions run (multiplies among them)
+// and simdgroup_barrier fences (apart: a fence exchanges no data between lanes).
+// (kPerBuffer, kTail, kFunctions, kFences: declared with trace_meet above)
 constexpr size_t kCountAt = size_t(1) << 21;   // waiting accesses that make a threadgroup count early
 struct Tracer {
   bool on = false;
@@ -605,11 +607,12 @@ inline void trace_count(Worker& w, bool all) {
 
 // Lanes meeting at a barrier or a SIMD-group function continue in step: their next accesses are
 // one instruction again, however many each made before (divergent code, bounds-checked tails).
-inline void trace_meet(Worker&, Fiber** lanes, int count, bool simd_function) {
+// `counter`: the tail slot the meeting counts in (kFunctions, kFences), or -1 (a barrier).
+inline void trace_meet(Worker&, Fiber** lanes, int count, int counter) {
   unsigned seq = 0;
   for (int i = 0; i < count; i++) seq = std::max(seq, lanes[i]->trace_seq);
   for (int i = 0; i < count; i++) lanes[i]->trace_seq = seq;
-  if (simd_function) worker().trace_counts[size_t(tracer().buffers) * kPerBuffer + 6] += 1;
+  if (counter >= 0) worker().trace_counts[size_t(tracer().buffers) * kPerBuffer + counter] += 1;
 }
 
 void trace_simdgroup_operation(int kind) {

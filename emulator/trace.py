@@ -19,7 +19,7 @@ import numpy as np
 
 
 SECTORS = (32, 64, 128)
-PER_BUFFER, TAIL = 6, 7   # the runtime's counts: six per buffer, then seven for the dispatch (mf_launch_traced)
+PER_BUFFER, TAIL = 6, 8   # the runtime's counts: six per buffer, then eight for the dispatch (mf_launch_traced)
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Trace:
     matrix_loads: int = 0             # SIMD-group matrix operations (each by a whole SIMD-group)
     matrix_stores: int = 0
     matrix_multiplies: int = 0
+    simd_fences: int = 0              # simdgroup_barrier calls per SIMD-group (no data between lanes)
 
     def sectors(self, size: int) -> int:
         return sum(b.sectors[size] for b in self.device.values())
@@ -74,12 +75,13 @@ def summarize(counts: np.ndarray, names: dict[int, str], stats: dict, threadgrou
     """The counters of one dispatch from the runtime's counts; `names`: buffer position -> the kernel's name for it."""
     threads = stats["threads"]
     per = counts[:len(names) * PER_BUFFER].reshape(len(names), PER_BUFFER)
-    tg_accesses, tg_instructions, conflicts, loads, stores, multiplies, exchanges = (int(c) for c in counts[-TAIL:])
+    tg_accesses, tg_instructions, conflicts, loads, stores, multiplies, exchanges, fences = (int(c) for c in counts[-TAIL:])
     out = Trace(threads=threads, threadgroups=threadgroups, threadgroup_memory_bytes=tg_bytes,
                 barriers=stats["barrier_crossings"] // max(1, threads),
                 simd_functions=exchanges - multiplies,
                 threadgroup_accesses=tg_accesses, threadgroup_instructions=tg_instructions, bank_conflicts=conflicts,
-                matrix_loads=loads, matrix_stores=stores, matrix_multiplies=multiplies)
+                matrix_loads=loads, matrix_stores=stores, matrix_multiplies=multiplies,
+                simd_fences=fences)
     for i, name in sorted(names.items(), key=lambda x: x[1]):
         accesses, instructions, s32, s64, s128, footprint = (int(c) for c in per[i])
         if accesses:

@@ -80,6 +80,7 @@ class Tally:
         features.update({
             "threadgroup_passes": self.threadgroup_passes, "fragment_ops": self.fragment_ops,
             "matrix_multiplies": self.matrix_multiplies, "barriers": self.barriers_per_threadgroup * g.threadgroups,
-            "simd_functions": self.simd_functions, "threadgroups": g.threadgroups,
+            "simd_functions": self.simd_functions, "simd_fences": 0,   # our templates fence no SIMD-group
+            "threadgroups": g.threadgroups,
             "threads": g.threadgroups * threadgroup[0] * threadgroup[1] * threadgroup[2]})
         return Counted(self.kernel, threadgroup, g.threadgroup_memory_bytes, features)

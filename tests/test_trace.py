@@ -81,6 +81,7 @@ MMA = """
   simdgroup_load(B, b, 8);
   threadgroup_barrier(mem_flags::mem_none);
   for (int k = 0; k < 3; k++) {
+    simdgroup_barrier(mem_flags::mem_none);
     simdgroup_multiply_accumulate(C, A, B, C);
   }
   threadgroup_barrier(mem_flags::mem_none);
@@ -99,9 +100,10 @@ def test_barriers_matrix_operations_and_simd_functions_are_counted_per_simdgroup
     fn(buffers={0: a, 1: b, 2: c}, threadgroups=(1, 1, 1), threadgroup=(64, 1, 1))
     assert np.allclose(c, 3 * a)
     t = fn.last_trace
-    # 2 SIMD-groups x (2 loads, 3 multiply-accumulates, 1 store, 1 simd_sum); 2 barriers
+    # 2 SIMD-groups x (2 loads, 3 multiply-accumulates, 1 store, 1 simd_sum, 3 fences); 2 barriers;
+    # a simdgroup_barrier fence is counted apart from the functions that exchange lanes' data
     assert (t.matrix_loads, t.matrix_multiplies, t.matrix_stores) == (4, 6, 2)
-    assert (t.barriers, t.simd_functions) == (2, 2)
+    assert (t.barriers, t.simd_functions, t.simd_fences) == (2, 2, 6)
     # a matrix load is one operation, not 64 element reads per lane: from device memory each lane
     # reads its 2 elements, as a store writes them (b's one tile shared by both SIMD-groups)
     assert (t.device["a"].accesses, t.device["a"].footprint_bytes) == (128, 512)

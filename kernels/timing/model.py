@@ -43,7 +43,10 @@ constant prices both, fitted mostly on MLX's qmv, whose sectors dominate it (ASS
 costs what 128 bytes of sectors cost).
 ASSUMED, not fitted (the data cannot separate them): the terms add (no overlap of memory and
 arithmetic), a core's share of bandwidth is 1 / cores, one threadgroup per core keeps it busy,
-scalar arithmetic is not counted by the trace (it is folded into the memory and sync terms).
+scalar arithmetic is not counted by the trace (it is folded into the memory and sync terms), a
+`simdgroup_barrier` fence costs nothing (the trace counts them apart, `simd_fences`: a SIMD-group's
+lanes run in step, so a fence exchanges no data; priced by the sync term they stood in for MLX's
+MMA cost - three a step of steel's BlockMMA - and made its qmm look 2.3-4.9x slower than ours).
 ASSUMED, seen in the largest held-out errors (benchmarks/calibrate.py prints them) and not modelled:
 bfloat16 arithmetic costs what float16's does (the M1 Max's bfloat16 qmm_t took 1.78x its float16
 time, mlx PR 4216: one chip, one shape; a term of MMA flops in bfloat16 on the M1 and M2, which

@@ -28,7 +28,7 @@ from metalforge import files
 from metalforge.emulator.compiler import cache_dir
 from metalforge.emulator.trace import Dispatch
 
-TRACE_SCHEMA = 3   # bump when the features or their meaning change: old cache entries are ignored
+TRACE_SCHEMA = 4   # bump when the features or their meaning change: old cache entries are ignored
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ def features(d: Dispatch) -> Counted:
         "matrix_multiplies": t.matrix_multiplies,
         "barriers": t.barriers * t.threadgroups,
         "simd_functions": t.simd_functions,
+        "simd_fences": t.simd_fences,
         "threadgroups": t.threadgroups,
         "threads": t.threads})
 
