@@ -160,17 +160,20 @@ def test_no_point_is_faster_than_the_round_trips_its_clock_carries_plus_its_byte
     4-bit weights in 0.126 ms) read as one wait per call could not: the source's 20 reps share one."""
     host_call = fit.shipped()["constants"].host_call
     assert 50e-6 < host_call < 1e-3
+    # the least a wait can cost: half the fitted round trip (harnesses differ from the fitted mean:
+    # skyzh/tiny-llm's per-call clock on the M4 Pro reads 139 us around a product whose bytes stream in 48 us)
+    least = host_call / 2
     for p in kernel_measurements.usable(kernel_measurements.load()):
         if p.device is None or not p.min_bytes() or not fit.reads_dram(p):
             continue
-        kernel_s = p.seconds - host_call * p.host_waits
+        kernel_s = p.seconds - least * p.host_waits
         assert kernel_s > 0 and p.min_bytes() / kernel_s <= p.device.memory_bandwidth_gbs * 1e9 * 1.05, \
             (p.chip, p.kernel, dict(p.shape), p.timer, p.calls_per_wait)
     cold = _shipped_point(source="https://github.com/ml-explore/mlx/issues/3852", profile="m3-max-40", M=1, bits=4,
                           seconds=126e-6)
     assert cold.timer == "host_amortised" and cold.host_waits == 1 / 20
     as_per_call = dataclasses.replace(cold, timer="host_per_call", calls_per_wait=None)
-    assert as_per_call.seconds - host_call * as_per_call.host_waits < cold.min_bytes() / (400e9 * 1.05)
+    assert as_per_call.seconds - least * as_per_call.host_waits < cold.min_bytes() / (400e9 * 1.05)
 
 
 def test_a_point_is_bound_by_whichever_of_its_bytes_and_its_on_chip_work_costs_more():
