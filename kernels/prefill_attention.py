@@ -15,7 +15,7 @@ import mlx.core as mx
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.dtypes import vector_of
-from metalforge.kernels.decode_attention import HEAD_DIMS, attention_call
+from metalforge.kernels.decode_attention import HEAD_DIMS, MAX_QUERY_TOKENS, attention_call
 from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
                                        fragment_problems, stage_dtype, stage_problems)
 from metalforge.kernels.work import SECTOR, Tally, passes
@@ -90,6 +90,12 @@ class PrefillAttention(Family):
                            "L": cut_keeping_tail(shape.L, 64, 64), "prefix": cut_keeping_tail(shape.prefix, 32, 32)})
 
     def shape_distance(self, a, b) -> float | None:
+        """None across MLX's vector-kernel query lengths (1..MAX_QUERY_TOKENS) and more: a config
+        and its ratio tuned against steel attention at a prompt say nothing of a decode step,
+        where MLX runs sdpa_vector (a 128-token bucket's gain taken as evidence at one token
+        routed decode attention to this family, priced 8x MLX's kernel at 4,096 keys)."""
+        if (a.L <= MAX_QUERY_TOKENS) != (b.L <= MAX_QUERY_TOKENS):
+            return None
         if (a.D, a.Hq // a.Hkv, a.window, a.sinks) != (b.D, b.Hq // b.Hkv, b.window, b.sinks):
             return None
         return abs(math.log2(a.L / b.L)) + 0.1 * abs(math.log2(a.Hkv / b.Hkv))
