@@ -177,12 +177,11 @@ def prefill_parts(config: dict, tokens: int, chunk: int, device, constants, glue
     `chunk`: per chunk its ops (chunk_ops) by MLX's real kernels, and mlx-lm's other dispatches
     of a chunk (counted on a 16-token chunk), each moving three fp16 vectors a token."""
     kernels, glue = Cost(), Cost()
-    g = glue_counts.mlx_lm_prefill
+    one = _glue_of(config, glue_counts.mlx_lm_prefill, device)   # a chunk's dispatches, bytes of one token
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
         kernels += sum((mlx_price(op, values, device, constants).times(k) for op, values, k in chunk_ops(config, start, n)),
                        Cost())
-        one = _glue_of(config, g, device)            # a chunk's dispatches, bytes of one token
         glue += Cost(0.0, one.dram_s * n, one.dispatches)
     return kernels, glue
 
