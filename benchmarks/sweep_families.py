@@ -61,6 +61,12 @@ SHAPES = {   # small, with tails (N, K, S, L not multiples of the tiles) and GQA
                          # the variants: 4 tokens with a window, sinks and a soft-cap; 4-bit K/V, paged
                          Row(dict(B=2, Hq=4, Hkv=2, S=37, D=64, L=4, window=16, sinks=1, softcap=1)),
                          Row(dict(B=2, Hq=4, Hkv=1, S=33, D=64, block_size=8, kv_bits=4, kv_group_size=32))],
+    # the fused and expert families: their variants (GeGLU; biases, q/k norms, partial and traditional RoPE)
+    "gather_qmv": [Row(dict(M=2, N=37, K=256, experts=4, top_k=2, bits=4, group_size=64))],
+    "gate_up": [Row(dict(M=2, N=40, K=256, bits=4, group_size=64)),
+                Row(dict(M=3, N=37, K=4096, bits=8, group_size=64, gelu=1))],
+    "norm_qkv": [Row(dict(M=2, K=256, Hq=4, Hkv=2, D=64, bits=4, group_size=64, bias=1, traditional=1)),
+                 Row(dict(M=3, K=384, Hq=4, Hkv=1, D=80, bits=4, group_size=64, qk_norm=1, rope_dims=40))],
     # float16: stage=input and score_type=half are valid only there
     "prefill_attention": [
         Row(_prefill(L=45, prefix=19), "float16"),                                   # tails, a prefix, B=2
