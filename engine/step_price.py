@@ -67,10 +67,7 @@ def counted_cost(counted, device, constants) -> Cost:
 
 def _linear_times(args, cls, rows: int, head: bool) -> dict:
     """How often a pass of `rows` rows runs each linear's sizes (the model's linears of that shape)."""
-    table = cls.linears(args)
-    table.pop("model.embed_tokens")
-    if args.tie_word_embeddings:
-        table["lm_head"] = (args.vocab_size, args.hidden_size)
+    table = cls.forward_linears(args)
     if not head:
         table.pop("lm_head")
     times: dict = {}
