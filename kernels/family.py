@@ -292,6 +292,12 @@ class Family:
         """`fields` as the sizes of MLX's op (its job's fields, kernels/timing/mlx_jobs.py)."""
         return dict(fields)
 
+    def mlx_op_shape(self, values: dict) -> dict | None:
+        """An engine op call as mlx-lm makes it, in this family's shape fields (what mlx_jobs
+        takes): op_shape's unless mlx-lm holds the call's data otherwise; None where the family
+        does not serve the call."""
+        return self.op_shape(values)
+
     def mlx_kernels(self, shape, dtype, device) -> str:
         """The Metal kernels MLX runs for the job on `device` (kernels/mlx_dispatch.py), or why unknown."""
         from metalforge.kernels.timing import mlx_jobs
