@@ -150,6 +150,12 @@ class Family:
         one's config says nothing about the other (a different structure)."""
         raise NotImplementedError
 
+    def mlx_regime(self, shape) -> str:
+        """Which kind of MLX kernel runs the shape's job ("vector", "matrix"): a config and its
+        ratio were tuned against that kernel and say nothing of a shape where MLX runs another,
+        so results/lookup.py never borrows across regimes. One regime unless a family splits."""
+        return "one"
+
     # ---- configs ---------------------------------------------------------------------------
     def param(self, name: str) -> Param:
         for p in self.params:
