@@ -48,7 +48,7 @@ class Qmm(QuantizedMatmul):
         return {**fields, "M": min(fields["M"], tile), "N": min(fields["N"], tile), "K": min(fields["K"], k + fields["K"] % k)}
 
     def mlx_regime(self, shape) -> str:
-        """MLX's mat-vec kernels over qmv's rows (1..VECTOR_ROWS), qmm_t past them (a 128-row
+        """MLX's mat-vec kernels at qmv's rows (1..VECTOR_ROWS), qmm_t past them (a 128-row
         bucket's 3.7x taken as evidence at one row once routed decode to qmm)."""
         return "vector" if shape.M <= VECTOR_ROWS else "matrix"
 
