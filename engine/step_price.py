@@ -67,10 +67,7 @@ def counted_cost(counted, device, constants) -> Cost:
 
 def _linear_times(args, cls, rows: int, head: bool) -> dict:
     """How often a pass of `rows` rows runs each linear's sizes (the model's linears of that shape)."""
-    table = cls.linears(args)
-    table.pop("model.embed_tokens")
-    if args.tie_word_embeddings:
-        table["lm_head"] = (args.vocab_size, args.hidden_size)
+    table = cls.forward_linears(args)
     if not head:
         table.pop("lm_head")
     times: dict = {}
@@ -116,16 +113,28 @@ def chunk_ops(config: dict, start: int, n: int) -> list[tuple[str, dict, int]]:
 
 def mlx_price(op: str, values: dict, device, constants) -> Cost:
     """MLX's real kernels for one op as mlx-lm runs it: the job `metalforge compare` prices
-    against the first family serving the op (compare.mlx_counted)."""
+    against the first family serving the op (compare.mlx_counted), at the call as mlx-lm makes
+    it (Family.mlx_op_shape)."""
     from metalforge.kernels.families import FAMILIES
-    serving = [(f.name, f.op_shape(values)) for f in FAMILIES.values() if f.op == op]
-    family, shape = next(((name, s) for name, s in serving if s is not None), (None, None))
-    if shape is None:
+    serving = ((f.name, f.mlx_op_shape(values)) for f in FAMILIES.values() if f.op == op)
+    family, fields = next(((name, s) for name, s in serving if s is not None), (None, None))
+    if fields is None:
         raise MetalforgeError(f"op '{op}' {values}: not a job of any family (Family.op): MLX's kernels for it are not priced")
-    if op == "attention" and values.get("new") == 1:
-        # mlx-lm's contiguous cache holds the context's keys, not the engine's pool's power-of-two bucket
-        shape = dict(shape, S=values["context"])
-    return counted_cost(compare.mlx_counted(family, shape, dtypes.get(DTYPE), device), device, constants)
+    return counted_cost(compare.mlx_counted(family, fields, dtypes.get(DTYPE), device), device, constants)
+
+
+def mlx_prices(device, constants):
+    """mlx_price for `device` and `constants`, once per op: MLX's kernel for an op costs the same
+    whichever side runs it and in every prompt chunk of its size, and each price reads the op's
+    traces from the disk cache, so a step's sides and a prompt's chunks share one price."""
+    memo: dict = {}
+
+    def price(op: str, values: dict) -> Cost:
+        key = (op, tuple(values.items()))
+        if key not in memo:
+            memo[key] = mlx_price(op, values, device, constants)
+        return memo[key]
+    return price
 
 
 def ours_price(decision, device, constants) -> Cost:
@@ -164,11 +173,13 @@ def _glue_of(config: dict, g, device) -> Cost:
     return glue_cost(config, g.per_layer * models.parse(config, "config").num_hidden_layers + g.outside, device)
 
 
-def mlx_lm_parts(config: dict, context: int, device, constants, glue_counts: GlueCounts) -> tuple[Cost, Cost]:
+def mlx_lm_parts(config: dict, context: int, device, constants, glue_counts: GlueCounts,
+                 price=None) -> tuple[Cost, Cost]:
     """(kernels, other dispatches) of mlx-lm's decode step after `context` tokens: MLX's real
-    kernels for every op of the plan, and mlx-lm's other dispatches as its graph launches them."""
-    kernels = sum((mlx_price(op, values, device, constants).times(n) for op, values, n in step_ops(config, context)),
-                  Cost())
+    kernels for every op of the plan (by `price`, one of mlx_prices: a caller pricing the ops
+    for other sides too shares its own), and mlx-lm's other dispatches as its graph launches them."""
+    price = price or mlx_prices(device, constants)
+    kernels = sum((price(op, values).times(n) for op, values, n in step_ops(config, context)), Cost())
     return kernels, _glue_of(config, glue_counts.mlx_lm, device)
 
 
@@ -177,21 +188,22 @@ def prefill_parts(config: dict, tokens: int, chunk: int, device, constants, glue
     `chunk`: per chunk its ops (chunk_ops) by MLX's real kernels, and mlx-lm's other dispatches
     of a chunk (counted on a 16-token chunk), each moving three fp16 vectors a token."""
     kernels, glue = Cost(), Cost()
+    price = mlx_prices(device, constants)
     one = _glue_of(config, glue_counts.mlx_lm_prefill, device)   # a chunk's dispatches, bytes of one token
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
-        kernels += sum((mlx_price(op, values, device, constants).times(k) for op, values, k in chunk_ops(config, start, n)),
-                       Cost())
+        kernels += sum((price(op, values).times(k) for op, values, k in chunk_ops(config, start, n)), Cost())
         glue += Cost(0.0, one.dram_s * n, one.dispatches)
     return kernels, glue
 
 
 def steps(config: dict, context: int, device, glue_counts: GlueCounts) -> dict[str, Step]:
     """Per side ("ours (auto)", "ours (metal)", "mlx-lm"): the modelled decode step under
-    the shipped constants, each op priced by whichever side runs it, and the other dispatches as
-    that mix launches them."""
+    the shipped constants, each op priced by whichever side runs it (MLX's kernel for an op
+    priced once for every side: mlx_prices), and the other dispatches as that mix launches them."""
     from metalforge.engine.ops import Kernels
     constants = fit.shipped()["constants"]
+    price = mlx_prices(device, constants)
     roles = Roles(models.parse(config, "config"))
     auto = Kernels("emulator", device)
     auto.by_evidence = True            # what `auto` does on a Mac
@@ -204,12 +216,12 @@ def steps(config: dict, context: int, device, glue_counts: GlueCounts) -> dict[s
             if d.family:
                 kernels[side] += ours_price(d, device, constants).times(n)
                 continue
-            kernels[side] += mlx_price(op, values, device, constants).times(n)
+            kernels[side] += price(op, values).times(n)
             if roles.of(op, values) is not None:
                 mlx_roles[side].add(roles.of(op, values))
     # a fused op the small folder has and the model not (no family of ours serves its size) runs MLX's
     unserved = set(glue_counts.roles.all()) - set(roles.all())
     out = {side: Step.of(kernels[side], _glue_of(config, glue_counts.ours(mlx_roles[side] | unserved), device))
            for side in ours}
-    out["mlx-lm"] = Step.of(*mlx_lm_parts(config, context, device, constants, glue_counts))
+    out["mlx-lm"] = Step.of(*mlx_lm_parts(config, context, device, constants, glue_counts, price))
     return out

@@ -90,6 +90,11 @@ class DecodeAttention(Family):
         """MLX reads a contiguous cache (as mlx-lm keeps it), never a paged pool."""
         return {k: v for k, v in fields.items() if k not in ("block_size", "num_blocks")}
 
+    def mlx_op_shape(self, values: dict) -> dict | None:
+        """mlx-lm's contiguous cache holds the context's keys, not the pool's power-of-two bucket."""
+        fields = self.op_shape(values)
+        return None if fields is None else dict(fields, S=values["context"])
+
     def trace_proxy(self, fields: dict) -> dict:
         """One sequence, one KV head and its query heads, at most 128 keys."""
         return {**fields, "B": 1, "Hkv": 1, "Hq": fields["Hq"] // fields["Hkv"], "S": min(fields["S"], 128)}

@@ -150,6 +150,12 @@ class Family:
         one's config says nothing about the other (a different structure)."""
         raise NotImplementedError
 
+    def mlx_regime(self, shape) -> str:
+        """Which kind of MLX kernel runs the shape's job ("vector", "matrix"): a config and its
+        ratio were tuned against that kernel and say nothing of a shape where MLX runs another,
+        so results/lookup.py never borrows across regimes. One regime unless a family splits."""
+        return "one"
+
     # ---- configs ---------------------------------------------------------------------------
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -291,6 +297,12 @@ class Family:
     def mlx_sizes(self, fields: dict) -> dict:
         """`fields` as the sizes of MLX's op (its job's fields, kernels/timing/mlx_jobs.py)."""
         return dict(fields)
+
+    def mlx_op_shape(self, values: dict) -> dict | None:
+        """An engine op call as mlx-lm makes it, in this family's shape fields (what mlx_jobs
+        takes): op_shape's unless mlx-lm holds the call's data otherwise; None where the family
+        does not serve the call."""
+        return self.op_shape(values)
 
     def mlx_kernels(self, shape, dtype, device) -> str:
         """The Metal kernels MLX runs for the job on `device` (kernels/mlx_dispatch.py), or why unknown."""

@@ -89,13 +89,13 @@ class PrefillAttention(Family):
         return self.shape({**shape.__dict__, "B": 1, "Hkv": 1, "Hq": shape.Hq // shape.Hkv,
                            "L": cut_keeping_tail(shape.L, 64, 64), "prefix": cut_keeping_tail(shape.prefix, 32, 32)})
 
+    def mlx_regime(self, shape) -> str:
+        """MLX's sdpa_vector up to MAX_QUERY_TOKENS query tokens, steel attention past them (a
+        128-token bucket's gain taken as evidence at one token once routed decode attention to
+        this family, priced 8x MLX's kernel at 4,096 keys)."""
+        return "vector" if shape.L <= MAX_QUERY_TOKENS else "matrix"
+
     def shape_distance(self, a, b) -> float | None:
-        """None across MLX's vector-kernel query lengths (1..MAX_QUERY_TOKENS) and more: a config
-        and its ratio tuned against steel attention at a prompt say nothing of a decode step,
-        where MLX runs sdpa_vector (a 128-token bucket's gain taken as evidence at one token
-        routed decode attention to this family, priced 8x MLX's kernel at 4,096 keys)."""
-        if (a.L <= MAX_QUERY_TOKENS) != (b.L <= MAX_QUERY_TOKENS):
-            return None
         if (a.D, a.Hq // a.Hkv, a.window, a.sinks) != (b.D, b.Hq // b.Hkv, b.window, b.sinks):
             return None
         return abs(math.log2(a.L / b.L)) + 0.1 * abs(math.log2(a.Hkv / b.Hkv))

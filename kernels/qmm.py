@@ -47,13 +47,10 @@ class Qmm(QuantizedMatmul):
         k = max(256, QMM_MIN_GROUPS * fields["group_size"])
         return {**fields, "M": min(fields["M"], tile), "N": min(fields["N"], tile), "K": min(fields["K"], k + fields["K"] % k)}
 
-    def shape_distance(self, a, b) -> float | None:
-        """None across qmv's rows (1..VECTOR_ROWS) and more: a config and its ratio tuned against
-        MLX's qmm_t at a prompt's rows say nothing about a decode row, where MLX runs a mat-vec
-        kernel (a 128-row bucket's 3.7x taken as evidence at one row routed decode to qmm)."""
-        if (a.M <= VECTOR_ROWS) != (b.M <= VECTOR_ROWS):
-            return None
-        return super().shape_distance(a, b)
+    def mlx_regime(self, shape) -> str:
+        """MLX's mat-vec kernels at qmv's rows (1..VECTOR_ROWS), qmm_t past them (a 128-row
+        bucket's 3.7x taken as evidence at one row once routed decode to qmm)."""
+        return "vector" if shape.M <= VECTOR_ROWS else "matrix"
 
     def shape_problems(self, shape) -> list[str]:
         return quantization_problems(shape, bits=QMM_BITS) + ([] if shape.M >= 1 else [f"M={shape.M} must be positive"])

@@ -67,7 +67,8 @@ def _entries_for(paths: tuple[Path, ...], stamps: tuple) -> dict:
 
 def lookup(device, family: str, shape, dtype: str, results=None, shipped: bool = True) -> Choice:
     """The config to use: the exact bucket, else the nearest bucket of the same structure (head
-    dim, GQA ratio, bits and group size), else the family default; always valid for `shape`.
+    dim, GQA ratio, bits and group size) where MLX runs the same kind of kernel (Family.mlx_regime),
+    else the family default; always valid for `shape`.
     Sources: the shipped modelled defaults (unless shipped=False), the user's results folder and
     an explicit `results` file, merged so measured and faster entries win. Answers are kept until
     one of the files changes (its modification time, size or inode)."""
@@ -89,11 +90,14 @@ def _choose(dev, fam, shape, dtype: str, buckets: dict) -> Choice:
     if key in buckets:
         candidates.append(("exact", buckets[key]))
     rep = fam.representative(shape)
+    regime = fam.mlx_regime(rep)
     near = []
     for k, e in buckets.items():
         if k == key or e["dtype"] != dtype:
             continue
         other = fam.shape(e["shape"])
+        if fam.mlx_regime(other) != regime:   # tuned against another of MLX's kernels: no evidence here
+            continue
         distance = fam.shape_distance(rep, other)
         if distance is not None:
             near.append((distance, k, e))

@@ -35,6 +35,37 @@ def test_step_ops_hold_each_linear_as_often_as_the_model():
     assert attention["context"] == 4096 and attention["new"] == 1
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_head_is_multiplied_once_a_step_and_the_embedding_never(tied):
+    """Tied or not, a decode step multiplies by the LM head (vocab x hidden) once and by nothing
+    else of that size (the embedding is looked up); a prompt chunk computes no logits, so it
+    multiplies by neither. The op plan and the step's counts read the same table."""
+    from metalforge.engine import models
+    config = dict(defaults.MODELS[0], tie_word_embeddings=tied)
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    head = [(v["M"], v["K"], n) for op, v, n in step_price.step_ops(config, 512) if v.get("N") == vocab]
+    assert head == [(1, hidden, 1)]
+    assert not [v for _, v, _ in step_price.chunk_ops(config, 0, 64) if v.get("N") == vocab]
+    args = models.parse(config, "config")
+    plan = models.get("qwen2").op_plan(args, contexts=[512], prefill=[64])
+    assert [(p.values["M"], p.values["K"]) for p in plan if p.values.get("N") == vocab] == [(1, hidden)]
+
+
+def test_a_step_prices_mlx_kernel_for_each_op_once(monkeypatch):
+    """The three sides of a step share MLX's price of an op (each price reads the op's traces):
+    every op of the step is priced once, however many sides run MLX's kernel for it."""
+    priced = []
+    real = step_price.mlx_price
+
+    def counting(op, values, device, constants):
+        priced.append((op, tuple(values.items())))
+        return real(op, values, device, constants)
+    monkeypatch.setattr(step_price, "mlx_price", counting)
+    config = defaults.MODELS[0]
+    step_price.steps(config, 512, devices.get("m1"), GlueCounts(config, 512))
+    assert sorted(priced) == sorted((op, tuple(v.items())) for op, v, _ in step_price.step_ops(config, 512))
+
+
 def test_mlx_lm_glue_matches_a_hand_count():
     """mlx-lm's llama decode layer, steady step (no cache growth): 2 rms_norm, 2 rope, 2 cache
     slice-updates, 2 residual adds and the compiled SwiGLU: 9 dispatches besides its 7 quantized

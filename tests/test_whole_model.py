@@ -58,6 +58,20 @@ def test_a_llama_step_is_its_projections_attention_head_and_other_dispatches_by_
                                        rel=1e-9)
 
 
+def test_mlx_lm_attends_over_the_contexts_keys_not_the_pools_bucket(points):
+    """After 600 tokens the engine reads its pool through a table of the 1,024-token bucket, but
+    mlx-lm's contiguous cache holds the 600 keys: its step prices MLX's decode over 600 keys."""
+    p = _point(points, chip="m2-pro", model="llama-7b", weights="Q4_0")
+    constants, dev = fit.shipped()["constants"], p.device
+    attention = [v for op, v, _ in step_price.step_ops(whole_model.config_of(p), 600) if op == "attention"]
+    assert len(attention) == 1
+    got = step_price.mlx_price("attention", attention[0], dev, constants)
+    keys = {S: _mlx("decode", dict(B=1, Hq=32, Hkv=32, S=S, D=128), dev, constants) for S in (600, 1024)}
+    assert got.dram_s == pytest.approx(keys[600].dram_s, rel=1e-9) and keys[600].dram_s < keys[1024].dram_s
+    assert got.fixed_s == pytest.approx(keys[600].fixed_s, rel=1e-9)
+    assert got.dispatches == keys[600].dispatches
+
+
 def test_a_points_quantization_follows_its_bits_per_weight(points):
     """4 bits below 6 bits a weight, 8 above, group 64; unquantized runs are left out with the reason."""
     q4 = _point(points, chip="m2-ultra", model="llama-7b", weights="Q4_0", kind="decode")

@@ -633,6 +633,17 @@ class Model:
         return sum(math.prod(s) for s in cls.linears(args).values()) + sum(cls.vectors(args).values())
 
     @classmethod
+    def forward_linears(cls, args: ModelArgs) -> dict[str, tuple]:
+        """The linears a forward pass multiplies by, by name (the op plan's and the step price's
+        table): the weight table's without the embedding (looked up, not multiplied), with the
+        LM head last, the embedding's matrix where the two are tied."""
+        table = cls.linears(args)
+        table.pop("model.embed_tokens")
+        if args.tie_word_embeddings:
+            table["lm_head"] = (args.vocab_size, args.hidden_size)
+        return table
+
+    @classmethod
     def op_plan(cls, args: ModelArgs, contexts=(), batch: int = 1, prefill=(),
                 block_size: int = BLOCK_SIZE, num_draft: int = 0) -> list[ops.PlannedOp]:
         """The ops a forward pass runs and their shapes, distinct: decoding `batch` sequences at
@@ -640,11 +651,8 @@ class Model:
         `num_draft`, also its verify passes: num_draft + 1 tokens a sequence), and prompts of each
         `prefill` length. The embedding is looked up, not multiplied; each expert layer runs
         `top_k` experts per token (`expert_linear`)."""
-        table = cls.linears(args)
-        table.pop("model.embed_tokens")
+        table = cls.forward_linears(args)
         head = "lm_head"
-        if args.tie_word_embeddings:
-            table[head] = (args.vocab_size, args.hidden_size)
         fused = {}
         for layer in range(args.num_hidden_layers):
             fused.update(cls.Layer.fused_ops(args, layer, batch, cls))
