@@ -14,9 +14,10 @@ import mlx.core as mx
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, Geometry, Launch, cut_keeping_tail
+from metalforge.kernels.timing.traces import cut
 from metalforge.kernels.qmv import QMV, Qmv, as_qmv, decode_shape_problems, fused_work, random_norm, rows_values
 from metalforge.kernels.quantized import (dequantize_reference, matmul_sizes, quantized_op_shape,
-                                         random_quantized, trace_k)
+                                         proxy_k, random_quantized)
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,10 @@ class NormQkv(Family):
         return [(self.mlx_op, matmul_sizes(fields, heads * fields["D"]))
                 for heads in (fields["Hq"], fields["Hkv"], fields["Hkv"])]
 
-    def trace_proxy(self, fields: dict) -> dict:
-        """One KV head and its query heads, K's tail past whole 512-value blocks kept."""
-        return {**fields, "Hkv": 1, "Hq": fields["Hq"] // fields["Hkv"], "K": trace_k(fields["K"])}
+    def trace_proxy(self, fields: dict, config) -> dict:
+        """One KV head and its query heads (a head's D rows stay); K as qmv's (proxy_k)."""
+        K = proxy_k(fields, 32 * config["values_per_lane"] * config["k_split"])
+        return cut({**fields, "K": K}, {"Hq": fields["Hq"] // fields["Hkv"], "Hkv": 1})
 
     def proxy_shape(self, shape):
         """One KV head and its query heads (the GQA ratio kept), K cut keeping its tail."""
