@@ -29,11 +29,17 @@ PREFILL = [
                                         "load_width": 1, "score_type": "half"}),
     # the largest tiles: 128 queries by 128 keys, staged 32 columns at a time
     (f"{BUILT_IN},L=4096", {"BQ": 128, "BK": 128, "simdgroups": 8, "d_block": 32, "score_type": "half"}),
-    (f"{BUILT_IN},L=2048,prefix=6144", {"BQ": 16, "BK": 128, "simdgroups": 2, "d_block": 32}),
+    (f"{BUILT_IN},L=2048,prefix=2048", {"BQ": 16, "BK": 128, "simdgroups": 2, "d_block": 32}),
     ("B=1,Hq=8,Hkv=2,D=128,L=4096,prefix=1024", {"BQ": 64, "BK": 64, "heads": 4, "d_block": 32}),
     # a sliding window: past it, each query tile's key tiles stop growing
     (f"{BUILT_IN},L=4096,window=128", {"BQ": 64, "BK": 32}),
 ]
+# The trace counts a threadgroup's barriers as the average over threadgroups, rounded down
+# (emulator/trace.py). Without a window that average is whole at every proxy (L an even number of
+# tiles); with one, the first query tiles cross fewer barriers than the rest, the average is not
+# whole, and the rounding, extrapolated through the three points, is traced up to 1.4x the count
+# (the sync term's barriers; the price still agrees within 1%).
+WINDOWED = ("barriers",)
 
 EIGHT_B = "B=1,Hq=32,Hkv=8,D=128"
 DECODE = [
@@ -93,7 +99,7 @@ def assert_scaled_is_counted(name, shape, config, divergent=(), most=1.0):
 
 @pytest.mark.parametrize("shape, config", PREFILL)
 def test_prefill_scaled_trace_is_the_count(shape, config):
-    assert_scaled_is_counted("prefill_attention", shape, config)
+    assert_scaled_is_counted("prefill_attention", shape, config, WINDOWED if "window" in shape else (), most=1.4)
 
 
 @pytest.mark.parametrize("shape, config", DECODE)
