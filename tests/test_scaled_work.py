@@ -131,13 +131,16 @@ def test_fused_scaled_trace_is_the_trace_at_the_real_shape(name, shape, config):
 def test_proxies_hold_whole_tiles_of_the_config():
     """The proxy follows the config: prefill's L an even number of its larger tile, in the
     prefix's ratio; qmm's M, N and K whole tiles (K whole split_k x BK steps in sector-aligned
-    rows of scales); a shape not whole in the tiles is traced as it is."""
+    rows of scales); a shape not whole in the tiles is traced as it is up to 4x the smallest
+    proxy, past that scaled from whole tiles (approximate: its tail scaled with the rest)."""
     prefill, qmm = family("prefill_attention"), family("qmm")
     fields = {"B": 2, "Hq": 14, "Hkv": 2, "L": 4096, "D": 64, "prefix": 1024, "window": 0, "sinks": 0}
     assert prefill.trace_proxy(fields, prefill.config({"BQ": 128, "BK": 32})) == \
         {**fields, "B": 1, "Hq": 7, "Hkv": 1, "L": 256, "prefix": 64}
     assert prefill.trace_proxy(fields, prefill.config({"BQ": 32, "BK": 32}))["L"] == 128   # prefix 32: 1 : 4 kept
-    assert prefill.trace_proxy({**fields, "L": 4000}, prefill.config({"BQ": 128, "BK": 32}))["L"] == 4000
+    shipped = prefill.config({"BQ": 128, "BK": 32})
+    assert prefill.trace_proxy({**fields, "L": 1000}, shipped)["L"] == 1000     # traced as it is
+    assert prefill.trace_proxy({**fields, "L": 4000}, shipped)["L"] == 256      # approximate: no whole proxy
     q = {"M": 4096, "N": 4096, "K": 4096, "bits": 4, "group_size": 64}
     assert qmm.trace_proxy(q, qmm.config({"BM": 64, "BN": 64, "BK": 64, "split_k": 4})) == \
         {**q, "M": 64, "N": 64, "K": 1024}

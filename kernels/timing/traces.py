@@ -90,9 +90,10 @@ def traced(key: str, shape: dict, run: Callable[[dict], list[Dispatch]]) -> list
     return out
 
 
-# a group whose real values are not whole units is traced at the real values up to this many
-# times the smallest proxy (exact; a prompt's traces grow with its square), scaled past it (approximate)
-DIRECT_UP_TO = 16
+# a group whose real values are not whole units is traced at the real values up to this many times
+# the smallest proxy (exact, at no more than the three proxies' traces cost: 1 + 2 + 4 along a
+# linear axis, 1 + 4 + 16 along a prompt's square), scaled from whole units past it (approximate)
+DIRECT_UP_TO = 4
 
 
 def cut(fields: dict, units: dict[str, int], least: dict[str, int] | None = None) -> dict:
