@@ -267,6 +267,11 @@ class Family:
     def make_inputs(self, shape, dtype, seed: int = 0) -> dict[str, mx.array]:
         raise NotImplementedError
 
+    def trace_inputs(self, shape, dtype) -> dict[str, mx.array]:
+        """The inputs its priced traces run on (kernels/timing/compare.py): make_inputs', where
+        the work they are scaled to (Family.work) assumes nothing make_inputs varies."""
+        return self.make_inputs(shape, dtype, 0)
+
     def reference(self, shape, dtype, inputs: dict[str, mx.array]) -> mx.array:
         raise NotImplementedError
 

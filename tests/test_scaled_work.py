@@ -50,6 +50,8 @@ DECODE = [
                                           "load_width": 2}),
     (f"{EIGHT_B},S=8192,block_size=32", {"threads": 256, "splits": 8, "keys_per_step": 2, "prefetch": True}),
     ("B=1,Hq=14,Hkv=2,D=64,S=32768,kv_bits=4,kv_group_size=32", {"splits": 16, "keys_per_simdgroup": 4}),
+    # a batch of full sequences, as the count assumes (make_inputs' random lengths read half as much)
+    ("B=4,Hq=14,Hkv=2,D=64,S=4096,block_size=16", {"splits": 4}),
 ]
 
 QMM = [

@@ -9,7 +9,7 @@ import hashlib
 
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import checks, dtypes
-from metalforge.kernels.family import parse_assignments
+from metalforge.kernels.family import Family, parse_assignments
 from metalforge.kernels.families import get as get_family
 from metalforge.kernels.timing import fit, gate, mlx_jobs, model, traces
 
@@ -26,9 +26,11 @@ def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
 
     def run(s: dict):
         sh = fam.shape(s)
-        return trace_report.ours(fam, config, sh, dtype, fam.make_inputs(sh, dtype, 0))
+        return trace_report.ours(fam, config, sh, dtype, fam.trace_inputs(sh, dtype))
     source = hashlib.sha256(fam.render(config, fam.shape(small), dtype).encode()).hexdigest()[:16]
-    return traces.scaled(f"ours {fam.name} {config} {dtype.name} {source}", real, small, fam.trace_groups, run)
+    # traces run on other inputs than make_inputs' (decode's full sequences) are keyed apart from those that did
+    inputs = " trace_inputs" if type(fam).trace_inputs is not Family.trace_inputs else ""
+    return traces.scaled(f"ours{inputs} {fam.name} {config} {dtype.name} {source}", real, small, fam.trace_groups, run)
 
 
 def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:
