@@ -74,7 +74,7 @@ class PrefillAttention(Family):
 
     def trace_proxy(self, fields: dict, config) -> dict:
         """prefill_proxy of the config's tiles: BQ / heads positions by BK keys."""
-        return prefill_proxy(fields, config["BQ"] // config["heads"], config["BK"])
+        return prefill_proxy(fields, config["BQ"] // config["heads"], config["BK"], fields.get("window", 0))
 
     def op_shape(self, values: dict) -> dict | None:
         """A prompt of one sequence: its `new` tokens after `context - new` cached ones."""
@@ -251,14 +251,14 @@ class PrefillAttention(Family):
         return [tally.counted()]
 
 
-def prefill_proxy(fields: dict, rows: int, keys: int) -> dict:
+def prefill_proxy(fields: dict, rows: int, keys: int, window: int) -> dict:
     """The trace proxy of a causal prefill tiled `rows` query positions by `keys` keys (ours:
     BQ / heads by BK; MLX's steel attention: its BQ by BK): one sequence, one KV head and its
     query heads; L an even number of the larger tile and the prefix whole key tiles, in the real
     ratio (each query tile's key tiles then grow by whole tiles, and a threadgroup's average
     barriers, which the trace rounds down, stay whole at all three points); with a window, L and
     a prefix past it (the counts then grow linearly)."""
-    tile, window = 2 * max(rows, keys), fields.get("window", 0)
+    tile = 2 * max(rows, keys)
     out = cut(cut(fields, {"B": 1}), {"Hq": fields["Hq"] // fields["Hkv"], "Hkv": 1})
     least = {"L": tile * (cdiv(window, tile) + 1), "prefix": cdiv(window, keys) * keys} if window else {}
     return cut(out, {"L": tile, "prefix": keys}, least)

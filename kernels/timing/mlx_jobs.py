@@ -49,7 +49,7 @@ def _proxy_decode(shape: dict, choice) -> dict:
 def _proxy_prefill(shape: dict, choice) -> dict:
     """steel_attention's BQ x BK tiles whole (prefill_proxy); it has no window (the runner's mask is causal)."""
     tile = dict(choice.launches[0].template)
-    return prefill_proxy({k: v for k, v in shape.items() if k != "window"}, tile["BQ"], tile["BK"])
+    return prefill_proxy(shape, tile["BQ"], tile["BK"], window=0)
 
 
 def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):
