@@ -20,6 +20,7 @@ from metalforge.intmath import cdiv, pow2_bucket
 from metalforge.kernels import dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail
+from metalforge.kernels.timing.traces import cut
 from metalforge.kernels.work import SECTOR, Tally
 
 HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -95,9 +96,20 @@ class DecodeAttention(Family):
         fields = self.op_shape(values)
         return None if fields is None else dict(fields, S=values["context"])
 
-    def trace_proxy(self, fields: dict) -> dict:
-        """One sequence, one KV head and its query heads, at most 128 keys."""
-        return {**fields, "B": 1, "Hkv": 1, "Hq": fields["Hq"] // fields["Hkv"], "S": min(fields["S"], 128)}
+    def trace_proxy(self, fields: dict, config) -> dict:
+        """One sequence (a pool exactly its size), one KV head and its query heads, and S a whole
+        number of splits x key groups (keys_per_step x keys_per_simdgroup; with prefetch, a step
+        of every SIMD-group, whose first keys it loads before its loop) in whole periods of the
+        rows' sector phases (the block table's 8 entries a sector, quantized rows): each split
+        then reads whole groups from the same phase at all three points. With a window, S past
+        it (a full window: the counts no longer grow)."""
+        group = config["keys_per_step"] * config["keys_per_simdgroup"] * \
+            (config["threads"] // 32 if config["prefetch"] else 1)
+        period = math.lcm(8 * fields.get("block_size", 0) or 1, SECTOR if fields.get("kv_bits") else 1)
+        out = cut(cut(fields, {"B": 1}), {"Hq": fields["Hq"] // fields["Hkv"], "Hkv": 1})
+        window = fields.get("window", 0)
+        least = {"S": fields.get("L", 1) + window} if window else {}
+        return {**cut(out, {"S": config["splits"] * math.lcm(group, period)}, least), "num_blocks": 0}
 
     def op_shape(self, values: dict) -> dict | None:
         """A decode step's group on the engine's pool: B sequences of 1 to MAX_QUERY_TOKENS new
@@ -256,6 +268,15 @@ class DecodeAttention(Family):
         lens = mx.random.randint(1, shape.S + 1, (shape.B,), key=kl).astype(mx.int32)
         lens = mx.concatenate([mx.array([shape.S], dtype=mx.int32), lens[1:]])  # one full-length sequence
         return {"queries": q, **cache, **variants, "block_table": table, "seq_lens": lens}
+
+    def trace_inputs(self, shape: DecodeShape, dtype) -> dict:
+        """Every sequence of the pool full (S tokens), as Family.work counts a bucket: make_inputs'
+        random lengths would make a proxy of B=2 and 4 sequences read less than twice and four
+        times one."""
+        inputs = self.make_inputs(shape, dtype, 0)
+        if shape.block_size:
+            inputs["seq_lens"] = mx.full((shape.B,), shape.S, dtype=mx.int32)
+        return inputs
 
     def cache(self, shape: DecodeShape, inp, name: str) -> mx.array:
         """The keys or values as values: quantized ones through MLX's own mx.dequantize."""

@@ -112,7 +112,7 @@ class Family:
     # "decode", "prefill"); "" where no MLX kernel sequence is ported for the family
     mlx_op: str = ""
     # the shape fields its traces scale from trace_proxy to the real shape, in groups scaled by
-    # one factor (kernels/timing/traces.py); () where its traces are not priced yet
+    # one factor (kernels/timing/traces.py: scaled, cut); () where its traces are not priced yet
     trace_groups: tuple[tuple[str, ...], ...] = ()
 
     def op_shape(self, values: dict) -> dict | None:
@@ -273,6 +273,11 @@ class Family:
     def make_inputs(self, shape, dtype, seed: int = 0) -> dict[str, mx.array]:
         raise NotImplementedError
 
+    def trace_inputs(self, shape, dtype) -> dict[str, mx.array]:
+        """The inputs its priced traces run on (kernels/timing/compare.py): make_inputs', where
+        the work they are scaled to (Family.work) assumes nothing make_inputs varies."""
+        return self.make_inputs(shape, dtype, 0)
+
     def reference(self, shape, dtype, inputs: dict[str, mx.array]) -> mx.array:
         raise NotImplementedError
 
@@ -313,10 +318,10 @@ class Family:
         except MetalforgeError as e:
             return f"unknown: {e}"
 
-    def trace_proxy(self, fields: dict) -> dict:
-        """A small shape of the same structure whose traces scale to `fields` along trace_groups
-        (where proxy_shape is what the emulator verifies a candidate at, this keeps every tail a
-        trace's counters depend on)."""
+    def trace_proxy(self, fields: dict, config) -> dict:
+        """A small shape of the same structure whose traces of `config` scale exactly to `fields`
+        along trace_groups (traces.cut: whole tiles of the config; where proxy_shape is what the
+        emulator verifies a candidate at, this keeps every tail a trace's counters depend on)."""
         raise MetalforgeError(f"{self.name}: no proxy shapes for its traces (Family.trace_groups, trace_proxy): "
                               "not priced yet")
 

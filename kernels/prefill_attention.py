@@ -18,6 +18,7 @@ from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.decode_attention import HEAD_DIMS, MAX_QUERY_TOKENS, attention_call
 from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
                                        fragment_problems, stage_dtype, stage_problems)
+from metalforge.kernels.timing.traces import cut
 from metalforge.kernels.work import SECTOR, Tally, passes
 
 
@@ -71,11 +72,9 @@ class PrefillAttention(Family):
         """mlx-lm's prompt attention is causal."""
         return {"prefix": 0, **fields, "causal": True}
 
-    def trace_proxy(self, fields: dict) -> dict:
-        """One sequence, one KV head and its query heads, at most 64 queries (the prefix cut alike)."""
-        L = min(fields["L"], 64)
-        return {**fields, "B": 1, "Hkv": 1, "Hq": fields["Hq"] // fields["Hkv"], "L": L,
-                "prefix": fields.get("prefix", 0) * L // fields["L"]}
+    def trace_proxy(self, fields: dict, config) -> dict:
+        """prefill_proxy of the config's tiles: BQ / heads positions by BK keys."""
+        return prefill_proxy(fields, config["BQ"] // config["heads"], config["BK"], fields.get("window", 0))
 
     def op_shape(self, values: dict) -> dict | None:
         """A prompt of one sequence: its `new` tokens after `context - new` cached ones."""
@@ -250,6 +249,19 @@ class PrefillAttention(Family):
         tally = Tally(self.name, g)
         _count_prefill(tally, self, config, shape, d)
         return [tally.counted()]
+
+
+def prefill_proxy(fields: dict, rows: int, keys: int, window: int) -> dict:
+    """The trace proxy of a causal prefill tiled `rows` query positions by `keys` keys (ours:
+    BQ / heads by BK; MLX's steel attention: its BQ by BK): one sequence, one KV head and its
+    query heads; L an even number of the larger tile and the prefix whole key tiles, in the real
+    ratio (each query tile's key tiles then grow by whole tiles, and a threadgroup's average
+    barriers, which the trace rounds down, stay whole at all three points); with a window, L and
+    a prefix past it (the counts then grow linearly)."""
+    tile = 2 * max(rows, keys)
+    out = cut(cut(fields, {"B": 1}), {"Hq": fields["Hq"] // fields["Hkv"], "Hkv": 1})
+    least = {"L": tile * (cdiv(window, tile) + 1), "prefix": cdiv(window, keys) * keys} if window else {}
+    return cut(out, {"L": tile, "prefix": keys}, least)
 
 
 def _count_prefill(tally: Tally, fam: PrefillAttention, config, shape: PrefillShape, d) -> None:

@@ -11,8 +11,8 @@ from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_problems,
                                        stage_dtype, stage_problems)
 from metalforge.kernels.work import SECTOR, Tally
-from metalforge.kernels.quantized import VECTOR_ROWS, QuantizedMatmul, quantization_problems
-from metalforge.kernels.timing.mlx_jobs import QMM_MIN_GROUPS
+from metalforge.kernels.quantized import VECTOR_ROWS, QuantizedMatmul, quantization_problems, quantized_proxy
+from metalforge.kernels.timing.traces import cut
 
 
 QMM_BITS = (2, 4, 8)   # whole words of values; 3-, 5- and 6-bit prompts run MLX's op
@@ -39,13 +39,12 @@ class Qmm(QuantizedMatmul):
         Param("operands", ("float", "input"), "float", "operand fragments in fp32 or the input's half (fp32 accumulation)"),
     )
 
-    def trace_proxy(self, fields: dict) -> dict:
-        """Every counter grows with M x N x K, in whole tiles: M and N cut to the largest tile (a
-        64-row tile traced over 32 rows would scale one half-empty tile per proxy), K to rows of
-        scales a sector long (mlx_jobs.QMM_MIN_GROUPS) and its tail."""
-        tile = max(max(p.domain) for p in self.params if p.name in ("BM", "BN"))
-        k = max(256, QMM_MIN_GROUPS * fields["group_size"])
-        return {**fields, "M": min(fields["M"], tile), "N": min(fields["N"], tile), "K": min(fields["K"], k + fields["K"] % k)}
+    def trace_proxy(self, fields: dict, config) -> dict:
+        """Every counter grows with M x N x K in whole tiles: quantized_proxy of BN rows of w by
+        BK x split_k values of K (every split whole steps), M whole BM-row tiles (a 64-row tile
+        traced over 32 rows scaled one half-empty tile)."""
+        out = quantized_proxy(fields, config["BN"], config["BK"] * config["split_k"])
+        return cut(out, {"M": config["BM"]})
 
     def mlx_regime(self, shape) -> str:
         """MLX's mat-vec kernels at qmv's rows (1..VECTOR_ROWS), qmm_t past them (a 128-row

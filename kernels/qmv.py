@@ -93,10 +93,7 @@ class Qmv(QuantizedMatmul):
     def work(self, config, shape, dtype) -> list:
         """The launch's counters (kernels/work.py), instruction by instruction as the template runs."""
         d = dtypes.get(dtype)
-        g, = self.geometry(config, shape, d)
-        tally = Tally(self.name, g)
-        count_rows(tally, config, shape, d.size, {"x": 0, "w": 0, "scales": 0, "biases": 0, "y": 0})
-        footprints(tally, shape, d.size, rows=shape.N, x_rows=shape.M)
+        tally = _rows_tally(config, shape, d, norm=False)
         if shape.residual:   # lane 0 reads each output's residual value before it writes y
             tally.device("residual", ((0, d.size),), shape.M * shape.N)
             tally.footprint("residual", shape.M * shape.N * d.size)
@@ -130,11 +127,24 @@ def as_qmv(shape, rows: int) -> QmvShape:
     return QmvShape(M=shape.M, N=rows, K=shape.K, bits=shape.bits, group_size=shape.group_size)
 
 
+def _rows_tally(config, shape, d, norm: bool) -> Tally:
+    """qmv.metal.j2's (or a fused family's, with `norm`) product of the shape's rows."""
+    g, = QMV.geometry(config, shape, d)
+    tally = Tally(QMV.name, g)
+    count_rows(tally, config, shape, d.size, {"x": 0, "w": 0, "scales": 0, "biases": 0, "y": 0}, norm)
+    footprints(tally, shape, d.size, rows=shape.N, x_rows=shape.M)
+    if norm:
+        tally.footprint("norm", shape.K * d.size)
+    return tally
+
+
 def fused_work(config, qmv_shape: QmvShape, matrices: int, dtype) -> list:
     """The work of a fused quantized family, counted as qmv's for the same weights: each SIMD-group
-    computing its R rows of `matrices` matrices. ASSUMED: the prologue's sum of squares and the
-    epilogues (a few operations a row) add nothing the model prices."""
-    return QMV.work({**config, "rows_per_simdgroup": matrices * config["rows_per_simdgroup"]}, qmv_shape, dtype)
+    computing its R rows of `matrices` matrices, its lanes reading the RMS norm's weight with x.
+    ASSUMED: the sum of squares, eps and the epilogues (a few operations a row) add nothing the
+    model prices (tests/test_scaled_work.py bounds them)."""
+    config = {**config, "rows_per_simdgroup": matrices * config["rows_per_simdgroup"]}
+    return [_rows_tally(config, qmv_shape, dtypes.get(dtype), norm=True).counted()]
 
 
 def rows_values(config, shape, d, **fused) -> dict:
@@ -163,9 +173,10 @@ def decode_shape_problems(family: str, shape, flags: tuple[str, ...], larger: st
     return out
 
 
-def count_rows(tally: Tally, config, shape, size: int, at: dict) -> None:
+def count_rows(tally: Tally, config, shape, size: int, at: dict, norm: bool = False) -> None:
     """The instructions of one grid row of qmv.metal.j2 (one product; one pair of gather_qmv), its
-    buffers starting `at` these byte offsets. Exact where lanes diverge only at K's tail."""
+    buffers starting `at` these byte offsets; with `norm`, each x value's read of the norm weight
+    (quantized_rows.j2's prologue). Exact where lanes diverge only at K's tail."""
     SG, R, V, KS, LW = (config[k] for k in ("simdgroups", "rows_per_simdgroup", "values_per_lane", "k_split",
                                            "load_width"))
     M, N, K, bits = shape.M, shape.N, shape.K, shape.bits
@@ -189,6 +200,8 @@ def count_rows(tally: Tally, config, shape, size: int, at: dict) -> None:
                         tally.threadgroup((4 * staged_word((ks * M + m) * step_len + l * V + v, V) for l in lanes), sgs)
                     else:
                         tally.device("x", ((at["x"] + (m * K + k0 + l * V + v) * size, size) for l in lanes), sgs)
+                    if norm:
+                        tally.device("norm", (((k0 + l * V + v) * size, size) for l in lanes), sgs)
             for base, rows in w_rows.items():
                 first = base + k0 * bits // 8
                 if 32 % bits == 0:

@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from metalforge.kernels import dtypes
 from metalforge.kernels.family import Family, cut_keeping_tail
+from metalforge.kernels.timing.traces import cut
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class QuantizedShape:
 QUANTIZED_BITS = (2, 3, 4, 5, 6, 8)   # every width mx.quantize (affine) writes
 VECTOR_ROWS = 8   # the rows of x qmv and the fused decode families serve (decode, small batches); qmm serves more
 GROUP_SIZES = (32, 64, 128)
+SECTOR_ROWS = 32   # rows whose 1-byte to 4-byte outputs fill whole 32-byte sectors (y, partial sums)
 
 
 class QuantizedMatmul(Family):
@@ -43,9 +45,11 @@ class QuantizedMatmul(Family):
         counted, so MLX's side is priced low, never high."""
         return matmul_sizes(fields, fields["N"])
 
-    def trace_proxy(self, fields: dict) -> dict:
-        """At most 64 rows, and K's tail past whole 512-value blocks kept."""
-        return {**fields, "N": min(fields["N"], 64), "K": trace_k(fields["K"])}
+    def trace_proxy(self, fields: dict, config) -> dict:
+        """quantized_proxy of qmv.metal.j2's tiling: simdgroups x rows_per_simdgroup rows a
+        threadgroup, 32 lanes x values_per_lane x k_split values of K a step."""
+        return quantized_proxy(fields, config["simdgroups"] * config["rows_per_simdgroup"],
+                               32 * config["values_per_lane"] * config["k_split"])
 
     def proxy_shape(self, shape):
         return self.shape({**shape.__dict__, "N": cut_keeping_tail(shape.N, 256, 256),
@@ -96,10 +100,22 @@ def matmul_sizes(fields: dict, rows: int) -> dict:
                 group_size=fields.get("group_size", QuantizedShape.group_size))
 
 
-def trace_k(K: int) -> int:
-    """K of a trace proxy: one 512-value block and K's tail past whole blocks (the kernels' K
-    loops step by whole blocks and treat the tail apart)."""
-    return min(K, 512 + K % 512 if K % 512 else 512)
+def proxy_k(fields: dict, k_step: int) -> int:
+    """K of a quantized product's trace proxy (traces.cut), `k_step` values of K a step: whole
+    steps in rows of w and of scales that start on sectors (16 groups of 2-byte scales; 4-byte
+    ones align with fewer), else the real K (a row's sector phases decide its loads' sectors, and
+    no smaller K has the real one's)."""
+    bits, gs, K = fields["bits"], fields["group_size"], fields["K"]
+    aligned = math.lcm(k_step, 16 * gs, 256 // math.gcd(256, bits))
+    return cut(fields, {"K": aligned})["K"] if K % aligned == 0 else K
+
+
+def quantized_proxy(fields: dict, rows: int, k_step: int) -> dict:
+    """A quantized product's trace proxy, tiled `rows` rows of w by `k_step` values of K: K as
+    proxy_k, N whole tiles in whole periods of the rows' sector phases at that K."""
+    K, bits = proxy_k(fields, k_step), fields["bits"]
+    phases = (32 // math.gcd(32, K * bits // 8), 32 // math.gcd(32, K // fields["group_size"] * 2))
+    return cut({**fields, "K": K}, {"N": math.lcm(rows, SECTOR_ROWS, *phases)})
 
 
 def quantized_op_shape(values: dict) -> dict | None:

@@ -35,6 +35,8 @@ def _direct(op, shape, dtype, device):
     # and its decode attention at 4,096 keys on a Max chip (the 2-pass pair, 64 blocks)
     ("matmul", {"M": 1, "N": 14336, "K": 4096, "bits": 4, "group_size": 64}, "m3"),
     ("decode", {"B": 1, "Hq": 32, "Hkv": 8, "S": 4096, "D": 128}, "m3-max-40"),
+    # steel attention's causal 32 x 16 tiles after a cached prefix: 8x the proxy's queries and keys, 2x its heads
+    ("prefill", {"B": 1, "Hq": 4, "Hkv": 2, "L": 512, "D": 128, "prefix": 256, "causal": True}, "m3"),
 ])
 def test_counters_scaled_from_the_proxy_equal_a_trace_at_the_real_shape(op, shape, device):
     dev = devices.get(device)

@@ -9,39 +9,28 @@ import hashlib
 
 from metalforge.errors import MetalforgeError
 from metalforge.kernels import checks, dtypes
-from metalforge.kernels.family import parse_assignments
+from metalforge.kernels.family import Family, parse_assignments
 from metalforge.kernels.families import get as get_family
 from metalforge.kernels.timing import fit, gate, mlx_jobs, model, traces
 
 
-def _grown(small: dict, real: dict, group: tuple) -> dict:
-    """The proxy with one group of axes doubled (K by whole 512-value blocks, keeping its tail), up to the real shape."""
-    out = dict(small)
-    for a in group:
-        tail = real[a] % 512 if a == "K" else 0
-        out[a] = min(real[a], 2 * (small[a] - tail) + tail) if small[a] else 0
-    return out
-
-
 def ours_counted(fam, config, shape, dtype, device) -> list[traces.Counted]:
-    """Our config's dispatches at `shape`, from traces at the family's proxy shapes (Family.trace_proxy)."""
+    """Our config's dispatches at `shape`, from traces at the config's proxy shapes (Family.trace_proxy)."""
     from metalforge.kernels import trace_report
     real = dataclasses.asdict(shape)
-    small = fam.trace_proxy(real)
+    small = fam.trace_proxy(real, config)
     problems = checks.check(fam, config, fam.shape(small), dtype, device)
-    for group in reversed(fam.trace_groups):   # a config wider than the proxy (K split 4 ways): grow that axis
-        while problems and any(small[a] < real[a] for a in group):
-            small = _grown(small, real, group)
-            problems = checks.check(fam, config, fam.shape(small), dtype, device)
     if problems:
         raise MetalforgeError(f"{fam.name}: {config} cannot be traced at the proxy shape {fam.describe(fam.shape(small))}: "
                               + "; ".join(map(str, problems)))
 
     def run(s: dict):
         sh = fam.shape(s)
-        return trace_report.ours(fam, config, sh, dtype, fam.make_inputs(sh, dtype, 0))
+        return trace_report.ours(fam, config, sh, dtype, fam.trace_inputs(sh, dtype))
     source = hashlib.sha256(fam.render(config, fam.shape(small), dtype).encode()).hexdigest()[:16]
-    return traces.scaled(f"ours {fam.name} {config} {dtype.name} {source}", real, small, fam.trace_groups, run)
+    # traces run on other inputs than make_inputs' (decode's full sequences) are keyed apart from those that did
+    inputs = " trace_inputs" if type(fam).trace_inputs is not Family.trace_inputs else ""
+    return traces.scaled(f"ours{inputs} {fam.name} {config} {dtype.name} {source}", real, small, fam.trace_groups, run)
 
 
 def mlx_counted(family: str, s: dict, dtype, device) -> list[traces.Counted]:

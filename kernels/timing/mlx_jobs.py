@@ -12,6 +12,7 @@ import mlx.core as mx
 from metalforge.errors import MetalforgeError
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes, mlx_dispatch, mlx_library
+from metalforge.kernels.prefill_attention import prefill_proxy
 from metalforge.kernels.timing import traces
 
 # per job: the axes scaled from a proxy (groups scaled together) and each axis's proxy value
@@ -46,9 +47,9 @@ def _proxy_decode(shape: dict, choice) -> dict:
 
 
 def _proxy_prefill(shape: dict, choice) -> dict:
-    L = min(shape["L"], 64)
-    return {**shape, "B": 1, "Hkv": 1, "Hq": shape["Hq"] // shape["Hkv"], "L": L,
-            "prefix": shape["prefix"] * L // shape["L"]}
+    """steel_attention's BQ x BK tiles whole (prefill_proxy); it has no window (the runner's mask is causal)."""
+    tile = dict(choice.launches[0].template)
+    return prefill_proxy(shape, tile["BQ"], tile["BK"], window=0)
 
 
 def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):

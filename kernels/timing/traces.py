@@ -11,8 +11,11 @@ prod(q_a(f_a) / counter(proxy)). So a counter that does not grow with an axis (x
 N, pass 2 of the 2-pass attention with the keys) keeps its value, one with a fixed and a per-key
 part grows affinely, a square prefill's query x key tiles quadratically. Axes scaled together
 (query and KV heads, a prefill's queries and cached keys) are one group. Exact where a counter is
-such a product over whole tiles on the same code path; tests/test_trace_model.py checks scaled
-counters against traces at the real shape.
+such a product over whole tiles on the same code path: a family's proxy (Family.trace_proxy, built
+by `cut`) holds whole tiles of the config it traces at all three points (a 128-query tile traced
+over 64 queries scaled one half-empty tile 64x), and the real shape is whole tiles too;
+tests/test_trace_model.py and tests/test_scaled_work.py check scaled counters against traces at
+the real shape and against Family.work.
 
 Traces are cached under METALFORGE_CACHE/traces by a key of the job (kernel source or MLX's
 host names and version, shape, dtype), so tests and calibration do not re-run them.
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
+from functools import reduce
 from typing import Callable
 
 from metalforge import files
@@ -83,6 +88,39 @@ def traced(key: str, shape: dict, run: Callable[[dict], list[Dispatch]]) -> list
     out = [features(d) for d in run(dict(shape))]
     files.write_atomic(path, json.dumps([c.as_dict() for c in out]))
     return out
+
+
+# a group whose real values are not whole units is traced at the real values up to this many times
+# the smallest proxy (exact, at no more than the three proxies' traces cost: 1 + 2 + 4 along a
+# linear axis, 1 + 4 + 16 along a prompt's square), scaled from whole units past it (approximate)
+DIRECT_UP_TO = 4
+
+
+def cut(fields: dict, units: dict[str, int], least: dict[str, int] | None = None) -> dict:
+    """`fields` with one group's axes (`units`: axis -> the unit its counters are periodic in:
+    a whole tile, a sector's rows) divided by one factor f, the largest leaving each a whole
+    number of its units and at least `least` of it (default one unit): each counter, a quadratic
+    in the number of units, then scales exactly to the real values from `scaled`'s three points,
+    which are that proxy at 1x, 2x and 4x. Axes at 0 stay 0. Where the real values are not whole
+    units, the real values (up to DIRECT_UP_TO proxies) or a proxy of whole units in the same
+    ratio (approximate: the tail is scaled with the rest)."""
+    least = least or {}
+    axes = [a for a in units if fields[a]]
+    if not axes:
+        return dict(fields)
+    floor = {a: max(units[a], least.get(a, 0)) for a in axes}
+    if all(fields[a] % units[a] == 0 for a in axes):
+        g = reduce(math.gcd, (fields[a] // units[a] for a in axes))
+        for f in sorted((d for i in range(1, math.isqrt(g) + 1) if g % i == 0 for d in (i, g // i)), reverse=True):
+            if all(fields[a] // f >= floor[a] for a in axes):
+                return {**fields, **{a: fields[a] // f for a in axes}}
+        return dict(fields)
+    lead = axes[0]
+    smallest = -(-floor[lead] // units[lead]) * units[lead]
+    if fields[lead] <= DIRECT_UP_TO * smallest:
+        return dict(fields)
+    f = fields[lead] / smallest
+    return {**fields, **{a: max(floor[a], round(fields[a] / f / units[a]) * units[a]) for a in axes}}
 
 
 def _through(f: float, c1: float, c2: float, c4: float) -> float:
