@@ -77,7 +77,8 @@ class DecodeAttention(Family):
         Param("threads", (32, 64, 128, 256, 512, 1024), 256, "threads per threadgroup (32 per SIMD-group)"),
         Param("keys_per_step", (1, 2, 4, 8), 2, "keys each lane group takes per step"),
         Param("keys_per_simdgroup", (1, 2, 4), 1, "lane groups of a SIMD-group, each on its own key (32 / it lanes a key)"),
-        Param("splits", (1, 2, 4, 8, 16, 32, 64), 1, "split-K partitions of the sequence (>1 adds a reduce kernel)"),
+        Param("splits", (1, 2, 4, 8, 16, 32, 64, 128, 256), 1, "split-K partitions of the sequence (>1 adds a reduce "
+              "kernel; up to MLX's 2-pass block counts to 32k keys, so its tiling is in the space)"),
         Param("share_kv", (False, True), True, "one threadgroup serves all query heads of a KV head"),
         Param("load_width", (1, 2, 4), 1, "consecutive K/V elements each lane loads at once"),
         Param("prefetch", (False, True), False, "load the next step's keys before this step's scores"),

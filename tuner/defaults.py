@@ -35,6 +35,22 @@ MODELS = (
      "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256, "quantization": {"group_size": 64, "bits": 4}},
 )
 
+# The range issue 22 is judged over, in every power-of-two bucket the lookup tells apart:
+# contexts 512 to 32k, prompts 128 to 4,096, and speculative decoding's verify passes (3 drafts:
+# decode attention at 4 query tokens).
+CONTEXTS = tuple(2 ** i for i in range(9, 16))
+PROMPTS = tuple(2 ** i for i in range(7, 13))
+NUM_DRAFT = 3
+
+
+def model_targets(families: list[str]) -> list[shapes.Target]:
+    """Every bucket the shipped files tune: each of MODELS over CONTEXTS, PROMPTS and NUM_DRAFT."""
+    out = []
+    for model in MODELS:
+        out += shapes.targets(shapes.from_model_config(model, contexts=CONTEXTS, prefill=PROMPTS, num_draft=NUM_DRAFT),
+                              families, "float16")
+    return out
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,9 +73,7 @@ def main():
             reprice(Path(args.out) / f"{name}.yaml", name)
         return
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    targets = []
-    for model in MODELS:
-        targets += shapes.targets(shapes.from_model_config(model, contexts=(512, 4096)), families, "float16")
+    targets = model_targets(families)
     verified: dict[tuple, bool] = {}
     names = args.devices.split(",") if args.devices else list(devices.profiles())
     for name in names:
