@@ -164,8 +164,10 @@ def test_warm_start_queues_mlx_configuration_and_the_entry_is_never_priced_slowe
     """A new study (SQLite storage) starts with the default and MLX's configuration; its entry is
     priced no slower than MLX's configuration by the per-kernel model."""
     from metalforge.kernels.timing.compare import priced_entry
-    target, device = PREFILL_512, "m3-max-40"
+    target = shapes.Target("decode_attention", dict(B=1, Hq=14, Hkv=2, S=512, D=64, block_size=16), DTYPE)
+    device = "m3-max-40"
     mlx = target.family.mlx_config(target.shape, DTYPE, device)
+    assert mlx != target.family.default_config(), "sdpa_vector's 1,024 threads a query head"
     settings = Settings(device=device, trials=4, storage=f"sqlite:///{tmp_path / 's.db'}", timer=ModelTimer(),
                         seed=0, verify=False)
     s = study.run_study(target, settings)
