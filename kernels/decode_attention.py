@@ -19,7 +19,8 @@ import mlx.core as mx
 from metalforge.intmath import cdiv, pow2_bucket
 from metalforge.kernels import dtypes
 from metalforge.kernels.dtypes import vector_of
-from metalforge.kernels.family import Family, Geometry, Launch, Param, cut_keeping_tail
+from metalforge.kernels.family import Family, Geometry, Launch, Param, allowed, cut_keeping_tail, mlx_choice
+from metalforge.kernels.mlx_dispatch import SDPA_2PASS_KEYS, SDPA_VECTOR_THREADS, parse_version
 from metalforge.kernels.timing.traces import cut
 from metalforge.kernels.work import SECTOR, Tally
 
@@ -77,7 +78,8 @@ class DecodeAttention(Family):
         Param("threads", (32, 64, 128, 256, 512, 1024), 256, "threads per threadgroup (32 per SIMD-group)"),
         Param("keys_per_step", (1, 2, 4, 8), 2, "keys each lane group takes per step"),
         Param("keys_per_simdgroup", (1, 2, 4), 1, "lane groups of a SIMD-group, each on its own key (32 / it lanes a key)"),
-        Param("splits", (1, 2, 4, 8, 16, 32, 64), 1, "split-K partitions of the sequence (>1 adds a reduce kernel)"),
+        Param("splits", (1, 2, 4, 8, 16, 32, 64, 128, 256), 1, "split-K partitions of the sequence (>1 adds a reduce "
+              "kernel; up to MLX's 2-pass block counts to 32k keys, so its tiling is in the space)"),
         Param("share_kv", (False, True), True, "one threadgroup serves all query heads of a KV head"),
         Param("load_width", (1, 2, 4), 1, "consecutive K/V elements each lane loads at once"),
         Param("prefetch", (False, True), False, "load the next step's keys before this step's scores"),
@@ -373,6 +375,31 @@ class DecodeAttention(Family):
         reduce = Tally(self.name + "_reduce", geometry[1])
         _count_reduce(reduce, config["splits"], shape, d.size)
         return [main.counted(), reduce.counted()]
+
+    def mlx_config(self, shape, dtype, device):
+        """MLX's sdpa_vector tiling: a 1,024-thread threadgroup a query head, each SIMD-group on
+        one key at a time, 32 lanes across D; or its 2-pass pass 1: a threadgroup a KV head and
+        block (splits = MLX's blocks), a SIMD-group a query head (our power of two at or above the
+        GQA factor), TK keys loaded a step. Lanes load D/32 consecutive elements (the widest load
+        of ours dividing them). None where MLX runs no fused kernel (soft-cap, quantized K/V, a
+        head dim it runs unfused), its block count passes our splits, or the tiling passes a limit
+        of ours (32 SIMD-groups' merge states of several query tokens or D = 256 over 32 KB)."""
+        shape = self.shape(shape)
+        choice = None if shape.softcap or shape.kv_bits else mlx_choice(self, shape, dtype, device)
+        if choice is None:
+            return None
+        first = choice.launches[0]
+        two_pass = len(choice.launches) == 2
+        splits = first.grid[2] if two_pass else 1
+        if splits not in self.param("splits").domain:
+            return None
+        version = parse_version(choice.mlx_version)
+        keys = [k for since, k in SDPA_2PASS_KEYS if version >= since][-1] if two_pass else 1
+        width = max(w for w in self.param("load_width").domain if (shape.D // 32) % w == 0)
+        return allowed(self, {"threads": min(pow2_bucket(math.prod(first.threadgroup)), SDPA_VECTOR_THREADS),
+                              "keys_per_step": keys, "keys_per_simdgroup": 1, "splits": splits,
+                              "share_kv": first.grid[0] * first.grid[1] == shape.B * shape.Hkv,
+                              "load_width": width, "prefetch": False}, shape, dtype, device)
 
 
 def _rows_read(shape: DecodeShape) -> tuple[int, int]:

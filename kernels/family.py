@@ -318,6 +318,15 @@ class Family:
         except MetalforgeError as e:
             return f"unknown: {e}"
 
+    def mlx_config(self, shape, dtype, device) -> Config | None:
+        """Our config that tiles the job as MLX's real kernel does on `device` (the kernel MLX's own
+        dispatch rules pick, kernels/mlx_dispatch.py): the tuner tries it in every search and ships
+        nothing priced slower, so the worst case is parity. None where no config of ours
+        corresponds: here, a family with no MLX kernel sequence ported (gather_qmv) or a fused one
+        (gate_up, norm_qkv: MLX runs its job as several kernels - a norm, two or three products, an
+        elementwise op - that no single config of ours tiles alike)."""
+        return None
+
     def trace_proxy(self, fields: dict, config) -> dict:
         """A small shape of the same structure whose traces of `config` scale exactly to `fields`
         along trace_groups (traces.cut: whole tiles of the config; where proxy_shape is what the
@@ -407,6 +416,24 @@ class Family:
 
 
 _BUILT: dict = {}   # Family.built's cache
+
+
+def mlx_choice(family: Family, shape, dtype, device):
+    """MLX's Choice for a one-job family's shape on `device` (kernels/timing/mlx_jobs.py), or None
+    where MLX fuses no kernel for it (a head dim it runs unfused, M5's unported NAX kernels)."""
+    from metalforge.kernels.timing import mlx_jobs
+    (op, sizes), = family.mlx_jobs(dataclasses.asdict(family.shape(shape)))
+    try:
+        return mlx_jobs.choose(op, sizes, _dtypes.get(dtype).name, device)
+    except MetalforgeError:
+        return None
+
+
+def allowed(family: Family, config: Config, shape, dtype, device) -> Config | None:
+    """`config` where `device` runs it at `shape` (kernels/checks.py), else None: MLX's tiling
+    mirrored past one of our limits is no config of ours."""
+    from metalforge.kernels import checks
+    return config if not checks.check(family, config, shape, dtype, device) else None
 
 
 @functools.lru_cache(maxsize=4096)

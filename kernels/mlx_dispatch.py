@@ -86,9 +86,10 @@ OTHER_HEAD_DIMS_UNPORTED = (0, 32, 3)
 QMV_TILE = {"rows": 8, "threadgroup": (32, 2, 1)}                  # 2 SIMD-groups x 4 output rows
 QMV_QUAD_TILE = {"k": (64, 128), "rows": 64, "threadgroup": (32, 1, 1)}
 QMV_WIDE_TILE = {"max_vectors": 5, "k_lanes": 8, "rows": 8, "threadgroup": (32, 2, 1)}
-QMM_TILE = {"bm": 32, "bn": 32, "threadgroup": (32, 2, 2)}         # wn = wm = 2
+QMM_TILE = {"bm": 32, "bn": 32, "bk": 32, "threadgroup": (32, 2, 2)}   # wn = wm = 2
 QMM_SPLITK_TARGET = 512                                             # threadgroups split-K aims at
 SDPA_VECTOR_THREADS = 1024                                          # sdpa_vector, 2-pass reduction
+SDPA_2PASS_KEYS = (((0, 29, 0), 1), ((0, 32, 4), 4))   # keys a pass-1 SIMD-group loads before scoring (TK)
 SDPA_2PASS_BEFORE_0304 = {"blocks": 32, "threadgroup": (256, 1, 1)}
 STEEL_TILE = {"bq": 32, "bk": 32, "bk_from_d128": 16, "wm": 4, "wn": 1}
 
@@ -216,12 +217,17 @@ def qmv_batch_limit(K: int, N: int, gen: int, cls: str, v) -> int:
     raise MetalforgeError(f"no qmv batch limit for generation {gen}")
 
 
+def qmv_values_per_thread(bits: int) -> int:
+    """K values each lane of qmv / qmv_fast takes a step: pack_factor * packs_per_thread."""
+    pack_factor = 8 if bits in (3, 5) else 4 if bits == 6 else 32 // bits
+    return pack_factor * (1 if bits == 2 else 2)
+
+
 def qmv_fast_k_alignment(bits: int, v) -> int:
-    """The K multiple qmv_fast needs: its K step, pack_factor * packs_per_thread * 32."""
+    """The K multiple qmv_fast needs: its K step, a SIMD-group's 32 lanes of values."""
     if v < QMV_K_ALIGN_FROM_BITS:
         return 512
-    pack_factor = 8 if bits in (3, 5) else 4 if bits == 6 else 32 // bits
-    return pack_factor * (1 if bits == 2 else 2) * 32
+    return qmv_values_per_thread(bits) * 32
 
 
 def _quant_buffers(*extra) -> tuple:

@@ -16,8 +16,8 @@ from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.dtypes import vector_of
 from metalforge.kernels.decode_attention import HEAD_DIMS, MAX_QUERY_TOKENS, attention_call
-from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, cut_keeping_tail,
-                                       fragment_problems, stage_dtype, stage_problems)
+from metalforge.kernels.family import (TILE_PAD_BYTES, Family, Geometry, Launch, Param, allowed, cut_keeping_tail,
+                                       fragment_problems, mlx_choice, stage_dtype, stage_problems)
 from metalforge.kernels.timing.traces import cut
 from metalforge.kernels.work import SECTOR, Tally, passes
 
@@ -249,6 +249,20 @@ class PrefillAttention(Family):
         tally = Tally(self.name, g)
         _count_prefill(tally, self, config, shape, d)
         return [tally.counted()]
+
+    def mlx_config(self, shape, dtype, device):
+        """MLX's steel_attention tile: its BQ and BK (32 and 32, 16 keys from D = 128), WM x WN
+        SIMD-groups of BQ / WM rows, Q staged in threadgroup memory, K/V tiles in the input's
+        type and padded by 16 bytes, one buffer each, loaded 4 elements at a time, S in fp32.
+        None where MLX runs no steel kernel (a head dim it runs unfused, NAX on M5)."""
+        choice = mlx_choice(self, shape, dtype, device)
+        if choice is None or choice.launches[0].function != "attention":
+            return None
+        tile = dict(choice.launches[0].template)
+        return allowed(self, {"BQ": tile["BQ"], "BK": tile["BK"], "heads": 1, "simdgroups": tile["WM"] * tile["WN"],
+                              "stage": "float" if dtypes.get(dtype).name == "float32" else "input",
+                              "double_buffer": False, "q_source": "threadgroup", "load_width": 4, "pad": True,
+                              "d_block": 0, "score_type": "float"}, shape, dtype, device)
 
 
 def prefill_proxy(fields: dict, rows: int, keys: int, window: int) -> dict:

@@ -8,8 +8,9 @@ import mlx.core as mx
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
 from metalforge.kernels.dtypes import vector_of
-from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, fragment_problems,
-                                       stage_dtype, stage_problems)
+from metalforge.kernels.family import (TILE_PAD_BYTES, Geometry, Launch, Param, allowed, fragment_problems,
+                                       mlx_choice, stage_dtype, stage_problems)
+from metalforge.kernels.mlx_dispatch import QMM_TILE
 from metalforge.kernels.work import SECTOR, Tally
 from metalforge.kernels.quantized import VECTOR_ROWS, QuantizedMatmul, quantization_problems, quantized_proxy
 from metalforge.kernels.timing.traces import cut
@@ -126,6 +127,23 @@ class Qmm(QuantizedMatmul):
         reduce = Tally(self.name + "_reduce", geometry[1])
         _count_qmm_reduce(reduce, shape, config["split_k"], d.size)
         return [main.counted(), reduce.counted()]
+
+    def mlx_config(self, shape, dtype, device):
+        """MLX's qmm_t tile (BM = BN = BK = 32, 2 x 2 SIMD-groups, weights dequantised into a
+        threadgroup tile, tiles in the input's type, fp32 operand fragments as steel's BlockMMA
+        loads them) and qmm_splitk's partitions of K. None where MLX runs a mat-vec kernel (rows
+        below its batch limit), splits K into a count our split_k lacks, or runs NAX (M5)."""
+        choice = mlx_choice(self, shape, dtype, device)
+        if choice is None or not choice.launches[0].function.startswith("affine_qmm_t"):
+            return None
+        main = choice.launches[0]
+        split = main.grid[2] if main.function == "affine_qmm_t_splitk" else 1
+        if split not in self.param("split_k").domain:
+            return None
+        return allowed(self, {"BM": QMM_TILE["bm"], "BN": QMM_TILE["bn"], "BK": QMM_TILE["bk"],
+                              "WM": main.threadgroup[2], "WN": main.threadgroup[1], "dequant": "threadgroup",
+                              "stage": "float" if dtypes.get(dtype).name == "float32" else "input",
+                              "split_k": split, "operands": "float"}, shape, dtype, device)
 
 
 def _classes(values, key) -> dict:

@@ -7,7 +7,8 @@ import mlx.core as mx
 
 from metalforge.intmath import cdiv
 from metalforge.kernels import dtypes
-from metalforge.kernels.family import Geometry, Launch, Param
+from metalforge.kernels.family import Geometry, Launch, Param, allowed, mlx_choice
+from metalforge.kernels.mlx_dispatch import QMV_TILE, qmv_values_per_thread
 from metalforge.kernels.work import SECTOR, Tally
 from metalforge.kernels.quantized import VECTOR_ROWS, QuantizedMatmul, QuantizedShape, quantization_problems
 
@@ -98,6 +99,22 @@ class Qmv(QuantizedMatmul):
             tally.device("residual", ((0, d.size),), shape.M * shape.N)
             tally.footprint("residual", shape.M * shape.N * d.size)
         return [tally.counted()]
+
+    def mlx_config(self, shape, dtype, device):
+        """MLX's qmv / qmv_fast tile: 2 SIMD-groups of 4 output rows, each lane taking
+        pack_factor x packs_per_thread values a step, x prescaled by each value's place in its
+        word (MLX's load_vector) where values fill words. None where MLX runs another kernel:
+        qmv_quad (K of 64 or 128: four lanes a row), qmv_wide (2+ rows on M3 and later: lanes
+        split across K and rows), or qmm past its batch limit."""
+        choice = mlx_choice(self, shape, dtype, device)
+        if choice is None or choice.launches[0].function not in ("affine_qmv_fast", "affine_qmv"):
+            return None
+        shape = self.shape(shape)
+        simdgroups = QMV_TILE["threadgroup"][1]
+        return allowed(self, {**self.default_config(), "simdgroups": simdgroups,
+                              "rows_per_simdgroup": QMV_TILE["rows"] // simdgroups,
+                              "values_per_lane": qmv_values_per_thread(shape.bits), "stage_x": False, "k_split": 1,
+                              "load_width": 1, "prescaled_x": shape.bits in (2, 4)}, shape, dtype, device)
 
 
 def footprints(tally: Tally, shape, size: int, rows: int, x_rows: int) -> None:

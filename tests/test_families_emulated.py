@@ -28,7 +28,8 @@ COVERING = {
     "qmm": [(dict(M=20, N=40, K=96, bits=4, group_size=32), "float16"),
             (dict(M=33, N=24, K=512, bits=2, group_size=64), "float32")],   # K: every split_k
     "decode_attention": [(dict(B=1, Hq=4, Hkv=2, S=70, D=64), "float16"),
-                         (dict(B=2, Hq=4, Hkv=1, S=33, D=80, block_size=8), "float32")],
+                         (dict(B=2, Hq=4, Hkv=1, S=33, D=80, block_size=8), "float32"),
+                         (dict(B=1, Hq=2, Hkv=1, S=260, D=64), "float16")],   # splits 128 and 256 (MLX's 2-pass blocks)
     "prefill_attention": [(dict(B=1, Hq=8, Hkv=1, L=24, D=64), "float16"),   # 8 heads a KV head: every heads
                           (dict(B=1, Hq=2, Hkv=1, L=10, D=128, prefix=7), "float32")],   # D=128: d_block 64
     "gather_qmv": [(dict(M=1, N=40, K=256, experts=4, top_k=2, bits=4, group_size=64), "float16"),

@@ -25,22 +25,27 @@ def _load(name):
 
 
 def test_a_bucket_where_mlx_is_modelled_faster_ships_mlx(tmp_path, monkeypatch):
-    """A real bucket: the built-in model's decode attention at 512 tokens on an M1, searched by the
-    tuner over a space cut to the family default (one trial). MLX's sdpa_vector, priced by the
-    same per-kernel model, is faster: the entry ships "mlx", and the engine's `auto` decision
-    runs MLX's op there and says why."""
+    """A real bucket: the built-in model's verify pass (4 query tokens) at 512 tokens on an M1,
+    searched by the tuner with one trial. MLX's sdpa_vector, priced by the
+    same per-kernel model, is faster, and no MLX-tiled config of ours stands in (Family.mlx_config
+    has none for several query tokens; at one token it would, and parity ships ours): the entry
+    ships "mlx", and the engine's `auto` decision runs MLX's op there and says why."""
     from metalforge.engine.ops import Kernels
     from metalforge.tuner.settings import Settings
     from metalforge.tuner.shapes import Target
     from metalforge.tuner.study import entry, run_study
     from metalforge.tuner.timers import ModelTimer
     monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
-    target = Target("decode_attention", DECODE, "float16")
+    verify = dict(DECODE, L=4)
+    target = Target("decode_attention", verify, "float16")
+    assert target.family.mlx_config(target.shape, "float16", "m1") is None
     settings = Settings(device="m1", trials=1, storage="memory", timer=ModelTimer(), seed=0, verify=False,
                         warm_start=True)
-    e = entry(run_study(target, settings), target, "m1")
-    assert e["config"] == dict(target.family.default_config())       # the one config tried
-    r = compare.compare("decode_attention", devices.get("m1"), DECODE, config=target.family.config(e["config"]))
+    study = run_study(target, settings)
+    e = entry(study, target, "m1")
+    tried, = [t.params for t in study.get_trials() if t.value is not None]
+    assert e["config"] == tried       # the one config evaluated (the default is over a limit at 4 tokens)
+    r = compare.compare("decode_attention", devices.get("m1"), verify, config=target.family.config(e["config"]))
     mlx = r["mlx"]
     assert r["verdict"] == gate.MLX_RUNS and f"verdict:     {gate.MLX_RUNS}" in compare.format_text(r)
     assert e["baseline_kernel"] == mlx["kernel"] and e["baseline_kernel"].startswith("sdpa_vector")
@@ -53,7 +58,7 @@ def test_a_bucket_where_mlx_is_modelled_faster_ships_mlx(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules["metalforge.results.lookup"], "shipped_path", lambda device: tmp_path / "shipped" / f"{device}.yaml")
     kernels = Kernels("emulator", devices.get("m1"), results=path)
     kernels.by_evidence = True    # what `auto` does on a Mac
-    d = kernels.decide("attention", dict(B=1, new=1, context=512, block_size=16, Hq=14, Hkv=2, D=64), "float16")
+    d = kernels.decide("attention", dict(B=1, new=4, context=512, block_size=16, Hq=14, Hkv=2, D=64), "float16")
     assert d.family is None
     assert d.why.startswith("MLX: MLX's kernel modelled faster (0.") and d.why.endswith("the bucket ships MLX's")
 

@@ -7,9 +7,11 @@ Each study searches the MODELLED objective (no Mac needed); each distinct winnin
 verified in the emulator before it is written. Entries say `timer: model`: any measured result a
 user produces on a Mac replaces them (results.merge). `--reprice` keeps each shipped entry's
 config and prices it again with the per-kernel model against MLX's real kernel (no search: minutes
-where the search takes hours on two cores). `--families` searches only those families again: the
-models' buckets and those the shipped file already holds, each winner merged in where it is
-priced faster than the bucket's entry (after a change to one family's kernel, reprice first).
+where the search takes hours on two cores). A regeneration searches the models' buckets and
+those the file already holds besides (older shapes: contiguous decode caches, unfused
+projections), so none is dropped. `--families` searches only those families again, each winner
+merged in where it is priced faster than the bucket's entry (after a change to one family's
+kernel, reprice first).
 """
 from __future__ import annotations
 
@@ -35,6 +37,22 @@ MODELS = (
      "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256, "quantization": {"group_size": 64, "bits": 4}},
 )
 
+# The range issue 22 is judged over, in every power-of-two bucket the lookup tells apart:
+# contexts 512 to 32k, prompts 128 to 4,096, and speculative decoding's verify passes (3 drafts:
+# decode attention at 4 query tokens).
+CONTEXTS = tuple(2 ** i for i in range(9, 16))
+PROMPTS = tuple(2 ** i for i in range(7, 13))
+NUM_DRAFT = 3
+
+
+def model_targets(families: list[str]) -> list[shapes.Target]:
+    """Every bucket the shipped files tune: each of MODELS over CONTEXTS, PROMPTS and NUM_DRAFT."""
+    out = []
+    for model in MODELS:
+        out += shapes.targets(shapes.from_model_config(model, contexts=CONTEXTS, prefill=PROMPTS, num_draft=NUM_DRAFT),
+                              families, "float16")
+    return out
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,29 +75,32 @@ def main():
             reprice(Path(args.out) / f"{name}.yaml", name)
         return
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    targets = []
-    for model in MODELS:
-        targets += shapes.targets(shapes.from_model_config(model, contexts=(512, 4096)), families, "float16")
+    targets = model_targets(families)
     verified: dict[tuple, bool] = {}
     names = args.devices.split(",") if args.devices else list(devices.profiles())
     for name in names:
-        new = []
         path = Path(args.out) / f"{name}.yaml"
-        for target in targets + (held(path, families, {(t.family.name, t.bucket) for t in targets})
-                                 if args.families else []):
-            settings = Settings(device=name, trials=args.trials, storage="memory", timer=ModelTimer(), seed=0,
-                                verify=False)
-            e = entry(run_study(target, settings), target, name)
-            key = (target.family.name, target.bucket, tuple(sorted(e["config"].items())))
-            if key not in verified:
-                family = target.family
-                Verifier(family, target.shape, target.dtype, backend="emulator")(e["config"])
-                verified[key] = True
-            new.append((target.family.name, target.bucket, e))
+        new = search(targets + held(path, families, {(t.family.name, t.bucket) for t in targets}), name,
+                     args.trials, verified)
         if path.exists() and not args.families:
-            path.unlink()   # regenerated from scratch: shipped defaults hold model entries only
+            path.unlink()   # regenerated: every bucket it held searched again, none dropped
         results.save_entries(path, name, new)
         print(f"{name}: {len(new)} entries -> {path}")
+
+
+def search(targets: list[shapes.Target], device: str, trials: int, verified: dict) -> list[tuple[str, str, dict]]:
+    """(family, bucket, entry) of each target's study on `device`, each distinct winner verified in
+    the emulator once (`verified` remembers them across devices)."""
+    new = []
+    for target in targets:
+        settings = Settings(device=device, trials=trials, storage="memory", timer=ModelTimer(), seed=0, verify=False)
+        e = entry(run_study(target, settings), target, device)
+        key = (target.family.name, target.bucket, tuple(sorted(e["config"].items())))
+        if key not in verified:
+            Verifier(target.family, target.shape, target.dtype, backend="emulator")(e["config"])
+            verified[key] = True
+        new.append((target.family.name, target.bucket, e))
+    return new
 
 
 def held(path: Path, families: list[str], taken: set) -> list[shapes.Target]:
