@@ -25,40 +25,37 @@ def _load(name):
 
 
 def test_a_bucket_where_mlx_is_modelled_faster_ships_mlx(tmp_path, monkeypatch):
-    """A real bucket: the built-in model's verify pass (4 query tokens) at 512 tokens on an M1,
-    searched by the tuner with one trial. MLX's sdpa_vector, priced by the
-    same per-kernel model, is faster, and no MLX-tiled config of ours stands in (Family.mlx_config
-    has none for several query tokens; at one token it would, and parity ships ours): the entry
-    ships "mlx", and the engine's `auto` decision runs MLX's op there and says why."""
+    """A real bucket (the built-in model's decode at 4,096 tokens on an M1) and a poor config of
+    ours (one SIMD-group, no splits: 4,096 keys walked by 32 lanes), priced against MLX's
+    sdpa_vector by the same per-kernel model: MLX's is faster, the entry ships "mlx", and the
+    engine's `auto` decision runs MLX's op there and says why. (The tuner never writes such an
+    entry - MLX's configuration is in every study, tests/test_mlx_config.py - but a results file
+    a user merges may hold one.)"""
     from metalforge.engine.ops import Kernels
-    from metalforge.tuner.settings import Settings
-    from metalforge.tuner.shapes import Target
-    from metalforge.tuner.study import entry, run_study
-    from metalforge.tuner.timers import ModelTimer
+    from metalforge.kernels.timing.compare import priced_entry
+    from metalforge.results import Entry
     monkeypatch.setenv("METALFORGE_RESULTS", str(tmp_path / "none"))
-    verify = dict(DECODE, L=4)
-    target = Target("decode_attention", verify, "float16")
-    assert target.family.mlx_config(target.shape, "float16", "m1") is None
-    settings = Settings(device="m1", trials=1, storage="memory", timer=ModelTimer(), seed=0, verify=False,
-                        warm_start=True)
-    study = run_study(target, settings)
-    e = entry(study, target, "m1")
-    tried, = [t.params for t in study.get_trials() if t.value is not None]
-    assert e["config"] == tried       # the one config evaluated (the default is over a limit at 4 tokens)
-    r = compare.compare("decode_attention", devices.get("m1"), verify, config=target.family.config(e["config"]))
+    fam = get_family("decode_attention")
+    decode = dict(DECODE, S=4096)
+    shape = fam.shape(decode)
+    poor = fam.config({"threads": 32, "splits": 1})
+    e = priced_entry(fam, shape, "float16", devices.get("m1"),
+                     Entry(shape=dict(shape.__dict__), dtype="float16", config=dict(poor), time_s=1.0, timer="model",
+                           baseline_s=None, speedup=None, trials={}).to_dict())
+    r = compare.compare("decode_attention", devices.get("m1"), decode, config=poor)
     mlx = r["mlx"]
     assert r["verdict"] == gate.MLX_RUNS and f"verdict:     {gate.MLX_RUNS}" in compare.format_text(r)
     assert e["baseline_kernel"] == mlx["kernel"] and e["baseline_kernel"].startswith("sdpa_vector")
     assert e["baseline_s"] == pytest.approx(mlx["seconds"])
     assert e["baseline_s"] < e["time_s"] and e["ships"] == "mlx"
     path = tmp_path / "m1.yaml"
-    results.save_entries(path, "m1", [("decode_attention", target.bucket, e)])
-    assert results.load(path)["entries"]["decode_attention"][target.bucket]["ships"] == "mlx"
+    results.save_entries(path, "m1", [("decode_attention", fam.bucket_key(shape, "float16"), e)])
+    assert results.load(path)["entries"]["decode_attention"][fam.bucket_key(shape, "float16")]["ships"] == "mlx"
     # only this entry: the shipped m1 file's own (searched) entry for the engine's paged bucket is faster
     monkeypatch.setattr(sys.modules["metalforge.results.lookup"], "shipped_path", lambda device: tmp_path / "shipped" / f"{device}.yaml")
     kernels = Kernels("emulator", devices.get("m1"), results=path)
     kernels.by_evidence = True    # what `auto` does on a Mac
-    d = kernels.decide("attention", dict(B=1, new=4, context=512, block_size=16, Hq=14, Hkv=2, D=64), "float16")
+    d = kernels.decide("attention", dict(B=1, new=1, context=4096, block_size=16, Hq=14, Hkv=2, D=64), "float16")
     assert d.family is None
     assert d.why.startswith("MLX: MLX's kernel modelled faster (0.") and d.why.endswith("the bucket ships MLX's")
 

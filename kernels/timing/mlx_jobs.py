@@ -58,6 +58,11 @@ def choose(op: str, shape: dict, dtype: str, device, mlx_version=None):
         return mlx_dispatch.qmm_dispatch(shape["M"], shape["N"], shape["K"], shape["bits"], shape["group_size"],
                                          dtype, device, mlx_version)
     if op == "decode":
+        if shape.get("L", 1) > 1:
+            # a verify pass: MLX's vector kernel takes L query rows a head and a causal mask among
+            # them, a launch not ported here; priced at one query it would compare 4 tokens with 1
+            raise MetalforgeError(f"MLX's vector attention over L={shape['L']} query tokens is not traced "
+                                  "(its one-query launch is): no evidence for a verify pass")
         return mlx_dispatch.decode_attention_dispatch(shape["B"], shape["Hq"], shape["Hkv"], shape["S"], shape["D"],
                                                       dtype, device, mlx_version)
     if op == "prefill":
